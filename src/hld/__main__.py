@@ -1,0 +1,3 @@
+from hld.cli import main
+
+raise SystemExit(main())

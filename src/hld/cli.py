@@ -1,0 +1,134 @@
+"""`hld` command line. Every command takes --json and then prints one JSON object as its last
+stdout line. User errors print one line `hld: error: <problem> — <fix>` and exit with code 2
+(--debug shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from hld.errors import HldError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hld", description="Knowledge distillation during LLM pre-training: "
+                                     "CE vs logit KD vs hidden-layer distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the embedded default: all arms on the sample corpus with Gemma 3 270M")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--config", default="demo", help="base config (preset name or YAML path; default: demo)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm, e.g. budget.tokens=32768")
+    _common(p)
+
+    p = sub.add_parser("train", help="one training run")
+    p.add_argument("--config", required=True, help="YAML file or preset name (see src/hld/configs)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 objective.method=kd")
+    _common(p)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text source")
+    p.add_argument("--model", required=True, help="HF id, HF dir, .gguf, run dir, or gemma-3-270m")
+    p.add_argument("--data", required=True, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    _common(p)
+
+    p = sub.add_parser("config", help="list every config key with its help and default")
+    _common(p)
+    return parser
+
+
+def cmd_train(args) -> dict:
+    from hld.config import load_config
+    from hld.train.loop import train
+
+    if args.resume and args.out is None:
+        raise HldError("--resume needs --out (the run directory to continue)", "pass --out RUN_DIR")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/{cfg.name}")
+    summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
+    if not args.json:
+        print(f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}")
+    return {"run_dir": str(out), **summary}
+
+
+def cmd_eval(args) -> dict:
+    from hld.data.packing import load_stream, pack_windows
+    from hld.eval.perplexity import perplexity
+    from hld.models.loading import freeze, load_causal_lm
+    from hld.precision import default_device, resolve_dtype
+
+    if args.seq_len < 2:
+        raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
+    device = default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.time()
+    loaded = load_causal_lm(args.model, dtype=dtype)
+    lm = freeze(loaded.model).to(device)
+    windows = pack_windows(load_stream(args.data, loaded.tokenizer, max_docs=args.max_docs), args.seq_len)
+    r = perplexity(lm, windows, bos_id=loaded.tokenizer.bos_token_id, batch_size=args.batch_size,
+                   compute_dtype=dtype)
+    row = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows),
+           "tokens": r["tokens"], "loss": r["loss"], "ppl": r["ppl"], "seconds": time.time() - t0}
+    if not args.json:
+        print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
+              f"predictions, {len(windows)} windows of {args.seq_len})")
+    return row
+
+
+def cmd_run(args) -> dict:
+    from hld.study.demo import run_demo
+
+    return run_demo(Path(args.out), config=args.config, overrides=args.overrides,
+                    quiet=args.quiet or args.json, print_table=not args.json)
+
+
+def cmd_config(args) -> dict:
+    from hld.config import field_help
+
+    rows = field_help()
+    if not args.json:
+        for key, help_text, default in rows:
+            print(f"{key} = {default!r}\n    {help_text}")
+    return {"keys": [{"key": k, "help": h, "default": d} for k, h, d in rows]}
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "config": cmd_config}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except HldError as exc:
+        if args.debug:
+            raise
+        print(f"hld: error: {exc.line()}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": exc.line()}))
+        return 2
+    except KeyboardInterrupt:
+        print("hld: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

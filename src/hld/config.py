@@ -1,0 +1,315 @@
+"""Run configuration: nested dataclasses, one per component, a help text on every field.
+
+A config comes from YAML (a path, or the name of a preset shipped in `hld/configs/`) plus dotted
+overrides (`train.lr=3e-4`). Unknown keys, wrong types and contradictory values are `HldError`s.
+The resolved config is written, with each field's help as a comment, into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from hld.errors import HldError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("sample:train", "training text: 'sample:train', a C4 shard glob "
+                    "(c4-train.*.json.gz), a .jsonl/.jsonl.gz/.txt path or glob, or 'hf:allenai/c4:en:train'")
+    validation: str = _f("sample:validation", "validation text, same forms as `train`")
+    text_field: str = _f("text", "JSON field holding the document text (JSONL and C4 sources)")
+    seq_len: int = _f(128, "tokens per packed window (input length); each window gives seq_len-1 targets")
+    max_train_docs: Optional[int] = _f(None, "read at most this many training documents (None: all)")
+    val_tokens: int = _f(32768, "validation tokens used for periodic val/ppl (whole windows, from the start)")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = _f("gemma-3-270m", "teacher: HF id, local HF dir, .gguf file, run dir, or 'gemma-3-270m'")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "teacher weights dtype; auto = bfloat16 on CUDA or CPUs with native bf16, else float32")
+
+
+@dataclass
+class StudentConfig:
+    preset: str = _f("tiny-2l", "size preset (see `hld.models.student.PRESETS`)")
+    n_layers: Optional[int] = _f(None, "override the preset's number of decoder blocks")
+    d_model: Optional[int] = _f(None, "override the preset's hidden width")
+    n_heads: Optional[int] = _f(None, "override the preset's attention heads")
+    n_kv_heads: Optional[int] = _f(None, "override the preset's key/value heads")
+    head_dim: Optional[int] = _f(None, "override the preset's per-head width")
+    d_ff: Optional[int] = _f(None, "override the preset's MLP width")
+
+
+@dataclass
+class HiddenConfig:
+    mapping: Literal["uniform", "last", "explicit"] = _f(
+        "uniform", "student->teacher layer pairs: uniform spacing, last block only, or `pairs`")
+    n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
+    pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")
+    loss: Literal["mse", "nmse", "cosine"] = _f("mse", "hidden loss per token: MSE over dims, "
+                                               "normalised MSE (||e||^2/||t||^2), or 1 - cosine")
+    normalize_teacher: Literal["none", "rms"] = _f(
+        "rms", "divide each teacher hidden vector by its RMS before the loss (Gemma's norms are large)")
+    beta: float = _f(1.0, "weight of the hidden loss (hld-joint: added to KD; hld-first: the phase-1 loss)")
+    first_share: float = _f(0.2, "hld-first: share of the token budget spent in the hidden-only phase")
+
+
+@dataclass
+class ObjectiveConfig:
+    method: Literal["ce", "kd", "hld-joint", "hld-first"] = _f("kd", "training objective / arm")
+    alpha: float = _f(0.5, "KD weight: loss = alpha*T^2*D(teacher_T, student_T) + (1-alpha)*CE")
+    temperature: float = _f(1.0, "softmax temperature T of both distributions in the KD term")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
+        "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s")
+    jsd_beta: float = _f(0.5, "JSD mixing weight of the teacher distribution")
+    top_k: Optional[int] = _f(None, "truncate the teacher to its top-k logits, renormalised (None: full vocabulary)")
+    hidden: HiddenConfig = field(default_factory=HiddenConfig, metadata={"help": "hidden-layer loss"})
+
+
+@dataclass
+class BudgetConfig:
+    tokens: int = _f(65536, "training tokens (input positions) per run; steps = tokens / (batch_size*seq_len)")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = _f(0, "seed for init and batch order (batch order is identical for every arm)")
+    batch_size: int = _f(16, "sequences per optimiser step (global)")
+    micro_batch_size: Optional[int] = _f(None, "sequences per forward/backward (None: batch_size)")
+    lr: float = _f(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a share of `lr`")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices only; norms and biases: 0)")
+    betas: list = _f([0.9, 0.95], "AdamW betas")
+    schedule: Literal["cosine", "wsd", "constant"] = _f(
+        "cosine", "learning rate after warmup: cosine decay, warmup-stable-decay, or constant")
+    warmup_share: float = _f(0.05, "share of steps spent in linear warmup")
+    decay_share: float = _f(0.2, "wsd: share of steps spent in the final linear decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    precision: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32")
+    loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ chunk*vocab*4 B)")
+    eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")
+    log_every_steps: int = _f(1, "write a train line to metrics.jsonl every N steps")
+    checkpoint_every_steps: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name (used in tables)")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "text sources and packing"})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "frozen teacher"})
+    student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "student size"})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "arm and losses"})
+    budget: BudgetConfig = field(default_factory=BudgetConfig, metadata={"help": "run length"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted where floats are)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise HldError(f"config {where}={value!r} is not one of {list(choices)}",
+                           f"set {where} to one of {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise HldError(f"config {where} must be a mapping, got {value!r}", f"write {where}: as a section")
+        return _build(tp, value, where + ".")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 3e-4 as a string
+        except ValueError:
+            pass
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise HldError(f"config {where}={value!r} should be of type {_type_name(tp)}",
+                   f"give {where} a {_type_name(tp)} value")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise HldError(f"unknown config key {prefix}{key}{hint}",
+                           f"valid keys under {prefix or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise HldError(f"override {item!r} is not of the form key=value", "write e.g. train.lr=3e-4")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise HldError(f"override {key!r} goes through a non-section value", "check the key path")
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise HldError(f"config {name_or_path!r} is neither a file nor a shipped preset",
+                   f"give a YAML path or one of: {', '.join(names)}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HldError(f"cannot read config {path}: {exc}", "check the path and that it is UTF-8 text") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise HldError(f"config {path} is not valid YAML{at}", "fix the YAML syntax") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise HldError(f"config {path} must be a mapping at the top level", "write key: value pairs")
+    return raw
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> RunConfig:
+    raw = dict(base or {})
+    if name_or_path is not None:
+        raw = _merge(raw, read_yaml(resolve_config_path(name_or_path)))
+    raw = apply_overrides(raw, list(overrides or []))
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    """Contradictory or out-of-range values."""
+    t, o, d = cfg.train, cfg.objective, cfg.data
+    checks = [
+        (d.seq_len >= 2, "data.seq_len must be >= 2", "set data.seq_len to e.g. 128"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1", "set train.batch_size to a positive integer"),
+        (t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
+         f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}",
+         "pick a micro batch size that divides the batch size"),
+        (t.lr > 0, "train.lr must be > 0", "set a positive learning rate"),
+        (0 <= t.warmup_share < 1, "train.warmup_share must be in [0, 1)", "e.g. 0.05"),
+        (0 <= t.decay_share <= 1 and t.warmup_share + (t.decay_share if t.schedule == "wsd" else 0) <= 1,
+         "train.warmup_share + train.decay_share exceed 1", "shorten warmup or decay"),
+        (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)",
+         "e.g. [0.9, 0.95]"),
+        (t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens must be >= 1", "e.g. 256"),
+        (0 <= o.alpha <= 1, f"objective.alpha={o.alpha} is outside [0, 1]", "set alpha in [0, 1]"),
+        (o.temperature > 0, f"objective.temperature={o.temperature} must be > 0", "e.g. 1.0"),
+        (0 < o.jsd_beta < 1, "objective.jsd_beta must be in (0, 1)", "e.g. 0.5"),
+        (o.top_k is None or o.top_k >= 1, "objective.top_k must be >= 1 or null", "e.g. 64, or null"),
+        (o.hidden.beta >= 0, "objective.hidden.beta must be >= 0", "e.g. 1.0"),
+        (o.method != "hld-first" or 0 < o.hidden.first_share < 1,
+         f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",
+         "a zero-length (or whole-run) hidden phase is not hld-first; e.g. 0.2"),
+        (o.method != "hld-joint" or o.hidden.beta > 0, "hld-joint with objective.hidden.beta=0 is plain kd",
+         "set objective.hidden.beta > 0 or use method kd"),
+        (o.hidden.mapping != "explicit" or len(o.hidden.pairs) > 0,
+         "objective.hidden.mapping=explicit needs objective.hidden.pairs", "give [[student, teacher], ...]"),
+        (cfg.budget.tokens >= d.seq_len * t.batch_size,
+         f"budget.tokens={cfg.budget.tokens} is less than one step ({t.batch_size}x{d.seq_len} tokens)",
+         "raise budget.tokens or lower batch_size/seq_len"),
+    ]
+    for ok, problem, fix in checks:
+        if not ok:
+            raise HldError(problem, fix)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, each field preceded by its help text as a comment."""
+    lines: list[str] = []
+
+    def walk(obj: Any, indent: int) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            pad = "  " * indent
+            lines.append(f"{pad}# {f.metadata.get('help', '')}")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:")
+                walk(value, indent + 1)
+            else:
+                text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+                lines.append(pad + text[1:-1] if text.startswith("{") else pad + text)
+
+    walk(cfg, 0)
+    return "\n".join(lines) + "\n"
+
+
+def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every leaf field: the source of `hld train --help-config`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += field_help(type(default), prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return out

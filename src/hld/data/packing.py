@@ -1,0 +1,128 @@
+"""Tokenise documents and pack them into fixed-length windows.
+
+Boundary convention (the same for training and for `hld eval`):
+- each document becomes `BOS + tokens + EOS`; documents are joined into one stream;
+- the stream is cut into non-overlapping windows of `seq_len` tokens; the last partial window is
+  dropped;
+- inside a window, position i predicts token i+1 (seq_len-1 targets per window), **except** where
+  that token is a BOS: the EOS that ends a document never predicts the next document.
+Attention is not masked at document edges (the usual C4 packing; see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from hld.data.sources import fingerprint, iter_documents
+from hld.errors import HldError
+
+IGNORE = -100  # label of a position that predicts nothing
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HLD_CACHE_DIR", Path.home() / ".cache" / "hld"))
+
+
+def tokenize_stream(docs: Iterable[str], tokenizer, *, bos_id: int, eos_id: int,
+                    max_docs: Optional[int] = None, batch_docs: int = 256) -> np.ndarray:
+    """One int32 stream: BOS + tokens + EOS for every document."""
+    pieces: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            pieces.append(np.asarray([bos_id, *ids, eos_id], dtype=np.int32))
+        batch.clear()
+
+    for n, doc in enumerate(docs):
+        if max_docs is not None and n >= max_docs:
+            break
+        batch.append(doc)
+        if len(batch) == batch_docs:
+            flush()
+    if batch:
+        flush()
+    if not pieces:
+        raise HldError("the data source holds no document with text", "point data.train/validation at real text")
+    return np.concatenate(pieces)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens."""
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
+    h.update(f"bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Optional[int] = None,
+                use_cache: bool = True) -> np.ndarray:
+    """Tokenised stream of a source, cached on disk (keyed by source files and tokenizer)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise HldError("the tokenizer has no BOS or EOS token", "use a tokenizer that defines both")
+    docs = iter_documents(spec, text_field)
+    if spec.startswith("hf:") or not use_cache:
+        return tokenize_stream(docs, tokenizer, bos_id=bos, eos_id=eos, max_docs=max_docs)
+    key = hashlib.sha256(f"{fingerprint(spec)}|{tokenizer_fingerprint(tokenizer)}|{text_field}|{max_docs}"
+                         .encode()).hexdigest()[:20]
+    path = cache_root() / "tokens" / f"{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+    stream = tokenize_stream(docs, tokenizer, bos_id=bos, eos_id=eos, max_docs=max_docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
+    os.close(fd)
+    np.save(tmp, stream)
+    os.replace(tmp, path)
+    return stream
+
+
+def pack_windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """(n_windows, seq_len) int64 windows; the last partial window is dropped."""
+    n = len(stream) // seq_len
+    if n == 0:
+        raise HldError(f"the corpus has {len(stream)} tokens, fewer than one window of data.seq_len={seq_len}",
+                       "add text or lower data.seq_len")
+    return stream[: n * seq_len].reshape(n, seq_len).astype(np.int64)
+
+
+@dataclass
+class Batch:
+    """A batch of packed windows and their next-token labels."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64; labels[:, i] = input_ids[:, i+1] or IGNORE; last column IGNORE
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.labels != IGNORE  # (B, T) bool
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask.sum())
+
+    def split(self, n: int) -> list["Batch"]:
+        return [Batch(i, l) for i, l in zip(self.input_ids.chunk(n), self.labels.chunk(n))]
+
+
+def make_batch(windows: np.ndarray, *, bos_id: int) -> Batch:
+    ids = torch.from_numpy(np.ascontiguousarray(windows)).long()  # (B, T)
+    labels = torch.full_like(ids, IGNORE)
+    nxt = ids[:, 1:]
+    labels[:, :-1] = torch.where(nxt == bos_id, torch.full_like(nxt, IGNORE), nxt)
+    return Batch(ids, labels)

@@ -1,0 +1,152 @@
+"""Text sources: each yields documents (strings) in a fixed order.
+
+Spec forms (one string, so that configs and the CLI stay simple):
+- `sample:train` / `sample:validation` — the corpus shipped in `hld/assets/sample_corpus` (C4 format);
+- a path or glob of C4 shards (`c4-train.00000-of-01024.json.gz`, records with text/timestamp/url),
+  or of any `.jsonl` / `.jsonl.gz` / `.json.gz` file with a text field;
+- a path or glob of `.txt` files (blank-line separated paragraphs are one document each);
+- `hf:NAME:CONFIG:SPLIT` — streamed with `datasets` (e.g. `hf:allenai/c4:en:train`); `NAME` may
+  also be a local dataset directory saved with `save_to_disk` or a local data files folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+from hld.errors import HldError
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample_corpus"
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """The files a path/glob spec names, sorted (so the document order is fixed)."""
+    if spec.startswith("sample:"):
+        split = spec.split(":", 1)[1]
+        if split not in ("train", "validation"):
+            raise HldError(f"unknown sample split {split!r}", "use sample:train or sample:validation")
+        files = sorted(SAMPLE_DIR.glob(f"c4-{split}.*.json.gz"))
+        if not files:
+            raise HldError(f"the shipped sample corpus is missing from {SAMPLE_DIR}", "reinstall hld")
+        return files
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _kind(p) is not None)
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+    if not files:
+        raise HldError(f"data source {spec!r} matches no file",
+                       "check the path or glob (C4 shards: c4-train.*.json.gz, or .jsonl/.txt)")
+    for f in files:
+        if _kind(f) is None:
+            raise HldError(f"data file {f} has an unsupported extension",
+                           "use .json.gz/.jsonl/.jsonl.gz (JSON lines) or .txt")
+    return files
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".json.gz", ".jsonl.gz", ".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith((".txt", ".txt.gz")):
+        return "txt"
+    return None
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with _open_text(path) as fh:
+            yield from enumerate(fh, start=1)
+    except UnicodeDecodeError as exc:
+        raise HldError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                       "re-encode the file as UTF-8") from exc
+    except (gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise HldError(f"cannot read {path}: {exc}", "the file is truncated or not gzip; re-download it") from exc
+
+
+def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
+    for lineno, line in _read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HldError(f"{path}:{lineno} is not a JSON object ({exc.msg})",
+                           "fix or drop that line (one JSON object per line)") from exc
+        if not isinstance(record, dict) or text_field not in record:
+            raise HldError(f"{path}:{lineno} has no {text_field!r} field",
+                           "set data.text_field to the field that holds the text")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise HldError(f"{path}:{lineno} field {text_field!r} is not a string", "fix that record")
+        if text.strip():
+            yield text
+
+
+def iter_txt(path: Path) -> Iterator[str]:
+    paragraph: list[str] = []
+    for _, line in _read_lines(path):
+        if line.strip():
+            paragraph.append(line.rstrip("\n"))
+        elif paragraph:
+            yield "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
+    """`hf:NAME:CONFIG:SPLIT`, streamed with `datasets` (needs the hub, or a local dataset path)."""
+    parts = spec.split(":")[1:]
+    if len(parts) != 3:
+        raise HldError(f"hf source {spec!r} is not hf:NAME:CONFIG:SPLIT", "e.g. hf:allenai/c4:en:train")
+    name, config, split = parts
+    try:
+        import datasets
+    except ImportError as exc:
+        raise HldError("the hf: data source needs the `datasets` package", "pip install 'hld[hub]'") from exc
+    local = Path(name)
+    try:
+        if local.is_dir() and any((local / n).exists() for n in ("dataset_dict.json", "dataset_info.json")):
+            ds = datasets.load_from_disk(str(local))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    except Exception as exc:  # network, missing dataset: one line for the user
+        raise HldError(f"cannot stream {name} ({config}, {split}): {type(exc).__name__}: {str(exc)[:160]}",
+                       "check the name and network, or download the shards and give their glob") from exc
+    for record in ds:
+        text = record.get(text_field)
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
+    """Every document of `spec`, in a fixed order (files sorted by name, records in file order)."""
+    if spec.startswith("hf:"):
+        yield from iter_hf(spec, text_field)
+        return
+    for path in resolve_files(spec):
+        yield from (iter_jsonl(path, text_field) if _kind(path) == "jsonl" else iter_txt(path))
+
+
+def fingerprint(spec: str) -> str:
+    """A cheap identity of a local source (names, sizes, mtimes) for caching its tokenisation."""
+    if spec.startswith("hf:"):
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for p in resolve_files(spec):
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,29 @@
+"""Trainable projectors from student width to teacher width, one per layer pair.
+
+They live beside the student (in the optimiser and in checkpoints) and are dropped when the
+student is exported: the exported model is an ordinary causal LM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def pair_key(pair: tuple[int, int]) -> str:
+    return f"s{pair[0]}_t{pair[1]}"
+
+
+class Projectors(nn.Module):
+    def __init__(self, pairs: list[tuple[int, int]], *, d_student: int, d_teacher: int, seed: int = 0) -> None:
+        super().__init__()
+        self.pairs = list(pairs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)  # independent of the student's init stream
+            self.proj = nn.ModuleDict({pair_key(p): nn.Linear(d_student, d_teacher, bias=False) for p in pairs})
+
+    def forward(self, pair: tuple[int, int], h: torch.Tensor) -> torch.Tensor:
+        return self.proj[pair_key(pair)](h)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

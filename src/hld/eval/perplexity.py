@@ -1,0 +1,43 @@
+"""Perplexity protocol (`hld eval`, and `val/ppl` during training):
+
+each document -> BOS + tokens + EOS; documents joined into one stream; non-overlapping windows of
+`seq_len` tokens, the last partial window dropped; inside a window, position i predicts token i+1,
+except a BOS (the end of a document never predicts the next one); ppl = exp(mean NLL over all those
+predictions of all windows). The head runs in token chunks, so memory does not scale with V x T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hld.data.packing import make_batch
+from hld.distill.chunked import HeadLossSpec, head_loss
+from hld.distill.signals import Backbone, head_of
+from hld.precision import autocast
+
+
+@torch.no_grad()
+def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_size: int = 8,
+               chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32) -> dict:
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    backbone = Backbone(lm)
+    weight, cap = head_of(lm)
+    spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens)
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = make_batch(windows[start:start + batch_size], bos_id=bos_id)
+        ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+        with autocast(compute_dtype, device):
+            h = backbone(ids)
+        total, _ = head_loss(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1),
+                             (labels != -100).reshape(-1), spec)
+        nll += float(total)
+        count += int((labels != -100).sum())
+    lm.train(was_training)
+    mean = nll / max(count, 1)
+    return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}

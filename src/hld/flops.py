@@ -1,0 +1,69 @@
+"""Compute, counted in one place. All figures are FLOPs **per input token** (a multiply-add = 2).
+
+Forward of a decoder-only LM, per token, at sequence length T:
+  2 * N_matmul                       every Linear weight inside the blocks (q, k, v, o, MLP)
++ 2 * V * d                          the LM head (only when logits are computed)
++ 4 * sum_layers n_heads * head_dim * ctx_l      QK^T and AV, ctx_l = mean attended keys
+where ctx_l = (T + 1) / 2 for full causal attention and, for a sliding window w,
+the mean of min(t, w) over positions t = 1..T. Embedding lookups, norms, activations and softmax
+are not counted (they are O(d) per token, well under 1% at these sizes).
+Training = 3 x forward (backward costs two forwards). The teacher runs forward only (x1).
+A projector pair d_s -> d_t costs 2*d_s*d_t forward, x3 when trained.
+See docs/compute.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from hld.models.hooks import decoder_of
+
+
+def _mean_context(T: int, window: Optional[int]) -> float:
+    if window is None or window >= T:
+        return (T + 1) / 2
+    w = window
+    # positions 1..w attend to t keys, positions w+1..T attend to w keys
+    return (w * (w + 1) / 2 + (T - w) * w) / T
+
+
+def forward_flops_per_token(lm: nn.Module, seq_len: int, *, logits: bool = True,
+                            upto_layer: Optional[int] = None) -> float:
+    """Forward FLOPs per token of a HF causal LM, blocks 1..upto_layer (all by default)."""
+    cfg = lm.config
+    layers = decoder_of(lm).layers
+    n = len(layers) if upto_layer is None else upto_layer
+    matmul = sum(m.weight.numel() for layer in layers[:n] for m in layer.modules() if isinstance(m, nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers)
+    window = getattr(cfg, "sliding_window", None)
+    attn = sum(4 * cfg.num_attention_heads * head_dim
+               * _mean_context(seq_len, window if types[i] == "sliding_attention" else None) for i in range(n))
+    head = 2 * lm.get_output_embeddings().weight.numel() if logits else 0
+    return 2 * matmul + attn + head
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs per training token of one arm, split by where they are spent."""
+
+    student: float  # 3 x student forward
+    teacher: float  # teacher forward, when it runs online (0 with a cache or for CE)
+    projectors: float  # 3 x projector forward
+
+    @property
+    def total(self) -> float:
+        return self.student + self.teacher + self.projectors
+
+
+def step_cost(student: nn.Module, seq_len: int, *, teacher: Optional[nn.Module] = None,
+              teacher_logits: bool = True, teacher_upto: Optional[int] = None,
+              projector_dims: tuple[tuple[int, int], ...] = (), student_logits: bool = True) -> StepCost:
+    s = 3 * forward_flops_per_token(student, seq_len, logits=student_logits)
+    t = 0.0 if teacher is None else forward_flops_per_token(teacher, seq_len, logits=teacher_logits,
+                                                             upto_layer=teacher_upto)
+    p = sum(3 * 2 * ds * dt for ds, dt in projector_dims)
+    return StepCost(student=s, teacher=t, projectors=p)

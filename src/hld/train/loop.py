@@ -1,0 +1,310 @@
+"""One training run: build, then step through the budget. The loop never branches on the method:
+the plan gives the objective in force, the objective says which teacher signals it needs.
+
+Run directory: config.yaml (resolved, commented) · metrics.jsonl · checkpoints/checkpoint.pt ·
+student/ (the trained student as an ordinary HF checkpoint) · summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hld.config import RunConfig, dump_yaml, to_dict
+from hld.data.loader import BatchOrder
+from hld.distill.mapping import layer_pairs
+from hld.distill.objectives import Plan, build_plan
+from hld.distill.projectors import Projectors
+from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.errors import HldError
+from hld.eval.perplexity import perplexity
+from hld.flops import step_cost
+from hld.models.hooks import n_blocks
+from hld.models.student import build_student, count_params
+from hld.precision import autocast, default_device, resolve_dtype
+from hld.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hld.train.progress import Progress
+from hld.train.resources import Resources
+from hld.train.schedule import lr_factor
+
+
+@dataclass
+class Setup:
+    """Everything a run is built from (also what tests inspect)."""
+
+    cfg: RunConfig
+    student: torch.nn.Module
+    runner: StudentRunner
+    teacher: Optional[OnlineTeacher]
+    teacher_lm: Optional[torch.nn.Module]
+    projectors: Optional[Projectors]
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder
+    val_windows: object
+    bos_id: int
+    total_steps: int
+    device: torch.device
+    compute_dtype: torch.dtype
+
+
+def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> None:
+    """Refuse a teacher whose embedding does not match the (shared) tokenizer and student."""
+    t_vocab = teacher_lm.get_input_embeddings().weight.shape[0]
+    if t_vocab != student_vocab:
+        raise HldError(f"teacher vocabulary ({t_vocab}) and student vocabulary ({student_vocab}) disagree",
+                       "build the student from the teacher's tokenizer (same teacher.model for both)")
+    if len(tokenizer) > t_vocab:
+        raise HldError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {t_vocab}",
+                       "use the tokenizer that ships with the teacher")
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """Decay matrices; never norms, biases or 1-D parameters. Tied weights appear once."""
+    seen, decay, no_decay = set(), [], []
+    for m in modules:
+        for p in m.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] = None) -> Setup:
+    device = device or default_device()
+    tok = resources.tokenizer(cfg.teacher.model)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    # the plan's needs decide whether the teacher's weights are loaded at all (not for CE)
+    needs_teacher = cfg.objective.method != "ce"
+    teacher_lm = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device) if needs_teacher else None
+    vocab = teacher_lm.get_input_embeddings().weight.shape[0] if teacher_lm is not None else _vocab_of(tok)
+    student = build_student(cfg.student, vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad,
+                            seed=cfg.train.seed).to(device)
+    projectors = None
+    if cfg.objective.method in ("hld-joint", "hld-first"):
+        check_vocab(tok, teacher_lm, vocab)
+        pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
+        projectors = Projectors(pairs, d_student=student.config.hidden_size,
+                                d_teacher=teacher_lm.config.hidden_size, seed=cfg.train.seed).to(device)
+    elif teacher_lm is not None:
+        check_vocab(tok, teacher_lm, vocab)
+    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
+    teacher = OnlineTeacher(teacher_lm, plan.needs.layers) if teacher_lm is not None else None
+    runner = StudentRunner(student, plan.student_layers)
+    d = cfg.data
+    train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
+    val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
+    order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
+    total_steps = cfg.budget.tokens // (cfg.train.batch_size * d.seq_len)
+    modules = [student] + ([projectors] if projectors is not None else [])
+    opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=tuple(cfg.train.betas), fused=device.type == "cuda")
+    return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
+                 projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
+                 total_steps=total_steps, device=device, compute_dtype=resolve_dtype(cfg.train.precision, device))
+
+
+def _vocab_of(tok) -> int:
+    # the student's vocabulary when no teacher weights are loaded: the tokenizer's size, padded as
+    # the teacher's embedding would be, is read from the tokenizer's model config if present
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(tok.name_or_path).vocab_size
+    except Exception:
+        return len(tok)
+
+
+def train_step(s: Setup, step: int) -> dict:
+    """One optimiser step over the global batch, split into micro-batches. Returns metrics."""
+    cfg = s.cfg
+    phase = s.plan.phase_at(step / s.total_steps)
+    objective = phase.objective
+    batch = s.order.batch(step)
+    n_global = batch.n_targets  # every micro-batch loss is divided by the step's global count
+    n_micro = cfg.train.batch_size // (cfg.train.micro_batch_size or cfg.train.batch_size)
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for mb in batch.split(n_micro):
+        ids = mb.input_ids.to(s.device)
+        mb = type(mb)(ids, mb.labels.to(s.device))
+        teacher = s.teacher(ids, objective.needs) if s.teacher is not None else None
+        with autocast(s.compute_dtype, s.device):
+            out = s.runner(ids)
+        loss_sum, _, metrics = objective(mb, out, teacher)
+        (loss_sum / n_global).backward()  # each backward() adds to .grad: sum / global count = mean
+        loss_total += float(loss_sum.detach())
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        del out, teacher, loss_sum
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+    lr = cfg.train.lr * lr_factor(step, s.total_steps, cfg.train)
+    finite = math.isfinite(loss_total) and bool(torch.isfinite(norm))
+    if finite:
+        for g in s.optimizer.param_groups:
+            g["lr"] = lr
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    out = {f"train/{k}": v / n_global for k, v in sums.items()}
+    out.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
+                "skipped": not finite})
+    return out
+
+
+def flops_per_token(s: Setup) -> dict:
+    """Per-token training FLOPs of this run's phases (teacher forward counted when it runs)."""
+    seq = s.cfg.data.seq_len
+    dims = tuple((s.student.config.hidden_size, s.teacher_lm.config.hidden_size) for _ in s.projectors.pairs) \
+        if s.projectors is not None else ()
+    out = {}
+    for ph in s.plan.phases:
+        needs = ph.objective.needs
+        upto = None if needs.logits or not needs.layers else max(needs.layers)
+        cost = step_cost(s.student, seq, teacher=s.teacher_lm if needs.any else None, teacher_logits=needs.logits,
+                         teacher_upto=upto, projector_dims=dims if ph.objective.student_layers else (),
+                         student_logits=ph.objective.uses_head)
+        out[ph.name] = cost
+    return out
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _prepare_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
+    text = dump_yaml(cfg)
+    cfg_path = out / "config.yaml"
+    if resume:
+        if not cfg_path.exists():
+            raise HldError(f"--resume: {out} is not a run directory (no config.yaml)", "check --out")
+        if json.dumps(_load_resolved(cfg_path), sort_keys=True) != json.dumps(to_dict(cfg), sort_keys=True):
+            raise HldError(f"--resume with a config that differs from {cfg_path}",
+                           "resume with the same config and overrides, or start a new --out")
+        return
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        raise HldError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, cfg_path)
+
+
+def _load_resolved(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
+
+
+def export_student(student: torch.nn.Module, tokenizer, out: Path) -> None:
+    """The student alone (no projectors) as an ordinary HF checkpoint, written atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    student.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def validate_now(s: Setup) -> dict:
+    r = perplexity(s.student, s.val_windows, bos_id=s.bos_id, chunk_tokens=max(256, s.cfg.train.loss_chunk_tokens),
+                   compute_dtype=s.compute_dtype)
+    return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
+
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optional[Resources] = None,
+          quiet: bool = False) -> dict:
+    out = Path(out)
+    _prepare_dir(cfg, out, resume)
+    resources = resources or Resources()
+    s = build(cfg, resources)
+    costs = flops_per_token(s)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    step, tokens, flops = 0, 0, 0.0
+    if resume:
+        ck = load_checkpoint(out)
+        _restore(s, ck)
+        step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
+        _truncate_metrics(out / "metrics.jsonl", step)
+    metrics_f = open(out / "metrics.jsonl", "a")
+    prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet, initial=step)
+    t0, tok0, skipped_in_row, t_train, line = time.time(), tokens, 0, 0.0, {}
+    try:
+        while step < s.total_steps:
+            ts = time.time()
+            m = train_step(s, step)
+            t_train += time.time() - ts
+            step += 1
+            tokens += tokens_per_step
+            flops += costs[m["phase"]].total * tokens_per_step
+            skipped_in_row = skipped_in_row + 1 if m["skipped"] else 0
+            if skipped_in_row >= 5:
+                raise HldError(f"the loss or gradient was non-finite for {skipped_in_row} steps in a row (step {step})",
+                               "lower train.lr, or check the data; the last checkpoint is kept")
+            rate = (tokens - tok0) / max(time.time() - t0, 1e-9)
+            line = {"step": step, "tokens": tokens, "flops": flops, **m, "tokens_per_s": rate}
+            last = step == s.total_steps
+            if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 or last:
+                line.update(validate_now(s))
+            if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line:
+                metrics_f.write(json.dumps(line) + "\n")
+                metrics_f.flush()
+            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
+                _save(s, out, step, tokens, flops)
+            prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
+    finally:
+        metrics_f.close()
+        prog.close()
+    _save(s, out, step, tokens, flops)
+    tok = resources.tokenizer(cfg.teacher.model)
+    export_student(s.student, tok, out / "student")
+    counts = count_params(s.student)
+    summary = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
+               "student_params": counts["total"], "student_params_non_embedding": counts["non_embedding"],
+               "steps": step, "tokens": tokens, "flops": flops,
+               "flops_per_token": {k: v.total for k, v in costs.items()},
+               "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
+    _write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _save(s: Setup, out: Path, step: int, tokens: int, flops: float) -> None:
+    save_checkpoint(out, step=step, tokens=tokens, student=s.student, projectors=s.projectors,
+                    optimizer=s.optimizer, extra={"flops": flops})
+
+
+def _restore(s: Setup, ck: dict) -> None:
+    try:
+        s.student.load_state_dict(ck["student"])
+        if s.projectors is not None:
+            s.projectors.load_state_dict(ck["projectors"])
+        s.optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise HldError(f"the checkpoint does not fit this run ({str(exc).splitlines()[0][:120]})",
+                       "resume with the config the run was started with") from exc
+    set_rng_state(ck["rng"])

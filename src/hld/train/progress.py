@@ -1,0 +1,45 @@
+"""Progress of long work on stderr: a tqdm bar on a terminal, a line every `every_s` seconds
+otherwise, nothing when quiet. Shows step, tokens/s, loss and ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+
+class Progress:
+    def __init__(self, total: int, *, desc: str, quiet: bool = False, every_s: float = 15.0,
+                 initial: int = 0) -> None:
+        self.total, self.desc, self.quiet, self.every_s = total, desc, quiet, every_s
+        self.start = time.time()
+        self.initial = initial
+        self.last_print = 0.0
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(self, done: int, *, tokens_per_s: float, loss: Optional[float] = None) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = done
+            post = {"tok/s": f"{tokens_per_s:,.0f}"}
+            if loss is not None:
+                post["loss"] = f"{loss:.3f}"
+            self.bar.set_postfix(post, refresh=True)
+            return
+        now = time.time()
+        if now - self.last_print < self.every_s and done < self.total:
+            return
+        self.last_print = now
+        rate = (done - self.initial) / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        loss_s = f" loss {loss:.3f}" if loss is not None else ""
+        print(f"[{self.desc}] step {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,52 @@
+"""Things several runs share in one process (`hld run` trains four arms): the tokenizer, the
+teacher's weights and the tokenised corpora are loaded once."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hld.data.packing import load_stream, pack_windows
+from hld.errors import HldError
+from hld.models.loading import LoadedModel, freeze, load_causal_lm, resolve_model_dir
+from hld.precision import resolve_dtype
+
+
+class Resources:
+    def __init__(self) -> None:
+        self._teachers: dict[tuple[str, str], LoadedModel] = {}
+        self._tokenizers: dict[str, object] = {}
+        self._streams: dict[tuple, np.ndarray] = {}
+
+    def tokenizer(self, spec: str):
+        if spec not in self._tokenizers:
+            if any(k[0] == spec for k in self._teachers):
+                self._tokenizers[spec] = next(v.tokenizer for k, v in self._teachers.items() if k[0] == spec)
+            else:
+                from transformers import AutoTokenizer
+                source, _ = resolve_model_dir(spec)
+                try:
+                    self._tokenizers[spec] = AutoTokenizer.from_pretrained(source)
+                except Exception as exc:
+                    raise HldError(f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}",
+                                   "give a model directory that includes its tokenizer") from exc
+        return self._tokenizers[spec]
+
+    def teacher(self, spec: str, dtype: str) -> LoadedModel:
+        torch_dtype = resolve_dtype(dtype)
+        key = (spec, str(torch_dtype))
+        if key not in self._teachers:
+            loaded = load_causal_lm(spec, dtype=torch_dtype)
+            freeze(loaded.model)
+            self._teachers[key] = loaded
+            self._tokenizers.setdefault(spec, loaded.tokenizer)
+        return self._teachers[key]
+
+    def windows(self, source: str, tokenizer, *, seq_len: int, text_field: str,
+                max_docs: Optional[int] = None) -> np.ndarray:
+        key = (source, id(tokenizer), text_field, max_docs)
+        if key not in self._streams:
+            self._streams[key] = load_stream(source, tokenizer, text_field=text_field, max_docs=max_docs)
+        return pack_windows(self._streams[key], seq_len)
