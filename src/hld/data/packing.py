@@ -81,7 +81,7 @@ def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Opt
     if path.exists():
         try:
             return np.load(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file (np.load finds no magic)
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     stream = tokenize_stream(docs, tokenizer, bos_id=bos, eos_id=eos, max_docs=max_docs)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,10 @@ def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
         raise HldError(f"cannot stream {name} ({config}, {split}): {type(exc).__name__}: {str(exc)[:160]}",
                        "check the name and network, or download the shards and give their glob") from exc
     for record in ds:
-        text = record.get(text_field)
+        if text_field not in record:  # as for JSONL: a wrong field is named, not read as an empty corpus
+            raise HldError(f"{name} ({split}) has no {text_field!r} field (fields: {', '.join(record)})",
+                           "set data.text_field to the field that holds the text")
+        text = record[text_field]
         if isinstance(text, str) and text.strip():
             yield text
 

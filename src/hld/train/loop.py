@@ -99,6 +99,9 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                                 d_teacher=teacher_lm.config.hidden_size, seed=cfg.train.seed).to(device)
     elif teacher_lm is not None:
         check_vocab(tok, teacher_lm, vocab)
+    elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
+        raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
+                       "use the tokenizer that ships with the teacher")
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
     teacher = OnlineTeacher(teacher_lm, plan.needs.layers) if teacher_lm is not None else None
     runner = StudentRunner(student, plan.student_layers)
