@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     _common(p)
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once and store its signals for a config's runs")
+    p.add_argument("--config", required=True, help="YAML file or preset name")
+    p.add_argument("--out", required=True, help="cache directory to write (then pass teacher.cache=DIR)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    _common(p)
+
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
     return parser
@@ -98,6 +104,25 @@ def cmd_run(args) -> dict:
                     quiet=args.quiet or args.json, print_table=not args.json)
 
 
+def cmd_cache_teacher(args) -> dict:
+    from hld.config import load_config
+    from hld.train.cache_build import ensure_cache
+    from hld.train.resources import Resources
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.objective.method.startswith("hld"):
+        # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
+        cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
+    m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
+    row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
+           "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
+           "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
+           "build_flops": m.get("build_flops")}
+    if not args.json:
+        print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
+    return row
+
+
 def cmd_config(args) -> dict:
     from hld.config import field_help
 
@@ -108,7 +133,8 @@ def cmd_config(args) -> dict:
     return {"keys": [{"key": k, "help": h, "default": d} for k, h, d in rows]}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "config": cmd_config}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "cache-teacher": cmd_cache_teacher,
+            "config": cmd_config}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -43,6 +43,9 @@ class TeacherConfig:
     model: str = _f("gemma-3-270m", "teacher: HF id, local HF dir, .gguf file, run dir, or 'gemma-3-270m'")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "teacher weights dtype; auto = bfloat16 on CUDA or CPUs with native bf16, else float32")
+    cache: Optional[str] = _f(None, "read teacher signals from this offline cache (hld cache-teacher) "
+                              "instead of running the teacher; KD then uses the cache's top-k logits")
+    cache_top_k: int = _f(64, "top-k logits stored per token when building a cache")
 
 
 @dataclass
@@ -262,6 +265,10 @@ def validate(cfg: RunConfig) -> None:
         (o.temperature > 0, f"objective.temperature={o.temperature} must be > 0", "e.g. 1.0"),
         (0 < o.jsd_beta < 1, "objective.jsd_beta must be in (0, 1)", "e.g. 0.5"),
         (o.top_k is None or o.top_k >= 1, "objective.top_k must be >= 1 or null", "e.g. 64, or null"),
+        (o.top_k is None or o.divergence != "reverse_kl",
+         "objective.divergence=reverse_kl with objective.top_k is infinite: KL(student||teacher) needs teacher "
+         "mass wherever the student has some, and a top-k teacher has none off its k tokens",
+         "use forward_kl or jsd with top_k, or set objective.top_k=null"),
         (o.hidden.beta >= 0, "objective.hidden.beta must be >= 0", "e.g. 1.0"),
         (o.method != "hld-first" or 0 < o.hidden.first_share < 1,
          f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",

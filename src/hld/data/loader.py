@@ -41,4 +41,9 @@ class BatchOrder:
         return out
 
     def batch(self, step: int) -> Batch:
-        return make_batch(self.windows[self.indices(step)], bos_id=self.bos_id)
+        idx = self.indices(step)
+        return make_batch(self.windows[idx], bos_id=self.bos_id, window_ids=idx)
+
+    def window_ids(self, steps: int) -> np.ndarray:
+        """Distinct windows read by steps 0..steps-1, sorted (what a teacher cache must hold)."""
+        return np.unique(np.concatenate([self.indices(k) for k in range(steps)]))

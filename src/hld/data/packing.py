@@ -107,6 +107,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64; labels[:, i] = input_ids[:, i+1] or IGNORE; last column IGNORE
+    window_ids: Optional[torch.Tensor] = None  # (B,) which packed windows these are (the cache's key)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -117,12 +118,17 @@ class Batch:
         return int(self.mask.sum())
 
     def split(self, n: int) -> list["Batch"]:
-        return [Batch(i, l) for i, l in zip(self.input_ids.chunk(n), self.labels.chunk(n))]
+        wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
+        return [Batch(i, l, w) for i, l, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids)
 
 
-def make_batch(windows: np.ndarray, *, bos_id: int) -> Batch:
+def make_batch(windows: np.ndarray, *, bos_id: int, window_ids: Optional[np.ndarray] = None) -> Batch:
     ids = torch.from_numpy(np.ascontiguousarray(windows)).long()  # (B, T)
     labels = torch.full_like(ids, IGNORE)
     nxt = ids[:, 1:]
     labels[:, :-1] = torch.where(nxt == bos_id, torch.full_like(nxt, IGNORE), nxt)
-    return Batch(ids, labels)
+    wids = torch.from_numpy(np.asarray(window_ids, dtype=np.int64)) if window_ids is not None else None
+    return Batch(ids, labels, wids)

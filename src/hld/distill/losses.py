@@ -30,7 +30,12 @@ class TeacherLogits:
     indices: Optional[torch.Tensor] = None  # (n, k) int64
 
     def top_k(self, k: Optional[int]) -> "TeacherLogits":
-        if k is None or self.dense is None or k >= self.dense.shape[-1]:
+        if k is None:
+            return self
+        if self.dense is None:  # already top-k (sorted descending, as the cache stores them)
+            return self if k >= self.values.shape[-1] else TeacherLogits(values=self.values[:, :k],
+                                                                          indices=self.indices[:, :k])
+        if k >= self.dense.shape[-1]:
             return self
         v, i = self.dense.topk(k, dim=-1)
         return TeacherLogits(values=v, indices=i)

@@ -15,7 +15,7 @@ def layer_pairs(cfg: HiddenConfig, *, n_student: int, n_teacher: int) -> list[tu
     if cfg.mapping == "last":
         return [(n_student, n_teacher)]
     if cfg.mapping == "uniform":
-        n = cfg.n_pairs or n_student
+        n = n_student if cfg.n_pairs is None else cfg.n_pairs  # 0 is an error, not "all blocks"
         if not 1 <= n <= n_student:
             raise HldError(f"objective.hidden.n_pairs={n} is outside 1..{n_student} (student blocks)",
                            f"set n_pairs between 1 and {n_student}")

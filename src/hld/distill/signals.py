@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from hld.distill.chunked import WORKSPACE, logits_into
 from hld.distill.losses import TeacherLogits, softcap
 from hld.models.hooks import LayerCapture, StopForward, decoder_of
 
@@ -54,7 +55,8 @@ class TeacherSignals:
         """Teacher logits for rows `rows` of the flattened (B*T) positions."""
         if self.final_hidden is not None:
             h = self.final_hidden.reshape(-1, self.final_hidden.shape[-1])[rows]
-            return TeacherLogits(dense=softcap((h @ self.head_weight.T).float(), self.softcap))
+            buf = WORKSPACE.get("zt", h.shape[0], self.head_weight.shape[0], h.device)
+            return TeacherLogits(dense=softcap(logits_into(h, self.head_weight, buf), self.softcap))
         if self.topk_values is not None:
             k = self.topk_values.shape[-1]
             return TeacherLogits(values=self.topk_values.reshape(-1, k)[rows],
@@ -99,8 +101,12 @@ class OnlineTeacher:
         self.backbone = Backbone(self.lm)
         self.capture = LayerCapture(self.lm, layers) if layers else None
 
+    def __call__(self, batch, needs: Needs) -> Optional[TeacherSignals]:
+        """Signals for a `Batch` (the interface shared with the offline cache)."""
+        return self.signals(batch.input_ids, needs)
+
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, needs: Needs) -> Optional[TeacherSignals]:
+    def signals(self, input_ids: torch.Tensor, needs: Needs) -> Optional[TeacherSignals]:
         if not needs.any:
             return None
         if self.capture is not None:
@@ -110,6 +116,9 @@ class OnlineTeacher:
             final = self.backbone(input_ids)
         except StopForward:
             pass
+        finally:
+            if self.capture is not None:  # disarm: the model may be shared (Resources) with later runs
+                self.capture.stop_after = None
         captured = self.capture.pop() if self.capture else {}
         hidden = {i: captured[i] for i in needs.layers}
         if not needs.logits:

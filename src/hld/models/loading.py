@@ -59,12 +59,10 @@ def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     out = cache_root() / "gguf" / digest[:20]
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out, digest
-    try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
-        import accelerate  # noqa: F401
-    except ImportError as exc:
-        raise HldError(f"loading {gguf.name} needs the gguf and accelerate packages",
-                       "pip install 'hld[gguf]'") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        raise HldError(f"loading {gguf.name} needs the gguf and accelerate packages", "pip install 'hld[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -73,8 +71,11 @@ def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     except Exception as exc:
         raise HldError(f"cannot load GGUF {gguf}: {type(exc).__name__}: {str(exc)[:200]}",
                        "check that it is a complete GGUF of a model family transformers supports") from exc
+    # the weights are de-quantised floats now: forget the GGUF "quantisation" so the model saves
+    # as an ordinary checkpoint
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # weights are de-quantised now
+        del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     model.save_pretrained(tmp, safe_serialization=True)

@@ -21,6 +21,8 @@ import torch
 
 from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder
+from hld.data.packing import tokenizer_fingerprint
+from hld.distill.cache import CacheIdentity, CachedTeacher, windows_fingerprint
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
@@ -87,7 +89,8 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     # the plan's needs decide whether the teacher's weights are loaded at all (not for CE)
     needs_teacher = cfg.objective.method != "ce"
-    teacher_lm = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device) if needs_teacher else None
+    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype) if needs_teacher else None
+    teacher_lm = loaded.model.to(device) if loaded is not None else None
     vocab = teacher_lm.get_input_embeddings().weight.shape[0] if teacher_lm is not None else _vocab_of(tok)
     student = build_student(cfg.student, vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad,
                             seed=cfg.train.seed).to(device)
@@ -103,10 +106,15 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
         raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
                        "use the tokenizer that ships with the teacher")
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
-    teacher = OnlineTeacher(teacher_lm, plan.needs.layers) if teacher_lm is not None else None
     runner = StudentRunner(student, plan.student_layers)
     d = cfg.data
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    teacher = None
+    if teacher_lm is not None and cfg.teacher.cache:
+        teacher = CachedTeacher(Path(cfg.teacher.cache), expect=cache_identity(
+            cfg, loaded.identity, tok, train_w, layers=plan.needs.layers, top_k=cfg.objective.top_k or 0))
+    elif teacher_lm is not None:
+        teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
     val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
     val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
@@ -117,6 +125,11 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
                  total_steps=total_steps, device=device, compute_dtype=resolve_dtype(cfg.train.precision, device))
+
+
+def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:
+    return CacheIdentity(teacher=teacher_identity, tokenizer=tokenizer_fingerprint(tok), seq_len=cfg.data.seq_len,
+                         layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))
 
 
 def _vocab_of(tok) -> int:
@@ -140,11 +153,10 @@ def train_step(s: Setup, step: int) -> dict:
     sums: dict[str, float] = {}
     loss_total = 0.0
     for mb in batch.split(n_micro):
-        ids = mb.input_ids.to(s.device)
-        mb = type(mb)(ids, mb.labels.to(s.device))
-        teacher = s.teacher(ids, objective.needs) if s.teacher is not None else None
+        mb = mb.to(s.device)
+        teacher = s.teacher(mb, objective.needs) if s.teacher is not None else None
         with autocast(s.compute_dtype, s.device):
-            out = s.runner(ids)
+            out = s.runner(mb.input_ids)
         loss_sum, _, metrics = objective(mb, out, teacher)
         (loss_sum / n_global).backward()  # each backward() adds to .grad: sum / global count = mean
         loss_total += float(loss_sum.detach())
@@ -175,7 +187,8 @@ def flops_per_token(s: Setup) -> dict:
     for ph in s.plan.phases:
         needs = ph.objective.needs
         upto = None if needs.logits or not needs.layers else max(needs.layers)
-        cost = step_cost(s.student, seq, teacher=s.teacher_lm if needs.any else None, teacher_logits=needs.logits,
+        online = needs.any and isinstance(s.teacher, OnlineTeacher)  # a cache's cost is reported apart
+        cost = step_cost(s.student, seq, teacher=s.teacher_lm if online else None, teacher_logits=needs.logits,
                          teacher_upto=upto, projector_dims=dims if ph.objective.student_layers else (),
                          student_logits=ph.objective.uses_head)
         out[ph.name] = cost

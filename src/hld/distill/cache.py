@@ -1,0 +1,226 @@
+"""Offline teacher cache: the teacher runs once over the training windows; every KD/HLD run then
+reads its signals from disk instead of running it. Format (docs/cache-format.md):
+
+<cache>/manifest.json          identity of what was cached + per-file sha256 checksums
+<cache>/shard-NNNNN.tokens.npy       (n, T) int32   the exact input tokens the teacher saw
+<cache>/shard-NNNNN.topk_values.npy  (n, T, k) float16  the teacher's k largest logits, descending
+<cache>/shard-NNNNN.topk_indices.npy (n, T, k) int32    their token ids
+<cache>/shard-NNNNN.hidden_L{l}.npy  (n, T, d) uint16   bf16 bit patterns of layer l's output
+A cache is written into a temporary directory and renamed when complete, so a directory named like
+a cache is either complete or absent. The KD loss renormalises the teacher over its top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hld.data.packing import Batch
+from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
+from hld.errors import HldError
+from hld.train.progress import Progress
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CacheIdentity:
+    """What must match between a cache and the run that reads it."""
+
+    teacher: str  # weights identity (hash)
+    tokenizer: str  # tokenizer fingerprint
+    seq_len: int
+    layers: list  # hidden layers stored
+    top_k: int
+    data: str  # fingerprint of the windows (their token content)
+
+
+def windows_fingerprint(windows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int32).tobytes()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np.ndarray, out: Path, *,
+                identity: CacheIdentity, batch_size: int = 8, shard_windows: int = 256,
+                quiet: bool = False) -> dict:
+    """Run the teacher over `windows[window_ids]` and write the cache to `out` (atomically)."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    online = OnlineTeacher(teacher_lm, tuple(identity.layers))
+    needs = Needs(logits=True, layers=tuple(identity.layers))
+    device = next(teacher_lm.parameters()).device
+    k, T = identity.top_k, windows.shape[1]
+    files: dict[str, str] = {}
+    shards = []
+    t0 = time.time()
+    prog = Progress(len(window_ids), desc="cache", quiet=quiet)
+    try:
+        for s_start in range(0, len(window_ids), shard_windows):
+            ids = window_ids[s_start:s_start + shard_windows]
+            name = f"shard-{len(shards):05d}"
+            arrays = _shard_arrays(tmp, name, len(ids), T, k, identity.layers, teacher_lm.config.hidden_size)
+            arrays["tokens"][:] = windows[ids]
+            for b in range(0, len(ids), batch_size):
+                x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
+                sig = online.signals(x, needs)
+                vals, idx = _topk_rows(sig, k)
+                n = x.shape[0]
+                arrays["topk_values"][b:b + n] = vals.view(n, T, k).cpu().numpy().astype(np.float16)
+                arrays["topk_indices"][b:b + n] = idx.view(n, T, k).cpu().numpy().astype(np.int32)
+                for layer in identity.layers:
+                    arrays[f"hidden_L{layer}"][b:b + n] = _bf16_bits(sig.hidden[layer].cpu())
+                done = s_start + b + n
+                prog.update(done, tokens_per_s=done * T / max(time.time() - t0, 1e-9))
+            for arr in arrays.values():
+                arr.flush()
+            for key in arrays:
+                fname = f"{name}.{key}.npy"
+                files[fname] = _sha256(tmp / fname)
+            shards.append({"name": name, "window_ids": [int(i) for i in ids]})
+        manifest = {"format_version": FORMAT_VERSION, "identity": asdict(identity), "shards": shards,
+                    "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
+                    "value_dtype": "float16", "index_dtype": "int32", "hidden_dtype": "bfloat16",
+                    "build_seconds": time.time() - t0}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        prog.close()
+        if online.capture is not None:
+            online.capture.remove()
+    manifest["bytes"] = sum((out / f).stat().st_size for f in files)
+    return manifest
+
+
+def _shard_arrays(d: Path, name: str, n: int, T: int, k: int, layers: list, d_model: int) -> dict:
+    mk = lambda key, shape, dt: np.lib.format.open_memmap(d / f"{name}.{key}.npy", mode="w+", dtype=dt,
+                                                            shape=shape)
+    arrays = {"tokens": mk("tokens", (n, T), np.int32), "topk_values": mk("topk_values", (n, T, k), np.float16),
+              "topk_indices": mk("topk_indices", (n, T, k), np.int32)}
+    for layer in layers:
+        arrays[f"hidden_L{layer}"] = mk(f"hidden_L{layer}", (n, T, d_model), np.uint16)
+    return arrays
+
+
+def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the teacher's logits, chunk by chunk (never (B*T, V) at once)."""
+    h = sig.final_hidden.reshape(-1, sig.final_hidden.shape[-1])
+    vals, idx = [], []
+    for s in range(0, h.shape[0], chunk):
+        sl = slice(s, min(s + chunk, h.shape[0]))
+        z = sig.logits(sl).dense
+        v, i = z.topk(k, dim=-1)
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals), torch.cat(idx)
+
+
+class CachedTeacher:
+    """Teacher signals read from a cache; same call as `OnlineTeacher`, same `TeacherSignals` out."""
+
+    def __init__(self, cache_dir: Path, *, expect: CacheIdentity, verify: bool = True) -> None:
+        self.dir = Path(cache_dir)
+        path = self.dir / "manifest.json"
+        if not path.exists():
+            raise HldError(f"{self.dir} is not a teacher cache (no manifest.json)",
+                           "build one with `hld cache-teacher`, or fix teacher.cache")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise HldError(f"cache manifest {path} is corrupt", "rebuild the cache") from exc
+        self._check_identity(expect)
+        self.row_of: dict[int, tuple[int, int]] = {}
+        self.shards = []
+        for si, shard in enumerate(self.manifest["shards"]):
+            for r, wid in enumerate(shard["window_ids"]):
+                self.row_of[wid] = (si, r)
+            self.shards.append(self._open(shard["name"], verify))
+
+    def _check_identity(self, expect: CacheIdentity) -> None:
+        have = self.manifest.get("identity", {})
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise HldError(f"cache {self.dir} has format {self.manifest.get('format_version')}, expected "
+                           f"{FORMAT_VERSION}", "rebuild the cache")
+        for key in ("teacher", "tokenizer", "seq_len", "data"):
+            if have.get(key) != getattr(expect, key):
+                raise HldError(f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
+                               f"needs {getattr(expect, key)!r})", "rebuild the cache for this run's config")
+        missing = sorted(set(expect.layers) - set(have.get("layers", [])))
+        if missing:
+            raise HldError(f"cache {self.dir} lacks teacher layers {missing}", "rebuild it with those layers")
+        if expect.top_k > have.get("top_k", 0):
+            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
+                           "lower objective.top_k or rebuild the cache with a larger k")
+
+    def _open(self, name: str, verify: bool) -> dict:
+        arrays = {}
+        for fname, digest in self.manifest["files"].items():
+            if not fname.startswith(name + "."):
+                continue
+            path = self.dir / fname
+            if not path.exists():
+                raise HldError(f"cache file {path} is missing", "rebuild the cache")
+            if verify and _sha256(path) != digest:
+                raise HldError(f"cache shard {path} is corrupt (checksum mismatch)", "rebuild the cache")
+            try:
+                arrays[fname[len(name) + 1:-4]] = np.load(path, mmap_mode="r")
+            except ValueError as exc:
+                raise HldError(f"cache shard {path} is truncated or unreadable", "rebuild the cache") from exc
+        return arrays
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest["identity"]["top_k"]
+
+    def __call__(self, batch: Batch, needs: Needs) -> Optional[TeacherSignals]:
+        if not needs.any:
+            return None
+        if batch.window_ids is None:
+            raise HldError("a cached teacher needs batches that know their window ids", "internal error")
+        rows = []
+        for wid in batch.window_ids.tolist():
+            if wid not in self.row_of:
+                raise HldError(f"window {wid} is not in cache {self.dir}",
+                               "the run reads past what the cache holds: rebuild it for this budget")
+            rows.append(self.row_of[wid])
+        tokens = np.stack([self.shards[s]["tokens"][r] for s, r in rows])
+        if not np.array_equal(tokens, batch.input_ids.cpu().numpy()):
+            raise HldError(f"cache {self.dir} holds other tokens than this run's batch",
+                           "rebuild the cache for this run's data and packing")
+        device = batch.input_ids.device
+        sig = TeacherSignals()
+        for layer in needs.layers:
+            bits = np.stack([self.shards[s][f"hidden_L{layer}"][r] for s, r in rows])
+            sig.hidden[layer] = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(device)
+        if needs.logits:
+            sig.topk_values = torch.from_numpy(np.stack([self.shards[s]["topk_values"][r] for s, r in rows])
+                                               ).to(device)
+            sig.topk_indices = torch.from_numpy(np.stack([self.shards[s]["topk_indices"][r] for s, r in rows])
+                                                ).to(device)
+        return sig
