@@ -129,8 +129,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+class _Override:
+    """A command-line override value: parsed as YAML, but kept verbatim for string fields
+    (`data.text_field=yes` means the string "yes", not YAML's boolean)."""
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+        try:
+            self.parsed = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            self.parsed = raw
+
+
+def _wants_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints are accepted where floats are)."""
+    if isinstance(value, _Override):
+        wants_raw = _wants_str(tp) and value.parsed is not None and not isinstance(value.parsed, str)
+        value = value.raw if wants_raw else value.parsed
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -145,6 +164,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                            f"set {where} to one of {', '.join(map(str, choices))}")
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, _Override):
+            value = value.parsed
         if not isinstance(value, dict):
             raise HldError(f"config {where} must be a mapping, got {value!r}", f"write {where}: as a section")
         return _build(tp, value, where + ".")
@@ -155,6 +176,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)  # YAML reads 3e-4 as a string
         except ValueError:
             pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `name: 123` in YAML
     if tp is list and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -176,13 +199,6 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML scalars)."""
     for item in overrides:
@@ -195,7 +211,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise HldError(f"override {key!r} goes through a non-section value", "check the key path")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _Override(text)
     return raw
 
 

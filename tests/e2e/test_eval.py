@@ -33,7 +33,7 @@ def reference_ppl(model_dir: Path, *, seq_len: int = SEQ_LEN, max_docs: int | No
     texts = [t for t in texts if t.strip()][:max_docs]
     stream: list[int] = []
     for text in texts:
-        stream += [bos] + tok(text, add_special_tokens=False)["input_ids"] + [eos]
+        stream += [bos] + tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
     n = len(stream) // seq_len
     ids = torch.tensor(stream[: n * seq_len]).view(n, seq_len)  # (N, T)
     with torch.no_grad():

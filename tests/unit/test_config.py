@@ -77,7 +77,7 @@ def test_unknown_key_hint():
     ("train.lr=[1]", "train.lr"),
     ("train.betas=0.9", "train.betas"),
     ("data.max_train_docs=many", "data.max_train_docs"),
-    ("data.train=[a, b]", "data.train"),
+    ("data.seq_len=[128]", "data.seq_len"),
     ("train=3", "train"),  # a section given a scalar
 ])
 def test_wrong_type(override, key):
@@ -222,3 +222,10 @@ def test_student_overrides_and_bad_shapes():
     with pytest.raises(HldError, match="n_kv_heads"):
         resolve_shape(load_config(None, ["student.n_heads=3", "student.n_kv_heads=2"]).student)
     assert set(PRESETS) >= {"tiny-1l", "tiny-2l", "paper-123m", "paper-735m"}
+
+
+def test_string_override_is_verbatim():
+    # for a string field the override is the text as typed, not YAML's reading of it
+    cfg = load_config(None, ["data.text_field=yes", "name=123", "data.train=[ab]*.jsonl"])
+    assert (cfg.data.text_field, cfg.name, cfg.data.train) == ("yes", "123", "[ab]*.jsonl")
+    assert load_config(None, ["teacher.cache=null"]).teacher.cache is None

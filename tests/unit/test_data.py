@@ -49,7 +49,7 @@ def _hand_stream(texts: list[str], tok) -> np.ndarray:
     """BOS + ids + EOS per document, one document at a time, concatenated."""
     out: list[int] = []
     for t in texts:
-        out += [BOS, *tok.encode(t, add_special_tokens=False), EOS]
+        out += [BOS, *tok.encode(t, add_special_tokens=False, split_special_tokens=True), EOS]
     return np.asarray(out)
 
 

@@ -1,7 +1,8 @@
 """Tokenise documents and pack them into fixed-length windows.
 
 Boundary convention (the same for training and for `hld eval`):
-- each document becomes `BOS + tokens + EOS`; documents are joined into one stream;
+- each document becomes `BOS + tokens + EOS` (text that spells a special token, e.g. "<bos>", is
+  tokenised as ordinary text); documents are joined into one stream;
 - the stream is cut into non-overlapping windows of `seq_len` tokens; the last partial window is
   dropped;
 - inside a window, position i predicts token i+1 (seq_len-1 targets per window), **except** where
@@ -38,7 +39,8 @@ def tokenize_stream(docs: Iterable[str], tokenizer, *, bos_id: int, eos_id: int,
     batch: list[str] = []
 
     def flush() -> None:
-        enc = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a document that contains the text "<bos>" must not get a real BOS
+        enc = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         for ids in enc:
             pieces.append(np.asarray([bos_id, *ids, eos_id], dtype=np.int32))
         batch.clear()
