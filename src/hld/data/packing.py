@@ -24,6 +24,7 @@ import torch
 
 from hld.data.sources import fingerprint, iter_documents
 from hld.errors import HldError
+from hld.fingerprint import tokenizer_fingerprint
 
 IGNORE = -100  # label of a position that predicts nothing
 
@@ -56,16 +57,6 @@ def tokenize_stream(docs: Iterable[str], tokenizer, *, bos_id: int, eos_id: int,
     if not pieces:
         raise HldError("the data source holds no document with text", "point data.train/validation at real text")
     return np.concatenate(pieces)
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens."""
-    h = hashlib.sha256()
-    vocab = tokenizer.get_vocab()
-    for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-        h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
-    h.update(f"bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id}".encode())
-    return h.hexdigest()[:16]
 
 
 def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Optional[int] = None,

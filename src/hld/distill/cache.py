@@ -12,7 +12,6 @@ a cache is either complete or absent. The KD loss renormalises the teacher over 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 from hld.data.packing import Batch
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
+from hld.fingerprint import file_sha256
 from hld.train.progress import Progress
 
 FORMAT_VERSION = 1
@@ -43,18 +43,6 @@ class CacheIdentity:
     layers: list  # hidden layers stored
     top_k: int
     data: str  # fingerprint of the windows (their token content)
-
-
-def windows_fingerprint(windows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int32).tobytes()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bf16_bits(t: torch.Tensor) -> np.ndarray:
@@ -99,7 +87,7 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
                 arr.flush()
             for key in arrays:
                 fname = f"{name}.{key}.npy"
-                files[fname] = _sha256(tmp / fname)
+                files[fname] = file_sha256(tmp / fname)
             shards.append({"name": name, "window_ids": [int(i) for i in ids]})
         manifest = {"format_version": FORMAT_VERSION, "identity": asdict(identity), "shards": shards,
                     "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
@@ -186,7 +174,7 @@ class CachedTeacher:
             path = self.dir / fname
             if not path.exists():
                 raise HldError(f"cache file {path} is missing", "rebuild the cache")
-            if verify and _sha256(path) != digest:
+            if verify and file_sha256(path) != digest:
                 raise HldError(f"cache shard {path} is corrupt (checksum mismatch)", "rebuild the cache")
             try:
                 arrays[fname[len(name) + 1:-4]] = np.load(path, mmap_mode="r")

@@ -24,6 +24,7 @@ import torch
 
 from hld.data.packing import cache_root
 from hld.errors import HldError
+from hld.fingerprint import file_sha256
 
 EMBEDDED_TEACHER = "gemma-3-270m"
 
@@ -34,14 +35,6 @@ class LoadedModel:
     tokenizer: object
     source: str  # what was loaded, resolved (a path or hub id)
     identity: str  # a short hash naming these weights (for caches and manifests)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_teacher_path() -> Path:
@@ -55,7 +48,7 @@ def embedded_teacher_path() -> Path:
 
 def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     """De-quantise a GGUF once into a cached HF directory; return (dir, weights sha256)."""
-    digest = _file_sha256(gguf)
+    digest = file_sha256(gguf)
     out = cache_root() / "gguf" / digest[:20]
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out, digest

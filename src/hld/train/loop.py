@@ -21,8 +21,8 @@ import torch
 
 from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder
-from hld.data.packing import tokenizer_fingerprint
-from hld.distill.cache import CacheIdentity, CachedTeacher, windows_fingerprint
+from hld.distill.cache import CacheIdentity, CachedTeacher
+from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors

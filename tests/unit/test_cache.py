@@ -1,0 +1,118 @@
+"""Offline teacher cache: KD from the cache equals KD online when k covers the vocabulary, and a
+cache that does not match the run, or is damaged, is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hld.config import load_config
+from hld.distill.cache import CachedTeacher
+from hld.errors import HldError
+from hld.train.cache_build import ensure_cache
+from hld.train.loop import build, train_step
+from hld.train.resources import Resources
+
+
+def _grads_after_one_step(cfg) -> dict[str, torch.Tensor]:
+    s = build(cfg, Resources())
+    grads = {}
+    s.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in s.student.named_parameters()
+                                             if p.grad is not None})
+    train_step(s, 0)
+    return grads
+
+
+@pytest.mark.parametrize("method", ["kd", "hld-joint"])
+def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, overrides, method):
+    base = [*overrides, f"objective.method={method}", "teacher.cache_top_k=512"]  # the tiny vocabulary
+    cfg = load_config("smoke", base)
+    manifest = ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
+    assert manifest["identity"]["top_k"] == 512
+    online = _grads_after_one_step(cfg)
+    cached = _grads_after_one_step(load_config("smoke", base + [f"teacher.cache={tmp_path / 'cache'}"]))
+    assert online.keys() == cached.keys() and online
+    for name in online:
+        # the cache stores logits in fp16 and hidden states in bf16: equal up to that rounding
+        torch.testing.assert_close(cached[name], online[name], rtol=2e-2, atol=2e-4, msg=name)
+
+
+def _cache(tmp_path, overrides, extra=()):
+    cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", *extra])
+    ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
+    return cfg
+
+
+def _open(cfg, path):
+    return build(load_config("smoke", [*_ov(cfg), f"teacher.cache={path}"]), Resources())
+
+
+def _ov(cfg):
+    return [f"teacher.model={cfg.teacher.model}", f"data.train={cfg.data.train}",
+            f"data.validation={cfg.data.validation}", "student.preset=tiny-2l", f"data.seq_len={cfg.data.seq_len}",
+            f"train.batch_size={cfg.train.batch_size}", f"budget.tokens={cfg.budget.tokens}",
+            "objective.method=hld-joint", "train.precision=float32", "teacher.dtype=float32"]
+
+
+def test_cache_holds_the_exact_tokens_and_layers(tmp_path, overrides):
+    cfg = _cache(tmp_path, overrides)
+    s = _open(cfg, tmp_path / "cache")
+    assert isinstance(s.teacher, CachedTeacher)
+    batch = s.order.batch(1)
+    sig = s.teacher(batch, s.plan.needs)
+    assert set(sig.hidden) == {2, 3}  # uniform map of a 2-block student onto the 3-block teacher
+    assert sig.topk_values.shape == (*batch.input_ids.shape, 64)
+    # the stored top-k really are the teacher's top-k logits
+    with torch.no_grad():
+        logits = s.teacher_lm(batch.input_ids).logits
+    want = logits.topk(64, dim=-1)
+    torch.testing.assert_close(sig.topk_values.float(), want.values, rtol=1e-3, atol=1e-2)
+
+
+def test_manifest_mismatch_is_refused(tmp_path, overrides):
+    cfg = _cache(tmp_path, overrides)
+    with pytest.raises(HldError, match="another seq_len"):
+        build(load_config("smoke", [*_ov(cfg), "data.seq_len=16", f"teacher.cache={tmp_path / 'cache'}"]),
+              Resources())
+    with pytest.raises(HldError, match="top-64 logits, the run asks for top-100"):
+        build(load_config("smoke", [*_ov(cfg), "objective.top_k=100", f"teacher.cache={tmp_path / 'cache'}"]),
+              Resources())
+    with pytest.raises(HldError, match="lacks teacher layers"):
+        build(load_config("smoke", [*_ov(cfg), "objective.hidden.mapping=explicit",
+                                    "objective.hidden.pairs=[[1, 1]]", f"teacher.cache={tmp_path / 'cache'}"]),
+              Resources())
+
+
+def test_corrupt_or_truncated_shard_is_refused(tmp_path, overrides):
+    cfg = _cache(tmp_path, overrides)
+    shard = sorted((tmp_path / "cache").glob("*.topk_values.npy"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(HldError, match="corrupt"):
+        _open(cfg, tmp_path / "cache")
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(HldError, match="corrupt|truncated"):
+        _open(cfg, tmp_path / "cache")
+
+
+def test_cached_tokens_must_match_the_batch(tmp_path, overrides):
+    cfg = _cache(tmp_path, overrides)
+    s = _open(cfg, tmp_path / "cache")
+    batch = s.order.batch(0)
+    batch.input_ids[0, 3] += 1
+    with pytest.raises(HldError, match="other tokens"):
+        s.teacher(batch, s.plan.needs)
+
+
+def test_manifest_records_identity_and_checksums(tmp_path, overrides):
+    _cache(tmp_path, overrides)
+    m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert m["identity"]["teacher"].startswith("dir:") and m["identity"]["seq_len"] == 32
+    assert all(len(v) == 64 for v in m["files"].values())
+    assert m["tokens"] == m["n_windows"] * 32
+    arr = np.load(tmp_path / "cache" / "shard-00000.topk_indices.npy")
+    assert arr.dtype == np.int32 and (arr >= 0).all() and (arr < 512).all()
