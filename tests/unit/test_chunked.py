@@ -1,0 +1,254 @@
+"""The fused, chunked head loss against the unchunked reference built with plain autograd:
+`w_ce * ce_sum(h @ W.T) + w_kd * kd_sum(h @ W.T, teacher)` (the losses themselves are checked
+against independent math in test_losses.py). Values, stats and gradients w.r.t. h and W."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import pytest
+import torch
+
+from hld.distill.chunked import HeadLossSpec, head_loss
+from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, softcap
+from hld.distill.signals import TeacherSignals
+
+B, T_SEQ, D, D_T, V = 2, 5, 8, 12, 23
+N = B * T_SEQ
+
+
+def _inputs(seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(V, D, generator=g, dtype=dtype) * 0.7).requires_grad_(True)
+    y = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) > 0.25
+    mask[0] = True
+    y = torch.where(mask, y, torch.full_like(y, -100))
+    return h, W, y, mask
+
+
+def _online_teacher(seed: int, dtype=torch.float64, cap: Optional[float] = None) -> TeacherSignals:
+    g = torch.Generator().manual_seed(seed + 1000)
+    return TeacherSignals(final_hidden=torch.randn(B, T_SEQ, D_T, generator=g, dtype=dtype),
+                          head_weight=torch.randn(V, D_T, generator=g, dtype=dtype), softcap=cap)
+
+
+def _cached_teacher(seed: int, k: int) -> TeacherSignals:
+    g = torch.Generator().manual_seed(seed + 2000)
+    v, i = (torch.randn(B, T_SEQ, V, generator=g) * 3).topk(k, dim=-1)
+    return TeacherSignals(topk_values=v, topk_indices=i.int())  # a cache may store int32 indices
+
+
+def _reference_teacher(ts: Optional[TeacherSignals], top_k: Optional[int]) -> Optional[TeacherLogits]:
+    """All N rows of teacher logits, built directly from the signal's tensors."""
+    if ts is None:
+        return None
+    if ts.final_hidden is not None:
+        z = softcap(ts.final_hidden.reshape(N, D_T) @ ts.head_weight.T, ts.softcap)
+        if top_k is not None and top_k < V:
+            v, i = z.topk(top_k, dim=-1)
+            return TeacherLogits(values=v, indices=i)
+        return TeacherLogits(dense=z)
+    k = ts.topk_values.shape[-1]
+    return TeacherLogits(values=ts.topk_values.reshape(N, k), indices=ts.topk_indices.reshape(N, k).long())
+
+
+def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
+    z = softcap(h @ W.T, spec.softcap)  # (N, V), the whole thing at once
+    ce = ce_sum(z, y, mask)
+    kd = torch.zeros((), dtype=torch.float32)
+    teacher = _reference_teacher(ts, spec.top_k)
+    if spec.kd_weight and teacher is not None:
+        kd = kd_sum(z, teacher, mask, temperature=spec.temperature, divergence=spec.divergence,
+                    jsd_beta=spec.jsd_beta)
+    return spec.ce_weight * ce + spec.kd_weight * kd, ce, kd
+
+
+def _check(spec: HeadLossSpec, ts: Optional[TeacherSignals], *, seed: int = 0, dtype=torch.float64,
+           mask_override: Optional[torch.Tensor] = None, rtol: float = 1e-5) -> None:
+    h, W, y, mask = _inputs(seed, dtype)
+    if mask_override is not None:
+        mask = mask_override
+        y = torch.where(mask, y.clamp_min(0), torch.full_like(y, -100))
+    ref, ce, kd = _reference(h, W, y, mask, spec, ts)
+    ours, stats = head_loss(h, W, y, mask, spec, ts.logits if ts is not None else None)
+    atol = rtol * max(1.0, float(ref.detach().abs()))
+    torch.testing.assert_close(ours.double(), ref.detach().double(), rtol=rtol, atol=atol)
+    assert stats["ce"] == pytest.approx(float(ce.detach()), rel=rtol, abs=atol)
+    assert stats["kd"] == pytest.approx(float(kd.detach()), rel=rtol, abs=atol)
+    g_ours = torch.autograd.grad(ours, (h, W))
+    g_ref = torch.autograd.grad(ref, (h, W))
+    for name, a, b in zip("hW", g_ours, g_ref):
+        assert a.dtype == b.dtype == dtype, name
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m: f"grad {name}: {m}")
+    # rows without a target get no gradient at all
+    assert g_ours[0][~mask].abs().max() == 0 if (~mask).any() else True
+
+
+CHUNKS = [1, 3, 7, 4096]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_ce_only(chunk):
+    _check(HeadLossSpec(ce_weight=1.0, kd_weight=0.0, chunk_tokens=chunk), None)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_online_teacher(chunk, temperature):
+    spec = HeadLossSpec(ce_weight=0.3, kd_weight=0.7, temperature=temperature, chunk_tokens=chunk)
+    _check(spec, _online_teacher(1), seed=1)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_kd_only_forward_kl(chunk):
+    """alpha = 1: no CE term at all (the gradient comes from the KD term alone)."""
+    spec = HeadLossSpec(ce_weight=0.0, kd_weight=1.0, temperature=2.0, chunk_tokens=chunk)
+    _check(spec, _online_teacher(2), seed=2)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_topk_cached_teacher(chunk, temperature):
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=temperature, chunk_tokens=chunk)
+    _check(spec, _cached_teacher(3, k=5), seed=3)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_cached_teacher_truncated_by_spec_top_k(chunk, divergence):
+    """A cache of the top 8 used by a run with top_k=5 equals a cache of the top 5."""
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, top_k=5, divergence=divergence, chunk_tokens=chunk)
+    h, W, y, mask = _inputs(15)
+    wide, narrow = _cached_teacher(15, k=8), _cached_teacher(15, k=5)
+    assert torch.equal(wide.topk_indices[..., :5], narrow.topk_indices)
+    a, _ = head_loss(h, W, y, mask, spec, wide.logits)
+    b, _ = head_loss(h, W, y, mask, replace(spec, top_k=None), narrow.logits)
+    c, _ = head_loss(h, W, y, mask, replace(spec, top_k=None), wide.logits)
+    torch.testing.assert_close(a, b)
+    assert abs(float(a.detach()) - float(c.detach())) > 1e-4  # the truncation changed the loss
+    ga, gb = torch.autograd.grad(a, (h, W)), torch.autograd.grad(b, (h, W))
+    for x, z in zip(ga, gb):
+        torch.testing.assert_close(x, z)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_forward_kl_online_teacher_truncated_by_spec_top_k(chunk):
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, top_k=4, chunk_tokens=chunk)
+    _check(spec, _online_teacher(4), seed=4)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+def test_other_divergences_autograd_path(chunk, divergence, beta):
+    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, temperature=1.5, divergence=divergence, jsd_beta=beta,
+                        chunk_tokens=chunk)
+    _check(spec, _online_teacher(5), seed=5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_jsd_topk_cached_teacher(chunk):
+    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, divergence="jsd", chunk_tokens=chunk)
+    _check(spec, _cached_teacher(6, k=4), seed=6)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_softcapped_heads(chunk, divergence):
+    """Student and teacher heads soft-capped (Gemma 2 style): the autograd path, cap inside."""
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, divergence=divergence, softcap=3.0,
+                        chunk_tokens=chunk)
+    _check(spec, _online_teacher(7, cap=2.5), seed=7)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_fully_masked_chunks(chunk, divergence):
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[7:] = True  # chunks covering rows 0..6 have no target at all
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, divergence=divergence, chunk_tokens=chunk)
+    _check(spec, _online_teacher(8), seed=8, mask_override=mask)
+
+
+def test_no_valid_row_gives_zero_loss_and_zero_grads():
+    h, W, y, _ = _inputs(9)
+    mask = torch.zeros(N, dtype=torch.bool)
+    loss, stats = head_loss(h, W, y, mask, HeadLossSpec(chunk_tokens=3))
+    assert float(loss.detach()) == 0.0 and stats["ce"] == 0.0
+    gh, gW = torch.autograd.grad(loss, (h, W))
+    assert gh.abs().max() == 0 and gW.abs().max() == 0
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_float32_inputs(chunk):
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, chunk_tokens=chunk)
+    _check(spec, _online_teacher(10, dtype=torch.float32), seed=10, dtype=torch.float32, rtol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_gradient_scales_with_upstream_gradient(divergence):
+    h, W, y, mask = _inputs(11)
+    ts = _online_teacher(11)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, divergence=divergence, chunk_tokens=3)
+    loss1, _ = head_loss(h, W, y, mask, spec, ts.logits)
+    g1 = torch.autograd.grad(loss1, (h, W))
+    loss3, _ = head_loss(h, W, y, mask, spec, ts.logits)
+    g3 = torch.autograd.grad(loss3 * 3, (h, W))
+    for a, b in zip(g3, g1):
+        torch.testing.assert_close(a, 3 * b)
+    # and composed with other terms (a sum of two uses of the same W)
+    loss_a, _ = head_loss(h, W, y, mask, spec, ts.logits)
+    extra = (W ** 2).sum()
+    gW = torch.autograd.grad(-2 * loss_a + extra, W)[0]
+    torch.testing.assert_close(gW, -2 * g1[1] + 2 * W.detach())
+
+
+def test_no_grad_forward_matches_and_builds_no_graph():
+    h, W, y, mask = _inputs(12)
+    ts = _online_teacher(12)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4)
+    with torch.no_grad():
+        a, _ = head_loss(h, W, y, mask, spec, ts.logits)
+    b, _ = head_loss(h.detach(), W.detach(), y, mask, spec, ts.logits)
+    ref, _, _ = _reference(h, W, y, mask, spec, ts)
+    assert not a.requires_grad and not b.requires_grad
+    torch.testing.assert_close(a.double(), ref.detach().double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, a)
+
+
+def test_teacher_chunk_receives_each_row_range_once():
+    h, W, y, mask = _inputs(13)
+    ts = _online_teacher(13)
+    seen: list[slice] = []
+
+    def spy(rows: slice):
+        seen.append(rows)
+        return ts.logits(rows)
+
+    head_loss(h, W, y, mask, HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4), spy)
+    covered = [r for sl in seen for r in range(sl.start, sl.stop)]
+    assert covered == sorted(set(covered))  # no row twice
+    assert set(covered) >= set(torch.nonzero(mask).flatten().tolist())  # every valid row
+
+
+def test_bfloat16_weights_and_hidden_states():
+    """A bf16 student: logits in bf16 matmul, softmax in fp32, dW accumulated in fp32 across chunks.
+    Loose tolerance against the fp32 reference on the same (bf16-rounded) values."""
+    h, W, y, mask = _inputs(14, torch.float32)
+    hb = h.detach().bfloat16().requires_grad_(True)
+    Wb = W.detach().bfloat16().requires_grad_(True)
+    h32 = hb.detach().float().requires_grad_(True)
+    W32 = Wb.detach().float().requires_grad_(True)
+    ts = _online_teacher(14, dtype=torch.float32)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, chunk_tokens=3)
+    ours, _ = head_loss(hb, Wb, y, mask, spec, ts.logits)
+    ref, _, _ = _reference(h32, W32, y, mask, spec, ts)
+    torch.testing.assert_close(ours.float(), ref.detach(), rtol=2e-2, atol=2e-2)
+    g_ours = torch.autograd.grad(ours, (hb, Wb))
+    g_ref = torch.autograd.grad(ref, (h32, W32))
+    for a, b in zip(g_ours, g_ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-2 * float(b.abs().max()))

@@ -1,0 +1,368 @@
+"""Every loss in `hld.distill.losses` against an independent computation: torch.nn.functional where
+it has the loss, otherwise the textbook formula in numpy float64. Values and gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hld.distill.losses import TeacherLogits, ce_sum, hidden_sum, kd_sum, softcap
+
+N, V = 7, 11  # rows, vocabulary
+
+
+def _rows(seed: int, n: int = N, v: int = V, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g, dtype=torch.float64) * scale)
+
+
+def _mask(n: int = N) -> torch.Tensor:
+    m = torch.ones(n, dtype=torch.bool)
+    m[[1, 4]] = False
+    return m
+
+
+# --------------------------------------------------------------------------- numpy references
+
+def np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_kl(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """sum_i p_i (log p_i - log q_i) per row, 0 log 0 = 0."""
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):  # 0 * (-inf) off a top-k support, dropped by the where
+        terms = np.where(p > 0, p * (logp - logq), 0.0)
+    return terms.sum(-1)
+
+
+def np_divergence(s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, divergence: str,
+                  beta: float = 0.5, topk: int | None = None) -> float:
+    """T^2 * D summed over valid rows; with `topk` the teacher is its softmax over its top-k logits."""
+    logq = np_log_softmax(s / T)
+    if topk is None:
+        logp = np_log_softmax(t / T)
+    else:
+        logp = np.full_like(t, -np.inf)
+        for r in range(t.shape[0]):
+            top = np.argsort(-t[r])[:topk]
+            logp[r, top] = np_log_softmax(t[r, top] / T)
+    p, q = np.exp(logp), np.exp(logq)
+    if divergence == "forward_kl":
+        per = np_kl(logp, logq)
+    elif divergence == "reverse_kl":
+        per = np_kl(logq, logp)
+    elif divergence == "jsd":
+        logm = np.log(beta * p + (1 - beta) * q)
+        per = beta * np_kl(logp, logm) + (1 - beta) * np_kl(logq, logm)
+    else:
+        raise AssertionError(divergence)
+    return float((per * mask).sum() * T * T)
+
+
+def torch_reference_kd(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, T: float, divergence: str,
+                       beta: float = 0.5) -> torch.Tensor:
+    """The same formulas written directly in float64 torch (for reference gradients)."""
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    if divergence == "forward_kl":
+        per = (p * (p.log() - q.log())).sum(-1)
+    elif divergence == "reverse_kl":
+        per = (q * (q.log() - p.log())).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        per = beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+    return per[mask].sum() * T * T
+
+
+def _close(actual: torch.Tensor | float, expected, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+def test_ce_sum_matches_torch_cross_entropy_value_and_grad():
+    logits = _rows(0).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
+    mask = _mask()
+    targets = torch.where(mask, targets, torch.full_like(targets, -100))  # ignored rows carry IGNORE
+
+    ours = ce_sum(logits, targets, mask)
+    ref = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    _close(ours, ref)
+    g_ours, = torch.autograd.grad(ours, logits)
+    g_ref, = torch.autograd.grad(ref, logits)
+    _close(g_ours, g_ref)
+    assert g_ours[~mask].abs().max() == 0
+
+
+def test_ce_sum_is_a_sum_not_a_mean():
+    logits = torch.zeros(4, V)
+    ce = ce_sum(logits, torch.zeros(4, dtype=torch.long), torch.tensor([True, True, True, False]))
+    _close(ce, 3 * np.log(V))  # uniform logits: -log(1/V) per valid row
+
+
+# --------------------------------------------------------------------------- KD divergences
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+def test_forward_kl_matches_torch_kl_div_and_numpy(T):
+    s = _rows(2).requires_grad_(True)
+    t = _rows(3).requires_grad_(True)
+    mask = _mask()
+    ours = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence="forward_kl")
+    # F.kl_div(input=log q, target=log p) = sum p (log p - log q) = KL(teacher || student)
+    ref = F.kl_div(torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1),
+                   log_target=True, reduction="sum") * T * T
+    _close(ours, ref)
+    _close(ours, np_divergence(s.detach().numpy(), t.detach().numpy(), mask.numpy(), T=T,
+                               divergence="forward_kl"))
+    g_ours = torch.autograd.grad(ours, (s, t))
+    g_ref = torch.autograd.grad(ref, (s, t))
+    for a, b in zip(g_ours, g_ref):
+        _close(a, b)
+    # closed form of the student gradient: T * (softmax(s/T) - softmax(t/T)) on valid rows, 0 elsewhere
+    q, p = torch.softmax(s.detach() / T, -1), torch.softmax(t.detach() / T, -1)
+    _close(g_ours[0], T * (q - p) * mask[:, None])
+
+
+def test_forward_and_reverse_kl_differ_on_asymmetric_inputs():
+    s, t, mask = _rows(4), _rows(5, scale=4.0), _mask()
+    fwd = kd_sum(s, TeacherLogits(dense=t), mask, divergence="forward_kl")
+    rev = kd_sum(s, TeacherLogits(dense=t), mask, divergence="reverse_kl")
+    assert abs(float(fwd) - float(rev)) > 0.1 * abs(float(fwd))
+    # and each is the one its name says (teacher first for forward)
+    _close(fwd, np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl"))
+    _close(rev, np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="reverse_kl"))
+
+
+def test_temperature_scaling_is_t_squared():
+    """Both distributions are softened by T and the divergence is multiplied by T^2 (not T, not 1)."""
+    s, t, mask = _rows(6), _rows(7), _mask()
+    for T in (1.0, 3.0):
+        raw = F.kl_div(torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1),
+                       log_target=True, reduction="sum")
+        _close(kd_sum(s, TeacherLogits(dense=t), mask, temperature=T), raw * T * T)
+
+
+@pytest.mark.parametrize("divergence,beta,T", [("reverse_kl", 0.5, 1.0), ("reverse_kl", 0.5, 2.0),
+                                               ("jsd", 0.5, 1.0), ("jsd", 0.1, 1.0), ("jsd", 0.9, 2.0)])
+def test_reverse_kl_and_jsd_match_numpy_value_and_grad(divergence, beta, T):
+    s = _rows(8).requires_grad_(True)
+    t = _rows(9, scale=3.0)
+    mask = _mask()
+    ours = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence=divergence, jsd_beta=beta)
+    _close(ours, np_divergence(s.detach().numpy(), t.numpy(), mask.numpy(), T=T, divergence=divergence, beta=beta))
+    ref = torch_reference_kd(s, t, mask, T=T, divergence=divergence, beta=beta)
+    _close(ours, ref)
+    g_ours, = torch.autograd.grad(ours, s)
+    g_ref, = torch.autograd.grad(ref, s)
+    _close(g_ours, g_ref)
+    assert g_ours[~mask].abs().max() == 0
+
+
+def test_jsd_is_symmetric_at_half_and_bounded():
+    s, t, mask = _rows(10), _rows(11, scale=5.0), _mask()
+    a = kd_sum(s, TeacherLogits(dense=t), mask, divergence="jsd", jsd_beta=0.5)
+    b = kd_sum(t, TeacherLogits(dense=s), mask, divergence="jsd", jsd_beta=0.5)
+    _close(a, b)
+    assert 0 < float(a) <= int(mask.sum()) * np.log(2) + 1e-6
+
+
+def test_unknown_divergence_is_an_error():
+    with pytest.raises(ValueError):
+        kd_sum(_rows(0), TeacherLogits(dense=_rows(1)), _mask(), divergence="tvd")
+
+
+# --------------------------------------------------------------------------- top-k teachers
+
+def _topk(t: torch.Tensor, k: int) -> TeacherLogits:
+    v, i = t.topk(k, dim=-1)  # sorted: a permutation of the vocabulary when k = V
+    return TeacherLogits(values=v, indices=i)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_topk_with_k_equal_vocab_is_dense(divergence, T):
+    s = _rows(12).requires_grad_(True)
+    t, mask = _rows(13), _mask()
+    dense = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
+    sparse = kd_sum(s, _topk(t, V), mask, temperature=T, divergence=divergence)
+    _close(sparse, dense)
+    g_dense, = torch.autograd.grad(dense, s)
+    g_sparse, = torch.autograd.grad(sparse, s)
+    _close(g_sparse, g_dense)
+
+
+@pytest.mark.parametrize("divergence,T,k", [("forward_kl", 1.0, 3), ("forward_kl", 2.0, 5),
+                                            ("jsd", 1.0, 3), ("jsd", 2.0, 6)])
+def test_topk_below_vocab_matches_renormalised_teacher(divergence, T, k):
+    s = _rows(14).requires_grad_(True)
+    t, mask = _rows(15, scale=3.0), _mask()
+    ours = kd_sum(s, _topk(t, k), mask, temperature=T, divergence=divergence)
+    _close(ours, np_divergence(s.detach().numpy(), t.numpy(), mask.numpy(), T=T, divergence=divergence, topk=k))
+    # gradient vs float64 torch with the teacher renormalised over its top k (zero elsewhere)
+    v, idx = t.topk(k, dim=-1)
+    p = torch.zeros_like(t).scatter(-1, idx, torch.softmax(v / T, -1))
+    q = torch.softmax(s / T, -1)
+    if divergence == "forward_kl":
+        per = (p * (torch.where(p > 0, p, 1.0).log() - q.log())).sum(-1)
+    else:
+        m = 0.5 * p + 0.5 * q
+        per = 0.5 * (p * (torch.where(p > 0, p, 1.0).log() - m.log())).sum(-1) + 0.5 * (q * (q.log() - m.log())).sum(-1)
+    ref = per[mask].sum() * T * T
+    _close(ours, ref)
+    g_ours, = torch.autograd.grad(ours, s)
+    g_ref, = torch.autograd.grad(ref, s)
+    _close(g_ours, g_ref)
+    dense = kd_sum(s.detach(), TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
+    assert float(ours.detach()) != pytest.approx(float(dense), rel=1e-3)  # truncation really happened
+
+
+def test_reverse_kl_with_topk_teacher_is_infinite_and_config_refuses_it():
+    """KL(student || teacher) is infinite where the student has mass and the top-k teacher has none:
+    mathematically so, hence the config refuses the combination instead of training on inf."""
+    from hld.config import load_config
+    from hld.errors import HldError
+
+    s, t, mask = _rows(24), _rows(25), _mask()
+    assert float(kd_sum(s, _topk(t, 3), mask, divergence="reverse_kl")) == float("inf")
+    with pytest.raises(HldError, match="reverse_kl"):
+        load_config(None, ["objective.divergence=reverse_kl", "objective.top_k=8"])
+    load_config(None, ["objective.divergence=jsd", "objective.top_k=8"])  # finite: accepted
+
+
+def test_teacher_logits_top_k_truncates_dense():
+    t = _rows(16)
+    out = TeacherLogits(dense=t).top_k(4)
+    assert out.dense is None and out.values.shape == (N, 4)
+    for r in range(N):
+        assert set(out.indices[r].tolist()) == set(np.argsort(-t[r].numpy())[:4].tolist())
+    assert TeacherLogits(dense=t).top_k(None).dense is t
+    assert TeacherLogits(dense=t).top_k(V).dense is t
+
+
+def test_teacher_logits_top_k_truncates_a_cached_top_k():
+    """A cache holding the top 6 (sorted descending) serves a run that wants the top 3."""
+    t = _rows(26)
+    cached = _topk(t, 6).top_k(3)
+    direct = _topk(t, 3)
+    assert torch.equal(cached.values, direct.values) and torch.equal(cached.indices, direct.indices)
+    s, mask = _rows(27), _mask()
+    _close(kd_sum(s, cached, mask), np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0,
+                                                  divergence="forward_kl", topk=3))
+    wide = _topk(t, 6)
+    assert wide.top_k(6) is wide and wide.top_k(10) is wide and wide.top_k(None) is wide
+
+
+# --------------------------------------------------------------------------- masking
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_masked_rows_with_extreme_logits_contribute_nothing(divergence):
+    s, t, mask = _rows(17), _rows(18), _mask()
+    s_x, t_x = s.clone(), t.clone()
+    s_x[~mask] = torch.tensor([1e4, -1e4] * (V // 2) + [3e4], dtype=torch.float64)
+    t_x[~mask] = torch.tensor([-2e4, 1e4] * (V // 2) + [-3e4], dtype=torch.float64)
+    s_x.requires_grad_(True)
+    base = kd_sum(s, TeacherLogits(dense=t), mask, divergence=divergence, temperature=2.0)
+    ext = kd_sum(s_x, TeacherLogits(dense=t_x), mask, divergence=divergence, temperature=2.0)
+    _close(ext, base)
+    g, = torch.autograd.grad(ext, s_x)
+    assert torch.isfinite(g).all() and g[~mask].abs().max() == 0
+
+    targets = torch.zeros(N, dtype=torch.long)
+    _close(ce_sum(s_x, targets, mask), ce_sum(s, targets, mask))
+    g, = torch.autograd.grad(ce_sum(s_x, targets, mask), s_x)
+    assert torch.isfinite(g).all() and g[~mask].abs().max() == 0
+
+
+def test_all_rows_masked_gives_zero():
+    s, t = _rows(19), _rows(20)
+    none = torch.zeros(N, dtype=torch.bool)
+    assert float(kd_sum(s, TeacherLogits(dense=t), none)) == 0.0
+    assert float(ce_sum(s, torch.zeros(N, dtype=torch.long), none)) == 0.0
+
+
+# --------------------------------------------------------------------------- hidden-state losses
+
+def np_hidden(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *, loss: str, norm: str,
+              eps: float = 1e-6) -> float:
+    if norm == "rms":
+        target = target / np.sqrt((target ** 2).mean(-1, keepdims=True) + eps)
+    e = pred - target
+    if loss == "mse":
+        per = (e ** 2).mean(-1)
+    elif loss == "nmse":
+        per = (e ** 2).sum(-1) / ((target ** 2).sum(-1) + eps)
+    else:
+        cos = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
+        per = 1 - cos
+    return float((per * mask).sum())
+
+
+def torch_hidden(pred, target, mask, *, loss, norm, eps=1e-6):
+    if norm == "rms":
+        target = target / torch.sqrt(target.pow(2).mean(-1, keepdim=True) + eps)
+    if loss == "mse":
+        per = (pred - target).pow(2).mean(-1)
+    elif loss == "nmse":
+        per = (pred - target).pow(2).sum(-1) / (target.pow(2).sum(-1) + eps)
+    else:
+        per = 1 - (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))
+    return per[mask].sum()
+
+
+@pytest.mark.parametrize("loss", ["mse", "nmse", "cosine"])
+@pytest.mark.parametrize("norm", ["none", "rms"])
+def test_hidden_sum_matches_numpy_value_and_grad(loss, norm):
+    g = torch.Generator().manual_seed(21)
+    pred = torch.randn(N, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    target = (torch.randn(N, 16, generator=g, dtype=torch.float64) * 30 + 5).requires_grad_(True)  # Gemma-like scale
+    mask = _mask()
+    ours = hidden_sum(pred, target, mask, loss=loss, normalize_teacher=norm)
+    _close(ours, np_hidden(pred.detach().numpy(), target.detach().numpy(), mask.numpy(), loss=loss, norm=norm))
+    ref = torch_hidden(pred, target, mask, loss=loss, norm=norm)
+    g_ours = torch.autograd.grad(ours, (pred, target))
+    g_ref = torch.autograd.grad(ref, (pred, target))
+    for a, b in zip(g_ours, g_ref):
+        _close(a, b, atol=1e-7)
+    assert g_ours[0][~mask].abs().max() == 0
+
+
+def test_hidden_sum_rms_makes_teacher_scale_irrelevant():
+    g = torch.Generator().manual_seed(22)
+    pred, target = torch.randn(N, 16, generator=g), torch.randn(N, 16, generator=g)
+    mask = _mask()
+    a = hidden_sum(pred, target, mask, loss="mse", normalize_teacher="rms")
+    b = hidden_sum(pred, 1000 * target, mask, loss="mse", normalize_teacher="rms")
+    _close(a, b)
+    assert float(hidden_sum(pred, 1000 * target, mask, loss="mse")) > 100 * float(a)
+
+
+def test_hidden_sum_masked_rows_extreme_values_ignored():
+    g = torch.Generator().manual_seed(23)
+    pred, target, mask = torch.randn(N, 8, generator=g), torch.randn(N, 8, generator=g), _mask()
+    pred_x, target_x = pred.clone(), target.clone()
+    pred_x[~mask], target_x[~mask] = 1e15, -1e15
+    for loss in ("mse", "nmse", "cosine"):
+        _close(hidden_sum(pred_x, target_x, mask, loss=loss), hidden_sum(pred, target, mask, loss=loss))
+
+
+def test_hidden_sum_unknown_options_are_errors():
+    x, m = torch.zeros(2, 4), torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        hidden_sum(x, x, m, loss="l1")
+    with pytest.raises(ValueError):
+        hidden_sum(x, x, m, normalize_teacher="layer")
+
+
+# --------------------------------------------------------------------------- soft-capping
+
+def test_softcap():
+    z = torch.linspace(-100, 100, 9, dtype=torch.float64)
+    _close(softcap(z, 30.0), 30.0 * np.tanh(z.numpy() / 30.0))
+    assert softcap(z, None) is z
+    assert float(softcap(torch.tensor(1e6), 30.0)) == pytest.approx(30.0)
