@@ -24,7 +24,7 @@ def _overrides(method: str, micro: int) -> list[str]:
             f"data.validation={a}/c4/c4-validation.*.json.gz", "student.preset=tiny-2l", "data.seq_len=32",
             "train.batch_size=8", "budget.tokens=2048", f"objective.method={method}",  # 8 steps
             f"train.micro_batch_size={micro}",
-            "train.precision=float32",  # the comparison is at fp32 rounding level
+            "train.precision=float32", "teacher.dtype=float32",  # the comparison is at fp32 rounding level
             "train.grad_clip=0",  # capture the raw accumulated gradient (clipping would rescale it)
             "train.loss_chunk_tokens=40",  # several head chunks per micro-batch, not aligned to rows
             "objective.hidden.first_share=0.5"]

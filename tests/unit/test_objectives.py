@@ -24,7 +24,8 @@ def fixture_overrides(method: str, *extra: str) -> list[str]:
     a = ASSETS
     return [f"teacher.model={a}/tiny_teacher", f"data.train={a}/c4/c4-train.*.json.gz",
             f"data.validation={a}/c4/c4-validation.*.json.gz", "student.preset=tiny-2l", "data.seq_len=32",
-            "train.batch_size=8", "budget.tokens=512", "train.precision=float32", f"objective.method={method}",
+            "train.batch_size=8", "budget.tokens=512", "train.precision=float32", "teacher.dtype=float32",
+            f"objective.method={method}",
             *extra]
 
 
