@@ -1,6 +1,7 @@
 """`hld run`: the embedded default. One config, trained once per arm at equal tokens, the same
 batches in the same order; then every student and the teacher are scored on the same validation
-windows, and a table is printed and written to `<out>/results.json` and `<out>/results.md`."""
+windows; a table is printed and written to `<out>/results.json` and `<out>/results.md`, and the
+training curves and final perplexities are plotted in `<out>/plots/training.png`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from hld.config import load_config
 from hld.eval.perplexity import perplexity
 from hld.precision import resolve_dtype
+from hld.study.plots import plot_training
 from hld.train.cache_build import ensure_cache
 from hld.train.loop import _write_json_atomic, train
 from hld.train.resources import Resources
@@ -43,7 +45,8 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
         rows.append({"arm": arm, "student": cfg.student.preset, "tokens": summary["tokens"],
                      "flops": summary["flops"], "val_ppl": summary["val/ppl"]})
     rows.append(_teacher_row(base, resources))
-    result = {"rows": rows, "seconds": time.time() - t0, "out": str(out)}
+    plots = plot_training({arm: out / arm for arm in cfgs}, out / "plots", teacher_ppl=rows[-1]["val_ppl"])
+    result = {"rows": rows, "seconds": time.time() - t0, "out": str(out), "plots": [str(p) for p in plots]}
     if cache is not None:
         result["teacher_cache"] = {k: cache.get(k) for k in ("tokens", "build_seconds", "build_flops", "bytes")}
     _write_json_atomic(out / "results.json", result)

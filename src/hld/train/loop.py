@@ -296,6 +296,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     finally:
         metrics_f.close()
         prog.close()
+        release_hooks(s)  # the teacher module may be shared with the next run (hld run)
     _save(s, out, step, tokens, flops)
     tok = resources.tokenizer(cfg.teacher.model)
     export_student(s.student, tok, out / "student")
@@ -307,6 +308,12 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
     _write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def release_hooks(s: Setup) -> None:
+    for capture in (getattr(s.teacher, "capture", None), s.runner.capture):
+        if capture is not None:
+            capture.remove()
 
 
 def _save(s: Setup, out: Path, step: int, tokens: int, flops: float) -> None:
