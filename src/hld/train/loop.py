@@ -279,17 +279,17 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
             tokens += tokens_per_step
             flops += costs[m["phase"]].total * tokens_per_step
             skipped_in_row = skipped_in_row + 1 if m["skipped"] else 0
-            if skipped_in_row >= 5:
-                raise HldError(f"the loss or gradient was non-finite for {skipped_in_row} steps in a row (step {step})",
-                               "lower train.lr, or check the data; the last checkpoint is kept")
             rate = (tokens - tok0) / max(time.time() - t0, 1e-9)
             line = {"step": step, "tokens": tokens, "flops": flops, **m, "tokens_per_s": rate}
             last = step == s.total_steps
             if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 or last:
                 line.update(validate_now(s))
-            if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line:
+            if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line or m["skipped"]:
                 metrics_f.write(json.dumps(line) + "\n")
                 metrics_f.flush()
+            if skipped_in_row >= 5:
+                raise HldError(f"the loss or gradient was non-finite for {skipped_in_row} steps in a row (step {step})",
+                               "lower train.lr, or check the data; the last good checkpoint is kept")
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
                 _save(s, out, step, tokens, flops)
             prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
