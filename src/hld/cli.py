@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the embedded default: all arms on the sample corpus with Gemma 3 270M")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--config", default="demo", help="base config (preset name or YAML path; default: demo)")
+    p.add_argument("--arms", default="ce,kd,hld-joint,hld-first", help="comma-separated arms to train")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm, e.g. budget.tokens=32768")
     _common(p)
 
@@ -88,7 +89,7 @@ def cmd_eval(args) -> dict:
     lm = freeze(loaded.model).to(device)
     windows = pack_windows(load_stream(args.data, loaded.tokenizer, max_docs=args.max_docs), args.seq_len)
     r = perplexity(lm, windows, bos_id=loaded.tokenizer.bos_token_id, batch_size=args.batch_size,
-                   compute_dtype=dtype)
+                   compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
     row = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows),
            "tokens": r["tokens"], "loss": r["loss"], "ppl": r["ppl"], "seconds": time.time() - t0}
     if not args.json:
@@ -98,9 +99,13 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_run(args) -> dict:
-    from hld.study.demo import run_demo
+    from hld.study.demo import ARMS, run_demo
 
-    return run_demo(Path(args.out), config=args.config, overrides=args.overrides,
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise HldError(f"unknown arm(s) {unknown or arms}", f"choose from {', '.join(ARMS)}")
+    return run_demo(Path(args.out), config=args.config, overrides=args.overrides, arms=arms,
                     quiet=args.quiet or args.json, print_table=not args.json)
 
 
@@ -137,8 +142,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "cache-teacher
             "config": cmd_config}
 
 
+def _quiet_libraries() -> None:
+    """Our own progress lines say enough: silence transformers' per-load bars and the hub's."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         result = COMMANDS[args.command](args)
     except HldError as exc:

@@ -106,7 +106,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     precision: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32")
-    loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ chunk*vocab*4 B)")
+    loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ 4 buffers of chunk*vocab*4 B)")
+    compile: bool = _f(False, "torch.compile the student's blocks (pays on GPUs; compiling takes a while on CPU)")
     eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")
     log_every_steps: int = _f(1, "write a train line to metrics.jsonl every N steps")
     checkpoint_every_steps: int = _f(0, "save a checkpoint every N steps (0: only at the end)")

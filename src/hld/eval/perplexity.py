@@ -9,6 +9,8 @@ predictions of all windows). The head runs in token chunks, so memory does not s
 from __future__ import annotations
 
 import math
+import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,18 +19,22 @@ from hld.data.packing import make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.signals import Backbone, head_of
 from hld.precision import autocast
+from hld.train.progress import Progress
 
 
 @torch.no_grad()
 def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_size: int = 8,
-               chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32) -> dict:
+               chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32,
+               progress: Optional[str] = None) -> dict:
+    """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent)."""
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
     backbone = Backbone(lm)
     weight, cap = head_of(lm)
     spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens)
-    nll, count = 0.0, 0
+    nll, count, t0 = 0.0, 0, time.time()
+    prog = Progress(len(windows), desc=progress or "eval", quiet=progress is None)
     for start in range(0, len(windows), batch_size):
         batch = make_batch(windows[start:start + batch_size], bos_id=bos_id)
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
@@ -38,6 +44,9 @@ def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_s
                              (labels != -100).reshape(-1), spec)
         nll += float(total)
         count += int((labels != -100).sum())
+        done = min(start + batch_size, len(windows))
+        prog.update(done, tokens_per_s=done * windows.shape[1] / max(time.time() - t0, 1e-9))
+    prog.close()
     lm.train(was_training)
     mean = nll / max(count, 1)
     return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}

@@ -44,7 +44,7 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
                                                                             quiet=quiet)
         rows.append({"arm": arm, "student": cfg.student.preset, "tokens": summary["tokens"],
                      "flops": summary["flops"], "val_ppl": summary["val/ppl"]})
-    rows.append(_teacher_row(base, resources))
+    rows.append(_teacher_row(base, resources, quiet))
     plots = plot_training({arm: out / arm for arm in cfgs}, out / "plots", teacher_ppl=rows[-1]["val_ppl"])
     result = {"rows": rows, "seconds": time.time() - t0, "out": str(out), "plots": [str(p) for p in plots]}
     if cache is not None:
@@ -61,13 +61,14 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
     return result
 
 
-def _teacher_row(cfg, resources: Resources) -> dict:
+def _teacher_row(cfg, resources: Resources, quiet: bool) -> dict:
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     tok = loaded.tokenizer
     d = cfg.data
     val = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
     val = val[: max(1, d.val_tokens // d.seq_len)]
-    r = perplexity(loaded.model, val, bos_id=tok.bos_token_id, compute_dtype=resolve_dtype(cfg.teacher.dtype))
+    r = perplexity(loaded.model, val, bos_id=tok.bos_token_id, compute_dtype=resolve_dtype(cfg.teacher.dtype),
+                   progress=None if quiet else "teacher eval")
     return {"arm": "teacher", "student": cfg.teacher.model, "tokens": None, "flops": None, "val_ppl": r["ppl"]}
 
 

@@ -53,7 +53,8 @@ def plot_training(runs: dict[str, Path], out: Path, *, teacher_ppl: float | None
     if teacher_ppl is not None:
         ax2.axhline(teacher_ppl, color="black", ls="--", lw=1, label=f"teacher {teacher_ppl:.1f}")
         ax2.legend()
-    ax2.set_ylabel("validation perplexity (lower is better)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("validation perplexity, log scale (lower is better)")
     ax2.set_title("Students at equal tokens")
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -107,6 +107,8 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                        "use the tokenizer that ships with the teacher")
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
     runner = StudentRunner(student, plan.student_layers)
+    if cfg.train.compile:
+        runner.backbone = torch.compile(runner.backbone)
     d = cfg.data
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     teacher = None
@@ -148,7 +150,7 @@ def train_step(s: Setup, step: int) -> dict:
     phase = s.plan.phase_at(step / s.total_steps)
     objective = phase.objective
     batch = s.order.batch(step)
-    n_global = batch.n_targets  # every micro-batch loss is divided by the step's global count
+    n_global = max(batch.n_targets, 1)  # every micro-batch loss is divided by the step's global count
     n_micro = cfg.train.batch_size // (cfg.train.micro_batch_size or cfg.train.batch_size)
     sums: dict[str, float] = {}
     loss_total = 0.0
