@@ -87,7 +87,11 @@ class ObjectiveConfig:
 
 @dataclass
 class BudgetConfig:
-    tokens: int = _f(65536, "training tokens (input positions) per run; steps = tokens / (batch_size*seq_len)")
+    tokens: Optional[int] = _f(None, "training tokens (input positions) per run; steps = tokens / "
+                               "(batch_size*seq_len). Give tokens or flops, not both (neither: 65536 tokens)")
+    flops: Optional[float] = _f(None, "training FLOPs per run (docs/compute.md); steps are derived from the "
+                                "arm's FLOPs per token, so at equal FLOPs CE sees more tokens than KD/HLD")
+    count_teacher: bool = _f(True, "charge the teacher's forward FLOPs to the tokens it provides signals for")
 
 
 @dataclass
@@ -294,9 +298,12 @@ def validate(cfg: RunConfig) -> None:
          "set objective.hidden.beta > 0 or use method kd"),
         (o.hidden.mapping != "explicit" or len(o.hidden.pairs) > 0,
          "objective.hidden.mapping=explicit needs objective.hidden.pairs", "give [[student, teacher], ...]"),
-        (cfg.budget.tokens >= d.seq_len * t.batch_size,
+        (cfg.budget.tokens is None or cfg.budget.flops is None,
+         "both budget.tokens and budget.flops are set", "give one of them (set the other to null)"),
+        (cfg.budget.tokens is None or cfg.budget.tokens >= d.seq_len * t.batch_size,
          f"budget.tokens={cfg.budget.tokens} is less than one step ({t.batch_size}x{d.seq_len} tokens)",
          "raise budget.tokens or lower batch_size/seq_len"),
+        (cfg.budget.flops is None or cfg.budget.flops > 0, "budget.flops must be > 0", "e.g. 1e13"),
     ]
     for ok, problem, fix in checks:
         if not ok:

@@ -25,6 +25,7 @@ class Objective(Protocol):
     needs: Needs  # teacher signals read
     student_layers: tuple[int, ...]  # student layers read
     uses_head: bool  # computes the student's logits (counted in FLOPs)
+    n_pairs: int  # hidden-state layer pairs (projectors, counted in FLOPs)
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result: ...
 
@@ -34,6 +35,7 @@ class LogitObjective:
 
     student_layers: tuple[int, ...] = ()
     uses_head = True
+    n_pairs = 0
 
     def __init__(self, spec: HeadLossSpec) -> None:
         self.spec = spec
@@ -66,6 +68,7 @@ class HiddenObjective:
         self.loss, self.normalize_teacher, self.beta = loss, normalize_teacher, beta
         self.needs = Needs(layers=tuple(sorted({t for _, t in projectors.pairs})))
         self.student_layers = tuple(sorted({s for s, _ in projectors.pairs}))
+        self.n_pairs = len(projectors.pairs)
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         mask = batch.mask.reshape(-1)
@@ -88,6 +91,7 @@ class SumObjective:
             self.needs = self.needs | p.needs
         self.student_layers = tuple(sorted({i for p in parts for i in p.student_layers}))
         self.uses_head = any(p.uses_head for p in parts)
+        self.n_pairs = sum(p.n_pairs for p in parts)
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         total, metrics = None, {}

@@ -15,6 +15,7 @@ from hld.errors import HldError
 from hld.flops import forward_flops_per_token
 from hld.models.hooks import n_blocks
 from hld.models.student import resolve_shape
+from hld.train.budget import planned_steps
 from hld.train.loop import cache_identity
 from hld.train.resources import Resources
 
@@ -41,7 +42,7 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     d = cfg.data
     windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=tok.bos_token_id)
-    steps = max(c.budget.tokens // (c.train.batch_size * d.seq_len) for c in cfgs)
+    steps = max(planned_steps(c, loaded.model) for c in cfgs)
     n_t = n_blocks(loaded.model)
     layers = sorted({layer for c in cfgs if c.objective.method.startswith("hld") for layer in teacher_layers(c, n_t)})
     identity = cache_identity(cfg, loaded.identity, tok, windows, layers=layers, top_k=cfg.teacher.cache_top_k)

@@ -29,7 +29,7 @@ from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
 from hld.eval.perplexity import perplexity
-from hld.flops import step_cost
+from hld.train.budget import phase_costs, total_steps
 from hld.models.hooks import n_blocks
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
@@ -46,7 +46,7 @@ class Setup:
     cfg: RunConfig
     student: torch.nn.Module
     runner: StudentRunner
-    teacher: Optional[OnlineTeacher]
+    teacher: object  # OnlineTeacher, CachedTeacher or None: called as teacher(batch, needs)
     teacher_lm: Optional[torch.nn.Module]
     projectors: Optional[Projectors]
     plan: Plan
@@ -55,6 +55,7 @@ class Setup:
     val_windows: object
     bos_id: int
     total_steps: int
+    costs: dict  # phase name -> StepCost (FLOPs per training token)
     device: torch.device
     compute_dtype: torch.dtype
 
@@ -120,13 +121,15 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
     val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
-    total_steps = cfg.budget.tokens // (cfg.train.batch_size * d.seq_len)
+    costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
+    steps = total_steps(cfg, plan, costs)
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
-                 total_steps=total_steps, device=device, compute_dtype=resolve_dtype(cfg.train.precision, device))
+                 total_steps=steps, costs=costs, device=device,
+                 compute_dtype=resolve_dtype(cfg.train.precision, device))
 
 
 def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:
@@ -177,23 +180,6 @@ def train_step(s: Setup, step: int) -> dict:
     out = {f"train/{k}": v / n_global for k, v in sums.items()}
     out.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
                 "skipped": not finite})
-    return out
-
-
-def flops_per_token(s: Setup) -> dict:
-    """Per-token training FLOPs of this run's phases (teacher forward counted when it runs)."""
-    seq = s.cfg.data.seq_len
-    dims = tuple((s.student.config.hidden_size, s.teacher_lm.config.hidden_size) for _ in s.projectors.pairs) \
-        if s.projectors is not None else ()
-    out = {}
-    for ph in s.plan.phases:
-        needs = ph.objective.needs
-        upto = None if needs.logits or not needs.layers else max(needs.layers)
-        online = needs.any and isinstance(s.teacher, OnlineTeacher)  # a cache's cost is reported apart
-        cost = step_cost(s.student, seq, teacher=s.teacher_lm if online else None, teacher_logits=needs.logits,
-                         teacher_upto=upto, projector_dims=dims if ph.objective.student_layers else (),
-                         student_logits=ph.objective.uses_head)
-        out[ph.name] = cost
     return out
 
 
@@ -261,7 +247,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     _prepare_dir(cfg, out, resume)
     resources = resources or Resources()
     s = build(cfg, resources)
-    costs = flops_per_token(s)
+    costs = s.costs
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step, tokens, flops = 0, 0, 0.0
     if resume:
