@@ -36,6 +36,7 @@ class HeadLossSpec:
     top_k: Optional[int] = None
     softcap: Optional[float] = None
     chunk_tokens: int = 256
+    matmul_dtype: Optional[torch.dtype] = None  # e.g. bf16 on GPUs: head matmuls in it, softmax in fp32
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -154,6 +155,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         fast = spec.softcap is None and spec.divergence == "forward_kl"
         chunk_fn = _fast_chunk if fast else _autograd_chunk
+        h_dtype = h.dtype
+        if spec.matmul_dtype is not None:
+            h = h.to(spec.matmul_dtype)
         Wc = W.to(h.dtype)
         grad_h = torch.zeros_like(h) if want_grad else None
         grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if want_grad else None
@@ -182,7 +186,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         stats["ce"] = float(ce_tot)
         stats["kd"] = float(kd_tot)
         if want_grad:
-            ctx.save_for_backward(grad_h, grad_W.to(W.dtype))
+            ctx.save_for_backward(grad_h.to(h_dtype), grad_W.to(W.dtype))
         return spec.ce_weight * ce_tot + spec.kd_weight * kd_tot
 
     @staticmethod

@@ -15,7 +15,7 @@ from hld.config import ObjectiveConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.losses import hidden_sum
-from hld.distill.projectors import Projectors
+from hld.distill.projectors import Projectors, pair_key
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
 
 Result = tuple[torch.Tensor, int, dict[str, float]]
@@ -75,7 +75,8 @@ class HiddenObjective:
         total = student.final_hidden.new_zeros((), dtype=torch.float32)
         for pair in self.projectors.pairs:
             s, t = pair
-            pred = self.projectors(pair, student.hidden[s])  # (B, T, d_t)
+            proj = self.projectors.proj[pair_key(pair)]
+            pred = proj(student.hidden[s].to(proj.weight.dtype))  # (B, T, d_t)
             target = teacher.hidden[t]
             total = total + hidden_sum(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]),
                                        mask, loss=self.loss, normalize_teacher=self.normalize_teacher)
@@ -126,18 +127,21 @@ class Plan:
         return self.phases[-1]
 
 
-def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool) -> HeadLossSpec:
+def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool,
+               matmul_dtype: Optional[torch.dtype] = None) -> HeadLossSpec:
     alpha = cfg.alpha if kd else 0.0
     return HeadLossSpec(ce_weight=1 - alpha, kd_weight=alpha, temperature=cfg.temperature,
                         divergence=cfg.divergence, jsd_beta=cfg.jsd_beta, top_k=cfg.top_k,
-                        chunk_tokens=chunk_tokens)
+                        chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype)
 
 
-def build_plan(cfg: ObjectiveConfig, *, projectors: Optional[Projectors], chunk_tokens: int) -> Plan:
+def build_plan(cfg: ObjectiveConfig, *, projectors: Optional[Projectors], chunk_tokens: int,
+               matmul_dtype: Optional[torch.dtype] = None) -> Plan:
     method = cfg.method
     if method == "ce":
-        return Plan([Phase("ce", 1.0, LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=False)))])
-    kd = LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True))
+        spec = logit_spec(cfg, chunk_tokens=chunk_tokens, kd=False, matmul_dtype=matmul_dtype)
+        return Plan([Phase("ce", 1.0, LogitObjective(spec))])
+    kd = LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True, matmul_dtype=matmul_dtype))
     if method == "kd":
         return Plan([Phase("kd", 1.0, kd)])
     h = cfg.hidden

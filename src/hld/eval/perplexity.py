@@ -32,7 +32,8 @@ def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_s
     device = next(lm.parameters()).device
     backbone = Backbone(lm)
     weight, cap = head_of(lm)
-    spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens)
+    spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens,
+                        matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
     nll, count, t0 = 0.0, 0, time.time()
     prog = Progress(len(windows), desc=progress or "eval", quiet=progress is None)
     for start in range(0, len(windows), batch_size):

@@ -106,7 +106,9 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
         raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
                        "use the tokenizer that ships with the teacher")
-    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
+    compute_dtype = resolve_dtype(cfg.train.precision, device)
+    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
+                      matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
     runner = StudentRunner(student, plan.student_layers)
     if cfg.train.compile:
         runner.backbone = torch.compile(runner.backbone)
@@ -129,7 +131,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
                  total_steps=steps, costs=costs, device=device,
-                 compute_dtype=resolve_dtype(cfg.train.precision, device))
+                 compute_dtype=compute_dtype)
 
 
 def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:

@@ -1,0 +1,37 @@
+"""Precision choices: `auto` picks bf16 only where it is fast; bf16 head matmuls stay close to fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hld import precision
+from hld.distill.chunked import HeadLossSpec, head_loss
+from hld.distill.losses import TeacherLogits, ce_sum, kd_sum
+
+
+def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert precision.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert precision.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert precision.resolve_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_bf16_head_matmuls_match_fp32_reference():
+    torch.manual_seed(0)
+    n, d, v = 37, 16, 64
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(v, d, requires_grad=True)
+    y, m, zt = torch.randint(0, v, (n,)), torch.rand(n) > 0.2, torch.randn(n, v)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=8, matmul_dtype=torch.bfloat16)
+    got, _ = head_loss(h, w, y, m, spec, lambda sl: TeacherLogits(dense=zt[sl]))
+    g_got = torch.autograd.grad(got, (h, w))
+    z = h @ w.T
+    want = 0.5 * ce_sum(z, y, m) + 0.5 * kd_sum(z, TeacherLogits(dense=zt), m)
+    g_want = torch.autograd.grad(want, (h, w))
+    assert float(got) == pytest.approx(float(want), rel=2e-3)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.float32  # gradients come back in the inputs' dtype
+        assert float((a - b).abs().max() / b.abs().max()) < 2e-2
