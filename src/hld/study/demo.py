@@ -14,7 +14,7 @@ from hld.eval.perplexity import perplexity
 from hld.precision import resolve_dtype
 from hld.study.plots import plot_training
 from hld.train.cache_build import ensure_cache
-from hld.train.loop import _write_json_atomic, train
+from hld.train.loop import _write_json_atomic, train_or_resume
 from hld.train.resources import Resources
 
 ARMS = ("ce", "kd", "hld-joint", "hld-first")
@@ -39,9 +39,7 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
                 if a != "ce" else c for a, c in cfgs.items()}
     for arm, cfg in cfgs.items():
         run_dir = out / arm
-        done = run_dir / "summary.json"
-        summary = json.loads(done.read_text()) if done.exists() else train(cfg, run_dir, resources=resources,
-                                                                            quiet=quiet)
+        summary = train_or_resume(cfg, run_dir, resources=resources, quiet=quiet)
         rows.append({"arm": arm, "student": cfg.student.preset, "tokens": summary["tokens"],
                      "flops": summary["flops"], "val_ppl": summary["val/ppl"]})
     rows.append(_teacher_row(base, resources, quiet))

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from hld.train.budget import phase_costs, total_steps
 from hld.models.hooks import n_blocks
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
-from hld.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from hld.train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint, set_rng_state
 from hld.train.progress import Progress
 from hld.train.resources import Resources
 from hld.train.schedule import lr_factor
@@ -253,6 +255,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step, tokens, flops = 0, 0, 0.0
     if resume:
+        for torn in (out / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill: never read
+            torn.unlink()
         ck = load_checkpoint(out)
         _restore(s, ck)
         step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
@@ -260,6 +264,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     metrics_f = open(out / "metrics.jsonl", "a")
     prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet, initial=step)
     t0, tok0, skipped_in_row, t_train, line = time.time(), tokens, 0, 0.0, {}
+    sigterm = _SigtermFlag()
     try:
         while step < s.total_steps:
             ts = time.time()
@@ -283,7 +288,11 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
                 _save(s, out, step, tokens, flops)
             prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
+            if sigterm.raised and not last:  # a preempted job: keep this step, stop cleanly
+                _save(s, out, step, tokens, flops)
+                raise Preempted(out, step, s.total_steps)
     finally:
+        sigterm.restore()
         metrics_f.close()
         prog.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
@@ -298,6 +307,48 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
     _write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the step in flight finished, a checkpoint was written, the run can resume."""
+
+    def __init__(self, run_dir: Path, step: int, total: int) -> None:
+        super().__init__(f"preempted at step {step}/{total}; checkpoint saved in {run_dir}")
+        self.run_dir, self.step, self.total = run_dir, step, total
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resources] = None,
+                    quiet: bool = False) -> dict:
+    """A finished run's summary; else resume it from its checkpoint; else (re)start it."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        if json.dumps(_load_resolved(run_dir / "config.yaml"), sort_keys=True) != json.dumps(to_dict(cfg), sort_keys=True):
+            raise HldError(f"{run_dir} holds a finished run of another config",
+                           "choose another --out, or delete that directory")
+        return json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / "checkpoints" / CKPT_NAME).exists():
+        return train(cfg, run_dir, resume=True, resources=resources, quiet=quiet)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # started, never checkpointed: nothing to keep
+    return train(cfg, run_dir, resources=resources, quiet=quiet)
 
 
 def release_hooks(s: Setup) -> None:
