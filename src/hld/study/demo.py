@@ -1,11 +1,10 @@
-"""`hld run`: the embedded default. One config, trained once per arm at equal tokens, the same
+"""`hld run`: the embedded default. One config, trained once per arm on the same budget, the same
 batches in the same order; then every student and the teacher are scored on the same validation
 windows; a table is printed and written to `<out>/results.json` and `<out>/results.md`, and the
 training curves and final perplexities are plotted in `<out>/plots/training.png`."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -53,8 +52,9 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
     if print_table:
         print(table)
         if cache is not None and cache.get("build_seconds") is not None:
-            print(f"\nteacher cache: {cache['tokens']:,} tokens in {cache['build_seconds']:.0f} s "
-                  f"(not counted in the arms' FLOPs)")
+            print(f"\nteacher cache: {cache['tokens']:,} tokens, {cache['build_flops']:.3g} FLOPs, built once in "
+                  f"{cache['build_seconds']:.0f} s (the distilled arms' FLOPs include the teacher forward "
+                  f"for the tokens they read)")
         print(f"{len(arms)} arms in {result['seconds']:.0f} s -> {out}")
     return result
 

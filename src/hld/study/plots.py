@@ -55,7 +55,7 @@ def plot_training(runs: dict[str, Path], out: Path, *, teacher_ppl: float | None
         ax2.legend()
     ax2.set_yscale("log")
     ax2.set_ylabel("validation perplexity, log scale (lower is better)")
-    ax2.set_title("Students at equal tokens")
+    ax2.set_title("Final validation perplexity")
     ax2.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out / "training.png"
