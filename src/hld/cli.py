@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
+
+    p = sub.add_parser("study", help="a grid of arms x students x budgets x hyperparameters x seeds, then its report")
+    p.add_argument("--config", required=True, help="study YAML or shipped study name (see src/hld/configs/studies)")
+    p.add_argument("--out", default=None, help="study directory (default: studies/<name>); rerun to resume")
+    p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
+    _common(p)
+
+    p = sub.add_parser("report", help="(re)build report.md, results.csv and plots of a study from its run dirs")
+    p.add_argument("dir", help="study directory (holding runs/)")
+    _common(p)
     return parser
 
 
@@ -138,8 +148,38 @@ def cmd_config(args) -> dict:
     return {"keys": [{"key": k, "help": h, "default": d} for k, h, d in rows]}
 
 
+def cmd_study(args) -> dict:
+    from hld.study.runner import run_study
+
+    result = run_study(args.config, Path(args.out) if args.out else None, overrides=args.overrides,
+                       quiet=args.quiet or args.json)
+    if not args.json:
+        _print_report(result)
+        print(f"{result['cells']} cells ({len(result['trained'])} trained, {len(result['skipped'])} already done) "
+              f"in {result['seconds']:.0f} s")
+    return result
+
+
+def cmd_report(args) -> dict:
+    from hld.study.report import build_report
+
+    if not (Path(args.dir) / "runs").is_dir():
+        raise HldError(f"{args.dir} is not a study directory (no runs/ inside)", "give the --out of `hld study`")
+    result = build_report(Path(args.dir))
+    if not args.json:
+        _print_report(result)
+    return result
+
+
+def _print_report(result: dict) -> None:
+    for line in result["verdicts"]:
+        print(line.replace("**", ""))
+    print(f"report: {result['report']} ({result['cells']} cells; results.csv, {len(result['plots'])} plots)")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "cache-teacher": cmd_cache_teacher,
-            "config": cmd_config}
+            "config": cmd_config,
+            "study": cmd_study, "report": cmd_report}
 
 
 def _quiet_libraries() -> None:

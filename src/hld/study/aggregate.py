@@ -1,0 +1,222 @@
+"""Rows and paired verdicts of a study, read from its run directories only.
+
+Each `runs/<cell>/` holds config.yaml (resolved), summary.json, metrics.jsonl and the study's
+cell.json (which keys were grid keys). A run directory without cell.json (e.g. copied from
+`hld train`) still counts: its grid keys are then the config keys that vary across the runs.
+
+Paired differences are `val_loss(arm) - val_loss(baseline)` in nats, matched on configuration and
+seed: negative means the arm is better; exp(difference) is the perplexity ratio. Per configuration
+the mean over seeds (t-interval when > 1 seed); across configurations the mean of the per-
+configuration means with a t-interval over configurations, and a count of configurations won.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
+from hld.study.plots import read_metrics
+from hld.study.stats import Interval, mean_interval
+
+COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
+BASE_COLUMNS = ["cell", "configuration", "arm", "student", "student_params", "student_params_non_embedding"]
+TAIL_COLUMNS = ["seed", "steps", "tokens", "flops", "val_loss", "val_ppl", "train_seconds"]
+
+
+@dataclass
+class Table:
+    rows: list[dict]
+    budget_keys: list[str]  # "budget.tokens", ...
+    grid_keys: list[str]  # dotted run-config keys
+    pending: list[str] = field(default_factory=list)  # run directories without summary.json
+    configs: dict = field(default_factory=dict)  # cell -> resolved config dict
+
+    @property
+    def columns(self) -> list[str]:
+        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _leaves(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _final_val(summary: dict, run_dir: Path) -> tuple[float, float]:
+    """val/loss from summary.json, else the last validation line of metrics.jsonl."""
+    if "val/loss" in summary:
+        return summary["val/loss"], summary.get("val/ppl", math.exp(summary["val/loss"]))
+    vals = [m for m in read_metrics(run_dir) if "val/loss" in m]
+    if not vals:
+        return math.nan, math.nan
+    return vals[-1]["val/loss"], vals[-1].get("val/ppl", math.exp(vals[-1]["val/loss"]))
+
+
+def collect(study_dir: Path) -> Table:
+    runs_dir = Path(study_dir) / "runs"
+    found, pending = [], []
+    for run_dir in sorted(p for p in runs_dir.glob("*") if p.is_dir()) if runs_dir.is_dir() else []:
+        if not (run_dir / "summary.json").exists():
+            pending.append(run_dir.name)
+            continue
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
+        found.append((run_dir, cfg, json.loads((run_dir / "summary.json").read_text()), cell))
+    budget_keys = sorted({f"budget.{k}" for _, cfg, _, _ in found for k in cfg["budget"]})
+    grid_keys = _grid_keys(found)
+    # without cell.json a budget is named by its length keys and whatever else varies across the runs
+    leaves = [_leaves(cfg) for _, cfg, _, _ in found]
+    naming = [k for k in budget_keys if k.split(".", 1)[1] in LENGTH_KEYS
+              or len({json.dumps(lv.get(k)) for lv in leaves}) > 1]
+    rows, configs = [], {}
+    for run_dir, cfg, summary, cell in found:
+        row = _row(run_dir, cfg, summary, cell, naming, grid_keys)
+        rows.append(row)
+        configs[row["cell"]] = cfg
+    rows.sort(key=lambda r: (r["configuration"], r["seed"], r["arm"]))
+    return Table(rows=rows, budget_keys=budget_keys, grid_keys=grid_keys, pending=pending, configs=configs)
+
+
+def _grid_keys(found: list) -> list[str]:
+    keys: list[str] = []
+    for _, _, _, cell in found:
+        for k in (cell or {}).get("grid", {}):
+            if k not in keys:
+                keys.append(k)
+    if any(cell is None for *_, cell in found):  # infer: config keys that vary across the runs
+        leaves = [_leaves(cfg) for _, cfg, _, _ in found]
+        skip = set(CONTROLLED)
+        for k in leaves[0] if leaves else []:
+            if k not in skip and not k.startswith("budget.") and k not in keys and \
+                    len({json.dumps(lv.get(k), sort_keys=True) for lv in leaves}) > 1:
+                keys.append(k)
+    return keys
+
+
+def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: list[str],
+         grid_keys: list[str]) -> dict:
+    student, seed, arm = cfg["student"]["preset"], cfg["train"]["seed"], cfg["objective"]["method"]
+    point = {k: _get(cfg, k) for k in grid_keys}
+    if cell is not None:
+        configuration, budget = cell["configuration"], cell["budget"]
+    else:
+        budget = {k.split(".", 1)[1]: _get(cfg, k) for k in naming}
+        budget = {k: v for k, v in budget.items() if v is not None}
+        configuration = configuration_id(student, budget, point)
+    val_loss, val_ppl = _final_val(summary, run_dir)
+    row = {"cell": run_dir.name, "configuration": configuration, "arm": arm, "student": student,
+           "student_params": summary.get("student_params"),
+           "student_params_non_embedding": summary.get("student_params_non_embedding")}
+    row.update({f"budget.{k}": v for k, v in cfg["budget"].items()})
+    row.update(point)
+    row.update({"seed": seed, "steps": summary.get("steps"), "tokens": summary.get("tokens"),
+                "flops": summary.get("flops"), "val_loss": val_loss, "val_ppl": val_ppl,
+                "train_seconds": summary.get("train_seconds"),
+                "budget": ", ".join(f"{k}={v}" for k, v in budget.items())})  # a label, not a results.csv column
+    return row
+
+
+def write_results_csv(table: Table, path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=table.columns)
+        w.writeheader()
+        for r in table.rows:
+            w.writerow({k: r.get(k) for k in table.columns})
+    return path
+
+
+# --------------------------------------------------------------------------- paired verdicts
+
+@dataclass
+class Comparison:
+    arm: str
+    baseline: str
+    per_config: dict[str, Interval]  # configuration -> mean difference over seeds
+    overall: Optional[Interval]  # over configurations (over seeds when there is one configuration)
+    over: str  # "configurations" or "seeds"
+    wins: int  # configurations whose mean difference is < 0
+
+    @property
+    def n(self) -> int:
+        return len(self.per_config)
+
+
+def paired(rows: list[dict], comparisons=COMPARISONS) -> list[Comparison]:
+    """Comparisons whose two arms both ran in at least one (configuration, seed)."""
+    loss = {(r["configuration"], r["seed"], r["arm"]): r["val_loss"] for r in rows
+            if r["val_loss"] is not None and math.isfinite(r["val_loss"])}
+    out = []
+    for arm, base in comparisons:
+        diffs: dict[str, list[float]] = {}
+        for (conf, seed, a), v in sorted(loss.items()):
+            if a == arm and (conf, seed, base) in loss:
+                diffs.setdefault(conf, []).append(v - loss[(conf, seed, base)])
+        if not diffs:
+            continue
+        per = {conf: mean_interval(d) for conf, d in diffs.items()}
+        if len(per) > 1:
+            overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
+        else:
+            overall, over = next(iter(per.values())), "seeds"
+        out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
+                              wins=sum(i.mean < 0 for i in per.values())))
+    return out
+
+
+def _ci_text(i: Interval) -> str:
+    return f"[{i.lo:+.4f}, {i.hi:+.4f}]" if i.has_ci else ""
+
+
+def verdict_line(c: Comparison) -> str:
+    """One generated sentence; the numbers are the only content (the tests parse them back)."""
+    i = c.overall
+    head = (f"**{c.arm} vs {c.baseline}**: {c.arm} beat {c.baseline} in {c.wins} of {c.n} "
+            f"configuration{'s' if c.n != 1 else ''}; mean Δ val loss {i.mean:+.4f} nats")
+    ratio = f"val ppl ratio {math.exp(i.mean):.4f}"
+    if i.has_ci:
+        interval = f" (95% CI {_ci_text(i)} over {i.n} {c.over})"
+        ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
+        if i.hi < 0:
+            end = f"{c.arm} is better: the interval lies below 0"
+        elif i.lo > 0:
+            end = f"{c.baseline} is better: the interval lies above 0"
+        else:
+            end = "no clear difference: the interval includes 0"
+    else:
+        interval = " (no interval: one configuration and one seed)"
+        end = "a single pair cannot separate the arms from noise"
+    return f"{head}{interval}, {ratio} — {end}."
+
+
+def write_paired_csv(comparisons: list[Comparison], path: Path) -> Path:
+    cols = ["comparison", "configuration", "n", "over", "mean_dloss", "ci_lo", "ci_hi", "ppl_ratio", "wins"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for c in comparisons:
+            name = f"{c.arm} vs {c.baseline}"
+            for conf, i in c.per_config.items():
+                w.writerow({"comparison": name, "configuration": conf, "n": i.n, "over": "seeds",
+                            "mean_dloss": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": math.exp(i.mean)})
+            i = c.overall
+            w.writerow({"comparison": name, "configuration": "ALL", "n": i.n, "over": c.over, "mean_dloss": i.mean,
+                        "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": math.exp(i.mean), "wins": c.wins})
+    return path

@@ -1,0 +1,279 @@
+"""A study: arms x students x budgets x a grid of shared hyperparameters x seeds, each cell an
+ordinary run. This module reads and checks the study YAML and expands it into cells.
+
+    name: demo-study
+    base: demo                        # run-config preset name or YAML path
+    overrides: []                     # dotted overrides applied to every cell
+    arms: [ce, kd, hld-joint, hld-first]
+    students: [tiny-1l, tiny-2l]      # student.preset values
+    budgets: [{tokens: 32768}]        # each a dict of budget.* keys
+    grid: {train.lr: [1.0e-3, 3.0e-3], objective.alpha: [0.5]}   # cartesian product
+    seeds: [0]
+
+A cell's id reads `<student>__<budget>__<grid point>__s<seed>__<arm>`; its *configuration* is the
+id without seed and arm: the unit that pairs HLD with KD (seeds are replicates within it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hld.config import (PRESET_DIR, BudgetConfig, ObjectiveConfig, RunConfig, field_help, load_config,
+                        read_yaml)
+from hld.errors import HldError
+
+STUDY_DIR = PRESET_DIR / "studies"
+ARMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ObjectiveConfig)["method"])
+
+# key -> help: the study schema (the YAML comment and the error messages' source)
+STUDY_KEYS = {
+    "name": "study name (default output directory studies/<name>)",
+    "base": "run config every cell starts from: a preset name or a YAML path (relative to this file)",
+    "overrides": "dotted overrides applied to every cell, e.g. [data.seq_len=64]",
+    "arms": f"training objectives to compare, a subset of {list(ARMS)}",
+    "students": "student.preset values, one set of cells per student size",
+    "budgets": "list of budgets, each a mapping of budget.* keys, e.g. [{tokens: 32768}]",
+    "grid": "shared hyperparameters: dotted key -> list of values; cells take the cartesian product",
+    "seeds": "train.seed values; seeds are the replicates of a configuration",
+}
+REQUIRED = ("name", "arms", "students", "budgets")
+# keys a study sets itself, per cell: a grid or override may not set them
+CONTROLLED = {"name": "the cell id", "objective.method": "arms:", "student.preset": "students:",
+              "train.seed": "seeds:", "teacher.cache": "the study's shared teacher caches"}
+# budget keys that each set a run's length on their own (a budget naming one clears the others)
+LENGTH_KEYS = tuple(k for k in ("tokens", "flops") if k in {f.name for f in dataclasses.fields(BudgetConfig)})
+SHORT = {"temperature": "T", "tokens": "tok", "flops": "fl", "count_teacher": "teach"}
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    base: str
+    overrides: tuple[str, ...]
+    arms: tuple[str, ...]
+    students: tuple[str, ...]
+    budgets: tuple[dict, ...]  # budget.* key (without the prefix) -> value
+    grid: dict = field(default_factory=dict)  # dotted key -> tuple of values
+    seeds: tuple[int, ...] = (0,)
+    source: Optional[str] = None  # the YAML it was read from
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    configuration: str  # id without seed and arm
+    arm: str
+    student: str
+    budget: dict
+    point: dict  # grid key -> value
+    seed: int
+    overrides: tuple[str, ...]  # the cell's own overrides, applied after the study's
+
+    def describe(self) -> dict:
+        return {"cell": self.id, "configuration": self.configuration, "arm": self.arm, "student": self.student,
+                "budget": dict(self.budget), "grid": dict(self.point), "seed": self.seed}
+
+
+# --------------------------------------------------------------------------- reading and checking
+
+def resolve_study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = STUDY_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+    raise HldError(f"study config {name_or_path!r} is neither a file nor a shipped study",
+                   f"give a YAML path or one of: {', '.join(names)}")
+
+
+def load_study(name_or_path: str, overrides: Optional[list[str]] = None) -> Study:
+    """Read a study YAML. `overrides` whose key is a study key (`arms=[ce,kd]`, `budgets=[{tokens: 512}]`)
+    replace that entry; every other (dotted) override is appended to the study's run overrides."""
+    path = resolve_study_path(name_or_path)
+    raw = read_yaml(path)
+    extra = []
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if sep and key.strip() in STUDY_KEYS:
+            try:
+                raw[key.strip()] = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise HldError(f"study override {item!r} is not valid YAML", "quote it, e.g. 'arms=[ce, kd]'") from exc
+        else:
+            extra.append(item)
+    study = parse_study(raw, source=path)
+    return dataclasses.replace(study, overrides=study.overrides + _str_list({"overrides": extra}, "overrides"))
+
+
+def parse_study(raw: dict, *, source: Optional[Path] = None) -> Study:
+    where = f"study {source}" if source else "study"
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise HldError(f"unknown key {unknown[0]!r} in {where}", f"valid keys: {', '.join(STUDY_KEYS)}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise HldError(f"{where} lacks {missing[0]!r}", f"add `{missing[0]}:` ({STUDY_KEYS[missing[0]]})")
+    base = str(raw.get("base", "demo"))
+    if source is not None and (source.parent / base).is_file():
+        base = str(source.parent / base)
+    return Study(name=_name(raw["name"]), base=base, overrides=_str_list(raw, "overrides"),
+                 arms=_arms(raw["arms"]), students=_nonempty_list(raw, "students", str),
+                 budgets=_budgets(raw["budgets"]), grid=_grid(raw.get("grid") or {}),
+                 seeds=_nonempty_list(raw, "seeds", int, default=[0]), source=str(source) if source else None)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, (str, int)) or not re.fullmatch(r"[A-Za-z0-9._-]+", str(value)):
+        raise HldError(f"study name {value!r} is not a plain name", "use letters, digits, '.', '_' or '-'")
+    return str(value)
+
+
+def _nonempty_list(raw: dict, key: str, tp: type, default: Optional[list] = None) -> tuple:
+    value = raw.get(key, default)
+    ok = isinstance(value, list) and value and all(isinstance(v, tp) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise HldError(f"study {key}: {value!r} should be a non-empty list of {tp.__name__}",
+                       f"write e.g. {key}: [{'0' if tp is int else 'tiny-2l'}]")
+    if len(set(value)) != len(value):
+        raise HldError(f"study {key} repeats a value ({value})", "list each value once")
+    return tuple(value)
+
+
+def _str_list(raw: dict, key: str) -> tuple[str, ...]:
+    value = raw.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise HldError(f"study {key} must be a list of 'key=value' strings", "write e.g. [data.seq_len=64]")
+    for item in value:
+        _check_settable(item.split("=", 1)[0].strip(), f"study {key}")
+    return tuple(value)
+
+
+def _arms(value: Any) -> tuple[str, ...]:
+    arms = _nonempty_list({"arms": value}, "arms", str)
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise HldError(f"unknown arm {bad[0]!r} in study arms", f"choose from {', '.join(ARMS)}")
+    return arms
+
+
+def _budgets(value: Any) -> tuple[dict, ...]:
+    names = [f.name for f in dataclasses.fields(BudgetConfig)]
+    if not isinstance(value, list) or not value or not all(isinstance(b, dict) and b for b in value):
+        raise HldError(f"study budgets: {value!r} should be a non-empty list of mappings",
+                       "write e.g. budgets: [{tokens: 32768}]")
+    for b in value:
+        for k, v in b.items():
+            if k not in names:
+                raise HldError(f"unknown budget key {k!r} in study budgets", f"valid keys: {', '.join(names)}")
+            if not _is_scalar(v):
+                raise HldError(f"study budget {k}={v!r} is not a single value", "give one number per budget entry")
+    if len({_budget_id(b) for b in value}) != len(value):
+        raise HldError("study budgets repeat a budget", "list each budget once")
+    return tuple(dict(b) for b in value)
+
+
+def _grid(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise HldError(f"study grid must be a mapping of dotted keys to lists, got {value!r}",
+                       "write e.g. grid: {train.lr: [1.0e-3, 3.0e-3]}")
+    out = {}
+    for key, values in value.items():
+        _check_settable(str(key), "study grid")
+        if not isinstance(values, list) or not values or not all(_is_scalar(v) for v in values):
+            raise HldError(f"study grid {key}: {values!r} should be a non-empty list of single values",
+                           f"write e.g. {key}: [0.5, 1.0]")
+        if len({_fmt(v) for v in values}) != len(values):
+            raise HldError(f"study grid {key} repeats a value ({values})", "list each value once")
+        out[str(key)] = tuple(values)
+    return out
+
+
+def _check_settable(key: str, where: str) -> None:
+    if key in CONTROLLED or key.startswith("budget."):
+        set_by = CONTROLLED.get(key, "budgets:")
+        raise HldError(f"{where} sets {key}, which the study sets per cell", f"use {set_by} instead")
+    if key not in {k for k, _, _ in field_help(RunConfig)}:
+        raise HldError(f"{where} names {key!r}, which is not a run config key", "see `hld config` for the keys")
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) or v is None
+
+
+# --------------------------------------------------------------------------- expansion
+
+def _fmt(v: Any) -> str:
+    """A value as it appears in an id: short, filesystem-safe, distinct for distinct values."""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (SHORT.get(s, s) if last.count(s) == 1 else k.replace(".", "-")) for k, s in zip(keys, last)}
+
+
+def _budget_id(budget: dict) -> str:
+    return "_".join(f"{SHORT.get(k, k)}{_fmt(v)}" for k, v in budget.items())
+
+
+def configuration_id(student: str, budget: dict, point: dict) -> str:
+    names = _short_names(list(point))
+    parts = [_fmt(student), _budget_id(budget)]
+    if point:
+        parts.append("_".join(f"{names[k]}{_fmt(v)}" for k, v in point.items()))
+    return "__".join(parts)
+
+
+def cell_id(configuration: str, seed: int, arm: str) -> str:
+    return f"{configuration}__s{seed}__{arm}"
+
+
+def _override(key: str, value: Any) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+    return f"{key}={text}"
+
+
+def expand(study: Study) -> list[Cell]:
+    """Every cell, arms innermost so that each configuration's arms run next to each other."""
+    keys = list(study.grid)
+    cells = []
+    for student, budget, values, seed, arm in itertools.product(
+            study.students, study.budgets, itertools.product(*(study.grid[k] for k in keys)), study.seeds,
+            study.arms):
+        point = dict(zip(keys, values))
+        conf = configuration_id(student, budget, point)
+        cid = cell_id(conf, seed, arm)
+        ov = [f"objective.method={arm}", f"student.preset={student}", f"train.seed={seed}", f"name={cid}"]
+        ov += [_override(f"budget.{k}", v) for k, v in budget.items()]
+        if any(k in LENGTH_KEYS for k in budget):  # the base's other length key would contradict this one
+            ov += [f"budget.{k}=null" for k in LENGTH_KEYS if k not in budget]
+        ov += [_override(k, v) for k, v in point.items()]
+        cells.append(Cell(id=cid, configuration=conf, arm=arm, student=student, budget=dict(budget), point=point,
+                          seed=seed, overrides=tuple(ov)))
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise HldError(f"two study cells get the same id {dup!r}", "make the grid's values distinct when printed")
+    return cells
+
+
+def cell_config(study: Study, cell: Cell, extra: Optional[list[str]] = None) -> RunConfig:
+    """The cell's resolved run config: base, the study's overrides, then the cell's (then `extra`)."""
+    try:
+        return load_config(study.base, list(study.overrides) + list(cell.overrides) + list(extra or []))
+    except HldError as exc:
+        raise HldError(f"study cell {cell.id}: {exc.problem}", exc.fix) from exc

@@ -1,0 +1,143 @@
+"""`hld study`: train every cell of a study as an ordinary run directory, then write the report.
+
+<out>/study.json                the study as read, its cells, and the teacher caches' build cost
+<out>/runs/<cell id>/           an `hld train` run directory, plus cell.json (the cell's keys)
+<out>/caches/<group id>/        one offline teacher cache per group of KD/HLD cells that read the
+                                same windows (same teacher, data, seed and batch size)
+<out>/report.md results.csv paired.csv plots/
+
+A cell with summary.json is finished and skipped (after checking its config is the one the study
+asks for), so an interrupted study resumes where it stopped; a cell stopped after a checkpoint
+(SIGTERM writes one) resumes from it; any other partial cell directory is removed and trained again
+(`hld.train.loop.train_or_resume`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from hld.config import RunConfig, to_dict
+from hld.errors import HldError
+from hld.study.grid import Cell, Study, cell_config, expand, load_study
+from hld.study.report import build_report
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def cache_group(cfg: RunConfig) -> str:
+    """Cells with equal groups read the same training windows in the same order: one cache serves them."""
+    key = json.dumps([cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.cache_top_k, to_dict(cfg.data),
+                      cfg.train.seed, cfg.train.batch_size], sort_keys=True)
+    return f"seed{cfg.train.seed}-bs{cfg.train.batch_size}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[str]]]:
+    """Every cell's final config (with `teacher.cache` pointing at its group's cache) and group id.
+    All configs are resolved before anything trains, so a bad value fails at once."""
+    cache_root = out.resolve() / "caches"
+    planned = []
+    for cell in expand(study):
+        cfg = cell_config(study, cell)
+        group = cache_group(cfg) if cfg.objective.method != "ce" and cfg.teacher.cache is None else None
+        if group is not None:
+            cfg = cell_config(study, cell, [f"teacher.cache={cache_root / group}"])
+        planned.append((cell, cfg, group))
+    return planned
+
+
+def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    have = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return json.dumps(have, sort_keys=True) == json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None,
+              quiet: bool = False) -> dict:
+    from hld.train.resources import Resources
+
+    t0 = time.time()
+    study = load_study(study_cfg, overrides)
+    out = Path(out_dir or f"studies/{study.name}")
+    planned = plan_cells(study, out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    meta_path = out / "study.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
+                 "cells": [c.id for c, _, _ in planned]})
+    meta.setdefault("caches", {})
+    _write_json(meta_path, meta)
+    resources = Resources()
+    done = [c.id for c, cfg, _ in planned if _finished(out / "runs" / c.id, cfg)]
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"study {study.name}: {len(planned)} cells, {len(done)} already finished -> {out}")
+    trained, ready = [], set()
+    for k, (cell, cfg, group) in enumerate(planned, 1):
+        run_dir = out / "runs" / cell.id
+        if cell.id in done:
+            if not (run_dir / "cell.json").exists():  # finished, then stopped before its cell.json
+                _write_json(run_dir / "cell.json", cell.describe())
+            continue
+        if group is not None and group not in ready:
+            ready.add(group)
+            meta["caches"][group] = _ensure_group_cache(planned, group, out, resources, quiet)
+            _write_json(meta_path, meta)
+        summary = _train_cell(cell, cfg, run_dir, resources, quiet)
+        trained.append(cell.id)
+        say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f} "
+            f"({summary['train_seconds']:.0f} s)")
+    report = build_report(out)
+    return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": done,
+            "seconds": time.time() - t0, **report}
+
+
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    if not (run_dir / "summary.json").exists():
+        return False
+    if not _same_config(run_dir, cfg):
+        raise HldError(f"finished cell {run_dir} was trained with a different config than the study now asks for",
+                       "restore the study's config, or write the study to a new --out directory")
+    return True
+
+
+def _ensure_group_cache(planned: list, group: str, out: Path, resources, quiet: bool) -> dict:
+    """Build (or reuse) the group's cache from the configs of all its cells, finished or not, so a
+    resumed study reads the same cache as an uninterrupted one."""
+    from hld.train.cache_build import ensure_cache
+
+    cfgs = [cell_config_without_cache(cfg) for _, cfg, g in planned if g == group]
+    m = ensure_cache(cfgs, out / "caches" / group, resources, quiet=quiet)
+    return {"dir": f"caches/{group}", "tokens": m.get("tokens"), "build_seconds": m.get("build_seconds"),
+            "build_flops": m.get("build_flops"), "bytes": m.get("bytes"), "reused": bool(m.get("reused"))}
+
+
+def cell_config_without_cache(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None))
+
+
+def _train_cell(cell: Cell, cfg: RunConfig, run_dir: Path, resources, quiet: bool) -> dict:
+    from hld.train import loop
+
+    # resumes from a checkpoint if there is one, else (re)starts the cell in a clean directory
+    summary = loop.train_or_resume(cfg, run_dir, resources=resources, quiet=quiet)
+    _write_json(run_dir / "cell.json", cell.describe())
+    return summary
+
+
+def _study_dict(study: Study) -> dict:
+    return {"name": study.name, "base": study.base, "overrides": list(study.overrides), "arms": list(study.arms),
+            "students": list(study.students), "budgets": list(study.budgets),
+            "grid": {k: list(v) for k, v in study.grid.items()}, "seeds": list(study.seeds)}

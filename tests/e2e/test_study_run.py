@@ -1,0 +1,175 @@
+"""`hld study` and `hld report` end to end on the tiny fixtures: the shipped demo study (16 cells,
+2 steps each) is interrupted inside its third cell and rerun; the rerun skips the finished cells
+(their summary.json untouched), restarts the partial one cleanly and trains the rest; the report's
+verdict lines match an independent computation from results.csv; `hld report` rebuilds the report
+from the run directories alone; user errors exit with code 2 and one line."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides
+from hld.cli import main
+from hld.train import loop
+
+# the fixtures' teacher and data, small validation; the study itself sets students and budgets
+RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
+                ["data.val_tokens=256"]
+STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", *RUN_OVERRIDES]
+T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
+
+
+def _main(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """The demo study, interrupted in its 3rd cell by Ctrl-C, then rerun to completion."""
+    out = tmp_path_factory.mktemp("study") / "demo"
+    first_cells: list[str] = []
+    real_train, real_step = loop.train, loop.train_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("study-cache")))
+
+        def interrupted_train(cfg, run_dir, **kw):
+            first_cells.append(cfg.name)
+            if len(first_cells) == 3:
+                def step_then_stop(s, step):
+                    if step == 1:
+                        raise KeyboardInterrupt
+                    return real_step(s, step)
+                mp.setattr(loop, "train_step", step_then_stop)
+            return real_train(cfg, run_dir, **kw)
+
+        mp.setattr(loop, "train", interrupted_train)
+        rc, _ = _main([*STUDY_ARGS, "--out", str(out), "--quiet"])
+        assert rc == 130
+        mp.setattr(loop, "train", real_train)
+        mp.setattr(loop, "train_step", real_step)
+        finished = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
+        mtimes = {name: (out / "runs" / name / "summary.json").stat().st_mtime_ns for name in finished}
+        partial_lines = (out / "runs" / first_cells[2] / "metrics.jsonl").read_text().splitlines()
+        rc, stdout = _main([*STUDY_ARGS, "--out", str(out), "--json"])
+        assert rc == 0
+    return {"out": out, "first_cells": first_cells, "finished_before": finished, "mtimes": mtimes,
+            "partial_lines": partial_lines, "result": json.loads(stdout.strip().splitlines()[-1])}
+
+
+def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
+    out, result, first = study["out"], study["result"], study["first_cells"]
+    assert study["finished_before"] == sorted(first[:2]) and len(study["partial_lines"]) == 1
+    assert sorted(result["skipped"]) == sorted(first[:2])
+    assert len(result["trained"]) == 14 and first[2] in result["trained"] and result["cells"] == 16
+    for name, mtime in study["mtimes"].items():
+        assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtime, name
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 16 and all((out / "runs" / r / "summary.json").exists() for r in runs)
+    # the interrupted cell was restarted cleanly: every step logged once
+    steps = [json.loads(line)["step"] for line in (out / "runs" / first[2] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    # KD/HLD cells read one shared cache; CE cells none
+    for r in runs:
+        cache = (out / "runs" / r / "config.yaml").read_text().split("\n  cache: ", 1)[1].split("\n", 1)[0]
+        assert (cache == "null") == r.endswith("__ce"), r
+    assert len(list((out / "caches").iterdir())) == 1
+
+
+def test_results_csv_has_one_row_per_cell(study):
+    out = study["out"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 16 and {r["arm"] for r in rows} == {"ce", "kd", "hld-joint", "hld-first"}
+    for r in rows:
+        summary = json.loads((out / "runs" / r["cell"] / "summary.json").read_text())
+        assert float(r["val_loss"]) == pytest.approx(summary["val/loss"]) and int(r["tokens"]) == summary["tokens"]
+        assert float(r["train.lr"]) in (1e-3, 3e-3) and r["configuration"] == r["cell"].rsplit("__", 2)[0]
+        assert int(r["student_params_non_embedding"]) < int(r["student_params"])
+    ce_flops = {r["configuration"]: float(r["flops"]) for r in rows if r["arm"] == "ce"}
+    assert all(float(r["flops"]) > ce_flops[r["configuration"]] for r in rows if r["arm"] != "ce")
+
+
+VERDICT = re.compile(
+    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+)\*\*: \S+ beat \S+ in (?P<wins>\d+) of (?P<n>\d+) configurations; "
+    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over "
+    r"\d+ configurations\), val ppl ratio (?P<ratio>\d+\.\d+)")
+
+
+def _verdicts_in(report: str) -> dict:
+    return {(m["arm"], m["base"]): m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m}
+
+
+def test_report_verdicts_match_results_csv(study):
+    out = study["out"]
+    said = _verdicts_in((out / "report.md").read_text())
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    loss = {(r["configuration"], r["seed"], r["arm"]): float(r["val_loss"]) for r in rows}
+    assert set(said) == {("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")}
+    for (arm, base), s in said.items():
+        d = np.array([loss[(c, seed, arm)] - loss[(c, seed, base)] for c, seed, a in loss if a == arm])
+        half = T975[len(d) - 1] * d.std(ddof=1) / math.sqrt(len(d))  # one seed: one difference per configuration
+        assert (int(s["wins"]), int(s["n"])) == (int((d < 0).sum()), 4)
+        got = [float(s[k]) for k in ("mean", "lo", "hi", "ratio")]
+        assert got == pytest.approx([d.mean(), d.mean() - half, d.mean() + half, math.exp(d.mean())], abs=6e-5)
+    assert study["result"]["verdicts"] == [line[2:] for line in (out / "report.md").read_text().splitlines()
+                                           if VERDICT.match(line)]
+    for name in ("loss_vs_flops", "training_curves", "paired_differences"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_hld_report_rebuilds_from_run_directories_alone(study, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(study["out"] / "runs", copy / "runs", ignore=shutil.ignore_patterns("student", "checkpoints"))
+    rc, stdout = _main(["report", str(copy), "--json"])
+    assert rc == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["cells"] == 16 and len(result["plots"]) == 3
+    assert _verdicts_in((copy / "report.md").read_text()) == _verdicts_in((study["out"] / "report.md").read_text())
+    assert (copy / "results.csv").read_text() == (study["out"] / "results.csv").read_text()
+
+
+def test_a_cell_with_a_final_checkpoint_but_no_summary_resumes(study, tmp_path):
+    out = tmp_path / "demo"
+    shutil.copytree(study["out"], out, ignore=shutil.ignore_patterns("caches"))
+    cell = sorted((out / "runs").iterdir())[-1]
+    before = json.loads((cell / "summary.json").read_text())
+    metrics = (cell / "metrics.jsonl").read_text()  # tokens_per_s differs if the cell were trained again
+    (cell / "summary.json").unlink()
+    for path in (out / "runs").glob("*/config.yaml"):  # the caches moved with the study directory
+        path.write_text(path.read_text().replace(str(study["out"].resolve()), str(out.resolve())))
+    rc, stdout = _main([*STUDY_ARGS, "arms=[ce, kd]", "students=[tiny-2l]", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["trained"] == [cell.name] and len(result["skipped"]) == 3
+    assert (cell / "metrics.jsonl").read_text() == metrics and (cell / "summary.json").exists()
+    rows = {r["cell"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert float(rows[cell.name]["val_loss"]) == pytest.approx(before["val/loss"])
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\narms: [kd, hld]\nstudents: [tiny-1l]\nbudgets: [{tokens: 512}]\n")
+    cases = [["study", "--config", str(bad)], ["study", "--config", "demo", "seeds=[0, 0]"],
+             ["study", "--config", "demo", "student.preset=tiny-4l"], ["report", str(tmp_path)]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hld: error: ") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_a_finished_cell_with_another_config_is_refused(study, tmp_path, capsys):
+    out = tmp_path / "demo"
+    shutil.copytree(study["out"] / "runs", out / "runs", ignore=shutil.ignore_patterns("student", "checkpoints"))
+    rc = main([*STUDY_ARGS, "train.weight_decay=0.05", "--out", str(out)])
+    assert rc == 2 and "trained with a different config" in capsys.readouterr().err

@@ -1,0 +1,331 @@
+"""Studies without training: the YAML is checked and expanded into cells (counts, ids, the
+configuration that pairs arms), cells share teacher caches by group, the t quantile matches scipy
+and printed tables, and the report built from hand-written run directories states verdicts that
+match an independent numpy computation from its own results.csv."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hld.config import BudgetConfig, dump_yaml, load_config, to_dict
+from hld.errors import HldError
+from hld.study.aggregate import collect, paired, verdict_line
+from hld.study.grid import STUDY_DIR, cell_config, expand, load_study, parse_study
+from hld.study.report import build_report
+from hld.study.runner import plan_cells
+from hld.study.stats import mean_interval, t_cdf, t_quantile, t_quantile_own
+
+# two-sided 95% Student-t quantiles t_{0.975, df} from printed tables
+T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836, 10: 2.228138852,
+        30: 2.042272456}
+
+STUDY = {"name": "s", "base": "demo", "arms": ["ce", "kd", "hld-joint", "hld-first"],
+         "students": ["tiny-1l", "tiny-2l"], "budgets": [{"tokens": 1024}, {"tokens": 2048}],
+         "grid": {"train.lr": [1.0e-3, 3.0e-3], "objective.alpha": [0.5]},
+         "seeds": [0, 1, 2]}
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- grid
+
+def test_shipped_demo_study_loads_and_expands():
+    study = load_study("demo")
+    cells = expand(study)
+    assert study.name == "study-demo" and len(cells) == 4 * 2 * 1 * 2 * 1
+    for cell in cells:
+        cfg = cell_config(study, cell)
+        assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == \
+               (cell.arm, cell.student, cell.seed, cell.id)
+        assert cfg.budget.tokens == 16384 and cfg.train.lr == cell.point["train.lr"]
+    assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
+
+
+def test_expansion_counts_ids_and_pairing_keys(tmp_path):
+    study = load_study(str(_write(tmp_path, STUDY)))
+    cells = expand(study)
+    assert len(cells) == 4 * 2 * 2 * 2 * 1 * 3
+    assert len({c.id for c in cells}) == len(cells)
+    assert "tiny-2l__tok2048__lr0.001_alpha0.5__s1__kd" in {c.id for c in cells}
+    confs: dict[str, list] = {}
+    for c in cells:
+        assert c.id == f"{c.configuration}__s{c.seed}__{c.arm}"
+        confs.setdefault(c.configuration, []).append(c)
+    assert len(confs) == 2 * 2 * 2  # students x budgets x grid points
+    for conf, members in confs.items():
+        # a configuration holds every (arm, seed) once, and its cells differ only in arm, seed and name
+        assert sorted((c.arm, c.seed) for c in members) == sorted(itertools.product(study.arms, study.seeds))
+        dicts = [to_dict(cell_config(study, c)) for c in members]
+        for d in dicts:
+            d.pop("name"), d["objective"].pop("method"), d["train"].pop("seed")
+        assert all(d == dicts[0] for d in dicts), conf
+
+
+def test_study_overrides_replace_study_keys_and_append_run_overrides(tmp_path):
+    path = _write(tmp_path, STUDY)
+    study = load_study(str(path), ["arms=[ce, kd]", "seeds=[7]", "data.seq_len=64"])
+    assert study.arms == ("ce", "kd") and study.seeds == (7,) and study.overrides[-1] == "data.seq_len=64"
+    cells = expand(study)
+    assert len(cells) == 2 * 2 * 2 * 2 and all(cell_config(study, c).data.seq_len == 64 for c in cells)
+
+
+def test_a_flops_budget_clears_the_base_token_budget():
+    if "flops" not in {f.name for f in dataclasses.fields(BudgetConfig)}:
+        pytest.skip("BudgetConfig has no flops key")
+    study = load_study("demo", ["budgets=[{flops: 1.0e+12}]"])  # the demo base sets budget.tokens
+    cell = expand(study)[0]
+    cfg = cell_config(study, cell)
+    assert cfg.budget.flops == 1e12 and cfg.budget.tokens is None and "fl1e+12" in cell.id
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"armz": ["kd"]}, "unknown key 'armz'"),
+    ({"arms": ["kd", "dk"]}, "unknown arm 'dk'"),
+    ({"arms": []}, "non-empty list"),
+    ({"seeds": [0, 0]}, "repeats a value"),
+    ({"seeds": ["a"]}, "list of int"),
+    ({"budgets": [{"tokenz": 5}]}, "unknown budget key 'tokenz'"),
+    ({"budgets": {"tokens": 5}}, "list of mappings"),
+    ({"grid": {"train.lrr": [1]}}, "not a run config key"),
+    ({"grid": {"train.lr": 0.1}}, "non-empty list of single values"),
+    ({"grid": {"train.seed": [1, 2]}}, "use seeds: instead"),
+    ({"grid": {"budget.tokens": [1, 2]}}, "use budgets: instead"),
+    ({"overrides": ["student.preset=tiny-4l"]}, "use students: instead"),
+    ({"overrides": ["train.lr"]}, "'key=value'"),
+    ({"name": "a b"}, "not a plain name"),
+])
+def test_bad_study_configs_name_the_problem(tmp_path, change, message):
+    with pytest.raises(HldError, match=re.escape(message)) as info:
+        load_study(str(_write(tmp_path, {**STUDY, **change})))
+    assert "\n" not in info.value.line() and info.value.fix
+
+
+def test_missing_required_key_and_bad_cell_value(tmp_path):
+    raw = {k: v for k, v in STUDY.items() if k != "students"}
+    with pytest.raises(HldError, match="lacks 'students'"):
+        parse_study(raw)
+    study = load_study(str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [-1.0]}})))
+    with pytest.raises(HldError, match=r"study cell .*train\.lr must be > 0"):
+        cell_config(study, expand(study)[0])
+    with pytest.raises(HldError, match="neither a file nor a shipped study"):
+        load_study("no-such-study")
+
+
+def test_cache_groups_follow_teacher_data_seed_and_batch(tmp_path):
+    study = load_study(str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [1.0e-3, 3.0e-3],
+                                                                 "train.batch_size": [4, 8]}})))
+    planned = plan_cells(study, tmp_path / "out")
+    for cell, cfg, group in planned:
+        if cell.arm == "ce":
+            assert group is None and cfg.teacher.cache is None
+        else:
+            assert cfg.teacher.cache == str((tmp_path / "out").resolve() / "caches" / group)
+    groups = {g for _, _, g in planned if g}
+    assert len(groups) == len(STUDY["seeds"]) * 2  # students, budgets, lr and arms share; seed and batch split
+    by_group = {}
+    for _, cfg, g in planned:
+        if g:
+            by_group.setdefault(g, set()).add((cfg.train.seed, cfg.train.batch_size))
+    assert all(len(v) == 1 for v in by_group.values())
+
+
+# --------------------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantile_matches_the_printed_table(df):
+    assert t_quantile_own(0.975, df) == pytest.approx(T975[df], abs=1e-8)
+    assert t_quantile(0.975, df) == pytest.approx(T975[df], abs=1e-8)
+    assert t_quantile_own(0.025, df) == pytest.approx(-T975[df], abs=1e-8)
+
+
+def test_t_quantile_and_cdf_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 6.5, 17, 120, 1e5):
+        for p in (0.51, 0.8, 0.9, 0.95, 0.99, 0.999):
+            assert t_quantile_own(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-7)
+        for x in (-4.0, -1.0, 0.3, 2.5):
+            assert t_cdf(x, df) == pytest.approx(stats.t.cdf(x, df), abs=1e-10)
+    assert t_quantile_own(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # the normal limit
+
+
+def test_mean_interval_by_hand():
+    xs = np.array([0.03, -0.01, 0.02, 0.05])
+    half = T975[3] * xs.std(ddof=1) / math.sqrt(4)
+    i = mean_interval(xs)
+    assert (i.n, i.mean) == (4, pytest.approx(xs.mean()))
+    assert (i.lo, i.hi) == (pytest.approx(xs.mean() - half), pytest.approx(xs.mean() + half))
+    one = mean_interval([0.2])
+    assert one.mean == 0.2 and not one.has_ci
+
+
+def test_paired_differences_by_hand():
+    rng = np.random.default_rng(0)
+    confs, seeds = ["a", "b", "c"], [0, 1]
+    loss = {(c, s, arm): 3 + rng.normal() * 0.05 for c in confs for s in seeds for arm in ("ce", "kd", "hld-first")}
+    del loss[("c", 1, "hld-first")]  # a missing cell: that pair drops out, the others stay
+    rows = [{"configuration": c, "seed": s, "arm": a, "val_loss": v} for (c, s, a), v in loss.items()]
+    comps = {(x.arm, x.baseline): x for x in paired(rows)}
+    assert set(comps) == {("hld-first", "kd"), ("kd", "ce")}  # no hld-joint cells
+    hf = comps[("hld-first", "kd")]
+    per = {c: np.mean([loss[(c, s, "hld-first")] - loss[(c, s, "kd")] for s in seeds if (c, s, "hld-first") in loss])
+           for c in confs}
+    assert {c: i.mean for c, i in hf.per_config.items()} == pytest.approx(per)
+    assert hf.per_config["c"].n == 1 and hf.per_config["a"].n == 2
+    means = np.array([per[c] for c in confs])
+    half = T975[2] * means.std(ddof=1) / math.sqrt(3)
+    assert (hf.overall.mean, hf.overall.lo, hf.overall.hi) == pytest.approx((means.mean(), means.mean() - half,
+                                                                            means.mean() + half))
+    assert hf.wins == int((means < 0).sum()) and hf.over == "configurations"
+    line = verdict_line(hf)
+    assert f"in {hf.wins} of 3 configurations" in line and f"{means.mean():+.4f} nats" in line
+
+
+def test_one_configuration_uses_seeds_and_one_pair_has_no_interval():
+    rows = [{"configuration": "x", "seed": s, "arm": a, "val_loss": v}
+            for s, (a, v) in itertools.product([0, 1, 2], [("kd", 3.0)])]
+    rows += [{"configuration": "x", "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
+             for s, d in zip([0, 1, 2], [-0.02, -0.021, -0.019])]
+    (c,) = paired(rows)
+    assert c.over == "seeds" and c.overall.n == 3 and c.overall.hi < 0
+    assert "hld-joint is better" in verdict_line(c) and "over 3 seeds" in verdict_line(c)
+    (single,) = paired([r for r in rows if r["seed"] == 0])
+    assert not single.overall.has_ci and "no interval" in verdict_line(single)
+
+
+# --------------------------------------------------------------------------- report from run directories
+
+def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[dict]:
+    """Run directories written by hand, as `hld study` would leave them (no training)."""
+    study = parse_study({**STUDY, "budgets": [{"tokens": 1024}], "seeds": list(seeds)})
+    rng = np.random.default_rng(1)
+    effect = {"ce": 0.0, "kd": -0.05, "hld-joint": -0.04, "hld-first": -0.06}
+    written = []
+    for cell in expand(study):
+        cfg = cell_config(study, cell)
+        run = root / "runs" / cell.id
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(dump_yaml(cfg))
+        loss = 5.0 - 0.2 * (cell.student == "tiny-2l") + effect[cell.arm] + 0.01 * rng.normal()
+        flops = 1e9 * (1 + (cell.student == "tiny-2l")) * (1.0 if cell.arm == "ce" else 1.2)
+        summary = {"name": cell.id, "arm": cell.arm, "student": cell.student, "steps": 8, "tokens": 1024,
+                   "flops": flops, "student_params": 90000 + 60000 * (cell.student == "tiny-2l"),
+                   "student_params_non_embedding": 60000 + 60000 * (cell.student == "tiny-2l"),
+                   "train_seconds": 1.5, "val/loss": loss, "val/ppl": math.exp(loss)}
+        (run / "summary.json").write_text(json.dumps(summary))
+        lines = [{"step": k, "tokens": 128 * k, "flops": flops * k / 8, "train/ce": 6.2 - 0.1 * k + 0.02 * rng.normal()}
+                 for k in range(1, 9)]
+        lines[-1].update({"val/loss": loss, "val/ppl": math.exp(loss)})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        if cell_json:
+            (run / "cell.json").write_text(json.dumps(cell.describe()))
+        written.append({"cell": cell.id, "val_loss": loss})
+    return written
+
+
+VERDICT = re.compile(
+    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+)\*\*: \S+ beat \S+ in (?P<wins>\d+) of (?P<n>\d+) configurations?; "
+    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over "
+    r"(?P<k>\d+) (?P<over>\w+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+
+
+def parse_verdicts(report: str) -> dict:
+    out = {}
+    for line in report.splitlines():
+        m = VERDICT.match(line)
+        if m:
+            out[(m["arm"], m["base"])] = m.groupdict()
+    return out
+
+
+def verdicts_from_csv(path: Path, t975: dict) -> dict:
+    """The verdicts recomputed from results.csv alone with numpy (and printed t quantiles)."""
+    rows = list(csv.DictReader(open(path)))
+    loss = {(r["configuration"], r["seed"], r["arm"]): float(r["val_loss"]) for r in rows}
+    out = {}
+    for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
+        per = {}
+        for (conf, seed, a), v in loss.items():
+            if a == arm and (conf, seed, base) in loss:
+                per.setdefault(conf, []).append(v - loss[(conf, seed, base)])
+        if not per:
+            continue
+        means = np.array([np.mean(d) for d in per.values()])
+        half = t975[len(means) - 1] * means.std(ddof=1) / math.sqrt(len(means))
+        out[(arm, base)] = {"wins": int((means < 0).sum()), "n": len(means), "mean": means.mean(),
+                            "lo": means.mean() - half, "hi": means.mean() + half, "ratio": math.exp(means.mean())}
+    return out
+
+
+def check_verdicts_match_csv(study_dir: Path, t975: dict) -> None:
+    said = parse_verdicts((study_dir / "report.md").read_text())
+    want = verdicts_from_csv(study_dir / "results.csv", t975)
+    assert said.keys() == want.keys() and want
+    for key, w in want.items():
+        s = said[key]
+        assert (int(s["wins"]), int(s["n"]), s["over"]) == (w["wins"], w["n"], "configurations"), key
+        for name in ("mean", "lo", "hi", "ratio"):
+            assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (key, name)
+
+
+def test_report_from_run_directories(tmp_path):
+    written = _fake_study(tmp_path)
+    result = build_report(tmp_path)
+    budget_cols = sorted(f"budget.{f.name}" for f in dataclasses.fields(BudgetConfig))
+    header = next(csv.reader(open(tmp_path / "results.csv")))
+    assert header == ["cell", "configuration", "arm", "student", "student_params", "student_params_non_embedding",
+                      *budget_cols, "train.lr", "objective.alpha", "seed", "steps", "tokens", "flops", "val_loss",
+                      "val_ppl", "train_seconds"]
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == len(written) == result["cells"] == 4 * 2 * 2 * 3
+    by_cell = {r["cell"]: r for r in rows}
+    for w in written:
+        assert float(by_cell[w["cell"]]["val_loss"]) == pytest.approx(w["val_loss"])
+    check_verdicts_match_csv(tmp_path, T975)
+    report = (tmp_path / "report.md").read_text()
+    assert "kd beat ce in 4 of 4 configurations" in report  # the effects written above are 5x the noise
+    assert "| tiny-2l | 2 × 64 | 120,000 | 150,000 |" in report
+    assert "not** FLOP-matched" in report and "kd ×1.200" in report
+    for name in ("loss_vs_flops", "training_curves", "paired_differences"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in report
+    paired_rows = list(csv.DictReader(open(tmp_path / "paired.csv")))
+    assert sum(r["configuration"] == "ALL" for r in paired_rows) == 3
+
+
+def test_unfinished_runs_are_listed_and_grid_keys_inferred_without_cell_json(tmp_path):
+    _fake_study(tmp_path, seeds=(0, 1), cell_json=False)
+    unfinished = next((tmp_path / "runs").iterdir())
+    (unfinished / "summary.json").unlink()
+    table = collect(tmp_path)
+    assert table.grid_keys == ["train.lr"]  # objective.alpha has one value: not recoverable from configs alone
+    assert table.pending == [unfinished.name] and len(table.rows) == 4 * 2 * 2 * 2 - 1
+    assert {r["configuration"] for r in table.rows} >= {"tiny-1l__tok1024__lr0.001", "tiny-2l__tok1024__lr0.003"}
+    result = build_report(tmp_path)
+    assert f"left out: {unfinished.name}" in (tmp_path / "report.md").read_text() and result["pending"]
+
+
+def test_report_of_an_empty_directory_is_a_user_error(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(HldError, match="no finished runs"):
+        build_report(tmp_path)
+
+
+def test_shipped_study_cells_resolve_without_the_network():
+    # every cell of the shipped study resolves to a valid run config (nothing is loaded)
+    study = load_study("demo")
+    assert all(load_config(study.base, list(study.overrides) + list(c.overrides)) for c in expand(study))
