@@ -182,6 +182,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "cache-teacher
             "study": cmd_study, "report": cmd_report}
 
 
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse, letting `key=value` overrides stand anywhere (argparse stops a `*` positional at the
+    first option, so `hld train --config c a=1 --out d b=2` would otherwise be refused)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def _quiet_libraries() -> None:
     """Our own progress lines say enough: silence transformers' per-load bars and the hub's."""
     import os
@@ -193,8 +206,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     _quiet_libraries()
+    from hld.train.loop import Preempted
+
     try:
         result = COMMANDS[args.command](args)
     except HldError as exc:
@@ -204,6 +219,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:
             print(json.dumps({"error": exc.line()}))
         return 2
+    except Preempted as exc:  # SIGTERM: checkpoint written, exit 0 so a scheduler can requeue
+        print(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue",
+              file=sys.stderr)
+        if args.json:
+            print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)}))
+        return 0
     except KeyboardInterrupt:
         print("hld: interrupted", file=sys.stderr)
         return 130

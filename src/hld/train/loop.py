@@ -213,6 +213,12 @@ def _prepare_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
     os.replace(tmp, cfg_path)
 
 
+def _last_validation(path: Path) -> dict:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    vals = [r for r in rows if "val/ppl" in r]
+    return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
+
+
 def _load_resolved(path: Path) -> dict:
     import yaml
     return yaml.safe_load(path.read_text())
@@ -299,6 +305,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     _save(s, out, step, tokens, flops)
     tok = resources.tokenizer(cfg.teacher.model)
     export_student(s.student, tok, out / "student")
+    if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
+        line = _last_validation(out / "metrics.jsonl") or validate_now(s)
     counts = count_params(s.student)
     summary = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
                "student_params": counts["total"], "student_params_non_embedding": counts["non_embedding"],
