@@ -220,15 +220,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def resolve_config_path(name_or_path: str) -> Path:
+def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "config") -> Path:
+    """A YAML path, or the name of a file shipped in `directory`."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    preset = directory / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
-    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise HldError(f"config {name_or_path!r} is neither a file nor a shipped preset",
+    names = sorted(p.stem for p in directory.glob("*.yaml"))
+    raise HldError(f"{kind} {name_or_path!r} is neither a file nor a shipped one",
                    f"give a YAML path or one of: {', '.join(names)}")
 
 

@@ -40,7 +40,7 @@ def test_every_shipped_yaml_loads(name):
 
 
 def test_missing_config_file():
-    with pytest.raises(HldError, match="nope.yaml.*neither a file nor a shipped preset"):
+    with pytest.raises(HldError, match="nope.yaml.*neither a file nor a shipped one"):
         load_config("nope.yaml")
 
 

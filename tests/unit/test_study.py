@@ -122,7 +122,7 @@ def test_missing_required_key_and_bad_cell_value(tmp_path):
     study = load_study(str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [-1.0]}})))
     with pytest.raises(HldError, match=r"study cell .*train\.lr must be > 0"):
         cell_config(study, expand(study)[0])
-    with pytest.raises(HldError, match="neither a file nor a shipped study"):
+    with pytest.raises(HldError, match="study config .* is neither a file nor a shipped one"):
         load_study("no-such-study")
 
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hld.config import (PRESET_DIR, BudgetConfig, ObjectiveConfig, RunConfig, field_help, load_config,
+from hld.config import (PRESET_DIR, resolve_config_path, BudgetConfig, ObjectiveConfig, RunConfig, field_help, load_config,
                         read_yaml)
 from hld.errors import HldError
 
@@ -85,15 +85,7 @@ class Cell:
 # --------------------------------------------------------------------------- reading and checking
 
 def resolve_study_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = STUDY_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
-    raise HldError(f"study config {name_or_path!r} is neither a file nor a shipped study",
-                   f"give a YAML path or one of: {', '.join(names)}")
+    return resolve_config_path(name_or_path, STUDY_DIR, kind="study config")
 
 
 def load_study(name_or_path: str, overrides: Optional[list[str]] = None) -> Study:
