@@ -13,7 +13,8 @@ from hld.eval.perplexity import perplexity
 from hld.precision import resolve_dtype
 from hld.study.plots import plot_training
 from hld.train.cache_build import ensure_cache
-from hld.train.loop import _write_json_atomic, train_or_resume
+from hld.atomic import write_json
+from hld.train.loop import train_or_resume
 from hld.train.resources import Resources
 
 ARMS = ("ce", "kd", "hld-joint", "hld-first")
@@ -46,7 +47,7 @@ def run_demo(out: Path, *, config: str = "demo", overrides: list[str] | None = N
     result = {"rows": rows, "seconds": time.time() - t0, "out": str(out), "plots": [str(p) for p in plots]}
     if cache is not None:
         result["teacher_cache"] = {k: cache.get(k) for k in ("tokens", "build_seconds", "build_flops", "bytes")}
-    _write_json_atomic(out / "results.json", result)
+    write_json(out / "results.json", result)
     table = format_table(rows)
     (out / "results.md").write_text(table + "\n")
     if print_table:

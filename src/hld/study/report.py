@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from hld.atomic import write_text
 from hld.errors import HldError
 from hld.study.aggregate import Comparison, Table, collect, paired, verdict_line, write_paired_csv, write_results_csv
 from hld.study.figures import plot_curves, plot_loss_vs_flops, plot_paired
@@ -31,7 +30,7 @@ def build_report(study_dir: Path) -> dict:
         plots.append(plot_paired(comparisons, plots_dir))
     verdicts = [verdict_line(c) for c in comparisons]
     text = render(table, comparisons, verdicts, meta, name=meta.get("name", study_dir.name))
-    _write_atomic(study_dir / "report.md", text)
+    write_text(study_dir / "report.md", text)
     return {"report": str(study_dir / "report.md"), "results_csv": str(results_csv), "paired_csv": str(paired_csv),
             "plots": [str(p) for p in plots], "verdicts": verdicts, "cells": len(table.rows),
             "pending": table.pending}
@@ -42,13 +41,6 @@ def _read_meta(study_dir: Path) -> dict:
         return json.loads((study_dir / "study.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,16 +25,10 @@ from typing import Optional
 import yaml
 
 from hld.config import RunConfig, to_dict
+from hld.atomic import write_json
 from hld.errors import HldError
 from hld.study.grid import Cell, Study, cell_config, expand, load_study
 from hld.study.report import build_report
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def cache_group(cfg: RunConfig) -> str:
@@ -79,7 +71,7 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
     meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
                  "cells": [c.id for c, _, _ in planned]})
     meta.setdefault("caches", {})
-    _write_json(meta_path, meta)
+    write_json(meta_path, meta)
     resources = Resources()
     done = [c.id for c, cfg, _ in planned if _finished(out / "runs" / c.id, cfg)]
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -89,12 +81,12 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
         run_dir = out / "runs" / cell.id
         if cell.id in done:
             if not (run_dir / "cell.json").exists():  # finished, then stopped before its cell.json
-                _write_json(run_dir / "cell.json", cell.describe())
+                write_json(run_dir / "cell.json", cell.describe())
             continue
         if group is not None and group not in ready:
             ready.add(group)
             meta["caches"][group] = _ensure_group_cache(planned, group, out, resources, quiet)
-            _write_json(meta_path, meta)
+            write_json(meta_path, meta)
         summary = _train_cell(cell, cfg, run_dir, resources, quiet)
         trained.append(cell.id)
         say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f} "
@@ -133,7 +125,7 @@ def _train_cell(cell: Cell, cfg: RunConfig, run_dir: Path, resources, quiet: boo
 
     # resumes from a checkpoint if there is one, else (re)starts the cell in a clean directory
     summary = loop.train_or_resume(cfg, run_dir, resources=resources, quiet=quiet)
-    _write_json(run_dir / "cell.json", cell.describe())
+    write_json(run_dir / "cell.json", cell.describe())
     return summary
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from hld import atomic
 from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder
 from hld.distill.cache import CacheIdentity, CachedTeacher
@@ -187,30 +188,20 @@ def train_step(s: Setup, step: int) -> dict:
     return out
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def _prepare_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
     text = dump_yaml(cfg)
     cfg_path = out / "config.yaml"
     if resume:
         if not cfg_path.exists():
             raise HldError(f"--resume: {out} is not a run directory (no config.yaml)", "check --out")
-        if json.dumps(_load_resolved(cfg_path), sort_keys=True) != json.dumps(to_dict(cfg), sort_keys=True):
+        if not _same_config(cfg_path, cfg):
             raise HldError(f"--resume with a config that differs from {cfg_path}",
                            "resume with the same config and overrides, or start a new --out")
         return
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
         raise HldError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, cfg_path)
+    atomic.write_text(cfg_path, text)
 
 
 def _last_validation(path: Path) -> dict:
@@ -219,9 +210,10 @@ def _last_validation(path: Path) -> dict:
     return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
-def _load_resolved(path: Path) -> dict:
+def _same_config(path: Path, cfg: RunConfig) -> bool:
+    """Does the resolved config saved at `path` equal `cfg`?"""
     import yaml
-    return yaml.safe_load(path.read_text())
+    return json.dumps(yaml.safe_load(path.read_text()), sort_keys=True) == json.dumps(to_dict(cfg), sort_keys=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -229,10 +221,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(k + "\n" for k in keep))
 
 
 def export_student(student: torch.nn.Module, tokenizer, out: Path) -> None:
@@ -313,7 +302,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
                "steps": step, "tokens": tokens, "flops": flops,
                "flops_per_token": {k: v.total for k, v in costs.items()},
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
-    _write_json_atomic(out / "summary.json", summary)
+    atomic.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -348,7 +337,7 @@ def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resour
     """A finished run's summary; else resume it from its checkpoint; else (re)start it."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
-        if json.dumps(_load_resolved(run_dir / "config.yaml"), sort_keys=True) != json.dumps(to_dict(cfg), sort_keys=True):
+        if not _same_config(run_dir / "config.yaml", cfg):
             raise HldError(f"{run_dir} holds a finished run of another config",
                            "choose another --out, or delete that directory")
         return json.loads((run_dir / "summary.json").read_text())

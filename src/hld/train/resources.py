@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import torch
 
 from hld.data.packing import load_stream, pack_windows
 from hld.errors import HldError
