@@ -51,3 +51,12 @@ def test_kd_value_over_the_full_gemma_vocabulary_matches_float64():
     want_ce = float(-logq.gather(-1, y[:, None]).sum())
     assert stats["kd"] == pytest.approx(want_kd, rel=2e-5)
     assert stats["ce"] == pytest.approx(want_ce, rel=2e-5)
+
+
+def test_a_second_backward_through_the_fused_loss_is_refused():
+    # its saved gradients are scaled in place (one dL/dW copy), so reusing the graph would be wrong
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    loss, _ = head_loss(h, w, torch.randint(0, 16, (4,)), torch.ones(4, dtype=torch.bool), HeadLossSpec())
+    (loss / 3).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        (loss / 3).backward()

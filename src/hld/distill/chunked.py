@@ -198,6 +198,9 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if getattr(ctx, "done", False):  # the saved gradients were scaled in place below
+            raise RuntimeError("the fused head loss supports one backward pass (no retain_graph reuse)")
+        ctx.done = True
         grad_h, grad_W = ctx.saved_tensors
         if float(grad_out) != 1.0:  # in place: a second (V, d) copy of dL/dW would cost memory
             grad_h.mul_(grad_out.to(grad_h.dtype))
