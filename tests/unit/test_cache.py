@@ -17,23 +17,25 @@ from hld.train.loop import build, train_step
 from hld.train.resources import Resources
 
 
-def _grads_after_one_step(cfg) -> dict[str, torch.Tensor]:
+def _grads_after_one_step(cfg, step: int = 0) -> dict[str, torch.Tensor]:
     s = build(cfg, Resources())
     grads = {}
     s.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in s.student.named_parameters()
                                              if p.grad is not None})
-    train_step(s, 0)
+    train_step(s, step)
     return grads
 
 
-@pytest.mark.parametrize("method", ["kd", "hld-joint"])
-def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, overrides, method):
-    base = [*overrides, f"objective.method={method}", "teacher.cache_top_k=512"]  # the tiny vocabulary
+# the last case's budget (128 + 8 tokens) ends inside step 1, which reads a 2-position prefix of its windows
+@pytest.mark.parametrize("method,budget,step", [("kd", 512, 0), ("hld-joint", 512, 0), ("kd", 136, 1)])
+def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, overrides, method, budget, step):
+    base = [*overrides, f"objective.method={method}", "teacher.cache_top_k=512",  # the tiny vocabulary
+            f"budget.tokens={budget}"]
     cfg = load_config("smoke", base)
     manifest = ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
     assert manifest["identity"]["top_k"] == 512
-    online = _grads_after_one_step(cfg)
-    cached = _grads_after_one_step(load_config("smoke", base + [f"teacher.cache={tmp_path / 'cache'}"]))
+    online = _grads_after_one_step(cfg, step)
+    cached = _grads_after_one_step(load_config("smoke", base + [f"teacher.cache={tmp_path / 'cache'}"]), step)
     assert online.keys() == cached.keys() and online
     for name in online:
         # the cache stores logits in fp16 and hidden states in bf16: equal up to that rounding

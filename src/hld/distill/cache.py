@@ -197,18 +197,19 @@ class CachedTeacher:
                 raise HldError(f"window {wid} is not in cache {self.dir}",
                                "the run reads past what the cache holds: rebuild it for this budget")
             rows.append(self.row_of[wid])
-        tokens = np.stack([self.shards[s]["tokens"][r] for s, r in rows])
+        T = batch.input_ids.shape[1]  # a run's last step may read a prefix of its windows
+        tokens = np.stack([self.shards[s]["tokens"][r, :T] for s, r in rows])
         if not np.array_equal(tokens, batch.input_ids.cpu().numpy()):
             raise HldError(f"cache {self.dir} holds other tokens than this run's batch",
                            "rebuild the cache for this run's data and packing")
         device = batch.input_ids.device
         sig = TeacherSignals()
         for layer in needs.layers:
-            bits = np.stack([self.shards[s][f"hidden_L{layer}"][r] for s, r in rows])
+            bits = np.stack([self.shards[s][f"hidden_L{layer}"][r, :T] for s, r in rows])
             sig.hidden[layer] = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(device)
         if needs.logits:
-            sig.topk_values = torch.from_numpy(np.stack([self.shards[s]["topk_values"][r] for s, r in rows])
+            sig.topk_values = torch.from_numpy(np.stack([self.shards[s]["topk_values"][r, :T] for s, r in rows])
                                                ).to(device)
-            sig.topk_indices = torch.from_numpy(np.stack([self.shards[s]["topk_indices"][r] for s, r in rows])
+            sig.topk_indices = torch.from_numpy(np.stack([self.shards[s]["topk_indices"][r, :T] for s, r in rows])
                                                 ).to(device)
         return sig

@@ -1,5 +1,6 @@
 """A run's length, derived from its budget: `budget.tokens`, or `budget.flops` with the per-token
-costs of its phases (src/hld/flops.py). Steps are never set per arm.
+costs of its phases (src/hld/flops.py). Steps are never set per arm; the last step may read a
+prefix of its windows so the budget is met to within one token per window.
 
 With `budget.count_teacher` (default) the teacher's forward FLOPs are charged to every token an
 objective reads teacher signals for, whether the teacher runs online or its signals come from the
@@ -9,6 +10,7 @@ offline cache (the cache spent exactly that forward pass; its build is also repo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -45,18 +47,67 @@ def flops_per_token(plan: Plan, costs: dict[str, StepCost]) -> float:
     return total
 
 
-def total_steps(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> int:
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    if cfg.budget.flops is not None:
-        steps = math.floor(cfg.budget.flops / (tokens_per_step * flops_per_token(plan, costs)))
-        unit = f"budget.flops={cfg.budget.flops:.3g}"
+@dataclass(frozen=True)
+class Length:
+    """A run's length: `steps` optimiser steps, the last of which reads only the first `last_len`
+    positions of its windows (`seq_len` when it is a full step). Cutting the last step short meets a
+    budget to within one token per window instead of one whole step: at 10 steps a whole step would
+    be 10% of the budget, so arms compared "at equal FLOPs" could differ by that much."""
+
+    steps: int
+    last_len: int
+
+    def tokens_at(self, step: int, batch_size: int, seq_len: int) -> int:
+        """Input positions read by step `step` (0-based)."""
+        return batch_size * (self.last_len if step == self.steps - 1 else seq_len)
+
+
+def first_step_of(plan: Plan, steps: int) -> list[int]:
+    """For each phase, the first step k (0-based) at which `plan.phase_at(k / steps)` has left the
+    phases before it, computed with the loop's own comparison; plus `steps` at the end."""
+    bounds = [0]
+    for ph in plan.phases[:-1]:
+        k = min(steps, max(0, math.ceil(ph.until_share * steps)))
+        while k > 0 and (k - 1) / steps >= ph.until_share:
+            k -= 1
+        while k < steps and k / steps < ph.until_share:
+            k += 1
+        bounds.append(max(k, bounds[-1]))
+    return bounds + [steps]
+
+
+def _full_steps_flops(plan: Plan, costs: dict[str, StepCost], steps: int, tokens_per_step: int) -> float:
+    b = first_step_of(plan, steps)
+    return tokens_per_step * sum((b[i + 1] - b[i]) * costs[ph.name].total for i, ph in enumerate(plan.phases))
+
+
+def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length:
+    """Steps (and the last step's length) that spend the budget: exactly `budget.tokens` input
+    positions (rounded down to a multiple of batch_size), or the most tokens whose FLOPs, phase by
+    phase, stay within `budget.flops`."""
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    if cfg.budget.flops is None:
+        tokens = budget_tokens(cfg)
+        unit = f"budget.tokens={tokens}"
+        steps = -(-tokens // (B * T))
+        last = (tokens - (steps - 1) * B * T) // B if steps else 0
     else:
-        steps = budget_tokens(cfg) // tokens_per_step
-        unit = f"budget.tokens={budget_tokens(cfg)}"
+        budget = cfg.budget.flops
+        unit = f"budget.flops={budget:.3g}"
+        steps = max(1, math.floor(budget / (B * T * flops_per_token(plan, costs))) - 2)
+        while _full_steps_flops(plan, costs, steps, B * T) < budget:  # the first `steps` that reach it
+            steps += 1
+        while steps > 1 and _full_steps_flops(plan, costs, steps - 1, B * T) >= budget:
+            steps -= 1
+        last_cost = costs[plan.phase_at((steps - 1) / steps).name].total
+        before = _full_steps_flops(plan, costs, steps, B * T) - B * T * last_cost
+        last = min(T, math.floor((budget - before) / (B * last_cost)))
+    if last < 1:  # the remainder is less than one token per window: drop that step
+        steps, last = steps - 1, T
     if steps < 1:
-        raise HldError(f"{unit} is less than one step ({cfg.train.batch_size}x{cfg.data.seq_len} tokens)",
-                       "raise the budget or lower train.batch_size / data.seq_len")
-    return steps
+        raise HldError(f"{unit} is less than one token per window of a batch ({B} windows)",
+                       "raise the budget or lower train.batch_size")
+    return Length(steps=steps, last_len=last)
 
 
 def budget_tokens(cfg: RunConfig) -> int:
@@ -70,7 +121,7 @@ def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
     """The steps a config will run, without building it for real (the student is built on the meta
     device, so this is cheap for any size). Used to size a teacher cache before training."""
     if cfg.budget.flops is None:
-        return total_steps(cfg, None, {})
+        return run_length(cfg, None, {}).steps
     from hld.distill.mapping import layer_pairs
     from hld.distill.objectives import build_plan
     from hld.distill.projectors import Projectors
@@ -86,4 +137,4 @@ def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
             projectors = Projectors(pairs, d_student=student.config.hidden_size,
                                     d_teacher=teacher.config.hidden_size)
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
-    return total_steps(cfg, plan, phase_costs(cfg, plan, student=student, teacher=teacher))
+    return run_length(cfg, plan, phase_costs(cfg, plan, student=student, teacher=teacher)).steps

@@ -32,7 +32,7 @@ from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
 from hld.eval.perplexity import perplexity
-from hld.train.budget import phase_costs, total_steps
+from hld.train.budget import Length, phase_costs, run_length
 from hld.models.hooks import n_blocks
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
@@ -57,10 +57,14 @@ class Setup:
     order: BatchOrder
     val_windows: object
     bos_id: int
-    total_steps: int
+    length: Length  # steps, and how much of its windows the last step reads
     costs: dict  # phase name -> StepCost (FLOPs per training token)
     device: torch.device
     compute_dtype: torch.dtype
+
+    @property
+    def total_steps(self) -> int:
+        return self.length.steps
 
 
 def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> None:
@@ -127,13 +131,13 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
     costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
-    steps = total_steps(cfg, plan, costs)
+    length = run_length(cfg, plan, costs)
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
-                 total_steps=steps, costs=costs, device=device,
+                 length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype)
 
 
@@ -158,6 +162,8 @@ def train_step(s: Setup, step: int) -> dict:
     phase = s.plan.phase_at(step / s.total_steps)
     objective = phase.objective
     batch = s.order.batch(step)
+    if step == s.total_steps - 1 and s.length.last_len < batch.input_ids.shape[1]:
+        batch = batch.truncate(s.length.last_len)  # the budget ends inside this step
     n_global = max(batch.n_targets, 1)  # every micro-batch loss is divided by the step's global count
     n_micro = cfg.train.batch_size // (cfg.train.micro_batch_size or cfg.train.batch_size)
     sums: dict[str, float] = {}
@@ -247,7 +253,6 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     resources = resources or Resources()
     s = build(cfg, resources)
     costs = s.costs
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     step, tokens, flops = 0, 0, 0.0
     if resume:
         for torn in (out / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill: never read
@@ -266,8 +271,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
             m = train_step(s, step)
             t_train += time.time() - ts
             step += 1
-            tokens += tokens_per_step
-            flops += costs[m["phase"]].total * tokens_per_step
+            n_tok = s.length.tokens_at(step - 1, cfg.train.batch_size, cfg.data.seq_len)
+            tokens += n_tok
+            flops += costs[m["phase"]].total * n_tok
             skipped_in_row = skipped_in_row + 1 if m["skipped"] else 0
             rate = (tokens - tok0) / max(time.time() - t0, 1e-9)
             line = {"step": step, "tokens": tokens, "flops": flops, **m, "tokens_per_s": rate}
