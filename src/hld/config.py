@@ -115,6 +115,19 @@ class TrainConfig:
     eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")
     log_every_steps: int = _f(1, "write a train line to metrics.jsonl every N steps")
     checkpoint_every_steps: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
+    parallel: Literal["auto", "none", "ddp", "fsdp2"] = _f(
+        "auto", "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "
+        "fsdp2 (fully_shard per decoder block, then the root; DCP checkpoints), none (one process only); "
+        "auto = ddp when torchrun starts more than one process, else none. batch_size is global")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard/ "
+                           "(metrics.jsonl is always written; needs pip install 'hld[tensorboard]')")
+    wandb: bool = _f(False, "also log to Weights & Biases (files in RUN_DIR/wandb/; WANDB_MODE=offline "
+                     "needs no network or account; needs pip install 'hld[wandb]')")
+    wandb_project: str = _f("hld", "W&B project the run is logged to")
 
 
 @dataclass
@@ -126,6 +139,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "arm and losses"})
     budget: BudgetConfig = field(default_factory=BudgetConfig, metadata={"help": "run length"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "optimisation"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "metric sinks besides metrics.jsonl"})
 
 
 # --------------------------------------------------------------------------- building from dicts

@@ -3,7 +3,8 @@
 Every arm of a study sees the same sequence of batches, and resuming at step k needs nothing but
 k. Epochs are permutations drawn from `seed + epoch`; a batch never straddles two epochs' orders
 in a way that depends on history (it just reads positions k*B .. k*B+B-1 of the concatenated
-permutations).
+permutations). Under torchrun the global batch is the same for every world size; each process
+computes its `rank_slice` of it.
 """
 
 from __future__ import annotations
@@ -47,3 +48,11 @@ class BatchOrder:
     def window_ids(self, steps: int) -> np.ndarray:
         """Distinct windows read by steps 0..steps-1, sorted (what a teacher cache must hold)."""
         return np.unique(np.concatenate([self.indices(k) for k in range(steps)]))
+
+
+def rank_slice(batch: Batch, *, rank: int, world_size: int) -> Batch:
+    """Process `rank`'s contiguous share of a global batch: rows rank*B/W .. (rank+1)*B/W - 1
+    (B % W == 0 is checked when the run starts). World size 1: the whole batch."""
+    if world_size == 1:
+        return batch
+    return batch.split(world_size)[rank]

@@ -25,12 +25,13 @@ from hld.train.progress import Progress
 @torch.no_grad()
 def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_size: int = 8,
                chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32,
-               progress: Optional[str] = None) -> dict:
-    """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent)."""
+               progress: Optional[str] = None, backbone: Optional[torch.nn.Module] = None) -> dict:
+    """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent).
+    `backbone` maps ids to final hidden states (default `Backbone(lm)`; a sharded run passes its own)."""
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
-    backbone = Backbone(lm)
+    backbone = backbone if backbone is not None else Backbone(lm)
     weight, cap = head_of(lm)
     spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens,
                         matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)

@@ -1,23 +1,38 @@
 """Checkpoints: written atomically (a temporary file, then a rename), read with weights_only=True.
 
 A checkpoint holds the student, the projectors, the optimiser, the step (which is the data
-position: the batch order is a pure function of the step) and the RNG states.
+position: the batch order is a pure function of the step) and the RNG states. Two formats:
+- `checkpoints/checkpoint.pt`, one file (single process, and `ddp`, written by rank 0);
+- `checkpoints/step-NNNNNNNN.dcp/`, a `torch.distributed.checkpoint` directory (`train.parallel=fsdp2`):
+  every rank writes its shards into `.step-NNNNNNNN.dcp.tmp/`, rank 0 adds `trainer.pt` (step, RNG,
+  counters) and renames the directory into place. DCP reshards on load, so a run saved by N processes
+  resumes on any number (1 included, without a process group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
+import warnings
+from dataclasses import is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from hld.distributed import Dist, any_rank, barrier
 from hld.errors import HldError
 
 CKPT_NAME = "checkpoint.pt"
+TRAINER_NAME = "trainer.pt"  # inside a DCP directory: step, tokens, RNG and counters (rank 0's)
+_DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -68,8 +83,195 @@ def load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoints" / CKPT_NAME
     if not path.exists():
         raise HldError(f"no checkpoint in {run_dir}", "run without --resume, or point --out at the run to resume")
+    return _load_file(path)
+
+
+def _load_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise HldError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})",
                        "delete it and restart the run without --resume") from exc
+
+
+def load_reason(exc: BaseException) -> str:
+    """The informative line of a load error (torch's state-dict errors open with a header line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ck = Path(run_dir) / "checkpoints"
+    return (ck / CKPT_NAME).exists() or _latest_sharded(ck) is not None
+
+
+def remove_torn(run_dir: Path) -> None:
+    """Temporary files and directories of writes cut short by a kill: never read (rank 0, on resume)."""
+    ck = Path(run_dir) / "checkpoints"
+    for torn in ck.glob(".*.tmp"):
+        shutil.rmtree(torn) if torn.is_dir() else torn.unlink()
+    for old in ck.glob(".step-*.dcp.old"):  # set aside while its step was rewritten, which completed
+        if (ck / old.name[1:-len(".old")]).is_dir():
+            shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------- DCP (fsdp2)
+
+def _sharded_dirs(ck: Path) -> list[tuple[int, Path]]:
+    """Complete DCP checkpoints, (step, path). `.step-N.dcp.old` is one set aside while the same step
+    was written again; it counts only when `step-N.dcp` is missing."""
+    found: dict[int, Path] = {}
+    for p in ck.glob("*step-*.dcp*") if ck.is_dir() else []:
+        m = _DCP_NAME.match(p.name)
+        if m and p.is_dir() and (m.group(2) is None or int(m.group(1)) not in found):
+            found[int(m.group(1))] = p
+    return sorted(found.items())
+
+
+def _latest_sharded(ck: Path) -> Optional[Path]:
+    dirs = _sharded_dirs(ck)
+    return dirs[-1][1] if dirs else None
+
+
+def save_sharded(run_dir: Path, d: Dist, *, step: int, tokens: int, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+    """A DCP checkpoint of `modules` and the optimiser's state; a collective (every rank calls it).
+    World size 1: no process group, DCP writes one shard."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ck = Path(run_dir) / "checkpoints"
+    final = ck / f"step-{step:08d}.dcp"
+    tmp = ck / f".{final.name}.tmp"
+    if d.is_main:
+        ck.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(torch.nn.ModuleDict(modules), optimizer)
+    # tensors only: the optimiser's hyperparameters come from the config, which --resume checks
+    error: Optional[BaseException] = None
+    try:
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp, no_dist=not d.active)
+        if d.is_main:
+            atomic_save({"step": step, "tokens": tokens, "rng": rng_state(), **extra}, tmp / TRAINER_NAME)
+            _replace_dir(tmp, final)
+            for _, old in _sharded_dirs(ck):
+                if old != final:
+                    shutil.rmtree(old)
+    except (OSError, HldError, dcp.api.CheckpointException) as exc:
+        error = exc
+    if any_rank(d, error is not None):  # every rank raises: none waits on a rank that gave up
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, HldError):
+            raise error
+        raise HldError(f"could not write checkpoint {final}: {_reason(error)}",
+                       "free disk space or pick another --out") from error
+    return final
+
+
+def _reason(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "another process failed to write its shard"
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()]
+    for e in [exc, *failures, exc.__cause__]:  # DCP: {rank: (exception, traceback)}
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    return type(exc).__name__
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename a complete directory into place; an existing one of the same step is set aside first
+    (a directory cannot be replaced in one rename) and deleted after."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """Load the newest DCP checkpoint into `modules` and `optimizer` (resharding to this world size);
+    return its `trainer.pt` (step, tokens, RNG, counters). Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = _latest_sharded(Path(run_dir) / "checkpoints")
+    if path is None:
+        raise HldError(f"no sharded checkpoint in {run_dir} (train.parallel=fsdp2 writes checkpoints/step-*.dcp)",
+                       "run without --resume, or resume with the train.parallel the run was started with")
+    trainer = _load_file(path / TRAINER_NAME) if (path / TRAINER_NAME).exists() else None
+    stored = _stored_keys(path)
+    if trainer is None or stored is None:
+        raise HldError(f"checkpoint {path} is corrupt or unreadable (metadata)",
+                       "delete it and restart the run without --resume")
+    container = torch.nn.ModuleDict(modules)
+    model_sd, optim_sd = get_state_dict(container, optimizer)  # creates the optimiser's state (a zero-lr step)
+    # a parameter that had no gradient yet (hld-first's hidden phase: the final norm) has no state in
+    # the checkpoint: it is not read, and its made-up state is dropped after, as in the run that was saved
+    stateless = [fqn for fqn in optim_sd["state"] if f"optim.{fqn}.step" not in stored]
+    state = {"model": model_sd, "optim": {k: v for k, v in optim_sd["state"].items() if k not in stateless}}
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        set_state_dict(container, optimizer, model_state_dict=state["model"],
+                       optim_state_dict={"state": {**optim_sd["state"], **state["optim"]},
+                                         "param_groups": optim_sd["param_groups"]})
+    except (RuntimeError, KeyError, ValueError, AssertionError, OSError, dcp.api.CheckpointException) as exc:
+        cause = next((f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()), exc)
+        if isinstance(cause, (ValueError, KeyError)) or "Missing key" in str(cause):  # planned against our shapes
+            raise HldError(f"the checkpoint does not fit this run ({load_reason(cause)})",
+                           "resume with the config the run was started with") from exc
+        raise HldError(f"checkpoint {path} is corrupt or unreadable ({load_reason(cause)})",
+                       "delete it and restart the run without --resume") from exc
+    params = dict(container.named_parameters())
+    for fqn in stateless:
+        optimizer.state.pop(params[fqn], None)
+    return trainer
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; at world size 1 that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP reads its `.metadata` file with plain `pickle.load`, which runs any code a crafted file
+    names. This unpickler is run first and admits only DCP's own metadata records (dataclasses and
+    enums of torch.distributed.checkpoint), torch dtypes and sizes, and paths."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name) if module.split(".")[0] in ("torch", "pathlib") else None
+        ok = (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
+              and (is_dataclass(obj) or issubclass(obj, Enum)))
+        ok = ok or (module == "torch" and (obj is torch.Size or isinstance(obj, torch.dtype)))
+        ok = ok or (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                                      ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return obj
+
+
+def _stored_keys(path: Path) -> Optional[set[str]]:
+    """The keys a DCP checkpoint holds, read safely; None if the metadata is unreadable, names anything
+    but DCP's records, or holds pickled objects (DCP loads those with weights_only=False)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        with open(path / ".metadata", "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+        entries = md.state_dict_metadata
+    except Exception:
+        return None
+    if not all(isinstance(v, TensorStorageMetadata) for v in entries.values()):
+        return None
+    return set(entries)

@@ -3,10 +3,14 @@ the plan gives the objective in force, the objective says which teacher signals 
 
 Run directory: config.yaml (resolved, commented) · metrics.jsonl · checkpoints/checkpoint.pt ·
 student/ (the trained student as an ordinary HF checkpoint) · summary.json
+
+Under torchrun (`hld.distributed`) every rank runs this same loop on its share of each global batch;
+rank 0 alone writes the run directory's files (all ranks write their shards of an fsdp2 checkpoint).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,15 +19,16 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from hld import atomic
+from hld import atomic, distributed
 from hld.config import RunConfig, dump_yaml, to_dict
-from hld.data.loader import BatchOrder
+from hld.data.loader import BatchOrder, rank_slice
+from hld.distributed import Dist
 from hld.distill.cache import CacheIdentity, CachedTeacher
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 from hld.distill.mapping import layer_pairs
@@ -31,12 +36,13 @@ from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
-from hld.eval.perplexity import perplexity
 from hld.train.budget import Length, phase_costs, run_length
 from hld.models.hooks import n_blocks
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
-from hld.train.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from hld.train.checkpoint import (has_checkpoint, load_checkpoint, load_reason, load_sharded, remove_torn,
+                                  save_checkpoint, save_sharded, set_rng_state)
+from hld.train.loggers import RunLogger
 from hld.train.progress import Progress
 from hld.train.resources import Resources
 from hld.train.schedule import lr_factor
@@ -61,6 +67,7 @@ class Setup:
     costs: dict  # phase name -> StepCost (FLOPs per training token)
     device: torch.device
     compute_dtype: torch.dtype
+    dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
 
     @property
     def total_steps(self) -> int:
@@ -90,8 +97,10 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] = None) -> Setup:
-    device = device or default_device()
+def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] = None,
+          dist: Optional[Dist] = None) -> Setup:
+    dist = dist or Dist(device=device or default_device())
+    device = dist.device
     tok = resources.tokenizer(cfg.teacher.model)
     bos, eos = tok.bos_token_id, tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
@@ -117,6 +126,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
                       matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
     runner = StudentRunner(student, plan.student_layers)
+    distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
         runner.backbone = torch.compile(runner.backbone)
     d = cfg.data
@@ -138,7 +148,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
                  length=length, costs=costs, device=device,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, dist=dist)
 
 
 def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:
@@ -157,15 +167,18 @@ def _vocab_of(tok) -> int:
 
 
 def train_step(s: Setup, step: int) -> dict:
-    """One optimiser step over the global batch, split into micro-batches. Returns metrics."""
-    cfg = s.cfg
+    """One optimiser step over the global batch, split into micro-batches (and, under torchrun, over
+    the ranks). Returns metrics, equal on every rank."""
+    cfg, d = s.cfg, s.dist
     phase = s.plan.phase_at(step / s.total_steps)
     objective = phase.objective
     batch = s.order.batch(step)
     if step == s.total_steps - 1 and s.length.last_len < batch.input_ids.shape[1]:
         batch = batch.truncate(s.length.last_len)  # the budget ends inside this step
     n_global = max(batch.n_targets, 1)  # every micro-batch loss is divided by the step's global count
-    n_micro = cfg.train.batch_size // (cfg.train.micro_batch_size or cfg.train.batch_size)
+    batch = rank_slice(batch, rank=d.rank, world_size=d.world_size)  # this rank's rows of the global batch
+    local_size = cfg.train.batch_size // d.world_size
+    n_micro = local_size // (cfg.train.micro_batch_size or local_size)
     sums: dict[str, float] = {}
     loss_total = 0.0
     for mb in batch.split(n_micro):
@@ -180,9 +193,14 @@ def train_step(s: Setup, step: int) -> dict:
             sums[k] = sums.get(k, 0.0) + v
         del out, teacher, loss_sum
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+    distributed.sync_grads(d, params)  # ddp: sum over ranks = the single-process gradient
+    if d.active:  # the global batch's sums, so every rank logs (and judges) the same numbers
+        keys = sorted(sums)
+        loss_total, *vals = distributed.all_sum(d, [loss_total, *(sums[k] for k in keys)])
+        sums = dict(zip(keys, vals))
+    norm = distributed.clip_grad_norm(d, params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
     lr = cfg.train.lr * lr_factor(step, s.total_steps, cfg.train)
-    finite = math.isfinite(loss_total) and bool(torch.isfinite(norm))
+    finite = not distributed.any_rank(d, not (math.isfinite(loss_total) and bool(torch.isfinite(norm))))
     if finite:
         for g in s.optimizer.param_groups:
             g["lr"] = lr
@@ -194,7 +212,8 @@ def train_step(s: Setup, step: int) -> dict:
     return out
 
 
-def _prepare_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
+def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:
+    """Check `out` for a new run or a resume; write config.yaml (`write`: rank 0 only)."""
     text = dump_yaml(cfg)
     cfg_path = out / "config.yaml"
     if resume:
@@ -206,63 +225,122 @@ def _prepare_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
         return
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
         raise HldError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(cfg_path, text)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(cfg_path, text)
+
+
+def _rows(path: Path) -> list[dict]:
+    """metrics.jsonl's lines; a last line cut short (a kill, a full disk) is dropped."""
+    out = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _last_validation(path: Path) -> dict:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = _rows(path)
     vals = [r for r in rows if "val/ppl" in r]
     return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
 def _same_config(path: Path, cfg: RunConfig) -> bool:
-    """Does the resolved config saved at `path` equal `cfg`?"""
+    """Does the resolved config saved at `path` equal `cfg`? The `log` section (where metric lines
+    also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
     import yaml
-    return json.dumps(yaml.safe_load(path.read_text()), sort_keys=True) == json.dumps(to_dict(cfg), sort_keys=True)
+    saved, now = yaml.safe_load(path.read_text()), to_dict(cfg)
+    saved.pop("log", None)
+    now.pop("log", None)
+    return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint (they will be logged again)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic.write_text(path, "".join(k + "\n" for k in keep))
+    keep = [r for r in _rows(path) if r.get("step", 0) <= step]
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def export_student(student: torch.nn.Module, tokenizer, out: Path) -> None:
-    """The student alone (no projectors) as an ordinary HF checkpoint, written atomically."""
+def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
+    """The student alone (no projectors) as an ordinary HF checkpoint, written atomically.
+    `state_dict`: its full weights when the module holds shards (fsdp2)."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    student.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise HldError(f"could not write {out}: {exc.strerror or exc}",
+                       "free disk space or pick another --out") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else a failed write's debris
+
+
+def _warm(cfg: RunConfig, resources: Resources) -> None:
+    """Load what build() loads through the on-disk caches, so the other ranks find them complete."""
+    tok = resources.tokenizer(cfg.teacher.model)
+    if cfg.objective.method != "ce":
+        resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+    for source, max_docs in ((cfg.data.train, cfg.data.max_train_docs), (cfg.data.validation, None)):
+        resources.windows(source, tok, seq_len=cfg.data.seq_len, text_field=cfg.data.text_field, max_docs=max_docs)
 
 
 def validate_now(s: Setup) -> dict:
-    r = perplexity(s.student, s.val_windows, bos_id=s.bos_id, chunk_tokens=max(256, s.cfg.train.loss_chunk_tokens),
-                   compute_dtype=s.compute_dtype)
+    """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
+    result equals the single-process one."""
+    r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone, bos_id=s.bos_id,
+                               chunk_tokens=max(256, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
     return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optional[Resources] = None,
           quiet: bool = False) -> dict:
-    out = Path(out)
-    _prepare_dir(cfg, out, resume)
+    """One run into `out` (under torchrun: this rank's part of it)."""
+    d = distributed.setup(cfg.train)  # world size 1: no process group
+    try:
+        return _train(cfg, Path(out), d, resume=resume, resources=resources, quiet=quiet)
+    except OSError as exc:  # a full disk under any write (metrics line, export, summary): one line
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise HldError(f"could not write into {out}: {exc.strerror}", "free disk space or pick another --out") from exc
+    finally:
+        distributed.close(d)
+
+
+def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources],
+           quiet: bool) -> dict:
+    _prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
-    s = build(cfg, resources)
+    if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, tokenised corpora)
+        _warm(cfg, resources)
+    distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
+    s = build(cfg, resources, dist=d)
     costs = s.costs
     step, tokens, flops = 0, 0, 0.0
     if resume:
-        for torn in (out / "checkpoints").glob(".*.tmp"):  # a write cut short by a kill: never read
-            torn.unlink()
-        ck = load_checkpoint(out)
-        _restore(s, ck)
+        if d.is_main:
+            remove_torn(out)  # a write cut short by a kill: never read
+        distributed.barrier(d)
+        if d.mode == "fsdp2":  # a DCP directory, resharded to this world size
+            ck = load_sharded(out, modules=_state_modules(s), optimizer=s.optimizer)
+            set_rng_state(ck["rng"])
+        else:
+            ck = load_checkpoint(out)
+            _restore(s, ck)
         step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
-        _truncate_metrics(out / "metrics.jsonl", step)
-    metrics_f = open(out / "metrics.jsonl", "a")
-    prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet, initial=step)
+        if d.is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
+    logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=step if resume else None)  # rank 0 logs
+    prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=step)
     t0, tok0, skipped_in_row, t_train, line = time.time(), tokens, 0, 0.0, {}
     sigterm = _SigtermFlag()
     try:
@@ -281,25 +359,25 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
             if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 or last:
                 line.update(validate_now(s))
             if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line or m["skipped"]:
-                metrics_f.write(json.dumps(line) + "\n")
-                metrics_f.flush()
+                logger.log(line)
             if skipped_in_row >= 5:
                 raise HldError(f"the loss or gradient was non-finite for {skipped_in_row} steps in a row (step {step})",
                                "lower train.lr, or check the data; the last good checkpoint is kept")
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
                 _save(s, out, step, tokens, flops)
             prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
-            if sigterm.raised and not last:  # a preempted job: keep this step, stop cleanly
+            if not last and distributed.any_rank(d, sigterm.raised):  # preempted: all ranks stop here
                 _save(s, out, step, tokens, flops)
                 raise Preempted(out, step, s.total_steps)
     finally:
         sigterm.restore()
-        metrics_f.close()
+        logger.close()
         prog.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
     _save(s, out, step, tokens, flops)
     tok = resources.tokenizer(cfg.teacher.model)
-    export_student(s.student, tok, out / "student")
+    full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
+    distributed.main_only(d, lambda: export_student(s.student, tok, out / "student", state_dict=full))
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = _last_validation(out / "metrics.jsonl") or validate_now(s)
     counts = count_params(s.student)
@@ -308,7 +386,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
                "steps": step, "tokens": tokens, "flops": flops,
                "flops_per_token": {k: v.total for k, v in costs.items()},
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
-    atomic.write_json(out / "summary.json", summary)
+    distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
 
 
@@ -347,7 +425,7 @@ def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resour
             raise HldError(f"{run_dir} holds a finished run of another config",
                            "choose another --out, or delete that directory")
         return json.loads((run_dir / "summary.json").read_text())
-    if (run_dir / "checkpoints" / CKPT_NAME).exists():
+    if has_checkpoint(run_dir):
         return train(cfg, run_dir, resume=True, resources=resources, quiet=quiet)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # started, never checkpointed: nothing to keep
@@ -361,8 +439,18 @@ def release_hooks(s: Setup) -> None:
 
 
 def _save(s: Setup, out: Path, step: int, tokens: int, flops: float) -> None:
-    save_checkpoint(out, step=step, tokens=tokens, student=s.student, projectors=s.projectors,
-                    optimizer=s.optimizer, extra={"flops": flops})
+    if s.dist.mode == "fsdp2":  # every rank writes its shards
+        save_sharded(out, s.dist, step=step, tokens=tokens, modules=_state_modules(s), optimizer=s.optimizer,
+                     extra={"flops": flops})
+        return
+    distributed.main_only(s.dist, lambda: save_checkpoint(out, step=step, tokens=tokens, student=s.student,
+                                                          projectors=s.projectors, optimizer=s.optimizer,
+                                                          extra={"flops": flops}))
+
+
+def _state_modules(s: Setup) -> dict[str, torch.nn.Module]:
+    """What a DCP checkpoint holds, by name (the optimiser's state is keyed by these names)."""
+    return {"student": s.student, **({"projectors": s.projectors} if s.projectors is not None else {})}
 
 
 def _restore(s: Setup, ck: dict) -> None:
@@ -372,6 +460,6 @@ def _restore(s: Setup, ck: dict) -> None:
             s.projectors.load_state_dict(ck["projectors"])
         s.optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise HldError(f"the checkpoint does not fit this run ({str(exc).splitlines()[0][:120]})",
+        raise HldError(f"the checkpoint does not fit this run ({load_reason(exc)})",
                        "resume with the config the run was started with") from exc
     set_rng_state(ck["rng"])
