@@ -25,11 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "CE vs logit KD vs hidden-layer distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the embedded default: all arms on the sample corpus with Gemma 3 270M")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--config", default="demo", help="base config (preset name or YAML path; default: demo)")
-    p.add_argument("--arms", default="ce,kd,hld-joint,hld-first", help="comma-separated arms to train")
-    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm, e.g. budget.tokens=32768")
+    p = sub.add_parser("run", help="the embedded default: a small equal-FLOPs study (Gemma 3 270M teacher, "
+                       "two tiny students, all four arms, a learning-rate grid) and its report")
+    p.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo); rerun to resume")
+    p.add_argument("--config", default="demo", help="study YAML or shipped study name (default: demo)")
+    p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
 
     p = sub.add_parser("train", help="one training run")
@@ -39,13 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 objective.method=kd")
     _common(p)
 
-    p = sub.add_parser("eval", help="perplexity of a model on a text source")
+    p = sub.add_parser("eval", help="perplexity on a text source (--data) and/or lm-eval harness tasks (--tasks)")
     p.add_argument("--model", required=True, help="HF id, HF dir, .gguf, run dir, or gemma-3-270m")
-    p.add_argument("--data", required=True, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
+    p.add_argument("--data", default=None, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy; "
+                   "'shipped' = the offline tasks hld_lambada,hld_mc; 'paper' = the paper's six")
+    p.add_argument("--limit", type=int, default=None, help="tasks: score the first N items of each task")
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                   help="tasks: read TASK's dataset from a local copy (repeatable)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows (perplexity; default 4) or requests (tasks; default 8) per forward pass")
+    _common(p)
+
+    p = sub.add_parser("export", help="a finished run's student as a Hugging Face checkpoint with a model card")
+    p.add_argument("run_dir", help="run directory (the --out of hld train)")
+    p.add_argument("out_dir", help="directory to write; must be new or empty unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     _common(p)
 
     p = sub.add_parser("cache-teacher", help="run the teacher once and store its signals for a config's runs")
@@ -85,38 +97,73 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from hld.data.packing import load_stream, pack_windows
-    from hld.eval.perplexity import perplexity
     from hld.models.loading import freeze, load_causal_lm
     from hld.precision import default_device, resolve_dtype
 
+    if args.data is None and args.tasks is None:
+        raise HldError("hld eval needs --data (perplexity) or --tasks (lm-eval tasks), or both",
+                       "e.g. --data sample:validation, or --tasks shipped")
     if args.seq_len < 2:
         raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
+    if args.tasks is None and (args.limit is not None or args.task_data):
+        raise HldError("--limit and --task-data apply to --tasks", "add --tasks, or drop them")
+    task_data = _task_data(args.task_data)
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
     t0 = time.time()
     loaded = load_causal_lm(args.model, dtype=dtype)
     lm = freeze(loaded.model).to(device)
-    windows = pack_windows(load_stream(args.data, loaded.tokenizer, max_docs=args.max_docs), args.seq_len)
-    r = perplexity(lm, windows, bos_id=loaded.tokenizer.bos_token_id, batch_size=args.batch_size,
-                   compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
-    row = {"model": args.model, "data": args.data, "seq_len": args.seq_len, "windows": len(windows),
-           "tokens": r["tokens"], "loss": r["loss"], "ppl": r["ppl"], "seconds": time.time() - t0}
-    if not args.json:
-        print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
-              f"predictions, {len(windows)} windows of {args.seq_len})")
+    row: dict = {"model": args.model}
+    if args.data is not None:
+        row.update(_eval_perplexity(args, loaded.tokenizer, lm, dtype))
+    if args.tasks is not None:
+        from hld.eval.harness import evaluate_tasks, expand_tasks
+
+        t1 = time.time()
+        row["tasks"] = evaluate_tasks(lm, loaded.tokenizer, expand_tasks(args.tasks), limit=args.limit,
+                                      batch_size=args.batch_size or 8, device=device,
+                                      quiet=args.quiet or args.json, dataset_paths=task_data)
+        row["tasks_seconds"] = time.time() - t1
+        if not args.json:
+            for name, r in row["tasks"].items():
+                err = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
+                chance = f", chance {r['chance']:.3f}" if r["chance"] is not None else ""
+                print(f"{args.model} {name}: {r['metric']} {r['value']:.4f}{err} (n={r['n']}{chance})")
+    row["seconds"] = time.time() - t0
     return row
 
 
-def cmd_run(args) -> dict:
-    from hld.study.demo import ARMS, run_demo
+def _task_data(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise HldError(f"--task-data {item!r} is not TASK=DIR", "e.g. --task-data hellaswag=/data/hellaswag")
+        out[task.strip()] = path
+    return out
 
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise HldError(f"unknown arm(s) {unknown or arms}", f"choose from {', '.join(ARMS)}")
-    return run_demo(Path(args.out), config=args.config, overrides=args.overrides, arms=arms,
-                    quiet=args.quiet or args.json, print_table=not args.json)
+
+def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
+    from hld.data.packing import load_stream, pack_windows
+    from hld.eval.perplexity import perplexity
+
+    windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len)
+    r = perplexity(lm, windows, bos_id=tokenizer.bos_token_id, batch_size=args.batch_size or 4,
+                   compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
+    if not args.json:
+        print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
+              f"predictions, {len(windows)} windows of {args.seq_len})")
+    return {"data": args.data, "seq_len": args.seq_len, "windows": len(windows), "tokens": r["tokens"],
+            "loss": r["loss"], "ppl": r["ppl"]}
+
+
+def cmd_export(args) -> dict:
+    from hld.export import export_run
+
+    result = export_run(Path(args.run_dir), Path(args.out_dir), force=args.force)
+    if not args.json:
+        print(f"exported {args.run_dir} -> {result['out_dir']} ({', '.join(result['files'])})")
+    return result
 
 
 def cmd_cache_teacher(args) -> dict:
@@ -172,12 +219,13 @@ def cmd_report(args) -> dict:
 
 
 def _print_report(result: dict) -> None:
+    print(result["table"])
     for line in result["verdicts"]:
         print(line.replace("**", ""))
     print(f"report: {result['report']} ({result['cells']} cells; results.csv, {len(result['plots'])} plots)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "run": cmd_run, "cache-teacher": cmd_cache_teacher,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study, "cache-teacher": cmd_cache_teacher,
             "config": cmd_config,
             "study": cmd_study, "report": cmd_report}
 
@@ -205,23 +253,40 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process shares it, and print() writes the
+    text and the newline separately (stderr is unbuffered), so two processes' lines could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _single_process(command: str) -> None:
+    """Only `hld train` spreads over processes; every other command would run once per rank and
+    race on its outputs."""
+    from hld.distributed import launch_env
+
+    if command != "train" and launch_env()[0] > 1:
+        raise HldError(f"`hld {command}` runs on one process, but torchrun started {launch_env()[0]}",
+                       "run it without torchrun (only `hld train` runs on several processes)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
     from hld.train.loop import Preempted
 
     try:
+        _single_process(args.command)
         result = COMMANDS[args.command](args)
     except HldError as exc:
         if args.debug:
             raise
-        print(f"hld: error: {exc.line()}", file=sys.stderr)
+        _say(f"hld: error: {exc.line()}")
         if args.json:
             print(json.dumps({"error": exc.line()}))
         return 2
     except Preempted as exc:  # SIGTERM: checkpoint written, exit 0 so a scheduler can requeue
-        print(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue",
-              file=sys.stderr)
+        _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
         if args.json:
             print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)}))
         return 0

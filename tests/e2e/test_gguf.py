@@ -87,3 +87,15 @@ def test_hld_eval_of_the_embedded_teacher_matches_transformers(teacher, capsys):
     assert row["ppl"] == pytest.approx(want, rel=1e-4)
     # a real language model, far from uniform (262,144); technical prose in 64-token windows is hard
     assert row["ppl"] < 2000
+
+
+def test_embedded_teacher_is_well_above_chance_on_the_shipped_tasks(teacher):
+    """The shipped offline tasks separate a real LM from chance (first 20 items of each; the full
+    numbers are in docs/evaluation.md)."""
+    pytest.importorskip("lm_eval")
+    from hld.eval.harness import evaluate_tasks
+
+    r = evaluate_tasks(teacher.model, teacher.tokenizer, ["shipped"], limit=20, quiet=True)
+    assert r["hld_mc"]["chance"] == 0.25 and r["hld_mc"]["n"] == 20
+    assert r["hld_mc"]["value"] >= 0.4  # chance 0.25
+    assert r["hld_lambada"]["value"] >= 0.3  # open vocabulary: chance ~0

@@ -1,0 +1,134 @@
+"""`hld export`: the exported directory is an ordinary Hugging Face checkpoint whose logits equal,
+bit for bit, those of the student rebuilt from the run's final checkpoint; its tokenizer round-trips;
+its model card's front matter records the run; nothing half-written ever looks complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from hld import export as export_mod
+from hld.cli import main
+from hld.config import load_config
+from hld.models.student import build_student
+from hld.train.checkpoint import load_checkpoint
+
+SAMPLE = "The socket module provides access to the BSD socket interface."
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, overrides) -> Path:
+    """A tiny hld-joint run (it has projectors, which must not be exported)."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    assert main(["train", "--config", "smoke", "--out", str(out), *overrides, "objective.method=hld-joint",
+                 "--quiet"]) == 0
+    return out
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _front_matter(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    downstream = {"hld_mc": {"metric": "acc", "value": 0.31, "stderr": 0.046, "chance": 0.25, "n": 100}}
+    (run / "downstream.json").write_text(json.dumps(downstream))
+    out = tmp_path / "hf"
+    try:
+        rc, _, err = _cli(capsys, "export", str(run), str(out), "--json")
+    finally:
+        (run / "downstream.json").unlink()
+    assert rc == 0, err
+
+    # the student rebuilt from the final checkpoint (not from the files export copied)
+    cfg = load_config(str(run / "config.yaml"))
+    tok_run = AutoTokenizer.from_pretrained(cfg.teacher.model)
+    ck = load_checkpoint(run)
+    student = build_student(cfg.student, vocab_size=ck["student"]["model.embed_tokens.weight"].shape[0],
+                            bos_id=tok_run.bos_token_id, eos_id=tok_run.eos_token_id, pad_id=tok_run.pad_token_id,
+                            seed=0)
+    student.load_state_dict(ck["student"])
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[tok_run.bos_token_id] + tok_run(SAMPLE, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(ids).logits, student.eval()(ids).logits)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok(SAMPLE)["input_ids"] == tok_run(SAMPLE)["input_ids"]
+    assert tok.decode(tok(SAMPLE, add_special_tokens=False)["input_ids"]) == SAMPLE
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == \
+        (tok_run.bos_token_id, tok_run.eos_token_id, tok_run.pad_token_id)
+
+    # no projectors (the run has some): every stored tensor is a parameter of the student
+    assert ck["projectors"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) <= set(student.state_dict())
+
+    meta = _front_matter(out / "README.md")
+    summary = json.loads((run / "summary.json").read_text())
+    hld = meta["hld"]
+    assert meta["library_name"] == "transformers" and hld["arm"] == "hld-joint"
+    assert hld["student_preset"] == summary["student"] == "tiny-2l"
+    assert hld["student_params"] == summary["student_params"] == sum(
+        p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    assert (hld["train_tokens"], hld["train_flops"]) == (summary["tokens"], summary["flops"])
+    assert hld["validation"]["val/ppl"] == summary["val/ppl"]
+    assert hld["config"] == yaml.safe_load((run / "config.yaml").read_text())
+    assert hld["downstream"] == downstream
+    assert "| hld_mc | acc | 0.3100 |" in (out / "README.md").read_text()
+
+
+def test_export_refuses_a_non_empty_out_dir_unless_forced(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    rc, _, err = _cli(capsys, "export", str(run), str(out))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "exists and is not empty" in lines[0] and "--force" in lines[0]
+    assert (out / "mine.txt").read_text() == "keep me"
+    rc, _, err = _cli(capsys, "export", str(run), str(out), "--force")
+    assert rc == 0, err
+    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directories left behind
+
+
+def test_export_refuses_an_unfinished_run(run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("student", "summary.json"))
+    for src, why in ((unfinished, "has no finished student"), (tmp_path / "nothing", "not a run directory")):
+        rc, _, err = _cli(capsys, "export", str(src), str(tmp_path / "out"))
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and why in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_export_leaves_no_out_dir(run, tmp_path, monkeypatch):
+    calls = []
+
+    real = shutil.copy2
+
+    def copy_then_fail(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(export_mod.shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError):
+        export_mod.export_run(run, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
