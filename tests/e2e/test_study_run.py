@@ -24,7 +24,7 @@ from hld.train import loop
 # the fixtures' teacher and data, small validation; the study itself sets students and budgets
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
                 ["data.val_tokens=256"]
-STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", *RUN_OVERRIDES]
+STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
 T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
 
 
@@ -94,7 +94,7 @@ def test_results_csv_has_one_row_per_cell(study):
     for r in rows:
         summary = json.loads((out / "runs" / r["cell"] / "summary.json").read_text())
         assert float(r["val_loss"]) == pytest.approx(summary["val/loss"]) and int(r["tokens"]) == summary["tokens"]
-        assert float(r["train.lr"]) in (3e-3, 1e-2) and r["configuration"] == r["cell"].rsplit("__", 2)[0]
+        assert float(r["train.lr"]) in (2e-2, 4e-2) and r["configuration"] == r["cell"].rsplit("__", 2)[0]
         assert int(r["student_params_non_embedding"]) < int(r["student_params"])
     ce_flops = {r["configuration"]: float(r["flops"]) for r in rows if r["arm"] == "ce"}
     assert all(float(r["flops"]) > ce_flops[r["configuration"]] for r in rows if r["arm"] != "ce")
@@ -161,11 +161,13 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\narms: [kd, hld]\nstudents: [tiny-1l]\nbudgets: [{tokens: 512}]\n")
     cases = [["study", "--config", str(bad)], ["study", "--config", "demo", "seeds=[0, 0]"],
-             ["study", "--config", "demo", "student.preset=tiny-4l"], ["report", str(tmp_path)]]
+             ["study", "--config", "demo", "student.preset=tiny-4l"], ["report", str(tmp_path)],
+             ["study", "--config", "demo", "tasks=[hld_mc, hellaswog]", "--out", str(tmp_path / "typo")]]
     for argv in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("hld: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert "unknown lm-eval task 'hellaswog'" in err and not (tmp_path / "typo" / "runs").exists()
 
 
 def test_a_finished_cell_with_another_config_is_refused(study, tmp_path, capsys):

@@ -47,12 +47,13 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 def test_shipped_demo_study_loads_and_expands():
     study = load_study("demo")
     cells = expand(study)
-    assert study.name == "study-demo" and len(cells) == 4 * 2 * 1 * 2 * 1
+    assert study.name == "demo" and len(cells) == 4 * 2 * 1 * 2 * 1
     for cell in cells:
         cfg = cell_config(study, cell)
         assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == \
                (cell.arm, cell.student, cell.seed, cell.id)
-        assert cfg.budget.tokens == 16384 and cfg.train.lr == cell.point["train.lr"]
+        assert cfg.budget.tokens is None and cfg.budget.flops == 3.0e12 and cfg.budget.count_teacher
+        assert cfg.train.lr == cell.point["train.lr"]
     assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
 
 
@@ -108,11 +109,19 @@ def test_a_flops_budget_clears_the_base_token_budget():
     ({"overrides": ["student.preset=tiny-4l"]}, "use students: instead"),
     ({"overrides": ["train.lr"]}, "'key=value'"),
     ({"name": "a b"}, "not a plain name"),
+    ({"tasks": 5}, "should be a list of task names"),
+    ({"task_limit": 0}, "positive integer or null"),
 ])
 def test_bad_study_configs_name_the_problem(tmp_path, change, message):
     with pytest.raises(HldError, match=re.escape(message)) as info:
         load_study(str(_write(tmp_path, {**STUDY, **change})))
     assert "\n" not in info.value.line() and info.value.fix
+
+
+def test_study_tasks_expand_the_shipped_alias(tmp_path):
+    study = load_study(str(_write(tmp_path, {**STUDY, "tasks": ["shipped", "hld_mc"], "task_limit": 50})))
+    assert study.tasks == ("hld_lambada", "hld_mc") and study.task_limit == 50
+    assert load_study(str(_write(tmp_path, STUDY))).tasks == ()
 
 
 def test_missing_required_key_and_bad_cell_value(tmp_path):

@@ -158,8 +158,10 @@ def logits_into(h: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Te
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, y, m, spec: HeadLossSpec, teacher_chunk: TeacherChunkFn, stats: dict):
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, W, y, m, spec: HeadLossSpec, teacher_chunk: TeacherChunkFn, stats: dict, grad_mode: bool):
+        # grad_mode: whether autograd was on at the call (inside forward it is always off); under
+        # torch.no_grad (validation) the gradient is not built, which halves the head's work
+        want_grad = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         fast = spec.softcap is None and spec.divergence == "forward_kl"
         chunk_fn = _fast_chunk if fast else _autograd_chunk
         h_dtype = h.dtype
@@ -205,7 +207,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         if float(grad_out) != 1.0:  # in place: a second (V, d) copy of dL/dW would cost memory
             grad_h.mul_(grad_out.to(grad_h.dtype))
             grad_W.mul_(grad_out.to(grad_W.dtype))
-        return grad_h, grad_W, None, None, None, None, None
+        return grad_h, grad_W, None, None, None, None, None, None
 
 
 def head_loss(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec: HeadLossSpec,
@@ -216,5 +218,5 @@ def head_loss(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, mask: tor
     """
     stats: dict = {}
     fn = teacher_chunk if teacher_chunk is not None else (lambda sl: None)
-    total = _FusedHeadLoss.apply(h, W, targets, mask, spec, fn, stats)
+    total = _FusedHeadLoss.apply(h, W, targets, mask, spec, fn, stats, torch.is_grad_enabled())
     return total, stats

@@ -5,7 +5,9 @@ cell.json (which keys were grid keys). A run directory without cell.json (e.g. c
 `hld train`) still counts: its grid keys are then the config keys that vary across the runs.
 
 Paired differences are `val_loss(arm) - val_loss(baseline)` in nats, matched on configuration and
-seed: negative means the arm is better; exp(difference) is the perplexity ratio. Per configuration
+seed: negative means the arm is better; exp(difference) is the perplexity ratio. The same for each
+downstream task's headline metric (downstream.json, written by the study): accuracy(arm) −
+accuracy(baseline), positive meaning the arm is better. Per configuration
 the mean over seeds (t-interval when > 1 seed); across configurations the mean of the per-
 configuration means with a t-interval over configurations, and a count of configurations won.
 """
@@ -13,6 +15,7 @@ configuration means with a t-interval over configurations, and a count of config
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
+from hld.atomic import write_text
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
 from hld.study.plots import read_metrics
 from hld.study.stats import Interval, mean_interval
@@ -37,10 +41,24 @@ class Table:
     grid_keys: list[str]  # dotted run-config keys
     pending: list[str] = field(default_factory=list)  # run directories without summary.json
     configs: dict = field(default_factory=dict)  # cell -> resolved config dict
+    task_metrics: list[str] = field(default_factory=list)  # "<task>:<metric>" scored in downstream.json
+    task_info: dict = field(default_factory=dict)  # "<task>:<metric>" -> {"chance", "n"} (from a cell)
 
     @property
     def columns(self) -> list[str]:
-        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS
+        tasks = [c for m in self.task_metrics for c in (m, f"{m}_stderr")]
+        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS + tasks
+
+
+def task_metric(task: str, row: dict) -> str:
+    """The column a downstream.json row fills: `<task>:<metric>` (e.g. hld_mc:acc)."""
+    return f"{task}:{row['metric']}"
+
+
+def higher_is_better(metric: str) -> bool:
+    """val_loss and perplexities: lower is better; accuracies and the like: higher."""
+    name = metric.rsplit(":", 1)[-1]
+    return not (name == "val_loss" or "perplexity" in name or name == "bits_per_byte")
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -80,6 +98,10 @@ def collect(study_dir: Path) -> Table:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
         found.append((run_dir, cfg, json.loads((run_dir / "summary.json").read_text()), cell))
+    scores = {run_dir.name: _downstream(run_dir) for run_dir, *_ in found}
+    task_info = {task_metric(t, r): {"chance": r.get("chance"), "n": r.get("n")}
+                 for d in scores.values() for t, r in d.items()}
+    task_metrics = list(task_info)
     budget_keys = sorted({f"budget.{k}" for _, cfg, _, _ in found for k in cfg["budget"]})
     grid_keys = _grid_keys(found)
     # without cell.json a budget is named by its length keys and whatever else varies across the runs
@@ -89,10 +111,19 @@ def collect(study_dir: Path) -> Table:
     rows, configs = [], {}
     for run_dir, cfg, summary, cell in found:
         row = _row(run_dir, cfg, summary, cell, naming, grid_keys)
+        for t, r in scores[run_dir.name].items():
+            row[task_metric(t, r)], row[f"{task_metric(t, r)}_stderr"] = r["value"], r.get("stderr")
         rows.append(row)
         configs[row["cell"]] = cfg
     rows.sort(key=lambda r: (r["configuration"], r["seed"], r["arm"]))
-    return Table(rows=rows, budget_keys=budget_keys, grid_keys=grid_keys, pending=pending, configs=configs)
+    return Table(rows=rows, budget_keys=budget_keys, grid_keys=grid_keys, pending=pending, configs=configs,
+                 task_metrics=task_metrics, task_info=task_info)
+
+
+def _downstream(run_dir: Path) -> dict:
+    """{task: {metric, value, stderr, chance, n, ...}} from downstream.json ({} without one)."""
+    path = run_dir / "downstream.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _grid_keys(found: list) -> list[str]:
@@ -134,13 +165,18 @@ def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: 
     return row
 
 
-def write_results_csv(table: Table, path: Path) -> Path:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=table.columns)
-        w.writeheader()
-        for r in table.rows:
-            w.writerow({k: r.get(k) for k in table.columns})
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in columns})
+    write_text(path, buf.getvalue())  # atomically: a reader never sees half a table
     return path
+
+
+def write_results_csv(table: Table, path: Path) -> Path:
+    return _write_csv(path, table.columns, table.rows)
 
 
 # --------------------------------------------------------------------------- paired verdicts
@@ -152,71 +188,77 @@ class Comparison:
     per_config: dict[str, Interval]  # configuration -> mean difference over seeds
     overall: Optional[Interval]  # over configurations (over seeds when there is one configuration)
     over: str  # "configurations" or "seeds"
-    wins: int  # configurations whose mean difference is < 0
+    wins: int  # configurations where the arm is better (Δ < 0 for a loss, > 0 for an accuracy)
+    metric: str = "val_loss"  # or "<task>:<metric>"
 
     @property
     def n(self) -> int:
         return len(self.per_config)
 
 
-def paired(rows: list[dict], comparisons=COMPARISONS) -> list[Comparison]:
-    """Comparisons whose two arms both ran in at least one (configuration, seed)."""
-    loss = {(r["configuration"], r["seed"], r["arm"]): r["val_loss"] for r in rows
-            if r["val_loss"] is not None and math.isfinite(r["val_loss"])}
+def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] = ("val_loss",)) -> list[Comparison]:
+    """Comparisons whose two arms both ran in at least one (configuration, seed), per metric:
+    Δ = metric(arm) − metric(baseline)."""
     out = []
-    for arm, base in comparisons:
-        diffs: dict[str, list[float]] = {}
-        for (conf, seed, a), v in sorted(loss.items()):
-            if a == arm and (conf, seed, base) in loss:
-                diffs.setdefault(conf, []).append(v - loss[(conf, seed, base)])
-        if not diffs:
-            continue
-        per = {conf: mean_interval(d) for conf, d in diffs.items()}
-        if len(per) > 1:
-            overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
-        else:
-            overall, over = next(iter(per.values())), "seeds"
-        out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
-                              wins=sum(i.mean < 0 for i in per.values())))
+    for metric in metrics:
+        value = {(r["configuration"], r["seed"], r["arm"]): float(r[metric]) for r in rows
+                 if r.get(metric) is not None and math.isfinite(float(r[metric]))}
+        better = (lambda d: d > 0) if higher_is_better(metric) else (lambda d: d < 0)
+        for arm, base in comparisons:
+            diffs: dict[str, list[float]] = {}
+            for (conf, seed, a), v in sorted(value.items()):
+                if a == arm and (conf, seed, base) in value:
+                    diffs.setdefault(conf, []).append(v - value[(conf, seed, base)])
+            if not diffs:
+                continue
+            per = {conf: mean_interval(d) for conf, d in diffs.items()}
+            if len(per) > 1:
+                overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
+            else:
+                overall, over = next(iter(per.values())), "seeds"
+            out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
+                                  wins=sum(better(i.mean) for i in per.values()), metric=metric))
     return out
-
-
-def _ci_text(i: Interval) -> str:
-    return f"[{i.lo:+.4f}, {i.hi:+.4f}]" if i.has_ci else ""
 
 
 def verdict_line(c: Comparison) -> str:
     """One generated sentence; the numbers are the only content (the tests parse them back)."""
     i = c.overall
-    head = (f"**{c.arm} vs {c.baseline}**: {c.arm} beat {c.baseline} in {c.wins} of {c.n} "
-            f"configuration{'s' if c.n != 1 else ''}; mean Δ val loss {i.mean:+.4f} nats")
-    ratio = f"val ppl ratio {math.exp(i.mean):.4f}"
+    loss = c.metric == "val_loss"
+    what = "val loss" if loss else c.metric.split(":", 1)[1]
+    unit = " nats" if loss else ""
+    digits = 4 if loss else 3
+    on = "" if loss else f" on {c.metric.split(':', 1)[0]}"
+    head = (f"**{c.arm} vs {c.baseline}{on}**: {c.arm} beat {c.baseline} in {c.wins} of {c.n} "
+            f"configuration{'s' if c.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}")
+    ratio = f", val ppl ratio {math.exp(i.mean):.4f}" if loss else ""
+    up = higher_is_better(c.metric)
     if i.has_ci:
-        interval = f" (95% CI {_ci_text(i)} over {i.n} {c.over})"
-        ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
-        if i.hi < 0:
-            end = f"{c.arm} is better: the interval lies below 0"
-        elif i.lo > 0:
-            end = f"{c.baseline} is better: the interval lies above 0"
+        interval = f" (95% CI [{i.lo:+.{digits}f}, {i.hi:+.{digits}f}] over {i.n} {c.over})"
+        if loss:
+            ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
+        if (i.lo > 0) if up else (i.hi < 0):
+            end = f"{c.arm} is better: the interval lies {'above' if up else 'below'} 0"
+        elif (i.hi < 0) if up else (i.lo > 0):
+            end = f"{c.baseline} is better: the interval lies {'below' if up else 'above'} 0"
         else:
             end = "no clear difference: the interval includes 0"
     else:
         interval = " (no interval: one configuration and one seed)"
         end = "a single pair cannot separate the arms from noise"
-    return f"{head}{interval}, {ratio} — {end}."
+    return f"{head}{interval}{ratio} — {end}."
 
 
 def write_paired_csv(comparisons: list[Comparison], path: Path) -> Path:
-    cols = ["comparison", "configuration", "n", "over", "mean_dloss", "ci_lo", "ci_hi", "ppl_ratio", "wins"]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for c in comparisons:
-            name = f"{c.arm} vs {c.baseline}"
-            for conf, i in c.per_config.items():
-                w.writerow({"comparison": name, "configuration": conf, "n": i.n, "over": "seeds",
-                            "mean_dloss": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": math.exp(i.mean)})
-            i = c.overall
-            w.writerow({"comparison": name, "configuration": "ALL", "n": i.n, "over": c.over, "mean_dloss": i.mean,
-                        "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": math.exp(i.mean), "wins": c.wins})
-    return path
+    cols = ["comparison", "metric", "configuration", "n", "over", "mean_diff", "ci_lo", "ci_hi", "ppl_ratio", "wins"]
+    rows = []
+    for c in comparisons:
+        name = f"{c.arm} vs {c.baseline}"
+        ratio = math.exp if c.metric == "val_loss" else (lambda x: None)
+        for conf, i in c.per_config.items():
+            rows.append({"comparison": name, "metric": c.metric, "configuration": conf, "n": i.n, "over": "seeds",
+                         "mean_diff": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": ratio(i.mean)})
+        i = c.overall
+        rows.append({"comparison": name, "metric": c.metric, "configuration": "ALL", "n": i.n, "over": c.over,
+                     "mean_diff": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": ratio(i.mean), "wins": c.wins})
+    return _write_csv(path, cols, rows)

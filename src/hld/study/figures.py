@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from hld.study.aggregate import Comparison, Table
+from hld.study.aggregate import Comparison, Table, higher_is_better
 from hld.study.plots import COLORS, _smooth, read_metrics
 
 ALL = "mean over configurations"
@@ -42,62 +43,96 @@ def _student_title(table: Table, student: str) -> str:
     return f"student {student}" + (f" ({n / 1e3:,.0f}k non-embedding params)" if n else "")
 
 
-def plot_loss_vs_flops(table: Table, out: Path) -> Path:
-    """One panel per student: every cell as a dot; per arm and budget the best grid point (mean over
-    seeds) as a marker, joined across budgets."""
+def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: list[dict] = ()) -> Path:
+    """One panel per student. Per arm: the training loss (train/ce) of its best grid point against
+    cumulative training FLOPs as a line, its final validation loss as a large marker at the FLOPs it
+    spent (joined across budgets), and every cell's validation loss as a small dot. At equal FLOPs
+    the markers stand in one column, so their vertical order is the verdict. The teacher's validation
+    loss (`reference`, from study.json) is named in the title: drawn as a line it would squash the
+    students' differences."""
     plt = _plt()
     students, arms = _students(table), _arms(table)
-    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students) + 0.6, 4.4), squeeze=False,
+    fig, axes = plt.subplots(1, len(students), figsize=(5.4 * len(students) + 0.6, 4.6), squeeze=False,
                              sharey=True)
+    lows, highs = [], []
     for ax, student in zip(axes[0], students):
+        flops = [r["flops"] for r in table.rows if r["student"] == student]
+        wide = max(flops) / max(min(flops), 1e-30) > 10
         for arm in arms:
             rows = [r for r in table.rows if r["student"] == student and r["arm"] == arm
                     and math.isfinite(r["val_loss"])]
             if not rows:
                 continue
-            ax.scatter([r["flops"] for r in rows], [r["val_loss"] for r in rows], s=14, alpha=0.35,
-                       color=COLORS.get(arm), marker=MARKERS.get(arm, "o"), linewidths=0)
+            color, marker = COLORS.get(arm), MARKERS.get(arm, "o")
+            ax.scatter([r["flops"] for r in rows], [r["val_loss"] for r in rows], s=14, alpha=0.35, color=color,
+                       marker=marker, linewidths=0)
             best = _best_per_budget(rows, table.budget_keys)
-            ax.plot([b[0] for b in best], [b[1] for b in best], marker=MARKERS.get(arm, "o"), ms=8,
-                    color=COLORS.get(arm), label=arm, lw=1.5)
-        _flops_axis(ax, [r["flops"] for r in table.rows if r["student"] == student])
+            ax.plot([b[0] for b in best], [b[1] for b in best], marker=marker, ms=9, color=color, lw=1.5,
+                    label=f"{arm}: val {best[-1][1]:.3f}", zorder=3)
+            lows += [b[1] for b in best]
+            highs += [r["val_loss"] for r in rows]
+            curve = _train_curve(Path(study_dir) / "runs" / best[-1][2], "flops")
+            if curve is not None:
+                ax.plot(*curve, color=color, alpha=0.55, lw=1)
+                lows.append(float(np.min(curve[1])))
+                highs.append(float(np.max(curve[1][len(curve[1]) // 5:])))
+        if wide:
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, max(flops) * 1.06)
+            ax.xaxis.set_major_formatter(_sci_formatter())
+        ax.set_xlabel("training FLOPs" + (" (log scale)" if wide else "") + "; line: train/ce of the best cell")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("validation loss (nats/token, lower is better)")
-    axes[0][-1].legend(title="arm (best grid point)", fontsize=8, title_fontsize=8)
-    fig.suptitle("Validation loss vs training compute (small dots: every cell)", fontsize=11)
+        ax.legend(title="arm: best grid point", fontsize=8, title_fontsize=8, loc="upper right")
+    if lows:
+        pad = 0.06 * (max(highs) - min(lows) + 1e-9)
+        axes[0][0].set_ylim(min(lows) - pad, max(highs) + pad)
+    axes[0][0].set_ylabel("loss (nats/token, lower is better)")
+    title = "Validation loss vs training compute (markers: final validation loss; small dots: other cells)"
+    if reference:
+        title += "\nteacher " + "; ".join(f"{r['model']}: validation loss {r['val_loss']:.3f} nats "
+                                         f"(ppl {r['val_ppl']:.1f})" for r in reference)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "loss_vs_flops.png")
 
 
-def _flops_axis(ax, flops: list[float]) -> None:
-    """Log scale across decades; within one decade a linear axis with short, non-overlapping labels."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+def _sci_formatter():
+    from matplotlib.ticker import FuncFormatter
 
-    wide = max(flops) / max(min(flops), 1e-30) > 10
-    if wide:
-        ax.set_xscale("log")
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(5))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
-    ax.margins(x=0.08)
-    ax.set_xlabel("training FLOPs per run (as counted in summary.json)" + (", log scale" if wide else ""))
+    return FuncFormatter(lambda x, _: "0" if x == 0 else f"{x:.2g}")
 
 
-def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[float, float]]:
-    """(mean FLOPs, val loss) of the configuration with the lowest seed-mean loss, per budget."""
+def _train_curve(run_dir: Path, x_key: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(x, train/ce) of a run, smoothed on long runs. A last step cut short by the budget (fewer
+    positions than the others) is left out: its loss over a few positions per window is noise."""
+    pts = [(m[x_key], m["train/ce"], m["tokens"]) for m in read_metrics(run_dir) if "train/ce" in m]
+    if len(pts) >= 3 and pts[-1][2] - pts[-2][2] < pts[-2][2] - pts[-3][2]:
+        pts = pts[:-1]
+    if len(pts) < 2:
+        return None
+    x, y = np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts], dtype=float)
+    k = max(1, len(y) // 20)
+    return (x[k - 1:], _smooth(y, k)) if k > 1 else (x, y)
+
+
+def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[float, float, str]]:
+    """(mean FLOPs, val loss, a cell) of the configuration with the lowest seed-mean loss, per budget."""
     by_budget: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         by_budget.setdefault(tuple(r[k] for k in budget_keys), {}).setdefault(r["configuration"], []).append(r)
     pts = []
     for confs in by_budget.values():
         group = min(confs.values(), key=lambda g: np.mean([r["val_loss"] for r in g]))
-        pts.append((float(np.mean([r["flops"] for r in group])), float(np.mean([r["val_loss"] for r in group]))))
+        pts.append((float(np.mean([r["flops"] for r in group])), float(np.mean([r["val_loss"] for r in group])),
+                    group[0]["cell"]))
     return sorted(pts)
 
 
 def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
-    """train/ce against tokens, one panel per student: thin lines per cell, the arm's mean bold."""
+    """train/ce against tokens, one panel per student: thin lines per cell, the arm's best grid point
+    (lowest validation loss, its first seed) bold. At equal FLOPs, CE's line runs furthest."""
     plt = _plt()
     students, arms = _students(table), _arms(table)
     fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students) + 0.6, 4.4), squeeze=False,
@@ -105,74 +140,74 @@ def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
     tops, bottoms = [], []
     for ax, student in zip(axes[0], students):
         for arm in arms:
-            curves = []
-            for r in table.rows:
-                if r["student"] != student or r["arm"] != arm:
+            rows = [r for r in table.rows if r["student"] == student and r["arm"] == arm]
+            finite = [r for r in rows if math.isfinite(r["val_loss"])]
+            best = _best_per_budget(finite, table.budget_keys)[-1][2] if finite else None
+            for r in rows:
+                curve = _train_curve(Path(study_dir) / "runs" / r["cell"], "tokens")
+                if curve is None:
                     continue
-                pts = [(m["tokens"], m["train/ce"]) for m in read_metrics(Path(study_dir) / "runs" / r["cell"])
-                       if "train/ce" in m]
-                if len(pts) < 2:
-                    continue
-                x, y = map(np.asarray, zip(*pts))
-                k = max(1, len(y) // 20)
-                x, y = (x[k - 1:], _smooth(y, k)) if k > 1 else (x, y)
-                curves.append((x, y))
-                ax.plot(x, y, color=COLORS.get(arm), alpha=0.25, lw=0.8)
-                tail = y[len(y) // 10:]
-                tops.append(float(np.max(tail)))
+                x, y = curve
+                bold = r["cell"] == best
+                ax.plot(x, y, color=COLORS.get(arm), alpha=1.0 if bold else 0.25, lw=2 if bold else 0.8,
+                        label=f"{arm} ({_point(r, table.grid_keys)})" if bold else None)
+                tops.append(float(np.max(y[len(y) // 10:])))
                 bottoms.append(float(np.min(y)))
-            if curves:
-                x, y = _mean_curve(curves)
-                ax.plot(x, y, color=COLORS.get(arm), lw=2, label=f"{arm} (mean of {len(curves)})")
         ax.set_xlabel("training tokens")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="bold: best grid point", title_fontsize=8)
     if tops:  # the first steps (ln V nats) would squash the rest of the curve
         pad = 0.05 * (max(tops) - min(bottoms) + 1e-9)
         axes[0][0].set_ylim(min(bottoms) - pad, max(tops) + pad)
     axes[0][0].set_ylabel("train/ce (nats/token; moving average on long runs)")
-    fig.suptitle("Student next-token loss during training (thin: each cell; bold: mean per arm)", fontsize=11)
+    fig.suptitle("Student next-token loss during training (thin: other cells)", fontsize=11)
     fig.tight_layout()
     return _save(fig, out / "training_curves.png")
 
 
-def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of curves on the longest one's token grid, over the token range all of them cover."""
-    end = min(x[-1] for x, _ in curves)
-    start = max(x[0] for x, _ in curves)
-    grid = max((x for x, _ in curves), key=len)
-    grid = grid[(grid >= start) & (grid <= end)]
-    return grid, np.mean([np.interp(grid, x, y) for x, y in curves], axis=0)
+def _point(row: dict, grid_keys: list[str]) -> str:
+    return ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in grid_keys) or row["configuration"]
 
 
 def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
-    """One panel per comparison: each configuration's mean difference over seeds (95% CI when > 1
+    """A grid of panels: one column per comparison (hld-joint − kd, ...), one row per metric (validation
+    loss, then each downstream task). Each configuration's mean difference over seeds (95% CI when > 1
     seed) and, at the bottom, the mean over configurations with its interval; zero marked."""
     plt = _plt()
+    pairs = list(dict.fromkeys((c.arm, c.baseline) for c in comparisons))
+    metrics = list(dict.fromkeys(c.metric for c in comparisons))
+    by = {(c.arm, c.baseline, c.metric): c for c in comparisons}
     confs = sorted({c for cmp in comparisons for c in cmp.per_config})
     labels = confs + [ALL]
-    n = max(len(comparisons), 1)
-    size = (4.6 * n + 2.4, max(3.4, 1.6 + 0.45 * len(labels)))
-    fig, axes = plt.subplots(1, n, figsize=size, squeeze=False, sharey=True)
-    for ax, cmp in zip(axes[0], comparisons):
-        color = COLORS.get(cmp.arm, "#444")
-        for y, conf in enumerate(labels):
-            i = cmp.overall if conf == ALL else cmp.per_config.get(conf)
-            if i is None:
+    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.6, 1.2 + 0.4 * len(labels)) + 0.8)
+    fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=True)
+    for row, metric in enumerate(metrics):
+        up = higher_is_better(metric)
+        name = "validation loss (nats)" if metric == "val_loss" else metric
+        for col, (arm, base) in enumerate(pairs):
+            ax = axes[row][col]
+            cmp = by.get((arm, base, metric))
+            if cmp is None:
+                ax.set_visible(False)
                 continue
-            err = [[i.mean - i.lo], [i.hi - i.mean]] if i.has_ci else None
-            big = conf == ALL
-            ax.errorbar([i.mean], [y], xerr=err, fmt="D" if big else "o", ms=8 if big else 5, color=color,
-                        ecolor=color, capsize=3, lw=1.5)
-        ax.axvline(0, color="black", lw=1, ls="--")
-        ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
-        ax.set_title(f"{cmp.arm} − {cmp.baseline}: {cmp.arm} won {cmp.wins} of {cmp.n}", fontsize=10)
-        ax.set_xlabel(f"Δ validation loss (nats)\n< 0: {cmp.arm} better")
-        ax.grid(axis="x", alpha=0.3)
-        lim = max(abs(v) for v in ax.get_xlim())
-        ax.set_xlim(-lim, lim)
-    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+            color = COLORS.get(arm, "#444")
+            for y, conf in enumerate(labels):
+                i = cmp.overall if conf == ALL else cmp.per_config.get(conf)
+                if i is None:
+                    continue
+                err = [[i.mean - i.lo], [i.hi - i.mean]] if i.has_ci else None
+                big = conf == ALL
+                ax.errorbar([i.mean], [y], xerr=err, fmt="D" if big else "o", ms=8 if big else 5, color=color,
+                            ecolor=color, capsize=3, lw=1.5)
+            ax.axvline(0, color="black", lw=1, ls="--")
+            ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
+            ax.set_title(f"{arm} − {base}: {arm} better in {cmp.wins} of {cmp.n}", fontsize=10)
+            ax.set_xlabel(f"Δ {name}; {'> 0' if up else '< 0'}: {arm} better", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+            lim = max(abs(v) for v in ax.get_xlim())
+            ax.set_xlim(-lim, lim)
+        axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0][0].invert_yaxis()
     seeds = max((i.n for cmp in comparisons for i in cmp.per_config.values()), default=1)
     per = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"

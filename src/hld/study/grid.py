@@ -9,6 +9,8 @@ ordinary run. This module reads and checks the study YAML and expands it into ce
     budgets: [{tokens: 32768}]        # each a dict of budget.* keys
     grid: {train.lr: [1.0e-3, 3.0e-3], objective.alpha: [0.5]}   # cartesian product
     seeds: [0]
+    tasks: [shipped]                  # downstream tasks (lm-eval) scored on every cell and the teacher
+    task_limit: 200                   # the first N items of each task (null: all)
 
 A cell's id reads `<student>__<budget>__<grid point>__s<seed>__<arm>`; its *configuration* is the
 id without seed and arm: the unit that pairs HLD with KD (seeds are replicates within it).
@@ -43,6 +45,9 @@ STUDY_KEYS = {
     "budgets": "list of budgets, each a mapping of budget.* keys, e.g. [{tokens: 32768}]",
     "grid": "shared hyperparameters: dotted key -> list of values; cells take the cartesian product",
     "seeds": "train.seed values; seeds are the replicates of a configuration",
+    "tasks": "downstream tasks scored through lm-eval on every finished cell and on the teacher: harness "
+             "names, `shipped` (the offline tasks) or `paper`; [] for none",
+    "task_limit": "score only the first N items of each task (null: every item)",
 }
 REQUIRED = ("name", "arms", "students", "budgets")
 # keys a study sets itself, per cell: a grid or override may not set them
@@ -63,6 +68,8 @@ class Study:
     budgets: tuple[dict, ...]  # budget.* key (without the prefix) -> value
     grid: dict = field(default_factory=dict)  # dotted key -> tuple of values
     seeds: tuple[int, ...] = (0,)
+    tasks: tuple[str, ...] = ()  # downstream tasks (expanded: `shipped` -> its task names)
+    task_limit: Optional[int] = None
     source: Optional[str] = None  # the YAML it was read from
 
 
@@ -121,7 +128,29 @@ def parse_study(raw: dict, *, source: Optional[Path] = None) -> Study:
     return Study(name=_name(raw["name"]), base=base, overrides=_str_list(raw, "overrides"),
                  arms=_arms(raw["arms"]), students=_nonempty_list(raw, "students", str),
                  budgets=_budgets(raw["budgets"]), grid=_grid(raw.get("grid") or {}),
-                 seeds=_nonempty_list(raw, "seeds", int, default=[0]), source=str(source) if source else None)
+                 seeds=_nonempty_list(raw, "seeds", int, default=[0]), tasks=_tasks(raw.get("tasks")),
+                 task_limit=_task_limit(raw.get("task_limit")), source=str(source) if source else None)
+
+
+def _tasks(value: Any) -> tuple[str, ...]:
+    from hld.eval.harness import expand_tasks  # pure: needs no lm-eval to read a study
+
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise HldError(f"study tasks: {value!r} should be a list of task names", "write e.g. tasks: [shipped]")
+    return tuple(expand_tasks(value))
+
+
+def _task_limit(value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise HldError(f"study task_limit: {value!r} should be a positive integer or null",
+                       "write e.g. task_limit: 200")
+    return value
 
 
 def _name(value: Any) -> str:

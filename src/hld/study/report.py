@@ -10,7 +10,9 @@ from pathlib import Path
 
 from hld.atomic import write_text
 from hld.errors import HldError
-from hld.study.aggregate import Comparison, Table, collect, paired, verdict_line, write_paired_csv, write_results_csv
+from hld.study.aggregate import (Comparison, Table, collect, paired, task_metric, verdict_line, write_paired_csv,
+                                 write_results_csv)
+from hld.study.grid import ARMS
 from hld.study.figures import plot_curves, plot_loss_vs_flops, plot_paired
 
 
@@ -21,17 +23,21 @@ def build_report(study_dir: Path) -> dict:
         raise HldError(f"{study_dir} holds no finished runs (no runs/*/summary.json)",
                        "point at a study directory written by `hld study`")
     meta = _read_meta(study_dir)
-    comparisons = paired(table.rows)
+    comparisons = paired(table.rows, metrics=("val_loss", *table.task_metrics))
     results_csv = write_results_csv(table, study_dir / "results.csv")
     paired_csv = write_paired_csv(comparisons, study_dir / "paired.csv")
     plots_dir = study_dir / "plots"
-    plots = [plot_loss_vs_flops(table, plots_dir), plot_curves(table, study_dir, plots_dir)]
+    reference = meta.get("teacher_reference") or []
+    plots = [plot_loss_vs_flops(table, study_dir, plots_dir, reference=reference),
+             plot_curves(table, study_dir, plots_dir)]
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
     verdicts = [verdict_line(c) for c in comparisons]
-    text = render(table, comparisons, verdicts, meta, name=meta.get("name", study_dir.name))
+    summary = best_table(table, reference)
+    text = render(table, comparisons, verdicts, meta, name=meta.get("name", study_dir.name), summary=summary)
     write_text(study_dir / "report.md", text)
-    return {"report": str(study_dir / "report.md"), "results_csv": str(results_csv), "paired_csv": str(paired_csv),
+    return {"report": str(study_dir / "report.md"), "table": "\n".join(summary), "results_csv": str(results_csv),
+            "paired_csv": str(paired_csv),
             "plots": [str(p) for p in plots], "verdicts": verdicts, "cells": len(table.rows),
             "pending": table.pending}
 
@@ -45,29 +51,80 @@ def _read_meta(study_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- rendering
 
-def render(table: Table, comparisons: list[Comparison], verdicts: list[str], meta: dict, *, name: str) -> str:
+def best_table(table: Table, reference: list[dict]) -> list[str]:
+    """Per student, budget and arm: its best grid point (lowest seed-mean validation loss), with the
+    arm's tokens and FLOPs; then the teacher. The first thing a reader wants, and what `hld run` prints."""
+    tasks = table.task_metrics
+    lines = ["| student | budget | arm | best grid point | train tokens | train FLOPs | val loss | val ppl |"
+             + "".join(f" {m} |" for m in tasks), "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for (student, budget, arm), rows in _groups(table).items():
+        by_conf: dict[str, list[dict]] = {}
+        for r in rows:
+            if math.isfinite(r["val_loss"]):
+                by_conf.setdefault(r["configuration"], []).append(r)
+        if not by_conf:
+            continue
+        best = min(by_conf.values(), key=lambda g: sum(r["val_loss"] for r in g) / len(g))
+        loss = sum(r["val_loss"] for r in best) / len(best)
+        point = ", ".join(f"{k.rsplit('.', 1)[-1]}={best[0][k]}" for k in table.grid_keys) or "—"
+        lines.append(f"| {student} | {budget} | {arm} | {point} | {best[0]['tokens']:,} | {best[0]['flops']:.4g} | "
+                     f"{loss:.4f} | {math.exp(loss):.2f} |" + "".join(f" {_score(best, m)} |" for m in tasks))
+    for ref in reference:
+        scores = {task_metric(t, r): r for t, r in (ref.get("tasks") or {}).items()}
+        lines.append(f"| teacher `{ref['model']}` | — | — | — | — | — | {ref['val_loss']:.4f} | {ref['val_ppl']:.2f} |"
+                     + "".join(f" {_fmt_score(scores[m]['value'], scores[m].get('stderr'))} |" if m in scores
+                               else " — |" for m in tasks))
+    return lines
+
+
+def _fmt_score(value: float, stderr) -> str:
+    return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}"
+
+
+def _score(rows: list[dict], metric: str) -> str:
+    """A task metric over a configuration's seeds: the value ± its stderr (one seed), or the mean."""
+    vals = [r[metric] for r in rows if r.get(metric) is not None]
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return _fmt_score(vals[0], rows[0].get(f"{metric}_stderr"))
+    return f"{sum(vals) / len(vals):.3f} (mean of {len(vals)})"
+
+
+def render(table: Table, comparisons: list[Comparison], verdicts: list[str], meta: dict, *, name: str,
+           summary: list[str]) -> str:
     lines = [f"# Study `{name}`", ""]
     done = f"{len(table.rows)} finished cells"
     if table.pending:
         done += f"; {len(table.pending)} unfinished, left out: {', '.join(table.pending)}"
     lines += [f"{done}. Generated by `hld report` from the run directories under `runs/`.", ""]
     lines += _setup(table, meta)
+    lines += ["## Best grid point per arm", ""] + summary + [""]
     lines += ["## Paired verdicts", "",
               "Δ = validation loss of the arm − validation loss of its baseline, in nats per token, paired on "
               "configuration (student, budget, shared hyperparameters) and seed; Δ < 0 means the arm is better, "
               "and the perplexity ratio is exp(Δ). A configuration is won when its mean Δ over seeds is < 0. "
               "Intervals are two-sided 95% Student-t intervals.", ""]
+    if table.task_metrics:
+        lines += ["Downstream tasks are paired the same way on their headline metric (accuracy: Δ > 0 means the "
+                  "arm is better; a perplexity: Δ < 0). The accuracies' own standard errors are in the tables "
+                  "below: differences smaller than about twice them are noise.", ""]
     lines += [f"- {v}" for v in verdicts] or ["- no pair of compared arms (hld-* vs kd, kd vs ce) ran in this study"]
     lines += [""] + _compute_note(table) + _per_config_table(comparisons)
-    lines += ["## Results", "", "One row per cell (also in `results.csv`; the paired differences in `paired.csv`).",
-              ""] + _results_table(table)
+    lines += ["## Results", "", "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
+              + ("; the teacher's row is its own score on the same validation windows and tasks, for reference." if
+                 meta.get("teacher_reference") else "."), ""]
+    lines += _results_table(table, meta.get("teacher_reference") or [])
     lines += ["## Plots", "",
               "![validation loss vs FLOPs](plots/loss_vs_flops.png)", "",
-              "Validation loss against training FLOPs, one panel per student: small dots are cells, the "
-              "large marker is each arm's best grid point (mean over seeds).", "",
+              "Loss against training FLOPs, one panel per student: the large marker is each arm's final "
+              "validation loss at its best grid point (mean over seeds; at equal FLOPs the markers share one "
+              "column), the line that cell's training loss (train/ce) as the FLOPs were spent, small dots the "
+              "other cells.", "",
               "![training curves](plots/training_curves.png)", "",
-              "Student next-token loss (train/ce) against training tokens; hld-first's curve starts after its "
-              "hidden-only phase, which has no next-token loss.", ""]
+              "Student next-token loss (train/ce) against training tokens (bold: each arm's best grid point; at "
+              "equal FLOPs with the teacher counted, CE reads the most tokens); hld-first's curve starts after "
+              "its hidden-only phase, which has no next-token loss.", ""]
     if comparisons:
         lines += ["![paired differences](plots/paired_differences.png)", "",
                   "Paired Δ validation loss per configuration, with the mean over configurations at the bottom; "
@@ -106,6 +163,18 @@ def _setup(table: Table, meta: dict) -> list[str]:
                if cfg["objective"]["method"] != "ce"}
     how = ("the cells' FLOPs below charge the teacher's forward to every token they read from it "
            "(budget.count_teacher)" if charged == {True} else "not counted in the cells' FLOPs below")
+    if table.task_metrics:
+        parts = []
+        for m in table.task_metrics:
+            info = table.task_info[m]
+            chance = f"chance {info['chance']:.3f}" if info.get("chance") is not None else "open answer: chance ≈ 0"
+            parts.append(f"`{m}` ({info.get('n')} items, {chance})")
+        lines += ["- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
+                  + ", ".join(parts) + "."]
+    for ref in meta.get("teacher_reference") or []:
+        lines += [f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
+                  f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
+                  "students: the floor they are distilled towards."]
     for cache in (meta.get("caches") or {}).values():
         if cache.get("tokens"):
             flops = f", {cache['build_flops']:.3g} FLOPs" if cache.get("build_flops") else ""
@@ -150,8 +219,10 @@ def _shape(cfg: dict) -> str:
 
 
 def _groups(table: Table) -> dict:
+    """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first."""
     out: dict = {}
-    for r in table.rows:
+    order = {a: i for i, a in enumerate(ARMS)}
+    for r in sorted(table.rows, key=lambda r: (r["student"], r["budget"], order.get(r["arm"], 99), r["arm"])):
         out.setdefault((r["student"], r["budget"], r["arm"]), []).append(r)
     return out
 
@@ -180,23 +251,33 @@ def _per_config_table(comparisons: list[Comparison]) -> list[str]:
     if not comparisons:
         return []
     lines = ["Per configuration (mean over seeds):", "",
-             "| comparison | configuration | seeds | Δ val loss (nats) | 95% CI | ppl ratio |",
-             "|---|---|---:|---:|---|---:|"]
+             "| comparison | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
+             "|---|---|---|---:|---:|---|---:|"]
     for c in comparisons:
+        loss = c.metric == "val_loss"
+        d = 4 if loss else 3
         for conf, i in c.per_config.items():
-            ci = f"[{i.lo:+.4f}, {i.hi:+.4f}]" if i.has_ci else "—"
-            lines.append(f"| {c.arm} vs {c.baseline} | {conf} | {i.n} | {i.mean:+.4f} | {ci} | "
-                         f"{math.exp(i.mean):.4f} |")
+            ci = f"[{i.lo:+.{d}f}, {i.hi:+.{d}f}]" if i.has_ci else "—"
+            ratio = f"{math.exp(i.mean):.4f}" if loss else "—"
+            lines.append(f"| {c.arm} vs {c.baseline} | {'val loss (nats)' if loss else c.metric} | {conf} | {i.n} | "
+                         f"{i.mean:+.{d}f} | {ci} | {ratio} |")
     return lines + [""]
 
 
-def _results_table(table: Table) -> list[str]:
-    grid = table.grid_keys
-    head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * 5]
+def _results_table(table: Table, reference: list[dict]) -> list[str]:
+    grid, tasks = table.grid_keys, table.task_metrics
+    head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s", *tasks]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * (5 + len(tasks))]
     for r in table.rows:
         cells = [r["student"], r["budget"], *[str(r[k]) for k in grid], str(r["seed"]), r["arm"],
                  f"{r['tokens']:,}", f"{r['flops']:.3g}", f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}",
-                 f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—"]
+                 f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—", *[_score([r], m) for m in tasks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    for ref in reference:
+        scores = {task_metric(t, v): v for t, v in (ref.get("tasks") or {}).items()}
+        cells = [f"teacher `{ref['model']}`", "—", *["—"] * len(grid), "—", "teacher", "—", "—",
+                 f"{ref['val_loss']:.4f}", f"{ref['val_ppl']:.2f}", "—",
+                 *[_fmt_score(scores[m]["value"], scores[m].get("stderr")) if m in scores else "—" for m in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -1,7 +1,9 @@
 """`hld study`: train every cell of a study as an ordinary run directory, then write the report.
 
-<out>/study.json                the study as read, its cells, and the teacher caches' build cost
-<out>/runs/<cell id>/           an `hld train` run directory, plus cell.json (the cell's keys)
+<out>/study.json                the study as read, its cells, the teacher caches' build cost and the
+                                teacher's own validation loss (the reference line of the report)
+<out>/runs/<cell id>/           an `hld train` run directory, plus cell.json (the cell's keys) and,
+                                when the study names tasks, downstream.json (lm-eval scores)
 <out>/caches/<group id>/        one offline teacher cache per group of KD/HLD cells that read the
                                 same windows (same teacher, data, seed and batch size)
 <out>/report.md results.csv paired.csv plots/
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from hld.config import RunConfig, to_dict
@@ -65,6 +68,10 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
     study = load_study(study_cfg, overrides)
     out = Path(out_dir or f"studies/{study.name}")
     planned = plan_cells(study, out)
+    if study.tasks:  # a misspelt task or missing data fails now, not after the first cell
+        from hld.eval.harness import check_tasks
+
+        check_tasks(list(study.tasks))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     meta_path = out / "study.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -82,18 +89,92 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
         if cell.id in done:
             if not (run_dir / "cell.json").exists():  # finished, then stopped before its cell.json
                 write_json(run_dir / "cell.json", cell.describe())
+            _downstream(study, cfg, run_dir, resources, quiet)  # e.g. tasks added to a finished study
             continue
         if group is not None and group not in ready:
             ready.add(group)
             meta["caches"][group] = _ensure_group_cache(planned, group, out, resources, quiet)
             write_json(meta_path, meta)
         summary = _train_cell(cell, cfg, run_dir, resources, quiet)
+        scores = _downstream(study, cfg, run_dir, resources, quiet)
         trained.append(cell.id)
-        say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f} "
-            f"({summary['train_seconds']:.0f} s)")
+        tasks = "".join(f", {t} {r['metric']} {r['value']:.3f}" for t, r in scores.items())
+        say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f}{tasks} "
+            f"({summary['train_seconds']:.0f} s training)")
+    meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
+                                                    resources, quiet)
+    write_json(meta_path, meta)
     report = build_report(out)
     return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": done,
             "seconds": time.time() - t0, **report}
+
+
+def _scored(scores: dict, study: Study) -> bool:
+    """`scores` (downstream.json or a reference's tasks) holds every task of the study at its limit."""
+    return all(t in scores and scores[t].get("limit") == study.task_limit for t in study.tasks)
+
+
+def _score(lm, tokenizer, study: Study, quiet: bool) -> dict:
+    from hld.eval.harness import evaluate_tasks
+
+    rows = evaluate_tasks(lm, tokenizer, list(study.tasks), limit=study.task_limit, quiet=quiet)
+    return {t: {**r, "limit": study.task_limit} for t, r in rows.items()}
+
+
+def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: bool) -> dict:
+    """Score a finished cell's student on the study's tasks into run_dir/downstream.json (kept when
+    it already holds them, so a resumed study does not score a cell twice)."""
+    if not study.tasks:
+        return {}
+    path = run_dir / "downstream.json"
+    have = json.loads(path.read_text()) if path.exists() else {}
+    if _scored(have, study):
+        return {t: have[t] for t in study.tasks}
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32)
+    have.update(_score(lm, resources.tokenizer(cfg.teacher.model), study, quiet))
+    write_json(path, have)
+    return {t: have[t] for t in study.tasks}
+
+
+def _reference_key(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return {"model": cfg.teacher.model, "dtype": cfg.teacher.dtype, "validation": d.validation,
+            "seq_len": d.seq_len, "val_tokens": d.val_tokens, "text_field": d.text_field}
+
+
+def _teacher_references(study: Study, planned: list, done: list[dict], resources, quiet: bool) -> list[dict]:
+    """The teacher's validation loss on the very windows each cell is validated on (one entry per
+    distinct teacher and validation set; usually one), and its scores on the study's tasks: the
+    reference the report measures students against. What study.json already holds is kept, so a
+    resumed study does not redo it."""
+    from hld.eval.perplexity import perplexity
+    from hld.precision import resolve_dtype
+
+    out = []
+    for cfg in [cfg for _, cfg, _ in planned]:
+        key = _reference_key(cfg)
+        if any({k: e.get(k) for k in key} == key for e in out):
+            continue
+        have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
+        if have is None:
+            t0 = time.time()
+            loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+            tok = loaded.tokenizer
+            val = resources.windows(cfg.data.validation, tok, seq_len=cfg.data.seq_len,
+                                    text_field=cfg.data.text_field)[: max(1, cfg.data.val_tokens // cfg.data.seq_len)]
+            r = perplexity(loaded.model, val, bos_id=tok.bos_token_id,
+                           compute_dtype=resolve_dtype(cfg.teacher.dtype),
+                           progress=None if quiet else "teacher validation")
+            have = {**key, "val_loss": r["loss"], "val_ppl": r["ppl"], "predictions": r["tokens"],
+                    "seconds": time.time() - t0}
+        if study.tasks and not _scored(have.get("tasks") or {}, study):
+            loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+            have = {**have, "tasks": {**(have.get("tasks") or {}),
+                                      **_score(loaded.model, loaded.tokenizer, study, quiet)}}
+        out.append(have)
+    return out
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
@@ -132,4 +213,5 @@ def _train_cell(cell: Cell, cfg: RunConfig, run_dir: Path, resources, quiet: boo
 def _study_dict(study: Study) -> dict:
     return {"name": study.name, "base": study.base, "overrides": list(study.overrides), "arms": list(study.arms),
             "students": list(study.students), "budgets": list(study.budgets),
-            "grid": {k: list(v) for k, v in study.grid.items()}, "seeds": list(study.seeds)}
+            "grid": {k: list(v) for k, v in study.grid.items()}, "seeds": list(study.seeds),
+            "tasks": list(study.tasks), "task_limit": study.task_limit}

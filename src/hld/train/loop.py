@@ -295,7 +295,7 @@ def validate_now(s: Setup) -> dict:
     """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
     result equals the single-process one."""
     r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone, bos_id=s.bos_id,
-                               chunk_tokens=max(256, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
+                               chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
     return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
 
 
