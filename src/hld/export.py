@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from hld.errors import HldError
+from hld.eval.harness import read_downstream
 
 REFUSED = ("checkpoint.pt",)  # never copied, whatever a student dir holds
 
@@ -30,7 +31,7 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
         raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
     summary = json.loads((run_dir / "summary.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    downstream = _downstream(run_dir)
+    downstream = read_downstream(run_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
@@ -61,19 +62,6 @@ def _finished_student(run_dir: Path) -> Path:
         raise HldError(f"{run_dir} has no finished student (student/ and summary.json are written at the end "
                        f"of training)", "finish the run first: hld train --resume --out RUN_DIR --config ...")
     return student
-
-
-def _downstream(run_dir: Path) -> dict:
-    path = run_dir / "downstream.json"
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HldError(f"{path} is not valid JSON ({exc.msg})", "rewrite it, or delete it to export without it")
-    if not isinstance(data, dict) or not all(isinstance(v, dict) and "value" in v for v in data.values()):
-        raise HldError(f"{path} is not {{task: {{metric, value, stderr, chance, n}}}}", "rewrite or delete it")
-    return data
 
 
 def model_card(summary: dict, config: dict, downstream: dict) -> str:

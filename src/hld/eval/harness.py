@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
 import math
 import os
@@ -88,6 +89,20 @@ def check_tasks(tasks: list[str], dataset_paths: Optional[dict[str, str]] = None
     tasks = expand_tasks(tasks)
     with _harness_output():
         _load_tasks(task_manager(tasks), tasks, dataset_paths or {})
+
+
+def read_downstream(run_dir: Path) -> dict:
+    """A run's downstream.json (written by `hld study`: what evaluate_tasks returned, per task), or {}."""
+    path = Path(run_dir) / "downstream.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HldError(f"{path} is not valid JSON ({exc.msg})", "rewrite it, or delete it and rerun the study")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "value" in v for v in data.values()):
+        raise HldError(f"{path} is not {{task: {{metric, value, stderr, chance, n}}}}", "rewrite or delete it")
+    return data
 
 
 # --------------------------------------------------------------------------- loading tasks

@@ -25,8 +25,9 @@ from typing import Any, Optional
 import yaml
 
 from hld.atomic import write_text
+from hld.eval.harness import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
-from hld.study.plots import read_metrics
+from hld.train.loggers import read_metrics
 from hld.study.stats import Interval, mean_interval
 
 COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
@@ -98,7 +99,7 @@ def collect(study_dir: Path) -> Table:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
         found.append((run_dir, cfg, json.loads((run_dir / "summary.json").read_text()), cell))
-    scores = {run_dir.name: _downstream(run_dir) for run_dir, *_ in found}
+    scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
     task_info = {task_metric(t, r): {"chance": r.get("chance"), "n": r.get("n")}
                  for d in scores.values() for t, r in d.items()}
     task_metrics = list(task_info)
@@ -119,11 +120,6 @@ def collect(study_dir: Path) -> Table:
     return Table(rows=rows, budget_keys=budget_keys, grid_keys=grid_keys, pending=pending, configs=configs,
                  task_metrics=task_metrics, task_info=task_info)
 
-
-def _downstream(run_dir: Path) -> dict:
-    """{task: {metric, value, stderr, chance, n, ...}} from downstream.json ({} without one)."""
-    path = run_dir / "downstream.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _grid_keys(found: list) -> list[str]:

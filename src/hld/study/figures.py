@@ -10,9 +10,10 @@ from typing import Optional
 import numpy as np
 
 from hld.study.aggregate import Comparison, Table, higher_is_better
-from hld.study.plots import COLORS, _smooth, read_metrics
+from hld.train.loggers import read_metrics
 
 ALL = "mean over configurations"
+COLORS = {"ce": "#7f7f7f", "kd": "#1f77b4", "hld-joint": "#d62728", "hld-first": "#2ca02c", "teacher": "#000000"}
 MARKERS = {"ce": "o", "kd": "s", "hld-joint": "^", "hld-first": "v"}
 
 
@@ -43,6 +44,21 @@ def _student_title(table: Table, student: str) -> str:
     return f"student {student}" + (f" ({n / 1e3:,.0f}k non-embedding params)" if n else "")
 
 
+def _student_panels(table: Table, *, width: float, height: float):
+    """A row of panels sharing the y axis, one per student (smallest first): (fig, axes, students, arms)."""
+    students = _students(table)
+    fig, axes = _plt().subplots(1, len(students), figsize=(width * len(students) + 0.6, height), squeeze=False,
+                                sharey=True)
+    return fig, axes, students, _arms(table)
+
+
+def _fit_y(ax, lows: list[float], highs: list[float], *, pad: float) -> None:
+    """y limits from the values worth seeing (not a curve's first, ln V-high steps), padded by a share."""
+    if lows:
+        margin = pad * (max(highs) - min(lows) + 1e-9)
+        ax.set_ylim(min(lows) - margin, max(highs) + margin)
+
+
 def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: list[dict] = ()) -> Path:
     """One panel per student. Per arm: the training loss (train/ce) of its best grid point against
     cumulative training FLOPs as a line, its final validation loss as a large marker at the FLOPs it
@@ -50,10 +66,7 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
     the markers stand in one column, so their vertical order is the verdict. The teacher's validation
     loss (`reference`, from study.json) is named in the title: drawn as a line it would squash the
     students' differences."""
-    plt = _plt()
-    students, arms = _students(table), _arms(table)
-    fig, axes = plt.subplots(1, len(students), figsize=(5.4 * len(students) + 0.6, 4.6), squeeze=False,
-                             sharey=True)
+    fig, axes, students, arms = _student_panels(table, width=5.4, height=4.6)
     lows, highs = [], []
     for ax, student in zip(axes[0], students):
         flops = [r["flops"] for r in table.rows if r["student"] == student]
@@ -85,9 +98,7 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(title="arm: best grid point", fontsize=8, title_fontsize=8, loc="upper right")
-    if lows:
-        pad = 0.06 * (max(highs) - min(lows) + 1e-9)
-        axes[0][0].set_ylim(min(lows) - pad, max(highs) + pad)
+    _fit_y(axes[0][0], lows, highs, pad=0.06)
     axes[0][0].set_ylabel("loss (nats/token, lower is better)")
     title = "Validation loss vs training compute (markers: final validation loss; small dots: other cells)"
     if reference:
@@ -102,6 +113,12 @@ def _sci_formatter():
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda x, _: "0" if x == 0 else f"{x:.2g}")
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if len(y) < k or k <= 1:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
 
 
 def _train_curve(run_dir: Path, x_key: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -133,10 +150,7 @@ def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[flo
 def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
     """train/ce against tokens, one panel per student: thin lines per cell, the arm's best grid point
     (lowest validation loss, its first seed) bold. At equal FLOPs, CE's line runs furthest."""
-    plt = _plt()
-    students, arms = _students(table), _arms(table)
-    fig, axes = plt.subplots(1, len(students), figsize=(5.2 * len(students) + 0.6, 4.4), squeeze=False,
-                             sharey=True)
+    fig, axes, students, arms = _student_panels(table, width=5.2, height=4.4)
     tops, bottoms = [], []
     for ax, student in zip(axes[0], students):
         for arm in arms:
@@ -157,9 +171,7 @@ def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="bold: best grid point", title_fontsize=8)
-    if tops:  # the first steps (ln V nats) would squash the rest of the curve
-        pad = 0.05 * (max(tops) - min(bottoms) + 1e-9)
-        axes[0][0].set_ylim(min(bottoms) - pad, max(tops) + pad)
+    _fit_y(axes[0][0], bottoms, tops, pad=0.05)  # the first steps (ln V nats) would squash the rest
     axes[0][0].set_ylabel("train/ce (nats/token; moving average on long runs)")
     fig.suptitle("Student next-token loss during training (thin: other cells)", fontsize=11)
     fig.tight_layout()

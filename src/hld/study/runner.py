@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from hld.config import RunConfig, to_dict
 from hld.atomic import write_json
@@ -53,11 +52,6 @@ def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[
             cfg = cell_config(study, cell, [f"teacher.cache={cache_root / group}"])
         planned.append((cell, cfg, group))
     return planned
-
-
-def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
-    have = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return json.dumps(have, sort_keys=True) == json.dumps(to_dict(cfg), sort_keys=True)
 
 
 def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None,
@@ -126,15 +120,16 @@ def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: b
     it already holds them, so a resumed study does not score a cell twice)."""
     if not study.tasks:
         return {}
-    path = run_dir / "downstream.json"
-    have = json.loads(path.read_text()) if path.exists() else {}
+    from hld.eval.harness import read_downstream
+
+    have = read_downstream(run_dir)
     if _scored(have, study):
         return {t: have[t] for t in study.tasks}
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32)
     have.update(_score(lm, resources.tokenizer(cfg.teacher.model), study, quiet))
-    write_json(path, have)
+    write_json(run_dir / "downstream.json", have)
     return {t: have[t] for t in study.tasks}
 
 
@@ -180,7 +175,9 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     if not (run_dir / "summary.json").exists():
         return False
-    if not _same_config(run_dir, cfg):
+    from hld.train.loop import same_config
+
+    if not same_config(run_dir / "config.yaml", cfg):
         raise HldError(f"finished cell {run_dir} was trained with a different config than the study now asks for",
                        "restore the study's config, or write the study to a new --out directory")
     return True

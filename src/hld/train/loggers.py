@@ -21,6 +21,18 @@ from hld.config import RunConfig, to_dict
 from hld.errors import HldError
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl lines ([] without one); a line cut short (a kill, a full disk) is dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for ln in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 class RunLogger:
     def __init__(self, out: Path, cfg: RunConfig, *, enabled: bool = True, resume_step: Optional[int] = None) -> None:
         """`enabled=False` (ranks other than 0) logs nowhere; `resume_step`: the checkpoint's step."""

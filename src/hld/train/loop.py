@@ -42,7 +42,7 @@ from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
 from hld.train.checkpoint import (has_checkpoint, load_checkpoint, load_reason, load_sharded, remove_torn,
                                   save_checkpoint, save_sharded, set_rng_state)
-from hld.train.loggers import RunLogger
+from hld.train.loggers import RunLogger, read_metrics
 from hld.train.progress import Progress
 from hld.train.resources import Resources
 from hld.train.schedule import lr_factor
@@ -219,7 +219,7 @@ def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True)
     if resume:
         if not cfg_path.exists():
             raise HldError(f"--resume: {out} is not a run directory (no config.yaml)", "check --out")
-        if not _same_config(cfg_path, cfg):
+        if not same_config(cfg_path, cfg):
             raise HldError(f"--resume with a config that differs from {cfg_path}",
                            "resume with the same config and overrides, or start a new --out")
         return
@@ -230,24 +230,12 @@ def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True)
         atomic.write_text(cfg_path, text)
 
 
-def _rows(path: Path) -> list[dict]:
-    """metrics.jsonl's lines; a last line cut short (a kill, a full disk) is dropped."""
-    out = []
-    for ln in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _last_validation(path: Path) -> dict:
-    rows = _rows(path)
-    vals = [r for r in rows if "val/ppl" in r]
+def _last_validation(run_dir: Path) -> dict:
+    vals = [r for r in read_metrics(run_dir) if "val/ppl" in r]
     return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
-def _same_config(path: Path, cfg: RunConfig) -> bool:
+def same_config(path: Path, cfg: RunConfig) -> bool:
     """Does the resolved config saved at `path` equal `cfg`? The `log` section (where metric lines
     also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
     import yaml
@@ -257,12 +245,12 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
     return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-    if not path.exists():
+    if not (run_dir / "metrics.jsonl").exists():
         return
-    keep = [r for r in _rows(path) if r.get("step", 0) <= step]
-    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
@@ -338,7 +326,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
             _restore(s, ck)
         step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
         if d.is_main:
-            _truncate_metrics(out / "metrics.jsonl", step)
+            _truncate_metrics(out, step)
     logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=step if resume else None)  # rank 0 logs
     prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=step)
     t0, tok0, skipped_in_row, t_train, line = time.time(), tokens, 0, 0.0, {}
@@ -379,7 +367,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
     distributed.main_only(d, lambda: export_student(s.student, tok, out / "student", state_dict=full))
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = _last_validation(out / "metrics.jsonl") or validate_now(s)
+        line = _last_validation(out) or validate_now(s)
     counts = count_params(s.student)
     summary = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
                "student_params": counts["total"], "student_params_non_embedding": counts["non_embedding"],
@@ -421,7 +409,7 @@ def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resour
     """A finished run's summary; else resume it from its checkpoint; else (re)start it."""
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
-        if not _same_config(run_dir / "config.yaml", cfg):
+        if not same_config(run_dir / "config.yaml", cfg):
             raise HldError(f"{run_dir} holds a finished run of another config",
                            "choose another --out, or delete that directory")
         return json.loads((run_dir / "summary.json").read_text())
