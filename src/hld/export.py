@@ -10,13 +10,13 @@ that is then renamed."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from hld.atomic import replace_dir
 from hld.errors import HldError
 from hld.eval.harness import read_downstream
 
@@ -39,13 +39,7 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
         for p in files:
             shutil.copy2(p, tmp / p.name)
         (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
-        if out_dir.exists():  # --force: the old contents go only once the new ones are complete
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # --force: the old contents go only once the new ones are complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from hld.atomic import replace_dir
 from hld.distributed import Dist, any_rank, barrier
 from hld.errors import HldError
 
@@ -158,7 +159,7 @@ def save_sharded(run_dir: Path, d: Dist, *, step: int, tokens: int, modules: dic
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp, no_dist=not d.active)
         if d.is_main:
             atomic_save({"step": step, "tokens": tokens, "rng": rng_state(), **extra}, tmp / TRAINER_NAME)
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
             for _, old in _sharded_dirs(ck):
                 if old != final:
                     shutil.rmtree(old)
@@ -182,18 +183,6 @@ def _reason(exc: Optional[BaseException]) -> str:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
     return type(exc).__name__
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename a complete directory into place; an existing one of the same step is set aside first
-    (a directory cannot be replaced in one rename) and deleted after."""
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -260,9 +259,7 @@ def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: O
     try:
         student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic.replace_dir(tmp, out)
     except OSError as exc:
         raise HldError(f"could not write {out}: {exc.strerror or exc}",
                        "free disk space or pick another --out") from exc
