@@ -47,7 +47,7 @@ def forward_only(loaded, cfg, windows) -> float:
     """Seconds of the teacher's forward over the windows the cache holds, as `build_cache` batches
     them (top-k taken, nothing written)."""
     tok = loaded.tokenizer
-    order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=tok.bos_token_id)
+    order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     steps = cfg.budget.tokens // (cfg.train.batch_size * cfg.data.seq_len)
     ids = order.window_ids(steps)
     layers = teacher_layers(cfg, n_blocks(loaded.model)) if cfg.objective.method.startswith("hld") else []

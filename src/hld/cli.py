@@ -122,7 +122,8 @@ def cmd_eval(args) -> dict:
         t1 = time.time()
         row["tasks"] = evaluate_tasks(lm, loaded.tokenizer, expand_tasks(args.tasks), limit=args.limit,
                                       batch_size=args.batch_size or 8, device=device,
-                                      quiet=args.quiet or args.json, dataset_paths=task_data)
+                                      quiet=args.quiet or args.json, dataset_paths=task_data,
+                                      rolling_len=args.seq_len)
         row["tasks_seconds"] = time.time() - t1
         if not args.json:
             for name, r in row["tasks"].items():
@@ -147,8 +148,9 @@ def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
     from hld.data.packing import load_stream, pack_windows
     from hld.eval.perplexity import perplexity
 
-    windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len)
-    r = perplexity(lm, windows, bos_id=tokenizer.bos_token_id, batch_size=args.batch_size or 4,
+    windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len,
+                           bos_id=tokenizer.bos_token_id)
+    r = perplexity(lm, windows, batch_size=args.batch_size or 4,
                    compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
     if not args.json:
         print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "

@@ -271,14 +271,14 @@ def clip_grad_norm(d: Dist, params: list[torch.Tensor], max_norm: float) -> torc
 
 # --------------------------------------------------------------------------- validation and export
 
-def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: torch.nn.Module, bos_id: int,
+def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: torch.nn.Module,
                chunk_tokens: int, compute_dtype: torch.dtype) -> dict:
     """`hld.eval.perplexity.perplexity` with its batches dealt round-robin over the ranks. Every batch
     is computed as one process would, and the per-batch sums are added in the same order: the result
     equals the single-process value (bitwise, for the same weights)."""
     from hld.eval.perplexity import perplexity as single
 
-    kw = dict(bos_id=bos_id, chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
+    kw = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
     if not d.active:
         return single(lm, windows, **kw)
     n = math.ceil(len(windows) / PPL_BATCH)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-from hld.models.hooks import decoder_of
+from hld.models.hooks import decoder_of, text_config
 
 
 def _mean_context(T: int, window: Optional[int]) -> float:
@@ -33,13 +33,16 @@ def _mean_context(T: int, window: Optional[int]) -> float:
 def forward_flops_per_token(lm: nn.Module, seq_len: int, *, logits: bool = True,
                             upto_layer: Optional[int] = None) -> float:
     """Forward FLOPs per token of a HF causal LM, blocks 1..upto_layer (all by default)."""
-    cfg = lm.config
+    cfg = text_config(lm.config)
     layers = decoder_of(lm).layers
     n = len(layers) if upto_layer is None else upto_layer
     matmul = sum(m.weight.numel() for layer in layers[:n] for m in layer.modules() if isinstance(m, nn.Linear))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(layers)
     window = getattr(cfg, "sliding_window", None)
+    # layer_types names each block's attention (Gemma 3, Qwen 2/3); without it a set sliding_window
+    # applies to every block (Mistral), else attention is full (Llama)
+    default = "sliding_attention" if window else "full_attention"
+    types = getattr(cfg, "layer_types", None) or [default] * len(layers)
     attn = sum(4 * cfg.num_attention_heads * head_dim
                * _mean_context(seq_len, window if types[i] == "sliding_attention" else None) for i in range(n))
     head = 2 * lm.get_output_embeddings().weight.numel() if logits else 0

@@ -46,11 +46,19 @@ def _write_jsonl(path: Path, records: list, *, gz: bool = False) -> Path:
 
 
 def _hand_stream(texts: list[str], tok) -> np.ndarray:
-    """BOS + ids + EOS per document, one document at a time, concatenated."""
+    """ids + EOS per document, one document at a time, concatenated (no BOS: windows get it)."""
     out: list[int] = []
     for t in texts:
-        out += [BOS, *tok.encode(t, add_special_tokens=False, split_special_tokens=True), EOS]
+        out += [*tok.encode(t, add_special_tokens=False, split_special_tokens=True), EOS]
     return np.asarray(out)
+
+
+def _hand_windows(stream: list[int], seq_len: int) -> list[list[int]]:
+    """The README's protocol with plain lists: chunks of seq_len-1, each led by BOS, tail dropped."""
+    body, out = seq_len - 1, []
+    for start in range(0, len(stream) - body + 1, body):
+        out.append([BOS] + list(stream[start:start + body]))
+    return out
 
 
 # --------------------------------------------------------------------------- sources
@@ -161,7 +169,7 @@ def test_truncated_gzip_is_an_hld_error(tmp_path):
 
 # --------------------------------------------------------------------------- tokenise and pack
 
-def test_stream_is_bos_ids_eos_per_document(tok):
+def test_stream_is_ids_eos_per_document(tok):
     spec = str(ASSETS / "c4" / "c4-validation.*.json.gz")
     texts = [r["text"] for r in _read_c4(ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz")]
     expected = _hand_stream(texts, tok)
@@ -171,53 +179,53 @@ def test_stream_is_bos_ids_eos_per_document(tok):
     np.testing.assert_array_equal(load_stream(spec, tok, max_docs=3, use_cache=False), _hand_stream(texts[:3], tok))
     # documents tokenised in batches give the same ids as one at a time
     np.testing.assert_array_equal(
-        packing.tokenize_stream(iter(texts), tok, bos_id=BOS, eos_id=EOS, batch_docs=4), expected)
+        packing.tokenize_stream(iter(texts), tok, eos_id=EOS, batch_docs=4), expected)
 
 
-def test_pack_windows_non_overlapping_last_partial_dropped():
-    stream = np.arange(103, dtype=np.int32)
-    w = pack_windows(stream, 10)
-    assert w.shape == (10, 10) and w.dtype == np.int64
-    for i in range(10):
-        assert w[i].tolist() == list(range(10 * i, 10 * i + 10))
-    assert 100 not in w  # the tail 100..102 (a partial window) is dropped
-    assert pack_windows(np.arange(20), 10).shape == (2, 10)  # exact multiple: nothing dropped
+def test_text_spelling_bos_is_text_not_a_bos(tok):
+    stream = packing.tokenize_stream(iter(["a <bos> b"]), tok, eos_id=EOS)
+    assert BOS not in stream.tolist()
+
+
+def test_pack_windows_are_bos_plus_consecutive_chunks_last_partial_dropped():
+    stream = np.arange(3, 103, dtype=np.int32)  # 100 tokens, none a BOS
+    w = pack_windows(stream, 10, bos_id=BOS)
+    assert w.shape == (11, 10) and w.dtype == np.int64  # 100 // 9 chunks of 9
+    for i in range(11):
+        assert w[i].tolist() == [BOS] + list(range(3 + 9 * i, 3 + 9 * i + 9))
+    assert 102 not in w  # the tail 102 (a partial chunk) is dropped
+    assert w.tolist() == _hand_windows(stream.tolist(), 10)
+    assert pack_windows(np.arange(18), 10, bos_id=BOS).shape == (2, 10)  # exact multiple: nothing dropped
     with pytest.raises(HldError, match="fewer than one window"):
-        pack_windows(np.arange(9), 10)
+        pack_windows(np.arange(8), 10, bos_id=BOS)
+    with pytest.raises(HldError, match="seq_len"):
+        pack_windows(np.arange(8), 1, bos_id=BOS)
 
 
 def test_labels_on_a_hand_written_example():
-    windows = np.array([[2, 5, 6, 1, 2, 7],
-                        [8, 1, 2, 9, 10, 11]])
-    b = make_batch(windows, bos_id=2)
-    assert b.labels.tolist() == [[5, 6, 1, IGNORE, 7, IGNORE],
-                                 [1, IGNORE, 9, 10, 11, IGNORE]]
-    assert b.n_targets == 8
+    windows = np.array([[2, 5, 6, 1, 7, 8],
+                        [2, 1, 9, 9, 10, 11]])
+    b = make_batch(windows)
+    assert b.labels.tolist() == [[5, 6, 1, 7, 8, IGNORE],
+                                 [1, 9, 9, 10, 11, IGNORE]]
+    assert b.n_targets == 10  # seq_len - 1 predictions per window
     assert torch.equal(b.input_ids, torch.from_numpy(windows))
 
 
 def test_labels_of_real_windows_match_a_loop(tok):
     stream = load_stream(str(ASSETS / "c4" / "c4-validation.*.json.gz"), tok, use_cache=False)
     T = 32
-    windows = pack_windows(stream, T)
-    assert len(windows) == len(stream) // T
-    b = make_batch(windows, bos_id=BOS)
+    windows = pack_windows(stream, T, bos_id=BOS)
+    assert windows.tolist() == _hand_windows(stream.tolist(), T)
+    b = make_batch(windows)
     labels = b.labels.numpy()
-    n_expected = 0
     for r, row in enumerate(windows):
-        assert row.tolist() == stream[r * T:(r + 1) * T].tolist()
+        assert row[0] == BOS and BOS not in row[1:]  # every window starts with BOS, and has only that one
         for i in range(T):
-            if i == T - 1 or row[i + 1] == BOS:
-                want = IGNORE
-            else:
-                want = row[i + 1]
-                n_expected += 1
-            assert labels[r, i] == want, (r, i)
-    assert b.n_targets == n_expected
-    # the last token of a document (EOS) never predicts the next document's BOS
-    eos_then_bos = (windows[:, :-1] == EOS) & (windows[:, 1:] == BOS)
-    assert eos_then_bos.sum() > 0
-    assert (labels[:, :-1][eos_then_bos] == IGNORE).all()
+            assert labels[r, i] == (IGNORE if i == T - 1 else row[i + 1]), (r, i)
+    assert b.n_targets == len(windows) * (T - 1)
+    # an EOS inside a window predicts the next document's first token (the usual C4 packing)
+    assert (windows[:, 1:-1] == EOS).sum() > 0
     assert (labels[:, -1] == IGNORE).all()
     parts = b.split(2)
     assert torch.equal(torch.cat([p.labels for p in parts]), b.labels)
@@ -228,7 +236,7 @@ def test_labels_of_real_windows_match_a_loop(tok):
 
 def _order(n: int = 10, *, batch_size: int = 4, seed: int = 0, seq_len: int = 3) -> BatchOrder:
     windows = np.arange(n * seq_len).reshape(n, seq_len) + 3  # row r starts at 3r+3: never BOS
-    return BatchOrder(windows, batch_size=batch_size, seed=seed, bos_id=BOS)
+    return BatchOrder(windows, batch_size=batch_size, seed=seed)
 
 
 def test_batch_order_is_a_pure_function_of_the_seed():

@@ -99,18 +99,20 @@ def test_two_processes_give_the_single_process_gradient(two_processes, one_proce
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6 * scale, msg=lambda m, k=k: f"{name}: {k}: {m}")
     for key, v in ref["metrics"].items():  # loss and metric sums were all-reduced: the global batch's values
         if key.startswith("train/") or key == "grad_norm":
-            assert got["metrics"][key] == pytest.approx(v, rel=1e-6), key
+            # the norm is summed in another order over shards: float32 round-off, as for the gradients
+            assert got["metrics"][key] == pytest.approx(v, rel=1e-5 if key == "grad_norm" else 1e-6), key
     assert got["metrics"]["phase"] == ref["metrics"]["phase"]
     # validation batches dealt over the ranks, sums added in the single-process order: bitwise equal
     assert got["val"] == ref["val"]
 
 
-def test_the_scenarios_can_tell_local_from_global_normalisation(one_process):
-    # with equal per-rank target counts, dividing by the local count and averaging over ranks (the
-    # usual DDP recipe) would give the right gradient by accident; these steps have unequal counts
+def test_the_scenarios_exercise_the_phases(one_process):
+    # every window is BOS + seq_len-1 predicted tokens (hld.data.packing), so the ranks of a step
+    # always hold equal target counts and local vs global normalisation cannot differ through the
+    # data; the global count is still what each rank divides by (hld.train.loop.train_step)
     for name, (_, step) in SCENARIOS.items():
         if step == STEP:
-            assert len(set(one_process[name]["counts"])) > 1, name
+            assert len(set(one_process[name]["counts"])) == 1, name
     # and the phases exercised: projectors trained, final norm idle, projectors idle
     g = one_process["ddp-hld-joint"]["grads"]
     assert all(v is not None and v.abs().max() > 0 for k, v in g.items() if k.startswith("projectors."))
@@ -124,7 +126,7 @@ def test_rank_slices_tile_the_global_batch():
     from hld.data.packing import make_batch
 
     windows = np.arange(8 * 5).reshape(8, 5)
-    batch = make_batch(windows, bos_id=999, window_ids=np.arange(8))
+    batch = make_batch(windows, window_ids=np.arange(8))
     parts = [rank_slice(batch, rank=r, world_size=4) for r in range(4)]
     assert torch.equal(torch.cat([p.input_ids for p in parts]), batch.input_ids)  # contiguous, in rank order
     assert [p.window_ids.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]

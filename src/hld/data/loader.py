@@ -15,11 +15,10 @@ from hld.data.packing import Batch, make_batch
 
 
 class BatchOrder:
-    def __init__(self, windows: np.ndarray, *, batch_size: int, seed: int, bos_id: int) -> None:
+    def __init__(self, windows: np.ndarray, *, batch_size: int, seed: int) -> None:
         self.windows = windows  # (N, T)
         self.batch_size = batch_size
         self.seed = seed
-        self.bos_id = bos_id
         self._perms: dict[int, np.ndarray] = {}
 
     @property
@@ -43,7 +42,7 @@ class BatchOrder:
 
     def batch(self, step: int) -> Batch:
         idx = self.indices(step)
-        return make_batch(self.windows[idx], bos_id=self.bos_id, window_ids=idx)
+        return make_batch(self.windows[idx], window_ids=idx)
 
     def window_ids(self, steps: int) -> np.ndarray:
         """Distinct windows read by steps 0..steps-1, sorted (what a teacher cache must hold)."""

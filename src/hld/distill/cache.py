@@ -5,9 +5,12 @@ reads its signals from disk instead of running it. Format (docs/cache-format.md)
 <cache>/shard-NNNNN.tokens.npy       (n, T) int32   the exact input tokens the teacher saw
 <cache>/shard-NNNNN.topk_values.npy  (n, T, k) float16  the teacher's k largest logits, descending
 <cache>/shard-NNNNN.topk_indices.npy (n, T, k) int32    their token ids
+<cache>/shard-NNNNN.topk_rest.npy    (n, T) float32     log of the teacher's mass off the top k (its
+                                                        logsumexp over the other V - k logits)
 <cache>/shard-NNNNN.hidden_L{l}.npy  (n, T, d) uint16   bf16 bit patterns of layer l's output
 A cache is written into a temporary directory and renamed when complete, so a directory named like
-a cache is either complete or absent. The KD loss renormalises the teacher over its top k.
+a cache is either complete or absent. Windows follow `hld.data.packing.PROTOCOL` (BOS-led); a cache
+of an older format or protocol is refused with a message to rebuild it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hld.data.packing import Batch
+from hld.data.packing import PROTOCOL, Batch
+from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
+from hld.models.hooks import text_config
 from hld.train.progress import Progress
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass (topk_rest)
 
 
 @dataclass
@@ -70,15 +75,17 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
         for s_start in range(0, len(window_ids), shard_windows):
             ids = window_ids[s_start:s_start + shard_windows]
             name = f"shard-{len(shards):05d}"
-            arrays = _shard_arrays(tmp, name, len(ids), T, k, identity.layers, teacher_lm.config.hidden_size)
+            arrays = _shard_arrays(tmp, name, len(ids), T, k, identity.layers,
+                                   text_config(teacher_lm.config).hidden_size)
             arrays["tokens"][:] = windows[ids]
             for b in range(0, len(ids), batch_size):
                 x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
                 sig = online.signals(x, needs)
-                vals, idx = _topk_rows(sig, k)
+                vals, idx, rest = _topk_rows(sig, k)
                 n = x.shape[0]
                 arrays["topk_values"][b:b + n] = vals.view(n, T, k).cpu().numpy().astype(np.float16)
                 arrays["topk_indices"][b:b + n] = idx.view(n, T, k).cpu().numpy().astype(np.int32)
+                arrays["topk_rest"][b:b + n] = rest.view(n, T).cpu().numpy().astype(np.float32)
                 for layer in identity.layers:
                     arrays[f"hidden_L{layer}"][b:b + n] = _bf16_bits(sig.hidden[layer].cpu())
                 done = s_start + b + n
@@ -89,9 +96,11 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
                 fname = f"{name}.{key}.npy"
                 files[fname] = file_sha256(tmp / fname)
             shards.append({"name": name, "window_ids": [int(i) for i in ids]})
-        manifest = {"format_version": FORMAT_VERSION, "identity": asdict(identity), "shards": shards,
+        manifest = {"format_version": FORMAT_VERSION, "protocol": PROTOCOL, "identity": asdict(identity),
+                    "shards": shards,
                     "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
-                    "value_dtype": "float16", "index_dtype": "int32", "hidden_dtype": "bfloat16",
+                    "value_dtype": "float16", "index_dtype": "int32", "rest_dtype": "float32",
+                    "hidden_dtype": "bfloat16",
                     "build_seconds": time.time() - t0}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)
@@ -110,23 +119,27 @@ def _shard_arrays(d: Path, name: str, n: int, T: int, k: int, layers: list, d_mo
     mk = lambda key, shape, dt: np.lib.format.open_memmap(d / f"{name}.{key}.npy", mode="w+", dtype=dt,
                                                             shape=shape)
     arrays = {"tokens": mk("tokens", (n, T), np.int32), "topk_values": mk("topk_values", (n, T, k), np.float16),
-              "topk_indices": mk("topk_indices", (n, T, k), np.int32)}
+              "topk_indices": mk("topk_indices", (n, T, k), np.int32), "topk_rest": mk("topk_rest", (n, T), np.float32)}
     for layer in layers:
         arrays[f"hidden_L{layer}"] = mk(f"hidden_L{layer}", (n, T, d_model), np.uint16)
     return arrays
 
 
-def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of the teacher's logits, chunk by chunk (never (B*T, V) at once)."""
+def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of the teacher's logits and the log of its mass off them, chunk by chunk (never (B*T, V)
+    at once): values (N, k), indices (N, k), rest (N,)."""
     h = sig.final_hidden.reshape(-1, sig.final_hidden.shape[-1])
-    vals, idx = [], []
+    vals, idx, rest = [], [], []
     for s in range(0, h.shape[0], chunk):
-        sl = slice(s, min(s + chunk, h.shape[0]))
-        z = sig.logits(sl).dense
-        v, i = z.topk(k, dim=-1)
-        vals.append(v)
-        idx.append(i)
-    return torch.cat(vals), torch.cat(idx)
+        z = sig.logits(slice(s, min(s + chunk, h.shape[0])))
+        top = z.top_k(k)
+        if top.dense is not None:  # k covers the vocabulary: every logit, sorted, nothing off it
+            v, i = top.dense.float().sort(dim=-1, descending=True)
+            top = TeacherLogits(values=v, indices=i, rest=torch.full_like(v[:, 0], float("-inf")))
+        vals.append(top.values)
+        idx.append(top.indices)
+        rest.append(top.rest)
+    return torch.cat(vals), torch.cat(idx), torch.cat(rest)
 
 
 class CachedTeacher:
@@ -152,9 +165,12 @@ class CachedTeacher:
 
     def _check_identity(self, expect: CacheIdentity) -> None:
         have = self.manifest.get("identity", {})
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise HldError(f"cache {self.dir} has format {self.manifest.get('format_version')}, expected "
-                           f"{FORMAT_VERSION}", "rebuild the cache")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION or self.manifest.get("protocol") != PROTOCOL:
+            why = "windows without a leading BOS, top-k without its remaining mass" if version == 1 else \
+                f"format {version}, protocol {self.manifest.get('protocol')!r}"
+            raise HldError(f"cache {self.dir} was built by an older hld ({why}; this hld reads format "
+                           f"{FORMAT_VERSION}, {PROTOCOL})", "rebuild it with `hld cache-teacher`")
         for key in ("teacher", "tokenizer", "seq_len", "data"):
             if have.get(key) != getattr(expect, key):
                 raise HldError(f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
@@ -212,4 +228,6 @@ class CachedTeacher:
                                                ).to(device)
             sig.topk_indices = torch.from_numpy(np.stack([self.shards[s]["topk_indices"][r, :T] for s, r in rows])
                                                 ).to(device)
+            sig.topk_rest = torch.from_numpy(np.stack([self.shards[s]["topk_rest"][r, :T] for s, r in rows])
+                                             ).to(device)
         return sig

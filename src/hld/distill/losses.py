@@ -28,17 +28,23 @@ class TeacherLogits:
     dense: Optional[torch.Tensor] = None  # (n, V)
     values: Optional[torch.Tensor] = None  # (n, k)
     indices: Optional[torch.Tensor] = None  # (n, k) int64
+    rest: Optional[torch.Tensor] = None  # (n,) log sum of exp(logit) off the top k (-inf: none); None: unknown
 
     def top_k(self, k: Optional[int]) -> "TeacherLogits":
         if k is None:
             return self
         if self.dense is None:  # already top-k (sorted descending, as the cache stores them)
-            return self if k >= self.values.shape[-1] else TeacherLogits(values=self.values[:, :k],
-                                                                          indices=self.indices[:, :k])
+            if k >= self.values.shape[-1]:
+                return self
+            rest = None if self.rest is None else torch.logaddexp(
+                self.rest.float(), torch.logsumexp(self.values[:, k:].float(), dim=-1))
+            return TeacherLogits(values=self.values[:, :k], indices=self.indices[:, :k], rest=rest)
         if k >= self.dense.shape[-1]:
             return self
-        v, i = self.dense.topk(k, dim=-1)
-        return TeacherLogits(values=v, indices=i)
+        z = self.dense.float()
+        v, i = z.topk(k, dim=-1)
+        rest = torch.logsumexp(z.scatter(-1, i, float("-inf")), dim=-1)  # (n,) the mass off the top k
+        return TeacherLogits(values=v, indices=i, rest=rest)
 
 
 def softcap(z: torch.Tensor, cap: Optional[float]) -> torch.Tensor:

@@ -50,6 +50,7 @@ class TeacherSignals:
     softcap: Optional[float] = None
     topk_values: Optional[torch.Tensor] = None  # (B, T, k), cache
     topk_indices: Optional[torch.Tensor] = None  # (B, T, k), cache
+    topk_rest: Optional[torch.Tensor] = None  # (B, T) float32, cache: log of the teacher's mass off the top k
 
     def logits(self, rows: slice) -> Optional[TeacherLogits]:
         """Teacher logits for rows `rows` of the flattened (B*T) positions."""
@@ -59,8 +60,9 @@ class TeacherSignals:
             return TeacherLogits(dense=softcap(logits_into(h, self.head_weight, buf), self.softcap))
         if self.topk_values is not None:
             k = self.topk_values.shape[-1]
+            rest = self.topk_rest.reshape(-1)[rows] if self.topk_rest is not None else None
             return TeacherLogits(values=self.topk_values.reshape(-1, k)[rows],
-                                 indices=self.topk_indices.reshape(-1, k)[rows].long())
+                                 indices=self.topk_indices.reshape(-1, k)[rows].long(), rest=rest)
         return None
 
 

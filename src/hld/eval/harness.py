@@ -4,8 +4,12 @@ the two shipped offline ones (`hld_lambada`, `hld_mc`, see docs/evaluation.md).
 
 The model is wrapped in lm-eval's `HFLM` with one change, tokenisation: every scored text gets
 exactly one BOS in front and no EOS, as in our perplexity protocol (`hld.eval.perplexity`); a
-tokenizer's own default (Gemma's adds BOS, the tiny test tokenizer does not) is never used. For
-rolling log-likelihoods (wikitext) the BOS is the harness's prefix token, so it is never *predicted*.
+tokenizer's own default (Gemma's adds BOS, the tiny test tokenizer does not) is never used.
+Rolling log-likelihoods (wikitext) follow our window protocol, not the harness's overlapping rolling
+windows: a document's tokens are cut into chunks of `rolling_len - 1`, each scored as BOS + chunk with
+every token predicted (`rolling_len` is the window every compared model gets: in a study the cells'
+`data.seq_len`, for teacher and students alike; in `hld eval`, `--seq-len`). So every window starts
+with BOS, and two models are compared on the same windows whatever their context lengths.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: Optional[int] = None,
                    batch_size: int = 8, device=None, quiet: bool = False,
-                   dataset_paths: Optional[dict[str, str]] = None) -> dict[str, dict]:
+                   dataset_paths: Optional[dict[str, str]] = None, rolling_len: int = 512) -> dict[str, dict]:
     """Score `model` on harness `tasks` (zero-shot). Returns, per (leaf) task,
     {"metric", "value", "stderr", "chance", "n", "metrics"}: the headline metric (acc, or
     word_perplexity for rolling-likelihood tasks such as wikitext), its standard error, the
@@ -58,7 +62,10 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
     number of scored items and every metric the harness reported. `limit`: the first N items of
     each task. `device`: where the model is moved and run (default: CUDA when available, else CPU;
     its dtype is kept). `dataset_paths`: {task: local dataset dir} in place of the task's hub dataset.
-    The model's train/eval mode is restored afterwards."""
+    `rolling_len`: the window of rolling log-likelihood tasks (BOS + rolling_len - 1 tokens, see the
+    module's docstring). The model's train/eval mode is restored afterwards."""
+    if rolling_len < 2:
+        raise HldError(f"rolling window {rolling_len} leaves no prediction", "use a window of at least 2 tokens")
     _require_lm_eval()
     from lm_eval import simple_evaluate
 
@@ -71,7 +78,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
         built = _load_tasks(manager, tasks, dataset_paths or {})
         was_training = model.training
         lm = _hld_lm_class()(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                             quiet=quiet, desc="eval " + ",".join(tasks), stream=stream)
+                             quiet=quiet, desc="eval " + ",".join(tasks), stream=stream, rolling_len=rolling_len)
         try:
             out = simple_evaluate(model=lm, tasks=list(built.values()), task_manager=manager, limit=limit,
                                   bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True, random_seed=0,
@@ -273,7 +280,7 @@ def _hld_lm_class():
 
         class HldLM(HFLM):
             def __init__(self, *, model, tokenizer, batch_size: int, device, quiet: bool, desc: str,
-                         stream) -> None:
+                         stream, rolling_len: int = 512) -> None:
                 from hld.precision import default_device
 
                 device = torch.device(device) if device is not None else default_device()
@@ -283,6 +290,7 @@ def _hld_lm_class():
                 self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
                     else tokenizer.eos_token_id
                 self._rolling = False
+                self.rolling_len = rolling_len
                 self._cont_len: dict = {}
                 self.progress = Progress(0, desc=desc, quiet=True)
                 self._quiet, self._desc, self._stream = quiet, desc, stream
@@ -305,10 +313,26 @@ def _hld_lm_class():
                 return super().loglikelihood(requests, disable_tqdm=True)
 
             def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+                """Sum of log-likelihoods of each document over disjoint BOS-led windows: the
+                document's tokens in chunks of rolling_len - 1, each scored after one BOS."""
                 self._start(len(requests))
                 self._rolling = True
                 try:
-                    return super().loglikelihood_rolling(requests, disable_tqdm=True)
+                    windows, owner = [], []
+                    for i, (string,) in enumerate(req.args for req in requests):
+                        ids = self.tok_encode(string)  # no BOS: self._rolling
+                        for s in range(0, len(ids), self.rolling_len - 1):
+                            windows.append((None, [self.bos_id], ids[s:s + self.rolling_len - 1]))
+                            owner.append(i)
+                    totals = [0.0] * len(requests)
+                    for s in range(0, len(windows), self.batch_size):
+                        part = windows[s:s + self.batch_size]
+                        for i, (ll, _) in zip(owner[s:s + len(part)],
+                                              self._loglikelihood_tokens(part, override_bs=len(part))):
+                            totals[i] += ll
+                    for req, total in zip(requests, totals):
+                        self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+                    return totals
                 finally:
                     self._rolling = False
 

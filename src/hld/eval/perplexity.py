@@ -1,9 +1,10 @@
 """Perplexity protocol (`hld eval`, and `val/ppl` during training):
 
-each document -> BOS + tokens + EOS; documents joined into one stream; non-overlapping windows of
-`seq_len` tokens, the last partial window dropped; inside a window, position i predicts token i+1,
-except a BOS (the end of a document never predicts the next one); ppl = exp(mean NLL over all those
-predictions of all windows). The head runs in token chunks, so memory does not scale with V x T.
+each document -> its tokens + EOS; documents joined into one stream; the stream cut into
+consecutive chunks of `seq_len - 1` tokens, the last partial chunk dropped; window = BOS + chunk;
+every position of a window predicts the next token of that window (`seq_len - 1` predictions per
+window); ppl = exp(mean NLL over all predictions of all windows) (`hld.data.packing`). The head runs
+in token chunks, so memory does not scale with V x T.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hld.train.progress import Progress
 
 
 @torch.no_grad()
-def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_size: int = 8,
+def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 8,
                chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32,
                progress: Optional[str] = None, backbone: Optional[torch.nn.Module] = None) -> dict:
     """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent).
@@ -38,7 +39,7 @@ def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, bos_id: int, batch_s
     nll, count, t0 = 0.0, 0, time.time()
     prog = Progress(len(windows), desc=progress or "eval", quiet=progress is None)
     for start in range(0, len(windows), batch_size):
-        batch = make_batch(windows[start:start + batch_size], bos_id=bos_id)
+        batch = make_batch(windows[start:start + batch_size])
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         with autocast(compute_dtype, device):
             h = backbone(ids)

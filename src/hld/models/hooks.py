@@ -15,6 +15,12 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (nothing after the deepest needed layer runs)."""
 
 
+def text_config(config):
+    """The language model's config: a multimodal config's `text_config` (Gemma 3 4B/12B/27B keep
+    hidden_size, layers and vocabulary there), else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 

@@ -7,11 +7,15 @@
 - a run directory written by `hld train` (its exported `student/`);
 - a local Hugging Face directory (`config.json` + weights);
 - a Hugging Face hub id (needs the network).
+A multimodal checkpoint (Gemma 3 4B/12B/27B: `Gemma3ForConditionalGeneration`) is loaded as its
+language model alone — the text config's causal LM class, its weights renamed from the checkpoint's
+`language_model.*` keys — so the vision tower's tensors are never read into memory.
 Remote code is never executed unless `trust_remote_code=True` is passed explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,8 +29,12 @@ import torch
 from hld.data.packing import cache_root
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
+from hld.models.hooks import text_config
 
 EMBEDDED_TEACHER = "gemma-3-270m"
+# checkpoint keys of a multimodal model's language model -> those of the text-only causal LM
+LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                       r"^language_model\.lm_head\.": "lm_head."}
 
 
 @dataclass
@@ -106,19 +114,69 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
     return spec, "hub:" + spec
 
 
+def model_config(source: str, *, trust_remote_code: bool = False):
+    """The config of a resolved model source (`resolve_model_dir`); no weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise HldError(f"cannot read the config of {source!r}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                       "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+
+
+def _language_model_kwargs(config) -> dict:
+    """from_pretrained arguments that load only the language model of a multimodal checkpoint."""
+    text = text_config(config)
+    if text is config:
+        return {}
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise HldError(f"the language model of {type(config).__name__} ({type(text).__name__}) has no causal LM "
+                       "class in transformers", "use a text-only checkpoint of that family")
+    return {"config": text, "key_mapping": LANGUAGE_MODEL_KEYS}
+
+
+@contextlib.contextmanager
+def _quiet_load_report(quiet: bool):
+    """transformers reports every checkpoint key a model does not take as a warning: for a multimodal
+    checkpoint loaded as its language model that is the whole vision tower, by design (missing keys,
+    the ones that matter, are checked after the load)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, identity = resolve_model_dir(spec)
+    kwargs = _language_model_kwargs(model_config(source, trust_remote_code=trust_remote_code))
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+        with _quiet_load_report(bool(kwargs)):
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
+                                                               trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True, **kwargs)
     except HldError:
         raise
     except Exception as exc:
         raise HldError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would leave them randomly initialised: never distil from such a teacher
+        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} ({', '.join(missing[:3])}"
+                       f"{', ...' if len(missing) > 3 else ''})", "give a complete checkpoint of a supported family")
     return LoadedModel(model=model, tokenizer=tok, source=source, identity=identity)
 
 

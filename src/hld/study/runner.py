@@ -108,10 +108,13 @@ def _scored(scores: dict, study: Study) -> bool:
     return all(t in scores and scores[t].get("limit") == study.task_limit for t in study.tasks)
 
 
-def _score(lm, tokenizer, study: Study, quiet: bool) -> dict:
+def _score(lm, tokenizer, study: Study, quiet: bool, *, rolling_len: int) -> dict:
+    """Task scores; rolling log-likelihoods over windows of the cells' `data.seq_len`, for teacher and
+    students alike."""
     from hld.eval.harness import evaluate_tasks
 
-    rows = evaluate_tasks(lm, tokenizer, list(study.tasks), limit=study.task_limit, quiet=quiet)
+    rows = evaluate_tasks(lm, tokenizer, list(study.tasks), limit=study.task_limit, quiet=quiet,
+                          rolling_len=rolling_len)
     return {t: {**r, "limit": study.task_limit} for t, r in rows.items()}
 
 
@@ -128,7 +131,7 @@ def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: b
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32)
-    have.update(_score(lm, resources.tokenizer(cfg.teacher.model), study, quiet))
+    have.update(_score(lm, resources.tokenizer(cfg.teacher.model), study, quiet, rolling_len=cfg.data.seq_len))
     write_json(run_dir / "downstream.json", have)
     return {t: have[t] for t in study.tasks}
 
@@ -159,7 +162,7 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
             tok = loaded.tokenizer
             val = resources.windows(cfg.data.validation, tok, seq_len=cfg.data.seq_len,
                                     text_field=cfg.data.text_field)[: max(1, cfg.data.val_tokens // cfg.data.seq_len)]
-            r = perplexity(loaded.model, val, bos_id=tok.bos_token_id,
+            r = perplexity(loaded.model, val,
                            compute_dtype=resolve_dtype(cfg.teacher.dtype),
                            progress=None if quiet else "teacher validation")
             have = {**key, "val_loss": r["loss"], "val_ppl": r["ppl"], "predictions": r["tokens"],
@@ -167,7 +170,8 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
         if study.tasks and not _scored(have.get("tasks") or {}, study):
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
             have = {**have, "tasks": {**(have.get("tasks") or {}),
-                                      **_score(loaded.model, loaded.tokenizer, study, quiet)}}
+                                      **_score(loaded.model, loaded.tokenizer, study, quiet,
+                                               rolling_len=cfg.data.seq_len)}}
         out.append(have)
     return out
 

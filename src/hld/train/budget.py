@@ -18,6 +18,7 @@ from hld.config import RunConfig
 from hld.distill.objectives import Plan
 from hld.errors import HldError
 from hld.flops import StepCost, step_cost
+from hld.models.hooks import text_config
 
 
 def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
@@ -32,7 +33,7 @@ def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
         upto = None if needs.logits or not needs.layers else max(needs.layers)
         dims = ()
         if obj.student_layers and teacher is not None:
-            dims = ((student.config.hidden_size, teacher.config.hidden_size),) * obj.n_pairs
+            dims = ((student.config.hidden_size, text_config(teacher.config).hidden_size),) * obj.n_pairs
         out[ph.name] = step_cost(student, seq, teacher=teacher if counted else None, teacher_logits=needs.logits,
                                  teacher_upto=upto, projector_dims=dims, student_logits=obj.uses_head)
     return out
@@ -135,6 +136,6 @@ def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
         if cfg.objective.method.startswith("hld"):
             pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher))
             projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                    d_teacher=teacher.config.hidden_size)
+                                    d_teacher=text_config(teacher.config).hidden_size)
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
     return run_length(cfg, plan, phase_costs(cfg, plan, student=student, teacher=teacher)).steps

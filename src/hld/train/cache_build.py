@@ -41,7 +41,7 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     tok = loaded.tokenizer
     d = cfg.data
     windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
-    order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=tok.bos_token_id)
+    order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     steps = max(planned_steps(c, loaded.model) for c in cfgs)
     n_t = n_blocks(loaded.model)
     layers = sorted({layer for c in cfgs if c.objective.method.startswith("hld") for layer in teacher_layers(c, n_t)})

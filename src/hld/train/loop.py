@@ -36,7 +36,7 @@ from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
 from hld.train.budget import Length, phase_costs, run_length
-from hld.models.hooks import n_blocks
+from hld.models.hooks import n_blocks, text_config
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
 from hld.train.checkpoint import (has_checkpoint, load_checkpoint, load_reason, load_sharded, remove_torn,
@@ -107,7 +107,9 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     needs_teacher = cfg.objective.method != "ce"
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype) if needs_teacher else None
     teacher_lm = loaded.model.to(device) if loaded is not None else None
-    vocab = teacher_lm.get_input_embeddings().weight.shape[0] if teacher_lm is not None else _vocab_of(tok)
+    # the student gets the teacher's embedding rows (Gemma 3 4B: 262,208 for a 262,144-token tokenizer)
+    vocab = teacher_lm.get_input_embeddings().weight.shape[0] if teacher_lm is not None else \
+        resources.teacher_config(cfg.teacher.model).vocab_size
     student = build_student(cfg.student, vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad,
                             seed=cfg.train.seed).to(device)
     projectors = None
@@ -115,7 +117,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
         check_vocab(tok, teacher_lm, vocab)
         pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
         projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                d_teacher=teacher_lm.config.hidden_size, seed=cfg.train.seed).to(device)
+                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed).to(device)
     elif teacher_lm is not None:
         check_vocab(tok, teacher_lm, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
@@ -138,7 +140,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
         teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
     val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
     val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
-    order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
+    order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
     length = run_length(cfg, plan, costs)
     modules = [student] + ([projectors] if projectors is not None else [])
@@ -153,16 +155,6 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
 def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:
     return CacheIdentity(teacher=teacher_identity, tokenizer=tokenizer_fingerprint(tok), seq_len=cfg.data.seq_len,
                          layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))
-
-
-def _vocab_of(tok) -> int:
-    # the student's vocabulary when no teacher weights are loaded: the tokenizer's size, padded as
-    # the teacher's embedding would be, is read from the tokenizer's model config if present
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(tok.name_or_path).vocab_size
-    except Exception:
-        return len(tok)
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -279,7 +271,7 @@ def _warm(cfg: RunConfig, resources: Resources) -> None:
 def validate_now(s: Setup) -> dict:
     """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
     result equals the single-process one."""
-    r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone, bos_id=s.bos_id,
+    r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone,
                                chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
     return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from hld.data.packing import load_stream, pack_windows
 from hld.errors import HldError
-from hld.models.loading import LoadedModel, freeze, load_causal_lm, resolve_model_dir
+from hld.models.hooks import text_config
+from hld.models.loading import LoadedModel, freeze, load_causal_lm, model_config, resolve_model_dir
 from hld.precision import resolve_dtype
 
 
@@ -33,6 +34,13 @@ class Resources:
                                    "give a model directory that includes its tokenizer") from exc
         return self._tokenizers[spec]
 
+    def teacher_config(self, spec: str):
+        """The teacher's language-model config (a multimodal checkpoint's text config), without its weights."""
+        loaded = next((v for k, v in self._teachers.items() if k[0] == spec), None)
+        if loaded is not None:
+            return text_config(loaded.model.config)
+        return text_config(model_config(resolve_model_dir(spec)[0]))
+
     def teacher(self, spec: str, dtype: str) -> LoadedModel:
         torch_dtype = resolve_dtype(dtype)
         key = (spec, str(torch_dtype))
@@ -48,4 +56,4 @@ class Resources:
         key = (source, id(tokenizer), text_field, max_docs)
         if key not in self._streams:
             self._streams[key] = load_stream(source, tokenizer, text_field=text_field, max_docs=max_docs)
-        return pack_windows(self._streams[key], seq_len)
+        return pack_windows(self._streams[key], seq_len, bos_id=tokenizer.bos_token_id)
