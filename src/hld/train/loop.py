@@ -35,6 +35,7 @@ from hld.distill.objectives import Plan, build_plan, fit_targets, keep_targets
 from hld.distill.projectors import Projectors, needs_projector
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
+from hld.eval.cka import layer_diagnostics, write_cka_matrix
 from hld.train.budget import Length, phase_costs, run_length
 from hld.models.hooks import n_blocks
 from hld.models.student import build_student, count_params
@@ -287,7 +288,7 @@ def validate_now(s: Setup) -> dict:
     result equals the single-process one."""
     r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone, bos_id=s.bos_id,
                                chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
-    return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
+    return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -370,6 +371,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
     tok = resources.tokenizer(cfg.teacher.model)
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
     distributed.main_only(d, lambda: export_student(s.student, tok, out / "student", state_dict=full))
+    distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = _last_validation(out) or validate_now(s)
     counts = count_params(s.student)
