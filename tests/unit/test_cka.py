@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +61,18 @@ def test_runs_log_cka_and_write_the_matrix(overrides, tmp_path, method):
     assert m["student_layers"] == [0, 1, 2] and m["teacher_layers"] == [0, 1, 2, 3]
     assert np.array(m["cka"]).shape == (3, 4)
     assert m["cka"][1][2] == pytest.approx(vals[-1]["val/cka/s1_t2"], rel=1e-9)  # the same windows and states
+
+
+def test_study_report_draws_cka_plots(overrides, tmp_path):
+    from hld.config import load_config
+    from hld.study.report import build_report
+    from hld.train.loop import train
+
+    for arm in ("kd", "hld-joint"):
+        cfg = load_config("smoke", [*overrides, f"objective.method={arm}", f"name={arm}", "train.eval_every_steps=2"])
+        train(cfg, tmp_path / "runs" / arm, quiet=True)
+    result = build_report(tmp_path)
+    names = {Path(p).name for p in result["plots"]}
+    assert {"cka_over_training.png", "cka_matrices.png"} <= names
+    text = (tmp_path / "report.md").read_text()
+    assert "plots/cka_over_training.png" in text and "plots/cka_matrices.png" in text
