@@ -301,14 +301,17 @@ def hidden_objectives(plan: Plan) -> list[HiddenObjective]:
     return out
 
 
-def fit_targets(plan: Plan, teacher, order, cfg: ObjectiveConfig) -> Optional[dict[int, Moments]]:
+def fit_targets(plan: Plan, teacher, order, cfg: ObjectiveConfig, *,
+                max_windows: Optional[int] = None) -> Optional[dict[int, Moments]]:
     """`standardize`: estimate the teacher layers' statistics on the run's first training windows
-    and freeze them on the plan's hidden objectives (None when no objective standardises)."""
+    (at most `max_windows`: those the run reads, which is what a teacher cache holds) and freeze
+    them on the plan's hidden objectives (None when no objective standardises)."""
     objs = [o for o in hidden_objectives(plan) if o.wants_stats]
     if not objs or teacher is None:
         return None
     layers = tuple(sorted({t for o in objs for _, t in o.projectors.pairs}))
-    stats = estimate_layer_stats(teacher, order, layers, n_windows=min(cfg.hidden.stats_windows, order.n_windows),
+    n = min(cfg.hidden.stats_windows, order.n_windows, max_windows or order.n_windows)
+    stats = estimate_layer_stats(teacher, order, layers, n_windows=n,
                                  skip_first=cfg.hidden.skip_first_position)
     set_targets(plan, stats)
     return stats

@@ -141,9 +141,10 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
     val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed, bos_id=bos)
-    fit_targets(plan, teacher, order, cfg.objective)  # standardize: frozen teacher statistics
     costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
     length = run_length(cfg, plan, costs)
+    fit_targets(plan, teacher, order, cfg.objective,  # standardize: frozen teacher statistics, on
+                max_windows=length.steps * cfg.train.batch_size)  # windows the run reads (and a cache holds)
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
