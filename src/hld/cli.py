@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
+    p = sub.add_parser("inspect-teacher", help="per teacher layer: the largest dimension's share of ||x||^2 and the "
+                       "share of the hidden target a constant predicts under each normalisation")
+    p.add_argument("--config", required=True, help="YAML file or preset name")
+    p.add_argument("--windows", type=int, default=24, help="held-out validation windows measured (default 24)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    _common(p)
+
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
 
@@ -187,6 +194,22 @@ def cmd_cache_teacher(args) -> dict:
     return row
 
 
+def cmd_inspect_teacher(args) -> dict:
+    from hld.config import load_config
+    from hld.distill.inspect import inspect_teacher
+    from hld.train.resources import Resources
+
+    cfg = load_config(args.config, args.overrides)
+    rows = inspect_teacher(cfg, Resources(), n_windows=args.windows)
+    if not args.json:
+        print("layer | top dim | its share of ||x||^2 | constant-predictor share: none / rms / standardize")
+        for r in rows:
+            c = r["const_share"]
+            print(f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
+                  f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}")
+    return {"layers": rows}
+
+
 def cmd_config(args) -> dict:
     from hld.config import field_help
 
@@ -228,6 +251,7 @@ def _print_report(result: dict) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study, "cache-teacher": cmd_cache_teacher,
+            "inspect-teacher": cmd_inspect_teacher,
             "config": cmd_config,
             "study": cmd_study, "report": cmd_report}
 

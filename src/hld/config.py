@@ -60,23 +60,52 @@ class StudentConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A loss weight over the run, as a function of progress p = step / (steps - 1) in [0, 1]
+    (the first step gets the configured weight w0, the last step `final`); src/hld/train/schedule.py."""
+
+    kind: Literal["constant", "linear", "cosine", "wsd"] = _f(
+        "constant", "constant: w0 throughout; linear: w0 -> final; cosine: w0 -> final along a half cosine; "
+        "wsd: 0 -> w0 over warmup_share, w0, then linearly -> final over the last decay_share")
+    final: float = _f(0.0, "the weight at the last step (linear, cosine, wsd)")
+    warmup_share: float = _f(0.0, "wsd: share of the run spent warming the weight up from 0")
+    decay_share: float = _f(0.2, "wsd: share of the run spent decaying the weight to `final`")
+
+
+@dataclass
 class HiddenConfig:
     mapping: Literal["uniform", "last", "explicit"] = _f(
         "uniform", "student->teacher layer pairs: uniform spacing, last block only, or `pairs`")
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")
-    loss: Literal["mse", "nmse", "cosine"] = _f("mse", "hidden loss per token: MSE over dims, "
-                                               "normalised MSE (||e||^2/||t||^2), or 1 - cosine")
-    normalize_teacher: Literal["none", "rms"] = _f(
-        "rms", "divide each teacher hidden vector by its RMS before the loss (Gemma's norms are large)")
+    loss: Literal["mse", "nmse", "cosine", "relation", "lens"] = _f(
+        "mse", "hidden loss per token: MSE over dims, normalised MSE (||e||^2/||t||^2), 1 - cosine (all three on "
+        "projected student states); relation: projector-free MSE between the student's and the teacher's causal "
+        "token-token cosine-similarity rows; lens: KL(teacher layer's logit lens || projected student state "
+        "through the teacher's final norm and frozen head), see src/hld/distill/hidden.py")
+    normalize_teacher: Literal["none", "rms", "standardize"] = _f(
+        "standardize", "teacher targets: standardize = per-dimension (x - mean) / std, statistics estimated once "
+        "on the first `stats_windows` training windows and frozen (RUN_DIR/hidden_stats.pt); rms = divide each "
+        "vector by its RMS; none = raw states")
+    skip_first_position: bool = _f(True, "leave position 0 of every window (the BOS, an attention sink) out of "
+                                   "the hidden loss, the standardisation statistics and the layer diagnostics")
+    stats_windows: int = _f(64, "standardize: training windows (the run's first, in batch order) the teacher "
+                            "statistics are estimated on")
     beta: float = _f(1.0, "weight of the hidden loss (hld-joint: added to KD; hld-first: the phase-1 loss)")
+    beta_schedule: ScheduleConfig = field(default_factory=ScheduleConfig,
+                                          metadata={"help": "hld-joint: beta over the run (w0 = beta)"})
     first_share: float = _f(0.2, "hld-first: share of the token budget spent in the hidden-only phase")
+    diagnostics: bool = _f(True, "at every validation: linear CKA per mapped pair (val/cka/...) and the "
+                           "projector's R^2 (val/r2/...); at the end the student x teacher CKA matrix (cka.json)")
+    diagnostics_windows: int = _f(16, "validation windows the layer diagnostics are computed on")
 
 
 @dataclass
 class ObjectiveConfig:
     method: Literal["ce", "kd", "hld-joint", "hld-first"] = _f("kd", "training objective / arm")
     alpha: float = _f(0.5, "KD weight: loss = alpha*T^2*D(teacher_T, student_T) + (1-alpha)*CE")
+    alpha_schedule: ScheduleConfig = field(default_factory=ScheduleConfig,
+                                           metadata={"help": "KD weight over the run (w0 = alpha)"})
     temperature: float = _f(1.0, "softmax temperature T of both distributions in the KD term")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
         "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s")
@@ -306,6 +335,14 @@ def validate(cfg: RunConfig) -> None:
          "mass wherever the student has some, and a top-k teacher has none off its k tokens",
          "use forward_kl or jsd with top_k, or set objective.top_k=null"),
         (o.hidden.beta >= 0, "objective.hidden.beta must be >= 0", "e.g. 1.0"),
+        (o.hidden.stats_windows >= 1, "objective.hidden.stats_windows must be >= 1", "e.g. 64"),
+        (o.hidden.diagnostics_windows >= 1, "objective.hidden.diagnostics_windows must be >= 1", "e.g. 16"),
+        (0 <= o.alpha_schedule.final <= 1, f"objective.alpha_schedule.final={o.alpha_schedule.final} is outside "
+         "[0, 1]", "set it in [0, 1]"),
+        (o.hidden.beta_schedule.final >= 0, "objective.hidden.beta_schedule.final must be >= 0", "e.g. 0.0"),
+        *[(0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
+           f"objective {name}: warmup_share + decay_share must lie in [0, 1]", "e.g. warmup 0.1, decay 0.2")
+          for name, sc in (("alpha_schedule", o.alpha_schedule), ("hidden.beta_schedule", o.hidden.beta_schedule))],
         (o.method != "hld-first" or 0 < o.hidden.first_share < 1,
          f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",
          "a zero-length (or whole-run) hidden phase is not hld-first; e.g. 0.2"),

@@ -33,10 +33,11 @@ def _brute_force_tokens(s, budget: float) -> tuple[float, int]:
     B, T = 4, 32
     best = (0.0, 0)
     for S in range(1, 400):
-        cost = [s.costs[s.plan.phase_at(k / S).name].total for k in range(S)]
-        full = B * T * sum(cost[:-1])
         for L in range(T, 0, -1):
-            f = full + B * L * cost[-1]
+            total = (S - 1) * T + L  # the loop's rule: a step runs the phase of its token shares
+            cost = [s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
+                    for k in range(S)]
+            f = B * T * sum(cost[:-1]) + B * L * cost[-1]
             if f <= budget:
                 if B * ((S - 1) * T + L) > best[1]:
                     best = (f, B * ((S - 1) * T + L))

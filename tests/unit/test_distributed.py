@@ -25,7 +25,7 @@ from hld.train.resources import Resources
 
 # 8 steps of 4 x 32 tokens; no clipping, so the raw summed gradient is compared
 BASE = [*tiny_overrides(), "budget.tokens=1024", "train.grad_clip=0"]
-STEP = 2  # this step's halves hold different target counts (61 vs 62): local normalisation would show
+STEP = 2
 SCENARIOS = {
     "ddp-ce": (["train.parallel=ddp", "objective.method=ce"], STEP),
     "ddp-kd-micro": (["train.parallel=ddp", "objective.method=kd", "train.micro_batch_size=1"], STEP),
@@ -103,7 +103,8 @@ def test_two_processes_give_the_single_process_gradient(two_processes, one_proce
             assert got["metrics"][key] == pytest.approx(v, rel=1e-5 if key == "grad_norm" else 1e-6), key
     assert got["metrics"]["phase"] == ref["metrics"]["phase"]
     # validation batches dealt over the ranks, sums added in the single-process order: bitwise equal
-    assert got["val"] == ref["val"]
+    # (layer diagnostics, val/cka/..., are computed at world size 1 only: hld.eval.cka.diagnostics_of)
+    assert got["val"] == {k: ref["val"][k] for k in ("val/loss", "val/ppl")}
 
 
 def test_the_scenarios_exercise_the_phases(one_process):

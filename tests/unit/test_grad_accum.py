@@ -96,7 +96,10 @@ def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step
             assert torch.equal(p, q), k
 
     # the unsplit batch's mean loss and its gradient, by autograd on the whole batch at once
-    phase = s8.plan.phase_at(step / s8.total_steps)
+    B, T = s8.cfg.train.batch_size, s8.cfg.data.seq_len
+    phase, _ = s8.plan.at_step(step, s8.total_steps, tokens_before=step * B * T,  # the loop's own rule
+                               tokens_in_step=s8.length.tokens_at(step, B, T),
+                               tokens_total=(s8.total_steps - 1) * B * T + B * s8.length.last_len)
     batch = s8.order.batch(step)
     teacher = s8.teacher(batch, phase.objective.needs)
     loss_sum, n, _ = phase.objective(batch, s8.runner(batch.input_ids), teacher)

@@ -6,17 +6,20 @@ point of the budget (hld-first has two phases); the loop never branches on the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
 
-from hld.config import ObjectiveConfig
+from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.losses import hidden_sum
-from hld.distill.projectors import Projectors, pair_key
+from hld.distill.hidden import (STATS_FILE, Lens, Moments, estimate_layer_stats, feature_sum, hidden_mask, lens_spec,
+                                lens_sum, load_stats, normalize_target, relation_sum, save_stats)
+from hld.distill.projectors import Projectors, needs_projector, pair_key
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
+from hld.train.schedule import step_progress, weight_at
 
 Result = tuple[torch.Tensor, int, dict[str, float]]
 
@@ -25,61 +28,125 @@ class Objective(Protocol):
     needs: Needs  # teacher signals read
     student_layers: tuple[int, ...]  # student layers read
     uses_head: bool  # computes the student's logits (counted in FLOPs)
-    n_pairs: int  # hidden-state layer pairs (projectors, counted in FLOPs)
+    n_pairs: int  # trained projectors (layer pairs with a projector)
+
+    def cost_dims(self, seq_len: int) -> tuple[tuple[float, float], ...]: ...  # loss matmuls, 6*a*b FLOPs/token
+
+    def set_progress(self, progress: float) -> dict[str, float]: ...  # scheduled weights at progress p
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result: ...
 
 
 class LogitObjective:
-    """w_ce * CE + w_kd * T^2 * D(teacher_T, student_T), through the fused chunked head."""
+    """w_ce * CE + w_kd * T^2 * D(teacher_T, student_T), through the fused chunked head. With an
+    alpha schedule, w_kd = alpha(p) and w_ce = 1 - alpha(p) at progress p (`set_progress`)."""
 
     student_layers: tuple[int, ...] = ()
     uses_head = True
     n_pairs = 0
 
-    def __init__(self, spec: HeadLossSpec) -> None:
+    def __init__(self, spec: HeadLossSpec, *, schedule: Optional[ScheduleConfig] = None) -> None:
         self.spec = spec
-        self.needs = Needs(logits=spec.kd_weight > 0)
+        self.alpha0 = spec.kd_weight
+        self.schedule = schedule if spec.kd_weight > 0 or (schedule and schedule.final > 0) else None
+        self.needs = Needs(logits=spec.kd_weight > 0 or self.schedule is not None)
+
+    def cost_dims(self, seq_len: int) -> tuple[tuple[float, float], ...]:
+        return ()
+
+    def set_progress(self, progress: float) -> dict[str, float]:
+        if self.schedule is None:
+            return {}
+        a = weight_at(progress, self.alpha0, self.schedule)
+        self.spec = replace(self.spec, ce_weight=1 - a, kd_weight=a)
+        return {"alpha": a}
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         h = student.final_hidden.reshape(-1, student.final_hidden.shape[-1])  # (B*T, d)
-        spec = self.spec if student.softcap is None else _with_softcap(self.spec, student.softcap)
+        spec = self.spec if student.softcap is None else replace(self.spec, softcap=student.softcap)
         loss, stats = head_loss(h, student.head_weight, batch.labels.reshape(-1), batch.mask.reshape(-1), spec,
                                 teacher.logits if teacher is not None else None)
         metrics = {"ce": stats["ce"]}
-        if self.spec.kd_weight:
+        if self.needs.logits:
             metrics["kd"] = stats["kd"]
         return loss, batch.n_targets, metrics
 
 
-def _with_softcap(spec: HeadLossSpec, cap: float) -> HeadLossSpec:
-    from dataclasses import replace
-    return replace(spec, softcap=cap)
-
-
 class HiddenObjective:
-    """beta * mean over layer pairs of the per-token hidden loss between projected student states and
-    (optionally RMS-normalised) teacher states, on the positions that have a target."""
+    """beta * mean over layer pairs of the hidden loss (src/hld/distill/hidden.py) between the
+    student layer (projected, except for `relation`) and its teacher layer's target, on the positions
+    that have a target (minus position 0 with `skip_first_position`)."""
 
     uses_head = False
 
-    def __init__(self, projectors: Projectors, *, loss: str, normalize_teacher: str, beta: float) -> None:
+    def __init__(self, projectors: Projectors, *, loss: str, normalize_teacher: str, beta: float,
+                 skip_first_position: bool = False, schedule: Optional[ScheduleConfig] = None,
+                 lens: Optional[Lens] = None, lens_spec: Optional[HeadLossSpec] = None) -> None:
+        if loss == "lens" and (lens is None or lens_spec is None):
+            raise ValueError("loss=lens needs the teacher's final norm and head (lens=Lens.of(teacher))")
+        if needs_projector(loss) != projectors.linear:
+            raise ValueError(f"loss={loss} {'needs' if needs_projector(loss) else 'takes no'} projectors")
         self.projectors = projectors
-        self.loss, self.normalize_teacher, self.beta = loss, normalize_teacher, beta
+        self.loss, self.normalize_teacher, self.beta0 = loss, normalize_teacher, beta
+        self.beta = beta  # the weight in force (scheduled: set_progress)
+        self.skip_first = skip_first_position
+        self.schedule = schedule
+        self.lens, self.lens_spec = lens, lens_spec
+        self.stats: Optional[dict[int, Moments]] = None  # standardize: teacher layer -> frozen moments
         self.needs = Needs(layers=tuple(sorted({t for _, t in projectors.pairs})))
         self.student_layers = tuple(sorted({s for s, _ in projectors.pairs}))
-        self.n_pairs = len(projectors.pairs)
+        self.n_pairs = len(projectors.pairs) if projectors.linear else 0  # trained projectors
+
+    @property
+    def wants_stats(self) -> bool:
+        return self.normalize_teacher == "standardize" and self.loss != "lens"
+
+    def cost_dims(self, seq_len: int) -> tuple[tuple[float, float], ...]:
+        """FLOPs per token of the loss's matmuls, as (a, b) with 6*a*b each (`flops.step_cost`'s
+        projector term): a projector d_s -> d_t trained (x3); `relation`: the student's T x T Gram
+        matrix trained (6*T*d_s) and the teacher's forward only (2*T*d_t); `lens`: the student's
+        lens head forward + input gradient (4*d_t*V) and the teacher's lens logits (2*d_t*V)."""
+        d_s, d_t = self.projectors.d_student, self.projectors.d_teacher
+        n = len(self.projectors.pairs)
+        if self.loss == "relation":
+            return ((seq_len, d_s), (seq_len, d_t / 3)) * n
+        dims = ((d_s, d_t),) * n
+        if self.loss == "lens":
+            dims += ((d_t, self.lens.head_weight.shape[0]),) * n
+        return dims
+
+    def set_progress(self, progress: float) -> dict[str, float]:
+        if self.schedule is None:
+            return {}
+        self.beta = weight_at(progress, self.beta0, self.schedule)
+        return {"beta": self.beta}
+
+    def target(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The teacher target of `layer`, normalised as configured. x (..., d_t)."""
+        moments = self.stats.get(layer) if self.stats is not None else None
+        return normalize_target(x, self.normalize_teacher, moments)
+
+    def pair_sum(self, pair: tuple[int, int], s_hidden: torch.Tensor, t_hidden: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """The loss of one layer pair summed over `mask`. s_hidden (B, T, d_s), t_hidden (B, T, d_t), mask (B, T)."""
+        s, t = pair
+        if self.loss == "relation":
+            return relation_sum(s_hidden, self.target(t, t_hidden), mask)
+        proj = self.projectors.proj[pair_key(pair)]
+        pred = proj(s_hidden.to(proj.weight.dtype))  # (B, T, d_t)
+        flat = pred.reshape(-1, pred.shape[-1])
+        if self.loss == "lens":
+            return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens,
+                            self.lens_spec)
+        target = self.target(t, t_hidden)
+        return feature_sum(flat, target.reshape(-1, target.shape[-1]), mask.reshape(-1), loss=self.loss)
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
-        mask = batch.mask.reshape(-1)
+        mask = hidden_mask(batch.mask, skip_first=self.skip_first)  # (B, T)
         total = student.final_hidden.new_zeros((), dtype=torch.float32)
         for pair in self.projectors.pairs:
             s, t = pair
-            proj = self.projectors.proj[pair_key(pair)]
-            pred = proj(student.hidden[s].to(proj.weight.dtype))  # (B, T, d_t)
-            target = teacher.hidden[t]
-            total = total + hidden_sum(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]),
-                                       mask, loss=self.loss, normalize_teacher=self.normalize_teacher)
+            total = total + self.pair_sum(pair, student.hidden[s], teacher.hidden[t], mask)
         total = total / len(self.projectors.pairs)
         return self.beta * total, batch.n_targets, {"hidden": float(total.detach())}
 
@@ -94,6 +161,15 @@ class SumObjective:
         self.uses_head = any(p.uses_head for p in parts)
         self.n_pairs = sum(p.n_pairs for p in parts)
 
+    def cost_dims(self, seq_len: int) -> tuple[tuple[float, float], ...]:
+        return tuple(d for p in self.parts for d in p.cost_dims(seq_len))
+
+    def set_progress(self, progress: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in self.parts:
+            out.update(p.set_progress(progress))
+        return out
+
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         total, metrics = None, {}
         for part in self.parts:
@@ -103,15 +179,32 @@ class SumObjective:
         return total, n, metrics
 
 
+class BlendObjective(SumObjective):
+    """The step that straddles a phase boundary: share * (phase before) + (1 - share) * (phase after),
+    `share` being the part of the step's tokens that falls before the boundary. Both parts are
+    computed on every window of the step (and counted in FLOPs: the union of their costs)."""
+
+    def __init__(self, before: Objective, after: Objective) -> None:
+        super().__init__(before, after)
+        self.share = 1.0
+
+    def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
+        (a, n, ma), (b, _, mb) = (p(batch, student, teacher) for p in self.parts)
+        return self.share * a + (1 - self.share) * b, n, {**ma, **mb}
+
+
 @dataclass
 class Phase:
     name: str
-    until_share: float  # this phase runs while tokens_seen / budget < until_share
+    until_share: float  # this phase runs while the share of the run's tokens seen < until_share
     objective: Objective
 
 
 class Plan:
-    """The objective in force at each point of the budget."""
+    """The objective in force at each point of the budget. Phase i covers the token shares
+    [until_share(i-1), until_share(i)); a step whose tokens straddle a boundary runs the blend of
+    the two phases weighted by how many of its tokens fall on each side, so a phase spends exactly
+    its share of the run's tokens (not a whole number of steps)."""
 
     def __init__(self, phases: list[Phase]) -> None:
         self.phases = phases
@@ -119,12 +212,39 @@ class Plan:
         for ph in phases:
             self.needs = self.needs | ph.objective.needs
         self.student_layers = tuple(sorted({i for ph in phases for i in ph.objective.student_layers}))
+        self.boundaries = [Phase(f"{a.name}+{b.name}", a.until_share, BlendObjective(a.objective, b.objective))
+                           for a, b in zip(phases[:-1], phases[1:])]
 
     def phase_at(self, progress: float) -> Phase:
         for ph in self.phases:
             if progress < ph.until_share:
                 return ph
         return self.phases[-1]
+
+    def phase_for(self, start: float, end: float) -> Phase:
+        """The phase of a step reading the token shares [start, end) of the run: a phase, or the
+        blend at a boundary that falls strictly inside the step."""
+        eps = 1e-12
+        for i, ph in enumerate(self.phases[:-1]):
+            b = ph.until_share
+            if end <= b + eps:
+                return ph
+            if start < b - eps:
+                blend = self.boundaries[i]
+                blend.objective.share = (b - start) / (end - start)
+                return blend
+        return self.phases[-1]
+
+    def all_phases(self) -> list[Phase]:
+        """The phases and the boundary blends (everything a step can run; each has a FLOPs cost)."""
+        return self.phases + self.boundaries
+
+    def at_step(self, step: int, total_steps: int, *, tokens_before: int, tokens_in_step: int,
+                tokens_total: int) -> tuple[Phase, dict[str, float]]:
+        """The phase of optimiser step `step` and the scheduled weights in force (set on its objectives)."""
+        phase = self.phase_for(tokens_before / tokens_total, (tokens_before + tokens_in_step) / tokens_total)
+        weights = phase.objective.set_progress(step_progress(step, total_steps))
+        return phase, weights
 
 
 def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool,
@@ -136,18 +256,80 @@ def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool,
 
 
 def build_plan(cfg: ObjectiveConfig, *, projectors: Optional[Projectors], chunk_tokens: int,
-               matmul_dtype: Optional[torch.dtype] = None) -> Plan:
+               matmul_dtype: Optional[torch.dtype] = None, teacher_lm: Optional[torch.nn.Module] = None) -> Plan:
+    """`teacher_lm` is read only by `loss=lens` (its final norm and head)."""
     method = cfg.method
     if method == "ce":
         spec = logit_spec(cfg, chunk_tokens=chunk_tokens, kd=False, matmul_dtype=matmul_dtype)
         return Plan([Phase("ce", 1.0, LogitObjective(spec))])
-    kd = LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True, matmul_dtype=matmul_dtype))
+    alpha_schedule = cfg.alpha_schedule if cfg.alpha_schedule.kind != "constant" else None
+    kd = LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True, matmul_dtype=matmul_dtype),
+                        schedule=alpha_schedule)
     if method == "kd":
         return Plan([Phase("kd", 1.0, kd)])
     h = cfg.hidden
-    hidden = HiddenObjective(projectors, loss=h.loss, normalize_teacher=h.normalize_teacher, beta=h.beta)
+    lens = lspec = None
+    if h.loss == "lens":
+        if teacher_lm is None:
+            raise ValueError("objective.hidden.loss=lens needs the teacher model (build_plan(teacher_lm=...))")
+        lens = Lens.of(teacher_lm)
+        lspec = lens_spec(temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap,
+                          matmul_dtype=matmul_dtype)
+    beta_schedule = h.beta_schedule if h.beta_schedule.kind != "constant" else None
+    hidden = HiddenObjective(projectors, loss=h.loss, normalize_teacher=h.normalize_teacher, beta=h.beta,
+                             skip_first_position=h.skip_first_position, schedule=beta_schedule, lens=lens,
+                             lens_spec=lspec)
     if method == "hld-joint":
         return Plan([Phase("hld-joint", 1.0, SumObjective(kd, hidden))])
     if method == "hld-first":
         return Plan([Phase("hidden", h.first_share, hidden), Phase("kd", 1.0, kd)])
     raise ValueError(method)
+
+
+def hidden_objectives(plan: Plan) -> list[HiddenObjective]:
+    """The plan's hidden objectives (those the standardisation statistics are set on)."""
+    out: list = []
+
+    def walk(obj) -> None:
+        if isinstance(obj, HiddenObjective) and obj not in out:
+            out.append(obj)
+        for part in getattr(obj, "parts", ()):
+            walk(part)
+
+    for ph in plan.all_phases():
+        walk(ph.objective)
+    return out
+
+
+def fit_targets(plan: Plan, teacher, order, cfg: ObjectiveConfig, *,
+                max_windows: Optional[int] = None) -> Optional[dict[int, Moments]]:
+    """`standardize`: estimate the teacher layers' statistics on the run's first training windows
+    (at most `max_windows`: those the run reads, which is what a teacher cache holds) and freeze
+    them on the plan's hidden objectives (None when no objective standardises)."""
+    objs = [o for o in hidden_objectives(plan) if o.wants_stats]
+    if not objs or teacher is None:
+        return None
+    layers = tuple(sorted({t for o in objs for _, t in o.projectors.pairs}))
+    n = min(cfg.hidden.stats_windows, order.n_windows, max_windows or order.n_windows)
+    stats = estimate_layer_stats(teacher, order, layers, n_windows=n,
+                                 skip_first=cfg.hidden.skip_first_position)
+    set_targets(plan, stats)
+    return stats
+
+
+def set_targets(plan: Plan, stats: dict[int, Moments]) -> None:
+    for o in hidden_objectives(plan):
+        o.stats = stats
+
+
+def keep_targets(plan: Plan, run_dir: Path, *, write: bool) -> None:
+    """Freeze the statistics in the run directory: a run's first start writes RUN_DIR/hidden_stats.pt
+    (`write`: rank 0), a resumed run reads them back, so every step of the run uses the same ones."""
+    objs = [o for o in hidden_objectives(plan) if o.stats is not None]
+    if not objs:
+        return
+    path = Path(run_dir) / STATS_FILE
+    if path.exists():
+        set_targets(plan, load_stats(path))
+    elif write:
+        save_stats(objs[0].stats, path)

@@ -236,3 +236,77 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+def _cka_curve(run_dir: Path) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, mean over mapped pairs of val/cka/...) at each validation of a run."""
+    pts = [(m["tokens"], float(np.mean([v for k, v in m.items() if k.startswith("val/cka/")])))
+           for m in read_metrics(run_dir) if any(k.startswith("val/cka/") for k in m)]
+    if not pts:
+        return None
+    return np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts])
+
+
+def plot_cka(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
+    """Mean linear CKA of the mapped (student, teacher) layer pairs against training tokens, one line
+    per cell coloured by arm. None when no run logged val/cka (diagnostics off)."""
+    fig, axes, students, arms = _student_panels(table, width=5.2, height=4.2)
+    drawn = False
+    for ax, student in zip(axes[0], students):
+        for arm in arms:
+            labelled = False
+            for r in (r for r in table.rows if r["student"] == student and r["arm"] == arm):
+                curve = _cka_curve(Path(study_dir) / "runs" / r["cell"])
+                if curve is None:
+                    continue
+                ax.plot(*curve, color=COLORS.get(arm), alpha=0.6, lw=1, marker=".",
+                        label=None if labelled else arm)
+                labelled = drawn = True
+        ax.set_xlabel("training tokens")
+        ax.set_title(_student_title(table, student), fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not drawn:
+        _plt().close(fig)
+        return None
+    axes[0][0].set_ylabel("linear CKA, mean over mapped layer pairs")
+    fig.suptitle("How teacher-like the student's mapped layers are (validation windows)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out / "cka_over_training.png")
+
+
+def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
+    """Heat maps of the final student-layer x teacher-layer CKA (cka.json), averaged over each arm's
+    cells, one row of panels per student."""
+    import json
+
+    mats: dict[tuple[str, str], list] = {}
+    for r in table.rows:
+        path = Path(study_dir) / "runs" / r["cell"] / "cka.json"
+        if path.exists():
+            mats.setdefault((r["student"], r["arm"]), []).append(json.loads(path.read_text()))
+    if not mats:
+        return None
+    students = [s for s in _students(table) if any(k[0] == s for k in mats)]
+    arms = [a for a in _arms(table) if any(k[1] == a for k in mats)]
+    plt = _plt()
+    fig, axes = plt.subplots(len(students), len(arms), figsize=(3.6 * len(arms) + 0.8, 2.6 * len(students) + 0.6),
+                             squeeze=False)
+    for i, student in enumerate(students):
+        for j, arm in enumerate(arms):
+            ax = axes[i][j]
+            found = mats.get((student, arm))
+            if not found:
+                ax.axis("off")
+                continue
+            m = np.mean([np.asarray(f["cka"]) for f in found], axis=0)
+            im = ax.imshow(m, vmin=0, vmax=1, aspect="auto", origin="lower", cmap="viridis")
+            for s_l, t_l in found[0]["pairs"]:
+                ax.scatter([t_l], [s_l], marker="s", facecolors="none", edgecolors="red", s=40)
+            ax.set_title(f"{student} · {arm} ({len(found)} cells)", fontsize=9)
+            ax.set_xlabel("teacher layer")
+            ax.set_ylabel("student layer")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="linear CKA")
+    fig.suptitle("Final CKA, student layer x teacher layer (red: mapped pairs)", fontsize=11)
+    return _save(fig, out / "cka_matrices.png")

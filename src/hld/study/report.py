@@ -13,7 +13,7 @@ from hld.errors import HldError
 from hld.study.aggregate import (Comparison, Table, collect, paired, task_metric, verdict_line, write_paired_csv,
                                  write_results_csv)
 from hld.study.grid import ARMS
-from hld.study.figures import plot_curves, plot_loss_vs_flops, plot_paired
+from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
 
 
 def build_report(study_dir: Path) -> dict:
@@ -32,6 +32,9 @@ def build_report(study_dir: Path) -> dict:
              plot_curves(table, study_dir, plots_dir)]
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
+    cka_plots = [p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir)) if p]
+    plots += cka_plots
+    meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
     verdicts = [verdict_line(c) for c in comparisons]
     summary = best_table(table, reference)
     text = render(table, comparisons, verdicts, meta, name=meta.get("name", study_dir.name), summary=summary)
@@ -129,6 +132,15 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
         lines += ["![paired differences](plots/paired_differences.png)", "",
                   "Paired Δ validation loss per configuration, with the mean over configurations at the bottom; "
                   "left of the dashed zero line the arm beat its baseline.", ""]
+    if "cka_over_training.png" in meta.get("cka_plots", []):
+        lines += ["![CKA over training](plots/cka_over_training.png)", "",
+                  "Linear CKA between each mapped student layer and its teacher layer on validation windows (mean "
+                  "over pairs), at every validation: does an arm make the student more teacher-like, and does "
+                  "that track its validation loss? CKA needs no projector, so CE and KD runs are measured too.", ""]
+    if "cka_matrices.png" in meta.get("cka_plots", []):
+        lines += ["![final CKA matrices](plots/cka_matrices.png)", "",
+                  "Final linear CKA of every student layer against every teacher layer (`cka.json` of each run, "
+                  "averaged over the arm's cells); red squares mark the mapped pairs.", ""]
     return "\n".join(lines)
 
 

@@ -23,24 +23,22 @@ from hld.models.hooks import text_config
 
 def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
                 teacher: torch.nn.Module | None) -> dict[str, StepCost]:
-    """FLOPs per training token of each phase of the plan."""
+    """FLOPs per training token of each phase of the plan (and of each boundary blend)."""
     seq = cfg.data.seq_len
     out = {}
-    for ph in plan.phases:
+    for ph in plan.all_phases():
         obj = ph.objective
         needs = obj.needs
         counted = teacher is not None and needs.any and cfg.budget.count_teacher
         upto = None if needs.logits or not needs.layers else max(needs.layers)
-        dims = ()
-        if obj.student_layers and teacher is not None:
-            dims = ((student.config.hidden_size, text_config(teacher.config).hidden_size),) * obj.n_pairs
+        dims = tuple(obj.cost_dims(seq)) if teacher is not None else ()
         out[ph.name] = step_cost(student, seq, teacher=teacher if counted else None, teacher_logits=needs.logits,
                                  teacher_upto=upto, projector_dims=dims, student_logits=obj.uses_head)
     return out
 
 
 def flops_per_token(plan: Plan, costs: dict[str, StepCost]) -> float:
-    """Mean FLOPs per training token over the whole run (phases weighted by their share of steps)."""
+    """Mean FLOPs per training token over the whole run (phases weighted by their share of tokens)."""
     total, start = 0.0, 0.0
     for ph in plan.phases:
         total += (ph.until_share - start) * costs[ph.name].total
@@ -63,23 +61,37 @@ class Length:
         return batch_size * (self.last_len if step == self.steps - 1 else seq_len)
 
 
-def first_step_of(plan: Plan, steps: int) -> list[int]:
-    """For each phase, the first step k (0-based) at which `plan.phase_at(k / steps)` has left the
-    phases before it, computed with the loop's own comparison; plus `steps` at the end."""
-    bounds = [0]
-    for ph in plan.phases[:-1]:
-        k = min(steps, max(0, math.ceil(ph.until_share * steps)))
-        while k > 0 and (k - 1) / steps >= ph.until_share:
-            k -= 1
-        while k < steps and k / steps < ph.until_share:
-            k += 1
-        bounds.append(max(k, bounds[-1]))
-    return bounds + [steps]
+def step_phase(plan: Plan, step: int, steps: int, *, last_share: float = 1.0) -> str:
+    """The phase (or boundary blend) step `step` of `steps` runs, by the loop's own rule
+    (`Plan.phase_for` on the step's token shares); `last_share`: the share of a full step the last one reads."""
+    total = steps - 1 + last_share
+    width = last_share if step == steps - 1 else 1.0
+    return plan.phase_for(step / total, (step + width) / total).name
+
+
+def step_counts(plan: Plan, steps: int) -> dict[str, int]:
+    """How many of `steps` full steps run each phase and each boundary blend, by `step_phase`'s rule:
+    the phase before a boundary at share b runs the steps that end by b (floor(b * steps) of them
+    after the previous boundary), and when b * steps is not whole the next step is the blend."""
+    counts: dict[str, int] = {}
+    start = 0
+    for i, ph in enumerate(plan.phases):
+        if i == len(plan.phases) - 1:
+            counts[ph.name] = counts.get(ph.name, 0) + max(0, steps - start)
+            break
+        k = min(steps, max(start, math.floor(ph.until_share * steps + 1e-9)))
+        counts[ph.name] = counts.get(ph.name, 0) + k - start
+        start = k
+        if k < steps:
+            name = step_phase(plan, k, steps)
+            if name == plan.boundaries[i].name:
+                counts[name] = counts.get(name, 0) + 1
+                start = k + 1
+    return counts
 
 
 def _full_steps_flops(plan: Plan, costs: dict[str, StepCost], steps: int, tokens_per_step: int) -> float:
-    b = first_step_of(plan, steps)
-    return tokens_per_step * sum((b[i + 1] - b[i]) * costs[ph.name].total for i, ph in enumerate(plan.phases))
+    return tokens_per_step * sum(n * costs[name].total for name, n in step_counts(plan, steps).items())
 
 
 def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length:
@@ -100,7 +112,7 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
             steps += 1
         while steps > 1 and _full_steps_flops(plan, costs, steps - 1, B * T) >= budget:
             steps -= 1
-        last_cost = costs[plan.phase_at((steps - 1) / steps).name].total
+        last_cost = costs[step_phase(plan, steps - 1, steps)].total
         before = _full_steps_flops(plan, costs, steps, B * T) - B * T * last_cost
         last = min(T, math.floor((budget - before) / (B * last_cost)))
     if last < 1:  # the remainder is less than one token per window: drop that step
@@ -125,7 +137,7 @@ def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
         return run_length(cfg, None, {}).steps
     from hld.distill.mapping import layer_pairs
     from hld.distill.objectives import build_plan
-    from hld.distill.projectors import Projectors
+    from hld.distill.projectors import Projectors, needs_projector
     from hld.models.hooks import n_blocks
     from hld.models.student import build_student
 
@@ -136,6 +148,8 @@ def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
         if cfg.objective.method.startswith("hld"):
             pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher))
             projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                    d_teacher=text_config(teacher.config).hidden_size)
-    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens)
+                                    d_teacher=text_config(teacher.config).hidden_size,
+                                    linear=needs_projector(cfg.objective.hidden.loss))
+    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
+                      teacher_lm=teacher)
     return run_length(cfg, plan, phase_costs(cfg, plan, student=student, teacher=teacher)).steps

@@ -31,10 +31,11 @@ from hld.distributed import Dist
 from hld.distill.cache import CacheIdentity, CachedTeacher
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 from hld.distill.mapping import layer_pairs
-from hld.distill.objectives import Plan, build_plan
-from hld.distill.projectors import Projectors
+from hld.distill.objectives import Plan, build_plan, fit_targets, keep_targets
+from hld.distill.projectors import Projectors, needs_projector
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.errors import HldError
+from hld.eval.cka import layer_diagnostics, write_cka_matrix
 from hld.train.budget import Length, phase_costs, run_length
 from hld.models.hooks import n_blocks, text_config
 from hld.models.student import build_student, count_params
@@ -117,7 +118,8 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
         check_vocab(tok, teacher_lm, vocab)
         pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
         projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed).to(device)
+                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed,
+                                linear=needs_projector(cfg.objective.hidden.loss)).to(device)
     elif teacher_lm is not None:
         check_vocab(tok, teacher_lm, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
@@ -125,7 +127,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                        "use the tokenizer that ships with the teacher")
     compute_dtype = resolve_dtype(cfg.train.precision, device)
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
-                      matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
+                      matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype, teacher_lm=teacher_lm)
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
@@ -143,6 +145,8 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
     length = run_length(cfg, plan, costs)
+    fit_targets(plan, teacher, order, cfg.objective,  # standardize: frozen teacher statistics, on
+                max_windows=length.steps * cfg.train.batch_size)  # windows the run reads (and a cache holds)
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
@@ -161,7 +165,10 @@ def train_step(s: Setup, step: int) -> dict:
     """One optimiser step over the global batch, split into micro-batches (and, under torchrun, over
     the ranks). Returns metrics, equal on every rank."""
     cfg, d = s.cfg, s.dist
-    phase = s.plan.phase_at(step / s.total_steps)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    phase, weights = s.plan.at_step(step, s.total_steps, tokens_before=step * B * T,  # a boundary inside
+                                    tokens_in_step=s.length.tokens_at(step, B, T),  # a step: its blend
+                                    tokens_total=(s.total_steps - 1) * B * T + B * s.length.last_len)
     objective = phase.objective
     batch = s.order.batch(step)
     if step == s.total_steps - 1 and s.length.last_len < batch.input_ids.shape[1]:
@@ -198,6 +205,7 @@ def train_step(s: Setup, step: int) -> dict:
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     out = {f"train/{k}": v / n_global for k, v in sums.items()}
+    out.update(weights)  # scheduled alpha / beta
     out.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
                 "skipped": not finite})
     return out
@@ -273,7 +281,7 @@ def validate_now(s: Setup) -> dict:
     result equals the single-process one."""
     r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone,
                                chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
-    return {"val/loss": r["loss"], "val/ppl": r["ppl"]}
+    return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -301,6 +309,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
         _warm(cfg, resources)
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
+    keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
     costs = s.costs
     step, tokens, flops = 0, 0, 0.0
     if resume:
@@ -355,6 +364,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
     tok = resources.tokenizer(cfg.teacher.model)
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
     distributed.main_only(d, lambda: export_student(s.student, tok, out / "student", state_dict=full))
+    distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = _last_validation(out) or validate_now(s)
     counts = count_params(s.student)

@@ -1,0 +1,203 @@
+"""Hidden-state targets and losses: what `HiddenObjective` computes for one (student layer, teacher
+layer) pair. Every loss returns a **sum over the valid positions** (fp32), like `losses.py`.
+
+Targets (`objective.hidden.normalize_teacher`)
+- `standardize`: (x - mean_d) / std_d per dimension d, with mean and std of the teacher layer
+  estimated once (float64) on the run's first training windows and frozen. Gemma 3's residual
+  stream has a massive activation (one dimension holds ~85% of ||x||^2); after a per-token RMS the
+  best *constant* prediction already explains ~90-96% of the MSE, so the loss mostly rewards
+  emitting one fixed direction. Standardising removes that constant share by construction: the
+  best constant predictor of a standardised target is 0 and explains nothing on the windows the
+  statistics came from.
+- `rms`: x / rms(x) per token. `none`: raw states.
+- Position 0 of every window (the BOS, an attention sink whose norm is ~15x the others' at
+  Gemma 3 270M's layer 9) is left out of the loss and of the statistics (`skip_first_position`).
+
+Losses (`objective.hidden.loss`)
+- `mse`, `nmse`, `cosine`: per token on the projected student state (`losses.hidden_sum`).
+- `relation` (projector-free, MiniLM-v2 style): per window, R_ij = cos(x_i, x_j) for the student
+  layer and for the (normalised) teacher layer; for each valid query position i the loss is
+  mean_{valid j <= i} (R^s_ij - R^t_ij)^2, summed over valid i. Causal rows: position i only ever
+  relates to what it can attend to. The diagonal (always 1) contributes 0. Bounded in [0, 4] per
+  token, whatever either model's width, so no projector is needed.
+- `lens`: z_s = head(norm(P s)), z_t = head(norm(t)) with the teacher's own final norm and frozen
+  head (and soft-cap); the loss is T^2 KL(softmax(z_t/T) || softmax(z_s/T)) per token, computed
+  by the fused chunked head (`chunked.head_loss`, CE weight 0, KD weight 1): no (B, T, V) tensor.
+  The target is the teacher layer's *raw* state (its logit lens), whatever `normalize_teacher` says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from hld.distill.chunked import WORKSPACE, HeadLossSpec, head_loss, logits_into
+from hld.distill.losses import TeacherLogits, hidden_sum, softcap
+
+STATS_FILE = "hidden_stats.pt"
+FEATURE_LOSSES = ("mse", "nmse", "cosine")
+NORMALIZATIONS = ("none", "rms", "standardize")
+
+
+def hidden_mask(mask: torch.Tensor, *, skip_first: bool) -> torch.Tensor:
+    """Positions the hidden loss reads: those with a next-token target, minus position 0 of every
+    window when `skip_first` (the BOS / attention sink under the BOS-led window protocol). mask (B, T)."""
+    if not skip_first:
+        return mask
+    out = mask.clone()
+    out[:, 0] = False
+    return out
+
+
+# --------------------------------------------------------------------------- standardisation
+
+@dataclass
+class Moments:
+    """Per-dimension mean and standard deviation of one layer (float32 tensors (d,))."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: int
+
+
+def standardize_stats(items: Iterable[tuple[torch.Tensor, torch.Tensor]], *, eps: float = 1e-6) -> Moments:
+    """Mean and (population) std per dimension of hidden states `x (B, T, d)` at the positions where
+    `mask (B, T)` holds, over every item; sums accumulated in float64. std is floored at `eps` times
+    the largest std, so a dead dimension does not blow up its standardised target."""
+    s1 = s2 = None
+    n = 0
+    for x, mask in items:
+        v = x.detach().reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device)].double()  # (n, d)
+        if s1 is None:
+            s1 = torch.zeros(x.shape[-1], dtype=torch.float64, device=v.device)
+            s2 = torch.zeros_like(s1)
+        s1 += v.sum(0)
+        s2 += v.pow(2).sum(0)
+        n += v.shape[0]
+    if not n:
+        raise ValueError("no valid positions to estimate the statistics on")
+    mean = s1 / n
+    var = (s2 / n - mean.pow(2)).clamp_min(0.0)
+    std = var.sqrt()
+    std = std.clamp_min(eps * float(std.max()) + 1e-12)
+    return Moments(mean=mean.float().cpu(), std=std.float().cpu(), count=n)
+
+
+def normalize_target(x: torch.Tensor, mode: str, moments: Optional[Moments] = None, eps: float = 1e-6) -> torch.Tensor:
+    """The target the projected student state is matched to. x (..., d)."""
+    x = x.float()
+    if mode == "none":
+        return x
+    if mode == "rms":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if mode == "standardize":
+        if moments is None:
+            raise RuntimeError("normalize_teacher=standardize before the teacher statistics were estimated")
+        return (x - moments.mean.to(x.device)) / moments.std.to(x.device)
+    raise ValueError(f"unknown normalisation {mode!r}")
+
+
+@torch.no_grad()
+def estimate_layer_stats(teacher, order, layers: tuple[int, ...], *, n_windows: int, skip_first: bool) -> dict[int, Moments]:
+    """Statistics of each teacher layer on the first `n_windows` training windows in batch order
+    (the windows the run reads first), from whatever produces its signals (online or the cache)."""
+    from hld.data.packing import Batch
+    from hld.distill.signals import Needs
+
+    per_layer: dict[int, list] = {t: [] for t in layers}
+    seen, step = 0, 0
+    while seen < n_windows:
+        batch = order.batch(step)
+        take = min(n_windows - seen, batch.input_ids.shape[0])
+        if take < batch.input_ids.shape[0]:
+            wids = batch.window_ids[:take] if batch.window_ids is not None else None
+            batch = Batch(batch.input_ids[:take], batch.labels[:take], wids)
+        sig = teacher(batch, Needs(layers=tuple(layers)))
+        m = hidden_mask(batch.mask, skip_first=skip_first)
+        for t in layers:
+            per_layer[t].append((sig.hidden[t].float().cpu(), m))
+        seen += take
+        step += 1
+    return {t: standardize_stats(items) for t, items in per_layer.items()}
+
+
+def save_stats(stats: dict[int, Moments], path: Path) -> None:
+    """Write the frozen statistics (renamed into place: a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({int(t): {"mean": m.mean, "std": m.std, "count": m.count} for t, m in stats.items()}, tmp)
+    tmp.replace(path)
+
+
+def load_stats(path: Path) -> dict[int, Moments]:
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    return {int(t): Moments(mean=v["mean"], std=v["std"], count=int(v["count"])) for t, v in raw.items()}
+
+
+# --------------------------------------------------------------------------- losses
+
+def feature_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, loss: str) -> torch.Tensor:
+    """mse / nmse / cosine summed over valid rows. pred, target (n, d_t); target already normalised."""
+    return hidden_sum(pred, target, mask, loss=loss, normalize_teacher="none")
+
+
+def relations(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Token-to-token cosine similarities per window. x (B, T, d) -> (B, T, T) fp32."""
+    u = F.normalize(x.float(), dim=-1, eps=eps)
+    return u @ u.transpose(1, 2)
+
+
+def relation_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over valid query i of mean over valid keys j <= i of (R^s_ij - R^t_ij)^2.
+    student (B, T, d_s), teacher (B, T, d_t), mask (B, T) bool."""
+    T = student.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=student.device).tril()
+    keys = causal[None] & mask[:, None, :] & mask[:, :, None]  # (B, T, T): valid query row, valid key column
+    diff = (relations(student) - relations(teacher).detach()).pow(2)
+    diff = torch.where(keys, diff, 0.0)
+    per = diff.sum(-1) / keys.sum(-1).clamp_min(1)  # (B, T)
+    return torch.where(mask, per, 0.0).sum()
+
+
+@dataclass
+class Lens:
+    """The teacher's final norm and frozen head: what its logit lens reads a layer through."""
+
+    norm: torch.nn.Module
+    head_weight: torch.Tensor  # (V, d_t)
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, lm: torch.nn.Module) -> "Lens":
+        from hld.distill.signals import head_of
+        from hld.models.hooks import decoder_of
+
+        weight, cap = head_of(lm)
+        return cls(norm=decoder_of(lm).norm, head_weight=weight.detach(), softcap=cap)
+
+
+def lens_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens, spec: HeadLossSpec) -> torch.Tensor:
+    """T^2 KL(teacher lens || student lens) summed over valid rows, chunk by chunk.
+    pred (n, d_t) projected student states (with grad); target (n, d_t) raw teacher states."""
+    W = lens.head_weight
+    h = lens.norm(pred)  # (n, d_t), the norm's weights are frozen
+    with torch.no_grad():
+        ht = lens.norm(target.to(h.dtype))  # (n, d_t)
+
+    def teacher_chunk(rows: slice) -> TeacherLogits:
+        buf = WORKSPACE.get("zlens", rows.stop - rows.start, W.shape[0], W.device)
+        return TeacherLogits(dense=softcap(logits_into(ht[rows].to(W.dtype), W, buf), lens.softcap))
+
+    labels = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)  # CE weight 0: never read
+    loss, _ = head_loss(h, W, labels, mask, spec, teacher_chunk)
+    return loss
+
+
+def lens_spec(*, temperature: float, chunk_tokens: int, softcap: Optional[float],
+              matmul_dtype: Optional[torch.dtype] = None) -> HeadLossSpec:
+    return HeadLossSpec(ce_weight=0.0, kd_weight=1.0, temperature=temperature, softcap=softcap,
+                        chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype)

@@ -1,0 +1,169 @@
+"""Layer diagnostics: does training make the student's layers more teacher-like?
+
+- Linear CKA (Kornblith et al., 2019) between a student layer's states X (n, d_s) and a teacher
+  layer's Y (n, d_t) on the same n token positions, columns centred:
+      CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+  in [0, 1], invariant to orthogonal transforms and isotropic scaling of either side, so it needs
+  no projector and compares CE, KD and HLD runs alike. Computed on raw states (no normalisation).
+- R^2 of a projector: the share of the standardised target's variance its prediction explains,
+  1 - mean_d SSE_d / SST_d over the target dimensions d (target = what the hidden loss matches:
+  the teacher layer normalised as the run normalises it). Not defined for `relation` (no projector).
+
+At every validation (`objective.hidden.diagnostics`): `val/cka/s{i}_t{j}` per mapped pair (the pairs
+an HLD run of the config matches, also for CE and KD runs) and `val/r2/s{i}_t{j}`; at the end of a
+run the full student-layer x teacher-layer matrix in RUN_DIR/cka.json. All on the first
+`diagnostics_windows` validation windows, positions left out as the hidden loss leaves them out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hld.data.packing import make_batch
+from hld.distill.hidden import hidden_mask
+from hld.distill.projectors import pair_key
+from hld.models.hooks import LayerCapture, StopForward, n_blocks
+from hld.precision import autocast
+
+CKA_FILE = "cka.json"
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of x (n, d1) and y (n, d2), in float64."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).pow(2).sum()
+    denom = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
+    return float(cross / denom) if float(denom) > 0 else 0.0
+
+
+def r2_standardized(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - mean over dimensions of SSE_d / SST_d. pred, target (n, d)."""
+    pred, target = pred.double(), target.double()
+    sse = (pred - target).pow(2).sum(0)
+    sst = (target - target.mean(0)).pow(2).sum(0).clamp_min(1e-12)
+    return float(1 - (sse / sst).mean())
+
+
+@torch.no_grad()
+def _states(lm: torch.nn.Module, forward, windows, layers: list[int], *, skip_first: bool,
+            compute_dtype: torch.dtype, device: torch.device, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Layer -> (n, d) float32 states at the kept positions of `windows` (CPU)."""
+    cap = LayerCapture(lm, layers)
+    out: dict[int, list] = {i: [] for i in layers}
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = make_batch(windows[start:start + batch_size])
+            keep = hidden_mask(batch.mask, skip_first=skip_first).reshape(-1)
+            with autocast(compute_dtype, device):
+                try:
+                    forward(batch.input_ids.to(device))
+                except StopForward:
+                    pass
+            got = cap.pop()
+            for i in layers:
+                out[i].append(got[i].float().reshape(-1, got[i].shape[-1]).cpu()[keep])
+    finally:
+        cap.remove()
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+class Diagnostics:
+    """What a run's validations share: the windows, the pairs, the teacher's states (computed once)."""
+
+    def __init__(self, s) -> None:
+        from hld.distill.mapping import layer_pairs
+        from hld.distill.objectives import hidden_objectives
+
+        cfg = s.cfg
+        h = cfg.objective.hidden
+        self.s = s
+        self.windows = s.val_windows[:h.diagnostics_windows]
+        self.skip_first = h.skip_first_position
+        self.teacher_lm = s.teacher_lm if s.teacher_lm is not None else _load_teacher(cfg)
+        self.pairs = (list(s.projectors.pairs) if s.projectors is not None else
+                      layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher_lm)))
+        objs = hidden_objectives(s.plan)
+        self.hidden = objs[0] if objs else None
+        self._teacher: dict[int, torch.Tensor] = {}
+
+    def teacher_states(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        missing = [t for t in layers if t not in self._teacher]
+        if missing:
+            from hld.distill.signals import Backbone
+            dev = next(self.teacher_lm.parameters()).device
+            self._teacher.update(_states(self.teacher_lm, Backbone(self.teacher_lm), self.windows, missing,
+                                         skip_first=self.skip_first,
+                                         compute_dtype=torch.float32, device=dev))
+        return {t: self._teacher[t] for t in layers}
+
+    def student_states(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        s = self.s
+        was = s.student.training
+        s.student.eval()
+        try:
+            return _states(s.student, s.runner.backbone, self.windows, layers,
+                           skip_first=self.skip_first, compute_dtype=s.compute_dtype, device=s.device)
+        finally:
+            s.student.train(was)
+
+    def per_pair(self) -> dict[str, float]:
+        st = self.student_states(sorted({a for a, _ in self.pairs}))
+        te = self.teacher_states(sorted({b for _, b in self.pairs}))
+        out = {}
+        for pair in self.pairs:
+            a, b = pair
+            key = pair_key(pair)
+            out[f"val/cka/{key}"] = linear_cka(st[a], te[b])
+            proj = self.s.projectors.proj[key] if self.s.projectors is not None and self.s.projectors.linear else None
+            if proj is not None and self.hidden is not None:
+                with torch.no_grad():
+                    pred = proj(st[a].to(proj.weight.device, proj.weight.dtype)).float().cpu()
+                    target = self.hidden.target(b, te[b]).cpu()
+                out[f"val/r2/{key}"] = r2_standardized(pred, target)
+        return out
+
+    def matrix(self) -> dict:
+        s_layers = list(range(0, n_blocks(self.s.student) + 1))
+        t_layers = list(range(0, n_blocks(self.teacher_lm) + 1))
+        st, te = self.student_states(s_layers), self.teacher_states(t_layers)
+        return {"student_layers": s_layers, "teacher_layers": t_layers, "pairs": [list(p) for p in self.pairs],
+                "cka": [[linear_cka(st[a], te[b]) for b in t_layers] for a in s_layers]}
+
+
+def _load_teacher(cfg) -> torch.nn.Module:
+    """CE runs load no teacher for training; the diagnostics read it on the validation windows only."""
+    from hld.train.resources import Resources
+    return Resources().teacher(cfg.teacher.model, cfg.teacher.dtype).model
+
+
+def diagnostics_of(s) -> Optional[Diagnostics]:
+    # one process only: under torchrun the student's forward is a collective (fsdp2) that rank 0 alone
+    # would enter for cka.json, and the states would have to be gathered over the ranks (not built)
+    if not s.cfg.objective.hidden.diagnostics or s.dist.active:
+        return None
+    diag = getattr(s, "_diagnostics", None)
+    if diag is None:
+        diag = Diagnostics(s)
+        s._diagnostics = diag
+    return diag
+
+
+def layer_diagnostics(s) -> dict[str, float]:
+    """`val/cka/...` and `val/r2/...` for the run's validation line (empty when turned off)."""
+    diag = diagnostics_of(s)
+    return diag.per_pair() if diag is not None else {}
+
+
+def write_cka_matrix(s, run_dir: Path) -> Optional[Path]:
+    from hld import atomic
+
+    diag = diagnostics_of(s)
+    if diag is None:
+        return None
+    path = Path(run_dir) / CKA_FILE
+    atomic.write_json(path, diag.matrix())
+    return path

@@ -1,0 +1,78 @@
+"""Linear CKA and the projector R^2 against numpy; the diagnostics in a run's metrics and cka.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hld.eval.cka import linear_cka, r2_standardized
+
+
+def _cka_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """Gram-matrix form (Kornblith et al. 2019, eq. HSIC with linear kernels), a different route
+    from the feature-space formula in hld.eval.cka."""
+    n = len(x)
+    H = np.eye(n) - np.ones((n, n)) / n
+    K, L = H @ (x @ x.T) @ H, H @ (y @ y.T) @ H
+    return float((K * L).sum() / np.sqrt((K * K).sum() * (L * L).sum()))
+
+
+def test_linear_cka_matches_numpy_and_is_invariant():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 9, generator=g, dtype=torch.float64) + 0.5 * torch.randn(50, 9, generator=g, dtype=torch.float64)
+    ref = _cka_numpy(x.numpy(), y.numpy())
+    assert linear_cka(x, y) == pytest.approx(ref, rel=1e-10)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64))
+    assert linear_cka(x, 7.5 * y @ q) == pytest.approx(ref, rel=1e-9)  # rotation and isotropic scale
+    assert linear_cka(x + 3.0, y) == pytest.approx(ref, rel=1e-9)  # centred
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    # not invariant to anisotropic scaling (why the raw, unstandardised states are what it reports)
+    assert linear_cka(x, y * torch.linspace(0.1, 10, 9, dtype=torch.float64)) != pytest.approx(ref, rel=1e-3)
+
+
+def test_r2_standardized_matches_numpy():
+    g = np.random.default_rng(1)
+    t = g.normal(size=(40, 5)) * np.array([1, 10, 100, 0.1, 1])
+    p = t + g.normal(size=t.shape)
+    ref = np.mean([1 - ((p[:, d] - t[:, d]) ** 2).sum() / ((t[:, d] - t[:, d].mean()) ** 2).sum() for d in range(5)])
+    assert r2_standardized(torch.from_numpy(p), torch.from_numpy(t)) == pytest.approx(ref, rel=1e-10)
+    assert r2_standardized(torch.from_numpy(t), torch.from_numpy(t)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["ce", "hld-joint"])
+def test_runs_log_cka_and_write_the_matrix(overrides, tmp_path, method):
+    from hld.config import load_config
+    from hld.train.loop import train
+    from hld.train.loggers import read_metrics
+
+    cfg = load_config("smoke", [*overrides, f"objective.method={method}", "train.eval_every_steps=2"])
+    train(cfg, tmp_path / "run", quiet=True)
+    vals = [r for r in read_metrics(tmp_path / "run") if "val/ppl" in r]
+    assert len(vals) >= 2
+    for r in vals:
+        assert {"val/cka/s1_t2", "val/cka/s2_t3"} <= set(r) and all(0 <= r[k] <= 1 + 1e-9 for k in r if "cka" in k)
+        assert ("val/r2/s1_t2" in r) == (method == "hld-joint")
+    m = json.loads((tmp_path / "run" / "cka.json").read_text())
+    assert m["student_layers"] == [0, 1, 2] and m["teacher_layers"] == [0, 1, 2, 3]
+    assert np.array(m["cka"]).shape == (3, 4)
+    assert m["cka"][1][2] == pytest.approx(vals[-1]["val/cka/s1_t2"], rel=1e-9)  # the same windows and states
+
+
+def test_study_report_draws_cka_plots(overrides, tmp_path):
+    from hld.config import load_config
+    from hld.study.report import build_report
+    from hld.train.loop import train
+
+    for arm in ("kd", "hld-joint"):
+        cfg = load_config("smoke", [*overrides, f"objective.method={arm}", f"name={arm}", "train.eval_every_steps=2"])
+        train(cfg, tmp_path / "runs" / arm, quiet=True)
+    result = build_report(tmp_path)
+    names = {Path(p).name for p in result["plots"]}
+    assert {"cka_over_training.png", "cka_matrices.png"} <= names
+    text = (tmp_path / "report.md").read_text()
+    assert "plots/cka_over_training.png" in text and "plots/cka_matrices.png" in text
