@@ -5,8 +5,11 @@ stdout line. User errors print one line `hld: error: <problem> — <fix>` and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -175,7 +178,9 @@ def cmd_cache_teacher(args) -> dict:
     if not cfg.objective.method.startswith("hld"):
         # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
         cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
-    m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
+    with _sigterm_as_error(f"hld cache-teacher stopped by SIGTERM before {args.out} was complete; what it held "
+                           "before is kept", "rerun the same command to build the cache"):
+        m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
     row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
            "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
            "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
@@ -183,6 +188,22 @@ def cmd_cache_teacher(args) -> dict:
     if not args.json:
         print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
     return row
+
+
+@contextlib.contextmanager
+def _sigterm_as_error(problem: str, fix: str):
+    """SIGTERM raises an HldError where the command is, so its cleanup runs (the default action
+    would end the process at once, leaving its temporary directory behind)."""
+    def handle(signum, frame):
+        raise HldError(problem, fix)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handle) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 def cmd_config(args) -> dict:
