@@ -124,3 +124,75 @@ def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, 
     assert row["tokens"] >= 1024
     assert json.loads((built_cache / "manifest.json").read_text())["format_version"] == 1
     assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- hld export
+
+@pytest.fixture
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet"]) == 0
+    return run
+
+
+def test_training_records_the_students_sha256(finished):
+    from hld.fingerprint import file_sha256
+
+    recorded = json.loads((finished / "summary.json").read_text())["student_sha256"]
+    assert recorded == {"model.safetensors": file_sha256(finished / "student" / "model.safetensors")}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_export_refuses_an_out_dir_overlapping_the_run(tmp_path, capsys, finished, where):
+    before = _snapshot(finished.parent)
+    out = {"same": finished, "inside": finished / "export", "containing": finished.parent}[where]
+    _one_line(capsys, ["export", str(finished), str(out), "--force"], "the run directory")
+    assert _snapshot(finished.parent) == before
+
+
+def test_export_onto_a_mount_point(capsys, finished):
+    before = _snapshot(finished)
+    _one_line(capsys, ["export", str(finished), "/proc", "--force"], "is a mount point")
+    assert _snapshot(finished) == before
+    assert not [p for p in Path("/").iterdir() if p.name.startswith(".proc.")]
+
+
+@pytest.mark.parametrize("where", ["sys", "file-parent"])
+def test_export_into_a_read_only_location(tmp_path, capsys, finished, where):
+    (tmp_path / "plain").write_text("x")
+    out = "/sys/hld-test-export" if where == "sys" else str(tmp_path / "plain" / "export")
+    line = _one_line(capsys, ["export", str(finished), out], "cannot write")
+    assert "pick a writable OUT_DIR" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "wrong-shape"])
+def test_export_verifies_the_weights(tmp_path, capsys, finished, damage):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = finished / "student" / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+        problem = "is truncated or not safetensors"
+    elif damage == "flipped":
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        problem = "sha256 mismatch"
+    else:
+        tensors = load_file(weights)
+        tensors["model.norm.weight"] = torch.ones(3)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        problem = "do not fit its config.json (model.norm.weight"
+    out = tmp_path / "export"
+    _one_line(capsys, ["export", str(finished), str(out)], problem)
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+
+
+@pytest.mark.parametrize("content", ['{"name": "r", "ste', "[1, 2]"])
+def test_export_and_report_over_a_damaged_summary(tmp_path, capsys, finished, content):
+    (finished / "summary.json").write_text(content)
+    _one_line(capsys, ["export", str(finished), str(tmp_path / "export")], "run summary")
+    study = tmp_path / "study"
+    (study / "runs").mkdir(parents=True)
+    os.rename(finished, study / "runs" / "cell")
+    _one_line(capsys, ["report", str(study)], "run summary")

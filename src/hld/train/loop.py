@@ -29,7 +29,7 @@ from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder, rank_slice
 from hld.distributed import Dist
 from hld.distill.cache import CacheIdentity, CachedTeacher
-from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
+from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
@@ -371,6 +371,8 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
                "steps": step, "tokens": tokens, "flops": flops,
                "flops_per_token": {k: v.total for k, v in costs.items()},
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
+    if d.is_main:  # what `hld export` checks the weights against
+        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
 
@@ -409,7 +411,8 @@ def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resour
         if not same_config(run_dir / "config.yaml", cfg):
             raise HldError(f"{run_dir} holds a finished run of another config",
                            "choose another --out, or delete that directory")
-        return json.loads((run_dir / "summary.json").read_text())
+        return atomic.read_json_object(run_dir / "summary.json", "run summary",
+                                       f"delete {run_dir} to train it again")
     if has_checkpoint(run_dir):
         return train(cfg, run_dir, resume=True, resources=resources, quiet=quiet)
     if run_dir.exists():
