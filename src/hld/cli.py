@@ -110,6 +110,10 @@ def cmd_eval(args) -> dict:
         raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
     if args.tasks is None and (args.limit is not None or args.task_data):
         raise HldError("--limit and --task-data apply to --tasks", "add --tasks, or drop them")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--max-docs", args.max_docs)):
+        if value is not None and value < 1:
+            raise HldError(f"{flag} {value} is not a positive number", f"give {flag} 1 or more, or leave it out")
+    _check_finished_run(Path(args.model))
     task_data = _task_data(args.task_data)
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -136,6 +140,27 @@ def cmd_eval(args) -> dict:
     return row
 
 
+def _check_finished_run(path: Path) -> None:
+    """A run directory is a model once training has exported its student/."""
+    if (path / "config.yaml").is_file() and not (path / "student" / "config.json").is_file():
+        raise HldError(f"run {path} has not finished (no student/ yet: it is written at the end of training)",
+                       f"finish it with `hld train --resume --out {path} --config ...`, then evaluate it")
+
+
+# config keys named by the data errors of `hld train`, and what `hld eval` calls them
+_EVAL_FLAGS = (("data.train/validation", "--data"), ("data.train", "--data"), ("data.validation", "--data"),
+               ("data.seq_len", "--seq-len"), ("data.max_train_docs", "--max-docs"))
+
+
+def _eval_data_error(exc: HldError, source: str) -> HldError:
+    problem, fix = exc.problem, exc.fix
+    for key, flag in _EVAL_FLAGS:
+        problem, fix = problem.replace(key, flag), fix.replace(key, flag)
+    if source not in problem:
+        problem = f"--data {source}: {problem}"
+    return HldError(problem, fix)
+
+
 def _task_data(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -150,7 +175,10 @@ def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
     from hld.data.packing import load_stream, pack_windows
     from hld.eval.perplexity import perplexity
 
-    windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len)
+    try:
+        windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len)
+    except HldError as exc:  # the data errors speak of `hld train`'s config keys
+        raise _eval_data_error(exc, args.data) from exc
     r = perplexity(lm, windows, bos_id=tokenizer.bos_token_id, batch_size=args.batch_size or 4,
                    compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
     if not args.json:

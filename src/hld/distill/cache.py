@@ -197,6 +197,9 @@ class CachedTeacher:
         missing = sorted(set(expect.layers) - set(have.get("layers", [])))
         if missing:
             raise HldError(f"cache {self.dir} lacks teacher layers {missing}", "rebuild it with those layers")
+        if not isinstance(have.get("top_k"), int) or have["top_k"] < 1:  # k=0 caches (built before k was checked)
+            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
+                           "rebuild it with teacher.cache_top_k of 1 or more (default 64)")
         if expect.top_k > have.get("top_k", 0):
             raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
                            "lower objective.top_k or rebuild the cache with a larger k")
