@@ -302,7 +302,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     try:
         return _train(cfg, Path(out), d, resume=resume, resources=resources, quiet=quiet)
     except OSError as exc:  # a full disk or a read-only location under any write (metrics, export, summary)
-        if exc.errno not in _WRITE_ERRNOS:
+        denied = exc.errno in (errno.EACCES, errno.EPERM)  # a write only if it names a path in the run
+        if exc.errno not in _WRITE_ERRNOS or denied and not str(exc.filename or "").startswith(str(out)):
             raise
         raise HldError(f"could not write into {out}: {exc.strerror}", atomic.write_fix(exc)) from exc
     finally:
