@@ -5,8 +5,11 @@ stdout line. User errors print one line `hld: error: <problem> — <fix>` and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -114,6 +117,10 @@ def cmd_eval(args) -> dict:
         raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
     if args.tasks is None and (args.limit is not None or args.task_data):
         raise HldError("--limit and --task-data apply to --tasks", "add --tasks, or drop them")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--max-docs", args.max_docs)):
+        if value is not None and value < 1:
+            raise HldError(f"{flag} {value} is not a positive number", f"give {flag} 1 or more, or leave it out")
+    _check_finished_run(Path(args.model))
     task_data = _task_data(args.task_data)
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -141,6 +148,27 @@ def cmd_eval(args) -> dict:
     return row
 
 
+def _check_finished_run(path: Path) -> None:
+    """A run directory is a model once training has exported its student/."""
+    if (path / "config.yaml").is_file() and not (path / "student" / "config.json").is_file():
+        raise HldError(f"run {path} has not finished (no student/ yet: it is written at the end of training)",
+                       f"finish it with `hld train --resume --out {path} --config ...`, then evaluate it")
+
+
+# config keys named by the data errors of `hld train`, and what `hld eval` calls them
+_EVAL_FLAGS = (("data.train/validation", "--data"), ("data.train", "--data"), ("data.validation", "--data"),
+               ("data.seq_len", "--seq-len"), ("data.max_train_docs", "--max-docs"))
+
+
+def _eval_data_error(exc: HldError, source: str) -> HldError:
+    problem, fix = exc.problem, exc.fix
+    for key, flag in _EVAL_FLAGS:
+        problem, fix = problem.replace(key, flag), fix.replace(key, flag)
+    if source not in problem:
+        problem = f"--data {source}: {problem}"
+    return HldError(problem, fix)
+
+
 def _task_data(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -155,8 +183,11 @@ def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
     from hld.data.packing import load_stream, pack_windows
     from hld.eval.perplexity import perplexity
 
-    windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len,
-                           bos_id=tokenizer.bos_token_id)
+    try:
+        windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len,
+                               bos_id=tokenizer.bos_token_id)
+    except HldError as exc:  # the data errors speak of `hld train`'s config keys
+        raise _eval_data_error(exc, args.data) from exc
     r = perplexity(lm, windows, batch_size=args.batch_size or 4,
                    compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
     if not args.json:
@@ -184,7 +215,9 @@ def cmd_cache_teacher(args) -> dict:
     if not cfg.objective.method.startswith("hld"):
         # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
         cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
-    m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
+    with _sigterm_as_error(f"hld cache-teacher stopped by SIGTERM before {args.out} was complete; what it held "
+                           "before is kept", "rerun the same command to build the cache"):
+        m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
     row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
            "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
            "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
@@ -208,6 +241,22 @@ def cmd_inspect_teacher(args) -> dict:
             print(f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
                   f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}")
     return {"layers": rows}
+
+
+@contextlib.contextmanager
+def _sigterm_as_error(problem: str, fix: str):
+    """SIGTERM raises an HldError where the command is, so its cleanup runs (the default action
+    would end the process at once, leaving its temporary directory behind)."""
+    def handle(signum, frame):
+        raise HldError(problem, fix)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handle) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
 
 
 def cmd_config(args) -> dict:

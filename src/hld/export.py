@@ -9,42 +9,115 @@ that is then renamed."""
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from hld.atomic import replace_dir
+from hld.atomic import read_json_object, replace_dir, write_fix
 from hld.errors import HldError
 from hld.eval.harness import read_downstream
+from hld.fingerprint import file_sha256
 
 REFUSED = ("checkpoint.pt",)  # never copied, whatever a student dir holds
 
 
 def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
-    """Copy the run's student into `out_dir` with a model card; return what was written."""
+    """Copy the run's student into `out_dir` with a model card; return what was written. The weights
+    are verified (header, shapes against config.json, the sha256 recorded at training time) before
+    and after the copy."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     student = _finished_student(run_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    _check_out_dir(run_dir, out_dir, force=force)
+    summary = read_json_object(run_dir / "summary.json", "run summary", "the run did not finish writing it: "
+                               "rerun `hld train --resume --out RUN_DIR --config ...` to rewrite it")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise HldError(f"{run_dir}/config.yaml is unreadable", "restore the run's config.yaml") from exc
     downstream = read_downstream(run_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    recorded = summary.get("student_sha256") or {}
+    verify_student(student, recorded)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    except OSError as exc:
+        raise HldError(f"cannot write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
     try:
         files = [p for p in sorted(student.iterdir()) if p.is_file() and p.name not in REFUSED]
         for p in files:
             shutil.copy2(p, tmp / p.name)
+        _check_sha(tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"},
+                   "the copy")
         (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
         replace_dir(tmp, out_dir)  # --force: the old contents go only once the new ones are complete
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HldError(f"could not write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out_dir": str(out_dir), "files": sorted([p.name for p in files] + ["README.md"]),
-            "downstream": sorted(downstream)}
+            "downstream": sorted(downstream), "verified_sha256": bool(recorded)}
+
+
+def _check_out_dir(run_dir: Path, out_dir: Path, *, force: bool) -> None:
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or run in out.parents or out in run.parents:
+        where = "is" if out == run else "is inside" if run in out.parents else "contains"
+        raise HldError(f"OUT_DIR {out_dir} {where} the run directory {run_dir}: exporting there would replace "
+                       "the run", "give an OUT_DIR outside the run directory")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
+    if force and os.path.ismount(out_dir):
+        raise HldError(f"OUT_DIR {out_dir} is a mount point, which cannot be replaced",
+                       "export into a new directory inside it, e.g. OUT_DIR/student")
+
+
+def verify_student(student: Path, recorded: dict) -> None:
+    """Refuse weights that are truncated, do not fit student/config.json, or differ from training's."""
+    from safetensors import safe_open
+
+    fix = "the exported student is damaged: rerun `hld train --resume --out RUN_DIR --config ...` to export it again"
+    shapes = {}
+    for path in sorted(student.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as fh:
+                shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+        except Exception as exc:  # safetensors raises its own error type for a torn header or body
+            raise HldError(f"{path} is truncated or not safetensors ({str(exc)[:80]})", fix) from exc
+    expected = _expected_shapes(student, fix)
+    wrong = sorted(k for k, v in shapes.items() if expected.get(k) != v)
+    missing = sorted(set(expected) - set(shapes) - {"lm_head.weight"})  # the head is tied to the embedding
+    if wrong or missing:
+        name = (wrong or missing)[0]
+        raise HldError(f"{student} weights do not fit its config.json ({name}: {shapes.get(name)} in the file, "
+                       f"{expected.get(name)} expected)", fix)
+    _check_sha(student, recorded, "training")
+
+
+def _expected_shapes(student: Path, fix: str) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(student)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as exc:
+        raise HldError(f"{student}/config.json is unreadable ({type(exc).__name__})", fix) from exc
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_sha(directory: Path, recorded: dict, when: str) -> None:
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise HldError(f"{path} differs from the weights written at {when} (sha256 mismatch)",
+                           "the student file was changed or damaged: rerun `hld train --resume --out RUN_DIR "
+                           "--config ...` to export it again")
 
 
 def _finished_student(run_dir: Path) -> Path:

@@ -299,12 +299,24 @@ def test_debug_shows_the_traceback(tmp_path, overrides):
         main(_train_argv(tmp_path / "r", [*overrides, "train.lrr=1"], "--debug"))
 
 
-def test_non_finite_loss_stops_cleanly(capsys, tmp_path, overrides):
-    # lr=1e30: the first update blows the weights up, every later loss is non-finite; those steps are
-    # skipped (not applied) and after 5 in a row the run stops with one line and exit code 2
+def test_non_finite_loss_stops_cleanly(capsys, tmp_path, overrides, monkeypatch):
+    # the first update blows the weights up (as lr=1e30 did, which the config now refuses), every later
+    # loss is non-finite; those steps are skipped (not applied) and after 5 in a row the run stops with
+    # one line and exit code 2
+    real_step = torch.optim.AdamW.step
+
+    def step_to_inf(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
     run = tmp_path / "r"
     rc = main(["train", "--config", "smoke", "--out", str(run), *overrides, "budget.tokens=1536",
-               "train.lr=1e30", "train.warmup_share=0", "train.checkpoint_every_steps=1", "--quiet"])
+               "train.warmup_share=0", "train.checkpoint_every_steps=1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "non-finite for 5 steps in a row" in err[0]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from hld import export as export_mod
 from hld.cli import main
 from hld.config import load_config
+from hld.errors import HldError
 from hld.models.student import build_student
 from hld.train.checkpoint import load_checkpoint
 
@@ -129,6 +130,6 @@ def test_an_interrupted_export_leaves_no_out_dir(run, tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(export_mod.shutil, "copy2", copy_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(HldError, match="No space left on device — free disk space"):  # one line, not a traceback
         export_mod.export_run(run, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ metrics, validation and exported student as one process."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -116,17 +117,35 @@ def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir):
     got, want = json.loads((two / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     assert got.keys() == want.keys()
     for k in want:
-        if k not in ("train_seconds", "val/loss", "val/ppl"):
+        if k not in ("train_seconds", "val/loss", "val/ppl", "student_sha256"):  # weights: close, not equal
             assert got[k] == want[k], k
     assert got["val/ppl"] == pytest.approx(want["val/ppl"], rel=2e-5)
 
 
-def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir):
-    # lr=1e30 blows the weights up at the first update; the loss and gradient norm are all-reduced, so
-    # both processes skip the same steps and stop together with the same line
+_BLOW_UP = """import torch
+_step = torch.optim.AdamW.step
+def _step_to_inf(self, *args, **kwargs):
+    out = _step(self, *args, **kwargs)
+    with torch.no_grad():
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.fill_(float("inf"))
+    return out
+torch.optim.AdamW.step = _step_to_inf
+"""
+
+
+def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatch):
+    # the first update blows the weights up (a sitecustomize in each worker; lr=1e30 did it before the
+    # config refused it); the loss and gradient norm are all-reduced, so both processes skip the same
+    # steps and stop together with the same line
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOW_UP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     run = tmp_path / "run"
     argv = ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "budget.tokens=1536",
-            "train.lr=1e30", "train.warmup_share=0", "--quiet"]
+            "train.warmup_share=0", "--quiet"]
     proc = launch(argv, cache_dir=hld_cache_dir, module=True)
     assert proc.returncode != 0  # torchrun reports its workers' exit code 2 as a failure
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hld: error: ")]

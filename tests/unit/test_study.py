@@ -129,7 +129,7 @@ def test_missing_required_key_and_bad_cell_value(tmp_path):
     with pytest.raises(HldError, match="lacks 'students'"):
         parse_study(raw)
     study = load_study(str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [-1.0]}})))
-    with pytest.raises(HldError, match=r"study cell .*train\.lr must be > 0"):
+    with pytest.raises(HldError, match=r"study cell .*train\.lr=-1\.0 is outside \(0, 1\]"):
         cell_config(study, expand(study)[0])
     with pytest.raises(HldError, match="study config .* is neither a file nor a shipped one"):
         load_study("no-such-study")

@@ -16,7 +16,6 @@ of an older format or protocol is refused with a message to rebuild it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
+from hld.atomic import replace_dir, write_fix
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
 from hld.models.hooks import text_config
@@ -57,12 +57,16 @@ def _bf16_bits(t: torch.Tensor) -> np.ndarray:
 def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np.ndarray, out: Path, *,
                 identity: CacheIdentity, batch_size: int = 8, shard_windows: int = 256,
                 quiet: bool = False) -> dict:
-    """Run the teacher over `windows[window_ids]` and write the cache to `out` (atomically)."""
+    """Run the teacher over `windows[window_ids]` and write the cache to `out` (atomically): built in
+    a temporary sibling, swapped in only when complete, so a failed or stopped rebuild keeps the old cache."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    check_out_dir(out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a build that was killed (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as exc:
+        raise HldError(f"cannot write the cache beside {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     online = OnlineTeacher(teacher_lm, tuple(identity.layers))
     needs = Needs(logits=True, layers=tuple(identity.layers))
     device = next(teacher_lm.parameters()).device
@@ -103,7 +107,10 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
                     "hidden_dtype": "bfloat16",
                     "build_seconds": time.time() - t0}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HldError(f"could not write the cache {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -113,6 +120,34 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
             online.capture.remove()
     manifest["bytes"] = sum((out / f).stat().st_size for f in files)
     return manifest
+
+
+def is_cache(path: Path) -> bool:
+    """A directory `hld cache-teacher` wrote: its manifest.json is a JSON object with a format_version."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse to build a cache where one would destroy anything that is not a cache; create the parent."""
+    out = Path(out)
+    here, where = Path.cwd().resolve(), out.resolve()
+    if where == here or where in here.parents:
+        raise HldError(f"cache directory {out} is the current directory (or holds it)",
+                       "give a new subdirectory, e.g. --out teacher-cache")
+    if out.exists() and not out.is_dir():
+        raise HldError(f"cache directory {out} is an existing file", "give a new directory (or an hld cache) for --out")
+    if out.is_dir() and any(out.iterdir()) and not is_cache(out):
+        raise HldError(f"{out} is not empty and is not an hld teacher cache (no manifest.json with a "
+                       "format_version): building there would replace what it holds",
+                       "give a new or empty directory, or an existing cache to rebuild")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HldError(f"cannot create the cache directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
 
 
 def _shard_arrays(d: Path, name: str, n: int, T: int, k: int, layers: list, d_model: int) -> dict:
@@ -178,6 +213,9 @@ class CachedTeacher:
         missing = sorted(set(expect.layers) - set(have.get("layers", [])))
         if missing:
             raise HldError(f"cache {self.dir} lacks teacher layers {missing}", "rebuild it with those layers")
+        if not isinstance(have.get("top_k"), int) or have["top_k"] < 1:  # k=0 caches (built before k was checked)
+            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
+                           "rebuild it with teacher.cache_top_k of 1 or more (default 64)")
         if expect.top_k > have.get("top_k", 0):
             raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
                            "lower objective.top_k or rebuild the cache with a larger k")

@@ -49,6 +49,9 @@ def resolve_shape(cfg: StudentConfig) -> StudentShape:
     if shape.n_heads % shape.n_kv_heads:
         raise HldError(f"student n_heads={shape.n_heads} is not a multiple of n_kv_heads={shape.n_kv_heads}",
                        "pick n_kv_heads dividing n_heads")
+    if shape.d_model % shape.n_heads:  # transformers' attention refuses it
+        raise HldError(f"student d_model={shape.d_model} is not a multiple of n_heads={shape.n_heads}",
+                       "pick student.n_heads dividing student.d_model (or set student.d_model)")
     if min(shape.n_layers, shape.d_model, shape.n_heads, shape.head_dim, shape.d_ff) < 1:
         raise HldError("student sizes must be positive", "check the student.* overrides")
     return shape

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
-from hld.atomic import write_text
+from hld.atomic import read_json_object, write_text
 from hld.eval.harness import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
 from hld.train.loggers import read_metrics
@@ -98,7 +98,9 @@ def collect(study_dir: Path) -> Table:
             continue
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
-        found.append((run_dir, cfg, json.loads((run_dir / "summary.json").read_text()), cell))
+        summary = read_json_object(run_dir / "summary.json", "run summary",
+                                   f"delete {run_dir} and rerun the study to train that cell again")
+        found.append((run_dir, cfg, summary, cell))
     scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
     task_info = {task_metric(t, r): {"chance": r.get("chance"), "n": r.get("n")}
                  for d in scores.values() for t, r in d.items()}

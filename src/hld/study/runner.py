@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from hld.config import RunConfig, to_dict
-from hld.atomic import write_json
+from hld.atomic import read_json_object, write_fix, write_json
 from hld.errors import HldError
 from hld.study.grid import Cell, Study, cell_config, expand, load_study
 from hld.study.report import build_report
@@ -66,9 +66,15 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
         from hld.eval.harness import check_tasks
 
         check_tasks(list(study.tasks))
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise HldError(f"--out {out} is an existing file, not a study directory", "give a directory for --out")
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HldError(f"cannot create the study directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     meta_path = out / "study.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_json_object(meta_path, "study record", f"delete {meta_path}: it is rebuilt from the run "
+                            "directories") if meta_path.exists() else {}
     meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
                  "cells": [c.id for c, _, _ in planned]})
     meta.setdefault("caches", {})

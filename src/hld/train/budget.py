@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hld.config import RunConfig
+from hld.config import MAX_STEPS, RunConfig
 from hld.distill.objectives import Plan
 from hld.errors import HldError
 from hld.flops import StepCost, step_cost
@@ -107,7 +107,11 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
     else:
         budget = cfg.budget.flops
         unit = f"budget.flops={budget:.3g}"
-        steps = max(1, math.floor(budget / (B * T * flops_per_token(plan, costs))) - 2)
+        estimate = budget / (B * T * flops_per_token(plan, costs))
+        if estimate > MAX_STEPS:  # refused before the step search below walks that far
+            raise HldError(f"{unit} needs about {estimate:.3g} steps of {B}x{T} tokens, more than the limit of "
+                           f"{MAX_STEPS:,}", "lower budget.flops, or raise train.batch_size or data.seq_len")
+        steps = max(1, math.floor(estimate) - 2)
         while _full_steps_flops(plan, costs, steps, B * T) < budget:  # the first `steps` that reach it
             steps += 1
         while steps > 1 and _full_steps_flops(plan, costs, steps - 1, B * T) >= budget:

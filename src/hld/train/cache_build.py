@@ -9,7 +9,7 @@ from typing import Iterable
 
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder
-from hld.distill.cache import CachedTeacher, build_cache
+from hld.distill.cache import CachedTeacher, build_cache, check_out_dir
 from hld.distill.mapping import layer_pairs
 from hld.errors import HldError
 from hld.flops import forward_flops_per_token
@@ -37,8 +37,14 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
         if not same:
             raise HldError("configs sharing one teacher cache differ in teacher, data, seed or batch size",
                            "give each group of runs its own cache")
+    out = Path(out)
+    check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     tok = loaded.tokenizer
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    if cfg.teacher.cache_top_k > vocab:
+        raise HldError(f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
+                       f"set teacher.cache_top_k to at most {vocab}")
     d = cfg.data
     windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
@@ -46,7 +52,6 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     n_t = n_blocks(loaded.model)
     layers = sorted({layer for c in cfgs if c.objective.method.startswith("hld") for layer in teacher_layers(c, n_t)})
     identity = cache_identity(cfg, loaded.identity, tok, windows, layers=layers, top_k=cfg.teacher.cache_top_k)
-    out = Path(out)
     if (out / "manifest.json").exists():
         try:
             CachedTeacher(out, expect=identity, verify=False)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from hld.atomic import replace_dir
+from hld.atomic import replace_dir, write_fix
 from hld.distributed import Dist, any_rank, barrier
 from hld.errors import HldError
 
@@ -47,7 +47,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise HldError(f"could not write {path}: {exc.strerror or exc}", "free disk space or pick another --out") from exc
+        raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -83,7 +83,8 @@ def save_checkpoint(run_dir: Path, *, step: int, tokens: int, student: torch.nn.
 def load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoints" / CKPT_NAME
     if not path.exists():
-        raise HldError(f"no checkpoint in {run_dir}", "run without --resume, or point --out at the run to resume")
+        raise HldError(f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts "
+                       "from step 0")
     return _load_file(path)
 
 
@@ -92,7 +93,7 @@ def _load_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise HldError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})",
-                       "delete it and restart the run without --resume") from exc
+                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)") from exc
 
 
 def load_reason(exc: BaseException) -> str:
@@ -199,7 +200,7 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimize
     stored = _stored_keys(path)
     if trainer is None or stored is None:
         raise HldError(f"checkpoint {path} is corrupt or unreadable (metadata)",
-                       "delete it and restart the run without --resume")
+                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)")
     container = torch.nn.ModuleDict(modules)
     model_sd, optim_sd = get_state_dict(container, optimizer)  # creates the optimiser's state (a zero-lr step)
     # a parameter that had no gradient yet (hld-first's hidden phase: the final norm) has no state in
@@ -218,7 +219,7 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimize
             raise HldError(f"the checkpoint does not fit this run ({load_reason(cause)})",
                            "resume with the config the run was started with") from exc
         raise HldError(f"checkpoint {path} is corrupt or unreadable ({load_reason(cause)})",
-                       "delete it and restart the run without --resume") from exc
+                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)") from exc
     params = dict(container.named_parameters())
     for fqn in stateless:
         optimizer.state.pop(params[fqn], None)

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +30,7 @@ from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder, rank_slice
 from hld.distributed import Dist
 from hld.distill.cache import CacheIdentity, CachedTeacher
-from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
+from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan, fit_targets, keep_targets
 from hld.distill.projectors import Projectors, needs_projector
@@ -215,18 +216,26 @@ def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True)
     """Check `out` for a new run or a resume; write config.yaml (`write`: rank 0 only)."""
     text = dump_yaml(cfg)
     cfg_path = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
     if resume:
         if not cfg_path.exists():
-            raise HldError(f"--resume: {out} is not a run directory (no config.yaml)", "check --out")
+            raise HldError(f"--resume: {out} is not a run directory (no config.yaml)",
+                           "check --out, or drop --resume to start a new run there")
         if not same_config(cfg_path, cfg):
             raise HldError(f"--resume with a config that differs from {cfg_path}",
                            "resume with the same config and overrides, or start a new --out")
         return
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise HldError(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+        raise HldError(f"{out} already holds a run", "pass --resume to continue it (from its last checkpoint, or "
+                       "from step 0 if it has none), or choose another --out")
     if write:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(cfg_path, text)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(cfg_path, text)
+        except OSError as exc:
+            raise HldError(f"cannot create the run directory {out}: {exc.strerror or exc}",
+                           atomic.write_fix(exc)) from exc
 
 
 def _last_validation(run_dir: Path) -> dict:
@@ -261,8 +270,7 @@ def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: O
         tokenizer.save_pretrained(tmp)
         atomic.replace_dir(tmp, out)
     except OSError as exc:
-        raise HldError(f"could not write {out}: {exc.strerror or exc}",
-                       "free disk space or pick another --out") from exc
+        raise HldError(f"could not write {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else a failed write's debris
 
@@ -284,7 +292,7 @@ def validate_now(s: Setup) -> dict:
     return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optional[Resources] = None,
@@ -293,10 +301,11 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
     d = distributed.setup(cfg.train)  # world size 1: no process group
     try:
         return _train(cfg, Path(out), d, resume=resume, resources=resources, quiet=quiet)
-    except OSError as exc:  # a full disk under any write (metrics line, export, summary): one line
-        if exc.errno not in _WRITE_ERRNOS:
+    except OSError as exc:  # a full disk or a read-only location under any write (metrics, export, summary)
+        denied = exc.errno in (errno.EACCES, errno.EPERM)  # a write only if it names a path in the run
+        if exc.errno not in _WRITE_ERRNOS or denied and not str(exc.filename or "").startswith(str(out)):
             raise
-        raise HldError(f"could not write into {out}: {exc.strerror}", "free disk space or pick another --out") from exc
+        raise HldError(f"could not write into {out}: {exc.strerror}", atomic.write_fix(exc)) from exc
     finally:
         distributed.close(d)
 
@@ -316,13 +325,20 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
         if d.is_main:
             remove_torn(out)  # a write cut short by a kill: never read
         distributed.barrier(d)
-        if d.mode == "fsdp2":  # a DCP directory, resharded to this world size
+        if not has_checkpoint(out):  # stopped or failed before its first checkpoint (or it was deleted)
+            if (out / "summary.json").exists():
+                raise HldError(f"no checkpoint in {out}, and its run has finished (summary.json)",
+                               "export it with `hld export`, or start a new run in another --out")
+            if d.is_main:
+                _say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
+        elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
             ck = load_sharded(out, modules=_state_modules(s), optimizer=s.optimizer)
             set_rng_state(ck["rng"])
+            step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
         else:
             ck = load_checkpoint(out)
             _restore(s, ck)
-        step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
+            step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
         if d.is_main:
             _truncate_metrics(out, step)
     logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=step if resume else None)  # rank 0 logs
@@ -373,8 +389,15 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
                "steps": step, "tokens": tokens, "flops": flops,
                "flops_per_token": {k: v.total for k, v in costs.items()},
                "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
+    if d.is_main:  # what `hld export` checks the weights against
+        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class Preempted(Exception):
@@ -411,7 +434,8 @@ def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resour
         if not same_config(run_dir / "config.yaml", cfg):
             raise HldError(f"{run_dir} holds a finished run of another config",
                            "choose another --out, or delete that directory")
-        return json.loads((run_dir / "summary.json").read_text())
+        return atomic.read_json_object(run_dir / "summary.json", "run summary",
+                                       f"delete {run_dir} to train it again")
     if has_checkpoint(run_dir):
         return train(cfg, run_dir, resume=True, resources=resources, quiet=quiet)
     if run_dir.exists():

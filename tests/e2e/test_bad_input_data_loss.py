@@ -1,0 +1,198 @@
+"""Issue 15, data loss: commands that write a directory never destroy what it held unless it is
+theirs to replace, and a failed or stopped rewrite keeps the old one. Every victim file is compared
+byte for byte afterwards. Read-only locations are tested as root, whom chmod does not stop: a path
+under /sys (sysfs refuses new files: EPERM) and a path whose parent is a file (ENOTDIR)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from hld.cli import main
+
+
+def _one_line(capsys, argv: list[str], problem: str) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hld: error: ") and problem in lines[0] and " — " in lines[0], lines[0]
+    return lines[0]
+
+
+def _cache_argv(out, *extra: str) -> list[str]:
+    return ["cache-teacher", "--config", "smoke", "--out", str(out), *tiny_overrides(), "--quiet", *extra]
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _victim(d: Path) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "f").write_bytes(b"x\n")
+    (d / "sub").mkdir(exist_ok=True)
+    (d / "sub" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+    return _snapshot(d)
+
+
+# --------------------------------------------------------------------------- hld cache-teacher
+
+def test_cache_teacher_refuses_a_directory_that_is_not_a_cache(tmp_path, capsys):
+    before = _victim(tmp_path / "v")
+    _one_line(capsys, _cache_argv(tmp_path / "v"), "is not an hld teacher cache")
+    assert _snapshot(tmp_path / "v") == before
+
+
+def test_cache_teacher_refuses_the_current_directory(tmp_path, capsys, monkeypatch):
+    before = _victim(tmp_path / "home")
+    monkeypatch.chdir(tmp_path / "home")
+    _one_line(capsys, _cache_argv("."), "is the current directory")
+    assert _snapshot(tmp_path / "home") == before
+
+
+def test_cache_teacher_refuses_an_existing_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_bytes(b"keep me\n")
+    _one_line(capsys, _cache_argv(f), "is an existing file")
+    assert f.read_bytes() == b"keep me\n"
+
+
+@pytest.mark.parametrize("where", ["sys", "file-parent"])
+def test_cache_teacher_into_a_read_only_location(tmp_path, capsys, where):
+    (tmp_path / "plain").write_text("x")
+    out = "/sys/hld-test-cache" if where == "sys" else str(tmp_path / "plain" / "cache")
+    line = _one_line(capsys, _cache_argv(out), "cannot")
+    assert "pick a writable --out" in line and "free disk space" not in line
+    assert (tmp_path / "plain").read_text() == "x"
+
+
+@pytest.fixture
+def built_cache(tmp_path, capsys) -> Path:
+    out = tmp_path / "cache"
+    assert main(_cache_argv(out)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, built_cache):
+    """SIGTERM in the middle of a rebuild (a larger budget needs more windows): one line, the old
+    cache byte for byte, no temporary directory left."""
+    from hld.distill import cache
+
+    before = _snapshot(built_cache)
+    real = cache._topk_rows
+
+    def topk_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_topk_rows", topk_then_sigterm)
+    _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "stopped by SIGTERM")
+    assert _snapshot(built_cache) == before
+    assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_failed_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, built_cache):
+    from hld.distill import cache
+
+    before = _snapshot(built_cache)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "_topk_rows", fail)
+    line = _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "No space left on device")
+    assert "free disk space" in line
+    assert _snapshot(built_cache) == before
+    assert not list(tmp_path.glob(".cache.*"))
+
+
+def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, capsys, built_cache):
+    debris = tmp_path / ".cache.tmp-killed"  # what a SIGKILLed build leaves
+    debris.mkdir()
+    (debris / "shard-00000.tokens.npy").write_bytes(b"partial")
+    assert main(_cache_argv(built_cache, "budget.tokens=1024", "--json")) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["tokens"] >= 1024
+    assert json.loads((built_cache / "manifest.json").read_text())["format_version"] == 1
+    assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- hld export
+
+@pytest.fixture
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet"]) == 0
+    return run
+
+
+def test_training_records_the_students_sha256(finished):
+    from hld.fingerprint import file_sha256
+
+    recorded = json.loads((finished / "summary.json").read_text())["student_sha256"]
+    assert recorded == {"model.safetensors": file_sha256(finished / "student" / "model.safetensors")}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_export_refuses_an_out_dir_overlapping_the_run(tmp_path, capsys, finished, where):
+    before = _snapshot(finished.parent)
+    out = {"same": finished, "inside": finished / "export", "containing": finished.parent}[where]
+    _one_line(capsys, ["export", str(finished), str(out), "--force"], "the run directory")
+    assert _snapshot(finished.parent) == before
+
+
+def test_export_onto_a_mount_point(capsys, finished):
+    before = _snapshot(finished)
+    _one_line(capsys, ["export", str(finished), "/proc", "--force"], "is a mount point")
+    assert _snapshot(finished) == before
+    assert not [p for p in Path("/").iterdir() if p.name.startswith(".proc.")]
+
+
+@pytest.mark.parametrize("where", ["sys", "file-parent"])
+def test_export_into_a_read_only_location(tmp_path, capsys, finished, where):
+    (tmp_path / "plain").write_text("x")
+    out = "/sys/hld-test-export" if where == "sys" else str(tmp_path / "plain" / "export")
+    line = _one_line(capsys, ["export", str(finished), out], "cannot write")
+    assert "pick a writable OUT_DIR" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "wrong-shape"])
+def test_export_verifies_the_weights(tmp_path, capsys, finished, damage):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = finished / "student" / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+        problem = "is truncated or not safetensors"
+    elif damage == "flipped":
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        problem = "sha256 mismatch"
+    else:
+        tensors = load_file(weights)
+        tensors["model.norm.weight"] = torch.ones(3)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        problem = "do not fit its config.json (model.norm.weight"
+    out = tmp_path / "export"
+    _one_line(capsys, ["export", str(finished), str(out)], problem)
+    assert not out.exists() and not list(tmp_path.glob(".export*"))
+
+
+@pytest.mark.parametrize("content", ['{"name": "r", "ste', "[1, 2]"])
+def test_export_and_report_over_a_damaged_summary(tmp_path, capsys, finished, content):
+    (finished / "summary.json").write_text(content)
+    _one_line(capsys, ["export", str(finished), str(tmp_path / "export")], "run summary")
+    study = tmp_path / "study"
+    (study / "runs").mkdir(parents=True)
+    os.rename(finished, study / "runs" / "cell")
+    _one_line(capsys, ["report", str(study)], "run summary")
