@@ -12,6 +12,18 @@ The default (forward KL, no logit soft-capping) has a hand-derived gradient:
   d/dz [w_ce*CE] = w_ce*(softmax(z) - onehot(y))
   d/dz [w_kd*T^2*KL(p_t||softmax(z/T))] = w_kd*T*(softmax(z/T) - p_t)
 Other divergences and soft-capped heads use autograd on the chunk's logits (`losses.py`).
+
+A top-k teacher with its rest (`top_k_rest="bucket"`, see `losses.py`): outcomes are the k ids K and
+the rest r. With q = softmax(z/T), log q_i = z_i/T - lse(z/T) for i in K and log q_r =
+lse_{j not in K}(z_j/T) - lse(z/T), so d log q_i/dz_j = (d_ij - q_j)/T and d log q_r/dz_j =
+([j not in K] q_j/q_r - q_j)/T. For KL = sum_{i in K} p_i log(p_i/q_i) + p_r log(p_r/q_r), using
+sum_K p_i + p_r = 1:
+  d/dz_j [T^2*KL] = T*(q_j - p_j)                 for j in K,
+  d/dz_j [T^2*KL] = T*q_j*(1 - p_r/q_r)           for j not in K,
+(q_j/q_r on j not in K is the student's softmax over the rest, at most 1, so the product is bounded).
+At k = V (p_r = 0) this is the dense formula; `renormalize` is the same with p_r = 0 and p_t the
+softmax of the k values. q_r is the sum of q over the ids off K after zeroing K in q's buffer, not
+1 - sum_K q_i, which cancels when the student's rest is small.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, softcap
+from hld.distill.losses import TeacherLogits, teacher_logprobs, ce_sum, kd_sum, softcap
 
 TeacherChunkFn = Callable[[slice], Optional[TeacherLogits]]
 
@@ -34,6 +46,7 @@ class HeadLossSpec:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     top_k: Optional[int] = None
+    top_k_rest: str = "bucket"  # a top-k teacher's mass off its k ids: one extra outcome, or renormalised away
     softcap: Optional[float] = None
     chunk_tokens: int = 256
     matmul_dtype: Optional[torch.dtype] = None  # e.g. bf16 on GPUs: head matmuls in it, softmax in fp32
@@ -108,22 +121,17 @@ def _fast_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: Opti
             lset = _softmax_into(zt, pt, 1 / T)
             # KL(p_t || q) = sum p_t log p_t - sum p_t log q, with log p_t = zt/T - lset, log q = z/T - lseT
             per = (_bdot(pt, zt) - _bdot(pt, z)) / T - lset + lseT
-        else:
-            logpt = torch.log_softmax(teacher.values.float() / T, dim=-1)  # (n, k)
-            pt = logpt.exp()
-            per = (pt * (logpt - (z.gather(-1, teacher.indices) / T - lseT[:, None]))).sum(-1)
-        kd = torch.where(m, per, 0.0).sum() * T * T
-        if want_grad:
-            # d/dz: w_ce * (p - onehot) + w_kd * T * (q - p_t)
-            wk = spec.kd_weight * T
-            if T == 1:
-                g.mul_(spec.ce_weight + wk)
-            else:
-                g.mul_(spec.ce_weight).add_(q, alpha=wk)
-            if teacher.dense is not None:
+            kd = torch.where(m, per, 0.0).sum() * T * T
+            if want_grad:
+                # d/dz: w_ce * (p - onehot) + w_kd * T * (q - p_t)
+                wk = spec.kd_weight * T
+                if T == 1:
+                    g.mul_(spec.ce_weight + wk)
+                else:
+                    g.mul_(spec.ce_weight).add_(q, alpha=wk)
                 g.sub_(pt, alpha=wk)
-            else:
-                g.scatter_add_(-1, teacher.indices, pt.mul_(-wk))
+        else:
+            kd = _topk_kd(z, p, q, lseT, teacher, m, spec, g)
     elif want_grad:
         g.mul_(spec.ce_weight)
     if want_grad:
@@ -131,6 +139,47 @@ def _fast_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: Opti
         if not bool(m.all()):
             g[~m] = 0.0
     return ce, kd, g
+
+
+def _topk_kd(z: torch.Tensor, p: torch.Tensor, q: torch.Tensor, lseT: torch.Tensor, teacher: TeacherLogits,
+             m: torch.Tensor, spec: HeadLossSpec, g: Optional[torch.Tensor]) -> torch.Tensor:
+    """T^2 * KL over a top-k teacher's k ids (+ the rest, with `bucket`), and its gradient into `g`
+    (p's buffer: p = softmax(z) on entry; q = softmax(z/T), the same buffer when T = 1).
+    Both buffers are overwritten at the k ids; the derivation is in the module docstring."""
+    T, idx = spec.temperature, teacher.indices
+    k = idx.shape[-1]
+    bucket = spec.top_k_rest == "bucket"
+    logpt = teacher_logprobs(teacher, T, spec.top_k_rest)  # (n, k+1) bucket, (n, k) renormalize
+    pt = logpt.exp()
+    qK = q.gather(-1, idx)  # (n, k)
+    pK = qK if q is p else p.gather(-1, idx)
+    logqK = z.gather(-1, idx) / T - lseT[:, None]
+    per = (pt[:, :k] * (logpt[:, :k] - logqK)).sum(-1)
+    c = None
+    if bucket:
+        q.scatter_(-1, idx, 0.0)
+        qr = q.sum(-1)  # (n,) the student's tempered mass off the k ids, summed (no 1 - sum cancellation)
+        pr, logpr = pt[:, k], logpt[:, k]
+        per = per + torch.where(pr > 0, pr * (logpr - qr.log()), 0.0)
+        c = torch.where(pr > 0, pr / qr.clamp_min(torch.finfo(qr.dtype).tiny), 0.0)  # p_r / q_r
+    kd = torch.where(m, per, 0.0).sum() * T * T
+    if g is None:
+        return kd
+    wk = spec.kd_weight * T
+    if not bucket:  # d/dz: w_ce * (p - onehot) + w_kd * T * (q - p_t [on the k ids])
+        if T == 1:
+            g.mul_(spec.ce_weight + wk)
+        else:
+            g.mul_(spec.ce_weight).add_(q, alpha=wk)
+        g.scatter_add_(-1, idx, pt.mul_(-wk))
+        return kd
+    # off the k ids: w_ce * p_j + w_kd * T * q_j * (1 - p_r / q_r); on them: w_ce * p_j + w_kd * T * (q_j - p_t,j)
+    if T == 1:
+        g.mul_((spec.ce_weight + wk * (1 - c))[:, None])
+    else:
+        g.mul_(spec.ce_weight).addcmul_(q, (wk * (1 - c))[:, None])
+    g.scatter_(-1, idx, spec.ce_weight * pK + wk * (qK - pt[:, :k]))
+    return kd
 
 
 def _autograd_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: Optional[TeacherLogits],
@@ -143,7 +192,7 @@ def _autograd_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: 
         kd = zc.new_zeros(())
         if spec.kd_weight and teacher is not None:
             kd = kd_sum(zc, teacher, m, temperature=spec.temperature, divergence=spec.divergence,
-                        jsd_beta=spec.jsd_beta)
+                        jsd_beta=spec.jsd_beta, top_k_rest=spec.top_k_rest)
         total = spec.ce_weight * ce + spec.kd_weight * kd
         g = torch.autograd.grad(total, zr)[0] if want_grad else None
     return ce.detach(), kd.detach(), g
