@@ -213,7 +213,7 @@ def logits_into(h: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Te
     kept buffer of that dtype (a fresh (n, V) product per chunk costs page faults), then copied."""
     if h.dtype == torch.float32:
         return torch.mm(h, W.T, out=out)
-    low = WORKSPACE.get("mm", h.shape[0], W.shape[0], h.device, h.dtype)
+    low = WORKSPACE.get("low", h.shape[0], W.shape[0], h.device, h.dtype)  # shared with the gradient's cast
     return out.copy_(torch.mm(h, W.T, out=low))
 
 
@@ -227,10 +227,14 @@ def _fold_grad(g: torch.Tensor, h: torch.Tensor, Wc: torch.Tensor, sl: slice, gr
         else:
             grad_W.addmm_(g.T, h[sl])
         return
-    gc = WORKSPACE.get("g_low", g.shape[0], g.shape[1], g.device, h.dtype).copy_(g)  # one cast, kept buffer
+    gc = WORKSPACE.get("low", g.shape[0], g.shape[1], g.device, h.dtype).copy_(g)  # one cast, kept buffer
     torch.mm(gc, Wc, out=grad_h[sl])
-    part = torch.mm(gc.T, h[sl], out=WORKSPACE.get("gW_low", Wc.shape[0], Wc.shape[1], g.device, h.dtype))
-    grad_W.copy_(part) if first else grad_W.add_(part)  # low-precision matmul, fp32 accumulation across chunks
+    V, block = Wc.shape[0], 16384  # dL/dW in vocabulary blocks: a (block, d) low-precision temporary, not (V, d)
+    part = WORKSPACE.get("gW_low", min(block, V), Wc.shape[1], g.device, h.dtype)
+    for v in range(0, V, block):
+        vb = slice(v, min(v + block, V))
+        pv = torch.mm(gc[:, vb].T, h[sl], out=part[:vb.stop - v])  # low-precision matmul, fp32 accumulation
+        grad_W[vb].copy_(pv) if first else grad_W[vb].add_(pv)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
