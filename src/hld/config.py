@@ -111,7 +111,12 @@ class ObjectiveConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
         "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s")
     jsd_beta: float = _f(0.5, "JSD mixing weight of the teacher distribution")
-    top_k: Optional[int] = _f(None, "truncate the teacher to its top-k logits, renormalised (None: full vocabulary)")
+    top_k: Optional[int] = _f(None, "truncate the teacher to its top-k logits (None: full vocabulary; a cache "
+                              "always holds its top-k); see top_k_rest for the mass off them")
+    top_k_rest: Literal["bucket", "renormalize"] = _f(
+        "bucket", "a top-k teacher's mass off its k ids: bucket = one extra outcome, matched by the student's mass "
+        "off them (exact; every divergence finite; = the dense loss at k = V); renormalize = dropped, the teacher "
+        "renormalised over its k ids (reverse_kl then infinite)")
     hidden: HiddenConfig = field(default_factory=HiddenConfig, metadata={"help": "hidden-layer loss"})
 
 
@@ -406,10 +411,11 @@ def validate(cfg: RunConfig) -> None:
          "train.warmup_share + train.decay_share exceed 1", "shorten warmup or decay"),
         (len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
          "train.betas must be two numbers in [0, 1)", "e.g. [0.9, 0.95]"),
-        (o.top_k is None or o.divergence != "reverse_kl",
-         "objective.divergence=reverse_kl with objective.top_k is infinite: KL(student||teacher) needs teacher "
-         "mass wherever the student has some, and a top-k teacher has none off its k tokens",
-         "use forward_kl or jsd with top_k, or set objective.top_k=null"),
+        (o.top_k is None or o.divergence != "reverse_kl" or o.top_k_rest == "bucket",
+         "objective.divergence=reverse_kl with objective.top_k and top_k_rest=renormalize is infinite: "
+         "KL(student||teacher) needs teacher mass wherever the student has some, and a renormalised top-k "
+         "teacher has none off its k tokens",
+         "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null"),
         *[(0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
            f"objective {name}: warmup_share + decay_share must lie in [0, 1]", "e.g. warmup 0.1, decay 0.2")
           for name, sc in (("alpha_schedule", o.alpha_schedule), ("hidden.beta_schedule", o.hidden.beta_schedule))],

@@ -4,7 +4,7 @@ against independent math in test_losses.py). Values, stats and gradients w.r.t. 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
@@ -35,24 +35,47 @@ def _online_teacher(seed: int, dtype=torch.float64, cap: Optional[float] = None)
                           head_weight=torch.randn(V, D_T, generator=g, dtype=dtype), softcap=cap)
 
 
-def _cached_teacher(seed: int, k: int) -> TeacherSignals:
+@dataclass
+class _CachedTeacher:
+    """What a cache gives per batch: top-k values, indices and the log-mass of the rest, (B, T, ...)."""
+
+    topk_values: torch.Tensor  # (B, T, k)
+    topk_indices: torch.Tensor  # (B, T, k)
+    rest: Optional[torch.Tensor]  # (B, T)
+    final_hidden = None
+
+    def logits(self, rows: slice) -> TeacherLogits:
+        k = self.topk_values.shape[-1]
+        rest = None if self.rest is None else self.rest.reshape(-1)[rows]
+        return TeacherLogits(values=self.topk_values.reshape(-1, k)[rows],
+                             indices=self.topk_indices.reshape(-1, k)[rows].long(), rest=rest)
+
+
+def _cached_teacher(seed: int, k: int, rest: bool = True) -> _CachedTeacher:
     g = torch.Generator().manual_seed(seed + 2000)
-    v, i = (torch.randn(B, T_SEQ, V, generator=g) * 3).topk(k, dim=-1)
-    return TeacherSignals(topk_values=v, topk_indices=i.int())  # a cache may store int32 indices
+    full = (torch.randn(B, T_SEQ, V, generator=g) * 3).sort(dim=-1, descending=True).values
+    perm = torch.stack([torch.randperm(V, generator=g) for _ in range(B * T_SEQ)]).reshape(B, T_SEQ, V)
+    r = full[..., k:].logsumexp(-1) if k < V else torch.full((B, T_SEQ), float("-inf"))
+    return _CachedTeacher(full[..., :k], perm[..., :k].int(), r if rest else None)  # a cache may store int32
 
 
-def _reference_teacher(ts: Optional[TeacherSignals], top_k: Optional[int]) -> Optional[TeacherLogits]:
+def _reference_teacher(ts, top_k: Optional[int]) -> Optional[TeacherLogits]:
     """All N rows of teacher logits, built directly from the signal's tensors."""
     if ts is None:
         return None
     if ts.final_hidden is not None:
         z = softcap(ts.final_hidden.reshape(N, D_T) @ ts.head_weight.T, ts.softcap)
         if top_k is not None and top_k < V:
-            v, i = z.topk(top_k, dim=-1)
-            return TeacherLogits(values=v, indices=i)
+            srt = z.sort(dim=-1, descending=True)
+            return TeacherLogits(values=srt.values[:, :top_k], indices=srt.indices[:, :top_k],
+                                 rest=srt.values[:, top_k:].logsumexp(-1).float())
         return TeacherLogits(dense=z)
     k = ts.topk_values.shape[-1]
-    return TeacherLogits(values=ts.topk_values.reshape(N, k), indices=ts.topk_indices.reshape(N, k).long())
+    t = ts.logits(slice(0, N))
+    if top_k is not None and top_k < k:
+        rest = None if t.rest is None else torch.logaddexp(t.rest, t.values[:, top_k:].logsumexp(-1))
+        return TeacherLogits(values=t.values[:, :top_k], indices=t.indices[:, :top_k], rest=rest)
+    return t
 
 
 def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
@@ -62,7 +85,7 @@ def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
     teacher = _reference_teacher(ts, spec.top_k)
     if spec.kd_weight and teacher is not None:
         kd = kd_sum(z, teacher, mask, temperature=spec.temperature, divergence=spec.divergence,
-                    jsd_beta=spec.jsd_beta)
+                    jsd_beta=spec.jsd_beta, top_k_rest=spec.top_k_rest)
     return spec.ce_weight * ce + spec.kd_weight * kd, ce, kd
 
 
@@ -252,3 +275,63 @@ def test_bfloat16_weights_and_hidden_states():
     for a, b in zip(g_ours, g_ref):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=2e-2 * float(b.abs().max()))
+
+
+# --------------------------------------------------------------------------- top-k teachers with their rest
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("top_k_rest", ["bucket", "renormalize"])
+def test_topk_teacher_with_rest_fused_equals_autograd_reference(chunk, divergence, temperature, top_k_rest):
+    """forward_kl runs the hand-derived fast path, the others autograd; both against the unfused reference."""
+    if divergence == "reverse_kl" and top_k_rest == "renormalize":
+        pytest.skip("infinite by construction (tested in test_losses)")
+    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, temperature=temperature, divergence=divergence,
+                        top_k_rest=top_k_rest, chunk_tokens=chunk)
+    _check(spec, _cached_teacher(20, k=4), seed=20)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_online_teacher_top_k_carries_its_rest(chunk, divergence):
+    """objective.top_k on an online teacher: TeacherLogits.top_k fills the rest from the dense logits."""
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, top_k=4, divergence=divergence,
+                        chunk_tokens=chunk)
+    _check(spec, _online_teacher(21), seed=21)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_teacher_covering_the_vocabulary_is_the_dense_loss(divergence, temperature):
+    """k = V with rest = -inf, through the fused head, equals the dense teacher's loss and gradients."""
+    h, W, y, mask = _inputs(22)
+    g = torch.Generator().manual_seed(22)
+    zt = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    v, i = zt.topk(V, dim=-1)
+    full = TeacherLogits(values=v, indices=i, rest=torch.full((N,), float("-inf")))
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=temperature, divergence=divergence, chunk_tokens=3)
+    a, _ = head_loss(h, W, y, mask, spec, lambda sl: TeacherLogits(values=v[sl], indices=i[sl], rest=full.rest[sl]))
+    b, _ = head_loss(h, W, y, mask, spec, lambda sl: TeacherLogits(dense=zt[sl]))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, z in zip(torch.autograd.grad(a, (h, W)), torch.autograd.grad(b, (h, W))):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-5 * float(z.abs().max()))
+
+
+def test_bucket_and_renormalize_differ_in_the_fused_head():
+    h, W, y, mask = _inputs(23)
+    ts = _cached_teacher(23, k=3)
+    spec = HeadLossSpec(ce_weight=0.0, kd_weight=1.0, chunk_tokens=4)
+    a, sa = head_loss(h, W, y, mask, spec, ts.logits)
+    b, sb = head_loss(h, W, y, mask, replace(spec, top_k_rest="renormalize"), ts.logits)
+    assert abs(sa["kd"] - sb["kd"]) > 1e-3 * abs(sb["kd"])
+
+
+def test_bucket_without_rest_is_an_error():
+    h, W, y, mask = _inputs(24)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4)
+    for divergence in ("forward_kl", "jsd"):  # the fast path and the autograd path
+        with pytest.raises(ValueError, match="rest"):
+            head_loss(h, W, y, mask, replace(spec, divergence=divergence), _cached_teacher(24, k=3, rest=False).logits)
+    head_loss(h, W, y, mask, replace(spec, top_k_rest="renormalize"), _cached_teacher(24, k=3, rest=False).logits)

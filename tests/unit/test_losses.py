@@ -179,30 +179,95 @@ def test_unknown_divergence_is_an_error():
 
 # --------------------------------------------------------------------------- top-k teachers
 
-def _topk(t: torch.Tensor, k: int) -> TeacherLogits:
-    v, i = t.topk(k, dim=-1)  # sorted: a permutation of the vocabulary when k = V
-    return TeacherLogits(values=v, indices=i)
+def _topk(t: torch.Tensor, k: int, *, rest: bool = True) -> TeacherLogits:
+    """The top k of t (sorted: a permutation of the vocabulary when k = V) and, with `rest`, the
+    log-sum-exp of the others from the sorted tail (-inf when there are none)."""
+    v, i = t.topk(k, dim=-1)
+    r = None
+    if rest:
+        tail = t.sort(dim=-1, descending=True).values[:, k:]
+        r = torch.logsumexp(tail, -1).float() if k < t.shape[-1] else torch.full((t.shape[0],), float("-inf"))
+    return TeacherLogits(values=v, indices=i, rest=r)
+
+
+def np_bucket_divergence(s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, divergence: str, k: int,
+                         beta: float = 0.5) -> float:
+    """T^2 * D on the (k+1)-outcome coarsening, written out per row in float64: the teacher is
+    softmax([top-k logits, log sum exp(the others)] / T), the student softmax(s / T) with its
+    probabilities off the teacher's top k added up."""
+    total = 0.0
+    for r in range(s.shape[0]):
+        order = np.argsort(-t[r])
+        top, others = order[:k], order[k:]
+        rest_logit = np.log(np.exp(t[r, others]).sum()) if len(others) else -np.inf
+        zt = np.append(t[r, top], rest_logit) / T
+        pt = np.exp(zt - zt.max())
+        pt /= pt.sum()
+        qs = np.exp(s[r] / T - (s[r] / T).max())
+        qs /= qs.sum()
+        q = np.append(qs[top], qs[others].sum())
+        lp = np.log(np.where(pt > 0, pt, 1.0))
+        lq = np.log(q)
+        kl = lambda a, la, lb: np.where(a > 0, a * (la - lb), 0.0).sum()
+        if divergence == "forward_kl":
+            per = kl(pt, lp, lq)
+        elif divergence == "reverse_kl":
+            per = kl(q, lq, np.log(pt)) if (pt > 0).all() else (np.inf if q[pt == 0].sum() > 0 else kl(q, lq, lp))
+        else:
+            mix = beta * pt + (1 - beta) * q
+            per = beta * kl(pt, lp, np.log(mix)) + (1 - beta) * kl(q, lq, np.log(mix))
+        total += per * mask[r]
+    return float(total * T * T)
+
+
+def np_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of a scalar float64 function."""
+    g = np.zeros_like(x)
+    for ix in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[ix] += eps
+        xm[ix] -= eps
+        g[ix] = (f(xp) - f(xm)) / (2 * eps)
+    return g
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_topk_with_k_equal_vocab_is_dense(divergence, T):
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_bucket_topk_matches_numpy_value_and_grad(divergence, T, k):
+    s = _rows(30).requires_grad_(True)
+    t, mask = _rows(31, scale=3.0), _mask()
+    ours = kd_sum(s, _topk(t, k), mask, temperature=T, divergence=divergence, jsd_beta=0.3)
+    ref = lambda x: np_bucket_divergence(x, t.numpy(), mask.numpy(), T=T, divergence=divergence, k=k, beta=0.3)
+    assert np.isfinite(float(ours.detach()))
+    _close(ours, ref(s.detach().numpy()))
+    g, = torch.autograd.grad(ours, s)
+    _close(g, np_grad(ref, s.detach().numpy().copy()), rtol=1e-4, atol=1e-5)
+    assert g[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("top_k_rest", ["bucket", "renormalize"])
+def test_topk_with_k_equal_vocab_is_dense(divergence, T, top_k_rest):
     s = _rows(12).requires_grad_(True)
     t, mask = _rows(13), _mask()
     dense = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
-    sparse = kd_sum(s, _topk(t, V), mask, temperature=T, divergence=divergence)
+    sparse = kd_sum(s, _topk(t, V), mask, temperature=T, divergence=divergence, top_k_rest=top_k_rest)
+    assert float(_topk(t, V).rest.max()) == float("-inf")
     _close(sparse, dense)
     g_dense, = torch.autograd.grad(dense, s)
     g_sparse, = torch.autograd.grad(sparse, s)
+    assert torch.isfinite(g_sparse).all()
     _close(g_sparse, g_dense)
 
 
 @pytest.mark.parametrize("divergence,T,k", [("forward_kl", 1.0, 3), ("forward_kl", 2.0, 5),
                                             ("jsd", 1.0, 3), ("jsd", 2.0, 6)])
-def test_topk_below_vocab_matches_renormalised_teacher(divergence, T, k):
+def test_topk_renormalize_matches_renormalised_teacher(divergence, T, k):
     s = _rows(14).requires_grad_(True)
     t, mask = _rows(15, scale=3.0), _mask()
-    ours = kd_sum(s, _topk(t, k), mask, temperature=T, divergence=divergence)
+    ours = kd_sum(s, _topk(t, k, rest=False), mask, temperature=T, divergence=divergence, top_k_rest="renormalize")
     _close(ours, np_divergence(s.detach().numpy(), t.numpy(), mask.numpy(), T=T, divergence=divergence, topk=k))
     # gradient vs float64 torch with the teacher renormalised over its top k (zero elsewhere)
     v, idx = t.topk(k, dim=-1)
@@ -222,38 +287,95 @@ def test_topk_below_vocab_matches_renormalised_teacher(divergence, T, k):
     assert float(ours.detach()) != pytest.approx(float(dense), rel=1e-3)  # truncation really happened
 
 
-def test_reverse_kl_with_topk_teacher_is_infinite_and_config_refuses_it():
-    """KL(student || teacher) is infinite where the student has mass and the top-k teacher has none:
-    mathematically so, hence the config refuses the combination instead of training on inf."""
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_bucket_and_renormalize_differ_as_they_should(divergence):
+    s, t, mask = _rows(32), _rows(33, scale=2.0), _mask()
+    k = 3
+    bucket = float(kd_sum(s, _topk(t, k), mask, divergence=divergence))
+    renorm = float(kd_sum(s, _topk(t, k), mask, divergence=divergence, top_k_rest="renormalize"))
+    dense = float(kd_sum(s, TeacherLogits(dense=t), mask, divergence=divergence))
+    assert np.isfinite(bucket) and bucket != pytest.approx(renorm, rel=1e-2)
+    # coarsening can only lose information: the bucketed divergence bounds the dense one from below (T = 1)
+    assert 0 < bucket <= dense + 1e-6
+    if divergence == "reverse_kl":
+        assert renorm == float("inf")
+    # a teacher with no mass off its top k: bucket forward KL is the renormalised one
+    no_rest = _topk(t, k)
+    no_rest.rest = torch.full((N,), float("-inf"))
+    if divergence == "forward_kl":
+        _close(kd_sum(s, no_rest, mask), renorm)
+
+
+def test_bucket_student_rest_is_exact_when_nearly_all_mass_is_on_the_top_k():
+    """1 - sum(q over the top k) is 0 in fp32 here (rest ~1e-11): log1p(-sum) would give -inf and reverse
+    KL nan/inf; the masked logsumexp keeps it."""
+    s = torch.zeros(2, V, dtype=torch.float64)
+    s[:, :3] = 30.0
+    t = _rows(34, n=2)
+    t[:, :3] += 20.0  # the teacher's top 3 are ids 0..2 too
+    mask = torch.ones(2, dtype=torch.bool)
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        ours = kd_sum(s, _topk(t, 3), mask, divergence=divergence)
+        _close(ours, np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence=divergence, k=3),
+               rtol=1e-4)
+
+
+def test_bucket_needs_rest_and_checks_its_name():
+    s, t, mask = _rows(35), _rows(36), _mask()
+    with pytest.raises(ValueError, match="rest"):
+        kd_sum(s, _topk(t, 3, rest=False), mask)
+    with pytest.raises(ValueError, match="top_k_rest"):
+        kd_sum(s, _topk(t, 3), mask, top_k_rest="drop")
+
+
+def test_reverse_kl_with_renormalised_topk_is_infinite_and_config_refuses_only_that():
+    """KL(student || teacher) is infinite where the student has mass and a renormalised top-k teacher
+    has none: mathematically so, hence the config refuses that combination instead of training on inf.
+    With the rest as one outcome it is finite and accepted."""
     from hld.config import load_config
     from hld.errors import HldError
 
     s, t, mask = _rows(24), _rows(25), _mask()
-    assert float(kd_sum(s, _topk(t, 3), mask, divergence="reverse_kl")) == float("inf")
+    assert float(kd_sum(s, _topk(t, 3), mask, divergence="reverse_kl", top_k_rest="renormalize")) == float("inf")
+    assert np.isfinite(float(kd_sum(s, _topk(t, 3), mask, divergence="reverse_kl")))
     with pytest.raises(HldError, match="reverse_kl"):
-        load_config(None, ["objective.divergence=reverse_kl", "objective.top_k=8"])
-    load_config(None, ["objective.divergence=jsd", "objective.top_k=8"])  # finite: accepted
+        load_config(None, ["objective.divergence=reverse_kl", "objective.top_k=8", "objective.top_k_rest=renormalize"])
+    load_config(None, ["objective.divergence=reverse_kl", "objective.top_k=8"])  # bucket (default): finite
+    load_config(None, ["objective.divergence=jsd", "objective.top_k=8", "objective.top_k_rest=renormalize"])
 
 
-def test_teacher_logits_top_k_truncates_dense():
-    t = _rows(16)
+def test_teacher_logits_top_k_truncates_dense_and_fills_rest_exactly():
+    t = _rows(16) * 10  # wide logits: the rest spans many orders of magnitude
     out = TeacherLogits(dense=t).top_k(4)
     assert out.dense is None and out.values.shape == (N, 4)
+    assert out.rest.dtype == torch.float32 and out.rest.shape == (N,)
+    tn = t.numpy()
     for r in range(N):
-        assert set(out.indices[r].tolist()) == set(np.argsort(-t[r].numpy())[:4].tolist())
+        top = np.argsort(-tn[r])[:4]
+        assert set(out.indices[r].tolist()) == set(top.tolist())
+        others = np.setdiff1d(np.arange(V), top)
+        ref = tn[r, others].max() + np.log(np.exp(tn[r, others] - tn[r, others].max()).sum())
+        assert float(out.rest[r]) == pytest.approx(ref, rel=1e-6, abs=1e-5)
     assert TeacherLogits(dense=t).top_k(None).dense is t
     assert TeacherLogits(dense=t).top_k(V).dense is t
+    # k = V - 1: the rest is the one logit left out
+    _close(TeacherLogits(dense=t).top_k(V - 1).rest, t.min(-1).values.float(), rtol=1e-6, atol=1e-5)
 
 
 def test_teacher_logits_top_k_truncates_a_cached_top_k():
-    """A cache holding the top 6 (sorted descending) serves a run that wants the top 3."""
+    """A cache holding the top 6 (sorted descending) serves a run that wants the top 3; the 3 dropped
+    values join the rest."""
     t = _rows(26)
     cached = _topk(t, 6).top_k(3)
     direct = _topk(t, 3)
     assert torch.equal(cached.values, direct.values) and torch.equal(cached.indices, direct.indices)
+    _close(cached.rest, direct.rest)
+    assert _topk(t, 6, rest=False).top_k(3).rest is None
     s, mask = _rows(27), _mask()
-    _close(kd_sum(s, cached, mask), np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0,
-                                                  divergence="forward_kl", topk=3))
+    _close(kd_sum(s, cached, mask), np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0,
+                                                         divergence="forward_kl", k=3))
+    _close(kd_sum(s, cached, mask, top_k_rest="renormalize"),
+           np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl", topk=3))
     wide = _topk(t, 6)
     assert wide.top_k(6) is wide and wide.top_k(10) is wide and wide.top_k(None) is wide
 
@@ -261,14 +383,16 @@ def test_teacher_logits_top_k_truncates_a_cached_top_k():
 # --------------------------------------------------------------------------- masking
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_masked_rows_with_extreme_logits_contribute_nothing(divergence):
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_masked_rows_with_extreme_logits_contribute_nothing(divergence, top_k):
     s, t, mask = _rows(17), _rows(18), _mask()
     s_x, t_x = s.clone(), t.clone()
     s_x[~mask] = torch.tensor([1e4, -1e4] * (V // 2) + [3e4], dtype=torch.float64)
     t_x[~mask] = torch.tensor([-2e4, 1e4] * (V // 2) + [-3e4], dtype=torch.float64)
     s_x.requires_grad_(True)
-    base = kd_sum(s, TeacherLogits(dense=t), mask, divergence=divergence, temperature=2.0)
-    ext = kd_sum(s_x, TeacherLogits(dense=t_x), mask, divergence=divergence, temperature=2.0)
+    teacher = (lambda z: TeacherLogits(dense=z)) if top_k is None else (lambda z: _topk(z, top_k))
+    base = kd_sum(s, teacher(t), mask, divergence=divergence, temperature=2.0)
+    ext = kd_sum(s_x, teacher(t_x), mask, divergence=divergence, temperature=2.0)
     _close(ext, base)
     g, = torch.autograd.grad(ext, s_x)
     assert torch.isfinite(g).all() and g[~mask].abs().max() == 0

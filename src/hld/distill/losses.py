@@ -8,13 +8,24 @@ Conventions
 - `forward_kl` = KL(p_teacher || p_student) (mode-covering, the usual KD); `reverse_kl` =
   KL(p_student || p_teacher); `jsd` = beta*KL(p_t || m) + (1-beta)*KL(p_s || m), m = beta*p_t +
   (1-beta)*p_s.
-- Top-k teachers: the teacher distribution is the softmax of its k largest logits (renormalised
-  over those k tokens, probability 0 elsewhere); the student keeps its full softmax. With k equal to
-  the vocabulary this is exactly the dense loss.
+- Top-k teachers (`TeacherLogits.values/indices`, k < V) keep the teacher's mass off its k ids as
+  one extra outcome, "the rest" (`TeacherLogits.rest` = log sum_{j not in top-k} exp(z_j) of the
+  teacher's raw logits, after softcap, before temperature). Both distributions are coarsened to
+  these k+1 outcomes: the teacher is softmax([v_1..v_k, rest] / T) -- the rest is treated as one
+  logit, so at T != 1 its tempered mass is (sum_rest e^z)^(1/T), not sum_rest e^(z/T) (which the
+  cache cannot know); exact at T = 1 and at k = V -- and the student is its full softmax(s / T)
+  with its mass off the k ids summed into one outcome, log q_rest = logsumexp(s/T over the ids not
+  in the top-k) - logsumexp(s/T), an exact masked logsumexp (1 - sum q_k by log1p(-s) would cancel
+  to 0 or below whenever the student puts nearly all its mass on the k ids). Forward KL, reverse
+  KL and JSD are then finite and exact on that coarsening (a data-processing lower bound of the
+  dense divergence) and equal the dense loss at k = V (rest = -inf). `top_k_rest="renormalize"`
+  is the older choice: the teacher is the softmax of its k logits alone (zero mass elsewhere) and
+  the student keeps its full softmax; reverse KL is then infinite, and the teacher's rest is lost.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,12 +34,15 @@ import torch
 
 @dataclass
 class TeacherLogits:
-    """Teacher logits for a set of token rows: dense `(n, V)` or top-k `(n, k)` values + indices."""
+    """Teacher logits for a set of token rows: dense `(n, V)` or top-k `(n, k)` values + indices
+    (sorted descending) and the log-mass of the rest of the vocabulary."""
 
     dense: Optional[torch.Tensor] = None  # (n, V)
     values: Optional[torch.Tensor] = None  # (n, k)
     indices: Optional[torch.Tensor] = None  # (n, k) int64
-    rest: Optional[torch.Tensor] = None  # (n,) log sum of exp(logit) off the top k (-inf: none); None: unknown
+    # (n,) float32, log of sum_{j not in top-k} exp(z_j) over the teacher's raw logits z (after softcap,
+    # before temperature); -inf when the top-k covers the vocabulary; None = unknown
+    rest: Optional[torch.Tensor] = None
 
     def top_k(self, k: Optional[int]) -> "TeacherLogits":
         if k is None:
@@ -36,15 +50,27 @@ class TeacherLogits:
         if self.dense is None:  # already top-k (sorted descending, as the cache stores them)
             if k >= self.values.shape[-1]:
                 return self
-            rest = None if self.rest is None else torch.logaddexp(
-                self.rest.float(), torch.logsumexp(self.values[:, k:].float(), dim=-1))
+            rest = None
+            if self.rest is not None:  # the dropped values join the rest
+                rest = torch.logaddexp(self.rest.float(), self.values[:, k:].float().logsumexp(-1))
             return TeacherLogits(values=self.values[:, :k], indices=self.indices[:, :k], rest=rest)
         if k >= self.dense.shape[-1]:
             return self
-        z = self.dense.float()
-        v, i = z.topk(k, dim=-1)
-        rest = torch.logsumexp(z.scatter(-1, i, float("-inf")), dim=-1)  # (n,) the mass off the top k
-        return TeacherLogits(values=v, indices=i, rest=rest)
+        v, i = self.dense.topk(k, dim=-1)
+        return TeacherLogits(values=v, indices=i, rest=logsumexp_outside(self.dense, i))
+
+
+def logsumexp_outside(z: torch.Tensor, idx: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """log sum_{j not in idx[r]} exp(scale * z[r, j]) per row, (n,) fp32; -inf where idx covers the row.
+    One (n, V) fp32 temporary; differentiable in z with a finite (zero) gradient on covered rows,
+    where torch.logsumexp's backward gives nan."""
+    x = z.float() * scale if scale != 1.0 else z.float().clone()
+    x.scatter_(-1, idx, float("-inf"))  # (n, V)
+    xmax = x.amax(-1, keepdim=True).detach()  # (n, 1)
+    xmax = torch.where(torch.isfinite(xmax), xmax, 0.0)
+    total = (x - xmax).exp().sum(-1)  # (n,)
+    safe = torch.where(total > 0, total, 1.0)
+    return torch.where(total > 0, safe.log() + xmax.squeeze(-1), float("-inf"))
 
 
 def softcap(z: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
@@ -58,46 +84,70 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> t
     return torch.where(mask, nll, 0.0).sum()
 
 
-def _teacher_logprobs(teacher: TeacherLogits, temperature: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """log p_t over the vocabulary (dense) or over the top-k support (with its indices)."""
+def teacher_logprobs(teacher: TeacherLogits, temperature: float, top_k_rest: str) -> torch.Tensor:
+    """log p_t: over the vocabulary (dense, (n, V)); over the k ids and the rest (bucket, (n, k+1), the
+    rest last); or over the k ids alone (renormalize, (n, k))."""
     if teacher.dense is not None:
-        return torch.log_softmax(teacher.dense.float() / temperature, dim=-1), None
-    return torch.log_softmax(teacher.values.float() / temperature, dim=-1), teacher.indices
+        return torch.log_softmax(teacher.dense.float() / temperature, dim=-1)
+    v = teacher.values.float()
+    if top_k_rest == "renormalize":
+        return torch.log_softmax(v / temperature, dim=-1)
+    if top_k_rest != "bucket":
+        raise ValueError(f"unknown top_k_rest {top_k_rest!r} (bucket or renormalize)")
+    if teacher.rest is None:
+        raise ValueError("top_k_rest='bucket' needs the teacher's rest mass (TeacherLogits.rest: log of the sum "
+                         "of exp(logits) off the top-k), and this top-k teacher has none; build the signal with "
+                         "it (TeacherLogits.top_k on dense logits fills it) or use top_k_rest='renormalize'")
+    return torch.log_softmax(torch.cat([v, teacher.rest.float()[:, None]], -1) / temperature, dim=-1)
+
+
+def student_bucket_logprobs(logq: torch.Tensor, s_over_T: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The student's tempered log-probs coarsened to the k ids + the rest, (n, k+1), from its logits
+    s/T (n, V) and logq = log_softmax(s/T)."""
+    rest = logsumexp_outside(s_over_T, idx)[:, None] - torch.logsumexp(s_over_T, -1, keepdim=True)  # (n, 1)
+    return torch.cat([logq.gather(-1, idx), rest], -1)
 
 
 def kd_sum(student_logits: torch.Tensor, teacher: TeacherLogits, mask: torch.Tensor, *,
-           temperature: float = 1.0, divergence: str = "forward_kl", jsd_beta: float = 0.5) -> torch.Tensor:
+           temperature: float = 1.0, divergence: str = "forward_kl", jsd_beta: float = 0.5,
+           top_k_rest: str = "bucket") -> torch.Tensor:
     """T^2 * D(teacher_T, student_T) summed over valid rows. student_logits (n, V)."""
     T = temperature
-    logq = torch.log_softmax(student_logits.float() / T, dim=-1)  # (n, V)
-    logp, idx = _teacher_logprobs(teacher, T)  # (n, V) or (n, k)
-    if idx is not None:  # top-k: the teacher has zero mass off its support
-        p = logp.exp()
-        logq_s = logq.gather(-1, idx)
-        if divergence == "forward_kl":
-            per = (p * (logp - logq_s)).sum(-1)
-        else:
-            dense_logp = torch.full_like(logq, float("-inf")).scatter(-1, idx, logp)
-            per = _dense_divergence(dense_logp, logq, divergence, jsd_beta)
+    s = student_logits.float() / T  # (n, V)
+    logq = torch.log_softmax(s, dim=-1)  # (n, V)
+    logp = teacher_logprobs(teacher, T, top_k_rest)  # (n, V), (n, k+1) or (n, k)
+    idx = teacher.indices
+    if teacher.dense is not None:
+        per = _divergence(logp, logq, divergence, jsd_beta)
+    elif top_k_rest == "bucket":
+        per = _divergence(logp, student_bucket_logprobs(logq, s, idx), divergence, jsd_beta)
+    elif divergence == "forward_kl":  # renormalize: the teacher has zero mass off its support
+        per = (logp.exp() * (logp - logq.gather(-1, idx))).sum(-1)
     else:
-        per = _dense_divergence(logp, logq, divergence, jsd_beta)
+        dense_logp = torch.full_like(logq, float("-inf")).scatter(-1, idx, logp)
+        per = _divergence(dense_logp, logq, divergence, jsd_beta)
     return torch.where(mask, per, 0.0).sum() * T * T
 
 
 def _xlogy_diff(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum p (log p - log q) with 0 * log 0 = 0 (p = exp(logp))."""
+    """sum p (log p - log q) with 0 * log 0 = 0 (p = exp(logp)); the masked entries get a zero, not a
+    nan, gradient (both logs are replaced before the product)."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    pos = p > 0
+    diff = torch.where(pos, logp, 0.0) - torch.where(pos, logq, 0.0)
+    return torch.where(pos, p * diff, 0.0).sum(-1)
 
 
-def _dense_divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+def _divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """D(p, q) per row over the last axis (the vocabulary, or the k+1 outcomes of a top-k teacher)."""
     if divergence == "forward_kl":
         return _xlogy_diff(logp, logq)
     if divergence == "reverse_kl":
         return _xlogy_diff(logq, logp)
     if divergence == "jsd":
-        logm = torch.logsumexp(torch.stack([logp + torch.log(torch.tensor(beta)),
-                                            logq + torch.log(torch.tensor(1 - beta))]), dim=0)
+        both0 = torch.isneginf(logp) & torch.isneginf(logq)  # an outcome neither has: log m is -inf, its grad nan
+        lp, lq = torch.where(both0, 0.0, logp), torch.where(both0, 0.0, logq)
+        logm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
         return beta * _xlogy_diff(logp, logm) + (1 - beta) * _xlogy_diff(logq, logm)
     raise ValueError(f"unknown divergence {divergence!r}")
 

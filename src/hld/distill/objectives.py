@@ -252,6 +252,7 @@ def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool,
     alpha = cfg.alpha if kd else 0.0
     return HeadLossSpec(ce_weight=1 - alpha, kd_weight=alpha, temperature=cfg.temperature,
                         divergence=cfg.divergence, jsd_beta=cfg.jsd_beta, top_k=cfg.top_k,
+                        top_k_rest=cfg.top_k_rest,
                         chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype)
 
 
