@@ -1,6 +1,6 @@
-"""`hld eval` against a direct transformers computation of the documented perplexity protocol:
-BOS + ids + EOS per document, concatenated, non-overlapping windows (last partial one dropped),
-every position predicts the next token except a BOS, ppl = exp(mean NLL)."""
+"""`hld eval` against a direct transformers computation of the README's window protocol: ids + EOS
+per document, concatenated, cut into chunks of seq_len - 1 (last partial one dropped), each window
+BOS + chunk, every position predicts the next token of its window, ppl = exp(mean NLL)."""
 
 from __future__ import annotations
 
@@ -33,15 +33,15 @@ def reference_ppl(model_dir: Path, *, seq_len: int = SEQ_LEN, max_docs: int | No
     texts = [t for t in texts if t.strip()][:max_docs]
     stream: list[int] = []
     for text in texts:
-        stream += [bos] + tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
-    n = len(stream) // seq_len
-    ids = torch.tensor(stream[: n * seq_len]).view(n, seq_len)  # (N, T)
+        stream += tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+    n = len(stream) // (seq_len - 1)
+    chunks = torch.tensor(stream[: n * (seq_len - 1)]).view(n, seq_len - 1)
+    ids = torch.cat([torch.full((n, 1), bos), chunks], dim=1)  # (N, T): BOS + chunk
     with torch.no_grad():
         logits = model(input_ids=ids).logits.double()  # (N, T, V)
-    pred, target = logits[:, :-1], ids[:, 1:]
-    keep = target != bos
-    nll = F.cross_entropy(pred[keep], target[keep], reduction="sum")
-    count = int(keep.sum())
+    pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    nll = F.cross_entropy(pred, target, reduction="sum")
+    count = target.numel()
     return math.exp(float(nll) / count), count, n
 
 

@@ -61,18 +61,15 @@ def _reference_ppl() -> tuple[float, int]:
     lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     stream: list[int] = []
     for text in list(iter_jsonl(VAL_FILE))[:DOCS]:
-        stream += [tok.bos_token_id] + tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] \
-            + [tok.eos_token_id]
-    n = len(stream) // SEQ_LEN
-    ids = torch.tensor(stream[: n * SEQ_LEN]).view(n, SEQ_LEN)
+        stream += tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    body = SEQ_LEN - 1  # the README's protocol: every window is BOS + the next SEQ_LEN - 1 tokens
     nll, count = 0.0, 0
     with torch.no_grad():
-        for row in ids:  # one window at a time: (64, 262144) logits
+        for start in range(0, len(stream) - body + 1, body):  # one window at a time: (64, 262144) logits
+            row = torch.tensor([tok.bos_token_id] + stream[start:start + body])
             logits = lm(input_ids=row[None]).logits[0, :-1].double()
-            target = row[1:]
-            keep = target != tok.bos_token_id
-            nll += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
-            count += int(keep.sum())
+            nll += float(F.cross_entropy(logits, row[1:], reduction="sum"))
+            count += body
     return math.exp(nll / count), count
 
 

@@ -134,7 +134,7 @@ def test_hld_report_rebuilds_from_run_directories_alone(study, tmp_path):
     rc, stdout = _main(["report", str(copy), "--json"])
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["cells"] == 16 and len(result["plots"]) == 3
+    assert result["cells"] == 16 and len(result["plots"]) == 5  # 3 + the two CKA plots
     assert _verdicts_in((copy / "report.md").read_text()) == _verdicts_in((study["out"] / "report.md").read_text())
     assert (copy / "results.csv").read_text() == (study["out"] / "results.csv").read_text()
 

@@ -122,3 +122,23 @@ def test_a_run_spends_its_flops_budget_to_within_one_token_per_window(tmp_path, 
     per_token_max = max(summary["flops_per_token"].values())
     assert budget - 4 * per_token_max < summary["flops"] <= budget
     assert summary["tokens"] % 4 == 0 and summary["tokens"] % 128 != 0  # this budget ends inside a step
+
+
+@pytest.mark.parametrize("budget", [4e8, 6e8, 1e9, 2.5e9, 4e9])
+def test_hld_first_short_runs_never_overspend(overrides, budget):
+    """A cut last step shortens the run and moves hld-first's boundary (a share of the run's tokens):
+    the length must be found with the moved boundary, or a short run overspends (7% at 4e8 once)."""
+    from hld.train.budget import run_length
+
+    s = _setup(overrides, "budget.tokens=null", f"budget.flops={budget}", "objective.method=hld-first",
+               "student.preset=tiny-1l")
+    length = run_length(s.cfg, s.plan, s.costs)
+    B, T = 4, 32
+    S, L = length.steps, length.last_len
+    total = (S - 1) * T + L
+    spent = sum(B * (L if k == S - 1 else T) *
+                s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
+                for k in range(S))
+    best_flops, best_tokens = _brute_force_tokens(s, budget)
+    assert spent <= budget
+    assert B * total >= best_tokens - B  # within one token per window of the longest run that fits

@@ -94,6 +94,30 @@ def _full_steps_flops(plan: Plan, costs: dict[str, StepCost], steps: int, tokens
     return tokens_per_step * sum(n * costs[name].total for name, n in step_counts(plan, steps).items())
 
 
+EXACT_STEPS = 20_000  # up to this many steps the last step's length is found with the loop's own phases
+
+
+def spent_flops(plan: Plan, costs: dict[str, StepCost], steps: int, last_len: int, B: int, T: int) -> float:
+    """FLOPs the loop counts for `steps` steps whose last reads `last_len` positions per window: a cut
+    last step shortens the run, and the phase boundaries (shares of the run's tokens) move with it."""
+    share = last_len / T
+    return sum(B * (last_len if k == steps - 1 else T) * costs[step_phase(plan, k, steps, last_share=share)].total
+               for k in range(steps))
+
+
+def _exact_last_len(plan: Plan, costs: dict[str, StepCost], steps: int, guess: int, budget: float, B: int,
+                    T: int) -> int:
+    """The longest last step (0..T positions) whose run stays within `budget` by `spent_flops`, searched
+    from `guess` (the estimate that ignores how the boundaries move): for a multi-phase plan (hld-first)
+    the estimate can overspend by a boundary step's share of a short run."""
+    last = min(guess, T)
+    while last >= 1 and spent_flops(plan, costs, steps, last, B, T) > budget:
+        last -= 1
+    while last < T and spent_flops(plan, costs, steps, last + 1, B, T) <= budget:
+        last += 1
+    return last
+
+
 def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length:
     """Steps (and the last step's length) that spend the budget: exactly `budget.tokens` input
     positions (rounded down to a multiple of batch_size), or the most tokens whose FLOPs, phase by
@@ -119,6 +143,8 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
         last_cost = costs[step_phase(plan, steps - 1, steps)].total
         before = _full_steps_flops(plan, costs, steps, B * T) - B * T * last_cost
         last = min(T, math.floor((budget - before) / (B * last_cost)))
+        if steps <= EXACT_STEPS and len(plan.phases) > 1:
+            last = _exact_last_len(plan, costs, steps, max(last, 0), budget, B, T)
     if last < 1:  # the remainder is less than one token per window: drop that step
         steps, last = steps - 1, T
     if steps < 1:
