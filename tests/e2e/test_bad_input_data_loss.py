@@ -14,6 +14,7 @@ import pytest
 
 from conftest import tiny_overrides
 from hld.cli import main
+from hld.distill.cache import FORMAT_VERSION
 
 
 def _one_line(capsys, argv: list[str], problem: str) -> str:
@@ -122,7 +123,7 @@ def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, 
     assert main(_cache_argv(built_cache, "budget.tokens=1024", "--json")) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["tokens"] >= 1024
-    assert json.loads((built_cache / "manifest.json").read_text())["format_version"] == 1
+    assert json.loads((built_cache / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
     assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
 
 
