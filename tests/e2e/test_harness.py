@@ -86,6 +86,32 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
     assert first != tok.bos_token_id and rest
 
 
+def test_rolling_loglikelihood_uses_bos_led_windows(tiny):
+    """A document longer than the window: chunks of rolling_len - 1 tokens, each scored after one BOS
+    (the window protocol), every token predicted once; not the harness's overlapping windows."""
+    from lm_eval.api.instance import Instance
+    from hld.eval.harness import _hld_lm_class
+
+    model, tok = tiny
+    W = 8
+    lm = _hld_lm_class()(model=model, tokenizer=tok, batch_size=3, device="cpu", quiet=True, desc="t", stream=None,
+                         rolling_len=W)
+    texts = ["Rolling windows score every token of a document once, whatever the model's context length is.",
+             "Short."]
+    got = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                                    for i, t in enumerate(texts)])
+    for text, rolled in zip(texts, got):
+        ids = ids_of(tok, text)
+        want = 0.0
+        with torch.no_grad():
+            for s in range(0, len(ids), W - 1):
+                row = torch.tensor([[tok.bos_token_id] + ids[s:s + W - 1]])
+                logp = F.log_softmax(model(row).logits[0, :-1].double(), -1)
+                want += float(logp.gather(1, row[0, 1:, None]).sum())
+        assert rolled == pytest.approx(want, rel=1e-5)
+    assert len(ids_of(tok, texts[0])) > 2 * (W - 1)  # several windows
+
+
 def _hand_mc(model, tok, ctx: str, endings: list[str], label: int) -> tuple[bool, bool]:
     """(acc, acc_norm) of one multiple-choice item: argmax of log-likelihood, and of it per character."""
     lls = [direct(model, tok, ctx, " " + e)[0] for e in endings]

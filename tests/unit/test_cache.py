@@ -118,3 +118,37 @@ def test_manifest_records_identity_and_checksums(tmp_path, overrides):
     assert m["tokens"] == m["n_windows"] * 32
     arr = np.load(tmp_path / "cache" / "shard-00000.topk_indices.npy")
     assert arr.dtype == np.int32 and (arr >= 0).all() and (arr < 512).all()
+
+
+def test_cached_top_k_keeps_the_teachers_remaining_mass(tmp_path, overrides):
+    """topk_rest = log of the teacher's mass off its stored top k, against HF's own logits (float64)."""
+    from transformers import AutoModelForCausalLM
+
+    from hld.distill.signals import Needs
+
+    cfg = load_config("smoke", [*overrides, "objective.method=kd", "teacher.cache_top_k=16"])
+    ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
+    s = build(load_config("smoke", [*overrides, "objective.method=kd", f"teacher.cache={tmp_path / 'cache'}"]),
+              Resources())
+    batch = s.order.batch(0)
+    sig = s.teacher(batch, Needs(logits=True))
+    lm = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        z = lm(input_ids=batch.input_ids).logits.double()  # (B, T, V)
+    top = z.topk(16, dim=-1)
+    np.testing.assert_array_equal(sig.topk_indices.numpy(), top.indices.numpy())
+    rest = torch.logsumexp(z.scatter(-1, top.indices, float("-inf")), dim=-1)  # (B, T)
+    torch.testing.assert_close(sig.topk_rest.double(), rest, rtol=1e-5, atol=1e-5)
+    # every window starts with BOS, and the teacher saw exactly the run's windows
+    assert (batch.input_ids[:, 0] == 2).all()
+
+
+def test_a_cache_of_the_first_format_is_refused_with_a_rebuild_message(tmp_path, overrides):
+    cfg = _cache(tmp_path, overrides)
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 1
+    manifest.pop("protocol")
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(HldError, match="without a leading BOS.*rebuild it with `hld cache-teacher`"):
+        _open(cfg, tmp_path / "cache")
