@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import _measure as M
 import torch
 
-import _measure as M
 from hld.config import load_config
 from hld.data.loader import BatchOrder
 from hld.distill.cache import _topk_rows
@@ -46,7 +46,6 @@ def config(args):
 def forward_only(loaded, cfg, windows) -> float:
     """Seconds of the teacher's forward over the windows the cache holds, as `build_cache` batches
     them (top-k taken, nothing written)."""
-    tok = loaded.tokenizer
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     steps = cfg.budget.tokens // (cfg.train.batch_size * cfg.data.seq_len)
     ids = order.window_ids(steps)

@@ -64,12 +64,14 @@ def test_flops_budget_at_equal_flops_ce_sees_more_tokens_than_kd(overrides):
 
 def test_not_counting_the_teacher_gives_kd_the_ce_length(overrides):
     ce = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=ce")
-    kd = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd", "budget.count_teacher=false")
+    kd = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd",
+                "budget.count_teacher=false")
     assert kd.total_steps == ce.total_steps
 
 
 def test_hld_first_phases_are_weighted_by_their_share(overrides):
-    s = _setup(overrides, "budget.tokens=null", "budget.flops=3e9", "objective.method=hld-first", "objective.hidden.first_share=0.25")
+    s = _setup(overrides, "budget.tokens=null", "budget.flops=3e9", "objective.method=hld-first",
+               "objective.hidden.first_share=0.25")
     first, second = (s.costs[p.name].total for p in s.plan.phases)
     assert first < second  # the hidden-only phase runs neither head
     flops, tokens = _brute_force_tokens(s, 3e9)

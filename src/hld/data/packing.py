@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -123,17 +124,17 @@ class Batch:
     def n_targets(self) -> int:
         return int(self.mask.sum())
 
-    def split(self, n: int) -> list["Batch"]:
+    def split(self, n: int) -> list[Batch]:
         wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
-        return [Batch(i, l, w) for i, l, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
+        return [Batch(i, lab, w) for i, lab, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
 
-    def truncate(self, length: int) -> "Batch":
+    def truncate(self, length: int) -> Batch:
         """The first `length` positions of every window, with their labels (position length-1 still
         predicts token `length`, which the labels hold): a causal model's outputs on this prefix equal
         its outputs on those positions of the whole window."""
         return Batch(self.input_ids[:, :length], self.labels[:, :length], self.window_ids)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids)
 
 

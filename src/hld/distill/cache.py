@@ -26,10 +26,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hld.atomic import replace_dir, write_fix
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
-from hld.atomic import replace_dir, write_fix
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
 from hld.models.hooks import text_config
@@ -217,7 +217,8 @@ class CachedTeacher:
             raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
                            "rebuild it with teacher.cache_top_k of 1 or more (default 64)")
         if expect.top_k > have.get("top_k", 0):
-            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
+            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for "
+                           f"top-{expect.top_k}",
                            "lower objective.top_k or rebuild the cache with a larger k")
 
     def _open(self, name: str, verify: bool) -> dict:

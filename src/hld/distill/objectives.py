@@ -15,8 +15,20 @@ import torch
 from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.hidden import (STATS_FILE, Lens, Moments, estimate_layer_stats, feature_sum, hidden_mask, lens_spec,
-                                lens_sum, load_stats, normalize_target, relation_sum, save_stats)
+from hld.distill.hidden import (
+    STATS_FILE,
+    Lens,
+    Moments,
+    estimate_layer_stats,
+    feature_sum,
+    hidden_mask,
+    lens_spec,
+    lens_sum,
+    load_stats,
+    normalize_target,
+    relation_sum,
+    save_stats,
+)
 from hld.distill.projectors import Projectors, needs_projector, pair_key
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
 from hld.train.schedule import step_progress, weight_at

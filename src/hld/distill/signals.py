@@ -26,7 +26,7 @@ class Needs:
     logits: bool = False
     layers: tuple[int, ...] = ()
 
-    def __or__(self, other: "Needs") -> "Needs":
+    def __or__(self, other: Needs) -> Needs:
         return Needs(self.logits or other.logits, tuple(sorted(set(self.layers) | set(other.layers))))
 
     @property

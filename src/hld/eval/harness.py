@@ -106,7 +106,7 @@ def read_downstream(run_dir: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise HldError(f"{path} is not valid JSON ({exc.msg})", "rewrite it, or delete it and rerun the study")
+        raise HldError(f"{path} is not valid JSON ({exc.msg})", "rewrite it, or delete it and rerun the study") from exc
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "value" in v for v in data.values()):
         raise HldError(f"{path} is not {{task: {{metric, value, stderr, chance, n}}}}", "rewrite or delete it")
     return data
@@ -223,7 +223,8 @@ def _read_local(name: str, path: Path, config_name: Optional[str]):
     except Exception as exc:
         raise HldError(f"--task-data {name}={path} cannot be read: {type(exc).__name__}: "
                        f"{' '.join(str(exc).split())[:160]}",
-                       "give a dataset repository snapshot, a folder of split files or a save_to_disk directory") from exc
+                       "give a dataset repository snapshot, a folder of split files or a save_to_disk directory",
+                       ) from exc
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"test": ds})
 
 

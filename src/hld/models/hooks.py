@@ -3,7 +3,8 @@ which keeps every layer). Layer i: 0 = embedding output, i >= 1 = output of deco
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from torch import nn

@@ -175,7 +175,8 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would leave them randomly initialised: never distil from such a teacher
-        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} ({', '.join(missing[:3])}"
+        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} "
+                       f"({', '.join(missing[:3])}"
                        f"{', ...' if len(missing) > 3 else ''})", "give a complete checkpoint of a supported family")
     return LoadedModel(model=model, tokenizer=tok, source=source, identity=identity)
 

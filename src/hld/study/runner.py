@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from hld.config import RunConfig, to_dict
 from hld.atomic import read_json_object, write_fix, write_json
+from hld.config import RunConfig, to_dict
 from hld.errors import HldError
 from hld.study.grid import Cell, Study, cell_config, expand, load_study
 from hld.study.report import build_report

@@ -4,8 +4,8 @@ the windows its budget reads, the top-k logits and the teacher layers its object
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder

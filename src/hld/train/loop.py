@@ -28,21 +28,29 @@ import torch
 from hld import atomic, distributed
 from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder, rank_slice
-from hld.distributed import Dist
-from hld.distill.cache import CacheIdentity, CachedTeacher
-from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
+from hld.distill.cache import CachedTeacher, CacheIdentity
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan, fit_targets, keep_targets
 from hld.distill.projectors import Projectors, needs_projector
 from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.distributed import Dist
 from hld.errors import HldError
 from hld.eval.cka import layer_diagnostics, write_cka_matrix
-from hld.train.budget import Length, phase_costs, run_length
+from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.models.hooks import n_blocks, text_config
 from hld.models.student import build_student, count_params
 from hld.precision import autocast, default_device, resolve_dtype
-from hld.train.checkpoint import (has_checkpoint, load_checkpoint, load_reason, load_sharded, remove_torn,
-                                  save_checkpoint, save_sharded, set_rng_state)
+from hld.train.budget import Length, phase_costs, run_length
+from hld.train.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    load_reason,
+    load_sharded,
+    remove_torn,
+    save_checkpoint,
+    save_sharded,
+    set_rng_state,
+)
 from hld.train.loggers import RunLogger, read_metrics
 from hld.train.progress import Progress
 from hld.train.resources import Resources
