@@ -62,10 +62,10 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
     continuation-only head): one BOS, then the text, never a second BOS or an EOS."""
     from lm_eval.api.instance import Instance
 
-    from hld.eval.harness import _hld_lm_class
+    from hld.eval.hld_lm import HldLM
 
     model, tok = tiny
-    lm = _hld_lm_class()(model=model, tokenizer=tok, batch_size=2, device="cpu", quiet=True, desc="t", stream=None)
+    lm = HldLM(model=model, tokenizer=tok, batch_size=2, device="cpu", quiet=True, desc="t", stream=None)
     pairs = [("The module provides a way of using the socket", " interface."),
              ("Return the name of the", " file"),
              ("A", " short one that is longer than its context"),

@@ -77,7 +77,8 @@ def test_hld_first_phases_are_weighted_by_their_share(overrides):
     flops, tokens = _brute_force_tokens(s, 3e9)
     assert sum(s.length.tokens_at(k, 4, 32) for k in range(s.total_steps)) == tokens
     assert 3e9 - 4 * second < flops <= 3e9
-    assert planned_steps(s.cfg, s.teacher_lm) == s.total_steps  # the cheap meta-device plan agrees
+    tok = Resources().tokenizer(s.cfg.teacher.model)
+    assert planned_steps(s.cfg, s.teacher_lm, tok) == s.total_steps  # the cheap meta-device plan agrees
 
 
 def test_tokens_and_flops_together_are_refused(overrides):

@@ -24,7 +24,7 @@ from hld.distill.hidden import (
 )
 from hld.distill.objectives import build_plan
 from hld.distill.projectors import Projectors
-from hld.train.schedule import step_progress, weight_at
+from hld.distill.schedule import step_progress, weight_at
 
 # --------------------------------------------------------------------------- standardisation
 

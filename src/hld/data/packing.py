@@ -21,7 +21,6 @@ import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -30,13 +29,10 @@ import torch
 from hld.data.sources import fingerprint, iter_documents
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint
+from hld.paths import cache_root
 
 IGNORE = -100  # label of a position that predicts nothing
 PROTOCOL = "bos-window-v2"  # names the protocol above; token caches and teacher caches record it
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HLD_CACHE_DIR", Path.home() / ".cache" / "hld"))
 
 
 def tokenize_stream(docs: Iterable[str], tokenizer, *, eos_id: int,

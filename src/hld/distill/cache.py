@@ -31,9 +31,9 @@ from hld.data.packing import PROTOCOL, Batch
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.models.hooks import text_config
-from hld.train.progress import Progress
+from hld.progress import Progress
 
 FORMAT_VERSION = 2  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass (topk_rest)
 
@@ -270,3 +270,10 @@ class CachedTeacher:
             sig.topk_rest = torch.from_numpy(np.stack([self.shards[s]["topk_rest"][r, :T] for s, r in rows])
                                              ).to(device)
         return sig
+
+
+def cache_identity(*, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers,
+                   top_k: int) -> CacheIdentity:
+    """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity."""
+    return CacheIdentity(teacher=teacher, tokenizer=tokenizer_fingerprint(tokenizer), seq_len=seq_len,
+                         layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))

@@ -30,8 +30,8 @@ from hld.distill.hidden import (
     save_stats,
 )
 from hld.distill.projectors import Projectors, needs_projector, pair_key
+from hld.distill.schedule import step_progress, weight_at
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
-from hld.train.schedule import step_progress, weight_at
 
 Result = tuple[torch.Tensor, int, dict[str, float]]
 

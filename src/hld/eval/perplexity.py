@@ -20,7 +20,7 @@ from hld.data.packing import make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.signals import Backbone, head_of
 from hld.precision import autocast
-from hld.train.progress import Progress
+from hld.progress import Progress
 
 
 @torch.no_grad()

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from hld.data.packing import cache_root
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
 from hld.models.hooks import text_config
+from hld.paths import cache_root
 
 EMBEDDED_TEACHER = "gemma-3-270m"
 # checkpoint keys of a multimodal model's language model -> those of the text-only causal LM

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from hld.atomic import read_json_object, write_text
-from hld.eval.harness import read_downstream
+from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
 from hld.study.stats import Interval, mean_interval
 from hld.train.loggers import read_metrics
