@@ -222,7 +222,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = value.parsed
         if not isinstance(value, dict):
             raise HldError(f"config {where} must be a mapping, got {value!r}", f"write {where}: as a section")
-        return _build(tp, value, where + ".")
+        return _build(tp, value, where + ".")  # type: ignore[arg-type]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

@@ -27,7 +27,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -211,7 +211,8 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     for group in by_kind.values():
-        bucket, size = [], 0
+        bucket: list[torch.Tensor] = []
+        size = 0
         for t in group:
             if bucket and size + t.numel() > BUCKET_ELEMS:
                 out.append(bucket)
@@ -278,7 +279,7 @@ def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: t
     equals the single-process value (bitwise, for the same weights)."""
     from hld.eval.perplexity import perplexity as single
 
-    kw = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
+    kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
     if not d.active:
         return single(lm, windows, **kw)
     n = math.ceil(len(windows) / PPL_BATCH)

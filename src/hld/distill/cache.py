@@ -72,7 +72,7 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
     device = next(teacher_lm.parameters()).device
     k, T = identity.top_k, windows.shape[1]
     files: dict[str, str] = {}
-    shards = []
+    shards: list[dict] = []
     t0 = time.time()
     prog = Progress(len(window_ids), desc="cache", quiet=quiet)
     try:

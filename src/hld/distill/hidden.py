@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,7 @@ class Lens:
     softcap: Optional[float] = None
 
     @classmethod
-    def of(cls, lm: torch.nn.Module) -> Lens:
+    def of(cls, lm: Any) -> Lens:  # a causal LM (models.hooks.CausalLM)
         from hld.distill.signals import head_of
         from hld.models.hooks import decoder_of
 

@@ -145,7 +145,7 @@ class HiddenObjective:
         if self.loss == "relation":
             return relation_sum(s_hidden, self.target(t, t_hidden), mask)
         proj = self.projectors.proj[pair_key(pair)]
-        pred = proj(s_hidden.to(proj.weight.dtype))  # (B, T, d_t)
+        pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
         flat = pred.reshape(-1, pred.shape[-1])
         if self.loss == "lens":
             return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens,
@@ -243,7 +243,7 @@ class Plan:
                 return ph
             if start < b - eps:
                 blend = self.boundaries[i]
-                blend.objective.share = (b - start) / (end - start)
+                blend.objective.share = (b - start) / (end - start)  # type: ignore[attr-defined]
                 return blend
         return self.phases[-1]
 

@@ -5,7 +5,7 @@ teacher cache (`cache_build`), both on the meta device where nothing is allocate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -13,7 +13,7 @@ from hld.config import RunConfig
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors, needs_projector
-from hld.models.hooks import n_blocks, text_config
+from hld.models.hooks import CausalLM, n_blocks, text_config
 from hld.models.student import build_student
 
 HLD_METHODS = ("hld-joint", "hld-first")  # the methods that match hidden layers (and train projectors)
@@ -21,7 +21,7 @@ HLD_METHODS = ("hld-joint", "hld-first")  # the methods that match hidden layers
 
 @dataclass
 class Assembly:
-    student: torch.nn.Module
+    student: CausalLM
     projectors: Optional[Projectors]  # None unless the method matches hidden layers
     plan: Plan
 
@@ -32,7 +32,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     return bos, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
-def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Any,
+def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Optional[CausalLM],
              matmul_dtype: Optional[torch.dtype] = None) -> Assembly:
     """Build the student (seeded by train.seed), then its projectors (same seed), then the plan, on the
     current default device (`with torch.device("meta"):` to size a run without allocating it).
@@ -43,7 +43,7 @@ def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Any,
     projectors = None
     if cfg.objective.method in HLD_METHODS:
         pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
-        projectors = Projectors(pairs, d_student=student.config.hidden_size,
+        projectors = Projectors(pairs, d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
                                 d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed,
                                 linear=needs_projector(cfg.objective.hidden.loss))
     plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
@@ -51,7 +51,7 @@ def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Any,
     return Assembly(student=student, projectors=projectors, plan=plan)
 
 
-def vocab_of(teacher_lm: Any) -> int:
+def vocab_of(teacher_lm: Optional[CausalLM]) -> int:
     """The teacher's embedding rows, which the student gets (Gemma 3 4B: 262,208 for a 262,144-token
     tokenizer)."""
     return teacher_lm.get_input_embeddings().weight.shape[0]

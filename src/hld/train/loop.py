@@ -21,8 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from hld import atomic, distributed
@@ -36,6 +37,8 @@ from hld.distributed import Dist
 from hld.errors import HldError
 from hld.eval.cka import layer_diagnostics, write_cka_matrix
 from hld.fingerprint import file_sha256
+from hld.flops import StepCost
+from hld.models.hooks import CausalLM
 from hld.models.student import count_params
 from hld.precision import autocast, default_device, resolve_dtype
 from hld.progress import Progress
@@ -61,18 +64,18 @@ class Setup:
     """Everything a run is built from (also what tests inspect)."""
 
     cfg: RunConfig
-    student: torch.nn.Module
+    student: CausalLM
     runner: StudentRunner
-    teacher: object  # OnlineTeacher, CachedTeacher or None: called as teacher(batch, needs)
-    teacher_lm: Optional[torch.nn.Module]
+    teacher: Optional[OnlineTeacher | CachedTeacher]  # called as teacher(batch, needs) -> TeacherSignals
+    teacher_lm: Optional[CausalLM]
     projectors: Optional[Projectors]
     plan: Plan
     optimizer: torch.optim.Optimizer
     order: BatchOrder
-    val_windows: object
+    val_windows: np.ndarray  # (n, seq_len) int64
     bos_id: int
     length: Length  # steps, and how much of its windows the last step reads
-    costs: dict  # phase name -> StepCost (FLOPs per training token)
+    costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
     device: torch.device
     compute_dtype: torch.dtype
     dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
@@ -82,7 +85,7 @@ class Setup:
         return self.length.steps
 
 
-def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> None:
+def check_vocab(tokenizer, teacher_lm: CausalLM, student_vocab: int) -> None:
     """Refuse a teacher whose embedding does not match the (shared) tokenizer and student."""
     t_vocab = teacher_lm.get_input_embeddings().weight.shape[0]
     if t_vocab != student_vocab:
@@ -95,7 +98,9 @@ def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> N
 
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
     """Decay matrices; never norms, biases or 1-D parameters. Tied weights appear once."""
-    seen, decay, no_decay = set(), [], []
+    seen: set[int] = set()
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for m in modules:
         for p in m.parameters():
             if not p.requires_grad or id(p) in seen:
@@ -128,10 +133,10 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
-        runner.backbone = torch.compile(runner.backbone)
+        runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
     d = cfg.data
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
-    teacher = None
+    teacher: Optional[OnlineTeacher | CachedTeacher] = None
     if teacher_lm is not None and cfg.teacher.cache:
         expect = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=train_w,
                                 layers=plan.needs.layers, top_k=cfg.objective.top_k or 0)
@@ -197,11 +202,11 @@ def train_step(s: Setup, step: int) -> dict:
             g["lr"] = lr
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    out = {f"train/{k}": v / n_global for k, v in sums.items()}
-    out.update(weights)  # scheduled alpha / beta
-    out.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
+    line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums.items()}
+    line.update(weights)  # scheduled alpha / beta
+    line.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
                 "skipped": not finite})
-    return out
+    return line
 
 
 def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:
@@ -253,7 +258,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
+def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """The student alone (no projectors) as an ordinary HF checkpoint, written atomically.
     `state_dict`: its full weights when the module holds shards (fsdp2)."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
