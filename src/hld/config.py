@@ -469,7 +469,7 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every leaf field: the source of `hld train --help-config`."""
+    """(dotted key, help, default) for every leaf field: the source of the comments in each run's config.yaml."""
     out = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -36,7 +36,6 @@ import torch.distributed as tdist
 from hld.errors import HldError
 
 BUCKET_ELEMS = 1 << 23  # gradient elements per all-reduce (32 MB in fp32; DDP's default bucket is 25 MB)
-PPL_BATCH = 8  # windows per validation forward (perplexity()'s default, so the sums match)
 
 
 @dataclass
@@ -277,6 +276,7 @@ def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: t
     """`hld.eval.perplexity.perplexity` with its batches dealt round-robin over the ranks. Every batch
     is computed as one process would, and the per-batch sums are added in the same order: the result
     equals the single-process value (bitwise, for the same weights)."""
+    from hld.eval.perplexity import PPL_BATCH
     from hld.eval.perplexity import perplexity as single
 
     kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
