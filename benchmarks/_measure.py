@@ -51,7 +51,7 @@ class PeakMemory:
         self.bytes = 0
         self.exact = True
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

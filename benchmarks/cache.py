@@ -19,14 +19,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import _measure as M
 import torch
 
-import _measure as M
 from hld.config import load_config
 from hld.data.loader import BatchOrder
 from hld.distill.cache import _topk_rows
 from hld.distill.signals import Needs, OnlineTeacher
-from hld.models.hooks import n_blocks
 from hld.train.cache_build import ensure_cache, teacher_layers
 from hld.train.resources import Resources
 
@@ -46,11 +45,10 @@ def config(args):
 def forward_only(loaded, cfg, windows) -> float:
     """Seconds of the teacher's forward over the windows the cache holds, as `build_cache` batches
     them (top-k taken, nothing written)."""
-    tok = loaded.tokenizer
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     steps = cfg.budget.tokens // (cfg.train.batch_size * cfg.data.seq_len)
     ids = order.window_ids(steps)
-    layers = teacher_layers(cfg, n_blocks(loaded.model)) if cfg.objective.method.startswith("hld") else []
+    layers = teacher_layers(cfg, loaded.model, loaded.tokenizer)
     online = OnlineTeacher(loaded.model, tuple(layers))
     needs = Needs(logits=True, layers=tuple(layers))
     dev = next(loaded.model.parameters()).device

@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 import _measure as M
+import torch
 
 
 def make(*, n_tokens: int, vocab_size: int, d_model: int, dtype: torch.dtype, dev: torch.device, seed: int = 0):

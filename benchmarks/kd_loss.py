@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import traceback
 
+import _measure as M
 import torch
 import torch.nn.functional as F
-
-import _measure as M
 
 ALPHA, TEMPERATURE = 0.5, 1.0
 
@@ -151,6 +150,7 @@ def torchtune_status() -> str:
     """'ok (versions)' or why torchtune cannot be used here."""
     try:
         from importlib.metadata import version
+
         import torchtune.modules.loss  # noqa: F401  (torchtune imports torchao, omegaconf, tiktoken)
         return f"ok (torchtune {version('torchtune')}, torchao {version('torchao')})"
     except Exception as exc:

@@ -29,10 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _measure as M
 import torch
 import torch.nn.functional as F
 
-import _measure as M
 from hld.config import load_config
 from hld.data.packing import IGNORE
 from hld.distill.chunked import WORKSPACE
@@ -209,7 +209,7 @@ def time_group(fns: dict, n_steps: int, dev: torch.device) -> dict:
                 torch.cuda.empty_cache()
             try:
                 with M.PeakMemory(dev) as pm:
-                    seconds, loss = M.timed(lambda: fn(i), dev)
+                    seconds, loss = M.timed(lambda: fn(i), dev)  # noqa: B023 (called at once)
             except RuntimeError as exc:
                 if not is_oom(exc):
                     raise

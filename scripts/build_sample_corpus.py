@@ -447,7 +447,8 @@ def rst_to_units(rel: str, lines: list[str], maps: RefMaps) -> list[Unit]:
             if kind in VERSION_DIRECTIVES or kind == "deprecated-removed":
                 parts = arg.split(None, 2 if kind == "deprecated-removed" else 1)
                 if kind == "deprecated-removed":
-                    head = f"Deprecated since version {parts[0]}, will be removed in version {parts[1] if len(parts) > 1 else ''}"
+                    removed = parts[1] if len(parts) > 1 else ""
+                    head = f"Deprecated since version {parts[0]}, will be removed in version {removed}"
                     rest = parts[2] if len(parts) > 2 else ""
                 else:
                     head = VERSION_DIRECTIVES[kind].format(parts[0] if parts else "")
@@ -477,7 +478,9 @@ def rst_to_units(rel: str, lines: list[str], maps: RefMaps) -> list[Unit]:
                 i = j
                 continue
             if kind in CONTENT_DIRECTIVES:
-                if kind in ("note", "warning", "important", "caution", "attention", "tip", "hint", "danger", "error", "impl-detail") and arg:
+                admonitions = ("note", "warning", "important", "caution", "attention", "tip", "hint", "danger", "error",
+                               "impl-detail")
+                if kind in admonitions and arg:
                     prefix = "CPython implementation detail: " if kind == "impl-detail" else ""
                     content = [e for e in extra if not OPTION_RE.match(e)]
                     para = [prefix + arg] + content

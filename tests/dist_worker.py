@@ -61,7 +61,7 @@ def grads(out_path: str, spec_path: str) -> None:
         params = _named_params(s)
         captured: dict[str, torch.Tensor] = {}
 
-        def capture(*args, **kwargs):  # every rank gathers (a collective), rank 0 keeps
+        def capture(*args, params=params, captured=captured, **kwargs):  # every rank gathers, rank 0 keeps
             for k, p in params.items():
                 captured[k] = _full(p.grad) if p.grad is not None else torch.zeros(p.shape)
 

@@ -299,8 +299,8 @@ def _print_report(result: dict) -> None:
     print(f"report: {result['report']} ({result['cells']} cells; results.csv, {len(result['plots'])} plots)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study, "cache-teacher": cmd_cache_teacher,
-            "inspect-teacher": cmd_inspect_teacher,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study,
+            "cache-teacher": cmd_cache_teacher, "inspect-teacher": cmd_inspect_teacher,
             "config": cmd_config,
             "study": cmd_study, "report": cmd_report}
 

@@ -222,7 +222,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = value.parsed
         if not isinstance(value, dict):
             raise HldError(f"config {where} must be a mapping, got {value!r}", f"write {where}: as a section")
-        return _build(tp, value, where + ".")
+        return _build(tp, value, where + ".")  # type: ignore[arg-type]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -469,7 +469,7 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every leaf field: the source of `hld train --help-config`."""
+    """(dotted key, help, default) for every leaf field: the source of the comments in each run's config.yaml."""
     out = []
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -27,7 +27,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ import torch.distributed as tdist
 from hld.errors import HldError
 
 BUCKET_ELEMS = 1 << 23  # gradient elements per all-reduce (32 MB in fp32; DDP's default bucket is 25 MB)
-PPL_BATCH = 8  # windows per validation forward (perplexity()'s default, so the sums match)
 
 
 @dataclass
@@ -211,7 +210,8 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     for group in by_kind.values():
-        bucket, size = [], 0
+        bucket: list[torch.Tensor] = []
+        size = 0
         for t in group:
             if bucket and size + t.numel() > BUCKET_ELEMS:
                 out.append(bucket)
@@ -276,9 +276,10 @@ def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: t
     """`hld.eval.perplexity.perplexity` with its batches dealt round-robin over the ranks. Every batch
     is computed as one process would, and the per-batch sums are added in the same order: the result
     equals the single-process value (bitwise, for the same weights)."""
+    from hld.eval.perplexity import PPL_BATCH
     from hld.eval.perplexity import perplexity as single
 
-    kw = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
+    kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
     if not d.active:
         return single(lm, windows, **kw)
     n = math.ceil(len(windows) / PPL_BATCH)

@@ -18,7 +18,7 @@ import yaml
 
 from hld.atomic import read_json_object, replace_dir, write_fix
 from hld.errors import HldError
-from hld.eval.harness import read_downstream
+from hld.eval.downstream import read_downstream
 from hld.fingerprint import file_sha256
 
 REFUSED = ("checkpoint.pt",)  # never copied, whatever a student dir holds

@@ -19,7 +19,7 @@ from typing import Optional
 
 from torch import nn
 
-from hld.models.hooks import decoder_of, text_config
+from hld.models.hooks import CausalLM, decoder_of, text_config
 
 
 def _mean_context(T: int, window: Optional[int]) -> float:
@@ -30,7 +30,7 @@ def _mean_context(T: int, window: Optional[int]) -> float:
     return (w * (w + 1) / 2 + (T - w) * w) / T
 
 
-def forward_flops_per_token(lm: nn.Module, seq_len: int, *, logits: bool = True,
+def forward_flops_per_token(lm: CausalLM, seq_len: int, *, logits: bool = True,
                             upto_layer: Optional[int] = None) -> float:
     """Forward FLOPs per token of a HF causal LM, blocks 1..upto_layer (all by default)."""
     cfg = text_config(lm.config)
@@ -62,9 +62,9 @@ class StepCost:
         return self.student + self.teacher + self.projectors
 
 
-def step_cost(student: nn.Module, seq_len: int, *, teacher: Optional[nn.Module] = None,
+def step_cost(student: CausalLM, seq_len: int, *, teacher: Optional[CausalLM] = None,
               teacher_logits: bool = True, teacher_upto: Optional[int] = None,
-              projector_dims: tuple[tuple[int, int], ...] = (), student_logits: bool = True) -> StepCost:
+              projector_dims: tuple[tuple[float, float], ...] = (), student_logits: bool = True) -> StepCost:
     s = 3 * forward_flops_per_token(student, seq_len, logits=student_logits)
     t = 0.0 if teacher is None else forward_flops_per_token(teacher, seq_len, logits=teacher_logits,
                                                              upto_layer=teacher_upto)

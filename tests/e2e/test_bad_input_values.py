@@ -11,7 +11,6 @@ import json
 import math
 import types
 import typing
-from pathlib import Path
 
 import pytest
 import yaml

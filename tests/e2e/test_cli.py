@@ -241,7 +241,8 @@ ERROR_CASES = {
     "teacher-layer-out-of-range": _case_layer_out_of_range,
     "student-layer-out-of-range": _case_student_layer_out_of_range,
     "empty-data-file": _data_case("empty.jsonl", b"", "holds no document with text"),
-    "malformed-json": _data_case("bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n', "bad.jsonl:2 is not a JSON object"),
+    "malformed-json": _data_case("bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n',
+                                 "bad.jsonl:2 is not a JSON object"),
     "not-utf8": _data_case("latin1.jsonl", '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"),
                            "is not valid UTF-8"),
     "not-utf8-txt": _data_case("latin1.txt", "caf\u00e9\n".encode("latin-1"), "is not valid UTF-8"),
@@ -283,7 +284,8 @@ def test_tokenizer_larger_than_the_teacher_vocabulary(capsys, tmp_path, override
 def test_subprocess_error_is_one_line_without_traceback(tmp_path, overrides, hld_cache_dir):
     bad = _write(tmp_path / "bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n')
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "hld", *_train_argv(tmp_path / "r", [*overrides, f"data.train={bad}"])],
+    argv = _train_argv(tmp_path / "r", [*overrides, f"data.train={bad}"])
+    proc = subprocess.run([sys.executable, "-m", "hld", *argv],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

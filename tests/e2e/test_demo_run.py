@@ -17,11 +17,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_study_run import T975, VERDICT
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY_TEACHER, tiny_overrides
 from hld.cli import main
-from test_study_run import T975, VERDICT
 
 BUDGET = 4.0e8
 TASK_LIMIT = 6

@@ -61,10 +61,11 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
     """Through lm-eval's HFLM request path (batching, padding, its continuation slicing, our
     continuation-only head): one BOS, then the text, never a second BOS or an EOS."""
     from lm_eval.api.instance import Instance
-    from hld.eval.harness import _hld_lm_class
+
+    from hld.eval.hld_lm import HldLM
 
     model, tok = tiny
-    lm = _hld_lm_class()(model=model, tokenizer=tok, batch_size=2, device="cpu", quiet=True, desc="t", stream=None)
+    lm = HldLM(model=model, tokenizer=tok, batch_size=2, device="cpu", quiet=True, desc="t", stream=None)
     pairs = [("The module provides a way of using the socket", " interface."),
              ("Return the name of the", " file"),
              ("A", " short one that is longer than its context"),
@@ -226,7 +227,8 @@ def test_hub_task_without_its_data_fails_fast_with_one_line(tiny, hellaswag_rows
     assert p.returncode == 0, p.stderr
     row = json.loads(p.stdout.strip().splitlines()[-1])["tasks"]["hellaswag"]
     acc, acc_norm = _hellaswag_hand_acc(*tiny, hellaswag_rows)
-    assert row["n"] == 3 and row["value"] == pytest.approx(acc) and row["metrics"]["acc_norm"] == pytest.approx(acc_norm)
+    assert row["n"] == 3 and row["value"] == pytest.approx(acc)
+    assert row["metrics"]["acc_norm"] == pytest.approx(acc_norm)
 
 
 @pytest.mark.parametrize("extra, problem", [

@@ -64,18 +64,21 @@ def test_flops_budget_at_equal_flops_ce_sees_more_tokens_than_kd(overrides):
 
 def test_not_counting_the_teacher_gives_kd_the_ce_length(overrides):
     ce = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=ce")
-    kd = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd", "budget.count_teacher=false")
+    kd = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd",
+                "budget.count_teacher=false")
     assert kd.total_steps == ce.total_steps
 
 
 def test_hld_first_phases_are_weighted_by_their_share(overrides):
-    s = _setup(overrides, "budget.tokens=null", "budget.flops=3e9", "objective.method=hld-first", "objective.hidden.first_share=0.25")
+    s = _setup(overrides, "budget.tokens=null", "budget.flops=3e9", "objective.method=hld-first",
+               "objective.hidden.first_share=0.25")
     first, second = (s.costs[p.name].total for p in s.plan.phases)
     assert first < second  # the hidden-only phase runs neither head
     flops, tokens = _brute_force_tokens(s, 3e9)
     assert sum(s.length.tokens_at(k, 4, 32) for k in range(s.total_steps)) == tokens
     assert 3e9 - 4 * second < flops <= 3e9
-    assert planned_steps(s.cfg, s.teacher_lm) == s.total_steps  # the cheap meta-device plan agrees
+    tok = Resources().tokenizer(s.cfg.teacher.model)
+    assert planned_steps(s.cfg, s.teacher_lm, tok) == s.total_steps  # the cheap meta-device plan agrees
 
 
 def test_tokens_and_flops_together_are_refused(overrides):

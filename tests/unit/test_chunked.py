@@ -106,7 +106,7 @@ def _check(spec: HeadLossSpec, ts: Optional[TeacherSignals], *, seed: int = 0, d
     for name, a, b in zip("hW", g_ours, g_ref):
         assert a.dtype == b.dtype == dtype, name
         scale = float(b.abs().max())
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"grad {name}: {m}")
     # rows without a target get no gradient at all
     assert g_ours[0][~mask].abs().max() == 0 if (~mask).any() else True
 

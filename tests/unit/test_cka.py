@@ -24,7 +24,8 @@ def _cka_numpy(x: np.ndarray, y: np.ndarray) -> float:
 def test_linear_cka_matches_numpy_and_is_invariant():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(6, 9, generator=g, dtype=torch.float64) + 0.5 * torch.randn(50, 9, generator=g, dtype=torch.float64)
+    noise = torch.randn(50, 9, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 9, generator=g, dtype=torch.float64) + 0.5 * noise
     ref = _cka_numpy(x.numpy(), y.numpy())
     assert linear_cka(x, y) == pytest.approx(ref, rel=1e-10)
     q, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64))
@@ -47,8 +48,8 @@ def test_r2_standardized_matches_numpy():
 @pytest.mark.parametrize("method", ["ce", "hld-joint"])
 def test_runs_log_cka_and_write_the_matrix(overrides, tmp_path, method):
     from hld.config import load_config
-    from hld.train.loop import train
     from hld.train.loggers import read_metrics
+    from hld.train.loop import train
 
     cfg = load_config("smoke", [*overrides, f"objective.method={method}", "train.eval_every_steps=2"])
     train(cfg, tmp_path / "run", quiet=True)

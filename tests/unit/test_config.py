@@ -5,7 +5,6 @@ paper names (counted on the meta device and by hand, never by instantiating 735M
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ import torch
 from hld.data import packing
 from hld.data.loader import BatchOrder
 from hld.data.packing import IGNORE, load_stream, make_batch, pack_windows
-from hld.data.sources import iter_documents, resolve_files
+from hld.data.sources import iter_documents
 from hld.errors import HldError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -91,7 +91,7 @@ def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step
     s8 = setups[8]
     for s in setups.values():
         _uneven_targets(s)
-    for mb, s in setups.items():  # identical initial weights: the comparison is meaningful
+    for s in setups.values():  # identical initial weights: the comparison is meaningful
         for (k, p), q in zip(_named_params(s).items(), _named_params(s8).values()):
             assert torch.equal(p, q), k
 

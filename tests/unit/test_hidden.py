@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from hld.config import ObjectiveConfig, HiddenConfig, ScheduleConfig
+from hld.config import HiddenConfig, ObjectiveConfig, ScheduleConfig
 from hld.distill.chunked import HeadLossSpec
-from hld.distill.hidden import (Lens, hidden_mask, lens_sum, load_stats, normalize_target, relation_sum,
-                                save_stats, standardize_stats)
+from hld.distill.hidden import (
+    Lens,
+    hidden_mask,
+    lens_sum,
+    load_stats,
+    normalize_target,
+    relation_sum,
+    save_stats,
+    standardize_stats,
+)
 from hld.distill.objectives import build_plan
 from hld.distill.projectors import Projectors
-from hld.train.schedule import step_progress, weight_at
-
+from hld.distill.schedule import step_progress, weight_at
 
 # --------------------------------------------------------------------------- standardisation
 
@@ -25,7 +32,8 @@ def test_standardize_stats_match_float64_numpy():
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(3):
-        x = torch.randn(2, 7, 5, generator=g) * torch.tensor([1.0, 3.0, 0.1, 50.0, 2.0]) + 1000.0 * (torch.arange(5) == 3)
+        scale = torch.tensor([1.0, 3.0, 0.1, 50.0, 2.0])
+        x = torch.randn(2, 7, 5, generator=g) * scale + 1000.0 * (torch.arange(5) == 3)
         m = torch.rand(2, 7, generator=g) > 0.3
         batches.append((x, m))
     mom = standardize_stats(batches)
@@ -173,7 +181,8 @@ def test_plan_sets_scheduled_alpha_and_beta():
     for step in (0, 3, 10):
         _, w = plan.at_step(step, 11, tokens_before=step * 8, tokens_in_step=8, tokens_total=88)
         p = step / 10
-        assert w["alpha"] == pytest.approx(0.6 + (0.2 - 0.6) * p) and w["beta"] == pytest.approx((1 + math.cos(math.pi * p)))
+        assert w["alpha"] == pytest.approx(0.6 + (0.2 - 0.6) * p)
+        assert w["beta"] == pytest.approx(1 + math.cos(math.pi * p))
         assert kd.spec.kd_weight == pytest.approx(w["alpha"]) and kd.spec.ce_weight == pytest.approx(1 - w["alpha"])
         assert hidden.beta == pytest.approx(w["beta"])
 
@@ -238,9 +247,10 @@ def test_each_loss_trains_and_is_counted(resources, overrides, loss):
 
 
 def test_standardize_stats_are_frozen_in_the_run_dir_and_projectors_stay_out_of_the_export(overrides, tmp_path):
+    from safetensors.torch import load_file
+
     from hld.config import load_config
     from hld.train.loop import train
-    from safetensors.torch import load_file
 
     cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", "objective.hidden.stats_windows=6"])
     assert cfg.objective.hidden.normalize_teacher == "standardize" and cfg.objective.hidden.skip_first_position
@@ -250,7 +260,8 @@ def test_standardize_stats_are_frozen_in_the_run_dir_and_projectors_stay_out_of_
     from hld.train.resources import Resources
     s = build(cfg, Resources(), device=torch.device("cpu"))
     masks = torch.cat([s.order.batch(0).mask, s.order.batch(1).mask[:2]])  # the first 6 windows, 4 per batch
-    assert set(stats) == {2, 3} and all(m.count == int(hidden_mask(masks, skip_first=True).sum()) for m in stats.values())
+    n_valid = int(hidden_mask(masks, skip_first=True).sum())
+    assert set(stats) == {2, 3} and all(m.count == n_valid for m in stats.values())
     for t, m in stats.items():  # the run directory's statistics are the ones the run uses
         assert torch.equal(s.plan.phases[0].objective.parts[1].stats[t].mean, m.mean)
     keys = [k for f in (tmp_path / "run" / "student").glob("*.safetensors") for k in load_file(f)]

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,13 +29,10 @@ import torch
 from hld.data.sources import fingerprint, iter_documents
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint
+from hld.paths import cache_root
 
 IGNORE = -100  # label of a position that predicts nothing
 PROTOCOL = "bos-window-v2"  # names the protocol above; token caches and teacher caches record it
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HLD_CACHE_DIR", Path.home() / ".cache" / "hld"))
 
 
 def tokenize_stream(docs: Iterable[str], tokenizer, *, eos_id: int,
@@ -123,17 +120,17 @@ class Batch:
     def n_targets(self) -> int:
         return int(self.mask.sum())
 
-    def split(self, n: int) -> list["Batch"]:
+    def split(self, n: int) -> list[Batch]:
         wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
-        return [Batch(i, l, w) for i, l, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
+        return [Batch(i, lab, w) for i, lab, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
 
-    def truncate(self, length: int) -> "Batch":
+    def truncate(self, length: int) -> Batch:
         """The first `length` positions of every window, with their labels (position length-1 still
         predicts token `length`, which the labels hold): a causal model's outputs on this prefix equal
         its outputs on those positions of the whole window."""
         return Batch(self.input_ids[:, :length], self.labels[:, :length], self.window_ids)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids)
 
 

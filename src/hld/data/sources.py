@@ -16,8 +16,8 @@ import gzip
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from hld.errors import HldError
 

@@ -26,14 +26,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hld.atomic import replace_dir, write_fix
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
-from hld.atomic import replace_dir, write_fix
 from hld.errors import HldError
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.models.hooks import text_config
-from hld.train.progress import Progress
+from hld.progress import Progress
 
 FORMAT_VERSION = 2  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass (topk_rest)
 
@@ -72,7 +72,7 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
     device = next(teacher_lm.parameters()).device
     k, T = identity.top_k, windows.shape[1]
     files: dict[str, str] = {}
-    shards = []
+    shards: list[dict] = []
     t0 = time.time()
     prog = Progress(len(window_ids), desc="cache", quiet=quiet)
     try:
@@ -217,7 +217,8 @@ class CachedTeacher:
             raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
                            "rebuild it with teacher.cache_top_k of 1 or more (default 64)")
         if expect.top_k > have.get("top_k", 0):
-            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
+            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for "
+                           f"top-{expect.top_k}",
                            "lower objective.top_k or rebuild the cache with a larger k")
 
     def _open(self, name: str, verify: bool) -> dict:
@@ -269,3 +270,10 @@ class CachedTeacher:
             sig.topk_rest = torch.from_numpy(np.stack([self.shards[s]["topk_rest"][r, :T] for s, r in rows])
                                              ).to(device)
         return sig
+
+
+def cache_identity(*, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers,
+                   top_k: int) -> CacheIdentity:
+    """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity."""
+    return CacheIdentity(teacher=teacher, tokenizer=tokenizer_fingerprint(tokenizer), seq_len=seq_len,
+                         layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))

@@ -28,12 +28,13 @@ softmax of the k values. q_r is the sum of q over the ids off K after zeroing K 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from hld.distill.losses import TeacherLogits, teacher_logprobs, ce_sum, kd_sum, softcap
+from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, softcap, teacher_logprobs
 
 TeacherChunkFn = Callable[[slice], Optional[TeacherLogits]]
 

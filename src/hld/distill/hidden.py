@@ -28,9 +28,10 @@ Losses (`objective.hidden.loss`)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,8 @@ def normalize_target(x: torch.Tensor, mode: str, moments: Optional[Moments] = No
 
 
 @torch.no_grad()
-def estimate_layer_stats(teacher, order, layers: tuple[int, ...], *, n_windows: int, skip_first: bool) -> dict[int, Moments]:
+def estimate_layer_stats(teacher, order, layers: tuple[int, ...], *, n_windows: int,
+                         skip_first: bool) -> dict[int, Moments]:
     """Statistics of each teacher layer on the first `n_windows` training windows in batch order
     (the windows the run reads first), from whatever produces its signals (online or the cache)."""
     from hld.data.packing import Batch
@@ -172,7 +174,7 @@ class Lens:
     softcap: Optional[float] = None
 
     @classmethod
-    def of(cls, lm: torch.nn.Module) -> "Lens":
+    def of(cls, lm: Any) -> Lens:  # a causal LM (models.hooks.CausalLM)
         from hld.distill.signals import head_of
         from hld.models.hooks import decoder_of
 
@@ -180,7 +182,8 @@ class Lens:
         return cls(norm=decoder_of(lm).norm, head_weight=weight.detach(), softcap=cap)
 
 
-def lens_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens, spec: HeadLossSpec) -> torch.Tensor:
+def lens_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens,
+             spec: HeadLossSpec) -> torch.Tensor:
     """T^2 KL(teacher lens || student lens) summed over valid rows, chunk by chunk.
     pred (n, d_t) projected student states (with grad); target (n, d_t) raw teacher states."""
     W = lens.head_weight

@@ -64,7 +64,7 @@ def inspect_teacher(cfg: RunConfig, resources, *, n_windows: int = 24) -> list[d
         moments: Moments = standardize_stats(fit[t])
         x = torch.cat([v.reshape(-1, v.shape[-1])[m.reshape(-1)] for v, m in held[t]])  # (n, d_t)
         dim, share = top_dim_share(x)
-        rows.append({"layer": t, "top_dim": dim, "top_dim_share": share,
-                     "const_share": {mode: constant_share(normalize_target(x, mode, moments)) for mode in NORMALIZATIONS},
+        const = {mode: constant_share(normalize_target(x, mode, moments)) for mode in NORMALIZATIONS}
+        rows.append({"layer": t, "top_dim": dim, "top_dim_share": share, "const_share": const,
                      "norm_mean": float(x.norm(dim=-1).mean())})
     return rows

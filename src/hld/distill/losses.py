@@ -44,7 +44,7 @@ class TeacherLogits:
     # before temperature); -inf when the top-k covers the vocabulary; None = unknown
     rest: Optional[torch.Tensor] = None
 
-    def top_k(self, k: Optional[int]) -> "TeacherLogits":
+    def top_k(self, k: Optional[int]) -> TeacherLogits:
         if k is None:
             return self
         if self.dense is None:  # already top-k (sorted descending, as the cache stores them)

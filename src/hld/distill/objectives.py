@@ -15,11 +15,23 @@ import torch
 from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.hidden import (STATS_FILE, Lens, Moments, estimate_layer_stats, feature_sum, hidden_mask, lens_spec,
-                                lens_sum, load_stats, normalize_target, relation_sum, save_stats)
+from hld.distill.hidden import (
+    STATS_FILE,
+    Lens,
+    Moments,
+    estimate_layer_stats,
+    feature_sum,
+    hidden_mask,
+    lens_spec,
+    lens_sum,
+    load_stats,
+    normalize_target,
+    relation_sum,
+    save_stats,
+)
 from hld.distill.projectors import Projectors, needs_projector, pair_key
+from hld.distill.schedule import step_progress, weight_at
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
-from hld.train.schedule import step_progress, weight_at
 
 Result = tuple[torch.Tensor, int, dict[str, float]]
 
@@ -133,7 +145,7 @@ class HiddenObjective:
         if self.loss == "relation":
             return relation_sum(s_hidden, self.target(t, t_hidden), mask)
         proj = self.projectors.proj[pair_key(pair)]
-        pred = proj(s_hidden.to(proj.weight.dtype))  # (B, T, d_t)
+        pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
         flat = pred.reshape(-1, pred.shape[-1])
         if self.loss == "lens":
             return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens,
@@ -231,7 +243,7 @@ class Plan:
                 return ph
             if start < b - eps:
                 blend = self.boundaries[i]
-                blend.objective.share = (b - start) / (end - start)
+                blend.objective.share = (b - start) / (end - start)  # type: ignore[attr-defined]
                 return blend
         return self.phases[-1]
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from hld.distill.chunked import WORKSPACE, logits_into
 from hld.distill.losses import TeacherLogits, softcap
-from hld.models.hooks import LayerCapture, StopForward, decoder_of
+from hld.models.hooks import CausalLM, LayerCapture, StopForward, decoder_of
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Needs:
     logits: bool = False
     layers: tuple[int, ...] = ()
 
-    def __or__(self, other: "Needs") -> "Needs":
+    def __or__(self, other: Needs) -> Needs:
         return Needs(self.logits or other.logits, tuple(sorted(set(self.layers) | set(other.layers))))
 
     @property
@@ -77,7 +77,7 @@ class Backbone(nn.Module):
         return decoder_of(self.lm)(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def head_of(lm: nn.Module) -> tuple[torch.Tensor, Optional[float]]:
+def head_of(lm: CausalLM) -> tuple[torch.Tensor, Optional[float]]:
     return lm.get_output_embeddings().weight, getattr(lm.config, "final_logit_softcapping", None)
 
 

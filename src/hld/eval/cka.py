@@ -136,8 +136,10 @@ class Diagnostics:
 
 def _load_teacher(cfg) -> torch.nn.Module:
     """CE runs load no teacher for training; the diagnostics read it on the validation windows only."""
-    from hld.train.resources import Resources
-    return Resources().teacher(cfg.teacher.model, cfg.teacher.dtype).model
+    from hld.models.loading import freeze, load_causal_lm
+    from hld.precision import resolve_dtype
+
+    return freeze(load_causal_lm(cfg.teacher.model, dtype=resolve_dtype(cfg.teacher.dtype)).model)
 
 
 def diagnostics_of(s) -> Optional[Diagnostics]:

@@ -20,11 +20,13 @@ from hld.data.packing import make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.signals import Backbone, head_of
 from hld.precision import autocast
-from hld.train.progress import Progress
+from hld.progress import Progress
+
+PPL_BATCH = 8  # windows per forward; distributed.perplexity deals batches of this size over the ranks
 
 
 @torch.no_grad()
-def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, batch_size: int = 8,
+def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, batch_size: int = PPL_BATCH,
                chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32,
                progress: Optional[str] = None, backbone: Optional[torch.nn.Module] = None) -> dict:
     """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent).

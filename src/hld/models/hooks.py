@@ -3,12 +3,17 @@ which keeps every layer). Layer i: 0 = embedding output, i >= 1 = output of deco
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from hld.errors import HldError
+
+# A Hugging Face causal LM. Its submodules and config are attributes torch types as `Tensor | Module`
+# (nn.Module.__getattr__), so it is typed loosely where those attributes are read.
+CausalLM = Any
 
 
 class StopForward(Exception):
@@ -21,15 +26,15 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
+def decoder_of(model: CausalLM) -> CausalLM:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
-def n_blocks(model: nn.Module) -> int:
+def n_blocks(model: CausalLM) -> int:
     return len(decoder_of(model).layers)
 
 
-def _layer_module(model: nn.Module, layer: int) -> nn.Module:
+def _layer_module(model: CausalLM, layer: int) -> nn.Module:
     dec = decoder_of(model)
     if not 0 <= layer <= len(dec.layers):
         raise HldError(f"layer {layer} is out of range 0..{len(dec.layers)}",

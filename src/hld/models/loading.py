@@ -23,13 +23,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from hld.data.packing import cache_root
 from hld.errors import HldError
 from hld.fingerprint import file_sha256
-from hld.models.hooks import text_config
+from hld.models.hooks import CausalLM, text_config
+from hld.paths import cache_root
 
 EMBEDDED_TEACHER = "gemma-3-270m"
 # checkpoint keys of a multimodal model's language model -> those of the text-only causal LM
@@ -39,7 +40,7 @@ LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: CausalLM
     tokenizer: object
     source: str  # what was loaded, resolved (a path or hub id)
     identity: str  # a short hash naming these weights (for caches and manifests)
@@ -165,9 +166,10 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         with _quiet_load_report(bool(kwargs)):
-            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
+            loaded: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
                                                                trust_remote_code=trust_remote_code,
                                                                output_loading_info=True, **kwargs)
+            model, info = loaded  # output_loading_info: (model, {missing_keys, ...})
     except HldError:
         raise
     except Exception as exc:
@@ -175,7 +177,8 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would leave them randomly initialised: never distil from such a teacher
-        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} ({', '.join(missing[:3])}"
+        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} "
+                       f"({', '.join(missing[:3])}"
                        f"{', ...' if len(missing) > 3 else ''})", "give a complete checkpoint of a supported family")
     return LoadedModel(model=model, tokenizer=tok, source=source, identity=identity)
 

@@ -61,7 +61,7 @@ def student_config(shape: StudentShape, *, vocab_size: int, bos_id: int, eos_id:
                    max_positions: int = 4096):
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(
+    return Gemma3TextConfig(  # type: ignore[call-arg]  # attn_implementation: a PretrainedConfig kwarg
         vocab_size=vocab_size, hidden_size=shape.d_model, num_hidden_layers=shape.n_layers,
         num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads, head_dim=shape.head_dim,
         intermediate_size=shape.d_ff, query_pre_attn_scalar=shape.head_dim, sliding_window=512,
@@ -86,5 +86,5 @@ def build_student(cfg: StudentConfig, *, vocab_size: int, bos_id: int, eos_id: i
 def count_params(model: torch.nn.Module) -> dict[str, int]:
     """Total and non-embedding parameters (tied head counted once, inside the embedding)."""
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    emb = model.get_input_embeddings().weight.numel()
+    emb = model.get_input_embeddings().weight.numel()  # type: ignore[operator]
     return {"total": total, "non_embedding": total - emb}

@@ -25,10 +25,10 @@ from typing import Any, Optional
 import yaml
 
 from hld.atomic import read_json_object, write_text
-from hld.eval.harness import read_downstream
+from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
-from hld.train.loggers import read_metrics
 from hld.study.stats import Interval, mean_interval
+from hld.train.loggers import read_metrics
 
 COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
 BASE_COLUMNS = ["cell", "configuration", "arm", "student", "student_params", "student_params_non_embedding"]

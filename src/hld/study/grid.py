@@ -28,8 +28,16 @@ from typing import Any, Optional
 
 import yaml
 
-from hld.config import (PRESET_DIR, resolve_config_path, BudgetConfig, ObjectiveConfig, RunConfig, field_help, load_config,
-                        read_yaml)
+from hld.config import (
+    PRESET_DIR,
+    BudgetConfig,
+    ObjectiveConfig,
+    RunConfig,
+    field_help,
+    load_config,
+    read_yaml,
+    resolve_config_path,
+)
 from hld.errors import HldError
 
 STUDY_DIR = PRESET_DIR / "studies"

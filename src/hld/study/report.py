@@ -10,10 +10,18 @@ from pathlib import Path
 
 from hld.atomic import write_text
 from hld.errors import HldError
-from hld.study.aggregate import (Comparison, Table, collect, paired, task_metric, verdict_line, write_paired_csv,
-                                 write_results_csv)
-from hld.study.grid import ARMS
+from hld.study.aggregate import (
+    Comparison,
+    Table,
+    collect,
+    paired,
+    task_metric,
+    verdict_line,
+    write_paired_csv,
+    write_results_csv,
+)
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
+from hld.study.grid import ARMS
 
 
 def build_report(study_dir: Path) -> dict:
@@ -32,7 +40,8 @@ def build_report(study_dir: Path) -> dict:
              plot_curves(table, study_dir, plots_dir)]
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
-    cka_plots = [p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir)) if p]
+    cka_plots = [p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir))
+                 if p]
     plots += cka_plots
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
     verdicts = [verdict_line(c) for c in comparisons]
@@ -284,7 +293,8 @@ def _results_table(table: Table, reference: list[dict]) -> list[str]:
     for r in table.rows:
         cells = [r["student"], r["budget"], *[str(r[k]) for k in grid], str(r["seed"]), r["arm"],
                  f"{r['tokens']:,}", f"{r['flops']:.3g}", f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}",
-                 f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—", *[_score([r], m) for m in tasks]]
+                 f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—",
+                 *[_score([r], m) for m in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
     for ref in reference:
         scores = {task_metric(t, v): v for t, v in (ref.get("tasks") or {}).items()}

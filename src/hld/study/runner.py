@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from hld.config import RunConfig, to_dict
 from hld.atomic import read_json_object, write_fix, write_json
+from hld.config import RunConfig
 from hld.errors import HldError
 from hld.study.grid import Cell, Study, cell_config, expand, load_study
 from hld.study.report import build_report
@@ -35,9 +34,10 @@ from hld.study.report import build_report
 
 def cache_group(cfg: RunConfig) -> str:
     """Cells with equal groups read the same training windows in the same order: one cache serves them."""
-    key = json.dumps([cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.cache_top_k, to_dict(cfg.data),
-                      cfg.train.seed, cfg.train.batch_size], sort_keys=True)
-    return f"seed{cfg.train.seed}-bs{cfg.train.batch_size}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    from hld.train.cache_build import cache_share_key
+
+    digest = hashlib.sha256(cache_share_key(cfg).encode()).hexdigest()[:8]
+    return f"seed{cfg.train.seed}-bs{cfg.train.batch_size}-{digest}"
 
 
 def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[str]]]:
@@ -129,7 +129,7 @@ def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: b
     it already holds them, so a resumed study does not score a cell twice)."""
     if not study.tasks:
         return {}
-    from hld.eval.harness import read_downstream
+    from hld.eval.downstream import read_downstream, write_downstream
 
     have = read_downstream(run_dir)
     if _scored(have, study):
@@ -138,7 +138,7 @@ def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: b
 
     lm = AutoModelForCausalLM.from_pretrained(run_dir / "student", dtype=torch.float32)
     have.update(_score(lm, resources.tokenizer(cfg.teacher.model), study, quiet, rolling_len=cfg.data.seq_len))
-    write_json(run_dir / "downstream.json", have)
+    write_downstream(run_dir, have)
     return {t: have[t] for t in study.tasks}
 
 
@@ -166,8 +166,7 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
             t0 = time.time()
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
             tok = loaded.tokenizer
-            val = resources.windows(cfg.data.validation, tok, seq_len=cfg.data.seq_len,
-                                    text_field=cfg.data.text_field)[: max(1, cfg.data.val_tokens // cfg.data.seq_len)]
+            val = resources.validation_windows(cfg.data, tok)
             r = perplexity(loaded.model, val,
                            compute_dtype=resolve_dtype(cfg.teacher.dtype),
                            progress=None if quiet else "teacher validation")

@@ -8,8 +8,9 @@ by bisection. The tests check ours against scipy and against printed t-table val
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _betacf(a: float, b: float, x: float) -> float:

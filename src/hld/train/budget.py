@@ -18,7 +18,6 @@ from hld.config import MAX_STEPS, RunConfig
 from hld.distill.objectives import Plan
 from hld.errors import HldError
 from hld.flops import StepCost, step_cost
-from hld.models.hooks import text_config
 
 
 def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
@@ -160,26 +159,17 @@ def budget_tokens(cfg: RunConfig) -> int:
 DEFAULT_TOKENS = 65536
 
 
-def planned_steps(cfg: RunConfig, teacher: torch.nn.Module) -> int:
-    """The steps a config will run, without building it for real (the student is built on the meta
-    device, so this is cheap for any size). Used to size a teacher cache before training."""
-    if cfg.budget.flops is None:
-        return run_length(cfg, None, {}).steps
-    from hld.distill.mapping import layer_pairs
-    from hld.distill.objectives import build_plan
-    from hld.distill.projectors import Projectors, needs_projector
-    from hld.models.hooks import n_blocks
-    from hld.models.student import build_student
+def sized_plan(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> tuple[Plan, int]:
+    """The plan and the steps a config will run, without building it for real (the student is
+    assembled on the meta device, so this is cheap for any size). Sizes a teacher cache before training."""
+    from hld.train.assembly import assemble, vocab_of
 
     with torch.device("meta"):
-        student = build_student(cfg.student, vocab_size=teacher.get_input_embeddings().weight.shape[0], bos_id=2,
-                                eos_id=1, pad_id=0, seed=cfg.train.seed)
-        projectors = None
-        if cfg.objective.method.startswith("hld"):
-            pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher))
-            projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                    d_teacher=text_config(teacher.config).hidden_size,
-                                    linear=needs_projector(cfg.objective.hidden.loss))
-    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
-                      teacher_lm=teacher)
-    return run_length(cfg, plan, phase_costs(cfg, plan, student=student, teacher=teacher)).steps
+        parts = assemble(cfg, tokenizer=tokenizer, vocab_size=vocab_of(teacher), teacher_lm=teacher)
+    costs = phase_costs(cfg, parts.plan, student=parts.student, teacher=teacher)
+    return parts.plan, run_length(cfg, parts.plan, costs).steps
+
+
+def planned_steps(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> int:
+    """The steps a config will run (`sized_plan`)."""
+    return sized_plan(cfg, teacher, tokenizer)[1]

@@ -4,26 +4,30 @@ the windows its budget reads, the top-k logits and the teacher layers its object
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from hld.config import RunConfig
+import torch
+
+from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
-from hld.distill.cache import CachedTeacher, build_cache, check_out_dir
-from hld.distill.mapping import layer_pairs
+from hld.distill.cache import CachedTeacher, build_cache, cache_identity, check_out_dir
 from hld.errors import HldError
 from hld.flops import forward_flops_per_token
-from hld.models.hooks import n_blocks
-from hld.models.student import resolve_shape
-from hld.train.budget import planned_steps
-from hld.train.loop import cache_identity
+from hld.train.budget import sized_plan
 from hld.train.resources import Resources
 
 
-def teacher_layers(cfg: RunConfig, n_teacher: int) -> list[int]:
-    """Teacher layers the config's hidden loss would match (for any HLD method)."""
-    n_student = resolve_shape(cfg.student).n_layers
-    return sorted({t for _, t in layer_pairs(cfg.objective.hidden, n_student=n_student, n_teacher=n_teacher)})
+def cache_share_key(cfg: RunConfig) -> str:
+    """Configs with equal keys read the same training windows in the same order with the same teacher
+    signals: one cache serves them (a study's cache groups, `ensure_cache`'s check)."""
+    return json.dumps([cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.cache_top_k, to_dict(cfg.data),
+                       cfg.train.seed, cfg.train.batch_size], sort_keys=True)
+
+
+def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[int]:
+    """Teacher layers the config's objectives read (none for CE and KD), from its meta-device assembly."""
+    return sorted(sized_plan(cfg, teacher, tokenizer)[0].needs.layers)
 
 
 def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, quiet: bool = False) -> dict:
@@ -32,11 +36,9 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     cfgs = list(cfgs)
     cfg = cfgs[0]
     for other in cfgs[1:]:
-        same = (other.teacher.model, other.data, other.train.seed, other.train.batch_size) == \
-               (cfg.teacher.model, cfg.data, cfg.train.seed, cfg.train.batch_size)
-        if not same:
-            raise HldError("configs sharing one teacher cache differ in teacher, data, seed or batch size",
-                           "give each group of runs its own cache")
+        if cache_share_key(other) != cache_share_key(cfg):
+            raise HldError("configs sharing one teacher cache differ in teacher, teacher dtype, cache_top_k, data, "
+                           "seed or batch size", "give each group of runs its own cache")
     out = Path(out)
     check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
@@ -48,10 +50,11 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     d = cfg.data
     windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    steps = max(planned_steps(c, loaded.model) for c in cfgs)
-    n_t = n_blocks(loaded.model)
-    layers = sorted({layer for c in cfgs if c.objective.method.startswith("hld") for layer in teacher_layers(c, n_t)})
-    identity = cache_identity(cfg, loaded.identity, tok, windows, layers=layers, top_k=cfg.teacher.cache_top_k)
+    sized = [sized_plan(c, loaded.model, tok) for c in cfgs]
+    steps = max(n for _, n in sized)
+    layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
+    identity = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=windows,
+                              layers=layers, top_k=cfg.teacher.cache_top_k)
     if (out / "manifest.json").exists():
         try:
             CachedTeacher(out, expect=identity, verify=False)

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ def rng_state() -> dict:
     """RNG states as tensors and plain Python values (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+            "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                      float(gauss)]}
 
 
 def set_rng_state(state: dict) -> None:
@@ -202,7 +203,8 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimize
         raise HldError(f"checkpoint {path} is corrupt or unreadable (metadata)",
                        "delete it and rerun with --resume (a run without a checkpoint starts from step 0)")
     container = torch.nn.ModuleDict(modules)
-    model_sd, optim_sd = get_state_dict(container, optimizer)  # creates the optimiser's state (a zero-lr step)
+    # creates the optimiser's state (a zero-lr step)
+    model_sd, optim_sd = cast(tuple[Any, Any], get_state_dict(container, optimizer))
     # a parameter that had no gradient yet (hld-first's hidden phase: the final norm) has no state in
     # the checkpoint: it is not read, and its made-up state is dropped after, as in the run that was saved
     stateless = [fqn for fqn in optim_sd["state"] if f"optim.{fqn}.step" not in stored]

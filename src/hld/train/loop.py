@@ -21,30 +21,40 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from hld import atomic, distributed
 from hld.config import RunConfig, dump_yaml, to_dict
 from hld.data.loader import BatchOrder, rank_slice
-from hld.distributed import Dist
-from hld.distill.cache import CacheIdentity, CachedTeacher
-from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
-from hld.distill.mapping import layer_pairs
-from hld.distill.objectives import Plan, build_plan, fit_targets, keep_targets
-from hld.distill.projectors import Projectors, needs_projector
+from hld.distill.cache import CachedTeacher, cache_identity
+from hld.distill.objectives import Plan, fit_targets, keep_targets
+from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.distributed import Dist
 from hld.errors import HldError
 from hld.eval.cka import layer_diagnostics, write_cka_matrix
-from hld.train.budget import Length, phase_costs, run_length
-from hld.models.hooks import n_blocks, text_config
-from hld.models.student import build_student, count_params
+from hld.fingerprint import file_sha256
+from hld.flops import StepCost
+from hld.models.hooks import CausalLM
+from hld.models.student import count_params
 from hld.precision import autocast, default_device, resolve_dtype
-from hld.train.checkpoint import (has_checkpoint, load_checkpoint, load_reason, load_sharded, remove_torn,
-                                  save_checkpoint, save_sharded, set_rng_state)
+from hld.progress import Progress
+from hld.train.assembly import assemble, vocab_of
+from hld.train.budget import Length, phase_costs, run_length
+from hld.train.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    load_reason,
+    load_sharded,
+    remove_torn,
+    save_checkpoint,
+    save_sharded,
+    set_rng_state,
+)
 from hld.train.loggers import RunLogger, read_metrics
-from hld.train.progress import Progress
 from hld.train.resources import Resources
 from hld.train.schedule import lr_factor
 
@@ -54,18 +64,18 @@ class Setup:
     """Everything a run is built from (also what tests inspect)."""
 
     cfg: RunConfig
-    student: torch.nn.Module
+    student: CausalLM
     runner: StudentRunner
-    teacher: object  # OnlineTeacher, CachedTeacher or None: called as teacher(batch, needs)
-    teacher_lm: Optional[torch.nn.Module]
+    teacher: Optional[OnlineTeacher | CachedTeacher]  # called as teacher(batch, needs) -> TeacherSignals
+    teacher_lm: Optional[CausalLM]
     projectors: Optional[Projectors]
     plan: Plan
     optimizer: torch.optim.Optimizer
     order: BatchOrder
-    val_windows: object
+    val_windows: np.ndarray  # (n, seq_len) int64
     bos_id: int
     length: Length  # steps, and how much of its windows the last step reads
-    costs: dict  # phase name -> StepCost (FLOPs per training token)
+    costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
     device: torch.device
     compute_dtype: torch.dtype
     dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
@@ -75,7 +85,7 @@ class Setup:
         return self.length.steps
 
 
-def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> None:
+def check_vocab(tokenizer, teacher_lm: CausalLM, student_vocab: int) -> None:
     """Refuse a teacher whose embedding does not match the (shared) tokenizer and student."""
     t_vocab = teacher_lm.get_input_embeddings().weight.shape[0]
     if t_vocab != student_vocab:
@@ -88,7 +98,9 @@ def check_vocab(tokenizer, teacher_lm: torch.nn.Module, student_vocab: int) -> N
 
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
     """Decay matrices; never norms, biases or 1-D parameters. Tied weights appear once."""
-    seen, decay, no_decay = set(), [], []
+    seen: set[int] = set()
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for m in modules:
         for p in m.parameters():
             if not p.requires_grad or id(p) in seen:
@@ -103,46 +115,35 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     dist = dist or Dist(device=device or default_device())
     device = dist.device
     tok = resources.tokenizer(cfg.teacher.model)
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     # the plan's needs decide whether the teacher's weights are loaded at all (not for CE)
     needs_teacher = cfg.objective.method != "ce"
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype) if needs_teacher else None
     teacher_lm = loaded.model.to(device) if loaded is not None else None
-    # the student gets the teacher's embedding rows (Gemma 3 4B: 262,208 for a 262,144-token tokenizer)
-    vocab = teacher_lm.get_input_embeddings().weight.shape[0] if teacher_lm is not None else \
-        resources.teacher_config(cfg.teacher.model).vocab_size
-    student = build_student(cfg.student, vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad,
-                            seed=cfg.train.seed).to(device)
-    projectors = None
-    if cfg.objective.method in ("hld-joint", "hld-first"):
-        check_vocab(tok, teacher_lm, vocab)
-        pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
-        projectors = Projectors(pairs, d_student=student.config.hidden_size,
-                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed,
-                                linear=needs_projector(cfg.objective.hidden.loss)).to(device)
-    elif teacher_lm is not None:
+    vocab = vocab_of(teacher_lm) if teacher_lm is not None else resources.teacher_config(cfg.teacher.model).vocab_size
+    if teacher_lm is not None:
         check_vocab(tok, teacher_lm, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
         raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
                        "use the tokenizer that ships with the teacher")
     compute_dtype = resolve_dtype(cfg.train.precision, device)
-    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
-                      matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype, teacher_lm=teacher_lm)
+    parts = assemble(cfg, tokenizer=tok, vocab_size=vocab, teacher_lm=teacher_lm,
+                     matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
+    student, plan = parts.student.to(device), parts.plan
+    projectors = parts.projectors.to(device) if parts.projectors is not None else None
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
-        runner.backbone = torch.compile(runner.backbone)
+        runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
     d = cfg.data
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
-    teacher = None
+    teacher: Optional[OnlineTeacher | CachedTeacher] = None
     if teacher_lm is not None and cfg.teacher.cache:
-        teacher = CachedTeacher(Path(cfg.teacher.cache), expect=cache_identity(
-            cfg, loaded.identity, tok, train_w, layers=plan.needs.layers, top_k=cfg.objective.top_k or 0))
+        expect = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=train_w,
+                                layers=plan.needs.layers, top_k=cfg.objective.top_k or 0)
+        teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:
         teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
-    val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)
-    val_w = val_w[: max(1, d.val_tokens // d.seq_len)]
+    val_w = resources.validation_windows(d, tok)
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
     length = run_length(cfg, plan, costs)
@@ -152,14 +153,10 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
-                 projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w, bos_id=bos,
+                 projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w,
+                 bos_id=tok.bos_token_id,
                  length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype, dist=dist)
-
-
-def cache_identity(cfg: RunConfig, teacher_identity: str, tok, train_windows, *, layers, top_k: int) -> CacheIdentity:
-    return CacheIdentity(teacher=teacher_identity, tokenizer=tokenizer_fingerprint(tok), seq_len=cfg.data.seq_len,
-                         layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -205,11 +202,11 @@ def train_step(s: Setup, step: int) -> dict:
             g["lr"] = lr
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
-    out = {f"train/{k}": v / n_global for k, v in sums.items()}
-    out.update(weights)  # scheduled alpha / beta
-    out.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
+    line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums.items()}
+    line.update(weights)  # scheduled alpha / beta
+    line.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
                 "skipped": not finite})
-    return out
+    return line
 
 
 def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:
@@ -261,7 +258,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def export_student(student: torch.nn.Module, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
+def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """The student alone (no projectors) as an ordinary HF checkpoint, written atomically.
     `state_dict`: its full weights when the module holds shards (fsdp2)."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from hld.config import DataConfig
 from hld.data.packing import load_stream, pack_windows
 from hld.errors import HldError
 from hld.models.hooks import text_config
@@ -57,3 +58,9 @@ class Resources:
         if key not in self._streams:
             self._streams[key] = load_stream(source, tokenizer, text_field=text_field, max_docs=max_docs)
         return pack_windows(self._streams[key], seq_len, bos_id=tokenizer.bos_token_id)
+
+    def validation_windows(self, data: DataConfig, tokenizer) -> np.ndarray:
+        """The validation windows a run (and a study's teacher reference) scores: the first
+        `data.val_tokens // data.seq_len` of `data.validation` (at least one)."""
+        windows = self.windows(data.validation, tokenizer, seq_len=data.seq_len, text_field=data.text_field)
+        return windows[: max(1, data.val_tokens // data.seq_len)]

@@ -1,0 +1,57 @@
+"""One assembly of what a run trains — the student, its projectors and the plan of objectives — for
+training (`loop.build`, on the run's device), for planning (`budget.planned_steps`) and for the
+teacher cache (`cache_build`), both on the meta device where nothing is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from hld.config import RunConfig
+from hld.distill.mapping import layer_pairs
+from hld.distill.objectives import Plan, build_plan
+from hld.distill.projectors import Projectors, needs_projector
+from hld.models.hooks import CausalLM, n_blocks, text_config
+from hld.models.student import build_student
+
+HLD_METHODS = ("hld-joint", "hld-first")  # the methods that match hidden layers (and train projectors)
+
+
+@dataclass
+class Assembly:
+    student: CausalLM
+    projectors: Optional[Projectors]  # None unless the method matches hidden layers
+    plan: Plan
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(bos, eos, pad) of the student's config: the tokenizer's, pad falling back to EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return bos, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+
+def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Optional[CausalLM],
+             matmul_dtype: Optional[torch.dtype] = None) -> Assembly:
+    """Build the student (seeded by train.seed), then its projectors (same seed), then the plan, on the
+    current default device (`with torch.device("meta"):` to size a run without allocating it).
+    `teacher_lm`: needed by the HLD methods (its depth and width) and by loss=lens; else may be None."""
+    bos, eos, pad = special_ids(tokenizer)
+    student = build_student(cfg.student, vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad,
+                            seed=cfg.train.seed)
+    projectors = None
+    if cfg.objective.method in HLD_METHODS:
+        pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
+        projectors = Projectors(pairs, d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
+                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed,
+                                linear=needs_projector(cfg.objective.hidden.loss))
+    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
+                      matmul_dtype=matmul_dtype, teacher_lm=teacher_lm)
+    return Assembly(student=student, projectors=projectors, plan=plan)
+
+
+def vocab_of(teacher_lm: Optional[CausalLM]) -> int:
+    """The teacher's embedding rows, which the student gets (Gemma 3 4B: 262,208 for a 262,144-token
+    tokenizer)."""
+    return teacher_lm.get_input_embeddings().weight.shape[0]
