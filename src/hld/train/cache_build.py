@@ -10,6 +10,7 @@ from typing import Iterable
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder
 from hld.distill.cache import CachedTeacher, build_cache, check_out_dir
+from hld.distill.cache_codec import Codec, codec_from_manifest
 from hld.distill.mapping import layer_pairs
 from hld.errors import HldError
 from hld.flops import forward_flops_per_token
@@ -24,6 +25,12 @@ def teacher_layers(cfg: RunConfig, n_teacher: int) -> list[int]:
     """Teacher layers the config's hidden loss would match (for any HLD method)."""
     n_student = resolve_shape(cfg.student).n_layers
     return sorted({t for _, t in layer_pairs(cfg.objective.hidden, n_student=n_student, n_teacher=n_teacher)})
+
+
+def codec_of(cfg: RunConfig) -> Codec:
+    """The codec a cache built for `cfg` uses (index_bits is set from the teacher's vocabulary)."""
+    t = cfg.teacher
+    return Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
 
 
 def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, quiet: bool = False) -> dict:
@@ -52,16 +59,20 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     n_t = n_blocks(loaded.model)
     layers = sorted({layer for c in cfgs if c.objective.method.startswith("hld") for layer in teacher_layers(c, n_t)})
     identity = cache_identity(cfg, loaded.identity, tok, windows, layers=layers, top_k=cfg.teacher.cache_top_k)
+    codec = codec_of(cfg)
     if (out / "manifest.json").exists():
         try:
             CachedTeacher(out, expect=identity, verify=False)
             manifest = json.loads((out / "manifest.json").read_text())
-            if set(order.window_ids(steps).tolist()) <= {w for s in manifest["shards"] for w in s["window_ids"]}:
+            have = codec_from_manifest(manifest)
+            same_codec = (have.logits, have.hidden, have.value_bits) == (codec.logits, codec.hidden, codec.value_bits)
+            if same_codec and set(order.window_ids(steps).tolist()) <= {w for s in manifest["shards"] for w in s["window_ids"]}:
                 manifest["bytes"] = sum((out / f).stat().st_size for f in manifest["files"])
                 manifest["reused"] = True
                 return manifest
         except HldError:
             pass  # stale: rebuild
-    manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, quiet=quiet)
+    manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec,
+                           quiet=quiet)
     manifest["build_flops"] = forward_flops_per_token(loaded.model, d.seq_len) * manifest["tokens"]
     return manifest
