@@ -57,7 +57,7 @@ def forward_only(loaded, cfg, windows) -> float:
         for b in range(0, len(ids), BUILD_BATCH):
             x = torch.from_numpy(windows[ids[b:b + BUILD_BATCH]]).long().to(dev)
             sig = online.signals(x, needs)
-            vals, idx = _topk_rows(sig, cfg.teacher.cache_top_k)
+            vals, idx, _ = _topk_rows(sig, cfg.teacher.cache_top_k)
             for layer in layers:
                 sig.hidden[layer].cpu()
             vals.cpu(), idx.cpu()
@@ -71,7 +71,7 @@ def forward_only(loaded, cfg, windows) -> float:
 
 
 def bytes_by_kind(manifest: dict, cache_dir: Path) -> dict:
-    """Bytes on disk per array kind (tokens, topk_values, topk_indices, hidden_L<l>)."""
+    """Bytes on disk per array kind (tokens, topk_*, hidden_L<l>[_scale]; the codec is the config's)."""
     out: dict[str, int] = {}
     for f in manifest["files"]:
         kind = re.sub(r"^shard-\d+\.|\.npy$", "", f)

@@ -47,6 +47,14 @@ class TeacherConfig:
     cache: Optional[str] = _f(None, "read teacher signals from this offline cache (hld cache-teacher) "
                               "instead of running the teacher; KD then uses the cache's top-k logits")
     cache_top_k: int = _f(64, "top-k logits stored per token when building a cache")
+    cache_codec: Literal["exact", "compact"] = _f(
+        "compact", "how a cache built now stores its top-k: compact = ids delta-coded and bit-packed, log-probs "
+        "relative to the top-1 in cache_value_bits bits (about 2.4 bytes per kept entry at k=64, |dKD| below "
+        "1e-3 nats/token: docs/cache-format.md); exact = float16 logits + int32 ids (6 bytes per entry)")
+    cache_value_bits: int = _f(6, "compact codec: bits per top-k log-prob (2-8)")
+    cache_hidden_dtype: Literal["bfloat16", "fp8"] = _f(
+        "fp8", "how a cache built now stores hidden states: fp8 = e4m3 with a per-token scale (d + 4 bytes per "
+        "token and layer, hidden loss within 1%), bfloat16 = 2d bytes")
 
 
 @dataclass
@@ -327,6 +335,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.max_train_docs": (1, 10**12, False, False),
     "data.val_tokens": (1, 10**12, False, False),
     "teacher.cache_top_k": (1, 1 << 20, False, False),
+    "teacher.cache_value_bits": (2, 8, False, False),
     "student.n_layers": (1, 1024, False, False),
     "student.d_model": (1, 1 << 16, False, False),
     "student.n_heads": (1, 1024, False, False),

@@ -91,6 +91,7 @@ def test_rolling_loglikelihood_uses_bos_led_windows(tiny):
     """A document longer than the window: chunks of rolling_len - 1 tokens, each scored after one BOS
     (the window protocol), every token predicted once; not the harness's overlapping windows."""
     from lm_eval.api.instance import Instance
+
     from hld.eval.harness import _hld_lm_class
 
     model, tok = tiny

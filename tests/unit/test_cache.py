@@ -30,7 +30,7 @@ def _grads_after_one_step(cfg, step: int = 0) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method,budget,step", [("kd", 512, 0), ("hld-joint", 512, 0), ("kd", 136, 1)])
 def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, overrides, method, budget, step):
     base = [*overrides, f"objective.method={method}", "teacher.cache_top_k=512",  # the tiny vocabulary
-            f"budget.tokens={budget}"]
+            f"budget.tokens={budget}", "teacher.cache_codec=exact", "teacher.cache_hidden_dtype=bfloat16"]
     cfg = load_config("smoke", base)
     manifest = ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
     assert manifest["identity"]["top_k"] == 512
@@ -40,6 +40,9 @@ def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, over
     for name in online:
         # the cache stores logits in fp16 and hidden states in bf16: equal up to that rounding
         torch.testing.assert_close(cached[name], online[name], rtol=2e-2, atol=2e-4, msg=name)
+
+
+EXACT = ("teacher.cache_codec=exact", "teacher.cache_hidden_dtype=bfloat16")  # format 2's arrays, in format 3
 
 
 def _cache(tmp_path, overrides, extra=()):
@@ -60,7 +63,7 @@ def _ov(cfg):
 
 
 def test_cache_holds_the_exact_tokens_and_layers(tmp_path, overrides):
-    cfg = _cache(tmp_path, overrides)
+    cfg = _cache(tmp_path, overrides, EXACT)  # the compact codec: tests/unit/test_cache_codec.py
     s = _open(cfg, tmp_path / "cache")
     assert isinstance(s.teacher, CachedTeacher)
     batch = s.order.batch(1)
@@ -111,7 +114,7 @@ def test_cached_tokens_must_match_the_batch(tmp_path, overrides):
 
 
 def test_manifest_records_identity_and_checksums(tmp_path, overrides):
-    _cache(tmp_path, overrides)
+    _cache(tmp_path, overrides, EXACT)
     m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert m["identity"]["teacher"].startswith("dir:") and m["identity"]["seq_len"] == 32
     assert all(len(v) == 64 for v in m["files"].values())

@@ -8,9 +8,11 @@ reads its signals from disk instead of running it. Format (docs/cache-format.md)
 <cache>/shard-NNNNN.topk_rest.npy    (n, T) float32     log of the teacher's mass off the top k (its
                                                         logsumexp over the other V - k logits)
 <cache>/shard-NNNNN.hidden_L{l}.npy  (n, T, d) uint16   bf16 bit patterns of layer l's output
-A cache is written into a temporary directory and renamed when complete, so a directory named like
-a cache is either complete or absent. Windows follow `hld.data.packing.PROTOCOL` (BOS-led); a cache
-of an older format or protocol is refused with a message to rebuild it.
+That is the `exact` codec; format 3 adds `compact` logits and fp8 hidden states (hld.distill.cache_codec),
+named in the manifest's `codec`. A cache is written into a temporary directory and renamed when
+complete, so a directory named like a cache is either complete or absent. Windows follow
+`hld.data.packing.PROTOCOL` (BOS-led); a cache of an older format or protocol is refused with a
+message to rebuild it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,14 +30,16 @@ import torch
 
 from hld.atomic import replace_dir, write_fix
 from hld.data.packing import PROTOCOL, Batch
+from hld.distill.cache_codec import Codec, ShardWriter, codec_from_manifest, read_hidden, read_logits
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
 from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
-from hld.models.hooks import text_config
+from hld.models.hooks import CausalLM, text_config
 from hld.progress import Progress
 
-FORMAT_VERSION = 2  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass (topk_rest)
+FORMAT_VERSION = 3  # 3: the manifest names its codec (compact logits, fp8 hidden states)
+READABLE_VERSIONS = (2, 3)  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass, exact arrays
 
 
 @dataclass
@@ -50,13 +54,9 @@ class CacheIdentity:
     data: str  # fingerprint of the windows (their token content)
 
 
-def _bf16_bits(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-
-
-def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np.ndarray, out: Path, *,
-                identity: CacheIdentity, batch_size: int = 8, shard_windows: int = 256,
-                quiet: bool = False) -> dict:
+def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarray, out: Path, *,
+                identity: CacheIdentity, codec: Optional[Codec] = None, batch_size: int = 8,
+                shard_windows: int = 256, quiet: bool = False) -> dict:
     """Run the teacher over `windows[window_ids]` and write the cache to `out` (atomically): built in
     a temporary sibling, swapped in only when complete, so a failed or stopped rebuild keeps the old cache."""
     out = Path(out)
@@ -71,6 +71,9 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
     needs = Needs(logits=True, layers=tuple(identity.layers))
     device = next(teacher_lm.parameters()).device
     k, T = identity.top_k, windows.shape[1]
+    vocab = teacher_lm.get_output_embeddings().weight.shape[0]
+    # an escaped index gap is stored in ceil(log2 V) bits
+    codec = replace(codec or Codec(), index_bits=max(1, (vocab - 1).bit_length()))
     files: dict[str, str] = {}
     shards: list[dict] = []
     t0 = time.time()
@@ -79,32 +82,28 @@ def build_cache(teacher_lm: torch.nn.Module, windows: np.ndarray, window_ids: np
         for s_start in range(0, len(window_ids), shard_windows):
             ids = window_ids[s_start:s_start + shard_windows]
             name = f"shard-{len(shards):05d}"
-            arrays = _shard_arrays(tmp, name, len(ids), T, k, identity.layers,
-                                   text_config(teacher_lm.config).hidden_size)
-            arrays["tokens"][:] = windows[ids]
+            writer = ShardWriter(tmp, name, n=len(ids), T=T, k=k, layers=identity.layers,
+                                 d_model=text_config(teacher_lm.config).hidden_size, codec=codec)
+            writer.arrays["tokens"][:] = windows[ids]
             for b in range(0, len(ids), batch_size):
                 x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
                 sig = online.signals(x, needs)
                 vals, idx, rest = _topk_rows(sig, k)
                 n = x.shape[0]
-                arrays["topk_values"][b:b + n] = vals.view(n, T, k).cpu().numpy().astype(np.float16)
-                arrays["topk_indices"][b:b + n] = idx.view(n, T, k).cpu().numpy().astype(np.int32)
-                arrays["topk_rest"][b:b + n] = rest.view(n, T).cpu().numpy().astype(np.float32)
-                for layer in identity.layers:
-                    arrays[f"hidden_L{layer}"][b:b + n] = _bf16_bits(sig.hidden[layer].cpu())
+                writer.put(b, vals=vals.view(n, T, k).float().cpu(), idx=idx.view(n, T, k).cpu(),
+                           rest=rest.view(n, T).float().cpu(),
+                           hidden={layer: sig.hidden[layer].cpu() for layer in identity.layers})
                 done = s_start + b + n
                 prog.update(done, tokens_per_s=done * T / max(time.time() - t0, 1e-9))
-            for arr in arrays.values():
-                arr.flush()
-            for key in arrays:
+            for key in writer.finish():
                 fname = f"{name}.{key}.npy"
                 files[fname] = file_sha256(tmp / fname)
-            shards.append({"name": name, "window_ids": [int(i) for i in ids]})
+            shards.append({"name": name, "window_ids": [int(i) for i in ids]}
+                          | ({"slot_bits": writer.slot_bits} if writer.slot_bits is not None else {}))
         manifest = {"format_version": FORMAT_VERSION, "protocol": PROTOCOL, "identity": asdict(identity),
                     "shards": shards,
                     "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
-                    "value_dtype": "float16", "index_dtype": "int32", "rest_dtype": "float32",
-                    "hidden_dtype": "bfloat16",
+                    "codec": codec.to_json(),
                     "build_seconds": time.time() - t0}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out)
@@ -150,16 +149,6 @@ def check_out_dir(out: Path) -> None:
         raise HldError(f"cannot create the cache directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
 
 
-def _shard_arrays(d: Path, name: str, n: int, T: int, k: int, layers: list, d_model: int) -> dict:
-    mk = lambda key, shape, dt: np.lib.format.open_memmap(d / f"{name}.{key}.npy", mode="w+", dtype=dt,
-                                                            shape=shape)
-    arrays = {"tokens": mk("tokens", (n, T), np.int32), "topk_values": mk("topk_values", (n, T, k), np.float16),
-              "topk_indices": mk("topk_indices", (n, T, k), np.int32), "topk_rest": mk("topk_rest", (n, T), np.float32)}
-    for layer in layers:
-        arrays[f"hidden_L{layer}"] = mk(f"hidden_L{layer}", (n, T, d_model), np.uint16)
-    return arrays
-
-
 def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of the teacher's logits and the log of its mass off them, chunk by chunk (never (B*T, V)
     at once): values (N, k), indices (N, k), rest (N,)."""
@@ -201,11 +190,20 @@ class CachedTeacher:
     def _check_identity(self, expect: CacheIdentity) -> None:
         have = self.manifest.get("identity", {})
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION or self.manifest.get("protocol") != PROTOCOL:
+        if version not in READABLE_VERSIONS or self.manifest.get("protocol") != PROTOCOL:
             why = "windows without a leading BOS, top-k without its remaining mass" if version == 1 else \
                 f"format {version}, protocol {self.manifest.get('protocol')!r}"
-            raise HldError(f"cache {self.dir} was built by an older hld ({why}; this hld reads format "
-                           f"{FORMAT_VERSION}, {PROTOCOL})", "rebuild it with `hld cache-teacher`")
+            raise HldError(f"cache {self.dir} was built by another hld ({why}; this hld reads formats "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}, {PROTOCOL})",
+                           "rebuild it with `hld cache-teacher`")
+        try:
+            self.codec = codec_from_manifest(self.manifest)
+        except TypeError:
+            self.codec = None
+        if self.codec is None or self.codec.logits not in ("exact", "compact") or \
+                self.codec.hidden not in ("bfloat16", "fp8"):
+            raise HldError(f"cache {self.dir} names a codec this hld does not know ({self.manifest.get('codec')!r})",
+                           "rebuild it with `hld cache-teacher`")
         for key in ("teacher", "tokenizer", "seq_len", "data"):
             if have.get(key) != getattr(expect, key):
                 raise HldError(f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
@@ -260,16 +258,21 @@ class CachedTeacher:
         device = batch.input_ids.device
         sig = TeacherSignals()
         for layer in needs.layers:
-            bits = np.stack([self.shards[s][f"hidden_L{layer}"][r, :T] for s, r in rows])
-            sig.hidden[layer] = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(device)
+            sig.hidden[layer] = torch.stack([read_hidden(self.shards[s], layer, r, T, codec=self.codec)
+                                             for s, r in rows]).to(device)
         if needs.logits:
-            sig.topk_values = torch.from_numpy(np.stack([self.shards[s]["topk_values"][r, :T] for s, r in rows])
-                                               ).to(device)
-            sig.topk_indices = torch.from_numpy(np.stack([self.shards[s]["topk_indices"][r, :T] for s, r in rows])
-                                                ).to(device)
-            sig.topk_rest = torch.from_numpy(np.stack([self.shards[s]["topk_rest"][r, :T] for s, r in rows])
-                                             ).to(device)
+            parts = [self._logits(s, r, T) for s, r in rows]
+            sig.topk_values, sig.topk_indices, sig.topk_rest = (
+                torch.from_numpy(np.stack([np.asarray(p[i]) for p in parts])).to(device) for i in range(3))
         return sig
+
+    def _logits(self, s: int, r: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            return read_logits(self.shards[s], r, T, codec=self.codec, k=self.top_k,
+                               slot_bits=self.manifest["shards"][s].get("slot_bits", 0))
+        except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
+            raise HldError(f"cache shard {self.manifest['shards'][s]['name']} in {self.dir} is truncated or "
+                           f"unreadable ({exc})", "rebuild the cache") from exc
 
 
 def cache_identity(*, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers,

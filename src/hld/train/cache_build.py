@@ -12,6 +12,7 @@ import torch
 from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
 from hld.distill.cache import CachedTeacher, build_cache, cache_identity, check_out_dir
+from hld.distill.cache_codec import Codec, codec_from_manifest
 from hld.errors import HldError
 from hld.flops import forward_flops_per_token
 from hld.train.budget import sized_plan
@@ -21,13 +22,20 @@ from hld.train.resources import Resources
 def cache_share_key(cfg: RunConfig) -> str:
     """Configs with equal keys read the same training windows in the same order with the same teacher
     signals: one cache serves them (a study's cache groups, `ensure_cache`'s check)."""
-    return json.dumps([cfg.teacher.model, cfg.teacher.dtype, cfg.teacher.cache_top_k, to_dict(cfg.data),
-                       cfg.train.seed, cfg.train.batch_size], sort_keys=True)
+    t = cfg.teacher
+    return json.dumps([t.model, t.dtype, t.cache_top_k, t.cache_codec, t.cache_hidden_dtype, t.cache_value_bits,
+                       to_dict(cfg.data), cfg.train.seed, cfg.train.batch_size], sort_keys=True)
 
 
 def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[int]:
     """Teacher layers the config's objectives read (none for CE and KD), from its meta-device assembly."""
     return sorted(sized_plan(cfg, teacher, tokenizer)[0].needs.layers)
+
+
+def codec_of(cfg: RunConfig) -> Codec:
+    """The codec a cache built for `cfg` uses (index_bits is set from the teacher's vocabulary)."""
+    t = cfg.teacher
+    return Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
 
 
 def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, quiet: bool = False) -> dict:
@@ -55,16 +63,21 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
     identity = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=windows,
                               layers=layers, top_k=cfg.teacher.cache_top_k)
+    codec = codec_of(cfg)
     if (out / "manifest.json").exists():
         try:
             CachedTeacher(out, expect=identity, verify=False)
             manifest = json.loads((out / "manifest.json").read_text())
-            if set(order.window_ids(steps).tolist()) <= {w for s in manifest["shards"] for w in s["window_ids"]}:
+            have = codec_from_manifest(manifest)
+            same_codec = (have.logits, have.hidden, have.value_bits) == (codec.logits, codec.hidden, codec.value_bits)
+            held = {w for s in manifest["shards"] for w in s["window_ids"]}
+            if same_codec and set(order.window_ids(steps).tolist()) <= held:
                 manifest["bytes"] = sum((out / f).stat().st_size for f in manifest["files"])
                 manifest["reused"] = True
                 return manifest
         except HldError:
             pass  # stale: rebuild
-    manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, quiet=quiet)
+    manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec,
+                           quiet=quiet)
     manifest["build_flops"] = forward_flops_per_token(loaded.model, d.seq_len) * manifest["tokens"]
     return manifest

@@ -1,0 +1,270 @@
+"""How a teacher cache stores its arrays (docs/cache-format.md): the codecs of format 3.
+
+Logits (`teacher.cache_codec`):
+- `exact`: the top-k logits as float16 (descending), their ids as int32, the rest as float32
+  (format 2's arrays).
+- `compact`: per token, the k ids sorted ascending and delta-coded (gap_j = id_j - id_{j-1} - 1),
+  each gap in a `slot_bits`-wide slot chosen per shard; a gap too wide for its slot is written as the
+  escape code 2^slot_bits - 1 and stored apart in `index_bits` = ceil(log2 V) bits (patched frame of
+  reference). The values ride in the same id order as `value_bits`-bit codes of the log-prob gap to
+  the top-1, d = v_1 - v_j in [0, D], companded by f(d) = 1 - exp(-a d) so that steps are finest
+  where the teacher's probability is (an entry's weight in KD is its probability, which falls as
+  exp(-d)): code = round(L f(d) / f(D)), L = 2^value_bits - 1, with D (the token's largest gap,
+  rounded up to float16) stored per token. The rest is stored exactly (float32) relative to v_1.
+  Decoded values are log-probs relative to the top-1 (v_1 - v_1 = 0), which every loss reads the same
+  (softmax over [v, rest] is shift invariant); decoding sorts them descending again.
+  Bound: |f(d)/f(D) - code/L| <= 1/(2L), so d_hat lies in [g(f(d) - s/2), g(f(d) + s/2)] with
+  s = f(D)/L and g = f^-1 (tests/unit/test_cache_codec.py checks it against numpy).
+
+Hidden states (`teacher.cache_hidden_dtype`):
+- `bfloat16`: bit patterns in uint16 (format 2).
+- `fp8`: float8 e4m3 bit patterns in uint8, each row (token) scaled by s = max|h| / 448 (float32,
+  stored apart): 3 mantissa bits, so |h_hat - h| <= 2^-4 |h| + 2^-10 s (the second term: subnormals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+COMPAND_PER_NAT = 0.25  # a in f(d) = 1 - exp(-a d); chosen on Gemma 3 270M's top-64 (docs/cache-format.md)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a cache's arrays are encoded (written to the manifest's `codec`)."""
+
+    logits: str = "exact"  # exact | compact
+    hidden: str = "bfloat16"  # bfloat16 | fp8
+    value_bits: int = 6  # compact: bits per value code
+    compand_per_nat: float = COMPAND_PER_NAT  # compact: a in f(d) = 1 - exp(-a d)
+    index_bits: int = 18  # compact: ceil(log2 V), the width of an escaped gap
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def codec_from_manifest(manifest: dict) -> Codec:
+    """Format 2 caches have no `codec` entry: they are exact, bf16."""
+    return Codec(**manifest["codec"]) if "codec" in manifest else Codec()
+
+
+# ------------------------------------------------------------------------------------ bit packing
+
+def pack_bits(codes: np.ndarray, width: int) -> np.ndarray:
+    """Unsigned integers < 2^width, `width` bits each, little-endian bit order -> uint8 bytes."""
+    codes = np.asarray(codes, dtype=np.uint64).reshape(-1)
+    bits = ((codes[:, None] >> np.arange(width, dtype=np.uint64)) & 1).astype(np.uint8)  # (N, width)
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def unpack_bits(buf: np.ndarray, width: int, n: int) -> np.ndarray:
+    """The first `n` codes of `width` bits from `pack_bits` output, as int64."""
+    need = (n * width + 7) // 8
+    if len(buf) < need:
+        raise ValueError(f"packed buffer holds {len(buf)} bytes, {need} needed")
+    bits = np.unpackbits(np.asarray(buf[:need]), bitorder="little")[: n * width].reshape(n, width)
+    return bits.astype(np.int64) @ (np.int64(1) << np.arange(width, dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------ values
+
+def _f(d: np.ndarray, a: float) -> np.ndarray:
+    return -np.expm1(-a * d)
+
+
+def _g(u: np.ndarray, a: float) -> np.ndarray:
+    return -np.log1p(-np.minimum(u, 1.0)) / a
+
+
+def round_up_fp16(x: np.ndarray) -> np.ndarray:
+    """float16 >= x (so that every gap d <= D_stored and the codes stay within [0, L])."""
+    h = x.astype(np.float16)
+    low = h.astype(np.float64) < x
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h
+
+
+def encode_values(d: np.ndarray, D16: np.ndarray, bits: int, a: float) -> np.ndarray:
+    """Codes of gaps d (R, k) >= 0 against each row's D16 (R,) >= max d."""
+    L = (1 << bits) - 1
+    fD = _f(D16.astype(np.float64), a)[:, None]
+    u = np.where(fD > 0, _f(d, a) / np.where(fD > 0, fD, 1.0), 0.0)
+    return np.clip(np.rint(u * L), 0, L).astype(np.int64)
+
+
+def decode_values(codes: np.ndarray, D16: np.ndarray, bits: int, a: float) -> np.ndarray:
+    """Gaps d_hat (R, k) float64 from codes (R, k)."""
+    L = (1 << bits) - 1
+    return _g(codes / L * _f(D16.astype(np.float64), a)[:, None], a)
+
+
+# ------------------------------------------------------------------------------------ indices
+
+def gaps_of(sorted_ids: np.ndarray) -> np.ndarray:
+    """(R, k) ascending distinct ids -> gaps id_j - id_{j-1} - 1 (id_{-1} = -1), all >= 0."""
+    prev = np.concatenate([np.full((len(sorted_ids), 1), -1, np.int64), sorted_ids[:, :-1]], 1)
+    return sorted_ids - prev - 1
+
+
+def best_slot_bits(gaps: np.ndarray, index_bits: int) -> int:
+    """The slot width that minimises slots + escaped gaps, in bits."""
+    g = gaps.reshape(-1)
+    cost = [(b * g.size + int((g >= (1 << b) - 1).sum()) * index_bits, b) for b in range(1, index_bits + 1)]
+    return min(cost)[1]
+
+
+@dataclass
+class CompactWindow:
+    """One window's compact logit arrays."""
+
+    values: np.ndarray  # uint8, packed value codes (T*k, id order)
+    gaps: np.ndarray  # uint8, packed gap slots (T*k)
+    exceptions: np.ndarray  # uint8, packed escaped gaps (index_bits each)
+    scale: np.ndarray  # (T,) float16: D
+    rest: np.ndarray  # (T,) float32: rest - v_1
+
+
+def encode_window(values: np.ndarray, indices: np.ndarray, rest: np.ndarray, *, codec: Codec,
+                  slot_bits: int) -> CompactWindow:
+    """values (T, k) descending logits, indices (T, k), rest (T,) -> compact arrays."""
+    v = values.astype(np.float64)
+    order = np.argsort(indices, axis=1, kind="stable")
+    ids = np.take_along_axis(indices.astype(np.int64), order, 1)  # (T, k) ascending
+    d = v[:, :1] - np.take_along_axis(v, order, 1)  # (T, k) >= 0, id order
+    D16 = round_up_fp16(d.max(1))
+    codes = encode_values(d, D16, codec.value_bits, codec.compand_per_nat)
+    g = gaps_of(ids).reshape(-1)
+    esc = (1 << slot_bits) - 1
+    wide = g >= esc
+    return CompactWindow(values=pack_bits(codes, codec.value_bits), gaps=pack_bits(np.where(wide, esc, g), slot_bits),
+                         exceptions=pack_bits(g[wide], codec.index_bits), scale=D16,
+                         rest=(rest.astype(np.float64) - v[:, 0]).astype(np.float32))
+
+
+def decode_window(values: np.ndarray, gaps: np.ndarray, exceptions: np.ndarray, scale: np.ndarray,
+                  rest: np.ndarray, *, codec: Codec, slot_bits: int, k: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first T = len(scale) tokens of a window -> values (T, k) float32 descending (top-1 = 0),
+    indices (T, k) int64, rest (T,) float32."""
+    T = len(scale)
+    codes = unpack_bits(values, codec.value_bits, T * k).reshape(T, k)
+    g = unpack_bits(gaps, slot_bits, T * k)
+    wide = g == (1 << slot_bits) - 1
+    g[wide] = unpack_bits(exceptions, codec.index_bits, int(wide.sum()))
+    ids = np.cumsum(g.reshape(T, k) + 1, axis=1) - 1
+    d = decode_values(codes, scale, codec.value_bits, codec.compand_per_nat)
+    order = np.argsort(d, axis=1, kind="stable")  # descending values again
+    return (-np.take_along_axis(d, order, 1)).astype(np.float32), np.take_along_axis(ids, order, 1), \
+        np.asarray(rest, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------ hidden states
+
+def fp8_encode(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(..., d) -> e4m3 bit patterns (..., d) uint8 and per-row scales (...,) float32."""
+    h = h.float()
+    s = h.abs().amax(-1, keepdim=True) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = (h / s).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).numpy(), s.squeeze(-1).numpy()
+
+
+def fp8_decode(bits: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """Inverse of `fp8_encode`, as float32."""
+    q = torch.from_numpy(np.array(bits, dtype=np.uint8)).view(torch.float8_e4m3fn).float()
+    return q * torch.from_numpy(np.array(scale, dtype=np.float32))[..., None]
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+# ------------------------------------------------------------------------------------ one shard
+
+class ShardWriter:
+    """Writes one shard's arrays: `put` a batch of rows at a time, `finish` returns the file keys.
+    Exact arrays and hidden states go straight into memory-mapped .npy files; compact logits are
+    held for the shard (its slot width depends on all its gaps) and encoded at `finish`."""
+
+    def __init__(self, d: Path, name: str, *, n: int, T: int, k: int, layers: list, d_model: int,
+                 codec: Codec) -> None:
+        self.d, self.name, self.codec, self.n, self.T, self.k = Path(d), name, codec, n, T, k
+        self.arrays: dict[str, Any] = {"tokens": self._mk("tokens", (n, T), np.int32)}
+        if codec.logits == "exact":
+            self.arrays |= {"topk_values": self._mk("topk_values", (n, T, k), np.float16),
+                            "topk_indices": self._mk("topk_indices", (n, T, k), np.int32),
+                            "topk_rest": self._mk("topk_rest", (n, T), np.float32)}
+        else:
+            self.held = (np.zeros((n, T, k), np.float32), np.zeros((n, T, k), np.int32), np.zeros((n, T), np.float32))
+        for layer in layers:
+            if codec.hidden == "fp8":
+                self.arrays[f"hidden_L{layer}"] = self._mk(f"hidden_L{layer}", (n, T, d_model), np.uint8)
+                self.arrays[f"hidden_L{layer}_scale"] = self._mk(f"hidden_L{layer}_scale", (n, T), np.float32)
+            else:
+                self.arrays[f"hidden_L{layer}"] = self._mk(f"hidden_L{layer}", (n, T, d_model), np.uint16)
+        self.slot_bits: int | None = None
+
+    def _mk(self, key: str, shape: tuple, dtype) -> np.ndarray:
+        return np.lib.format.open_memmap(self.d / f"{self.name}.{key}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def put(self, b: int, *, vals: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor,
+            hidden: dict[int, torch.Tensor]) -> None:
+        """Rows b.. of the shard: vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d)."""
+        n = vals.shape[0]
+        if self.codec.logits == "exact":
+            self.arrays["topk_values"][b:b + n] = vals.numpy().astype(np.float16)
+            self.arrays["topk_indices"][b:b + n] = idx.numpy().astype(np.int32)
+            self.arrays["topk_rest"][b:b + n] = rest.numpy().astype(np.float32)
+        else:
+            for held, x in zip(self.held, (vals, idx, rest)):
+                held[b:b + n] = x.numpy()
+        for layer, h in hidden.items():
+            if self.codec.hidden == "fp8":
+                self.arrays[f"hidden_L{layer}"][b:b + n], self.arrays[f"hidden_L{layer}_scale"][b:b + n] = fp8_encode(h)
+            else:
+                self.arrays[f"hidden_L{layer}"][b:b + n] = bf16_bits(h)
+
+    def finish(self) -> list[str]:
+        """Flush, write the compact logit arrays, and return the keys of every file written."""
+        for arr in self.arrays.values():
+            arr.flush()
+        keys = list(self.arrays)
+        if self.codec.logits == "compact":
+            vals, idx, rest = self.held
+            self.slot_bits = best_slot_bits(gaps_of(np.sort(idx.reshape(-1, self.k).astype(np.int64), 1)),
+                                            self.codec.index_bits)
+            wins = [encode_window(vals[i], idx[i], rest[i], codec=self.codec, slot_bits=self.slot_bits)
+                    for i in range(self.n)]
+            offsets = np.cumsum([0] + [len(w.exceptions) for w in wins]).astype(np.int64)
+            out = {"topk_values": np.stack([w.values for w in wins]), "topk_indices": np.stack([w.gaps for w in wins]),
+                   "topk_exceptions": np.concatenate([w.exceptions for w in wins] + [np.zeros(0, np.uint8)]),
+                   "topk_exception_offsets": offsets, "topk_scale": np.stack([w.scale for w in wins]),
+                   "topk_rest": np.stack([w.rest for w in wins])}
+            for key, arr in out.items():
+                np.save(self.d / f"{self.name}.{key}.npy", arr)
+            keys += list(out)
+        return keys
+
+
+def read_logits(arrays: dict, r: int, T: int, *, codec: Codec, slot_bits: int, k: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row r's first T tokens: values (T, k), indices (T, k), rest (T,)."""
+    if codec.logits == "exact":
+        return arrays["topk_values"][r, :T], arrays["topk_indices"][r, :T], arrays["topk_rest"][r, :T]
+    lo, hi = arrays["topk_exception_offsets"][r:r + 2]
+    return decode_window(arrays["topk_values"][r], arrays["topk_indices"][r], arrays["topk_exceptions"][lo:hi],
+                         arrays["topk_scale"][r, :T], arrays["topk_rest"][r, :T], codec=codec,
+                         slot_bits=slot_bits, k=k)
+
+
+def read_hidden(arrays: dict, layer: int, r: int, T: int, *, codec: Codec) -> torch.Tensor:
+    """Row r's first T tokens of layer `layer`, (T, d) bfloat16."""
+    if codec.hidden == "fp8":
+        return fp8_decode(arrays[f"hidden_L{layer}"][r, :T], arrays[f"hidden_L{layer}_scale"][r, :T]).to(torch.bfloat16)
+    return torch.from_numpy(np.array(arrays[f"hidden_L{layer}"][r, :T]).view(np.int16)).view(torch.bfloat16)
