@@ -207,3 +207,17 @@ def test_paper_123m_trains_every_arm_on_a_multimodal_teacher(teachers, tmp_path,
                           f"objective.method={arm}"])
         assert s["arm"] == arm and s["student"] == "paper-123m" and s["tokens"] == 512
         assert 115e6 < s["student_params_non_embedding"] < 130e6
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_randomly_filled(teachers, tmp_path, capsys):
+    """transformers would initialise missing weights at random; a teacher must be complete."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "llama-broken"
+    shutil.copytree(teachers["llama"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    rc = main(["eval", "--model", str(broken), "--data", C4_VALIDATION, "--seq-len", "32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "lacks 1 weights" in err and "up_proj" in err, err
