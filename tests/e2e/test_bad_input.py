@@ -235,13 +235,15 @@ def test_full_disk_while_writing_the_summary(tmp_path, capsys, monkeypatch):
 
 
 def test_full_disk_while_logging_metrics(tmp_path, hld_cache_dir):
-    """A real limit, not a patch: the process may not grow any file past 8 KB (RLIMIT_FSIZE; the
-    kernel answers EFBIG, as a full disk answers ENOSPC). metrics.jsonl reaches it first, mid-run."""
-    assert main(_argv(tmp_path / "warm")) == 0  # tokenised corpora cached beforehand (bigger than 8 KB)
+    """A real limit, not a patch: the process may not grow any file past a few KB more than the
+    commented config.yaml (RLIMIT_FSIZE; the kernel answers EFBIG, as a full disk answers ENOSPC).
+    metrics.jsonl reaches it first, mid-run."""
+    assert main(_argv(tmp_path / "warm")) == 0  # tokenised corpora cached beforehand (bigger than the limit)
     run = tmp_path / "run"
+    cap = (tmp_path / "warm" / "config.yaml").stat().st_size + 4096
 
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
 
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "hld", *_argv(run, "budget.tokens=8192")], env=env,
