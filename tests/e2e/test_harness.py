@@ -92,11 +92,11 @@ def test_rolling_loglikelihood_uses_bos_led_windows(tiny):
     (the window protocol), every token predicted once; not the harness's overlapping windows."""
     from lm_eval.api.instance import Instance
 
-    from hld.eval.harness import _hld_lm_class
+    from hld.eval.hld_lm import HldLM
 
     model, tok = tiny
     W = 8
-    lm = _hld_lm_class()(model=model, tokenizer=tok, batch_size=3, device="cpu", quiet=True, desc="t", stream=None,
+    lm = HldLM(model=model, tokenizer=tok, batch_size=3, device="cpu", quiet=True, desc="t", stream=None,
                          rolling_len=W)
     texts = ["Rolling windows score every token of a document once, whatever the model's context length is.",
              "Short."]

@@ -129,10 +129,10 @@ def test_cached_top_k_keeps_the_teachers_remaining_mass(tmp_path, overrides):
 
     from hld.distill.signals import Needs
 
-    cfg = load_config("smoke", [*overrides, "objective.method=kd", "teacher.cache_top_k=16"])
+    exact = [*overrides, "objective.method=kd", "teacher.cache_top_k=16", "teacher.cache_codec=exact"]
+    cfg = load_config("smoke", exact)
     ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
-    s = build(load_config("smoke", [*overrides, "objective.method=kd", f"teacher.cache={tmp_path / 'cache'}"]),
-              Resources())
+    s = build(load_config("smoke", [*exact, f"teacher.cache={tmp_path / 'cache'}"]), Resources())
     batch = s.order.batch(0)
     sig = s.teacher(batch, Needs(logits=True))
     lm = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()

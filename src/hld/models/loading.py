@@ -141,13 +141,10 @@ def _language_model_kwargs(config) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_load_report(quiet: bool):
-    """transformers reports every checkpoint key a model does not take as a warning: for a multimodal
-    checkpoint loaded as its language model that is the whole vision tower, by design (missing keys,
-    the ones that matter, are checked after the load)."""
-    if not quiet:
-        yield
-        return
+def _quiet_load_report():
+    """transformers reports every checkpoint key a model does not take, or lacks, as a multi-line
+    warning: for a multimodal checkpoint loaded as its language model that is the whole vision tower,
+    by design, and missing keys (the ones that matter) are refused after the load in one line."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -165,7 +162,7 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
     kwargs = _language_model_kwargs(model_config(source, trust_remote_code=trust_remote_code))
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        with _quiet_load_report(bool(kwargs)):
+        with _quiet_load_report():
             loaded: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
                                                                trust_remote_code=trust_remote_code,
                                                                output_loading_info=True, **kwargs)
