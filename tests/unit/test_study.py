@@ -55,7 +55,7 @@ def test_shipped_demo_study_loads_and_expands():
         assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == \
                (cell.arm, cell.student, cell.seed, cell.id)
         if cell.flops_of is None:
-            assert cfg.budget.tokens == 6144 and cfg.budget.flops is None and cfg.budget.count_teacher
+            assert cfg.budget.tokens == 4096 and cfg.budget.flops is None and cfg.budget.count_teacher
         else:  # ce at the FLOPs its seed's kd cell spends
             assert cell.arm == "ce" and cell.flops_of == f"{cell.match}__s{cell.seed}__kd"
             assert cell.id == f"{cell.match}__eqflops__s{cell.seed}__ce"

@@ -149,6 +149,8 @@ def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: 
     if cell is not None:
         configuration, budget = cell["configuration"], cell["budget"]
         accounting, match = cell.get("accounting", "budget"), cell.get("match")
+        if cell.get("flops_of") and "flops" in budget:  # a label naming what it matches
+            budget = {f"{cell['flops_of'].rsplit('__', 1)[-1]}'s flops": budget["flops"]}
     else:
         budget = {k.split(".", 1)[1]: get_dotted(cfg, k) for k in naming}
         budget = {k: v for k, v in budget.items() if v is not None}
@@ -162,7 +164,7 @@ def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: 
     row.update(point)
     row.update({"seed": seed, "steps": summary.get("steps"), "tokens": summary.get("tokens"),
                 "flops": summary.get("flops"), "val_loss": val_loss, "val_ppl": val_ppl,
-                "train_seconds": summary.get("train_seconds"),
+                "train_seconds": summary.get("train_seconds"), "cell_json": cell,
                 "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in budget.items())})  # a label, not a results.csv column
     return row
@@ -197,6 +199,7 @@ class Comparison:
     accounting: str = "equal budget"  # how the two arms' compute compares, in words
     flops_ratio: Optional[float] = None  # mean FLOPs of the arm / of the baseline, over the pairs
     seed_wins: dict = field(default_factory=dict)  # configuration -> seeds where the arm is better
+    diffs: dict = field(default_factory=dict)  # configuration -> the per-seed differences
 
     @property
     def n(self) -> int:
@@ -271,12 +274,13 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                     overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
                 else:
                     overall, over = next(iter(per.values())), "seeds"
-                used = [r for r in rows if r["arm"] in (arm, base)]
+                used = [r for r in rows if r["arm"] in (arm, base) and r.get("accounting", "budget") == "budget"]
                 out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
                                       wins=sum(better(i.mean) for i in per.values()), metric=metric, view=view,
                                       accounting=_accounting(used, view),
                                       flops_ratio=sum(ratios) / len(ratios) if ratios else None,
-                                      seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()}))
+                                      seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
+                                      diffs=diffs))
     return out
 
 

@@ -101,8 +101,8 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         ax.legend(title="arm (mean over seeds) and references", fontsize=7, title_fontsize=8, loc="best")
     _fit_y(axes[0][0], lows, highs, pad=0.06)
     axes[0][0].set_ylabel("loss (nats/token, lower is better)")
-    title = ("Validation loss vs training compute, teacher counted (markers: final validation loss, mean over "
-             "seeds; small dots: cells)")
+    title = ("Validation loss vs training FLOPs, teacher counted\n(markers: final validation loss, mean over "
+             "seeds; small dots: cells; lines: references)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "loss_vs_flops.png")
@@ -209,7 +209,7 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
     by = {(c.arm, c.baseline, c.accounting, c.metric): c for c in comparisons}
     confs = sorted({c for cmp in comparisons for c in cmp.per_config})
     labels = confs + ([ALL] if len(confs) > 1 else [])
-    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.6, 1.2 + 0.4 * len(labels)) + 0.8)
+    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.0, 1.4 + 0.4 * len(labels)) + 0.9)
     fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=True)
     for row, metric in enumerate(metrics):
         up = higher_is_better(metric)
@@ -227,10 +227,14 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
                     continue
                 err = [[i.mean - i.lo], [i.hi - i.mean]] if i.has_ci else None
                 big = conf == ALL
+                if not big and cmp.diffs.get(conf):  # each seed's difference, faint
+                    ax.scatter(cmp.diffs[conf], [y + 0.12] * len(cmp.diffs[conf]), s=12, color=color, alpha=0.5)
                 ax.errorbar([i.mean], [y], xerr=err, fmt="D" if big else "o", ms=8 if big else 5, color=color,
                             ecolor=color, capsize=3, lw=1.5)
             ax.axvline(0, color="black", lw=1, ls="--")
-            ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
+            if ALL in labels:
+                ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
+            ax.set_ylim(len(labels) - 0.5, -0.5)
             won = sum(cmp.seed_wins.values()) if cmp.n == 1 else cmp.wins
             of = next(iter(cmp.per_config.values())).n if cmp.n == 1 else cmp.n
             ax.set_title(f"{arm} − {base}, {accounting}\n{arm} better in {won} of {of}"
@@ -240,11 +244,10 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
             lim = max(abs(v) for v in ax.get_xlim())
             ax.set_xlim(-lim, lim)
         axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0][0].invert_yaxis()
     seeds = max((i.n for cmp in comparisons for i in cmp.per_config.values()), default=1)
     per = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"
     tail = "; bottom: mean over configurations with its 95% t-interval" if len(confs) > 1 else ""
-    fig.suptitle(f"Paired differences per configuration ({per}, unadjusted{tail})", fontsize=10)
+    fig.suptitle(f"Paired differences per configuration ({per}, unadjusted; dots: seeds{tail})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "paired_differences.png")
 

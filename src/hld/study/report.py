@@ -243,7 +243,7 @@ def _setup(table: Table, meta: dict) -> list[str]:
                             for ref in meta.get("teacher_reference") or [] if ref.get("tasks"))
         lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
                   "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
-                  "chance for every arm, so the tasks cannot separate the arms (scoring them cost ~15 s a cell)."]
+                  "chance for every arm, so the tasks cannot separate the arms."]
     for ref in meta.get("teacher_reference") or []:
         lines += [f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
                   f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
@@ -295,18 +295,20 @@ def _groups(table: Table) -> dict:
     """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first."""
     out: dict = {}
     order = {a: i for i, a in enumerate(ARMS)}
-    for r in sorted(table.rows, key=lambda r: (r["student"], r["budget"], order.get(r["arm"], 99), r["arm"])):
+    for r in sorted(table.rows, key=lambda r: (r["student"], r.get("accounting", "budget") != "budget", r["budget"],
+                                               order.get(r["arm"], 99), r["arm"])):
         out.setdefault((r["student"], r["budget"], r["arm"]), []).append(r)
     return out
 
 
 def _compute_note(table: Table) -> list[str]:
-    """Say, from the FLOPs, whether the arms were compared at equal compute."""
+    """Say, from the FLOPs, whether the arms were compared at equal compute (and, when the study ran
+    ce again at a distilled arm's FLOPs, how close that match is)."""
     groups = _groups(table)
     ratios = {}
     for (student, budget, arm), rows in groups.items():
         ce = groups.get((student, budget, "ce"))
-        if ce and arm != "ce":
+        if ce and arm != "ce" and rows[0].get("accounting", "budget") == "budget":
             ratio = (sum(r["flops"] for r in rows) / len(rows)) / (sum(r["flops"] for r in ce) / len(ce))
             ratios.setdefault(arm, []).append(ratio)
     if not ratios:
@@ -316,6 +318,13 @@ def _compute_note(table: Table) -> list[str]:
         return ["The arms' training FLOPs agree within 1% of the ce arm's: they are compared at equal compute.", ""]
     parts = [f"{arm} ×{min(v):.3f}" + (f"–{max(v):.3f}" if max(v) - min(v) > 5e-4 else "")
              for arm, v in ratios.items()]
+    by_cell = {r["cell"]: r for r in table.rows}
+    matched = [abs(r["flops"] / by_cell[m["flops_of"]]["flops"] - 1) for r in table.rows
+               if (m := r.get("cell_json") or {}).get("flops_of") in by_cell]
+    if matched:
+        return [f"At the study's budgets the arms are **not** FLOP-matched (training FLOPs relative to ce: "
+                f"{', '.join(parts)}, the teacher counted); the ce cells rerun at the distilled arm's FLOPs match "
+                f"them within {100 * max(matched):.2f}%, and the equal-FLOPs lines compare those.", ""]
     return [f"The arms are **not** FLOP-matched (training FLOPs relative to ce: {', '.join(parts)}); "
             "the verdicts compare them at the budget listed, not at equal compute.", ""]
 
