@@ -330,18 +330,19 @@ def _compute_note(table: Table) -> list[str]:
 
 
 def _per_config_table(comparisons: list[Comparison]) -> list[str]:
-    if not comparisons:
+    if not comparisons or all(c.n == 1 for c in comparisons):  # the verdict lines say it all
         return []
-    lines = ["Per configuration (mean over seeds):", "",
-             "| comparison | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
-             "|---|---|---|---:|---:|---|---:|"]
+    lines = ["Per configuration (mean over seeds; unadjusted intervals):", "",
+             "| comparison | accounting | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
+             "|---|---|---|---|---:|---:|---|---:|"]
     for c in comparisons:
         loss = c.metric == "val_loss"
         d = 4 if loss else 3
         for conf, i in c.per_config.items():
             ci = f"[{i.lo:+.{d}f}, {i.hi:+.{d}f}]" if i.has_ci else "—"
             ratio = f"{math.exp(i.mean):.4f}" if loss else "—"
-            lines.append(f"| {c.arm} vs {c.baseline} | {'val loss (nats)' if loss else c.metric} | {conf} | {i.n} | "
+            lines.append(f"| {c.arm} vs {c.baseline} | {c.accounting} | {'val loss (nats)' if loss else c.metric} | "
+                         f"{conf} | {i.n} | "
                          f"{i.mean:+.{d}f} | {ci} | {ratio} |")
     return lines + [""]
 
