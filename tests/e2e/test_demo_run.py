@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import re
 
 import numpy as np
 import pytest

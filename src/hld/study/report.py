@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hld.atomic import write_text
 from hld.errors import HldError
-from hld.study.aggregate import (Comparison, Table, Verdict, best_configuration, collect, get_dotted, paired,
+from hld.study.aggregate import (Comparison, Table, best_configuration, collect, get_dotted, paired,
                                  task_metric, verdict_line, verdicts, write_paired_csv, write_results_csv)
 from hld.study.grid import ARMS
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
