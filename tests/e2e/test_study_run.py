@@ -1,5 +1,6 @@
-"""`hld study` and `hld report` end to end on the tiny fixtures: the shipped demo study (16 cells,
-2 steps each) is interrupted inside its third cell and rerun; the rerun skips the finished cells
+"""`hld study` and `hld report` end to end on the tiny fixtures: the shipped demo study (15 cells:
+4 arms at equal tokens and ce at kd's FLOPs, 3 seeds, 2 steps each) is interrupted inside its third
+cell and rerun; the rerun skips the finished cells
 (their summary.json untouched), restarts the partial one cleanly and trains the rest; the report's
 verdict lines match an independent computation from results.csv; `hld report` rebuilds the report
 from the run directories alone; user errors exit with code 2 and one line."""
@@ -72,11 +73,11 @@ def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
     out, result, first = study["out"], study["result"], study["first_cells"]
     assert study["finished_before"] == sorted(first[:2]) and len(study["partial_lines"]) == 1
     assert sorted(result["skipped"]) == sorted(first[:2])
-    assert len(result["trained"]) == 14 and first[2] in result["trained"] and result["cells"] == 16
+    assert len(result["trained"]) == 13 and first[2] in result["trained"] and result["cells"] == 15
     for name, mtime in study["mtimes"].items():
         assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtime, name
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert len(runs) == 16 and all((out / "runs" / r / "summary.json").exists() for r in runs)
+    assert len(runs) == 15 and all((out / "runs" / r / "summary.json").exists() for r in runs)
     # the interrupted cell was restarted cleanly: every step logged once
     steps = [json.loads(line)["step"] for line in (out / "runs" / first[2] / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -84,46 +85,106 @@ def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
     for r in runs:
         cache = (out / "runs" / r / "config.yaml").read_text().split("\n  cache: ", 1)[1].split("\n", 1)[0]
         assert (cache == "null") == r.endswith("__ce"), r
-    assert len(list((out / "caches").iterdir())) == 1
+    assert len(list((out / "caches").iterdir())) == 3  # one per seed: each seed has its own batch order
 
 
 def test_results_csv_has_one_row_per_cell(study):
     out = study["out"]
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 16 and {r["arm"] for r in rows} == {"ce", "kd", "hld-joint", "hld-first"}
+    assert len(rows) == 15 and {r["arm"] for r in rows} == {"ce", "kd", "hld-joint", "hld-first"}
     for r in rows:
         summary = json.loads((out / "runs" / r["cell"] / "summary.json").read_text())
         assert float(r["val_loss"]) == pytest.approx(summary["val/loss"]) and int(r["tokens"]) == summary["tokens"]
-        assert float(r["train.lr"]) in (2e-2, 4e-2) and r["configuration"] == r["cell"].rsplit("__", 2)[0]
+        assert r["configuration"] == r["cell"].rsplit("__", 2)[0]
         assert int(r["student_params_non_embedding"]) < int(r["student_params"])
-    ce_flops = {r["configuration"]: float(r["flops"]) for r in rows if r["arm"] == "ce"}
-    assert all(float(r["flops"]) > ce_flops[r["configuration"]] for r in rows if r["arm"] != "ce")
+    budget = [r for r in rows if r["accounting"] == "budget"]
+    assert {int(r["tokens"]) for r in budget} == {256}  # equal student tokens
+    ce_flops = {r["seed"]: float(r["flops"]) for r in budget if r["arm"] == "ce"}
+    assert all(float(r["flops"]) > ce_flops[r["seed"]] for r in budget if r["arm"] != "ce")
+    kd = {r["seed"]: r for r in budget if r["arm"] == "kd"}
+    for r in (r for r in rows if r["accounting"] == "flops"):  # ce again, at the FLOPs kd spent
+        assert r["arm"] == "ce" and r["match"] == kd[r["seed"]]["configuration"]
+        assert 0.99 * float(kd[r["seed"]]["flops"]) < float(r["flops"]) <= float(kd[r["seed"]]["flops"])
+        assert int(r["tokens"]) > 256
 
 
 VERDICT = re.compile(
-    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+)\*\*: \S+ beat \S+ in (?P<wins>\d+) of (?P<n>\d+) configurations; "
-    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over "
-    r"\d+ configurations\), val ppl ratio (?P<ratio>\d+\.\d+)")
+    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+), (?P<acc>[\w ,-]+)\*\*(?: \((?P<conf>[^)]+)\))?"
+    r"(?:; FLOPs ×(?P<fr>\d+\.\d+) of [\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<unit>\w+); "
+    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), "
+    r"(?P<hi>[+-]\d+\.\d+)\] over \d+ (?P<over>\w+)(?:; configurations are not independent replicates)?; "
+    r"Holm-adjusted p = (?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+ANY_VERDICT = re.compile(r"^- \*\*[\w-]+ vs [\w-]+")
 
 
 def _verdicts_in(report: str) -> dict:
-    return {(m["arm"], m["base"]): m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m}
+    return {(m["arm"], m["base"], m["acc"], m["conf"]): m.groupdict() for m in map(VERDICT.match, report.splitlines())
+            if m}
+
+
+def holm_by_hand(p: list[float]) -> list[float]:
+    """Holm's adjusted p-values written out: p_(i) * (m - i + 1) for the i-th smallest (1-based),
+    made monotone by a running maximum and capped at 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, best = [0.0] * len(p), 0.0
+    for i, j in enumerate(order, start=1):
+        best = max(best, (len(p) - i + 1) * p[j])
+        out[j] = min(1.0, best)
+    return out
+
+
+def verdicts_from_csv(path) -> list[dict]:
+    """The validation-loss verdict lines recomputed from results.csv alone (numpy, scipy's t, Holm by
+    hand): per view (equal student tokens; equal FLOPs with the ce cell at kd's FLOPs), per
+    comparison and per configuration over its seeds. Loss lines only: the Holm family of a report
+    with task lines is larger, so pass only reports without them."""
+    from scipy import stats
+
+    rows = list(csv.DictReader(open(path)))
+    budget = {(r["match"], r["seed"], r["arm"]): r for r in rows if r["accounting"] == "budget"}
+    views = [("budget", budget)]
+    if any(r["accounting"] == "flops" for r in rows):
+        views.append(("flops", {**budget, **{(r["match"], r["seed"], r["arm"]): r for r in rows
+                                             if r["accounting"] == "flops"}}))
+    out = []
+    for view, cells in views:
+        for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
+            if view == "flops" and "ce" not in (arm, base):
+                continue
+            for conf in sorted({m for m, _, a in cells if a == arm}):
+                pairs = [(cells[(m, s, arm)], cells[(m, s, base)]) for m, s, a in cells
+                         if m == conf and a == arm and (m, s, base) in cells]
+                d = np.array([float(x["val_loss"]) - float(y["val_loss"]) for x, y in pairs])
+                half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+                ratio = np.mean([float(x["flops"]) / float(y["flops"]) for x, y in pairs])
+                out.append({"arm": arm, "base": base, "view": view, "wins": int((d < 0).sum()), "n": len(d),
+                            "mean": d.mean(), "lo": d.mean() - half, "hi": d.mean() + half,
+                            "ratio": math.exp(d.mean()), "fr": ratio, "p": stats.ttest_1samp(d, 0.0).pvalue})
+    for v, p in zip(out, holm_by_hand([v["p"] for v in out])):
+        v["p_holm"] = p
+    return out
+
+
+def check_verdicts(report: str, csv_path) -> None:
+    said = [m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m]
+    want = verdicts_from_csv(csv_path)
+    assert len(said) == len(want) == len([line for line in report.splitlines() if ANY_VERDICT.match(line)])
+    for s, w in zip(said, want):
+        assert (s["arm"], s["base"], int(s["wins"]), int(s["n"]), s["over"]) == \
+            (w["arm"], w["base"], w["wins"], w["n"], "seeds"), s
+        assert ("FLOPs, teacher counted" in s["acc"]) == (w["view"] == "flops")
+        for name in ("mean", "lo", "hi", "ratio"):
+            assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (s, name)
+        assert float(s["fr"]) == pytest.approx(w["fr"], abs=6e-4)
+        assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
 
 
 def test_report_verdicts_match_results_csv(study):
     out = study["out"]
-    said = _verdicts_in((out / "report.md").read_text())
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    loss = {(r["configuration"], r["seed"], r["arm"]): float(r["val_loss"]) for r in rows}
-    assert set(said) == {("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")}
-    for (arm, base), s in said.items():
-        d = np.array([loss[(c, seed, arm)] - loss[(c, seed, base)] for c, seed, a in loss if a == arm])
-        half = T975[len(d) - 1] * d.std(ddof=1) / math.sqrt(len(d))  # one seed: one difference per configuration
-        assert (int(s["wins"]), int(s["n"])) == (int((d < 0).sum()), 4)
-        got = [float(s[k]) for k in ("mean", "lo", "hi", "ratio")]
-        assert got == pytest.approx([d.mean(), d.mean() - half, d.mean() + half, math.exp(d.mean())], abs=6e-5)
-    assert study["result"]["verdicts"] == [line[2:] for line in (out / "report.md").read_text().splitlines()
-                                           if VERDICT.match(line)]
+    report = (out / "report.md").read_text()
+    check_verdicts(report, out / "results.csv")
+    assert len(_verdicts_in(report)) == 4  # kd vs ce in each accounting, hld-* vs kd once
+    assert study["result"]["verdicts"] == [line[2:] for line in report.splitlines() if VERDICT.match(line)]
     for name in ("loss_vs_flops", "training_curves", "paired_differences"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
 
@@ -134,7 +195,7 @@ def test_hld_report_rebuilds_from_run_directories_alone(study, tmp_path):
     rc, stdout = _main(["report", str(copy), "--json"])
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["cells"] == 16 and len(result["plots"]) == 5  # 3 + the two CKA plots
+    assert result["cells"] == 15 and len(result["plots"]) == 5  # 3 + the two CKA plots
     assert _verdicts_in((copy / "report.md").read_text()) == _verdicts_in((study["out"] / "report.md").read_text())
     assert (copy / "results.csv").read_text() == (study["out"] / "results.csv").read_text()
 
@@ -148,10 +209,10 @@ def test_a_cell_with_a_final_checkpoint_but_no_summary_resumes(study, tmp_path):
     (cell / "summary.json").unlink()
     for path in (out / "runs").glob("*/config.yaml"):  # the caches moved with the study directory
         path.write_text(path.read_text().replace(str(study["out"].resolve()), str(out.resolve())))
-    rc, stdout = _main([*STUDY_ARGS, "arms=[ce, kd]", "students=[tiny-2l]", "--out", str(out), "--json"])
+    rc, stdout = _main([*STUDY_ARGS, "--out", str(out), "--json"])
     assert rc == 0
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result["trained"] == [cell.name] and len(result["skipped"]) == 3
+    assert result["trained"] == [cell.name] and len(result["skipped"]) == 14
     assert (cell / "metrics.jsonl").read_text() == metrics and (cell / "summary.json").exists()
     rows = {r["cell"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert float(rows[cell.name]["val_loss"]) == pytest.approx(before["val/loss"])

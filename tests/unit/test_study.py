@@ -18,11 +18,12 @@ import pytest
 
 from hld.config import BudgetConfig, dump_yaml, load_config, to_dict
 from hld.errors import HldError
-from hld.study.aggregate import collect, paired, verdict_line
+from hld.study import ngram
+from hld.study.aggregate import best_configuration, collect, paired, verdict_line, verdicts
 from hld.study.grid import STUDY_DIR, cell_config, expand, load_study, parse_study
 from hld.study.report import build_report
 from hld.study.runner import plan_cells
-from hld.study.stats import mean_interval, t_cdf, t_quantile, t_quantile_own
+from hld.study.stats import holm, mean_interval, t_cdf, t_quantile, t_quantile_own
 
 # two-sided 95% Student-t quantiles t_{0.975, df} from printed tables
 T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836, 10: 2.228138852,
@@ -47,14 +48,33 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 def test_shipped_demo_study_loads_and_expands():
     study = load_study("demo")
     cells = expand(study)
-    assert study.name == "demo" and len(cells) == 4 * 2 * 1 * 2 * 1
+    assert study.name == "demo" and len(cells) == (4 + 1) * 3 and study.equal_flops == "kd"
+    assert not study.score_students and not study.grid and len(study.seeds) >= 3
     for cell in cells:
         cfg = cell_config(study, cell)
         assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == \
                (cell.arm, cell.student, cell.seed, cell.id)
-        assert cfg.budget.tokens is None and cfg.budget.flops == 3.0e12 and cfg.budget.count_teacher
-        assert cfg.train.lr == cell.point["train.lr"]
+        if cell.flops_of is None:
+            assert cfg.budget.tokens == 4096 and cfg.budget.flops is None and cfg.budget.count_teacher
+        else:  # ce at the FLOPs its seed's kd cell spends
+            assert cell.arm == "ce" and cell.flops_of == f"{cell.match}__s{cell.seed}__kd"
+            assert cell.id == f"{cell.match}__eqflops__s{cell.seed}__ce"
     assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
+
+
+def test_equal_flops_cells_follow_their_configuration_and_take_the_spent_flops():
+    from hld.study.grid import flops_overrides
+
+    study = load_study("demo")
+    cells = expand(study)
+    for i, cell in enumerate(cells):
+        if cell.flops_of:  # after the kd cell it matches, so that cell has trained when it runs
+            assert cell.flops_of in [c.id for c in cells[:i]]
+    cell = next(c for c in cells if c.flops_of)
+    cfg = cell_config(study, cell, flops_overrides(2.5e12))
+    assert cfg.budget.flops == 2.5e12 and cfg.budget.tokens is None and cfg.objective.method == "ce"
+    with pytest.raises(HldError, match="equal_flops"):
+        load_study("demo", ["equal_flops=ce"])
 
 
 def test_expansion_counts_ids_and_pairing_keys(tmp_path):
@@ -111,6 +131,8 @@ def test_a_flops_budget_clears_the_base_token_budget():
     ({"name": "a b"}, "not a plain name"),
     ({"tasks": 5}, "should be a list of task names"),
     ({"task_limit": 0}, "positive integer or null"),
+    ({"equal_flops": "hld"}, "should name a distilled arm"),
+    ({"score_students": "no"}, "should be true or false"),
 ])
 def test_bad_study_configs_name_the_problem(tmp_path, change, message):
     with pytest.raises(HldError, match=re.escape(message)) as info:
@@ -182,6 +204,66 @@ def test_mean_interval_by_hand():
     assert one.mean == 0.2 and not one.has_ci
 
 
+def test_holm_by_hand():
+    # m = 4; sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([None, 0.5, 0.2]) == [None, pytest.approx(0.5), pytest.approx(0.4)]  # m = 2
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+def test_interval_p_value_matches_scipys_t_test():
+    stats = pytest.importorskip("scipy.stats")
+    xs = [-0.031, -0.012, -0.025, 0.004]
+    assert mean_interval(xs).p == pytest.approx(stats.ttest_1samp(xs, 0.0).pvalue, rel=1e-9)
+    assert mean_interval([0.1]).p is None and mean_interval([0.2, 0.2]).p == 0.0
+
+
+def test_best_configuration_is_the_lowest_seed_mean():
+    rows = [{"configuration": c, "val_loss": v} for c, v in [("a", 1.0), ("a", 3.0), ("b", 1.9), ("b", 2.0),
+                                                             ("c", float("nan"))]]
+    assert {r["configuration"] for r in best_configuration(rows)} == {"b"} and best_configuration([]) == []
+
+
+# --------------------------------------------------------------------------- count-based references
+
+def test_unigram_and_bigram_cross_entropy_by_hand():
+    # V = 6, BOS = 2. Training windows [2 3 4], [2 3 3]: predictions 3, 4, 3, 3 with contexts 2, 3, 2, 3
+    counts = ngram.fit([np.array([2, 3, 4]), np.array([2, 3, 3])], vocab_size=6)
+    k, n = 0.01, 4
+    p = lambda c: (c + k) / (n + 6 * k)  # noqa: E731  add-k unigram; c(3) = 3, c(4) = 1, c(5) = 0
+    # validation window [2 3 5]: predicts 3 after BOS, 5 after 3
+    # bigram, Witten-Bell: context 2 seen twice with 1 distinct successor; context 3 twice with 2 (4 and 3)
+    p3_2 = (2 + 1 * p(3)) / (2 + 1)
+    p5_3 = (0 + 2 * p(0)) / (2 + 2)
+    got = ngram.cross_entropy(counts, [np.array([2, 3, 5])], k=k)
+    assert got["predictions"] == 2
+    assert got["unigram"] == pytest.approx(-(math.log(p(3)) + math.log(p(0))) / 2, rel=1e-12)
+    assert got["bigram"] == pytest.approx(-(math.log(p3_2) + math.log(p5_3)) / 2, rel=1e-12)
+    # an unseen context falls back to the unigram: [2 5 3] predicts 5 after BOS, 3 after the unseen 5
+    got = ngram.cross_entropy(counts, [np.array([2, 5, 3])], k=k)
+    assert got["bigram"] == pytest.approx(-(math.log(1 * p(0) / 3) + math.log(p(3))) / 2, rel=1e-12)
+
+
+def test_bigram_probabilities_sum_to_one():
+    rng = np.random.default_rng(0)
+    windows = [np.concatenate([[2], rng.integers(0, 12, size=15)]) for _ in range(6)]
+    counts = ngram.fit(windows, vocab_size=12)
+    b = np.arange(12)
+    assert ngram.unigram_prob(counts, b).sum() == pytest.approx(1.0)
+    for a in range(12):
+        assert ngram.bigram_prob(counts, np.full(12, a), b).sum() == pytest.approx(1.0)
+
+
+def test_read_windows_cut_the_last_step():
+    from hld.data.loader import BatchOrder
+
+    order = BatchOrder(np.arange(40).reshape(10, 4), batch_size=2, seed=3)
+    read = ngram.read_windows(order, steps=3, last_len=2)
+    assert [len(w) for w in read] == [4, 4, 4, 4, 2, 2]
+    assert [int(w[0]) // 4 for w in read] == [int(i) for k in range(3) for i in order.indices(k)]
+
+
 def test_paired_differences_by_hand():
     rng = np.random.default_rng(0)
     confs, seeds = ["a", "b", "c"], [0, 1]
@@ -200,8 +282,9 @@ def test_paired_differences_by_hand():
     assert (hf.overall.mean, hf.overall.lo, hf.overall.hi) == pytest.approx((means.mean(), means.mean() - half,
                                                                             means.mean() + half))
     assert hf.wins == int((means < 0).sum()) and hf.over == "configurations"
-    line = verdict_line(hf)
+    (line,) = [verdict_line(v) for v in verdicts([hf])]  # "c" has one seed: one line, pooled and labelled
     assert f"in {hf.wins} of 3 configurations" in line and f"{means.mean():+.4f} nats" in line
+    assert "not independent replicates" in line
 
 
 def test_one_configuration_uses_seeds_and_one_pair_has_no_interval():
@@ -211,9 +294,24 @@ def test_one_configuration_uses_seeds_and_one_pair_has_no_interval():
              for s, d in zip([0, 1, 2], [-0.02, -0.021, -0.019])]
     (c,) = paired(rows)
     assert c.over == "seeds" and c.overall.n == 3 and c.overall.hi < 0
-    assert "hld-joint is better" in verdict_line(c) and "over 3 seeds" in verdict_line(c)
+    (v,) = verdicts([c])
+    assert "hld-joint is better" in verdict_line(v) and "over 3 seeds" in verdict_line(v)
+    assert v.p_holm == pytest.approx(v.interval.p)  # a family of one
     (single,) = paired([r for r in rows if r["seed"] == 0])
-    assert not single.overall.has_ci and "no interval" in verdict_line(single)
+    (v,) = verdicts([single])
+    assert not single.overall.has_ci and "no interval" in verdict_line(v)
+
+
+def test_holm_adjusts_across_every_line_of_a_report():
+    rows = [{"configuration": conf, "seed": s, "arm": a, "val_loss": 3.0 + d}
+            for conf in ("x", "y") for s, d in zip([0, 1, 2], [0.0, 0.001, -0.002]) for a in ("kd",)]
+    rows += [{"configuration": conf, "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
+             for conf, ds in (("x", [-0.02, -0.021, -0.019]), ("y", [0.01, -0.03, 0.02]))
+             for s, d in zip([0, 1, 2], ds)]
+    lines = verdicts(paired(rows))
+    assert [v.configuration for v in lines] == ["x", "y"] and all(v.over == "seeds" for v in lines)
+    assert [v.p_holm for v in lines] == pytest.approx(holm([v.interval.p for v in lines]))
+    assert lines[0].p_holm == pytest.approx(2 * lines[0].interval.p)  # the smaller p, times m = 2
 
 
 # --------------------------------------------------------------------------- report from run directories
@@ -247,9 +345,10 @@ def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[
 
 
 VERDICT = re.compile(
-    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+)\*\*: \S+ beat \S+ in (?P<wins>\d+) of (?P<n>\d+) configurations?; "
-    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over "
-    r"(?P<k>\d+) (?P<over>\w+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+), [\w ,-]+\*\*(?: \((?P<conf>[^)]+)\))?(?:; FLOPs ×[\d.]+ of "
+    r"[\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<over>\w+); mean Δ val loss (?P<mean>[+-]\d+\.\d+) "
+    r"nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over \d+ \w+; Holm-adjusted p = "
+    r"(?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
 
 
 def parse_verdicts(report: str) -> dict:
@@ -257,26 +356,31 @@ def parse_verdicts(report: str) -> dict:
     for line in report.splitlines():
         m = VERDICT.match(line)
         if m:
-            out[(m["arm"], m["base"])] = m.groupdict()
+            out[(m["arm"], m["base"], m["conf"])] = m.groupdict()
     return out
 
 
 def verdicts_from_csv(path: Path, t975: dict) -> dict:
-    """The verdicts recomputed from results.csv alone with numpy (and printed t quantiles)."""
+    """The verdicts recomputed from results.csv alone with numpy (printed t quantiles; scipy's t test
+    and Holm written out for the p-values): one per comparison and configuration, over its seeds."""
+    from scipy import stats
+
     rows = list(csv.DictReader(open(path)))
     loss = {(r["configuration"], r["seed"], r["arm"]): float(r["val_loss"]) for r in rows}
     out = {}
     for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
-        per = {}
-        for (conf, seed, a), v in loss.items():
-            if a == arm and (conf, seed, base) in loss:
-                per.setdefault(conf, []).append(v - loss[(conf, seed, base)])
-        if not per:
-            continue
-        means = np.array([np.mean(d) for d in per.values()])
-        half = t975[len(means) - 1] * means.std(ddof=1) / math.sqrt(len(means))
-        out[(arm, base)] = {"wins": int((means < 0).sum()), "n": len(means), "mean": means.mean(),
-                            "lo": means.mean() - half, "hi": means.mean() + half, "ratio": math.exp(means.mean())}
+        for conf in sorted({c for c, _, a in loss if a == arm}):
+            d = np.array([v - loss[(c, s, base)] for (c, s, a), v in loss.items()
+                          if c == conf and a == arm and (c, s, base) in loss])
+            half = t975[len(d) - 1] * d.std(ddof=1) / math.sqrt(len(d))
+            out[(arm, base, conf)] = {"wins": int((d < 0).sum()), "n": len(d), "mean": d.mean(), "lo": d.mean() - half,
+                                      "hi": d.mean() + half, "ratio": math.exp(d.mean()),
+                                      "p": stats.ttest_1samp(d, 0.0).pvalue}
+    order = sorted(out, key=lambda k: out[k]["p"])
+    running = 0.0
+    for i, key in enumerate(order):  # Holm: the i-th smallest (0-based) times m - i, running maximum, at most 1
+        running = max(running, (len(order) - i) * out[key]["p"])
+        out[key]["p_holm"] = min(1.0, running)
     return out
 
 
@@ -286,9 +390,10 @@ def check_verdicts_match_csv(study_dir: Path, t975: dict) -> None:
     assert said.keys() == want.keys() and want
     for key, w in want.items():
         s = said[key]
-        assert (int(s["wins"]), int(s["n"]), s["over"]) == (w["wins"], w["n"], "configurations"), key
+        assert (int(s["wins"]), int(s["n"]), s["over"]) == (w["wins"], w["n"], "seeds"), key
         for name in ("mean", "lo", "hi", "ratio"):
             assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (key, name)
+        assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6), key
 
 
 def test_report_from_run_directories(tmp_path):
@@ -296,7 +401,8 @@ def test_report_from_run_directories(tmp_path):
     result = build_report(tmp_path)
     budget_cols = sorted(f"budget.{f.name}" for f in dataclasses.fields(BudgetConfig))
     header = next(csv.reader(open(tmp_path / "results.csv")))
-    assert header == ["cell", "configuration", "arm", "student", "student_params", "student_params_non_embedding",
+    assert header == ["cell", "configuration", "match", "accounting", "arm", "student", "student_params",
+                      "student_params_non_embedding",
                       *budget_cols, "train.lr", "objective.alpha", "seed", "steps", "tokens", "flops", "val_loss",
                       "val_ppl", "train_seconds"]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -306,7 +412,9 @@ def test_report_from_run_directories(tmp_path):
         assert float(by_cell[w["cell"]]["val_loss"]) == pytest.approx(w["val_loss"])
     check_verdicts_match_csv(tmp_path, T975)
     report = (tmp_path / "report.md").read_text()
-    assert "kd beat ce in 4 of 4 configurations" in report  # the effects written above are 5x the noise
+    assert "selected on the validation windows it is reported on" in report  # a grid: selection, labelled
+    # the effects written above are 5x the noise: kd wins every seed of every configuration
+    assert report.count("kd better in 3 of 3 seeds") == 4 and "Holm-adjusted over the 12 lines" in report
     assert "| tiny-2l | 2 × 64 | 120,000 | 150,000 |" in report
     assert "not** FLOP-matched" in report and "kd ×1.200" in report
     for name in ("loss_vs_flops", "training_curves", "paired_differences"):
@@ -314,6 +422,7 @@ def test_report_from_run_directories(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}.png" in report
     paired_rows = list(csv.DictReader(open(tmp_path / "paired.csv")))
     assert sum(r["configuration"] == "ALL" for r in paired_rows) == 3
+    assert all(r["p_holm"] for r in paired_rows if r["configuration"] != "ALL")
 
 
 def test_unfinished_runs_are_listed_and_grid_keys_inferred_without_cell_json(tmp_path):

@@ -27,11 +27,12 @@ import yaml
 from hld.atomic import read_json_object, write_text
 from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
-from hld.study.stats import Interval, mean_interval
+from hld.study.stats import Interval, holm, mean_interval
 from hld.train.loggers import read_metrics
 
 COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
-BASE_COLUMNS = ["cell", "configuration", "arm", "student", "student_params", "student_params_non_embedding"]
+BASE_COLUMNS = ["cell", "configuration", "match", "accounting", "arm", "student", "student_params",
+                "student_params_non_embedding"]
 TAIL_COLUMNS = ["seed", "steps", "tokens", "flops", "val_loss", "val_ppl", "train_seconds"]
 
 
@@ -62,7 +63,8 @@ def higher_is_better(metric: str) -> bool:
     return not (name == "val_loss" or "perplexity" in name or name == "bits_per_byte")
 
 
-def _get(cfg: dict, dotted: str) -> Any:
+def get_dotted(cfg: dict, dotted: str) -> Any:
+    """cfg["a"]["b"] for "a.b": a resolved config's value by its dotted key."""
     node = cfg
     for part in dotted.split("."):
         node = node[part]
@@ -143,23 +145,29 @@ def _grid_keys(found: list) -> list[str]:
 def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: list[str],
          grid_keys: list[str]) -> dict:
     student, seed, arm = cfg["student"]["preset"], cfg["train"]["seed"], cfg["objective"]["method"]
-    point = {k: _get(cfg, k) for k in grid_keys}
+    point = {k: get_dotted(cfg, k) for k in grid_keys}
+    accounting, match = "budget", None
     if cell is not None:
         configuration, budget = cell["configuration"], cell["budget"]
+        accounting, match = cell.get("accounting", "budget"), cell.get("match")
+        if cell.get("flops_of") and "flops" in budget:  # a label naming what it matches
+            budget = {f"{cell['flops_of'].rsplit('__', 1)[-1]}'s flops": budget["flops"]}
     else:
-        budget = {k.split(".", 1)[1]: _get(cfg, k) for k in naming}
+        budget = {k.split(".", 1)[1]: get_dotted(cfg, k) for k in naming}
         budget = {k: v for k, v in budget.items() if v is not None}
         configuration = configuration_id(student, budget, point)
     val_loss, val_ppl = _final_val(summary, run_dir)
-    row = {"cell": run_dir.name, "configuration": configuration, "arm": arm, "student": student,
+    row = {"cell": run_dir.name, "configuration": configuration, "match": match or configuration,
+           "accounting": accounting, "arm": arm, "student": student,
            "student_params": summary.get("student_params"),
            "student_params_non_embedding": summary.get("student_params_non_embedding")}
     row.update({f"budget.{k}": v for k, v in cfg["budget"].items()})
     row.update(point)
     row.update({"seed": seed, "steps": summary.get("steps"), "tokens": summary.get("tokens"),
                 "flops": summary.get("flops"), "val_loss": val_loss, "val_ppl": val_ppl,
-                "train_seconds": summary.get("train_seconds"),
-                "budget": ", ".join(f"{k}={v}" for k, v in budget.items())})  # a label, not a results.csv column
+                "train_seconds": summary.get("train_seconds"), "cell_json": cell,
+                "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in budget.items())})  # a label, not a results.csv column
     return row
 
 
@@ -183,80 +191,176 @@ def write_results_csv(table: Table, path: Path) -> Path:
 class Comparison:
     arm: str
     baseline: str
-    per_config: dict[str, Interval]  # configuration -> mean difference over seeds
+    per_config: dict[str, Interval]  # configuration (the `match` id) -> mean difference over seeds
     overall: Optional[Interval]  # over configurations (over seeds when there is one configuration)
     over: str  # "configurations" or "seeds"
     wins: int  # configurations where the arm is better (Δ < 0 for a loss, > 0 for an accuracy)
     metric: str = "val_loss"  # or "<task>:<metric>"
+    view: str = "budget"  # "budget": the study's budgets as given; "flops": ce at the matched FLOPs
+    accounting: str = "equal budget"  # how the two arms' compute compares, in words
+    flops_ratio: Optional[float] = None  # mean FLOPs of the arm / of the baseline, over the pairs
+    seed_wins: dict = field(default_factory=dict)  # configuration -> seeds where the arm is better
+    diffs: dict = field(default_factory=dict)  # configuration -> the per-seed differences
 
     @property
     def n(self) -> int:
         return len(self.per_config)
 
 
-def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] = ("val_loss",)) -> list[Comparison]:
-    """Comparisons whose two arms both ran in at least one (configuration, seed), per metric:
-    Δ = metric(arm) − metric(baseline)."""
-    out = []
-    for metric in metrics:
-        value = {(r["configuration"], r["seed"], r["arm"]): float(r[metric]) for r in rows
-                 if r.get(metric) is not None and math.isfinite(float(r[metric]))}
-        better = (lambda d: d > 0) if higher_is_better(metric) else (lambda d: d < 0)
-        for arm, base in comparisons:
-            diffs: dict[str, list[float]] = {}
-            for (conf, seed, a), v in sorted(value.items()):
-                if a == arm and (conf, seed, base) in value:
-                    diffs.setdefault(conf, []).append(v - value[(conf, seed, base)])
-            if not diffs:
-                continue
-            per = {conf: mean_interval(d) for conf, d in diffs.items()}
-            if len(per) > 1:
-                overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
-            else:
-                overall, over = next(iter(per.values())), "seeds"
-            out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
-                                  wins=sum(better(i.mean) for i in per.values()), metric=metric))
+@dataclass
+class Verdict:
+    """One line of a report: a comparison per configuration over its seeds (the replicates), or
+    pooled over configurations when they have one seed each (labelled: not independent)."""
+
+    comparison: Comparison
+    configuration: str  # a configuration, or ALL (pooled)
+    interval: Interval
+    over: str  # "seeds" or "configurations"
+    wins: int
+    p_holm: Optional[float] = None  # Holm-adjusted over every line of the report
+
+
+ALL = "ALL"
+
+
+def _accounting(rows: list[dict], view: str) -> str:
+    if view == "flops":
+        return "equal FLOPs, teacher counted"
+    budgets = {r.get("budget", "") for r in rows}
+    if budgets and all("tokens=" in b and "flops=" not in b for b in budgets):
+        return "equal student tokens"
+    if budgets and all("flops=" in b for b in budgets):
+        return "equal FLOPs" + (", teacher counted" if all(r.get("budget.count_teacher", True) for r in rows) else "")
+    return "equal budget"
+
+
+def _view_values(rows: list[dict], view: str, metric: str) -> dict:
+    """(match, seed, arm) -> (value, flops) in a view: the budget cells; in the flops view each arm's
+    flops-matched cell where it has one, else its budget cell (a distilled arm spends its own FLOPs)."""
+    out = {}
+    for accounting in (("budget",) if view == "budget" else ("budget", "flops")):
+        for r in rows:
+            v = r.get(metric)
+            if r.get("accounting", "budget") == accounting and v is not None and math.isfinite(float(v)):
+                out[(r.get("match") or r["configuration"], r["seed"], r["arm"])] = (float(v), r.get("flops"))
     return out
 
 
-def verdict_line(c: Comparison) -> str:
+def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] = ("val_loss",)) -> list[Comparison]:
+    """Comparisons whose two arms both ran in at least one (configuration, seed), per metric and view:
+    Δ = metric(arm) − metric(baseline). The flops view (when the study ran flops-matched cells) adds
+    only the comparisons whose cells differ from the budget view's."""
+    views = ["budget"] + (["flops"] if any(r.get("accounting") == "flops" for r in rows) else [])
+    flops_arms = {r["arm"] for r in rows if r.get("accounting") == "flops"}
+    out = []
+    for view in views:
+        for metric in metrics:
+            value = _view_values(rows, view, metric)
+            better = (lambda d: d > 0) if higher_is_better(metric) else (lambda d: d < 0)
+            for arm, base in comparisons:
+                if view == "flops" and not ({arm, base} & flops_arms):
+                    continue  # the same cells as in the budget view
+                diffs: dict[str, list[float]] = {}
+                ratios = []
+                for (conf, seed, a), (v, fl) in sorted(value.items()):
+                    if a == arm and (conf, seed, base) in value:
+                        bv, bfl = value[(conf, seed, base)]
+                        diffs.setdefault(conf, []).append(v - bv)
+                        if fl and bfl:
+                            ratios.append(fl / bfl)
+                if not diffs:
+                    continue
+                per = {conf: mean_interval(d) for conf, d in diffs.items()}
+                if len(per) > 1:
+                    overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
+                else:
+                    overall, over = next(iter(per.values())), "seeds"
+                used = [r for r in rows if r["arm"] in (arm, base) and r.get("accounting", "budget") == "budget"]
+                out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
+                                      wins=sum(better(i.mean) for i in per.values()), metric=metric, view=view,
+                                      accounting=_accounting(used, view),
+                                      flops_ratio=sum(ratios) / len(ratios) if ratios else None,
+                                      seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
+                                      diffs=diffs))
+    return out
+
+
+def verdicts(comparisons: list[Comparison]) -> list[Verdict]:
+    """The report's lines, Holm-adjusted together: per configuration over seeds when every
+    configuration of the comparison has >= 2 seeds; otherwise one line pooled over configurations."""
+    lines = []
+    for c in comparisons:
+        if all(i.n >= 2 for i in c.per_config.values()):
+            lines += [Verdict(c, conf, i, "seeds", c.seed_wins.get(conf, 0)) for conf, i in c.per_config.items()]
+        else:
+            lines.append(Verdict(c, ALL, c.overall, c.over, c.wins if c.over == "configurations"
+                                 else next(iter(c.seed_wins.values()), 0)))
+    for v, p in zip(lines, holm([v.interval.p for v in lines])):
+        v.p_holm = p
+    return lines
+
+
+def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
     """One generated sentence; the numbers are the only content (the tests parse them back)."""
-    i = c.overall
+    c, i = v.comparison, v.interval
     loss = c.metric == "val_loss"
     what = "val loss" if loss else c.metric.split(":", 1)[1]
     unit = " nats" if loss else ""
     digits = 4 if loss else 3
     on = "" if loss else f" on {c.metric.split(':', 1)[0]}"
-    head = (f"**{c.arm} vs {c.baseline}{on}**: {c.arm} beat {c.baseline} in {c.wins} of {c.n} "
-            f"configuration{'s' if c.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}")
+    where = f" ({v.configuration})" if v.configuration != ALL and len(c.per_config) > 1 else ""
+    units = "seed" if v.over == "seeds" else "configuration"
+    flops = f"; FLOPs ×{c.flops_ratio:.3f} of {c.baseline}'s" if c.flops_ratio is not None else ""
+    head = (f"**{c.arm} vs {c.baseline}{on}, {c.accounting}**{where}{flops}: {c.arm} better in {v.wins} of "
+            f"{i.n} {units}{'s' if i.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}")
     ratio = f", val ppl ratio {math.exp(i.mean):.4f}" if loss else ""
     up = higher_is_better(c.metric)
-    if i.has_ci:
-        interval = f" (95% CI [{i.lo:+.{digits}f}, {i.hi:+.{digits}f}] over {i.n} {c.over})"
-        if loss:
-            ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
-        if (i.lo > 0) if up else (i.hi < 0):
-            end = f"{c.arm} is better: the interval lies {'above' if up else 'below'} 0"
-        elif (i.hi < 0) if up else (i.lo > 0):
-            end = f"{c.baseline} is better: the interval lies {'below' if up else 'above'} 0"
-        else:
-            end = "no clear difference: the interval includes 0"
+    if not i.has_ci:
+        why = "one configuration and one seed" if v.over == "seeds" else "one value"
+        return f"{head} (no interval: {why}){ratio} — a single pair cannot separate the arms from noise."
+    caveat = "; configurations are not independent replicates" if v.over == "configurations" else ""
+    interval = f" (unadjusted 95% CI [{i.lo:+.{digits}f}, {i.hi:+.{digits}f}] over {i.n} {v.over}{caveat}"
+    if loss:
+        ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
+    p = f"; Holm-adjusted p = {v.p_holm:.3g})" if v.p_holm is not None else ")"
+    if v.p_holm is not None and v.p_holm <= level:
+        winner = c.arm if (i.mean > 0) == up else c.baseline
+        end = f"{winner} is better (Holm-adjusted p ≤ {level:g})"
     else:
-        interval = " (no interval: one configuration and one seed)"
-        end = "a single pair cannot separate the arms from noise"
-    return f"{head}{interval}{ratio} — {end}."
+        end = f"no clear difference at a Holm-adjusted {level:g}"
+    return f"{head}{interval}{p}{ratio} — {end}."
 
 
-def write_paired_csv(comparisons: list[Comparison], path: Path) -> Path:
-    cols = ["comparison", "metric", "configuration", "n", "over", "mean_diff", "ci_lo", "ci_hi", "ppl_ratio", "wins"]
+def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[list[Verdict]] = None) -> Path:
+    cols = ["comparison", "accounting", "metric", "configuration", "n", "over", "mean_diff", "ci_lo", "ci_hi",
+            "p", "p_holm", "ppl_ratio", "flops_ratio", "wins"]
+    holm_of = {(id(v.comparison), v.configuration): v.p_holm for v in lines or []}
     rows = []
     for c in comparisons:
         name = f"{c.arm} vs {c.baseline}"
         ratio = math.exp if c.metric == "val_loss" else (lambda x: None)
+        common = {"comparison": name, "accounting": c.accounting, "metric": c.metric, "flops_ratio": c.flops_ratio}
         for conf, i in c.per_config.items():
-            rows.append({"comparison": name, "metric": c.metric, "configuration": conf, "n": i.n, "over": "seeds",
-                         "mean_diff": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": ratio(i.mean)})
-        i = c.overall
-        rows.append({"comparison": name, "metric": c.metric, "configuration": "ALL", "n": i.n, "over": c.over,
-                     "mean_diff": i.mean, "ci_lo": i.lo, "ci_hi": i.hi, "ppl_ratio": ratio(i.mean), "wins": c.wins})
+            rows.append({**common, "configuration": conf, "n": i.n, "over": "seeds", "mean_diff": i.mean,
+                         "ci_lo": i.lo, "ci_hi": i.hi, "p": i.p, "p_holm": holm_of.get((id(c), conf)),
+                         "ppl_ratio": ratio(i.mean), "wins": c.seed_wins.get(conf)})
+        if len(c.per_config) > 1:
+            i = c.overall
+            rows.append({**common, "configuration": ALL, "n": i.n, "over": c.over, "mean_diff": i.mean,
+                         "ci_lo": i.lo, "ci_hi": i.hi, "p": i.p, "p_holm": holm_of.get((id(c), ALL)),
+                         "ppl_ratio": ratio(i.mean), "wins": c.wins})
     return _write_csv(path, cols, rows)
+
+
+# --------------------------------------------------------------------------- best configuration
+
+def best_configuration(rows: list[dict], key: str = "val_loss") -> list[dict]:
+    """The rows (seeds) of the configuration with the lowest seed-mean `key` among `rows`; [] if
+    none is finite. The one selection rule of the report's table and its plots."""
+    by_conf: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get(key) is not None and math.isfinite(r[key]):
+            by_conf.setdefault(r["configuration"], []).append(r)
+    if not by_conf:
+        return []
+    return min(by_conf.values(), key=lambda g: sum(r[key] for r in g) / len(g))

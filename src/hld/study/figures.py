@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from hld.study.aggregate import Comparison, Table, higher_is_better
+from hld.study.aggregate import Comparison, Table, best_configuration, higher_is_better
 from hld.train.loggers import read_metrics
 
 ALL = "mean over configurations"
@@ -59,13 +59,13 @@ def _fit_y(ax, lows: list[float], highs: list[float], *, pad: float) -> None:
         ax.set_ylim(min(lows) - margin, max(highs) + margin)
 
 
-def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: list[dict] = ()) -> Path:
+def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: list[dict] = (),
+                       levels: list[tuple[str, float]] = ()) -> Path:
     """One panel per student. Per arm: the training loss (train/ce) of its best grid point against
     cumulative training FLOPs as a line, its final validation loss as a large marker at the FLOPs it
     spent (joined across budgets), and every cell's validation loss as a small dot. At equal FLOPs
     the markers stand in one column, so their vertical order is the verdict. The teacher's validation
-    loss (`reference`, from study.json) is named in the title: drawn as a line it would squash the
-    students' differences."""
+    loss and the count-based models' (`levels`) are horizontal lines."""
     fig, axes, students, arms = _student_panels(table, width=5.4, height=4.6)
     lows, highs = [], []
     for ax, student in zip(axes[0], students):
@@ -94,16 +94,15 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         else:
             ax.set_xlim(0, max(flops) * 1.06)
             ax.xaxis.set_major_formatter(_sci_formatter())
+        _levels(ax, list(levels), lows, highs)
         ax.set_xlabel("training FLOPs" + (" (log scale)" if wide else "") + "; line: train/ce of the best cell")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(title="arm: best grid point", fontsize=8, title_fontsize=8, loc="upper right")
+        ax.legend(title="arm (mean over seeds) and references", fontsize=7, title_fontsize=8, loc="best")
     _fit_y(axes[0][0], lows, highs, pad=0.06)
     axes[0][0].set_ylabel("loss (nats/token, lower is better)")
-    title = "Validation loss vs training compute (markers: final validation loss; small dots: other cells)"
-    if reference:
-        title += "\nteacher " + "; ".join(f"{r['model']}: validation loss {r['val_loss']:.3f} nats "
-                                         f"(ppl {r['val_ppl']:.1f})" for r in reference)
+    title = ("Validation loss vs training FLOPs, teacher counted\n(markers: final validation loss, mean over "
+             "seeds; small dots: cells; lines: references)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "loss_vs_flops.png")
@@ -135,19 +134,36 @@ def _train_curve(run_dir: Path, x_key: str) -> Optional[tuple[np.ndarray, np.nda
 
 
 def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[float, float, str]]:
-    """(mean FLOPs, val loss, a cell) of the configuration with the lowest seed-mean loss, per budget."""
-    by_budget: dict[tuple, dict[str, list[dict]]] = {}
+    """(mean FLOPs, val loss, a cell) of the configuration with the lowest seed-mean loss, per budget
+    (the flops-matched cells are a budget of their own)."""
+    by_budget: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_budget.setdefault(tuple(r[k] for k in budget_keys), {}).setdefault(r["configuration"], []).append(r)
+        by_budget.setdefault((r.get("accounting"), r.get("budget"), *(r[k] for k in budget_keys)), []).append(r)
     pts = []
-    for confs in by_budget.values():
-        group = min(confs.values(), key=lambda g: np.mean([r["val_loss"] for r in g]))
-        pts.append((float(np.mean([r["flops"] for r in group])), float(np.mean([r["val_loss"] for r in group])),
-                    group[0]["cell"]))
+    for group in (best_configuration(g) for g in by_budget.values()):
+        if group:
+            pts.append((float(np.mean([r["flops"] for r in group])), float(np.mean([r["val_loss"] for r in group])),
+                        group[0]["cell"]))
     return sorted(pts)
 
 
-def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
+LEVEL_STYLES = {"teacher": ("#000000", "-"), "unigram": ("#8c564b", "--"), "bigram": ("#9467bd", "-.")}
+
+
+def _levels(ax, levels: list[tuple[str, float]], lows: list[float], highs: list[float]) -> None:
+    """Horizontal lines at the reference rows' validation losses (teacher, unigram, bigram; the
+    whole-split fits solid-ish, the fits on the tokens read thinner), widening the y range to them."""
+    for label, y in levels:
+        kind = next((k for k in LEVEL_STYLES if label.startswith(k)), "teacher")
+        color, ls = LEVEL_STYLES[kind]
+        thin = "tokens read" in label
+        ax.axhline(y, color=color, ls=ls, lw=0.8 if thin else 1.3, alpha=0.55 if thin else 0.9,
+                   label=f"{label}: {y:.3f}")
+        lows.append(y)
+        highs.append(y)
+
+
+def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: list[tuple[str, float]] = ()) -> Path:
     """train/ce against tokens, one panel per student: thin lines per cell, the arm's best grid point
     (lowest validation loss, its first seed) bold. At equal FLOPs, CE's line runs furthest."""
     fig, axes, students, arms = _student_panels(table, width=5.2, height=4.4)
@@ -156,21 +172,22 @@ def plot_curves(table: Table, study_dir: Path, out: Path) -> Path:
         for arm in arms:
             rows = [r for r in table.rows if r["student"] == student and r["arm"] == arm]
             finite = [r for r in rows if math.isfinite(r["val_loss"])]
-            best = _best_per_budget(finite, table.budget_keys)[-1][2] if finite else None
+            bests = {b[2] for b in _best_per_budget(finite, table.budget_keys)} if finite else set()
             for r in rows:
                 curve = _train_curve(Path(study_dir) / "runs" / r["cell"], "tokens")
                 if curve is None:
                     continue
                 x, y = curve
-                bold = r["cell"] == best
+                bold = r["cell"] in bests
                 ax.plot(x, y, color=COLORS.get(arm), alpha=1.0 if bold else 0.25, lw=2 if bold else 0.8,
                         label=f"{arm} ({_point(r, table.grid_keys)})" if bold else None)
                 tops.append(float(np.max(y[len(y) // 10:])))
                 bottoms.append(float(np.min(y)))
+        _levels(ax, [lv for lv in levels if "tokens read" not in lv[0]], bottoms, tops)
         ax.set_xlabel("training tokens")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="bold: best grid point", title_fontsize=8)
+        ax.legend(fontsize=7, title="bold: each budget's first seed", title_fontsize=8)
     _fit_y(axes[0][0], bottoms, tops, pad=0.05)  # the first steps (ln V nats) would squash the rest
     axes[0][0].set_ylabel("train/ce (nats/token; moving average on long runs)")
     fig.suptitle("Student next-token loss during training (thin: other cells)", fontsize=11)
@@ -187,19 +204,19 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
     loss, then each downstream task). Each configuration's mean difference over seeds (95% CI when > 1
     seed) and, at the bottom, the mean over configurations with its interval; zero marked."""
     plt = _plt()
-    pairs = list(dict.fromkeys((c.arm, c.baseline) for c in comparisons))
+    pairs = list(dict.fromkeys((c.arm, c.baseline, c.accounting) for c in comparisons))
     metrics = list(dict.fromkeys(c.metric for c in comparisons))
-    by = {(c.arm, c.baseline, c.metric): c for c in comparisons}
+    by = {(c.arm, c.baseline, c.accounting, c.metric): c for c in comparisons}
     confs = sorted({c for cmp in comparisons for c in cmp.per_config})
-    labels = confs + [ALL]
-    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.6, 1.2 + 0.4 * len(labels)) + 0.8)
+    labels = confs + ([ALL] if len(confs) > 1 else [])
+    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.0, 1.4 + 0.4 * len(labels)) + 0.9)
     fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=True)
     for row, metric in enumerate(metrics):
         up = higher_is_better(metric)
         name = "validation loss (nats)" if metric == "val_loss" else metric
-        for col, (arm, base) in enumerate(pairs):
+        for col, (arm, base, accounting) in enumerate(pairs):
             ax = axes[row][col]
-            cmp = by.get((arm, base, metric))
+            cmp = by.get((arm, base, accounting, metric))
             if cmp is None:
                 ax.set_visible(False)
                 continue
@@ -210,21 +227,27 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
                     continue
                 err = [[i.mean - i.lo], [i.hi - i.mean]] if i.has_ci else None
                 big = conf == ALL
+                if not big and cmp.diffs.get(conf):  # each seed's difference, faint
+                    ax.scatter(cmp.diffs[conf], [y + 0.12] * len(cmp.diffs[conf]), s=12, color=color, alpha=0.5)
                 ax.errorbar([i.mean], [y], xerr=err, fmt="D" if big else "o", ms=8 if big else 5, color=color,
                             ecolor=color, capsize=3, lw=1.5)
             ax.axvline(0, color="black", lw=1, ls="--")
-            ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
-            ax.set_title(f"{arm} − {base}: {arm} better in {cmp.wins} of {cmp.n}", fontsize=10)
+            if ALL in labels:
+                ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
+            ax.set_ylim(len(labels) - 0.5, -0.5)
+            won = sum(cmp.seed_wins.values()) if cmp.n == 1 else cmp.wins
+            of = next(iter(cmp.per_config.values())).n if cmp.n == 1 else cmp.n
+            ax.set_title(f"{arm} − {base}, {accounting}\n{arm} better in {won} of {of}"
+                         f" {'seeds' if cmp.n == 1 else 'configurations'}", fontsize=9)
             ax.set_xlabel(f"Δ {name}; {'> 0' if up else '< 0'}: {arm} better", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
             lim = max(abs(v) for v in ax.get_xlim())
             ax.set_xlim(-lim, lim)
         axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0][0].invert_yaxis()
     seeds = max((i.n for cmp in comparisons for i in cmp.per_config.values()), default=1)
     per = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"
-    fig.suptitle(f"Paired differences per configuration ({per}; bottom: mean over configurations "
-                 "with its 95% t-interval)", fontsize=10)
+    tail = "; bottom: mean over configurations with its 95% t-interval" if len(confs) > 1 else ""
+    fig.suptitle(f"Paired differences per configuration ({per}, unadjusted; dots: seeds{tail})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "paired_differences.png")
 

@@ -11,6 +11,15 @@ ordinary run. This module reads and checks the study YAML and expands it into ce
     seeds: [0]
     tasks: [shipped]                  # downstream tasks (lm-eval) scored on every cell and the teacher
     task_limit: 200                   # the first N items of each task (null: all)
+    score_students: true              # false: only the teacher is scored on the tasks
+    equal_flops: kd                   # also run ce at the FLOPs kd's cell spent, teacher counted
+
+Two accountings from one study (`equal_flops`): the budgets give every arm the same student tokens
+(the teacher amortised: one shared cache per seed), and each teacher-free arm (ce) gets a second
+cell per configuration and seed whose budget is the FLOPs the `equal_flops` arm's cell spent with
+the teacher's forward counted (read from that cell's summary once it has trained, so the match is
+exact). The second cell's configuration is the first's plus `__eqflops`; cell.json names the
+configuration it matches (`match`) and its accounting.
 
 A cell's id reads `<student>__<budget>__<grid point>__s<seed>__<arm>`; its *configuration* is the
 id without seed and arm: the unit that pairs HLD with KD (seeds are replicates within it).
@@ -56,6 +65,11 @@ STUDY_KEYS = {
     "tasks": "downstream tasks scored through lm-eval on every finished cell and on the teacher: harness "
              "names, `shipped` (the offline tasks) or `paper`; [] for none",
     "task_limit": "score only the first N items of each task (null: every item)",
+    "score_students": "score the students on `tasks` too (false: the teacher only, e.g. when students this "
+                      "small stay at chance and cannot separate the arms)",
+    "equal_flops": "an arm with a teacher (e.g. kd): every teacher-free arm (ce) also runs at the FLOPs that "
+                   "arm's cell spent with the teacher counted, for the equal-FLOPs verdicts (null: equal "
+                   "budgets only)",
 }
 REQUIRED = ("name", "arms", "students", "budgets")
 # keys a study sets itself, per cell: a grid or override may not set them
@@ -78,6 +92,8 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     tasks: tuple[str, ...] = ()  # downstream tasks (expanded: `shipped` -> its task names)
     task_limit: Optional[int] = None
+    score_students: bool = True
+    equal_flops: Optional[str] = None  # arm whose spent FLOPs (teacher counted) the ce arm is rerun at
     source: Optional[str] = None  # the YAML it was read from
 
 
@@ -91,10 +107,15 @@ class Cell:
     point: dict  # grid key -> value
     seed: int
     overrides: tuple[str, ...]  # the cell's own overrides, applied after the study's
+    accounting: str = "budget"  # "budget": the study's budget as given; "flops": matched to `flops_of`
+    match: str = ""  # the configuration whose cells it is paired with (its own, or the one it matches)
+    flops_of: Optional[str] = None  # "flops" cells: the cell id whose spent FLOPs are this cell's budget
 
     def describe(self) -> dict:
         return {"cell": self.id, "configuration": self.configuration, "arm": self.arm, "student": self.student,
-                "budget": dict(self.budget), "grid": dict(self.point), "seed": self.seed}
+                "budget": dict(self.budget), "grid": dict(self.point), "seed": self.seed,
+                "accounting": self.accounting, "match": self.match or self.configuration,
+                "flops_of": self.flops_of}
 
 
 # --------------------------------------------------------------------------- reading and checking
@@ -137,7 +158,26 @@ def parse_study(raw: dict, *, source: Optional[Path] = None) -> Study:
                  arms=_arms(raw["arms"]), students=_nonempty_list(raw, "students", str),
                  budgets=_budgets(raw["budgets"]), grid=_grid(raw.get("grid") or {}),
                  seeds=_nonempty_list(raw, "seeds", int, default=[0]), tasks=_tasks(raw.get("tasks")),
-                 task_limit=_task_limit(raw.get("task_limit")), source=str(source) if source else None)
+                 task_limit=_task_limit(raw.get("task_limit")), score_students=_bool(raw, "score_students"),
+                 equal_flops=_equal_flops(raw), source=str(source) if source else None)
+
+
+def _bool(raw: dict, key: str, default: bool = True) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise HldError(f"study {key}: {value!r} should be true or false", f"write {key}: true")
+    return value
+
+
+def _equal_flops(raw: dict) -> Optional[str]:
+    value = raw.get("equal_flops")
+    if value is None:
+        return None
+    arms = list(raw.get("arms") or [])
+    if value not in arms or value == "ce" or "ce" not in arms:
+        raise HldError(f"study equal_flops: {value!r} should name a distilled arm of the study, with ce among "
+                       "the arms", "write e.g. equal_flops: kd (or null)")
+    return str(value)
 
 
 def _tasks(value: Any) -> tuple[str, ...]:
@@ -292,12 +332,30 @@ def expand(study: Study) -> list[Cell]:
             ov += [f"budget.{k}=null" for k in LENGTH_KEYS if k not in budget]
         ov += [_override(k, v) for k, v in point.items()]
         cells.append(Cell(id=cid, configuration=conf, arm=arm, student=student, budget=dict(budget), point=point,
-                          seed=seed, overrides=tuple(ov)))
+                          seed=seed, overrides=tuple(ov), match=conf))
+        if study.equal_flops and arm == study.arms[-1]:  # after the configuration's arms: its match has run
+            cells.append(_flops_cell(cells[-1], cell_id(conf, seed, study.equal_flops)))
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise HldError(f"two study cells get the same id {dup!r}", "make the grid's values distinct when printed")
     return cells
+
+
+def _flops_cell(last: Cell, of: str) -> Cell:
+    """The ce cell of `last`'s configuration and seed at the FLOPs cell `of` spends (set when it has)."""
+    conf = f"{last.configuration}__eqflops"
+    cid = cell_id(conf, last.seed, "ce")
+    ov = [o for o in last.overrides if not o.startswith(("objective.method=", "name=", "budget."))]
+    ov += ["objective.method=ce", f"name={cid}"]
+    return Cell(id=cid, configuration=conf, arm="ce", student=last.student, budget={"flops": f"of {of}"},
+                point=dict(last.point), seed=last.seed, overrides=tuple(ov), accounting="flops",
+                match=last.configuration, flops_of=of)
+
+
+def flops_overrides(spent_flops: float) -> list[str]:
+    """A flops cell's budget once its match has run: that FLOP count, every other length key cleared."""
+    return [f"budget.flops={spent_flops!r}"] + [f"budget.{k}=null" for k in LENGTH_KEYS if k != "flops"]
 
 
 def cell_config(study: Study, cell: Cell, extra: Optional[list[str]] = None) -> RunConfig:

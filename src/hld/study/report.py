@@ -13,10 +13,13 @@ from hld.errors import HldError
 from hld.study.aggregate import (
     Comparison,
     Table,
+    best_configuration,
     collect,
+    get_dotted,
     paired,
     task_metric,
     verdict_line,
+    verdicts,
     write_paired_csv,
     write_results_csv,
 )
@@ -32,25 +35,27 @@ def build_report(study_dir: Path) -> dict:
                        "point at a study directory written by `hld study`")
     meta = _read_meta(study_dir)
     comparisons = paired(table.rows, metrics=("val_loss", *table.task_metrics))
+    lines = verdicts(comparisons)
     results_csv = write_results_csv(table, study_dir / "results.csv")
-    paired_csv = write_paired_csv(comparisons, study_dir / "paired.csv")
+    paired_csv = write_paired_csv(comparisons, study_dir / "paired.csv", lines)
     plots_dir = study_dir / "plots"
     reference = meta.get("teacher_reference") or []
-    plots = [plot_loss_vs_flops(table, study_dir, plots_dir, reference=reference),
-             plot_curves(table, study_dir, plots_dir)]
+    levels = reference_levels(meta)
+    plots = [plot_loss_vs_flops(table, study_dir, plots_dir, reference=reference, levels=levels),
+             plot_curves(table, study_dir, plots_dir, levels=levels)]
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
     cka_plots = [p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir))
                  if p]
     plots += cka_plots
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
-    verdicts = [verdict_line(c) for c in comparisons]
-    summary = best_table(table, reference)
-    text = render(table, comparisons, verdicts, meta, name=meta.get("name", study_dir.name), summary=summary)
+    said = [verdict_line(v) for v in lines]
+    summary = best_table(table, reference, meta.get("ngram_reference") or [])
+    text = render(table, comparisons, said, meta, name=meta.get("name", study_dir.name), summary=summary)
     write_text(study_dir / "report.md", text)
     return {"report": str(study_dir / "report.md"), "table": "\n".join(summary), "results_csv": str(results_csv),
             "paired_csv": str(paired_csv),
-            "plots": [str(p) for p in plots], "verdicts": verdicts, "cells": len(table.rows),
+            "plots": [str(p) for p in plots], "verdicts": said, "cells": len(table.rows),
             "pending": table.pending}
 
 
@@ -63,30 +68,56 @@ def _read_meta(study_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- rendering
 
-def best_table(table: Table, reference: list[dict]) -> list[str]:
-    """Per student, budget and arm: its best grid point (lowest seed-mean validation loss), with the
-    arm's tokens and FLOPs; then the teacher. The first thing a reader wants, and what `hld run` prints."""
+def reference_levels(meta: dict) -> list[tuple[str, float]]:
+    """(label, validation loss) of the reference rows, for the plots' horizontal lines."""
+    out = [(f"teacher {r['model']}", r["val_loss"]) for r in meta.get("teacher_reference") or []]
+    out += [(f"{r['model']} ({_fit_label(r)})", r["val_loss"]) for r in meta.get("ngram_reference") or []]
+    return out
+
+
+def _fit_label(r: dict) -> str:
+    if r["fit"] == "train split":
+        return "whole train split"
+    return f"{r['fit_tokens']:,} tokens read" if r.get("fit_tokens") else r["fit"]
+
+
+def best_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> list[str]:
+    """Per student, budget and arm: the mean over seeds (± their standard deviation) of its best grid
+    point (lowest seed-mean validation loss: with one grid point, no selection), with the arm's
+    tokens and FLOPs; then the reference rows. What `hld run` prints."""
     tasks = table.task_metrics
-    lines = ["| student | budget | arm | best grid point | train tokens | train FLOPs | val loss | val ppl |"
-             + "".join(f" {m} |" for m in tasks), "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    lines = ["| student | budget | arm | grid point | seeds | train tokens | train FLOPs | val loss | ± sd | val ppl |"
+             + "".join(f" {m} |" for m in tasks), "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+             + "---:|" * len(tasks)]
     for (student, budget, arm), rows in _groups(table).items():
-        by_conf: dict[str, list[dict]] = {}
-        for r in rows:
-            if math.isfinite(r["val_loss"]):
-                by_conf.setdefault(r["configuration"], []).append(r)
-        if not by_conf:
+        best = best_configuration(rows)
+        if not best:
             continue
-        best = min(by_conf.values(), key=lambda g: sum(r["val_loss"] for r in g) / len(g))
-        loss = sum(r["val_loss"] for r in best) / len(best)
+        losses = [r["val_loss"] for r in best]
+        loss = sum(losses) / len(losses)
+        sd = math.sqrt(sum((x - loss) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else None
         point = ", ".join(f"{k.rsplit('.', 1)[-1]}={best[0][k]}" for k in table.grid_keys) or "—"
-        lines.append(f"| {student} | {budget} | {arm} | {point} | {best[0]['tokens']:,} | {best[0]['flops']:.4g} | "
-                     f"{loss:.4f} | {math.exp(loss):.2f} |" + "".join(f" {_score(best, m)} |" for m in tasks))
+        lines.append(f"| {student} | {budget} | {arm} | {point} | {len(best)} | "
+                     f"{sum(r['tokens'] for r in best) / len(best):,.0f} | {best[0]['flops']:.4g} | {loss:.4f} | "
+                     f"{'—' if sd is None else f'{sd:.4f}'} | {math.exp(loss):.2f} |"
+                     + "".join(f" {_score(best, m)} |" for m in tasks))
+    pad = " — | — | — | — | — | — |"
     for ref in reference:
         scores = {task_metric(t, r): r for t, r in (ref.get("tasks") or {}).items()}
-        lines.append(f"| teacher `{ref['model']}` | — | — | — | — | — | {ref['val_loss']:.4f} | {ref['val_ppl']:.2f} |"
+        lines.append(f"| teacher `{ref['model']}` |{pad} {ref['val_loss']:.4f} | — | {ref['val_ppl']:.2f} |"
                      + "".join(f" {_fmt_score(scores[m]['value'], scores[m].get('stderr'))} |" if m in scores
                                else " — |" for m in tasks))
+    for r in ngrams:
+        seeds = f", mean of {r['seeds']} seeds" if r.get("seeds", 1) > 1 else ""
+        lines.append(f"| {r['model']}: {_fit_label(r)}{seeds} |{pad} {r['val_loss']:.4f} | — | "
+                     f"{math.exp(r['val_loss']):.2f} |" + " — |" * len(tasks))
     return lines
+
+
+def _task_score(task: str, r: dict) -> str:
+    """`hld_mc acc 0.750 ± 0.069 (chance 0.250)`: one task's headline score."""
+    chance = f" (chance {r['chance']:.3f})" if r.get("chance") is not None else ""
+    return f"{task} {r['metric']} {_fmt_score(r['value'], r.get('stderr'))}{chance}"
 
 
 def _fmt_score(value: float, stderr) -> str:
@@ -111,12 +142,30 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
         done += f"; {len(table.pending)} unfinished, left out: {', '.join(table.pending)}"
     lines += [f"{done}. Generated by `hld report` from the run directories under `runs/`.", ""]
     lines += _setup(table, meta)
-    lines += ["## Best grid point per arm", ""] + summary + [""]
+    grid = any(len(_unique(table, k)) > 1 for k in table.grid_keys)
+    lines += ["## Per arm" + (" (best grid point)" if grid else ""), ""]
+    if grid:
+        lines += ["The grid point of each arm is **selected on the validation windows it is reported on**: its loss "
+                  "is optimistic (no held-out split). The paired verdicts below use every grid point, no "
+                  "selection.", ""]
+    lines += summary + [""]
+    lines += _reference_note(meta)
     lines += ["## Paired verdicts", "",
               "Δ = validation loss of the arm − validation loss of its baseline, in nats per token, paired on "
               "configuration (student, budget, shared hyperparameters) and seed; Δ < 0 means the arm is better, "
-              "and the perplexity ratio is exp(Δ). A configuration is won when its mean Δ over seeds is < 0. "
-              "Intervals are two-sided 95% Student-t intervals.", ""]
+              "and the perplexity ratio is exp(Δ). Each line is one configuration over its seeds (the "
+              "replicates: each seed draws its own init and batch order), or pooled over configurations "
+              "when they have one seed each. Intervals are two-sided 95% Student-t intervals, **unadjusted**; "
+              f"the p-values (paired t-test of Δ = 0) are **Holm-adjusted over the {len(verdicts)} lines of "
+              "this report**, and a line calls a winner only when its adjusted p ≤ 0.05.", ""]
+    views = sorted({c.accounting for c in comparisons})
+    if len(views) > 1:
+        lines += ["Two accountings: **equal student tokens** (every arm reads the same tokens; the teacher's "
+                  "forward is amortised, spent once into the shared cache) and **equal FLOPs, teacher counted** "
+                  "(ce reruns at the FLOPs the distilled cell spent with the teacher's forward charged to each "
+                  "token it supervised, so it reads several times the tokens). Comparisons whose cells are the "
+                  "same under both (hld-* vs kd: both read the teacher for every token) appear once, with "
+                  "their FLOP ratio.", ""]
     if table.task_metrics:
         lines += ["Downstream tasks are paired the same way on their headline metric (accuracy: Δ > 0 means the "
                   "arm is better; a perplexity: Δ < 0). The accuracies' own standard errors are in the tables "
@@ -126,7 +175,7 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
     lines += ["## Results", "", "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
               + ("; the teacher's row is its own score on the same validation windows and tasks, for reference." if
                  meta.get("teacher_reference") else "."), ""]
-    lines += _results_table(table, meta.get("teacher_reference") or [])
+    lines += _results_table(table, meta.get("teacher_reference") or [], meta.get("ngram_reference") or [])
     lines += ["## Plots", "",
               "![validation loss vs FLOPs](plots/loss_vs_flops.png)", "",
               "Loss against training FLOPs, one panel per student: the large marker is each arm's final "
@@ -153,12 +202,23 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
     return "\n".join(lines)
 
 
+def _reference_note(meta: dict) -> list[str]:
+    ngrams = meta.get("ngram_reference") or []
+    if not ngrams:
+        return []
+    k = ngrams[0].get("add_k")
+    return ["Reference rows, on the same validation windows and predictions as the students (positions 1..T−1 "
+            "of BOS-led windows, so a bigram's first context is BOS): the teacher, and count-based models "
+            "fitted on the whole training split and on the tokens the cells read (mean over seeds) — a "
+            f"unigram with add-k smoothing (k = {k}) and a Witten–Bell interpolated bigram (over that unigram; "
+            "no tuned parameter). A student above the unigram row has not yet learnt the token frequencies.",
+            ""]
+
+
 def _values(table: Table, dotted: str) -> str:
     seen = []
     for cfg in table.configs.values():
-        node = cfg
-        for part in dotted.split("."):
-            node = node[part]
+        node = get_dotted(cfg, dotted)
         if node not in seen:
             seen.append(node)
     return ", ".join(f"`{v}`" for v in seen)
@@ -192,6 +252,13 @@ def _setup(table: Table, meta: dict) -> list[str]:
             parts.append(f"`{m}` ({info.get('n')} items, {chance})")
         lines += ["- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
                   + ", ".join(parts) + "."]
+    scored = (meta.get("study") or {}).get("score_students", True)
+    if not table.task_metrics and any(ref.get("tasks") for ref in meta.get("teacher_reference") or []) and not scored:
+        teacher = "; ".join(f"`{ref['model']}` " + ", ".join(_task_score(t, r) for t, r in ref["tasks"].items())
+                            for ref in meta.get("teacher_reference") or [] if ref.get("tasks"))
+        lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
+                  "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
+                  "chance for every arm, so the tasks cannot separate the arms."]
     for ref in meta.get("teacher_reference") or []:
         lines += [f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
                   f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
@@ -243,18 +310,20 @@ def _groups(table: Table) -> dict:
     """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first."""
     out: dict = {}
     order = {a: i for i, a in enumerate(ARMS)}
-    for r in sorted(table.rows, key=lambda r: (r["student"], r["budget"], order.get(r["arm"], 99), r["arm"])):
+    for r in sorted(table.rows, key=lambda r: (r["student"], r.get("accounting", "budget") != "budget", r["budget"],
+                                               order.get(r["arm"], 99), r["arm"])):
         out.setdefault((r["student"], r["budget"], r["arm"]), []).append(r)
     return out
 
 
 def _compute_note(table: Table) -> list[str]:
-    """Say, from the FLOPs, whether the arms were compared at equal compute."""
+    """Say, from the FLOPs, whether the arms were compared at equal compute (and, when the study ran
+    ce again at a distilled arm's FLOPs, how close that match is)."""
     groups = _groups(table)
     ratios = {}
     for (student, budget, arm), rows in groups.items():
         ce = groups.get((student, budget, "ce"))
-        if ce and arm != "ce":
+        if ce and arm != "ce" and rows[0].get("accounting", "budget") == "budget":
             ratio = (sum(r["flops"] for r in rows) / len(rows)) / (sum(r["flops"] for r in ce) / len(ce))
             ratios.setdefault(arm, []).append(ratio)
     if not ratios:
@@ -264,28 +333,36 @@ def _compute_note(table: Table) -> list[str]:
         return ["The arms' training FLOPs agree within 1% of the ce arm's: they are compared at equal compute.", ""]
     parts = [f"{arm} ×{min(v):.3f}" + (f"–{max(v):.3f}" if max(v) - min(v) > 5e-4 else "")
              for arm, v in ratios.items()]
+    by_cell = {r["cell"]: r for r in table.rows}
+    matched = [abs(r["flops"] / by_cell[m["flops_of"]]["flops"] - 1) for r in table.rows
+               if (m := r.get("cell_json") or {}).get("flops_of") in by_cell]
+    if matched:
+        return [f"At the study's budgets the arms are **not** FLOP-matched (training FLOPs relative to ce: "
+                f"{', '.join(parts)}, the teacher counted); the ce cells rerun at the distilled arm's FLOPs match "
+                f"them within {100 * max(matched):.2f}%, and the equal-FLOPs lines compare those.", ""]
     return [f"The arms are **not** FLOP-matched (training FLOPs relative to ce: {', '.join(parts)}); "
             "the verdicts compare them at the budget listed, not at equal compute.", ""]
 
 
 def _per_config_table(comparisons: list[Comparison]) -> list[str]:
-    if not comparisons:
+    if not comparisons or all(c.n == 1 for c in comparisons):  # the verdict lines say it all
         return []
-    lines = ["Per configuration (mean over seeds):", "",
-             "| comparison | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
-             "|---|---|---|---:|---:|---|---:|"]
+    lines = ["Per configuration (mean over seeds; unadjusted intervals):", "",
+             "| comparison | accounting | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
+             "|---|---|---|---|---:|---:|---|---:|"]
     for c in comparisons:
         loss = c.metric == "val_loss"
         d = 4 if loss else 3
         for conf, i in c.per_config.items():
             ci = f"[{i.lo:+.{d}f}, {i.hi:+.{d}f}]" if i.has_ci else "—"
             ratio = f"{math.exp(i.mean):.4f}" if loss else "—"
-            lines.append(f"| {c.arm} vs {c.baseline} | {'val loss (nats)' if loss else c.metric} | {conf} | {i.n} | "
+            lines.append(f"| {c.arm} vs {c.baseline} | {c.accounting} | {'val loss (nats)' if loss else c.metric} | "
+                         f"{conf} | {i.n} | "
                          f"{i.mean:+.{d}f} | {ci} | {ratio} |")
     return lines + [""]
 
 
-def _results_table(table: Table, reference: list[dict]) -> list[str]:
+def _results_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> list[str]:
     grid, tasks = table.grid_keys, table.task_metrics
     head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s", *tasks]
     lines = ["| " + " | ".join(head) + " |",
@@ -301,5 +378,10 @@ def _results_table(table: Table, reference: list[dict]) -> list[str]:
         cells = [f"teacher `{ref['model']}`", "—", *["—"] * len(grid), "—", "teacher", "—", "—",
                  f"{ref['val_loss']:.4f}", f"{ref['val_ppl']:.2f}", "—",
                  *[_fmt_score(scores[m]["value"], scores[m].get("stderr")) if m in scores else "—" for m in tasks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in ngrams:
+        cells = [f"{r['model']}: {_fit_label(r)}", "—", *["—"] * len(grid), str(r.get("seeds", 1)), r["model"],
+                 f"{r['fit_tokens']:,}" if r.get("fit_tokens") else "all", "—", f"{r['val_loss']:.4f}",
+                 f"{math.exp(r['val_loss']):.2f}", "—", *["—"] * len(tasks)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from hld.atomic import read_json_object, write_fix, write_json
 from hld.config import RunConfig
 from hld.errors import HldError
-from hld.study.grid import Cell, Study, cell_config, expand, load_study
+from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
 from hld.study.report import build_report
 
 
@@ -46,7 +47,8 @@ def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[
     cache_root = out.resolve() / "caches"
     planned = []
     for cell in expand(study):
-        cfg = cell_config(study, cell)
+        # a flops cell's budget is known once its match has trained: a placeholder checks the rest now
+        cfg = cell_config(study, cell, flops_overrides(1.0e15) if cell.flops_of else None)
         group = cache_group(cfg) if cfg.objective.method != "ce" and cfg.teacher.cache is None else None
         if group is not None:
             cfg = cell_config(study, cell, [f"teacher.cache={cache_root / group}"])
@@ -80,12 +82,16 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
     meta.setdefault("caches", {})
     write_json(meta_path, meta)
     resources = Resources()
-    done = [c.id for c, cfg, _ in planned if _finished(out / "runs" / c.id, cfg)]
+    done = [c.id for c, cfg, _ in planned if not c.flops_of and _finished(out / "runs" / c.id, cfg)]
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"study {study.name}: {len(planned)} cells, {len(done)} already finished -> {out}")
     trained, ready = [], set()
     for k, (cell, cfg, group) in enumerate(planned, 1):
         run_dir = out / "runs" / cell.id
+        if cell.flops_of:
+            cell, cfg = _matched(study, cell, out)
+            if _finished(run_dir, cfg):
+                done.append(cell.id)
         if cell.id in done:
             if not (run_dir / "cell.json").exists():  # finished, then stopped before its cell.json
                 write_json(run_dir / "cell.json", cell.describe())
@@ -103,6 +109,7 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
             f"({summary['train_seconds']:.0f} s training)")
     meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
                                                     resources, quiet)
+    meta["ngram_reference"] = _ngram_references(planned, out, resources)
     write_json(meta_path, meta)
     report = build_report(out)
     return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": done,
@@ -127,7 +134,7 @@ def _score(lm, tokenizer, study: Study, quiet: bool, *, rolling_len: int) -> dic
 def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: bool) -> dict:
     """Score a finished cell's student on the study's tasks into run_dir/downstream.json (kept when
     it already holds them, so a resumed study does not score a cell twice)."""
-    if not study.tasks:
+    if not study.tasks or not study.score_students:
         return {}
     from hld.eval.downstream import read_downstream, write_downstream
 
@@ -181,6 +188,63 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
     return out
 
 
+def _matched(study: Study, cell: Cell, out: Path) -> tuple[Cell, RunConfig]:
+    """A flops cell with its budget: the FLOPs its match (same configuration and seed, the
+    `equal_flops` arm) spent with the teacher counted, read from the match's summary.json."""
+    summary = read_json_object(out / "runs" / cell.flops_of / "summary.json", "run summary",
+                               f"delete {out / 'runs' / cell.flops_of} and rerun the study")
+    spent = float(summary["flops"])
+    cell = dataclasses.replace(cell, budget={"flops": spent})
+    return cell, cell_config(study, cell, flops_overrides(spent))
+
+
+def _ngram_references(planned: list, out: Path, resources) -> list[dict]:
+    """Unigram and bigram cross-entropies (hld.study.ngram) on each cell's validation windows: fitted
+    on the whole training split, and on the windows the cells of each budget read (the mean over
+    their seeds; cells of one budget and seed read the same windows whatever their arm)."""
+    from hld.data.loader import BatchOrder
+    from hld.study import ngram
+
+    rows: list[dict] = []
+    fitted: dict[Any, Any] = {}  # key -> fits (str keys), or read-window key -> one fit (tuples)
+    for cell, cfg, _ in planned:
+        run_dir = out / "runs" / cell.id
+        if not (run_dir / "summary.json").exists():
+            continue
+        d = cfg.data
+        tok = resources.tokenizer(cfg.teacher.model)
+        vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
+        train = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field)
+        val = resources.validation_windows(d, tok)
+        key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
+        if key not in fitted:
+            fitted[key] = {"train split": ngram.cross_entropy(ngram.fit(list(train), vocab_size=vocab), list(val))}
+        summary = json.loads((run_dir / "summary.json").read_text())
+        B, steps = cfg.train.batch_size, int(summary["steps"])
+        last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
+        what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else \
+            "the tokens each budget's cells read"
+        read_key = (key, what, cell.configuration, cfg.train.seed)
+        if read_key in fitted:
+            continue
+        windows = ngram.read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps,
+                                     last_len=last)
+        fitted[read_key] = ngram.cross_entropy(ngram.fit(windows, vocab_size=vocab), list(val))
+        fitted[read_key]["fit_tokens"] = int(summary["tokens"])
+    for key, fits in [(k, v) for k, v in fitted.items() if isinstance(k, str)]:
+        groups = {"train split": [fits["train split"]]}
+        for rk, r in fitted.items():
+            if isinstance(rk, tuple) and rk[0] == key:
+                groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
+        for fit, rs in groups.items():
+            for model in ("unigram", "bigram"):
+                rows.append({"model": model, "fit": fit, "validation": json.loads(key)[1],
+                             "val_loss": sum(r[model] for r in rs) / len(rs), "seeds": len(rs),
+                             "fit_tokens": rs[0].get("fit_tokens"), "predictions": rs[0]["predictions"],
+                             "add_k": ngram.ADD_K})
+    return rows
+
+
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     if not (run_dir / "summary.json").exists():
         return False
@@ -220,4 +284,5 @@ def _study_dict(study: Study) -> dict:
     return {"name": study.name, "base": study.base, "overrides": list(study.overrides), "arms": list(study.arms),
             "students": list(study.students), "budgets": list(study.budgets),
             "grid": {k: list(v) for k, v in study.grid.items()}, "seeds": list(study.seeds),
-            "tasks": list(study.tasks), "task_limit": study.task_limit}
+            "tasks": list(study.tasks), "task_limit": study.task_limit, "score_students": study.score_students,
+            "equal_flops": study.equal_flops}

@@ -1,4 +1,5 @@
-"""Means with Student-t confidence intervals, for paired differences over seeds or configurations.
+"""Means with Student-t confidence intervals and t-test p-values, for paired differences over
+seeds, and Holm's adjustment of the p-values of one report's verdict lines.
 
 scipy is not a dependency: when it is installed its t quantile is used, otherwise our own, computed
 from the regularised incomplete beta function (Numerical Recipes' continued fraction) and inverted
@@ -84,6 +85,7 @@ class Interval:
     lo: Optional[float] = None
     hi: Optional[float] = None
     level: float = 0.95
+    p: Optional[float] = None  # two-sided p-value of a one-sample t-test of mean 0 (None when n < 2)
 
     @property
     def has_ci(self) -> bool:
@@ -99,5 +101,24 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     if n < 2:
         return Interval(n=n, mean=mean, level=level)
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-    return Interval(n=n, mean=mean, lo=mean - half, hi=mean + half, level=level)
+    se = sd / math.sqrt(n)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    if se > 0:
+        p = 2.0 * (1.0 - t_cdf(abs(mean) / se, n - 1))
+    else:  # every difference equal: certain, unless they are all 0
+        p = 1.0 if mean == 0 else 0.0
+    return Interval(n=n, mean=mean, lo=mean - half, hi=mean + half, level=level, p=p)
+
+
+def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm's step-down adjusted p-values (family-wise error control over the given tests): sort
+    the m p-values ascending, multiply the i-th (0-based) by m - i, take running maxima, clip at 1.
+    A line is significant at level a when its adjusted p <= a. None entries (no test) stay None and
+    do not count towards m."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[Optional[float]] = [None] * len(pvalues)
+    m, running = len(tested), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
