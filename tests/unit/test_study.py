@@ -447,3 +447,36 @@ def test_shipped_study_cells_resolve_without_the_network():
     # every cell of the shipped study resolves to a valid run config (nothing is loaded)
     study = load_study("demo")
     assert all(load_config(study.base, list(study.overrides) + list(c.overrides)) for c in expand(study))
+
+
+def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp_path):
+    """KD reads no objective.hidden key, CE no objective key: over a grid of hidden losses KD and CE run
+    once per seed, each serving every grid point; hld-joint pairs with that KD cell at each point, and
+    kd vs ce counts its one pair per seed once (not once per grid point)."""
+    raw = {"name": "v", "base": "demo", "arms": ["ce", "kd", "hld-joint"], "students": ["tiny-1l"],
+           "budgets": [{"tokens": 1024}], "grid": {"objective.hidden.loss": ["mse", "cosine", "relation"]},
+           "seeds": [0, 1]}
+    study = load_study(str(_write(tmp_path, raw)))
+    cells = expand(study)
+    assert len(cells) == 2 * (1 + 1 + 3)
+    kd = [c for c in cells if c.arm == "kd"]
+    assert [c.id for c in kd] == ["tiny-1l__tok1024__s0__kd", "tiny-1l__tok1024__s1__kd"]
+    points = sorted({c.configuration for c in cells if c.arm == "hld-joint"})
+    assert all(sorted(c.serves) == points for c in kd)
+    assert to_dict(cell_config(study, kd[0]))["objective"]["hidden"]["loss"] == "mse"  # the base's default
+    # pairing, by hand: hld-joint at each point minus the one kd of its seed; kd minus ce once per seed
+    loss = {("kd", 0): 7.0, ("kd", 1): 7.2, ("ce", 0): 7.5, ("ce", 1): 7.6}
+    rows = []
+    for c in cells:
+        v = loss.get((c.arm, c.seed), 6.0 + 0.1 * points.index(c.configuration) + 0.01 * c.seed
+                     if c.arm == "hld-joint" else None)
+        rows.append({"cell": c.id, "configuration": c.configuration, "match": c.match, "serves": list(c.serves),
+                     "arm": c.arm, "seed": c.seed, "val_loss": v, "flops": 1.0, "accounting": "budget"})
+    comps = {(c.arm, c.baseline): c for c in paired(rows)}
+    hld = comps[("hld-joint", "kd")]
+    assert sorted(hld.diffs) == points
+    for i, p in enumerate(points):
+        assert hld.diffs[p] == pytest.approx([6.0 + 0.1 * i - 7.0, 6.0 + 0.1 * i + 0.01 - 7.2])
+    kdce = comps[("kd", "ce")]
+    assert sum(len(d) for d in kdce.diffs.values()) == 2  # one pair per seed
+    assert sorted(x for d in kdce.diffs.values() for x in d) == pytest.approx([-0.5, -0.4])

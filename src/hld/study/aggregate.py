@@ -158,6 +158,7 @@ def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: 
         configuration = configuration_id(student, budget, point)
     val_loss, val_ppl = _final_val(summary, run_dir)
     row = {"cell": run_dir.name, "configuration": configuration, "match": match or configuration,
+           "serves": list((cell or {}).get("serves") or []),  # a label, not a results.csv column
            "accounting": accounting, "arm": arm, "student": student,
            "student_params": summary.get("student_params"),
            "student_params_non_embedding": summary.get("student_params_non_embedding")}
@@ -235,14 +236,17 @@ def _accounting(rows: list[dict], view: str) -> str:
 
 
 def _view_values(rows: list[dict], view: str, metric: str) -> dict:
-    """(match, seed, arm) -> (value, flops) in a view: the budget cells; in the flops view each arm's
-    flops-matched cell where it has one, else its budget cell (a distilled arm spends its own FLOPs)."""
+    """(match, seed, arm) -> (value, flops, cell) in a view: the budget cells; in the flops view each
+    arm's flops-matched cell where it has one, else its budget cell (a distilled arm spends its own
+    FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores) stands in
+    each of them."""
     out = {}
     for accounting in (("budget",) if view == "budget" else ("budget", "flops")):
         for r in rows:
             v = r.get(metric)
             if r.get("accounting", "budget") == accounting and v is not None and math.isfinite(float(v)):
-                out[(r.get("match") or r["configuration"], r["seed"], r["arm"])] = (float(v), r.get("flops"))
+                for conf in [r.get("match") or r["configuration"], *(r.get("serves") or [])]:
+                    out[(conf, r["seed"], r["arm"])] = (float(v), r.get("flops"), r.get("cell") or id(r))
     return out
 
 
@@ -262,9 +266,13 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                     continue  # the same cells as in the budget view
                 diffs: dict[str, list[float]] = {}
                 ratios = []
-                for (conf, seed, a), (v, fl) in sorted(value.items()):
+                seen: set[tuple[str, str]] = set()  # (cell, baseline cell): a pair counts once
+                for (conf, seed, a), (v, fl, cell) in sorted(value.items()):
                     if a == arm and (conf, seed, base) in value:
-                        bv, bfl = value[(conf, seed, base)]
+                        bv, bfl, bcell = value[(conf, seed, base)]
+                        if (cell, bcell) in seen:  # both cells shared by this configuration and another
+                            continue
+                        seen.add((cell, bcell))
                         diffs.setdefault(conf, []).append(v - bv)
                         if fl and bfl:
                             ratios.append(fl / bfl)

@@ -110,12 +110,24 @@ class Cell:
     accounting: str = "budget"  # "budget": the study's budget as given; "flops": matched to `flops_of`
     match: str = ""  # the configuration whose cells it is paired with (its own, or the one it matches)
     flops_of: Optional[str] = None  # "flops" cells: the cell id whose spent FLOPs are this cell's budget
+    serves: tuple[str, ...] = ()  # other configurations this cell stands for (grid keys its arm ignores)
 
     def describe(self) -> dict:
         return {"cell": self.id, "configuration": self.configuration, "arm": self.arm, "student": self.student,
                 "budget": dict(self.budget), "grid": dict(self.point), "seed": self.seed,
                 "accounting": self.accounting, "match": self.match or self.configuration,
-                "flops_of": self.flops_of}
+                "flops_of": self.flops_of, "serves": list(self.serves)}
+
+
+def ignores(arm: str, key: str) -> bool:
+    """Does `arm` ignore the config key `key`? ce reads no objective key (it has no teacher term), kd no
+    hidden-loss key. A grid over such keys runs that arm's cell once per seed, shared by the grid
+    points that differ only in them (KD against 24 HLD variants: 1 KD cell per seed, not 24)."""
+    if arm == "ce":
+        return key.startswith("objective.")
+    if arm == "kd":
+        return key.startswith("objective.hidden.")
+    return False
 
 
 # --------------------------------------------------------------------------- reading and checking
@@ -317,24 +329,37 @@ def _override(key: str, value: Any) -> str:
 
 
 def expand(study: Study) -> list[Cell]:
-    """Every cell, arms innermost so that each configuration's arms run next to each other."""
+    """Every cell, arms innermost so that each configuration's arms run next to each other. An arm
+    that ignores some grid keys of several values (`ignores`) gets one cell per value of the keys it
+    reads; that cell `serves` every configuration it stands for, and is paired with each."""
     keys = list(study.grid)
-    cells = []
+    cells: list[Cell] = []
+    at: dict[str, int] = {}  # cell id -> its index in `cells`
     for student, budget, values, seed, arm in itertools.product(
             study.students, study.budgets, itertools.product(*(study.grid[k] for k in keys)), study.seeds,
             study.arms):
-        point = dict(zip(keys, values))
+        full = dict(zip(keys, values))
+        point = _read_point(study, arm, full)
         conf = configuration_id(student, budget, point)
         cid = cell_id(conf, seed, arm)
-        ov = [f"objective.method={arm}", f"student.preset={student}", f"train.seed={seed}", f"name={cid}"]
-        ov += [_override(f"budget.{k}", v) for k, v in budget.items()]
-        if any(k in LENGTH_KEYS for k in budget):  # the base's other length key would contradict this one
-            ov += [f"budget.{k}=null" for k in LENGTH_KEYS if k not in budget]
-        ov += [_override(k, v) for k, v in point.items()]
+        if point != full:
+            served = configuration_id(student, budget, full)
+            if cid in at:  # already planned for another grid point: it serves this one too
+                c = cells[at[cid]]
+                cells[at[cid]] = dataclasses.replace(c, serves=c.serves + (served,))
+                continue
+        ov = _cell_overrides(arm, student, seed, cid, budget, point)
+        serves = (configuration_id(student, budget, full),) if point != full else ()
+        at[cid] = len(cells)
         cells.append(Cell(id=cid, configuration=conf, arm=arm, student=student, budget=dict(budget), point=point,
-                          seed=seed, overrides=tuple(ov), match=conf))
+                          seed=seed, overrides=tuple(ov), match=conf, serves=serves))
         if study.equal_flops and arm == study.arms[-1]:  # after the configuration's arms: its match has run
-            cells.append(_flops_cell(cells[-1], cell_id(conf, seed, study.equal_flops)))
+            of = configuration_id(student, budget, _read_point(study, study.equal_flops, full))
+            flops = _flops_cell(student, budget, _read_point(study, "ce", full), seed,
+                                of=cell_id(of, seed, study.equal_flops), match=of)
+            if flops.id not in at:
+                at[flops.id] = len(cells)
+                cells.append(flops)
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -342,15 +367,28 @@ def expand(study: Study) -> list[Cell]:
     return cells
 
 
-def _flops_cell(last: Cell, of: str) -> Cell:
-    """The ce cell of `last`'s configuration and seed at the FLOPs cell `of` spends (set when it has)."""
-    conf = f"{last.configuration}__eqflops"
-    cid = cell_id(conf, last.seed, "ce")
-    ov = [o for o in last.overrides if not o.startswith(("objective.method=", "name=", "budget."))]
-    ov += ["objective.method=ce", f"name={cid}"]
-    return Cell(id=cid, configuration=conf, arm="ce", student=last.student, budget={"flops": f"of {of}"},
-                point=dict(last.point), seed=last.seed, overrides=tuple(ov), accounting="flops",
-                match=last.configuration, flops_of=of)
+def _read_point(study: Study, arm: str, full: dict) -> dict:
+    """The grid point as `arm` sees it: without the keys it ignores that take several values (a key of
+    one value stays, so a grid that varies nothing the arm ignores names its cells as before)."""
+    return {k: v for k, v in full.items() if not (ignores(arm, k) and len(study.grid[k]) > 1)}
+
+
+def _cell_overrides(arm: str, student: str, seed: int, cid: str, budget: dict, point: dict) -> list[str]:
+    ov = [f"objective.method={arm}", f"student.preset={student}", f"train.seed={seed}", f"name={cid}"]
+    ov += [_override(f"budget.{k}", v) for k, v in budget.items()]
+    if any(k in LENGTH_KEYS for k in budget):  # the base's other length key would contradict this one
+        ov += [f"budget.{k}=null" for k in LENGTH_KEYS if k not in budget]
+    return ov + [_override(k, v) for k, v in point.items()]
+
+
+def _flops_cell(student: str, budget: dict, point: dict, seed: int, *, of: str, match: str) -> Cell:
+    """The ce cell at the FLOPs the cell `of` spends (its budget is set when `of` has run), paired with
+    the configuration `match` (of's)."""
+    conf = f"{configuration_id(student, budget, point)}__eqflops"
+    cid = cell_id(conf, seed, "ce")
+    ov = [o for o in _cell_overrides("ce", student, seed, cid, budget, point) if not o.startswith("budget.")]
+    return Cell(id=cid, configuration=conf, arm="ce", student=student, budget={"flops": f"of {of}"},
+                point=dict(point), seed=seed, overrides=tuple(ov), accounting="flops", match=match, flops_of=of)
 
 
 def flops_overrides(spent_flops: float) -> list[str]:
