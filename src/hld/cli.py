@@ -348,7 +348,7 @@ def _single_process(command: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
-    from hld.train.loop import Preempted
+    from hld.train.rundir import Preempted
 
     try:
         _single_process(args.command)
