@@ -12,12 +12,10 @@ which is the data position, tokens, FLOPs, train seconds) and the RNG states. Tw
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import is_dataclass
 from enum import Enum
@@ -27,9 +25,9 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from hld.atomic import replace_dir, write_fix
+from hld.atomic import replace_dir, write_file, write_fix
 from hld.distributed import Dist, any_rank, barrier
-from hld.errors import HldError
+from hld.errors import HldError, one_line
 from hld.train.state import RunState
 
 CKPT_NAME = "checkpoint.pt"
@@ -38,20 +36,12 @@ _DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_file(path, lambda fh: torch.save(obj, fh), fsync=True)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict:
@@ -121,7 +111,7 @@ def load_reason(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
         lines = lines[1:]
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    return one_line(lines[0] if lines else type(exc).__name__)
 
 
 def has_checkpoint(run_dir: Path) -> bool:

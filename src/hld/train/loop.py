@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,15 +203,12 @@ def train_step(s: Setup, step: int) -> dict:
 def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """The student alone (no projectors) as an ordinary HF checkpoint, written atomically.
     `state_dict`: its full weights when the module holds shards (fsdp2)."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        atomic.replace_dir(tmp, out)
+        with atomic.new_dir(out) as tmp:
+            student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
     except OSError as exc:
         raise HldError(f"could not write {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else a failed write's debris
 
 
 def _warm(cfg: RunConfig, resources: Resources) -> None:
