@@ -15,7 +15,7 @@ import typing
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hld import config as config_mod
 from hld.cli import main
 from hld.config import RANGES, RunConfig, load_config

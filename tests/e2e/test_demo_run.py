@@ -17,10 +17,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_study_run import T975, VERDICT
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY_TEACHER, tiny_overrides
+from helpers import T975, TINY_TEACHER, VERDICT, tiny_overrides
 from hld.cli import main
 
 BUDGET = 4.0e8

@@ -11,13 +11,12 @@ import csv
 import io
 import json
 import math
-import re
 import shutil
 
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
+from helpers import T975, VERDICT, tiny_overrides
 from hld.cli import main
 from hld.train import loop
 
@@ -25,7 +24,6 @@ from hld.train import loop
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
                 ["data.val_tokens=256"]
 STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
-T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
 
 
 def _main(argv: list[str]) -> tuple[int, str]:
@@ -98,12 +96,6 @@ def test_results_csv_has_one_row_per_cell(study):
         assert int(r["student_params_non_embedding"]) < int(r["student_params"])
     ce_flops = {r["configuration"]: float(r["flops"]) for r in rows if r["arm"] == "ce"}
     assert all(float(r["flops"]) > ce_flops[r["configuration"]] for r in rows if r["arm"] != "ce")
-
-
-VERDICT = re.compile(
-    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+)\*\*: \S+ beat \S+ in (?P<wins>\d+) of (?P<n>\d+) configurations; "
-    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over "
-    r"\d+ configurations\), val ppl ratio (?P<ratio>\d+\.\d+)")
 
 
 def _verdicts_in(report: str) -> dict:
