@@ -25,12 +25,13 @@ RANK = {
     "distill": 3, "flops": 3,
     "models": 2,
     "data": 1, "config": 1,
+    "config_checks": 0.5,  # the ranges and checks config.load_config runs: below config, above the base
     "errors": 0, "atomic": 0, "paths": 0, "progress": 0, "fingerprint": 0, "precision": 0, "__init__": 0,
 }
 
 # edges against the order that are known and kept, with the reason
 ALLOWED = {
-    ("config", "models"): "config.validate checks the student's shape with models.student.resolve_shape "
+    ("config_checks", "models"): "config_checks.validate checks the student's shape with models.student.resolve_shape "
                           "(a lazy import: the presets live with the student they build)",
 }
 

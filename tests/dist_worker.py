@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import named_params
+
 WORKER = Path(__file__).resolve()
 
 
@@ -32,13 +34,6 @@ def launch(args: list[str], *, cache_dir: Path, nproc: int = 2, module: bool = F
     target = ["-m", "hld"] if module else [str(WORKER)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-
-
-def _named_params(s) -> dict:
-    out = {f"student.{k}": p for k, p in s.student.named_parameters()}
-    if s.projectors is not None:
-        out.update({f"projectors.{k}": p for k, p in s.projectors.named_parameters()})
-    return out
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +53,7 @@ def grads(out_path: str, spec_path: str) -> None:
         d = distributed.setup(cfg.train)
         s = build(cfg, resources, dist=d)
         val = validate_now(s)
-        params = _named_params(s)
+        params = named_params(s)
         captured: dict[str, torch.Tensor] = {}
 
         def capture(*args, params=params, captured=captured, **kwargs):  # every rank gathers, rank 0 keeps

@@ -23,6 +23,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
 
 
+def _add_eval(sub) -> None:
+    """`hld eval`: perplexity and harness tasks of any model (its many options apart from the rest)."""
+    p = sub.add_parser("eval", help="perplexity on a text source (--data) and/or lm-eval harness tasks (--tasks)")
+    p.add_argument("--model", required=True, help="HF id, HF dir, .gguf, run dir, or gemma-3-270m")
+    p.add_argument("--data", default=None, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy; "
+                   "'shipped' = the offline tasks hld_lambada,hld_mc; 'paper' = the paper's six")
+    p.add_argument("--limit", type=int, default=None, help="tasks: score the first N items of each task")
+    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                   help="tasks: read TASK's dataset from a local copy (repeatable)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows (perplexity; default 4) or requests (tasks; default 8) per forward pass")
+    _common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hld", description="Knowledge distillation during LLM pre-training: "
                                      "CE vs logit KD vs hidden-layer distillation.")
@@ -42,20 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 objective.method=kd")
     _common(p)
 
-    p = sub.add_parser("eval", help="perplexity on a text source (--data) and/or lm-eval harness tasks (--tasks)")
-    p.add_argument("--model", required=True, help="HF id, HF dir, .gguf, run dir, or gemma-3-270m")
-    p.add_argument("--data", default=None, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy; "
-                   "'shipped' = the offline tasks hld_lambada,hld_mc; 'paper' = the paper's six")
-    p.add_argument("--limit", type=int, default=None, help="tasks: score the first N items of each task")
-    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
-                   help="tasks: read TASK's dataset from a local copy (repeatable)")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="windows (perplexity; default 4) or requests (tasks; default 8) per forward pass")
-    _common(p)
+    _add_eval(sub)
 
     p = sub.add_parser("export", help="a finished run's student as a Hugging Face checkpoint with a model card")
     p.add_argument("run_dir", help="run directory (the --out of hld train)")
@@ -348,7 +353,7 @@ def _single_process(command: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
-    from hld.train.loop import Preempted
+    from hld.train.rundir import Preempted
 
     try:
         _single_process(args.command)

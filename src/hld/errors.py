@@ -13,3 +13,14 @@ class HldError(Exception):
 
     def line(self) -> str:
         return f"{self.problem} — {self.fix}" if self.fix else self.problem
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` as one line for an error message: whitespace runs (newlines too) collapsed to a space,
+    cut at `limit` characters (a library's message may be a page long)."""
+    return " ".join(str(text).split())[:limit]
+
+
+def exc_line(exc: BaseException, limit: int = 200) -> str:
+    """A caught exception as `Type: message`, on one line (`one_line`)."""
+    return one_line(f"{type(exc).__name__}: {exc}", limit)

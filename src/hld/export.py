@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from hld.atomic import read_json_object, replace_dir, write_fix
+from hld.atomic import new_dir, read_json_object, write_fix
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
 from hld.fingerprint import file_sha256
@@ -40,25 +39,16 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
     downstream = read_downstream(run_dir)
     recorded = summary.get("student_sha256") or {}
     verify_student(student, recorded)
+    files = [p for p in sorted(student.iterdir()) if p.is_file() and p.name not in REFUSED]
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        with new_dir(out_dir) as tmp:  # --force: the old contents go only once the new ones are complete
+            for p in files:
+                shutil.copy2(p, tmp / p.name)
+            _check_sha(tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"},
+                       "the copy")
+            (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
     except OSError as exc:
         raise HldError(f"cannot write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
-    try:
-        files = [p for p in sorted(student.iterdir()) if p.is_file() and p.name not in REFUSED]
-        for p in files:
-            shutil.copy2(p, tmp / p.name)
-        _check_sha(tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"},
-                   "the copy")
-        (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
-        replace_dir(tmp, out_dir)  # --force: the old contents go only once the new ones are complete
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HldError(f"could not write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out_dir": str(out_dir), "files": sorted([p.name for p in files] + ["README.md"]),
             "downstream": sorted(downstream), "verified_sha256": bool(recorded)}
 

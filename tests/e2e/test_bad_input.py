@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TEACHER, tiny_overrides
+from helpers import TINY_TEACHER, tiny_overrides
 from hld import atomic
 from hld.cli import main
 

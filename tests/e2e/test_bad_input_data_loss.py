@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hld.cli import main
 from hld.distill.cache import FORMAT_VERSION
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import C4_VALIDATION, tiny_overrides
+from helpers import C4_VALIDATION, tiny_overrides
 from hld.cli import main
 
 

@@ -15,10 +15,11 @@ import typing
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hld import config as config_mod
 from hld.cli import main
-from hld.config import RANGES, RunConfig, load_config
+from hld.config import RunConfig, load_config
+from hld.config_checks import RANGES
 from hld.errors import HldError
 
 VALUES = ["0", "-1", "nan", "inf", "1e30"]

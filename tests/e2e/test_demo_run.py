@@ -17,10 +17,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_study_run import VERDICT, check_verdicts
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import C4_TRAIN, C4_VALIDATION, TINY_TEACHER, tiny_overrides
+from helpers import C4_TRAIN, C4_VALIDATION, TINY_TEACHER, VERDICT, check_verdicts, tiny_overrides
 from hld.cli import main
 
 TOKENS = 512

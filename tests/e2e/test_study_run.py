@@ -11,14 +11,11 @@ import contextlib
 import csv
 import io
 import json
-import math
-import re
 import shutil
 
-import numpy as np
 import pytest
 
-from conftest import tiny_overrides
+from helpers import VERDICT, check_verdicts, tiny_overrides
 from hld.cli import main
 from hld.train import loop
 
@@ -26,7 +23,6 @@ from hld.train import loop
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
                 ["data.val_tokens=256"]
 STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
-T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
 
 
 def _main(argv: list[str]) -> tuple[int, str]:
@@ -108,75 +104,9 @@ def test_results_csv_has_one_row_per_cell(study):
         assert int(r["tokens"]) > 256
 
 
-VERDICT = re.compile(
-    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+), (?P<acc>[\w ,-]+)\*\*(?: \((?P<conf>[^)]+)\))?"
-    r"(?:; FLOPs ×(?P<fr>\d+\.\d+) of [\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<unit>\w+); "
-    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), "
-    r"(?P<hi>[+-]\d+\.\d+)\] over \d+ (?P<over>\w+)(?:; configurations are not independent replicates)?; "
-    r"Holm-adjusted p = (?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
-ANY_VERDICT = re.compile(r"^- \*\*[\w-]+ vs [\w-]+")
-
-
 def _verdicts_in(report: str) -> dict:
     return {(m["arm"], m["base"], m["acc"], m["conf"]): m.groupdict() for m in map(VERDICT.match, report.splitlines())
             if m}
-
-
-def holm_by_hand(p: list[float]) -> list[float]:
-    """Holm's adjusted p-values written out: p_(i) * (m - i + 1) for the i-th smallest (1-based),
-    made monotone by a running maximum and capped at 1."""
-    order = sorted(range(len(p)), key=lambda i: p[i])
-    out, best = [0.0] * len(p), 0.0
-    for i, j in enumerate(order, start=1):
-        best = max(best, (len(p) - i + 1) * p[j])
-        out[j] = min(1.0, best)
-    return out
-
-
-def verdicts_from_csv(path) -> list[dict]:
-    """The validation-loss verdict lines recomputed from results.csv alone (numpy, scipy's t, Holm by
-    hand): per view (equal student tokens; equal FLOPs with the ce cell at kd's FLOPs), per
-    comparison and per configuration over its seeds. Loss lines only: the Holm family of a report
-    with task lines is larger, so pass only reports without them."""
-    from scipy import stats
-
-    rows = list(csv.DictReader(open(path)))
-    budget = {(r["match"], r["seed"], r["arm"]): r for r in rows if r["accounting"] == "budget"}
-    views = [("budget", budget)]
-    if any(r["accounting"] == "flops" for r in rows):
-        views.append(("flops", {**budget, **{(r["match"], r["seed"], r["arm"]): r for r in rows
-                                             if r["accounting"] == "flops"}}))
-    out = []
-    for view, cells in views:
-        for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
-            if view == "flops" and "ce" not in (arm, base):
-                continue
-            for conf in sorted({m for m, _, a in cells if a == arm}):
-                pairs = [(cells[(m, s, arm)], cells[(m, s, base)]) for m, s, a in cells
-                         if m == conf and a == arm and (m, s, base) in cells]
-                d = np.array([float(x["val_loss"]) - float(y["val_loss"]) for x, y in pairs])
-                half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-                ratio = np.mean([float(x["flops"]) / float(y["flops"]) for x, y in pairs])
-                out.append({"arm": arm, "base": base, "view": view, "wins": int((d < 0).sum()), "n": len(d),
-                            "mean": d.mean(), "lo": d.mean() - half, "hi": d.mean() + half,
-                            "ratio": math.exp(d.mean()), "fr": ratio, "p": stats.ttest_1samp(d, 0.0).pvalue})
-    for v, p in zip(out, holm_by_hand([v["p"] for v in out])):
-        v["p_holm"] = p
-    return out
-
-
-def check_verdicts(report: str, csv_path) -> None:
-    said = [m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m]
-    want = verdicts_from_csv(csv_path)
-    assert len(said) == len(want) == len([line for line in report.splitlines() if ANY_VERDICT.match(line)])
-    for s, w in zip(said, want):
-        assert (s["arm"], s["base"], int(s["wins"]), int(s["n"]), s["over"]) == \
-            (w["arm"], w["base"], w["wins"], w["n"], "seeds"), s
-        assert ("FLOPs, teacher counted" in s["acc"]) == (w["view"] == "flops")
-        for name in ("mean", "lo", "hi", "ratio"):
-            assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (s, name)
-        assert float(s["fr"]) == pytest.approx(w["fr"], abs=6e-4)
-        assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
 
 
 def test_report_verdicts_match_results_csv(study):

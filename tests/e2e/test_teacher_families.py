@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ASSETS, C4_VALIDATION, tiny_overrides
+from helpers import ASSETS, C4_VALIDATION, tiny_overrides
 from hld.cli import main
 from hld.flops import forward_flops_per_token
 

@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
 from dist_worker import launch
+from helpers import tiny_overrides
 from hld.cli import main
 
 # Adam at lr 3e-3 moves a weight by up to ~3e-3 per step; two processes sum the gradient in another

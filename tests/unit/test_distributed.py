@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from dist_worker import launch
+from helpers import named_params, tiny_overrides
 from hld.cli import main
 from hld.config import load_config
 from hld.data.loader import rank_slice
 from hld.distributed import check_batch, resolve_mode
 from hld.errors import HldError
-from hld.train.loop import Setup, build, release_hooks, train_step, validate_now
+from hld.train.loop import build, release_hooks, train_step, validate_now
 from hld.train.resources import Resources
 
 # 8 steps of 4 x 32 tokens; no clipping, so the raw summed gradient is compared
@@ -43,18 +43,11 @@ SCENARIOS = {
 }
 
 
-def _named_params(s: Setup) -> dict[str, torch.nn.Parameter]:
-    out = {f"student.{k}": p for k, p in s.student.named_parameters()}
-    if s.projectors is not None:
-        out.update({f"projectors.{k}": p for k, p in s.projectors.named_parameters()})
-    return out
-
-
 def _one_process(overrides: list[str], step: int, resources: Resources) -> dict:
     """The single-process reference: validation, then the real train_step's gradient."""
     s = build(load_config("smoke", overrides), resources, device=torch.device("cpu"))
     val = validate_now(s)
-    params, grads = _named_params(s), {}
+    params, grads = named_params(s), {}
 
     def capture(*args, **kwargs):
         grads.update({k: p.grad.detach().clone() if p.grad is not None else None for k, p in params.items()})

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import named_params
 from hld.config import load_config
 from hld.data.packing import IGNORE
 from hld.train.loop import Setup, build, train_step
@@ -39,17 +40,10 @@ def resources(tmp_path_factory):
         yield Resources()
 
 
-def _named_params(s: Setup) -> dict[str, torch.nn.Parameter]:
-    out = {f"student.{k}": p for k, p in s.student.named_parameters()}
-    if s.projectors is not None:
-        out.update({f"projectors.{k}": p for k, p in s.projectors.named_parameters()})
-    return out
-
-
 def _step_grads(s: Setup, step: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the real train_step, capturing every gradient at the moment the optimiser would step."""
     captured: dict[str, torch.Tensor] = {}
-    params = _named_params(s)
+    params = named_params(s)
 
     def capture(*args, **kwargs):
         for k, p in params.items():
@@ -92,7 +86,7 @@ def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step
     for s in setups.values():
         _uneven_targets(s)
     for s in setups.values():  # identical initial weights: the comparison is meaningful
-        for (k, p), q in zip(_named_params(s).items(), _named_params(s8).values()):
+        for (k, p), q in zip(named_params(s).items(), named_params(s8).values()):
             assert torch.equal(p, q), k
 
     # the unsplit batch's mean loss and its gradient, by autograd on the whole batch at once
@@ -103,7 +97,7 @@ def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step
     batch = s8.order.batch(step)
     teacher = s8.teacher(batch, phase.objective.needs)
     loss_sum, n, _ = phase.objective(batch, s8.runner(batch.input_ids), teacher)
-    params = _named_params(s8)
+    params = named_params(s8)
     g = torch.autograd.grad(loss_sum / n, list(params.values()), allow_unused=True)
     reference = {k: gi if gi is not None else torch.zeros_like(p) for (k, p), gi in zip(params.items(), g)}
     ref_loss = float(loss_sum.detach()) / n
@@ -139,7 +133,7 @@ def test_kd_step_gradient_matches_independent_hf_computation(resources):
     kl = F.kl_div(torch.log_softmax(s_logits.float() / T, -1), torch.log_softmax(t_logits.float() / T, -1),
                   log_target=True, reduction="sum") * T * T
     ref_loss = ((1 - alpha) * ce + alpha * kl) / int(mask.sum())
-    params = _named_params(s)
+    params = named_params(s)
     ref = dict(zip(params, torch.autograd.grad(ref_loss, list(params.values()))))
 
     metrics, grads = _step_grads(s, 0)

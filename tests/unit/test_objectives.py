@@ -11,6 +11,7 @@ import torch
 
 from hld.config import HiddenConfig, ObjectiveConfig, load_config
 from hld.data.packing import IGNORE, Batch
+from hld.distill.chunked import HeadLossSpec
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import HiddenObjective, LogitObjective, SumObjective, build_plan
 from hld.distill.projectors import Projectors
@@ -156,6 +157,31 @@ def test_hidden_objective_matches_hand_computation(loss, norm):
     assert n == int(mask.sum())
     assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     assert metrics["hidden"] == pytest.approx(expected / 0.7, rel=1e-5)  # metric is before beta
+
+
+def test_the_count_is_the_normaliser_for_every_part():
+    """The hidden loss skips position 0 but is divided by the batch's targets, like the head loss:
+    the count a sum of parts returns is that one number, and parts that disagree are refused."""
+    B, T, d = 2, 6, 8
+    proj = Projectors([(1, 1)], d_student=d, d_teacher=d, seed=0)
+    batch = _batch(B, T, 0)
+    g = torch.Generator().manual_seed(1)
+    student = StudentOutputs(final_hidden=torch.randn(B, T, d, generator=g),
+                             hidden={1: torch.randn(B, T, d, generator=g)}, head_weight=torch.randn(50, d, generator=g))
+    teacher = TeacherSignals(hidden={1: torch.randn(B, T, d, generator=g)})
+    hidden = HiddenObjective(proj, loss="mse", normalize_teacher="none", beta=1.0, skip_first_position=True)
+    ce = LogitObjective(HeadLossSpec(ce_weight=1.0, kd_weight=0.0))
+    assert hidden(batch, student, teacher)[1] == batch.n_targets == int(batch.mask.sum())
+    assert SumObjective(ce, hidden)(batch, student, teacher)[1] == batch.n_targets
+
+    class Miscounted(HiddenObjective):
+        def __call__(self, batch, student, teacher):
+            loss, n, m = super().__call__(batch, student, teacher)
+            return loss, n - B, m  # normalised over the positions it read: not the loop's count
+
+    odd = Miscounted(proj, loss="mse", normalize_teacher="none", beta=1.0, skip_first_position=True)
+    with pytest.raises(ValueError, match="different token counts"):
+        SumObjective(ce, odd)(batch, student, teacher)
 
 
 # --------------------------------------------------------------------------- plans

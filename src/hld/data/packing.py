@@ -17,8 +17,6 @@ Attention is not masked at document edges (see docs/decisions.md).
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -26,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hld.atomic import write_file
 from hld.data.sources import fingerprint, iter_documents
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint
@@ -81,10 +80,7 @@ def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Opt
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     stream = tokenize_stream(docs, tokenizer, eos_id=eos, max_docs=max_docs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
-    os.close(fd)
-    np.save(tmp, stream)
-    os.replace(tmp, path)
+    write_file(path, lambda fh: np.save(fh, stream))
     return stream
 
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from hld.errors import HldError
+from hld.errors import HldError, exc_line
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample_corpus"
 
@@ -124,7 +124,7 @@ def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
         else:
             ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset: one line for the user
-        raise HldError(f"cannot stream {name} ({config}, {split}): {type(exc).__name__}: {str(exc)[:160]}",
+        raise HldError(f"cannot stream {name} ({config}, {split}): {exc_line(exc)}",
                        "check the name and network, or download the shards and give their glob") from exc
     for record in ds:
         if text_field not in record:  # as for JSONL: a wrong field is named, not read as an empty corpus

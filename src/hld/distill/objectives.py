@@ -1,6 +1,10 @@
 """Objectives share one signature: `(batch, student outputs, teacher signals) -> (loss sum, token
-count, metric sums)`. The loss is a **sum** over the batch's valid targets; the training loop
-divides by the global count of the optimiser step. A `Plan` says which objective applies at each
+count, metric sums)`. The loss is a **sum** over the batch's valid targets and the count is what that
+sum is normalised by: the batch's next-token targets (`batch.n_targets`), for every objective and
+part. The hidden loss with `skip_first_position` sums over fewer positions (not position 0) but is
+divided by the same count, so each of its positions weighs what a head-loss position weighs. The
+training loop divides by the global count of the optimiser step and checks that the counts returned
+add up to it. A `Plan` says which objective applies at each
 point of the budget (hld-first has two phases); the loop never branches on the method.
 """
 
@@ -164,6 +168,8 @@ class HiddenObjective:
 
 
 class SumObjective:
+    """The sum of its parts' losses and metrics; their counts must agree (one normaliser per batch)."""
+
     def __init__(self, *parts: Objective) -> None:
         self.parts = parts
         self.needs = Needs()
@@ -183,12 +189,13 @@ class SumObjective:
         return out
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
-        total, metrics = None, {}
+        total, counts, metrics = None, set(), {}
         for part in self.parts:
             loss, n, m = part(batch, student, teacher)
             total = loss if total is None else total + loss
+            counts.add(n)
             metrics.update(m)
-        return total, n, metrics
+        return total, _one_count(counts), metrics
 
 
 class BlendObjective(SumObjective):
@@ -201,8 +208,15 @@ class BlendObjective(SumObjective):
         self.share = 1.0
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
-        (a, n, ma), (b, _, mb) = (p(batch, student, teacher) for p in self.parts)
-        return self.share * a + (1 - self.share) * b, n, {**ma, **mb}
+        (a, n, ma), (b, nb, mb) = (p(batch, student, teacher) for p in self.parts)
+        return self.share * a + (1 - self.share) * b, _one_count({n, nb}), {**ma, **mb}
+
+
+def _one_count(counts: set[int]) -> int:
+    """The count every part was normalised by; parts that disagree would mix two normalisations."""
+    if len(counts) != 1:
+        raise ValueError(f"the parts of an objective return different token counts {sorted(counts)}")
+    return counts.pop()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from hld.errors import HldError
+from hld.errors import HldError, exc_line
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SHIPPED_TASKS: tuple[str, ...] = ("hld_lambada", "hld_mc")
@@ -155,7 +155,7 @@ def _load_tasks(manager, names: list[str], dataset_paths: dict[str, str]) -> dic
 def _data_error(manager, name: str, exc: Exception) -> HldError:
     source = _yaml_field(manager, name, "dataset_path")
     what = f" ({source})" if source else ""
-    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+    detail = exc_line(exc)
     return HldError(
         f"the data of task {name}{what} cannot be loaded: {detail}",
         f"download it where the hub is reachable and rerun with HF_DATASETS_OFFLINE=1 and that HF cache "
@@ -204,8 +204,7 @@ def _read_local(name: str, path: Path, config_name: Optional[str]):
         else:
             ds = datasets.load_dataset(str(path), config_name if (path / "README.md").exists() else None)
     except Exception as exc:
-        raise HldError(f"--task-data {name}={path} cannot be read: {type(exc).__name__}: "
-                       f"{' '.join(str(exc).split())[:160]}",
+        raise HldError(f"--task-data {name}={path} cannot be read: {exc_line(exc)}",
                        "give a dataset repository snapshot, a folder of split files or a save_to_disk directory",
                        ) from exc
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"test": ds})

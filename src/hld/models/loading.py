@@ -19,15 +19,14 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hld.errors import HldError
+from hld.atomic import new_dir
+from hld.errors import HldError, exc_line
 from hld.fingerprint import file_sha256
 from hld.models.hooks import CausalLM, text_config
 from hld.paths import cache_root
@@ -71,21 +70,17 @@ def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
-        raise HldError(f"cannot load GGUF {gguf}: {type(exc).__name__}: {str(exc)[:200]}",
+        raise HldError(f"cannot load GGUF {gguf}: {exc_line(exc)}",
                        "check that it is a complete GGUF of a model family transformers supports") from exc
     # the weights are de-quantised floats now: forget the GGUF "quantisation" so the model saves
     # as an ordinary checkpoint
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "hld_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with new_dir(out) as tmp:  # an old (partial) conversion is replaced only by a complete one
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "hld_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
     return out, digest
 
 
@@ -122,8 +117,7 @@ def model_config(source: str, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise HldError(f"cannot read the config of {source!r}: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}",
+        raise HldError(f"cannot read the config of {source!r}: {exc_line(exc)}",
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
 
 
@@ -170,7 +164,7 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
     except HldError:
         raise
     except Exception as exc:
-        raise HldError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        raise HldError(f"cannot load model {spec!r}: {exc_line(exc)}",
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would leave them randomly initialised: never distil from such a teacher

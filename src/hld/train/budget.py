@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hld.config import MAX_STEPS, RunConfig
+from hld.config import RunConfig
+from hld.config_checks import MAX_STEPS
 from hld.distill.objectives import Plan
 from hld.errors import HldError
 from hld.flops import StepCost, step_cost

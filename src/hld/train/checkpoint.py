@@ -1,23 +1,21 @@
 """Checkpoints: written atomically (a temporary file, then a rename), read with weights_only=True.
 
-A checkpoint holds the student, the projectors, the optimiser, the step (which is the data
-position: the batch order is a pure function of the step) and the RNG states. Two formats:
+A checkpoint holds the student, the projectors, the optimiser, the run state (`RunState`: the step,
+which is the data position, tokens, FLOPs, train seconds) and the RNG states. Two formats:
 - `checkpoints/checkpoint.pt`, one file (single process, and `ddp`, written by rank 0);
 - `checkpoints/step-NNNNNNNN.dcp/`, a `torch.distributed.checkpoint` directory (`train.parallel=fsdp2`):
-  every rank writes its shards into `.step-NNNNNNNN.dcp.tmp/`, rank 0 adds `trainer.pt` (step, RNG,
-  counters) and renames the directory into place. DCP reshards on load, so a run saved by N processes
+  every rank writes its shards into `.step-NNNNNNNN.dcp.tmp/`, rank 0 adds `trainer.pt` (the run state
+  and the RNG states) and renames the directory into place. DCP reshards on load, so a run saved by N processes
   resumes on any number (1 included, without a process group).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import is_dataclass
 from enum import Enum
@@ -27,30 +25,23 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from hld.atomic import replace_dir, write_fix
+from hld.atomic import replace_dir, write_file, write_fix
 from hld.distributed import Dist, any_rank, barrier
-from hld.errors import HldError
+from hld.errors import HldError, one_line
+from hld.train.state import RunState
 
 CKPT_NAME = "checkpoint.pt"
-TRAINER_NAME = "trainer.pt"  # inside a DCP directory: step, tokens, RNG and counters (rank 0's)
+TRAINER_NAME = "trainer.pt"  # inside a DCP directory: the RunState and the RNG states (rank 0's)
 _DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_file(path, lambda fh: torch.save(obj, fh), fsync=True)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict:
@@ -68,25 +59,43 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: Path, *, step: int, tokens: int, student: torch.nn.Module,
-                    projectors: torch.nn.Module | None, optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+def save_checkpoint(run_dir: Path, state: RunState, *, student: torch.nn.Module,
+                    projectors: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> Path:
     path = run_dir / "checkpoints" / CKPT_NAME
     atomic_save({
-        "step": step, "tokens": tokens,
+        **state.to_dict(),
         "student": student.state_dict(),
         "projectors": projectors.state_dict() if projectors is not None else None,
         "optimizer": optimizer.state_dict(),
-        "rng": rng_state(), **extra,
+        "rng": rng_state(),
     }, path)
     return path
 
 
 def load_checkpoint(run_dir: Path) -> dict:
+    """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states."""
     path = run_dir / "checkpoints" / CKPT_NAME
     if not path.exists():
         raise HldError(f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts "
                        "from step 0")
     return _load_file(path)
+
+
+def restore_checkpoint(run_dir: Path, *, student: torch.nn.Module, projectors: torch.nn.Module | None,
+                       optimizer: torch.optim.Optimizer) -> RunState:
+    """Load the single-file checkpoint into the modules, the optimiser and the RNGs; return its run state."""
+    ck = load_checkpoint(run_dir)
+    state = RunState.from_dict(ck, run_dir / "checkpoints" / CKPT_NAME)
+    try:
+        student.load_state_dict(ck["student"])
+        if projectors is not None:
+            projectors.load_state_dict(ck["projectors"])
+        optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise HldError(f"the checkpoint does not fit this run ({load_reason(exc)})",
+                       "resume with the config the run was started with") from exc
+    set_rng_state(ck["rng"])
+    return state
 
 
 def _load_file(path: Path) -> dict:
@@ -102,7 +111,7 @@ def load_reason(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
         lines = lines[1:]
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    return one_line(lines[0] if lines else type(exc).__name__)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -138,15 +147,15 @@ def _latest_sharded(ck: Path) -> Optional[Path]:
     return dirs[-1][1] if dirs else None
 
 
-def save_sharded(run_dir: Path, d: Dist, *, step: int, tokens: int, modules: dict[str, torch.nn.Module],
-                 optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+def save_sharded(run_dir: Path, d: Dist, state: RunState, *, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer) -> Path:
     """A DCP checkpoint of `modules` and the optimiser's state; a collective (every rank calls it).
     World size 1: no process group, DCP writes one shard."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     ck = Path(run_dir) / "checkpoints"
-    final = ck / f"step-{step:08d}.dcp"
+    final = ck / f"step-{state.step:08d}.dcp"
     tmp = ck / f".{final.name}.tmp"
     if d.is_main:
         ck.mkdir(parents=True, exist_ok=True)
@@ -160,7 +169,7 @@ def save_sharded(run_dir: Path, d: Dist, *, step: int, tokens: int, modules: dic
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp, no_dist=not d.active)
         if d.is_main:
-            atomic_save({"step": step, "tokens": tokens, "rng": rng_state(), **extra}, tmp / TRAINER_NAME)
+            atomic_save({**state.to_dict(), "rng": rng_state()}, tmp / TRAINER_NAME)
             replace_dir(tmp, final)
             for _, old in _sharded_dirs(ck):
                 if old != final:
@@ -187,9 +196,10 @@ def _reason(exc: Optional[BaseException]) -> str:
     return type(exc).__name__
 
 
-def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
-    """Load the newest DCP checkpoint into `modules` and `optimizer` (resharding to this world size);
-    return its `trainer.pt` (step, tokens, RNG, counters). Every rank calls it."""
+def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer) -> RunState:
+    """Load the newest DCP checkpoint into `modules`, `optimizer` (resharding to this world size) and the
+    RNGs (rank 0's, from its `trainer.pt`); return the run state saved there. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -225,7 +235,8 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimize
     params = dict(container.named_parameters())
     for fqn in stateless:
         optimizer.state.pop(params[fqn], None)
-    return trainer
+    set_rng_state(trainer["rng"])
+    return RunState.from_dict(trainer, path / TRAINER_NAME)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from hld.config import RunConfig, to_dict
-from hld.errors import HldError
+from hld.errors import HldError, exc_line
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -87,5 +87,5 @@ def _wandb(out: Path, cfg: RunConfig):
         return wandb.init(project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow", dir=str(out),
                           config=to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
     except Exception as exc:  # no account, no network
-        raise HldError(f"W&B could not start: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}",
+        raise HldError(f"W&B could not start: {exc_line(exc)}",
                        "run `wandb login`, or set WANDB_MODE=offline (no network needed; `wandb sync` later)") from exc

@@ -11,13 +11,8 @@ rank 0 alone writes the run directory's files (all ranks write their shards of a
 from __future__ import annotations
 
 import errno
-import json
 import math
 import shutil
-import signal
-import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +22,7 @@ import numpy as np
 import torch
 
 from hld import atomic, distributed
-from hld.config import RunConfig, dump_yaml, to_dict
+from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.distill.cache import CachedTeacher, cache_identity
 from hld.distill.objectives import Plan, fit_targets, keep_targets
@@ -44,19 +39,12 @@ from hld.precision import autocast, default_device, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import assemble, vocab_of
 from hld.train.budget import Length, phase_costs, run_length
-from hld.train.checkpoint import (
-    has_checkpoint,
-    load_checkpoint,
-    load_reason,
-    load_sharded,
-    remove_torn,
-    save_checkpoint,
-    save_sharded,
-    set_rng_state,
-)
-from hld.train.loggers import RunLogger, read_metrics
+from hld.train.checkpoint import has_checkpoint, save_checkpoint, save_sharded
+from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
+from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state, same_config
 from hld.train.schedule import lr_factor
+from hld.train.state import RunState
 
 
 @dataclass
@@ -176,15 +164,16 @@ def train_step(s: Setup, step: int) -> dict:
     local_size = cfg.train.batch_size // d.world_size
     n_micro = local_size // (cfg.train.micro_batch_size or local_size)
     sums: dict[str, float] = {}
-    loss_total = 0.0
+    loss_total, n_counted = 0.0, 0
     for mb in batch.split(n_micro):
         mb = mb.to(s.device)
         teacher = s.teacher(mb, objective.needs) if s.teacher is not None else None
         with autocast(s.compute_dtype, s.device):
             out = s.runner(mb.input_ids)
-        loss_sum, _, metrics = objective(mb, out, teacher)
+        loss_sum, n, metrics = objective(mb, out, teacher)
         (loss_sum / n_global).backward()  # each backward() adds to .grad: sum / global count = mean
         loss_total += float(loss_sum.detach())
+        n_counted += n
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         del out, teacher, loss_sum
@@ -192,8 +181,10 @@ def train_step(s: Setup, step: int) -> dict:
     distributed.sync_grads(d, params)  # ddp: sum over ranks = the single-process gradient
     if d.active:  # the global batch's sums, so every rank logs (and judges) the same numbers
         keys = sorted(sums)
-        loss_total, *vals = distributed.all_sum(d, [loss_total, *(sums[k] for k in keys)])
-        sums = dict(zip(keys, vals))
+        loss_total, n_all, *vals = distributed.all_sum(d, [loss_total, n_counted, *(sums[k] for k in keys)])
+        sums, n_counted = dict(zip(keys, vals)), round(n_all)
+    if max(n_counted, 1) != n_global:  # the objective normalised by another count than the loop divides by
+        raise RuntimeError(f"the objective counted {n_counted} targets in a step of {n_global}")
     norm = distributed.clip_grad_norm(d, params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
     lr = cfg.train.lr * lr_factor(step, s.total_steps, cfg.train)
     finite = not distributed.any_rank(d, not (math.isfinite(loss_total) and bool(torch.isfinite(norm))))
@@ -209,67 +200,15 @@ def train_step(s: Setup, step: int) -> dict:
     return line
 
 
-def _prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:
-    """Check `out` for a new run or a resume; write config.yaml (`write`: rank 0 only)."""
-    text = dump_yaml(cfg)
-    cfg_path = out / "config.yaml"
-    if out.exists() and not out.is_dir():
-        raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
-    if resume:
-        if not cfg_path.exists():
-            raise HldError(f"--resume: {out} is not a run directory (no config.yaml)",
-                           "check --out, or drop --resume to start a new run there")
-        if not same_config(cfg_path, cfg):
-            raise HldError(f"--resume with a config that differs from {cfg_path}",
-                           "resume with the same config and overrides, or start a new --out")
-        return
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise HldError(f"{out} already holds a run", "pass --resume to continue it (from its last checkpoint, or "
-                       "from step 0 if it has none), or choose another --out")
-    if write:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(cfg_path, text)
-        except OSError as exc:
-            raise HldError(f"cannot create the run directory {out}: {exc.strerror or exc}",
-                           atomic.write_fix(exc)) from exc
-
-
-def _last_validation(run_dir: Path) -> dict:
-    vals = [r for r in read_metrics(run_dir) if "val/ppl" in r]
-    return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
-
-
-def same_config(path: Path, cfg: RunConfig) -> bool:
-    """Does the resolved config saved at `path` equal `cfg`? The `log` section (where metric lines
-    also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
-    import yaml
-    saved, now = yaml.safe_load(path.read_text()), to_dict(cfg)
-    saved.pop("log", None)
-    now.pop("log", None)
-    return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
-    if not (run_dir / "metrics.jsonl").exists():
-        return
-    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
-
-
 def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """The student alone (no projectors) as an ordinary HF checkpoint, written atomically.
     `state_dict`: its full weights when the module holds shards (fsdp2)."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        atomic.replace_dir(tmp, out)
+        with atomic.new_dir(out) as tmp:
+            student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
     except OSError as exc:
         raise HldError(f"could not write {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else a failed write's debris
 
 
 def _warm(cfg: RunConfig, resources: Resources) -> None:
@@ -309,118 +248,76 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
 
 def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources],
            quiet: bool) -> dict:
-    _prepare_dir(cfg, out, resume, write=d.is_main)
+    prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
     if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, tokenised corpora)
         _warm(cfg, resources)
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
-    costs = s.costs
-    step, tokens, flops = 0, 0, 0.0
-    if resume:
-        if d.is_main:
-            remove_torn(out)  # a write cut short by a kill: never read
-        distributed.barrier(d)
-        if not has_checkpoint(out):  # stopped or failed before its first checkpoint (or it was deleted)
-            if (out / "summary.json").exists():
-                raise HldError(f"no checkpoint in {out}, and its run has finished (summary.json)",
-                               "export it with `hld export`, or start a new run in another --out")
-            if d.is_main:
-                _say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
-        elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
-            ck = load_sharded(out, modules=_state_modules(s), optimizer=s.optimizer)
-            set_rng_state(ck["rng"])
-            step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
-        else:
-            ck = load_checkpoint(out)
-            _restore(s, ck)
-            step, tokens, flops = ck["step"], ck["tokens"], ck["flops"]
-        if d.is_main:
-            _truncate_metrics(out, step)
-    logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=step if resume else None)  # rank 0 logs
-    prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=step)
-    t0, tok0, skipped_in_row, t_train, line = time.time(), tokens, 0, 0.0, {}
-    sigterm = _SigtermFlag()
+    state = resume_state(out, d, modules=_state_modules(s), optimizer=s.optimizer) if resume else RunState()
+    logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=state.step if resume else None)  # rank 0 logs
+    prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=state.step)
     try:
-        while step < s.total_steps:
+        line = _steps(s, out, state, logger, prog)
+    finally:
+        logger.close()
+        prog.close()
+        release_hooks(s)  # the teacher module may be shared with the next run (hld run)
+    _save(s, out, state)
+    return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model))
+
+
+def _steps(s: Setup, out: Path, state: RunState, logger: RunLogger, prog: Progress) -> dict:
+    """Step from `state` to the end of the budget (`state` advances in place); the last metric line."""
+    cfg, d = s.cfg, s.dist
+    t0, tok0, line = time.time(), state.tokens, {}
+    sigterm = SigtermFlag()
+    try:
+        while state.step < s.total_steps:
             ts = time.time()
-            m = train_step(s, step)
-            t_train += time.time() - ts
-            step += 1
-            n_tok = s.length.tokens_at(step - 1, cfg.train.batch_size, cfg.data.seq_len)
-            tokens += n_tok
-            flops += costs[m["phase"]].total * n_tok
-            skipped_in_row = skipped_in_row + 1 if m["skipped"] else 0
-            rate = (tokens - tok0) / max(time.time() - t0, 1e-9)
-            line = {"step": step, "tokens": tokens, "flops": flops, **m, "tokens_per_s": rate}
-            last = step == s.total_steps
+            m = train_step(s, state.step)
+            state.advance(tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
+                          flops_per_token=s.costs[m["phase"]].total, skipped=m["skipped"], seconds=time.time() - ts)
+            rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
+            line = {"step": state.step, "tokens": state.tokens, "flops": state.flops, **m, "tokens_per_s": rate}
+            step, last = state.step, state.step == s.total_steps
             if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 or last:
                 line.update(validate_now(s))
             if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line or m["skipped"]:
                 logger.log(line)
-            if skipped_in_row >= 5:
-                raise HldError(f"the loss or gradient was non-finite for {skipped_in_row} steps in a row (step {step})",
-                               "lower train.lr, or check the data; the last good checkpoint is kept")
+            if state.skipped_in_row >= 5:
+                raise HldError(f"the loss or gradient was non-finite for {state.skipped_in_row} steps in a row "
+                               f"(step {step})", "lower train.lr, or check the data; the last good checkpoint is kept")
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
-                _save(s, out, step, tokens, flops)
+                _save(s, out, state)
             prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
             if not last and distributed.any_rank(d, sigterm.raised):  # preempted: all ranks stop here
-                _save(s, out, step, tokens, flops)
+                _save(s, out, state)
                 raise Preempted(out, step, s.total_steps)
     finally:
         sigterm.restore()
-        logger.close()
-        prog.close()
-        release_hooks(s)  # the teacher module may be shared with the next run (hld run)
-    _save(s, out, step, tokens, flops)
-    tok = resources.tokenizer(cfg.teacher.model)
+    return line
+
+
+def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict:
+    """Export the student, write cka.json and summary.json; return the summary."""
+    cfg, d = s.cfg, s.dist
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
-    distributed.main_only(d, lambda: export_student(s.student, tok, out / "student", state_dict=full))
+    distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
     distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = _last_validation(out) or validate_now(s)
+        line = last_validation(out) or validate_now(s)
     counts = count_params(s.student)
     summary = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
                "student_params": counts["total"], "student_params_non_embedding": counts["non_embedding"],
-               "steps": step, "tokens": tokens, "flops": flops,
-               "flops_per_token": {k: v.total for k, v in costs.items()},
-               "train_seconds": t_train, **{k: v for k, v in line.items() if k.startswith("val/")}}
+               "steps": state.step, "tokens": state.tokens, "flops": state.flops,
+               "flops_per_token": {k: v.total for k, v in s.costs.items()},
+               "train_seconds": state.train_seconds, **{k: v for k, v in line.items() if k.startswith("val/")}}
     if d.is_main:  # what `hld export` checks the weights against
         summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
-
-
-def _say(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-class Preempted(Exception):
-    """SIGTERM arrived: the step in flight finished, a checkpoint was written, the run can resume."""
-
-    def __init__(self, run_dir: Path, step: int, total: int) -> None:
-        super().__init__(f"preempted at step {step}/{total}; checkpoint saved in {run_dir}")
-        self.run_dir, self.step, self.total = run_dir, step, total
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
 
 
 def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resources] = None,
@@ -446,28 +343,14 @@ def release_hooks(s: Setup) -> None:
             capture.remove()
 
 
-def _save(s: Setup, out: Path, step: int, tokens: int, flops: float) -> None:
+def _save(s: Setup, out: Path, state: RunState) -> None:
     if s.dist.mode == "fsdp2":  # every rank writes its shards
-        save_sharded(out, s.dist, step=step, tokens=tokens, modules=_state_modules(s), optimizer=s.optimizer,
-                     extra={"flops": flops})
+        save_sharded(out, s.dist, state, modules=_state_modules(s), optimizer=s.optimizer)
         return
-    distributed.main_only(s.dist, lambda: save_checkpoint(out, step=step, tokens=tokens, student=s.student,
-                                                          projectors=s.projectors, optimizer=s.optimizer,
-                                                          extra={"flops": flops}))
+    distributed.main_only(s.dist, lambda: save_checkpoint(out, state, student=s.student, projectors=s.projectors,
+                                                          optimizer=s.optimizer))
 
 
 def _state_modules(s: Setup) -> dict[str, torch.nn.Module]:
     """What a DCP checkpoint holds, by name (the optimiser's state is keyed by these names)."""
     return {"student": s.student, **({"projectors": s.projectors} if s.projectors is not None else {})}
-
-
-def _restore(s: Setup, ck: dict) -> None:
-    try:
-        s.student.load_state_dict(ck["student"])
-        if s.projectors is not None:
-            s.projectors.load_state_dict(ck["projectors"])
-        s.optimizer.load_state_dict(ck["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise HldError(f"the checkpoint does not fit this run ({load_reason(exc)})",
-                       "resume with the config the run was started with") from exc
-    set_rng_state(ck["rng"])

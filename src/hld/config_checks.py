@@ -1,0 +1,140 @@
+"""What a loaded config must satisfy: every numeric key within its range (`RANGES`, the table the
+error messages quote) and no contradictory values (`validate`). Run by `hld.config.load_config`
+before anything trains; reads the config's fields only, so it imports nothing of `hld.config`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hld.errors import HldError
+
+RunConfig = Any  # an hld.config.RunConfig (not imported: hld.config imports this module)
+
+
+MAX_STEPS = 10_000_000  # a budget needing more optimiser steps than this is refused up front
+
+# The valid range of every numeric config key: (low, high, low excluded, high excluded). Checked at
+# load time, before anything trains; `None` passes where the field is Optional. Floats must be finite.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "data.seq_len": (2, 1 << 20, False, False),
+    "data.max_train_docs": (1, 10**12, False, False),
+    "data.val_tokens": (1, 10**12, False, False),
+    "teacher.cache_top_k": (1, 1 << 20, False, False),
+    "teacher.cache_value_bits": (2, 8, False, False),
+    "student.n_layers": (1, 1024, False, False),
+    "student.d_model": (1, 1 << 16, False, False),
+    "student.n_heads": (1, 1024, False, False),
+    "student.n_kv_heads": (1, 1024, False, False),
+    "student.head_dim": (1, 4096, False, False),
+    "student.d_ff": (1, 1 << 18, False, False),
+    "objective.alpha": (0, 1, False, False),
+    "objective.temperature": (0, 100, True, False),
+    "objective.jsd_beta": (0, 1, True, True),
+    "objective.top_k": (1, 1 << 20, False, False),
+    "objective.hidden.n_pairs": (1, 1024, False, False),
+    "objective.hidden.beta": (0, 1e6, False, False),
+    "objective.hidden.first_share": (0, 1, False, False),
+    "objective.hidden.stats_windows": (1, 1 << 24, False, False),
+    "objective.hidden.diagnostics_windows": (1, 1 << 20, False, False),
+    "objective.alpha_schedule.final": (0, 1, False, False),
+    "objective.alpha_schedule.warmup_share": (0, 1, False, False),
+    "objective.alpha_schedule.decay_share": (0, 1, False, False),
+    "objective.hidden.beta_schedule.final": (0, 1e6, False, False),
+    "objective.hidden.beta_schedule.warmup_share": (0, 1, False, False),
+    "objective.hidden.beta_schedule.decay_share": (0, 1, False, False),
+    "budget.tokens": (1, 10**18, False, False),
+    "budget.flops": (0, 1e40, True, False),
+    "train.seed": (0, 2**32 - 1, False, False),
+    "train.batch_size": (1, 1 << 20, False, False),
+    "train.micro_batch_size": (1, 1 << 20, False, False),
+    "train.lr": (0, 1, True, False),
+    "train.min_lr_ratio": (0, 1, False, False),
+    "train.weight_decay": (0, 1, False, False),
+    "train.warmup_share": (0, 1, False, True),
+    "train.decay_share": (0, 1, False, False),
+    "train.grad_clip": (0, 1e6, False, False),
+    "train.loss_chunk_tokens": (1, 1 << 24, False, False),
+    "train.eval_every_steps": (0, MAX_STEPS, False, False),
+    "train.log_every_steps": (1, MAX_STEPS, False, False),
+    "train.checkpoint_every_steps": (0, MAX_STEPS, False, False),
+}
+
+
+def range_text(key: str) -> str:
+    lo, hi, lo_open, hi_open = RANGES[key]
+    return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Every numeric key within its range (RANGES), with the key, the value and the range in the message."""
+    defaults = type(cfg)()  # the defaults, for the fix
+    for key, (lo, hi, lo_open, hi_open) in RANGES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and \
+            (value < hi if hi_open else value <= hi)
+        if not ok:
+            example = f" (default {_get(defaults, key)})" if _get(defaults, key) is not None else ""
+            raise HldError(f"config {key}={value!r} is outside {range_text(key)}, its valid range",
+                           f"set {key} to a value in {range_text(key)}{example}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Contradictory or out-of-range values."""
+    check_ranges(cfg)
+    t, o, d = cfg.train, cfg.objective, cfg.data
+    B, T = t.batch_size, d.seq_len
+    checks = [
+        (cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\0" not in cfg.name,
+         f"config name={cfg.name!r} is not a plain name (the run goes to runs/<name>)",
+         "give a name without '/' (or pass --out to choose the run directory)"),
+        (t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
+         f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}",
+         "pick a micro batch size that divides the batch size"),
+        (d.val_tokens >= d.seq_len, f"data.val_tokens={d.val_tokens} is less than one window "
+         f"(data.seq_len={d.seq_len})", f"set data.val_tokens to at least {d.seq_len}"),
+        (0 <= t.warmup_share < 1, "train.warmup_share must be in [0, 1)", "e.g. 0.05"),
+        (0 <= t.decay_share <= 1 and t.warmup_share + (t.decay_share if t.schedule == "wsd" else 0) <= 1,
+         "train.warmup_share + train.decay_share exceed 1", "shorten warmup or decay"),
+        (len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
+         "train.betas must be two numbers in [0, 1)", "e.g. [0.9, 0.95]"),
+        (o.top_k is None or o.divergence != "reverse_kl" or o.top_k_rest == "bucket",
+         "objective.divergence=reverse_kl with objective.top_k and top_k_rest=renormalize is infinite: "
+         "KL(student||teacher) needs teacher mass wherever the student has some, and a renormalised top-k "
+         "teacher has none off its k tokens",
+         "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null"),
+        *[(0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
+           f"objective {name}: warmup_share + decay_share must lie in [0, 1]", "e.g. warmup 0.1, decay 0.2")
+          for name, sc in (("alpha_schedule", o.alpha_schedule), ("hidden.beta_schedule", o.hidden.beta_schedule))],
+        (o.method != "hld-first" or 0 < o.hidden.first_share < 1,
+         f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",
+         "a zero-length (or whole-run) hidden phase is not hld-first; e.g. 0.2"),
+        (o.method != "hld-joint" or o.hidden.beta > 0, "hld-joint with objective.hidden.beta=0 is plain kd",
+         "set objective.hidden.beta > 0 or use method kd"),
+        (o.hidden.mapping != "explicit" or len(o.hidden.pairs) > 0,
+         "objective.hidden.mapping=explicit needs objective.hidden.pairs", "give [[student, teacher], ...]"),
+        (cfg.budget.tokens is None or cfg.budget.flops is None,
+         "both budget.tokens and budget.flops are set", "give one of them (set the other to null)"),
+        (cfg.budget.tokens is None or cfg.budget.tokens >= T * B,
+         f"budget.tokens={cfg.budget.tokens} is less than one step ({B}x{T} tokens)",
+         "raise budget.tokens or lower batch_size/seq_len"),
+        (cfg.budget.tokens is None or -(-cfg.budget.tokens // (B * T)) <= MAX_STEPS,
+         f"budget.tokens={cfg.budget.tokens} needs {-(-(cfg.budget.tokens or 0) // (B * T)):,} steps of "
+         f"{B}x{T} tokens, more than the limit of {MAX_STEPS:,}",
+         "lower budget.tokens, or raise train.batch_size or data.seq_len"),
+    ]
+    for ok, problem, fix in checks:
+        if not ok:
+            raise HldError(problem, fix)
+    from hld.models.student import resolve_shape  # here: hld.models.student imports this module
+
+    resolve_shape(cfg.student)

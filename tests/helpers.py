@@ -1,0 +1,105 @@
+"""What several test modules share (not fixtures: those are in conftest.py): the checked-in tiny
+assets, the overrides that point a config at them, the trainable parameters of a built run by name,
+and the report's verdict line as a pattern. Imported as `helpers` (pytest puts tests/ on sys.path for
+its rootdir conftest.py; tests/dist_worker.py runs from tests/)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_TEACHER = ASSETS / "tiny_teacher"
+C4_TRAIN = str(ASSETS / "c4" / "c4-train.*.json.gz")
+C4_VALIDATION = str(ASSETS / "c4" / "c4-validation.*.json.gz")
+
+# Student's t, 97.5% quantile, by degrees of freedom (scipy.stats.t.ppf(0.975, df))
+T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105}
+
+# one verdict line of report.md (and any verdict line)
+VERDICT = re.compile(
+    r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+), (?P<acc>[\w ,-]+)\*\*(?: \((?P<conf>[^)]+)\))?"
+    r"(?:; FLOPs ×(?P<fr>\d+\.\d+) of [\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<unit>\w+); "
+    r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), "
+    r"(?P<hi>[+-]\d+\.\d+)\] over \d+ (?P<over>\w+)(?:; configurations are not independent replicates)?; "
+    r"Holm-adjusted p = (?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+ANY_VERDICT = re.compile(r"^- \*\*[\w-]+ vs [\w-]+")
+
+
+def tiny_overrides() -> list[str]:
+    """Dotted overrides that turn any shipped config into a seconds-long CPU run on the fixtures
+    (4 steps of 4 x 32 tokens). fp32 is pinned so results do not depend on the CPU's bf16 support."""
+    return [f"teacher.model={TINY_TEACHER}", f"data.train={C4_TRAIN}", f"data.validation={C4_VALIDATION}",
+            "student.preset=tiny-2l", "data.seq_len=32", "train.batch_size=4", "budget.tokens=512",
+            "train.precision=float32", "teacher.dtype=float32"]
+
+
+def named_params(s) -> dict[str, torch.nn.Parameter]:
+    """A built run's (`hld.train.loop.Setup`) trained parameters: `student.<name>`, `projectors.<name>`."""
+    out = {f"student.{k}": p for k, p in s.student.named_parameters()}
+    if s.projectors is not None:
+        out.update({f"projectors.{k}": p for k, p in s.projectors.named_parameters()})
+    return out
+
+
+def holm_by_hand(p: list[float]) -> list[float]:
+    """Holm's adjusted p-values written out: p_(i) * (m - i + 1) for the i-th smallest (1-based),
+    made monotone by a running maximum and capped at 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, best = [0.0] * len(p), 0.0
+    for i, j in enumerate(order, start=1):
+        best = max(best, (len(p) - i + 1) * p[j])
+        out[j] = min(1.0, best)
+    return out
+
+
+def verdicts_from_csv(path) -> list[dict]:
+    """The validation-loss verdict lines recomputed from results.csv alone (numpy, scipy's t, Holm by
+    hand): per view (equal student tokens; equal FLOPs with the ce cell at kd's FLOPs), per
+    comparison and per configuration over its seeds. Loss lines only: the Holm family of a report
+    with task lines is larger, so pass only reports without them."""
+    from scipy import stats
+
+    rows = list(csv.DictReader(open(path)))
+    budget = {(r["match"], r["seed"], r["arm"]): r for r in rows if r["accounting"] == "budget"}
+    views = [("budget", budget)]
+    if any(r["accounting"] == "flops" for r in rows):
+        views.append(("flops", {**budget, **{(r["match"], r["seed"], r["arm"]): r for r in rows
+                                             if r["accounting"] == "flops"}}))
+    out = []
+    for view, cells in views:
+        for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
+            if view == "flops" and "ce" not in (arm, base):
+                continue
+            for conf in sorted({m for m, _, a in cells if a == arm}):
+                pairs = [(cells[(m, s, arm)], cells[(m, s, base)]) for m, s, a in cells
+                         if m == conf and a == arm and (m, s, base) in cells]
+                d = np.array([float(x["val_loss"]) - float(y["val_loss"]) for x, y in pairs])
+                half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+                ratio = np.mean([float(x["flops"]) / float(y["flops"]) for x, y in pairs])
+                out.append({"arm": arm, "base": base, "view": view, "wins": int((d < 0).sum()), "n": len(d),
+                            "mean": d.mean(), "lo": d.mean() - half, "hi": d.mean() + half,
+                            "ratio": math.exp(d.mean()), "fr": ratio, "p": stats.ttest_1samp(d, 0.0).pvalue})
+    for v, p in zip(out, holm_by_hand([v["p"] for v in out])):
+        v["p_holm"] = p
+    return out
+
+
+def check_verdicts(report: str, csv_path) -> None:
+    said = [m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m]
+    want = verdicts_from_csv(csv_path)
+    assert len(said) == len(want) == len([line for line in report.splitlines() if ANY_VERDICT.match(line)])
+    for s, w in zip(said, want):
+        assert (s["arm"], s["base"], int(s["wins"]), int(s["n"]), s["over"]) == \
+            (w["arm"], w["base"], w["wins"], w["n"], "seeds"), s
+        assert ("FLOPs, teacher counted" in s["acc"]) == (w["view"] == "flops")
+        for name in ("mean", "lo", "hi", "ratio"):
+            assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (s, name)
+        assert float(s["fr"]) == pytest.approx(w["fr"], abs=6e-4)
+        assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
