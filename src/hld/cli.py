@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
+    p = sub.add_parser("plan", help="what a run config or a study will cost, without loading weights: parameters, "
+                       "FLOPs per token, steps and tokens at the budget, the teacher cache's size, peak memory")
+    p.add_argument("--config", required=True, help="run YAML or preset name, or a study YAML or shipped study name "
+                   "(a study of that name is taken first; --run for the run preset)")
+    p.add_argument("--run", action="store_true", help="read --config as a run config even where a study has its name")
+    p.add_argument("--world-size", type=int, default=1, help="processes to size the memory for (torchrun's "
+                   "--nproc-per-node x nodes; default 1)")
+    p.add_argument("overrides", nargs="*", help="dotted run overrides (and study keys for a study)")
+    _common(p)
+
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
 
@@ -259,6 +269,34 @@ def _sigterm_as_error(problem: str, fix: str):
             signal.signal(signal.SIGTERM, old)
 
 
+def _is_study(name_or_path: str) -> bool:
+    """A study YAML (it names its arms) or a shipped study's name."""
+    from hld.config import read_yaml
+    from hld.study.grid import STUDY_DIR
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return "arms" in read_yaml(path)
+    return (STUDY_DIR / f"{name_or_path}.yaml").is_file()
+
+
+def cmd_plan(args) -> dict:
+    from hld.config import load_config
+    from hld.plan import check_world_size, format_run, format_study, plan_run, plan_study
+
+    if not args.run and _is_study(args.config):
+        result = plan_study(args.config, args.overrides, world_size=args.world_size)
+        lines = format_study(result)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        check_world_size(args.world_size, cfg)
+        result = plan_run(cfg, world_size=args.world_size)
+        lines = format_run(result)
+    if not args.json:
+        print("\n".join(lines))
+    return result
+
+
 def cmd_config(args) -> dict:
     from hld.config import field_help
 
@@ -301,7 +339,7 @@ def _print_report(result: dict) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study,
             "cache-teacher": cmd_cache_teacher, "inspect-teacher": cmd_inspect_teacher,
-            "config": cmd_config,
+            "config": cmd_config, "plan": cmd_plan,
             "study": cmd_study, "report": cmd_report}
 
 
