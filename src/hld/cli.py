@@ -110,7 +110,7 @@ def cmd_train(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
-    if not args.json:
+    if not args.json and _is_main_rank():
         print(f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
               f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}")
     return {"run_dir": str(out), **summary}
@@ -383,30 +383,47 @@ def _single_process(command: str) -> None:
                        "run it without torchrun (only `hld train` runs on several processes)")
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 (or no torchrun). Under torchrun every rank of `hld train` ends with the same result or the
+    same error (the loop's decisions are all-reduced), so only rank 0 prints it: one line, not one per rank.
+    A failure of another rank alone shows as that rank's exit code in torchrun's report; --debug raises
+    it, with its traceback, on every rank."""
+    from hld.distributed import launch_env
+
+    try:
+        return launch_env()[1] == 0
+    except HldError:  # a malformed RANK: _single_process / setup report it
+        return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
     from hld.train.loop import Preempted
 
+    speak = _is_main_rank()
     try:
         _single_process(args.command)
         result = COMMANDS[args.command](args)
     except HldError as exc:
         if args.debug:
             raise
-        _say(f"hld: error: {exc.line()}")
-        if args.json:
-            print(json.dumps({"error": exc.line()}))
+        if speak:
+            _say(f"hld: error: {exc.line()}")
+            if args.json:
+                print(json.dumps({"error": exc.line()}))
         return 2
     except Preempted as exc:  # SIGTERM: checkpoint written, exit 0 so a scheduler can requeue
-        _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
-        if args.json:
-            print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)}))
+        if speak:
+            _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
+            if args.json:
+                print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total,
+                                  "run_dir": str(exc.run_dir)}))
         return 0
     except KeyboardInterrupt:
         print("hld: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and speak:
         print(json.dumps(result, default=str))
     return 0
 

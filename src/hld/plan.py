@@ -227,7 +227,8 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
                                     vocab=vocab_of(g["teacher"]))
         out.append({"codec": g["cfg"].teacher.cache_codec, "hidden_dtype": g["cfg"].teacher.cache_hidden_dtype,
                     "top_k": g["cfg"].teacher.cache_top_k, "layers": layers, "bytes_per_token": per,
-                    "tokens": g["tokens"], "bytes": per["estimate"] * g["tokens"], "bytes_bound": per["bound"] * g["tokens"]})
+                    "tokens": g["tokens"], "bytes": per["estimate"] * g["tokens"],
+                    "bytes_bound": per["bound"] * g["tokens"]})
     return {"study": study.name, "blocks": list(blocks.values()), "caches": out,
             "cache_bytes": sum(c["bytes"] for c in out)}
 

@@ -113,12 +113,14 @@ from hld.train.loop import build, train_step
 from hld.train.resources import Resources
 
 def status():
-    return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "VmHWM"))}
+    lines = [x for x in open("/proc/self/status") if x.startswith(("VmRSS", "VmHWM"))]
+    return {x.split(":")[0]: int(x.split()[1]) * 1024 for x in lines}
 
 cfg = load_config("smoke", json.loads(sys.argv[1]))
 res = Resources()
 tok = res.tokenizer(cfg.teacher.model)  # what build() reads from disk, loaded first: not the run's memory
-res.windows(cfg.data.train, tok, seq_len=cfg.data.seq_len, text_field=cfg.data.text_field, max_docs=cfg.data.max_train_docs)
+d = cfg.data
+res.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
 res.validation_windows(cfg.data, tok)
 base = status()["VmRSS"]
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS

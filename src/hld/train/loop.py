@@ -141,7 +141,8 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
-        expect = cache_identity(teacher=resolve_model_dir(cfg.teacher.model)[1], tokenizer=tok, seq_len=d.seq_len, train_windows=train_w,
+        expect = cache_identity(teacher=resolve_model_dir(cfg.teacher.model)[1], tokenizer=tok, seq_len=d.seq_len,
+                                train_windows=train_w,
                                 layers=plan.needs.layers, top_k=cfg.objective.top_k or 0)
         teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:
