@@ -75,3 +75,19 @@ def test_a_cache_of_another_teacher_is_refused_without_loading_it(tmp_path, over
     with pytest.raises(HldError, match="another teacher"):
         build(_cfg(overrides, "kd", f"teacher.model={other}", f"teacher.cache={cache}",
                    "objective.hidden.diagnostics=false"), Resources())
+
+
+def test_which_cached_runs_read_the_teacher_weights(overrides):
+    import torch
+
+    from hld.distributed import Dist
+    from hld.train.loop import teacher_weights_needed
+
+    one, two = Dist(device=torch.device("cpu")), Dist(world_size=2, mode="ddp", device=torch.device("cpu"))
+    cached = [*overrides, "teacher.cache=/somewhere"]
+    assert teacher_weights_needed(_cfg(overrides, "kd"), one)  # online
+    assert teacher_weights_needed(_cfg(cached, "kd"), one)  # the diagnostics read the teacher's states
+    assert not teacher_weights_needed(_cfg(cached, "kd", "objective.hidden.diagnostics=false"), one)
+    assert not teacher_weights_needed(_cfg(cached, "hld-joint"), two)  # no diagnostics under torchrun
+    assert teacher_weights_needed(_cfg(cached, "hld-joint", "objective.hidden.loss=lens",
+                                       "objective.hidden.diagnostics=false"), two)  # the lens reads its head
