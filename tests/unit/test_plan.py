@@ -150,3 +150,10 @@ def test_memory_estimate_is_within_a_factor_of_the_measured_cpu_peak(tmp_path, o
     print(f"estimate {r['estimate']['total'] / 2**20:.0f} MiB, measured {r['measured'] / 2**20:.0f} MiB, "
           f"ratio {ratio:.2f}; terms {({k: round(v / 2**20) for k, v in r['estimate'].items()})}")
     assert 1 / FACTOR <= ratio <= FACTOR
+
+
+def test_plan_refuses_a_world_size_that_does_not_split_the_batch(capsys):
+    for n, says in (("3", "not a multiple of the world size 3"), ("0", "--world-size 0 is not a positive")):
+        assert main(["plan", "--config", "paper-123m", "--world-size", n]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hld: error: ") and says in err[0], err
