@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
+    p = sub.add_parser("plan", help="what a run config or a study will cost, without loading weights: parameters, "
+                       "FLOPs per token, steps and tokens at the budget, the teacher cache's size, peak memory")
+    p.add_argument("--config", required=True, help="run YAML or preset name, or a study YAML or shipped study name "
+                   "(a study of that name is taken first; --run for the run preset)")
+    p.add_argument("--run", action="store_true", help="read --config as a run config even where a study has its name")
+    p.add_argument("--world-size", type=int, default=1, help="processes to size the memory for (torchrun's "
+                   "--nproc-per-node x nodes; default 1)")
+    p.add_argument("overrides", nargs="*", help="dotted run overrides (and study keys for a study)")
+    _common(p)
+
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
 
@@ -105,7 +115,7 @@ def cmd_train(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
-    if not args.json:
+    if not args.json and _is_main_rank():
         print(f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
               f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}")
     return {"run_dir": str(out), **summary}
@@ -264,6 +274,34 @@ def _sigterm_as_error(problem: str, fix: str):
             signal.signal(signal.SIGTERM, old)
 
 
+def _is_study(name_or_path: str) -> bool:
+    """A study YAML (it names its arms) or a shipped study's name."""
+    from hld.config import read_yaml
+    from hld.study.grid import STUDY_DIR
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return "arms" in read_yaml(path)
+    return (STUDY_DIR / f"{name_or_path}.yaml").is_file()
+
+
+def cmd_plan(args) -> dict:
+    from hld.config import load_config
+    from hld.plan import check_world_size, format_run, format_study, plan_run, plan_study
+
+    if not args.run and _is_study(args.config):
+        result = plan_study(args.config, args.overrides, world_size=args.world_size)
+        lines = format_study(result)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        check_world_size(args.world_size, cfg)
+        result = plan_run(cfg, world_size=args.world_size)
+        lines = format_run(result)
+    if not args.json:
+        print("\n".join(lines))
+    return result
+
+
 def cmd_config(args) -> dict:
     from hld.config import field_help
 
@@ -306,7 +344,7 @@ def _print_report(result: dict) -> None:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study,
             "cache-teacher": cmd_cache_teacher, "inspect-teacher": cmd_inspect_teacher,
-            "config": cmd_config,
+            "config": cmd_config, "plan": cmd_plan,
             "study": cmd_study, "report": cmd_report}
 
 
@@ -350,30 +388,47 @@ def _single_process(command: str) -> None:
                        "run it without torchrun (only `hld train` runs on several processes)")
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 (or no torchrun). Under torchrun every rank of `hld train` ends with the same result or the
+    same error (the loop's decisions are all-reduced), so only rank 0 prints it: one line, not one per rank.
+    A failure of another rank alone shows as that rank's exit code in torchrun's report; --debug raises
+    it, with its traceback, on every rank."""
+    from hld.distributed import launch_env
+
+    try:
+        return launch_env()[1] == 0
+    except HldError:  # a malformed RANK: _single_process / setup report it
+        return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
     from hld.train.rundir import Preempted
 
+    speak = _is_main_rank()
     try:
         _single_process(args.command)
         result = COMMANDS[args.command](args)
     except HldError as exc:
         if args.debug:
             raise
-        _say(f"hld: error: {exc.line()}")
-        if args.json:
-            print(json.dumps({"error": exc.line()}))
+        if speak:
+            _say(f"hld: error: {exc.line()}")
+            if args.json:
+                print(json.dumps({"error": exc.line()}))
         return 2
     except Preempted as exc:  # SIGTERM: checkpoint written, exit 0 so a scheduler can requeue
-        _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
-        if args.json:
-            print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)}))
+        if speak:
+            _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
+            if args.json:
+                print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total,
+                                  "run_dir": str(exc.run_dir)}))
         return 0
     except KeyboardInterrupt:
         print("hld: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if args.json and speak:
         print(json.dumps(result, default=str))
     return 0
 

@@ -104,6 +104,8 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
                     "shards": shards,
                     "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
                     "codec": codec.to_json(),
+                    # what a run reading the cache needs of the teacher besides its identity: its shapes
+                    "teacher_config": text_config(teacher_lm.config).to_dict(),
                     "build_seconds": time.time() - t0}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out)

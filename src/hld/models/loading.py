@@ -6,7 +6,8 @@
   an ordinary safetensors checkpoint under the hld cache, so later loads take seconds, not a minute;
 - a run directory written by `hld train` (its exported `student/`);
 - a local Hugging Face directory (`config.json` + weights);
-- a Hugging Face hub id (needs the network).
+- a Hugging Face hub id (needs the network; the config alone of `google/gemma-3-{270m,1b,4b,12b,27b}-{pt,it}`
+  is shipped, `SHIPPED_CONFIGS`, so sizing a run with `hld plan` needs no hub).
 A multimodal checkpoint (Gemma 3 4B/12B/27B: `Gemma3ForConditionalGeneration`) is loaded as its
 language model alone — the text config's causal LM class, its weights renamed from the checkpoint's
 `language_model.*` keys — so the vision tower's tensors are never read into memory.
@@ -32,6 +33,11 @@ from hld.models.hooks import CausalLM, text_config
 from hld.paths import cache_root
 
 EMBEDDED_TEACHER = "gemma-3-270m"
+# the public config.json of the Gemma 3 pretrained checkpoints (shape values, no weights): hub id -> asset dir
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "gemma3_configs"
+SHIPPED_CONFIGS = {f"google/gemma-3-{size}-{kind}": SHIPPED_CONFIG_DIR / f"gemma-3-{size}-pt"
+                   for size in ("270m", "1b", "4b", "12b", "27b") for kind in ("pt", "it")}
+SHIPPED_CONFIGS[EMBEDDED_TEACHER] = SHIPPED_CONFIG_DIR / "gemma-3-270m-pt"  # its GGUF has the 270m's shape
 # checkpoint keys of a multimodal model's language model -> those of the text-only causal LM
 LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
                        r"^language_model\.lm_head\.": "lm_head."}
@@ -111,14 +117,38 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
 
 
 def model_config(source: str, *, trust_remote_code: bool = False):
-    """The config of a resolved model source (`resolve_model_dir`); no weights are read."""
+    """The config of a resolved model source (`resolve_model_dir`); no weights are read. A Gemma 3 hub id
+    reads the hub's cached copy if there is one, else the shipped copy of the same file (`SHIPPED_CONFIGS`)
+    without asking the network: its values are the public ones, and an unreachable hub costs ~30 s of retries."""
     from transformers import AutoConfig
 
+    if source in SHIPPED_CONFIGS:
+        try:
+            return AutoConfig.from_pretrained(source, local_files_only=True)
+        except Exception:
+            return AutoConfig.from_pretrained(str(SHIPPED_CONFIGS[source]))
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise HldError(f"cannot read the config of {source!r}: {exc_line(exc)}",
                        "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+
+
+def config_from_dict(d: dict):
+    """A config written with `to_dict()` (a cache manifest's `teacher_config`), rebuilt as its class."""
+    from transformers import AutoConfig
+
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def meta_causal_lm(config) -> CausalLM:
+    """The causal LM of `config` (a multimodal config's language model) on the meta device: its shapes,
+    for counting parameters and FLOPs, with no memory allocated and no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(text_config(config))
 
 
 def _language_model_kwargs(config) -> dict:

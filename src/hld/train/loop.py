@@ -11,6 +11,7 @@ rank 0 alone writes the run directory's files (all ranks write their shards of a
 from __future__ import annotations
 
 import errno
+import json
 import math
 import shutil
 import time
@@ -34,10 +35,11 @@ from hld.eval.cka import layer_diagnostics, write_cka_matrix
 from hld.fingerprint import file_sha256
 from hld.flops import StepCost
 from hld.models.hooks import CausalLM
+from hld.models.loading import config_from_dict, meta_causal_lm, model_config, resolve_model_dir
 from hld.models.student import count_params
 from hld.precision import autocast, default_device, resolve_dtype
 from hld.progress import Progress
-from hld.train.assembly import assemble, vocab_of
+from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import Length, phase_costs, run_length
 from hld.train.checkpoint import has_checkpoint, save_checkpoint, save_sharded
 from hld.train.loggers import RunLogger
@@ -55,7 +57,7 @@ class Setup:
     student: CausalLM
     runner: StudentRunner
     teacher: Optional[OnlineTeacher | CachedTeacher]  # called as teacher(batch, needs) -> TeacherSignals
-    teacher_lm: Optional[CausalLM]
+    teacher_lm: Optional[CausalLM]  # the teacher's weights; None when the run holds none (CE, most cached runs)
     projectors: Optional[Projectors]
     plan: Plan
     optimizer: torch.optim.Optimizer
@@ -103,18 +105,20 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     dist = dist or Dist(device=device or default_device())
     device = dist.device
     tok = resources.tokenizer(cfg.teacher.model)
-    # the plan's needs decide whether the teacher's weights are loaded at all (not for CE)
+    # CE loads no teacher; a cached run only its shapes (meta device), unless something reads its weights
     needs_teacher = cfg.objective.method != "ce"
-    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype) if needs_teacher else None
+    weights = needs_teacher and teacher_weights_needed(cfg, dist)
+    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype) if weights else None
     teacher_lm = loaded.model.to(device) if loaded is not None else None
-    vocab = vocab_of(teacher_lm) if teacher_lm is not None else resources.teacher_config(cfg.teacher.model).vocab_size
-    if teacher_lm is not None:
-        check_vocab(tok, teacher_lm, vocab)
+    shapes = teacher_lm if teacher_lm is not None else cached_teacher_shapes(cfg) if needs_teacher else None
+    vocab = vocab_of(shapes) if shapes is not None else resources.teacher_config(cfg.teacher.model).vocab_size
+    if shapes is not None:
+        check_vocab(tok, shapes, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
         raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
                        "use the tokenizer that ships with the teacher")
     compute_dtype = resolve_dtype(cfg.train.precision, device)
-    parts = assemble(cfg, tokenizer=tok, vocab_size=vocab, teacher_lm=teacher_lm,
+    parts = assemble(cfg, tokenizer=tok, vocab_size=vocab, teacher_lm=shapes,
                      matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
     student, plan = parts.student.to(device), parts.plan
     projectors = parts.projectors.to(device) if parts.projectors is not None else None
@@ -125,15 +129,16 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     d = cfg.data
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
-    if teacher_lm is not None and cfg.teacher.cache:
-        expect = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=train_w,
+    if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
+        expect = cache_identity(teacher=resolve_model_dir(cfg.teacher.model)[1], tokenizer=tok, seq_len=d.seq_len,
+                                train_windows=train_w,
                                 layers=plan.needs.layers, top_k=cfg.objective.top_k or 0)
         teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:
         teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
     val_w = resources.validation_windows(d, tok)
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    costs = phase_costs(cfg, plan, student=student, teacher=teacher_lm)
+    costs = phase_costs(cfg, plan, student=student, teacher=shapes)
     length = run_length(cfg, plan, costs)
     fit_targets(plan, teacher, order, cfg.objective,  # standardize: frozen teacher statistics, on
                 max_windows=length.steps * cfg.train.batch_size)  # windows the run reads (and a cache holds)
@@ -145,6 +150,27 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                  bos_id=tok.bos_token_id,
                  length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype, dist=dist)
+
+
+def teacher_weights_needed(cfg: RunConfig, dist: Dist) -> bool:
+    """Does a KD/HLD run read the teacher's weights? An online run does; a cached run only for
+    `loss=lens` (the teacher's head) or the layer diagnostics (the teacher's states on validation
+    windows, which the cache does not hold; they run on one process only). docs/decisions.md."""
+    lens = cfg.objective.method in HLD_METHODS and cfg.objective.hidden.loss == "lens"
+    diagnostics = cfg.objective.hidden.diagnostics and not dist.active
+    return not cfg.teacher.cache or lens or diagnostics
+
+
+def cached_teacher_shapes(cfg: RunConfig) -> CausalLM:
+    """The teacher of a cached run on the meta device (its sizes, FLOPs and depth, no weights): from the
+    text config its cache's manifest records, else from its config.json."""
+    try:
+        manifest = json.loads((Path(str(cfg.teacher.cache)) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}  # CachedTeacher refuses a missing or corrupt manifest with its own message
+    saved = manifest.get("teacher_config") if isinstance(manifest, dict) else None
+    config = config_from_dict(saved) if saved else model_config(resolve_model_dir(cfg.teacher.model)[0])
+    return meta_causal_lm(config)
 
 
 def train_step(s: Setup, step: int) -> dict:
@@ -211,10 +237,10 @@ def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional
         raise HldError(f"could not write {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
 
 
-def _warm(cfg: RunConfig, resources: Resources) -> None:
+def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
     """Load what build() loads through the on-disk caches, so the other ranks find them complete."""
     tok = resources.tokenizer(cfg.teacher.model)
-    if cfg.objective.method != "ce":
+    if cfg.objective.method != "ce" and teacher_weights_needed(cfg, d):
         resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     for source, max_docs in ((cfg.data.train, cfg.data.max_train_docs), (cfg.data.validation, None)):
         resources.windows(source, tok, seq_len=cfg.data.seq_len, text_field=cfg.data.text_field, max_docs=max_docs)
@@ -251,7 +277,7 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
     prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
     if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, tokenised corpora)
-        _warm(cfg, resources)
+        _warm(cfg, resources, d)
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume

@@ -1,0 +1,301 @@
+"""`hld plan`: what a config (or every cell of a study) will cost, before anything is loaded. The
+teacher is its `config.json` alone and both models are built on the meta device by the one model
+assembly (`hld.train.assembly.assemble`), so a 27B teacher is sized in a second, with no weights read.
+
+Per arm: parameters, FLOPs per token (`hld.flops`), steps and tokens at the budget under each
+accounting (`budget.count_teacher` true and false), the teacher cache's bytes per token and total size
+(docs/cache-format.md), and an estimate of the peak accelerator memory of one process:
+
+  params       P * (4 weight + 4 grad + 8 AdamW exp_avg/exp_avg_sq) bytes, fp32 master weights;
+               / world size under fsdp2. P = student + projectors (the tied head counted once)
+  autocast     P * 2 bytes when the student computes in bf16 (autocast's casts of the weights)
+  activations  n_layers * micro tokens * (6 d + 7 q + 2 kv + 4 d_ff) * b, q = n_heads * head_dim,
+               kv = n_kv_heads * head_dim, b = 2 (bf16) or 4 (fp32): what autograd saves per block
+               (the four norms' inputs, q/k/v and their norms, attention in/out, the MLP's gate, up,
+               activation and product); + 2 * micro * seq_len^2 bytes of attention masks
+  head         the fused head's (chunk, V) fp32 buffers (src/hld/distill/chunked.py): z and p always,
+               q when T != 1, the online teacher's zt for KD, + a (chunk, V) cast when the matmul is bf16,
+               + 2 row blocks (8, V) for a dense teacher; and its dL/dW (V * d * 4 bytes) held from
+               forward to backward (+ V * d * 2 for the bf16 copy of W)
+  hidden       HLD: micro tokens * layers * d_t * 2 (teacher states) + pairs * micro tokens * 3 * d_t * 4
+  teacher      its weights in its dtype, unless the run reads a cache, + one block's working set
+               (micro tokens * (2 d_ff_t + 4 d_t) * its dtype bytes)
+
+It leaves out the CUDA context and allocator slack (~0.5-1 GiB a process). tests/unit/test_plan.py
+compares it with a measured CPU peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from hld.config import RunConfig
+from hld.distill.cache_codec import Codec
+from hld.errors import HldError
+from hld.models.hooks import CausalLM, text_config
+from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
+from hld.models.student import count_params, resolve_shape
+from hld.train.assembly import HLD_METHODS, assemble, vocab_of
+from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
+
+GIB = 1024 ** 3
+# compact codec, measured on the Gemma 3 vocabulary (docs/cache-format.md): gap slot width and the share
+# of gaps that escape it
+COMPACT_SLOT_BITS, COMPACT_ESCAPE_SHARE = 10, 0.16
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Stands in for the tokenizer where only its special ids are read (`assembly.special_ids`)."""
+
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: Optional[int]
+
+
+def teacher_shapes(spec: str) -> tuple[CausalLM, SpecialIds]:
+    """The teacher on the meta device, and its special ids, from its config.json (the tokenizer only
+    where the config lacks them)."""
+    from hld.models.loading import SHIPPED_CONFIGS
+
+    source = spec if spec in SHIPPED_CONFIGS else resolve_model_dir(spec)[0]
+    config = model_config(source)
+    text = text_config(config)
+    ids = [getattr(text, k, None) if getattr(text, k, None) is not None else getattr(config, k, None)
+           for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    if ids[0] is None or ids[1] is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir(spec)[0])
+        ids = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
+    eos = ids[1][0] if isinstance(ids[1], list) else ids[1]
+    return meta_causal_lm(config), SpecialIds(ids[0], eos, ids[2] if ids[2] is not None else eos)
+
+
+def cache_bytes_per_token(cfg: RunConfig, *, layers: list[int], d_teacher: int, vocab: int) -> dict[str, float]:
+    """Bytes per cached token (docs/cache-format.md, Cost): `estimate`, and `bound` (the most it can be).
+    exact: k (2 + 4) + 4 (rest); compact: k (q + b + e ceil(log2 V)) / 8 + 2 (D) + 4 (rest) + 8 / T
+    (offsets), b and e measured on the Gemma 3 vocabulary; the bound takes b = ceil(log2 V) with at most
+    one escape per token. Hidden: 2 d (bf16) or d + 4 (fp8) per layer; + 4 for the token."""
+    t = cfg.teacher
+    k, T = t.cache_top_k, cfg.data.seq_len
+    index_bits = max(1, (vocab - 1).bit_length())
+    codec = Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+    hidden = len(layers) * (2 * d_teacher if codec.hidden == "bfloat16" else d_teacher + 4)
+    if codec.logits == "exact":
+        logits = bound = k * 6 + 4.0
+    else:
+        per_entry = (codec.value_bits + COMPACT_SLOT_BITS + COMPACT_ESCAPE_SHARE * index_bits) / 8
+        logits = k * per_entry + 6 + 8 / T
+        bound = k * (codec.value_bits + index_bits) / 8 + index_bits / 8 + 6 + 9 / T
+    return {"logits": logits, "hidden": float(hidden), "estimate": logits + hidden + 4, "bound": bound + hidden + 4}
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size: int = 1) -> dict[str, float]:
+    """Peak accelerator bytes of one process, by the module docstring's formula (a dict of its terms and
+    `total`). `parts`: the meta-device `Assembly`."""
+    from hld.distributed import resolve_mode
+    from hld.precision import resolve_dtype
+
+    device = torch.device("cuda")  # what `auto` resolves to on an accelerator
+    mode = resolve_mode(cfg.train.parallel, world_size)
+    compute = resolve_dtype(cfg.train.precision, device)
+    b_act = _dtype_bytes(compute)
+    local = cfg.train.batch_size // world_size
+    micro = cfg.train.micro_batch_size or local
+    n_tok = micro * cfg.data.seq_len
+    shape = resolve_shape(cfg.student)
+    V, d = parts.student.get_input_embeddings().weight.shape
+    P = count_params(parts.student)["total"] + (parts.projectors.n_params() if parts.projectors is not None else 0)
+    out: dict[str, float] = {}
+    out["params"] = P * 16 / (world_size if mode == "fsdp2" else 1)
+    out["autocast"] = P * 2 if compute != torch.float32 else 0
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    out["activations"] = shape.n_layers * n_tok * (6 * d + 7 * q + 2 * kv + 4 * shape.d_ff) * b_act \
+        + 2 * micro * cfg.data.seq_len ** 2 + 3 * n_tok * d * 4
+    needs = parts.plan.needs
+    online = cfg.objective.method != "ce" and not cfg.teacher.cache
+    chunk = min(cfg.train.loss_chunk_tokens, n_tok)
+    bufs = 2 + (cfg.objective.temperature != 1) + (online and needs.logits)
+    low = chunk * V * b_act if compute != torch.float32 else 0
+    rows = 2 * 8 * V * 4 if online and needs.logits and cfg.objective.top_k is None else 0
+    out["head"] = bufs * chunk * V * 4 + low + rows + V * d * 4 + (V * d * 2 if compute != torch.float32 else 0)
+    tc = text_config(teacher.config)
+    t_dtype = resolve_dtype(cfg.teacher.dtype, device)
+    out["hidden"] = 0.0
+    if cfg.objective.method in HLD_METHODS:
+        n_pairs = len(parts.projectors.pairs) if parts.projectors is not None else 0
+        out["hidden"] = n_tok * len(needs.layers) * tc.hidden_size * 2 + n_pairs * n_tok * 3 * tc.hidden_size * 4
+    out["teacher"] = 0.0
+    if online:
+        t_params = count_params(teacher)["total"]
+        out["teacher"] = t_params * _dtype_bytes(t_dtype) + \
+            n_tok * (2 * tc.intermediate_size + 4 * tc.hidden_size) * _dtype_bytes(t_dtype)
+    out["total"] = sum(out.values())
+    return out
+
+
+def _with_count_teacher(cfg: RunConfig, value: bool) -> RunConfig:
+    return dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, count_teacher=value))
+
+
+def _length(cfg: RunConfig, plan, costs) -> dict:
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    n = run_length(cfg, plan, costs)
+    tokens = (n.steps - 1) * B * T + B * n.last_len
+    flops = spent_flops(plan, costs, n.steps, n.last_len, B, T) if n.steps <= EXACT_STEPS else \
+        flops_per_token(plan, costs) * tokens
+    return {"steps": n.steps, "tokens": tokens, "flops": flops}
+
+
+def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
+    """The numbers of one run config (see the module docstring); `teacher`: `teacher_shapes`, if at hand."""
+    teacher_lm, ids = teacher or teacher_shapes(cfg.teacher.model)
+    with torch.device("meta"):
+        parts = assemble(cfg, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm)
+    counted = phase_costs(_with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm)
+    row: dict[str, Any] = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
+                           "teacher": cfg.teacher.model}
+    s, t = count_params(parts.student), count_params(teacher_lm)
+    row["student_params"], row["student_params_non_embedding"] = s["total"], s["non_embedding"]
+    row["teacher_params"], row["teacher_params_non_embedding"] = t["total"], t["non_embedding"]
+    row["projector_params"] = parts.projectors.n_params() if parts.projectors is not None else 0
+    row["flops_per_token"] = {name: {"student": c.student, "teacher": c.teacher, "projectors": c.projectors}
+                              for name, c in counted.items()}
+    row["budget"] = {k: v for k, v in dataclasses.asdict(cfg.budget).items() if k != "count_teacher"}
+    row["count_teacher"] = cfg.budget.count_teacher
+    row["length"] = {}
+    for value in (True, False):
+        c = _with_count_teacher(cfg, value)
+        row["length"]["teacher_counted" if value else "teacher_not_counted"] = \
+            _length(c, parts.plan, phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm))
+    run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
+    row["cache"] = None
+    if cfg.objective.method != "ce":
+        layers = sorted(parts.plan.needs.layers)
+        per = cache_bytes_per_token(cfg, layers=layers, d_teacher=text_config(teacher_lm.config).hidden_size,
+                                    vocab=vocab_of(teacher_lm))
+        windows = run["steps"] * cfg.train.batch_size  # a cache holds whole windows
+        row["cache"] = {"codec": cfg.teacher.cache_codec, "hidden_dtype": cfg.teacher.cache_hidden_dtype,
+                        "top_k": cfg.teacher.cache_top_k, "layers": layers, "bytes_per_token": per,
+                        "tokens": windows * cfg.data.seq_len,
+                        "bytes": per["estimate"] * windows * cfg.data.seq_len,
+                        "bytes_bound": per["bound"] * windows * cfg.data.seq_len}
+    row["parallel"], row["world_size"] = cfg.train.parallel, world_size
+    row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
+    row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size)
+    cached = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache="(cache)"))
+    row["memory_bytes_cached"] = memory_estimate(cached, parts, teacher_lm, world_size=world_size)["total"] \
+        if cfg.objective.method != "ce" else None
+    return row
+
+
+def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) -> dict:
+    """One block per arm x student x budget of a study (grid points and seeds that give the same numbers
+    are counted, not repeated), and its teacher caches (one per group of cells sharing windows)."""
+    from hld.study.grid import cell_config, expand, load_study
+    from hld.train.cache_build import cache_share_key
+
+    study = load_study(name_or_path, overrides)
+    teachers: dict[str, tuple] = {}
+    blocks: dict[str, dict] = {}
+    caches: dict[str, dict] = {}
+    for cell in expand(study):
+        cfg = cell_config(study, cell)
+        teacher = teachers.setdefault(cfg.teacher.model, teacher_shapes(cfg.teacher.model))
+        row = plan_run(cfg, world_size=world_size, teacher=teacher)
+        key = repr({k: v for k, v in row.items() if k != "name"})
+        block = blocks.setdefault(key, {**row, "cells": []})
+        block["cells"].append(cell.id)
+        if row["cache"] is not None:  # a group's cache (study.runner): its cells' windows and layers
+            group = caches.setdefault(cache_share_key(cfg), {"cfg": cfg, "teacher": teacher[0], "layers": set(),
+                                                                "tokens": 0})
+            group["layers"] |= set(row["cache"]["layers"])
+            group["tokens"] = max(group["tokens"], row["cache"]["tokens"])
+    out = []
+    for g in caches.values():
+        layers = sorted(g["layers"])
+        per = cache_bytes_per_token(g["cfg"], layers=layers, d_teacher=text_config(g["teacher"].config).hidden_size,
+                                    vocab=vocab_of(g["teacher"]))
+        out.append({"codec": g["cfg"].teacher.cache_codec, "hidden_dtype": g["cfg"].teacher.cache_hidden_dtype,
+                    "top_k": g["cfg"].teacher.cache_top_k, "layers": layers, "bytes_per_token": per,
+                    "tokens": g["tokens"], "bytes": per["estimate"] * g["tokens"],
+                    "bytes_bound": per["bound"] * g["tokens"]})
+    return {"study": study.name, "blocks": list(blocks.values()), "caches": out,
+            "cache_bytes": sum(c["bytes"] for c in out)}
+
+
+# --------------------------------------------------------------------------- printing
+
+def _n(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _bytes(x: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_run(row: dict) -> list[str]:
+    """A plan block as text lines."""
+    cells = f" ({len(row['cells'])} cells)" if "cells" in row else ""
+    out = [f"{row['name']}: {row['arm']}, student {row['student']}, teacher {row['teacher']}{cells}",
+           f"  params: student {_n(row['student_params'])} ({_n(row['student_params_non_embedding'])} non-embedding)"
+           f", teacher {_n(row['teacher_params'])} ({_n(row['teacher_params_non_embedding'])} non-embedding)"
+           + (f", projectors {_n(row['projector_params'])}" if row["projector_params"] else "")]
+    for phase, c in row["flops_per_token"].items():
+        out.append(f"  FLOPs/token [{phase}]: student step {c['student']:.3e}, teacher forward {c['teacher']:.3e}, "
+                   f"projectors {c['projectors']:.3e}")
+    budget = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["budget"].items()
+                       if v is not None) or "default tokens"
+    for key, label in (("teacher_counted", "teacher counted"), ("teacher_not_counted", "teacher not counted")):
+        n = row["length"][key]
+        mark = " <- this config" if (key == "teacher_counted") == row["count_teacher"] else ""
+        out.append(f"  at {budget}, {label}: {n['steps']:,} steps, {_n(n['tokens'])} tokens, "
+                   f"{n['flops']:.3e} FLOPs{mark}")
+    c = row["cache"]
+    if c is not None:
+        per = c["bytes_per_token"]
+        out.append(f"  cache ({c['codec']} logits top-{c['top_k']}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
+                   f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
+                   f"~{_bytes(c['bytes'])}")
+    m = row["memory_bytes"]
+    terms = ", ".join(f"{k} {m[k] / GIB:.2f}" for k in m if k != "total" and m[k])
+    cached = f"; reading a cache {row['memory_bytes_cached'] / GIB:.2f} GiB" if row["memory_bytes_cached"] else ""
+    out.append(f"  peak memory per process (micro-batch {row['micro_batch_size']}, parallel={row['parallel']}, "
+               f"world {row['world_size']}): ~{m['total'] / GIB:.2f} GiB ({terms}){cached}")
+    return out
+
+
+def format_study(result: dict) -> list[str]:
+    lines = [f"study {result['study']}: {sum(len(b['cells']) for b in result['blocks'])} cells"]
+    for block in result["blocks"]:
+        lines += format_run(block)
+    for c in result["caches"]:
+        lines.append(f"teacher cache (layers {c['layers']}, top-{c['top_k']}): {_n(c['tokens'])} tokens, "
+                     f"~{c['bytes_per_token']['estimate']:,.0f} B/token, ~{_bytes(c['bytes'])}")
+    lines.append(f"teacher caches in all: ~{_bytes(result['cache_bytes'])}")
+    return lines
+
+
+def check_world_size(world_size: int, cfg: RunConfig) -> None:
+    """The processes `hld plan --world-size` sizes for must split the config's batch as torchrun's would."""
+    from hld.distributed import check_batch, resolve_mode
+
+    if world_size < 1:
+        raise HldError(f"--world-size {world_size} is not a positive number", "give 1 or more")
+    resolve_mode(cfg.train.parallel, world_size)
+    check_batch(cfg.train, world_size)
