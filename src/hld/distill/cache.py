@@ -21,6 +21,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -68,7 +69,6 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
     except OSError as exc:
         raise HldError(f"cannot write the cache beside {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     online = OnlineTeacher(teacher_lm, tuple(identity.layers))
-    needs = Needs(logits=True, layers=tuple(identity.layers))
     device = next(teacher_lm.parameters()).device
     k, T = identity.top_k, windows.shape[1]
     vocab = teacher_lm.get_output_embeddings().weight.shape[0]
@@ -84,17 +84,9 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
             name = f"shard-{len(shards):05d}"
             writer = ShardWriter(tmp, name, n=len(ids), T=T, k=k, layers=identity.layers,
                                  d_model=text_config(teacher_lm.config).hidden_size, codec=codec)
-            writer.arrays["tokens"][:] = windows[ids]
-            for b in range(0, len(ids), batch_size):
-                x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
-                sig = online.signals(x, needs)
-                vals, idx, rest = _topk_rows(sig, k)
-                n = x.shape[0]
-                writer.put(b, vals=vals.view(n, T, k).float().cpu(), idx=idx.view(n, T, k).cpu(),
-                           rest=rest.view(n, T).float().cpu(),
-                           hidden={layer: sig.hidden[layer].cpu() for layer in identity.layers})
-                done = s_start + b + n
-                prog.update(done, tokens_per_s=done * T / max(time.time() - t0, 1e-9))
+            for done in _fill_shard(writer, online, windows, ids, layers=identity.layers, k=k, batch_size=batch_size,
+                                    device=device):
+                prog.update(s_start + done, tokens_per_s=(s_start + done) * T / max(time.time() - t0, 1e-9))
             for key in writer.finish():
                 fname = f"{name}.{key}.npy"
                 files[fname] = file_sha256(tmp / fname)
@@ -121,6 +113,22 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
             online.capture.remove()
     manifest["bytes"] = sum((out / f).stat().st_size for f in files)
     return manifest
+
+
+def _fill_shard(writer: ShardWriter, online: OnlineTeacher, windows: np.ndarray, ids: np.ndarray, *,
+                layers: list, k: int, batch_size: int, device: torch.device) -> Iterator[int]:
+    """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done."""
+    needs = Needs(logits=True, layers=tuple(layers))
+    T = windows.shape[1]
+    writer.arrays["tokens"][:] = windows[ids]
+    for b in range(0, len(ids), batch_size):
+        x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
+        sig = online.signals(x, needs)
+        vals, idx, rest = _topk_rows(sig, k)
+        n = x.shape[0]
+        writer.put(b, vals=vals.view(n, T, k).float().cpu(), idx=idx.view(n, T, k).cpu(),
+                   rest=rest.view(n, T).float().cpu(), hidden={layer: sig.hidden[layer].cpu() for layer in layers})
+        yield b + n
 
 
 def is_cache(path: Path) -> bool:

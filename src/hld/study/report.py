@@ -176,7 +176,11 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
               + ("; the teacher's row is its own score on the same validation windows and tasks, for reference." if
                  meta.get("teacher_reference") else "."), ""]
     lines += _results_table(table, meta.get("teacher_reference") or [], meta.get("ngram_reference") or [])
-    lines += ["## Plots", "",
+    return "\n".join(lines + _plots_section(comparisons, meta))
+
+
+def _plots_section(comparisons: list[Comparison], meta: dict) -> list[str]:
+    lines = ["## Plots", "",
               "![validation loss vs FLOPs](plots/loss_vs_flops.png)", "",
               "Loss against training FLOPs, one panel per student: the large marker is each arm's final "
               "validation loss at its best grid point (mean over seeds; at equal FLOPs the markers share one "
@@ -199,7 +203,7 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
         lines += ["![final CKA matrices](plots/cka_matrices.png)", "",
                   "Final linear CKA of every student layer against every teacher layer (`cka.json` of each run, "
                   "averaged over the arm's cells); red squares mark the mapped pairs.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _reference_note(meta: dict) -> list[str]:
@@ -224,6 +228,27 @@ def _values(table: Table, dotted: str) -> str:
     return ", ".join(f"`{v}`" for v in seen)
 
 
+def _tasks_setup(table: Table, meta: dict) -> list[str]:
+    """The setup's downstream-task line: the tasks every cell was scored on, or the teacher's scores alone."""
+    lines: list[str] = []
+    if table.task_metrics:
+        parts = []
+        for m in table.task_metrics:
+            info = table.task_info[m]
+            chance = f"chance {info['chance']:.3f}" if info.get("chance") is not None else "open answer: chance ≈ 0"
+            parts.append(f"`{m}` ({info.get('n')} items, {chance})")
+        lines += ["- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
+                  + ", ".join(parts) + "."]
+    scored = (meta.get("study") or {}).get("score_students", True)
+    if not table.task_metrics and any(ref.get("tasks") for ref in meta.get("teacher_reference") or []) and not scored:
+        teacher = "; ".join(f"`{ref['model']}` " + ", ".join(_task_score(t, r) for t, r in ref["tasks"].items())
+                            for ref in meta.get("teacher_reference") or [] if ref.get("tasks"))
+        lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
+                  "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
+                  "chance for every arm, so the tasks cannot separate the arms."]
+    return lines
+
+
 def _setup(table: Table, meta: dict) -> list[str]:
     cached = {cfg["teacher"]["cache"] is not None for cfg in table.configs.values()
               if cfg["objective"]["method"] != "ce"}
@@ -244,21 +269,7 @@ def _setup(table: Table, meta: dict) -> list[str]:
                if cfg["objective"]["method"] != "ce"}
     how = ("the cells' FLOPs below charge the teacher's forward to every token they read from it "
            "(budget.count_teacher)" if charged == {True} else "not counted in the cells' FLOPs below")
-    if table.task_metrics:
-        parts = []
-        for m in table.task_metrics:
-            info = table.task_info[m]
-            chance = f"chance {info['chance']:.3f}" if info.get("chance") is not None else "open answer: chance ≈ 0"
-            parts.append(f"`{m}` ({info.get('n')} items, {chance})")
-        lines += ["- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
-                  + ", ".join(parts) + "."]
-    scored = (meta.get("study") or {}).get("score_students", True)
-    if not table.task_metrics and any(ref.get("tasks") for ref in meta.get("teacher_reference") or []) and not scored:
-        teacher = "; ".join(f"`{ref['model']}` " + ", ".join(_task_score(t, r) for t, r in ref["tasks"].items())
-                            for ref in meta.get("teacher_reference") or [] if ref.get("tasks"))
-        lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
-                  "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
-                  "chance for every arm, so the tasks cannot separate the arms."]
+    lines += _tasks_setup(table, meta)
     for ref in meta.get("teacher_reference") or []:
         lines += [f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
                   f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
