@@ -1,6 +1,6 @@
 """Print the imports between hld's packages and check they run one way:
 cli → export → study → train → distributed → eval → distill → models → data/config → the base modules
-(errors, atomic, paths, progress, fingerprint, precision).
+(errors, atomic, locks, paths, progress, fingerprint, precision).
 
     python scripts/import_layers.py          # every edge, then the ones against the order (exit 1 if any)
 
@@ -26,7 +26,7 @@ RANK = {
     "models": 2,
     "data": 1, "config": 1,
     "config_checks": 0.5,  # the ranges and checks config.load_config runs: below config, above the base
-    "errors": 0, "atomic": 0, "paths": 0, "progress": 0, "fingerprint": 0, "precision": 0, "__init__": 0,
+    "errors": 0, "atomic": 0, "locks": 0, "paths": 0, "progress": 0, "fingerprint": 0, "precision": 0, "__init__": 0,
 }
 
 # edges against the order that are known and kept, with the reason

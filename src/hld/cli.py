@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="a grid of arms x students x budgets x hyperparameters x seeds, then its report")
     p.add_argument("--config", required=True, help="study YAML or shipped study name (see src/hld/configs/studies)")
     p.add_argument("--out", default=None, help="study directory (default: studies/<name>); rerun to resume")
+    jobs = p.add_mutually_exclusive_group()
+    jobs.add_argument("--list", action="store_true",
+                      help="print every cell and teacher cache: its id, the command that runs it, what it waits for")
+    jobs.add_argument("--cell", default=None, metavar="ID",
+                      help="train one cell (resumable; skipped when finished; under torchrun too)")
+    jobs.add_argument("--cache", default=None, metavar="GROUP", help="build one cache group's teacher cache")
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
 
@@ -315,6 +321,8 @@ def cmd_config(args) -> dict:
 def cmd_study(args) -> dict:
     from hld.study.runner import run_study
 
+    if getattr(args, "list", False) or getattr(args, "cell", None) or getattr(args, "cache", None):
+        return _study_job(args)
     result = run_study(args.config, Path(args.out) if args.out else None, overrides=args.overrides,
                        quiet=args.quiet or args.json)
     if not args.json:
@@ -324,12 +332,44 @@ def cmd_study(args) -> dict:
     return result
 
 
+def _study_job(args) -> dict:
+    """`hld study --list / --cell ID / --cache GROUP`: one job of a study's graph (hld.study.jobs)."""
+    from hld.study import jobs
+
+    out = Path(args.out) if args.out else None
+    quiet = args.quiet or args.json
+    if args.list:
+        listing = jobs.list_jobs(args.config, out, overrides=args.overrides)
+        if not args.json:
+            print(jobs.format_jobs(listing))
+        return listing
+    if args.cache:
+        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet)
+        if not args.json:
+            print(f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
+                  f"-> {row['dir']}")
+        return row
+    row = jobs.run_one_cell(args.config, out, args.cell, overrides=args.overrides, quiet=quiet)
+    if not args.json and _launch_rank() == 0:
+        ppl = f": val ppl {row['val/ppl']:.2f}" if row.get("val/ppl") is not None else ""
+        print(f"cell {args.cell} {row['status']}{ppl} -> {row['run_dir']}")
+    return row
+
+
+def _launch_rank() -> int:
+    from hld.distributed import launch_env
+
+    return launch_env()[1]
+
+
 def cmd_report(args) -> dict:
+    from hld.locks import file_lock
     from hld.study.report import build_report
 
     if not (Path(args.dir) / "runs").is_dir():
         raise HldError(f"{args.dir} is not a study directory (no runs/ inside)", "give the --out of `hld study`")
-    result = build_report(Path(args.dir))
+    with file_lock(Path(args.dir) / ".study.lock"):  # a study process may be writing the report too
+        result = build_report(Path(args.dir))
     if not args.json:
         _print_report(result)
     return result
@@ -378,14 +418,14 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _single_process(command: str) -> None:
-    """Only `hld train` spreads over processes; every other command would run once per rank and
-    race on its outputs."""
+def _single_process(command: str, cell: Optional[str] = None) -> None:
+    """Only `hld train` and `hld study --cell` (a study cell is a training run) spread over processes;
+    every other command would run once per rank and race on its outputs."""
     from hld.distributed import launch_env
 
-    if command != "train" and launch_env()[0] > 1:
+    if command != "train" and not (command == "study" and cell) and launch_env()[0] > 1:
         raise HldError(f"`hld {command}` runs on one process, but torchrun started {launch_env()[0]}",
-                       "run it without torchrun (only `hld train` runs on several processes)")
+                       "run it without torchrun (only `hld train` and `hld study --cell` run on several processes)")
 
 
 def _is_main_rank() -> bool:
@@ -408,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     speak = _is_main_rank()
     try:
-        _single_process(args.command)
+        _single_process(args.command, getattr(args, "cell", None))
         result = COMMANDS[args.command](args)
     except HldError as exc:
         if args.debug:

@@ -154,6 +154,22 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(capsys, tmp_path, overr
     assert sa["val/ppl"] == sb["val/ppl"] and sa["flops"] == sb["flops"] and sa["tokens"] == sb["tokens"] == 1024
 
 
+def test_resume_of_an_empty_or_missing_dir_starts(capsys, tmp_path, overrides):
+    """A SLURM array task requeued after dying before its run wrote config.yaml passes --resume as always:
+    an empty or missing --out starts the run from step 0, as a plain start would (same weights)."""
+    ov = [*overrides, "budget.tokens=256"]
+    assert _cli(capsys, _train_argv(tmp_path / "plain", ov, "--quiet"))[0] == 0
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "missing"):
+        rc, _, err = _cli(capsys, _train_argv(tmp_path / name, ov, "--resume", "--quiet"))
+        assert rc == 0, err
+        assert "starting its run from step 0" in err
+        assert [m["step"] for m in _metrics(tmp_path / name)] == [1, 2]
+        wa = load_file(tmp_path / "plain" / "student" / "model.safetensors")
+        wb = load_file(tmp_path / name / "student" / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # --------------------------------------------------------------------------- user errors
 
 def _write(path: Path, data: bytes) -> Path:
@@ -200,9 +216,13 @@ def _data_case(name: str, content: bytes, problem: str, *extra: str):
     return case
 
 
-def _case_resume_empty_dir(tmp_path, ov, run):
+def _case_resume_files_without_config(tmp_path, ov, run):
+    # an empty or missing directory is no error under --resume (it starts: a requeued job that died before
+    # writing config.yaml must proceed, test_resume_of_an_empty_or_missing_dir_starts); a directory with a
+    # run's files but no config.yaml is one
     (tmp_path / "r").mkdir()
-    return _train_argv(tmp_path / "r", ov, "--resume"), "not a run directory"
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    return _train_argv(tmp_path / "r", ov, "--resume"), "holds a run's files but no config.yaml"
 
 
 def _case_resume_no_checkpoint(tmp_path, ov, run):
@@ -248,7 +268,7 @@ ERROR_CASES = {
     "not-utf8-txt": _data_case("latin1.txt", "caf\u00e9\n".encode("latin-1"), "is not valid UTF-8"),
     "shorter-than-a-window": _data_case("short.jsonl", b'{"text": "hi"}\n', "fewer than one window of data.seq_len=32"),
     "missing-text-field": _data_case("nofield.jsonl", b'{"content": "some words here"}\n', "has no 'text' field"),
-    "resume-empty-dir": _case_resume_empty_dir,
+    "resume-files-without-config": _case_resume_files_without_config,
     "resume-no-checkpoint": _case_resume_no_checkpoint,
     "resume-changed-config": _case_resume_changed_config,
     "corrupt-checkpoint": _case_corrupt_checkpoint,

@@ -10,17 +10,27 @@
 
 A cell with summary.json is finished and skipped (after checking its config is the one the study
 asks for), so an interrupted study resumes where it stopped; a cell stopped after a checkpoint
-(SIGTERM writes one) resumes from it; any other partial cell directory is removed and trained again
-(`hld.train.loop.train_or_resume`).
+(SIGTERM writes one) resumes from it; any other partial cell directory is removed and trained again.
+
+Several processes may work on one study directory at once (SLURM array tasks, `hld study --cell`, or
+two whole `hld study`): locks (`hld.locks`, released by the kernel when a holder dies) make
+<out>/locks/cells/<id>.lock     the claim on a cell: one process trains it. A whole-study process
+                                first skips cells others hold, then waits for them; `--cell` waits.
+<out>/locks/caches/<group>.lock one builder per cache; the others wait, then reuse the complete cache
+                                (it is built in a temporary directory and renamed when complete)
+<out>/.study.lock               study.json's read-modify-writes, and the report's files
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +39,7 @@ import torch
 from hld.atomic import read_json_object, write_fix, write_json
 from hld.config import RunConfig
 from hld.errors import HldError
+from hld.locks import file_lock
 from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
 from hld.study.report import build_report
 
@@ -56,11 +67,12 @@ def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[
     return planned
 
 
-def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None,
-              quiet: bool = False) -> dict:
-    from hld.train.resources import Resources
+Planned = tuple[Cell, RunConfig, Optional[str]]  # a cell, its config, its cache group (None: no cache)
 
-    t0 = time.time()
+
+def open_study(study_cfg: str, out_dir: Optional[Path] = None, *,
+               overrides: Optional[list[str]] = None) -> tuple[Study, Path, list[Planned]]:
+    """Read and plan the study, create its directory and record it in study.json (rank 0)."""
     study = load_study(study_cfg, overrides)
     out = Path(out_dir or f"studies/{study.name}")
     planned = plan_cells(study, out)
@@ -74,46 +86,136 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HldError(f"cannot create the study directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
-    meta_path = out / "study.json"
-    meta = read_json_object(meta_path, "study record", f"delete {meta_path}: it is rebuilt from the run "
-                            "directories") if meta_path.exists() else {}
-    meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
-                 "cells": [c.id for c, _, _ in planned]})
-    meta.setdefault("caches", {})
-    write_json(meta_path, meta)
+
+    def record(meta: dict) -> None:
+        meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
+                     "cells": [c.id for c, _, _ in planned]})
+        meta.setdefault("caches", {})
+
+    if _rank() == 0:
+        update_meta(out, record)
+    return study, out, planned
+
+
+def _rank() -> int:
+    from hld.distributed import launch_env
+
+    return launch_env()[1]
+
+
+def read_meta(out: Path) -> dict:
+    path = out / "study.json"
+    return read_json_object(path, "study record", f"delete {path}: it is rebuilt from the run "
+                            "directories") if path.exists() else {}
+
+
+def update_meta(out: Path, change: Callable[[dict], None]) -> dict:
+    """Read study.json, apply `change`, write it back, under the study lock (other processes update
+    it too: without the lock one's cache record could overwrite another's)."""
+    with file_lock(out / ".study.lock"):
+        meta = read_meta(out)
+        change(meta)
+        write_json(out / "study.json", meta)
+    return meta
+
+
+def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None,
+              quiet: bool = False) -> dict:
+    from hld.train.resources import Resources
+
+    t0 = time.time()
+    study, out, planned = open_study(study_cfg, out_dir, overrides=overrides)
     resources = Resources()
     done = [c.id for c, cfg, _ in planned if not c.flops_of and _finished(out / "runs" / c.id, cfg)]
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"study {study.name}: {len(planned)} cells, {len(done)} already finished -> {out}")
-    trained, ready = [], set()
-    for k, (cell, cfg, group) in enumerate(planned, 1):
-        run_dir = out / "runs" / cell.id
+    trained, skipped, ready = [], [], set()  # ready: the cache groups this process has checked
+    pending = list(enumerate(planned, 1))
+    for wait in (False, True):  # first skip the cells other processes hold, then wait for them
+        held = []
+        for k, entry in pending:
+            status, summary, scores = run_cell(study, planned, entry, out, resources, quiet, wait=wait, ready=ready)
+            cell = entry[0]
+            if status in ("held", "blocked"):
+                if wait:  # its match came first in this pass and is finished by now
+                    raise HldError(f"cell {cell.id} could not run: {cell.flops_of} did not finish",
+                                   f"run `hld study --cell {cell.flops_of}` and read its error")
+                held.append((k, entry))
+            elif status == "done":
+                skipped.append(cell.id)
+            else:
+                trained.append(cell.id)
+                tasks = "".join(f", {t} {r['metric']} {r['value']:.3f}" for t, r in scores.items())
+                say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f}{tasks} "
+                    f"({summary['train_seconds']:.0f} s training)")
+        if held and not wait:
+            say(f"{len(held)} cells held by other processes: waiting for them")
+        pending = held
+    report = finish_study(study, planned, out, resources, quiet)
+    return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": skipped,
+            "seconds": time.time() - t0, **report}
+
+
+def finish_study(study: Study, planned: list[Planned], out: Path, resources, quiet: bool) -> dict:
+    """The teacher and n-gram references, then the report, once every cell has finished. Under the
+    study lock: a second process finishing at the same time waits, then reuses the references."""
+    with file_lock(out / ".study.lock"):
+        meta = read_meta(out)
+        meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
+                                                        resources, quiet)
+        meta["ngram_reference"] = _ngram_references(planned, out, resources)
+        write_json(out / "study.json", meta)
+        return build_report(out)
+
+
+def run_cell(study: Study, planned: list[Planned], entry: Planned, out: Path, resources, quiet: bool, *,
+             wait: bool, ready: Optional[set] = None) -> tuple[str, Optional[dict], dict]:
+    """Train one cell if it is not finished, under its claim. Returns (status, summary, task scores):
+    "trained", "done" (finished before, here or by another process), "held" (`wait=False` and another
+    process holds it) or "blocked" (a flops cell whose match has not finished).
+
+    Under torchrun rank 0 alone takes the claim (the other ranks cannot skip consistently with it; they
+    meet it in the training's process group), and rank 0 alone writes cell.json and downstream.json."""
+    cell, cfg, group = entry
+    run_dir = out / "runs" / cell.id
+    if cell.flops_of and not (out / "runs" / cell.flops_of / "summary.json").exists():
+        return "blocked", None, {}
+    main = _rank() == 0
+    claim = file_lock(out / "locks" / "cells" / f"{cell.id}.lock", wait=wait) if main else contextlib.nullcontext(True)
+    with claim as claimed:
+        if not claimed:
+            return "held", None, {}
         if cell.flops_of:
             cell, cfg = _matched(study, cell, out)
-            if _finished(run_dir, cfg):
-                done.append(cell.id)
-        if cell.id in done:
+        if _finished(run_dir, cfg):
+            if not main:
+                return "done", None, {}
             if not (run_dir / "cell.json").exists():  # finished, then stopped before its cell.json
                 write_json(run_dir / "cell.json", cell.describe())
-            _downstream(study, cfg, run_dir, resources, quiet)  # e.g. tasks added to a finished study
-            continue
-        if group is not None and group not in ready:
-            ready.add(group)
-            meta["caches"][group] = _ensure_group_cache(planned, group, out, resources, quiet)
-            write_json(meta_path, meta)
+            return "done", None, _downstream(study, cfg, run_dir, resources, quiet)  # e.g. tasks added later
+        if group is not None and (ready is None or group not in ready):
+            group_cache(planned, group, out, resources, quiet)
+            if ready is not None:
+                ready.add(group)
         summary = _train_cell(cell, cfg, run_dir, resources, quiet)
-        scores = _downstream(study, cfg, run_dir, resources, quiet)
-        trained.append(cell.id)
-        tasks = "".join(f", {t} {r['metric']} {r['value']:.3f}" for t, r in scores.items())
-        say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f}{tasks} "
-            f"({summary['train_seconds']:.0f} s training)")
-    meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
-                                                    resources, quiet)
-    meta["ngram_reference"] = _ngram_references(planned, out, resources)
-    write_json(meta_path, meta)
-    report = build_report(out)
-    return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": done,
-            "seconds": time.time() - t0, **report}
+        return "trained", summary, _downstream(study, cfg, run_dir, resources, quiet) if main else {}
+
+
+def group_cache(planned: list[Planned], group: str, out: Path, resources, quiet: bool) -> dict:
+    """Build (or reuse) a group's cache under its lock: the first process builds it, the others wait
+    and then find it complete. The record goes into study.json (a build's record is never replaced by a
+    later process's reuse of it)."""
+    with file_lock(out / "locks" / "caches" / f"{group}.lock"):
+        record = _ensure_group_cache(planned, group, out, resources, quiet)
+
+    def keep(meta: dict) -> None:
+        caches = meta.setdefault("caches", {})
+        if group not in caches or not record["reused"]:
+            caches[group] = record
+
+    if _rank() == 0:
+        update_meta(out, keep)
+    return record
 
 
 def _scored(scores: dict, study: Study) -> bool:
@@ -272,12 +374,23 @@ def cell_config_without_cache(cfg: RunConfig) -> RunConfig:
 
 
 def _train_cell(cell: Cell, cfg: RunConfig, run_dir: Path, resources, quiet: bool) -> dict:
+    """Resume the cell from its checkpoint, else (re)start it in a clean directory. Called under the
+    cell's claim. cell.json is written first, so no finished cell (summary.json) ever lacks it."""
+    from hld.distributed import launch_env
     from hld.train import loop
+    from hld.train.checkpoint import has_checkpoint
 
-    # resumes from a checkpoint if there is one, else (re)starts the cell in a clean directory
-    summary = loop.train_or_resume(cfg, run_dir, resources=resources, quiet=quiet)
-    write_json(run_dir / "cell.json", cell.describe())
-    return summary
+    world, rank, _ = launch_env()
+    if world == 1:
+        if run_dir.exists() and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir)  # started, never checkpointed: nothing to keep
+        resume = run_dir.exists()
+    else:  # every rank the same: --resume starts a directory without a run (hld.train.loop._prepare_dir)
+        resume = True
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "cell.json", cell.describe())
+    return loop.train(cfg, run_dir, resume=resume, resources=resources, quiet=quiet)
 
 
 def _study_dict(study: Study) -> dict:

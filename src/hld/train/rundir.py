@@ -27,10 +27,10 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
     cfg_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
-    if resume:
-        if not cfg_path.exists():
-            raise HldError(f"--resume: {out} is not a run directory (no config.yaml)",
-                           "check --out, or drop --resume to start a new run there")
+    if resume and not cfg_path.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise HldError(f"--resume: {out} holds a run's files but no config.yaml",
+                       "check --out, or delete that directory and run again")
+    if resume and cfg_path.exists():  # without config.yaml nothing ran: start (a requeued job that died early)
         if not same_config(cfg_path, cfg):
             raise HldError(f"--resume with a config that differs from {cfg_path}",
                            "resume with the same config and overrides, or start a new --out")
