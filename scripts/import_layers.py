@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hld"
 
 # a unit imports only units of a lower rank (the base modules, rank 0, may import one another)
 RANK = {
-    "__main__": 10, "cli": 9, "export": 8, "plan": 8,
+    "__main__": 10, "cli": 9, "commands": 8.5, "export": 8, "plan": 8,
     "study": 7,
     "train": 6,  # the loop validates with eval and distributed's perplexity
     "distributed": 5,

@@ -26,7 +26,8 @@ import yaml
 
 from hld.atomic import read_json_object, write_text
 from hld.eval.downstream import read_downstream
-from hld.study.grid import CONTROLLED, LENGTH_KEYS, configuration_id
+from hld.study.grid import CONTROLLED, LENGTH_KEYS
+from hld.study.naming import configuration_id
 from hld.study.stats import Interval, holm, mean_interval
 from hld.train.loggers import read_metrics
 

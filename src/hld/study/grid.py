@@ -48,6 +48,7 @@ from hld.config import (
     resolve_config_path,
 )
 from hld.errors import HldError
+from hld.study.naming import budget_id, cell_id, configuration_id, fmt_value
 
 STUDY_DIR = PRESET_DIR / "studies"
 ARMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ObjectiveConfig)["method"])
@@ -77,7 +78,6 @@ CONTROLLED = {"name": "the cell id", "objective.method": "arms:", "student.prese
               "train.seed": "seeds:", "teacher.cache": "the study's shared teacher caches"}
 # budget keys that each set a run's length on their own (a budget naming one clears the others)
 LENGTH_KEYS = tuple(k for k in ("tokens", "flops") if k in {f.name for f in dataclasses.fields(BudgetConfig)})
-SHORT = {"temperature": "T", "tokens": "tok", "flops": "fl", "count_teacher": "teach"}
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def _budgets(value: Any) -> tuple[dict, ...]:
                 raise HldError(f"unknown budget key {k!r} in study budgets", f"valid keys: {', '.join(names)}")
             if not _is_scalar(v):
                 raise HldError(f"study budget {k}={v!r} is not a single value", "give one number per budget entry")
-    if len({_budget_id(b) for b in value}) != len(value):
+    if len({budget_id(b) for b in value}) != len(value):
         raise HldError("study budgets repeat a budget", "list each budget once")
     return tuple(dict(b) for b in value)
 
@@ -273,7 +273,7 @@ def _grid(value: Any) -> dict:
         if not isinstance(values, list) or not values or not all(_is_scalar(v) for v in values):
             raise HldError(f"study grid {key}: {values!r} should be a non-empty list of single values",
                            f"write e.g. {key}: [0.5, 1.0]")
-        if len({_fmt(v) for v in values}) != len(values):
+        if len({fmt_value(v) for v in values}) != len(values):
             raise HldError(f"study grid {key} repeats a value ({values})", "list each value once")
         out[str(key)] = tuple(values)
     return out
@@ -292,36 +292,6 @@ def _is_scalar(v: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- expansion
-
-def _fmt(v: Any) -> str:
-    """A value as it appears in an id: short, filesystem-safe, distinct for distinct values."""
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(v))
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (SHORT.get(s, s) if last.count(s) == 1 else k.replace(".", "-")) for k, s in zip(keys, last)}
-
-
-def _budget_id(budget: dict) -> str:
-    return "_".join(f"{SHORT.get(k, k)}{_fmt(v)}" for k, v in budget.items())
-
-
-def configuration_id(student: str, budget: dict, point: dict) -> str:
-    names = _short_names(list(point))
-    parts = [_fmt(student), _budget_id(budget)]
-    if point:
-        parts.append("_".join(f"{names[k]}{_fmt(v)}" for k, v in point.items()))
-    return "__".join(parts)
-
-
-def cell_id(configuration: str, seed: int, arm: str) -> str:
-    return f"{configuration}__s{seed}__{arm}"
-
 
 def _override(key: str, value: Any) -> str:
     text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).splitlines()[0]

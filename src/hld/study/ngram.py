@@ -15,8 +15,10 @@ context is BOS.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -86,3 +88,49 @@ def read_windows(order, *, steps: int, last_len: int) -> list[np.ndarray]:
             w = order.windows[i]
             out.append(w[:last_len] if k == steps - 1 else w)
     return out
+
+
+def study_references(planned: list, out: Path, resources) -> list[dict]:
+    """Unigram and bigram cross-entropies (hld.study.ngram) on each cell's validation windows: fitted
+    on the whole training split, and on the windows the cells of each budget read (the mean over
+    their seeds; cells of one budget and seed read the same windows whatever their arm)."""
+    from hld.data.loader import BatchOrder
+
+    rows: list[dict] = []
+    fitted: dict = {}  # key -> fits (str keys), or read-window key -> one fit (tuples)
+    for cell, cfg, _ in planned:
+        run_dir = out / "runs" / cell.id
+        if not (run_dir / "summary.json").exists():
+            continue
+        d = cfg.data
+        tok = resources.tokenizer(cfg.teacher.model)
+        vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
+        train = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field)
+        val = resources.validation_windows(d, tok)
+        key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
+        if key not in fitted:
+            fitted[key] = {"train split": cross_entropy(fit(list(train), vocab_size=vocab), list(val))}
+        summary = json.loads((run_dir / "summary.json").read_text())
+        B, steps = cfg.train.batch_size, int(summary["steps"])
+        last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
+        what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else \
+            "the tokens each budget's cells read"
+        read_key = (key, what, cell.configuration, cfg.train.seed)
+        if read_key in fitted:
+            continue
+        windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps,
+                                     last_len=last)
+        fitted[read_key] = cross_entropy(fit(windows, vocab_size=vocab), list(val))
+        fitted[read_key]["fit_tokens"] = int(summary["tokens"])
+    for key, fits in [(k, v) for k, v in fitted.items() if isinstance(k, str)]:
+        groups = {"train split": [fits["train split"]]}
+        for rk, r in fitted.items():
+            if isinstance(rk, tuple) and rk[0] == key:
+                groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
+        for fit_name, rs in groups.items():
+            for model in ("unigram", "bigram"):
+                rows.append({"model": model, "fit": fit_name, "validation": json.loads(key)[1],
+                             "val_loss": sum(r[model] for r in rs) / len(rs), "seeds": len(rs),
+                             "fit_tokens": rs[0].get("fit_tokens"), "predictions": rs[0]["predictions"],
+                             "add_k": ADD_K})
+    return rows

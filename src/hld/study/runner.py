@@ -26,13 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -40,6 +39,7 @@ from hld.atomic import read_json_object, write_fix, write_json
 from hld.config import RunConfig
 from hld.errors import HldError
 from hld.locks import file_lock
+from hld.study import ngram
 from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
 from hld.study.report import build_report
 
@@ -163,7 +163,7 @@ def finish_study(study: Study, planned: list[Planned], out: Path, resources, qui
         meta = read_meta(out)
         meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
                                                         resources, quiet)
-        meta["ngram_reference"] = _ngram_references(planned, out, resources)
+        meta["ngram_reference"] = ngram.study_references(planned, out, resources)
         write_json(out / "study.json", meta)
         return build_report(out)
 
@@ -298,53 +298,6 @@ def _matched(study: Study, cell: Cell, out: Path) -> tuple[Cell, RunConfig]:
     spent = float(summary["flops"])
     cell = dataclasses.replace(cell, budget={"flops": spent})
     return cell, cell_config(study, cell, flops_overrides(spent))
-
-
-def _ngram_references(planned: list, out: Path, resources) -> list[dict]:
-    """Unigram and bigram cross-entropies (hld.study.ngram) on each cell's validation windows: fitted
-    on the whole training split, and on the windows the cells of each budget read (the mean over
-    their seeds; cells of one budget and seed read the same windows whatever their arm)."""
-    from hld.data.loader import BatchOrder
-    from hld.study import ngram
-
-    rows: list[dict] = []
-    fitted: dict[Any, Any] = {}  # key -> fits (str keys), or read-window key -> one fit (tuples)
-    for cell, cfg, _ in planned:
-        run_dir = out / "runs" / cell.id
-        if not (run_dir / "summary.json").exists():
-            continue
-        d = cfg.data
-        tok = resources.tokenizer(cfg.teacher.model)
-        vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
-        train = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field)
-        val = resources.validation_windows(d, tok)
-        key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
-        if key not in fitted:
-            fitted[key] = {"train split": ngram.cross_entropy(ngram.fit(list(train), vocab_size=vocab), list(val))}
-        summary = json.loads((run_dir / "summary.json").read_text())
-        B, steps = cfg.train.batch_size, int(summary["steps"])
-        last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
-        what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else \
-            "the tokens each budget's cells read"
-        read_key = (key, what, cell.configuration, cfg.train.seed)
-        if read_key in fitted:
-            continue
-        windows = ngram.read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps,
-                                     last_len=last)
-        fitted[read_key] = ngram.cross_entropy(ngram.fit(windows, vocab_size=vocab), list(val))
-        fitted[read_key]["fit_tokens"] = int(summary["tokens"])
-    for key, fits in [(k, v) for k, v in fitted.items() if isinstance(k, str)]:
-        groups = {"train split": [fits["train split"]]}
-        for rk, r in fitted.items():
-            if isinstance(rk, tuple) and rk[0] == key:
-                groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
-        for fit, rs in groups.items():
-            for model in ("unigram", "bigram"):
-                rows.append({"model": model, "fit": fit, "validation": json.loads(key)[1],
-                             "val_loss": sum(r[model] for r in rs) / len(rs), "seeds": len(rs),
-                             "fit_tokens": rs[0].get("fit_tokens"), "predictions": rs[0]["predictions"],
-                             "add_k": ngram.ADD_K})
-    return rows
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:

@@ -1,0 +1,295 @@
+"""What each `hld` subcommand does (`cli.py` parses the command line and handles errors): one
+function per command, taking the parsed arguments and returning the JSON object `--json` prints."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from pathlib import Path
+
+from hld.errors import HldError
+
+
+def cmd_train(args) -> dict:
+    from hld.config import load_config
+    from hld.train.loop import train
+
+    if args.resume and args.out is None:
+        raise HldError("--resume needs --out (the run directory to continue)", "pass --out RUN_DIR")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/{cfg.name}")
+    summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
+    if not args.json and is_main_rank():
+        print(f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}")
+    return {"run_dir": str(out), **summary}
+
+
+def cmd_eval(args) -> dict:
+    from hld.models.loading import freeze, load_causal_lm
+    from hld.precision import default_device, resolve_dtype
+
+    if args.data is None and args.tasks is None:
+        raise HldError("hld eval needs --data (perplexity) or --tasks (lm-eval tasks), or both",
+                       "e.g. --data sample:validation, or --tasks shipped")
+    if args.seq_len < 2:
+        raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
+    if args.tasks is None and (args.limit is not None or args.task_data):
+        raise HldError("--limit and --task-data apply to --tasks", "add --tasks, or drop them")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--max-docs", args.max_docs)):
+        if value is not None and value < 1:
+            raise HldError(f"{flag} {value} is not a positive number", f"give {flag} 1 or more, or leave it out")
+    _check_finished_run(Path(args.model))
+    task_data = _task_data(args.task_data)
+    device = default_device()
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.time()
+    loaded = load_causal_lm(args.model, dtype=dtype)
+    lm = freeze(loaded.model).to(device)
+    row: dict = {"model": args.model}
+    if args.data is not None:
+        row.update(_eval_perplexity(args, loaded.tokenizer, lm, dtype))
+    if args.tasks is not None:
+        from hld.eval.harness import evaluate_tasks, expand_tasks
+
+        t1 = time.time()
+        row["tasks"] = evaluate_tasks(lm, loaded.tokenizer, expand_tasks(args.tasks), limit=args.limit,
+                                      batch_size=args.batch_size or 8, device=device,
+                                      quiet=args.quiet or args.json, dataset_paths=task_data,
+                                      rolling_len=args.seq_len)
+        row["tasks_seconds"] = time.time() - t1
+        if not args.json:
+            for name, r in row["tasks"].items():
+                err = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
+                chance = f", chance {r['chance']:.3f}" if r["chance"] is not None else ""
+                print(f"{args.model} {name}: {r['metric']} {r['value']:.4f}{err} (n={r['n']}{chance})")
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def _check_finished_run(path: Path) -> None:
+    """A run directory is a model once training has exported its student/."""
+    if (path / "config.yaml").is_file() and not (path / "student" / "config.json").is_file():
+        raise HldError(f"run {path} has not finished (no student/ yet: it is written at the end of training)",
+                       f"finish it with `hld train --resume --out {path} --config ...`, then evaluate it")
+
+
+# config keys named by the data errors of `hld train`, and what `hld eval` calls them
+_EVAL_FLAGS = (("data.train/validation", "--data"), ("data.train", "--data"), ("data.validation", "--data"),
+               ("data.seq_len", "--seq-len"), ("data.max_train_docs", "--max-docs"))
+
+
+def _eval_data_error(exc: HldError, source: str) -> HldError:
+    problem, fix = exc.problem, exc.fix
+    for key, flag in _EVAL_FLAGS:
+        problem, fix = problem.replace(key, flag), fix.replace(key, flag)
+    if source not in problem:
+        problem = f"--data {source}: {problem}"
+    return HldError(problem, fix)
+
+
+def _task_data(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise HldError(f"--task-data {item!r} is not TASK=DIR", "e.g. --task-data hellaswag=/data/hellaswag")
+        out[task.strip()] = path
+    return out
+
+
+def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
+    from hld.data.packing import load_stream, pack_windows
+    from hld.eval.perplexity import perplexity
+
+    try:
+        windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len,
+                               bos_id=tokenizer.bos_token_id)
+    except HldError as exc:  # the data errors speak of `hld train`'s config keys
+        raise _eval_data_error(exc, args.data) from exc
+    r = perplexity(lm, windows, batch_size=args.batch_size or 4,
+                   compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
+    if not args.json:
+        print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
+              f"predictions, {len(windows)} windows of {args.seq_len})")
+    return {"data": args.data, "seq_len": args.seq_len, "windows": len(windows), "tokens": r["tokens"],
+            "loss": r["loss"], "ppl": r["ppl"]}
+
+
+def cmd_export(args) -> dict:
+    from hld.export import export_run
+
+    result = export_run(Path(args.run_dir), Path(args.out_dir), force=args.force)
+    if not args.json:
+        print(f"exported {args.run_dir} -> {result['out_dir']} ({', '.join(result['files'])})")
+    return result
+
+
+def cmd_cache_teacher(args) -> dict:
+    from hld.config import load_config
+    from hld.train.cache_build import ensure_cache
+    from hld.train.resources import Resources
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.objective.method.startswith("hld"):
+        # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
+        cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
+    with _sigterm_as_error(f"hld cache-teacher stopped by SIGTERM before {args.out} was complete; what it held "
+                           "before is kept", "rerun the same command to build the cache"):
+        m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
+    row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
+           "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
+           "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
+           "build_flops": m.get("build_flops")}
+    if not args.json:
+        print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
+    return row
+
+
+def cmd_inspect_teacher(args) -> dict:
+    from hld.config import load_config
+    from hld.distill.inspect import inspect_teacher
+    from hld.train.resources import Resources
+
+    cfg = load_config(args.config, args.overrides)
+    rows = inspect_teacher(cfg, Resources(), n_windows=args.windows)
+    if not args.json:
+        print("layer | top dim | its share of ||x||^2 | constant-predictor share: none / rms / standardize")
+        for r in rows:
+            c = r["const_share"]
+            print(f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
+                  f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}")
+    return {"layers": rows}
+
+
+@contextlib.contextmanager
+def _sigterm_as_error(problem: str, fix: str):
+    """SIGTERM raises an HldError where the command is, so its cleanup runs (the default action
+    would end the process at once, leaving its temporary directory behind)."""
+    def handle(signum, frame):
+        raise HldError(problem, fix)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handle) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _is_study(name_or_path: str) -> bool:
+    """A study YAML (it names its arms) or a shipped study's name."""
+    from hld.config import read_yaml
+    from hld.study.grid import STUDY_DIR
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return "arms" in read_yaml(path)
+    return (STUDY_DIR / f"{name_or_path}.yaml").is_file()
+
+
+def cmd_plan(args) -> dict:
+    from hld.config import load_config
+    from hld.plan import check_world_size, format_run, format_study, plan_run, plan_study
+
+    if not args.run and _is_study(args.config):
+        result = plan_study(args.config, args.overrides, world_size=args.world_size)
+        lines = format_study(result)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        check_world_size(args.world_size, cfg)
+        result = plan_run(cfg, world_size=args.world_size)
+        lines = format_run(result)
+    if not args.json:
+        print("\n".join(lines))
+    return result
+
+
+def cmd_config(args) -> dict:
+    from hld.config import field_help
+
+    rows = field_help()
+    if not args.json:
+        for key, help_text, default in rows:
+            print(f"{key} = {default!r}\n    {help_text}")
+    return {"keys": [{"key": k, "help": h, "default": d} for k, h, d in rows]}
+
+
+def cmd_study(args) -> dict:
+    from hld.study.runner import run_study
+
+    if getattr(args, "list", False) or getattr(args, "cell", None) or getattr(args, "cache", None):
+        return _study_job(args)
+    result = run_study(args.config, Path(args.out) if args.out else None, overrides=args.overrides,
+                       quiet=args.quiet or args.json)
+    if not args.json:
+        _print_report(result)
+        print(f"{result['cells']} cells ({len(result['trained'])} trained, {len(result['skipped'])} already done) "
+              f"in {result['seconds']:.0f} s")
+    return result
+
+
+def _study_job(args) -> dict:
+    """`hld study --list / --cell ID / --cache GROUP`: one job of a study's graph (hld.study.jobs)."""
+    from hld.study import jobs
+
+    out = Path(args.out) if args.out else None
+    quiet = args.quiet or args.json
+    if args.list:
+        listing = jobs.list_jobs(args.config, out, overrides=args.overrides)
+        if not args.json:
+            print(jobs.format_jobs(listing))
+        return listing
+    if args.cache:
+        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet)
+        if not args.json:
+            print(f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
+                  f"-> {row['dir']}")
+        return row
+    row = jobs.run_one_cell(args.config, out, args.cell, overrides=args.overrides, quiet=quiet)
+    if not args.json and is_main_rank():
+        ppl = f": val ppl {row['val/ppl']:.2f}" if row.get("val/ppl") is not None else ""
+        print(f"cell {args.cell} {row['status']}{ppl} -> {row['run_dir']}")
+    return row
+
+
+def cmd_report(args) -> dict:
+    from hld.locks import file_lock
+    from hld.study.report import build_report
+
+    if not (Path(args.dir) / "runs").is_dir():
+        raise HldError(f"{args.dir} is not a study directory (no runs/ inside)", "give the --out of `hld study`")
+    with file_lock(Path(args.dir) / ".study.lock"):  # a study process may be writing the report too
+        result = build_report(Path(args.dir))
+    if not args.json:
+        _print_report(result)
+    return result
+
+
+def _print_report(result: dict) -> None:
+    print(result["table"])
+    for line in result["verdicts"]:
+        print(line.replace("**", ""))
+    print(f"report: {result['report']} ({result['cells']} cells; results.csv, {len(result['plots'])} plots)")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study,
+            "cache-teacher": cmd_cache_teacher, "inspect-teacher": cmd_inspect_teacher,
+            "config": cmd_config, "plan": cmd_plan,
+            "study": cmd_study, "report": cmd_report}
+
+
+def is_main_rank() -> bool:
+    """Rank 0 (or no torchrun). Under torchrun every rank of `hld train` ends with the same result or the
+    same error (the loop's decisions are all-reduced), so only rank 0 prints it: one line, not one per rank.
+    A failure of another rank alone shows as that rank's exit code in torchrun's report; --debug raises
+    it, with its traceback, on every rank."""
+    from hld.distributed import launch_env
+
+    try:
+        return launch_env()[1] == 0
+    except HldError:  # a malformed RANK: _single_process / setup report it
+        return True
