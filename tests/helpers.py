@@ -103,3 +103,23 @@ def check_verdicts(report: str, csv_path) -> None:
             assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (s, name)
         assert float(s["fr"]) == pytest.approx(w["fr"], abs=6e-4)
         assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
+
+
+def train_argv(run: Path, *extra: str) -> list[str]:
+    """`hld train` of the smoke preset on the fixtures into `run`, quiet."""
+    return ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet", *extra]
+
+
+def one_line_error(capsys, argv: list[str], problem: str) -> str:
+    """Run the CLI on `argv`: exit code 2, exactly one stderr line `hld: error: <problem> — <fix>` that
+    contains `problem`, and no traceback. Returns the line."""
+    from hld.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hld: error: ") and problem in lines[0] and " — " in lines[0], lines[0]
+    assert "Traceback" not in err
+    return lines[0]

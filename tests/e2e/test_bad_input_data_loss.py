@@ -12,19 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import one_line_error as _one_line
 from helpers import tiny_overrides
 from hld.cli import main
 from hld.distill.cache import FORMAT_VERSION
-
-
-def _one_line(capsys, argv: list[str], problem: str) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("hld: error: ") and problem in lines[0] and " — " in lines[0], lines[0]
-    return lines[0]
 
 
 def _cache_argv(out, *extra: str) -> list[str]:

@@ -12,22 +12,9 @@ from pathlib import Path
 import pytest
 
 from helpers import C4_VALIDATION, tiny_overrides
+from helpers import one_line_error as _one_line
+from helpers import train_argv as _argv
 from hld.cli import main
-
-
-def _argv(run: Path, *extra: str) -> list[str]:
-    return ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet", *extra]
-
-
-def _one_line(capsys, argv: list[str], problem: str) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("hld: error: ") and problem in lines[0] and " — " in lines[0], lines[0]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
