@@ -201,17 +201,21 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
 def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) -> dict:
     """One block per arm x student x budget of a study (grid points and seeds that give the same numbers
     are counted, not repeated), and its teacher caches (one per group of cells sharing windows)."""
-    from hld.study.grid import cell_config, expand, load_study
+    from hld.study.grid import cell_config, expand, flops_overrides, load_study
     from hld.train.cache_build import cache_share_key
 
     study = load_study(name_or_path, overrides)
     teachers: dict[str, tuple] = {}
     blocks: dict[str, dict] = {}
     caches: dict[str, dict] = {}
+    spent: dict[str, float] = {}  # cell id -> its planned FLOPs, teacher counted (what equal_flops cells match)
     for cell in expand(study):
-        cfg = cell_config(study, cell)
+        # an equal-FLOPs cell trains at the FLOPs its matched cell spends: planned here, measured in a study
+        extra = flops_overrides(spent[cell.flops_of]) if cell.flops_of in spent else []
+        cfg = cell_config(study, cell, extra)
         teacher = teachers.setdefault(cfg.teacher.model, teacher_shapes(cfg.teacher.model))
         row = plan_run(cfg, world_size=world_size, teacher=teacher)
+        spent[cell.id] = row["length"]["teacher_counted"]["flops"]
         key = repr({k: v for k, v in row.items() if k != "name"})
         block = blocks.setdefault(key, {**row, "cells": []})
         block["cells"].append(cell.id)
