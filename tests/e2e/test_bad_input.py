@@ -52,8 +52,11 @@ def test_micro_batch_not_dividing_the_per_process_batch(tmp_path, capsys, monkey
 
 
 def test_parallel_none_under_torchrun(tmp_path, capsys, monkeypatch):
-    _torchrun_env(monkeypatch, "2", rank="1")
+    _torchrun_env(monkeypatch, "2", rank="0")  # rank 0 prints the line (every rank meets the same error)
     _one_line(capsys, _argv(tmp_path / "r", "train.parallel=none"), "train.parallel=none but torchrun started 2")
+    _torchrun_env(monkeypatch, "2", rank="1")  # the other ranks exit 2 silently: one line, not one per rank
+    assert main(_argv(tmp_path / "r1", "train.parallel=none")) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_malformed_launch_environment(tmp_path, capsys, monkeypatch):
