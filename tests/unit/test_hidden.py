@@ -267,3 +267,20 @@ def test_standardize_stats_are_frozen_in_the_run_dir_and_projectors_stay_out_of_
     keys = [k for f in (tmp_path / "run" / "student").glob("*.safetensors") for k in load_file(f)]
     assert keys and set(keys) <= set(s.student.state_dict())  # the student's own weights, no projector
     assert not any(k.startswith("proj.") or "_t2" in k or "_t3" in k for k in keys)
+
+
+@pytest.mark.parametrize("norm", ["standardize", "rms", "none"])
+def test_every_loss_and_normalisation_runs_with_the_layer_diagnostics(tmp_path, overrides, norm):
+    """A whole run (training, validation with CKA and R², cka.json) for each loss under each
+    normalisation: `lens` targets the raw teacher state, so standardize estimates no statistics for it
+    and the diagnostics' R² must not ask for them (it raised once, in the hld-variants study)."""
+    from hld.config import load_config
+    from hld.train.loop import train
+
+    for loss in ("mse", "cosine", "relation", "lens"):
+        cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", f"objective.hidden.loss={loss}",
+                                    f"objective.hidden.normalize_teacher={norm}", "train.eval_every_steps=2"])
+        summary = train(cfg, tmp_path / f"{norm}-{loss}", quiet=True)
+        assert math.isfinite(summary["val/loss"])
+        assert any(k.startswith("val/cka/") for k in summary), summary.keys()
+        assert (tmp_path / f"{norm}-{loss}" / "cka.json").exists()

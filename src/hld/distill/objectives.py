@@ -138,7 +138,10 @@ class HiddenObjective:
         return {"beta": self.beta}
 
     def target(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The teacher target of `layer`, normalised as configured. x (..., d_t)."""
+        """The teacher target of `layer`, normalised as configured (`lens` matches the raw state, through
+        the teacher's own norm and head, so its target is the raw state). x (..., d_t)."""
+        if self.loss == "lens":
+            return x
         moments = self.stats.get(layer) if self.stats is not None else None
         return normalize_target(x, self.normalize_teacher, moments)
 
