@@ -480,3 +480,19 @@ def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp
     kdce = comps[("kd", "ce")]
     assert sum(len(d) for d in kdce.diffs.values()) == 2  # one pair per seed
     assert sorted(x for d in kdce.diffs.values() for x in d) == pytest.approx([-0.5, -0.4])
+
+
+def test_a_verdict_line_gives_its_own_configurations_flops_ratio(tmp_path):
+    """Lines per configuration carry the FLOP ratio of that configuration's pairs, not the comparison's
+    mean over every configuration (a costly variant once inflated every line of hld-variants)."""
+    rows = []
+    for conf, hld_flops in (("a", 2.0), ("b", 8.0)):
+        for seed in (0, 1):
+            rows.append({"cell": f"{conf}{seed}kd", "configuration": conf, "match": conf, "arm": "kd", "seed": seed,
+                         "val_loss": 7.0 + seed, "flops": 1.0, "accounting": "budget"})
+            rows.append({"cell": f"{conf}{seed}h", "configuration": conf, "match": conf, "arm": "hld-joint",
+                         "seed": seed, "val_loss": 6.9 + seed, "flops": hld_flops, "accounting": "budget"})
+    comp = next(c for c in paired(rows) if c.arm == "hld-joint")
+    lines = {v.configuration: verdict_line(v) for v in verdicts([comp])}
+    assert "FLOPs ×2.000 of kd's" in lines["a"] and "FLOPs ×8.000 of kd's" in lines["b"]
+    assert comp.flops_ratio == pytest.approx(5.0)

@@ -201,6 +201,7 @@ class Comparison:
     view: str = "budget"  # "budget": the study's budgets as given; "flops": ce at the matched FLOPs
     accounting: str = "equal budget"  # how the two arms' compute compares, in words
     flops_ratio: Optional[float] = None  # mean FLOPs of the arm / of the baseline, over the pairs
+    config_flops_ratio: dict = field(default_factory=dict)  # the same per configuration
     seed_wins: dict = field(default_factory=dict)  # configuration -> seeds where the arm is better
     diffs: dict = field(default_factory=dict)  # configuration -> the per-seed differences
 
@@ -266,7 +267,7 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                 if view == "flops" and not ({arm, base} & flops_arms):
                     continue  # the same cells as in the budget view
                 diffs: dict[str, list[float]] = {}
-                ratios = []
+                ratios: dict[str, list[float]] = {}
                 seen: set[tuple[str, str]] = set()  # (cell, baseline cell): a pair counts once
                 for (conf, seed, a), (v, fl, cell) in sorted(value.items()):
                     if a == arm and (conf, seed, base) in value:
@@ -276,7 +277,7 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                         seen.add((cell, bcell))
                         diffs.setdefault(conf, []).append(v - bv)
                         if fl and bfl:
-                            ratios.append(fl / bfl)
+                            ratios.setdefault(conf, []).append(fl / bfl)
                 if not diffs:
                     continue
                 per = {conf: mean_interval(d) for conf, d in diffs.items()}
@@ -288,10 +289,15 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                 out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
                                       wins=sum(better(i.mean) for i in per.values()), metric=metric, view=view,
                                       accounting=_accounting(used, view),
-                                      flops_ratio=sum(ratios) / len(ratios) if ratios else None,
+                                      flops_ratio=_mean([x for r in ratios.values() for x in r]),
+                                      config_flops_ratio={c: _mean(r) for c, r in ratios.items()},
                                       seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
                                       diffs=diffs))
     return out
+
+
+def _mean(xs: list[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
 
 
 def verdicts(comparisons: list[Comparison]) -> list[Verdict]:
@@ -319,7 +325,8 @@ def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
     on = "" if loss else f" on {c.metric.split(':', 1)[0]}"
     where = f" ({v.configuration})" if v.configuration != ALL and len(c.per_config) > 1 else ""
     units = "seed" if v.over == "seeds" else "configuration"
-    flops = f"; FLOPs ×{c.flops_ratio:.3f} of {c.baseline}'s" if c.flops_ratio is not None else ""
+    ratio_of = c.config_flops_ratio.get(v.configuration, c.flops_ratio)  # this line's pairs (pooled: all)
+    flops = f"; FLOPs ×{ratio_of:.3f} of {c.baseline}'s" if ratio_of is not None else ""
     head = (f"**{c.arm} vs {c.baseline}{on}, {c.accounting}**{where}{flops}: {c.arm} better in {v.wins} of "
             f"{i.n} {units}{'s' if i.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}")
     ratio = f", val ppl ratio {math.exp(i.mean):.4f}" if loss else ""
@@ -352,7 +359,8 @@ def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[
         for conf, i in c.per_config.items():
             rows.append({**common, "configuration": conf, "n": i.n, "over": "seeds", "mean_diff": i.mean,
                          "ci_lo": i.lo, "ci_hi": i.hi, "p": i.p, "p_holm": holm_of.get((id(c), conf)),
-                         "ppl_ratio": ratio(i.mean), "wins": c.seed_wins.get(conf)})
+                         "ppl_ratio": ratio(i.mean), "wins": c.seed_wins.get(conf),
+                         "flops_ratio": c.config_flops_ratio.get(conf, c.flops_ratio)})
         if len(c.per_config) > 1:
             i = c.overall
             rows.append({**common, "configuration": ALL, "n": i.n, "over": c.over, "mean_diff": i.mean,
