@@ -328,8 +328,10 @@ def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path
             for s_l, t_l in found[0]["pairs"]:
                 ax.scatter([t_l], [s_l], marker="s", facecolors="none", edgecolors="red", s=40)
             ax.set_title(f"{student} · {arm} ({len(found)} cells)", fontsize=9)
+            ax.set_yticks(range(m.shape[0]))  # layers are whole numbers (0 = embedding output)
             ax.set_xlabel("teacher layer")
-            ax.set_ylabel("student layer")
+            if j == 0:
+                ax.set_ylabel("student layer")
     fig.colorbar(im, ax=axes, shrink=0.8, label="linear CKA")
     fig.suptitle("Final CKA, student layer x teacher layer (red: mapped pairs)", fontsize=11)
     return _save(fig, out / "cka_matrices.png")
