@@ -115,7 +115,9 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
         what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else \
             "the tokens each budget's cells read"
-        read_key = (key, what, cell.configuration, cfg.train.seed)
+        # cells that read the same windows (same seed, batch and length, whatever their arm or grid point)
+        # share one fit, so a grid of 24 configurations gives one row per budget, not 24 copies
+        read_key = (key, what, f"{int(summary['tokens']):,} tokens, batch {B}", cfg.train.seed)
         if read_key in fitted:
             continue
         windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps,
