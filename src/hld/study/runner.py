@@ -303,7 +303,7 @@ def _matched(study: Study, cell: Cell, out: Path) -> tuple[Cell, RunConfig]:
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     if not (run_dir / "summary.json").exists():
         return False
-    from hld.train.loop import same_config
+    from hld.train.rundir import same_config
 
     if not same_config(run_dir / "config.yaml", cfg):
         raise HldError(f"finished cell {run_dir} was trained with a different config than the study now asks for",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,10 @@ from hld.precision import autocast, default_device, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import Length, phase_costs, run_length
-from hld.train.checkpoint import has_checkpoint, save_checkpoint, save_sharded
+from hld.train.checkpoint import save_checkpoint, save_sharded
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
-from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state, same_config
+from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state
 from hld.train.schedule import lr_factor
 from hld.train.state import RunState
 
@@ -63,7 +62,6 @@ class Setup:
     optimizer: torch.optim.Optimizer
     order: BatchOrder
     val_windows: np.ndarray  # (n, seq_len) int64
-    bos_id: int
     length: Length  # steps, and how much of its windows the last step reads
     costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
     device: torch.device
@@ -147,7 +145,7 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w,
-                 bos_id=tok.bos_token_id,
+
                  length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype, dist=dist)
 
@@ -344,23 +342,6 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
         summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
-
-
-def train_or_resume(cfg: RunConfig, run_dir: Path, *, resources: Optional[Resources] = None,
-                    quiet: bool = False) -> dict:
-    """A finished run's summary; else resume it from its checkpoint; else (re)start it."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
-        if not same_config(run_dir / "config.yaml", cfg):
-            raise HldError(f"{run_dir} holds a finished run of another config",
-                           "choose another --out, or delete that directory")
-        return atomic.read_json_object(run_dir / "summary.json", "run summary",
-                                       f"delete {run_dir} to train it again")
-    if has_checkpoint(run_dir):
-        return train(cfg, run_dir, resume=True, resources=resources, quiet=quiet)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # started, never checkpointed: nothing to keep
-    return train(cfg, run_dir, resources=resources, quiet=quiet)
 
 
 def release_hooks(s: Setup) -> None:
