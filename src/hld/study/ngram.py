@@ -97,7 +97,8 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
     from hld.data.loader import BatchOrder
 
     rows: list[dict] = []
-    fitted: dict = {}  # key -> fits (str keys), or read-window key -> one fit (tuples)
+    whole: dict[str, dict] = {}  # data key -> the fit on the whole training split
+    read: dict[tuple, dict] = {}  # (data key, what, windows, seed) -> the fit on the windows cells read
     for cell, cfg, _ in planned:
         run_dir = out / "runs" / cell.id
         if not (run_dir / "summary.json").exists():
@@ -108,8 +109,8 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         train = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field)
         val = resources.validation_windows(d, tok)
         key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
-        if key not in fitted:
-            fitted[key] = {"train split": cross_entropy(fit(list(train), vocab_size=vocab), list(val))}
+        if key not in whole:
+            whole[key] = cross_entropy(fit(list(train), vocab_size=vocab), list(val))
         summary = json.loads((run_dir / "summary.json").read_text())
         B, steps = cfg.train.batch_size, int(summary["steps"])
         last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
@@ -118,16 +119,15 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         # cells that read the same windows (same seed, batch and length, whatever their arm or grid point)
         # share one fit, so a grid of 24 configurations gives one row per budget, not 24 copies
         read_key = (key, what, f"{int(summary['tokens']):,} tokens, batch {B}", cfg.train.seed)
-        if read_key in fitted:
+        if read_key in read:
             continue
-        windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps,
-                                     last_len=last)
-        fitted[read_key] = cross_entropy(fit(windows, vocab_size=vocab), list(val))
-        fitted[read_key]["fit_tokens"] = int(summary["tokens"])
-    for key, fits in [(k, v) for k, v in fitted.items() if isinstance(k, str)]:
-        groups = {"train split": [fits["train split"]]}
-        for rk, r in fitted.items():
-            if isinstance(rk, tuple) and rk[0] == key:
+        windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps, last_len=last)
+        read[read_key] = {**cross_entropy(fit(windows, vocab_size=vocab), list(val)),
+                          "fit_tokens": int(summary["tokens"])}
+    for key, on_split in whole.items():
+        groups = {"train split": [on_split]}
+        for rk, r in read.items():
+            if rk[0] == key:
                 groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
         for fit_name, rs in groups.items():
             for model in ("unigram", "bigram"):
