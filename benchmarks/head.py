@@ -1,7 +1,9 @@
 """Time per token of the fused LM head + loss (forward + backward) against its own floor: the
 head's three matmuls (logits h @ W.T, dL/dh = g @ W, dL/dW = g.T @ h) in the same dtype, timed in
 the same run on the same shapes. The ratio is what the elementwise work (softmax, KL, gradient,
-casts) costs on top of the arithmetic that cannot be avoided.
+casts) costs on top of the arithmetic that cannot be avoided. A second ratio adds to the floor one
+fp32 softmax over every logit (one exp each, in cache): at a small width (d = 64) that exp costs a
+third of the bf16 matmuls, so no softmax-based loss gets near the matmul floor alone there.
 
 Cases: CE only; CE + forward KL with a dense teacher; CE + forward KL with a top-k teacher (values,
 indices and rest, as a cache serves them). The teacher's logits for one chunk are made once and
@@ -66,7 +68,10 @@ def head_step(kind: str, dtype: torch.dtype, args, dev: torch.device):
 
 def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
     """The three matmuls of every chunk as the head calls them, in `dtype` (fp32: logits into a kept
-    fp32 buffer, dL/dW by addmm_; low precision: products in that dtype into kept buffers)."""
+    fp32 buffer, dL/dW by addmm_; low precision: products in that dtype into kept buffers), and a
+    fourth step that is not a matmul: one fp32 softmax over every logit, in cache-resident row blocks as
+    the head runs it (one exp per logit: the least elementwise work any softmax loss does)."""
+    from hld.distill.chunked import ROWS
     h, W, _ = make(n_tokens=args.tokens, vocab_size=args.vocab_size, d_model=args.d_model, dtype=dtype, dev=dev)
     h, W = h.detach(), W.detach()
     n = args.chunk_tokens
@@ -86,7 +91,15 @@ def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
     def grad_W():
         for sl in chunks:
             torch.mm(z.T, h[sl], out=gW) if dtype != torch.float32 else gW.addmm_(z.T, h[sl])
-    return [logits, grad_h, grad_W]
+
+    rows = min(ROWS, n) if dev.type == "cpu" else n
+    blk = torch.randn(rows, args.vocab_size, device=dev)  # (rows, V) fp32
+
+    def softmax():
+        for _ in chunks:
+            for _ in range(0, n, rows):
+                torch.softmax(blk, -1, out=blk)
+    return [logits, grad_h, grad_W, softmax]
 
 
 def measure(dtype: torch.dtype, args, dev: torch.device) -> dict:
@@ -130,17 +143,21 @@ def main(argv=None) -> None:
         best = measure(dtype, args, dev)
         parts = [best[f"mm{i}"] for i in range(3)]
         floor = sum(parts)
+        sm = best["mm3"]  # the softmax step
         for kind in ("ce", "dense", "topk"):
             t = best[kind]
             r = {"dtype": str(dtype).replace("torch.", ""), "case": kind, "ms_per_token": t * 1e3,
                  "floor_ms_per_token": floor * 1e3, "floor_parts_ms": [x * 1e3 for x in parts],
-                 "ratio_to_floor": t / floor}
+                 "ratio_to_floor": t / floor, "softmax_ms_per_token": sm * 1e3,
+                 "ratio_to_floor_and_softmax": t / (floor + sm)}
             out["results"].append(r)
             rows.append([r["dtype"], kind, f"{t * 1e3:.3f}", f"{floor * 1e3:.3f}",
-                         " / ".join(f"{x * 1e3:.3f}" for x in parts), f"{t / floor:.2f}"])
+                         " / ".join(f"{x * 1e3:.3f}" for x in parts), f"{t / floor:.2f}", f"{sm * 1e3:.3f}",
+                         f"{t / (floor + sm):.2f}"])
     print(f"{out['machine']}\nN={args.tokens} V={args.vocab_size} d={args.d_model} chunk={args.chunk_tokens} "
           f"threads={args.threads}, min of {args.repeats}")
-    print(M.table(rows, ["dtype", "case", "head ms/tok", "floor ms/tok", "3 matmuls", "ratio"]))
+    print(M.table(rows, ["dtype", "case", "head ms/tok", "floor ms/tok", "3 matmuls", "ratio", "softmax",
+                         "ratio to floor+softmax"]))
     if args.json:
         print(json.dumps(out))
 

@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dev = M.device()
-    dtype = M.compute_dtype(dev)
+    dtype = M.compute_dtype(dev) if spec.get("dtype", "auto") == "auto" else getattr(torch, spec["dtype"])
     if dev.type == "cpu":
         M.guard_cpu_memory()
     x = make_inputs(n_tokens=spec["n_tokens"], vocab_size=spec["vocab_size"], d_student=spec["d_student"],
@@ -192,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per process; the last is reported")
     p.add_argument("--no-torchtune", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="inputs' dtype (auto: what precision=auto picks here; float32: an AVX2-only CPU's)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -217,7 +219,7 @@ def main(argv=None) -> None:
     n_ref = args.naive_tokens or (args.tokens if dev.type == "cuda" else min(args.tokens, 2048))
     base = {"vocab_size": args.vocab_size, "d_student": args.d_student, "d_teacher": args.d_teacher,
             "chunk_tokens": args.chunk_tokens, "torchtune_chunks": args.torchtune_chunks, "repeats": args.repeats,
-            "threads": args.threads}
+            "threads": args.threads, "dtype": args.dtype}
     tt = "skipped (--no-torchtune)" if args.no_torchtune else torchtune_status()
     runs, grads = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -335,3 +335,35 @@ def test_bucket_without_rest_is_an_error():
         with pytest.raises(ValueError, match="rest"):
             head_loss(h, W, y, mask, replace(spec, divergence=divergence), _cached_teacher(24, k=3, rest=False).logits)
     head_loss(h, W, y, mask, replace(spec, top_k_rest="renormalize"), _cached_teacher(24, k=3, rest=False).logits)
+
+
+# --------------------------------------------------------------------------- the low-precision fast path
+
+@pytest.mark.parametrize("chunk", [3, 7, 4096])
+@pytest.mark.parametrize("case", ["ce", "dense", "dense-T2", "bucket", "bucket-T2", "renormalize"])
+def test_bf16_matmuls_keep_the_loss_exact_on_the_rounded_logits(chunk, case):
+    """matmul_dtype=bf16: the logits come out of a bf16 matmul and the gradient goes back in bf16 (written
+    over the logits), row block by row block. The loss must equal the float64 loss of those bf16 logits
+    (softmax and sums stay fp32, no further rounding); the gradients match the fp32 reference within bf16's
+    resolution. Chunks of 7 and all rows span several row blocks with a remainder."""
+    h, W, y, mask = _inputs(31, torch.float32)
+    T = 2.0 if case.endswith("T2") else 1.0
+    ts = (None if case == "ce" else _online_teacher(31, dtype=torch.float32) if case.startswith("dense")
+          else _cached_teacher(31, k=5))
+    spec = HeadLossSpec(ce_weight=1.0 if case == "ce" else 0.4, kd_weight=0.0 if case == "ce" else 0.6,
+                        temperature=T, chunk_tokens=chunk, matmul_dtype=torch.bfloat16,
+                        top_k_rest="renormalize" if case == "renormalize" else "bucket")
+    ours, stats = head_loss(h, W, y, mask, spec, ts.logits if ts is not None else None)
+    z = torch.mm(h.detach().bfloat16(), W.detach().bfloat16().T).double()  # the rounded logits, (N, V)
+    teacher = _reference_teacher(ts, None)
+    ce = ce_sum(z, y, mask)
+    kd = kd_sum(z, teacher, mask, temperature=T, top_k_rest=spec.top_k_rest) if ts is not None else torch.zeros(())
+    assert stats["ce"] == pytest.approx(float(ce), rel=2e-6)
+    assert stats["kd"] == pytest.approx(float(kd), rel=2e-5, abs=1e-6)
+    ref, _, _ = _reference(h, W, y, mask, spec, ts)
+    g_ours = torch.autograd.grad(ours, (h, W))
+    g_ref = torch.autograd.grad(ref, (h, W))
+    for a, b in zip(g_ours, g_ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=3e-2 * float(b.abs().max()))
+    assert g_ours[0][~mask].abs().max() == 0
