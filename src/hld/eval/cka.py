@@ -83,7 +83,8 @@ class Diagnostics:
         self.s = s
         self.windows = s.val_windows[:h.diagnostics_windows]
         self.skip_first = h.skip_first_position
-        self.teacher_lm = s.teacher_lm if s.teacher_lm is not None else _load_teacher(cfg)
+        # a KD/HLD run's teacher, or the one `build` loads for a CE run's diagnostics (shared by the process)
+        self.teacher_lm = s.teacher_lm if s.teacher_lm is not None else s.diagnostics_teacher()
         self.pairs = (list(s.projectors.pairs) if s.projectors is not None else
                       layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher_lm)))
         objs = hidden_objectives(s.plan)
@@ -132,14 +133,6 @@ class Diagnostics:
         st, te = self.student_states(s_layers), self.teacher_states(t_layers)
         return {"student_layers": s_layers, "teacher_layers": t_layers, "pairs": [list(p) for p in self.pairs],
                 "cka": [[linear_cka(st[a], te[b]) for b in t_layers] for a in s_layers]}
-
-
-def _load_teacher(cfg) -> torch.nn.Module:
-    """CE runs load no teacher for training; the diagnostics read it on the validation windows only."""
-    from hld.models.loading import freeze, load_causal_lm
-    from hld.precision import resolve_dtype
-
-    return freeze(load_causal_lm(cfg.teacher.model, dtype=resolve_dtype(cfg.teacher.dtype)).model)
 
 
 def diagnostics_of(s) -> Optional[Diagnostics]:

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -179,13 +179,17 @@ def _quiet_load_report():
         hf_logging.set_verbosity(level)
 
 
-def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> LoadedModel:
+def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   tokenizer: Optional[object] = None) -> LoadedModel:
+    """The model and its tokenizer; `tokenizer`: one already loaded from the same spec (a 262k-token
+    tokenizer takes seconds to load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, identity = resolve_model_dir(spec)
     kwargs = _language_model_kwargs(model_config(source, trust_remote_code=trust_remote_code))
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code)
         with _quiet_load_report():
             loaded: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
                                                                trust_remote_code=trust_remote_code,

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -67,6 +68,9 @@ class Setup:
     device: torch.device
     compute_dtype: torch.dtype
     dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
+    # the teacher for a CE run's layer diagnostics, loaded at their first use through the process's shared
+    # resources (`hld run`: one load for all its cells); None where nothing loads one
+    diagnostics_teacher: Optional[Callable[[], CausalLM]] = None
 
     @property
     def total_steps(self) -> int:
@@ -143,10 +147,12 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
                             betas=tuple(cfg.train.betas), fused=device.type == "cuda")
+    diag_lm = None  # CE trains without a teacher; its diagnostics read the process's shared one
+    if not needs_teacher and cfg.objective.hidden.diagnostics and not dist.active:
+        diag_lm = lambda: resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device)  # noqa: E731
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w,
-
-                 length=length, costs=costs, device=device,
+                 diagnostics_teacher=diag_lm, length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype, dist=dist)
 
 

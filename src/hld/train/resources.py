@@ -46,7 +46,7 @@ class Resources:
         torch_dtype = resolve_dtype(dtype)
         key = (spec, str(torch_dtype))
         if key not in self._teachers:
-            loaded = load_causal_lm(spec, dtype=torch_dtype)
+            loaded = load_causal_lm(spec, dtype=torch_dtype, tokenizer=self._tokenizers.get(spec))
             freeze(loaded.model)
             self._teachers[key] = loaded
             self._tokenizers.setdefault(spec, loaded.tokenizer)
