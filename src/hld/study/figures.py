@@ -98,7 +98,7 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         ax.set_xlabel("training FLOPs" + (" (log scale)" if wide else "") + "; line: train/ce of the best cell")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(title="arm (mean over seeds) and references", fontsize=7, title_fontsize=8, loc="best")
+        _legend_below(ax, title="arm (mean over seeds) and references")
     _fit_y(axes[0][0], lows, highs, pad=0.06)
     axes[0][0].set_ylabel("loss (nats/token, lower is better)")
     title = ("Validation loss vs training FLOPs, teacher counted\n(markers: final validation loss, mean over "
@@ -106,6 +106,13 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "loss_vs_flops.png")
+
+
+def _legend_below(ax, *, title: str) -> None:
+    """The legend under the panel, not on it: early curves start high at the left, references run the
+    whole width, so no corner of the axes is free of data (`_save` keeps it in the picture)."""
+    ax.legend(title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=2, frameon=False)
 
 
 def _sci_formatter():
@@ -187,7 +194,7 @@ def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: list[tuple[
         ax.set_xlabel("training tokens")
         ax.set_title(_student_title(table, student), fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="bold: each budget's first seed", title_fontsize=8)
+        _legend_below(ax, title="bold: each budget's first seed")
     _fit_y(axes[0][0], bottoms, tops, pad=0.05)  # the first steps (ln V nats) would squash the rest
     axes[0][0].set_ylabel("train/ce (nats/token; moving average on long runs)")
     fig.suptitle("Student next-token loss during training (thin: other cells)", fontsize=11)
@@ -254,7 +261,7 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
     import matplotlib.pyplot as plt
 
     plt.close(fig)
