@@ -191,6 +191,18 @@ def test_shipped_tasks_via_cli_match_hand_counts(tiny, capsys):
     assert got["metrics"]["perplexity"] == pytest.approx(math.exp(-sum(lp for lp, _ in lam) / 3), rel=1e-4)
 
 
+def test_quiet_eval_outside_a_git_checkout_prints_nothing_on_stderr(tmp_path):
+    """The harness runs `git describe` for its results' provenance; outside a checkout git's "fatal: not
+    a git repository" reached the terminal past every redirect. With --quiet stderr stays empty."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    p = subprocess.run([sys.executable, "-m", "hld", "eval", "--model", str(TEACHER), "--tasks", "hld_mc",
+                        "--limit", "2", "--dtype", "float32", "--quiet", "--json"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "", p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["tasks"]["hld_mc"]["n"] == 2
+
+
 def test_unknown_task_is_one_line(capsys):
     rc = main(["eval", "--model", str(TEACHER), "--tasks", "hellaswg"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -235,14 +235,21 @@ def _harness_output():
     """The harness prints to stdout, draws its own tqdm bars and logs freely: silence all of it
     (stdout keeps our --json line; our progress line writes to the stream saved before), keep
     its log to errors, and bootstrap stderrs without a process pool."""
+    import lm_eval.evaluator as evaluator
+
     log = logging.getLogger("lm_eval")
     level, env = log.level, os.environ.get("DISABLE_MULTIPROC")
+    # the results' provenance we never read: `git describe` in the working directory (its "fatal: not a
+    # git repository" goes to the terminal, past any redirect) and torch's environment report (~1.6 s)
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
     log.setLevel(logging.ERROR)
     os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             yield
     finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
         log.setLevel(level)
         if env is None:
             os.environ.pop("DISABLE_MULTIPROC", None)
