@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "CE vs logit KD vs hidden-layer distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the embedded default: a small equal-FLOPs study (Gemma 3 270M teacher, "
-                       "two tiny students, all four arms, a learning-rate grid) and its report")
+    p = sub.add_parser("run", help="the embedded default: a small study (Gemma 3 270M teacher, a tiny student, "
+                       "ce/kd/hld-joint/hld-first at equal student tokens plus ce at kd's FLOPs, 3 seeds) "
+                       "and its report")
     p.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo); rerun to resume")
     p.add_argument("--config", default="demo", help="study YAML or shipped study name (default: demo)")
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")

@@ -111,7 +111,7 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
 def _legend_below(ax, *, title: str) -> None:
     """The legend under the panel, not on it: early curves start high at the left, references run the
     whole width, so no corner of the axes is free of data (`_save` keeps it in the picture)."""
-    ax.legend(title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+    ax.legend(title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
               ncol=2, frameon=False)
 
 
