@@ -77,3 +77,56 @@ def test_study_report_draws_cka_plots(overrides, tmp_path):
     assert {"cka_over_training.png", "cka_matrices.png"} <= names
     text = (tmp_path / "report.md").read_text()
     assert "plots/cka_over_training.png" in text and "plots/cka_matrices.png" in text
+
+
+def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_states(overrides, tmp_path, monkeypatch):
+    """cka.json against CKA in numpy's Gram form of states read independently (transformers'
+    output_hidden_states of the exported student and of the teacher, pre-final-norm last layer, on the
+    first diagnostics windows, at the positions with a target less position 0); a CE and a KD run in
+    one process (`hld run`'s case) share one teacher-state computation and still get these values."""
+    from transformers import AutoModelForCausalLM
+
+    import hld.eval.cka as cka
+    from hld.config import load_config
+    from hld.train.loop import build, train
+    from hld.train.resources import Resources
+
+    calls: list = []
+    real = cka._states
+    monkeypatch.setattr(cka, "_states", lambda lm, *a, **k: calls.append(lm) or real(lm, *a, **k))
+    res = Resources()
+    teacher_runs = []
+    for method in ("ce", "kd"):
+        cfg = load_config("smoke", [*overrides, f"objective.method={method}", "objective.hidden.diagnostics_windows=3",
+                                      "train.precision=float32"])
+        train(cfg, tmp_path / method, quiet=True, resources=res)
+        lm = res.teacher(cfg.teacher.model, cfg.teacher.dtype).model
+        teacher_runs.append(sum(c is lm for c in calls))
+    assert teacher_runs[0] >= 1 and teacher_runs[1] == teacher_runs[0]  # the kd run reused the ce run's states
+    s = build(cfg, Resources())
+    win = torch.as_tensor(s.val_windows[:3])
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()
+
+    def hidden(model, ids):
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        hs = list(out.hidden_states)
+        hs[-1] = model_pre_norm(model, ids)  # hld's last layer is before the final norm
+        return [h[:, 1:-1].reshape(-1, h.shape[-1]).double().numpy() for h in hs]  # positions with a target
+
+    def model_pre_norm(model, ids):
+        got = {}
+        norm = model.model.norm
+        handle = norm.register_forward_hook(lambda m, inp, out: got.setdefault("x", inp[0]))
+        with torch.no_grad():
+            model(input_ids=ids)
+        handle.remove()
+        return got["x"]
+
+    t_states = hidden(teacher, win)
+    for method in ("ce", "kd"):
+        student = AutoModelForCausalLM.from_pretrained(tmp_path / method / "student", dtype=torch.float32).eval()
+        s_states = hidden(student, win)
+        m = json.loads((tmp_path / method / "cka.json").read_text())
+        ref = [[_cka_numpy(a, b) for b in t_states] for a in s_states]
+        np.testing.assert_allclose(np.array(m["cka"]), np.array(ref), rtol=1e-6, atol=1e-9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hld.distill.losses import TeacherLogits, ce_sum, hidden_sum, kd_sum, softcap
+from hld.distill.losses import TeacherLogits, ce_sum, hidden_sum, kd_sum, logsumexp_outside, softcap
 
 N, V = 7, 11  # rows, vocabulary
 
@@ -490,3 +490,36 @@ def test_softcap():
     _close(softcap(z, 30.0), 30.0 * np.tanh(z.numpy() / 30.0))
     assert softcap(z, None) is z
     assert float(softcap(torch.tensor(1e6), 30.0)) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_logsumexp_outside_matches_float64_with_and_without_a_gradient(scale):
+    """log sum over the ids off idx of exp(scale * z), against numpy in float64: the differentiable path
+    (a student's logits) and the row-block path (a teacher's, no gradient); -inf where idx covers a row.
+    Nine rows: two 4-row blocks and a remainder."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(9, 13, generator=g) * 4
+    idx = torch.stack([torch.randperm(13, generator=g)[:5] for _ in range(9)])
+    idx[3] = torch.arange(13)[:5]
+    full = torch.arange(13).repeat(9, 1)
+    zn, ref = z.double().numpy() * scale, []
+    for r in range(9):
+        off = np.setdiff1d(np.arange(13), idx[r].numpy())
+        ref.append(np.log(np.exp(zn[r, off]).sum()))
+    with torch.no_grad():
+        fast = logsumexp_outside(z, idx, scale)
+    zr = z.clone().requires_grad_(True)
+    slow = logsumexp_outside(zr, idx, scale)
+    np.testing.assert_allclose(fast.double().numpy(), ref, rtol=1e-6)
+    np.testing.assert_allclose(slow.detach().double().numpy(), ref, rtol=1e-6)
+    assert torch.isneginf(logsumexp_outside(z, full, scale)).all()
+    covered = logsumexp_outside(zr, full, scale)
+    assert torch.isneginf(covered).all()
+    # the gradient: softmax of scale * z over the ids off idx, times scale (float64 by hand)
+    slow.sum().backward()
+    want = np.zeros_like(zn)
+    for r in range(9):
+        off = np.setdiff1d(np.arange(13), idx[r].numpy())
+        e = np.exp(zn[r, off] - zn[r, off].max())
+        want[r, off] = scale * e / e.sum()
+    np.testing.assert_allclose(zr.grad.double().numpy(), want, rtol=1e-5, atol=1e-7)

@@ -31,13 +31,20 @@ from hld.precision import autocast
 CKA_FILE = "cka.json"
 
 
+def cka_terms(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """What linear CKA needs of one side x (n, d): its columns centred (float64) and ||x^T x||_F."""
+    xc = x.double() - x.double().mean(0)
+    return xc, float((xc.T @ xc).pow(2).sum().sqrt())
+
+
+def cka_of_terms(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
+    denom = a[1] * b[1]
+    return float((b[0].T @ a[0]).pow(2).sum()) / denom if denom > 0 else 0.0
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of x (n, d1) and y (n, d2), in float64."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    cross = (y.T @ x).pow(2).sum()
-    denom = (x.T @ x).pow(2).sum().sqrt() * (y.T @ y).pow(2).sum().sqrt()
-    return float(cross / denom) if float(denom) > 0 else 0.0
+    return cka_of_terms(cka_terms(x), cka_terms(y))
 
 
 def r2_standardized(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -71,6 +78,31 @@ def _states(lm: torch.nn.Module, forward, windows, layers: list[int], *, skip_fi
     return {i: torch.cat(v) for i, v in out.items()}
 
 
+class TeacherStates:
+    """The teacher's states on the diagnostics windows, each layer computed once, with its CKA terms.
+    One per process and windows (`Resources.teacher_states`): every cell of `hld run` validates on the
+    same windows with the same teacher, so its states are not recomputed per cell."""
+
+    def __init__(self, lm: torch.nn.Module, windows, skip_first: bool) -> None:
+        self.lm, self.windows, self.skip_first = lm, windows, skip_first
+        self._states: dict[int, torch.Tensor] = {}
+        self._terms: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def states(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        missing = [t for t in layers if t not in self._states]
+        if missing:
+            from hld.distill.signals import Backbone
+            dev = next(self.lm.parameters()).device
+            self._states.update(_states(self.lm, Backbone(self.lm), self.windows, missing,
+                                        skip_first=self.skip_first, compute_dtype=torch.float32, device=dev))
+        return {t: self._states[t] for t in layers}
+
+    def terms(self, layer: int) -> tuple[torch.Tensor, float]:
+        if layer not in self._terms:
+            self._terms[layer] = cka_terms(self.states([layer])[layer])
+        return self._terms[layer]
+
+
 class Diagnostics:
     """What a run's validations share: the windows, the pairs, the teacher's states (computed once)."""
 
@@ -81,25 +113,13 @@ class Diagnostics:
         cfg = s.cfg
         h = cfg.objective.hidden
         self.s = s
-        self.windows = s.val_windows[:h.diagnostics_windows]
+        self.teacher = s.diagnostics_states()  # shared by the process's runs on the same windows
+        self.windows = self.teacher.windows
         self.skip_first = h.skip_first_position
-        # a KD/HLD run's teacher, or the one `build` loads for a CE run's diagnostics (shared by the process)
-        self.teacher_lm = s.teacher_lm if s.teacher_lm is not None else s.diagnostics_teacher()
         self.pairs = (list(s.projectors.pairs) if s.projectors is not None else
-                      layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher_lm)))
+                      layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher.lm)))
         objs = hidden_objectives(s.plan)
         self.hidden = objs[0] if objs else None
-        self._teacher: dict[int, torch.Tensor] = {}
-
-    def teacher_states(self, layers: list[int]) -> dict[int, torch.Tensor]:
-        missing = [t for t in layers if t not in self._teacher]
-        if missing:
-            from hld.distill.signals import Backbone
-            dev = next(self.teacher_lm.parameters()).device
-            self._teacher.update(_states(self.teacher_lm, Backbone(self.teacher_lm), self.windows, missing,
-                                         skip_first=self.skip_first,
-                                         compute_dtype=torch.float32, device=dev))
-        return {t: self._teacher[t] for t in layers}
 
     def student_states(self, layers: list[int]) -> dict[int, torch.Tensor]:
         s = self.s
@@ -113,12 +133,12 @@ class Diagnostics:
 
     def per_pair(self) -> dict[str, float]:
         st = self.student_states(sorted({a for a, _ in self.pairs}))
-        te = self.teacher_states(sorted({b for _, b in self.pairs}))
+        te = self.teacher.states(sorted({b for _, b in self.pairs}))
         out = {}
         for pair in self.pairs:
             a, b = pair
             key = pair_key(pair)
-            out[f"val/cka/{key}"] = linear_cka(st[a], te[b])
+            out[f"val/cka/{key}"] = cka_of_terms(cka_terms(st[a]), self.teacher.terms(b))
             proj = self.s.projectors.proj[key] if self.s.projectors is not None and self.s.projectors.linear else None
             if proj is not None and self.hidden is not None:
                 with torch.no_grad():
@@ -129,10 +149,10 @@ class Diagnostics:
 
     def matrix(self) -> dict:
         s_layers = list(range(0, n_blocks(self.s.student) + 1))
-        t_layers = list(range(0, n_blocks(self.teacher_lm) + 1))
-        st, te = self.student_states(s_layers), self.teacher_states(t_layers)
+        t_layers = list(range(0, n_blocks(self.teacher.lm) + 1))
+        st = {a: cka_terms(x) for a, x in self.student_states(s_layers).items()}
         return {"student_layers": s_layers, "teacher_layers": t_layers, "pairs": [list(p) for p in self.pairs],
-                "cka": [[linear_cka(st[a], te[b]) for b in t_layers] for a in s_layers]}
+                "cka": [[cka_of_terms(st[a], self.teacher.terms(b)) for b in t_layers] for a in s_layers]}
 
 
 def diagnostics_of(s) -> Optional[Diagnostics]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,9 +69,10 @@ class Setup:
     device: torch.device
     compute_dtype: torch.dtype
     dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
-    # the teacher for a CE run's layer diagnostics, loaded at their first use through the process's shared
-    # resources (`hld run`: one load for all its cells); None where nothing loads one
-    diagnostics_teacher: Optional[Callable[[], CausalLM]] = None
+    # the teacher's states for the layer diagnostics (`hld.eval.cka.TeacherStates`), made at their first use
+    # through the process's shared resources (`hld run`: the teacher loaded and run once for all its cells);
+    # None when the diagnostics are off
+    diagnostics_states: Optional[Callable[[], Any]] = None
 
     @property
     def total_steps(self) -> int:
@@ -146,13 +148,16 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
                 max_windows=length.steps * cfg.train.batch_size)  # windows the run reads (and a cache holds)
     modules = [student] + ([projectors] if projectors is not None else [])
     opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.betas), fused=device.type == "cuda")
-    diag_lm = None  # CE trains without a teacher; its diagnostics read the process's shared one
-    if not needs_teacher and cfg.objective.hidden.diagnostics and not dist.active:
-        diag_lm = lambda: resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device)  # noqa: E731
+                            betas=tuple(cfg.train.betas),  # fused: one kernel per tensor, also on CPU (the
+                            fused=device.type in ("cuda", "cpu"))  # 262k-row embedding's step 63 -> 7 ms here)
+    diag = None  # (a CE run trains without a teacher; its diagnostics load the process's shared one)
+    if cfg.objective.hidden.diagnostics and not dist.active:
+        win = val_w[:cfg.objective.hidden.diagnostics_windows]
+        diag = lambda: resources.teacher_states(cfg.teacher.model, cfg.teacher.dtype, win,  # noqa: E731
+                                                skip_first=cfg.objective.hidden.skip_first_position, device=device)
     return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
                  projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w,
-                 diagnostics_teacher=diag_lm, length=length, costs=costs, device=device,
+                 diagnostics_states=diag, length=length, costs=costs, device=device,
                  compute_dtype=compute_dtype, dist=dist)
 
 
@@ -236,9 +241,26 @@ def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional
     try:
         with atomic.new_dir(out) as tmp:
             student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
+            for name, data in _tokenizer_files(tokenizer).items():
+                (tmp / name).write_bytes(data)
     except OSError as exc:
         raise HldError(f"could not write {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
+
+
+_TOKENIZER_FILES: dict[int, tuple[object, dict[str, bytes]]] = {}  # id -> (the tokenizer, its saved files)
+
+
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """What `save_pretrained` writes for `tokenizer`, serialised once per process: a 262k-token
+    tokenizer takes ~0.6 s to save, which every cell of `hld run` paid for the same files."""
+    got = _TOKENIZER_FILES.get(id(tokenizer))
+    if got is None or got[0] is not tokenizer:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            got = (tokenizer, {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()})
+        _TOKENIZER_FILES.clear()  # only the latest tokenizer's files are kept
+        _TOKENIZER_FILES[id(tokenizer)] = got
+    return got[1]
 
 
 def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:

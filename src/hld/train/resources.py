@@ -3,6 +3,7 @@ teacher's weights and the tokenised corpora are loaded once."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,7 @@ class Resources:
         self._teachers: dict[tuple[str, str], LoadedModel] = {}
         self._tokenizers: dict[str, object] = {}
         self._streams: dict[tuple, np.ndarray] = {}
+        self._states: Optional[tuple[tuple, object]] = None  # the latest diagnostics windows' teacher states
 
     def tokenizer(self, spec: str):
         if spec not in self._tokenizers:
@@ -51,6 +53,18 @@ class Resources:
             self._teachers[key] = loaded
             self._tokenizers.setdefault(spec, loaded.tokenizer)
         return self._teachers[key]
+
+    def teacher_states(self, spec: str, dtype: str, windows: np.ndarray, *, skip_first: bool, device):
+        """The teacher's layer states on the diagnostics windows (`hld.eval.cka.TeacherStates`), shared
+        by the runs that validate on the same windows; only the latest windows' are kept."""
+        from hld.eval.cka import TeacherStates
+
+        key = (spec, dtype, skip_first, str(device), windows.shape, hashlib.sha256(windows.tobytes()).hexdigest())
+        if self._states is None or self._states[0] != key:
+            self._states = None  # the previous windows' states go before the new ones are computed
+            lm = self.teacher(spec, dtype).model.to(device)
+            self._states = (key, TeacherStates(lm, windows, skip_first))
+        return self._states[1]
 
     def windows(self, source: str, tokenizer, *, seq_len: int, text_field: str,
                 max_docs: Optional[int] = None) -> np.ndarray:
