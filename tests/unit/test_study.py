@@ -482,6 +482,22 @@ def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp
     assert sorted(x for d in kdce.diffs.values() for x in d) == pytest.approx([-0.5, -0.4])
 
 
+def test_a_lens_cell_ignores_the_target_normalisation(tmp_path):
+    """The logit lens reads the teacher's raw state: at loss=lens an HLD arm runs once per seed over a
+    grid of normalize_teacher values, serving each; the other losses run at every normalisation."""
+    raw = {"name": "v", "base": "demo", "arms": ["kd", "hld-joint"], "students": ["tiny-1l"],
+           "budgets": [{"tokens": 1024}], "seeds": [0],
+           "grid": {"objective.hidden.normalize_teacher": ["none", "rms", "standardize"],
+                    "objective.hidden.loss": ["mse", "lens"]}}
+    study = load_study(str(_write(tmp_path, raw)))
+    hld = [c for c in expand(study) if c.arm == "hld-joint"]
+    lens = [c for c in hld if c.point.get("objective.hidden.loss") == "lens"]
+    assert len(hld) == 3 + 1 and len(lens) == 1
+    assert "objective.hidden.normalize_teacher" not in lens[0].point and len(lens[0].serves) == 3
+    assert sorted(c.point["objective.hidden.normalize_teacher"] for c in hld if c not in lens) == \
+        ["none", "rms", "standardize"]
+
+
 def test_a_verdict_line_gives_its_own_configurations_flops_ratio(tmp_path):
     """Lines per configuration carry the FLOP ratio of that configuration's pairs, not the comparison's
     mean over every configuration (a costly variant once inflated every line of hld-variants)."""

@@ -119,15 +119,17 @@ class Cell:
                 "flops_of": self.flops_of, "serves": list(self.serves)}
 
 
-def ignores(arm: str, key: str) -> bool:
-    """Does `arm` ignore the config key `key`? ce reads no objective key (it has no teacher term), kd no
-    hidden-loss key. A grid over such keys runs that arm's cell once per seed, shared by the grid
+def ignores(arm: str, key: str, point: Optional[dict] = None) -> bool:
+    """Does `arm` ignore the config key `key` (at the grid point `point`)? ce reads no objective key (it
+    has no teacher term), kd no hidden-loss key, and an HLD arm whose grid point sets
+    `objective.hidden.loss: lens` no `normalize_teacher` (the logit lens reads the teacher's raw state,
+    `hld.distill.hidden`). A grid over such keys runs that arm's cell once per seed, shared by the grid
     points that differ only in them (KD against 24 HLD variants: 1 KD cell per seed, not 24)."""
     if arm == "ce":
         return key.startswith("objective.")
     if arm == "kd":
         return key.startswith("objective.hidden.")
-    return False
+    return key == "objective.hidden.normalize_teacher" and (point or {}).get("objective.hidden.loss") == "lens"
 
 
 # --------------------------------------------------------------------------- reading and checking
@@ -340,7 +342,7 @@ def expand(study: Study) -> list[Cell]:
 def _read_point(study: Study, arm: str, full: dict) -> dict:
     """The grid point as `arm` sees it: without the keys it ignores that take several values (a key of
     one value stays, so a grid that varies nothing the arm ignores names its cells as before)."""
-    return {k: v for k, v in full.items() if not (ignores(arm, k) and len(study.grid[k]) > 1)}
+    return {k: v for k, v in full.items() if not (ignores(arm, k, full) and len(study.grid[k]) > 1)}
 
 
 def _cell_overrides(arm: str, student: str, seed: int, cid: str, budget: dict, point: dict) -> list[str]:
