@@ -322,7 +322,7 @@ def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path
     arms = [a for a in _arms(table) if any(k[1] == a for k in mats)]
     plt = _plt()
     fig, axes = plt.subplots(len(students), len(arms), figsize=(3.6 * len(arms) + 0.8, 2.6 * len(students) + 0.6),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # room for the suptitle and the colour bar
     for i, student in enumerate(students):
         for j, arm in enumerate(arms):
             ax = axes[i][j]
