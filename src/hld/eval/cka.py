@@ -31,10 +31,11 @@ from hld.precision import autocast
 CKA_FILE = "cka.json"
 
 
-def cka_terms(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """What linear CKA needs of one side x (n, d): its columns centred (float64) and ||x^T x||_F."""
+def cka_terms(x: torch.Tensor, norm: Optional[float] = None) -> tuple[torch.Tensor, float]:
+    """What linear CKA needs of one side x (n, d): its columns centred (float64) and ||x^T x||_F
+    (`norm`: that value, known already)."""
     xc = x.double() - x.double().mean(0)
-    return xc, float((xc.T @ xc).pow(2).sum().sqrt())
+    return xc, float((xc.T @ xc).pow(2).sum().sqrt()) if norm is None else norm
 
 
 def cka_of_terms(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
@@ -79,14 +80,14 @@ def _states(lm: torch.nn.Module, forward, windows, layers: list[int], *, skip_fi
 
 
 class TeacherStates:
-    """The teacher's states on the diagnostics windows, each layer computed once, with its CKA terms.
+    """The teacher's states on the diagnostics windows, each layer computed once, with its CKA norm.
     One per process and windows (`Resources.teacher_states`): every cell of `hld run` validates on the
     same windows with the same teacher, so its states are not recomputed per cell."""
 
     def __init__(self, lm: torch.nn.Module, windows, skip_first: bool) -> None:
         self.lm, self.windows, self.skip_first = lm, windows, skip_first
         self._states: dict[int, torch.Tensor] = {}
-        self._terms: dict[int, tuple[torch.Tensor, float]] = {}
+        self._norms: dict[int, float] = {}  # ||y^T y||_F per layer (the centred float64 copies are not kept)
 
     def states(self, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [t for t in layers if t not in self._states]
@@ -98,9 +99,9 @@ class TeacherStates:
         return {t: self._states[t] for t in layers}
 
     def terms(self, layer: int) -> tuple[torch.Tensor, float]:
-        if layer not in self._terms:
-            self._terms[layer] = cka_terms(self.states([layer])[layer])
-        return self._terms[layer]
+        xc, norm = cka_terms(self.states([layer])[layer], self._norms.get(layer))
+        self._norms[layer] = norm
+        return xc, norm
 
 
 class Diagnostics:
