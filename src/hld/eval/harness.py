@@ -33,6 +33,7 @@ SHIPPED_TASKS: tuple[str, ...] = ("hld_lambada", "hld_mc")
 PAPER_TASKS: tuple[str, ...] = ("hellaswag", "winogrande", "lambada_openai", "piqa", "arc_easy", "wikitext")
 ALIASES = {"shipped": SHIPPED_TASKS, "paper": PAPER_TASKS}
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-type metrics (acc's is analytic)
+ROLLING_LEN = 512  # the rolling log-likelihood window when the caller names none (`hld eval --seq-len`)
 
 
 def expand_tasks(spec: str | list[str]) -> list[str]:
@@ -49,7 +50,7 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
 
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: Optional[int] = None,
                    batch_size: int = 8, device=None, quiet: bool = False,
-                   dataset_paths: Optional[dict[str, str]] = None, rolling_len: int = 512) -> dict[str, dict]:
+                   dataset_paths: Optional[dict[str, str]] = None, rolling_len: int = ROLLING_LEN) -> dict[str, dict]:
     """Score `model` on harness `tasks` (zero-shot). Returns, per (leaf) task,
     {"metric", "value", "stderr", "chance", "n", "metrics"}: the headline metric (acc, or
     word_perplexity for rolling-likelihood tasks such as wikitext), its standard error, the

@@ -11,6 +11,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from hld.distill.signals import Backbone
+from hld.eval.harness import ROLLING_LEN
 from hld.precision import default_device
 from hld.progress import Progress
 
@@ -23,7 +24,7 @@ class HldLM(HFLM):
     positions only, and our progress line."""
 
     def __init__(self, *, model, tokenizer, batch_size: int, device, quiet: bool, desc: str,
-                 stream, rolling_len: int = 512) -> None:
+                 stream, rolling_len: int = ROLLING_LEN) -> None:
         device = torch.device(device) if device is not None else default_device()
         model.to(device)
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
