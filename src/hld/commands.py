@@ -3,9 +3,6 @@ function per command, taking the parsed arguments and returning the JSON object 
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -136,9 +133,7 @@ def cmd_cache_teacher(args) -> dict:
     if not cfg.objective.method.startswith("hld"):
         # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
         cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
-    with _sigterm_as_error(f"hld cache-teacher stopped by SIGTERM before {args.out} was complete; what it held "
-                           "before is kept", "rerun the same command to build the cache"):
-        m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)
+    m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)  # SIGTERM: one line
     row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
            "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
            "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
@@ -162,22 +157,6 @@ def cmd_inspect_teacher(args) -> dict:
             print(f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
                   f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}")
     return {"layers": rows}
-
-
-@contextlib.contextmanager
-def _sigterm_as_error(problem: str, fix: str):
-    """SIGTERM raises an HldError where the command is, so its cleanup runs (the default action
-    would end the process at once, leaving its temporary directory behind)."""
-    def handle(signum, frame):
-        raise HldError(problem, fix)
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, handle) if main_thread else None
-    try:
-        yield
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
 
 
 def _is_study(name_or_path: str) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 
 class HldError(Exception):
     """A user-facing error: `problem` says what is wrong, `fix` says what to do about it."""
@@ -24,3 +28,20 @@ def one_line(text: str, limit: int = 200) -> str:
 def exc_line(exc: BaseException, limit: int = 200) -> str:
     """A caught exception as `Type: message`, on one line (`one_line`)."""
     return one_line(f"{type(exc).__name__}: {exc}", limit)
+
+
+@contextlib.contextmanager
+def sigterm_as_error(problem: str, fix: str):
+    """SIGTERM raises an HldError where the code is, so its cleanup runs and the user gets one line
+    (the default action would end the process at once and silently, leaving temporary files behind).
+    Main thread only (elsewhere a no-op); the previous handler is restored on the way out."""
+    def handle(signum, frame):
+        raise HldError(problem, fix)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handle) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)

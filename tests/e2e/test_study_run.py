@@ -166,3 +166,30 @@ def test_a_finished_cell_with_another_config_is_refused(study, tmp_path, capsys)
     shutil.copytree(study["out"] / "runs", out / "runs", ignore=shutil.ignore_patterns("student", "checkpoints"))
     rc = main([*STUDY_ARGS, "train.weight_decay=0.05", "--out", str(out)])
     assert rc == 2 and "trained with a different config" in capsys.readouterr().err
+
+
+def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tmp_path, capsys, monkeypatch):
+    """A study stopped (SIGTERM: a scheduler, `kill`) while it builds a teacher cache: exit 2 with one
+    line naming the cache and the way on, no temporary cache directory left; the rerun completes."""
+    import os
+    import signal
+
+    from hld.distill import cache
+
+    real = cache._topk_rows
+
+    def topk_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "demo"
+    args = [*STUDY_ARGS, "arms=[kd]", "seeds=[0]", "equal_flops=null", "--out", str(out), "--quiet"]
+    monkeypatch.setattr(cache, "_topk_rows", topk_then_sigterm)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hld: error: stopped by SIGTERM while building the teacher cache"), err
+    assert "rerun the same command" in err[0]
+    assert not [p for p in (out / "caches").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(cache, "_topk_rows", real)
+    assert main(args) == 0
+    assert len(list((out / "runs").glob("*/summary.json"))) == 1

@@ -13,7 +13,7 @@ from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
 from hld.distill.cache import CachedTeacher, build_cache, cache_identity, check_out_dir
 from hld.distill.cache_codec import Codec, codec_from_manifest
-from hld.errors import HldError
+from hld.errors import HldError, sigterm_as_error
 from hld.flops import forward_flops_per_token
 from hld.train.budget import sized_plan
 from hld.train.resources import Resources
@@ -77,7 +77,9 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
                 return manifest
         except HldError:
             pass  # stale: rebuild
-    manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec,
-                           quiet=quiet)
+    with sigterm_as_error(f"stopped by SIGTERM while building the teacher cache {out}; what it held before "
+                          "is kept", "rerun the same command to build it (hld run and hld study resume there)"):
+        manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec,
+                               quiet=quiet)
     manifest["build_flops"] = forward_flops_per_token(loaded.model, d.seq_len) * manifest["tokens"]
     return manifest
