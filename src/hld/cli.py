@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from hld.commands import COMMANDS, is_main_rank
-from hld.errors import HldError
+from hld.errors import HldError, sigterm_as_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -154,6 +154,10 @@ def _single_process(command: str, cell: Optional[str] = None) -> None:
                        "run it without torchrun (only `hld train` and `hld study --cell` run on several processes)")
 
 
+_AFTER_SIGTERM = ("rerun the same command (hld run and hld study resume where they stopped; hld train: "
+                  "add --resume)")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
@@ -162,7 +166,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     speak = is_main_rank()
     try:
         _single_process(args.command, getattr(args, "cell", None))
-        result = COMMANDS[args.command](args)
+        # SIGTERM outside a training step (which checkpoints) and a cache build (its own line): one line and
+        # the cleanups of what was being written, not a silent end
+        with sigterm_as_error(f"hld {args.command} stopped by SIGTERM", _AFTER_SIGTERM):
+            result = COMMANDS[args.command](args)
     except HldError as exc:
         if args.debug:
             raise

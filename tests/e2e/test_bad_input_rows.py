@@ -178,3 +178,27 @@ def test_name_outside_runs(tmp_path, capsys, monkeypatch):
 def test_read_only_out_does_not_say_free_disk_space(tmp_path, capsys):
     line = _one_line(capsys, _argv(Path("/sys/hld-test-ro")), "cannot create the run directory")
     assert "free disk space" not in line
+
+
+def test_sigterm_outside_a_step_or_a_cache_build_is_one_line(capsys, monkeypatch):
+    """SIGTERM where no finer handler runs (here: `hld eval`'s perplexity) ends the command with one line
+    and exit 2, after the cleanups of whatever it was writing (the default action ended it silently);
+    the handler is restored afterwards."""
+    import os
+    import signal
+
+    import hld.commands as commands
+    from helpers import TINY_TEACHER
+
+    real = commands._eval_perplexity
+
+    def sigterm_then_eval(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "_eval_perplexity", sigterm_then_eval)
+    before = signal.getsignal(signal.SIGTERM)
+    line = _one_line(capsys, ["eval", "--model", str(TINY_TEACHER), "--data", C4_VALIDATION, "--max-docs", "2",
+                              "--quiet"], "hld eval stopped by SIGTERM")
+    assert "rerun the same command" in line
+    assert signal.getsignal(signal.SIGTERM) is before
