@@ -496,6 +496,13 @@ def test_a_lens_cell_ignores_the_target_normalisation(tmp_path):
     assert "objective.hidden.normalize_teacher" not in lens[0].point and len(lens[0].serves) == 3
     assert sorted(c.point["objective.hidden.normalize_teacher"] for c in hld if c not in lens) == \
         ["none", "rms", "standardize"]
+    # paired with kd once, and named by the lens cell's own configuration, not the first it serves
+    rows = [{"cell": c.id, "configuration": c.configuration, "match": c.match, "serves": list(c.serves),
+             "arm": c.arm, "seed": c.seed, "val_loss": 7.0 if c.arm == "kd" else 7.5 if c in lens else 6.9,
+             "flops": 1.0, "accounting": "budget"} for c in expand(study)]
+    comp = next(c for c in paired(rows) if c.arm == "hld-joint")
+    assert comp.diffs[lens[0].configuration] == pytest.approx([0.5])
+    assert sorted(comp.diffs) == sorted([lens[0].configuration] + [c.configuration for c in hld if c not in lens])
 
 
 def test_a_verdict_line_gives_its_own_configurations_flops_ratio(tmp_path):

@@ -238,17 +238,18 @@ def _accounting(rows: list[dict], view: str) -> str:
 
 
 def _view_values(rows: list[dict], view: str, metric: str) -> dict:
-    """(match, seed, arm) -> (value, flops, cell) in a view: the budget cells; in the flops view each
-    arm's flops-matched cell where it has one, else its budget cell (a distilled arm spends its own
-    FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores) stands in
-    each of them."""
+    """(match, seed, arm) -> (value, flops, cell, its own configuration) in a view: the budget cells; in
+    the flops view each arm's flops-matched cell where it has one, else its budget cell (a distilled arm
+    spends its own FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores)
+    stands in each of them."""
     out = {}
     for accounting in (("budget",) if view == "budget" else ("budget", "flops")):
         for r in rows:
             v = r.get(metric)
             if r.get("accounting", "budget") == accounting and v is not None and math.isfinite(float(v)):
-                for conf in [r.get("match") or r["configuration"], *(r.get("serves") or [])]:
-                    out[(conf, r["seed"], r["arm"])] = (float(v), r.get("flops"), r.get("cell") or id(r))
+                own = r.get("match") or r["configuration"]
+                for conf in [own, *(r.get("serves") or [])]:
+                    out[(conf, r["seed"], r["arm"])] = (float(v), r.get("flops"), r.get("cell") or id(r), own)
     return out
 
 
@@ -269,15 +270,17 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                 diffs: dict[str, list[float]] = {}
                 ratios: dict[str, list[float]] = {}
                 seen: set[tuple[str, str]] = set()  # (cell, baseline cell): a pair counts once
-                for (conf, seed, a), (v, fl, cell) in sorted(value.items()):
+                for (conf, seed, a), (v, fl, cell, own) in sorted(value.items(), key=lambda kv: kv[0]):
                     if a == arm and (conf, seed, base) in value:
-                        bv, bfl, bcell = value[(conf, seed, base)]
+                        bv, bfl, bcell, _ = value[(conf, seed, base)]
                         if (cell, bcell) in seen:  # both cells shared by this configuration and another
                             continue
                         seen.add((cell, bcell))
-                        diffs.setdefault(conf, []).append(v - bv)
+                        # a pair is named by the arm's cell (a lens cell serving three normalisations is
+                        # "loss=lens", not the first of them); a baseline serving many does not rename it
+                        diffs.setdefault(own, []).append(v - bv)
                         if fl and bfl:
-                            ratios.setdefault(conf, []).append(fl / bfl)
+                            ratios.setdefault(own, []).append(fl / bfl)
                 if not diffs:
                     continue
                 per = {conf: mean_interval(d) for conf, d in diffs.items()}
