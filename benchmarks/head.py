@@ -71,7 +71,7 @@ def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
     fp32 buffer, dL/dW by addmm_; low precision: products in that dtype into kept buffers), and a
     fourth step that is not a matmul: one fp32 softmax over every logit, in cache-resident row blocks as
     the head runs it (one exp per logit: the least elementwise work any softmax loss does)."""
-    from hld.distill.chunked import ROWS
+    from hld.distill.losses import row_block
     h, W, _ = make(n_tokens=args.tokens, vocab_size=args.vocab_size, d_model=args.d_model, dtype=dtype, dev=dev)
     h, W = h.detach(), W.detach()
     n = args.chunk_tokens
@@ -92,7 +92,7 @@ def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
         for sl in chunks:
             torch.mm(z.T, h[sl], out=gW) if dtype != torch.float32 else gW.addmm_(z.T, h[sl])
 
-    rows = min(ROWS, n) if dev.type == "cpu" else n
+    rows = row_block(n, dev)
     blk = torch.randn(rows, args.vocab_size, device=dev)  # (rows, V) fp32
 
     def softmax():

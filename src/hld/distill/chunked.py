@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, softcap, teacher_logprobs
+from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, row_block, softcap, teacher_logprobs
 
 TeacherChunkFn = Callable[[slice], Optional[TeacherLogits]]
 
@@ -77,9 +77,6 @@ class _Workspace:
 WORKSPACE = _Workspace()
 
 
-ROWS = 4  # rows per elementwise block: a few (ROWS, V) fp32 buffers stay in a CPU's L2/L3 (see ``_fast_chunk``)
-
-
 def _softmax_into(z: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """out <- softmax(z * scale); returns logsumexp(z * scale) (n,). No temporaries of size (n, V).
 
@@ -116,7 +113,7 @@ def _fast_chunk(zbuf: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: O
     kd_on = bool(spec.kd_weight) and teacher is not None
     dense = kd_on and teacher.dense is not None
     cpu = zbuf.device.type == "cpu"
-    R = min(ROWS, n) if cpu else n  # on a GPU one block: a launch per op per block would cost more
+    R = row_block(n, zbuf.device)
     bufs = {"z": None if zbuf.dtype == torch.float32 else WORKSPACE.get("z_rows", R, V, zbuf.device),
             "p": None if cpu else WORKSPACE.get("p_rows", R, V, zbuf.device),  # torch's CPU softmax runs in place
             "q": WORKSPACE.get("q_rows", R, V, zbuf.device) if kd_on and T != 1 else None,

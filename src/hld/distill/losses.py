@@ -76,10 +76,19 @@ def logsumexp_outside(z: torch.Tensor, idx: torch.Tensor, scale: float = 1.0) ->
     return torch.where(total > 0, safe.log() + xmax.squeeze(-1), float("-inf"))
 
 
-def _logsumexp_outside_rows(z: torch.Tensor, idx: torch.Tensor, scale: float, rows: int = 4) -> torch.Tensor:
+ROWS = 4  # rows per elementwise block on a CPU: a few (ROWS, V) fp32 buffers stay in its L2/L3
+
+
+def row_block(n: int, device: torch.device) -> int:
+    """Rows per elementwise block over (n, V) logits: ROWS on a CPU (the block stays in cache), all n
+    elsewhere (on a GPU a launch per op per block would cost more than the memory traffic saved)."""
+    return min(ROWS, n) if device.type == "cpu" else n
+
+
+def _logsumexp_outside_rows(z: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
     n, V = z.shape
     out = torch.empty(n, dtype=torch.float32, device=z.device)
-    rows = rows if z.device.type == "cpu" else n
+    rows = row_block(n, z.device)
     buf = torch.empty(min(rows, n), V, dtype=torch.float32, device=z.device)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
