@@ -115,8 +115,7 @@ class Diagnostics:
         h = cfg.objective.hidden
         self.s = s
         self.teacher = s.diagnostics_states()  # shared by the process's runs on the same windows
-        self.windows = self.teacher.windows
-        self.skip_first = h.skip_first_position
+        self.windows, self.skip_first = self.teacher.windows, self.teacher.skip_first
         self.pairs = (list(s.projectors.pairs) if s.projectors is not None else
                       layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher.lm)))
         objs = hidden_objectives(s.plan)

@@ -270,7 +270,7 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                 diffs: dict[str, list[float]] = {}
                 ratios: dict[str, list[float]] = {}
                 seen: set[tuple[str, str]] = set()  # (cell, baseline cell): a pair counts once
-                for (conf, seed, a), (v, fl, cell, own) in sorted(value.items(), key=lambda kv: kv[0]):
+                for (conf, seed, a), (v, fl, cell, own) in sorted(value.items()):
                     if a == arm and (conf, seed, base) in value:
                         bv, bfl, bcell, _ = value[(conf, seed, base)]
                         if (cell, bcell) in seen:  # both cells shared by this configuration and another
