@@ -26,6 +26,7 @@ def device() -> torch.device:
 def compute_dtype(dev: torch.device) -> torch.dtype:
     # bf16 matmuls are hundreds of times slower than fp32 on CPUs without AVX512-BF16/AMX
     from hld.precision import resolve_dtype
+
     return resolve_dtype("auto", dev)
 
 
@@ -83,8 +84,12 @@ def timed(fn, dev: torch.device) -> tuple[float, object]:
 
 def machine() -> dict:
     """What the figures were measured on."""
-    info = {"revision": revision(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "revision": revision(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         return info
@@ -104,12 +109,15 @@ def machine() -> dict:
 def revision() -> str:
     """The commit measured, '+dirty' when src/ has uncommitted changes."""
     import subprocess
+
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True,
-                               text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")

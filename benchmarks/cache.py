@@ -37,8 +37,13 @@ BUILD_BATCH = 8  # build_cache's default batch size
 def config(args):
     over = [f"objective.method={args.method}", f"budget.tokens={args.tokens}"]
     if args.tiny:
-        over += [f"teacher.model={ASSETS / 'tiny_teacher'}", f"data.train={ASSETS}/c4/c4-train.*.json.gz",
-                 f"data.validation={ASSETS}/c4/c4-validation.*.json.gz", "data.seq_len=32", "train.batch_size=4"]
+        over += [
+            f"teacher.model={ASSETS / 'tiny_teacher'}",
+            f"data.train={ASSETS}/c4/c4-train.*.json.gz",
+            f"data.validation={ASSETS}/c4/c4-validation.*.json.gz",
+            "data.seq_len=32",
+            "train.batch_size=4",
+        ]
     return load_config(args.config, over)
 
 
@@ -55,7 +60,7 @@ def forward_only(loaded, cfg, windows) -> float:
 
     def run():
         for b in range(0, len(ids), BUILD_BATCH):
-            x = torch.from_numpy(windows[ids[b:b + BUILD_BATCH]]).long().to(dev)
+            x = torch.from_numpy(windows[ids[b : b + BUILD_BATCH]]).long().to(dev)
             sig = online.signals(x, needs)
             vals, idx, _ = _topk_rows(sig, cfg.teacher.cache_top_k)
             for layer in layers:
@@ -103,8 +108,9 @@ def main(argv=None) -> None:
     dev = M.device()
     loaded.model.to(dev)
     d = cfg.data
-    windows = resources.windows(d.train, loaded.tokenizer, seq_len=d.seq_len, text_field=d.text_field,
-                                max_docs=d.max_train_docs)
+    windows = resources.windows(
+        d.train, loaded.tokenizer, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs
+    )
     work = Path(tempfile.mkdtemp(prefix="hld-bench-cache-"))
     try:
         seconds, manifest = M.timed(lambda: ensure_cache([cfg], work / "cache", resources, quiet=True), dev)
@@ -118,18 +124,35 @@ def main(argv=None) -> None:
 def report(args, cfg, loaded, manifest: dict, seconds: float, forward_s: float, kinds: dict) -> None:
     n = manifest["tokens"]
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
-    res = {"benchmark": "cache", "machine": M.machine(), "config": args.config, "method": args.method,
-           "teacher": cfg.teacher.model, "teacher_dtype": str(next(loaded.model.parameters()).dtype)[6:],
-           "seq_len": cfg.data.seq_len, "top_k": manifest["identity"]["top_k"],
-           "layers": manifest["identity"]["layers"],
-           "tokens": n, "seconds": seconds, "tokens_per_s": n / seconds, "bytes": manifest["bytes"],
-           "bytes_per_token": manifest["bytes"] / n, "bytes_per_token_by_kind": {k: v / n for k, v in kinds.items()},
-           "teacher_forward_seconds": forward_s, "teacher_forward_tokens_per_s": n / forward_s,
-           "build_vs_forward": forward_s / seconds, "dense_fp16_logits_bytes_per_token": 2 * vocab}
-    print(f"teacher cache: {res['teacher']} ({res['teacher_dtype']}), {args.config} config, method {args.method}, "
-          f"top-{res['top_k']}, layers {res['layers']}, {n} tokens of {res['seq_len']}, on {res['machine']['device']}")
-    rows = [["build (ensure_cache)", f"{seconds:.2f}", f"{res['tokens_per_s']:,.0f}"],
-            ["teacher forward only", f"{forward_s:.2f}", f"{res['teacher_forward_tokens_per_s']:,.0f}"]]
+    res = {
+        "benchmark": "cache",
+        "machine": M.machine(),
+        "config": args.config,
+        "method": args.method,
+        "teacher": cfg.teacher.model,
+        "teacher_dtype": str(next(loaded.model.parameters()).dtype)[6:],
+        "seq_len": cfg.data.seq_len,
+        "top_k": manifest["identity"]["top_k"],
+        "layers": manifest["identity"]["layers"],
+        "tokens": n,
+        "seconds": seconds,
+        "tokens_per_s": n / seconds,
+        "bytes": manifest["bytes"],
+        "bytes_per_token": manifest["bytes"] / n,
+        "bytes_per_token_by_kind": {k: v / n for k, v in kinds.items()},
+        "teacher_forward_seconds": forward_s,
+        "teacher_forward_tokens_per_s": n / forward_s,
+        "build_vs_forward": forward_s / seconds,
+        "dense_fp16_logits_bytes_per_token": 2 * vocab,
+    }
+    print(
+        f"teacher cache: {res['teacher']} ({res['teacher_dtype']}), {args.config} config, method {args.method}, "
+        f"top-{res['top_k']}, layers {res['layers']}, {n} tokens of {res['seq_len']}, on {res['machine']['device']}"
+    )
+    rows = [
+        ["build (ensure_cache)", f"{seconds:.2f}", f"{res['tokens_per_s']:,.0f}"],
+        ["teacher forward only", f"{forward_s:.2f}", f"{res['teacher_forward_tokens_per_s']:,.0f}"],
+    ]
     print(M.table(rows, ["", "seconds", "tokens/s"]))
     print(f"build throughput / forward-only throughput: {res['build_vs_forward']:.2f}")
     rows = [[k, f"{v:,.0f}"] for k, v in sorted(res["bytes_per_token_by_kind"].items())]

@@ -73,12 +73,19 @@ def bytes_by_kind(cache: Path) -> dict:
 def compare(a, b, steps: range) -> dict:
     la, lb = losses(a, steps), losses(b, steps)
     d = lb["per_token_kd"] - la["per_token_kd"]
-    return {"ce_exact": la["ce"], "ce_compact": lb["ce"], "kd_exact": la["kd"], "kd_compact": lb["kd"],
-            "dkd_loss": lb["kd"] - la["kd"], "mean_abs_dkd_per_token": float(d.abs().mean()),
-            "max_abs_dkd_per_token": float(d.abs().max()), "hidden_exact": la.get("hidden"),
-            "hidden_compact": lb.get("hidden"),
-            "hidden_rel_diff": (lb["hidden"] - la["hidden"]) / la["hidden"] if "hidden" in la else None,
-            "tokens": la["n_targets"]}
+    return {
+        "ce_exact": la["ce"],
+        "ce_compact": lb["ce"],
+        "kd_exact": la["kd"],
+        "kd_compact": lb["kd"],
+        "dkd_loss": lb["kd"] - la["kd"],
+        "mean_abs_dkd_per_token": float(d.abs().mean()),
+        "max_abs_dkd_per_token": float(d.abs().max()),
+        "hidden_exact": la.get("hidden"),
+        "hidden_compact": lb.get("hidden"),
+        "hidden_rel_diff": (lb["hidden"] - la["hidden"]) / la["hidden"] if "hidden" in la else None,
+        "tokens": la["n_targets"],
+    }
 
 
 def main(argv=None) -> None:
@@ -97,8 +104,10 @@ def main(argv=None) -> None:
     a = build(load_config(args.config, over + [f"teacher.cache={args.exact}"]), res)
     b = build(load_config(args.config, over + [f"teacher.cache={args.compact}"]), res)
     steps = range(min(args.eval_steps, a.total_steps))
-    out = {"bytes_per_token": {"exact": bytes_by_kind(args.exact), "compact": bytes_by_kind(args.compact)},
-           "init": compare(a, b, steps)}
+    out = {
+        "bytes_per_token": {"exact": bytes_by_kind(args.exact), "compact": bytes_by_kind(args.compact)},
+        "init": compare(a, b, steps),
+    }
     for step in range(a.total_steps):  # train the student on the exact cache, then compare again
         train_step(a, step)
     b.student.load_state_dict(a.student.state_dict())
@@ -108,10 +117,12 @@ def main(argv=None) -> None:
     out["trained_steps"] = a.total_steps
     for key in ("init", "trained"):
         r = out[key]
-        print(f"{key:8s} KD exact {r['kd_exact']:.5f} compact {r['kd_compact']:.5f}  dKD(loss) {r['dkd_loss']:+.2e}  "
-              f"mean |dKD| per token {r['mean_abs_dkd_per_token']:.2e}  hidden {r['hidden_exact']:.5f} vs "
-              f"{r['hidden_compact']:.5f} ({100 * r['hidden_rel_diff']:+.3f}%)  CE {r['ce_exact']:.4f} = "
-              f"{r['ce_compact']:.4f}")
+        print(
+            f"{key:8s} KD exact {r['kd_exact']:.5f} compact {r['kd_compact']:.5f}  dKD(loss) {r['dkd_loss']:+.2e}  "
+            f"mean |dKD| per token {r['mean_abs_dkd_per_token']:.2e}  hidden {r['hidden_exact']:.5f} vs "
+            f"{r['hidden_compact']:.5f} ({100 * r['hidden_rel_diff']:+.3f}%)  CE {r['ce_exact']:.4f} = "
+            f"{r['ce_compact']:.4f}"
+        )
     for name, kinds in out["bytes_per_token"].items():
         print(name, {k: round(v, 2) for k, v in kinds.items()}, "total", round(sum(kinds.values()), 2))
     if args.json:

@@ -46,27 +46,71 @@ def main(step_log: str, anchor_log: str) -> None:
     rows = []
     for arm, anchor_key in (("ce", "ce"), ("kd", "kd"), ("hld-joint", "hld")):
         o, n, a = runs.get(f"ours {arm}", {}), runs.get(f"naive {arm}", {}), anchor.get(anchor_key, {})
-        rows.append([arm, fmt(o.get("tokens_per_s"), ",.0f"), fmt(n.get("tokens_per_s"), ",.0f"),
-                     fmt(a.get("tokens_per_s"), ",.0f"), ratio(o.get("tokens_per_s"), n.get("tokens_per_s")),
-                     ratio(o.get("tokens_per_s"), a.get("tokens_per_s")), fmt(o.get("mfu"), ".3f"),
-                     fmt(a.get("mfu"), ".3f"), ratio(o.get("mfu"), a.get("mfu")),
-                     fmt(M.gib(o["peak_bytes"]) if "peak_bytes" in o else None, ".1f"),
-                     fmt(M.gib(n["peak_bytes"]) if "peak_bytes" in n else None, ".1f"),
-                     fmt(a.get("peak_gib"), ".1f") if "error" not in a else a["error"]])
+        rows.append(
+            [
+                arm,
+                fmt(o.get("tokens_per_s"), ",.0f"),
+                fmt(n.get("tokens_per_s"), ",.0f"),
+                fmt(a.get("tokens_per_s"), ",.0f"),
+                ratio(o.get("tokens_per_s"), n.get("tokens_per_s")),
+                ratio(o.get("tokens_per_s"), a.get("tokens_per_s")),
+                fmt(o.get("mfu"), ".3f"),
+                fmt(a.get("mfu"), ".3f"),
+                ratio(o.get("mfu"), a.get("mfu")),
+                fmt(M.gib(o["peak_bytes"]) if "peak_bytes" in o else None, ".1f"),
+                fmt(M.gib(n["peak_bytes"]) if "peak_bytes" in n else None, ".1f"),
+                fmt(a.get("peak_gib"), ".1f") if "error" not in a else a["error"],
+            ]
+        )
     for name in ("ours kd cache", "ours hld-joint cache"):
         if name in runs and "tokens_per_s" in runs[name]:
             r = runs[name]
-            rows.append([name[5:], fmt(r["tokens_per_s"], ",.0f"), "-", "-", "-", "-", fmt(r["mfu"], ".3f"), "-", "-",
-                         fmt(M.gib(r["peak_bytes"]), ".1f"), "-", "-"])
+            rows.append(
+                [
+                    name[5:],
+                    fmt(r["tokens_per_s"], ",.0f"),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    fmt(r["mfu"], ".3f"),
+                    "-",
+                    "-",
+                    fmt(M.gib(r["peak_bytes"]), ".1f"),
+                    "-",
+                    "-",
+                ]
+            )
     device = ours.get("machine", {}).get("device", anchor.get("device", "?"))
-    print(f"{device}: ours = step.py (student {ours.get('student')}, teacher {ours.get('teacher')}, "
-          f"{ours.get('batch_size')} x {ours.get('seq_len')}); naive = step.py's HF step, same models; "
-          f"anchor = naive_hf_step.py ({anchor.get('B')} x {anchor.get('T')})")
-    print(M.table(rows, ["arm", "ours tok/s", "naive tok/s", "anchor tok/s", "ours/naive", "ours/anchor",
-                         "MFU ours", "MFU anchor", "MFU ratio", "GiB ours", "GiB naive", "GiB anchor"]))
+    print(
+        f"{device}: ours = step.py (student {ours.get('student')}, teacher {ours.get('teacher')}, "
+        f"{ours.get('batch_size')} x {ours.get('seq_len')}); naive = step.py's HF step, same models; "
+        f"anchor = naive_hf_step.py ({anchor.get('B')} x {anchor.get('T')})"
+    )
+    print(
+        M.table(
+            rows,
+            [
+                "arm",
+                "ours tok/s",
+                "naive tok/s",
+                "anchor tok/s",
+                "ours/naive",
+                "ours/anchor",
+                "MFU ours",
+                "MFU anchor",
+                "MFU ratio",
+                "GiB ours",
+                "GiB naive",
+                "GiB anchor",
+            ],
+        )
+    )
     rate_o, rate_a = ours.get("matmul_flops_per_s"), anchor.get("matmul_tflops")
-    print(f"matmul rate: step.py {fmt(rate_o and rate_o / 1e12, '.1f')} TFLOP/s, anchor {fmt(rate_a, '.1f')} TFLOP/s; "
-          f"anchor student {fmt(anchor.get('student_nonemb_params'), ',')} non-embedding parameters")
+    print(
+        f"matmul rate: step.py {fmt(rate_o and rate_o / 1e12, '.1f')} TFLOP/s, anchor {fmt(rate_a, '.1f')} TFLOP/s; "
+        f"anchor student {fmt(anchor.get('student_nonemb_params'), ',')} non-embedding parameters"
+    )
     for k in ("speedup_kd", "speedup_hld", "cache_vs_ce"):
         print(f"{k}: {fmt(ours.get(k), '.2f')}")
 

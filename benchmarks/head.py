@@ -47,6 +47,7 @@ def teacher_fn(kind: str, *, chunk: int, vocab_size: int, top_k: int, dev: torch
         if t.dense is not None:
             return TeacherLogits(dense=t.dense[:n])
         return TeacherLogits(values=t.values[:n], indices=t.indices[:n], rest=None if t.rest is None else t.rest[:n])
+
     return fn
 
 
@@ -57,12 +58,14 @@ def head_step(kind: str, dtype: torch.dtype, args, dev: torch.device):
     h, W, y = make(n_tokens=args.tokens, vocab_size=args.vocab_size, d_model=args.d_model, dtype=dtype, dev=dev)
     mask = torch.ones(args.tokens, dtype=torch.bool, device=dev)
     fn = teacher_fn(kind, chunk=args.chunk_tokens, vocab_size=args.vocab_size, top_k=args.top_k, dev=dev)
-    spec = HeadLossSpec(ce_weight=1.0 if kind == "ce" else 0.5, kd_weight=0.0 if kind == "ce" else 0.5,
-                        chunk_tokens=args.chunk_tokens)
+    spec = HeadLossSpec(
+        ce_weight=1.0 if kind == "ce" else 0.5, kd_weight=0.0 if kind == "ce" else 0.5, chunk_tokens=args.chunk_tokens
+    )
 
     def step():
         loss, _ = head_loss(h, W, y, mask, spec, fn)
         return torch.autograd.grad(loss, (h, W))
+
     return step
 
 
@@ -72,6 +75,7 @@ def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
     fourth step that is not a matmul: one fp32 softmax over every logit, in cache-resident row blocks as
     the head runs it (one exp per logit: the least elementwise work any softmax loss does)."""
     from hld.distill.losses import row_block
+
     h, W, _ = make(n_tokens=args.tokens, vocab_size=args.vocab_size, d_model=args.d_model, dtype=dtype, dev=dev)
     h, W = h.detach(), W.detach()
     n = args.chunk_tokens
@@ -99,6 +103,7 @@ def floor_steps(dtype: torch.dtype, args, dev: torch.device) -> list:
         for _ in chunks:
             for _ in range(0, n, rows):
                 torch.softmax(blk, -1, out=blk)
+
     return [logits, grad_h, grad_W, softmax]
 
 
@@ -135,6 +140,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     dev = M.device()
     from hld.precision import cpu_has_fast_bf16
+
     native = dev.type == "cuda" or cpu_has_fast_bf16()
     dtypes = [d for d in (torch.float32, torch.bfloat16) if d == torch.float32 or native]
     dtypes = [d for d in dtypes if str(d).replace("torch.", "") in args.dtypes.split(",")]
@@ -146,18 +152,39 @@ def main(argv=None) -> None:
         sm = best["mm3"]  # the softmax step
         for kind in ("ce", "dense", "topk"):
             t = best[kind]
-            r = {"dtype": str(dtype).replace("torch.", ""), "case": kind, "ms_per_token": t * 1e3,
-                 "floor_ms_per_token": floor * 1e3, "floor_parts_ms": [x * 1e3 for x in parts],
-                 "ratio_to_floor": t / floor, "softmax_ms_per_token": sm * 1e3,
-                 "ratio_to_floor_and_softmax": t / (floor + sm)}
+            r = {
+                "dtype": str(dtype).replace("torch.", ""),
+                "case": kind,
+                "ms_per_token": t * 1e3,
+                "floor_ms_per_token": floor * 1e3,
+                "floor_parts_ms": [x * 1e3 for x in parts],
+                "ratio_to_floor": t / floor,
+                "softmax_ms_per_token": sm * 1e3,
+                "ratio_to_floor_and_softmax": t / (floor + sm),
+            }
             out["results"].append(r)
-            rows.append([r["dtype"], kind, f"{t * 1e3:.3f}", f"{floor * 1e3:.3f}",
-                         " / ".join(f"{x * 1e3:.3f}" for x in parts), f"{t / floor:.2f}", f"{sm * 1e3:.3f}",
-                         f"{t / (floor + sm):.2f}"])
-    print(f"{out['machine']}\nN={args.tokens} V={args.vocab_size} d={args.d_model} chunk={args.chunk_tokens} "
-          f"threads={args.threads}, min of {args.repeats}")
-    print(M.table(rows, ["dtype", "case", "head ms/tok", "floor ms/tok", "3 matmuls", "ratio", "softmax",
-                         "ratio to floor+softmax"]))
+            rows.append(
+                [
+                    r["dtype"],
+                    kind,
+                    f"{t * 1e3:.3f}",
+                    f"{floor * 1e3:.3f}",
+                    " / ".join(f"{x * 1e3:.3f}" for x in parts),
+                    f"{t / floor:.2f}",
+                    f"{sm * 1e3:.3f}",
+                    f"{t / (floor + sm):.2f}",
+                ]
+            )
+    print(
+        f"{out['machine']}\nN={args.tokens} V={args.vocab_size} d={args.d_model} chunk={args.chunk_tokens} "
+        f"threads={args.threads}, min of {args.repeats}"
+    )
+    print(
+        M.table(
+            rows,
+            ["dtype", "case", "head ms/tok", "floor ms/tok", "3 matmuls", "ratio", "softmax", "ratio to floor+softmax"],
+        )
+    )
     if args.json:
         print(json.dumps(out))
 

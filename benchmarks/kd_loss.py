@@ -37,8 +37,16 @@ import torch.nn.functional as F
 ALPHA, TEMPERATURE = 0.5, 1.0
 
 
-def make_inputs(*, n_tokens: int, vocab_size: int, d_student: int, d_teacher: int, dev: torch.device,
-                dtype: torch.dtype, seed: int = 0) -> dict:
+def make_inputs(
+    *,
+    n_tokens: int,
+    vocab_size: int,
+    d_student: int,
+    d_teacher: int,
+    dev: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> dict:
     """Hidden states and heads of a student and a teacher, at the scale of real models' final layers
     (unit-RMS hidden states after the final norm, heads with std 0.05)."""
     g = torch.Generator().manual_seed(seed)
@@ -71,8 +79,15 @@ def run_naive(x: dict) -> torch.Tensor:
     with torch.no_grad():
         zt = (x["h_t"] @ x["W_t"].T).float()  # (N, V)
     ce = F.cross_entropy(zs, x["y"])
-    kd = F.kl_div(F.log_softmax(zs / TEMPERATURE, -1), F.log_softmax(zt / TEMPERATURE, -1), log_target=True,
-                  reduction="batchmean") * TEMPERATURE**2
+    kd = (
+        F.kl_div(
+            F.log_softmax(zs / TEMPERATURE, -1),
+            F.log_softmax(zt / TEMPERATURE, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * TEMPERATURE**2
+    )
     loss = (1 - ALPHA) * ce + ALPHA * kd
     loss.backward()
     return loss.detach()
@@ -98,7 +113,7 @@ def teacher_entropy(x: dict, chunk: int = 256) -> float:
     """Mean entropy of the teacher's distribution (what torchtune's forward KL leaves out)."""
     total = 0.0
     for s in range(0, x["h_t"].shape[0], chunk):
-        logp = torch.log_softmax((x["h_t"][s:s + chunk] @ x["W_t"].T).float() / TEMPERATURE, -1)
+        logp = torch.log_softmax((x["h_t"][s : s + chunk] @ x["W_t"].T).float() / TEMPERATURE, -1)
         total += float(-(logp.exp() * logp).sum())
     return total / x["h_t"].shape[0]
 
@@ -111,20 +126,36 @@ def child(spec: dict) -> dict:
     dtype = M.compute_dtype(dev) if spec.get("dtype", "auto") == "auto" else getattr(torch, spec["dtype"])
     if dev.type == "cpu":
         M.guard_cpu_memory()
-    x = make_inputs(n_tokens=spec["n_tokens"], vocab_size=spec["vocab_size"], d_student=spec["d_student"],
-                    d_teacher=spec["d_teacher"], dev=dev, dtype=dtype)
+    x = make_inputs(
+        n_tokens=spec["n_tokens"],
+        vocab_size=spec["vocab_size"],
+        d_student=spec["d_student"],
+        d_teacher=spec["d_teacher"],
+        dev=dev,
+        dtype=dtype,
+    )
     variant = spec["variant"]
-    fn = {"ours": lambda: run_ours(x, spec["chunk_tokens"]), "naive": lambda: run_naive(x),
-          "torchtune": lambda: run_torchtune(x, spec["torchtune_chunks"])}[variant]
+    fn = {
+        "ours": lambda: run_ours(x, spec["chunk_tokens"]),
+        "naive": lambda: run_naive(x),
+        "torchtune": lambda: run_torchtune(x, spec["torchtune_chunks"]),
+    }[variant]
     times = []
     with M.PeakMemory(dev) as pm:
         for _ in range(spec["repeats"]):
             x["h"].grad = x["W"].grad = None
             seconds, loss = M.timed(fn, dev)
             times.append(seconds)
-    out = {"variant": variant, "n_tokens": spec["n_tokens"], "peak_bytes": pm.bytes, "peak_exact": pm.exact,
-           "seconds": times, "tokens_per_s": spec["n_tokens"] / times[-1], "loss": float(loss),
-           "dtype": str(dtype).replace("torch.", "")}
+    out = {
+        "variant": variant,
+        "n_tokens": spec["n_tokens"],
+        "peak_bytes": pm.bytes,
+        "peak_exact": pm.exact,
+        "seconds": times,
+        "tokens_per_s": spec["n_tokens"] / times[-1],
+        "loss": float(loss),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     if variant == "torchtune":
         out["teacher_entropy"] = teacher_entropy(x)
     if spec.get("grad_file"):  # for the parent's gradient check: dL/dh, and dL/dW seen through a fixed (d,) vector
@@ -152,6 +183,7 @@ def torchtune_status() -> str:
         from importlib.metadata import version
 
         import torchtune.modules.loss  # noqa: F401  (torchtune imports torchao, omegaconf, tiktoken)
+
         return f"ok (torchtune {version('torchtune')}, torchao {version('torchao')})"
     except Exception as exc:
         return f"unavailable: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
@@ -182,8 +214,12 @@ def extrapolate(points: list[tuple[int, float]], n: int) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096, help="N, tokens (rows) for ours")
-    p.add_argument("--naive-tokens", type=int, default=None,
-                   help="N for naive, torchtune and the ratios (default: 2048 on CPU, --tokens on CUDA)")
+    p.add_argument(
+        "--naive-tokens",
+        type=int,
+        default=None,
+        help="N for naive, torchtune and the ratios (default: 2048 on CPU, --tokens on CUDA)",
+    )
     p.add_argument("--vocab-size", type=int, default=262144)
     p.add_argument("--d-student", type=int, default=640)
     p.add_argument("--d-teacher", type=int, default=640)
@@ -192,8 +228,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per process; the last is reported")
     p.add_argument("--no-torchtune", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="inputs' dtype (auto: what precision=auto picks here; float32: an AVX2-only CPU's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="inputs' dtype (auto: what precision=auto picks here; float32: an AVX2-only CPU's)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -217,9 +257,16 @@ def main(argv=None) -> None:
         return
     dev = M.device()
     n_ref = args.naive_tokens or (args.tokens if dev.type == "cuda" else min(args.tokens, 2048))
-    base = {"vocab_size": args.vocab_size, "d_student": args.d_student, "d_teacher": args.d_teacher,
-            "chunk_tokens": args.chunk_tokens, "torchtune_chunks": args.torchtune_chunks, "repeats": args.repeats,
-            "threads": args.threads, "dtype": args.dtype}
+    base = {
+        "vocab_size": args.vocab_size,
+        "d_student": args.d_student,
+        "d_teacher": args.d_teacher,
+        "chunk_tokens": args.chunk_tokens,
+        "torchtune_chunks": args.torchtune_chunks,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "dtype": args.dtype,
+    }
     tt = "skipped (--no-torchtune)" if args.no_torchtune else torchtune_status()
     runs, grads = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,16 +283,29 @@ def summarise(args, runs: list[dict], grads: dict, n_ref: int, tt: str) -> dict:
     get = lambda v, n: next((r for r in runs if r["variant"] == v and r["n_tokens"] == n and "error" not in r), None)
     ours, naive, tune = get("ours", n_ref), get("naive", n_ref), get("torchtune", n_ref)
     machine = {**M.machine(), "threads": args.threads or torch.get_num_threads()}
-    res = {"benchmark": "kd_loss", "machine": machine, "vocab_size": args.vocab_size,
-           "d_student": args.d_student, "d_teacher": args.d_teacher, "alpha": ALPHA, "temperature": TEMPERATURE,
-           "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "tokens": args.tokens,
-           "ratio_tokens": n_ref, "torchtune": tt, "runs": runs}
+    res = {
+        "benchmark": "kd_loss",
+        "machine": machine,
+        "vocab_size": args.vocab_size,
+        "d_student": args.d_student,
+        "d_teacher": args.d_teacher,
+        "alpha": ALPHA,
+        "temperature": TEMPERATURE,
+        "chunk_tokens": args.chunk_tokens,
+        "repeats": args.repeats,
+        "tokens": args.tokens,
+        "ratio_tokens": n_ref,
+        "torchtune": tt,
+        "runs": runs,
+    }
     if ours and naive:
         res["peak_memory_ratio"] = ours["peak_bytes"] / naive["peak_bytes"]
         res["time_ratio"] = ours["seconds"][-1] / naive["seconds"][-1]
         res["agreement_naive"] = agreement(ours, naive, grads)
-        res["targets_met"] = {"peak_memory_le_1_8": res["peak_memory_ratio"] <= 1 / 8,
-                              "time_le_naive": res["time_ratio"] <= 1}
+        res["targets_met"] = {
+            "peak_memory_le_1_8": res["peak_memory_ratio"] <= 1 / 8,
+            "time_le_naive": res["time_ratio"] <= 1,
+        }
     if ours and tune:
         res["peak_memory_ratio_torchtune"] = ours["peak_bytes"] / tune["peak_bytes"]
         res["time_ratio_torchtune"] = ours["seconds"][-1] / tune["seconds"][-1]
@@ -263,34 +323,52 @@ def summarise(args, runs: list[dict], grads: dict, n_ref: int, tt: str) -> dict:
 
 def report(args, res: dict) -> None:
     n_ref = res["ratio_tokens"]
-    naive = next((r for r in res["runs"] if r["variant"] == "naive" and r["n_tokens"] == n_ref and "error" not in r),
-                 None)
+    naive = next(
+        (r for r in res["runs"] if r["variant"] == "naive" and r["n_tokens"] == n_ref and "error" not in r), None
+    )
     rows = []
     for r in res["runs"]:
         if "error" in r:
             rows.append([r["variant"], r["n_tokens"], "-", "-", "-", "-", "-", r["error"]])
             continue
         same = naive is not None and r["n_tokens"] == n_ref
-        rows.append([r["variant"], r["n_tokens"], f"{M.gib(r['peak_bytes']):.2f}",
-                     f"{r['peak_bytes'] / naive['peak_bytes']:.3f}" if same else "-", f"{r['seconds'][-1]:.2f}",
-                     f"{r['seconds'][-1] / naive['seconds'][-1]:.2f}" if same else "-", f"{r['tokens_per_s']:.0f}",
-                     f"{r['loss']:.6f}"])
+        rows.append(
+            [
+                r["variant"],
+                r["n_tokens"],
+                f"{M.gib(r['peak_bytes']):.2f}",
+                f"{r['peak_bytes'] / naive['peak_bytes']:.3f}" if same else "-",
+                f"{r['seconds'][-1]:.2f}",
+                f"{r['seconds'][-1] / naive['seconds'][-1]:.2f}" if same else "-",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['loss']:.6f}",
+            ]
+        )
     dtype = next((r["dtype"] for r in res["runs"] if "dtype" in r), "?")
-    print(f"CE+KD forward+backward: V={res['vocab_size']}, d={res['d_student']}, d_t={res['d_teacher']}, "
-          f"alpha={ALPHA}, T={TEMPERATURE}, {dtype}, on {res['machine']['device']}")
+    print(
+        f"CE+KD forward+backward: V={res['vocab_size']}, d={res['d_student']}, d_t={res['d_teacher']}, "
+        f"alpha={ALPHA}, T={TEMPERATURE}, {dtype}, on {res['machine']['device']}"
+    )
     print(M.table(rows, ["variant", "N", "peak GiB", "mem/naive", "seconds", "time/naive", "tokens/s", "loss"]))
     print(f"ratios: ours / naive at N={n_ref}; seconds: the last of {res['repeats']} repeats in a fresh process")
     if "naive_peak_bytes_extrapolated" in res:
-        print(f"naive at N={res['tokens']} (not run: it does not fit), extrapolated linearly from the naive runs: "
-              f"{M.gib(res['naive_peak_bytes_extrapolated']):.1f} GiB -> ours/naive "
-              f"{res['peak_memory_ratio_extrapolated']:.3f}")
-    for key, label in (("agreement_naive", "ours vs naive"),
-                       ("agreement_torchtune", "ours vs torchtune - alpha*H(teacher)"),
-                       ("agreement_naive_torchtune", "naive vs torchtune - alpha*H(teacher)")):
+        print(
+            f"naive at N={res['tokens']} (not run: it does not fit), extrapolated linearly from the naive runs: "
+            f"{M.gib(res['naive_peak_bytes_extrapolated']):.1f} GiB -> ours/naive "
+            f"{res['peak_memory_ratio_extrapolated']:.3f}"
+        )
+    for key, label in (
+        ("agreement_naive", "ours vs naive"),
+        ("agreement_torchtune", "ours vs torchtune - alpha*H(teacher)"),
+        ("agreement_naive_torchtune", "naive vs torchtune - alpha*H(teacher)"),
+    ):
         if key in res:
             a = res[key]
-            grad = (f", grad h {a['grad_h_rel_diff']:.1e}, grad W {a['grad_W_rel_diff']:.1e}"
-                    if "grad_h_rel_diff" in a else "")
+            grad = (
+                f", grad h {a['grad_h_rel_diff']:.1e}, grad W {a['grad_W_rel_diff']:.1e}"
+                if "grad_h_rel_diff" in a
+                else ""
+            )
             print(f"{label}: loss rel diff {a['loss_rel_diff']:.1e} ({'OK' if a['ok'] else 'FAIL'} at 1e-4){grad}")
     print(f"torchtune: {res['torchtune']}")
     if not all(r.get("peak_exact", True) for r in res["runs"]):

@@ -50,12 +50,19 @@ ASSETS = ROOT / "tests" / "assets"
 
 # --------------------------------------------------------------------------- configs and models
 
+
 def overrides(args, method: str, cache: str | None = None) -> list[str]:
     """Dotted overrides on demo.yaml for one arm; `--tiny` uses the test fixtures (tests/conftest.py)."""
     steps = args.steps + 1  # + warmup; the cache must hold every batch that is timed
-    out = [f"objective.method={method}", f"student.preset={args.student}", f"data.seq_len={args.seq_len}",
-           f"train.batch_size={args.batch_size}", f"budget.tokens={steps * args.batch_size * args.seq_len}",
-           f"teacher.model={args.teacher}", "train.micro_batch_size=null"]
+    out = [
+        f"objective.method={method}",
+        f"student.preset={args.student}",
+        f"data.seq_len={args.seq_len}",
+        f"train.batch_size={args.batch_size}",
+        f"budget.tokens={steps * args.batch_size * args.seq_len}",
+        f"teacher.model={args.teacher}",
+        "train.micro_batch_size=null",
+    ]
     if args.chunk_tokens:
         out.append(f"train.loss_chunk_tokens={args.chunk_tokens}")
     if args.n_pairs:
@@ -75,13 +82,38 @@ def teacher_shape_config(shape: str, tiny: bool):
 
     if shape != "gemma3-4b":
         raise SystemExit(f"unknown --teacher-shape {shape!r} (known: gemma3-4b)")
-    dims = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                intermediate_size=128, vocab_size=1024) if tiny else \
-        dict(hidden_size=2560, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-             intermediate_size=10240, vocab_size=262144)
-    return Gemma3TextConfig(**dims, query_pre_attn_scalar=dims["head_dim"], sliding_window=1024,
-                            max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-                            attn_implementation="sdpa", use_cache=False)
+    dims = (
+        dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=128,
+            vocab_size=1024,
+        )
+        if tiny
+        else dict(
+            hidden_size=2560,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            intermediate_size=10240,
+            vocab_size=262144,
+        )
+    )
+    return Gemma3TextConfig(
+        **dims,
+        query_pre_attn_scalar=dims["head_dim"],
+        sliding_window=1024,
+        max_position_embeddings=8192,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
 
 
 class RandomTeacherResources(Resources):
@@ -99,8 +131,9 @@ class RandomTeacherResources(Resources):
         torch.manual_seed(0)
         with torch.device(dev):
             model = Gemma3ForCausalLM(cfg).to(dtype)
-        self.loaded = LoadedModel(model=freeze(model), tokenizer=tok, source=str(model_dir),
-                                  identity="random:" + str(model_dir))
+        self.loaded = LoadedModel(
+            model=freeze(model), tokenizer=tok, source=str(model_dir), identity="random:" + str(model_dir)
+        )
         self._tokenizers[str(model_dir)] = tok
 
     def teacher(self, spec: str, dtype: str) -> LoadedModel:
@@ -108,6 +141,7 @@ class RandomTeacherResources(Resources):
 
 
 # --------------------------------------------------------------------------- the naive step
+
 
 class NaiveStep:
     """The step most distillation code writes with Hugging Face models (cf. shared/anchors/
@@ -119,8 +153,9 @@ class NaiveStep:
         self.s = s
         modules = [s.student] + ([s.projectors] if s.projectors is not None else [])
         t = s.cfg.train
-        self.opt = torch.optim.AdamW(param_groups(modules, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                     fused=s.device.type == "cuda")
+        self.opt = torch.optim.AdamW(
+            param_groups(modules, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=s.device.type == "cuda"
+        )
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
 
     def loss(self, step: int) -> torch.Tensor:
@@ -135,8 +170,9 @@ class NaiveStep:
         sl, tl = s_out.logits.float(), t_out.logits.float()  # (B, T, V) each
         V, T = sl.shape[-1], o.temperature
         ce = F.cross_entropy(sl.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        kd_tok = F.kl_div(F.log_softmax(sl / T, -1), F.log_softmax(tl / T, -1), log_target=True,
-                          reduction="none").sum(-1)  # (B, T)
+        kd_tok = F.kl_div(F.log_softmax(sl / T, -1), F.log_softmax(tl / T, -1), log_target=True, reduction="none").sum(
+            -1
+        )  # (B, T)
         kd = (kd_tok * mask).sum() * T * T
         loss = (1 - o.alpha) * ce + o.alpha * kd
         if hld:
@@ -160,6 +196,7 @@ class NaiveStep:
 
 # --------------------------------------------------------------------------- timing
 
+
 def matmul_rate(dev: torch.device, dtype: torch.dtype, tiny: bool) -> float:
     """FLOP/s of a square matmul in `dtype`: the denominator of MFU."""
     n = 512 if tiny else (8192 if dev.type == "cuda" else 2048)
@@ -180,9 +217,15 @@ def model_flops_per_token(s: Setup) -> float:
     if obj.student_layers and s.projectors is not None:
         dims = ((s.student.config.hidden_size, s.teacher_lm.config.hidden_size),) * len(s.projectors.pairs)
     upto = None if obj.needs.logits or not obj.needs.layers else max(obj.needs.layers)
-    return step_cost(s.student, s.cfg.data.seq_len, teacher=s.teacher_lm if online else None,
-                     teacher_logits=obj.needs.logits, teacher_upto=upto, projector_dims=dims,
-                     student_logits=obj.uses_head).total
+    return step_cost(
+        s.student,
+        s.cfg.data.seq_len,
+        teacher=s.teacher_lm if online else None,
+        teacher_logits=obj.needs.logits,
+        teacher_upto=upto,
+        projector_dims=dims,
+        student_logits=obj.uses_head,
+    ).total
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -229,8 +272,10 @@ def time_group(fns: dict, n_steps: int, dev: torch.device) -> dict:
 
 def run_group(named: dict, args, rate: float) -> list[dict]:
     """`named`: run name -> (Setup, 'ours' | 'naive'). Returns one result per run."""
-    fns = {name: (lambda i, s=s: train_step(s, i)["train/loss"]) if kind == "ours" else NaiveStep(s)
-           for name, (s, kind) in named.items()}
+    fns = {
+        name: (lambda i, s=s: train_step(s, i)["train/loss"]) if kind == "ours" else NaiveStep(s)
+        for name, (s, kind) in named.items()
+    }
     dev = next(iter(named.values()))[0].device
     timed = time_group(fns, args.steps, dev)
     tokens = args.batch_size * args.seq_len
@@ -239,10 +284,17 @@ def run_group(named: dict, args, rate: float) -> list[dict]:
         r = {"run": name, **timed[name]}
         if "step_s" in r:
             flops_tok = model_flops_per_token(s)
-            r.update(tokens_per_s=tokens / r["step_s"], flops_per_token=flops_tok,
-                     mfu=flops_tok * tokens / r["step_s"] / rate)
-            print(f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_s']:.3f} s/step, "
-                  f"{M.gib(r['peak_bytes']):.2f} GiB", file=sys.stderr, flush=True)
+            r.update(
+                tokens_per_s=tokens / r["step_s"],
+                flops_per_token=flops_tok,
+                mfu=flops_tok * tokens / r["step_s"] / rate,
+            )
+            print(
+                f"  {name}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_s']:.3f} s/step, "
+                f"{M.gib(r['peak_bytes']):.2f} GiB",
+                file=sys.stderr,
+                flush=True,
+            )
         out.append(r)
     return out
 
@@ -267,6 +319,7 @@ def loss_check(s: Setup) -> dict:
 
 # --------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="gemma-3-270m", help="teacher.model (ignored with --teacher-shape)")
@@ -276,8 +329,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after 1 warmup (the median is reported)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (default: the config's)")
-    p.add_argument("--n-pairs", type=int, default=None,
-                   help="objective.hidden.n_pairs (default: the config's, one per student block)")
+    p.add_argument(
+        "--n-pairs",
+        type=int,
+        default=None,
+        help="objective.hidden.n_pairs (default: the config's, one per student block)",
+    )
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-cache runs")
     p.add_argument("--tiny", action="store_true", help="test fixtures, tiny shapes: a seconds-long smoke")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -300,8 +357,9 @@ def main(argv=None) -> None:
         if args.teacher_shape:
             args.teacher = str(work / "teacher")
             tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-            resources = RandomTeacherResources(teacher_shape_config(args.teacher_shape, args.tiny), work / "teacher",
-                                               dev, tdtype)
+            resources = RandomTeacherResources(
+                teacher_shape_config(args.teacher_shape, args.tiny), work / "teacher", dev, tdtype
+            )
         res = run_all(args, resources, work, dev)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -325,8 +383,12 @@ def run_all(args, resources: Resources, work: Path, dev: torch.device) -> dict:
     if not args.no_cache:  # ce and the cached arms interleaved
         cache_dir = work / "cache"
         manifest = ensure_cache([cfgs["kd"], cfgs["hld-joint"]], cache_dir, resources, quiet=True)
-        cache_info = {"tokens": manifest["tokens"], "bytes": manifest["bytes"],
-                      "top_k": manifest["identity"]["top_k"], "layers": manifest["identity"]["layers"]}
+        cache_info = {
+            "tokens": manifest["tokens"],
+            "bytes": manifest["bytes"],
+            "top_k": manifest["identity"]["top_k"],
+            "layers": manifest["identity"]["layers"],
+        }
         for method in ("kd", "hld-joint"):
             cfg = load_config("demo", overrides(args, method, cache=str(cache_dir)))
             group[f"ours {method} cache"] = (build(cfg, resources, dev), "ours")
@@ -339,15 +401,28 @@ def run_all(args, resources: Resources, work: Path, dev: torch.device) -> dict:
 def summarise(args, runs, checks, rate, cache_info) -> dict:
     tps = {r["run"]: r.get("tokens_per_s") for r in runs}
     ratio = lambda a, b: tps[a] / tps[b] if tps.get(a) and tps.get(b) else None
-    res = {"benchmark": "step", "machine": M.machine(), "teacher": args.teacher_shape or args.teacher,
-           "student": args.student, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
-           "matmul_flops_per_s": rate, "loss_check": checks, "cache": cache_info, "runs": runs,
-           "speedup_kd": ratio("ours kd", "naive kd"), "speedup_hld": ratio("ours hld-joint", "naive hld-joint"),
-           "cache_vs_ce": ratio("ours kd cache", "ours ce"),
-           "hld_cache_vs_ce": ratio("ours hld-joint cache", "ours ce")}
-    res["targets_met"] = {"speedup_kd_ge_2": (res["speedup_kd"] or 0) >= 2,
-                          "speedup_hld_ge_2": (res["speedup_hld"] or 0) >= 2,
-                          "cache_vs_ce_ge_0_9": (res["cache_vs_ce"] or 0) >= 0.9}
+    res = {
+        "benchmark": "step",
+        "machine": M.machine(),
+        "teacher": args.teacher_shape or args.teacher,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "matmul_flops_per_s": rate,
+        "loss_check": checks,
+        "cache": cache_info,
+        "runs": runs,
+        "speedup_kd": ratio("ours kd", "naive kd"),
+        "speedup_hld": ratio("ours hld-joint", "naive hld-joint"),
+        "cache_vs_ce": ratio("ours kd cache", "ours ce"),
+        "hld_cache_vs_ce": ratio("ours hld-joint cache", "ours ce"),
+    }
+    res["targets_met"] = {
+        "speedup_kd_ge_2": (res["speedup_kd"] or 0) >= 2,
+        "speedup_hld_ge_2": (res["speedup_hld"] or 0) >= 2,
+        "cache_vs_ce_ge_0_9": (res["cache_vs_ce"] or 0) >= 0.9,
+    }
     return res
 
 
@@ -361,11 +436,21 @@ def report(args, res: dict) -> None:
             continue
         ref = by.get(naive_of(r["run"]) or "")
         x = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and "tokens_per_s" in ref else "-"
-        rows.append([r["run"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}", f"{M.gib(r['peak_bytes']):.2f}",
-                     f"{r['mfu']:.3f}", x])
-    print(f"training step: teacher {res['teacher']}, student {res['student']}, {res['batch_size']} x {res['seq_len']}"
-          f" tokens, on {res['machine']['device']}; median of {res['steps']} timed steps after 1 warmup, the runs "
-          f"of a group interleaved step by step")
+        rows.append(
+            [
+                r["run"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['step_s']:.3f}",
+                f"{M.gib(r['peak_bytes']):.2f}",
+                f"{r['mfu']:.3f}",
+                x,
+            ]
+        )
+    print(
+        f"training step: teacher {res['teacher']}, student {res['student']}, {res['batch_size']} x {res['seq_len']}"
+        f" tokens, on {res['machine']['device']}; median of {res['steps']} timed steps after 1 warmup, the runs "
+        f"of a group interleaved step by step"
+    )
     peak = "peak GiB" if torch.cuda.is_available() else "peak GiB*"
     print(M.table(rows, ["run", "tokens/s", "s/step", peak, "MFU", "vs naive"]))
     if not torch.cuda.is_available():
@@ -377,8 +462,10 @@ def report(args, res: dict) -> None:
         why = " (differs by design: HF's last hidden_states entry is after the final norm)" if m != "kd" else ""
         print(f"loss on batch 0, {m}: ours {c['ours']:.6f}, naive {c['naive']:.6f} (rel diff {c['rel_diff']:.1e}){why}")
     fmt = lambda v: f"{v:.2f}" if v is not None else "n/a"
-    print(f"speedup_kd {fmt(res['speedup_kd'])}  speedup_hld {fmt(res['speedup_hld'])}  "
-          f"cache_vs_ce {fmt(res['cache_vs_ce'])}  (hld-joint from cache vs ce {fmt(res['hld_cache_vs_ce'])})")
+    print(
+        f"speedup_kd {fmt(res['speedup_kd'])}  speedup_hld {fmt(res['speedup_hld'])}  "
+        f"cache_vs_ce {fmt(res['cache_vs_ce'])}  (hld-joint from cache vs ce {fmt(res['hld_cache_vs_ce'])})"
+    )
     if args.json:
         print(json.dumps(res))
 

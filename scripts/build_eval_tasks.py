@@ -54,7 +54,8 @@ MC_CHOICES = 4
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\[])")
 TARGET_WORD = re.compile(r"^[A-Za-z]{3,}$")
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{3,}")
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 about above after again also although always another anything argument arguments available based
 because been before being below between both built call called calling calls case cases cannot class
 could default defined does doing done during each either else example except false first following
@@ -65,7 +66,8 @@ return returned returns same second several should since some specified still su
 that their them then there these they this those through true type types under unless until used
 useful uses using usually value values version very when where whether which while will with within
 without would your
-""".split())
+""".split()
+)
 TEMPLATED = ("New in version", "Changed in version", "Deprecated since version", "Availability:")
 
 
@@ -87,6 +89,7 @@ def page_of(doc: dict) -> str:
 
 
 # --------------------------------------------------------------------------- hld_lambada
+
 
 def lambada_target(passage_words: list[str]) -> str | None:
     """The target word if the passage qualifies: ends with '<word>.', word >= 3 letters, seen before."""
@@ -129,6 +132,7 @@ def build_lambada(docs: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- hld_mc
 
+
 def n_words(s: str) -> int:
     return len(s.split())
 
@@ -151,8 +155,12 @@ def mc_candidates(doc: dict) -> list[tuple[str, str]]:
         ctx = sents[k]
         if n_words(ctx) < lo and k > 0:
             ctx = sents[k - 1] + " " + ctx
-        if lo <= n_words(ctx) <= hi and is_ending(sents[k + 1]) and not ctx.startswith(TEMPLATED) \
-                and content_words(ctx) & content_words(sents[k + 1]):
+        if (
+            lo <= n_words(ctx) <= hi
+            and is_ending(sents[k + 1])
+            and not ctx.startswith(TEMPLATED)
+            and content_words(ctx) & content_words(sents[k + 1])
+        ):
             out.append((ctx, sents[k + 1]))
             k += 2
         else:
@@ -177,8 +185,14 @@ def build_mc(docs: list[dict]) -> list[dict]:
         context = content_words(ctx)
         distractors = None
         for slack in (0.1, 0.2, 0.4):
-            near = [s for s in pool_sorted if page not in pool[s] and s != true
-                    and abs(len(s) - len(true)) <= slack * len(true) and not words[s] & context]
+            near = [
+                s
+                for s in pool_sorted
+                if page not in pool[s]
+                and s != true
+                and abs(len(s) - len(true)) <= slack * len(true)
+                and not words[s] & context
+            ]
             if len(near) >= MC_CHOICES - 1:
                 distractors = rng.sample(near, MC_CHOICES - 1)
                 break
@@ -192,6 +206,7 @@ def build_mc(docs: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- files
 
+
 def render(items: list[dict]) -> bytes:
     return "".join(json.dumps(x, ensure_ascii=False, sort_keys=True) + "\n" for x in items).encode("utf-8")
 
@@ -204,11 +219,18 @@ def build() -> dict[str, bytes]:
         "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
         "seed": SEED,
         "hld_lambada": {"items": len(lam), "passage_words": list(LAMBADA_WORDS)},
-        "hld_mc": {"items": len(mc), "choices": MC_CHOICES, "context_words": list(MC_CONTEXT_WORDS),
-                   "ending_words": list(MC_ENDING_WORDS)},
+        "hld_mc": {
+            "items": len(mc),
+            "choices": MC_CHOICES,
+            "context_words": list(MC_CONTEXT_WORDS),
+            "ending_words": list(MC_ENDING_WORDS),
+        },
     }
-    return {"hld_lambada.jsonl": render(lam), "hld_mc.jsonl": render(mc),
-            "manifest.json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")}
+    return {
+        "hld_lambada.jsonl": render(lam),
+        "hld_mc.jsonl": render(mc),
+        "manifest.json": (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

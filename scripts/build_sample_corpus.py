@@ -110,23 +110,66 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "src" / "hld" / "assets" / "s
 # --------------------------------------------------------------------------
 
 OBJECT_DIRECTIVES = {
-    "function", "method", "attribute", "data", "class", "exception", "decorator",
-    "decoratormethod", "coroutinemethod", "coroutinefunction", "classmethod",
-    "staticmethod", "abstractmethod", "awaitablefunction", "awaitablemethod",
-    "c:function", "c:member", "c:type", "c:var", "c:macro", "c:struct",
-    "opcode", "envvar",
+    "function",
+    "method",
+    "attribute",
+    "data",
+    "class",
+    "exception",
+    "decorator",
+    "decoratormethod",
+    "coroutinemethod",
+    "coroutinefunction",
+    "classmethod",
+    "staticmethod",
+    "abstractmethod",
+    "awaitablefunction",
+    "awaitablemethod",
+    "c:function",
+    "c:member",
+    "c:type",
+    "c:var",
+    "c:macro",
+    "c:struct",
+    "opcode",
+    "envvar",
 }
 CLASS_MEMBER_DIRECTIVES = {
-    "method", "attribute", "coroutinemethod", "classmethod", "staticmethod",
-    "abstractmethod", "awaitablemethod", "decoratormethod",
+    "method",
+    "attribute",
+    "coroutinemethod",
+    "classmethod",
+    "staticmethod",
+    "abstractmethod",
+    "awaitablemethod",
+    "decoratormethod",
 }
 # Directives whose content is prose that is kept (the directive line itself is
 # dropped, except where rendered below).
 CONTENT_DIRECTIVES = {
-    "note", "warning", "seealso", "impl-detail", "topic", "sidebar", "important",
-    "caution", "attention", "tip", "hint", "danger", "error", "admonition", "only",
-    "epigraph", "glossary", "container", "cmdoption", "pdbcommand", "describe",
-    "object", "option",
+    "note",
+    "warning",
+    "seealso",
+    "impl-detail",
+    "topic",
+    "sidebar",
+    "important",
+    "caution",
+    "attention",
+    "tip",
+    "hint",
+    "danger",
+    "error",
+    "admonition",
+    "only",
+    "epigraph",
+    "glossary",
+    "container",
+    "cmdoption",
+    "pdbcommand",
+    "describe",
+    "object",
+    "option",
 }
 VERSION_DIRECTIVES = {
     "versionadded": "New in version {}",
@@ -216,9 +259,7 @@ def collect_refs(files: list[tuple[str, list[str]]]) -> RefMaps:
             # the label names the next heading if only blank lines / labels /
             # overlines lie between
             j = i + 1
-            while j < len(lines) and (
-                not lines[j].strip() or LABEL_RE.match(lines[j]) or ADORNMENT_RE.match(lines[j])
-            ):
+            while j < len(lines) and (not lines[j].strip() or LABEL_RE.match(lines[j]) or ADORNMENT_RE.match(lines[j])):
                 j += 1
             if j in headings:
                 maps.labels.setdefault(label, clean_inline(headings[j], None))
@@ -355,11 +396,7 @@ def rst_to_units(rel: str, lines: list[str], maps: RefMaps) -> list[Unit]:
         if raw.endswith("::"):
             literal_next = True
             raw = raw[:-2].rstrip() if raw[:-2].endswith((" ", "\t")) or raw == "::" else raw[:-1]
-        drop = (
-            first.startswith(">>>")
-            or first.startswith("| ")
-            or FIELD_RE.match(first) is not None
-        )
+        drop = first.startswith(">>>") or first.startswith("| ") or FIELD_RE.match(first) is not None
         if not drop and raw:
             text = clean_inline(raw, maps)
             if text:
@@ -478,8 +515,18 @@ def rst_to_units(rel: str, lines: list[str], maps: RefMaps) -> list[Unit]:
                 i = j
                 continue
             if kind in CONTENT_DIRECTIVES:
-                admonitions = ("note", "warning", "important", "caution", "attention", "tip", "hint", "danger", "error",
-                               "impl-detail")
+                admonitions = (
+                    "note",
+                    "warning",
+                    "important",
+                    "caution",
+                    "attention",
+                    "tip",
+                    "hint",
+                    "danger",
+                    "error",
+                    "impl-detail",
+                )
                 if kind in admonitions and arg:
                     prefix = "CPython implementation detail: " if kind == "impl-detail" else ""
                     content = [e for e in extra if not OPTION_RE.match(e)]
@@ -612,7 +659,9 @@ def installed_version() -> str | None:
     try:
         out = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", PACKAGE],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -692,7 +741,7 @@ def write_split(out_dir: Path, name: str, docs, shards: int) -> list[Path]:
     per = -(-len(docs) // shards)
     for k in range(shards):
         path = out_dir / f"c4-{name}.{k:05d}-of-{shards:05d}.json.gz"
-        path.write_bytes(shard_bytes(docs[k * per:(k + 1) * per]))
+        path.write_bytes(shard_bytes(docs[k * per : (k + 1) * per]))
         paths.append(path)
     return paths
 
@@ -709,7 +758,7 @@ def load_tokenizer():
 def count_tokens(tok, texts: list[str]) -> int:
     total = 0
     for start in range(0, len(texts), 256):
-        ids = tok(texts[start:start + 256], add_special_tokens=False).input_ids
+        ids = tok(texts[start : start + 256], add_special_tokens=False).input_ids
         total += sum(len(x) + 2 for x in ids)  # + BOS and EOS per document
     return total
 

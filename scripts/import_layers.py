@@ -17,22 +17,35 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "hld"
 
 # a unit imports only units of a lower rank (the base modules, rank 0, may import one another)
 RANK = {
-    "__main__": 10, "cli": 9, "commands": 8.5, "export": 8, "plan": 8,
+    "__main__": 10,
+    "cli": 9,
+    "commands": 8.5,
+    "export": 8,
+    "plan": 8,
     "study": 7,
     "train": 6,  # the loop validates with eval and distributed's perplexity
     "distributed": 5,
     "eval": 4,
-    "distill": 3, "flops": 3,
+    "distill": 3,
+    "flops": 3,
     "models": 2,
-    "data": 1, "config": 1,
+    "data": 1,
+    "config": 1,
     "config_checks": 0.5,  # the ranges and checks config.load_config runs: below config, above the base
-    "errors": 0, "atomic": 0, "locks": 0, "paths": 0, "progress": 0, "fingerprint": 0, "precision": 0, "__init__": 0,
+    "errors": 0,
+    "atomic": 0,
+    "locks": 0,
+    "paths": 0,
+    "progress": 0,
+    "fingerprint": 0,
+    "precision": 0,
+    "__init__": 0,
 }
 
 # edges against the order that are known and kept, with the reason
 ALLOWED = {
     ("config_checks", "models"): "config_checks.validate checks the student's shape with models.student.resolve_shape "
-                          "(a lazy import: the presets live with the student they build)",
+    "(a lazy import: the presets live with the student they build)",
 }
 
 
@@ -63,8 +76,9 @@ def edges() -> set[tuple[str, str]]:
 
 
 def against_order(found: set[tuple[str, str]]) -> list[tuple[str, str]]:
-    return sorted((a, b) for a, b in found
-                  if RANK[a] <= RANK[b] and not (RANK[a] == RANK[b] == 0) and (a, b) not in ALLOWED)
+    return sorted(
+        (a, b) for a, b in found if RANK[a] <= RANK[b] and not (RANK[a] == RANK[b] == 0) and (a, b) not in ALLOWED
+    )
 
 
 def main() -> int:

@@ -32,14 +32,34 @@ def text_config(size: str):
     d, ff, n, h, kv, hd, vocab, window, qpas, max_pos = TEXT[size]
     types = ["full_attention" if (i + 1) % SLIDING_WINDOW_PATTERN == 0 else "sliding_attention" for i in range(n)]
     return Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=h,
-        num_key_value_heads=kv, head_dim=hd, sliding_window=window, query_pre_attn_scalar=qpas,
-        max_position_embeddings=max_pos, layer_types=types, rms_norm_eps=1e-6,
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-        final_logit_softcapping=None, attn_logit_softcapping=None, bos_token_id=2, eos_token_id=1, pad_token_id=0,
-        tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", attention_bias=False,
-        attention_dropout=0.0, initializer_range=0.02, dtype="bfloat16")
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=ff,
+        num_hidden_layers=n,
+        num_attention_heads=h,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        sliding_window=window,
+        query_pre_attn_scalar=qpas,
+        max_position_embeddings=max_pos,
+        layer_types=types,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        dtype="bfloat16",
+    )
 
 
 def full_config(size: str):
@@ -49,11 +69,28 @@ def full_config(size: str):
     if size not in MULTIMODAL:
         text.architectures = ["Gemma3ForCausalLM"]
         return text
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False)
-    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=256,
-                       boi_token_index=255999, eoi_token_index=256000, image_token_index=262144,
-                       initializer_range=0.02, bos_token_id=2, eos_token_id=1, pad_token_id=0, dtype="bfloat16")
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=896,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    cfg = Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=256,
+        boi_token_index=255999,
+        eoi_token_index=256000,
+        image_token_index=262144,
+        initializer_range=0.02,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        dtype="bfloat16",
+    )
     cfg.architectures = ["Gemma3ForConditionalGeneration"]
     return cfg
 

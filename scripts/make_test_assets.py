@@ -22,9 +22,32 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "assets"
-MODULES = ["json", "collections", "itertools", "functools", "pathlib", "argparse", "logging", "random",
-           "statistics", "textwrap", "string", "heapq", "bisect", "csv", "datetime", "decimal", "fractions",
-           "unittest", "subprocess", "threading", "queue", "email", "http.client", "urllib.request"]
+MODULES = [
+    "json",
+    "collections",
+    "itertools",
+    "functools",
+    "pathlib",
+    "argparse",
+    "logging",
+    "random",
+    "statistics",
+    "textwrap",
+    "string",
+    "heapq",
+    "bisect",
+    "csv",
+    "datetime",
+    "decimal",
+    "fractions",
+    "unittest",
+    "subprocess",
+    "threading",
+    "queue",
+    "email",
+    "http.client",
+    "urllib.request",
+]
 
 
 def paragraphs() -> list[str]:
@@ -44,14 +67,17 @@ def paragraphs() -> list[str]:
 
 
 def documents(paras: list[str], per_doc: int = 3) -> list[str]:
-    return ["\n".join(paras[i:i + per_doc]) for i in range(0, len(paras), per_doc)]
+    return ["\n".join(paras[i : i + per_doc]) for i in range(0, len(paras), per_doc)]
 
 
 def write_shard(path: Path, docs: list[str], split: str) -> None:
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for i, d in enumerate(docs):
-            rec = {"text": d, "timestamp": f"2019-04-{1 + i % 28:02d}T12:00:00Z",
-                   "url": f"https://docs.python.org/3.11/library/#{split}-{i}"}
+            rec = {
+                "text": d,
+                "timestamp": f"2019-04-{1 + i % 28:02d}T12:00:00Z",
+                "url": f"https://docs.python.org/3.11/library/#{split}-{i}",
+            }
             gz.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
 
 
@@ -62,21 +88,38 @@ def build_tokenizer(texts: list[str], out: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(out)
 
 
 def build_teacher(out: Path, vocab: int) -> None:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=48, num_hidden_layers=3, num_attention_heads=2,
-                           num_key_value_heads=1, head_dim=24, intermediate_size=96, query_pre_attn_scalar=24,
-                           sliding_window=64, max_position_embeddings=512, bos_token_id=2, eos_token_id=1,
-                           pad_token_id=0, tie_word_embeddings=True)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        intermediate_size=96,
+        query_pre_attn_scalar=24,
+        sliding_window=64,
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(1234)
     model = Gemma3ForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)

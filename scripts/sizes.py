@@ -1,6 +1,6 @@
 """Print files over 400 lines and functions over 60 in src/hld (the size limits in docs/STYLE), largest first.
 
-    python scripts/sizes.py          # exit 1 if any file or function is over its limit
+python scripts/sizes.py          # exit 1 if any file or function is over its limit
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from helpers import ASSETS, tiny_overrides
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ASSETS

@@ -25,12 +25,18 @@ from helpers import named_params
 WORKER = Path(__file__).resolve()
 
 
-def launch(args: list[str], *, cache_dir: Path, nproc: int = 2, module: bool = False,
-           timeout_s: float = 300) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], *, cache_dir: Path, nproc: int = 2, module: bool = False, timeout_s: float = 300
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N` of this worker (or of `-m hld` when `module`), CPU
     only, one thread per process (the test machine has 2 cores)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HLD_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HLD_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     target = ["-m", "hld"] if module else [str(WORKER)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -38,6 +44,7 @@ def launch(args: list[str], *, cache_dir: Path, nproc: int = 2, module: bool = F
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
+
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
@@ -63,8 +70,7 @@ def grads(out_path: str, spec_path: str) -> None:
         s.optimizer.step = capture  # the update itself is not needed
         metrics = train_step(s, step)
         assert captured, "optimizer.step was not reached"
-        results[name] = {"grads": captured, "metrics": metrics, "val": val, "mode": d.mode,
-                         "world_size": d.world_size}
+        results[name] = {"grads": captured, "metrics": metrics, "val": val, "mode": d.mode, "world_size": d.world_size}
         release_hooks(s)
         distributed.close(d)
     if int(os.environ["RANK"]) == 0:
@@ -95,6 +101,6 @@ if __name__ == "__main__":
         grads(sys.argv[2], sys.argv[3])
     elif job == "train":
         sep = sys.argv.index("--")
-        sys.exit(train(int(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1:]))
+        sys.exit(train(int(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1 :]))
     else:
         raise SystemExit(f"unknown job {job}")

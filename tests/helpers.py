@@ -28,16 +28,25 @@ VERDICT = re.compile(
     r"(?:; FLOPs ×(?P<fr>\d+\.\d+) of [\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<unit>\w+); "
     r"mean Δ val loss (?P<mean>[+-]\d+\.\d+) nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), "
     r"(?P<hi>[+-]\d+\.\d+)\] over \d+ (?P<over>\w+)(?:; configurations are not independent replicates)?; "
-    r"Holm-adjusted p = (?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+    r"Holm-adjusted p = (?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)"
+)
 ANY_VERDICT = re.compile(r"^- \*\*[\w-]+ vs [\w-]+")
 
 
 def tiny_overrides() -> list[str]:
     """Dotted overrides that turn any shipped config into a seconds-long CPU run on the fixtures
     (4 steps of 4 x 32 tokens). fp32 is pinned so results do not depend on the CPU's bf16 support."""
-    return [f"teacher.model={TINY_TEACHER}", f"data.train={C4_TRAIN}", f"data.validation={C4_VALIDATION}",
-            "student.preset=tiny-2l", "data.seq_len=32", "train.batch_size=4", "budget.tokens=512",
-            "train.precision=float32", "teacher.dtype=float32"]
+    return [
+        f"teacher.model={TINY_TEACHER}",
+        f"data.train={C4_TRAIN}",
+        f"data.validation={C4_VALIDATION}",
+        "student.preset=tiny-2l",
+        "data.seq_len=32",
+        "train.batch_size=4",
+        "budget.tokens=512",
+        "train.precision=float32",
+        "teacher.dtype=float32",
+    ]
 
 
 def named_params(s) -> dict[str, torch.nn.Parameter]:
@@ -70,22 +79,38 @@ def verdicts_from_csv(path) -> list[dict]:
     budget = {(r["match"], r["seed"], r["arm"]): r for r in rows if r["accounting"] == "budget"}
     views = [("budget", budget)]
     if any(r["accounting"] == "flops" for r in rows):
-        views.append(("flops", {**budget, **{(r["match"], r["seed"], r["arm"]): r for r in rows
-                                             if r["accounting"] == "flops"}}))
+        views.append(
+            ("flops", {**budget, **{(r["match"], r["seed"], r["arm"]): r for r in rows if r["accounting"] == "flops"}})
+        )
     out = []
     for view, cells in views:
         for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
             if view == "flops" and "ce" not in (arm, base):
                 continue
             for conf in sorted({m for m, _, a in cells if a == arm}):
-                pairs = [(cells[(m, s, arm)], cells[(m, s, base)]) for m, s, a in cells
-                         if m == conf and a == arm and (m, s, base) in cells]
+                pairs = [
+                    (cells[(m, s, arm)], cells[(m, s, base)])
+                    for m, s, a in cells
+                    if m == conf and a == arm and (m, s, base) in cells
+                ]
                 d = np.array([float(x["val_loss"]) - float(y["val_loss"]) for x, y in pairs])
                 half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
                 ratio = np.mean([float(x["flops"]) / float(y["flops"]) for x, y in pairs])
-                out.append({"arm": arm, "base": base, "view": view, "wins": int((d < 0).sum()), "n": len(d),
-                            "mean": d.mean(), "lo": d.mean() - half, "hi": d.mean() + half,
-                            "ratio": math.exp(d.mean()), "fr": ratio, "p": stats.ttest_1samp(d, 0.0).pvalue})
+                out.append(
+                    {
+                        "arm": arm,
+                        "base": base,
+                        "view": view,
+                        "wins": int((d < 0).sum()),
+                        "n": len(d),
+                        "mean": d.mean(),
+                        "lo": d.mean() - half,
+                        "hi": d.mean() + half,
+                        "ratio": math.exp(d.mean()),
+                        "fr": ratio,
+                        "p": stats.ttest_1samp(d, 0.0).pvalue,
+                    }
+                )
     for v, p in zip(out, holm_by_hand([v["p"] for v in out])):
         v["p_holm"] = p
     return out
@@ -96,8 +121,13 @@ def check_verdicts(report: str, csv_path) -> None:
     want = verdicts_from_csv(csv_path)
     assert len(said) == len(want) == len([line for line in report.splitlines() if ANY_VERDICT.match(line)])
     for s, w in zip(said, want):
-        assert (s["arm"], s["base"], int(s["wins"]), int(s["n"]), s["over"]) == \
-            (w["arm"], w["base"], w["wins"], w["n"], "seeds"), s
+        assert (s["arm"], s["base"], int(s["wins"]), int(s["n"]), s["over"]) == (
+            w["arm"],
+            w["base"],
+            w["wins"],
+            w["n"],
+            "seeds",
+        ), s
         assert ("FLOPs, teacher counted" in s["acc"]) == (w["view"] == "flops")
         for name in ("mean", "lo", "hi", "ratio"):
             assert float(s[name]) == pytest.approx(w[name], abs=6e-5), (s, name)

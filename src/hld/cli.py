@@ -24,16 +24,29 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on a text source (--data) and/or lm-eval harness tasks (--tasks)")
     p.add_argument("--model", required=True, help="HF id, HF dir, .gguf, run dir, or gemma-3-270m")
     p.add_argument("--data", default=None, help="C4 shard glob, .jsonl(.gz), .txt, sample:validation, hf:...")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy; "
-                   "'shipped' = the offline tasks hld_lambada,hld_mc; 'paper' = the paper's six")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy; "
+        "'shipped' = the offline tasks hld_lambada,hld_mc; 'paper' = the paper's six",
+    )
     p.add_argument("--limit", type=int, default=None, help="tasks: score the first N items of each task")
-    p.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
-                   help="tasks: read TASK's dataset from a local copy (repeatable)")
+    p.add_argument(
+        "--task-data",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="tasks: read TASK's dataset from a local copy (repeatable)",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="windows (perplexity; default 4) or requests (tasks; default 8) per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows (perplexity; default 4) or requests (tasks; default 8) per forward pass",
+    )
     _common(p)
 
 
@@ -43,10 +56,17 @@ def _add_study(sub) -> None:
     p.add_argument("--config", required=True, help="study YAML or shipped study name (see src/hld/configs/studies)")
     p.add_argument("--out", default=None, help="study directory (default: studies/<name>); rerun to resume")
     jobs = p.add_mutually_exclusive_group()
-    jobs.add_argument("--list", action="store_true",
-                      help="print every cell and teacher cache: its id, the command that runs it, what it waits for")
-    jobs.add_argument("--cell", default=None, metavar="ID",
-                      help="train one cell (resumable; skipped when finished; under torchrun too)")
+    jobs.add_argument(
+        "--list",
+        action="store_true",
+        help="print every cell and teacher cache: its id, the command that runs it, what it waits for",
+    )
+    jobs.add_argument(
+        "--cell",
+        default=None,
+        metavar="ID",
+        help="train one cell (resumable; skipped when finished; under torchrun too)",
+    )
     jobs.add_argument("--cache", default=None, metavar="GROUP", help="build one cache group's teacher cache")
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
@@ -57,13 +77,18 @@ def _add_study(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hld", description="Knowledge distillation during LLM pre-training: "
-                                     "CE vs logit KD vs hidden-layer distillation.")
+    parser = argparse.ArgumentParser(
+        prog="hld",
+        description="Knowledge distillation during LLM pre-training: CE vs logit KD vs hidden-layer distillation.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the embedded default: a small study (Gemma 3 270M teacher, a tiny student, "
-                       "ce/kd/hld-joint/hld-first at equal student tokens plus ce at kd's FLOPs, 3 seeds) "
-                       "and its report")
+    p = sub.add_parser(
+        "run",
+        help="the embedded default: a small study (Gemma 3 270M teacher, a tiny student, "
+        "ce/kd/hld-joint/hld-first at equal student tokens plus ce at kd's FLOPs, 3 seeds) "
+        "and its report",
+    )
     p.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo); rerun to resume")
     p.add_argument("--config", default="demo", help="study YAML or shipped study name (default: demo)")
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
@@ -90,20 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
-    p = sub.add_parser("inspect-teacher", help="per teacher layer: the largest dimension's share of ||x||^2 and the "
-                       "share of the hidden target a constant predicts under each normalisation")
+    p = sub.add_parser(
+        "inspect-teacher",
+        help="per teacher layer: the largest dimension's share of ||x||^2 and the "
+        "share of the hidden target a constant predicts under each normalisation",
+    )
     p.add_argument("--config", required=True, help="YAML file or preset name")
     p.add_argument("--windows", type=int, default=24, help="held-out validation windows measured (default 24)")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
-    p = sub.add_parser("plan", help="what a run config or a study will cost, without loading weights: parameters, "
-                       "FLOPs per token, steps and tokens at the budget, the teacher cache's size, peak memory")
-    p.add_argument("--config", required=True, help="run YAML or preset name, or a study YAML or shipped study name "
-                   "(a study of that name is taken first; --run for the run preset)")
+    p = sub.add_parser(
+        "plan",
+        help="what a run config or a study will cost, without loading weights: parameters, "
+        "FLOPs per token, steps and tokens at the budget, the teacher cache's size, peak memory",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="run YAML or preset name, or a study YAML or shipped study name "
+        "(a study of that name is taken first; --run for the run preset)",
+    )
     p.add_argument("--run", action="store_true", help="read --config as a run config even where a study has its name")
-    p.add_argument("--world-size", type=int, default=1, help="processes to size the memory for (torchrun's "
-                   "--nproc-per-node x nodes; default 1)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="processes to size the memory for (torchrun's --nproc-per-node x nodes; default 1)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted run overrides (and study keys for a study)")
     _common(p)
 
@@ -150,12 +189,13 @@ def _single_process(command: str, cell: Optional[str] = None) -> None:
     from hld.distributed import launch_env
 
     if command != "train" and not (command == "study" and cell) and launch_env()[0] > 1:
-        raise HldError(f"`hld {command}` runs on one process, but torchrun started {launch_env()[0]}",
-                       "run it without torchrun (only `hld train` and `hld study --cell` run on several processes)")
+        raise HldError(
+            f"`hld {command}` runs on one process, but torchrun started {launch_env()[0]}",
+            "run it without torchrun (only `hld train` and `hld study --cell` run on several processes)",
+        )
 
 
-_AFTER_SIGTERM = ("rerun the same command (hld run and hld study resume where they stopped; hld train: "
-                  "add --resume)")
+_AFTER_SIGTERM = "rerun the same command (hld run and hld study resume where they stopped; hld train: add --resume)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -182,8 +222,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if speak:
             _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")
             if args.json:
-                print(json.dumps({"preempted": True, "step": exc.step, "steps": exc.total,
-                                  "run_dir": str(exc.run_dir)}))
+                print(
+                    json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)})
+                )
         return 0
     except KeyboardInterrupt:
         print("hld: interrupted", file=sys.stderr)

@@ -19,8 +19,10 @@ def cmd_train(args) -> dict:
     out = Path(args.out or f"runs/{cfg.name}")
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
     if not args.json and is_main_rank():
-        print(f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}")
+        print(
+            f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+            f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}"
+        )
     return {"run_dir": str(out), **summary}
 
 
@@ -29,8 +31,10 @@ def cmd_eval(args) -> dict:
     from hld.precision import default_device, resolve_dtype
 
     if args.data is None and args.tasks is None:
-        raise HldError("hld eval needs --data (perplexity) or --tasks (lm-eval tasks), or both",
-                       "e.g. --data sample:validation, or --tasks shipped")
+        raise HldError(
+            "hld eval needs --data (perplexity) or --tasks (lm-eval tasks), or both",
+            "e.g. --data sample:validation, or --tasks shipped",
+        )
     if args.seq_len < 2:
         raise HldError(f"--seq-len {args.seq_len} is too short", "use at least 2 (default 512)")
     if args.tasks is None and (args.limit is not None or args.task_data):
@@ -52,10 +56,17 @@ def cmd_eval(args) -> dict:
         from hld.eval.harness import evaluate_tasks, expand_tasks
 
         t1 = time.time()
-        row["tasks"] = evaluate_tasks(lm, loaded.tokenizer, expand_tasks(args.tasks), limit=args.limit,
-                                      batch_size=args.batch_size or 8, device=device,
-                                      quiet=args.quiet or args.json, dataset_paths=task_data,
-                                      rolling_len=args.seq_len)
+        row["tasks"] = evaluate_tasks(
+            lm,
+            loaded.tokenizer,
+            expand_tasks(args.tasks),
+            limit=args.limit,
+            batch_size=args.batch_size or 8,
+            device=device,
+            quiet=args.quiet or args.json,
+            dataset_paths=task_data,
+            rolling_len=args.seq_len,
+        )
         row["tasks_seconds"] = time.time() - t1
         if not args.json:
             for name, r in row["tasks"].items():
@@ -69,13 +80,20 @@ def cmd_eval(args) -> dict:
 def _check_finished_run(path: Path) -> None:
     """A run directory is a model once training has exported its student/."""
     if (path / "config.yaml").is_file() and not (path / "student" / "config.json").is_file():
-        raise HldError(f"run {path} has not finished (no student/ yet: it is written at the end of training)",
-                       f"finish it with `hld train --resume --out {path} --config ...`, then evaluate it")
+        raise HldError(
+            f"run {path} has not finished (no student/ yet: it is written at the end of training)",
+            f"finish it with `hld train --resume --out {path} --config ...`, then evaluate it",
+        )
 
 
 # config keys named by the data errors of `hld train`, and what `hld eval` calls them
-_EVAL_FLAGS = (("data.train/validation", "--data"), ("data.train", "--data"), ("data.validation", "--data"),
-               ("data.seq_len", "--seq-len"), ("data.max_train_docs", "--max-docs"))
+_EVAL_FLAGS = (
+    ("data.train/validation", "--data"),
+    ("data.train", "--data"),
+    ("data.validation", "--data"),
+    ("data.seq_len", "--seq-len"),
+    ("data.max_train_docs", "--max-docs"),
+)
 
 
 def _eval_data_error(exc: HldError, source: str) -> HldError:
@@ -102,17 +120,31 @@ def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
     from hld.eval.perplexity import perplexity
 
     try:
-        windows = pack_windows(load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len,
-                               bos_id=tokenizer.bos_token_id)
+        windows = pack_windows(
+            load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len, bos_id=tokenizer.bos_token_id
+        )
     except HldError as exc:  # the data errors speak of `hld train`'s config keys
         raise _eval_data_error(exc, args.data) from exc
-    r = perplexity(lm, windows, batch_size=args.batch_size or 4,
-                   compute_dtype=dtype, progress=None if args.quiet or args.json else "eval")
+    r = perplexity(
+        lm,
+        windows,
+        batch_size=args.batch_size or 4,
+        compute_dtype=dtype,
+        progress=None if args.quiet or args.json else "eval",
+    )
     if not args.json:
-        print(f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
-              f"predictions, {len(windows)} windows of {args.seq_len})")
-    return {"data": args.data, "seq_len": args.seq_len, "windows": len(windows), "tokens": r["tokens"],
-            "loss": r["loss"], "ppl": r["ppl"]}
+        print(
+            f"{args.model} on {args.data}: ppl {r['ppl']:.3f} (mean NLL {r['loss']:.4f} over {r['tokens']:,} "
+            f"predictions, {len(windows)} windows of {args.seq_len})"
+        )
+    return {
+        "data": args.data,
+        "seq_len": args.seq_len,
+        "windows": len(windows),
+        "tokens": r["tokens"],
+        "loss": r["loss"],
+        "ppl": r["ppl"],
+    }
 
 
 def cmd_export(args) -> dict:
@@ -134,10 +166,16 @@ def cmd_cache_teacher(args) -> dict:
         # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
         cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
     m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)  # SIGTERM: one line
-    row = {"cache_dir": args.out, "tokens": m["tokens"], "layers": m["identity"]["layers"],
-           "top_k": m["identity"]["top_k"], "build_seconds": m.get("build_seconds"), "bytes": m.get("bytes"),
-           "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
-           "build_flops": m.get("build_flops")}
+    row = {
+        "cache_dir": args.out,
+        "tokens": m["tokens"],
+        "layers": m["identity"]["layers"],
+        "top_k": m["identity"]["top_k"],
+        "build_seconds": m.get("build_seconds"),
+        "bytes": m.get("bytes"),
+        "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
+        "build_flops": m.get("build_flops"),
+    }
     if not args.json:
         print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
     return row
@@ -154,8 +192,10 @@ def cmd_inspect_teacher(args) -> dict:
         print("layer | top dim | its share of ||x||^2 | constant-predictor share: none / rms / standardize")
         for r in rows:
             c = r["const_share"]
-            print(f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
-                  f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}")
+            print(
+                f"{r['layer']:5d} | {r['top_dim']:7d} | {r['top_dim_share']:20.3f} | "
+                f"{c['none']:.3f} / {c['rms']:.3f} / {c['standardize']:.3f}"
+            )
     return {"layers": rows}
 
 
@@ -202,12 +242,15 @@ def cmd_study(args) -> dict:
 
     if getattr(args, "list", False) or getattr(args, "cell", None) or getattr(args, "cache", None):
         return _study_job(args)
-    result = run_study(args.config, Path(args.out) if args.out else None, overrides=args.overrides,
-                       quiet=args.quiet or args.json)
+    result = run_study(
+        args.config, Path(args.out) if args.out else None, overrides=args.overrides, quiet=args.quiet or args.json
+    )
     if not args.json:
         _print_report(result)
-        print(f"{result['cells']} cells ({len(result['trained'])} trained, {len(result['skipped'])} already done) "
-              f"in {result['seconds']:.0f} s")
+        print(
+            f"{result['cells']} cells ({len(result['trained'])} trained, {len(result['skipped'])} already done) "
+            f"in {result['seconds']:.0f} s"
+        )
     return result
 
 
@@ -225,8 +268,10 @@ def _study_job(args) -> dict:
     if args.cache:
         row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet)
         if not args.json:
-            print(f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
-                  f"-> {row['dir']}")
+            print(
+                f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
+                f"-> {row['dir']}"
+            )
         return row
     row = jobs.run_one_cell(args.config, out, args.cell, overrides=args.overrides, quiet=quiet)
     if not args.json and is_main_rank():
@@ -255,10 +300,18 @@ def _print_report(result: dict) -> None:
     print(f"report: {result['report']} ({result['cells']} cells; results.csv, {len(result['plots'])} plots)")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "run": cmd_study,
-            "cache-teacher": cmd_cache_teacher, "inspect-teacher": cmd_inspect_teacher,
-            "config": cmd_config, "plan": cmd_plan,
-            "study": cmd_study, "report": cmd_report}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "run": cmd_study,
+    "cache-teacher": cmd_cache_teacher,
+    "inspect-teacher": cmd_inspect_teacher,
+    "config": cmd_config,
+    "plan": cmd_plan,
+    "study": cmd_study,
+    "report": cmd_report,
+}
 
 
 def is_main_rank() -> bool:

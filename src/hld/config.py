@@ -30,8 +30,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    train: str = _f("sample:train", "training text: 'sample:train', a C4 shard glob "
-                    "(c4-train.*.json.gz), a .jsonl/.jsonl.gz/.txt path or glob, or 'hf:allenai/c4:en:train'")
+    train: str = _f(
+        "sample:train",
+        "training text: 'sample:train', a C4 shard glob "
+        "(c4-train.*.json.gz), a .jsonl/.jsonl.gz/.txt path or glob, or 'hf:allenai/c4:en:train'",
+    )
     validation: str = _f("sample:validation", "validation text, same forms as `train`")
     text_field: str = _f("text", "JSON field holding the document text (JSONL and C4 sources)")
     seq_len: int = _f(128, "tokens per packed window (input length); each window gives seq_len-1 targets")
@@ -43,18 +46,26 @@ class DataConfig:
 class TeacherConfig:
     model: str = _f("gemma-3-270m", "teacher: HF id, local HF dir, .gguf file, run dir, or 'gemma-3-270m'")
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "teacher weights dtype; auto = bfloat16 on CUDA or CPUs with native bf16, else float32")
-    cache: Optional[str] = _f(None, "read teacher signals from this offline cache (hld cache-teacher) "
-                              "instead of running the teacher; KD then uses the cache's top-k logits")
+        "auto", "teacher weights dtype; auto = bfloat16 on CUDA or CPUs with native bf16, else float32"
+    )
+    cache: Optional[str] = _f(
+        None,
+        "read teacher signals from this offline cache (hld cache-teacher) "
+        "instead of running the teacher; KD then uses the cache's top-k logits",
+    )
     cache_top_k: int = _f(64, "top-k logits stored per token when building a cache")
     cache_codec: Literal["exact", "compact"] = _f(
-        "compact", "how a cache built now stores its top-k: compact = ids delta-coded and bit-packed, log-probs "
+        "compact",
+        "how a cache built now stores its top-k: compact = ids delta-coded and bit-packed, log-probs "
         "relative to the top-1 in cache_value_bits bits (about 2.4 bytes per kept entry at k=64, |dKD| below "
-        "1e-3 nats/token: docs/cache-format.md); exact = float16 logits + int32 ids (6 bytes per entry)")
+        "1e-3 nats/token: docs/cache-format.md); exact = float16 logits + int32 ids (6 bytes per entry)",
+    )
     cache_value_bits: int = _f(6, "compact codec: bits per top-k log-prob (2-8)")
     cache_hidden_dtype: Literal["bfloat16", "fp8"] = _f(
-        "fp8", "how a cache built now stores hidden states: fp8 = e4m3 with a per-token scale (d + 4 bytes per "
-        "token and layer, hidden loss within 1%), bfloat16 = 2d bytes")
+        "fp8",
+        "how a cache built now stores hidden states: fp8 = e4m3 with a per-token scale (d + 4 bytes per "
+        "token and layer, hidden loss within 1%), bfloat16 = 2d bytes",
+    )
 
 
 @dataclass
@@ -74,8 +85,10 @@ class ScheduleConfig:
     (the first step gets the configured weight w0, the last step `final`); src/hld/train/schedule.py."""
 
     kind: Literal["constant", "linear", "cosine", "wsd"] = _f(
-        "constant", "constant: w0 throughout; linear: w0 -> final; cosine: w0 -> final along a half cosine; "
-        "wsd: 0 -> w0 over warmup_share, w0, then linearly -> final over the last decay_share")
+        "constant",
+        "constant: w0 throughout; linear: w0 -> final; cosine: w0 -> final along a half cosine; "
+        "wsd: 0 -> w0 over warmup_share, w0, then linearly -> final over the last decay_share",
+    )
     final: float = _f(0.0, "the weight at the last step (linear, cosine, wsd)")
     warmup_share: float = _f(0.0, "wsd: share of the run spent warming the weight up from 0")
     decay_share: float = _f(0.2, "wsd: share of the run spent decaying the weight to `final`")
@@ -84,28 +97,41 @@ class ScheduleConfig:
 @dataclass
 class HiddenConfig:
     mapping: Literal["uniform", "last", "explicit"] = _f(
-        "uniform", "student->teacher layer pairs: uniform spacing, last block only, or `pairs`")
+        "uniform", "student->teacher layer pairs: uniform spacing, last block only, or `pairs`"
+    )
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")
     loss: Literal["mse", "nmse", "cosine", "relation", "lens"] = _f(
-        "mse", "hidden loss per token: MSE over dims, normalised MSE (||e||^2/||t||^2), 1 - cosine (all three on "
+        "mse",
+        "hidden loss per token: MSE over dims, normalised MSE (||e||^2/||t||^2), 1 - cosine (all three on "
         "projected student states); relation: projector-free MSE between the student's and the teacher's causal "
         "token-token cosine-similarity rows; lens: KL(teacher layer's logit lens || projected student state "
-        "through the teacher's final norm and frozen head), see src/hld/distill/hidden.py")
+        "through the teacher's final norm and frozen head), see src/hld/distill/hidden.py",
+    )
     normalize_teacher: Literal["none", "rms", "standardize"] = _f(
-        "standardize", "teacher targets: standardize = per-dimension (x - mean) / std, statistics estimated once "
+        "standardize",
+        "teacher targets: standardize = per-dimension (x - mean) / std, statistics estimated once "
         "on the first `stats_windows` training windows and frozen (RUN_DIR/hidden_stats.pt); rms = divide each "
-        "vector by its RMS; none = raw states")
-    skip_first_position: bool = _f(True, "leave position 0 of every window (the BOS, an attention sink) out of "
-                                   "the hidden loss, the standardisation statistics and the layer diagnostics")
-    stats_windows: int = _f(64, "standardize: training windows (the run's first, in batch order) the teacher "
-                            "statistics are estimated on")
+        "vector by its RMS; none = raw states",
+    )
+    skip_first_position: bool = _f(
+        True,
+        "leave position 0 of every window (the BOS, an attention sink) out of "
+        "the hidden loss, the standardisation statistics and the layer diagnostics",
+    )
+    stats_windows: int = _f(
+        64, "standardize: training windows (the run's first, in batch order) the teacher statistics are estimated on"
+    )
     beta: float = _f(1.0, "weight of the hidden loss (hld-joint: added to KD; hld-first: the phase-1 loss)")
-    beta_schedule: ScheduleConfig = field(default_factory=ScheduleConfig,
-                                          metadata={"help": "hld-joint: beta over the run (w0 = beta)"})
+    beta_schedule: ScheduleConfig = field(
+        default_factory=ScheduleConfig, metadata={"help": "hld-joint: beta over the run (w0 = beta)"}
+    )
     first_share: float = _f(0.2, "hld-first: share of the token budget spent in the hidden-only phase")
-    diagnostics: bool = _f(True, "at every validation: linear CKA per mapped pair (val/cka/...) and the "
-                           "projector's R^2 (val/r2/...); at the end the student x teacher CKA matrix (cka.json)")
+    diagnostics: bool = _f(
+        True,
+        "at every validation: linear CKA per mapped pair (val/cka/...) and the "
+        "projector's R^2 (val/r2/...); at the end the student x teacher CKA matrix (cka.json)",
+    )
     diagnostics_windows: int = _f(16, "validation windows the layer diagnostics are computed on")
 
 
@@ -113,27 +139,40 @@ class HiddenConfig:
 class ObjectiveConfig:
     method: Literal["ce", "kd", "hld-joint", "hld-first"] = _f("kd", "training objective / arm")
     alpha: float = _f(0.5, "KD weight: loss = alpha*T^2*D(teacher_T, student_T) + (1-alpha)*CE")
-    alpha_schedule: ScheduleConfig = field(default_factory=ScheduleConfig,
-                                           metadata={"help": "KD weight over the run (w0 = alpha)"})
+    alpha_schedule: ScheduleConfig = field(
+        default_factory=ScheduleConfig, metadata={"help": "KD weight over the run (w0 = alpha)"}
+    )
     temperature: float = _f(1.0, "softmax temperature T of both distributions in the KD term")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
-        "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s")
+        "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s"
+    )
     jsd_beta: float = _f(0.5, "JSD mixing weight of the teacher distribution")
-    top_k: Optional[int] = _f(None, "truncate the teacher to its top-k logits (None: full vocabulary; a cache "
-                              "always holds its top-k); see top_k_rest for the mass off them")
+    top_k: Optional[int] = _f(
+        None,
+        "truncate the teacher to its top-k logits (None: full vocabulary; a cache "
+        "always holds its top-k); see top_k_rest for the mass off them",
+    )
     top_k_rest: Literal["bucket", "renormalize"] = _f(
-        "bucket", "a top-k teacher's mass off its k ids: bucket = one extra outcome, matched by the student's mass "
+        "bucket",
+        "a top-k teacher's mass off its k ids: bucket = one extra outcome, matched by the student's mass "
         "off them (exact; every divergence finite; = the dense loss at k = V); renormalize = dropped, the teacher "
-        "renormalised over its k ids (reverse_kl then infinite)")
+        "renormalised over its k ids (reverse_kl then infinite)",
+    )
     hidden: HiddenConfig = field(default_factory=HiddenConfig, metadata={"help": "hidden-layer loss"})
 
 
 @dataclass
 class BudgetConfig:
-    tokens: Optional[int] = _f(None, "training tokens (input positions) per run; steps = tokens / "
-                               "(batch_size*seq_len). Give tokens or flops, not both (neither: 65536 tokens)")
-    flops: Optional[float] = _f(None, "training FLOPs per run (docs/compute.md); steps are derived from the "
-                                "arm's FLOPs per token, so at equal FLOPs CE sees more tokens than KD/HLD")
+    tokens: Optional[int] = _f(
+        None,
+        "training tokens (input positions) per run; steps = tokens / "
+        "(batch_size*seq_len). Give tokens or flops, not both (neither: 65536 tokens)",
+    )
+    flops: Optional[float] = _f(
+        None,
+        "training FLOPs per run (docs/compute.md); steps are derived from the "
+        "arm's FLOPs per token, so at equal FLOPs CE sees more tokens than KD/HLD",
+    )
     count_teacher: bool = _f(True, "charge the teacher's forward FLOPs to the tokens it provides signals for")
 
 
@@ -147,29 +186,39 @@ class TrainConfig:
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices only; norms and biases: 0)")
     betas: list = _f([0.9, 0.95], "AdamW betas")
     schedule: Literal["cosine", "wsd", "constant"] = _f(
-        "cosine", "learning rate after warmup: cosine decay, warmup-stable-decay, or constant")
+        "cosine", "learning rate after warmup: cosine decay, warmup-stable-decay, or constant"
+    )
     warmup_share: float = _f(0.05, "share of steps spent in linear warmup")
     decay_share: float = _f(0.2, "wsd: share of steps spent in the final linear decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     precision: Literal["auto", "float32", "bfloat16"] = _f(
-        "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32")
+        "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32"
+    )
     loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ 4 buffers of chunk*vocab*4 B)")
     compile: bool = _f(False, "torch.compile the student's blocks (pays on GPUs; compiling takes a while on CPU)")
     eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")
     log_every_steps: int = _f(1, "write a train line to metrics.jsonl every N steps")
     checkpoint_every_steps: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = _f(
-        "auto", "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "
+        "auto",
+        "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "
         "fsdp2 (fully_shard per decoder block, then the root; DCP checkpoints), none (one process only); "
-        "auto = ddp when torchrun starts more than one process, else none. batch_size is global")
+        "auto = ddp when torchrun starts more than one process, else none. batch_size is global",
+    )
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = _f(False, "also write TensorBoard event files to RUN_DIR/tensorboard/ "
-                           "(metrics.jsonl is always written; needs pip install 'hld[tensorboard]')")
-    wandb: bool = _f(False, "also log to Weights & Biases (files in RUN_DIR/wandb/; WANDB_MODE=offline "
-                     "needs no network or account; needs pip install 'hld[wandb]')")
+    tensorboard: bool = _f(
+        False,
+        "also write TensorBoard event files to RUN_DIR/tensorboard/ "
+        "(metrics.jsonl is always written; needs pip install 'hld[tensorboard]')",
+    )
+    wandb: bool = _f(
+        False,
+        "also log to Weights & Biases (files in RUN_DIR/wandb/; WANDB_MODE=offline "
+        "needs no network or account; needs pip install 'hld[wandb]')",
+    )
     wandb_project: str = _f("hld", "W&B project the run is logged to")
 
 
@@ -186,6 +235,7 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- building from dicts
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
@@ -222,8 +272,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise HldError(f"config {where}={value!r} is not one of {list(choices)}",
-                           f"set {where} to one of {', '.join(map(str, choices))}")
+            raise HldError(
+                f"config {where}={value!r} is not one of {list(choices)}",
+                f"set {where} to one of {', '.join(map(str, choices))}",
+            )
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, _Override):
@@ -244,8 +296,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return list(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise HldError(f"config {where}={value!r} should be of type {_type_name(tp)}",
-                   f"give {where} a {_type_name(tp)} value")
+    raise HldError(
+        f"config {where}={value!r} should be of type {_type_name(tp)}", f"give {where} a {_type_name(tp)} value"
+    )
 
 
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
@@ -255,8 +308,10 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
         if key not in names:
             close = [n for n in names if n.startswith(str(key)[:3])]
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise HldError(f"unknown config key {prefix}{key}{hint}",
-                           f"valid keys under {prefix or 'the top level'}: {', '.join(sorted(names))}")
+            raise HldError(
+                f"unknown config key {prefix}{key}{hint}",
+                f"valid keys under {prefix or 'the top level'}: {', '.join(sorted(names))}",
+            )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -288,8 +343,10 @@ def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: s
     if preset.is_file():
         return preset
     names = sorted(p.stem for p in directory.glob("*.yaml"))
-    raise HldError(f"{kind} {name_or_path!r} is neither a file nor a shipped one",
-                   f"give a YAML path or one of: {', '.join(names)}")
+    raise HldError(
+        f"{kind} {name_or_path!r} is neither a file nor a shipped one",
+        f"give a YAML path or one of: {', '.join(names)}",
+    )
 
 
 def read_yaml(path: Path) -> dict:
@@ -308,8 +365,9 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict] = None) -> RunConfig:
+def load_config(
+    name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None
+) -> RunConfig:
     raw = dict(base or {})
     if name_or_path is not None:
         raw = _merge(raw, read_yaml(resolve_config_path(name_or_path)))

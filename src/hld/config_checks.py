@@ -80,12 +80,17 @@ def check_ranges(cfg: RunConfig) -> None:
         value = _get(cfg, key)
         if value is None:
             continue
-        ok = math.isfinite(value) and (lo < value if lo_open else lo <= value) and \
-            (value < hi if hi_open else value <= hi)
+        ok = (
+            math.isfinite(value)
+            and (lo < value if lo_open else lo <= value)
+            and (value < hi if hi_open else value <= hi)
+        )
         if not ok:
             example = f" (default {_get(defaults, key)})" if _get(defaults, key) is not None else ""
-            raise HldError(f"config {key}={value!r} is outside {range_text(key)}, its valid range",
-                           f"set {key} to a value in {range_text(key)}{example}")
+            raise HldError(
+                f"config {key}={value!r} is outside {range_text(key)}, its valid range",
+                f"set {key} to a value in {range_text(key)}{example}",
+            )
 
 
 def validate(cfg: RunConfig) -> None:
@@ -94,43 +99,78 @@ def validate(cfg: RunConfig) -> None:
     t, o, d = cfg.train, cfg.objective, cfg.data
     B, T = t.batch_size, d.seq_len
     checks = [
-        (cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\0" not in cfg.name,
-         f"config name={cfg.name!r} is not a plain name (the run goes to runs/<name>)",
-         "give a name without '/' (or pass --out to choose the run directory)"),
-        (t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
-         f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}",
-         "pick a micro batch size that divides the batch size"),
-        (d.val_tokens >= d.seq_len, f"data.val_tokens={d.val_tokens} is less than one window "
-         f"(data.seq_len={d.seq_len})", f"set data.val_tokens to at least {d.seq_len}"),
+        (
+            cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\0" not in cfg.name,
+            f"config name={cfg.name!r} is not a plain name (the run goes to runs/<name>)",
+            "give a name without '/' (or pass --out to choose the run directory)",
+        ),
+        (
+            t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
+            f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}",
+            "pick a micro batch size that divides the batch size",
+        ),
+        (
+            d.val_tokens >= d.seq_len,
+            f"data.val_tokens={d.val_tokens} is less than one window (data.seq_len={d.seq_len})",
+            f"set data.val_tokens to at least {d.seq_len}",
+        ),
         (0 <= t.warmup_share < 1, "train.warmup_share must be in [0, 1)", "e.g. 0.05"),
-        (0 <= t.decay_share <= 1 and t.warmup_share + (t.decay_share if t.schedule == "wsd" else 0) <= 1,
-         "train.warmup_share + train.decay_share exceed 1", "shorten warmup or decay"),
-        (len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
-         "train.betas must be two numbers in [0, 1)", "e.g. [0.9, 0.95]"),
-        (o.top_k is None or o.divergence != "reverse_kl" or o.top_k_rest == "bucket",
-         "objective.divergence=reverse_kl with objective.top_k and top_k_rest=renormalize is infinite: "
-         "KL(student||teacher) needs teacher mass wherever the student has some, and a renormalised top-k "
-         "teacher has none off its k tokens",
-         "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null"),
-        *[(0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
-           f"objective {name}: warmup_share + decay_share must lie in [0, 1]", "e.g. warmup 0.1, decay 0.2")
-          for name, sc in (("alpha_schedule", o.alpha_schedule), ("hidden.beta_schedule", o.hidden.beta_schedule))],
-        (o.method != "hld-first" or 0 < o.hidden.first_share < 1,
-         f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",
-         "a zero-length (or whole-run) hidden phase is not hld-first; e.g. 0.2"),
-        (o.method != "hld-joint" or o.hidden.beta > 0, "hld-joint with objective.hidden.beta=0 is plain kd",
-         "set objective.hidden.beta > 0 or use method kd"),
-        (o.hidden.mapping != "explicit" or len(o.hidden.pairs) > 0,
-         "objective.hidden.mapping=explicit needs objective.hidden.pairs", "give [[student, teacher], ...]"),
-        (cfg.budget.tokens is None or cfg.budget.flops is None,
-         "both budget.tokens and budget.flops are set", "give one of them (set the other to null)"),
-        (cfg.budget.tokens is None or cfg.budget.tokens >= T * B,
-         f"budget.tokens={cfg.budget.tokens} is less than one step ({B}x{T} tokens)",
-         "raise budget.tokens or lower batch_size/seq_len"),
-        (cfg.budget.tokens is None or -(-cfg.budget.tokens // (B * T)) <= MAX_STEPS,
-         f"budget.tokens={cfg.budget.tokens} needs {-(-(cfg.budget.tokens or 0) // (B * T)):,} steps of "
-         f"{B}x{T} tokens, more than the limit of {MAX_STEPS:,}",
-         "lower budget.tokens, or raise train.batch_size or data.seq_len"),
+        (
+            0 <= t.decay_share <= 1 and t.warmup_share + (t.decay_share if t.schedule == "wsd" else 0) <= 1,
+            "train.warmup_share + train.decay_share exceed 1",
+            "shorten warmup or decay",
+        ),
+        (
+            len(t.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas),
+            "train.betas must be two numbers in [0, 1)",
+            "e.g. [0.9, 0.95]",
+        ),
+        (
+            o.top_k is None or o.divergence != "reverse_kl" or o.top_k_rest == "bucket",
+            "objective.divergence=reverse_kl with objective.top_k and top_k_rest=renormalize is infinite: "
+            "KL(student||teacher) needs teacher mass wherever the student has some, and a renormalised top-k "
+            "teacher has none off its k tokens",
+            "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null",
+        ),
+        *[
+            (
+                0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
+                f"objective {name}: warmup_share + decay_share must lie in [0, 1]",
+                "e.g. warmup 0.1, decay 0.2",
+            )
+            for name, sc in (("alpha_schedule", o.alpha_schedule), ("hidden.beta_schedule", o.hidden.beta_schedule))
+        ],
+        (
+            o.method != "hld-first" or 0 < o.hidden.first_share < 1,
+            f"hld-first needs 0 < objective.hidden.first_share < 1 (got {o.hidden.first_share})",
+            "a zero-length (or whole-run) hidden phase is not hld-first; e.g. 0.2",
+        ),
+        (
+            o.method != "hld-joint" or o.hidden.beta > 0,
+            "hld-joint with objective.hidden.beta=0 is plain kd",
+            "set objective.hidden.beta > 0 or use method kd",
+        ),
+        (
+            o.hidden.mapping != "explicit" or len(o.hidden.pairs) > 0,
+            "objective.hidden.mapping=explicit needs objective.hidden.pairs",
+            "give [[student, teacher], ...]",
+        ),
+        (
+            cfg.budget.tokens is None or cfg.budget.flops is None,
+            "both budget.tokens and budget.flops are set",
+            "give one of them (set the other to null)",
+        ),
+        (
+            cfg.budget.tokens is None or cfg.budget.tokens >= T * B,
+            f"budget.tokens={cfg.budget.tokens} is less than one step ({B}x{T} tokens)",
+            "raise budget.tokens or lower batch_size/seq_len",
+        ),
+        (
+            cfg.budget.tokens is None or -(-cfg.budget.tokens // (B * T)) <= MAX_STEPS,
+            f"budget.tokens={cfg.budget.tokens} needs {-(-(cfg.budget.tokens or 0) // (B * T)):,} steps of "
+            f"{B}x{T} tokens, more than the limit of {MAX_STEPS:,}",
+            "lower budget.tokens, or raise train.batch_size or data.seq_len",
+        ),
     ]
     for ok, problem, fix in checks:
         if not ok:

@@ -72,8 +72,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise HldError(f"environment variable {name}={raw!r} is not an integer",
-                       "launch with torchrun, which sets it, or unset it") from None
+        raise HldError(
+            f"environment variable {name}={raw!r} is not an integer", "launch with torchrun, which sets it, or unset it"
+        ) from None
 
 
 def launch_env() -> tuple[int, int, int]:
@@ -85,8 +86,10 @@ def resolve_mode(parallel: str, world_size: int) -> str:
     if parallel == "auto":
         return "ddp" if world_size > 1 else "none"
     if parallel == "none" and world_size > 1:
-        raise HldError(f"train.parallel=none but torchrun started {world_size} processes",
-                       "set train.parallel to auto, ddp or fsdp2, or run without torchrun")
+        raise HldError(
+            f"train.parallel=none but torchrun started {world_size} processes",
+            "set train.parallel to auto, ddp or fsdp2, or run without torchrun",
+        )
     return parallel
 
 
@@ -94,14 +97,18 @@ def check_batch(train, world_size: int) -> None:
     """The global batch must split evenly over the ranks, and each rank's share into micro-batches."""
     b, m = train.batch_size, train.micro_batch_size
     if b % world_size:
-        raise HldError(f"train.batch_size={b} is not a multiple of the world size {world_size}",
-                       f"set train.batch_size to a multiple of {world_size} (each process takes an equal "
-                       "share of the global batch)")
+        raise HldError(
+            f"train.batch_size={b} is not a multiple of the world size {world_size}",
+            f"set train.batch_size to a multiple of {world_size} (each process takes an equal "
+            "share of the global batch)",
+        )
     local = b // world_size
     if m is not None and local % m:
-        raise HldError(f"train.micro_batch_size={m} does not divide the per-process batch {local} "
-                       f"(train.batch_size={b} over {world_size} processes)",
-                       f"pick a micro batch size that divides {local}")
+        raise HldError(
+            f"train.micro_batch_size={m} does not divide the per-process batch {local} "
+            f"(train.batch_size={b} over {world_size} processes)",
+            f"pick a micro batch size that divides {local}",
+        )
 
 
 def setup(train, device: Optional[torch.device] = None) -> Dist:
@@ -135,6 +142,7 @@ def barrier(d: Dist) -> None:
 
 # --------------------------------------------------------------------------- wrapping
 
+
 def parallelize(d: Dist, runner, projectors, *, compute_dtype: torch.dtype) -> None:
     """Make the replicas start equal (ddp) or shard the student and projectors (fsdp2). Call before
     the optimiser is built: under fsdp2 it must hold the sharded parameters."""
@@ -152,8 +160,9 @@ def parallelize(d: Dist, runner, projectors, *, compute_dtype: torch.dtype) -> N
 
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     # params all-gathered in the compute dtype (bf16 on GPUs), gradients reduced in fp32
-    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(
+        param_dtype=None if compute_dtype == torch.float32 else compute_dtype, reduce_dtype=torch.float32
+    )
     blocks = list(decoder_of(runner.lm).layers)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -187,6 +196,7 @@ def unsharded(d: Dist, root):
 
 
 # --------------------------------------------------------------------------- communication
+
 
 def sync_grads(d: Dist, params: list[torch.Tensor]) -> None:
     """ddp: sum each gradient over the ranks. Each rank's loss was divided by the global target count,
@@ -271,8 +281,16 @@ def clip_grad_norm(d: Dist, params: list[torch.Tensor], max_norm: float) -> torc
 
 # --------------------------------------------------------------------------- validation and export
 
-def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: torch.nn.Module,
-               chunk_tokens: int, compute_dtype: torch.dtype) -> dict:
+
+def perplexity(
+    d: Dist,
+    lm: torch.nn.Module,
+    windows: np.ndarray,
+    *,
+    backbone: torch.nn.Module,
+    chunk_tokens: int,
+    compute_dtype: torch.dtype,
+) -> dict:
     """`hld.eval.perplexity.perplexity` with its batches dealt round-robin over the ranks. Every batch
     is computed as one process would, and the per-batch sums are added in the same order: the result
     equals the single-process value (bitwise, for the same weights)."""
@@ -290,7 +308,7 @@ def perplexity(d: Dist, lm: torch.nn.Module, windows: np.ndarray, *, backbone: t
             if b >= n and not d.sharded:
                 break
             # fsdp2: a forward is a collective, so every rank runs as many (a spare one repeats batch 0)
-            part = windows[b * PPL_BATCH:(b + 1) * PPL_BATCH] if b < n else windows[:PPL_BATCH]
+            part = windows[b * PPL_BATCH : (b + 1) * PPL_BATCH] if b < n else windows[:PPL_BATCH]
             r = single(lm, part, backbone=backbone if d.sharded else None, **kw)
             if b < n:
                 sums[b, 0], sums[b, 1] = r["nll_sum"], r["tokens"]

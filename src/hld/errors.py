@@ -35,6 +35,7 @@ def sigterm_as_error(problem: str, fix: str):
     """SIGTERM raises an HldError where the code is, so its cleanup runs and the user gets one line
     (the default action would end the process at once and silently, leaving temporary files behind).
     Main thread only (elsewhere a no-op); the previous handler is restored on the way out."""
+
     def handle(signum, frame):
         raise HldError(problem, fix)
 

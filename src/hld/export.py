@@ -30,8 +30,11 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     student = _finished_student(run_dir)
     _check_out_dir(run_dir, out_dir, force=force)
-    summary = read_json_object(run_dir / "summary.json", "run summary", "the run did not finish writing it: "
-                               "rerun `hld train --resume --out RUN_DIR --config ...` to rewrite it")
+    summary = read_json_object(
+        run_dir / "summary.json",
+        "run summary",
+        "the run did not finish writing it: rerun `hld train --resume --out RUN_DIR --config ...` to rewrite it",
+    )
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -44,26 +47,35 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
         with new_dir(out_dir) as tmp:  # --force: the old contents go only once the new ones are complete
             for p in files:
                 shutil.copy2(p, tmp / p.name)
-            _check_sha(tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"},
-                       "the copy")
+            _check_sha(
+                tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"}, "the copy"
+            )
             (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
     except OSError as exc:
         raise HldError(f"cannot write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
-    return {"out_dir": str(out_dir), "files": sorted([p.name for p in files] + ["README.md"]),
-            "downstream": sorted(downstream), "verified_sha256": bool(recorded)}
+    return {
+        "out_dir": str(out_dir),
+        "files": sorted([p.name for p in files] + ["README.md"]),
+        "downstream": sorted(downstream),
+        "verified_sha256": bool(recorded),
+    }
 
 
 def _check_out_dir(run_dir: Path, out_dir: Path, *, force: bool) -> None:
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or run in out.parents or out in run.parents:
         where = "is" if out == run else "is inside" if run in out.parents else "contains"
-        raise HldError(f"OUT_DIR {out_dir} {where} the run directory {run_dir}: exporting there would replace "
-                       "the run", "give an OUT_DIR outside the run directory")
+        raise HldError(
+            f"OUT_DIR {out_dir} {where} the run directory {run_dir}: exporting there would replace the run",
+            "give an OUT_DIR outside the run directory",
+        )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
     if force and os.path.ismount(out_dir):
-        raise HldError(f"OUT_DIR {out_dir} is a mount point, which cannot be replaced",
-                       "export into a new directory inside it, e.g. OUT_DIR/student")
+        raise HldError(
+            f"OUT_DIR {out_dir} is a mount point, which cannot be replaced",
+            "export into a new directory inside it, e.g. OUT_DIR/student",
+        )
 
 
 def verify_student(student: Path, recorded: dict) -> None:
@@ -83,8 +95,11 @@ def verify_student(student: Path, recorded: dict) -> None:
     missing = sorted(set(expected) - set(shapes) - {"lm_head.weight"})  # the head is tied to the embedding
     if wrong or missing:
         name = (wrong or missing)[0]
-        raise HldError(f"{student} weights do not fit its config.json ({name}: {shapes.get(name)} in the file, "
-                       f"{expected.get(name)} expected)", fix)
+        raise HldError(
+            f"{student} weights do not fit its config.json ({name}: {shapes.get(name)} in the file, "
+            f"{expected.get(name)} expected)",
+            fix,
+        )
     _check_sha(student, recorded, "training")
 
 
@@ -105,9 +120,11 @@ def _check_sha(directory: Path, recorded: dict, when: str) -> None:
     for name, digest in recorded.items():
         path = directory / name
         if not path.is_file() or file_sha256(path) != digest:
-            raise HldError(f"{path} differs from the weights written at {when} (sha256 mismatch)",
-                           "the student file was changed or damaged: rerun `hld train --resume --out RUN_DIR "
-                           "--config ...` to export it again")
+            raise HldError(
+                f"{path} differs from the weights written at {when} (sha256 mismatch)",
+                "the student file was changed or damaged: rerun `hld train --resume --out RUN_DIR "
+                "--config ...` to export it again",
+            )
 
 
 def _finished_student(run_dir: Path) -> Path:
@@ -116,37 +133,60 @@ def _finished_student(run_dir: Path) -> Path:
     student = run_dir / "student"
     weights = list(student.glob("*.safetensors")) if student.is_dir() else []
     if not (run_dir / "summary.json").is_file() or not (student / "config.json").is_file() or not weights:
-        raise HldError(f"{run_dir} has no finished student (student/ and summary.json are written at the end "
-                       f"of training)", "finish the run first: hld train --resume --out RUN_DIR --config ...")
+        raise HldError(
+            f"{run_dir} has no finished student (student/ and summary.json are written at the end of training)",
+            "finish the run first: hld train --resume --out RUN_DIR --config ...",
+        )
     return student
 
 
 def model_card(summary: dict, config: dict, downstream: dict) -> str:
     """README.md: YAML front matter (Hugging Face metadata plus an `hld` section), then prose."""
     validation = {k: v for k, v in summary.items() if k.startswith("val/")}
-    hld = {"run": summary.get("name"), "arm": summary.get("arm"), "student_preset": summary.get("student"),
-           "student_params": summary.get("student_params"),
-           "student_params_non_embedding": summary.get("student_params_non_embedding"),
-           "teacher": (config.get("teacher") or {}).get("model"),
-           "steps": summary.get("steps"), "train_tokens": summary.get("tokens"), "train_flops": summary.get("flops"),
-           "validation": validation, "downstream": downstream or None, "config": config}
-    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["hld", "knowledge-distillation", str(summary.get("arm"))], "hld": hld}
+    hld = {
+        "run": summary.get("name"),
+        "arm": summary.get("arm"),
+        "student_preset": summary.get("student"),
+        "student_params": summary.get("student_params"),
+        "student_params_non_embedding": summary.get("student_params_non_embedding"),
+        "teacher": (config.get("teacher") or {}).get("model"),
+        "steps": summary.get("steps"),
+        "train_tokens": summary.get("tokens"),
+        "train_flops": summary.get("flops"),
+        "validation": validation,
+        "downstream": downstream or None,
+        "config": config,
+    }
+    meta = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["hld", "knowledge-distillation", str(summary.get("arm"))],
+        "hld": hld,
+    }
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=100)
-    lines = [f"---\n{front}---", "", f"# {summary.get('name')}", "",
-             f"A `{summary.get('student')}` student (Gemma 3 architecture, {summary.get('student_params'):,} "
-             f"parameters, {summary.get('student_params_non_embedding'):,} outside the embedding) trained by "
-             f"[hld](https://arxiv.org/abs/2605.11513) with the `{summary.get('arm')}` objective from the teacher "
-             f"`{hld['teacher']}`: {summary.get('tokens'):,} tokens, {summary.get('flops'):.3g} FLOPs. "
-             "An ordinary Hugging Face checkpoint (no projectors): load it with "
-             "`AutoModelForCausalLM.from_pretrained(DIR)`.", "",
-             "| metric | value |", "|---|---:|"]
+    lines = [
+        f"---\n{front}---",
+        "",
+        f"# {summary.get('name')}",
+        "",
+        f"A `{summary.get('student')}` student (Gemma 3 architecture, {summary.get('student_params'):,} "
+        f"parameters, {summary.get('student_params_non_embedding'):,} outside the embedding) trained by "
+        f"[hld](https://arxiv.org/abs/2605.11513) with the `{summary.get('arm')}` objective from the teacher "
+        f"`{hld['teacher']}`: {summary.get('tokens'):,} tokens, {summary.get('flops'):.3g} FLOPs. "
+        "An ordinary Hugging Face checkpoint (no projectors): load it with "
+        "`AutoModelForCausalLM.from_pretrained(DIR)`.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.4g} |" for k, v in validation.items() if isinstance(v, (int, float))]
     if downstream:
         lines += ["", "| task | metric | value | stderr | chance | n |", "|---|---|---:|---:|---:|---:|"]
         for task, r in downstream.items():
-            lines.append(f"| {task} | {r.get('metric', '')} | {_num(r.get('value'))} | {_num(r.get('stderr'))} "
-                         f"| {_num(r.get('chance'))} | {r.get('n', '')} |")
+            lines.append(
+                f"| {task} | {r.get('metric', '')} | {_num(r.get('value'))} | {_num(r.get('stderr'))} "
+                f"| {_num(r.get('chance'))} | {r.get('n', '')} |"
+            )
     lines += ["", "The full training config is under `hld.config` in the front matter above.", ""]
     return "\n".join(lines)
 

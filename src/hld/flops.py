@@ -30,8 +30,9 @@ def _mean_context(T: int, window: Optional[int]) -> float:
     return (w * (w + 1) / 2 + (T - w) * w) / T
 
 
-def forward_flops_per_token(lm: CausalLM, seq_len: int, *, logits: bool = True,
-                            upto_layer: Optional[int] = None) -> float:
+def forward_flops_per_token(
+    lm: CausalLM, seq_len: int, *, logits: bool = True, upto_layer: Optional[int] = None
+) -> float:
     """Forward FLOPs per token of a HF causal LM, blocks 1..upto_layer (all by default)."""
     cfg = text_config(lm.config)
     layers = decoder_of(lm).layers
@@ -43,8 +44,13 @@ def forward_flops_per_token(lm: CausalLM, seq_len: int, *, logits: bool = True,
     # applies to every block (Mistral), else attention is full (Llama)
     default = "sliding_attention" if window else "full_attention"
     types = getattr(cfg, "layer_types", None) or [default] * len(layers)
-    attn = sum(4 * cfg.num_attention_heads * head_dim
-               * _mean_context(seq_len, window if types[i] == "sliding_attention" else None) for i in range(n))
+    attn = sum(
+        4
+        * cfg.num_attention_heads
+        * head_dim
+        * _mean_context(seq_len, window if types[i] == "sliding_attention" else None)
+        for i in range(n)
+    )
     head = 2 * lm.get_output_embeddings().weight.numel() if logits else 0
     return 2 * matmul + attn + head
 
@@ -62,11 +68,21 @@ class StepCost:
         return self.student + self.teacher + self.projectors
 
 
-def step_cost(student: CausalLM, seq_len: int, *, teacher: Optional[CausalLM] = None,
-              teacher_logits: bool = True, teacher_upto: Optional[int] = None,
-              projector_dims: tuple[tuple[float, float], ...] = (), student_logits: bool = True) -> StepCost:
+def step_cost(
+    student: CausalLM,
+    seq_len: int,
+    *,
+    teacher: Optional[CausalLM] = None,
+    teacher_logits: bool = True,
+    teacher_upto: Optional[int] = None,
+    projector_dims: tuple[tuple[float, float], ...] = (),
+    student_logits: bool = True,
+) -> StepCost:
     s = 3 * forward_flops_per_token(student, seq_len, logits=student_logits)
-    t = 0.0 if teacher is None else forward_flops_per_token(teacher, seq_len, logits=teacher_logits,
-                                                             upto_layer=teacher_upto)
+    t = (
+        0.0
+        if teacher is None
+        else forward_flops_per_token(teacher, seq_len, logits=teacher_logits, upto_layer=teacher_upto)
+    )
     p = sum(3 * 2 * ds * dt for ds, dt in projector_dims)
     return StepCost(student=s, teacher=t, projectors=p)

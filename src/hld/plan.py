@@ -42,7 +42,7 @@ from hld.models.student import count_params, resolve_shape
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # compact codec, measured on the Gemma 3 vocabulary (docs/cache-format.md): gap slot width and the share
 # of gaps that escape it
 COMPACT_SLOT_BITS, COMPACT_ESCAPE_SHARE = 10, 0.16
@@ -65,8 +65,10 @@ def teacher_shapes(spec: str) -> tuple[CausalLM, SpecialIds]:
     source = spec if spec in SHIPPED_CONFIGS else resolve_model_dir(spec)[0]
     config = model_config(source)
     text = text_config(config)
-    ids = [getattr(text, k, None) if getattr(text, k, None) is not None else getattr(config, k, None)
-           for k in ("bos_token_id", "eos_token_id", "pad_token_id")]
+    ids = [
+        getattr(text, k, None) if getattr(text, k, None) is not None else getattr(config, k, None)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    ]
     if ids[0] is None or ids[1] is None:
         from transformers import AutoTokenizer
 
@@ -119,8 +121,11 @@ def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size
     out["params"] = P * 16 / (world_size if mode == "fsdp2" else 1)
     out["autocast"] = P * 2 if compute != torch.float32 else 0
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    out["activations"] = shape.n_layers * n_tok * (6 * d + 7 * q + 2 * kv + 4 * shape.d_ff) * b_act \
-        + 2 * micro * cfg.data.seq_len ** 2 + 3 * n_tok * d * 4
+    out["activations"] = (
+        shape.n_layers * n_tok * (6 * d + 7 * q + 2 * kv + 4 * shape.d_ff) * b_act
+        + 2 * micro * cfg.data.seq_len**2
+        + 3 * n_tok * d * 4
+    )
     needs = parts.plan.needs
     online = cfg.objective.method != "ce" and not cfg.teacher.cache
     chunk = min(cfg.train.loss_chunk_tokens, n_tok)
@@ -137,8 +142,9 @@ def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size
     out["teacher"] = 0.0
     if online:
         t_params = count_params(teacher)["total"]
-        out["teacher"] = t_params * _dtype_bytes(t_dtype) + \
-            n_tok * (2 * tc.intermediate_size + 4 * tc.hidden_size) * _dtype_bytes(t_dtype)
+        out["teacher"] = t_params * _dtype_bytes(t_dtype) + n_tok * (
+            2 * tc.intermediate_size + 4 * tc.hidden_size
+        ) * _dtype_bytes(t_dtype)
     out["total"] = sum(out.values())
     return out
 
@@ -151,8 +157,11 @@ def _length(cfg: RunConfig, plan, costs) -> dict:
     B, T = cfg.train.batch_size, cfg.data.seq_len
     n = run_length(cfg, plan, costs)
     tokens = (n.steps - 1) * B * T + B * n.last_len
-    flops = spent_flops(plan, costs, n.steps, n.last_len, B, T) if n.steps <= EXACT_STEPS else \
-        flops_per_token(plan, costs) * tokens
+    flops = (
+        spent_flops(plan, costs, n.steps, n.last_len, B, T)
+        if n.steps <= EXACT_STEPS
+        else flops_per_token(plan, costs) * tokens
+    )
     return {"steps": n.steps, "tokens": tokens, "flops": flops}
 
 
@@ -162,39 +171,54 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     with torch.device("meta"):
         parts = assemble(cfg, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm)
     counted = phase_costs(_with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm)
-    row: dict[str, Any] = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
-                           "teacher": cfg.teacher.model}
+    row: dict[str, Any] = {
+        "name": cfg.name,
+        "arm": cfg.objective.method,
+        "student": cfg.student.preset,
+        "teacher": cfg.teacher.model,
+    }
     s, t = count_params(parts.student), count_params(teacher_lm)
     row["student_params"], row["student_params_non_embedding"] = s["total"], s["non_embedding"]
     row["teacher_params"], row["teacher_params_non_embedding"] = t["total"], t["non_embedding"]
     row["projector_params"] = parts.projectors.n_params() if parts.projectors is not None else 0
-    row["flops_per_token"] = {name: {"student": c.student, "teacher": c.teacher, "projectors": c.projectors}
-                              for name, c in counted.items()}
+    row["flops_per_token"] = {
+        name: {"student": c.student, "teacher": c.teacher, "projectors": c.projectors} for name, c in counted.items()
+    }
     row["budget"] = {k: v for k, v in dataclasses.asdict(cfg.budget).items() if k != "count_teacher"}
     row["count_teacher"] = cfg.budget.count_teacher
     row["length"] = {}
     for value in (True, False):
         c = _with_count_teacher(cfg, value)
-        row["length"]["teacher_counted" if value else "teacher_not_counted"] = \
-            _length(c, parts.plan, phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm))
+        row["length"]["teacher_counted" if value else "teacher_not_counted"] = _length(
+            c, parts.plan, phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm)
+        )
     run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
     row["cache"] = None
     if cfg.objective.method != "ce":
         layers = sorted(parts.plan.needs.layers)
-        per = cache_bytes_per_token(cfg, layers=layers, d_teacher=text_config(teacher_lm.config).hidden_size,
-                                    vocab=vocab_of(teacher_lm))
+        per = cache_bytes_per_token(
+            cfg, layers=layers, d_teacher=text_config(teacher_lm.config).hidden_size, vocab=vocab_of(teacher_lm)
+        )
         windows = run["steps"] * cfg.train.batch_size  # a cache holds whole windows
-        row["cache"] = {"codec": cfg.teacher.cache_codec, "hidden_dtype": cfg.teacher.cache_hidden_dtype,
-                        "top_k": cfg.teacher.cache_top_k, "layers": layers, "bytes_per_token": per,
-                        "tokens": windows * cfg.data.seq_len,
-                        "bytes": per["estimate"] * windows * cfg.data.seq_len,
-                        "bytes_bound": per["bound"] * windows * cfg.data.seq_len}
+        row["cache"] = {
+            "codec": cfg.teacher.cache_codec,
+            "hidden_dtype": cfg.teacher.cache_hidden_dtype,
+            "top_k": cfg.teacher.cache_top_k,
+            "layers": layers,
+            "bytes_per_token": per,
+            "tokens": windows * cfg.data.seq_len,
+            "bytes": per["estimate"] * windows * cfg.data.seq_len,
+            "bytes_bound": per["bound"] * windows * cfg.data.seq_len,
+        }
     row["parallel"], row["world_size"] = cfg.train.parallel, world_size
     row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
     row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size)
     cached = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache="(cache)"))
-    row["memory_bytes_cached"] = memory_estimate(cached, parts, teacher_lm, world_size=world_size)["total"] \
-        if cfg.objective.method != "ce" else None
+    row["memory_bytes_cached"] = (
+        memory_estimate(cached, parts, teacher_lm, world_size=world_size)["total"]
+        if cfg.objective.method != "ce"
+        else None
+    )
     return row
 
 
@@ -220,24 +244,42 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
         block = blocks.setdefault(key, {**row, "cells": []})
         block["cells"].append(cell.id)
         if row["cache"] is not None:  # a group's cache (study.runner): its cells' windows and layers
-            group = caches.setdefault(cache_share_key(cfg), {"cfg": cfg, "teacher": teacher[0], "layers": set(),
-                                                                "tokens": 0})
+            group = caches.setdefault(
+                cache_share_key(cfg), {"cfg": cfg, "teacher": teacher[0], "layers": set(), "tokens": 0}
+            )
             group["layers"] |= set(row["cache"]["layers"])
             group["tokens"] = max(group["tokens"], row["cache"]["tokens"])
     out = []
     for g in caches.values():
         layers = sorted(g["layers"])
-        per = cache_bytes_per_token(g["cfg"], layers=layers, d_teacher=text_config(g["teacher"].config).hidden_size,
-                                    vocab=vocab_of(g["teacher"]))
-        out.append({"codec": g["cfg"].teacher.cache_codec, "hidden_dtype": g["cfg"].teacher.cache_hidden_dtype,
-                    "top_k": g["cfg"].teacher.cache_top_k, "layers": layers, "bytes_per_token": per,
-                    "tokens": g["tokens"], "bytes": per["estimate"] * g["tokens"],
-                    "bytes_bound": per["bound"] * g["tokens"]})
-    return {"study": study.name, "blocks": list(blocks.values()), "caches": out,
-            "cache_bytes": sum(c["bytes"] for c in out)}
+        per = cache_bytes_per_token(
+            g["cfg"],
+            layers=layers,
+            d_teacher=text_config(g["teacher"].config).hidden_size,
+            vocab=vocab_of(g["teacher"]),
+        )
+        out.append(
+            {
+                "codec": g["cfg"].teacher.cache_codec,
+                "hidden_dtype": g["cfg"].teacher.cache_hidden_dtype,
+                "top_k": g["cfg"].teacher.cache_top_k,
+                "layers": layers,
+                "bytes_per_token": per,
+                "tokens": g["tokens"],
+                "bytes": per["estimate"] * g["tokens"],
+                "bytes_bound": per["bound"] * g["tokens"],
+            }
+        )
+    return {
+        "study": study.name,
+        "blocks": list(blocks.values()),
+        "caches": out,
+        "cache_bytes": sum(c["bytes"] for c in out),
+    }
 
 
 # --------------------------------------------------------------------------- printing
+
 
 def _n(x: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -256,31 +298,44 @@ def _bytes(x: float) -> str:
 def format_run(row: dict) -> list[str]:
     """A plan block as text lines."""
     cells = f" ({len(row['cells'])} cells)" if "cells" in row else ""
-    out = [f"{row['name']}: {row['arm']}, student {row['student']}, teacher {row['teacher']}{cells}",
-           f"  params: student {_n(row['student_params'])} ({_n(row['student_params_non_embedding'])} non-embedding)"
-           f", teacher {_n(row['teacher_params'])} ({_n(row['teacher_params_non_embedding'])} non-embedding)"
-           + (f", projectors {_n(row['projector_params'])}" if row["projector_params"] else "")]
+    out = [
+        f"{row['name']}: {row['arm']}, student {row['student']}, teacher {row['teacher']}{cells}",
+        f"  params: student {_n(row['student_params'])} ({_n(row['student_params_non_embedding'])} non-embedding)"
+        f", teacher {_n(row['teacher_params'])} ({_n(row['teacher_params_non_embedding'])} non-embedding)"
+        + (f", projectors {_n(row['projector_params'])}" if row["projector_params"] else ""),
+    ]
     for phase, c in row["flops_per_token"].items():
-        out.append(f"  FLOPs/token [{phase}]: student step {c['student']:.3e}, teacher forward {c['teacher']:.3e}, "
-                   f"projectors {c['projectors']:.3e}")
-    budget = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["budget"].items()
-                       if v is not None) or "default tokens"
+        out.append(
+            f"  FLOPs/token [{phase}]: student step {c['student']:.3e}, teacher forward {c['teacher']:.3e}, "
+            f"projectors {c['projectors']:.3e}"
+        )
+    budget = (
+        ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["budget"].items() if v is not None
+        )
+        or "default tokens"
+    )
     for key, label in (("teacher_counted", "teacher counted"), ("teacher_not_counted", "teacher not counted")):
         n = row["length"][key]
         mark = " <- this config" if (key == "teacher_counted") == row["count_teacher"] else ""
-        out.append(f"  at {budget}, {label}: {n['steps']:,} steps, {_n(n['tokens'])} tokens, "
-                   f"{n['flops']:.3e} FLOPs{mark}")
+        out.append(
+            f"  at {budget}, {label}: {n['steps']:,} steps, {_n(n['tokens'])} tokens, {n['flops']:.3e} FLOPs{mark}"
+        )
     c = row["cache"]
     if c is not None:
         per = c["bytes_per_token"]
-        out.append(f"  cache ({c['codec']} logits top-{c['top_k']}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
-                   f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
-                   f"~{_bytes(c['bytes'])}")
+        out.append(
+            f"  cache ({c['codec']} logits top-{c['top_k']}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
+            f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
+            f"~{_bytes(c['bytes'])}"
+        )
     m = row["memory_bytes"]
     terms = ", ".join(f"{k} {m[k] / GIB:.2f}" for k in m if k != "total" and m[k])
     cached = f"; reading a cache {row['memory_bytes_cached'] / GIB:.2f} GiB" if row["memory_bytes_cached"] else ""
-    out.append(f"  peak memory per process (micro-batch {row['micro_batch_size']}, parallel={row['parallel']}, "
-               f"world {row['world_size']}): ~{m['total'] / GIB:.2f} GiB ({terms}){cached}")
+    out.append(
+        f"  peak memory per process (micro-batch {row['micro_batch_size']}, parallel={row['parallel']}, "
+        f"world {row['world_size']}): ~{m['total'] / GIB:.2f} GiB ({terms}){cached}"
+    )
     return out
 
 
@@ -289,8 +344,10 @@ def format_study(result: dict) -> list[str]:
     for block in result["blocks"]:
         lines += format_run(block)
     for c in result["caches"]:
-        lines.append(f"teacher cache (layers {c['layers']}, top-{c['top_k']}): {_n(c['tokens'])} tokens, "
-                     f"~{c['bytes_per_token']['estimate']:,.0f} B/token, ~{_bytes(c['bytes'])}")
+        lines.append(
+            f"teacher cache (layers {c['layers']}, top-{c['top_k']}): {_n(c['tokens'])} tokens, "
+            f"~{c['bytes_per_token']['estimate']:,.0f} B/token, ~{_bytes(c['bytes'])}"
+        )
     lines.append(f"teacher caches in all: ~{_bytes(result['cache_bytes'])}")
     return lines
 

@@ -9,8 +9,9 @@ from typing import Optional
 
 
 class Progress:
-    def __init__(self, total: int, *, desc: str, quiet: bool = False, every_s: float = 15.0,
-                 initial: int = 0, stream=None) -> None:
+    def __init__(
+        self, total: int, *, desc: str, quiet: bool = False, every_s: float = 15.0, initial: int = 0, stream=None
+    ) -> None:
         self.total, self.desc, self.quiet, self.every_s = total, desc, quiet, every_s
         self.stream = stream  # None: sys.stderr at the time of each write
         self.start = time.time()
@@ -19,8 +20,16 @@ class Progress:
         self.bar = None
         if not quiet and (stream or sys.stderr).isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                            file=stream or sys.stderr)
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+                file=stream or sys.stderr,
+            )
 
     def update(self, done: int, *, tokens_per_s: float, loss: Optional[float] = None) -> None:
         if self.quiet:
@@ -39,8 +48,11 @@ class Progress:
         rate = (done - self.initial) / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         loss_s = f" loss {loss:.3f}" if loss is not None else ""
-        print(f"[{self.desc}] step {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
-              file=self.stream or sys.stderr, flush=True)
+        print(
+            f"[{self.desc}] step {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

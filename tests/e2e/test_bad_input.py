@@ -26,6 +26,7 @@ from hld.cli import main
 
 # --------------------------------------------------------------------------- launch and config
 
+
 def _torchrun_env(monkeypatch, world: str, rank: str = "0") -> None:
     # what torchrun sets for each process; the checks run before any process group is joined
     for k, v in {"WORLD_SIZE": world, "RANK": rank, "LOCAL_RANK": rank}.items():
@@ -34,8 +35,9 @@ def _torchrun_env(monkeypatch, world: str, rank: str = "0") -> None:
 
 def test_batch_not_divisible_by_world_size(tmp_path, capsys, monkeypatch):
     _torchrun_env(monkeypatch, "3")
-    _one_line(capsys, _argv(tmp_path / "r", "train.batch_size=4"),
-              "train.batch_size=4 is not a multiple of the world size 3")
+    _one_line(
+        capsys, _argv(tmp_path / "r", "train.batch_size=4"), "train.batch_size=4 is not a multiple of the world size 3"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -47,8 +49,11 @@ def test_commands_other_than_train_refuse_several_processes(tmp_path, capsys, mo
 
 def test_micro_batch_not_dividing_the_per_process_batch(tmp_path, capsys, monkeypatch):
     _torchrun_env(monkeypatch, "2")
-    _one_line(capsys, _argv(tmp_path / "r", "train.batch_size=12", "train.micro_batch_size=4"),
-              "train.micro_batch_size=4 does not divide the per-process batch 6")
+    _one_line(
+        capsys,
+        _argv(tmp_path / "r", "train.batch_size=12", "train.micro_batch_size=4"),
+        "train.micro_batch_size=4 does not divide the per-process batch 6",
+    )
 
 
 def test_parallel_none_under_torchrun(tmp_path, capsys, monkeypatch):
@@ -65,24 +70,32 @@ def test_malformed_launch_environment(tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_parallel_value(tmp_path, capsys):
-    _one_line(capsys, _argv(tmp_path / "r", "train.parallel=zero3"),
-              "config train.parallel='zero3' is not one of ['auto', 'none', 'ddp', 'fsdp2']")
+    _one_line(
+        capsys,
+        _argv(tmp_path / "r", "train.parallel=zero3"),
+        "config train.parallel='zero3' is not one of ['auto', 'none', 'ddp', 'fsdp2']",
+    )
 
 
 def test_contradictory_values(tmp_path, capsys):
-    _one_line(capsys, _argv(tmp_path / "r", "objective.method=hld-first", "objective.hidden.first_share=0"),
-              "hld-first needs 0 < objective.hidden.first_share < 1")
+    _one_line(
+        capsys,
+        _argv(tmp_path / "r", "objective.method=hld-first", "objective.hidden.first_share=0"),
+        "hld-first needs 0 < objective.hidden.first_share < 1",
+    )
 
 
 def test_truncated_gzip(tmp_path, capsys):
     path = tmp_path / "c4-train.00000-of-00001.json.gz"
-    good = gzip.compress(("\n".join(json.dumps({"text": f"document {i} " + "word " * 300})
-                                    for i in range(20)) + "\n").encode())
+    good = gzip.compress(
+        ("\n".join(json.dumps({"text": f"document {i} " + "word " * 300}) for i in range(20)) + "\n").encode()
+    )
     path.write_bytes(good[: len(good) // 2])
     _one_line(capsys, _argv(tmp_path / "r", f"data.train={path}"), "truncated")
 
 
 # --------------------------------------------------------------------------- resume
+
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_projector_shape_mismatch_on_resume(tmp_path, capsys, mode):
@@ -127,6 +140,7 @@ def test_corrupt_sharded_checkpoint(tmp_path, capsys, damage):
 
 # --------------------------------------------------------------------------- teacher cache (CLI)
 
+
 @pytest.fixture
 def cache_dir(tmp_path, capsys) -> Path:
     out = tmp_path / "cache"
@@ -136,8 +150,11 @@ def cache_dir(tmp_path, capsys) -> Path:
 
 
 def test_cache_built_for_another_packing(tmp_path, capsys, cache_dir):
-    _one_line(capsys, _argv(tmp_path / "r", f"teacher.cache={cache_dir}", "data.seq_len=16", "budget.tokens=256"),
-              "was built with another seq_len")
+    _one_line(
+        capsys,
+        _argv(tmp_path / "r", f"teacher.cache={cache_dir}", "data.seq_len=16", "budget.tokens=256"),
+        "was built with another seq_len",
+    )
 
 
 def test_corrupt_cache_shard(tmp_path, capsys, cache_dir):
@@ -149,6 +166,7 @@ def test_corrupt_cache_shard(tmp_path, capsys, cache_dir):
 
 
 # --------------------------------------------------------------------------- full disk
+
 
 def _no_debris(run: Path) -> None:
     """No temporary file or directory left anywhere in the run directory."""
@@ -187,8 +205,11 @@ def test_full_disk_while_writing_the_checkpoint(tmp_path, capsys, monkeypatch):
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _full_disk_torch_save(monkeypatch, fail_from_call=2)  # the step-2 checkpoint is written, step 4's is not
-    line = _one_line(capsys, _argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2"),
-                     "checkpoint.pt: No space left on device")
+    line = _one_line(
+        capsys,
+        _argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2"),
+        "checkpoint.pt: No space left on device",
+    )
     assert "free disk space" in line
     monkeypatch.undo()
     assert torch.load(run / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -235,8 +256,14 @@ def test_full_disk_while_logging_metrics(tmp_path, hld_cache_dir):
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
 
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "hld", *_argv(run, "budget.tokens=8192")], env=env,
-                          preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hld", *_argv(run, "budget.tokens=8192")],
+        env=env,
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hld: error: could not write into"), proc.stderr[-3000:]

@@ -36,6 +36,7 @@ def _victim(d: Path) -> dict:
 
 # --------------------------------------------------------------------------- hld cache-teacher
 
+
 def test_cache_teacher_refuses_a_directory_that_is_not_a_cache(tmp_path, capsys):
     before = _victim(tmp_path / "v")
     _one_line(capsys, _cache_argv(tmp_path / "v"), "is not an hld teacher cache")
@@ -119,6 +120,7 @@ def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, 
 
 
 # --------------------------------------------------------------------------- hld export
+
 
 @pytest.fixture
 def finished(tmp_path_factory) -> Path:

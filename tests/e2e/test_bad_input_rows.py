@@ -26,13 +26,17 @@ def finished(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- tracebacks -> one line
 
-@pytest.mark.parametrize("overrides, problem", [
-    (["budget.tokens=null", "budget.flops=inf"], "budget.flops=inf is outside"),
-    (["budget.tokens=null", "budget.flops=1e30"], "more than the limit of 10,000,000"),
-    (["teacher.cache_top_k=-5"], "teacher.cache_top_k=-5 is outside [1, "),
-    (["train.log_every_steps=0"], "train.log_every_steps=0 is outside [1, "),
-    (["student.n_heads=3"], "student d_model=64 is not a multiple of n_heads=3"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["budget.tokens=null", "budget.flops=inf"], "budget.flops=inf is outside"),
+        (["budget.tokens=null", "budget.flops=1e30"], "more than the limit of 10,000,000"),
+        (["teacher.cache_top_k=-5"], "teacher.cache_top_k=-5 is outside [1, "),
+        (["train.log_every_steps=0"], "train.log_every_steps=0 is outside [1, "),
+        (["student.n_heads=3"], "student d_model=64 is not a multiple of n_heads=3"),
+    ],
+)
 def test_config_values_that_were_tracebacks(tmp_path, capsys, overrides, problem):
     _one_line(capsys, _argv(tmp_path / "r", *overrides), problem)
     # refused before training: at most the resolved config.yaml (a FLOPs budget needs the models' sizes)
@@ -52,17 +56,22 @@ def test_training_on_a_top_0_cache(tmp_path, capsys):
 
 @pytest.mark.parametrize("limit", ["0", "-3"])
 def test_eval_limit_not_positive(capsys, finished, limit):
-    _one_line(capsys, ["eval", "--model", str(finished), "--tasks", "hld_mc", "--limit", limit, "--quiet"],
-              f"--limit {limit} is not a positive number")
+    _one_line(
+        capsys,
+        ["eval", "--model", str(finished), "--tasks", "hld_mc", "--limit", limit, "--quiet"],
+        f"--limit {limit} is not a positive number",
+    )
 
 
 @pytest.mark.parametrize("command", ["train", "cache-teacher", "study"])
 def test_out_naming_an_existing_file(tmp_path, capsys, command):
     f = tmp_path / "notes.txt"
     f.write_bytes(b"keep\n")
-    argv = {"train": _argv(f),
-            "cache-teacher": ["cache-teacher", "--config", "smoke", "--out", str(f), *tiny_overrides(), "--quiet"],
-            "study": ["study", "--config", "demo", "--out", str(f), "--quiet"]}[command]
+    argv = {
+        "train": _argv(f),
+        "cache-teacher": ["cache-teacher", "--config", "smoke", "--out", str(f), *tiny_overrides(), "--quiet"],
+        "study": ["study", "--config", "demo", "--out", str(f), "--quiet"],
+    }[command]
     _one_line(capsys, argv, "is an existing file")
     assert f.read_bytes() == b"keep\n"
 
@@ -78,6 +87,7 @@ def test_out_in_a_read_only_location(tmp_path, capsys, command, where):
 
 
 # --------------------------------------------------------------------------- the resume dead end
+
 
 def _started_without_checkpoint(run: Path) -> None:
     """What SIGINT/SIGKILL before the first checkpoint, or a mid-run error, leaves: config.yaml and
@@ -111,8 +121,11 @@ def test_corrupt_checkpoint_names_a_way_out_that_works(tmp_path, capsys):
     ckpt = run / "checkpoints" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     capsys.readouterr()
-    line = _one_line(capsys, [*_argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2"), "--resume"],
-                     "is corrupt or unreadable")
+    line = _one_line(
+        capsys,
+        [*_argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2"), "--resume"],
+        "is corrupt or unreadable",
+    )
     assert "delete it and rerun with --resume" in line
     ckpt.unlink()  # as the line says
     assert main([*_argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2"), "--resume"]) == 0
@@ -129,19 +142,26 @@ def test_resume_of_a_finished_run_without_checkpoint(tmp_path, capsys, finished)
 
 # --------------------------------------------------------------------------- misleading messages
 
+
 def test_max_docs_zero_names_the_key(tmp_path, capsys):
     _one_line(capsys, _argv(tmp_path / "r", "data.max_train_docs=0"), "data.max_train_docs=0 is outside [1, ")
 
 
 def test_eval_max_docs_zero(capsys, finished):
-    _one_line(capsys, ["eval", "--model", str(finished), "--data", C4_VALIDATION, "--max-docs", "0", "--quiet"],
-              "--max-docs 0 is not a positive number")
+    _one_line(
+        capsys,
+        ["eval", "--model", str(finished), "--data", C4_VALIDATION, "--max-docs", "0", "--quiet"],
+        "--max-docs 0 is not a positive number",
+    )
 
 
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_eval_batch_size_not_positive(capsys, finished, size):
-    _one_line(capsys, ["eval", "--model", str(finished), "--data", "sample:validation", "--batch-size", size,
-                       "--json"], f"--batch-size {size} is not a positive number")
+    _one_line(
+        capsys,
+        ["eval", "--model", str(finished), "--data", "sample:validation", "--batch-size", size, "--json"],
+        f"--batch-size {size} is not a positive number",
+    )
 
 
 def test_eval_data_errors_name_the_flags_and_the_file(tmp_path, capsys, finished):
@@ -151,16 +171,20 @@ def test_eval_data_errors_name_the_flags_and_the_file(tmp_path, capsys, finished
     assert "--data" in line and "data.train" not in line
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "a few words"}) + "\n")
-    line = _one_line(capsys, ["eval", "--model", str(finished), "--data", str(short), "--seq-len", "4096",
-                              "--quiet"], "--seq-len=4096")
+    line = _one_line(
+        capsys,
+        ["eval", "--model", str(finished), "--data", str(short), "--seq-len", "4096", "--quiet"],
+        "--seq-len=4096",
+    )
     assert "data.seq_len" not in line and str(short) in line
 
 
 def test_eval_of_an_unfinished_run(tmp_path, capsys, finished):
     copy = tmp_path / "r"
     shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("student", "summary.json"))
-    line = _one_line(capsys, ["eval", "--model", str(copy), "--data", "sample:validation", "--quiet"],
-                     "has not finished")
+    line = _one_line(
+        capsys, ["eval", "--model", str(copy), "--data", "sample:validation", "--quiet"], "has not finished"
+    )
     assert "hld train --resume" in line
 
 
@@ -198,7 +222,10 @@ def test_sigterm_outside_a_step_or_a_cache_build_is_one_line(capsys, monkeypatch
 
     monkeypatch.setattr(commands, "_eval_perplexity", sigterm_then_eval)
     before = signal.getsignal(signal.SIGTERM)
-    line = _one_line(capsys, ["eval", "--model", str(TINY_TEACHER), "--data", C4_VALIDATION, "--max-docs", "2",
-                              "--quiet"], "hld eval stopped by SIGTERM")
+    line = _one_line(
+        capsys,
+        ["eval", "--model", str(TINY_TEACHER), "--data", C4_VALIDATION, "--max-docs", "2", "--quiet"],
+        "hld eval stopped by SIGTERM",
+    )
     assert "rerun the same command" in line
     assert signal.getsignal(signal.SIGTERM) is before

@@ -66,6 +66,7 @@ def small_vocab_teacher(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- happy path
 
+
 @pytest.mark.parametrize("method", METHODS)
 def test_train_every_arm(capsys, tmp_path, overrides, method):
     from transformers import AutoModelForCausalLM
@@ -78,8 +79,7 @@ def test_train_every_arm(capsys, tmp_path, overrides, method):
     assert result["arm"] == method and result["steps"] == 4 and result["tokens"] == 512
     assert math.isfinite(result["val/ppl"]) and 1 < result["val/ppl"] < 1e4
 
-    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "student",
-                                               "summary.json"}
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoints", "student", "summary.json"}
     # the resolved config is the config the CLI built from smoke + overrides
     assert yaml.safe_load((run / "config.yaml").read_text()) == to_dict(load_config("smoke", argv_overrides))
 
@@ -89,9 +89,13 @@ def test_train_every_arm(capsys, tmp_path, overrides, method):
     assert all(math.isfinite(m["train/loss"]) for m in lines)
     assert "val/ppl" in lines[-1] and lines[-1]["val/ppl"] == result["val/ppl"]
     phases = [m["phase"] for m in lines]
-    expected_phases = {"ce": ["ce"] * 4, "kd": ["kd"] * 4, "hld-joint": ["hld-joint"] * 4,
-                       # first_share 0.2 of 4 steps: the boundary falls inside step 0, which blends both
-                       "hld-first": ["hidden+kd", "kd", "kd", "kd"]}[method]
+    expected_phases = {
+        "ce": ["ce"] * 4,
+        "kd": ["kd"] * 4,
+        "hld-joint": ["hld-joint"] * 4,
+        # first_share 0.2 of 4 steps: the boundary falls inside step 0, which blends both
+        "hld-first": ["hidden+kd", "kd", "kd", "kd"],
+    }[method]
     assert phases == expected_phases
     if method in ("hld-joint", "hld-first"):
         assert "train/hidden" in lines[0]
@@ -172,6 +176,7 @@ def test_resume_of_an_empty_or_missing_dir_starts(capsys, tmp_path, overrides):
 
 # --------------------------------------------------------------------------- user errors
 
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -198,21 +203,35 @@ def _case_missing_teacher(tmp_path, ov, run):
 
 
 def _case_layer_out_of_range(tmp_path, ov, run):
-    return (_train_argv(tmp_path / "r", [*ov, "objective.method=hld-joint", "objective.hidden.mapping=explicit",
-                                         "objective.hidden.pairs=[[1, 99]]"]),
-            "teacher layer 99 is out of range 0..3")
+    return (
+        _train_argv(
+            tmp_path / "r",
+            [
+                *ov,
+                "objective.method=hld-joint",
+                "objective.hidden.mapping=explicit",
+                "objective.hidden.pairs=[[1, 99]]",
+            ],
+        ),
+        "teacher layer 99 is out of range 0..3",
+    )
 
 
 def _case_student_layer_out_of_range(tmp_path, ov, run):
-    return (_train_argv(tmp_path / "r", [*ov, "objective.method=hld-first", "objective.hidden.mapping=explicit",
-                                         "objective.hidden.pairs=[[5, 1]]"]),
-            "student layer 5 is out of range 0..2")
+    return (
+        _train_argv(
+            tmp_path / "r",
+            [*ov, "objective.method=hld-first", "objective.hidden.mapping=explicit", "objective.hidden.pairs=[[5, 1]]"],
+        ),
+        "student layer 5 is out of range 0..2",
+    )
 
 
 def _data_case(name: str, content: bytes, problem: str, *extra: str):
     def case(tmp_path, ov, run):
         path = _write(tmp_path / name, content)
         return _train_argv(tmp_path / "r", [*ov, f"data.train={path}", *extra]), problem
+
     return case
 
 
@@ -261,10 +280,12 @@ ERROR_CASES = {
     "teacher-layer-out-of-range": _case_layer_out_of_range,
     "student-layer-out-of-range": _case_student_layer_out_of_range,
     "empty-data-file": _data_case("empty.jsonl", b"", "holds no document with text"),
-    "malformed-json": _data_case("bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n',
-                                 "bad.jsonl:2 is not a JSON object"),
-    "not-utf8": _data_case("latin1.jsonl", '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"),
-                           "is not valid UTF-8"),
+    "malformed-json": _data_case(
+        "bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n', "bad.jsonl:2 is not a JSON object"
+    ),
+    "not-utf8": _data_case(
+        "latin1.jsonl", '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"), "is not valid UTF-8"
+    ),
     "not-utf8-txt": _data_case("latin1.txt", "caf\u00e9\n".encode("latin-1"), "is not valid UTF-8"),
     "shorter-than-a-window": _data_case("short.jsonl", b'{"text": "hi"}\n', "fewer than one window of data.seq_len=32"),
     "missing-text-field": _data_case("nofield.jsonl", b'{"content": "some words here"}\n', "has no 'text' field"),
@@ -292,21 +313,24 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, overrides, finished_
 
 @pytest.mark.parametrize("method", ["kd", "ce", "hld-first"])
 def test_tokenizer_larger_than_the_teacher_vocabulary(capsys, tmp_path, overrides, small_vocab_teacher, method):
-    rc, out, err = _cli(capsys, _train_argv(tmp_path / "r", [*overrides, f"teacher.model={small_vocab_teacher}",
-                                                              f"objective.method={method}"], "--json"))
+    rc, out, err = _cli(
+        capsys,
+        _train_argv(
+            tmp_path / "r", [*overrides, f"teacher.model={small_vocab_teacher}", f"objective.method={method}"], "--json"
+        ),
+    )
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hld: error: the tokenizer has 512 tokens"), err
     assert "256" in lines[0]
-    assert json.loads(out.strip().splitlines()[-1])["error"] == lines[0][len("hld: error: "):]
+    assert json.loads(out.strip().splitlines()[-1])["error"] == lines[0][len("hld: error: ") :]
 
 
 def test_subprocess_error_is_one_line_without_traceback(tmp_path, overrides, hld_cache_dir):
     bad = _write(tmp_path / "bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n')
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "HF_HUB_OFFLINE": "1"}
     argv = _train_argv(tmp_path / "r", [*overrides, f"data.train={bad}"])
-    proc = subprocess.run([sys.executable, "-m", "hld", *argv],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "hld", *argv], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -337,8 +361,20 @@ def test_non_finite_loss_stops_cleanly(capsys, tmp_path, overrides, monkeypatch)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
     run = tmp_path / "r"
-    rc = main(["train", "--config", "smoke", "--out", str(run), *overrides, "budget.tokens=1536",
-               "train.warmup_share=0", "train.checkpoint_every_steps=1", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            "smoke",
+            "--out",
+            str(run),
+            *overrides,
+            "budget.tokens=1536",
+            "train.warmup_share=0",
+            "train.checkpoint_every_steps=1",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "non-finite for 5 steps in a row" in err[0]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

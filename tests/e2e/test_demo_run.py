@@ -24,8 +24,9 @@ from hld.cli import main
 
 TOKENS = 512
 TASK_LIMIT = 6
-RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
-                ["data.val_tokens=256"]
+RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
+    "data.val_tokens=256"
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,15 @@ def demo(tmp_path_factory) -> dict:
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("demo-cache")))
-        argv = ["run", "--out", str(out), f"budgets=[{{tokens: {TOKENS}}}]", f"task_limit={TASK_LIMIT}",
-                *RUN_OVERRIDES, "--json"]
+        argv = [
+            "run",
+            "--out",
+            str(out),
+            f"budgets=[{{tokens: {TOKENS}}}]",
+            f"task_limit={TASK_LIMIT}",
+            *RUN_OVERRIDES,
+            "--json",
+        ]
         rc = main(argv)
         assert rc == 0
         mtimes = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
@@ -116,8 +124,12 @@ def test_verdicts_match_results_csv(demo):
     report = (out / "report.md").read_text()
     check_verdicts(report, out / "results.csv")
     said = [m for m in map(VERDICT.match, report.splitlines()) if m]
-    assert [(m["arm"], m["base"], "FLOPs" in m["acc"]) for m in said] == \
-        [("hld-joint", "kd", False), ("hld-first", "kd", False), ("kd", "ce", False), ("kd", "ce", True)]
+    assert [(m["arm"], m["base"], "FLOPs" in m["acc"]) for m in said] == [
+        ("hld-joint", "kd", False),
+        ("hld-first", "kd", False),
+        ("kd", "ce", False),
+        ("kd", "ce", True),
+    ]
     assert demo["result"]["verdicts"] == [line[2:] for line in report.splitlines() if VERDICT.match(line)]
 
 
@@ -142,10 +154,15 @@ def test_unigram_and_bigram_rows_match_numpy_on_the_windows(demo):
     pu = lambda b: (uni[b] + k) / (N + k * V)  # noqa: E731
     pb = lambda a, b: (big[(a, b)] + succ[a] * pu(b)) / (ctx[a] + succ[a]) if ctx[a] else pu(b)  # noqa: E731
     pairs = [(int(a), int(b)) for w in val for a, b in zip(w[:-1], w[1:])]
-    want = {"unigram": -np.mean([math.log(pu(b)) for _, b in pairs]),
-            "bigram": -np.mean([math.log(pb(a, b)) for a, b in pairs])}
-    got = {r["model"]: r["val_loss"] for r in json.loads((demo["out"] / "study.json").read_text())["ngram_reference"]
-           if r["fit"] == "train split"}
+    want = {
+        "unigram": -np.mean([math.log(pu(b)) for _, b in pairs]),
+        "bigram": -np.mean([math.log(pb(a, b)) for a, b in pairs]),
+    }
+    got = {
+        r["model"]: r["val_loss"]
+        for r in json.loads((demo["out"] / "study.json").read_text())["ngram_reference"]
+        if r["fit"] == "train split"
+    }
     assert got == pytest.approx(want, rel=1e-9)
     report = (demo["out"] / "report.md").read_text()
     assert f"{want['bigram']:.4f}" in report and "Witten–Bell" in report

@@ -60,8 +60,9 @@ def test_eval_matches_a_direct_transformers_computation(capsys):
     assert row["ppl"] == pytest.approx(want, rel=1e-5)
     assert row["loss"] == pytest.approx(math.log(want), rel=1e-5)
     # the batch size and a document limit change nothing but what they should
-    assert _eval(capsys, "--model", str(teacher), "--data", VAL_GLOB, "--batch-size", "1")["ppl"] == \
-        pytest.approx(want, rel=1e-6)
+    assert _eval(capsys, "--model", str(teacher), "--data", VAL_GLOB, "--batch-size", "1")["ppl"] == pytest.approx(
+        want, rel=1e-6
+    )
     few, few_count, _ = reference_ppl(teacher, max_docs=3)
     row3 = _eval(capsys, "--model", str(teacher), "--data", VAL_GLOB, "--max-docs", "3")
     assert row3["tokens"] == few_count and row3["ppl"] == pytest.approx(few, rel=1e-5)
@@ -80,11 +81,17 @@ def test_eval_of_a_run_directory(capsys, tmp_path, overrides):
     assert summary["val/ppl"] == pytest.approx(row["ppl"], rel=1e-6)  # val/ppl in training = hld eval
 
 
-@pytest.mark.parametrize("args, problem", [
-    (["--model", "/no/such/model", "--data", VAL_GLOB], "/no/such/model does not exist"),
-    (["--model", str(ASSETS / "c4"), "--data", VAL_GLOB], "no config.json"),
-    (["--model", str(ASSETS / "tiny_teacher"), "--data", str(ASSETS / "c4" / "nothing-*.jsonl")], "matches no file"),
-])
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--model", "/no/such/model", "--data", VAL_GLOB], "/no/such/model does not exist"),
+        (["--model", str(ASSETS / "c4"), "--data", VAL_GLOB], "no config.json"),
+        (
+            ["--model", str(ASSETS / "tiny_teacher"), "--data", str(ASSETS / "c4" / "nothing-*.jsonl")],
+            "matches no file",
+        ),
+    ],
+)
 def test_eval_user_errors(capsys, args, problem):
     rc = main(["eval", *args, "--seq-len", str(SEQ_LEN)])
     out, err = capsys.readouterr()

@@ -27,8 +27,10 @@ SAMPLE = "The socket module provides access to the BSD socket interface."
 def run(tmp_path_factory, overrides) -> Path:
     """A tiny hld-joint run (it has projectors, which must not be exported)."""
     out = tmp_path_factory.mktemp("export") / "run"
-    assert main(["train", "--config", "smoke", "--out", str(out), *overrides, "objective.method=hld-joint",
-                 "--quiet"]) == 0
+    assert (
+        main(["train", "--config", "smoke", "--out", str(out), *overrides, "objective.method=hld-joint", "--quiet"])
+        == 0
+    )
     return out
 
 
@@ -60,9 +62,14 @@ def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, 
     cfg = load_config(str(run / "config.yaml"))
     tok_run = AutoTokenizer.from_pretrained(cfg.teacher.model)
     ck = load_checkpoint(run)
-    student = build_student(cfg.student, vocab_size=ck["student"]["model.embed_tokens.weight"].shape[0],
-                            bos_id=tok_run.bos_token_id, eos_id=tok_run.eos_token_id, pad_id=tok_run.pad_token_id,
-                            seed=0)
+    student = build_student(
+        cfg.student,
+        vocab_size=ck["student"]["model.embed_tokens.weight"].shape[0],
+        bos_id=tok_run.bos_token_id,
+        eos_id=tok_run.eos_token_id,
+        pad_id=tok_run.pad_token_id,
+        seed=0,
+    )
     student.load_state_dict(ck["student"])
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.tensor([[tok_run.bos_token_id] + tok_run(SAMPLE, add_special_tokens=False)["input_ids"]])
@@ -72,8 +79,11 @@ def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok(SAMPLE)["input_ids"] == tok_run(SAMPLE)["input_ids"]
     assert tok.decode(tok(SAMPLE, add_special_tokens=False)["input_ids"]) == SAMPLE
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == \
-        (tok_run.bos_token_id, tok_run.eos_token_id, tok_run.pad_token_id)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        tok_run.bos_token_id,
+        tok_run.eos_token_id,
+        tok_run.pad_token_id,
+    )
 
     # no projectors (the run has some): every stored tensor is a parameter of the student
     assert ck["projectors"]
@@ -85,8 +95,11 @@ def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, 
     hld = meta["hld"]
     assert meta["library_name"] == "transformers" and hld["arm"] == "hld-joint"
     assert hld["student_preset"] == summary["student"] == "tiny-2l"
-    assert hld["student_params"] == summary["student_params"] == sum(
-        p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    assert (
+        hld["student_params"]
+        == summary["student_params"]
+        == sum(p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    )
     assert (hld["train_tokens"], hld["train_flops"]) == (summary["tokens"], summary["flops"])
     assert hld["validation"]["val/ppl"] == summary["val/ppl"]
     assert hld["config"] == yaml.safe_load((run / "config.yaml").read_text())

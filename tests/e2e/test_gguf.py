@@ -36,11 +36,13 @@ def _shared_conversion(gguf_cache, monkeypatch):
 def teacher(gguf_cache):
     os.environ["HLD_CACHE_DIR"] = str(gguf_cache)
     from hld.models.loading import load_causal_lm
+
     return load_causal_lm("gemma-3-270m")
 
 
 def test_embedded_teacher_loads_and_predicts(teacher):
     from hld.models.hooks import n_blocks
+
     lm, tok = teacher.model, teacher.tokenizer
     assert lm.get_input_embeddings().weight.shape == (262144, 640)
     assert n_blocks(lm) == 18 and (tok.bos_token_id, tok.eos_token_id) == (2, 1)
@@ -66,7 +68,7 @@ def _reference_ppl() -> tuple[float, int]:
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(stream) - body + 1, body):  # one window at a time: (64, 262144) logits
-            row = torch.tensor([tok.bos_token_id] + stream[start:start + body])
+            row = torch.tensor([tok.bos_token_id] + stream[start : start + body])
             logits = lm(input_ids=row[None]).logits[0, :-1].double()
             nll += float(F.cross_entropy(logits, row[1:], reduction="sum"))
             count += body
@@ -74,8 +76,22 @@ def _reference_ppl() -> tuple[float, int]:
 
 
 def test_hld_eval_of_the_embedded_teacher_matches_transformers(teacher, capsys):
-    rc = main(["eval", "--model", "gemma-3-270m", "--data", str(VAL_FILE), "--seq-len", str(SEQ_LEN),
-               "--max-docs", str(DOCS), "--dtype", "float32", "--json"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "gemma-3-270m",
+            "--data",
+            str(VAL_FILE),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--max-docs",
+            str(DOCS),
+            "--dtype",
+            "float32",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     row = json.loads(out.strip().splitlines()[-1])

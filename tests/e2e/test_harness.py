@@ -45,7 +45,7 @@ def direct(model, tok, context: str, continuation: str) -> tuple[float, bool]:
     assert ctx + cont == ids_of(tok, context + continuation)  # the split is unambiguous for these strings
     ids = torch.tensor([[tok.bos_token_id] + ctx + cont])
     logp = F.log_softmax(model(ids).logits[0].double(), dim=-1)  # (T, V)
-    rows = logp[len(ctx): len(ctx) + len(cont)]  # position i predicts token i + 1
+    rows = logp[len(ctx) : len(ctx) + len(cont)]  # position i predicts token i + 1
     target = torch.tensor(cont)
     return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
 
@@ -66,10 +66,12 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
 
     model, tok = tiny
     lm = HldLM(model=model, tokenizer=tok, batch_size=2, device="cpu", quiet=True, desc="t", stream=None)
-    pairs = [("The module provides a way of using the socket", " interface."),
-             ("Return the name of the", " file"),
-             ("A", " short one that is longer than its context"),
-             ("", "An empty context is conditioned on BOS alone.")]
+    pairs = [
+        ("The module provides a way of using the socket", " interface."),
+        ("Return the name of the", " file"),
+        ("A", " short one that is longer than its context"),
+        ("", "An empty context is conditioned on BOS alone."),
+    ]
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
     got = lm.loglikelihood(reqs)
     for (ctx, cont), (logp, greedy) in zip(pairs, got):
@@ -77,9 +79,10 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
         assert logp == pytest.approx(want_logp, rel=1e-5, abs=1e-4) and greedy == want_greedy
     # rolling (wikitext-style): every token of the text predicted after BOS; BOS itself never scored
     text = "Rolling windows score every token of a document once."
-    (rolled,) = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={},
-                                                   arguments=(text,), idx=0)])
-    first, rest = ids_of(tok, text)[0], text[len(tok.decode([ids_of(tok, text)[0]])):]
+    (rolled,) = lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)]
+    )
+    first, rest = ids_of(tok, text)[0], text[len(tok.decode([ids_of(tok, text)[0]])) :]
     with torch.no_grad():
         ids = torch.tensor([[tok.bos_token_id] + ids_of(tok, text)])
         logp = F.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None]).sum()
@@ -96,18 +99,17 @@ def test_rolling_loglikelihood_uses_bos_led_windows(tiny):
 
     model, tok = tiny
     W = 8
-    lm = HldLM(model=model, tokenizer=tok, batch_size=3, device="cpu", quiet=True, desc="t", stream=None,
-                         rolling_len=W)
-    texts = ["Rolling windows score every token of a document once, whatever the model's context length is.",
-             "Short."]
-    got = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
-                                    for i, t in enumerate(texts)])
+    lm = HldLM(model=model, tokenizer=tok, batch_size=3, device="cpu", quiet=True, desc="t", stream=None, rolling_len=W)
+    texts = ["Rolling windows score every token of a document once, whatever the model's context length is.", "Short."]
+    got = lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    )
     for text, rolled in zip(texts, got):
         ids = ids_of(tok, text)
         want = 0.0
         with torch.no_grad():
             for s in range(0, len(ids), W - 1):
-                row = torch.tensor([[tok.bos_token_id] + ids[s:s + W - 1]])
+                row = torch.tensor([[tok.bos_token_id] + ids[s : s + W - 1]])
                 logp = F.log_softmax(model(row).logits[0, :-1].double(), -1)
                 want += float(logp.gather(1, row[0, 1:, None]).sum())
         assert rolled == pytest.approx(want, rel=1e-5)
@@ -123,12 +125,23 @@ def _hand_mc(model, tok, ctx: str, endings: list[str], label: int) -> tuple[bool
 
 
 # three items in HellaSwag's own format (the hub dataset Rowan/hellaswag); labels set below
-HELLASWAG_ITEMS = [("Sockets", "The server accepts a connection and",
-                    ["reads the request.", "sings a song.", "sleeps for a year.", "returns a socket."]),
-                   ("Files", "To read a file, open it and",
-                    ["call read on the file object.", "paint it blue.", "go home.", "close the window."]),
-                   ("Lists", "A list can be sorted",
-                    ["in place with sort.", "by the moon.", "never ever.", "into a dictionary of sets."])]
+HELLASWAG_ITEMS = [
+    (
+        "Sockets",
+        "The server accepts a connection and",
+        ["reads the request.", "sings a song.", "sleeps for a year.", "returns a socket."],
+    ),
+    (
+        "Files",
+        "To read a file, open it and",
+        ["call read on the file object.", "paint it blue.", "go home.", "close the window."],
+    ),
+    (
+        "Lists",
+        "A list can be sorted",
+        ["in place with sort.", "by the moon.", "never ever.", "into a dictionary of sets."],
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +154,25 @@ def hellaswag_rows(tiny) -> list[dict]:
         lls = [direct(model, tok, f"{act}: {ctx}", " " + e)[0] for e in endings]
         per_char = [ll / len(e) for ll, e in zip(lls, endings)]
         label = [lls.index(max(lls)), lls.index(min(lls)), per_char.index(max(per_char))][i]
-        rows.append({"ind": i, "activity_label": act, "ctx_a": ctx, "ctx_b": "", "ctx": ctx, "endings": endings,
-                     "label": str(label), "source_id": "x", "split": "val", "split_type": "indomain"})
+        rows.append(
+            {
+                "ind": i,
+                "activity_label": act,
+                "ctx_a": ctx,
+                "ctx_b": "",
+                "ctx": ctx,
+                "endings": endings,
+                "label": str(label),
+                "source_id": "x",
+                "split": "val",
+                "split_type": "indomain",
+            }
+        )
     return rows
 
 
 def _hellaswag_hand_acc(model, tok, rows) -> tuple[float, float]:
-    hand = [_hand_mc(model, tok, f"{x['activity_label']}: {x['ctx_a']}", x["endings"], int(x["label"]))
-            for x in rows]
+    hand = [_hand_mc(model, tok, f"{x['activity_label']}: {x['ctx_a']}", x["endings"], int(x["label"])) for x in rows]
     return sum(a for a, _ in hand) / 3, sum(b for _, b in hand) / 3
 
 
@@ -171,8 +195,24 @@ def test_hub_task_from_a_local_copy_matches_a_hand_count(tiny, hellaswag_rows, t
 
 def test_shipped_tasks_via_cli_match_hand_counts(tiny, capsys):
     model, tok = tiny
-    rc = main(["eval", "--model", str(TEACHER), "--tasks", "shipped", "--limit", "3", "--json",
-               "--data", str(ASSETS / "c4" / "c4-validation.*.json.gz"), "--seq-len", "32", "--dtype", "float32"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(TEACHER),
+            "--tasks",
+            "shipped",
+            "--limit",
+            "3",
+            "--json",
+            "--data",
+            str(ASSETS / "c4" / "c4-validation.*.json.gz"),
+            "--seq-len",
+            "32",
+            "--dtype",
+            "float32",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     row = json.loads(out.strip().splitlines()[-1])
@@ -195,9 +235,29 @@ def test_quiet_eval_outside_a_git_checkout_prints_nothing_on_stderr(tmp_path):
     """The harness runs `git describe` for its results' provenance; outside a checkout git's "fatal: not
     a git repository" reached the terminal past every redirect. With --quiet stderr stays empty."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    p = subprocess.run([sys.executable, "-m", "hld", "eval", "--model", str(TEACHER), "--tasks", "hld_mc",
-                        "--limit", "2", "--dtype", "float32", "--quiet", "--json"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hld",
+            "eval",
+            "--model",
+            str(TEACHER),
+            "--tasks",
+            "hld_mc",
+            "--limit",
+            "2",
+            "--dtype",
+            "float32",
+            "--quiet",
+            "--json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr == "", p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["tasks"]["hld_mc"]["n"] == 2
@@ -219,11 +279,21 @@ def test_hub_task_without_its_data_fails_fast_with_one_line(tiny, hellaswag_rows
     """No network, an empty HF cache, offline mode: one line naming the task and the ways out; then
     the way out: the same command with --task-data pointing at a folder of split files."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HLD_"))}
-    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"), HLD_CACHE_DIR=str(tmp_path / "hld"))
+    env.update(
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"),
+        HLD_CACHE_DIR=str(tmp_path / "hld"),
+    )
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "hld", "eval", "--model", str(TEACHER), "--tasks", "hellaswag"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "hld", "eval", "--model", str(TEACHER), "--tasks", "hellaswag"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     line = lines[0]
@@ -234,9 +304,26 @@ def test_hub_task_without_its_data_fails_fast_with_one_line(tiny, hellaswag_rows
     local = tmp_path / "hellaswag"
     local.mkdir()
     (local / "validation.jsonl").write_text("".join(json.dumps(x) + "\n" for x in hellaswag_rows))
-    p = subprocess.run([sys.executable, "-m", "hld", "eval", "--model", str(TEACHER), "--tasks", "hellaswag",
-                        "--task-data", f"hellaswag={local}", "--json", "--quiet"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hld",
+            "eval",
+            "--model",
+            str(TEACHER),
+            "--tasks",
+            "hellaswag",
+            "--task-data",
+            f"hellaswag={local}",
+            "--json",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     row = json.loads(p.stdout.strip().splitlines()[-1])["tasks"]["hellaswag"]
     acc, acc_norm = _hellaswag_hand_acc(*tiny, hellaswag_rows)
@@ -244,11 +331,14 @@ def test_hub_task_without_its_data_fails_fast_with_one_line(tiny, hellaswag_rows
     assert row["metrics"]["acc_norm"] == pytest.approx(acc_norm)
 
 
-@pytest.mark.parametrize("extra, problem", [
-    (["--task-data", "hellaswag"], "is not TASK=DIR"),
-    (["--task-data", "hellaswag=/no/such/dir"], "--task-data hellaswag=/no/such/dir: no such directory"),
-    (["--task-data", "piqa=/tmp"], "a local dataset is given for piqa, which is not among the tasks"),
-])
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        (["--task-data", "hellaswag"], "is not TASK=DIR"),
+        (["--task-data", "hellaswag=/no/such/dir"], "--task-data hellaswag=/no/such/dir: no such directory"),
+        (["--task-data", "piqa=/tmp"], "a local dataset is given for piqa, which is not among the tasks"),
+    ],
+)
 def test_task_data_errors_are_one_line(capsys, extra, problem):
     rc = main(["eval", "--model", str(TEACHER), "--tasks", "hellaswag", *extra])
     err = capsys.readouterr().err.strip().splitlines()

@@ -20,8 +20,18 @@ STEPS = 40  # 40 steps of 4 x 32 tokens
 
 
 def _argv(run: Path, overrides: list[str]) -> list[str]:
-    return ["train", "--config", "smoke", "--out", str(run), *overrides, f"budget.tokens={STEPS * 128}",
-            "objective.method=hld-joint", "train.checkpoint_every_steps=3", "--quiet"]
+    return [
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(run),
+        *overrides,
+        f"budget.tokens={STEPS * 128}",
+        "objective.method=hld-joint",
+        "train.checkpoint_every_steps=3",
+        "--quiet",
+    ]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -32,8 +42,13 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _start(run: Path, overrides: list[str], hld_cache_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir)}
-    return subprocess.Popen([sys.executable, "-m", "hld", *_argv(run, overrides)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hld", *_argv(run, overrides)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_steps(run: Path, proc: subprocess.Popen, n: int, timeout_s: float = 120) -> None:

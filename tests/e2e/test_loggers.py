@@ -14,8 +14,10 @@ from hld.cli import main
 
 
 def _train(run: Path, overrides: list[str], *extra: str) -> None:
-    assert main(["train", "--config", "smoke", "--out", str(run), *overrides, "objective.method=ce",
-                 "--quiet", *extra]) == 0
+    assert (
+        main(["train", "--config", "smoke", "--out", str(run), *overrides, "objective.method=ce", "--quiet", *extra])
+        == 0
+    )
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -56,8 +58,8 @@ def _wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        n, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(buf + chunk if kind == 4 else chunk)
@@ -93,8 +95,10 @@ def test_wandb_offline_run_holds_the_logged_values(tmp_path, overrides, monkeypa
     assert config["objective"]["method"] == "ce" and config["log"]["wandb_project"] == "hld-test"
 
 
-@pytest.mark.parametrize("sink, module, extra", [("tensorboard", "torch.utils.tensorboard", "hld[tensorboard]"),
-                                                 ("wandb", "wandb", "hld[wandb]")])
+@pytest.mark.parametrize(
+    "sink, module, extra",
+    [("tensorboard", "torch.utils.tensorboard", "hld[tensorboard]"), ("wandb", "wandb", "hld[wandb]")],
+)
 def test_a_missing_sink_package_is_one_line(tmp_path, overrides, monkeypatch, capsys, sink, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # `import` of it now raises ImportError
     rc = main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), *overrides, f"log.{sink}=true"])

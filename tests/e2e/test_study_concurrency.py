@@ -19,17 +19,27 @@ from conftest import tiny_overrides
 from hld.cli import main
 from hld.locks import file_lock
 
-RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
-                ["data.val_tokens=256"]
+RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
+    "data.val_tokens=256"
+]
 # 8 cells (3 arms + ce at kd's FLOPs, 2 seeds), 2 cache groups
-STUDY = ["study", "--config", "demo", "budgets=[{tokens: 256}]", "tasks=[]", "arms=[ce,kd,hld-joint]",
-         "seeds=[0,1]", *RUN_OVERRIDES]
+STUDY = [
+    "study",
+    "--config",
+    "demo",
+    "budgets=[{tokens: 256}]",
+    "tasks=[]",
+    "arms=[ce,kd,hld-joint]",
+    "seeds=[0,1]",
+    *RUN_OVERRIDES,
+]
 WALL_TIME = ("train_seconds",)
 
 
 def _hld(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hld", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hld", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _env(hld_cache_dir: Path) -> dict:
@@ -86,8 +96,13 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
     env, out = _env(hld_cache_dir), tmp_path / "study"
     group = _group(out, env)
     cache_dir, lock = out / "caches" / group, out / "locks" / "caches" / f"{group}.lock"
-    p = subprocess.Popen([sys.executable, "-c", _STALL, *STUDY, "--out", str(out), "--cache", group, "--quiet"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _STALL, *STUDY, "--out", str(out), "--cache", group, "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "STALLED", p.stderr.read() if p.stderr else ""
     tmp = list((out / "caches").glob(f".{group}.tmp-*"))
@@ -113,8 +128,12 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
 
 def test_a_held_cell_waits_and_a_matched_cell_names_its_match(tmp_path, hld_cache_dir, capsys):
     out = tmp_path / "study"
-    listing = json.loads(_hld([*STUDY, "--out", str(out), "--list", "--json"], _env(hld_cache_dir))
-                         .communicate(timeout=300)[0].strip().splitlines()[-1])
+    listing = json.loads(
+        _hld([*STUDY, "--out", str(out), "--list", "--json"], _env(hld_cache_dir))
+        .communicate(timeout=300)[0]
+        .strip()
+        .splitlines()[-1]
+    )
     matched = next(c for c in listing["cells"] if c["after"])
     assert main([*STUDY, "--out", str(out), "--cell", matched["id"]]) == 2
     err = capsys.readouterr().err

@@ -20,8 +20,9 @@ from hld.cli import main
 from hld.train import loop
 
 # the fixtures' teacher and data, small validation; the study itself sets students and budgets
-RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
-                ["data.val_tokens=256"]
+RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
+    "data.val_tokens=256"
+]
 STUDY_ARGS = ["study", "--config", "demo", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
 
 
@@ -44,10 +45,12 @@ def study(tmp_path_factory) -> dict:
         def interrupted_train(cfg, run_dir, **kw):
             first_cells.append(cfg.name)
             if len(first_cells) == 3:
+
                 def step_then_stop(s, step):
                     if step == 1:
                         raise KeyboardInterrupt
                     return real_step(s, step)
+
                 mp.setattr(loop, "train_step", step_then_stop)
             return real_train(cfg, run_dir, **kw)
 
@@ -61,8 +64,14 @@ def study(tmp_path_factory) -> dict:
         partial_lines = (out / "runs" / first_cells[2] / "metrics.jsonl").read_text().splitlines()
         rc, stdout = _main([*STUDY_ARGS, "--out", str(out), "--json"])
         assert rc == 0
-    return {"out": out, "first_cells": first_cells, "finished_before": finished, "mtimes": mtimes,
-            "partial_lines": partial_lines, "result": json.loads(stdout.strip().splitlines()[-1])}
+    return {
+        "out": out,
+        "first_cells": first_cells,
+        "finished_before": finished,
+        "mtimes": mtimes,
+        "partial_lines": partial_lines,
+        "result": json.loads(stdout.strip().splitlines()[-1]),
+    }
 
 
 def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
@@ -105,8 +114,9 @@ def test_results_csv_has_one_row_per_cell(study):
 
 
 def _verdicts_in(report: str) -> dict:
-    return {(m["arm"], m["base"], m["acc"], m["conf"]): m.groupdict() for m in map(VERDICT.match, report.splitlines())
-            if m}
+    return {
+        (m["arm"], m["base"], m["acc"], m["conf"]): m.groupdict() for m in map(VERDICT.match, report.splitlines()) if m
+    }
 
 
 def test_report_verdicts_match_results_csv(study):
@@ -151,9 +161,13 @@ def test_a_cell_with_a_final_checkpoint_but_no_summary_resumes(study, tmp_path):
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\narms: [kd, hld]\nstudents: [tiny-1l]\nbudgets: [{tokens: 512}]\n")
-    cases = [["study", "--config", str(bad)], ["study", "--config", "demo", "seeds=[0, 0]"],
-             ["study", "--config", "demo", "student.preset=tiny-4l"], ["report", str(tmp_path)],
-             ["study", "--config", "demo", "tasks=[hld_mc, hellaswog]", "--out", str(tmp_path / "typo")]]
+    cases = [
+        ["study", "--config", str(bad)],
+        ["study", "--config", "demo", "seeds=[0, 0]"],
+        ["study", "--config", "demo", "student.preset=tiny-4l"],
+        ["report", str(tmp_path)],
+        ["study", "--config", "demo", "tasks=[hld_mc, hellaswog]", "--out", str(tmp_path / "typo")],
+    ]
     for argv in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

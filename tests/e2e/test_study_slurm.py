@@ -15,8 +15,9 @@ from pathlib import Path
 from conftest import tiny_overrides
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "study.sbatch"
-RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + \
-                ["data.val_tokens=256"]
+RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
+    "data.val_tokens=256"
+]
 STUDY = ["demo", "budgets=[{tokens: 256}]", "tasks=[]", "arms=[ce,kd,hld-joint]", "seeds=[0,1]", *RUN_OVERRIDES]
 
 STUBS = {
@@ -50,8 +51,9 @@ def _stubs(d: Path) -> Path:
 def _submit(out: Path, env: dict) -> list[dict]:
     log = Path(env["STUB_LOG"])
     log.unlink(missing_ok=True)
-    proc = subprocess.run(["bash", str(SCRIPT), STUDY[0], str(out), *STUDY[1:]], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), STUDY[0], str(out), *STUDY[1:]], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -72,9 +74,16 @@ def _body(job: dict) -> list[str]:
 
 
 def test_the_study_sbatch_job_graph_runs_and_resumes(tmp_path, hld_cache_dir):
-    env = {**os.environ, "PATH": f"{_stubs(tmp_path / 'bin')}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "STUB_LOG": str(tmp_path / "jobs.jsonl"), "HLD_CACHE_DIR": str(hld_cache_dir), "HF_HUB_OFFLINE": "1",
-           "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{_stubs(tmp_path / 'bin')}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "STUB_LOG": str(tmp_path / "jobs.jsonl"),
+        "HLD_CACHE_DIR": str(hld_cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "GPUS_PER_NODE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     out = tmp_path / "study"
     jobs = _submit(out, env)
     graph = [(_body(j)[1], _opts(j).get("dependency"), _opts(j).get("array")) for j in jobs]
@@ -94,8 +103,13 @@ def test_the_study_sbatch_job_graph_runs_and_resumes(tmp_path, hld_cache_dir):
     for job in jobs:  # submission order is a topological order of the graph
         tasks = range(int(_opts(job)["array"].split("-")[1]) + 1) if "array" in _opts(job) else [None]
         for t in tasks:
-            task_env = {**env, "SLURM_JOB_ID": job["id"], "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
-                        **({"SLURM_ARRAY_TASK_ID": str(t)} if t is not None else {})}
+            task_env = {
+                **env,
+                "SLURM_JOB_ID": job["id"],
+                "SLURM_NNODES": "1",
+                "SLURM_JOB_NODELIST": "localhost",
+                **({"SLURM_ARRAY_TASK_ID": str(t)} if t is not None else {}),
+            }
             proc = subprocess.run(["bash", *_body(job)], capture_output=True, text=True, env=task_env, timeout=600)
             assert proc.returncode == 0, (job, t, proc.stderr)
     assert (out / "results.csv").is_file() and (out / "report.md").is_file()

@@ -31,8 +31,18 @@ def _save(model, out: Path) -> Path:
 
 
 def _text(**extra) -> dict:
-    return dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                intermediate_size=64, bos_token_id=2, eos_token_id=1, pad_token_id=0, **extra)
+    return dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        **extra,
+    )
 
 
 def make_teacher(kind: str, out: Path) -> Path:
@@ -40,11 +50,21 @@ def make_teacher(kind: str, out: Path) -> Path:
 
     torch.manual_seed(0)
     if kind == "gemma3-multimodal":
-        cfg = tf.Gemma3Config(text_config=_text(vocab_size=MM_ROWS, sliding_window=16),
-                              vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=64, image_size=28, patch_size=14),
-                              mm_tokens_per_image=4, image_token_index=MM_ROWS - 1, boi_token_index=MM_ROWS - 2,
-                              eoi_token_index=MM_ROWS - 3)
+        cfg = tf.Gemma3Config(
+            text_config=_text(vocab_size=MM_ROWS, sliding_window=16),
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=MM_ROWS - 1,
+            boi_token_index=MM_ROWS - 2,
+            eoi_token_index=MM_ROWS - 3,
+        )
         model = tf.Gemma3ForConditionalGeneration(cfg)
     elif kind == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=N_TOKENS, **_text()))
@@ -82,8 +102,9 @@ def test_the_multimodal_checkpoint_really_holds_a_vision_tower(teachers):
         keys = list(f.keys())
     assert any(k.startswith("vision_tower.") for k in keys)
     assert any(k.startswith("language_model.model.") for k in keys)
-    assert json.loads((teachers["gemma3-multimodal"] / "config.json").read_text())["architectures"] == \
-        ["Gemma3ForConditionalGeneration"]
+    assert json.loads((teachers["gemma3-multimodal"] / "config.json").read_text())["architectures"] == [
+        "Gemma3ForConditionalGeneration"
+    ]
 
 
 def test_multimodal_teacher_loads_its_language_model_alone(teachers, monkeypatch):
@@ -130,6 +151,7 @@ def test_multimodal_teacher_loads_its_language_model_alone(teachers, monkeypatch
 
     real = safetensors.safe_open
     import sys
+
     for mod in [m for m in list(sys.modules.values()) if m is not None]:
         if getattr(mod, "safe_open", None) is real and mod.__name__.startswith("transformers"):
             monkeypatch.setattr(mod, "safe_open", Recording)
@@ -154,8 +176,7 @@ def test_flops_read_the_text_config_and_each_familys_attention(teachers):
         linear = sum(m.weight.numel() for m in lm.model.layers.modules() if isinstance(m, torch.nn.Linear))
         T = 32
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * 4
-        ctx = [(T + 1) / 2 if t == "full_attention" else sum(min(t_, 16) for t_ in range(1, T + 1)) / T
-               for t in types]
+        ctx = [(T + 1) / 2 if t == "full_attention" else sum(min(t_, 16) for t_ in range(1, T + 1)) / T for t in types]
         want = 2 * linear + sum(4 * 2 * 16 * c for c in ctx) + 2 * cfg.vocab_size * 32
         assert forward_flops_per_token(lm, T) == pytest.approx(want, rel=1e-12), kind
 
@@ -175,25 +196,37 @@ def test_every_command_runs_on_the_teacher(kind, teachers, tmp_path, capsys):
     teacher = teachers[kind]
     over = _overrides(teacher)
     for arm in ("kd", "hld-joint"):
-        s = _run(capsys, ["train", "--config", "smoke", "--out", str(tmp_path / arm), *over,
-                          f"objective.method={arm}"])
+        s = _run(capsys, ["train", "--config", "smoke", "--out", str(tmp_path / arm), *over, f"objective.method={arm}"])
         assert s["steps"] >= 1 and s["val/loss"] == s["val/loss"]  # finite
         student = json.loads((tmp_path / arm / "student" / "config.json").read_text())
         assert student["vocab_size"] == (MM_ROWS if kind == "gemma3-multimodal" else N_TOKENS)
-    m = _run(capsys, ["cache-teacher", "--config", "smoke", "--out", str(tmp_path / "cache"), *over,
-                      "objective.method=hld-joint"])
+    m = _run(
+        capsys,
+        ["cache-teacher", "--config", "smoke", "--out", str(tmp_path / "cache"), *over, "objective.method=hld-joint"],
+    )
     assert m["tokens"] >= 32 and m["top_k"] == 64
-    s = _run(capsys, ["train", "--config", "smoke", "--out", str(tmp_path / "cached"), *over,
-                      "objective.method=hld-joint", f"teacher.cache={tmp_path / 'cache'}"])
+    s = _run(
+        capsys,
+        [
+            "train",
+            "--config",
+            "smoke",
+            "--out",
+            str(tmp_path / "cached"),
+            *over,
+            "objective.method=hld-joint",
+            f"teacher.cache={tmp_path / 'cache'}",
+        ],
+    )
     assert s["steps"] >= 1
     e = _run(capsys, ["eval", "--model", str(teacher), "--data", C4_VALIDATION, "--seq-len", "32"])
     assert e["tokens"] > 0 and e["loss"] > 0
     study = tmp_path / "study.yaml"
-    study.write_text("name: two\nbase: smoke\narms: [ce, kd]\nstudents: [tiny-1l]\n"
-                     "budgets: [{tokens: 256}]\nseeds: [0]\n")
+    study.write_text(
+        "name: two\nbase: smoke\narms: [ce, kd]\nstudents: [tiny-1l]\nbudgets: [{tokens: 256}]\nseeds: [0]\n"
+    )
     cell_over = [o for o in over if not o.startswith(("student.preset=", "budget."))]
-    _run(capsys, ["study", "--config", str(study), "--out", str(tmp_path / "two"), *cell_over,
-                  "data.val_tokens=128"])
+    _run(capsys, ["study", "--config", str(study), "--out", str(tmp_path / "two"), *cell_over, "data.val_tokens=128"])
     rows = (tmp_path / "two" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2  # header + two cells
 
@@ -203,8 +236,9 @@ def test_paper_123m_trains_every_arm_on_a_multimodal_teacher(teachers, tmp_path,
     over = [o for o in _overrides(teacher) if not o.startswith("student.preset=")]
     over += ["train.micro_batch_size=null", "data.val_tokens=64"]  # the paper-123m student itself, 4 steps
     for arm in ("ce", "kd", "hld-joint", "hld-first"):
-        s = _run(capsys, ["train", "--config", "paper-123m", "--out", str(tmp_path / arm), *over,
-                          f"objective.method={arm}"])
+        s = _run(
+            capsys, ["train", "--config", "paper-123m", "--out", str(tmp_path / arm), *over, f"objective.method={arm}"]
+        )
         assert s["arm"] == arm and s["student"] == "paper-123m" and s["tokens"] == 512
         assert 115e6 < s["student_params_non_embedding"] < 130e6
 

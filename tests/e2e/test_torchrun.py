@@ -26,9 +26,20 @@ WEIGHT_ATOL = 1e-4
 
 
 def _argv(run: Path, mode: str, *extra: str) -> list[str]:
-    return ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "budget.tokens=1024",
-            "objective.method=hld-joint", f"train.parallel={mode}", "train.checkpoint_every_steps=2", "--quiet",
-            *extra]
+    return [
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(run),
+        *tiny_overrides(),
+        "budget.tokens=1024",
+        "objective.method=hld-joint",
+        f"train.parallel={mode}",
+        "train.checkpoint_every_steps=2",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -78,16 +89,23 @@ def test_sigterm_on_one_rank_then_resume_on_one_process(tmp_path, hld_cache_dir,
         assert torch.load(ck / "checkpoint.pt", weights_only=True)["step"] == 3
     else:  # a DCP directory holding one shard per rank; the step-2 one was replaced
         assert [p.name for p in ck.iterdir()] == ["step-00000003.dcp"]
-        assert {p.name for p in (ck / "step-00000003.dcp").iterdir()} == {".metadata", "__0_0.distcp",
-                                                                          "__1_0.distcp", "trainer.pt"}
+        assert {p.name for p in (ck / "step-00000003.dcp").iterdir()} == {
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            "trainer.pt",
+        }
 
     assert main([*_argv(run, mode), "--resume"]) == 0  # one process, no torchrun
     ref = references[mode]
-    _assert_close_weights(load_file(run / "student" / "model.safetensors"),
-                          load_file(ref / "student" / "model.safetensors"))
+    _assert_close_weights(
+        load_file(run / "student" / "model.safetensors"), load_file(ref / "student" / "model.safetensors")
+    )
     if mode == "ddp":  # the projectors trained on two processes, too
-        _assert_close_weights(torch.load(ck / "checkpoint.pt", weights_only=True)["projectors"],
-                              torch.load(ref / "checkpoints" / "checkpoint.pt", weights_only=True)["projectors"])
+        _assert_close_weights(
+            torch.load(ck / "checkpoint.pt", weights_only=True)["projectors"],
+            torch.load(ref / "checkpoints" / "checkpoint.pt", weights_only=True)["projectors"],
+        )
     _assert_same_metrics(_metrics(run), _metrics(ref))
     got, want = json.loads((run / "summary.json").read_text()), json.loads((ref / "summary.json").read_text())
     assert got["steps"] == want["steps"] == 8 and got["tokens"] == want["tokens"]
@@ -101,9 +119,10 @@ def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir):
     two, one = tmp_path / "two", tmp_path / "one"
     proc = launch(_argv(two, "fsdp2", *extra), cache_dir=hld_cache_dir, module=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("run ")] == \
-        [f"run smoke: 8 steps, 1,024 tokens, val ppl {json.loads((two / 'summary.json').read_text())['val/ppl']:.2f} "
-         f"-> {two}"]  # the final line, once (rank 0), not per rank
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("run ")] == [
+        f"run smoke: 8 steps, 1,024 tokens, val ppl {json.loads((two / 'summary.json').read_text())['val/ppl']:.2f} "
+        f"-> {two}"
+    ]  # the final line, once (rank 0), not per rank
     assert main(_argv(one, "fsdp2", *extra)) == 0
 
     files = {"config.yaml", "metrics.jsonl", "checkpoints", "student", "summary.json", "hidden_stats.pt"}
@@ -117,8 +136,9 @@ def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir):
     assert [m["phase"] for m in _metrics(two)] == ["hidden", "hidden+kd", "kd", "kd", "kd", "kd", "kd", "kd"]
     assert "val/ppl" in _metrics(two)[3] and "val/ppl" in _metrics(two)[7]
     # the student exported from shards is an ordinary HF checkpoint (tied head once), as on one process
-    _assert_close_weights(load_file(two / "student" / "model.safetensors"),
-                          load_file(one / "student" / "model.safetensors"))
+    _assert_close_weights(
+        load_file(two / "student" / "model.safetensors"), load_file(one / "student" / "model.safetensors")
+    )
     got, want = json.loads((two / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
     diag = {k for k in want if k.startswith(("val/cka/", "val/r2/"))}  # layer diagnostics: one process only
     assert got.keys() == want.keys() - diag
@@ -150,8 +170,17 @@ def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatc
     (site / "sitecustomize.py").write_text(_BLOW_UP)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     run = tmp_path / "run"
-    argv = ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "budget.tokens=1536",
-            "train.warmup_share=0", "--quiet"]
+    argv = [
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(run),
+        *tiny_overrides(),
+        "budget.tokens=1536",
+        "train.warmup_share=0",
+        "--quiet",
+    ]
     proc = launch(argv, cache_dir=hld_cache_dir, module=True)
     assert proc.returncode != 0  # torchrun reports its workers' exit code 2 as a failure
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hld: error: ")]

@@ -35,8 +35,10 @@ def _brute_force_tokens(s, budget: float) -> tuple[float, int]:
     for S in range(1, 400):
         for L in range(T, 0, -1):
             total = (S - 1) * T + L  # the loop's rule: a step runs the phase of its token shares
-            cost = [s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
-                    for k in range(S)]
+            cost = [
+                s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
+                for k in range(S)
+            ]
             f = B * T * sum(cost[:-1]) + B * L * cost[-1]
             if f <= budget:
                 if B * ((S - 1) * T + L) > best[1]:
@@ -64,14 +66,20 @@ def test_flops_budget_at_equal_flops_ce_sees_more_tokens_than_kd(overrides):
 
 def test_not_counting_the_teacher_gives_kd_the_ce_length(overrides):
     ce = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=ce")
-    kd = _setup(overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd",
-                "budget.count_teacher=false")
+    kd = _setup(
+        overrides, "budget.tokens=null", "budget.flops=2e9", "objective.method=kd", "budget.count_teacher=false"
+    )
     assert kd.total_steps == ce.total_steps
 
 
 def test_hld_first_phases_are_weighted_by_their_share(overrides):
-    s = _setup(overrides, "budget.tokens=null", "budget.flops=3e9", "objective.method=hld-first",
-               "objective.hidden.first_share=0.25")
+    s = _setup(
+        overrides,
+        "budget.tokens=null",
+        "budget.flops=3e9",
+        "objective.method=hld-first",
+        "objective.hidden.first_share=0.25",
+    )
     first, second = (s.costs[p.name].total for p in s.plan.phases)
     assert first < second  # the hidden-only phase runs neither head
     flops, tokens = _brute_force_tokens(s, 3e9)
@@ -106,8 +114,9 @@ def test_the_short_last_step_trains_on_the_windows_prefix(overrides):
     mask = labels != IGNORE
     F.cross_entropy(logits[mask], labels[mask]).backward()
     grads = {}
-    s.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in s.student.named_parameters()
-                                             if p.grad is not None})
+    s.optimizer.step = lambda: grads.update(
+        {n: p.grad.clone() for n, p in s.student.named_parameters() if p.grad is not None}
+    )
     train_step(s, 1)
     assert grads
     for n, g in grads.items():
@@ -119,9 +128,20 @@ def test_a_run_spends_its_flops_budget_to_within_one_token_per_window(tmp_path, 
     from hld.train.loop import train
 
     budget = 4e9
-    summary = train(load_config("smoke", [*overrides, "budget.tokens=null", f"budget.flops={budget}",
-                                          f"objective.method={method}", "train.eval_every_steps=0"]),
-                    tmp_path / method, quiet=True)
+    summary = train(
+        load_config(
+            "smoke",
+            [
+                *overrides,
+                "budget.tokens=null",
+                f"budget.flops={budget}",
+                f"objective.method={method}",
+                "train.eval_every_steps=0",
+            ],
+        ),
+        tmp_path / method,
+        quiet=True,
+    )
     per_token_max = max(summary["flops_per_token"].values())
     assert budget - 4 * per_token_max < summary["flops"] <= budget
     assert summary["tokens"] % 4 == 0 and summary["tokens"] % 128 != 0  # this budget ends inside a step
@@ -133,15 +153,23 @@ def test_hld_first_short_runs_never_overspend(overrides, budget):
     the length must be found with the moved boundary, or a short run overspends (7% at 4e8 once)."""
     from hld.train.budget import run_length
 
-    s = _setup(overrides, "budget.tokens=null", f"budget.flops={budget}", "objective.method=hld-first",
-               "student.preset=tiny-1l")
+    s = _setup(
+        overrides,
+        "budget.tokens=null",
+        f"budget.flops={budget}",
+        "objective.method=hld-first",
+        "student.preset=tiny-1l",
+    )
     length = run_length(s.cfg, s.plan, s.costs)
     B, T = 4, 32
     S, L = length.steps, length.last_len
     total = (S - 1) * T + L
-    spent = sum(B * (L if k == S - 1 else T) *
-                s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
-                for k in range(S))
+    spent = sum(
+        B
+        * (L if k == S - 1 else T)
+        * s.costs[s.plan.phase_for(k * T / total, (k * T + (L if k == S - 1 else T)) / total).name].total
+        for k in range(S)
+    )
     best_flops, best_tokens = _brute_force_tokens(s, budget)
     assert spent <= budget
     assert B * total >= best_tokens - B  # within one token per window of the longest run that fits

@@ -20,8 +20,9 @@ from hld.train.resources import Resources
 def _grads_after_one_step(cfg, step: int = 0) -> dict[str, torch.Tensor]:
     s = build(cfg, Resources())
     grads = {}
-    s.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in s.student.named_parameters()
-                                             if p.grad is not None})
+    s.optimizer.step = lambda: grads.update(
+        {n: p.grad.clone() for n, p in s.student.named_parameters() if p.grad is not None}
+    )
     train_step(s, step)
     return grads
 
@@ -29,8 +30,14 @@ def _grads_after_one_step(cfg, step: int = 0) -> dict[str, torch.Tensor]:
 # the last case's budget (128 + 8 tokens) ends inside step 1, which reads a 2-position prefix of its windows
 @pytest.mark.parametrize("method,budget,step", [("kd", 512, 0), ("hld-joint", 512, 0), ("kd", 136, 1)])
 def test_kd_from_cache_equals_online_when_k_covers_the_vocabulary(tmp_path, overrides, method, budget, step):
-    base = [*overrides, f"objective.method={method}", "teacher.cache_top_k=512",  # the tiny vocabulary
-            f"budget.tokens={budget}", "teacher.cache_codec=exact", "teacher.cache_hidden_dtype=bfloat16"]
+    base = [
+        *overrides,
+        f"objective.method={method}",
+        "teacher.cache_top_k=512",  # the tiny vocabulary
+        f"budget.tokens={budget}",
+        "teacher.cache_codec=exact",
+        "teacher.cache_hidden_dtype=bfloat16",
+    ]
     cfg = load_config("smoke", base)
     manifest = ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
     assert manifest["identity"]["top_k"] == 512
@@ -56,10 +63,18 @@ def _open(cfg, path):
 
 
 def _ov(cfg):
-    return [f"teacher.model={cfg.teacher.model}", f"data.train={cfg.data.train}",
-            f"data.validation={cfg.data.validation}", "student.preset=tiny-2l", f"data.seq_len={cfg.data.seq_len}",
-            f"train.batch_size={cfg.train.batch_size}", f"budget.tokens={cfg.budget.tokens}",
-            "objective.method=hld-joint", "train.precision=float32", "teacher.dtype=float32"]
+    return [
+        f"teacher.model={cfg.teacher.model}",
+        f"data.train={cfg.data.train}",
+        f"data.validation={cfg.data.validation}",
+        "student.preset=tiny-2l",
+        f"data.seq_len={cfg.data.seq_len}",
+        f"train.batch_size={cfg.train.batch_size}",
+        f"budget.tokens={cfg.budget.tokens}",
+        "objective.method=hld-joint",
+        "train.precision=float32",
+        "teacher.dtype=float32",
+    ]
 
 
 def test_cache_holds_the_exact_tokens_and_layers(tmp_path, overrides):
@@ -80,15 +95,24 @@ def test_cache_holds_the_exact_tokens_and_layers(tmp_path, overrides):
 def test_manifest_mismatch_is_refused(tmp_path, overrides):
     cfg = _cache(tmp_path, overrides)
     with pytest.raises(HldError, match="another seq_len"):
-        build(load_config("smoke", [*_ov(cfg), "data.seq_len=16", f"teacher.cache={tmp_path / 'cache'}"]),
-              Resources())
+        build(load_config("smoke", [*_ov(cfg), "data.seq_len=16", f"teacher.cache={tmp_path / 'cache'}"]), Resources())
     with pytest.raises(HldError, match="top-64 logits, the run asks for top-100"):
-        build(load_config("smoke", [*_ov(cfg), "objective.top_k=100", f"teacher.cache={tmp_path / 'cache'}"]),
-              Resources())
+        build(
+            load_config("smoke", [*_ov(cfg), "objective.top_k=100", f"teacher.cache={tmp_path / 'cache'}"]), Resources()
+        )
     with pytest.raises(HldError, match="lacks teacher layers"):
-        build(load_config("smoke", [*_ov(cfg), "objective.hidden.mapping=explicit",
-                                    "objective.hidden.pairs=[[1, 1]]", f"teacher.cache={tmp_path / 'cache'}"]),
-              Resources())
+        build(
+            load_config(
+                "smoke",
+                [
+                    *_ov(cfg),
+                    "objective.hidden.mapping=explicit",
+                    "objective.hidden.pairs=[[1, 1]]",
+                    f"teacher.cache={tmp_path / 'cache'}",
+                ],
+            ),
+            Resources(),
+        )
 
 
 def test_corrupt_or_truncated_shard_is_refused(tmp_path, overrides):

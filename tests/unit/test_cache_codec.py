@@ -55,8 +55,9 @@ def test_bit_packing_round_trip_vs_numpy():
 def test_compact_ids_exact_and_values_within_the_bound(slot_bits):
     v, ids, rest = _teacher_topk(1)
     w = encode_window(v.astype(np.float32), ids, rest, codec=CODEC, slot_bits=slot_bits)
-    vals, got_ids, got_rest = decode_window(w.values, w.gaps, w.exceptions, w.scale, w.rest, codec=CODEC,
-                                            slot_bits=slot_bits, k=64)
+    vals, got_ids, got_rest = decode_window(
+        w.values, w.gaps, w.exceptions, w.scale, w.rest, codec=CODEC, slot_bits=slot_bits, k=64
+    )
     # ids: the same set per token, exactly
     np.testing.assert_array_equal(np.sort(got_ids, 1), np.sort(ids, 1))
     assert (np.diff(vals, axis=1) <= 0).all() and (vals[:, 0] == 0).all()  # descending, top-1 = 0
@@ -65,7 +66,7 @@ def test_compact_ids_exact_and_values_within_the_bound(slot_bits):
     v32 = v.astype(np.float32).astype(np.float64)
     d_true = {(t, int(i)): v32[t, 0] - v32[t, j] for t in range(len(v)) for j, i in enumerate(ids[t])}
     D = np.array([max(v32[t, 0] - v32[t]) for t in range(len(v))])
-    assert (w.scale.astype(np.float64) >= D).all() and (w.scale.astype(np.float64) <= D * (1 + 2 ** -10)).all()
+    assert (w.scale.astype(np.float64) >= D).all() and (w.scale.astype(np.float64) <= D * (1 + 2**-10)).all()
     fD = 1 - np.exp(-a * w.scale.astype(np.float64))
     for t in range(len(v)):
         for j in range(64):
@@ -95,8 +96,9 @@ def test_kd_from_decoded_topk_within_the_derived_bound():
     v, ids, rest = _teacher_topk(2)
     T, k = v.shape
     w = encode_window(v.astype(np.float32), ids, rest, codec=CODEC, slot_bits=10)
-    vals, got_ids, got_rest = decode_window(w.values, w.gaps, w.exceptions, w.scale, w.rest, codec=CODEC,
-                                            slot_bits=10, k=k)
+    vals, got_ids, got_rest = decode_window(
+        w.values, w.gaps, w.exceptions, w.scale, w.rest, codec=CODEC, slot_bits=10, k=k
+    )
     g = np.random.default_rng(3)
     student = g.normal(size=(T, V)).astype(np.float32) * 2  # a full-vocabulary student
     v32 = v.astype(np.float32).astype(np.float64) - v.astype(np.float32)[:, :1]
@@ -114,8 +116,13 @@ def test_kd_from_decoded_topk_within_the_derived_bound():
     bound = 2 * e + np.expm1(2 * e) * (rho.max(1) - rho.min(1)) / 2
     assert (np.abs(kd_comp - kd_exact) <= bound + 1e-9).all()
     # hld's KD on the decoded TeacherLogits is that same numpy number (sum over tokens)
-    got = kd_sum(torch.from_numpy(student), TeacherLogits(values=torch.from_numpy(vals), indices=torch.from_numpy(
-        got_ids), rest=torch.from_numpy(got_rest)), torch.ones(T, dtype=torch.bool))
+    got = kd_sum(
+        torch.from_numpy(student),
+        TeacherLogits(
+            values=torch.from_numpy(vals), indices=torch.from_numpy(got_ids), rest=torch.from_numpy(got_rest)
+        ),
+        torch.ones(T, dtype=torch.bool),
+    )
     assert float(got) == pytest.approx(kd_comp.sum(), rel=1e-5)
 
 
@@ -129,11 +136,12 @@ def test_fp8_hidden_round_trip_within_e4m3_rounding():
     np.testing.assert_allclose(scale, h.abs().amax(-1).numpy() / 448, rtol=1e-6)
     back = fp8_decode(bits, scale)
     s = torch.from_numpy(scale)[..., None]
-    assert ((back - h).abs() <= 2 ** -4 * h.abs() + 2 ** -10 * s + 1e-12).all()
-    assert ((back - h).abs() / h.abs()).max() > 2 ** -6  # the bound is not vacuous: fp8 is lossy
+    assert ((back - h).abs() <= 2**-4 * h.abs() + 2**-10 * s + 1e-12).all()
+    assert ((back - h).abs() / h.abs()).max() > 2**-6  # the bound is not vacuous: fp8 is lossy
 
 
 # ------------------------------------------------------------------------------------ caches on disk
+
 
 def _cache(tmp_path, overrides, *extra):
     cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", *extra])
@@ -142,8 +150,7 @@ def _cache(tmp_path, overrides, *extra):
 
 
 def _open(overrides, path):
-    return build(load_config("smoke", [*overrides, "objective.method=hld-joint", f"teacher.cache={path}"]),
-                 Resources())
+    return build(load_config("smoke", [*overrides, "objective.method=hld-joint", f"teacher.cache={path}"]), Resources())
 
 
 def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, overrides):
@@ -166,7 +173,7 @@ def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, override
         # fp8's rounding (2^-4 relative, 2^-10 s below the normals) plus both copies' bf16 rounding (2^-9 each)
         x, y = sa.hidden[layer].float(), sb.hidden[layer].float()
         s = x.abs().amax(-1, keepdim=True) / 448
-        assert ((y - x).abs() <= (2 ** -4 + 2 ** -7) * x.abs() + 2 ** -10 * s * 1.01).all()
+        assert ((y - x).abs() <= (2**-4 + 2**-7) * x.abs() + 2**-10 * s * 1.01).all()
 
 
 @pytest.mark.parametrize("part", ["topk_indices", "topk_exceptions", "topk_values", "hidden_L2_scale"])
@@ -187,6 +194,7 @@ def test_truncated_compact_arrays_with_matching_checksums_are_refused(tmp_path, 
     """A shard whose arrays are shorter than the manifest says (checksums rewritten to match) fails on
     read with the one-line error, not an IndexError."""
     from hld.fingerprint import file_sha256
+
     _cache(tmp_path, overrides)
     path = sorted((tmp_path / "cache").glob("*.topk_indices.npy"))[0]
     np.save(path, np.load(path)[:, :7])
@@ -205,8 +213,12 @@ def test_format_2_cache_is_still_read_and_format_1_and_unknown_codecs_refused(tm
     path = tmp_path / "cache" / "manifest.json"
     v3 = json.loads(path.read_text())
     v2 = {key: val for key, val in v3.items() if key != "codec"} | {
-        "format_version": 2, "value_dtype": "float16", "index_dtype": "int32", "rest_dtype": "float32",
-        "hidden_dtype": "bfloat16"}
+        "format_version": 2,
+        "value_dtype": "float16",
+        "index_dtype": "int32",
+        "rest_dtype": "float32",
+        "hidden_dtype": "bfloat16",
+    }
     path.write_text(json.dumps(v2))
     s = _open(overrides, tmp_path / "cache")
     sig = s.teacher(s.order.batch(0), s.plan.needs)

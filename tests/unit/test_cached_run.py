@@ -34,8 +34,9 @@ def _no_weights(monkeypatch):
 
 def _metrics(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k.startswith("train/") or k in ("step", "val/loss", "grad_norm")}
-            for r in rows]
+    return [
+        {k: v for k, v in r.items() if k.startswith("train/") or k in ("step", "val/loss", "grad_norm")} for r in rows
+    ]
 
 
 @pytest.mark.parametrize("method", ["kd", "hld-joint"])
@@ -73,8 +74,16 @@ def test_a_cache_of_another_teacher_is_refused_without_loading_it(tmp_path, over
     (other / "model.safetensors").touch()
     _no_weights(monkeypatch)
     with pytest.raises(HldError, match="another teacher"):
-        build(_cfg(overrides, "kd", f"teacher.model={other}", f"teacher.cache={cache}",
-                   "objective.hidden.diagnostics=false"), Resources())
+        build(
+            _cfg(
+                overrides,
+                "kd",
+                f"teacher.model={other}",
+                f"teacher.cache={cache}",
+                "objective.hidden.diagnostics=false",
+            ),
+            Resources(),
+        )
 
 
 def test_which_cached_runs_read_the_teacher_weights(overrides):
@@ -89,5 +98,6 @@ def test_which_cached_runs_read_the_teacher_weights(overrides):
     assert teacher_weights_needed(_cfg(cached, "kd"), one)  # the diagnostics read the teacher's states
     assert not teacher_weights_needed(_cfg(cached, "kd", "objective.hidden.diagnostics=false"), one)
     assert not teacher_weights_needed(_cfg(cached, "hld-joint"), two)  # no diagnostics under torchrun
-    assert teacher_weights_needed(_cfg(cached, "hld-joint", "objective.hidden.loss=lens",
-                                       "objective.hidden.diagnostics=false"), two)  # the lens reads its head
+    assert teacher_weights_needed(
+        _cfg(cached, "hld-joint", "objective.hidden.loss=lens", "objective.hidden.diagnostics=false"), two
+    )  # the lens reads its head

@@ -31,8 +31,11 @@ def _inputs(seed: int, dtype=torch.float64):
 
 def _online_teacher(seed: int, dtype=torch.float64, cap: Optional[float] = None) -> TeacherSignals:
     g = torch.Generator().manual_seed(seed + 1000)
-    return TeacherSignals(final_hidden=torch.randn(B, T_SEQ, D_T, generator=g, dtype=dtype),
-                          head_weight=torch.randn(V, D_T, generator=g, dtype=dtype), softcap=cap)
+    return TeacherSignals(
+        final_hidden=torch.randn(B, T_SEQ, D_T, generator=g, dtype=dtype),
+        head_weight=torch.randn(V, D_T, generator=g, dtype=dtype),
+        softcap=cap,
+    )
 
 
 @dataclass
@@ -47,8 +50,11 @@ class _CachedTeacher:
     def logits(self, rows: slice) -> TeacherLogits:
         k = self.topk_values.shape[-1]
         rest = None if self.rest is None else self.rest.reshape(-1)[rows]
-        return TeacherLogits(values=self.topk_values.reshape(-1, k)[rows],
-                             indices=self.topk_indices.reshape(-1, k)[rows].long(), rest=rest)
+        return TeacherLogits(
+            values=self.topk_values.reshape(-1, k)[rows],
+            indices=self.topk_indices.reshape(-1, k)[rows].long(),
+            rest=rest,
+        )
 
 
 def _cached_teacher(seed: int, k: int, rest: bool = True) -> _CachedTeacher:
@@ -67,8 +73,11 @@ def _reference_teacher(ts, top_k: Optional[int]) -> Optional[TeacherLogits]:
         z = softcap(ts.final_hidden.reshape(N, D_T) @ ts.head_weight.T, ts.softcap)
         if top_k is not None and top_k < V:
             srt = z.sort(dim=-1, descending=True)
-            return TeacherLogits(values=srt.values[:, :top_k], indices=srt.indices[:, :top_k],
-                                 rest=srt.values[:, top_k:].logsumexp(-1).float())
+            return TeacherLogits(
+                values=srt.values[:, :top_k],
+                indices=srt.indices[:, :top_k],
+                rest=srt.values[:, top_k:].logsumexp(-1).float(),
+            )
         return TeacherLogits(dense=z)
     k = ts.topk_values.shape[-1]
     t = ts.logits(slice(0, N))
@@ -84,13 +93,27 @@ def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
     kd = torch.zeros((), dtype=torch.float32)
     teacher = _reference_teacher(ts, spec.top_k)
     if spec.kd_weight and teacher is not None:
-        kd = kd_sum(z, teacher, mask, temperature=spec.temperature, divergence=spec.divergence,
-                    jsd_beta=spec.jsd_beta, top_k_rest=spec.top_k_rest)
+        kd = kd_sum(
+            z,
+            teacher,
+            mask,
+            temperature=spec.temperature,
+            divergence=spec.divergence,
+            jsd_beta=spec.jsd_beta,
+            top_k_rest=spec.top_k_rest,
+        )
     return spec.ce_weight * ce + spec.kd_weight * kd, ce, kd
 
 
-def _check(spec: HeadLossSpec, ts: Optional[TeacherSignals], *, seed: int = 0, dtype=torch.float64,
-           mask_override: Optional[torch.Tensor] = None, rtol: float = 1e-5) -> None:
+def _check(
+    spec: HeadLossSpec,
+    ts: Optional[TeacherSignals],
+    *,
+    seed: int = 0,
+    dtype=torch.float64,
+    mask_override: Optional[torch.Tensor] = None,
+    rtol: float = 1e-5,
+) -> None:
     h, W, y, mask = _inputs(seed, dtype)
     if mask_override is not None:
         mask = mask_override
@@ -167,8 +190,9 @@ def test_forward_kl_online_teacher_truncated_by_spec_top_k(chunk):
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
 def test_other_divergences_autograd_path(chunk, divergence, beta):
-    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, temperature=1.5, divergence=divergence, jsd_beta=beta,
-                        chunk_tokens=chunk)
+    spec = HeadLossSpec(
+        ce_weight=0.4, kd_weight=0.6, temperature=1.5, divergence=divergence, jsd_beta=beta, chunk_tokens=chunk
+    )
     _check(spec, _online_teacher(5), seed=5)
 
 
@@ -182,8 +206,9 @@ def test_jsd_topk_cached_teacher(chunk):
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_softcapped_heads(chunk, divergence):
     """Student and teacher heads soft-capped (Gemma 2 style): the autograd path, cap inside."""
-    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, divergence=divergence, softcap=3.0,
-                        chunk_tokens=chunk)
+    spec = HeadLossSpec(
+        ce_weight=0.5, kd_weight=0.5, temperature=2.0, divergence=divergence, softcap=3.0, chunk_tokens=chunk
+    )
     _check(spec, _online_teacher(7, cap=2.5), seed=7)
 
 
@@ -224,7 +249,7 @@ def test_gradient_scales_with_upstream_gradient(divergence):
         torch.testing.assert_close(a, 3 * b)
     # and composed with other terms (a sum of two uses of the same W)
     loss_a, _ = head_loss(h, W, y, mask, spec, ts.logits)
-    extra = (W ** 2).sum()
+    extra = (W**2).sum()
     gW = torch.autograd.grad(-2 * loss_a + extra, W)[0]
     torch.testing.assert_close(gW, -2 * g1[1] + 2 * W.detach())
 
@@ -279,6 +304,7 @@ def test_bfloat16_weights_and_hidden_states():
 
 # --------------------------------------------------------------------------- top-k teachers with their rest
 
+
 @pytest.mark.parametrize("chunk", [1, 3, 4096])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -287,8 +313,14 @@ def test_topk_teacher_with_rest_fused_equals_autograd_reference(chunk, divergenc
     """forward_kl runs the hand-derived fast path, the others autograd; both against the unfused reference."""
     if divergence == "reverse_kl" and top_k_rest == "renormalize":
         pytest.skip("infinite by construction (tested in test_losses)")
-    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, temperature=temperature, divergence=divergence,
-                        top_k_rest=top_k_rest, chunk_tokens=chunk)
+    spec = HeadLossSpec(
+        ce_weight=0.4,
+        kd_weight=0.6,
+        temperature=temperature,
+        divergence=divergence,
+        top_k_rest=top_k_rest,
+        chunk_tokens=chunk,
+    )
     _check(spec, _cached_teacher(20, k=4), seed=20)
 
 
@@ -296,8 +328,9 @@ def test_topk_teacher_with_rest_fused_equals_autograd_reference(chunk, divergenc
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 def test_online_teacher_top_k_carries_its_rest(chunk, divergence):
     """objective.top_k on an online teacher: TeacherLogits.top_k fills the rest from the dense logits."""
-    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, top_k=4, divergence=divergence,
-                        chunk_tokens=chunk)
+    spec = HeadLossSpec(
+        ce_weight=0.5, kd_weight=0.5, temperature=2.0, top_k=4, divergence=divergence, chunk_tokens=chunk
+    )
     _check(spec, _online_teacher(21), seed=21)
 
 
@@ -339,6 +372,7 @@ def test_bucket_without_rest_is_an_error():
 
 # --------------------------------------------------------------------------- the low-precision fast path
 
+
 @pytest.mark.parametrize("chunk", [3, 7, 4096])
 @pytest.mark.parametrize("case", ["ce", "dense", "dense-T2", "bucket", "bucket-T2", "renormalize"])
 def test_bf16_matmuls_keep_the_loss_exact_on_the_rounded_logits(chunk, case):
@@ -348,11 +382,21 @@ def test_bf16_matmuls_keep_the_loss_exact_on_the_rounded_logits(chunk, case):
     resolution. Chunks of 7 and all rows span several row blocks with a remainder."""
     h, W, y, mask = _inputs(31, torch.float32)
     T = 2.0 if case.endswith("T2") else 1.0
-    ts = (None if case == "ce" else _online_teacher(31, dtype=torch.float32) if case.startswith("dense")
-          else _cached_teacher(31, k=5))
-    spec = HeadLossSpec(ce_weight=1.0 if case == "ce" else 0.4, kd_weight=0.0 if case == "ce" else 0.6,
-                        temperature=T, chunk_tokens=chunk, matmul_dtype=torch.bfloat16,
-                        top_k_rest="renormalize" if case == "renormalize" else "bucket")
+    ts = (
+        None
+        if case == "ce"
+        else _online_teacher(31, dtype=torch.float32)
+        if case.startswith("dense")
+        else _cached_teacher(31, k=5)
+    )
+    spec = HeadLossSpec(
+        ce_weight=1.0 if case == "ce" else 0.4,
+        kd_weight=0.0 if case == "ce" else 0.6,
+        temperature=T,
+        chunk_tokens=chunk,
+        matmul_dtype=torch.bfloat16,
+        top_k_rest="renormalize" if case == "renormalize" else "bucket",
+    )
     ours, stats = head_loss(h, W, y, mask, spec, ts.logits if ts is not None else None)
     z = torch.mm(h.detach().bfloat16(), W.detach().bfloat16().T).double()  # the rounded logits, (N, V)
     teacher = _reference_teacher(ts, None)

@@ -97,8 +97,15 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
     res = Resources()
     teacher_runs = []
     for method in ("ce", "kd"):
-        cfg = load_config("smoke", [*overrides, f"objective.method={method}", "objective.hidden.diagnostics_windows=3",
-                                      "train.precision=float32"])
+        cfg = load_config(
+            "smoke",
+            [
+                *overrides,
+                f"objective.method={method}",
+                "objective.hidden.diagnostics_windows=3",
+                "train.precision=float32",
+            ],
+        )
         train(cfg, tmp_path / method, quiet=True, resources=res)
         lm = res.teacher(cfg.teacher.model, cfg.teacher.dtype).model
         teacher_runs.append(sum(c is lm for c in calls))

@@ -12,14 +12,17 @@ from hld.config import load_config
 from hld.train.loop import build, train_step
 from hld.train.resources import Resources
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("HLD_TEST_COMPILE") == "1"),
-                                reason="torch.compile takes minutes on CPU: set HLD_TEST_COMPILE=1 to run")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("HLD_TEST_COMPILE") == "1"),
+    reason="torch.compile takes minutes on CPU: set HLD_TEST_COMPILE=1 to run",
+)
 
 
 def test_compiled_student_matches_eager(overrides):
     losses = {}
     for comp in (False, True):
-        s = build(load_config("smoke", [*overrides, "objective.method=hld-joint", f"train.compile={comp}"]),
-                  Resources())
+        s = build(
+            load_config("smoke", [*overrides, "objective.method=hld-joint", f"train.compile={comp}"]), Resources()
+        )
         losses[comp] = [train_step(s, k)["train/loss"] for k in range(2)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -26,6 +26,7 @@ def test_every_shipped_yaml_loads(name):
     cfg = load_config(name)
     assert isinstance(cfg, RunConfig)
     raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+
     # every value written in the YAML arrives in the config (nothing silently dropped)
     def check(section: dict, obj, where: str) -> None:
         for k, v in section.items():
@@ -34,6 +35,7 @@ def test_every_shipped_yaml_loads(name):
                 check(v, got, f"{where}{k}.")
             else:
                 assert got == v, f"{where}{k}"
+
     check(raw, cfg, "")
     assert load_config(str(PRESET_DIR / f"{name}.yaml")) == cfg  # by path as well as by name
 
@@ -43,11 +45,14 @@ def test_missing_config_file():
         load_config("nope.yaml")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["bogus=1"], "unknown config key bogus"),
-    (["train.lrr=1"], "unknown config key train.lrr"),
-    (["objective.hidden.pears=[[1, 2]]"], "unknown config key objective.hidden.pears"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["bogus=1"], "unknown config key bogus"),
+        (["train.lrr=1"], "unknown config key train.lrr"),
+        (["objective.hidden.pears=[[1, 2]]"], "unknown config key objective.hidden.pears"),
+    ],
+)
 def test_unknown_key_override(overrides, key):
     with pytest.raises(HldError, match=key.replace(".", r"\.")):
         load_config("smoke", overrides)
@@ -68,40 +73,57 @@ def test_unknown_key_hint():
         load_config(None, ["train.warmup=0.1"])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.batch_size=abc", "train.batch_size"),
-    ("train.batch_size=1.5", "train.batch_size"),
-    ("train.batch_size=true", "train.batch_size"),  # a bool is not an int
-    ("train.lr=fast", "train.lr"),
-    ("train.lr=[1]", "train.lr"),
-    ("train.betas=0.9", "train.betas"),
-    ("data.max_train_docs=many", "data.max_train_docs"),
-    ("data.seq_len=[128]", "data.seq_len"),
-    ("train=3", "train"),  # a section given a scalar
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.batch_size=true", "train.batch_size"),  # a bool is not an int
+        ("train.lr=fast", "train.lr"),
+        ("train.lr=[1]", "train.lr"),
+        ("train.betas=0.9", "train.betas"),
+        ("data.max_train_docs=many", "data.max_train_docs"),
+        ("data.seq_len=[128]", "data.seq_len"),
+        ("train=3", "train"),  # a section given a scalar
+    ],
+)
 def test_wrong_type(override, key):
     with pytest.raises(HldError, match=rf"config {key.replace('.', '[.]')}\b"):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override, key", [
-    ("objective.method=distill", "objective.method"),
-    ("objective.divergence=kl", "objective.divergence"),
-    ("objective.hidden.loss=l1", "objective.hidden.loss"),
-    ("train.schedule=linear", "train.schedule"),
-    ("teacher.dtype=float16", "teacher.dtype"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("objective.method=distill", "objective.method"),
+        ("objective.divergence=kl", "objective.divergence"),
+        ("objective.hidden.loss=l1", "objective.hidden.loss"),
+        ("train.schedule=linear", "train.schedule"),
+        ("teacher.dtype=float16", "teacher.dtype"),
+    ],
+)
 def test_bad_literal(override, key):
     with pytest.raises(HldError, match=rf"config {key.replace('.', '[.]')}=.* is not one of"):
         load_config(None, [override])
 
 
 def test_overrides_are_yaml_scalars():
-    cfg = load_config("smoke", ["train.lr=3e-4", "train.grad_clip=0", "data.max_train_docs=null",
-                                "train.betas=[0.8, 0.99]", "objective.hidden.pairs=[[1, 2], [2, 3]]",
-                                "objective.hidden.mapping=explicit", "objective.top_k=64", "name=my run",
-                                "train.micro_batch_size=2", "objective.method=hld-joint",
-                                "data.train=hf:allenai/c4:en:train"])
+    cfg = load_config(
+        "smoke",
+        [
+            "train.lr=3e-4",
+            "train.grad_clip=0",
+            "data.max_train_docs=null",
+            "train.betas=[0.8, 0.99]",
+            "objective.hidden.pairs=[[1, 2], [2, 3]]",
+            "objective.hidden.mapping=explicit",
+            "objective.top_k=64",
+            "name=my run",
+            "train.micro_batch_size=2",
+            "objective.method=hld-joint",
+            "data.train=hf:allenai/c4:en:train",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.grad_clip == 0.0 and isinstance(cfg.train.grad_clip, float)  # int accepted for float
     assert cfg.data.max_train_docs is None
@@ -121,22 +143,25 @@ def test_later_override_wins_and_malformed_override():
         load_config("smoke", ["name.first=1"])
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    (["objective.method=hld-first", "objective.hidden.first_share=0"], "first_share"),
-    (["objective.method=hld-first", "objective.hidden.first_share=1"], "first_share"),
-    (["train.batch_size=8", "train.micro_batch_size=3"], "micro_batch_size=3 does not divide"),
-    (["train.micro_batch_size=0"], "micro_batch_size"),
-    (["objective.alpha=1.5"], r"alpha=1\.5 is outside \[0, 1\]"),
-    (["objective.alpha=-0.1"], r"alpha=-0\.1 is outside"),
-    (["budget.tokens=100", "train.batch_size=4", "data.seq_len=32"], "budget.tokens=100 is less than one step"),
-    (["data.seq_len=1"], "seq_len"),
-    (["train.lr=0"], "train.lr"),
-    (["objective.temperature=0"], "temperature"),
-    (["objective.hidden.mapping=explicit"], "needs objective.hidden.pairs"),
-    (["objective.method=hld-joint", "objective.hidden.beta=0"], "plain kd"),
-    (["train.schedule=wsd", "train.warmup_share=0.5", "train.decay_share=0.6"], "exceed 1"),
-    (["train.betas=[0.9]"], "betas"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["objective.method=hld-first", "objective.hidden.first_share=0"], "first_share"),
+        (["objective.method=hld-first", "objective.hidden.first_share=1"], "first_share"),
+        (["train.batch_size=8", "train.micro_batch_size=3"], "micro_batch_size=3 does not divide"),
+        (["train.micro_batch_size=0"], "micro_batch_size"),
+        (["objective.alpha=1.5"], r"alpha=1\.5 is outside \[0, 1\]"),
+        (["objective.alpha=-0.1"], r"alpha=-0\.1 is outside"),
+        (["budget.tokens=100", "train.batch_size=4", "data.seq_len=32"], "budget.tokens=100 is less than one step"),
+        (["data.seq_len=1"], "seq_len"),
+        (["train.lr=0"], "train.lr"),
+        (["objective.temperature=0"], "temperature"),
+        (["objective.hidden.mapping=explicit"], "needs objective.hidden.pairs"),
+        (["objective.method=hld-joint", "objective.hidden.beta=0"], "plain kd"),
+        (["train.schedule=wsd", "train.warmup_share=0.5", "train.decay_share=0.6"], "exceed 1"),
+        (["train.betas=[0.9]"], "betas"),
+    ],
+)
 def test_contradictory_values(overrides, problem):
     with pytest.raises(HldError, match=problem):
         load_config("smoke", overrides)
@@ -156,9 +181,18 @@ def test_dump_yaml_round_trips(name):
 def test_dump_yaml_round_trips_awkward_values(tmp_path):
     # strings YAML would read as other types ('yes', '123', 'null') must come back as strings
     base = {"name": "123", "data": {"text_field": "yes", "validation": "null"}}
-    cfg = load_config("smoke", ["name='run: #1 \\ \"double\"'", "data.train=/data dir/c4-train.*.json.gz",
-                                "objective.method=hld-joint", "objective.hidden.mapping=explicit",
-                                "objective.hidden.pairs=[[0, 0], [1, 3]]", "train.lr=1e-5", "student.d_model=96"])
+    cfg = load_config(
+        "smoke",
+        [
+            "name='run: #1 \\ \"double\"'",
+            "data.train=/data dir/c4-train.*.json.gz",
+            "objective.method=hld-joint",
+            "objective.hidden.mapping=explicit",
+            "objective.hidden.pairs=[[0, 0], [1, 3]]",
+            "train.lr=1e-5",
+            "student.d_model=96",
+        ],
+    )
     assert cfg.name == 'run: #1 \\ "double"'
     cfg2 = load_config(None, base=base)
     assert (cfg2.name, cfg2.data.text_field, cfg2.data.validation) == ("123", "yes", "null")
@@ -175,6 +209,7 @@ def test_dump_yaml_round_trips_awkward_values(tmp_path):
 
 
 # --------------------------------------------------------------------------- student sizes
+
 
 def _hand_non_embedding(s: StudentShape) -> int:
     """Gemma 3 block: q, k, v, o projections; gated MLP (gate, up, down); four RMSNorms of width d;
@@ -213,8 +248,9 @@ def test_count_params_of_a_tiny_student():
 
 
 def test_student_overrides_and_bad_shapes():
-    shape = resolve_shape(load_config(None, ["student.preset=tiny-2l", "student.n_layers=3",
-                                             "student.d_ff=128"]).student)
+    shape = resolve_shape(
+        load_config(None, ["student.preset=tiny-2l", "student.n_layers=3", "student.d_ff=128"]).student
+    )
     assert shape == StudentShape(n_layers=3, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
     with pytest.raises(HldError, match="unknown student preset"):
         resolve_shape(load_config(None, ["student.preset=huge"]).student)

@@ -57,11 +57,12 @@ def _hand_windows(stream: list[int], seq_len: int) -> list[list[int]]:
     """The README's protocol with plain lists: chunks of seq_len-1, each led by BOS, tail dropped."""
     body, out = seq_len - 1, []
     for start in range(0, len(stream) - body + 1, body):
-        out.append([BOS] + list(stream[start:start + body]))
+        out.append([BOS] + list(stream[start : start + body]))
     return out
 
 
 # --------------------------------------------------------------------------- sources
+
 
 def test_c4_fixture_shards_in_sorted_file_order():
     files = sorted((ASSETS / "c4").glob("c4-train.*.json.gz"))
@@ -85,8 +86,11 @@ def test_c4_glob_order_is_sorted_names_not_creation_order(tmp_path):
 
 def test_jsonl_skips_blank_lines_and_empty_texts(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "first doc"}\n\n   \n{"text": "  "}\n{"text": "zweites Dokument \\u00e9"}\n'
-                    '{"text": "third\\n\\nwith a blank line inside"}\n', encoding="utf-8")
+    path.write_text(
+        '{"text": "first doc"}\n\n   \n{"text": "  "}\n{"text": "zweites Dokument \\u00e9"}\n'
+        '{"text": "third\\n\\nwith a blank line inside"}\n',
+        encoding="utf-8",
+    )
     assert list(iter_documents(str(path))) == ["first doc", "zweites Dokument é", "third\n\nwith a blank line inside"]
 
 
@@ -110,8 +114,12 @@ def test_hf_local_dataset_saved_to_disk(tmp_path):
     assert list(iter_documents(f"hf:{single}::train", "body")) == ["alpha beta", "gamma"]
 
     multi = tmp_path / "multi"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
-                          "validation": datasets.Dataset.from_dict({"text": ["v1"]})}).save_to_disk(str(multi))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
+            "validation": datasets.Dataset.from_dict({"text": ["v1"]}),
+        }
+    ).save_to_disk(str(multi))
     assert list(iter_documents(f"hf:{multi}::validation")) == ["v1"]
     assert list(iter_documents(f"hf:{multi}::train")) == ["t1", "t2"]
     with pytest.raises(HldError, match="test"):
@@ -136,24 +144,30 @@ def test_hf_stream_is_tokenised_like_files_and_never_cached(tmp_path, tok, hld_c
     assert not (hld_cache_dir / "tokens").exists()
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ("nothing-*.jsonl", "matches no file"),
-    ("data.csv", "unsupported extension"),
-    ("hf:only-two:parts", "hf:NAME:CONFIG:SPLIT"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("nothing-*.jsonl", "matches no file"),
+        ("data.csv", "unsupported extension"),
+        ("hf:only-two:parts", "hf:NAME:CONFIG:SPLIT"),
+    ],
+)
 def test_bad_specs(tmp_path, spec, problem):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(HldError, match=problem):
         list(iter_documents(spec if spec.startswith("hf:") else str(tmp_path / spec)))
 
 
-@pytest.mark.parametrize("content, problem", [
-    (b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken\n', r"bad\.jsonl:3 is not a JSON object"),
-    (b'{"text": "ok"}\n{"body": "no text"}\n', r"bad\.jsonl:2 has no 'text' field"),
-    (b'{"text": 5}\n', r"bad\.jsonl:1 field 'text' is not a string"),
-    (b'[1, 2]\n', r"bad\.jsonl:1 has no 'text' field"),
-    (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"text": "ok"}\n{"text": "ok"}\n{"text": broken\n', r"bad\.jsonl:3 is not a JSON object"),
+        (b'{"text": "ok"}\n{"body": "no text"}\n', r"bad\.jsonl:2 has no 'text' field"),
+        (b'{"text": 5}\n', r"bad\.jsonl:1 field 'text' is not a string"),
+        (b"[1, 2]\n", r"bad\.jsonl:1 has no 'text' field"),
+        (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
+    ],
+)
 def test_bad_jsonl_records(tmp_path, content, problem):
     (tmp_path / "bad.jsonl").write_bytes(content)
     with pytest.raises(HldError, match=problem):
@@ -169,6 +183,7 @@ def test_truncated_gzip_is_an_hld_error(tmp_path):
 
 # --------------------------------------------------------------------------- tokenise and pack
 
+
 def test_stream_is_ids_eos_per_document(tok):
     spec = str(ASSETS / "c4" / "c4-validation.*.json.gz")
     texts = [r["text"] for r in _read_c4(ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz")]
@@ -178,8 +193,7 @@ def test_stream_is_ids_eos_per_document(tok):
     np.testing.assert_array_equal(stream, expected)
     np.testing.assert_array_equal(load_stream(spec, tok, max_docs=3, use_cache=False), _hand_stream(texts[:3], tok))
     # documents tokenised in batches give the same ids as one at a time
-    np.testing.assert_array_equal(
-        packing.tokenize_stream(iter(texts), tok, eos_id=EOS, batch_docs=4), expected)
+    np.testing.assert_array_equal(packing.tokenize_stream(iter(texts), tok, eos_id=EOS, batch_docs=4), expected)
 
 
 def test_text_spelling_bos_is_text_not_a_bos(tok):
@@ -203,11 +217,9 @@ def test_pack_windows_are_bos_plus_consecutive_chunks_last_partial_dropped():
 
 
 def test_labels_on_a_hand_written_example():
-    windows = np.array([[2, 5, 6, 1, 7, 8],
-                        [2, 1, 9, 9, 10, 11]])
+    windows = np.array([[2, 5, 6, 1, 7, 8], [2, 1, 9, 9, 10, 11]])
     b = make_batch(windows)
-    assert b.labels.tolist() == [[5, 6, 1, 7, 8, IGNORE],
-                                 [1, 9, 9, 10, 11, IGNORE]]
+    assert b.labels.tolist() == [[5, 6, 1, 7, 8, IGNORE], [1, 9, 9, 10, 11, IGNORE]]
     assert b.n_targets == 10  # seq_len - 1 predictions per window
     assert torch.equal(b.input_ids, torch.from_numpy(windows))
 
@@ -233,6 +245,7 @@ def test_labels_of_real_windows_match_a_loop(tok):
 
 
 # --------------------------------------------------------------------------- batch order
+
 
 def _order(n: int = 10, *, batch_size: int = 4, seed: int = 0, seq_len: int = 3) -> BatchOrder:
     windows = np.arange(n * seq_len).reshape(n, seq_len) + 3  # row r starts at 3r+3: never BOS
@@ -276,6 +289,7 @@ def test_batch_larger_than_the_corpus():
 
 # --------------------------------------------------------------------------- token cache
 
+
 def _cache_files(cache: Path) -> list[Path]:
     return sorted((cache / "tokens").glob("*.npy"))
 
@@ -300,8 +314,9 @@ def test_corrupt_cache_file_is_rebuilt(tok, hld_cache_dir, damage):
     good = load_stream(spec, tok)
     (path,) = _cache_files(hld_cache_dir)
     raw = path.read_bytes()
-    path.write_bytes({"garbage": b"not a numpy file at all" * 10, "truncated": raw[: len(raw) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"not a numpy file at all" * 10, "truncated": raw[: len(raw) // 2], "empty": b""}[damage]
+    )
     np.testing.assert_array_equal(load_stream(spec, tok), good)
     np.testing.assert_array_equal(np.load(path), good)  # rewritten whole
 

@@ -31,15 +31,20 @@ SCENARIOS = {
     "ddp-kd-micro": (["train.parallel=ddp", "objective.method=kd", "train.micro_batch_size=1"], STEP),
     "ddp-hld-joint": (["train.parallel=ddp", "objective.method=hld-joint"], STEP),
     # hidden phase: no LM loss, so the final norm gets no gradient (torch's DDP reducer fails here)
-    "ddp-hld-first-hidden": (["train.parallel=ddp", "objective.method=hld-first",
-                              "objective.hidden.first_share=0.5"], STEP),
+    "ddp-hld-first-hidden": (
+        ["train.parallel=ddp", "objective.method=hld-first", "objective.hidden.first_share=0.5"],
+        STEP,
+    ),
     "fsdp2-kd": (["train.parallel=fsdp2", "objective.method=kd"], STEP),
-    "fsdp2-hld-joint-micro": (["train.parallel=fsdp2", "objective.method=hld-joint", "train.micro_batch_size=1"],
-                              STEP),
-    "fsdp2-hld-first-hidden": (["train.parallel=fsdp2", "objective.method=hld-first",
-                                "objective.hidden.first_share=0.5"], STEP),
-    "fsdp2-hld-first-kd": (["train.parallel=fsdp2", "objective.method=hld-first",
-                            "objective.hidden.first_share=0.5"], 5),  # projectors unused: no gradient
+    "fsdp2-hld-joint-micro": (["train.parallel=fsdp2", "objective.method=hld-joint", "train.micro_batch_size=1"], STEP),
+    "fsdp2-hld-first-hidden": (
+        ["train.parallel=fsdp2", "objective.method=hld-first", "objective.hidden.first_share=0.5"],
+        STEP,
+    ),
+    "fsdp2-hld-first-kd": (
+        ["train.parallel=fsdp2", "objective.method=hld-first", "objective.hidden.first_share=0.5"],
+        5,
+    ),  # projectors unused: no gradient
 }
 
 
@@ -116,6 +121,7 @@ def test_the_scenarios_exercise_the_phases(one_process):
 
 # --------------------------------------------------------------------------- no second process needed
 
+
 def test_rank_slices_tile_the_global_batch():
     from hld.data.packing import make_batch
 
@@ -141,9 +147,21 @@ def test_batch_split_and_mode_rules():
 
 
 def _argv(run, *extra):
-    return ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "budget.tokens=1024",
-            "objective.method=hld-first", "objective.hidden.first_share=0.5", "train.parallel=fsdp2",
-            "train.checkpoint_every_steps=2", "--quiet", *extra]
+    return [
+        "train",
+        "--config",
+        "smoke",
+        "--out",
+        str(run),
+        *tiny_overrides(),
+        "budget.tokens=1024",
+        "objective.method=hld-first",
+        "objective.hidden.first_share=0.5",
+        "train.parallel=fsdp2",
+        "train.checkpoint_every_steps=2",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_sharded_checkpoint_resumes_bitwise_on_one_process(tmp_path, monkeypatch):

@@ -30,14 +30,15 @@ B = 2
 @pytest.fixture(scope="module")
 def teacher():
     from transformers import AutoModelForCausalLM
-    lm = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny_teacher", dtype=torch.float32,
-                                              attn_implementation="eager")
+
+    lm = AutoModelForCausalLM.from_pretrained(ASSETS / "tiny_teacher", dtype=torch.float32, attn_implementation="eager")
     return lm.eval()
 
 
 @pytest.fixture(scope="module")
 def student():
     from hld.models.student import build_student
+
     lm = build_student(StudentConfig(preset="tiny-2l"), vocab_size=512, bos_id=2, eos_id=1, pad_id=0, seed=0)
     lm.config._attn_implementation = "eager"
     return lm
@@ -177,8 +178,9 @@ def test_student_training_step_is_three_forwards(student):
 def test_step_cost_adds_teacher_and_projectors(student, teacher):
     T = 32
     dims = ((64, 48), (64, 48))
-    cost = step_cost(student, T, teacher=teacher, teacher_logits=False, teacher_upto=2, projector_dims=dims,
-                     student_logits=False)
+    cost = step_cost(
+        student, T, teacher=teacher, teacher_logits=False, teacher_upto=2, projector_dims=dims, student_logits=False
+    )
     assert cost.teacher == pytest.approx(forward_flops_per_token(teacher, T, logits=False, upto_layer=2))
     # a trained Linear(d_s -> d_t): forward 2*d_s*d_t, backward twice that; counted by the counter
     proj = torch.nn.Linear(64, 48, bias=False)

@@ -22,19 +22,28 @@ MICRO_SIZES = (8, 4, 1)
 
 def _overrides(method: str, micro: int) -> list[str]:
     a = ASSETS
-    return [f"teacher.model={a}/tiny_teacher", f"data.train={a}/c4/c4-train.*.json.gz",
-            f"data.validation={a}/c4/c4-validation.*.json.gz", "student.preset=tiny-2l", "data.seq_len=32",
-            "train.batch_size=8", "budget.tokens=2048", f"objective.method={method}",  # 8 steps
-            f"train.micro_batch_size={micro}",
-            "train.precision=float32", "teacher.dtype=float32",  # the comparison is at fp32 rounding level
-            "train.grad_clip=0",  # capture the raw accumulated gradient (clipping would rescale it)
-            "train.loss_chunk_tokens=40",  # several head chunks per micro-batch, not aligned to rows
-            "objective.hidden.first_share=0.5"]
+    return [
+        f"teacher.model={a}/tiny_teacher",
+        f"data.train={a}/c4/c4-train.*.json.gz",
+        f"data.validation={a}/c4/c4-validation.*.json.gz",
+        "student.preset=tiny-2l",
+        "data.seq_len=32",
+        "train.batch_size=8",
+        "budget.tokens=2048",
+        f"objective.method={method}",  # 8 steps
+        f"train.micro_batch_size={micro}",
+        "train.precision=float32",
+        "teacher.dtype=float32",  # the comparison is at fp32 rounding level
+        "train.grad_clip=0",  # capture the raw accumulated gradient (clipping would rescale it)
+        "train.loss_chunk_tokens=40",  # several head chunks per micro-batch, not aligned to rows
+        "objective.hidden.first_share=0.5",
+    ]
 
 
 @pytest.fixture(scope="module")
 def resources(tmp_path_factory):
     from hld.train.resources import Resources
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
         yield Resources()
@@ -74,14 +83,15 @@ def _assert_grads_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for k in a:
         scale = max(float(b[k].abs().max()), 1e-12)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * scale,
-                                   msg=lambda m, k=k: f"{what}: {k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6 * scale, msg=lambda m, k=k: f"{what}: {k}: {m}")
 
 
 @pytest.mark.parametrize("method,step", [("kd", 1), ("hld-joint", 1), ("hld-first", 1), ("hld-first", 7)])
 def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step):
-    setups = {mb: build(load_config("smoke", _overrides(method, mb)), resources, device=torch.device("cpu"))
-              for mb in MICRO_SIZES}
+    setups = {
+        mb: build(load_config("smoke", _overrides(method, mb)), resources, device=torch.device("cpu"))
+        for mb in MICRO_SIZES
+    }
     s8 = setups[8]
     for s in setups.values():
         _uneven_targets(s)
@@ -91,9 +101,13 @@ def test_micro_batch_split_gives_same_gradients_and_loss(resources, method, step
 
     # the unsplit batch's mean loss and its gradient, by autograd on the whole batch at once
     B, T = s8.cfg.train.batch_size, s8.cfg.data.seq_len
-    phase, _ = s8.plan.at_step(step, s8.total_steps, tokens_before=step * B * T,  # the loop's own rule
-                               tokens_in_step=s8.length.tokens_at(step, B, T),
-                               tokens_total=(s8.total_steps - 1) * B * T + B * s8.length.last_len)
+    phase, _ = s8.plan.at_step(
+        step,
+        s8.total_steps,
+        tokens_before=step * B * T,  # the loop's own rule
+        tokens_in_step=s8.length.tokens_at(step, B, T),
+        tokens_total=(s8.total_steps - 1) * B * T + B * s8.length.last_len,
+    )
     batch = s8.order.batch(step)
     teacher = s8.teacher(batch, phase.objective.needs)
     loss_sum, n, _ = phase.objective(batch, s8.runner(batch.input_ids), teacher)
@@ -130,8 +144,16 @@ def test_kd_step_gradient_matches_independent_hf_computation(resources):
         t_logits = s.teacher_lm(input_ids=batch.input_ids).logits[mask]  # (n, V)
     s_logits = s.student(input_ids=batch.input_ids).logits[mask]
     ce = F.cross_entropy(s_logits.float(), batch.labels[mask], reduction="sum")
-    kl = F.kl_div(torch.log_softmax(s_logits.float() / T, -1), torch.log_softmax(t_logits.float() / T, -1),
-                  log_target=True, reduction="sum") * T * T
+    kl = (
+        F.kl_div(
+            torch.log_softmax(s_logits.float() / T, -1),
+            torch.log_softmax(t_logits.float() / T, -1),
+            log_target=True,
+            reduction="sum",
+        )
+        * T
+        * T
+    )
     ref_loss = ((1 - alpha) * ce + alpha * kl) / int(mask.sum())
     params = named_params(s)
     ref = dict(zip(params, torch.autograd.grad(ref_loss, list(params.values()))))

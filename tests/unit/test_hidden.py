@@ -28,6 +28,7 @@ from hld.distill.schedule import step_progress, weight_at
 
 # --------------------------------------------------------------------------- standardisation
 
+
 def test_standardize_stats_match_float64_numpy():
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -68,6 +69,7 @@ def test_first_position_left_out():
 
 
 # --------------------------------------------------------------------------- relation
+
 
 def _relation_numpy(s: np.ndarray, t: np.ndarray, mask: np.ndarray) -> float:
     total = 0.0
@@ -115,6 +117,7 @@ def test_relation_is_zero_for_a_rotated_scaled_copy():
 
 # --------------------------------------------------------------------------- lens
 
+
 class _Norm(torch.nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -143,6 +146,7 @@ def test_lens_matches_unfused_autograd(T, cap):
     def head(x):
         z = norm(x) @ W.T
         return z if cap is None else cap * torch.tanh(z / cap)
+
     with torch.no_grad():
         logp_t = torch.log_softmax(head(target) / T, -1)
     logq = torch.log_softmax(head(p2) / T, -1)
@@ -153,6 +157,7 @@ def test_lens_matches_unfused_autograd(T, cap):
 
 
 # --------------------------------------------------------------------------- schedules
+
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "wsd"])
 def test_weight_schedules_follow_their_formulas(kind):
@@ -174,8 +179,12 @@ def test_weight_schedules_follow_their_formulas(kind):
 
 def test_plan_sets_scheduled_alpha_and_beta():
     proj = Projectors([(1, 2)], d_student=4, d_teacher=6)
-    cfg = ObjectiveConfig(method="hld-joint", alpha=0.6, alpha_schedule=ScheduleConfig(kind="linear", final=0.2),
-                          hidden=HiddenConfig(beta=2.0, beta_schedule=ScheduleConfig(kind="cosine", final=0.0)))
+    cfg = ObjectiveConfig(
+        method="hld-joint",
+        alpha=0.6,
+        alpha_schedule=ScheduleConfig(kind="linear", final=0.2),
+        hidden=HiddenConfig(beta=2.0, beta_schedule=ScheduleConfig(kind="cosine", final=0.0)),
+    )
     plan = build_plan(cfg, projectors=proj, chunk_tokens=8)
     kd, hidden = plan.phases[0].objective.parts
     for step in (0, 3, 10):
@@ -189,11 +198,13 @@ def test_plan_sets_scheduled_alpha_and_beta():
 
 # --------------------------------------------------------------------------- hld-first boundary
 
+
 @pytest.mark.parametrize("share,steps", [(0.2, 12), (0.25, 12), (0.3, 7), (0.5, 2)])
 def test_hld_first_hidden_phase_spends_exactly_first_share(share, steps):
     proj = Projectors([(1, 2)], d_student=4, d_teacher=6)
-    plan = build_plan(ObjectiveConfig(method="hld-first", hidden=HiddenConfig(first_share=share)), projectors=proj,
-                      chunk_tokens=8)
+    plan = build_plan(
+        ObjectiveConfig(method="hld-first", hidden=HiddenConfig(first_share=share)), projectors=proj, chunk_tokens=8
+    )
     T = 10
     hidden_tokens = 0.0
     for k in range(steps):
@@ -203,15 +214,19 @@ def test_hld_first_hidden_phase_spends_exactly_first_share(share, steps):
         elif ph.name == "hidden+kd":
             hidden_tokens += ph.objective.share * T
     assert hidden_tokens == pytest.approx(share * steps * T)
-    assert sum(plan.at_step(k, steps, tokens_before=k * T, tokens_in_step=T, tokens_total=steps * T)[0].name
-               == "hidden+kd" for k in range(steps)) == (0 if abs(share * steps - round(share * steps)) < 1e-9 else 1)
+    assert sum(
+        plan.at_step(k, steps, tokens_before=k * T, tokens_in_step=T, tokens_total=steps * T)[0].name == "hidden+kd"
+        for k in range(steps)
+    ) == (0 if abs(share * steps - round(share * steps)) < 1e-9 else 1)
 
 
 # --------------------------------------------------------------------------- on the tiny teacher
 
+
 @pytest.fixture(scope="module")
 def resources(tmp_path_factory):
     from hld.train.resources import Resources
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
         yield Resources()
@@ -220,8 +235,10 @@ def resources(tmp_path_factory):
 def _build(resources, overrides, *extra):
     from hld.config import load_config
     from hld.train.loop import build
-    return build(load_config("smoke", [*overrides, "objective.method=hld-joint", *extra]), resources,
-                 device=torch.device("cpu"))
+
+    return build(
+        load_config("smoke", [*overrides, "objective.method=hld-joint", *extra]), resources, device=torch.device("cpu")
+    )
 
 
 @pytest.mark.parametrize("loss", ["relation", "lens", "mse"])
@@ -239,8 +256,11 @@ def test_each_loss_trains_and_is_counted(resources, overrides, loss):
     kd_only = step_cost(s.student, 32, teacher=s.teacher_lm, teacher_logits=True)
     extra = s.costs["hld-joint"].total - kd_only.total
     d_s, d_t, V, T = s.student.config.hidden_size, s.teacher_lm.config.hidden_size, s.teacher_lm.config.vocab_size, 32
-    want = {"relation": n * (6 * T * d_s + 2 * T * d_t), "mse": n * 6 * d_s * d_t,
-            "lens": n * (6 * d_s * d_t + 6 * d_t * V)}[loss]
+    want = {
+        "relation": n * (6 * T * d_s + 2 * T * d_t),
+        "mse": n * 6 * d_s * d_t,
+        "lens": n * (6 * d_s * d_t + 6 * d_t * V),
+    }[loss]
     assert extra == pytest.approx(want)
     m = train_step(s, 0)
     assert not m["skipped"] and math.isfinite(m["train/hidden"]) and m["train/hidden"] > 0
@@ -258,6 +278,7 @@ def test_standardize_stats_are_frozen_in_the_run_dir_and_projectors_stay_out_of_
     stats = load_stats(tmp_path / "run" / "hidden_stats.pt")
     from hld.train.loop import build
     from hld.train.resources import Resources
+
     s = build(cfg, Resources(), device=torch.device("cpu"))
     masks = torch.cat([s.order.batch(0).mask, s.order.batch(1).mask[:2]])  # the first 6 windows, 4 per batch
     n_valid = int(hidden_mask(masks, skip_first=True).sum())
@@ -278,8 +299,16 @@ def test_every_loss_and_normalisation_runs_with_the_layer_diagnostics(tmp_path, 
     from hld.train.loop import train
 
     for loss in ("mse", "cosine", "relation", "lens"):
-        cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", f"objective.hidden.loss={loss}",
-                                    f"objective.hidden.normalize_teacher={norm}", "train.eval_every_steps=2"])
+        cfg = load_config(
+            "smoke",
+            [
+                *overrides,
+                "objective.method=hld-joint",
+                f"objective.hidden.loss={loss}",
+                f"objective.hidden.normalize_teacher={norm}",
+                "train.eval_every_steps=2",
+            ],
+        )
         summary = train(cfg, tmp_path / f"{norm}-{loss}", quiet=True)
         assert math.isfinite(summary["val/loss"])
         assert any(k.startswith("val/cka/") for k in summary), summary.keys()

@@ -26,5 +26,4 @@ def test_every_unit_is_ranked_and_imports_run_one_way():
 
 def test_an_upward_import_is_reported():
     layers = _layers()
-    assert layers.against_order({("distill", "train"), ("eval", "train")}) == [("distill", "train"),
-                                                                               ("eval", "train")]
+    assert layers.against_order({("distill", "train"), ("eval", "train")}) == [("distill", "train"), ("eval", "train")]

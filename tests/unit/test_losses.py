@@ -15,7 +15,7 @@ N, V = 7, 11  # rows, vocabulary
 
 def _rows(seed: int, n: int = N, v: int = V, scale: float = 2.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, v, generator=g, dtype=torch.float64) * scale)
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * scale
 
 
 def _mask(n: int = N) -> torch.Tensor:
@@ -25,6 +25,7 @@ def _mask(n: int = N) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- numpy references
+
 
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(-1, keepdims=True)
@@ -39,8 +40,16 @@ def np_kl(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     return terms.sum(-1)
 
 
-def np_divergence(s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, divergence: str,
-                  beta: float = 0.5, topk: int | None = None) -> float:
+def np_divergence(
+    s: np.ndarray,
+    t: np.ndarray,
+    mask: np.ndarray,
+    *,
+    T: float,
+    divergence: str,
+    beta: float = 0.5,
+    topk: int | None = None,
+) -> float:
     """T^2 * D summed over valid rows; with `topk` the teacher is its softmax over its top-k logits."""
     logq = np_log_softmax(s / T)
     if topk is None:
@@ -63,8 +72,9 @@ def np_divergence(s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, d
     return float((per * mask).sum() * T * T)
 
 
-def torch_reference_kd(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, T: float, divergence: str,
-                       beta: float = 0.5) -> torch.Tensor:
+def torch_reference_kd(
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, T: float, divergence: str, beta: float = 0.5
+) -> torch.Tensor:
     """The same formulas written directly in float64 torch (for reference gradients)."""
     p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
     if divergence == "forward_kl":
@@ -85,6 +95,7 @@ def _close(actual: torch.Tensor | float, expected, *, rtol: float = 1e-5, atol: 
 
 # --------------------------------------------------------------------------- cross-entropy
 
+
 def test_ce_sum_matches_torch_cross_entropy_value_and_grad():
     logits = _rows(0).requires_grad_(True)
     targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
@@ -94,8 +105,8 @@ def test_ce_sum_matches_torch_cross_entropy_value_and_grad():
     ours = ce_sum(logits, targets, mask)
     ref = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     _close(ours, ref)
-    g_ours, = torch.autograd.grad(ours, logits)
-    g_ref, = torch.autograd.grad(ref, logits)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
     _close(g_ours, g_ref)
     assert g_ours[~mask].abs().max() == 0
 
@@ -108,6 +119,7 @@ def test_ce_sum_is_a_sum_not_a_mean():
 
 # --------------------------------------------------------------------------- KD divergences
 
+
 @pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
 def test_forward_kl_matches_torch_kl_div_and_numpy(T):
     s = _rows(2).requires_grad_(True)
@@ -115,11 +127,15 @@ def test_forward_kl_matches_torch_kl_div_and_numpy(T):
     mask = _mask()
     ours = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence="forward_kl")
     # F.kl_div(input=log q, target=log p) = sum p (log p - log q) = KL(teacher || student)
-    ref = F.kl_div(torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1),
-                   log_target=True, reduction="sum") * T * T
+    ref = (
+        F.kl_div(
+            torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True, reduction="sum"
+        )
+        * T
+        * T
+    )
     _close(ours, ref)
-    _close(ours, np_divergence(s.detach().numpy(), t.detach().numpy(), mask.numpy(), T=T,
-                               divergence="forward_kl"))
+    _close(ours, np_divergence(s.detach().numpy(), t.detach().numpy(), mask.numpy(), T=T, divergence="forward_kl"))
     g_ours = torch.autograd.grad(ours, (s, t))
     g_ref = torch.autograd.grad(ref, (s, t))
     for a, b in zip(g_ours, g_ref):
@@ -143,13 +159,16 @@ def test_temperature_scaling_is_t_squared():
     """Both distributions are softened by T and the divergence is multiplied by T^2 (not T, not 1)."""
     s, t, mask = _rows(6), _rows(7), _mask()
     for T in (1.0, 3.0):
-        raw = F.kl_div(torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1),
-                       log_target=True, reduction="sum")
+        raw = F.kl_div(
+            torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True, reduction="sum"
+        )
         _close(kd_sum(s, TeacherLogits(dense=t), mask, temperature=T), raw * T * T)
 
 
-@pytest.mark.parametrize("divergence,beta,T", [("reverse_kl", 0.5, 1.0), ("reverse_kl", 0.5, 2.0),
-                                               ("jsd", 0.5, 1.0), ("jsd", 0.1, 1.0), ("jsd", 0.9, 2.0)])
+@pytest.mark.parametrize(
+    "divergence,beta,T",
+    [("reverse_kl", 0.5, 1.0), ("reverse_kl", 0.5, 2.0), ("jsd", 0.5, 1.0), ("jsd", 0.1, 1.0), ("jsd", 0.9, 2.0)],
+)
 def test_reverse_kl_and_jsd_match_numpy_value_and_grad(divergence, beta, T):
     s = _rows(8).requires_grad_(True)
     t = _rows(9, scale=3.0)
@@ -158,8 +177,8 @@ def test_reverse_kl_and_jsd_match_numpy_value_and_grad(divergence, beta, T):
     _close(ours, np_divergence(s.detach().numpy(), t.numpy(), mask.numpy(), T=T, divergence=divergence, beta=beta))
     ref = torch_reference_kd(s, t, mask, T=T, divergence=divergence, beta=beta)
     _close(ours, ref)
-    g_ours, = torch.autograd.grad(ours, s)
-    g_ref, = torch.autograd.grad(ref, s)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
     _close(g_ours, g_ref)
     assert g_ours[~mask].abs().max() == 0
 
@@ -179,6 +198,7 @@ def test_unknown_divergence_is_an_error():
 
 # --------------------------------------------------------------------------- top-k teachers
 
+
 def _topk(t: torch.Tensor, k: int, *, rest: bool = True) -> TeacherLogits:
     """The top k of t (sorted: a permutation of the vocabulary when k = V) and, with `rest`, the
     log-sum-exp of the others from the sorted tail (-inf when there are none)."""
@@ -190,8 +210,9 @@ def _topk(t: torch.Tensor, k: int, *, rest: bool = True) -> TeacherLogits:
     return TeacherLogits(values=v, indices=i, rest=r)
 
 
-def np_bucket_divergence(s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, divergence: str, k: int,
-                         beta: float = 0.5) -> float:
+def np_bucket_divergence(
+    s: np.ndarray, t: np.ndarray, mask: np.ndarray, *, T: float, divergence: str, k: int, beta: float = 0.5
+) -> float:
     """T^2 * D on the (k+1)-outcome coarsening, written out per row in float64: the teacher is
     softmax([top-k logits, log sum exp(the others)] / T), the student softmax(s / T) with its
     probabilities off the teacher's top k added up."""
@@ -241,7 +262,7 @@ def test_bucket_topk_matches_numpy_value_and_grad(divergence, T, k):
     ref = lambda x: np_bucket_divergence(x, t.numpy(), mask.numpy(), T=T, divergence=divergence, k=k, beta=0.3)
     assert np.isfinite(float(ours.detach()))
     _close(ours, ref(s.detach().numpy()))
-    g, = torch.autograd.grad(ours, s)
+    (g,) = torch.autograd.grad(ours, s)
     _close(g, np_grad(ref, s.detach().numpy().copy()), rtol=1e-4, atol=1e-5)
     assert g[~mask].abs().max() == 0
 
@@ -256,14 +277,15 @@ def test_topk_with_k_equal_vocab_is_dense(divergence, T, top_k_rest):
     sparse = kd_sum(s, _topk(t, V), mask, temperature=T, divergence=divergence, top_k_rest=top_k_rest)
     assert float(_topk(t, V).rest.max()) == float("-inf")
     _close(sparse, dense)
-    g_dense, = torch.autograd.grad(dense, s)
-    g_sparse, = torch.autograd.grad(sparse, s)
+    (g_dense,) = torch.autograd.grad(dense, s)
+    (g_sparse,) = torch.autograd.grad(sparse, s)
     assert torch.isfinite(g_sparse).all()
     _close(g_sparse, g_dense)
 
 
-@pytest.mark.parametrize("divergence,T,k", [("forward_kl", 1.0, 3), ("forward_kl", 2.0, 5),
-                                            ("jsd", 1.0, 3), ("jsd", 2.0, 6)])
+@pytest.mark.parametrize(
+    "divergence,T,k", [("forward_kl", 1.0, 3), ("forward_kl", 2.0, 5), ("jsd", 1.0, 3), ("jsd", 2.0, 6)]
+)
 def test_topk_renormalize_matches_renormalised_teacher(divergence, T, k):
     s = _rows(14).requires_grad_(True)
     t, mask = _rows(15, scale=3.0), _mask()
@@ -280,8 +302,8 @@ def test_topk_renormalize_matches_renormalised_teacher(divergence, T, k):
         per = 0.5 * (p * (torch.where(p > 0, p, 1.0).log() - m.log())).sum(-1) + 0.5 * (q * (q.log() - m.log())).sum(-1)
     ref = per[mask].sum() * T * T
     _close(ours, ref)
-    g_ours, = torch.autograd.grad(ours, s)
-    g_ref, = torch.autograd.grad(ref, s)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    (g_ref,) = torch.autograd.grad(ref, s)
     _close(g_ours, g_ref)
     dense = kd_sum(s.detach(), TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
     assert float(ours.detach()) != pytest.approx(float(dense), rel=1e-3)  # truncation really happened
@@ -316,8 +338,9 @@ def test_bucket_student_rest_is_exact_when_nearly_all_mass_is_on_the_top_k():
     mask = torch.ones(2, dtype=torch.bool)
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
         ours = kd_sum(s, _topk(t, 3), mask, divergence=divergence)
-        _close(ours, np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence=divergence, k=3),
-               rtol=1e-4)
+        _close(
+            ours, np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence=divergence, k=3), rtol=1e-4
+        )
 
 
 def test_bucket_needs_rest_and_checks_its_name():
@@ -372,15 +395,20 @@ def test_teacher_logits_top_k_truncates_a_cached_top_k():
     _close(cached.rest, direct.rest)
     assert _topk(t, 6, rest=False).top_k(3).rest is None
     s, mask = _rows(27), _mask()
-    _close(kd_sum(s, cached, mask), np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0,
-                                                         divergence="forward_kl", k=3))
-    _close(kd_sum(s, cached, mask, top_k_rest="renormalize"),
-           np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl", topk=3))
+    _close(
+        kd_sum(s, cached, mask),
+        np_bucket_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl", k=3),
+    )
+    _close(
+        kd_sum(s, cached, mask, top_k_rest="renormalize"),
+        np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl", topk=3),
+    )
     wide = _topk(t, 6)
     assert wide.top_k(6) is wide and wide.top_k(10) is wide and wide.top_k(None) is wide
 
 
 # --------------------------------------------------------------------------- masking
+
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("top_k", [None, 3])
@@ -394,12 +422,12 @@ def test_masked_rows_with_extreme_logits_contribute_nothing(divergence, top_k):
     base = kd_sum(s, teacher(t), mask, divergence=divergence, temperature=2.0)
     ext = kd_sum(s_x, teacher(t_x), mask, divergence=divergence, temperature=2.0)
     _close(ext, base)
-    g, = torch.autograd.grad(ext, s_x)
+    (g,) = torch.autograd.grad(ext, s_x)
     assert torch.isfinite(g).all() and g[~mask].abs().max() == 0
 
     targets = torch.zeros(N, dtype=torch.long)
     _close(ce_sum(s_x, targets, mask), ce_sum(s, targets, mask))
-    g, = torch.autograd.grad(ce_sum(s_x, targets, mask), s_x)
+    (g,) = torch.autograd.grad(ce_sum(s_x, targets, mask), s_x)
     assert torch.isfinite(g).all() and g[~mask].abs().max() == 0
 
 
@@ -412,15 +440,17 @@ def test_all_rows_masked_gives_zero():
 
 # --------------------------------------------------------------------------- hidden-state losses
 
-def np_hidden(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *, loss: str, norm: str,
-              eps: float = 1e-6) -> float:
+
+def np_hidden(
+    pred: np.ndarray, target: np.ndarray, mask: np.ndarray, *, loss: str, norm: str, eps: float = 1e-6
+) -> float:
     if norm == "rms":
-        target = target / np.sqrt((target ** 2).mean(-1, keepdims=True) + eps)
+        target = target / np.sqrt((target**2).mean(-1, keepdims=True) + eps)
     e = pred - target
     if loss == "mse":
-        per = (e ** 2).mean(-1)
+        per = (e**2).mean(-1)
     elif loss == "nmse":
-        per = (e ** 2).sum(-1) / ((target ** 2).sum(-1) + eps)
+        per = (e**2).sum(-1) / ((target**2).sum(-1) + eps)
     else:
         cos = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
         per = 1 - cos
@@ -484,6 +514,7 @@ def test_hidden_sum_unknown_options_are_errors():
 
 
 # --------------------------------------------------------------------------- soft-capping
+
 
 def test_softcap():
     z = torch.linspace(-100, 100, 9, dtype=torch.float64)

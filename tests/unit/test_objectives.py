@@ -23,23 +23,35 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 def fixture_overrides(method: str, *extra: str) -> list[str]:
     a = ASSETS
-    return [f"teacher.model={a}/tiny_teacher", f"data.train={a}/c4/c4-train.*.json.gz",
-            f"data.validation={a}/c4/c4-validation.*.json.gz", "student.preset=tiny-2l", "data.seq_len=32",
-            "train.batch_size=8", "budget.tokens=512", "train.precision=float32", "teacher.dtype=float32",
-            f"objective.method={method}",
-            *extra]
+    return [
+        f"teacher.model={a}/tiny_teacher",
+        f"data.train={a}/c4/c4-train.*.json.gz",
+        f"data.validation={a}/c4/c4-validation.*.json.gz",
+        "student.preset=tiny-2l",
+        "data.seq_len=32",
+        "train.batch_size=8",
+        "budget.tokens=512",
+        "train.precision=float32",
+        "teacher.dtype=float32",
+        f"objective.method={method}",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------- layer mapping
 
-@pytest.mark.parametrize("n_student,n_teacher,expected", [
-    (1, 18, [(1, 18)]),
-    (2, 3, [(1, 2), (2, 3)]),  # 1.5 rounds half to even
-    (2, 18, [(1, 9), (2, 18)]),
-    (3, 18, [(1, 6), (2, 12), (3, 18)]),
-    (4, 18, [(1, 4), (2, 9), (3, 14), (4, 18)]),  # 4.5 -> 4, 13.5 -> 14 (half to even)
-    (6, 6, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]),
-])
+
+@pytest.mark.parametrize(
+    "n_student,n_teacher,expected",
+    [
+        (1, 18, [(1, 18)]),
+        (2, 3, [(1, 2), (2, 3)]),  # 1.5 rounds half to even
+        (2, 18, [(1, 9), (2, 18)]),
+        (3, 18, [(1, 6), (2, 12), (3, 18)]),
+        (4, 18, [(1, 4), (2, 9), (3, 14), (4, 18)]),  # 4.5 -> 4, 13.5 -> 14 (half to even)
+        (6, 6, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]),
+    ],
+)
 def test_uniform_pairs(n_student, n_teacher, expected):
     pairs = layer_pairs(HiddenConfig(mapping="uniform"), n_student=n_student, n_teacher=n_teacher)
     assert pairs == expected
@@ -69,8 +81,15 @@ def test_explicit_pairs_kept_in_order_including_embeddings():
     assert layer_pairs(cfg, n_student=2, n_teacher=18) == [(0, 0), (1, 9), (2, 18)]
 
 
-@pytest.mark.parametrize("pair,who,rng", [([3, 5], "student", "0..2"), ([-1, 5], "student", "0..2"),
-                                          ([1, 19], "teacher", "0..18"), ([1, -2], "teacher", "0..18")])
+@pytest.mark.parametrize(
+    "pair,who,rng",
+    [
+        ([3, 5], "student", "0..2"),
+        ([-1, 5], "student", "0..2"),
+        ([1, 19], "teacher", "0..18"),
+        ([1, -2], "teacher", "0..18"),
+    ],
+)
 def test_explicit_out_of_range(pair, who, rng):
     with pytest.raises(HldError) as err:
         layer_pairs(HiddenConfig(mapping="explicit", pairs=[pair]), n_student=2, n_teacher=18)
@@ -85,6 +104,7 @@ def test_explicit_malformed_entry(bad):
 
 
 # --------------------------------------------------------------------------- projectors
+
 
 def test_projector_shapes_and_keys():
     pairs = [(1, 4), (2, 9)]
@@ -113,6 +133,7 @@ def test_projector_init_depends_on_seed_only():
 
 # --------------------------------------------------------------------------- hidden objective
 
+
 def _batch(B: int, T: int, seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 50, (B, T), generator=g)
@@ -130,8 +151,11 @@ def test_hidden_objective_matches_hand_computation(loss, norm):
     batch = _batch(B, T, 0)
     g = torch.Generator().manual_seed(1)
     s_hidden = {1: torch.randn(B, T, d_s, generator=g), 2: torch.randn(B, T, d_s, generator=g)}
-    t_hidden = {2: torch.randn(B, T, d_t, generator=g) * 20, 3: torch.randn(B, T, d_t, generator=g) * 50,
-                1: torch.randn(B, T, d_t, generator=g)}  # layer 1 is not paired: must be ignored
+    t_hidden = {
+        2: torch.randn(B, T, d_t, generator=g) * 20,
+        3: torch.randn(B, T, d_t, generator=g) * 50,
+        1: torch.randn(B, T, d_t, generator=g),
+    }  # layer 1 is not paired: must be ignored
     student = StudentOutputs(final_hidden=torch.zeros(B, T, d_s), hidden=s_hidden, head_weight=torch.zeros(3, d_s))
     teacher = TeacherSignals(hidden=t_hidden)
     obj = HiddenObjective(proj, loss=loss, normalize_teacher=norm, beta=0.7)
@@ -145,11 +169,11 @@ def test_hidden_objective_matches_hand_computation(loss, norm):
         pred = s_hidden[s].double().numpy() @ W.T
         tgt = t_hidden[t].double().numpy()
         if norm == "rms":
-            tgt = tgt / np.sqrt((tgt ** 2).mean(-1, keepdims=True) + 1e-6)
+            tgt = tgt / np.sqrt((tgt**2).mean(-1, keepdims=True) + 1e-6)
         if loss == "mse":
             per = ((pred - tgt) ** 2).mean(-1)
         elif loss == "nmse":
-            per = ((pred - tgt) ** 2).sum(-1) / ((tgt ** 2).sum(-1) + 1e-6)
+            per = ((pred - tgt) ** 2).sum(-1) / ((tgt**2).sum(-1) + 1e-6)
         else:
             per = 1 - (pred * tgt).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(tgt, axis=-1))
         per_pair.append((per * mask).sum())
@@ -166,8 +190,11 @@ def test_the_count_is_the_normaliser_for_every_part():
     proj = Projectors([(1, 1)], d_student=d, d_teacher=d, seed=0)
     batch = _batch(B, T, 0)
     g = torch.Generator().manual_seed(1)
-    student = StudentOutputs(final_hidden=torch.randn(B, T, d, generator=g),
-                             hidden={1: torch.randn(B, T, d, generator=g)}, head_weight=torch.randn(50, d, generator=g))
+    student = StudentOutputs(
+        final_hidden=torch.randn(B, T, d, generator=g),
+        hidden={1: torch.randn(B, T, d, generator=g)},
+        head_weight=torch.randn(50, d, generator=g),
+    )
     teacher = TeacherSignals(hidden={1: torch.randn(B, T, d, generator=g)})
     hidden = HiddenObjective(proj, loss="mse", normalize_teacher="none", beta=1.0, skip_first_position=True)
     ce = LogitObjective(HeadLossSpec(ce_weight=1.0, kd_weight=0.0))
@@ -185,6 +212,7 @@ def test_the_count_is_the_normaliser_for_every_part():
 
 
 # --------------------------------------------------------------------------- plans
+
 
 def _pairs():
     return [(1, 2), (2, 3)]
@@ -232,9 +260,11 @@ def test_plan_hld_first_phases():
 
 # --------------------------------------------------------------------------- on the tiny teacher
 
+
 @pytest.fixture(scope="module")
 def resources(tmp_path_factory):
     from hld.train.resources import Resources
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
         yield Resources()
@@ -242,6 +272,7 @@ def resources(tmp_path_factory):
 
 def _build(resources, method: str, *extra: str):
     from hld.train.loop import build
+
     return build(load_config("smoke", fixture_overrides(method, *extra)), resources, device=torch.device("cpu"))
 
 

@@ -53,8 +53,13 @@ def test_plan_reads_no_weights_no_tokenizer_and_no_hub(monkeypatch):
 
 
 def test_teacher_cost_script_agrees_with_plan():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "teacher_cost.py")], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "teacher_cost.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    ).stdout
     for preset in ("paper-123m", "paper-735m"):
         line = next(x for x in out.splitlines() if x.startswith(preset))
         student, teacher = (float(x) for x in re.findall(r"([\d.]+e[+-]\d+) FLOPs/token", line))
@@ -69,16 +74,34 @@ def test_plan_steps_and_flops_equal_the_runs(overrides, method):
     row = plan_run(cfg)
     assert row["length"]["teacher_counted"]["steps"] == s.total_steps
     assert row["flops_per_token"][s.plan.phases[0].name]["teacher"] == s.costs[s.plan.phases[0].name].teacher
-    free = build(load_config("smoke", [*overrides, f"objective.method={method}", "budget.tokens=null",
-                                       "budget.flops=1.5e9", "budget.count_teacher=false"]), Resources())
+    free = build(
+        load_config(
+            "smoke",
+            [
+                *overrides,
+                f"objective.method={method}",
+                "budget.tokens=null",
+                "budget.flops=1.5e9",
+                "budget.count_teacher=false",
+            ],
+        ),
+        Resources(),
+    )
     assert row["length"]["teacher_not_counted"]["steps"] == free.total_steps > s.total_steps
 
 
 @pytest.mark.parametrize("codec", ["exact", "compact"])
 def test_plan_cache_size_matches_a_built_cache(tmp_path, overrides, codec):
     hidden = "bfloat16" if codec == "exact" else "fp8"
-    cfg = load_config("smoke", [*overrides, "objective.method=hld-joint", f"teacher.cache_codec={codec}",
-                                f"teacher.cache_hidden_dtype={hidden}"])
+    cfg = load_config(
+        "smoke",
+        [
+            *overrides,
+            "objective.method=hld-joint",
+            f"teacher.cache_codec={codec}",
+            f"teacher.cache_hidden_dtype={hidden}",
+        ],
+    )
     m = ensure_cache([cfg], tmp_path / "cache", Resources(), quiet=True)
     plan = plan_run(cfg)["cache"]
     assert plan["tokens"] == m["tokens"] and plan["layers"] == m["identity"]["layers"]
@@ -96,7 +119,8 @@ def test_cli_plan_json_for_a_run_and_a_study(capsys, monkeypatch):
     assert main(["plan", "--config", "paper-735m", "--json", "--world-size", "8", "train.parallel=fsdp2"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["world_size"] == 8 and row["memory_bytes"]["params"] == pytest.approx(
-        (row["student_params"] + row["projector_params"]) * 16 / 8)
+        (row["student_params"] + row["projector_params"]) * 16 / 8
+    )
     assert main(["plan", "--config", "demo", "--json"]) == 0  # the demo study
     study = json.loads(capsys.readouterr().out.splitlines()[-1])
     # 4 arms at equal tokens + ce at kd's FLOPs, x 3 seeds; seeds give the same numbers: merged
@@ -111,7 +135,7 @@ def test_cli_plan_json_for_a_run_and_a_study(capsys, monkeypatch):
     assert "demo: kd, student tiny-2l" in capsys.readouterr().out
 
 
-MEASURE = r'''
+MEASURE = r"""
 import json, sys
 from hld.config import load_config
 from hld.plan import plan_run
@@ -134,7 +158,7 @@ s = build(cfg, res)
 for step in range(2):  # the second step holds the optimiser's states from the first
     train_step(s, step)
 print(json.dumps({"measured": status()["VmHWM"] - base, "estimate": plan_run(cfg)["memory_bytes"]}))
-'''
+"""
 FACTOR = 1.5  # the estimate is within this factor of the measured peak (allocator slack, temporaries)
 
 
@@ -146,15 +170,29 @@ def test_memory_estimate_is_within_a_factor_of_the_measured_cpu_peak(tmp_path, o
         shutil.copy(assets / "tiny_teacher" / f, teacher / f)
     config = json.loads((assets / "tiny_teacher" / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 65536}))
-    ov = [*overrides, f"teacher.model={teacher}", "objective.method=ce", "student.preset=small-6l",
-          "data.seq_len=128", "train.batch_size=8", "budget.tokens=2048", "train.loss_chunk_tokens=256"]
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(ov)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    ov = [
+        *overrides,
+        f"teacher.model={teacher}",
+        "objective.method=ce",
+        "student.preset=small-6l",
+        "data.seq_len=128",
+        "train.batch_size=8",
+        "budget.tokens=2048",
+        "train.loss_chunk_tokens=256",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(ov)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.splitlines()[-1])
     ratio = r["estimate"]["total"] / r["measured"]
-    print(f"estimate {r['estimate']['total'] / 2**20:.0f} MiB, measured {r['measured'] / 2**20:.0f} MiB, "
-          f"ratio {ratio:.2f}; terms {({k: round(v / 2**20) for k, v in r['estimate'].items()})}")
+    print(
+        f"estimate {r['estimate']['total'] / 2**20:.0f} MiB, measured {r['measured'] / 2**20:.0f} MiB, "
+        f"ratio {ratio:.2f}; terms { ({k: round(v / 2**20) for k, v in r['estimate'].items()}) }"
+    )
     assert 1 / FACTOR <= ratio <= FACTOR
 
 

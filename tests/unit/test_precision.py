@@ -43,8 +43,9 @@ def test_kd_value_over_the_full_gemma_vocabulary_matches_float64():
     n, d, v = 6, 8, 262144
     h, w = torch.randn(n, d), torch.randn(v, d) * 0.5
     y, m, zt = torch.randint(0, v, (n,)), torch.ones(n, dtype=torch.bool), torch.randn(n, v) * 3
-    _, stats = head_loss(h, w, y, m, HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4),
-                         lambda sl: TeacherLogits(dense=zt[sl]))
+    _, stats = head_loss(
+        h, w, y, m, HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4), lambda sl: TeacherLogits(dense=zt[sl])
+    )
     z = h.double() @ w.double().T  # reference by hand in float64 (kd_sum/ce_sum compute in fp32)
     logq, logp = torch.log_softmax(z, -1), torch.log_softmax(zt.double(), -1)
     want_kd = float((logp.exp() * (logp - logq)).sum())

@@ -26,13 +26,25 @@ from hld.study.runner import plan_cells
 from hld.study.stats import holm, mean_interval, t_cdf, t_quantile, t_quantile_own
 
 # two-sided 95% Student-t quantiles t_{0.975, df} from printed tables
-T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836, 10: 2.228138852,
-        30: 2.042272456}
+T975 = {
+    1: 12.706204736,
+    2: 4.302652730,
+    3: 3.182446305,
+    4: 2.776445105,
+    5: 2.570581836,
+    10: 2.228138852,
+    30: 2.042272456,
+}
 
-STUDY = {"name": "s", "base": "demo", "arms": ["ce", "kd", "hld-joint", "hld-first"],
-         "students": ["tiny-1l", "tiny-2l"], "budgets": [{"tokens": 1024}, {"tokens": 2048}],
-         "grid": {"train.lr": [1.0e-3, 3.0e-3], "objective.alpha": [0.5]},
-         "seeds": [0, 1, 2]}
+STUDY = {
+    "name": "s",
+    "base": "demo",
+    "arms": ["ce", "kd", "hld-joint", "hld-first"],
+    "students": ["tiny-1l", "tiny-2l"],
+    "budgets": [{"tokens": 1024}, {"tokens": 2048}],
+    "grid": {"train.lr": [1.0e-3, 3.0e-3], "objective.alpha": [0.5]},
+    "seeds": [0, 1, 2],
+}
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
@@ -45,6 +57,7 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 
 # --------------------------------------------------------------------------- grid
 
+
 def test_shipped_demo_study_loads_and_expands():
     study = load_study("demo")
     cells = expand(study)
@@ -52,8 +65,12 @@ def test_shipped_demo_study_loads_and_expands():
     assert not study.score_students and not study.grid and len(study.seeds) >= 3
     for cell in cells:
         cfg = cell_config(study, cell)
-        assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == \
-               (cell.arm, cell.student, cell.seed, cell.id)
+        assert (cfg.objective.method, cfg.student.preset, cfg.train.seed, cfg.name) == (
+            cell.arm,
+            cell.student,
+            cell.seed,
+            cell.id,
+        )
         if cell.flops_of is None:
             assert cfg.budget.tokens == 4096 and cfg.budget.flops is None and cfg.budget.count_teacher
         else:  # ce at the FLOPs its seed's kd cell spends
@@ -114,26 +131,29 @@ def test_a_flops_budget_clears_the_base_token_budget():
     assert cfg.budget.flops == 1e12 and cfg.budget.tokens is None and "fl1e+12" in cell.id
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"armz": ["kd"]}, "unknown key 'armz'"),
-    ({"arms": ["kd", "dk"]}, "unknown arm 'dk'"),
-    ({"arms": []}, "non-empty list"),
-    ({"seeds": [0, 0]}, "repeats a value"),
-    ({"seeds": ["a"]}, "list of int"),
-    ({"budgets": [{"tokenz": 5}]}, "unknown budget key 'tokenz'"),
-    ({"budgets": {"tokens": 5}}, "list of mappings"),
-    ({"grid": {"train.lrr": [1]}}, "not a run config key"),
-    ({"grid": {"train.lr": 0.1}}, "non-empty list of single values"),
-    ({"grid": {"train.seed": [1, 2]}}, "use seeds: instead"),
-    ({"grid": {"budget.tokens": [1, 2]}}, "use budgets: instead"),
-    ({"overrides": ["student.preset=tiny-4l"]}, "use students: instead"),
-    ({"overrides": ["train.lr"]}, "'key=value'"),
-    ({"name": "a b"}, "not a plain name"),
-    ({"tasks": 5}, "should be a list of task names"),
-    ({"task_limit": 0}, "positive integer or null"),
-    ({"equal_flops": "hld"}, "should name a distilled arm"),
-    ({"score_students": "no"}, "should be true or false"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"armz": ["kd"]}, "unknown key 'armz'"),
+        ({"arms": ["kd", "dk"]}, "unknown arm 'dk'"),
+        ({"arms": []}, "non-empty list"),
+        ({"seeds": [0, 0]}, "repeats a value"),
+        ({"seeds": ["a"]}, "list of int"),
+        ({"budgets": [{"tokenz": 5}]}, "unknown budget key 'tokenz'"),
+        ({"budgets": {"tokens": 5}}, "list of mappings"),
+        ({"grid": {"train.lrr": [1]}}, "not a run config key"),
+        ({"grid": {"train.lr": 0.1}}, "non-empty list of single values"),
+        ({"grid": {"train.seed": [1, 2]}}, "use seeds: instead"),
+        ({"grid": {"budget.tokens": [1, 2]}}, "use budgets: instead"),
+        ({"overrides": ["student.preset=tiny-4l"]}, "use students: instead"),
+        ({"overrides": ["train.lr"]}, "'key=value'"),
+        ({"name": "a b"}, "not a plain name"),
+        ({"tasks": 5}, "should be a list of task names"),
+        ({"task_limit": 0}, "positive integer or null"),
+        ({"equal_flops": "hld"}, "should name a distilled arm"),
+        ({"score_students": "no"}, "should be true or false"),
+    ],
+)
 def test_bad_study_configs_name_the_problem(tmp_path, change, message):
     with pytest.raises(HldError, match=re.escape(message)) as info:
         load_study(str(_write(tmp_path, {**STUDY, **change})))
@@ -158,8 +178,9 @@ def test_missing_required_key_and_bad_cell_value(tmp_path):
 
 
 def test_cache_groups_follow_teacher_data_seed_and_batch(tmp_path):
-    study = load_study(str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [1.0e-3, 3.0e-3],
-                                                                 "train.batch_size": [4, 8]}})))
+    study = load_study(
+        str(_write(tmp_path, {**STUDY, "grid": {"train.lr": [1.0e-3, 3.0e-3], "train.batch_size": [4, 8]}}))
+    )
     planned = plan_cells(study, tmp_path / "out")
     for cell, cfg, group in planned:
         if cell.arm == "ce":
@@ -176,6 +197,7 @@ def test_cache_groups_follow_teacher_data_seed_and_batch(tmp_path):
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 @pytest.mark.parametrize("df", sorted(T975))
 def test_t_quantile_matches_the_printed_table(df):
@@ -220,12 +242,15 @@ def test_interval_p_value_matches_scipys_t_test():
 
 
 def test_best_configuration_is_the_lowest_seed_mean():
-    rows = [{"configuration": c, "val_loss": v} for c, v in [("a", 1.0), ("a", 3.0), ("b", 1.9), ("b", 2.0),
-                                                             ("c", float("nan"))]]
+    rows = [
+        {"configuration": c, "val_loss": v}
+        for c, v in [("a", 1.0), ("a", 3.0), ("b", 1.9), ("b", 2.0), ("c", float("nan"))]
+    ]
     assert {r["configuration"] for r in best_configuration(rows)} == {"b"} and best_configuration([]) == []
 
 
 # --------------------------------------------------------------------------- count-based references
+
 
 def test_unigram_and_bigram_cross_entropy_by_hand():
     # V = 6, BOS = 2. Training windows [2 3 4], [2 3 3]: predictions 3, 4, 3, 3 with contexts 2, 3, 2, 3
@@ -273,14 +298,17 @@ def test_paired_differences_by_hand():
     comps = {(x.arm, x.baseline): x for x in paired(rows)}
     assert set(comps) == {("hld-first", "kd"), ("kd", "ce")}  # no hld-joint cells
     hf = comps[("hld-first", "kd")]
-    per = {c: np.mean([loss[(c, s, "hld-first")] - loss[(c, s, "kd")] for s in seeds if (c, s, "hld-first") in loss])
-           for c in confs}
+    per = {
+        c: np.mean([loss[(c, s, "hld-first")] - loss[(c, s, "kd")] for s in seeds if (c, s, "hld-first") in loss])
+        for c in confs
+    }
     assert {c: i.mean for c, i in hf.per_config.items()} == pytest.approx(per)
     assert hf.per_config["c"].n == 1 and hf.per_config["a"].n == 2
     means = np.array([per[c] for c in confs])
     half = T975[2] * means.std(ddof=1) / math.sqrt(3)
-    assert (hf.overall.mean, hf.overall.lo, hf.overall.hi) == pytest.approx((means.mean(), means.mean() - half,
-                                                                            means.mean() + half))
+    assert (hf.overall.mean, hf.overall.lo, hf.overall.hi) == pytest.approx(
+        (means.mean(), means.mean() - half, means.mean() + half)
+    )
     assert hf.wins == int((means < 0).sum()) and hf.over == "configurations"
     (line,) = [verdict_line(v) for v in verdicts([hf])]  # "c" has one seed: one line, pooled and labelled
     assert f"in {hf.wins} of 3 configurations" in line and f"{means.mean():+.4f} nats" in line
@@ -288,10 +316,14 @@ def test_paired_differences_by_hand():
 
 
 def test_one_configuration_uses_seeds_and_one_pair_has_no_interval():
-    rows = [{"configuration": "x", "seed": s, "arm": a, "val_loss": v}
-            for s, (a, v) in itertools.product([0, 1, 2], [("kd", 3.0)])]
-    rows += [{"configuration": "x", "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
-             for s, d in zip([0, 1, 2], [-0.02, -0.021, -0.019])]
+    rows = [
+        {"configuration": "x", "seed": s, "arm": a, "val_loss": v}
+        for s, (a, v) in itertools.product([0, 1, 2], [("kd", 3.0)])
+    ]
+    rows += [
+        {"configuration": "x", "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
+        for s, d in zip([0, 1, 2], [-0.02, -0.021, -0.019])
+    ]
     (c,) = paired(rows)
     assert c.over == "seeds" and c.overall.n == 3 and c.overall.hi < 0
     (v,) = verdicts([c])
@@ -303,11 +335,17 @@ def test_one_configuration_uses_seeds_and_one_pair_has_no_interval():
 
 
 def test_holm_adjusts_across_every_line_of_a_report():
-    rows = [{"configuration": conf, "seed": s, "arm": a, "val_loss": 3.0 + d}
-            for conf in ("x", "y") for s, d in zip([0, 1, 2], [0.0, 0.001, -0.002]) for a in ("kd",)]
-    rows += [{"configuration": conf, "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
-             for conf, ds in (("x", [-0.02, -0.021, -0.019]), ("y", [0.01, -0.03, 0.02]))
-             for s, d in zip([0, 1, 2], ds)]
+    rows = [
+        {"configuration": conf, "seed": s, "arm": a, "val_loss": 3.0 + d}
+        for conf in ("x", "y")
+        for s, d in zip([0, 1, 2], [0.0, 0.001, -0.002])
+        for a in ("kd",)
+    ]
+    rows += [
+        {"configuration": conf, "seed": s, "arm": "hld-joint", "val_loss": 3.0 + d}
+        for conf, ds in (("x", [-0.02, -0.021, -0.019]), ("y", [0.01, -0.03, 0.02]))
+        for s, d in zip([0, 1, 2], ds)
+    ]
     lines = verdicts(paired(rows))
     assert [v.configuration for v in lines] == ["x", "y"] and all(v.over == "seeds" for v in lines)
     assert [v.p_holm for v in lines] == pytest.approx(holm([v.interval.p for v in lines]))
@@ -315,6 +353,7 @@ def test_holm_adjusts_across_every_line_of_a_report():
 
 
 # --------------------------------------------------------------------------- report from run directories
+
 
 def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[dict]:
     """Run directories written by hand, as `hld study` would leave them (no training)."""
@@ -329,13 +368,24 @@ def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[
         (run / "config.yaml").write_text(dump_yaml(cfg))
         loss = 5.0 - 0.2 * (cell.student == "tiny-2l") + effect[cell.arm] + 0.01 * rng.normal()
         flops = 1e9 * (1 + (cell.student == "tiny-2l")) * (1.0 if cell.arm == "ce" else 1.2)
-        summary = {"name": cell.id, "arm": cell.arm, "student": cell.student, "steps": 8, "tokens": 1024,
-                   "flops": flops, "student_params": 90000 + 60000 * (cell.student == "tiny-2l"),
-                   "student_params_non_embedding": 60000 + 60000 * (cell.student == "tiny-2l"),
-                   "train_seconds": 1.5, "val/loss": loss, "val/ppl": math.exp(loss)}
+        summary = {
+            "name": cell.id,
+            "arm": cell.arm,
+            "student": cell.student,
+            "steps": 8,
+            "tokens": 1024,
+            "flops": flops,
+            "student_params": 90000 + 60000 * (cell.student == "tiny-2l"),
+            "student_params_non_embedding": 60000 + 60000 * (cell.student == "tiny-2l"),
+            "train_seconds": 1.5,
+            "val/loss": loss,
+            "val/ppl": math.exp(loss),
+        }
         (run / "summary.json").write_text(json.dumps(summary))
-        lines = [{"step": k, "tokens": 128 * k, "flops": flops * k / 8, "train/ce": 6.2 - 0.1 * k + 0.02 * rng.normal()}
-                 for k in range(1, 9)]
+        lines = [
+            {"step": k, "tokens": 128 * k, "flops": flops * k / 8, "train/ce": 6.2 - 0.1 * k + 0.02 * rng.normal()}
+            for k in range(1, 9)
+        ]
         lines[-1].update({"val/loss": loss, "val/ppl": math.exp(loss)})
         (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         if cell_json:
@@ -348,7 +398,8 @@ VERDICT = re.compile(
     r"^- \*\*(?P<arm>[\w-]+) vs (?P<base>[\w-]+), [\w ,-]+\*\*(?: \((?P<conf>[^)]+)\))?(?:; FLOPs ×[\d.]+ of "
     r"[\w-]+'s)?: \S+ better in (?P<wins>\d+) of (?P<n>\d+) (?P<over>\w+); mean Δ val loss (?P<mean>[+-]\d+\.\d+) "
     r"nats \(unadjusted 95% CI \[(?P<lo>[+-]\d+\.\d+), (?P<hi>[+-]\d+\.\d+)\] over \d+ \w+; Holm-adjusted p = "
-    r"(?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)")
+    r"(?P<p>[0-9.e+-]+)\), val ppl ratio (?P<ratio>\d+\.\d+)"
+)
 
 
 def parse_verdicts(report: str) -> dict:
@@ -370,12 +421,23 @@ def verdicts_from_csv(path: Path, t975: dict) -> dict:
     out = {}
     for arm, base in (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce")):
         for conf in sorted({c for c, _, a in loss if a == arm}):
-            d = np.array([v - loss[(c, s, base)] for (c, s, a), v in loss.items()
-                          if c == conf and a == arm and (c, s, base) in loss])
+            d = np.array(
+                [
+                    v - loss[(c, s, base)]
+                    for (c, s, a), v in loss.items()
+                    if c == conf and a == arm and (c, s, base) in loss
+                ]
+            )
             half = t975[len(d) - 1] * d.std(ddof=1) / math.sqrt(len(d))
-            out[(arm, base, conf)] = {"wins": int((d < 0).sum()), "n": len(d), "mean": d.mean(), "lo": d.mean() - half,
-                                      "hi": d.mean() + half, "ratio": math.exp(d.mean()),
-                                      "p": stats.ttest_1samp(d, 0.0).pvalue}
+            out[(arm, base, conf)] = {
+                "wins": int((d < 0).sum()),
+                "n": len(d),
+                "mean": d.mean(),
+                "lo": d.mean() - half,
+                "hi": d.mean() + half,
+                "ratio": math.exp(d.mean()),
+                "p": stats.ttest_1samp(d, 0.0).pvalue,
+            }
     order = sorted(out, key=lambda k: out[k]["p"])
     running = 0.0
     for i, key in enumerate(order):  # Holm: the i-th smallest (0-based) times m - i, running maximum, at most 1
@@ -401,10 +463,26 @@ def test_report_from_run_directories(tmp_path):
     result = build_report(tmp_path)
     budget_cols = sorted(f"budget.{f.name}" for f in dataclasses.fields(BudgetConfig))
     header = next(csv.reader(open(tmp_path / "results.csv")))
-    assert header == ["cell", "configuration", "match", "accounting", "arm", "student", "student_params",
-                      "student_params_non_embedding",
-                      *budget_cols, "train.lr", "objective.alpha", "seed", "steps", "tokens", "flops", "val_loss",
-                      "val_ppl", "train_seconds"]
+    assert header == [
+        "cell",
+        "configuration",
+        "match",
+        "accounting",
+        "arm",
+        "student",
+        "student_params",
+        "student_params_non_embedding",
+        *budget_cols,
+        "train.lr",
+        "objective.alpha",
+        "seed",
+        "steps",
+        "tokens",
+        "flops",
+        "val_loss",
+        "val_ppl",
+        "train_seconds",
+    ]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == len(written) == result["cells"] == 4 * 2 * 2 * 3
     by_cell = {r["cell"]: r for r in rows}
@@ -453,9 +531,15 @@ def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp
     """KD reads no objective.hidden key, CE no objective key: over a grid of hidden losses KD and CE run
     once per seed, each serving every grid point; hld-joint pairs with that KD cell at each point, and
     kd vs ce counts its one pair per seed once (not once per grid point)."""
-    raw = {"name": "v", "base": "demo", "arms": ["ce", "kd", "hld-joint"], "students": ["tiny-1l"],
-           "budgets": [{"tokens": 1024}], "grid": {"objective.hidden.loss": ["mse", "cosine", "relation"]},
-           "seeds": [0, 1]}
+    raw = {
+        "name": "v",
+        "base": "demo",
+        "arms": ["ce", "kd", "hld-joint"],
+        "students": ["tiny-1l"],
+        "budgets": [{"tokens": 1024}],
+        "grid": {"objective.hidden.loss": ["mse", "cosine", "relation"]},
+        "seeds": [0, 1],
+    }
     study = load_study(str(_write(tmp_path, raw)))
     cells = expand(study)
     assert len(cells) == 2 * (1 + 1 + 3)
@@ -468,10 +552,22 @@ def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp
     loss = {("kd", 0): 7.0, ("kd", 1): 7.2, ("ce", 0): 7.5, ("ce", 1): 7.6}
     rows = []
     for c in cells:
-        v = loss.get((c.arm, c.seed), 6.0 + 0.1 * points.index(c.configuration) + 0.01 * c.seed
-                     if c.arm == "hld-joint" else None)
-        rows.append({"cell": c.id, "configuration": c.configuration, "match": c.match, "serves": list(c.serves),
-                     "arm": c.arm, "seed": c.seed, "val_loss": v, "flops": 1.0, "accounting": "budget"})
+        v = loss.get(
+            (c.arm, c.seed), 6.0 + 0.1 * points.index(c.configuration) + 0.01 * c.seed if c.arm == "hld-joint" else None
+        )
+        rows.append(
+            {
+                "cell": c.id,
+                "configuration": c.configuration,
+                "match": c.match,
+                "serves": list(c.serves),
+                "arm": c.arm,
+                "seed": c.seed,
+                "val_loss": v,
+                "flops": 1.0,
+                "accounting": "budget",
+            }
+        )
     comps = {(c.arm, c.baseline): c for c in paired(rows)}
     hld = comps[("hld-joint", "kd")]
     assert sorted(hld.diffs) == points
@@ -485,21 +581,43 @@ def test_an_arm_that_ignores_a_grid_key_runs_once_and_pairs_with_every_point(tmp
 def test_a_lens_cell_ignores_the_target_normalisation(tmp_path):
     """The logit lens reads the teacher's raw state: at loss=lens an HLD arm runs once per seed over a
     grid of normalize_teacher values, serving each; the other losses run at every normalisation."""
-    raw = {"name": "v", "base": "demo", "arms": ["kd", "hld-joint"], "students": ["tiny-1l"],
-           "budgets": [{"tokens": 1024}], "seeds": [0],
-           "grid": {"objective.hidden.normalize_teacher": ["none", "rms", "standardize"],
-                    "objective.hidden.loss": ["mse", "lens"]}}
+    raw = {
+        "name": "v",
+        "base": "demo",
+        "arms": ["kd", "hld-joint"],
+        "students": ["tiny-1l"],
+        "budgets": [{"tokens": 1024}],
+        "seeds": [0],
+        "grid": {
+            "objective.hidden.normalize_teacher": ["none", "rms", "standardize"],
+            "objective.hidden.loss": ["mse", "lens"],
+        },
+    }
     study = load_study(str(_write(tmp_path, raw)))
     hld = [c for c in expand(study) if c.arm == "hld-joint"]
     lens = [c for c in hld if c.point.get("objective.hidden.loss") == "lens"]
     assert len(hld) == 3 + 1 and len(lens) == 1
     assert "objective.hidden.normalize_teacher" not in lens[0].point and len(lens[0].serves) == 3
-    assert sorted(c.point["objective.hidden.normalize_teacher"] for c in hld if c not in lens) == \
-        ["none", "rms", "standardize"]
+    assert sorted(c.point["objective.hidden.normalize_teacher"] for c in hld if c not in lens) == [
+        "none",
+        "rms",
+        "standardize",
+    ]
     # paired with kd once, and named by the lens cell's own configuration, not the first it serves
-    rows = [{"cell": c.id, "configuration": c.configuration, "match": c.match, "serves": list(c.serves),
-             "arm": c.arm, "seed": c.seed, "val_loss": 7.0 if c.arm == "kd" else 7.5 if c in lens else 6.9,
-             "flops": 1.0, "accounting": "budget"} for c in expand(study)]
+    rows = [
+        {
+            "cell": c.id,
+            "configuration": c.configuration,
+            "match": c.match,
+            "serves": list(c.serves),
+            "arm": c.arm,
+            "seed": c.seed,
+            "val_loss": 7.0 if c.arm == "kd" else 7.5 if c in lens else 6.9,
+            "flops": 1.0,
+            "accounting": "budget",
+        }
+        for c in expand(study)
+    ]
     comp = next(c for c in paired(rows) if c.arm == "hld-joint")
     assert comp.diffs[lens[0].configuration] == pytest.approx([0.5])
     assert sorted(comp.diffs) == sorted([lens[0].configuration] + [c.configuration for c in hld if c not in lens])
@@ -511,10 +629,30 @@ def test_a_verdict_line_gives_its_own_configurations_flops_ratio(tmp_path):
     rows = []
     for conf, hld_flops in (("a", 2.0), ("b", 8.0)):
         for seed in (0, 1):
-            rows.append({"cell": f"{conf}{seed}kd", "configuration": conf, "match": conf, "arm": "kd", "seed": seed,
-                         "val_loss": 7.0 + seed, "flops": 1.0, "accounting": "budget"})
-            rows.append({"cell": f"{conf}{seed}h", "configuration": conf, "match": conf, "arm": "hld-joint",
-                         "seed": seed, "val_loss": 6.9 + seed, "flops": hld_flops, "accounting": "budget"})
+            rows.append(
+                {
+                    "cell": f"{conf}{seed}kd",
+                    "configuration": conf,
+                    "match": conf,
+                    "arm": "kd",
+                    "seed": seed,
+                    "val_loss": 7.0 + seed,
+                    "flops": 1.0,
+                    "accounting": "budget",
+                }
+            )
+            rows.append(
+                {
+                    "cell": f"{conf}{seed}h",
+                    "configuration": conf,
+                    "match": conf,
+                    "arm": "hld-joint",
+                    "seed": seed,
+                    "val_loss": 6.9 + seed,
+                    "flops": hld_flops,
+                    "accounting": "budget",
+                }
+            )
     comp = next(c for c in paired(rows) if c.arm == "hld-joint")
     lines = {v.configuration: verdict_line(v) for v in verdicts([comp])}
     assert "FLOPs ×2.000 of kd's" in lines["a"] and "FLOPs ×8.000 of kd's" in lines["b"]

@@ -34,8 +34,9 @@ IGNORE = -100  # label of a position that predicts nothing
 PROTOCOL = "bos-window-v2"  # names the protocol above; token caches and teacher caches record it
 
 
-def tokenize_stream(docs: Iterable[str], tokenizer, *, eos_id: int,
-                    max_docs: Optional[int] = None, batch_docs: int = 256) -> np.ndarray:
+def tokenize_stream(
+    docs: Iterable[str], tokenizer, *, eos_id: int, max_docs: Optional[int] = None, batch_docs: int = 256
+) -> np.ndarray:
     """One int32 stream: tokens + EOS for every document (the BOS belongs to windows, not documents)."""
     pieces: list[np.ndarray] = []
     batch: list[str] = []
@@ -60,8 +61,9 @@ def tokenize_stream(docs: Iterable[str], tokenizer, *, eos_id: int,
     return np.concatenate(pieces)
 
 
-def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Optional[int] = None,
-                use_cache: bool = True) -> np.ndarray:
+def load_stream(
+    spec: str, tokenizer, *, text_field: str = "text", max_docs: Optional[int] = None, use_cache: bool = True
+) -> np.ndarray:
     """Tokenised stream of a source, cached on disk (keyed by source files and tokenizer)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
@@ -69,8 +71,9 @@ def load_stream(spec: str, tokenizer, *, text_field: str = "text", max_docs: Opt
     docs = iter_documents(spec, text_field)
     if spec.startswith("hf:") or not use_cache:
         return tokenize_stream(docs, tokenizer, eos_id=eos, max_docs=max_docs)
-    key = hashlib.sha256(f"{PROTOCOL}|{fingerprint(spec)}|{tokenizer_fingerprint(tokenizer)}|{text_field}|{max_docs}"
-                         .encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        f"{PROTOCOL}|{fingerprint(spec)}|{tokenizer_fingerprint(tokenizer)}|{text_field}|{max_docs}".encode()
+    ).hexdigest()[:20]
     # the protocol is in the name too: a stream tokenised under another protocol is never read
     path = cache_root() / "tokens" / f"{PROTOCOL}-{key}.npy"
     if path.exists():
@@ -88,12 +91,15 @@ def pack_windows(stream: np.ndarray, seq_len: int, *, bos_id: int) -> np.ndarray
     """(n_windows, seq_len) int64 windows, each BOS + the next `seq_len - 1` stream tokens; the last
     partial chunk is dropped."""
     if seq_len < 2:
-        raise HldError(f"data.seq_len={seq_len} leaves no prediction in a window (BOS + seq_len-1 tokens)",
-                       "use data.seq_len >= 2")
+        raise HldError(
+            f"data.seq_len={seq_len} leaves no prediction in a window (BOS + seq_len-1 tokens)", "use data.seq_len >= 2"
+        )
     n = len(stream) // (seq_len - 1)
     if n == 0:
-        raise HldError(f"the corpus has {len(stream)} tokens, fewer than one window of data.seq_len={seq_len}",
-                       "add text or lower data.seq_len")
+        raise HldError(
+            f"the corpus has {len(stream)} tokens, fewer than one window of data.seq_len={seq_len}",
+            "add text or lower data.seq_len",
+        )
     out = np.empty((n, seq_len), dtype=np.int64)
     out[:, 0] = bos_id
     out[:, 1:] = stream[: n * (seq_len - 1)].reshape(n, seq_len - 1)

@@ -40,12 +40,15 @@ def resolve_files(spec: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path)))
     if not files:
-        raise HldError(f"data source {spec!r} matches no file",
-                       "check the path or glob (C4 shards: c4-train.*.json.gz, or .jsonl/.txt)")
+        raise HldError(
+            f"data source {spec!r} matches no file",
+            "check the path or glob (C4 shards: c4-train.*.json.gz, or .jsonl/.txt)",
+        )
     for f in files:
         if _kind(f) is None:
-            raise HldError(f"data file {f} has an unsupported extension",
-                           "use .json.gz/.jsonl/.jsonl.gz (JSON lines) or .txt")
+            raise HldError(
+                f"data file {f} has an unsupported extension", "use .json.gz/.jsonl/.jsonl.gz (JSON lines) or .txt"
+            )
     return files
 
 
@@ -68,8 +71,9 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
         with _open_text(path) as fh:
             yield from enumerate(fh, start=1)
     except UnicodeDecodeError as exc:
-        raise HldError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                       "re-encode the file as UTF-8") from exc
+        raise HldError(
+            f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})", "re-encode the file as UTF-8"
+        ) from exc
     except (gzip.BadGzipFile, EOFError, OSError) as exc:
         raise HldError(f"cannot read {path}: {exc}", "the file is truncated or not gzip; re-download it") from exc
 
@@ -81,11 +85,13 @@ def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise HldError(f"{path}:{lineno} is not a JSON object ({exc.msg})",
-                           "fix or drop that line (one JSON object per line)") from exc
+            raise HldError(
+                f"{path}:{lineno} is not a JSON object ({exc.msg})", "fix or drop that line (one JSON object per line)"
+            ) from exc
         if not isinstance(record, dict) or text_field not in record:
-            raise HldError(f"{path}:{lineno} has no {text_field!r} field",
-                           "set data.text_field to the field that holds the text")
+            raise HldError(
+                f"{path}:{lineno} has no {text_field!r} field", "set data.text_field to the field that holds the text"
+            )
         text = record[text_field]
         if not isinstance(text, str):
             raise HldError(f"{path}:{lineno} field {text_field!r} is not a string", "fix that record")
@@ -124,12 +130,16 @@ def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
         else:
             ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset: one line for the user
-        raise HldError(f"cannot stream {name} ({config}, {split}): {exc_line(exc)}",
-                       "check the name and network, or download the shards and give their glob") from exc
+        raise HldError(
+            f"cannot stream {name} ({config}, {split}): {exc_line(exc)}",
+            "check the name and network, or download the shards and give their glob",
+        ) from exc
     for record in ds:
         if text_field not in record:  # as for JSONL: a wrong field is named, not read as an empty corpus
-            raise HldError(f"{name} ({split}) has no {text_field!r} field (fields: {', '.join(record)})",
-                           "set data.text_field to the field that holds the text")
+            raise HldError(
+                f"{name} ({split}) has no {text_field!r} field (fields: {', '.join(record)})",
+                "set data.text_field to the field that holds the text",
+            )
         text = record[text_field]
         if isinstance(text, str) and text.strip():
             yield text

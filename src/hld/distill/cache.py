@@ -55,9 +55,18 @@ class CacheIdentity:
     data: str  # fingerprint of the windows (their token content)
 
 
-def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarray, out: Path, *,
-                identity: CacheIdentity, codec: Optional[Codec] = None, batch_size: int = 8,
-                shard_windows: int = 256, quiet: bool = False) -> dict:
+def build_cache(
+    teacher_lm: CausalLM,
+    windows: np.ndarray,
+    window_ids: np.ndarray,
+    out: Path,
+    *,
+    identity: CacheIdentity,
+    codec: Optional[Codec] = None,
+    batch_size: int = 8,
+    shard_windows: int = 256,
+    quiet: bool = False,
+) -> dict:
     """Run the teacher over `windows[window_ids]` and write the cache to `out` (atomically): built in
     a temporary sibling, swapped in only when complete, so a failed or stopped rebuild keeps the old cache."""
     out = Path(out)
@@ -80,25 +89,42 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
     prog = Progress(len(window_ids), desc="cache", quiet=quiet)
     try:
         for s_start in range(0, len(window_ids), shard_windows):
-            ids = window_ids[s_start:s_start + shard_windows]
+            ids = window_ids[s_start : s_start + shard_windows]
             name = f"shard-{len(shards):05d}"
-            writer = ShardWriter(tmp, name, n=len(ids), T=T, k=k, layers=identity.layers,
-                                 d_model=text_config(teacher_lm.config).hidden_size, codec=codec)
-            for done in _fill_shard(writer, online, windows, ids, layers=identity.layers, k=k, batch_size=batch_size,
-                                    device=device):
+            writer = ShardWriter(
+                tmp,
+                name,
+                n=len(ids),
+                T=T,
+                k=k,
+                layers=identity.layers,
+                d_model=text_config(teacher_lm.config).hidden_size,
+                codec=codec,
+            )
+            for done in _fill_shard(
+                writer, online, windows, ids, layers=identity.layers, k=k, batch_size=batch_size, device=device
+            ):
                 prog.update(s_start + done, tokens_per_s=(s_start + done) * T / max(time.time() - t0, 1e-9))
             for key in writer.finish():
                 fname = f"{name}.{key}.npy"
                 files[fname] = file_sha256(tmp / fname)
-            shards.append({"name": name, "window_ids": [int(i) for i in ids]}
-                          | ({"slot_bits": writer.slot_bits} if writer.slot_bits is not None else {}))
-        manifest = {"format_version": FORMAT_VERSION, "protocol": PROTOCOL, "identity": asdict(identity),
-                    "shards": shards,
-                    "files": files, "n_windows": int(len(window_ids)), "tokens": int(len(window_ids) * T),
-                    "codec": codec.to_json(),
-                    # what a run reading the cache needs of the teacher besides its identity: its shapes
-                    "teacher_config": text_config(teacher_lm.config).to_dict(),
-                    "build_seconds": time.time() - t0}
+            shards.append(
+                {"name": name, "window_ids": [int(i) for i in ids]}
+                | ({"slot_bits": writer.slot_bits} if writer.slot_bits is not None else {})
+            )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "protocol": PROTOCOL,
+            "identity": asdict(identity),
+            "shards": shards,
+            "files": files,
+            "n_windows": int(len(window_ids)),
+            "tokens": int(len(window_ids) * T),
+            "codec": codec.to_json(),
+            # what a run reading the cache needs of the teacher besides its identity: its shapes
+            "teacher_config": text_config(teacher_lm.config).to_dict(),
+            "build_seconds": time.time() - t0,
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out)
     except OSError as exc:
@@ -115,19 +141,33 @@ def build_cache(teacher_lm: CausalLM, windows: np.ndarray, window_ids: np.ndarra
     return manifest
 
 
-def _fill_shard(writer: ShardWriter, online: OnlineTeacher, windows: np.ndarray, ids: np.ndarray, *,
-                layers: list, k: int, batch_size: int, device: torch.device) -> Iterator[int]:
+def _fill_shard(
+    writer: ShardWriter,
+    online: OnlineTeacher,
+    windows: np.ndarray,
+    ids: np.ndarray,
+    *,
+    layers: list,
+    k: int,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[int]:
     """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done."""
     needs = Needs(logits=True, layers=tuple(layers))
     T = windows.shape[1]
     writer.arrays["tokens"][:] = windows[ids]
     for b in range(0, len(ids), batch_size):
-        x = torch.from_numpy(windows[ids[b:b + batch_size]]).long().to(device)
+        x = torch.from_numpy(windows[ids[b : b + batch_size]]).long().to(device)
         sig = online.signals(x, needs)
         vals, idx, rest = _topk_rows(sig, k)
         n = x.shape[0]
-        writer.put(b, vals=vals.view(n, T, k).float().cpu(), idx=idx.view(n, T, k).cpu(),
-                   rest=rest.view(n, T).float().cpu(), hidden={layer: sig.hidden[layer].cpu() for layer in layers})
+        writer.put(
+            b,
+            vals=vals.view(n, T, k).float().cpu(),
+            idx=idx.view(n, T, k).cpu(),
+            rest=rest.view(n, T).float().cpu(),
+            hidden={layer: sig.hidden[layer].cpu() for layer in layers},
+        )
         yield b + n
 
 
@@ -145,14 +185,18 @@ def check_out_dir(out: Path) -> None:
     out = Path(out)
     here, where = Path.cwd().resolve(), out.resolve()
     if where == here or where in here.parents:
-        raise HldError(f"cache directory {out} is the current directory (or holds it)",
-                       "give a new subdirectory, e.g. --out teacher-cache")
+        raise HldError(
+            f"cache directory {out} is the current directory (or holds it)",
+            "give a new subdirectory, e.g. --out teacher-cache",
+        )
     if out.exists() and not out.is_dir():
         raise HldError(f"cache directory {out} is an existing file", "give a new directory (or an hld cache) for --out")
     if out.is_dir() and any(out.iterdir()) and not is_cache(out):
-        raise HldError(f"{out} is not empty and is not an hld teacher cache (no manifest.json with a "
-                       "format_version): building there would replace what it holds",
-                       "give a new or empty directory, or an existing cache to rebuild")
+        raise HldError(
+            f"{out} is not empty and is not an hld teacher cache (no manifest.json with a "
+            "format_version): building there would replace what it holds",
+            "give a new or empty directory, or an existing cache to rebuild",
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -183,8 +227,10 @@ class CachedTeacher:
         self.dir = Path(cache_dir)
         path = self.dir / "manifest.json"
         if not path.exists():
-            raise HldError(f"{self.dir} is not a teacher cache (no manifest.json)",
-                           "build one with `hld cache-teacher`, or fix teacher.cache")
+            raise HldError(
+                f"{self.dir} is not a teacher cache (no manifest.json)",
+                "build one with `hld cache-teacher`, or fix teacher.cache",
+            )
         try:
             self.manifest = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -201,33 +247,49 @@ class CachedTeacher:
         have = self.manifest.get("identity", {})
         version = self.manifest.get("format_version")
         if version not in READABLE_VERSIONS or self.manifest.get("protocol") != PROTOCOL:
-            why = "windows without a leading BOS, top-k without its remaining mass" if version == 1 else \
-                f"format {version}, protocol {self.manifest.get('protocol')!r}"
-            raise HldError(f"cache {self.dir} was built by another hld ({why}; this hld reads formats "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}, {PROTOCOL})",
-                           "rebuild it with `hld cache-teacher`")
+            why = (
+                "windows without a leading BOS, top-k without its remaining mass"
+                if version == 1
+                else f"format {version}, protocol {self.manifest.get('protocol')!r}"
+            )
+            raise HldError(
+                f"cache {self.dir} was built by another hld ({why}; this hld reads formats "
+                f"{', '.join(map(str, READABLE_VERSIONS))}, {PROTOCOL})",
+                "rebuild it with `hld cache-teacher`",
+            )
         try:
             self.codec = codec_from_manifest(self.manifest)
         except TypeError:
             self.codec = None
-        if self.codec is None or self.codec.logits not in ("exact", "compact") or \
-                self.codec.hidden not in ("bfloat16", "fp8"):
-            raise HldError(f"cache {self.dir} names a codec this hld does not know ({self.manifest.get('codec')!r})",
-                           "rebuild it with `hld cache-teacher`")
+        if (
+            self.codec is None
+            or self.codec.logits not in ("exact", "compact")
+            or self.codec.hidden not in ("bfloat16", "fp8")
+        ):
+            raise HldError(
+                f"cache {self.dir} names a codec this hld does not know ({self.manifest.get('codec')!r})",
+                "rebuild it with `hld cache-teacher`",
+            )
         for key in ("teacher", "tokenizer", "seq_len", "data"):
             if have.get(key) != getattr(expect, key):
-                raise HldError(f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
-                               f"needs {getattr(expect, key)!r})", "rebuild the cache for this run's config")
+                raise HldError(
+                    f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
+                    f"needs {getattr(expect, key)!r})",
+                    "rebuild the cache for this run's config",
+                )
         missing = sorted(set(expect.layers) - set(have.get("layers", [])))
         if missing:
             raise HldError(f"cache {self.dir} lacks teacher layers {missing}", "rebuild it with those layers")
         if not isinstance(have.get("top_k"), int) or have["top_k"] < 1:  # k=0 caches (built before k was checked)
-            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
-                           "rebuild it with teacher.cache_top_k of 1 or more (default 64)")
+            raise HldError(
+                f"cache {self.dir} holds top-{have.get('top_k')} logits, so KD has no teacher distribution",
+                "rebuild it with teacher.cache_top_k of 1 or more (default 64)",
+            )
         if expect.top_k > have.get("top_k", 0):
-            raise HldError(f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for "
-                           f"top-{expect.top_k}",
-                           "lower objective.top_k or rebuild the cache with a larger k")
+            raise HldError(
+                f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
+                "lower objective.top_k or rebuild the cache with a larger k",
+            )
 
     def _open(self, name: str, verify: bool) -> dict:
         arrays = {}
@@ -240,7 +302,7 @@ class CachedTeacher:
             if verify and file_sha256(path) != digest:
                 raise HldError(f"cache shard {path} is corrupt (checksum mismatch)", "rebuild the cache")
             try:
-                arrays[fname[len(name) + 1:-4]] = np.load(path, mmap_mode="r")
+                arrays[fname[len(name) + 1 : -4]] = np.load(path, mmap_mode="r")
             except ValueError as exc:
                 raise HldError(f"cache shard {path} is truncated or unreadable", "rebuild the cache") from exc
         return arrays
@@ -257,36 +319,57 @@ class CachedTeacher:
         rows = []
         for wid in batch.window_ids.tolist():
             if wid not in self.row_of:
-                raise HldError(f"window {wid} is not in cache {self.dir}",
-                               "the run reads past what the cache holds: rebuild it for this budget")
+                raise HldError(
+                    f"window {wid} is not in cache {self.dir}",
+                    "the run reads past what the cache holds: rebuild it for this budget",
+                )
             rows.append(self.row_of[wid])
         T = batch.input_ids.shape[1]  # a run's last step may read a prefix of its windows
         tokens = np.stack([self.shards[s]["tokens"][r, :T] for s, r in rows])
         if not np.array_equal(tokens, batch.input_ids.cpu().numpy()):
-            raise HldError(f"cache {self.dir} holds other tokens than this run's batch",
-                           "rebuild the cache for this run's data and packing")
+            raise HldError(
+                f"cache {self.dir} holds other tokens than this run's batch",
+                "rebuild the cache for this run's data and packing",
+            )
         device = batch.input_ids.device
         sig = TeacherSignals()
         for layer in needs.layers:
-            sig.hidden[layer] = torch.stack([read_hidden(self.shards[s], layer, r, T, codec=self.codec)
-                                             for s, r in rows]).to(device)
+            sig.hidden[layer] = torch.stack(
+                [read_hidden(self.shards[s], layer, r, T, codec=self.codec) for s, r in rows]
+            ).to(device)
         if needs.logits:
             parts = [self._logits(s, r, T) for s, r in rows]
             sig.topk_values, sig.topk_indices, sig.topk_rest = (
-                torch.from_numpy(np.stack([np.asarray(p[i]) for p in parts])).to(device) for i in range(3))
+                torch.from_numpy(np.stack([np.asarray(p[i]) for p in parts])).to(device) for i in range(3)
+            )
         return sig
 
     def _logits(self, s: int, r: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
-            return read_logits(self.shards[s], r, T, codec=self.codec, k=self.top_k,
-                               slot_bits=self.manifest["shards"][s].get("slot_bits", 0))
+            return read_logits(
+                self.shards[s],
+                r,
+                T,
+                codec=self.codec,
+                k=self.top_k,
+                slot_bits=self.manifest["shards"][s].get("slot_bits", 0),
+            )
         except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
-            raise HldError(f"cache shard {self.manifest['shards'][s]['name']} in {self.dir} is truncated or "
-                           f"unreadable ({exc})", "rebuild the cache") from exc
+            raise HldError(
+                f"cache shard {self.manifest['shards'][s]['name']} in {self.dir} is truncated or unreadable ({exc})",
+                "rebuild the cache",
+            ) from exc
 
 
-def cache_identity(*, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers,
-                   top_k: int) -> CacheIdentity:
+def cache_identity(
+    *, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers, top_k: int
+) -> CacheIdentity:
     """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity."""
-    return CacheIdentity(teacher=teacher, tokenizer=tokenizer_fingerprint(tokenizer), seq_len=seq_len,
-                         layers=sorted(layers), top_k=top_k, data=windows_fingerprint(train_windows))
+    return CacheIdentity(
+        teacher=teacher,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        seq_len=seq_len,
+        layers=sorted(layers),
+        top_k=top_k,
+        data=windows_fingerprint(train_windows),
+    )

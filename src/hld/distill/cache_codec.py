@@ -56,6 +56,7 @@ def codec_from_manifest(manifest: dict) -> Codec:
 
 # ------------------------------------------------------------------------------------ bit packing
 
+
 def pack_bits(codes: np.ndarray, width: int) -> np.ndarray:
     """Unsigned integers < 2^width, `width` bits each, little-endian bit order -> uint8 bytes."""
     codes = np.asarray(codes, dtype=np.uint64).reshape(-1)
@@ -73,6 +74,7 @@ def unpack_bits(buf: np.ndarray, width: int, n: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ values
+
 
 def _f(d: np.ndarray, a: float) -> np.ndarray:
     return -np.expm1(-a * d)
@@ -106,6 +108,7 @@ def decode_values(codes: np.ndarray, D16: np.ndarray, bits: int, a: float) -> np
 
 # ------------------------------------------------------------------------------------ indices
 
+
 def gaps_of(sorted_ids: np.ndarray) -> np.ndarray:
     """(R, k) ascending distinct ids -> gaps id_j - id_{j-1} - 1 (id_{-1} = -1), all >= 0."""
     prev = np.concatenate([np.full((len(sorted_ids), 1), -1, np.int64), sorted_ids[:, :-1]], 1)
@@ -130,8 +133,9 @@ class CompactWindow:
     rest: np.ndarray  # (T,) float32: rest - v_1
 
 
-def encode_window(values: np.ndarray, indices: np.ndarray, rest: np.ndarray, *, codec: Codec,
-                  slot_bits: int) -> CompactWindow:
+def encode_window(
+    values: np.ndarray, indices: np.ndarray, rest: np.ndarray, *, codec: Codec, slot_bits: int
+) -> CompactWindow:
     """values (T, k) descending logits, indices (T, k), rest (T,) -> compact arrays."""
     v = values.astype(np.float64)
     order = np.argsort(indices, axis=1, kind="stable")
@@ -142,14 +146,26 @@ def encode_window(values: np.ndarray, indices: np.ndarray, rest: np.ndarray, *, 
     g = gaps_of(ids).reshape(-1)
     esc = (1 << slot_bits) - 1
     wide = g >= esc
-    return CompactWindow(values=pack_bits(codes, codec.value_bits), gaps=pack_bits(np.where(wide, esc, g), slot_bits),
-                         exceptions=pack_bits(g[wide], codec.index_bits), scale=D16,
-                         rest=(rest.astype(np.float64) - v[:, 0]).astype(np.float32))
+    return CompactWindow(
+        values=pack_bits(codes, codec.value_bits),
+        gaps=pack_bits(np.where(wide, esc, g), slot_bits),
+        exceptions=pack_bits(g[wide], codec.index_bits),
+        scale=D16,
+        rest=(rest.astype(np.float64) - v[:, 0]).astype(np.float32),
+    )
 
 
-def decode_window(values: np.ndarray, gaps: np.ndarray, exceptions: np.ndarray, scale: np.ndarray,
-                  rest: np.ndarray, *, codec: Codec, slot_bits: int, k: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_window(
+    values: np.ndarray,
+    gaps: np.ndarray,
+    exceptions: np.ndarray,
+    scale: np.ndarray,
+    rest: np.ndarray,
+    *,
+    codec: Codec,
+    slot_bits: int,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first T = len(scale) tokens of a window -> values (T, k) float32 descending (top-1 = 0),
     indices (T, k) int64, rest (T,) float32."""
     T = len(scale)
@@ -160,11 +176,15 @@ def decode_window(values: np.ndarray, gaps: np.ndarray, exceptions: np.ndarray, 
     ids = np.cumsum(g.reshape(T, k) + 1, axis=1) - 1
     d = decode_values(codes, scale, codec.value_bits, codec.compand_per_nat)
     order = np.argsort(d, axis=1, kind="stable")  # descending values again
-    return (-np.take_along_axis(d, order, 1)).astype(np.float32), np.take_along_axis(ids, order, 1), \
-        np.asarray(rest, dtype=np.float32)
+    return (
+        (-np.take_along_axis(d, order, 1)).astype(np.float32),
+        np.take_along_axis(ids, order, 1),
+        np.asarray(rest, dtype=np.float32),
+    )
 
 
 # ------------------------------------------------------------------------------------ hidden states
+
 
 def fp8_encode(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(..., d) -> e4m3 bit patterns (..., d) uint8 and per-row scales (...,) float32."""
@@ -187,19 +207,21 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ one shard
 
+
 class ShardWriter:
     """Writes one shard's arrays: `put` a batch of rows at a time, `finish` returns the file keys.
     Exact arrays and hidden states go straight into memory-mapped .npy files; compact logits are
     held for the shard (its slot width depends on all its gaps) and encoded at `finish`."""
 
-    def __init__(self, d: Path, name: str, *, n: int, T: int, k: int, layers: list, d_model: int,
-                 codec: Codec) -> None:
+    def __init__(self, d: Path, name: str, *, n: int, T: int, k: int, layers: list, d_model: int, codec: Codec) -> None:
         self.d, self.name, self.codec, self.n, self.T, self.k = Path(d), name, codec, n, T, k
         self.arrays: dict[str, Any] = {"tokens": self._mk("tokens", (n, T), np.int32)}
         if codec.logits == "exact":
-            self.arrays |= {"topk_values": self._mk("topk_values", (n, T, k), np.float16),
-                            "topk_indices": self._mk("topk_indices", (n, T, k), np.int32),
-                            "topk_rest": self._mk("topk_rest", (n, T), np.float32)}
+            self.arrays |= {
+                "topk_values": self._mk("topk_values", (n, T, k), np.float16),
+                "topk_indices": self._mk("topk_indices", (n, T, k), np.int32),
+                "topk_rest": self._mk("topk_rest", (n, T), np.float32),
+            }
         else:
             self.held = (np.zeros((n, T, k), np.float32), np.zeros((n, T, k), np.int32), np.zeros((n, T), np.float32))
         for layer in layers:
@@ -213,22 +235,25 @@ class ShardWriter:
     def _mk(self, key: str, shape: tuple, dtype) -> np.ndarray:
         return np.lib.format.open_memmap(self.d / f"{self.name}.{key}.npy", mode="w+", dtype=dtype, shape=shape)
 
-    def put(self, b: int, *, vals: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor,
-            hidden: dict[int, torch.Tensor]) -> None:
+    def put(
+        self, b: int, *, vals: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor, hidden: dict[int, torch.Tensor]
+    ) -> None:
         """Rows b.. of the shard: vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d)."""
         n = vals.shape[0]
         if self.codec.logits == "exact":
-            self.arrays["topk_values"][b:b + n] = vals.numpy().astype(np.float16)
-            self.arrays["topk_indices"][b:b + n] = idx.numpy().astype(np.int32)
-            self.arrays["topk_rest"][b:b + n] = rest.numpy().astype(np.float32)
+            self.arrays["topk_values"][b : b + n] = vals.numpy().astype(np.float16)
+            self.arrays["topk_indices"][b : b + n] = idx.numpy().astype(np.int32)
+            self.arrays["topk_rest"][b : b + n] = rest.numpy().astype(np.float32)
         else:
             for held, x in zip(self.held, (vals, idx, rest)):
-                held[b:b + n] = x.numpy()
+                held[b : b + n] = x.numpy()
         for layer, h in hidden.items():
             if self.codec.hidden == "fp8":
-                self.arrays[f"hidden_L{layer}"][b:b + n], self.arrays[f"hidden_L{layer}_scale"][b:b + n] = fp8_encode(h)
+                self.arrays[f"hidden_L{layer}"][b : b + n], self.arrays[f"hidden_L{layer}_scale"][b : b + n] = (
+                    fp8_encode(h)
+                )
             else:
-                self.arrays[f"hidden_L{layer}"][b:b + n] = bf16_bits(h)
+                self.arrays[f"hidden_L{layer}"][b : b + n] = bf16_bits(h)
 
     def finish(self) -> list[str]:
         """Flush, write the compact logit arrays, and return the keys of every file written."""
@@ -237,30 +262,45 @@ class ShardWriter:
         keys = list(self.arrays)
         if self.codec.logits == "compact":
             vals, idx, rest = self.held
-            self.slot_bits = best_slot_bits(gaps_of(np.sort(idx.reshape(-1, self.k).astype(np.int64), 1)),
-                                            self.codec.index_bits)
-            wins = [encode_window(vals[i], idx[i], rest[i], codec=self.codec, slot_bits=self.slot_bits)
-                    for i in range(self.n)]
+            self.slot_bits = best_slot_bits(
+                gaps_of(np.sort(idx.reshape(-1, self.k).astype(np.int64), 1)), self.codec.index_bits
+            )
+            wins = [
+                encode_window(vals[i], idx[i], rest[i], codec=self.codec, slot_bits=self.slot_bits)
+                for i in range(self.n)
+            ]
             offsets = np.cumsum([0] + [len(w.exceptions) for w in wins]).astype(np.int64)
-            out = {"topk_values": np.stack([w.values for w in wins]), "topk_indices": np.stack([w.gaps for w in wins]),
-                   "topk_exceptions": np.concatenate([w.exceptions for w in wins] + [np.zeros(0, np.uint8)]),
-                   "topk_exception_offsets": offsets, "topk_scale": np.stack([w.scale for w in wins]),
-                   "topk_rest": np.stack([w.rest for w in wins])}
+            out = {
+                "topk_values": np.stack([w.values for w in wins]),
+                "topk_indices": np.stack([w.gaps for w in wins]),
+                "topk_exceptions": np.concatenate([w.exceptions for w in wins] + [np.zeros(0, np.uint8)]),
+                "topk_exception_offsets": offsets,
+                "topk_scale": np.stack([w.scale for w in wins]),
+                "topk_rest": np.stack([w.rest for w in wins]),
+            }
             for key, arr in out.items():
                 np.save(self.d / f"{self.name}.{key}.npy", arr)
             keys += list(out)
         return keys
 
 
-def read_logits(arrays: dict, r: int, T: int, *, codec: Codec, slot_bits: int, k: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_logits(
+    arrays: dict, r: int, T: int, *, codec: Codec, slot_bits: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row r's first T tokens: values (T, k), indices (T, k), rest (T,)."""
     if codec.logits == "exact":
         return arrays["topk_values"][r, :T], arrays["topk_indices"][r, :T], arrays["topk_rest"][r, :T]
-    lo, hi = arrays["topk_exception_offsets"][r:r + 2]
-    return decode_window(arrays["topk_values"][r], arrays["topk_indices"][r], arrays["topk_exceptions"][lo:hi],
-                         arrays["topk_scale"][r, :T], arrays["topk_rest"][r, :T], codec=codec,
-                         slot_bits=slot_bits, k=k)
+    lo, hi = arrays["topk_exception_offsets"][r : r + 2]
+    return decode_window(
+        arrays["topk_values"][r],
+        arrays["topk_indices"][r],
+        arrays["topk_exceptions"][lo:hi],
+        arrays["topk_scale"][r, :T],
+        arrays["topk_rest"][r, :T],
+        codec=codec,
+        slot_bits=slot_bits,
+        k=k,
+    )
 
 
 def read_hidden(arrays: dict, layer: int, r: int, T: int, *, codec: Codec) -> torch.Tensor:

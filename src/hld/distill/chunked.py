@@ -98,8 +98,14 @@ def _sum64(x: torch.Tensor) -> torch.Tensor:
     return parts.sum(-1, dtype=torch.float64)
 
 
-def _fast_chunk(zbuf: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: Optional[TeacherLogits],
-                spec: HeadLossSpec, want_grad: bool):
+def _fast_chunk(
+    zbuf: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    teacher: Optional[TeacherLogits],
+    spec: HeadLossSpec,
+    want_grad: bool,
+):
     """Forward-KL + CE on one chunk, the gradient by hand. zbuf (n, V): the logits, fp32 or the head's
     matmul dtype, overwritten (with dL/dz in its own dtype when `want_grad`, so the two gradient
     matmuls read it as it is: no (n, V) fp32 gradient buffer, no separate cast pass).
@@ -114,11 +120,13 @@ def _fast_chunk(zbuf: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: O
     dense = kd_on and teacher.dense is not None
     cpu = zbuf.device.type == "cpu"
     R = row_block(n, zbuf.device)
-    bufs = {"z": None if zbuf.dtype == torch.float32 else WORKSPACE.get("z_rows", R, V, zbuf.device),
-            "p": None if cpu else WORKSPACE.get("p_rows", R, V, zbuf.device),  # torch's CPU softmax runs in place
-            "q": WORKSPACE.get("q_rows", R, V, zbuf.device) if kd_on and T != 1 else None,
-            "pt": WORKSPACE.get("pt_rows", R, V, zbuf.device) if dense else None,
-            "d": WORKSPACE.get("dot_rows", R, V, zbuf.device) if dense else None}
+    bufs = {
+        "z": None if zbuf.dtype == torch.float32 else WORKSPACE.get("z_rows", R, V, zbuf.device),
+        "p": None if cpu else WORKSPACE.get("p_rows", R, V, zbuf.device),  # torch's CPU softmax runs in place
+        "q": WORKSPACE.get("q_rows", R, V, zbuf.device) if kd_on and T != 1 else None,
+        "pt": WORKSPACE.get("pt_rows", R, V, zbuf.device) if dense else None,
+        "d": WORKSPACE.get("dot_rows", R, V, zbuf.device) if dense else None,
+    }
     yc = y.clamp_min(0)[:, None]
     zy = zbuf.gather(-1, yc)[:, 0].double()  # read before the softmax overwrites the logits
     topk = kd_on and not dense
@@ -130,10 +138,10 @@ def _fast_chunk(zbuf: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: O
     all_valid = bool(m.all())
     for i in range(0, n, R):
         sl = slice(i, min(i + R, n))
-        z = zbuf[sl] if bufs["z"] is None else bufs["z"][:sl.stop - i].copy_(zbuf[sl])  # (r, V) fp32
+        z = zbuf[sl] if bufs["z"] is None else bufs["z"][: sl.stop - i].copy_(zbuf[sl])  # (r, V) fp32
         p = _rows_loss(z, sl, teacher, spec, bufs, lse, kd_rows, zK, logpt, want_grad)
         if want_grad:
-            p.scatter_add_(-1, yc[sl], ce_src[:sl.stop - i])
+            p.scatter_add_(-1, yc[sl], ce_src[: sl.stop - i])
             if not all_valid:
                 p[~m[sl]] = 0.0
             if p.data_ptr() != zbuf[sl].data_ptr():
@@ -143,9 +151,18 @@ def _fast_chunk(zbuf: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: O
     return ce, kd, (zbuf if want_grad else None)
 
 
-def _rows_loss(z: torch.Tensor, sl: slice, teacher: Optional[TeacherLogits], spec: HeadLossSpec, bufs: dict,
-               lse: torch.Tensor, kd_rows: torch.Tensor, zK: Optional[torch.Tensor], logpt: Optional[torch.Tensor],
-               want_grad: bool) -> torch.Tensor:
+def _rows_loss(
+    z: torch.Tensor,
+    sl: slice,
+    teacher: Optional[TeacherLogits],
+    spec: HeadLossSpec,
+    bufs: dict,
+    lse: torch.Tensor,
+    kd_rows: torch.Tensor,
+    zK: Optional[torch.Tensor],
+    logpt: Optional[torch.Tensor],
+    want_grad: bool,
+) -> torch.Tensor:
     """One row block of `_fast_chunk`: lse[sl] and kd_rows[sl] (KL before the T^2) written, and the
     block's gradient (without the -w_ce at the targets) returned in p = softmax(z)'s buffer (z's own
     on a CPU). z (r, V) fp32 is the student's logits, destroyed."""
@@ -182,8 +199,16 @@ def _rows_loss(z: torch.Tensor, sl: slice, teacher: Optional[TeacherLogits], spe
     return p
 
 
-def _topk_rows(zK: torch.Tensor, p: torch.Tensor, q: torch.Tensor, lseT: torch.Tensor, logpt: torch.Tensor,
-               idx: torch.Tensor, spec: HeadLossSpec, want_grad: bool) -> torch.Tensor:
+def _topk_rows(
+    zK: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    lseT: torch.Tensor,
+    logpt: torch.Tensor,
+    idx: torch.Tensor,
+    spec: HeadLossSpec,
+    want_grad: bool,
+) -> torch.Tensor:
     """KL per row (r,) (before the T^2) over a top-k teacher's k ids (+ the rest, with `bucket`) for one
     row block, and its gradient into `p` (p = softmax(z) on entry; q = softmax(z/T), the same buffer
     when T = 1; both are overwritten at the k ids). zK (r, k): the student's logits at the k ids;
@@ -223,8 +248,14 @@ def _topk_rows(zK: torch.Tensor, p: torch.Tensor, q: torch.Tensor, lseT: torch.T
     return per
 
 
-def _autograd_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: Optional[TeacherLogits],
-                    spec: HeadLossSpec, want_grad: bool):
+def _autograd_chunk(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    teacher: Optional[TeacherLogits],
+    spec: HeadLossSpec,
+    want_grad: bool,
+):
     """Any divergence / soft-capped head: gradient of the chunk's loss by autograd on its logits."""
     with torch.enable_grad():
         zr = z.detach().requires_grad_(want_grad)
@@ -232,8 +263,15 @@ def _autograd_chunk(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, teacher: 
         ce = ce_sum(zc, y, m)
         kd = zc.new_zeros(())
         if spec.kd_weight and teacher is not None:
-            kd = kd_sum(zc, teacher, m, temperature=spec.temperature, divergence=spec.divergence,
-                        jsd_beta=spec.jsd_beta, top_k_rest=spec.top_k_rest)
+            kd = kd_sum(
+                zc,
+                teacher,
+                m,
+                temperature=spec.temperature,
+                divergence=spec.divergence,
+                jsd_beta=spec.jsd_beta,
+                top_k_rest=spec.top_k_rest,
+            )
         total = spec.ce_weight * ce + spec.kd_weight * kd
         g = torch.autograd.grad(total, zr)[0] if want_grad else None
     return ce.detach(), kd.detach(), g
@@ -248,8 +286,15 @@ def logits_into(h: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Te
     return out.copy_(torch.mm(h, W.T, out=low))
 
 
-def _fold_grad(g: torch.Tensor, h: torch.Tensor, Wc: torch.Tensor, sl: slice, grad_h: torch.Tensor,
-               grad_W: torch.Tensor, first: bool) -> None:
+def _fold_grad(
+    g: torch.Tensor,
+    h: torch.Tensor,
+    Wc: torch.Tensor,
+    sl: slice,
+    grad_h: torch.Tensor,
+    grad_W: torch.Tensor,
+    first: bool,
+) -> None:
     """dL/dh[sl] = g @ W and dL/dW (=, when `first`, else +=) g^T @ h[sl], in h's dtype; g (n, V) fp32
     or already in h's dtype (the fast path writes it there)."""
     if h.dtype == torch.float32:
@@ -265,7 +310,7 @@ def _fold_grad(g: torch.Tensor, h: torch.Tensor, Wc: torch.Tensor, sl: slice, gr
     part = WORKSPACE.get("gW_low", min(block, V), Wc.shape[1], g.device, h.dtype)
     for v in range(0, V, block):
         vb = slice(v, min(v + block, V))
-        pv = torch.mm(gc[:, vb].T, h[sl], out=part[:vb.stop - v])  # low-precision matmul, fp32 accumulation
+        pv = torch.mm(gc[:, vb].T, h[sl], out=part[: vb.stop - v])  # low-precision matmul, fp32 accumulation
         grad_W[vb].copy_(pv) if first else grad_W[vb].add_(pv)
 
 
@@ -327,8 +372,14 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_h, grad_W, None, None, None, None, None, None
 
 
-def head_loss(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec: HeadLossSpec,
-              teacher_chunk: Optional[TeacherChunkFn] = None) -> tuple[torch.Tensor, dict]:
+def head_loss(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    spec: HeadLossSpec,
+    teacher_chunk: Optional[TeacherChunkFn] = None,
+) -> tuple[torch.Tensor, dict]:
     """Weighted CE + KD **sums** over valid rows, from final hidden states. h (N, d), W (V, d).
 
     Returns `(w_ce*CE_sum + w_kd*KD_sum, {"ce": CE_sum, "kd": KD_sum})`.

@@ -56,6 +56,7 @@ def hidden_mask(mask: torch.Tensor, *, skip_first: bool) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- standardisation
 
+
 @dataclass
 class Moments:
     """Per-dimension mean and standard deviation of one layer (float32 tensors (d,))."""
@@ -103,8 +104,9 @@ def normalize_target(x: torch.Tensor, mode: str, moments: Optional[Moments] = No
 
 
 @torch.no_grad()
-def estimate_layer_stats(teacher, order, layers: tuple[int, ...], *, n_windows: int,
-                         skip_first: bool) -> dict[int, Moments]:
+def estimate_layer_stats(
+    teacher, order, layers: tuple[int, ...], *, n_windows: int, skip_first: bool
+) -> dict[int, Moments]:
     """Statistics of each teacher layer on the first `n_windows` training windows in batch order
     (the windows the run reads first), from whatever produces its signals (online or the cache)."""
     from hld.data.packing import Batch
@@ -141,6 +143,7 @@ def load_stats(path: Path) -> dict[int, Moments]:
 
 
 # --------------------------------------------------------------------------- losses
+
 
 def feature_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, loss: str) -> torch.Tensor:
     """mse / nmse / cosine summed over valid rows. pred, target (n, d_t); target already normalised."""
@@ -182,8 +185,9 @@ class Lens:
         return cls(norm=decoder_of(lm).norm, head_weight=weight.detach(), softcap=cap)
 
 
-def lens_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens,
-             spec: HeadLossSpec) -> torch.Tensor:
+def lens_sum(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens, spec: HeadLossSpec
+) -> torch.Tensor:
     """T^2 KL(teacher lens || student lens) summed over valid rows, chunk by chunk.
     pred (n, d_t) projected student states (with grad); target (n, d_t) raw teacher states."""
     W = lens.head_weight
@@ -200,7 +204,14 @@ def lens_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens:
     return loss
 
 
-def lens_spec(*, temperature: float, chunk_tokens: int, softcap: Optional[float],
-              matmul_dtype: Optional[torch.dtype] = None) -> HeadLossSpec:
-    return HeadLossSpec(ce_weight=0.0, kd_weight=1.0, temperature=temperature, softcap=softcap,
-                        chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype)
+def lens_spec(
+    *, temperature: float, chunk_tokens: int, softcap: Optional[float], matmul_dtype: Optional[torch.dtype] = None
+) -> HeadLossSpec:
+    return HeadLossSpec(
+        ce_weight=0.0,
+        kd_weight=1.0,
+        temperature=temperature,
+        softcap=softcap,
+        chunk_tokens=chunk_tokens,
+        matmul_dtype=matmul_dtype,
+    )

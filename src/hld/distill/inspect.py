@@ -37,7 +37,7 @@ def top_dim_share(x: torch.Tensor) -> tuple[int, float]:
 def _layer_states(teacher: OnlineTeacher, windows, layers, *, skip_first: bool, batch_size: int = 8):
     out: dict[int, list] = {t: [] for t in layers}
     for i in range(0, len(windows), batch_size):
-        batch = make_batch(windows[i:i + batch_size])
+        batch = make_batch(windows[i : i + batch_size])
         sig = teacher(batch, Needs(layers=tuple(layers)))
         m = hidden_mask(batch.mask, skip_first=skip_first)
         for t in layers:
@@ -55,7 +55,7 @@ def inspect_teacher(cfg: RunConfig, resources, *, n_windows: int = 24) -> list[d
         kw = dict(skip_first=h.skip_first_position)
         train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
         val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)[:n_windows]
-        fit = _layer_states(teacher, train_w[:h.stats_windows], layers, **kw)
+        fit = _layer_states(teacher, train_w[: h.stats_windows], layers, **kw)
         held = _layer_states(teacher, val_w, layers, **kw)
     finally:
         teacher.capture.remove()
@@ -65,6 +65,13 @@ def inspect_teacher(cfg: RunConfig, resources, *, n_windows: int = 24) -> list[d
         x = torch.cat([v.reshape(-1, v.shape[-1])[m.reshape(-1)] for v, m in held[t]])  # (n, d_t)
         dim, share = top_dim_share(x)
         const = {mode: constant_share(normalize_target(x, mode, moments)) for mode in NORMALIZATIONS}
-        rows.append({"layer": t, "top_dim": dim, "top_dim_share": share, "const_share": const,
-                     "norm_mean": float(x.norm(dim=-1).mean())})
+        rows.append(
+            {
+                "layer": t,
+                "top_dim": dim,
+                "top_dim_share": share,
+                "const_share": const,
+                "norm_mean": float(x.norm(dim=-1).mean()),
+            }
+        )
     return rows

@@ -92,7 +92,7 @@ def _logsumexp_outside_rows(z: torch.Tensor, idx: torch.Tensor, scale: float) ->
     buf = torch.empty(min(rows, n), V, dtype=torch.float32, device=z.device)
     for i in range(0, n, rows):
         sl = slice(i, min(i + rows, n))
-        b = buf[:sl.stop - i]
+        b = buf[: sl.stop - i]
         torch.mul(z[sl], scale, out=b) if scale != 1.0 else b.copy_(z[sl])
         b.scatter_(-1, idx[sl], float("-inf"))
         out[sl] = torch.logsumexp(b, -1)  # -inf where idx covers the row
@@ -121,9 +121,11 @@ def teacher_logprobs(teacher: TeacherLogits, temperature: float, top_k_rest: str
     if top_k_rest != "bucket":
         raise ValueError(f"unknown top_k_rest {top_k_rest!r} (bucket or renormalize)")
     if teacher.rest is None:
-        raise ValueError("top_k_rest='bucket' needs the teacher's rest mass (TeacherLogits.rest: log of the sum "
-                         "of exp(logits) off the top-k), and this top-k teacher has none; build the signal with "
-                         "it (TeacherLogits.top_k on dense logits fills it) or use top_k_rest='renormalize'")
+        raise ValueError(
+            "top_k_rest='bucket' needs the teacher's rest mass (TeacherLogits.rest: log of the sum "
+            "of exp(logits) off the top-k), and this top-k teacher has none; build the signal with "
+            "it (TeacherLogits.top_k on dense logits fills it) or use top_k_rest='renormalize'"
+        )
     return torch.log_softmax(torch.cat([v, teacher.rest.float()[:, None]], -1) / temperature, dim=-1)
 
 
@@ -134,9 +136,16 @@ def student_bucket_logprobs(logq: torch.Tensor, s_over_T: torch.Tensor, idx: tor
     return torch.cat([logq.gather(-1, idx), rest], -1)
 
 
-def kd_sum(student_logits: torch.Tensor, teacher: TeacherLogits, mask: torch.Tensor, *,
-           temperature: float = 1.0, divergence: str = "forward_kl", jsd_beta: float = 0.5,
-           top_k_rest: str = "bucket") -> torch.Tensor:
+def kd_sum(
+    student_logits: torch.Tensor,
+    teacher: TeacherLogits,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    top_k_rest: str = "bucket",
+) -> torch.Tensor:
     """T^2 * D(teacher_T, student_T) summed over valid rows. student_logits (n, V)."""
     T = temperature
     s = student_logits.float() / T  # (n, V)
@@ -178,8 +187,15 @@ def _divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: f
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def hidden_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, loss: str = "mse",
-               normalize_teacher: str = "none", eps: float = 1e-6) -> torch.Tensor:
+def hidden_sum(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss: str = "mse",
+    normalize_teacher: str = "none",
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Per-token hidden-state loss summed over valid rows. pred, target (n, d_teacher)."""
     pred, target = pred.float(), target.float()
     if normalize_teacher == "rms":

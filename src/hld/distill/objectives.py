@@ -80,8 +80,14 @@ class LogitObjective:
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         h = student.final_hidden.reshape(-1, student.final_hidden.shape[-1])  # (B*T, d)
         spec = self.spec if student.softcap is None else replace(self.spec, softcap=student.softcap)
-        loss, stats = head_loss(h, student.head_weight, batch.labels.reshape(-1), batch.mask.reshape(-1), spec,
-                                teacher.logits if teacher is not None else None)
+        loss, stats = head_loss(
+            h,
+            student.head_weight,
+            batch.labels.reshape(-1),
+            batch.mask.reshape(-1),
+            spec,
+            teacher.logits if teacher is not None else None,
+        )
         metrics = {"ce": stats["ce"]}
         if self.needs.logits:
             metrics["kd"] = stats["kd"]
@@ -95,9 +101,18 @@ class HiddenObjective:
 
     uses_head = False
 
-    def __init__(self, projectors: Projectors, *, loss: str, normalize_teacher: str, beta: float,
-                 skip_first_position: bool = False, schedule: Optional[ScheduleConfig] = None,
-                 lens: Optional[Lens] = None, lens_spec: Optional[HeadLossSpec] = None) -> None:
+    def __init__(
+        self,
+        projectors: Projectors,
+        *,
+        loss: str,
+        normalize_teacher: str,
+        beta: float,
+        skip_first_position: bool = False,
+        schedule: Optional[ScheduleConfig] = None,
+        lens: Optional[Lens] = None,
+        lens_spec: Optional[HeadLossSpec] = None,
+    ) -> None:
         if loss == "lens" and (lens is None or lens_spec is None):
             raise ValueError("loss=lens needs the teacher's final norm and head (lens=Lens.of(teacher))")
         if needs_projector(loss) != projectors.linear:
@@ -145,8 +160,9 @@ class HiddenObjective:
         moments = self.stats.get(layer) if self.stats is not None else None
         return normalize_target(x, self.normalize_teacher, moments)
 
-    def pair_sum(self, pair: tuple[int, int], s_hidden: torch.Tensor, t_hidden: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor:
+    def pair_sum(
+        self, pair: tuple[int, int], s_hidden: torch.Tensor, t_hidden: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """The loss of one layer pair summed over `mask`. s_hidden (B, T, d_s), t_hidden (B, T, d_t), mask (B, T)."""
         s, t = pair
         if self.loss == "relation":
@@ -155,8 +171,7 @@ class HiddenObjective:
         pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
         flat = pred.reshape(-1, pred.shape[-1])
         if self.loss == "lens":
-            return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens,
-                            self.lens_spec)
+            return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens, self.lens_spec)
         target = self.target(t, t_hidden)
         return feature_sum(flat, target.reshape(-1, target.shape[-1]), mask.reshape(-1), loss=self.loss)
 
@@ -241,8 +256,10 @@ class Plan:
         for ph in phases:
             self.needs = self.needs | ph.objective.needs
         self.student_layers = tuple(sorted({i for ph in phases for i in ph.objective.student_layers}))
-        self.boundaries = [Phase(f"{a.name}+{b.name}", a.until_share, BlendObjective(a.objective, b.objective))
-                           for a, b in zip(phases[:-1], phases[1:])]
+        self.boundaries = [
+            Phase(f"{a.name}+{b.name}", a.until_share, BlendObjective(a.objective, b.objective))
+            for a, b in zip(phases[:-1], phases[1:])
+        ]
 
     def phase_at(self, progress: float) -> Phase:
         for ph in self.phases:
@@ -268,33 +285,49 @@ class Plan:
         """The phases and the boundary blends (everything a step can run; each has a FLOPs cost)."""
         return self.phases + self.boundaries
 
-    def at_step(self, step: int, total_steps: int, *, tokens_before: int, tokens_in_step: int,
-                tokens_total: int) -> tuple[Phase, dict[str, float]]:
+    def at_step(
+        self, step: int, total_steps: int, *, tokens_before: int, tokens_in_step: int, tokens_total: int
+    ) -> tuple[Phase, dict[str, float]]:
         """The phase of optimiser step `step` and the scheduled weights in force (set on its objectives)."""
         phase = self.phase_for(tokens_before / tokens_total, (tokens_before + tokens_in_step) / tokens_total)
         weights = phase.objective.set_progress(step_progress(step, total_steps))
         return phase, weights
 
 
-def logit_spec(cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool,
-               matmul_dtype: Optional[torch.dtype] = None) -> HeadLossSpec:
+def logit_spec(
+    cfg: ObjectiveConfig, *, chunk_tokens: int, kd: bool, matmul_dtype: Optional[torch.dtype] = None
+) -> HeadLossSpec:
     alpha = cfg.alpha if kd else 0.0
-    return HeadLossSpec(ce_weight=1 - alpha, kd_weight=alpha, temperature=cfg.temperature,
-                        divergence=cfg.divergence, jsd_beta=cfg.jsd_beta, top_k=cfg.top_k,
-                        top_k_rest=cfg.top_k_rest,
-                        chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype)
+    return HeadLossSpec(
+        ce_weight=1 - alpha,
+        kd_weight=alpha,
+        temperature=cfg.temperature,
+        divergence=cfg.divergence,
+        jsd_beta=cfg.jsd_beta,
+        top_k=cfg.top_k,
+        top_k_rest=cfg.top_k_rest,
+        chunk_tokens=chunk_tokens,
+        matmul_dtype=matmul_dtype,
+    )
 
 
-def build_plan(cfg: ObjectiveConfig, *, projectors: Optional[Projectors], chunk_tokens: int,
-               matmul_dtype: Optional[torch.dtype] = None, teacher_lm: Optional[torch.nn.Module] = None) -> Plan:
+def build_plan(
+    cfg: ObjectiveConfig,
+    *,
+    projectors: Optional[Projectors],
+    chunk_tokens: int,
+    matmul_dtype: Optional[torch.dtype] = None,
+    teacher_lm: Optional[torch.nn.Module] = None,
+) -> Plan:
     """`teacher_lm` is read only by `loss=lens` (its final norm and head)."""
     method = cfg.method
     if method == "ce":
         spec = logit_spec(cfg, chunk_tokens=chunk_tokens, kd=False, matmul_dtype=matmul_dtype)
         return Plan([Phase("ce", 1.0, LogitObjective(spec))])
     alpha_schedule = cfg.alpha_schedule if cfg.alpha_schedule.kind != "constant" else None
-    kd = LogitObjective(logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True, matmul_dtype=matmul_dtype),
-                        schedule=alpha_schedule)
+    kd = LogitObjective(
+        logit_spec(cfg, chunk_tokens=chunk_tokens, kd=True, matmul_dtype=matmul_dtype), schedule=alpha_schedule
+    )
     if method == "kd":
         return Plan([Phase("kd", 1.0, kd)])
     h = cfg.hidden
@@ -303,12 +336,20 @@ def build_plan(cfg: ObjectiveConfig, *, projectors: Optional[Projectors], chunk_
         if teacher_lm is None:
             raise ValueError("objective.hidden.loss=lens needs the teacher model (build_plan(teacher_lm=...))")
         lens = Lens.of(teacher_lm)
-        lspec = lens_spec(temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap,
-                          matmul_dtype=matmul_dtype)
+        lspec = lens_spec(
+            temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap, matmul_dtype=matmul_dtype
+        )
     beta_schedule = h.beta_schedule if h.beta_schedule.kind != "constant" else None
-    hidden = HiddenObjective(projectors, loss=h.loss, normalize_teacher=h.normalize_teacher, beta=h.beta,
-                             skip_first_position=h.skip_first_position, schedule=beta_schedule, lens=lens,
-                             lens_spec=lspec)
+    hidden = HiddenObjective(
+        projectors,
+        loss=h.loss,
+        normalize_teacher=h.normalize_teacher,
+        beta=h.beta,
+        skip_first_position=h.skip_first_position,
+        schedule=beta_schedule,
+        lens=lens,
+        lens_spec=lspec,
+    )
     if method == "hld-joint":
         return Plan([Phase("hld-joint", 1.0, SumObjective(kd, hidden))])
     if method == "hld-first":
@@ -331,8 +372,9 @@ def hidden_objectives(plan: Plan) -> list[HiddenObjective]:
     return out
 
 
-def fit_targets(plan: Plan, teacher, order, cfg: ObjectiveConfig, *,
-                max_windows: Optional[int] = None) -> Optional[dict[int, Moments]]:
+def fit_targets(
+    plan: Plan, teacher, order, cfg: ObjectiveConfig, *, max_windows: Optional[int] = None
+) -> Optional[dict[int, Moments]]:
     """`standardize`: estimate the teacher layers' statistics on the run's first training windows
     (at most `max_windows`: those the run reads, which is what a teacher cache holds) and freeze
     them on the plan's hidden objectives (None when no objective standardises)."""
@@ -341,8 +383,7 @@ def fit_targets(plan: Plan, teacher, order, cfg: ObjectiveConfig, *,
         return None
     layers = tuple(sorted({t for o in objs for _, t in o.projectors.pairs}))
     n = min(cfg.hidden.stats_windows, order.n_windows, max_windows or order.n_windows)
-    stats = estimate_layer_stats(teacher, order, layers, n_windows=n,
-                                 skip_first=cfg.hidden.skip_first_position)
+    stats = estimate_layer_stats(teacher, order, layers, n_windows=n, skip_first=cfg.hidden.skip_first_position)
     set_targets(plan, stats)
     return stats
 

@@ -16,15 +16,17 @@ def pair_key(pair: tuple[int, int]) -> str:
 
 
 class Projectors(nn.Module):
-    def __init__(self, pairs: list[tuple[int, int]], *, d_student: int, d_teacher: int, seed: int = 0,
-                 linear: bool = True) -> None:
+    def __init__(
+        self, pairs: list[tuple[int, int]], *, d_student: int, d_teacher: int, seed: int = 0, linear: bool = True
+    ) -> None:
         super().__init__()
         self.pairs = list(pairs)
         self.d_student, self.d_teacher = d_student, d_teacher
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919)  # independent of the student's init stream
-            self.proj = nn.ModuleDict({pair_key(p): nn.Linear(d_student, d_teacher, bias=False)
-                                       for p in (pairs if linear else [])})
+            self.proj = nn.ModuleDict(
+                {pair_key(p): nn.Linear(d_student, d_teacher, bias=False) for p in (pairs if linear else [])}
+            )
 
     @property
     def linear(self) -> bool:

@@ -61,8 +61,11 @@ class TeacherSignals:
         if self.topk_values is not None:
             k = self.topk_values.shape[-1]
             rest = self.topk_rest.reshape(-1)[rows] if self.topk_rest is not None else None
-            return TeacherLogits(values=self.topk_values.reshape(-1, k)[rows],
-                                 indices=self.topk_indices.reshape(-1, k)[rows].long(), rest=rest)
+            return TeacherLogits(
+                values=self.topk_values.reshape(-1, k)[rows],
+                indices=self.topk_indices.reshape(-1, k)[rows].long(),
+                rest=rest,
+            )
         return None
 
 

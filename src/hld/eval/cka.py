@@ -57,14 +57,23 @@ def r2_standardized(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _states(lm: torch.nn.Module, forward, windows, layers: list[int], *, skip_first: bool,
-            compute_dtype: torch.dtype, device: torch.device, batch_size: int = 8) -> dict[int, torch.Tensor]:
+def _states(
+    lm: torch.nn.Module,
+    forward,
+    windows,
+    layers: list[int],
+    *,
+    skip_first: bool,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
     """Layer -> (n, d) float32 states at the kept positions of `windows` (CPU)."""
     cap = LayerCapture(lm, layers)
     out: dict[int, list] = {i: [] for i in layers}
     try:
         for start in range(0, len(windows), batch_size):
-            batch = make_batch(windows[start:start + batch_size])
+            batch = make_batch(windows[start : start + batch_size])
             keep = hidden_mask(batch.mask, skip_first=skip_first).reshape(-1)
             with autocast(compute_dtype, device):
                 try:
@@ -93,9 +102,19 @@ class TeacherStates:
         missing = [t for t in layers if t not in self._states]
         if missing:
             from hld.distill.signals import Backbone
+
             dev = next(self.lm.parameters()).device
-            self._states.update(_states(self.lm, Backbone(self.lm), self.windows, missing,
-                                        skip_first=self.skip_first, compute_dtype=torch.float32, device=dev))
+            self._states.update(
+                _states(
+                    self.lm,
+                    Backbone(self.lm),
+                    self.windows,
+                    missing,
+                    skip_first=self.skip_first,
+                    compute_dtype=torch.float32,
+                    device=dev,
+                )
+            )
         return {t: self._states[t] for t in layers}
 
     def terms(self, layer: int) -> tuple[torch.Tensor, float]:
@@ -116,8 +135,11 @@ class Diagnostics:
         self.s = s
         self.teacher = s.diagnostics_states()  # shared by the process's runs on the same windows
         self.windows, self.skip_first = self.teacher.windows, self.teacher.skip_first
-        self.pairs = (list(s.projectors.pairs) if s.projectors is not None else
-                      layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher.lm)))
+        self.pairs = (
+            list(s.projectors.pairs)
+            if s.projectors is not None
+            else layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher.lm))
+        )
         objs = hidden_objectives(s.plan)
         self.hidden = objs[0] if objs else None
 
@@ -126,8 +148,15 @@ class Diagnostics:
         was = s.student.training
         s.student.eval()
         try:
-            return _states(s.student, s.runner.backbone, self.windows, layers,
-                           skip_first=self.skip_first, compute_dtype=s.compute_dtype, device=s.device)
+            return _states(
+                s.student,
+                s.runner.backbone,
+                self.windows,
+                layers,
+                skip_first=self.skip_first,
+                compute_dtype=s.compute_dtype,
+                device=s.device,
+            )
         finally:
             s.student.train(was)
 
@@ -151,8 +180,12 @@ class Diagnostics:
         s_layers = list(range(0, n_blocks(self.s.student) + 1))
         t_layers = list(range(0, n_blocks(self.teacher.lm) + 1))
         st = {a: cka_terms(x) for a, x in self.student_states(s_layers).items()}
-        return {"student_layers": s_layers, "teacher_layers": t_layers, "pairs": [list(p) for p in self.pairs],
-                "cka": [[cka_of_terms(st[a], self.teacher.terms(b)) for b in t_layers] for a in s_layers]}
+        return {
+            "student_layers": s_layers,
+            "teacher_layers": t_layers,
+            "pairs": [list(p) for p in self.pairs],
+            "cka": [[cka_of_terms(st[a], self.teacher.terms(b)) for b in t_layers] for a in s_layers],
+        }
 
 
 def diagnostics_of(s) -> Optional[Diagnostics]:

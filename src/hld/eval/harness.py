@@ -37,7 +37,7 @@ ROLLING_LEN = 512  # the rolling log-likelihood window when the caller names non
 
 
 def expand_tasks(spec: str | list[str]) -> list[str]:
-    """"shipped,hellaswag" -> ["hld_lambada", "hld_mc", "hellaswag"] (aliases: shipped, paper;
+    """ "shipped,hellaswag" -> ["hld_lambada", "hld_mc", "hellaswag"] (aliases: shipped, paper;
     duplicates dropped, order kept)."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
@@ -48,9 +48,18 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
     return out
 
 
-def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: Optional[int] = None,
-                   batch_size: int = 8, device=None, quiet: bool = False,
-                   dataset_paths: Optional[dict[str, str]] = None, rolling_len: int = ROLLING_LEN) -> dict[str, dict]:
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: list[str],
+    *,
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    device=None,
+    quiet: bool = False,
+    dataset_paths: Optional[dict[str, str]] = None,
+    rolling_len: int = ROLLING_LEN,
+) -> dict[str, dict]:
     """Score `model` on harness `tasks` (zero-shot). Returns, per (leaf) task,
     {"metric", "value", "stderr", "chance", "n", "metrics"}: the headline metric (acc, or
     word_perplexity for rolling-likelihood tasks such as wikitext), its standard error, the
@@ -75,12 +84,29 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit
         manager = task_manager(tasks)
         built = _load_tasks(manager, tasks, dataset_paths or {})
         was_training = model.training
-        lm = HldLM(model=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                   quiet=quiet, desc="eval " + ",".join(tasks), stream=stream, rolling_len=rolling_len)
+        lm = HldLM(
+            model=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=device,
+            quiet=quiet,
+            desc="eval " + ",".join(tasks),
+            stream=stream,
+            rolling_len=rolling_len,
+        )
         try:
-            out = simple_evaluate(model=lm, tasks=list(built.values()), task_manager=manager, limit=limit,
-                                  bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(built.values()),
+                task_manager=manager,
+                limit=limit,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=True,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
         finally:
             lm.progress.close()
             model.train(was_training)
@@ -100,8 +126,14 @@ def check_tasks(tasks: list[str], dataset_paths: Optional[dict[str, str]] = None
 
 # the harness's folders of the paper's tasks: indexing only these takes a second, all its
 # thousands of task files tens of seconds
-PAPER_TASK_DIRS = {"hellaswag": "hellaswag", "winogrande": "winogrande", "lambada_openai": "lambada",
-                   "piqa": "piqa", "arc_easy": "arc", "wikitext": "wikitext"}
+PAPER_TASK_DIRS = {
+    "hellaswag": "hellaswag",
+    "winogrande": "winogrande",
+    "lambada_openai": "lambada",
+    "piqa": "piqa",
+    "arc_easy": "arc",
+    "wikitext": "wikitext",
+}
 _MANAGERS: dict = {}
 
 
@@ -114,8 +146,7 @@ def task_manager(tasks: list[str]):
 
     harness = Path(lm_eval.tasks.__file__).resolve().parent
     dirs = {harness / PAPER_TASK_DIRS[t] for t in tasks if t in PAPER_TASK_DIRS}
-    whole = any(t not in PAPER_TASK_DIRS and t not in SHIPPED_TASKS for t in tasks) \
-        or not all(d.is_dir() for d in dirs)
+    whole = any(t not in PAPER_TASK_DIRS and t not in SHIPPED_TASKS for t in tasks) or not all(d.is_dir() for d in dirs)
     key = "all" if whole else frozenset(dirs)
     if key not in _MANAGERS:
         paths = [TASKS_DIR] if whole else [TASKS_DIR, *sorted(dirs)]
@@ -134,16 +165,20 @@ def _load_tasks(manager, names: list[str], dataset_paths: dict[str, str]) -> dic
     """{leaf task name: Task}; a task whose data cannot be read is one HldError naming it."""
     unknown = [n for n in dataset_paths if n not in names]
     if unknown:
-        raise HldError(f"a local dataset is given for {', '.join(unknown)}, which is not among the tasks",
-                       "add the task to --tasks or drop its --task-data")
+        raise HldError(
+            f"a local dataset is given for {', '.join(unknown)}, which is not among the tasks",
+            "add the task to --tasks or drop its --task-data",
+        )
     built: dict = {}
     for name in names:
         if name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise HldError(f"unknown lm-eval task {name!r}{hint}",
-                           f"give a harness task name (`lm-eval ls tasks` lists them), or shipped "
-                           f"({', '.join(SHIPPED_TASKS)}), or paper ({', '.join(PAPER_TASKS)})")
+            raise HldError(
+                f"unknown lm-eval task {name!r}{hint}",
+                f"give a harness task name (`lm-eval ls tasks` lists them), or shipped "
+                f"({', '.join(SHIPPED_TASKS)}), or paper ({', '.join(PAPER_TASKS)})",
+            )
         spec = _local_spec(manager, name, dataset_paths[name]) if name in dataset_paths else name
         try:
             loaded = manager.load(spec)
@@ -161,7 +196,8 @@ def _data_error(manager, name: str, exc: Exception) -> HldError:
         f"the data of task {name}{what} cannot be loaded: {detail}",
         f"download it where the hub is reachable and rerun with HF_DATASETS_OFFLINE=1 and that HF cache "
         f"(HF_HOME or HF_DATASETS_CACHE), or point the task at a local copy: --task-data {name}=DIR "
-        f"(a snapshot of the dataset repo, a folder of split files, or a save_to_disk directory)")
+        f"(a snapshot of the dataset repo, a folder of split files, or a save_to_disk directory)",
+    )
 
 
 def _yaml_field(manager, name: str, key: str) -> Optional[str]:
@@ -182,8 +218,10 @@ def _local_spec(manager, name: str, directory: str) -> dict:
         raise HldError(f"--task-data {name}={directory}: no such directory", "give the folder of a local copy")
     entry = manager.task_index[name]
     if not getattr(entry, "yaml_path", None):
-        raise HldError(f"task {name} is not defined by a YAML file, so its dataset cannot be replaced",
-                       "use HF_DATASETS_OFFLINE=1 with a populated HF cache instead")
+        raise HldError(
+            f"task {name} is not defined by a YAML file, so its dataset cannot be replaced",
+            "use HF_DATASETS_OFFLINE=1 with a populated HF cache instead",
+        )
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
     cfg.pop("tag", None)  # a tag would register the task a second time
     dataset = _read_local(name, path, cfg.get("dataset_name"))
@@ -205,30 +243,43 @@ def _read_local(name: str, path: Path, config_name: Optional[str]):
         else:
             ds = datasets.load_dataset(str(path), config_name if (path / "README.md").exists() else None)
     except Exception as exc:
-        raise HldError(f"--task-data {name}={path} cannot be read: {exc_line(exc)}",
-                       "give a dataset repository snapshot, a folder of split files or a save_to_disk directory",
-                       ) from exc
+        raise HldError(
+            f"--task-data {name}={path} cannot be read: {exc_line(exc)}",
+            "give a dataset repository snapshot, a folder of split files or a save_to_disk directory",
+        ) from exc
     return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"test": ds})
 
 
 # --------------------------------------------------------------------------- results
 
+
 def _row(name: str, task, out: dict) -> dict:
     res = out["results"][name]
-    metrics = {k.split(",")[0]: v for k, v in res.items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metrics = {
+        k.split(",")[0]: v for k, v in res.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+    }
     output_type = task.get_config("output_type")
-    metric = "word_perplexity" if output_type == "loglikelihood_rolling" else \
-        "acc" if "acc" in metrics else next(iter(metrics))
+    metric = (
+        "word_perplexity"
+        if output_type == "loglikelihood_rolling"
+        else "acc"
+        if "acc" in metrics
+        else next(iter(metrics))
+    )
     stderr = next((v for k, v in res.items() if k.split(",")[0] == f"{metric}_stderr"), None)
     samples = out.get("samples", {}).get(name, [])
     chance = None
     if output_type == "multiple_choice" and samples:
         chance = sum(1.0 / len(task.doc_to_choice(s["doc"])) for s in samples) / len(samples)
     n = out.get("n-samples", {}).get(name, {}).get("effective", len(samples))
-    return {"metric": metric, "value": float(metrics[metric]),
-            "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
-            "chance": chance, "n": int(n), "metrics": metrics}
+    return {
+        "metric": metric,
+        "value": float(metrics[metric]),
+        "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+        "chance": chance,
+        "n": int(n),
+        "metrics": metrics,
+    }
 
 
 @contextlib.contextmanager

@@ -23,14 +23,24 @@ class HldLM(HFLM):
     """HFLM with our tokenisation (one BOS, BOS-led rolling windows), a head run on continuation
     positions only, and our progress line."""
 
-    def __init__(self, *, model, tokenizer, batch_size: int, device, quiet: bool, desc: str,
-                 stream, rolling_len: int = ROLLING_LEN) -> None:
+    def __init__(
+        self,
+        *,
+        model,
+        tokenizer,
+        batch_size: int,
+        device,
+        quiet: bool,
+        desc: str,
+        stream,
+        rolling_len: int = ROLLING_LEN,
+    ) -> None:
         device = torch.device(device) if device is not None else default_device()
         model.to(device)
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                         device=str(device), add_bos_token=True)
-        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
-            else tokenizer.eos_token_id
+        super().__init__(
+            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), add_bos_token=True
+        )
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self._rolling = False
         self.rolling_len = rolling_len
         self._cont_len: dict = {}
@@ -38,8 +48,9 @@ class HldLM(HFLM):
         self._quiet, self._desc, self._stream = quiet, desc, stream
 
     # one BOS, never a tokenizer's other special tokens; none inside rolling windows
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
-                   left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len: Optional[int] = None, **kwargs
+    ) -> list[int]:
         ids = self.tokenizer(string, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         bos = add_special_tokens if add_special_tokens is not None else not self._rolling
         if bos:
@@ -64,13 +75,14 @@ class HldLM(HFLM):
             for i, (string,) in enumerate(req.args for req in requests):
                 ids = self.tok_encode(string)  # no BOS: self._rolling
                 for s in range(0, len(ids), self.rolling_len - 1):
-                    windows.append((None, [self.bos_id], ids[s:s + self.rolling_len - 1]))
+                    windows.append((None, [self.bos_id], ids[s : s + self.rolling_len - 1]))
                     owner.append(i)
             totals = [0.0] * len(requests)
             for s in range(0, len(windows), self.batch_size):
-                part = windows[s:s + self.batch_size]
-                for i, (ll, _) in zip(owner[s:s + len(part)],
-                                      self._loglikelihood_tokens(part, override_bs=len(part))):
+                part = windows[s : s + self.batch_size]
+                for i, (ll, _) in zip(
+                    owner[s : s + len(part)], self._loglikelihood_tokens(part, override_bs=len(part))
+                ):
                     totals[i] += ll
             for req, total in zip(requests, totals):
                 self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
@@ -83,7 +95,7 @@ class HldLM(HFLM):
         # _model_call can run the (vocabulary-wide) head on continuation positions only
         self._cont_len = {}
         for _, ctx, cont in requests:
-            key = tuple((ctx + cont)[-(self.max_length + 1):][:-1])
+            key = tuple((ctx + cont)[-(self.max_length + 1) :][:-1])
             self._cont_len[key] = max(self._cont_len.get(key, 0), len(cont))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
@@ -113,7 +125,7 @@ class HldLM(HFLM):
         start = min(lo for lo, _ in spans)
         keep = torch.zeros(inps.shape[0], inps.shape[1] - start, dtype=torch.bool, device=inps.device)
         for r, (lo, hi) in enumerate(spans):
-            keep[r, lo - start:hi - start] = True  # (B, T - start)
+            keep[r, lo - start : hi - start] = True  # (B, T - start)
         picked = self.model.get_output_embeddings()(hidden[:, start:][keep])  # (N, V)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
@@ -128,8 +140,11 @@ class HldLM(HFLM):
         end = len(row)
         while end > 0 and row[end - 1] == 0:
             end -= 1
-        hits = [(n - self._cont_len[key], n) for n in range(max(end, 1), len(row) + 1)
-                if (key := tuple(row[:n])) in self._cont_len]
+        hits = [
+            (n - self._cont_len[key], n)
+            for n in range(max(end, 1), len(row) + 1)
+            if (key := tuple(row[:n])) in self._cont_len
+        ]
         if not hits:
             return 0, len(row)
         return max(min(lo for lo, _ in hits), 0), max(hi for _, hi in hits)

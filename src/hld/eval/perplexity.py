@@ -26,9 +26,16 @@ PPL_BATCH = 8  # windows per forward; distributed.perplexity deals batches of th
 
 
 @torch.no_grad()
-def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, batch_size: int = PPL_BATCH,
-               chunk_tokens: int = 512, compute_dtype: torch.dtype = torch.float32,
-               progress: Optional[str] = None, backbone: Optional[torch.nn.Module] = None) -> dict:
+def perplexity(
+    lm: torch.nn.Module,
+    windows: np.ndarray,
+    *,
+    batch_size: int = PPL_BATCH,
+    chunk_tokens: int = 512,
+    compute_dtype: torch.dtype = torch.float32,
+    progress: Optional[str] = None,
+    backbone: Optional[torch.nn.Module] = None,
+) -> dict:
     """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent).
     `backbone` maps ids to final hidden states (default `Backbone(lm)`; a sharded run passes its own)."""
     was_training = lm.training
@@ -36,17 +43,20 @@ def perplexity(lm: torch.nn.Module, windows: np.ndarray, *, batch_size: int = PP
     device = next(lm.parameters()).device
     backbone = backbone if backbone is not None else Backbone(lm)
     weight, cap = head_of(lm)
-    spec = HeadLossSpec(ce_weight=1.0, softcap=cap, chunk_tokens=chunk_tokens,
-                        matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
+    spec = HeadLossSpec(
+        ce_weight=1.0,
+        softcap=cap,
+        chunk_tokens=chunk_tokens,
+        matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+    )
     nll, count, t0 = 0.0, 0, time.time()
     prog = Progress(len(windows), desc=progress or "eval", quiet=progress is None)
     for start in range(0, len(windows), batch_size):
-        batch = make_batch(windows[start:start + batch_size])
+        batch = make_batch(windows[start : start + batch_size])
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         with autocast(compute_dtype, device):
             h = backbone(ids)
-        total, _ = head_loss(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1),
-                             (labels != -100).reshape(-1), spec)
+        total, _ = head_loss(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), (labels != -100).reshape(-1), spec)
         nll += float(total)
         count += int((labels != -100).sum())
         done = min(start + batch_size, len(windows))

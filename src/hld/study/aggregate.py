@@ -32,8 +32,16 @@ from hld.study.stats import Interval, holm, mean_interval
 from hld.train.loggers import read_metrics
 
 COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
-BASE_COLUMNS = ["cell", "configuration", "match", "accounting", "arm", "student", "student_params",
-                "student_params_non_embedding"]
+BASE_COLUMNS = [
+    "cell",
+    "configuration",
+    "match",
+    "accounting",
+    "arm",
+    "student",
+    "student_params",
+    "student_params_non_embedding",
+]
 TAIL_COLUMNS = ["seed", "steps", "tokens", "flops", "val_loss", "val_ppl", "train_seconds"]
 
 
@@ -101,19 +109,22 @@ def collect(study_dir: Path) -> Table:
             continue
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
-        summary = read_json_object(run_dir / "summary.json", "run summary",
-                                   f"delete {run_dir} and rerun the study to train that cell again")
+        summary = read_json_object(
+            run_dir / "summary.json", "run summary", f"delete {run_dir} and rerun the study to train that cell again"
+        )
         found.append((run_dir, cfg, summary, cell))
     scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
-    task_info = {task_metric(t, r): {"chance": r.get("chance"), "n": r.get("n")}
-                 for d in scores.values() for t, r in d.items()}
+    task_info = {
+        task_metric(t, r): {"chance": r.get("chance"), "n": r.get("n")} for d in scores.values() for t, r in d.items()
+    }
     task_metrics = list(task_info)
     budget_keys = sorted({f"budget.{k}" for _, cfg, _, _ in found for k in cfg["budget"]})
     grid_keys = _grid_keys(found)
     # without cell.json a budget is named by its length keys and whatever else varies across the runs
     leaves = [_leaves(cfg) for _, cfg, _, _ in found]
-    naming = [k for k in budget_keys if k.split(".", 1)[1] in LENGTH_KEYS
-              or len({json.dumps(lv.get(k)) for lv in leaves}) > 1]
+    naming = [
+        k for k in budget_keys if k.split(".", 1)[1] in LENGTH_KEYS or len({json.dumps(lv.get(k)) for lv in leaves}) > 1
+    ]
     rows, configs = [], {}
     for run_dir, cfg, summary, cell in found:
         row = _row(run_dir, cfg, summary, cell, naming, grid_keys)
@@ -122,9 +133,15 @@ def collect(study_dir: Path) -> Table:
         rows.append(row)
         configs[row["cell"]] = cfg
     rows.sort(key=lambda r: (r["configuration"], r["seed"], r["arm"]))
-    return Table(rows=rows, budget_keys=budget_keys, grid_keys=grid_keys, pending=pending, configs=configs,
-                 task_metrics=task_metrics, task_info=task_info)
-
+    return Table(
+        rows=rows,
+        budget_keys=budget_keys,
+        grid_keys=grid_keys,
+        pending=pending,
+        configs=configs,
+        task_metrics=task_metrics,
+        task_info=task_info,
+    )
 
 
 def _grid_keys(found: list) -> list[str]:
@@ -137,14 +154,19 @@ def _grid_keys(found: list) -> list[str]:
         leaves = [_leaves(cfg) for _, cfg, _, _ in found]
         skip = set(CONTROLLED)
         for k in leaves[0] if leaves else []:
-            if k not in skip and not k.startswith("budget.") and k not in keys and \
-                    len({json.dumps(lv.get(k), sort_keys=True) for lv in leaves}) > 1:
+            if (
+                k not in skip
+                and not k.startswith("budget.")
+                and k not in keys
+                and len({json.dumps(lv.get(k), sort_keys=True) for lv in leaves}) > 1
+            ):
                 keys.append(k)
     return keys
 
 
-def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: list[str],
-         grid_keys: list[str]) -> dict:
+def _row(
+    run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: list[str], grid_keys: list[str]
+) -> dict:
     student, seed, arm = cfg["student"]["preset"], cfg["train"]["seed"], cfg["objective"]["method"]
     point = {k: get_dotted(cfg, k) for k in grid_keys}
     accounting, match = "budget", None
@@ -158,18 +180,32 @@ def _row(run_dir: Path, cfg: dict, summary: dict, cell: Optional[dict], naming: 
         budget = {k: v for k, v in budget.items() if v is not None}
         configuration = configuration_id(student, budget, point)
     val_loss, val_ppl = _final_val(summary, run_dir)
-    row = {"cell": run_dir.name, "configuration": configuration, "match": match or configuration,
-           "serves": list((cell or {}).get("serves") or []),  # a label, not a results.csv column
-           "accounting": accounting, "arm": arm, "student": student,
-           "student_params": summary.get("student_params"),
-           "student_params_non_embedding": summary.get("student_params_non_embedding")}
+    row = {
+        "cell": run_dir.name,
+        "configuration": configuration,
+        "match": match or configuration,
+        "serves": list((cell or {}).get("serves") or []),  # a label, not a results.csv column
+        "accounting": accounting,
+        "arm": arm,
+        "student": student,
+        "student_params": summary.get("student_params"),
+        "student_params_non_embedding": summary.get("student_params_non_embedding"),
+    }
     row.update({f"budget.{k}": v for k, v in cfg["budget"].items()})
     row.update(point)
-    row.update({"seed": seed, "steps": summary.get("steps"), "tokens": summary.get("tokens"),
-                "flops": summary.get("flops"), "val_loss": val_loss, "val_ppl": val_ppl,
-                "train_seconds": summary.get("train_seconds"), "cell_json": cell,
-                "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in budget.items())})  # a label, not a results.csv column
+    row.update(
+        {
+            "seed": seed,
+            "steps": summary.get("steps"),
+            "tokens": summary.get("tokens"),
+            "flops": summary.get("flops"),
+            "val_loss": val_loss,
+            "val_ppl": val_ppl,
+            "train_seconds": summary.get("train_seconds"),
+            "cell_json": cell,
+            "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in budget.items()),
+        }
+    )  # a label, not a results.csv column
     return row
 
 
@@ -188,6 +224,7 @@ def write_results_csv(table: Table, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- paired verdicts
+
 
 @dataclass
 class Comparison:
@@ -243,7 +280,7 @@ def _view_values(rows: list[dict], view: str, metric: str) -> dict:
     spends its own FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores)
     stands in each of them."""
     out = {}
-    for accounting in (("budget",) if view == "budget" else ("budget", "flops")):
+    for accounting in ("budget",) if view == "budget" else ("budget", "flops"):
         for r in rows:
             v = r.get(metric)
             if r.get("accounting", "budget") == accounting and v is not None and math.isfinite(float(v)):
@@ -289,13 +326,23 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                 else:
                     overall, over = next(iter(per.values())), "seeds"
                 used = [r for r in rows if r["arm"] in (arm, base) and r.get("accounting", "budget") == "budget"]
-                out.append(Comparison(arm=arm, baseline=base, per_config=per, overall=overall, over=over,
-                                      wins=sum(better(i.mean) for i in per.values()), metric=metric, view=view,
-                                      accounting=_accounting(used, view),
-                                      flops_ratio=_mean([x for r in ratios.values() for x in r]),
-                                      config_flops_ratio={c: _mean(r) for c, r in ratios.items()},
-                                      seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
-                                      diffs=diffs))
+                out.append(
+                    Comparison(
+                        arm=arm,
+                        baseline=base,
+                        per_config=per,
+                        overall=overall,
+                        over=over,
+                        wins=sum(better(i.mean) for i in per.values()),
+                        metric=metric,
+                        view=view,
+                        accounting=_accounting(used, view),
+                        flops_ratio=_mean([x for r in ratios.values() for x in r]),
+                        config_flops_ratio={c: _mean(r) for c, r in ratios.items()},
+                        seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
+                        diffs=diffs,
+                    )
+                )
     return out
 
 
@@ -311,8 +358,15 @@ def verdicts(comparisons: list[Comparison]) -> list[Verdict]:
         if all(i.n >= 2 for i in c.per_config.values()):
             lines += [Verdict(c, conf, i, "seeds", c.seed_wins.get(conf, 0)) for conf, i in c.per_config.items()]
         else:
-            lines.append(Verdict(c, ALL, c.overall, c.over, c.wins if c.over == "configurations"
-                                 else next(iter(c.seed_wins.values()), 0)))
+            lines.append(
+                Verdict(
+                    c,
+                    ALL,
+                    c.overall,
+                    c.over,
+                    c.wins if c.over == "configurations" else next(iter(c.seed_wins.values()), 0),
+                )
+            )
     for v, p in zip(lines, holm([v.interval.p for v in lines])):
         v.p_holm = p
     return lines
@@ -330,8 +384,10 @@ def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
     units = "seed" if v.over == "seeds" else "configuration"
     ratio_of = c.config_flops_ratio.get(v.configuration, c.flops_ratio)  # this line's pairs (pooled: all)
     flops = f"; FLOPs ×{ratio_of:.3f} of {c.baseline}'s" if ratio_of is not None else ""
-    head = (f"**{c.arm} vs {c.baseline}{on}, {c.accounting}**{where}{flops}: {c.arm} better in {v.wins} of "
-            f"{i.n} {units}{'s' if i.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}")
+    head = (
+        f"**{c.arm} vs {c.baseline}{on}, {c.accounting}**{where}{flops}: {c.arm} better in {v.wins} of "
+        f"{i.n} {units}{'s' if i.n != 1 else ''}; mean Δ {what} {i.mean:+.{digits}f}{unit}"
+    )
     ratio = f", val ppl ratio {math.exp(i.mean):.4f}" if loss else ""
     up = higher_is_better(c.metric)
     if not i.has_ci:
@@ -351,8 +407,22 @@ def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
 
 
 def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[list[Verdict]] = None) -> Path:
-    cols = ["comparison", "accounting", "metric", "configuration", "n", "over", "mean_diff", "ci_lo", "ci_hi",
-            "p", "p_holm", "ppl_ratio", "flops_ratio", "wins"]
+    cols = [
+        "comparison",
+        "accounting",
+        "metric",
+        "configuration",
+        "n",
+        "over",
+        "mean_diff",
+        "ci_lo",
+        "ci_hi",
+        "p",
+        "p_holm",
+        "ppl_ratio",
+        "flops_ratio",
+        "wins",
+    ]
     holm_of = {(id(v.comparison), v.configuration): v.p_holm for v in lines or []}
     rows = []
     for c in comparisons:
@@ -360,19 +430,44 @@ def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[
         ratio = math.exp if c.metric == "val_loss" else (lambda x: None)
         common = {"comparison": name, "accounting": c.accounting, "metric": c.metric, "flops_ratio": c.flops_ratio}
         for conf, i in c.per_config.items():
-            rows.append({**common, "configuration": conf, "n": i.n, "over": "seeds", "mean_diff": i.mean,
-                         "ci_lo": i.lo, "ci_hi": i.hi, "p": i.p, "p_holm": holm_of.get((id(c), conf)),
-                         "ppl_ratio": ratio(i.mean), "wins": c.seed_wins.get(conf),
-                         "flops_ratio": c.config_flops_ratio.get(conf, c.flops_ratio)})
+            rows.append(
+                {
+                    **common,
+                    "configuration": conf,
+                    "n": i.n,
+                    "over": "seeds",
+                    "mean_diff": i.mean,
+                    "ci_lo": i.lo,
+                    "ci_hi": i.hi,
+                    "p": i.p,
+                    "p_holm": holm_of.get((id(c), conf)),
+                    "ppl_ratio": ratio(i.mean),
+                    "wins": c.seed_wins.get(conf),
+                    "flops_ratio": c.config_flops_ratio.get(conf, c.flops_ratio),
+                }
+            )
         if len(c.per_config) > 1:
             i = c.overall
-            rows.append({**common, "configuration": ALL, "n": i.n, "over": c.over, "mean_diff": i.mean,
-                         "ci_lo": i.lo, "ci_hi": i.hi, "p": i.p, "p_holm": holm_of.get((id(c), ALL)),
-                         "ppl_ratio": ratio(i.mean), "wins": c.wins})
+            rows.append(
+                {
+                    **common,
+                    "configuration": ALL,
+                    "n": i.n,
+                    "over": c.over,
+                    "mean_diff": i.mean,
+                    "ci_lo": i.lo,
+                    "ci_hi": i.hi,
+                    "p": i.p,
+                    "p_holm": holm_of.get((id(c), ALL)),
+                    "ppl_ratio": ratio(i.mean),
+                    "wins": c.wins,
+                }
+            )
     return _write_csv(path, cols, rows)
 
 
 # --------------------------------------------------------------------------- best configuration
+
 
 def best_configuration(rows: list[dict], key: str = "val_loss") -> list[dict]:
     """The rows (seeds) of the configuration with the lowest seed-mean `key` among `rows`; [] if

@@ -47,8 +47,9 @@ def _student_title(table: Table, student: str) -> str:
 def _student_panels(table: Table, *, width: float, height: float):
     """A row of panels sharing the y axis, one per student (smallest first): (fig, axes, students, arms)."""
     students = _students(table)
-    fig, axes = _plt().subplots(1, len(students), figsize=(width * len(students) + 0.6, height), squeeze=False,
-                                sharey=True)
+    fig, axes = _plt().subplots(
+        1, len(students), figsize=(width * len(students) + 0.6, height), squeeze=False, sharey=True
+    )
     return fig, axes, students, _arms(table)
 
 
@@ -59,8 +60,9 @@ def _fit_y(ax, lows: list[float], highs: list[float], *, pad: float) -> None:
         ax.set_ylim(min(lows) - margin, max(highs) + margin)
 
 
-def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: list[dict] = (),
-                       levels: list[tuple[str, float]] = ()) -> Path:
+def plot_loss_vs_flops(
+    table: Table, study_dir: Path, out: Path, *, reference: list[dict] = (), levels: list[tuple[str, float]] = ()
+) -> Path:
     """One panel per student. Per arm: the training loss (train/ce) of its best grid point against
     cumulative training FLOPs as a line, its final validation loss as a large marker at the FLOPs it
     spent (joined across budgets), and every cell's validation loss as a small dot. At equal FLOPs
@@ -72,23 +74,39 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         flops = [r["flops"] for r in table.rows if r["student"] == student]
         wide = max(flops) / max(min(flops), 1e-30) > 10
         for arm in arms:
-            rows = [r for r in table.rows if r["student"] == student and r["arm"] == arm
-                    and math.isfinite(r["val_loss"])]
+            rows = [
+                r for r in table.rows if r["student"] == student and r["arm"] == arm and math.isfinite(r["val_loss"])
+            ]
             if not rows:
                 continue
             color, marker = COLORS.get(arm), MARKERS.get(arm, "o")
-            ax.scatter([r["flops"] for r in rows], [r["val_loss"] for r in rows], s=14, alpha=0.35, color=color,
-                       marker=marker, linewidths=0)
+            ax.scatter(
+                [r["flops"] for r in rows],
+                [r["val_loss"] for r in rows],
+                s=14,
+                alpha=0.35,
+                color=color,
+                marker=marker,
+                linewidths=0,
+            )
             best = _best_per_budget(rows, table.budget_keys)
-            ax.plot([b[0] for b in best], [b[1] for b in best], marker=marker, ms=9, color=color, lw=1.5,
-                    label=f"{arm}: val {best[-1][1]:.3f}", zorder=3)
+            ax.plot(
+                [b[0] for b in best],
+                [b[1] for b in best],
+                marker=marker,
+                ms=9,
+                color=color,
+                lw=1.5,
+                label=f"{arm}: val {best[-1][1]:.3f}",
+                zorder=3,
+            )
             lows += [b[1] for b in best]
             highs += [r["val_loss"] for r in rows]
             curve = _train_curve(Path(study_dir) / "runs" / best[-1][2], "flops")
             if curve is not None:
                 ax.plot(*curve, color=color, alpha=0.55, lw=1)
                 lows.append(float(np.min(curve[1])))
-                highs.append(float(np.max(curve[1][len(curve[1]) // 5:])))
+                highs.append(float(np.max(curve[1][len(curve[1]) // 5 :])))
         if wide:
             ax.set_xscale("log")
         else:
@@ -101,8 +119,10 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
         _legend_below(ax, title="arm (mean over seeds) and references")
     _fit_y(axes[0][0], lows, highs, pad=0.06)
     axes[0][0].set_ylabel("loss (nats/token, lower is better)")
-    title = ("Validation loss vs training FLOPs, teacher counted\n(markers: final validation loss, mean over "
-             "seeds; small dots: cells; lines: references)")
+    title = (
+        "Validation loss vs training FLOPs, teacher counted\n(markers: final validation loss, mean over "
+        "seeds; small dots: cells; lines: references)"
+    )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "loss_vs_flops.png")
@@ -111,8 +131,9 @@ def plot_loss_vs_flops(table: Table, study_dir: Path, out: Path, *, reference: l
 def _legend_below(ax, *, title: str) -> None:
     """The legend under the panel, not on it: early curves start high at the left, references run the
     whole width, so no corner of the axes is free of data (`_save` keeps it in the picture)."""
-    ax.legend(title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
-              ncol=2, frameon=False)
+    ax.legend(
+        title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False
+    )
 
 
 def _sci_formatter():
@@ -137,7 +158,7 @@ def _train_curve(run_dir: Path, x_key: str) -> Optional[tuple[np.ndarray, np.nda
         return None
     x, y = np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts], dtype=float)
     k = max(1, len(y) // 20)
-    return (x[k - 1:], _smooth(y, k)) if k > 1 else (x, y)
+    return (x[k - 1 :], _smooth(y, k)) if k > 1 else (x, y)
 
 
 def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[float, float, str]]:
@@ -149,8 +170,13 @@ def _best_per_budget(rows: list[dict], budget_keys: list[str]) -> list[tuple[flo
     pts = []
     for group in (best_configuration(g) for g in by_budget.values()):
         if group:
-            pts.append((float(np.mean([r["flops"] for r in group])), float(np.mean([r["val_loss"] for r in group])),
-                        group[0]["cell"]))
+            pts.append(
+                (
+                    float(np.mean([r["flops"] for r in group])),
+                    float(np.mean([r["val_loss"] for r in group])),
+                    group[0]["cell"],
+                )
+            )
     return sorted(pts)
 
 
@@ -164,8 +190,9 @@ def _levels(ax, levels: list[tuple[str, float]], lows: list[float], highs: list[
         kind = next((k for k in LEVEL_STYLES if label.startswith(k)), "teacher")
         color, ls = LEVEL_STYLES[kind]
         thin = "tokens read" in label
-        ax.axhline(y, color=color, ls=ls, lw=0.8 if thin else 1.3, alpha=0.55 if thin else 0.9,
-                   label=f"{label}: {y:.3f}")
+        ax.axhline(
+            y, color=color, ls=ls, lw=0.8 if thin else 1.3, alpha=0.55 if thin else 0.9, label=f"{label}: {y:.3f}"
+        )
         lows.append(y)
         highs.append(y)
 
@@ -186,9 +213,15 @@ def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: list[tuple[
                     continue
                 x, y = curve
                 bold = r["cell"] in bests
-                ax.plot(x, y, color=COLORS.get(arm), alpha=1.0 if bold else 0.25, lw=2 if bold else 0.8,
-                        label=f"{arm} ({_point(r, table.grid_keys)})" if bold else None)
-                tops.append(float(np.max(y[len(y) // 10:])))
+                ax.plot(
+                    x,
+                    y,
+                    color=COLORS.get(arm),
+                    alpha=1.0 if bold else 0.25,
+                    lw=2 if bold else 0.8,
+                    label=f"{arm} ({_point(r, table.grid_keys)})" if bold else None,
+                )
+                tops.append(float(np.max(y[len(y) // 10 :])))
                 bottoms.append(float(np.min(y)))
         _levels(ax, [lv for lv in levels if "tokens read" not in lv[0]], bottoms, tops)
         ax.set_xlabel("training tokens")
@@ -236,16 +269,28 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
                 big = conf == ALL
                 if not big and cmp.diffs.get(conf):  # each seed's difference, faint
                     ax.scatter(cmp.diffs[conf], [y + 0.12] * len(cmp.diffs[conf]), s=12, color=color, alpha=0.5)
-                ax.errorbar([i.mean], [y], xerr=err, fmt="D" if big else "o", ms=8 if big else 5, color=color,
-                            ecolor=color, capsize=3, lw=1.5)
+                ax.errorbar(
+                    [i.mean],
+                    [y],
+                    xerr=err,
+                    fmt="D" if big else "o",
+                    ms=8 if big else 5,
+                    color=color,
+                    ecolor=color,
+                    capsize=3,
+                    lw=1.5,
+                )
             ax.axvline(0, color="black", lw=1, ls="--")
             if ALL in labels:
                 ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
             ax.set_ylim(len(labels) - 0.5, -0.5)
             won = sum(cmp.seed_wins.values()) if cmp.n == 1 else cmp.wins
             of = next(iter(cmp.per_config.values())).n if cmp.n == 1 else cmp.n
-            ax.set_title(f"{arm} − {base}, {accounting}\n{arm} better in {won} of {of}"
-                         f" {'seeds' if cmp.n == 1 else 'configurations'}", fontsize=9)
+            ax.set_title(
+                f"{arm} − {base}, {accounting}\n{arm} better in {won} of {of}"
+                f" {'seeds' if cmp.n == 1 else 'configurations'}",
+                fontsize=9,
+            )
             ax.set_xlabel(f"Δ {name}; {'> 0' if up else '< 0'}: {arm} better", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
             lim = max(abs(v) for v in ax.get_xlim())
@@ -270,8 +315,11 @@ def _save(fig, path: Path) -> Path:
 
 def _cka_curve(run_dir: Path) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(tokens, mean over mapped pairs of val/cka/...) at each validation of a run."""
-    pts = [(m["tokens"], float(np.mean([v for k, v in m.items() if k.startswith("val/cka/")])))
-           for m in read_metrics(run_dir) if any(k.startswith("val/cka/") for k in m)]
+    pts = [
+        (m["tokens"], float(np.mean([v for k, v in m.items() if k.startswith("val/cka/")])))
+        for m in read_metrics(run_dir)
+        if any(k.startswith("val/cka/") for k in m)
+    ]
     if not pts:
         return None
     return np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts])
@@ -289,8 +337,7 @@ def plot_cka(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
                 curve = _cka_curve(Path(study_dir) / "runs" / r["cell"])
                 if curve is None:
                     continue
-                ax.plot(*curve, color=COLORS.get(arm), alpha=0.6, lw=1, marker=".",
-                        label=None if labelled else arm)
+                ax.plot(*curve, color=COLORS.get(arm), alpha=0.6, lw=1, marker=".", label=None if labelled else arm)
                 labelled = drawn = True
         ax.set_xlabel("training tokens")
         ax.set_title(_student_title(table, student), fontsize=10)
@@ -321,8 +368,13 @@ def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path
     students = [s for s in _students(table) if any(k[0] == s for k in mats)]
     arms = [a for a in _arms(table) if any(k[1] == a for k in mats)]
     plt = _plt()
-    fig, axes = plt.subplots(len(students), len(arms), figsize=(3.6 * len(arms) + 0.8, 2.6 * len(students) + 0.6),
-                             squeeze=False, layout="constrained")  # room for the suptitle and the colour bar
+    fig, axes = plt.subplots(
+        len(students),
+        len(arms),
+        figsize=(3.6 * len(arms) + 0.8, 2.6 * len(students) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )  # room for the suptitle and the colour bar
     for i, student in enumerate(students):
         for j, arm in enumerate(arms):
             ax = axes[i][j]

@@ -64,18 +64,23 @@ STUDY_KEYS = {
     "grid": "shared hyperparameters: dotted key -> list of values; cells take the cartesian product",
     "seeds": "train.seed values; seeds are the replicates of a configuration",
     "tasks": "downstream tasks scored through lm-eval on every finished cell and on the teacher: harness "
-             "names, `shipped` (the offline tasks) or `paper`; [] for none",
+    "names, `shipped` (the offline tasks) or `paper`; [] for none",
     "task_limit": "score only the first N items of each task (null: every item)",
     "score_students": "score the students on `tasks` too (false: the teacher only, e.g. when students this "
-                      "small stay at chance and cannot separate the arms)",
+    "small stay at chance and cannot separate the arms)",
     "equal_flops": "an arm with a teacher (e.g. kd): every teacher-free arm (ce) also runs at the FLOPs that "
-                   "arm's cell spent with the teacher counted, for the equal-FLOPs verdicts (null: equal "
-                   "budgets only)",
+    "arm's cell spent with the teacher counted, for the equal-FLOPs verdicts (null: equal "
+    "budgets only)",
 }
 REQUIRED = ("name", "arms", "students", "budgets")
 # keys a study sets itself, per cell: a grid or override may not set them
-CONTROLLED = {"name": "the cell id", "objective.method": "arms:", "student.preset": "students:",
-              "train.seed": "seeds:", "teacher.cache": "the study's shared teacher caches"}
+CONTROLLED = {
+    "name": "the cell id",
+    "objective.method": "arms:",
+    "student.preset": "students:",
+    "train.seed": "seeds:",
+    "teacher.cache": "the study's shared teacher caches",
+}
 # budget keys that each set a run's length on their own (a budget naming one clears the others)
 LENGTH_KEYS = tuple(k for k in ("tokens", "flops") if k in {f.name for f in dataclasses.fields(BudgetConfig)})
 
@@ -113,10 +118,19 @@ class Cell:
     serves: tuple[str, ...] = ()  # other configurations this cell stands for (grid keys its arm ignores)
 
     def describe(self) -> dict:
-        return {"cell": self.id, "configuration": self.configuration, "arm": self.arm, "student": self.student,
-                "budget": dict(self.budget), "grid": dict(self.point), "seed": self.seed,
-                "accounting": self.accounting, "match": self.match or self.configuration,
-                "flops_of": self.flops_of, "serves": list(self.serves)}
+        return {
+            "cell": self.id,
+            "configuration": self.configuration,
+            "arm": self.arm,
+            "student": self.student,
+            "budget": dict(self.budget),
+            "grid": dict(self.point),
+            "seed": self.seed,
+            "accounting": self.accounting,
+            "match": self.match or self.configuration,
+            "flops_of": self.flops_of,
+            "serves": list(self.serves),
+        }
 
 
 def ignores(arm: str, key: str, point: Optional[dict] = None) -> bool:
@@ -133,6 +147,7 @@ def ignores(arm: str, key: str, point: Optional[dict] = None) -> bool:
 
 
 # --------------------------------------------------------------------------- reading and checking
+
 
 def resolve_study_path(name_or_path: str) -> Path:
     return resolve_config_path(name_or_path, STUDY_DIR, kind="study config")
@@ -168,12 +183,21 @@ def parse_study(raw: dict, *, source: Optional[Path] = None) -> Study:
     base = str(raw.get("base", "demo"))
     if source is not None and (source.parent / base).is_file():
         base = str(source.parent / base)
-    return Study(name=_name(raw["name"]), base=base, overrides=_str_list(raw, "overrides"),
-                 arms=_arms(raw["arms"]), students=_nonempty_list(raw, "students", str),
-                 budgets=_budgets(raw["budgets"]), grid=_grid(raw.get("grid") or {}),
-                 seeds=_nonempty_list(raw, "seeds", int, default=[0]), tasks=_tasks(raw.get("tasks")),
-                 task_limit=_task_limit(raw.get("task_limit")), score_students=_bool(raw, "score_students"),
-                 equal_flops=_equal_flops(raw), source=str(source) if source else None)
+    return Study(
+        name=_name(raw["name"]),
+        base=base,
+        overrides=_str_list(raw, "overrides"),
+        arms=_arms(raw["arms"]),
+        students=_nonempty_list(raw, "students", str),
+        budgets=_budgets(raw["budgets"]),
+        grid=_grid(raw.get("grid") or {}),
+        seeds=_nonempty_list(raw, "seeds", int, default=[0]),
+        tasks=_tasks(raw.get("tasks")),
+        task_limit=_task_limit(raw.get("task_limit")),
+        score_students=_bool(raw, "score_students"),
+        equal_flops=_equal_flops(raw),
+        source=str(source) if source else None,
+    )
 
 
 def _bool(raw: dict, key: str, default: bool = True) -> bool:
@@ -189,8 +213,10 @@ def _equal_flops(raw: dict) -> Optional[str]:
         return None
     arms = list(raw.get("arms") or [])
     if value not in arms or value == "ce" or "ce" not in arms:
-        raise HldError(f"study equal_flops: {value!r} should name a distilled arm of the study, with ce among "
-                       "the arms", "write e.g. equal_flops: kd (or null)")
+        raise HldError(
+            f"study equal_flops: {value!r} should name a distilled arm of the study, with ce among the arms",
+            "write e.g. equal_flops: kd (or null)",
+        )
     return str(value)
 
 
@@ -210,8 +236,9 @@ def _task_limit(value: Any) -> Optional[int]:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise HldError(f"study task_limit: {value!r} should be a positive integer or null",
-                       "write e.g. task_limit: 200")
+        raise HldError(
+            f"study task_limit: {value!r} should be a positive integer or null", "write e.g. task_limit: 200"
+        )
     return value
 
 
@@ -225,8 +252,10 @@ def _nonempty_list(raw: dict, key: str, tp: type, default: Optional[list] = None
     value = raw.get(key, default)
     ok = isinstance(value, list) and value and all(isinstance(v, tp) and not isinstance(v, bool) for v in value)
     if not ok:
-        raise HldError(f"study {key}: {value!r} should be a non-empty list of {tp.__name__}",
-                       f"write e.g. {key}: [{'0' if tp is int else 'tiny-2l'}]")
+        raise HldError(
+            f"study {key}: {value!r} should be a non-empty list of {tp.__name__}",
+            f"write e.g. {key}: [{'0' if tp is int else 'tiny-2l'}]",
+        )
     if len(set(value)) != len(value):
         raise HldError(f"study {key} repeats a value ({value})", "list each value once")
     return tuple(value)
@@ -252,8 +281,9 @@ def _arms(value: Any) -> tuple[str, ...]:
 def _budgets(value: Any) -> tuple[dict, ...]:
     names = [f.name for f in dataclasses.fields(BudgetConfig)]
     if not isinstance(value, list) or not value or not all(isinstance(b, dict) and b for b in value):
-        raise HldError(f"study budgets: {value!r} should be a non-empty list of mappings",
-                       "write e.g. budgets: [{tokens: 32768}]")
+        raise HldError(
+            f"study budgets: {value!r} should be a non-empty list of mappings", "write e.g. budgets: [{tokens: 32768}]"
+        )
     for b in value:
         for k, v in b.items():
             if k not in names:
@@ -267,14 +297,18 @@ def _budgets(value: Any) -> tuple[dict, ...]:
 
 def _grid(value: Any) -> dict:
     if not isinstance(value, dict):
-        raise HldError(f"study grid must be a mapping of dotted keys to lists, got {value!r}",
-                       "write e.g. grid: {train.lr: [1.0e-3, 3.0e-3]}")
+        raise HldError(
+            f"study grid must be a mapping of dotted keys to lists, got {value!r}",
+            "write e.g. grid: {train.lr: [1.0e-3, 3.0e-3]}",
+        )
     out = {}
     for key, values in value.items():
         _check_settable(str(key), "study grid")
         if not isinstance(values, list) or not values or not all(_is_scalar(v) for v in values):
-            raise HldError(f"study grid {key}: {values!r} should be a non-empty list of single values",
-                           f"write e.g. {key}: [0.5, 1.0]")
+            raise HldError(
+                f"study grid {key}: {values!r} should be a non-empty list of single values",
+                f"write e.g. {key}: [0.5, 1.0]",
+            )
         if len({fmt_value(v) for v in values}) != len(values):
             raise HldError(f"study grid {key} repeats a value ({values})", "list each value once")
         out[str(key)] = tuple(values)
@@ -295,6 +329,7 @@ def _is_scalar(v: Any) -> bool:
 
 # --------------------------------------------------------------------------- expansion
 
+
 def _override(key: str, value: Any) -> str:
     text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
     return f"{key}={text}"
@@ -308,8 +343,8 @@ def expand(study: Study) -> list[Cell]:
     cells: list[Cell] = []
     at: dict[str, int] = {}  # cell id -> its index in `cells`
     for student, budget, values, seed, arm in itertools.product(
-            study.students, study.budgets, itertools.product(*(study.grid[k] for k in keys)), study.seeds,
-            study.arms):
+        study.students, study.budgets, itertools.product(*(study.grid[k] for k in keys)), study.seeds, study.arms
+    ):
         full = dict(zip(keys, values))
         point = _read_point(study, arm, full)
         conf = configuration_id(student, budget, point)
@@ -323,12 +358,25 @@ def expand(study: Study) -> list[Cell]:
         ov = _cell_overrides(arm, student, seed, cid, budget, point)
         serves = (configuration_id(student, budget, full),) if point != full else ()
         at[cid] = len(cells)
-        cells.append(Cell(id=cid, configuration=conf, arm=arm, student=student, budget=dict(budget), point=point,
-                          seed=seed, overrides=tuple(ov), match=conf, serves=serves))
+        cells.append(
+            Cell(
+                id=cid,
+                configuration=conf,
+                arm=arm,
+                student=student,
+                budget=dict(budget),
+                point=point,
+                seed=seed,
+                overrides=tuple(ov),
+                match=conf,
+                serves=serves,
+            )
+        )
         if study.equal_flops and arm == study.arms[-1]:  # after the configuration's arms: its match has run
             of = configuration_id(student, budget, _read_point(study, study.equal_flops, full))
-            flops = _flops_cell(student, budget, _read_point(study, "ce", full), seed,
-                                of=cell_id(of, seed, study.equal_flops), match=of)
+            flops = _flops_cell(
+                student, budget, _read_point(study, "ce", full), seed, of=cell_id(of, seed, study.equal_flops), match=of
+            )
             if flops.id not in at:
                 at[flops.id] = len(cells)
                 cells.append(flops)
@@ -359,8 +407,19 @@ def _flops_cell(student: str, budget: dict, point: dict, seed: int, *, of: str, 
     conf = f"{configuration_id(student, budget, point)}__eqflops"
     cid = cell_id(conf, seed, "ce")
     ov = [o for o in _cell_overrides("ce", student, seed, cid, budget, point) if not o.startswith("budget.")]
-    return Cell(id=cid, configuration=conf, arm="ce", student=student, budget={"flops": f"of {of}"},
-                point=dict(point), seed=seed, overrides=tuple(ov), accounting="flops", match=match, flops_of=of)
+    return Cell(
+        id=cid,
+        configuration=conf,
+        arm="ce",
+        student=student,
+        budget={"flops": f"of {of}"},
+        point=dict(point),
+        seed=seed,
+        overrides=tuple(ov),
+        accounting="flops",
+        match=match,
+        flops_of=of,
+    )
 
 
 def flops_overrides(spent_flops: float) -> list[str]:

@@ -44,14 +44,28 @@ def list_jobs(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
     for cell, _, group in planned:
         if group is not None:
             groups.setdefault(group, []).append(cell.id)
-    caches = [{"group": g, "dir": str((out / "caches" / g).resolve()), "cells": ids,
-               "complete": (out / "caches" / g / "manifest.json").is_file(),
-               **_command(base + ["--cache", g])} for g, ids in groups.items()]
-    cells = [{"id": cell.id, "arm": cell.arm, "cache": group, "after": cell.flops_of,
-              "finished": (out / "runs" / cell.id / "summary.json").is_file(),
-              **_command(base + ["--cell", cell.id])} for cell, _, group in planned]
-    return {"study": study.name, "out": str(out.resolve()), "caches": caches, "cells": cells,
-            "report": _command(base)}
+    caches = [
+        {
+            "group": g,
+            "dir": str((out / "caches" / g).resolve()),
+            "cells": ids,
+            "complete": (out / "caches" / g / "manifest.json").is_file(),
+            **_command(base + ["--cache", g]),
+        }
+        for g, ids in groups.items()
+    ]
+    cells = [
+        {
+            "id": cell.id,
+            "arm": cell.arm,
+            "cache": group,
+            "after": cell.flops_of,
+            "finished": (out / "runs" / cell.id / "summary.json").is_file(),
+            **_command(base + ["--cell", cell.id]),
+        }
+        for cell, _, group in planned
+    ]
+    return {"study": study.name, "out": str(out.resolve()), "caches": caches, "cells": cells, "report": _command(base)}
 
 
 def _command(argv: list[str]) -> dict:
@@ -59,8 +73,9 @@ def _command(argv: list[str]) -> dict:
 
 
 def format_jobs(jobs: dict) -> str:
-    lines = [f"study {jobs['study']}: {len(jobs['cells'])} cells, {len(jobs['caches'])} teacher caches -> "
-             f"{jobs['out']}"]
+    lines = [
+        f"study {jobs['study']}: {len(jobs['cells'])} cells, {len(jobs['caches'])} teacher caches -> {jobs['out']}"
+    ]
     for c in jobs["caches"]:
         state = "complete" if c["complete"] else "to build"
         lines += [f"cache {c['group']} ({state}; read by {len(c['cells'])} cells)", f"    {c['command']}"]
@@ -73,8 +88,9 @@ def format_jobs(jobs: dict) -> str:
     return "\n".join(lines)
 
 
-def run_one_cell(study_cfg: str, out_dir: Optional[Path], cell_id: str, *, overrides: Optional[list[str]] = None,
-                 quiet: bool = False) -> dict:
+def run_one_cell(
+    study_cfg: str, out_dir: Optional[Path], cell_id: str, *, overrides: Optional[list[str]] = None, quiet: bool = False
+) -> dict:
     """`hld study --cell ID`: train one cell (waiting for its claim if another process holds it)."""
     from hld.train.resources import Resources
 
@@ -82,8 +98,10 @@ def run_one_cell(study_cfg: str, out_dir: Optional[Path], cell_id: str, *, overr
     entry = _entry(planned, cell_id)
     cell = entry[0]
     if cell.flops_of and not (out / "runs" / cell.flops_of / "summary.json").is_file():
-        raise HldError(f"cell {cell.id} trains at the FLOPs cell {cell.flops_of} spends: that cell must finish first",
-                       f"run `hld study ... --cell {cell.flops_of}` first (study.sbatch orders them)")
+        raise HldError(
+            f"cell {cell.id} trains at the FLOPs cell {cell.flops_of} spends: that cell must finish first",
+            f"run `hld study ... --cell {cell.flops_of}` first (study.sbatch orders them)",
+        )
     status, summary, scores = run_cell(study, planned, entry, out, Resources(), quiet, wait=True)
     row: dict = {"cell": cell.id, "status": status, "run_dir": str(out / "runs" / cell.id)}
     if summary is not None:
@@ -94,16 +112,19 @@ def run_one_cell(study_cfg: str, out_dir: Optional[Path], cell_id: str, *, overr
     return row
 
 
-def build_one_cache(study_cfg: str, out_dir: Optional[Path], group: str, *,
-                    overrides: Optional[list[str]] = None, quiet: bool = False) -> dict:
+def build_one_cache(
+    study_cfg: str, out_dir: Optional[Path], group: str, *, overrides: Optional[list[str]] = None, quiet: bool = False
+) -> dict:
     """`hld study --cache GROUP`: build (or reuse) one group's teacher cache."""
     from hld.train.resources import Resources
 
     _, out, planned = open_study(study_cfg, out_dir, overrides=overrides)
     groups = sorted({g for _, _, g in planned if g is not None})
     if group not in groups:
-        raise HldError(f"the study has no cache group {group!r}",
-                       f"use one of {', '.join(groups) or '(none: no cell reads a cache)'} (hld study --list)")
+        raise HldError(
+            f"the study has no cache group {group!r}",
+            f"use one of {', '.join(groups) or '(none: no cell reads a cache)'} (hld study --list)",
+        )
     return {"group": group, **group_cache(planned, group, out, Resources(), quiet)}
 
 
@@ -112,5 +133,7 @@ def _entry(planned: list[Planned], cell_id: str) -> Planned:
         if entry[0].id == cell_id:
             return entry
     ids = [c.id for c, _, _ in planned]
-    raise HldError(f"the study has no cell {cell_id!r}",
-                   f"use an id from `hld study --list`, e.g. {ids[0]}" if ids else "the study has no cells")
+    raise HldError(
+        f"the study has no cell {cell_id!r}",
+        f"use an id from `hld study --list`, e.g. {ids[0]}" if ids else "the study has no cells",
+    )

@@ -52,10 +52,14 @@ def fit(windows: Sequence[np.ndarray], *, vocab_size: int) -> Counts:
     a, b = pairs(windows)
     codes, counts = np.unique(a * vocab_size + b, return_counts=True)
     ctx = codes // vocab_size
-    return Counts(vocab_size=vocab_size, unigram=np.bincount(b, minlength=vocab_size).astype(np.float64),
-                  pair_codes=codes, pair_counts=counts.astype(np.float64),
-                  context=np.bincount(ctx, weights=counts, minlength=vocab_size),
-                  successors=np.bincount(ctx, minlength=vocab_size).astype(np.float64))
+    return Counts(
+        vocab_size=vocab_size,
+        unigram=np.bincount(b, minlength=vocab_size).astype(np.float64),
+        pair_codes=codes,
+        pair_counts=counts.astype(np.float64),
+        context=np.bincount(ctx, weights=counts, minlength=vocab_size),
+        successors=np.bincount(ctx, minlength=vocab_size).astype(np.float64),
+    )
 
 
 def unigram_prob(c: Counts, b: np.ndarray, *, k: float = ADD_K) -> np.ndarray:
@@ -75,8 +79,11 @@ def bigram_prob(c: Counts, a: np.ndarray, b: np.ndarray, *, k: float = ADD_K) ->
 def cross_entropy(c: Counts, windows: Sequence[np.ndarray], *, k: float = ADD_K) -> dict:
     """Mean nats per prediction of the unigram and of the bigram on `windows`."""
     a, b = pairs(windows)
-    return {"unigram": float(-np.log(unigram_prob(c, b, k=k)).mean()),
-            "bigram": float(-np.log(bigram_prob(c, a, b, k=k)).mean()), "predictions": int(len(b))}
+    return {
+        "unigram": float(-np.log(unigram_prob(c, b, k=k)).mean()),
+        "bigram": float(-np.log(bigram_prob(c, a, b, k=k)).mean()),
+        "predictions": int(len(b)),
+    }
 
 
 def read_windows(order, *, steps: int, last_len: int) -> list[np.ndarray]:
@@ -114,16 +121,17 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         summary = json.loads((run_dir / "summary.json").read_text())
         B, steps = cfg.train.batch_size, int(summary["steps"])
         last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
-        what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else \
-            "the tokens each budget's cells read"
+        what = "the tokens the equal-FLOPs ce cells read" if cell.flops_of else "the tokens each budget's cells read"
         # cells that read the same windows (same seed, batch and length, whatever their arm or grid point)
         # share one fit, so a grid of 24 configurations gives one row per budget, not 24 copies
         read_key = (key, what, f"{int(summary['tokens']):,} tokens, batch {B}", cfg.train.seed)
         if read_key in read:
             continue
         windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps, last_len=last)
-        read[read_key] = {**cross_entropy(fit(windows, vocab_size=vocab), list(val)),
-                          "fit_tokens": int(summary["tokens"])}
+        read[read_key] = {
+            **cross_entropy(fit(windows, vocab_size=vocab), list(val)),
+            "fit_tokens": int(summary["tokens"]),
+        }
     for key, on_split in whole.items():
         groups = {"train split": [on_split]}
         for rk, r in read.items():
@@ -131,8 +139,16 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
                 groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
         for fit_name, rs in groups.items():
             for model in ("unigram", "bigram"):
-                rows.append({"model": model, "fit": fit_name, "validation": json.loads(key)[1],
-                             "val_loss": sum(r[model] for r in rs) / len(rs), "seeds": len(rs),
-                             "fit_tokens": rs[0].get("fit_tokens"), "predictions": rs[0]["predictions"],
-                             "add_k": ADD_K})
+                rows.append(
+                    {
+                        "model": model,
+                        "fit": fit_name,
+                        "validation": json.loads(key)[1],
+                        "val_loss": sum(r[model] for r in rs) / len(rs),
+                        "seeds": len(rs),
+                        "fit_tokens": rs[0].get("fit_tokens"),
+                        "predictions": rs[0]["predictions"],
+                        "add_k": ADD_K,
+                    }
+                )
     return rows

@@ -31,8 +31,10 @@ def build_report(study_dir: Path) -> dict:
     study_dir = Path(study_dir)
     table = collect(study_dir)
     if not table.rows:
-        raise HldError(f"{study_dir} holds no finished runs (no runs/*/summary.json)",
-                       "point at a study directory written by `hld study`")
+        raise HldError(
+            f"{study_dir} holds no finished runs (no runs/*/summary.json)",
+            "point at a study directory written by `hld study`",
+        )
     meta = _read_meta(study_dir)
     comparisons = paired(table.rows, metrics=("val_loss", *table.task_metrics))
     lines = verdicts(comparisons)
@@ -41,22 +43,31 @@ def build_report(study_dir: Path) -> dict:
     plots_dir = study_dir / "plots"
     reference = meta.get("teacher_reference") or []
     levels = reference_levels(meta)
-    plots = [plot_loss_vs_flops(table, study_dir, plots_dir, reference=reference, levels=levels),
-             plot_curves(table, study_dir, plots_dir, levels=levels)]
+    plots = [
+        plot_loss_vs_flops(table, study_dir, plots_dir, reference=reference, levels=levels),
+        plot_curves(table, study_dir, plots_dir, levels=levels),
+    ]
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
-    cka_plots = [p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir))
-                 if p]
+    cka_plots = [
+        p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir)) if p
+    ]
     plots += cka_plots
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
     said = [verdict_line(v) for v in lines]
     summary = best_table(table, reference, meta.get("ngram_reference") or [])
     text = render(table, comparisons, said, meta, name=meta.get("name", study_dir.name), summary=summary)
     write_text(study_dir / "report.md", text)
-    return {"report": str(study_dir / "report.md"), "table": "\n".join(summary), "results_csv": str(results_csv),
-            "paired_csv": str(paired_csv),
-            "plots": [str(p) for p in plots], "verdicts": said, "cells": len(table.rows),
-            "pending": table.pending}
+    return {
+        "report": str(study_dir / "report.md"),
+        "table": "\n".join(summary),
+        "results_csv": str(results_csv),
+        "paired_csv": str(paired_csv),
+        "plots": [str(p) for p in plots],
+        "verdicts": said,
+        "cells": len(table.rows),
+        "pending": table.pending,
+    }
 
 
 def _read_meta(study_dir: Path) -> dict:
@@ -67,6 +78,7 @@ def _read_meta(study_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- rendering
+
 
 def reference_levels(meta: dict) -> list[tuple[str, float]]:
     """(label, validation loss) of the reference rows, for the plots' horizontal lines."""
@@ -86,9 +98,11 @@ def best_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> 
     point (lowest seed-mean validation loss: with one grid point, no selection), with the arm's
     tokens and FLOPs; then the reference rows. What `hld run` prints."""
     tasks = table.task_metrics
-    lines = ["| student | budget | arm | grid point | seeds | train tokens | train FLOPs | val loss | ± sd | val ppl |"
-             + "".join(f" {m} |" for m in tasks), "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
-             + "---:|" * len(tasks)]
+    lines = [
+        "| student | budget | arm | grid point | seeds | train tokens | train FLOPs | val loss | ± sd | val ppl |"
+        + "".join(f" {m} |" for m in tasks),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks),
+    ]
     for (student, budget, arm), rows in _groups(table).items():
         best = best_configuration(rows)
         if not best:
@@ -97,20 +111,28 @@ def best_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> 
         loss = sum(losses) / len(losses)
         sd = math.sqrt(sum((x - loss) ** 2 for x in losses) / (len(losses) - 1)) if len(losses) > 1 else None
         point = ", ".join(f"{k.rsplit('.', 1)[-1]}={best[0][k]}" for k in table.grid_keys) or "—"
-        lines.append(f"| {student} | {budget} | {arm} | {point} | {len(best)} | "
-                     f"{sum(r['tokens'] for r in best) / len(best):,.0f} | {best[0]['flops']:.4g} | {loss:.4f} | "
-                     f"{'—' if sd is None else f'{sd:.4f}'} | {math.exp(loss):.2f} |"
-                     + "".join(f" {_score(best, m)} |" for m in tasks))
+        lines.append(
+            f"| {student} | {budget} | {arm} | {point} | {len(best)} | "
+            f"{sum(r['tokens'] for r in best) / len(best):,.0f} | {best[0]['flops']:.4g} | {loss:.4f} | "
+            f"{'—' if sd is None else f'{sd:.4f}'} | {math.exp(loss):.2f} |"
+            + "".join(f" {_score(best, m)} |" for m in tasks)
+        )
     pad = " — | — | — | — | — | — |"
     for ref in reference:
         scores = {task_metric(t, r): r for t, r in (ref.get("tasks") or {}).items()}
-        lines.append(f"| teacher `{ref['model']}` |{pad} {ref['val_loss']:.4f} | — | {ref['val_ppl']:.2f} |"
-                     + "".join(f" {_fmt_score(scores[m]['value'], scores[m].get('stderr'))} |" if m in scores
-                               else " — |" for m in tasks))
+        lines.append(
+            f"| teacher `{ref['model']}` |{pad} {ref['val_loss']:.4f} | — | {ref['val_ppl']:.2f} |"
+            + "".join(
+                f" {_fmt_score(scores[m]['value'], scores[m].get('stderr'))} |" if m in scores else " — |"
+                for m in tasks
+            )
+        )
     for r in ngrams:
         seeds = f", mean of {r['seeds']} seeds" if r.get("seeds", 1) > 1 else ""
-        lines.append(f"| {r['model']}: {_fit_label(r)}{seeds} |{pad} {r['val_loss']:.4f} | — | "
-                     f"{math.exp(r['val_loss']):.2f} |" + " — |" * len(tasks))
+        lines.append(
+            f"| {r['model']}: {_fit_label(r)}{seeds} |{pad} {r['val_loss']:.4f} | — | "
+            f"{math.exp(r['val_loss']):.2f} |" + " — |" * len(tasks)
+        )
     return lines
 
 
@@ -134,8 +156,9 @@ def _score(rows: list[dict], metric: str) -> str:
     return f"{sum(vals) / len(vals):.3f} (mean of {len(vals)})"
 
 
-def render(table: Table, comparisons: list[Comparison], verdicts: list[str], meta: dict, *, name: str,
-           summary: list[str]) -> str:
+def render(
+    table: Table, comparisons: list[Comparison], verdicts: list[str], meta: dict, *, name: str, summary: list[str]
+) -> str:
     lines = [f"# Study `{name}`", ""]
     done = f"{len(table.rows)} finished cells"
     if table.pending:
@@ -145,64 +168,104 @@ def render(table: Table, comparisons: list[Comparison], verdicts: list[str], met
     grid = any(len(_unique(table, k)) > 1 for k in table.grid_keys)
     lines += ["## Per arm" + (" (best grid point)" if grid else ""), ""]
     if grid:
-        lines += ["The grid point of each arm is **selected on the validation windows it is reported on**: its loss "
-                  "is optimistic (no held-out split). The paired verdicts below use every grid point, no "
-                  "selection.", ""]
+        lines += [
+            "The grid point of each arm is **selected on the validation windows it is reported on**: its loss "
+            "is optimistic (no held-out split). The paired verdicts below use every grid point, no "
+            "selection.",
+            "",
+        ]
     lines += summary + [""]
     lines += _reference_note(meta)
-    lines += ["## Paired verdicts", "",
-              "Δ = validation loss of the arm − validation loss of its baseline, in nats per token, paired on "
-              "configuration (student, budget, shared hyperparameters) and seed; Δ < 0 means the arm is better, "
-              "and the perplexity ratio is exp(Δ). Each line is one configuration over its seeds (the "
-              "replicates: each seed draws its own init and batch order), or pooled over configurations "
-              "when they have one seed each. Intervals are two-sided 95% Student-t intervals, **unadjusted**; "
-              f"the p-values (paired t-test of Δ = 0) are **Holm-adjusted over the {len(verdicts)} lines of "
-              "this report**, and a line calls a winner only when its adjusted p ≤ 0.05.", ""]
+    lines += [
+        "## Paired verdicts",
+        "",
+        "Δ = validation loss of the arm − validation loss of its baseline, in nats per token, paired on "
+        "configuration (student, budget, shared hyperparameters) and seed; Δ < 0 means the arm is better, "
+        "and the perplexity ratio is exp(Δ). Each line is one configuration over its seeds (the "
+        "replicates: each seed draws its own init and batch order), or pooled over configurations "
+        "when they have one seed each. Intervals are two-sided 95% Student-t intervals, **unadjusted**; "
+        f"the p-values (paired t-test of Δ = 0) are **Holm-adjusted over the {len(verdicts)} lines of "
+        "this report**, and a line calls a winner only when its adjusted p ≤ 0.05.",
+        "",
+    ]
     views = sorted({c.accounting for c in comparisons})
     if len(views) > 1:
-        lines += ["Two accountings: **equal student tokens** (every arm reads the same tokens; the teacher's "
-                  "forward is amortised, spent once into the shared cache) and **equal FLOPs, teacher counted** "
-                  "(ce reruns at the FLOPs the distilled cell spent with the teacher's forward charged to each "
-                  "token it supervised, so it reads several times the tokens). Comparisons whose cells are the "
-                  "same under both (hld-* vs kd: both read the teacher for every token) appear once, with "
-                  "their FLOP ratio.", ""]
+        lines += [
+            "Two accountings: **equal student tokens** (every arm reads the same tokens; the teacher's "
+            "forward is amortised, spent once into the shared cache) and **equal FLOPs, teacher counted** "
+            "(ce reruns at the FLOPs the distilled cell spent with the teacher's forward charged to each "
+            "token it supervised, so it reads several times the tokens). Comparisons whose cells are the "
+            "same under both (hld-* vs kd: both read the teacher for every token) appear once, with "
+            "their FLOP ratio.",
+            "",
+        ]
     if table.task_metrics:
-        lines += ["Downstream tasks are paired the same way on their headline metric (accuracy: Δ > 0 means the "
-                  "arm is better; a perplexity: Δ < 0). The accuracies' own standard errors are in the tables "
-                  "below: differences smaller than about twice them are noise.", ""]
+        lines += [
+            "Downstream tasks are paired the same way on their headline metric (accuracy: Δ > 0 means the "
+            "arm is better; a perplexity: Δ < 0). The accuracies' own standard errors are in the tables "
+            "below: differences smaller than about twice them are noise.",
+            "",
+        ]
     lines += [f"- {v}" for v in verdicts] or ["- no pair of compared arms (hld-* vs kd, kd vs ce) ran in this study"]
     lines += [""] + _compute_note(table) + _per_config_table(comparisons)
-    lines += ["## Results", "", "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
-              + ("; the teacher's row is its own score on the same validation windows and tasks, for reference." if
-                 meta.get("teacher_reference") else "."), ""]
+    lines += [
+        "## Results",
+        "",
+        "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
+        + (
+            "; the teacher's row is its own score on the same validation windows and tasks, for reference."
+            if meta.get("teacher_reference")
+            else "."
+        ),
+        "",
+    ]
     lines += _results_table(table, meta.get("teacher_reference") or [], meta.get("ngram_reference") or [])
     return "\n".join(lines + _plots_section(comparisons, meta))
 
 
 def _plots_section(comparisons: list[Comparison], meta: dict) -> list[str]:
-    lines = ["## Plots", "",
-              "![validation loss vs FLOPs](plots/loss_vs_flops.png)", "",
-              "Loss against training FLOPs, one panel per student: the large marker is each arm's final "
-              "validation loss at its best grid point (mean over seeds; at equal FLOPs the markers share one "
-              "column), the line that cell's training loss (train/ce) as the FLOPs were spent, small dots the "
-              "other cells.", "",
-              "![training curves](plots/training_curves.png)", "",
-              "Student next-token loss (train/ce) against training tokens (bold: each arm's best grid point; at "
-              "equal FLOPs with the teacher counted, CE reads the most tokens); hld-first's curve starts after "
-              "its hidden-only phase, which has no next-token loss.", ""]
+    lines = [
+        "## Plots",
+        "",
+        "![validation loss vs FLOPs](plots/loss_vs_flops.png)",
+        "",
+        "Loss against training FLOPs, one panel per student: the large marker is each arm's final "
+        "validation loss at its best grid point (mean over seeds; at equal FLOPs the markers share one "
+        "column), the line that cell's training loss (train/ce) as the FLOPs were spent, small dots the "
+        "other cells.",
+        "",
+        "![training curves](plots/training_curves.png)",
+        "",
+        "Student next-token loss (train/ce) against training tokens (bold: each arm's best grid point; at "
+        "equal FLOPs with the teacher counted, CE reads the most tokens); hld-first's curve starts after "
+        "its hidden-only phase, which has no next-token loss.",
+        "",
+    ]
     if comparisons:
-        lines += ["![paired differences](plots/paired_differences.png)", "",
-                  "Paired Δ validation loss per configuration, with the mean over configurations at the bottom; "
-                  "left of the dashed zero line the arm beat its baseline.", ""]
+        lines += [
+            "![paired differences](plots/paired_differences.png)",
+            "",
+            "Paired Δ validation loss per configuration, with the mean over configurations at the bottom; "
+            "left of the dashed zero line the arm beat its baseline.",
+            "",
+        ]
     if "cka_over_training.png" in meta.get("cka_plots", []):
-        lines += ["![CKA over training](plots/cka_over_training.png)", "",
-                  "Linear CKA between each mapped student layer and its teacher layer on validation windows (mean "
-                  "over pairs), at every validation: does an arm make the student more teacher-like, and does "
-                  "that track its validation loss? CKA needs no projector, so CE and KD runs are measured too.", ""]
+        lines += [
+            "![CKA over training](plots/cka_over_training.png)",
+            "",
+            "Linear CKA between each mapped student layer and its teacher layer on validation windows (mean "
+            "over pairs), at every validation: does an arm make the student more teacher-like, and does "
+            "that track its validation loss? CKA needs no projector, so CE and KD runs are measured too.",
+            "",
+        ]
     if "cka_matrices.png" in meta.get("cka_plots", []):
-        lines += ["![final CKA matrices](plots/cka_matrices.png)", "",
-                  "Final linear CKA of every student layer against every teacher layer (`cka.json` of each run, "
-                  "averaged over the arm's cells); red squares mark the mapped pairs.", ""]
+        lines += [
+            "![final CKA matrices](plots/cka_matrices.png)",
+            "",
+            "Final linear CKA of every student layer against every teacher layer (`cka.json` of each run, "
+            "averaged over the arm's cells); red squares mark the mapped pairs.",
+            "",
+        ]
     return lines
 
 
@@ -211,12 +274,14 @@ def _reference_note(meta: dict) -> list[str]:
     if not ngrams:
         return []
     k = ngrams[0].get("add_k")
-    return ["Reference rows, on the same validation windows and predictions as the students (positions 1..T−1 "
-            "of BOS-led windows, so a bigram's first context is BOS): the teacher, and count-based models "
-            "fitted on the whole training split and on the tokens the cells read (mean over seeds) — a "
-            f"unigram with add-k smoothing (k = {k}) and a Witten–Bell interpolated bigram (over that unigram; "
-            "no tuned parameter). A student above the unigram row has not yet learnt the token frequencies.",
-            ""]
+    return [
+        "Reference rows, on the same validation windows and predictions as the students (positions 1..T−1 "
+        "of BOS-led windows, so a bigram's first context is BOS): the teacher, and count-based models "
+        "fitted on the whole training split and on the tokens the cells read (mean over seeds) — a "
+        f"unigram with add-k smoothing (k = {k}) and a Witten–Bell interpolated bigram (over that unigram; "
+        "no tuned parameter). A student above the unigram row has not yet learnt the token frequencies.",
+        "",
+    ]
 
 
 def _values(table: Table, dotted: str) -> str:
@@ -237,64 +302,92 @@ def _tasks_setup(table: Table, meta: dict) -> list[str]:
             info = table.task_info[m]
             chance = f"chance {info['chance']:.3f}" if info.get("chance") is not None else "open answer: chance ≈ 0"
             parts.append(f"`{m}` ({info.get('n')} items, {chance})")
-        lines += ["- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
-                  + ", ".join(parts) + "."]
+        lines += [
+            "- **Downstream tasks** (lm-evaluation-harness, zero-shot, scored on every cell and the teacher): "
+            + ", ".join(parts)
+            + "."
+        ]
     scored = (meta.get("study") or {}).get("score_students", True)
     if not table.task_metrics and any(ref.get("tasks") for ref in meta.get("teacher_reference") or []) and not scored:
-        teacher = "; ".join(f"`{ref['model']}` " + ", ".join(_task_score(t, r) for t, r in ref["tasks"].items())
-                            for ref in meta.get("teacher_reference") or [] if ref.get("tasks"))
-        lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
-                  "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
-                  "chance for every arm, so the tasks cannot separate the arms."]
+        teacher = "; ".join(
+            f"`{ref['model']}` " + ", ".join(_task_score(t, r) for t, r in ref["tasks"].items())
+            for ref in meta.get("teacher_reference") or []
+            if ref.get("tasks")
+        )
+        lines += [
+            f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
+            "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
+            "chance for every arm, so the tasks cannot separate the arms."
+        ]
     return lines
 
 
 def _setup(table: Table, meta: dict) -> list[str]:
-    cached = {cfg["teacher"]["cache"] is not None for cfg in table.configs.values()
-              if cfg["objective"]["method"] != "ce"}
-    source = {frozenset({True}): "read from an offline teacher cache (top-k logits and hidden layers)",
-              frozenset({False}): "computed by the teacher online"}.get(frozenset(cached), "from a cache in some "
-                                                                                         "cells, online in others")
-    lines = ["## Setup", "",
-             f"- **Teacher**: {_values(table, 'teacher.model')} (dtype {_values(table, 'teacher.dtype')}); "
-             f"KD/HLD signals {source}.",
-             f"- **Data**: training {_values(table, 'data.train')}, validation {_values(table, 'data.validation')} "
-             f"(first {_values(table, 'data.val_tokens')} tokens); windows of {_values(table, 'data.seq_len')} "
-             f"tokens, batches of {_values(table, 'train.batch_size')} windows.",
-             f"- **Seeds**: {', '.join(str(s) for s in sorted({r['seed'] for r in table.rows}))}; "
-             f"**shared hyperparameters** (grid): "
-             + ("; ".join(f"`{k}` ∈ {{{', '.join(str(v) for v in _unique(table, k))}}}" for k in table.grid_keys)
-                or "none")]
-    charged = {cfg["budget"].get("count_teacher") for cfg in table.configs.values()
-               if cfg["objective"]["method"] != "ce"}
-    how = ("the cells' FLOPs below charge the teacher's forward to every token they read from it "
-           "(budget.count_teacher)" if charged == {True} else "not counted in the cells' FLOPs below")
+    cached = {
+        cfg["teacher"]["cache"] is not None for cfg in table.configs.values() if cfg["objective"]["method"] != "ce"
+    }
+    source = {
+        frozenset({True}): "read from an offline teacher cache (top-k logits and hidden layers)",
+        frozenset({False}): "computed by the teacher online",
+    }.get(frozenset(cached), "from a cache in some cells, online in others")
+    lines = [
+        "## Setup",
+        "",
+        f"- **Teacher**: {_values(table, 'teacher.model')} (dtype {_values(table, 'teacher.dtype')}); "
+        f"KD/HLD signals {source}.",
+        f"- **Data**: training {_values(table, 'data.train')}, validation {_values(table, 'data.validation')} "
+        f"(first {_values(table, 'data.val_tokens')} tokens); windows of {_values(table, 'data.seq_len')} "
+        f"tokens, batches of {_values(table, 'train.batch_size')} windows.",
+        f"- **Seeds**: {', '.join(str(s) for s in sorted({r['seed'] for r in table.rows}))}; "
+        f"**shared hyperparameters** (grid): "
+        + ("; ".join(f"`{k}` ∈ {{{', '.join(str(v) for v in _unique(table, k))}}}" for k in table.grid_keys) or "none"),
+    ]
+    charged = {
+        cfg["budget"].get("count_teacher") for cfg in table.configs.values() if cfg["objective"]["method"] != "ce"
+    }
+    how = (
+        "the cells' FLOPs below charge the teacher's forward to every token they read from it (budget.count_teacher)"
+        if charged == {True}
+        else "not counted in the cells' FLOPs below"
+    )
     lines += _tasks_setup(table, meta)
     for ref in meta.get("teacher_reference") or []:
-        lines += [f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
-                  f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
-                  "students: the floor they are distilled towards."]
+        lines += [
+            f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
+            f"(ppl {ref['val_ppl']:.2f}) on the same {ref['predictions']:,} validation predictions as the "
+            "students: the floor they are distilled towards."
+        ]
     for cache in (meta.get("caches") or {}).values():
         if cache.get("tokens"):
             flops = f", {cache['build_flops']:.3g} FLOPs" if cache.get("build_flops") else ""
             secs = f" in {cache['build_seconds']:.0f} s" if cache.get("build_seconds") is not None else ""
-            lines += [f"- **Teacher cache** `{cache['dir']}`: {cache['tokens']:,} tokens{flops}{secs} — built once "
-                      f"and shared by the KD/HLD cells; {how}."]
+            lines += [
+                f"- **Teacher cache** `{cache['dir']}`: {cache['tokens']:,} tokens{flops}{secs} — built once "
+                f"and shared by the KD/HLD cells; {how}."
+            ]
     lines += ["", "| student | blocks × width | non-embedding params | total params |", "|---|---|---:|---:|"]
     for student in sorted({r["student"] for r in table.rows}):
         r = next(r for r in table.rows if r["student"] == student)
-        lines.append(f"| {student} | {_shape(table.configs[r['cell']])} | {r['student_params_non_embedding']:,} | "
-                     f"{r['student_params']:,} |")
-    lines += ["", "Compute per arm (means over the arm's cells):", "",
-              "| student | budget | arm | cells | train tokens | train FLOPs | FLOPs / token | FLOPs vs ce |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {student} | {_shape(table.configs[r['cell']])} | {r['student_params_non_embedding']:,} | "
+            f"{r['student_params']:,} |"
+        )
+    lines += [
+        "",
+        "Compute per arm (means over the arm's cells):",
+        "",
+        "| student | budget | arm | cells | train tokens | train FLOPs | FLOPs / token | FLOPs vs ce |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for (student, budget, arm), rows in _groups(table).items():
         ce = _groups(table).get((student, budget, "ce"))
         mean_flops = sum(r["flops"] for r in rows) / len(rows)
         tokens = sum(r["tokens"] for r in rows) / len(rows)
         ratio = f"×{mean_flops / (sum(r['flops'] for r in ce) / len(ce)):.3f}" if ce else "—"
-        lines.append(f"| {student} | {budget} | {arm} | {len(rows)} | {tokens:,.0f} | {mean_flops:.3g} | "
-                     f"{mean_flops / tokens:.3g} | {ratio} |")
+        lines.append(
+            f"| {student} | {budget} | {arm} | {len(rows)} | {tokens:,.0f} | {mean_flops:.3g} | "
+            f"{mean_flops / tokens:.3g} | {ratio} |"
+        )
     return lines + [""]
 
 
@@ -321,8 +414,16 @@ def _groups(table: Table) -> dict:
     """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first."""
     out: dict = {}
     order = {a: i for i, a in enumerate(ARMS)}
-    for r in sorted(table.rows, key=lambda r: (r["student"], r.get("accounting", "budget") != "budget", r["budget"],
-                                               order.get(r["arm"], 99), r["arm"])):
+    for r in sorted(
+        table.rows,
+        key=lambda r: (
+            r["student"],
+            r.get("accounting", "budget") != "budget",
+            r["budget"],
+            order.get(r["arm"], 99),
+            r["arm"],
+        ),
+    ):
         out.setdefault((r["student"], r["budget"], r["arm"]), []).append(r)
     return out
 
@@ -342,57 +443,101 @@ def _compute_note(table: Table) -> list[str]:
     spread = max(abs(x - 1) for v in ratios.values() for x in v)
     if spread <= 0.01:
         return ["The arms' training FLOPs agree within 1% of the ce arm's: they are compared at equal compute.", ""]
-    parts = [f"{arm} ×{min(v):.3f}" + (f"–{max(v):.3f}" if max(v) - min(v) > 5e-4 else "")
-             for arm, v in ratios.items()]
+    parts = [f"{arm} ×{min(v):.3f}" + (f"–{max(v):.3f}" if max(v) - min(v) > 5e-4 else "") for arm, v in ratios.items()]
     by_cell = {r["cell"]: r for r in table.rows}
-    matched = [abs(r["flops"] / by_cell[m["flops_of"]]["flops"] - 1) for r in table.rows
-               if (m := r.get("cell_json") or {}).get("flops_of") in by_cell]
+    matched = [
+        abs(r["flops"] / by_cell[m["flops_of"]]["flops"] - 1)
+        for r in table.rows
+        if (m := r.get("cell_json") or {}).get("flops_of") in by_cell
+    ]
     if matched:
-        return [f"At the study's budgets the arms are **not** FLOP-matched (training FLOPs relative to ce: "
-                f"{', '.join(parts)}, the teacher counted); the ce cells rerun at the distilled arm's FLOPs match "
-                f"them within {100 * max(matched):.2f}%, and the equal-FLOPs lines compare those.", ""]
-    return [f"The arms are **not** FLOP-matched (training FLOPs relative to ce: {', '.join(parts)}); "
-            "the verdicts compare them at the budget listed, not at equal compute.", ""]
+        return [
+            f"At the study's budgets the arms are **not** FLOP-matched (training FLOPs relative to ce: "
+            f"{', '.join(parts)}, the teacher counted); the ce cells rerun at the distilled arm's FLOPs match "
+            f"them within {100 * max(matched):.2f}%, and the equal-FLOPs lines compare those.",
+            "",
+        ]
+    return [
+        f"The arms are **not** FLOP-matched (training FLOPs relative to ce: {', '.join(parts)}); "
+        "the verdicts compare them at the budget listed, not at equal compute.",
+        "",
+    ]
 
 
 def _per_config_table(comparisons: list[Comparison]) -> list[str]:
     if not comparisons or all(c.n == 1 for c in comparisons):  # the verdict lines say it all
         return []
-    lines = ["Per configuration (mean over seeds; unadjusted intervals):", "",
-             "| comparison | accounting | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
-             "|---|---|---|---|---:|---:|---|---:|"]
+    lines = [
+        "Per configuration (mean over seeds; unadjusted intervals):",
+        "",
+        "| comparison | accounting | metric | configuration | seeds | Δ | 95% CI | ppl ratio |",
+        "|---|---|---|---|---:|---:|---|---:|",
+    ]
     for c in comparisons:
         loss = c.metric == "val_loss"
         d = 4 if loss else 3
         for conf, i in c.per_config.items():
             ci = f"[{i.lo:+.{d}f}, {i.hi:+.{d}f}]" if i.has_ci else "—"
             ratio = f"{math.exp(i.mean):.4f}" if loss else "—"
-            lines.append(f"| {c.arm} vs {c.baseline} | {c.accounting} | {'val loss (nats)' if loss else c.metric} | "
-                         f"{conf} | {i.n} | "
-                         f"{i.mean:+.{d}f} | {ci} | {ratio} |")
+            lines.append(
+                f"| {c.arm} vs {c.baseline} | {c.accounting} | {'val loss (nats)' if loss else c.metric} | "
+                f"{conf} | {i.n} | "
+                f"{i.mean:+.{d}f} | {ci} | {ratio} |"
+            )
     return lines + [""]
 
 
 def _results_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> list[str]:
     grid, tasks = table.grid_keys, table.task_metrics
     head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s", *tasks]
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * (5 + len(tasks))]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * (5 + len(tasks)),
+    ]
     for r in table.rows:
-        cells = [r["student"], r["budget"], *[str(r[k]) for k in grid], str(r["seed"]), r["arm"],
-                 f"{r['tokens']:,}", f"{r['flops']:.3g}", f"{r['val_loss']:.4f}", f"{r['val_ppl']:.2f}",
-                 f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—",
-                 *[_score([r], m) for m in tasks]]
+        cells = [
+            r["student"],
+            r["budget"],
+            *[str(r[k]) for k in grid],
+            str(r["seed"]),
+            r["arm"],
+            f"{r['tokens']:,}",
+            f"{r['flops']:.3g}",
+            f"{r['val_loss']:.4f}",
+            f"{r['val_ppl']:.2f}",
+            f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—",
+            *[_score([r], m) for m in tasks],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for ref in reference:
         scores = {task_metric(t, v): v for t, v in (ref.get("tasks") or {}).items()}
-        cells = [f"teacher `{ref['model']}`", "—", *["—"] * len(grid), "—", "teacher", "—", "—",
-                 f"{ref['val_loss']:.4f}", f"{ref['val_ppl']:.2f}", "—",
-                 *[_fmt_score(scores[m]["value"], scores[m].get("stderr")) if m in scores else "—" for m in tasks]]
+        cells = [
+            f"teacher `{ref['model']}`",
+            "—",
+            *["—"] * len(grid),
+            "—",
+            "teacher",
+            "—",
+            "—",
+            f"{ref['val_loss']:.4f}",
+            f"{ref['val_ppl']:.2f}",
+            "—",
+            *[_fmt_score(scores[m]["value"], scores[m].get("stderr")) if m in scores else "—" for m in tasks],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for r in ngrams:
-        cells = [f"{r['model']}: {_fit_label(r)}", "—", *["—"] * len(grid), str(r.get("seeds", 1)), r["model"],
-                 f"{r['fit_tokens']:,}" if r.get("fit_tokens") else "all", "—", f"{r['val_loss']:.4f}",
-                 f"{math.exp(r['val_loss']):.2f}", "—", *["—"] * len(tasks)]
+        cells = [
+            f"{r['model']}: {_fit_label(r)}",
+            "—",
+            *["—"] * len(grid),
+            str(r.get("seeds", 1)),
+            r["model"],
+            f"{r['fit_tokens']:,}" if r.get("fit_tokens") else "all",
+            "—",
+            f"{r['val_loss']:.4f}",
+            f"{math.exp(r['val_loss']):.2f}",
+            "—",
+            *["—"] * len(tasks),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -70,8 +70,9 @@ def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[
 Planned = tuple[Cell, RunConfig, Optional[str]]  # a cell, its config, its cache group (None: no cache)
 
 
-def open_study(study_cfg: str, out_dir: Optional[Path] = None, *,
-               overrides: Optional[list[str]] = None) -> tuple[Study, Path, list[Planned]]:
+def open_study(
+    study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None
+) -> tuple[Study, Path, list[Planned]]:
     """Read and plan the study, create its directory and record it in study.json (rank 0)."""
     study = load_study(study_cfg, overrides)
     out = Path(out_dir or f"studies/{study.name}")
@@ -88,8 +89,14 @@ def open_study(study_cfg: str, out_dir: Optional[Path] = None, *,
         raise HldError(f"cannot create the study directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
 
     def record(meta: dict) -> None:
-        meta.update({"name": study.name, "source": study.source, "study": _study_dict(study),
-                     "cells": [c.id for c, _, _ in planned]})
+        meta.update(
+            {
+                "name": study.name,
+                "source": study.source,
+                "study": _study_dict(study),
+                "cells": [c.id for c, _, _ in planned],
+            }
+        )
         meta.setdefault("caches", {})
 
     if _rank() == 0:
@@ -105,8 +112,11 @@ def _rank() -> int:
 
 def read_meta(out: Path) -> dict:
     path = out / "study.json"
-    return read_json_object(path, "study record", f"delete {path}: it is rebuilt from the run "
-                            "directories") if path.exists() else {}
+    return (
+        read_json_object(path, "study record", f"delete {path}: it is rebuilt from the run directories")
+        if path.exists()
+        else {}
+    )
 
 
 def update_meta(out: Path, change: Callable[[dict], None]) -> dict:
@@ -119,8 +129,9 @@ def update_meta(out: Path, change: Callable[[dict], None]) -> dict:
     return meta
 
 
-def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None,
-              quiet: bool = False) -> dict:
+def run_study(
+    study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Optional[list[str]] = None, quiet: bool = False
+) -> dict:
     from hld.train.resources import Resources
 
     t0 = time.time()
@@ -138,22 +149,32 @@ def run_study(study_cfg: str, out_dir: Optional[Path] = None, *, overrides: Opti
             cell = entry[0]
             if status in ("held", "blocked"):
                 if wait:  # its match came first in this pass and is finished by now
-                    raise HldError(f"cell {cell.id} could not run: {cell.flops_of} did not finish",
-                                   f"run `hld study --cell {cell.flops_of}` and read its error")
+                    raise HldError(
+                        f"cell {cell.id} could not run: {cell.flops_of} did not finish",
+                        f"run `hld study --cell {cell.flops_of}` and read its error",
+                    )
                 held.append((k, entry))
             elif status == "done":
                 skipped.append(cell.id)
             else:
                 trained.append(cell.id)
                 tasks = "".join(f", {t} {r['metric']} {r['value']:.3f}" for t, r in scores.items())
-                say(f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f}{tasks} "
-                    f"({summary['train_seconds']:.0f} s training)")
+                say(
+                    f"[{k}/{len(planned)}] {cell.id}: val ppl {summary.get('val/ppl', float('nan')):.2f}{tasks} "
+                    f"({summary['train_seconds']:.0f} s training)"
+                )
         if held and not wait:
             say(f"{len(held)} cells held by other processes: waiting for them")
         pending = held
     report = finish_study(study, planned, out, resources, quiet)
-    return {"study_dir": str(out), "cells": len(planned), "trained": trained, "skipped": skipped,
-            "seconds": time.time() - t0, **report}
+    return {
+        "study_dir": str(out),
+        "cells": len(planned),
+        "trained": trained,
+        "skipped": skipped,
+        "seconds": time.time() - t0,
+        **report,
+    }
 
 
 def finish_study(study: Study, planned: list[Planned], out: Path, resources, quiet: bool) -> dict:
@@ -161,15 +182,25 @@ def finish_study(study: Study, planned: list[Planned], out: Path, resources, qui
     study lock: a second process finishing at the same time waits, then reuses the references."""
     with file_lock(out / ".study.lock"):
         meta = read_meta(out)
-        meta["teacher_reference"] = _teacher_references(study, planned, meta.get("teacher_reference") or [],
-                                                        resources, quiet)
+        meta["teacher_reference"] = _teacher_references(
+            study, planned, meta.get("teacher_reference") or [], resources, quiet
+        )
         meta["ngram_reference"] = ngram.study_references(planned, out, resources)
         write_json(out / "study.json", meta)
         return build_report(out)
 
 
-def run_cell(study: Study, planned: list[Planned], entry: Planned, out: Path, resources, quiet: bool, *,
-             wait: bool, ready: Optional[set] = None) -> tuple[str, Optional[dict], dict]:
+def run_cell(
+    study: Study,
+    planned: list[Planned],
+    entry: Planned,
+    out: Path,
+    resources,
+    quiet: bool,
+    *,
+    wait: bool,
+    ready: Optional[set] = None,
+) -> tuple[str, Optional[dict], dict]:
     """Train one cell if it is not finished, under its claim. Returns (status, summary, task scores):
     "trained", "done" (finished before, here or by another process), "held" (`wait=False` and another
     process holds it) or "blocked" (a flops cell whose match has not finished).
@@ -228,8 +259,9 @@ def _score(lm, tokenizer, study: Study, quiet: bool, *, rolling_len: int) -> dic
     students alike."""
     from hld.eval.harness import evaluate_tasks
 
-    rows = evaluate_tasks(lm, tokenizer, list(study.tasks), limit=study.task_limit, quiet=quiet,
-                          rolling_len=rolling_len)
+    rows = evaluate_tasks(
+        lm, tokenizer, list(study.tasks), limit=study.task_limit, quiet=quiet, rolling_len=rolling_len
+    )
     return {t: {**r, "limit": study.task_limit} for t, r in rows.items()}
 
 
@@ -253,8 +285,14 @@ def _downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: b
 
 def _reference_key(cfg: RunConfig) -> dict:
     d = cfg.data
-    return {"model": cfg.teacher.model, "dtype": cfg.teacher.dtype, "validation": d.validation,
-            "seq_len": d.seq_len, "val_tokens": d.val_tokens, "text_field": d.text_field}
+    return {
+        "model": cfg.teacher.model,
+        "dtype": cfg.teacher.dtype,
+        "validation": d.validation,
+        "seq_len": d.seq_len,
+        "val_tokens": d.val_tokens,
+        "text_field": d.text_field,
+    }
 
 
 def _teacher_references(study: Study, planned: list, done: list[dict], resources, quiet: bool) -> list[dict]:
@@ -276,16 +314,28 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
             tok = loaded.tokenizer
             val = resources.validation_windows(cfg.data, tok)
-            r = perplexity(loaded.model, val,
-                           compute_dtype=resolve_dtype(cfg.teacher.dtype),
-                           progress=None if quiet else "teacher validation")
-            have = {**key, "val_loss": r["loss"], "val_ppl": r["ppl"], "predictions": r["tokens"],
-                    "seconds": time.time() - t0}
+            r = perplexity(
+                loaded.model,
+                val,
+                compute_dtype=resolve_dtype(cfg.teacher.dtype),
+                progress=None if quiet else "teacher validation",
+            )
+            have = {
+                **key,
+                "val_loss": r["loss"],
+                "val_ppl": r["ppl"],
+                "predictions": r["tokens"],
+                "seconds": time.time() - t0,
+            }
         if study.tasks and not _scored(have.get("tasks") or {}, study):
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
-            have = {**have, "tasks": {**(have.get("tasks") or {}),
-                                      **_score(loaded.model, loaded.tokenizer, study, quiet,
-                                               rolling_len=cfg.data.seq_len)}}
+            have = {
+                **have,
+                "tasks": {
+                    **(have.get("tasks") or {}),
+                    **_score(loaded.model, loaded.tokenizer, study, quiet, rolling_len=cfg.data.seq_len),
+                },
+            }
         out.append(have)
     return out
 
@@ -293,8 +343,11 @@ def _teacher_references(study: Study, planned: list, done: list[dict], resources
 def _matched(study: Study, cell: Cell, out: Path) -> tuple[Cell, RunConfig]:
     """A flops cell with its budget: the FLOPs its match (same configuration and seed, the
     `equal_flops` arm) spent with the teacher counted, read from the match's summary.json."""
-    summary = read_json_object(out / "runs" / cell.flops_of / "summary.json", "run summary",
-                               f"delete {out / 'runs' / cell.flops_of} and rerun the study")
+    summary = read_json_object(
+        out / "runs" / cell.flops_of / "summary.json",
+        "run summary",
+        f"delete {out / 'runs' / cell.flops_of} and rerun the study",
+    )
     spent = float(summary["flops"])
     cell = dataclasses.replace(cell, budget={"flops": spent})
     return cell, cell_config(study, cell, flops_overrides(spent))
@@ -306,8 +359,10 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     from hld.train.rundir import same_config
 
     if not same_config(run_dir / "config.yaml", cfg):
-        raise HldError(f"finished cell {run_dir} was trained with a different config than the study now asks for",
-                       "restore the study's config, or write the study to a new --out directory")
+        raise HldError(
+            f"finished cell {run_dir} was trained with a different config than the study now asks for",
+            "restore the study's config, or write the study to a new --out directory",
+        )
     return True
 
 
@@ -318,8 +373,14 @@ def _ensure_group_cache(planned: list, group: str, out: Path, resources, quiet: 
 
     cfgs = [cell_config_without_cache(cfg) for _, cfg, g in planned if g == group]
     m = ensure_cache(cfgs, out / "caches" / group, resources, quiet=quiet)
-    return {"dir": f"caches/{group}", "tokens": m.get("tokens"), "build_seconds": m.get("build_seconds"),
-            "build_flops": m.get("build_flops"), "bytes": m.get("bytes"), "reused": bool(m.get("reused"))}
+    return {
+        "dir": f"caches/{group}",
+        "tokens": m.get("tokens"),
+        "build_seconds": m.get("build_seconds"),
+        "build_flops": m.get("build_flops"),
+        "bytes": m.get("bytes"),
+        "reused": bool(m.get("reused")),
+    }
 
 
 def cell_config_without_cache(cfg: RunConfig) -> RunConfig:
@@ -347,8 +408,17 @@ def _train_cell(cell: Cell, cfg: RunConfig, run_dir: Path, resources, quiet: boo
 
 
 def _study_dict(study: Study) -> dict:
-    return {"name": study.name, "base": study.base, "overrides": list(study.overrides), "arms": list(study.arms),
-            "students": list(study.students), "budgets": list(study.budgets),
-            "grid": {k: list(v) for k, v in study.grid.items()}, "seeds": list(study.seeds),
-            "tasks": list(study.tasks), "task_limit": study.task_limit, "score_students": study.score_students,
-            "equal_flops": study.equal_flops}
+    return {
+        "name": study.name,
+        "base": study.base,
+        "overrides": list(study.overrides),
+        "arms": list(study.arms),
+        "students": list(study.students),
+        "budgets": list(study.budgets),
+        "grid": {k: list(v) for k, v in study.grid.items()},
+        "seeds": list(study.seeds),
+        "tasks": list(study.tasks),
+        "task_limit": study.task_limit,
+        "score_students": study.score_students,
+        "equal_flops": study.equal_flops,
+    }

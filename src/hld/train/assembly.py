@@ -32,22 +32,36 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
     return bos, eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
-def assemble(cfg: RunConfig, *, tokenizer, vocab_size: int, teacher_lm: Optional[CausalLM],
-             matmul_dtype: Optional[torch.dtype] = None) -> Assembly:
+def assemble(
+    cfg: RunConfig,
+    *,
+    tokenizer,
+    vocab_size: int,
+    teacher_lm: Optional[CausalLM],
+    matmul_dtype: Optional[torch.dtype] = None,
+) -> Assembly:
     """Build the student (seeded by train.seed), then its projectors (same seed), then the plan, on the
     current default device (`with torch.device("meta"):` to size a run without allocating it).
     `teacher_lm`: needed by the HLD methods (its depth and width) and by loss=lens; else may be None."""
     bos, eos, pad = special_ids(tokenizer)
-    student = build_student(cfg.student, vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad,
-                            seed=cfg.train.seed)
+    student = build_student(cfg.student, vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad, seed=cfg.train.seed)
     projectors = None
     if cfg.objective.method in HLD_METHODS:
         pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
-        projectors = Projectors(pairs, d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
-                                d_teacher=text_config(teacher_lm.config).hidden_size, seed=cfg.train.seed,
-                                linear=needs_projector(cfg.objective.hidden.loss))
-    plan = build_plan(cfg.objective, projectors=projectors, chunk_tokens=cfg.train.loss_chunk_tokens,
-                      matmul_dtype=matmul_dtype, teacher_lm=teacher_lm)
+        projectors = Projectors(
+            pairs,
+            d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
+            d_teacher=text_config(teacher_lm.config).hidden_size,
+            seed=cfg.train.seed,
+            linear=needs_projector(cfg.objective.hidden.loss),
+        )
+    plan = build_plan(
+        cfg.objective,
+        projectors=projectors,
+        chunk_tokens=cfg.train.loss_chunk_tokens,
+        matmul_dtype=matmul_dtype,
+        teacher_lm=teacher_lm,
+    )
     return Assembly(student=student, projectors=projectors, plan=plan)
 
 

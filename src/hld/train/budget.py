@@ -21,8 +21,9 @@ from hld.errors import HldError
 from hld.flops import StepCost, step_cost
 
 
-def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
-                teacher: torch.nn.Module | None) -> dict[str, StepCost]:
+def phase_costs(
+    cfg: RunConfig, plan: Plan, *, student: torch.nn.Module, teacher: torch.nn.Module | None
+) -> dict[str, StepCost]:
     """FLOPs per training token of each phase of the plan (and of each boundary blend)."""
     seq = cfg.data.seq_len
     out = {}
@@ -32,8 +33,15 @@ def phase_costs(cfg: RunConfig, plan: Plan, *, student: torch.nn.Module,
         counted = teacher is not None and needs.any and cfg.budget.count_teacher
         upto = None if needs.logits or not needs.layers else max(needs.layers)
         dims = tuple(obj.cost_dims(seq)) if teacher is not None else ()
-        out[ph.name] = step_cost(student, seq, teacher=teacher if counted else None, teacher_logits=needs.logits,
-                                 teacher_upto=upto, projector_dims=dims, student_logits=obj.uses_head)
+        out[ph.name] = step_cost(
+            student,
+            seq,
+            teacher=teacher if counted else None,
+            teacher_logits=needs.logits,
+            teacher_upto=upto,
+            projector_dims=dims,
+            student_logits=obj.uses_head,
+        )
     return out
 
 
@@ -101,12 +109,15 @@ def spent_flops(plan: Plan, costs: dict[str, StepCost], steps: int, last_len: in
     """FLOPs the loop counts for `steps` steps whose last reads `last_len` positions per window: a cut
     last step shortens the run, and the phase boundaries (shares of the run's tokens) move with it."""
     share = last_len / T
-    return sum(B * (last_len if k == steps - 1 else T) * costs[step_phase(plan, k, steps, last_share=share)].total
-               for k in range(steps))
+    return sum(
+        B * (last_len if k == steps - 1 else T) * costs[step_phase(plan, k, steps, last_share=share)].total
+        for k in range(steps)
+    )
 
 
-def _exact_last_len(plan: Plan, costs: dict[str, StepCost], steps: int, guess: int, budget: float, B: int,
-                    T: int) -> int:
+def _exact_last_len(
+    plan: Plan, costs: dict[str, StepCost], steps: int, guess: int, budget: float, B: int, T: int
+) -> int:
     """The longest last step (0..T positions) whose run stays within `budget` by `spent_flops`, searched
     from `guess` (the estimate that ignores how the boundaries move): for a multi-phase plan (hld-first)
     the estimate can overspend by a boundary step's share of a short run."""
@@ -133,8 +144,10 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
         unit = f"budget.flops={budget:.3g}"
         estimate = budget / (B * T * flops_per_token(plan, costs))
         if estimate > MAX_STEPS:  # refused before the step search below walks that far
-            raise HldError(f"{unit} needs about {estimate:.3g} steps of {B}x{T} tokens, more than the limit of "
-                           f"{MAX_STEPS:,}", "lower budget.flops, or raise train.batch_size or data.seq_len")
+            raise HldError(
+                f"{unit} needs about {estimate:.3g} steps of {B}x{T} tokens, more than the limit of {MAX_STEPS:,}",
+                "lower budget.flops, or raise train.batch_size or data.seq_len",
+            )
         steps = max(1, math.floor(estimate) - 2)
         while _full_steps_flops(plan, costs, steps, B * T) < budget:  # the first `steps` that reach it
             steps += 1
@@ -148,8 +161,10 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
     if last < 1:  # the remainder is less than one token per window: drop that step
         steps, last = steps - 1, T
     if steps < 1:
-        raise HldError(f"{unit} is less than one token per window of a batch ({B} windows)",
-                       "raise the budget or lower train.batch_size")
+        raise HldError(
+            f"{unit} is less than one token per window of a batch ({B} windows)",
+            "raise the budget or lower train.batch_size",
+        )
     return Length(steps=steps, last_len=last)
 
 

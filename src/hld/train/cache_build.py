@@ -23,8 +23,20 @@ def cache_share_key(cfg: RunConfig) -> str:
     """Configs with equal keys read the same training windows in the same order with the same teacher
     signals: one cache serves them (a study's cache groups, `ensure_cache`'s check)."""
     t = cfg.teacher
-    return json.dumps([t.model, t.dtype, t.cache_top_k, t.cache_codec, t.cache_hidden_dtype, t.cache_value_bits,
-                       to_dict(cfg.data), cfg.train.seed, cfg.train.batch_size], sort_keys=True)
+    return json.dumps(
+        [
+            t.model,
+            t.dtype,
+            t.cache_top_k,
+            t.cache_codec,
+            t.cache_hidden_dtype,
+            t.cache_value_bits,
+            to_dict(cfg.data),
+            cfg.train.seed,
+            cfg.train.batch_size,
+        ],
+        sort_keys=True,
+    )
 
 
 def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[int]:
@@ -45,24 +57,35 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     cfg = cfgs[0]
     for other in cfgs[1:]:
         if cache_share_key(other) != cache_share_key(cfg):
-            raise HldError("configs sharing one teacher cache differ in teacher, teacher dtype, cache_top_k, data, "
-                           "seed or batch size", "give each group of runs its own cache")
+            raise HldError(
+                "configs sharing one teacher cache differ in teacher, teacher dtype, cache_top_k, data, "
+                "seed or batch size",
+                "give each group of runs its own cache",
+            )
     out = Path(out)
     check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     tok = loaded.tokenizer
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     if cfg.teacher.cache_top_k > vocab:
-        raise HldError(f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
-                       f"set teacher.cache_top_k to at most {vocab}")
+        raise HldError(
+            f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
+            f"set teacher.cache_top_k to at most {vocab}",
+        )
     d = cfg.data
     windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     sized = [sized_plan(c, loaded.model, tok) for c in cfgs]
     steps = max(n for _, n in sized)
     layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
-    identity = cache_identity(teacher=loaded.identity, tokenizer=tok, seq_len=d.seq_len, train_windows=windows,
-                              layers=layers, top_k=cfg.teacher.cache_top_k)
+    identity = cache_identity(
+        teacher=loaded.identity,
+        tokenizer=tok,
+        seq_len=d.seq_len,
+        train_windows=windows,
+        layers=layers,
+        top_k=cfg.teacher.cache_top_k,
+    )
     codec = codec_of(cfg)
     if (out / "manifest.json").exists():
         try:
@@ -77,9 +100,12 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
                 return manifest
         except HldError:
             pass  # stale: rebuild
-    with sigterm_as_error(f"stopped by SIGTERM while building the teacher cache {out}; what it held before "
-                          "is kept", "rerun the same command to build it (hld run and hld study resume there)"):
-        manifest = build_cache(loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec,
-                               quiet=quiet)
+    with sigterm_as_error(
+        f"stopped by SIGTERM while building the teacher cache {out}; what it held before is kept",
+        "rerun the same command to build it (hld run and hld study resume there)",
+    ):
+        manifest = build_cache(
+            loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec, quiet=quiet
+        )
     manifest["build_flops"] = forward_flops_per_token(loaded.model, d.seq_len) * manifest["tokens"]
     return manifest

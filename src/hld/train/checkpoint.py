@@ -47,9 +47,11 @@ def atomic_save(obj: Any, path: Path) -> None:
 def rng_state() -> dict:
     """RNG states as tensors and plain Python values (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
-                      float(gauss)]}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -59,16 +61,25 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: Path, state: RunState, *, student: torch.nn.Module,
-                    projectors: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    state: RunState,
+    *,
+    student: torch.nn.Module,
+    projectors: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> Path:
     path = run_dir / "checkpoints" / CKPT_NAME
-    atomic_save({
-        **state.to_dict(),
-        "student": student.state_dict(),
-        "projectors": projectors.state_dict() if projectors is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-    }, path)
+    atomic_save(
+        {
+            **state.to_dict(),
+            "student": student.state_dict(),
+            "projectors": projectors.state_dict() if projectors is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+        },
+        path,
+    )
     return path
 
 
@@ -76,13 +87,15 @@ def load_checkpoint(run_dir: Path) -> dict:
     """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states."""
     path = run_dir / "checkpoints" / CKPT_NAME
     if not path.exists():
-        raise HldError(f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts "
-                       "from step 0")
+        raise HldError(
+            f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts from step 0"
+        )
     return _load_file(path)
 
 
-def restore_checkpoint(run_dir: Path, *, student: torch.nn.Module, projectors: torch.nn.Module | None,
-                       optimizer: torch.optim.Optimizer) -> RunState:
+def restore_checkpoint(
+    run_dir: Path, *, student: torch.nn.Module, projectors: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+) -> RunState:
     """Load the single-file checkpoint into the modules, the optimiser and the RNGs; return its run state."""
     ck = load_checkpoint(run_dir)
     state = RunState.from_dict(ck, run_dir / "checkpoints" / CKPT_NAME)
@@ -92,8 +105,10 @@ def restore_checkpoint(run_dir: Path, *, student: torch.nn.Module, projectors: t
             projectors.load_state_dict(ck["projectors"])
         optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise HldError(f"the checkpoint does not fit this run ({load_reason(exc)})",
-                       "resume with the config the run was started with") from exc
+        raise HldError(
+            f"the checkpoint does not fit this run ({load_reason(exc)})",
+            "resume with the config the run was started with",
+        ) from exc
     set_rng_state(ck["rng"])
     return state
 
@@ -102,8 +117,10 @@ def _load_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise HldError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})",
-                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)") from exc
+        raise HldError(
+            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})",
+            "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
+        ) from exc
 
 
 def load_reason(exc: BaseException) -> str:
@@ -125,11 +142,12 @@ def remove_torn(run_dir: Path) -> None:
     for torn in ck.glob(".*.tmp"):
         shutil.rmtree(torn) if torn.is_dir() else torn.unlink()
     for old in ck.glob(".step-*.dcp.old"):  # set aside while its step was rewritten, which completed
-        if (ck / old.name[1:-len(".old")]).is_dir():
+        if (ck / old.name[1 : -len(".old")]).is_dir():
             shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------- DCP (fsdp2)
+
 
 def _sharded_dirs(ck: Path) -> list[tuple[int, Path]]:
     """Complete DCP checkpoints, (step, path). `.step-N.dcp.old` is one set aside while the same step
@@ -147,8 +165,9 @@ def _latest_sharded(ck: Path) -> Optional[Path]:
     return dirs[-1][1] if dirs else None
 
 
-def save_sharded(run_dir: Path, d: Dist, state: RunState, *, modules: dict[str, torch.nn.Module],
-                 optimizer: torch.optim.Optimizer) -> Path:
+def save_sharded(
+    run_dir: Path, d: Dist, state: RunState, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+) -> Path:
     """A DCP checkpoint of `modules` and the optimiser's state; a collective (every rank calls it).
     World size 1: no process group, DCP writes one shard."""
     import torch.distributed.checkpoint as dcp
@@ -181,8 +200,9 @@ def save_sharded(run_dir: Path, d: Dist, state: RunState, *, modules: dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, HldError):
             raise error
-        raise HldError(f"could not write checkpoint {final}: {_reason(error)}",
-                       "free disk space or pick another --out") from error
+        raise HldError(
+            f"could not write checkpoint {final}: {_reason(error)}", "free disk space or pick another --out"
+        ) from error
     return final
 
 
@@ -196,8 +216,7 @@ def _reason(exc: Optional[BaseException]) -> str:
     return type(exc).__name__
 
 
-def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module],
-                 optimizer: torch.optim.Optimizer) -> RunState:
+def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> RunState:
     """Load the newest DCP checkpoint into `modules`, `optimizer` (resharding to this world size) and the
     RNGs (rank 0's, from its `trainer.pt`); return the run state saved there. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
@@ -205,13 +224,17 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module],
 
     path = _latest_sharded(Path(run_dir) / "checkpoints")
     if path is None:
-        raise HldError(f"no sharded checkpoint in {run_dir} (train.parallel=fsdp2 writes checkpoints/step-*.dcp)",
-                       "run without --resume, or resume with the train.parallel the run was started with")
+        raise HldError(
+            f"no sharded checkpoint in {run_dir} (train.parallel=fsdp2 writes checkpoints/step-*.dcp)",
+            "run without --resume, or resume with the train.parallel the run was started with",
+        )
     trainer = _load_file(path / TRAINER_NAME) if (path / TRAINER_NAME).exists() else None
     stored = _stored_keys(path)
     if trainer is None or stored is None:
-        raise HldError(f"checkpoint {path} is corrupt or unreadable (metadata)",
-                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)")
+        raise HldError(
+            f"checkpoint {path} is corrupt or unreadable (metadata)",
+            "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
+        )
     container = torch.nn.ModuleDict(modules)
     # creates the optimiser's state (a zero-lr step)
     model_sd, optim_sd = cast(tuple[Any, Any], get_state_dict(container, optimizer))
@@ -222,16 +245,26 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module],
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-        set_state_dict(container, optimizer, model_state_dict=state["model"],
-                       optim_state_dict={"state": {**optim_sd["state"], **state["optim"]},
-                                         "param_groups": optim_sd["param_groups"]})
+        set_state_dict(
+            container,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict={
+                "state": {**optim_sd["state"], **state["optim"]},
+                "param_groups": optim_sd["param_groups"],
+            },
+        )
     except (RuntimeError, KeyError, ValueError, AssertionError, OSError, dcp.api.CheckpointException) as exc:
         cause = next((f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()), exc)
         if isinstance(cause, (ValueError, KeyError)) or "Missing key" in str(cause):  # planned against our shapes
-            raise HldError(f"the checkpoint does not fit this run ({load_reason(cause)})",
-                           "resume with the config the run was started with") from exc
-        raise HldError(f"checkpoint {path} is corrupt or unreadable ({load_reason(cause)})",
-                       "delete it and rerun with --resume (a run without a checkpoint starts from step 0)") from exc
+            raise HldError(
+                f"the checkpoint does not fit this run ({load_reason(cause)})",
+                "resume with the config the run was started with",
+            ) from exc
+        raise HldError(
+            f"checkpoint {path} is corrupt or unreadable ({load_reason(cause)})",
+            "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
+        ) from exc
     params = dict(container.named_parameters())
     for fqn in stateless:
         optimizer.state.pop(params[fqn], None)
@@ -254,11 +287,18 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         obj = super().find_class(module, name) if module.split(".")[0] in ("torch", "pathlib") else None
-        ok = (module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
-              and (is_dataclass(obj) or issubclass(obj, Enum)))
+        ok = (
+            module.startswith("torch.distributed.checkpoint.")
+            and isinstance(obj, type)
+            and (is_dataclass(obj) or issubclass(obj, Enum))
+        )
         ok = ok or (module == "torch" and (obj is torch.Size or isinstance(obj, torch.dtype)))
-        ok = ok or (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                                      ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+        ok = ok or (module, name) in {
+            ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "WindowsPath"),
+            ("pathlib", "PurePosixPath"),
+        }
         if not ok:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
         return obj

@@ -47,8 +47,11 @@ class RunLogger:
         if self._tb is None and self._wandb is None:
             return
         step = int(line["step"])
-        scalars = {k: float(v) for k, v in line.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: float(v)
+            for k, v in line.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, global_step=step)
@@ -71,8 +74,7 @@ def _tensorboard(out: Path, resume_step: Optional[int]):
     except ImportError as exc:
         raise HldError("log.tensorboard=true needs the tensorboard package", "pip install 'hld[tensorboard]'") from exc
     # purge_step: events at or after it, left by the interrupted process, are dropped
-    return SummaryWriter(log_dir=str(out / "tensorboard"),
-                         purge_step=None if resume_step is None else resume_step + 1)
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
 
 
 def _wandb(out: Path, cfg: RunConfig):
@@ -84,8 +86,17 @@ def _wandb(out: Path, cfg: RunConfig):
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     try:
-        return wandb.init(project=cfg.log.wandb_project, name=cfg.name, id=run_id, resume="allow", dir=str(out),
-                          config=to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
+        return wandb.init(
+            project=cfg.log.wandb_project,
+            name=cfg.name,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=to_dict(cfg),
+            settings=wandb.Settings(console="off", silent=True),
+        )
     except Exception as exc:  # no account, no network
-        raise HldError(f"W&B could not start: {exc_line(exc)}",
-                       "run `wandb login`, or set WANDB_MODE=offline (no network needed; `wandb sync` later)") from exc
+        raise HldError(
+            f"W&B could not start: {exc_line(exc)}",
+            "run `wandb login`, or set WANDB_MODE=offline (no network needed; `wandb sync` later)",
+        ) from exc

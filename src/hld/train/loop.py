@@ -83,11 +83,15 @@ def check_vocab(tokenizer, teacher_lm: CausalLM, student_vocab: int) -> None:
     """Refuse a teacher whose embedding does not match the (shared) tokenizer and student."""
     t_vocab = teacher_lm.get_input_embeddings().weight.shape[0]
     if t_vocab != student_vocab:
-        raise HldError(f"teacher vocabulary ({t_vocab}) and student vocabulary ({student_vocab}) disagree",
-                       "build the student from the teacher's tokenizer (same teacher.model for both)")
+        raise HldError(
+            f"teacher vocabulary ({t_vocab}) and student vocabulary ({student_vocab}) disagree",
+            "build the student from the teacher's tokenizer (same teacher.model for both)",
+        )
     if len(tokenizer) > t_vocab:
-        raise HldError(f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {t_vocab}",
-                       "use the tokenizer that ships with the teacher")
+        raise HldError(
+            f"the tokenizer has {len(tokenizer)} tokens but the teacher's embedding only {t_vocab}",
+            "use the tokenizer that ships with the teacher",
+        )
 
 
 def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
@@ -104,8 +108,9 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] = None,
-          dist: Optional[Dist] = None) -> Setup:
+def build(
+    cfg: RunConfig, resources: Resources, device: Optional[torch.device] = None, dist: Optional[Dist] = None
+) -> Setup:
     dist = dist or Dist(device=device or default_device())
     device = dist.device
     tok = resources.tokenizer(cfg.teacher.model)
@@ -119,11 +124,18 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     if shapes is not None:
         check_vocab(tok, shapes, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
-        raise HldError(f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
-                       "use the tokenizer that ships with the teacher")
+        raise HldError(
+            f"the tokenizer has {len(tok)} tokens but the teacher's config only vocab_size={vocab}",
+            "use the tokenizer that ships with the teacher",
+        )
     compute_dtype = resolve_dtype(cfg.train.precision, device)
-    parts = assemble(cfg, tokenizer=tok, vocab_size=vocab, teacher_lm=shapes,
-                     matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype)
+    parts = assemble(
+        cfg,
+        tokenizer=tok,
+        vocab_size=vocab,
+        teacher_lm=shapes,
+        matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+    )
     student, plan = parts.student.to(device), parts.plan
     projectors = parts.projectors.to(device) if parts.projectors is not None else None
     runner = StudentRunner(student, plan.student_layers)
@@ -134,9 +146,14 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
-        expect = cache_identity(teacher=resolve_model_dir(cfg.teacher.model)[1], tokenizer=tok, seq_len=d.seq_len,
-                                train_windows=train_w,
-                                layers=plan.needs.layers, top_k=cfg.objective.top_k or 0)
+        expect = cache_identity(
+            teacher=resolve_model_dir(cfg.teacher.model)[1],
+            tokenizer=tok,
+            seq_len=d.seq_len,
+            train_windows=train_w,
+            layers=plan.needs.layers,
+            top_k=cfg.objective.top_k or 0,
+        )
         teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:
         teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
@@ -144,21 +161,48 @@ def build(cfg: RunConfig, resources: Resources, device: Optional[torch.device] =
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     costs = phase_costs(cfg, plan, student=student, teacher=shapes)
     length = run_length(cfg, plan, costs)
-    fit_targets(plan, teacher, order, cfg.objective,  # standardize: frozen teacher statistics, on
-                max_windows=length.steps * cfg.train.batch_size)  # windows the run reads (and a cache holds)
+    fit_targets(
+        plan,
+        teacher,
+        order,
+        cfg.objective,  # standardize: frozen teacher statistics, on
+        max_windows=length.steps * cfg.train.batch_size,
+    )  # windows the run reads (and a cache holds)
     modules = [student] + ([projectors] if projectors is not None else [])
-    opt = torch.optim.AdamW(param_groups(modules, cfg.train.weight_decay), lr=cfg.train.lr,
-                            betas=tuple(cfg.train.betas),  # fused: one kernel per tensor, also on CPU (the
-                            fused=device.type in ("cuda", "cpu"))  # 262k-row embedding's step 63 -> 7 ms here)
+    opt = torch.optim.AdamW(
+        param_groups(modules, cfg.train.weight_decay),
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.betas),  # fused: one kernel per tensor, also on CPU (the
+        fused=device.type in ("cuda", "cpu"),
+    )  # 262k-row embedding's step 63 -> 7 ms here)
     diag = None  # (a CE run trains without a teacher; its diagnostics load the process's shared one)
     if cfg.objective.hidden.diagnostics and not dist.active:
-        win = val_w[:cfg.objective.hidden.diagnostics_windows]
-        diag = lambda: resources.teacher_states(cfg.teacher.model, cfg.teacher.dtype, win,  # noqa: E731
-                                                skip_first=cfg.objective.hidden.skip_first_position, device=device)
-    return Setup(cfg=cfg, student=student, runner=runner, teacher=teacher, teacher_lm=teacher_lm,
-                 projectors=projectors, plan=plan, optimizer=opt, order=order, val_windows=val_w,
-                 diagnostics_states=diag, length=length, costs=costs, device=device,
-                 compute_dtype=compute_dtype, dist=dist)
+        win = val_w[: cfg.objective.hidden.diagnostics_windows]
+        diag = lambda: resources.teacher_states(
+            cfg.teacher.model,
+            cfg.teacher.dtype,
+            win,  # noqa: E731
+            skip_first=cfg.objective.hidden.skip_first_position,
+            device=device,
+        )
+    return Setup(
+        cfg=cfg,
+        student=student,
+        runner=runner,
+        teacher=teacher,
+        teacher_lm=teacher_lm,
+        projectors=projectors,
+        plan=plan,
+        optimizer=opt,
+        order=order,
+        val_windows=val_w,
+        diagnostics_states=diag,
+        length=length,
+        costs=costs,
+        device=device,
+        compute_dtype=compute_dtype,
+        dist=dist,
+    )
 
 
 def teacher_weights_needed(cfg: RunConfig, dist: Dist) -> bool:
@@ -187,9 +231,13 @@ def train_step(s: Setup, step: int) -> dict:
     the ranks). Returns metrics, equal on every rank."""
     cfg, d = s.cfg, s.dist
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    phase, weights = s.plan.at_step(step, s.total_steps, tokens_before=step * B * T,  # a boundary inside
-                                    tokens_in_step=s.length.tokens_at(step, B, T),  # a step: its blend
-                                    tokens_total=(s.total_steps - 1) * B * T + B * s.length.last_len)
+    phase, weights = s.plan.at_step(
+        step,
+        s.total_steps,
+        tokens_before=step * B * T,  # a boundary inside
+        tokens_in_step=s.length.tokens_at(step, B, T),  # a step: its blend
+        tokens_total=(s.total_steps - 1) * B * T + B * s.length.last_len,
+    )
     objective = phase.objective
     batch = s.order.batch(step)
     if step == s.total_steps - 1 and s.length.last_len < batch.input_ids.shape[1]:
@@ -230,8 +278,15 @@ def train_step(s: Setup, step: int) -> dict:
     s.optimizer.zero_grad(set_to_none=True)
     line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums.items()}
     line.update(weights)  # scheduled alpha / beta
-    line.update({"train/loss": loss_total / n_global, "lr": lr, "grad_norm": float(norm), "phase": phase.name,
-                "skipped": not finite})
+    line.update(
+        {
+            "train/loss": loss_total / n_global,
+            "lr": lr,
+            "grad_norm": float(norm),
+            "phase": phase.name,
+            "skipped": not finite,
+        }
+    )
     return line
 
 
@@ -275,16 +330,23 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
 def validate_now(s: Setup) -> dict:
     """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
     result equals the single-process one."""
-    r = distributed.perplexity(s.dist, s.student, s.val_windows, backbone=s.runner.backbone,
-                               chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens), compute_dtype=s.compute_dtype)
+    r = distributed.perplexity(
+        s.dist,
+        s.student,
+        s.val_windows,
+        backbone=s.runner.backbone,
+        chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens),
+        compute_dtype=s.compute_dtype,
+    )
     return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optional[Resources] = None,
-          quiet: bool = False) -> dict:
+def train(
+    cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optional[Resources] = None, quiet: bool = False
+) -> dict:
     """One run into `out` (under torchrun: this rank's part of it)."""
     d = distributed.setup(cfg.train)  # world size 1: no process group
     try:
@@ -298,8 +360,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, resources: Optiona
         distributed.close(d)
 
 
-def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources],
-           quiet: bool) -> dict:
+def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources], quiet: bool) -> dict:
     prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
     if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, tokenised corpora)
@@ -329,8 +390,12 @@ def _steps(s: Setup, out: Path, state: RunState, logger: RunLogger, prog: Progre
         while state.step < s.total_steps:
             ts = time.time()
             m = train_step(s, state.step)
-            state.advance(tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
-                          flops_per_token=s.costs[m["phase"]].total, skipped=m["skipped"], seconds=time.time() - ts)
+            state.advance(
+                tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
+                flops_per_token=s.costs[m["phase"]].total,
+                skipped=m["skipped"],
+                seconds=time.time() - ts,
+            )
             rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
             line = {"step": state.step, "tokens": state.tokens, "flops": state.flops, **m, "tokens_per_s": rate}
             step, last = state.step, state.step == s.total_steps
@@ -339,8 +404,10 @@ def _steps(s: Setup, out: Path, state: RunState, logger: RunLogger, prog: Progre
             if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line or m["skipped"]:
                 logger.log(line)
             if state.skipped_in_row >= 5:
-                raise HldError(f"the loss or gradient was non-finite for {state.skipped_in_row} steps in a row "
-                               f"(step {step})", "lower train.lr, or check the data; the last good checkpoint is kept")
+                raise HldError(
+                    f"the loss or gradient was non-finite for {state.skipped_in_row} steps in a row (step {step})",
+                    "lower train.lr, or check the data; the last good checkpoint is kept",
+                )
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
                 _save(s, out, state)
             prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
@@ -361,11 +428,19 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = last_validation(out) or validate_now(s)
     counts = count_params(s.student)
-    summary = {"name": cfg.name, "arm": cfg.objective.method, "student": cfg.student.preset,
-               "student_params": counts["total"], "student_params_non_embedding": counts["non_embedding"],
-               "steps": state.step, "tokens": state.tokens, "flops": state.flops,
-               "flops_per_token": {k: v.total for k, v in s.costs.items()},
-               "train_seconds": state.train_seconds, **{k: v for k, v in line.items() if k.startswith("val/")}}
+    summary = {
+        "name": cfg.name,
+        "arm": cfg.objective.method,
+        "student": cfg.student.preset,
+        "student_params": counts["total"],
+        "student_params_non_embedding": counts["non_embedding"],
+        "steps": state.step,
+        "tokens": state.tokens,
+        "flops": state.flops,
+        "flops_per_token": {k: v.total for k, v in s.costs.items()},
+        "train_seconds": state.train_seconds,
+        **{k: v for k, v in line.items() if k.startswith("val/")},
+    }
     if d.is_main:  # what `hld export` checks the weights against
         summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
@@ -382,8 +457,9 @@ def _save(s: Setup, out: Path, state: RunState) -> None:
     if s.dist.mode == "fsdp2":  # every rank writes its shards
         save_sharded(out, s.dist, state, modules=_state_modules(s), optimizer=s.optimizer)
         return
-    distributed.main_only(s.dist, lambda: save_checkpoint(out, state, student=s.student, projectors=s.projectors,
-                                                          optimizer=s.optimizer))
+    distributed.main_only(
+        s.dist, lambda: save_checkpoint(out, state, student=s.student, projectors=s.projectors, optimizer=s.optimizer)
+    )
 
 
 def _state_modules(s: Setup) -> dict[str, torch.nn.Module]:

@@ -29,12 +29,15 @@ class Resources:
                 self._tokenizers[spec] = next(v.tokenizer for k, v in self._teachers.items() if k[0] == spec)
             else:
                 from transformers import AutoTokenizer
+
                 source, _ = resolve_model_dir(spec)
                 try:
                     self._tokenizers[spec] = AutoTokenizer.from_pretrained(source)
                 except Exception as exc:
-                    raise HldError(f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}",
-                                   "give a model directory that includes its tokenizer") from exc
+                    raise HldError(
+                        f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}",
+                        "give a model directory that includes its tokenizer",
+                    ) from exc
         return self._tokenizers[spec]
 
     def teacher_config(self, spec: str):
@@ -66,8 +69,9 @@ class Resources:
             self._states = (key, TeacherStates(lm, windows, skip_first))
         return self._states[1]
 
-    def windows(self, source: str, tokenizer, *, seq_len: int, text_field: str,
-                max_docs: Optional[int] = None) -> np.ndarray:
+    def windows(
+        self, source: str, tokenizer, *, seq_len: int, text_field: str, max_docs: Optional[int] = None
+    ) -> np.ndarray:
         key = (source, id(tokenizer), text_field, max_docs)
         if key not in self._streams:
             self._streams[key] = load_stream(source, tokenizer, text_field=text_field, max_docs=max_docs)

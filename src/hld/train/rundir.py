@@ -28,37 +28,47 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
     if resume and not cfg_path.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
-        raise HldError(f"--resume: {out} holds a run's files but no config.yaml",
-                       "check --out, or delete that directory and run again")
+        raise HldError(
+            f"--resume: {out} holds a run's files but no config.yaml",
+            "check --out, or delete that directory and run again",
+        )
     if resume and cfg_path.exists():  # without config.yaml nothing ran: start (a requeued job that died early)
         if not same_config(cfg_path, cfg):
-            raise HldError(f"--resume with a config that differs from {cfg_path}",
-                           "resume with the same config and overrides, or start a new --out")
+            raise HldError(
+                f"--resume with a config that differs from {cfg_path}",
+                "resume with the same config and overrides, or start a new --out",
+            )
         return
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise HldError(f"{out} already holds a run", "pass --resume to continue it (from its last checkpoint, or "
-                       "from step 0 if it has none), or choose another --out")
+        raise HldError(
+            f"{out} already holds a run",
+            "pass --resume to continue it (from its last checkpoint, or "
+            "from step 0 if it has none), or choose another --out",
+        )
     if write:
         try:
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_text(cfg_path, text)
         except OSError as exc:
-            raise HldError(f"cannot create the run directory {out}: {exc.strerror or exc}",
-                           atomic.write_fix(exc)) from exc
+            raise HldError(
+                f"cannot create the run directory {out}: {exc.strerror or exc}", atomic.write_fix(exc)
+            ) from exc
 
 
 def same_config(path: Path, cfg: RunConfig) -> bool:
     """Does the resolved config saved at `path` equal `cfg`? The `log` section (where metric lines
     also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
     import yaml
+
     saved, now = yaml.safe_load(path.read_text()), to_dict(cfg)
     saved.pop("log", None)
     now.pop("log", None)
     return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
 
 
-def resume_state(out: Path, d: Dist, *, modules: dict[str, torch.nn.Module],
-                 optimizer: torch.optim.Optimizer) -> RunState:
+def resume_state(
+    out: Path, d: Dist, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+) -> RunState:
     """Load the run's last checkpoint into `modules` ("student", and "projectors" when trained) and the
     optimiser, and return where the run stood; a run stopped before its first checkpoint starts again
     from step 0. Every rank calls it."""
@@ -67,16 +77,19 @@ def resume_state(out: Path, d: Dist, *, modules: dict[str, torch.nn.Module],
     barrier(d)
     if not has_checkpoint(out):  # stopped or failed before its first checkpoint (or it was deleted)
         if (out / "summary.json").exists():
-            raise HldError(f"no checkpoint in {out}, and its run has finished (summary.json)",
-                           "export it with `hld export`, or start a new run in another --out")
+            raise HldError(
+                f"no checkpoint in {out}, and its run has finished (summary.json)",
+                "export it with `hld export`, or start a new run in another --out",
+            )
         if d.is_main:
             say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
         state = RunState()
     elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
         state = load_sharded(out, modules=modules, optimizer=optimizer)
     else:
-        state = restore_checkpoint(out, student=modules["student"], projectors=modules.get("projectors"),
-                                   optimizer=optimizer)
+        state = restore_checkpoint(
+            out, student=modules["student"], projectors=modules.get("projectors"), optimizer=optimizer
+        )
     if d.is_main:
         _truncate_metrics(out, state.step)
     return state

@@ -42,6 +42,8 @@ class RunState:
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in saved and n not in _ADDED_LATER]
         if missing:
-            raise HldError(f"checkpoint {path} holds no run state ({', '.join(missing)} missing)",
-                           "delete it and rerun with --resume (a run without a checkpoint starts from step 0)")
+            raise HldError(
+                f"checkpoint {path} holds no run state ({', '.join(missing)} missing)",
+                "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
+            )
         return cls(**{n: type(getattr(cls(), n))(saved[n]) for n in names if n in saved})
