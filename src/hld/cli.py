@@ -116,6 +116,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
+        "tokenize",
+        help="tokenise a config's train and validation sources once into memory-mapped token stores "
+        "(parallel, resumable; runs then read them)",
+    )
+    p.add_argument("--config", required=True, help="YAML file or preset name (the same as hld train's)")
+    p.add_argument("--out", default=None, help="store directory (default: data.store_dir, else $HLD_CACHE_DIR/stores)")
+    p.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all cores)")
+    p.add_argument("--shard", default="0/1", help="I/N: this task's share of the units (a SLURM array task)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="stop once this many tokens are stored (default: all of a local source; a hub source: "
+        "what the budget reads)",
+    )
+    p.add_argument("--split", choices=["both", "train", "validation"], default="both", help="which sources")
+    p.add_argument("--verify", action="store_true", help="check every shard's checksum after building")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=/data/c4/c4-train.*.json.gz")
+    _common(p)
+
+    p = sub.add_parser(
         "inspect-teacher",
         help="per teacher layer: the largest dimension's share of ||x||^2 and the "
         "share of the hidden target a constant predicts under each normalisation",

@@ -3,6 +3,7 @@ function per command, taking the parsed arguments and returning the JSON object 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -116,13 +117,11 @@ def _task_data(items: list[str]) -> dict[str, str]:
 
 
 def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
-    from hld.data.packing import load_stream, pack_windows
+    from hld.data.tokenize import open_windows
     from hld.eval.perplexity import perplexity
 
-    try:
-        windows = pack_windows(
-            load_stream(args.data, tokenizer, max_docs=args.max_docs), args.seq_len, bos_id=tokenizer.bos_token_id
-        )
+    try:  # from the source's token store (built on first use for a local source)
+        windows = open_windows(args.data, tokenizer, seq_len=args.seq_len, max_docs=args.max_docs)
     except HldError as exc:  # the data errors speak of `hld train`'s config keys
         raise _eval_data_error(exc, args.data) from exc
     r = perplexity(
@@ -179,6 +178,91 @@ def cmd_cache_teacher(args) -> dict:
     if not args.json:
         print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
     return row
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    i, sep, n = text.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit() or not 0 <= int(i) < int(n):
+        raise HldError(f"--shard {text!r} is not I/N with 0 <= I < N", "e.g. --shard $SLURM_ARRAY_TASK_ID/16")
+    return int(i), int(n)
+
+
+def cmd_tokenize(args) -> dict:
+    from hld.config import load_config
+    from hld.data import store as st
+    from hld.data.store import verify_all
+    from hld.data.tokenize import build, identity, is_remote, store_path
+    from hld.train.resources import Resources
+
+    cfg = load_config(args.config, args.overrides)
+    shard = _shard_arg(args.shard)
+    if args.workers is not None and args.workers < 1:
+        raise HldError(f"--workers {args.workers} is not a positive number", "give --workers 1 or more")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise HldError(f"--max-tokens {args.max_tokens} is not a positive number", "give --max-tokens 1 or more")
+    workers = args.workers or os.cpu_count() or 1
+    d = cfg.data
+    store_dir = args.out or d.store_dir
+    tok = Resources().tokenizer(cfg.teacher.model)
+    rows = []
+    for what, spec in (("data.train", d.train), ("data.validation", d.validation)):
+        if args.split not in ("both", what.split(".")[1]):
+            continue
+        need_tokens, need_docs = args.max_tokens, d.max_train_docs if what == "data.train" else None
+        if need_tokens is None and what == "data.validation":
+            need_tokens = max(1, d.val_tokens // d.seq_len) * (d.seq_len - 1)  # all that runs read of it
+        elif need_tokens is None and is_remote(spec) and need_docs is None:
+            need_tokens = _budget_tokens(cfg)  # a hub corpus: what the budget reads, not all of it
+        out = store_path(identity(spec, tok, d.text_field), store_dir)
+        t0 = time.time()
+        m = build(
+            spec,
+            tok,
+            out,
+            text_field=d.text_field,
+            workers=workers,
+            shard=shard,
+            need_tokens=need_tokens,
+            need_docs=need_docs,
+            quiet=args.quiet or args.json,
+            desc=f"tokenize {what.split('.')[1]}",
+        )
+        seconds = time.time() - t0
+        checked = verify_all(out) if args.verify and m is not None else None
+        row = {
+            "what": what,
+            "source": spec,
+            "store": str(out),
+            "seconds": seconds,
+            "workers": workers,
+            "shard": f"{shard[0]}/{shard[1]}",
+            "complete": None if m is None else m["complete"],
+            "tokens": None if m is None else m["tokens"],
+            "docs": None if m is None else m["docs"],
+            "shards": None if m is None else len(m["shards"]),
+            "verified_shards": checked,
+        }
+        row["bytes"] = None if m is None else m["tokens"] * st.DTYPE.itemsize
+        rows.append(row)
+        if not args.json:
+            if m is None:
+                print(f"{what} {spec}: this task's units are committed in {out}; other tasks still have units to do")
+            else:
+                print(
+                    f"{what} {spec}: {m['tokens']:,} tokens, {m['docs']:,} documents, {len(m['shards'])} shards "
+                    f"in {out} ({'all of the source' if m['complete'] else 'a prefix'}; {seconds:.1f} s)"
+                )
+    if store_dir and not args.json:
+        print(f"runs read these stores with data.store_dir={store_dir}")
+    return {"stores": rows}
+
+
+def _budget_tokens(cfg) -> int:
+    """Training tokens the config's budget reads (hld plan's figure, teacher counted as configured)."""
+    from hld.plan import plan_run
+
+    row = plan_run(cfg)
+    return int(row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]["tokens"])
 
 
 def cmd_inspect_teacher(args) -> dict:
@@ -311,6 +395,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "study": cmd_study,
     "report": cmd_report,
+    "tokenize": cmd_tokenize,
 }
 
 

@@ -40,6 +40,11 @@ class DataConfig:
     seq_len: int = _f(128, "tokens per packed window (input length); each window gives seq_len-1 targets")
     max_train_docs: Optional[int] = _f(None, "read at most this many training documents (None: all)")
     val_tokens: int = _f(32768, "validation tokens used for periodic val/ppl (whole windows, from the start)")
+    store_dir: Optional[str] = _f(
+        None,
+        "directory of token stores: `hld tokenize` writes there and runs read there (each source tokenised "
+        "once, memory-mapped); None: $HLD_CACHE_DIR/stores",
+    )
 
 
 @dataclass
@@ -199,6 +204,11 @@ class TrainConfig:
     eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")
     log_every_steps: int = _f(1, "write a train line to metrics.jsonl every N steps")
     checkpoint_every_steps: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
+    dist_timeout_minutes: int = _f(
+        60,
+        "torchrun: how long a process waits for the others at a collective; covers the one-off work rank 0 "
+        "does first (tokenising a local corpus into its store, converting a GGUF teacher)",
+    )
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = _f(
         "auto",
         "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "

@@ -20,6 +20,7 @@ MAX_STEPS = 10_000_000  # a budget needing more optimiser steps than this is ref
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.seq_len": (2, 1 << 20, False, False),
     "data.max_train_docs": (1, 10**12, False, False),
+    "train.dist_timeout_minutes": (1, 7 * 24 * 60, False, False),
     "data.val_tokens": (1, 10**12, False, False),
     "teacher.cache_top_k": (1, 1 << 20, False, False),
     "teacher.cache_value_bits": (2, 8, False, False),

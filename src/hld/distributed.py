@@ -24,16 +24,19 @@ is read outside the forward, chunk by chunk).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
 from hld.errors import HldError
+
+if TYPE_CHECKING:
+    from hld.data.store import WindowArray
 
 BUCKET_ELEMS = 1 << 23  # gradient elements per all-reduce (32 MB in fp32; DDP's default bucket is 25 MB)
 
@@ -126,7 +129,9 @@ def setup(train, device: Optional[torch.device] = None) -> Dist:
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
     owns = not tdist.is_initialized()
     if owns:  # env:// rendezvous: MASTER_ADDR/PORT (or torchrun's c10d store), RANK, WORLD_SIZE
-        tdist.init_process_group("nccl" if cuda else "gloo")
+        # an explicit timeout: the default (NCCL 10 min) would end the job while rank 0 tokenises a corpus
+        timeout = datetime.timedelta(minutes=train.dist_timeout_minutes)
+        tdist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return Dist(rank=rank, world_size=world, local_rank=local, mode=mode, device=dev, owns_group=owns)
 
 
@@ -285,7 +290,7 @@ def clip_grad_norm(d: Dist, params: list[torch.Tensor], max_norm: float) -> torc
 def perplexity(
     d: Dist,
     lm: torch.nn.Module,
-    windows: np.ndarray,
+    windows: WindowArray,
     *,
     backbone: torch.nn.Module,
     chunk_tokens: int,

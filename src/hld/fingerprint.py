@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,27 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, fingerprint)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens."""
+    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens. Computed once per
+    tokenizer object (a 262k vocabulary takes a while to hash, and every store and cache asks)."""
+    try:
+        size, fp = _TOKENIZERS[tokenizer]
+        if size == len(tokenizer):
+            return fp
+    except (KeyError, TypeError):
+        pass
+    fp = _tokenizer_fingerprint(tokenizer)
+    try:
+        _TOKENIZERS[tokenizer] = (len(tokenizer), fp)
+    except TypeError:  # not weakly referenceable: not memoised
+        pass
+    return fp
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     vocab = tokenizer.get_vocab()
     for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
@@ -26,7 +46,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def windows_fingerprint(windows: np.ndarray) -> str:
-    """Identity of packed token windows (their content and shape)."""
+def windows_fingerprint(windows) -> str:
+    """Identity of packed token windows: a token store's view names itself (its store's manifest:
+    tokenizer, source, shard checksums; seq_len; count), an array is hashed (content and shape)."""
+    named = getattr(windows, "fingerprint", None)
+    if isinstance(named, str):
+        return named
     arr = np.ascontiguousarray(windows, dtype=np.int32)
     return hashlib.sha256(str(arr.shape).encode() + arr.tobytes()).hexdigest()[:20]

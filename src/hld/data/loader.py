@@ -9,13 +9,18 @@ computes its `rank_slice` of it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from hld.data.packing import Batch, make_batch
 
+if TYPE_CHECKING:
+    from hld.data.store import WindowArray
+
 
 class BatchOrder:
-    def __init__(self, windows: np.ndarray, *, batch_size: int, seed: int) -> None:
+    def __init__(self, windows: WindowArray, *, batch_size: int, seed: int) -> None:
         self.windows = windows  # (N, T)
         self.batch_size = batch_size
         self.seed = seed

@@ -16,75 +16,58 @@ Attention is not masked at document edges (see docs/decisions.md).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from hld.atomic import write_file
-from hld.data.sources import fingerprint, iter_documents
 from hld.errors import HldError
-from hld.fingerprint import tokenizer_fingerprint
-from hld.paths import cache_root
 
 IGNORE = -100  # label of a position that predicts nothing
 PROTOCOL = "bos-window-v2"  # names the protocol above; token caches and teacher caches record it
 
 
+def encode_batches(
+    docs: Iterable[str], tokenizer, *, eos_id: int, counts: dict, batch_docs: int = 256
+) -> Iterator[np.ndarray]:
+    """uint32 arrays of tokens + EOS per document (the BOS belongs to windows, not documents), a batch of
+    documents at a time; `counts` gains "docs" and "repaired". A document with lone surrogates (JSON can
+    spell them, UTF-8 cannot hold them) is repaired (each becomes U+FFFD) and counted, not a crash."""
+    batch: list[str] = []
+
+    def flush() -> np.ndarray:
+        # split_special_tokens: a document that contains the text "<bos>" must not get a real BOS
+        enc = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        counts["docs"] = counts.get("docs", 0) + len(batch)
+        batch.clear()
+        return np.concatenate([np.asarray([*ids, eos_id], dtype=np.uint32) for ids in enc])
+
+    for doc in docs:
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError:
+            doc = doc.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            counts["repaired"] = counts.get("repaired", 0) + 1
+        batch.append(doc)
+        if len(batch) == batch_docs:
+            yield flush()
+    if batch:
+        yield flush()
+
+
 def tokenize_stream(
     docs: Iterable[str], tokenizer, *, eos_id: int, max_docs: Optional[int] = None, batch_docs: int = 256
 ) -> np.ndarray:
-    """One int32 stream: tokens + EOS for every document (the BOS belongs to windows, not documents)."""
-    pieces: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush() -> None:
-        # split_special_tokens: a document that contains the text "<bos>" must not get a real BOS
-        enc = tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        for ids in enc:
-            pieces.append(np.asarray([*ids, eos_id], dtype=np.int32))
-        batch.clear()
-
-    for n, doc in enumerate(docs):
-        if max_docs is not None and n >= max_docs:
-            break
-        batch.append(doc)
-        if len(batch) == batch_docs:
-            flush()
-    if batch:
-        flush()
+    """One int32 stream in memory: tokens + EOS for every document (what a token store's shards hold,
+    concatenated; used for small inputs and as the store's reference in tests)."""
+    docs = itertools.islice(docs, max_docs) if max_docs is not None else docs
+    pieces = list(encode_batches(docs, tokenizer, eos_id=eos_id, counts={}, batch_docs=batch_docs))
     if not pieces:
         raise HldError("the data source holds no document with text", "point data.train/validation at real text")
-    return np.concatenate(pieces)
-
-
-def load_stream(
-    spec: str, tokenizer, *, text_field: str = "text", max_docs: Optional[int] = None, use_cache: bool = True
-) -> np.ndarray:
-    """Tokenised stream of a source, cached on disk (keyed by source files and tokenizer)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise HldError("the tokenizer has no BOS or EOS token", "use a tokenizer that defines both")
-    docs = iter_documents(spec, text_field)
-    if spec.startswith("hf:") or not use_cache:
-        return tokenize_stream(docs, tokenizer, eos_id=eos, max_docs=max_docs)
-    key = hashlib.sha256(
-        f"{PROTOCOL}|{fingerprint(spec)}|{tokenizer_fingerprint(tokenizer)}|{text_field}|{max_docs}".encode()
-    ).hexdigest()[:20]
-    # the protocol is in the name too: a stream tokenised under another protocol is never read
-    path = cache_root() / "tokens" / f"{PROTOCOL}-{key}.npy"
-    if path.exists():
-        try:
-            return np.load(path)
-        except (OSError, ValueError, EOFError):  # EOFError: an empty file (np.load finds no magic)
-            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    stream = tokenize_stream(docs, tokenizer, eos_id=eos, max_docs=max_docs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, lambda fh: np.save(fh, stream))
-    return stream
+    return np.concatenate(pieces).astype(np.int32)
 
 
 def pack_windows(stream: np.ndarray, seq_len: int, *, bos_id: int) -> np.ndarray:

@@ -113,6 +113,11 @@ def iter_txt(path: Path) -> Iterator[str]:
 
 def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
     """`hf:NAME:CONFIG:SPLIT`, streamed with `datasets` (needs the hub, or a local dataset path)."""
+    yield from _hf_records(spec, _hf_dataset(spec), text_field)
+
+
+def _hf_dataset(spec: str):
+    """The `datasets` IterableDataset an `hf:` spec names (a hub name, streamed, or a local dataset dir)."""
     parts = spec.split(":")[1:]
     if len(parts) != 3:
         raise HldError(f"hf source {spec!r} is not hf:NAME:CONFIG:SPLIT", "e.g. hf:allenai/c4:en:train")
@@ -121,19 +126,31 @@ def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
         import datasets
     except ImportError as exc:
         raise HldError("the hf: data source needs the `datasets` package", "pip install 'hld[hub]'") from exc
-    local = Path(name)
     try:
-        if local.is_dir() and any((local / n).exists() for n in ("dataset_dict.json", "dataset_info.json")):
-            ds = datasets.load_from_disk(str(local))
+        if is_local_dataset(spec):
+            ds = datasets.load_from_disk(name)
             ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-            ds = ds.to_iterable_dataset()
-        else:
-            ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+            return ds.to_iterable_dataset()
+        return datasets.load_dataset(name, config or None, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset: one line for the user
         raise HldError(
             f"cannot stream {name} ({config}, {split}): {exc_line(exc)}",
             "check the name and network, or download the shards and give their glob",
         ) from exc
+
+
+def is_local_dataset(spec: str) -> bool:
+    """An `hf:` spec naming a dataset saved on this machine (`save_to_disk`), not one on the hub."""
+    local = Path(spec.split(":")[1]) if spec.count(":") >= 1 else None
+    return bool(
+        local is not None
+        and local.is_dir()
+        and any((local / n).exists() for n in ("dataset_dict.json", "dataset_info.json"))
+    )
+
+
+def _hf_records(spec: str, ds, text_field: str) -> Iterator[str]:
+    name, split = spec.split(":")[1], spec.split(":")[3]
     for record in ds:
         if text_field not in record:  # as for JSONL: a wrong field is named, not read as an empty corpus
             raise HldError(
@@ -143,6 +160,26 @@ def iter_hf(spec: str, text_field: str = "text") -> Iterator[str]:
         text = record[text_field]
         if isinstance(text, str) and text.strip():
             yield text
+
+
+def source_units(spec: str) -> list[str]:
+    """The units a source tokenises in, in document order: its files (local), or the shards a
+    `datasets` source streams from (C4 on the hub: its 1,024 train files). One token-store shard each."""
+    if spec.startswith("hf:"):
+        return [f"{spec}#{i}" for i in range(_hf_dataset(spec).n_shards)]
+    return [str(p) for p in resolve_files(spec)]
+
+
+def iter_unit(spec: str, index: int, text_field: str = "text") -> Iterator[str]:
+    """The documents of unit `index` of `source_units(spec)`, in order."""
+    if spec.startswith("hf:"):
+        ds = _hf_dataset(spec)
+        if ds.n_shards > 1:
+            ds = ds.shard(num_shards=ds.n_shards, index=index)
+        yield from _hf_records(spec, ds, text_field)
+        return
+    path = resolve_files(spec)[index]
+    yield from (iter_jsonl(path, text_field) if _kind(path) == "jsonl" else iter_txt(path))
 
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from hld.errors import HldError
 from hld.fingerprint import file_sha256, tokenizer_fingerprint, windows_fingerprint
 from hld.models.hooks import CausalLM, text_config
 from hld.progress import Progress
+
+if TYPE_CHECKING:
+    from hld.data.store import WindowArray
 
 FORMAT_VERSION = 3  # 3: the manifest names its codec (compact logits, fp8 hidden states)
 READABLE_VERSIONS = (2, 3)  # 2: BOS-led windows (packing.PROTOCOL) and the top-k's remaining mass, exact arrays
@@ -57,7 +60,7 @@ class CacheIdentity:
 
 def build_cache(
     teacher_lm: CausalLM,
-    windows: np.ndarray,
+    windows: WindowArray,
     window_ids: np.ndarray,
     out: Path,
     *,
@@ -144,7 +147,7 @@ def build_cache(
 def _fill_shard(
     writer: ShardWriter,
     online: OnlineTeacher,
-    windows: np.ndarray,
+    windows: WindowArray,
     ids: np.ndarray,
     *,
     layers: list,
@@ -362,7 +365,7 @@ class CachedTeacher:
 
 
 def cache_identity(
-    *, teacher: str, tokenizer, seq_len: int, train_windows: np.ndarray, layers, top_k: int
+    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray, layers, top_k: int
 ) -> CacheIdentity:
     """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity."""
     return CacheIdentity(

@@ -53,8 +53,16 @@ def inspect_teacher(cfg: RunConfig, resources, *, n_windows: int = 24) -> list[d
     d, h = cfg.data, cfg.objective.hidden
     try:
         kw = dict(skip_first=h.skip_first_position)
-        train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
-        val_w = resources.windows(d.validation, tok, seq_len=d.seq_len, text_field=d.text_field)[:n_windows]
+        train_w = resources.train_windows(d, tok)
+        val_w = resources.windows(
+            d.validation,
+            tok,
+            seq_len=d.seq_len,
+            text_field=d.text_field,
+            store_dir=d.store_dir,
+            need_windows=n_windows,
+            what="data.validation",
+        )[:n_windows]
         fit = _layer_states(teacher, train_w[: h.stats_windows], layers, **kw)
         held = _layer_states(teacher, val_w, layers, **kw)
     finally:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
 import torch
 
 from hld.data.packing import make_batch
@@ -22,13 +21,16 @@ from hld.distill.signals import Backbone, head_of
 from hld.precision import autocast
 from hld.progress import Progress
 
+if TYPE_CHECKING:
+    from hld.data.store import WindowArray
+
 PPL_BATCH = 8  # windows per forward; distributed.perplexity deals batches of this size over the ranks
 
 
 @torch.no_grad()
 def perplexity(
     lm: torch.nn.Module,
-    windows: np.ndarray,
+    windows: WindowArray,
     *,
     batch_size: int = PPL_BATCH,
     chunk_tokens: int = 512,

@@ -113,7 +113,7 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         d = cfg.data
         tok = resources.tokenizer(cfg.teacher.model)
         vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
-        train = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field)
+        train = resources.train_windows(d, tok)
         val = resources.validation_windows(d, tok)
         key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
         if key not in whole:

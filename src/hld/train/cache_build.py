@@ -73,7 +73,7 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
             f"set teacher.cache_top_k to at most {vocab}",
         )
     d = cfg.data
-    windows = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    windows = resources.train_windows(d, tok)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     sized = [sized_plan(c, loaded.model, tok) for c in cfgs]
     steps = max(n for _, n in sized)

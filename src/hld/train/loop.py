@@ -143,7 +143,7 @@ def build(
     if cfg.train.compile:
         runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
     d = cfg.data
-    train_w = resources.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    train_w = resources.train_windows(d, tok)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
         expect = cache_identity(
@@ -323,8 +323,8 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
     tok = resources.tokenizer(cfg.teacher.model)
     if cfg.objective.method != "ce" and teacher_weights_needed(cfg, d):
         resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
-    for source, max_docs in ((cfg.data.train, cfg.data.max_train_docs), (cfg.data.validation, None)):
-        resources.windows(source, tok, seq_len=cfg.data.seq_len, text_field=cfg.data.text_field, max_docs=max_docs)
+    resources.train_windows(cfg.data, tok)  # token stores: tokenised once, here, if they are not yet
+    resources.validation_windows(cfg.data, tok)
 
 
 def validate_now(s: Setup) -> dict:
@@ -363,8 +363,9 @@ def train(
 def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources], quiet: bool) -> dict:
     prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
-    if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, tokenised corpora)
+    if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, token stores)
         _warm(cfg, resources, d)
+    resources.build_stores = d.is_main  # the other ranks memory-map what rank 0 wrote; they never tokenise
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume

@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 
 from hld.config import DataConfig
-from hld.data.packing import load_stream, pack_windows
+from hld.data.store import Windows
+from hld.data.tokenize import open_windows
 from hld.errors import HldError
 from hld.models.hooks import text_config
 from hld.models.loading import LoadedModel, freeze, load_causal_lm, model_config, resolve_model_dir
@@ -20,7 +21,8 @@ class Resources:
     def __init__(self) -> None:
         self._teachers: dict[tuple[str, str], LoadedModel] = {}
         self._tokenizers: dict[str, object] = {}
-        self._streams: dict[tuple, np.ndarray] = {}
+        self._windows: dict[tuple, Windows] = {}
+        self.build_stores = True  # False on the ranks that only read what rank 0 tokenised (torchrun)
         self._states: Optional[tuple[tuple, object]] = None  # the latest diagnostics windows' teacher states
 
     def tokenizer(self, spec: str):
@@ -70,15 +72,56 @@ class Resources:
         return self._states[1]
 
     def windows(
-        self, source: str, tokenizer, *, seq_len: int, text_field: str, max_docs: Optional[int] = None
-    ) -> np.ndarray:
-        key = (source, id(tokenizer), text_field, max_docs)
-        if key not in self._streams:
-            self._streams[key] = load_stream(source, tokenizer, text_field=text_field, max_docs=max_docs)
-        return pack_windows(self._streams[key], seq_len, bos_id=tokenizer.bos_token_id)
+        self,
+        source: str,
+        tokenizer,
+        *,
+        seq_len: int,
+        text_field: str,
+        max_docs: Optional[int] = None,
+        store_dir: Optional[str] = None,
+        need_windows: Optional[int] = None,
+        what: str = "data.train",
+    ) -> Windows:
+        """The windows of `source`, read lazily from its token store (built on first use for a local
+        source): `hld.data.tokenize.open_windows`."""
+        key = (source, id(tokenizer), seq_len, text_field, max_docs, store_dir, need_windows)
+        if key not in self._windows:
+            self._windows[key] = open_windows(
+                source,
+                tokenizer,
+                seq_len=seq_len,
+                text_field=text_field,
+                store_dir=store_dir,
+                max_docs=max_docs,
+                need_windows=need_windows,
+                may_build=self.build_stores,
+                what=what,
+            )
+        return self._windows[key]
+
+    def train_windows(self, data: DataConfig, tokenizer) -> Windows:
+        """The training windows of a run: all of `data.train` (or its first `data.max_train_docs` documents)."""
+        return self.windows(
+            data.train,
+            tokenizer,
+            seq_len=data.seq_len,
+            text_field=data.text_field,
+            max_docs=data.max_train_docs,
+            store_dir=data.store_dir,
+        )
 
     def validation_windows(self, data: DataConfig, tokenizer) -> np.ndarray:
         """The validation windows a run (and a study's teacher reference) scores: the first
-        `data.val_tokens // data.seq_len` of `data.validation` (at least one)."""
-        windows = self.windows(data.validation, tokenizer, seq_len=data.seq_len, text_field=data.text_field)
-        return windows[: max(1, data.val_tokens // data.seq_len)]
+        `data.val_tokens // data.seq_len` of `data.validation` (at least one); only those are read."""
+        n = max(1, data.val_tokens // data.seq_len)
+        windows = self.windows(
+            data.validation,
+            tokenizer,
+            seq_len=data.seq_len,
+            text_field=data.text_field,
+            store_dir=data.store_dir,
+            need_windows=n,
+            what="data.validation",
+        )
+        return windows[:n]
