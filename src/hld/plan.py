@@ -210,6 +210,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
             "bytes": per["estimate"] * windows * cfg.data.seq_len,
             "bytes_bound": per["bound"] * windows * cfg.data.seq_len,
         }
+    row["data"] = data_plan(cfg, windows=run["steps"] * cfg.train.batch_size)
     row["parallel"], row["world_size"] = cfg.train.parallel, world_size
     row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
     row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size)
@@ -220,6 +221,45 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         else None
     )
     return row
+
+
+def data_plan(cfg: RunConfig, *, windows: int) -> dict:
+    """The data path of a run (src/hld/data/store.py): tokens to tokenise (a hub corpus: what the budget
+    reads; a local corpus: all of it, or what its token store already holds), the store's bytes, the
+    time `hld tokenize` takes at the measured rate per core, and the host memory one process holds for
+    its data (the batch order's permutation and one batch; the shards are memory-mapped page cache)."""
+    import os
+
+    from hld.data.store import DTYPE, read_manifest
+    from hld.data.tokenize import TOKENS_PER_CORE_S, is_remote, stores_of
+    from hld.study.ngram import MAX_FIT_TOKENS
+
+    d = cfg.data
+    out: dict[str, Any] = {}
+    for what, spec, need in (
+        ("train", d.train, windows * (d.seq_len - 1)),
+        ("validation", d.validation, max(1, d.val_tokens // d.seq_len) * (d.seq_len - 1)),
+    ):
+        held = []
+        for path in stores_of(spec, d.store_dir):
+            try:
+                held.append(int(read_manifest(path)["tokens"]))
+            except HldError:
+                continue
+        whole = not is_remote(spec) and what == "train"  # a local corpus is tokenised whole on first use
+        out[what] = {"source": spec, "reads": need, "stored": max(held) if held else None, "whole_source": whole}
+    tokens = [v["stored"] if v["whole_source"] else max(v["reads"], v["stored"] or 0) for v in out.values()]
+    known = [t for t in tokens if t is not None]
+    cores = os.cpu_count() or 1
+    n_windows = out["train"]["stored"] // (d.seq_len - 1) if out["train"]["stored"] else windows
+    out["tokenize_tokens"] = sum(known) if len(known) == len(tokens) else None
+    out["store_bytes"] = None if out["tokenize_tokens"] is None else out["tokenize_tokens"] * DTYPE.itemsize
+    hours = None if out["tokenize_tokens"] is None else out["tokenize_tokens"] / TOKENS_PER_CORE_S / 3600
+    out["tokenize_core_hours"], out["tokenize_hours_here"] = hours, None if hours is None else hours / cores
+    out["cores_here"] = cores
+    out["host_bytes"] = 4 * n_windows + 2 * cfg.train.batch_size * d.seq_len * 8
+    out["ngram_fit_tokens"] = min(MAX_FIT_TOKENS, n_windows * d.seq_len)
+    return out
 
 
 def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) -> dict:
@@ -329,6 +369,7 @@ def format_run(row: dict) -> list[str]:
             f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
             f"~{_bytes(c['bytes'])}"
         )
+    out.append(_format_data(row["data"]))
     m = row["memory_bytes"]
     terms = ", ".join(f"{k} {m[k] / GIB:.2f}" for k in m if k != "total" and m[k])
     cached = f"; reading a cache {row['memory_bytes_cached'] / GIB:.2f} GiB" if row["memory_bytes_cached"] else ""
@@ -337,6 +378,23 @@ def format_run(row: dict) -> list[str]:
         f"world {row['world_size']}): ~{m['total'] / GIB:.2f} GiB ({terms}){cached}"
     )
     return out
+
+
+def _format_data(d: dict) -> str:
+    from hld.data.tokenize import TOKENS_PER_CORE_S
+
+    t = d["train"]
+    if d["tokenize_tokens"] is None:
+        size = "the whole local corpus (no token store yet: its size is not known)"
+        time = f"at {_n(TOKENS_PER_CORE_S)} tokens/s per core"
+    else:
+        size = f"{_n(d['tokenize_tokens'])} tokens, {_bytes(d['store_bytes'])} of token store"
+        hours, here = d["tokenize_core_hours"], d["tokenize_hours_here"]
+        time = f"~{hours:.3g} core-hours, ~{here:.3g} h on this machine's {d['cores_here']} cores"
+    return (
+        f"  data: reads {_n(t['reads'])} training tokens of {t['source']}; tokenise {size} ({time}); "
+        f"host memory per process for the data ~{_bytes(d['host_bytes'])} (shards memory-mapped)"
+    )
 
 
 def format_study(result: dict) -> list[str]:

@@ -112,13 +112,33 @@ def test_sigterm_on_one_rank_then_resume_on_one_process(tmp_path, hld_cache_dir,
     assert got["val/ppl"] == pytest.approx(want["val/ppl"], rel=2e-5)
 
 
-def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir):
+_LOG_TOKENIZE = """import os
+import hld.data.tokenize as tk
+_unit = tk.tokenize_unit
+def _logged(*args, **kwargs):
+    with open(os.environ["HLD_TEST_TOKENIZE_LOG"], "a") as fh:
+        fh.write(os.environ.get("RANK", "-") + "\\n")
+    return _unit(*args, **kwargs)
+tk.tokenize_unit = _logged
+"""
+
+
+def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir, monkeypatch):
     """`torchrun --nproc-per-node 2 -m hld train ... train.parallel=fsdp2` on hld-first (both phases),
-    with periodic validation and checkpoints, against the same command on one process."""
+    with periodic validation and checkpoints, against the same command on one process. The token
+    stores start empty: rank 0 tokenises (every unit it tokenises is logged by a sitecustomize), rank 1
+    memory-maps what rank 0 wrote and never tokenises."""
+    site, log = tmp_path / "site", tmp_path / "tokenized.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_LOG_TOKENIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("HLD_TEST_TOKENIZE_LOG", str(log))
+    assert not (hld_cache_dir / "stores").exists()
     extra = ("objective.method=hld-first", "train.eval_every_steps=4", "train.checkpoint_every_steps=3")
     two, one = tmp_path / "two", tmp_path / "one"
     proc = launch(_argv(two, "fsdp2", *extra), cache_dir=hld_cache_dir, module=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert log.read_text().split() == ["0", "0", "0"]  # 2 train files + 1 validation file, all on rank 0
     assert [ln for ln in proc.stdout.splitlines() if ln.startswith("run ")] == [
         f"run smoke: 8 steps, 1,024 tokens, val ppl {json.loads((two / 'summary.json').read_text())['val/ppl']:.2f} "
         f"-> {two}"

@@ -13,8 +13,9 @@ import torch
 
 from hld.data import packing
 from hld.data.loader import BatchOrder
-from hld.data.packing import IGNORE, load_stream, make_batch, pack_windows
+from hld.data.packing import IGNORE, make_batch, pack_windows
 from hld.data.sources import iter_documents
+from hld.data.tokenize import open_windows
 from hld.errors import HldError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -51,6 +52,10 @@ def _hand_stream(texts: list[str], tok) -> np.ndarray:
     for t in texts:
         out += [*tok.encode(t, add_special_tokens=False, split_special_tokens=True), EOS]
     return np.asarray(out)
+
+
+def _stream(spec: str, tok, max_docs=None) -> np.ndarray:
+    return packing.tokenize_stream(iter_documents(spec), tok, eos_id=EOS, max_docs=max_docs)
 
 
 def _hand_windows(stream: list[int], seq_len: int) -> list[list[int]]:
@@ -134,14 +139,14 @@ def test_hf_missing_text_field_is_named(tmp_path):
         list(iter_documents(f"hf:{tmp_path / 'ds'}::train"))
 
 
-def test_hf_stream_is_tokenised_like_files_and_never_cached(tmp_path, tok, hld_cache_dir):
+def test_local_hf_dataset_is_stored_and_windowed_like_files(tmp_path, tok, hld_cache_dir):
     datasets = pytest.importorskip("datasets", reason="the hf: source needs the optional `datasets` package")
     datasets.disable_progress_bars()
-    texts = ["one two three", "four five", "six"]
+    texts = ["one two three", "four five", "six"] * 5
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
-    stream = load_stream(f"hf:{tmp_path / 'ds'}::train", tok)
-    np.testing.assert_array_equal(stream, _hand_stream(texts, tok))
-    assert not (hld_cache_dir / "tokens").exists()
+    w = open_windows(f"hf:{tmp_path / 'ds'}::train", tok, seq_len=4)
+    assert w[:].tolist() == _hand_windows(_hand_stream(texts, tok).tolist(), 4)
+    assert len(list((hld_cache_dir / "stores").glob("*/manifest.json"))) == 1  # a local dataset gets a store
 
 
 @pytest.mark.parametrize(
@@ -188,10 +193,10 @@ def test_stream_is_ids_eos_per_document(tok):
     spec = str(ASSETS / "c4" / "c4-validation.*.json.gz")
     texts = [r["text"] for r in _read_c4(ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz")]
     expected = _hand_stream(texts, tok)
-    stream = load_stream(spec, tok, use_cache=False)
+    stream = _stream(spec, tok)
     assert stream.dtype == np.int32
     np.testing.assert_array_equal(stream, expected)
-    np.testing.assert_array_equal(load_stream(spec, tok, max_docs=3, use_cache=False), _hand_stream(texts[:3], tok))
+    np.testing.assert_array_equal(_stream(spec, tok, max_docs=3), _hand_stream(texts[:3], tok))
     # documents tokenised in batches give the same ids as one at a time
     np.testing.assert_array_equal(packing.tokenize_stream(iter(texts), tok, eos_id=EOS, batch_docs=4), expected)
 
@@ -225,7 +230,7 @@ def test_labels_on_a_hand_written_example():
 
 
 def test_labels_of_real_windows_match_a_loop(tok):
-    stream = load_stream(str(ASSETS / "c4" / "c4-validation.*.json.gz"), tok, use_cache=False)
+    stream = _stream(str(ASSETS / "c4" / "c4-validation.*.json.gz"), tok)
     T = 32
     windows = pack_windows(stream, T, bos_id=BOS)
     assert windows.tolist() == _hand_windows(stream.tolist(), T)
@@ -285,48 +290,3 @@ def test_batch_larger_than_the_corpus():
     order = _order(3, batch_size=8, seed=0)
     idx = order.indices(0)
     assert len(idx) == 8 and sorted(idx[:3].tolist()) == [0, 1, 2] and sorted(idx[3:6].tolist()) == [0, 1, 2]
-
-
-# --------------------------------------------------------------------------- token cache
-
-
-def _cache_files(cache: Path) -> list[Path]:
-    return sorted((cache / "tokens").glob("*.npy"))
-
-
-def test_second_load_hits_the_cache(tok, hld_cache_dir, monkeypatch):
-    spec = str(ASSETS / "c4" / "c4-validation.*.json.gz")
-    first = load_stream(spec, tok)
-    assert len(_cache_files(hld_cache_dir)) == 1
-
-    def boom(*a, **k):
-        raise AssertionError("tokenize_stream ran although the stream is cached")
-
-    monkeypatch.setattr(packing, "tokenize_stream", boom)
-    np.testing.assert_array_equal(load_stream(spec, tok), first)
-    with pytest.raises(AssertionError, match="although"):  # a different key (max_docs) is a miss
-        load_stream(spec, tok, max_docs=2)
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
-def test_corrupt_cache_file_is_rebuilt(tok, hld_cache_dir, damage):
-    spec = str(ASSETS / "c4" / "c4-validation.*.json.gz")
-    good = load_stream(spec, tok)
-    (path,) = _cache_files(hld_cache_dir)
-    raw = path.read_bytes()
-    path.write_bytes(
-        {"garbage": b"not a numpy file at all" * 10, "truncated": raw[: len(raw) // 2], "empty": b""}[damage]
-    )
-    np.testing.assert_array_equal(load_stream(spec, tok), good)
-    np.testing.assert_array_equal(np.load(path), good)  # rewritten whole
-
-
-def test_cache_follows_changes_to_the_source(tmp_path, tok):
-    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
-    a = load_stream(str(path), tok)
-    _write_jsonl(path, [{"text": "hello world"}, {"text": "a second document"}])
-    b = load_stream(str(path), tok)
-    np.testing.assert_array_equal(b, _hand_stream(["hello world", "a second document"], tok))
-    assert len(b) > len(a)
-    c = load_stream(str(path), tok, text_field="text")
-    np.testing.assert_array_equal(b, c)

@@ -280,6 +280,27 @@ def test_bigram_probabilities_sum_to_one():
         assert ngram.bigram_prob(counts, np.full(12, a), b).sum() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("cap_windows", [None, 37])
+def test_split_fit_streams_in_blocks_and_caps_its_tokens(monkeypatch, cap_windows):
+    # counts by hand (collections.Counter over every (input, target) pair) against the blockwise fit,
+    # with merges forced every few blocks; a cap reads only the first windows that hold that many tokens
+    from collections import Counter
+
+    monkeypatch.setattr(ngram, "_MERGE_PAIRS", 5000)
+    rng = np.random.default_rng(1)
+    windows = np.concatenate([np.full((9000, 1), 2), rng.integers(0, 40, size=(9000, 12))], axis=1)
+    cap = 10**9 if cap_windows is None else cap_windows * 13
+    counts, n = ngram.fit_split(windows, vocab_size=40, max_tokens=cap)
+    read = windows if cap_windows is None else windows[:cap_windows]
+    assert n == len(read)
+    pairs = Counter((int(a), int(b)) for w in read for a, b in zip(w[:-1], w[1:]))
+    assert counts.pair_codes.tolist() == sorted(a * 40 + b for a, b in pairs)
+    assert counts.pair_counts.tolist() == [pairs[(c // 40, c % 40)] for c in counts.pair_codes.tolist()]
+    assert counts.unigram.tolist() == [sum(int((w[1:] == t).sum()) for w in read) for t in range(40)]
+    assert counts.context.tolist() == [sum(v for (a, _), v in pairs.items() if a == t) for t in range(40)]
+    assert counts.successors.tolist() == [len({b for a, b in pairs if a == t}) for t in range(40)]
+
+
 def test_read_windows_cut_the_last_step():
     from hld.data.loader import BatchOrder
 

@@ -32,8 +32,9 @@ class BatchOrder:
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms = {epoch: rng.permutation(self.n_windows)}  # keep one epoch: memory stays flat
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            # keep one epoch (memory stays flat), in int32 while ids fit: 4 bytes per window, not 8
+            self._perms = {epoch: perm.astype(np.int32) if self.n_windows < 2**31 else perm}
         return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:

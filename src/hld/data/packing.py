@@ -17,6 +17,7 @@ Attention is not masked at document edges (see docs/decisions.md).
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +28,7 @@ import torch
 from hld.errors import HldError
 
 IGNORE = -100  # label of a position that predicts nothing
+_SURROGATE = re.compile("[\ud800-\udfff]")  # code points UTF-8 cannot hold
 PROTOCOL = "bos-window-v2"  # names the protocol above; token caches and teacher caches record it
 
 
@@ -49,7 +51,7 @@ def encode_batches(
         try:
             doc.encode("utf-8")
         except UnicodeEncodeError:
-            doc = doc.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            doc = _SURROGATE.sub("\ufffd", doc)
             counts["repaired"] = counts.get("repaired", 0) + 1
         batch.append(doc)
         if len(batch) == batch_docs:

@@ -12,6 +12,7 @@ completes what was asked for, or by the first reader that finds the records with
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import time
@@ -90,6 +91,7 @@ def tokenize_unit(spec: str, index: int, out: Path, tokenizer, *, text_field: st
 
         write_file(shards / f"{name}.bin", fill)
         record = {"name": name, "unit": unit, "sha256": sha.hexdigest(), **counts}
+        st.mark_verified(out, record)  # hashed as it was written: the first reader need not re-read it
         st.write_record(out, record)
         return record
 
@@ -272,6 +274,8 @@ def open_store(
         m = store.manifest
         if m["complete"] or _enough(m["shards"], m["units"], need_tokens, need_docs):
             return store
+        if is_remote(spec) and need_tokens is None and need_docs is None:
+            return store  # a hub corpus tokenised for a budget (`hld tokenize`): runs read the prefix it holds
     elif out.exists() and (out / "identity.json").exists():  # shards committed by others (a SLURM array)
         units = source_units(spec)
         if assemble(out, ident, units, need_tokens=need_tokens, need_docs=need_docs) is not None:
@@ -286,6 +290,30 @@ def open_store(
         raise HldError(f"{what}={spec}: the token store {out} is missing or incomplete", "run `hld tokenize` first")
     build(spec, tokenizer, out, text_field=text_field, need_tokens=need_tokens, need_docs=need_docs, quiet=quiet)
     return st.TokenStore(out, expect=ident)
+
+
+def stores_of(spec: str, store_dir: Optional[str] = None) -> list[Path]:
+    """The stores under the store root built from `spec` (by any tokenizer): their identity.json says."""
+    found = []
+    for f in sorted(store_root(store_dir).glob(f"{PROTOCOL}-*/identity.json")):
+        try:
+            if json.loads(f.read_text()).get("source") == spec:
+                found.append(f.parent)
+        except (OSError, ValueError):
+            continue  # a damaged store is named when it is opened, not here
+    return found
+
+
+def require_stores(data, config: str = "FILE") -> None:
+    """Refuse, before any model or tokenizer is loaded, a run reading a hub corpus that has no token
+    store: a hub corpus is tokenised by `hld tokenize`, never streamed into memory at start-up."""
+    for what, spec in (("data.train", data.train), ("data.validation", data.validation)):
+        if is_remote(spec) and not stores_of(spec, data.store_dir):
+            raise HldError(
+                f"{what}={spec} has no token store in {store_root(data.store_dir)}, and a hub corpus is never "
+                "tokenised at start-up",
+                f"run `hld tokenize --config {config}` (same overrides) first; `hld plan` estimates how long it takes",
+            )
 
 
 def open_windows(

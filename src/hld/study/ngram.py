@@ -48,6 +48,46 @@ def pairs(windows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(a), np.concatenate(b)
 
 
+MAX_FIT_TOKENS = 50_000_000  # the whole-split fit reads at most this many tokens (its first windows)
+_MERGE_PAIRS = 1 << 23  # pair codes buffered before they are merged into the running counts
+
+
+def fit_split(windows, *, vocab_size: int, max_tokens: int = MAX_FIT_TOKENS) -> tuple[Counts, int]:
+    """`fit` over the first windows of a split holding at most `max_tokens` tokens, read a block at a
+    time (a token store's windows are never all in memory): memory grows with the distinct pairs, not
+    the tokens. Returns the counts and the number of windows read (all of them for a small split)."""
+    n = min(len(windows), max(1, max_tokens // windows.shape[1]))
+    unigram = np.zeros(vocab_size, dtype=np.float64)
+    codes, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pending: list[np.ndarray] = []
+
+    def merge() -> None:
+        nonlocal codes, counts
+        new, inv = np.unique(np.concatenate([codes, *pending]), return_inverse=True)
+        counts = np.bincount(inv, weights=np.concatenate([counts, np.ones(sum(map(len, pending)), np.int64)]))
+        codes, counts = new, counts.astype(np.int64)
+        pending.clear()
+
+    for start in range(0, n, 4096):
+        w = np.asarray(windows[start : min(n, start + 4096)], dtype=np.int64)
+        a, b = w[:, :-1].ravel(), w[:, 1:].ravel()
+        unigram += np.bincount(b, minlength=vocab_size)
+        pending.append(a * vocab_size + b)
+        if sum(map(len, pending)) >= _MERGE_PAIRS:
+            merge()
+    merge()
+    ctx = codes // vocab_size
+    c = Counts(
+        vocab_size=vocab_size,
+        unigram=unigram,
+        pair_codes=codes,
+        pair_counts=counts.astype(np.float64),
+        context=np.bincount(ctx, weights=counts, minlength=vocab_size),
+        successors=np.bincount(ctx, minlength=vocab_size).astype(np.float64),
+    )
+    return c, n
+
+
 def fit(windows: Sequence[np.ndarray], *, vocab_size: int) -> Counts:
     a, b = pairs(windows)
     codes, counts = np.unique(a * vocab_size + b, return_counts=True)
@@ -99,8 +139,9 @@ def read_windows(order, *, steps: int, last_len: int) -> list[np.ndarray]:
 
 def study_references(planned: list, out: Path, resources) -> list[dict]:
     """Unigram and bigram cross-entropies (hld.study.ngram) on each cell's validation windows: fitted
-    on the whole training split, and on the windows the cells of each budget read (the mean over
-    their seeds; cells of one budget and seed read the same windows whatever their arm)."""
+    on the whole training split (its first `MAX_FIT_TOKENS` at most), and on the windows the cells of
+    each budget read (the mean over their seeds; cells of one budget and seed read the same windows
+    whatever their arm)."""
     from hld.data.loader import BatchOrder
 
     rows: list[dict] = []
@@ -117,7 +158,9 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         val = resources.validation_windows(d, tok)
         key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
         if key not in whole:
-            whole[key] = cross_entropy(fit(list(train), vocab_size=vocab), list(val))
+            counts, n_read = fit_split(train, vocab_size=vocab)
+            label = "train split" if n_read == len(train) else f"train split (its first {n_read * d.seq_len:,} tokens)"
+            whole[key] = {**cross_entropy(counts, list(val)), "label": label}
         summary = json.loads((run_dir / "summary.json").read_text())
         B, steps = cfg.train.batch_size, int(summary["steps"])
         last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
@@ -133,7 +176,7 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
             "fit_tokens": int(summary["tokens"]),
         }
     for key, on_split in whole.items():
-        groups = {"train split": [on_split]}
+        groups = {on_split["label"]: [on_split]}
         for rk, r in read.items():
             if rk[0] == key:
                 groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)

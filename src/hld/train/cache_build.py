@@ -11,6 +11,7 @@ import torch
 
 from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
+from hld.data.tokenize import require_stores
 from hld.distill.cache import CachedTeacher, build_cache, cache_identity, check_out_dir
 from hld.distill.cache_codec import Codec, codec_from_manifest
 from hld.errors import HldError, sigterm_as_error
@@ -64,6 +65,7 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
             )
     out = Path(out)
     check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
+    require_stores(cfg.data, cfg.name)  # a hub corpus without a token store: refused before the teacher loads
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     tok = loaded.tokenizer
     vocab = loaded.model.get_input_embeddings().weight.shape[0]

@@ -26,6 +26,7 @@ import torch
 from hld import atomic, distributed
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
+from hld.data.tokenize import require_stores
 from hld.distill.cache import CachedTeacher, cache_identity
 from hld.distill.objectives import Plan, fit_targets, keep_targets
 from hld.distill.projectors import Projectors
@@ -361,6 +362,7 @@ def train(
 
 
 def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources], quiet: bool) -> dict:
+    require_stores(cfg.data, cfg.name)  # a hub corpus: tokenised beforehand, refused in seconds if it was not
     prepare_dir(cfg, out, resume, write=d.is_main)
     resources = resources or Resources()
     if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, token stores)
