@@ -72,3 +72,33 @@ def test_hub_corpus_without_a_store_is_refused_in_seconds(tmp_path, capsys):
     )
     assert time.time() - t0 < 30 and "hld tokenize --config paper-123m" in line
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_slurm_array_tasks_build_the_store_one_task_builds(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "tokenize.sbatch"
+    args = [*tiny_overrides(), f"data.store_dir={tmp_path / 'array'}"]
+    for task in (1, 0):  # out of order: the task that commits the last unit writes the manifest
+        env = {
+            **os.environ,
+            "SLURM_ARRAY_TASK_ID": str(task),
+            "SLURM_ARRAY_TASK_COUNT": "2",
+            "SLURM_CPUS_PER_TASK": "1",
+            "PYTHON": sys.executable,
+            "HLD_TOKENIZE_ARGS": "--quiet",
+        }
+        proc = subprocess.run(["bash", str(script), "smoke", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _tokenize(capsys, "--out", str(tmp_path / "one"))
+
+    def shards(root: Path) -> dict[str, bytes]:
+        return {f"{p.parent.parent.name}/{p.name}": p.read_bytes() for p in sorted(root.glob("*/shards/*.bin"))}
+
+    assert shards(tmp_path / "array") == shards(tmp_path / "one") and len(shards(tmp_path / "one")) == 3
+    for row in one:
+        m = json.loads((tmp_path / "array" / Path(row["store"]).name / "manifest.json").read_text())
+        assert m["complete"] and m["tokens"] == row["tokens"]

@@ -256,3 +256,57 @@ def test_hub_corpus_without_a_store_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(HldError, match=r"data.train=hf:allenai/c4:en:train has no token store") as e:
         tk.require_stores(cfg.data, "paper-123m")
     assert "hld tokenize --config paper-123m" in e.value.fix
+
+
+# --------------------------------------------------------------------------- flat token files of other tools
+
+
+@pytest.mark.parametrize("kind", ["npy-int64", "bin-uint16", "bin-uint32"])
+def test_flat_token_file_windows_are_pack_windows(tmp_path, tok, kind):
+    spec_text, texts = _corpus(tmp_path, n_files=1)
+    stream = _hand_stream(texts, tok)
+    fmt, dtype = kind.split("-")
+    path = tmp_path / f"ids.{fmt}"
+    if fmt == "npy":
+        np.save(path, stream.astype(dtype))
+        spec = f"tokens:{path}"
+    else:
+        stream.astype(f"<{'u2' if dtype == 'uint16' else 'u4'}").tofile(path)
+        spec = f"tokens:{path}:{dtype}"
+    w = tk.open_windows(spec, tok, seq_len=9)
+    np.testing.assert_array_equal(w[:], pack_windows(stream, 9, bos_id=BOS))
+    m = st.read_manifest(tk.store_path(tk.identity(spec, tok, "text")))
+    assert m["docs"] == int((stream == EOS).sum()) and m["shards"][0]["repaired"] == 0
+
+
+def test_flat_token_file_without_a_closing_eos_gets_one(tmp_path, tok):
+    np.save(tmp_path / "ids.npy", np.array([5, 6, EOS, 7, 8, 9]))
+    w = tk.open_windows(f"tokens:{tmp_path / 'ids.npy'}", tok, seq_len=4)
+    assert w[:].tolist() == [[BOS, 5, 6, EOS], [BOS, 7, 8, 9]]  # the closing EOS is the dropped tail
+    m = st.read_manifest(tk.store_path(tk.identity(f"tokens:{tmp_path / 'ids.npy'}", tok, "text")))
+    assert (m["docs"], m["tokens"], m["shards"][0]["repaired"]) == (2, 7, 1)
+
+
+@pytest.mark.parametrize(
+    "write, suffix, problem",
+    [
+        (lambda p: np.save(p, np.array([3, 4, 10_000])), "", "holds id 10000, outside the tokenizer's vocabulary"),
+        (lambda p: np.save(p, np.array([3, -1, 4])), "", "holds id -1"),
+        (lambda p: np.save(p, np.zeros((2, 3), np.int32)), "", "2-D int32 array"),
+        (lambda p: np.save(p, np.zeros(3, np.float32)), "", "not a 1-D array of integer ids"),
+        (lambda p: p.write_bytes(b"not numpy"), "", "cannot read the token file"),
+        (lambda p: np.save(p, np.array([3, 4])), ":uint16", "its header holds its dtype"),
+    ],
+)
+def test_bad_flat_token_files_are_one_line(tmp_path, tok, write, suffix, problem):
+    path = tmp_path / "ids.npy"
+    write(path)
+    with pytest.raises(HldError, match=problem):
+        tk.open_windows(f"tokens:{path}{suffix}", tok, seq_len=4)
+
+
+def test_raw_token_file_needs_its_dtype(tmp_path, tok):
+    (tmp_path / "train.bin").write_bytes(np.arange(3, 20, dtype="<u2").tobytes())
+    with pytest.raises(HldError, match="its dtype cannot be read from it") as e:
+        tk.open_windows(f"tokens:{tmp_path / 'train.bin'}", tok, seq_len=4)
+    assert "uint16" in e.value.fix

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from hld.data import token_files
 from hld.errors import HldError, exc_line
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample_corpus"
@@ -167,6 +168,8 @@ def source_units(spec: str) -> list[str]:
     `datasets` source streams from (C4 on the hub: its 1,024 train files). One token-store shard each."""
     if spec.startswith("hf:"):
         return [f"{spec}#{i}" for i in range(_hf_dataset(spec).n_shards)]
+    if token_files.is_token_file(spec):
+        return [str(p) for p in token_files.files(spec)]
     return [str(p) for p in resolve_files(spec)]
 
 
@@ -195,6 +198,8 @@ def fingerprint(spec: str) -> str:
     """A cheap identity of a local source (names, sizes, mtimes) for caching its tokenisation."""
     if spec.startswith("hf:"):
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    if token_files.is_token_file(spec):
+        return token_files.fingerprint(spec)
     h = hashlib.sha256()
     for p in resolve_files(spec):
         st = p.stat()

@@ -22,6 +22,7 @@ from typing import BinaryIO, Optional
 
 from hld.atomic import write_file, write_fix, write_json
 from hld.data import store as st
+from hld.data import token_files
 from hld.data.packing import PROTOCOL, encode_batches
 from hld.data.sources import fingerprint, is_local_dataset, iter_unit, source_units
 from hld.errors import HldError
@@ -82,8 +83,12 @@ def tokenize_unit(spec: str, index: int, out: Path, tokenizer, *, text_field: st
         sha = hashlib.sha256()
 
         def fill(fh: BinaryIO) -> None:
-            docs = iter_unit(spec, index, text_field)
-            for arr in encode_batches(docs, tokenizer, eos_id=int(tokenizer.eos_token_id), counts=counts):
+            eos = int(tokenizer.eos_token_id)
+            if token_files.is_token_file(spec):  # ids from another tool: copied, checked against the tokenizer
+                blocks = token_files.iter_unit(spec, index, eos_id=eos, vocab_size=len(tokenizer), counts=counts)
+            else:
+                blocks = encode_batches(iter_unit(spec, index, text_field), tokenizer, eos_id=eos, counts=counts)
+            for arr in blocks:
                 data = arr.tobytes()
                 sha.update(data)
                 fh.write(data)
