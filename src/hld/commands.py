@@ -243,6 +243,7 @@ def cmd_tokenize(args) -> dict:
             "verified_shards": checked,
         }
         row["bytes"] = None if m is None else m["tokens"] * st.DTYPE.itemsize
+        row["repaired_docs"] = None if m is None else sum(s.get("repaired", 0) for s in m["shards"])
         rows.append(row)
         if not args.json:
             if m is None:
@@ -250,7 +251,9 @@ def cmd_tokenize(args) -> dict:
             else:
                 print(
                     f"{what} {spec}: {m['tokens']:,} tokens, {m['docs']:,} documents, {len(m['shards'])} shards "
-                    f"in {out} ({'all of the source' if m['complete'] else 'a prefix'}; {seconds:.1f} s)"
+                    f"in {out} ({'all of the source' if m['complete'] else 'a prefix'}; {seconds:.1f} s"
+                    + (f"; {row['repaired_docs']:,} repaired to U+FFFD" if row["repaired_docs"] else "")
+                    + ")"
                 )
     if store_dir and not args.json:
         print(f"runs read these stores with data.store_dir={store_dir}")

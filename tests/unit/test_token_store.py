@@ -310,3 +310,25 @@ def test_raw_token_file_needs_its_dtype(tmp_path, tok):
     with pytest.raises(HldError, match="its dtype cannot be read from it") as e:
         tk.open_windows(f"tokens:{tmp_path / 'train.bin'}", tok, seq_len=4)
     assert "uint16" in e.value.fix
+
+
+def test_a_unit_held_by_another_process_is_waited_for_not_left_out(tmp_path, tok):
+    # another process holds unit 1 (flock: two open file descriptions conflict even in one process) and
+    # dies after a second without committing it: the build skips it, does the rest, then waits and does it
+    import fcntl
+    import os
+    import threading
+    import time
+
+    (tmp_path / "src").mkdir()
+    spec, _ = _corpus(tmp_path / "src", n_files=3)
+    one = tk.build(spec, tok, tmp_path / "one", quiet=True)
+    out = tmp_path / "two"
+    (out / "shards").mkdir(parents=True)
+    fd = os.open(out / "shards" / "00001.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, args=(fd,)).start()
+    t0 = time.time()
+    assert tk.build(spec, tok, out, quiet=True) == one
+    assert time.time() - t0 >= 1.0
+    assert _store_bytes(out) == _store_bytes(tmp_path / "one")

@@ -66,12 +66,15 @@ def is_remote(spec: str) -> bool:
 # ---- tokenising one unit -------------------------------------------------------------------------
 
 
-def tokenize_unit(spec: str, index: int, out: Path, tokenizer, *, text_field: str, unit: str) -> Optional[dict]:
+def tokenize_unit(
+    spec: str, index: int, out: Path, tokenizer, *, text_field: str, unit: str, wait: bool = False
+) -> Optional[dict]:
     """Tokenise unit `index` into `out/shards/NNNNN.bin` and commit its record; None if another process
-    holds the unit (it is working on it)."""
+    holds the unit (it is working on it). `wait`: wait for that process instead, then take its record
+    (or do the unit, if it died first)."""
     name = f"{index:05d}"
     shards = out / "shards"
-    with file_lock(shards / f"{name}.lock", wait=False) as mine:
+    with file_lock(shards / f"{name}.lock", wait=wait) as mine:
         if not mine:
             return None
         done = st.shard_record(out, name)
@@ -219,14 +222,18 @@ def build(
             prefix.append(records.get(u) or st.shard_record(out, f"{u:05d}"))
         return _enough(prefix, len(units), need_tokens, need_docs)
 
+    bounded = need_tokens is not None or need_docs is not None
     try:
         if workers <= 1 or len(todo) <= 1:
             for u in todo:
-                if (need_tokens is not None or need_docs is not None) and satisfied():
+                if bounded and satisfied():
                     break
                 done(u, tokenize_unit(spec, u, out, tokenizer, text_field=text_field, unit=units[u]))
         else:
             _parallel(spec, tokenizer, out, todo, units, text_field, workers, done, satisfied)
+        for u in todo:  # units another process held (two runs starting on one corpus): wait for its commit
+            if u not in records and not (bounded and satisfied()):
+                done(u, tokenize_unit(spec, u, out, tokenizer, text_field=text_field, unit=units[u], wait=True))
     finally:
         prog.close()
     if repaired and not quiet:
