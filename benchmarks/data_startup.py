@@ -1,22 +1,22 @@
 """Start-up against corpus size: today's token store against the code before it (in-RAM streams), in
 the same run, on corpora of k copies of the shipped sample (1.19M Gemma 3 tokens per copy).
 
-    python benchmarks/data_startup.py                      # sizes 1 4 16, old = 6c13c84
-    python benchmarks/data_startup.py --sizes 1 4 16 64 --old-sizes 1 4 16
+    python benchmarks/data_startup.py                      # sizes 1 4 16 64, old = 6c13c84
+    python benchmarks/data_startup.py --sizes 1 4 16 --end-to-end
 
-Per size, `hld train --config smoke data.max_train_docs=null budget.tokens=256` (one step of 4 x 64
-tokens, the real Gemma 3 270M teacher; only the corpus changes), each in its own process, with its
-data prepared beforehand (the new code: `hld tokenize`; the old code: a first run that fills its token
-cache), so the figures are the start-up a resumed or requeued job pays:
+The data path of a run's start, each in a fresh process with its data prepared beforehand (the new
+code: `hld tokenize`; the old code: a first start that fills its token cache), so the figures are what
+a resumed or requeued job pays: the `smoke` config with `data.max_train_docs=null` (only the corpus
+changes), its train and validation windows and first batch, timed (wall and CPU) with the peak RSS above
+the start (the tokenizer is loaded first and not counted). One thread (OMP_NUM_THREADS=1), the minimum
+of --reps processes: the figures are meant to be read on a shared machine. The growth law printed is a
+least-squares line over the sizes: seconds and bytes per corpus token.
 
-- first step: seconds from the process's start until its first metrics line is written (the process is
-  then stopped: what follows the step is the same at every size);
-- peak RSS: the process's peak resident set (`wait4`'s ru_maxrss), whose growth with the corpus is
-  what the data path holds (the rest is the same at every size).
-
-And `hld tokenize` throughput (tokens/s) at the largest size with 1 and with 2 workers. The growth law
-printed is a least-squares line over the sizes: seconds and bytes per corpus token. Results go to
-benchmarks/results/cpu_data_startup.json with the machine.
+`--end-to-end` also times `hld train --config smoke data.max_train_docs=null budget.tokens=256` (one step,
+the real Gemma 3 270M teacher) from the process's start to its first metrics line (the process is then
+stopped), and its peak RSS; on a loaded machine these swing by tens of seconds. Then `hld tokenize`
+throughput (tokens/s) at the largest size with 1 and 2 workers. Results: benchmarks/results/
+cpu_data_startup.json, with the machine.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +79,43 @@ def peak_rss(cmd: list[str], env: dict, watch: Path | None = None) -> dict:
     return out
 
 
+DATA_PATH = """
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from _measure import PeakMemory
+import torch
+from hld.config import load_config
+from hld.data.loader import BatchOrder
+from hld.train.resources import Resources
+
+cfg = load_config("smoke", [f"data.train={sys.argv[1]}", "data.max_train_docs=null"])
+r = Resources()
+tok = r.tokenizer(cfg.teacher.model)
+d = cfg.data
+with PeakMemory(torch.device("cpu")) as pm:
+    t0, c0 = time.perf_counter(), time.process_time()
+    if hasattr(r, "train_windows"):
+        train = r.train_windows(d, tok)
+    else:  # the code before the token store
+        train = r.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    val = r.validation_windows(d, tok)
+    batch = BatchOrder(train, batch_size=cfg.train.batch_size, seed=cfg.train.seed).batch(0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_bytes": pm.bytes, "exact": pm.exact, "windows": len(train)}))
+"""
+
+
+def data_path(spec: str, env: dict) -> dict:
+    """The data path of a run's start in a fresh process (tokenizer loaded first, not counted): its
+    train and validation windows and the first batch; seconds (wall and CPU) and peak RSS above the start."""
+    res = subprocess.run(
+        [sys.executable, "-c", DATA_PATH, spec, str(ROOT / "benchmarks")], env=env, capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"data path probe failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def train_cmd(python: list[str], spec: str, run_dir: Path, *extra: str) -> list[str]:
     return [
         *python,
@@ -102,14 +138,18 @@ def fit(sizes: list[int], ys: list[float]) -> float:
     return float(np.polyfit(x, np.asarray(ys, dtype=np.float64), 1)[0])
 
 
+def _best(rows: list[dict], k: int, key: str) -> float:
+    return min(r[key] for r in rows if r["copies"] == k)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--old-sizes", type=int, nargs="*", default=None, help="sizes for the old code (default: --sizes)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--old", default="6c13c84", help="the commit before the token store")
+    ap.add_argument("--reps", type=int, default=3, help="fresh processes per size and code (the minimum is kept)")
+    ap.add_argument("--end-to-end", action="store_true", help="also time `hld train` to its first step")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_data_startup.json"))
     args = ap.parse_args()
-    old_sizes = args.sizes if args.old_sizes is None else args.old_sizes
     work = Path(tempfile.mkdtemp(prefix="hld-data-startup-"))
     old_tree = work / "old"
     subprocess.run(
@@ -117,46 +157,45 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
-    base = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    new_env = {**base, "HLD_CACHE_DIR": str(work / "cache-new"), "PYTHONPATH": str(ROOT / "src")}
-    old_env = {**base, "HLD_CACHE_DIR": str(work / "cache-old"), "PYTHONPATH": str(old_tree / "src")}
-    for env in (new_env, old_env):  # the teacher's one-time GGUF conversion, shared by every size
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    envs = {
+        "new": {**base, "HLD_CACHE_DIR": str(work / "cache-new"), "PYTHONPATH": str(ROOT / "src")},
+        "old": {**base, "HLD_CACHE_DIR": str(work / "cache-old"), "PYTHONPATH": str(old_tree / "src")},
+    }
+    gguf = Path(os.environ.get("HLD_CACHE_DIR", Path.home() / ".cache" / "hld")) / "gguf"
+    for env in envs.values():  # the teacher's one-time GGUF conversion, shared
         Path(env["HLD_CACHE_DIR"]).mkdir(parents=True)
-        gguf = Path(os.environ.get("HLD_CACHE_DIR", Path.home() / ".cache" / "hld")) / "gguf"
         if gguf.is_dir():
             os.symlink(gguf, Path(env["HLD_CACHE_DIR"]) / "gguf")
     py = [sys.executable, "-m", "hld"]
     rows: dict[str, list[dict]] = {"new": [], "old": []}
+    e2e: dict[str, list[dict]] = {"new": [], "old": []}
+    prepare: dict[int, dict] = {}
+    throughput: dict[int, dict] = {}
     try:
-        for k in sorted(set(args.sizes) | set(old_sizes)):
+        for k in args.sizes:
             spec = corpus(work, k)
-            if k in args.sizes:
-                t = peak_rss([*py, "tokenize", "--config", "smoke", f"data.train={spec}", "--json", "--quiet"], new_env)
-                for rep in range(2):
-                    r = peak_rss(
-                        train_cmd(py, spec, work / f"new-{k}-{rep}"), new_env, work / f"new-{k}-{rep}" / "metrics.jsonl"
-                    )
-                    rows["new"].append(
-                        {"copies": k, "rep": rep, **{x: r[x] for x in ("first_step_s", "wall_s", "peak_rss_bytes")}}
-                    )
-                rows["new"][-1]["tokenize_wall_s"] = t["wall_s"]
-                print(f"new k={k}: {rows['new'][-2:]}", flush=True)
-            if k in old_sizes:
-                peak_rss(train_cmd(py, spec, work / f"old-{k}-warm"), old_env, work / f"old-{k}-warm" / "metrics.jsonl")
-                for rep in range(2):
-                    r = peak_rss(
-                        train_cmd(py, spec, work / f"old-{k}-{rep}"), old_env, work / f"old-{k}-{rep}" / "metrics.jsonl"
-                    )
-                    rows["old"].append(
-                        {"copies": k, "rep": rep, **{x: r[x] for x in ("first_step_s", "wall_s", "peak_rss_bytes")}}
-                    )
-                print(f"old k={k}: {rows['old'][-2:]}", flush=True)
-        big = max(args.sizes)
-        spec = corpus(work, big)
-        throughput = {}
+            t = peak_rss([*py, "tokenize", "--config", "smoke", f"data.train={spec}", "--json", "--quiet"], envs["new"])
+            warm = data_path(spec, envs["old"])  # the old code's first start fills its token cache
+            prepare[k] = {"new_tokenize_wall_s": t["wall_s"], "old_first_start_wall_s": warm["wall_s"]}
+            for code in ("new", "old"):
+                for rep in range(args.reps):
+                    rows[code].append({"copies": k, "rep": rep, **data_path(spec, envs[code])})
+                if args.end_to_end:
+                    for rep in range(2):
+                        run_dir = work / f"{code}-{k}-{rep}"
+                        r = peak_rss(train_cmd(py, spec, run_dir), envs[code], run_dir / "metrics.jsonl")
+                        e2e[code].append(
+                            {
+                                "copies": k,
+                                "rep": rep,
+                                "first_step_s": r["first_step_s"],
+                                "peak_rss_bytes": r["peak_rss_bytes"],
+                            }
+                        )
+            print(f"k={k}: new {rows['new'][-1]}, old {rows['old'][-1]}", flush=True)
+        spec = corpus(work, max(args.sizes))
         for workers in (1, 2):
-            store = work / f"throughput-{workers}"
-            t0 = time.perf_counter()
             res = subprocess.run(
                 [
                     *py,
@@ -167,75 +206,78 @@ def main() -> None:
                     "--split",
                     "train",
                     "--out",
-                    str(store),
+                    str(work / f"throughput-{workers}"),
                     "--workers",
                     str(workers),
                     "--json",
                     "--quiet",
                 ],
-                env=new_env,
+                env=envs["new"],
                 capture_output=True,
                 text=True,
                 check=True,
             )
-            wall = time.perf_counter() - t0
             (row,) = json.loads(res.stdout)["stores"]
             throughput[workers] = {
                 "tokens": row["tokens"],
                 "seconds": row["seconds"],
-                "wall_s": wall,
                 "tokens_per_s": row["tokens"] / row["seconds"],
             }
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
 
-    def best(code: str, k: int) -> dict:
-        rs = [r for r in rows[code] if r["copies"] == k]
-        return {
-            "first_step_s": min(r["first_step_s"] for r in rs),
-            "peak_rss_bytes": min(r["peak_rss_bytes"] for r in rs),
-        }
-
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {machine()} (OMP_NUM_THREADS=1; minimum of {args.reps} fresh processes)")
+    print("data path of a start (train + validation windows + the first batch), store / token cache prepared:")
     print(
-        f"{'copies':>6} {'tokens':>8} | {'new: first step':>15} {'peak RSS':>9} | "
-        f"{'old: first step':>15} {'peak RSS':>9}"
+        f"{'copies':>6} {'tokens':>8} | {'new: wall':>9} {'cpu':>7} {'peak RSS':>9} | "
+        f"{'old: wall':>9} {'cpu':>7} {'peak RSS':>9} | old/new wall"
     )
     table = []
-    for k in sorted(set(args.sizes) | set(old_sizes)):
-        n = best("new", k) if k in args.sizes else None
-        o = best("old", k) if k in old_sizes else None
-        table.append({"copies": k, "tokens": k * TOKENS_PER_COPY, "new": n, "old": o})
-        cell = lambda r: f"{r['first_step_s']:>13.2f} s {r['peak_rss_bytes'] / 2**20:>6.0f} MiB" if r else f"{'-':>25}"  # noqa: E731
-        print(f"{k:>6} {k * TOKENS_PER_COPY / 1e6:>7.1f}M | {cell(n)} | {cell(o)}")
+    for k in args.sizes:
+        n = {key: _best(rows["new"], k, key) for key in ("wall_s", "cpu_s", "peak_bytes")}
+        o = {key: _best(rows["old"], k, key) for key in ("wall_s", "cpu_s", "peak_bytes")}
+        table.append({"copies": k, "tokens": k * TOKENS_PER_COPY, "new": n, "old": o, **prepare[k]})
+        print(
+            f"{k:>6} {k * TOKENS_PER_COPY / 1e6:>7.1f}M | {n['wall_s']:>7.3f} s {n['cpu_s']:>5.3f} s "
+            f"{n['peak_bytes'] / 2**20:>5.1f} MiB | {o['wall_s']:>7.3f} s {o['cpu_s']:>5.3f} s "
+            f"{o['peak_bytes'] / 2**20:>5.0f} MiB | {o['wall_s'] / n['wall_s']:>8.0f}x"
+        )
     law = {}
-    for code, sizes in (("new", args.sizes), ("old", old_sizes)):
-        if len(sizes) >= 2:
-            law[code] = {
-                "s_per_token": fit(sizes, [best(code, k)["first_step_s"] for k in sizes]),
-                "bytes_per_token": fit(sizes, [best(code, k)["peak_rss_bytes"] for k in sizes]),
-            }
-            print(
-                f"growth ({code}): {law[code]['s_per_token'] * 1e6:.3f} µs and {law[code]['bytes_per_token']:.2f} B "
-                "per corpus token"
-            )
+    for code in ("new", "old"):
+        law[code] = {
+            "s_per_token": fit(args.sizes, [_best(rows[code], k, "wall_s") for k in args.sizes]),
+            "bytes_per_token": fit(args.sizes, [_best(rows[code], k, "peak_bytes") for k in args.sizes]),
+        }
+        print(
+            f"growth ({code}): {law[code]['s_per_token'] * 1e6:.4f} µs and {law[code]['bytes_per_token']:.3f} B "
+            "per corpus token"
+        )
     lo, hi = min(args.sizes), max(args.sizes)
-    ratio = best("new", hi)["first_step_s"] / best("new", lo)["first_step_s"]
-    print(f"new: first step at {hi}x / at {lo}x = {ratio:.2f} (goal <= 1.2)")
+    ratio = _best(rows["new"], hi, "wall_s") / _best(rows["new"], lo, "wall_s")
+    print(f"new: data path at {hi}x / at {lo}x = {ratio:.2f} (goal <= 1.2)")
+    if args.end_to_end:
+        for code in ("new", "old"):
+            for k in args.sizes:
+                print(
+                    f"end to end ({code}, {k}x): first step {_best(e2e[code], k, 'first_step_s'):.1f} s, "
+                    f"peak RSS {_best(e2e[code], k, 'peak_rss_bytes') / 2**20:.0f} MiB"
+                )
     for w, t in throughput.items():
         print(
-            f"hld tokenize, {w} worker(s): {t['tokens_per_s'] / 1e6:.2f}M tokens/s ({t['tokens']:,} tokens in "
-            f"{t['seconds']:.1f} s)"
+            f"hld tokenize, {w} worker(s): {t['tokens_per_s'] / 1e6:.3f}M tokens/s "
+            f"({t['tokens']:,} tokens in {t['seconds']:.1f} s)"
         )
     print(f"scaling 1 -> 2 workers: x{throughput[2]['tokens_per_s'] / throughput[1]['tokens_per_s']:.2f}")
     Path(args.out).write_text(
         json.dumps(
             {
                 "machine": machine(),
-                "runs": rows,
+                "data_path": rows,
                 "table": table,
                 "growth": law,
-                "first_step_ratio": ratio,
+                "ratio": ratio,
+                "end_to_end": e2e,
                 "tokenize": throughput,
             },
             indent=1,
