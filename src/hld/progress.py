@@ -10,9 +10,17 @@ from typing import Optional
 
 class Progress:
     def __init__(
-        self, total: int, *, desc: str, quiet: bool = False, every_s: float = 15.0, initial: int = 0, stream=None
+        self,
+        total: int,
+        *,
+        desc: str,
+        quiet: bool = False,
+        every_s: float = 15.0,
+        initial: int = 0,
+        stream=None,
+        unit: str = "step",
     ) -> None:
-        self.total, self.desc, self.quiet, self.every_s = total, desc, quiet, every_s
+        self.total, self.desc, self.quiet, self.every_s, self.unit = total, desc, quiet, every_s, unit
         self.stream = stream  # None: sys.stderr at the time of each write
         self.start = time.time()
         self.initial = initial
@@ -25,7 +33,7 @@ class Progress:
                 total=total,
                 initial=initial,
                 desc=desc,
-                unit="step",
+                unit=unit,
                 dynamic_ncols=True,
                 leave=False,
                 file=stream or sys.stderr,
@@ -49,7 +57,7 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         loss_s = f" loss {loss:.3f}" if loss is not None else ""
         print(
-            f"[{self.desc}] step {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
+            f"[{self.desc}] {self.unit} {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
             file=self.stream or sys.stderr,
             flush=True,
         )

@@ -203,7 +203,7 @@ def build(
     mine = [u for u in range(len(units)) if u % shard[1] == shard[0]]
     records = {u: r for u in mine if (r := st.shard_record(out, f"{u:05d}")) is not None}
     todo = [u for u in mine if u not in records]
-    prog = Progress(len(mine), desc=desc, quiet=quiet, initial=len(records))
+    prog = Progress(len(mine), desc=desc, quiet=quiet, initial=len(records), unit="unit")
     t0, tokens, repaired = time.time(), 0, 0
 
     def done(u: int, rec: Optional[dict]) -> None:
