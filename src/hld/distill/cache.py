@@ -36,7 +36,7 @@ from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
-from hld.locks import file_lock, holder
+from hld.locks import file_lock
 from hld.models.hooks import CausalLM, text_config
 from hld.progress import Progress
 
@@ -217,7 +217,7 @@ class _Builders:
                 if not alone:
                     os.close(self.fd)
                     raise HldError(
-                        f"another hld is building a different cache in {self.dir} ({holder(self.setup)})",
+                        f"another hld is building a different cache in {self.dir} (it holds the directory's lock)",
                         "wait for it to finish, or give this build another --out",
                     )
                 for p in self.dir.iterdir():  # another plan's shards, or a build's debris

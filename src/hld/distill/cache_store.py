@@ -359,7 +359,7 @@ def open_windows(path: Path, manifest: dict) -> tuple[Optional[int], Optional[np
         return w["first"], None
     try:
         ids = np.load(path / "windows.npy", mmap_mode="r")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise _bad(path, f"windows.npy is missing or unreadable ({exc})") from exc
     if ids.dtype != np.int64 or ids.shape != (w["count"],):
         raise _bad(path, f"windows.npy holds {ids.shape} {ids.dtype}, its manifest says ({w['count']},) int64")
