@@ -105,7 +105,7 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
     )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "STALLED", p.stderr.read() if p.stderr else ""
-    tmp = list((out / "caches").glob(f".{group}.tmp-*"))
+    tmp = list((out / "caches").glob(f".{group}.build"))
     assert len(tmp) == 1 and (tmp[0] / "manifest.json").is_file()  # fully written, not yet renamed
     with file_lock(lock, wait=False) as got:
         assert not got  # the builder holds the group's lock
@@ -123,7 +123,7 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
         rows.append(json.loads(stdout.strip().splitlines()[-1]))
     assert sorted(r["reused"] for r in rows) == [False, True]
     assert (cache_dir / "manifest.json").is_file()
-    assert not list((out / "caches").glob(f".{group}.tmp-*"))
+    assert not list((out / "caches").glob(f".{group}.build"))  # assembled by the first, reused by the other
 
 
 def test_a_held_cell_waits_and_a_matched_cell_names_its_match(tmp_path, hld_cache_dir, capsys):

@@ -346,3 +346,24 @@ def test_another_tools_manifest_is_not_taken_for_a_cache(tmp_path, setup):
     with pytest.raises(HldError, match="is not an hld teacher cache"):
         _build(setup, out)
     assert (out / "a.bin").read_bytes() == b"user data"
+
+
+def test_prefetched_reads_are_the_reads_and_are_used(tmp_path, setup, monkeypatch):
+    from hld.data.packing import make_batch
+
+    lm, windows, ids, ident = setup
+    _build(setup, tmp_path / "c")
+    t = CachedTeacher(tmp_path / "c", expect=ident, workers=2)
+    needs = Needs(logits=True, layers=(1, 3))
+    mbs = [ids[[3, 7, 1]], ids[[19, 0, 8]]]
+    want = [t.read(m, 32, needs) for m in mbs]
+    t.prefetch(mbs, 32, needs)
+    calls = []
+    monkeypatch.setattr(t, "read", lambda *a: calls.append(a))  # a miss would read on this thread
+    for m, w in zip(mbs, want):
+        got = t(make_batch(np.asarray(windows[m]), window_ids=m), needs)
+        for key in ("topk_values", "topk_indices", "topk_rest"):
+            assert torch.equal(getattr(got, key), getattr(w, key))
+        assert all(torch.equal(got.hidden[k], w.hidden[k]) for k in (1, 3))
+    assert not calls
+    t.close()

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -110,7 +111,7 @@ def build_cache(
             _build_part(b.dir, plan, teacher_lm, windows, window_ids, part=part, batch_size=batch_size, quiet=quiet)
             manifest = b.finish(wait=part[1] == 1)
     except OSError as exc:
-        raise HldError(f"could not write the cache {out}: {exc.strerror or exc}", write_fix(exc)) from exc
+        raise HldError(f"cannot write the cache {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     if manifest is not None:
         manifest["bytes"] = sum(manifest["files"].values())
     return manifest
@@ -252,9 +253,9 @@ class _Builders:
         if len(cs.committed(self.dir)) < cs.n_shards(self.plan):
             return None  # a part is missing (its builder was stopped): its rerun assembles
         manifest = cs.assemble(self.dir, self.plan)
-        shutil.rmtree(self.dir / "locks", ignore_errors=True)
-        (self.dir / "plan.json").unlink()
-        replace_dir(self.dir, self.out)
+        replace_dir(self.dir, self.out)  # killed before this: the next builder assembles again
+        (self.out / "plan.json").unlink()  # (the manifest holds it)
+        shutil.rmtree(self.out / "locks", ignore_errors=True)  # a waiter on them re-checks where it is
         return manifest
 
     def __exit__(self, *exc) -> None:
@@ -354,7 +355,7 @@ class CachedTeacher:
     Opening checks identity, records and file sizes (no data read); each shard's fields are checked
     against their sha256 the first time they are read (`verify`), before anything uses them."""
 
-    def __init__(self, cache_dir: Path, *, expect: CacheIdentity, verify: bool = True) -> None:
+    def __init__(self, cache_dir: Path, *, expect: CacheIdentity, verify: bool = True, workers: int = 2) -> None:
         self.dir = Path(cache_dir)
         self.manifest = read_manifest(self.dir)
         self._check_identity(expect)
@@ -363,6 +364,9 @@ class CachedTeacher:
         self.parts = cs.Parts(self.dir, self.manifest, verify=verify)
         self.vocab = int(self.manifest["vocab_size"])
         self.shard_windows = int(self.manifest["shard_windows"])
+        self.workers = workers
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._ahead: dict[tuple, Future] = {}  # (window ids, T, needs) -> the read under way
 
     def _check_identity(self, expect: CacheIdentity) -> None:
         have = self.manifest["identity"]
@@ -420,13 +424,36 @@ class CachedTeacher:
         if batch.window_ids is None:
             raise HldError("a cached teacher needs batches that know their window ids", "internal error")
         T = batch.input_ids.shape[1]  # a run's last step may read a prefix of its windows
-        sig = self.read(batch.window_ids.numpy(), T, needs)
+        wids = batch.window_ids.numpy()
+        ahead = self._ahead.pop(_key(wids, T, needs), None)
+        sig = ahead.result() if ahead is not None else self.read(wids, T, needs)
         if not np.array_equal(sig.pop_tokens(), batch.input_ids.cpu().numpy()):
             raise HldError(
                 f"cache {self.dir} holds other tokens than this run's batch",
                 "rebuild the cache for this run's data and packing",
             )
         return sig.to(batch.input_ids.device)
+
+    def prefetch(self, batches: list[np.ndarray], T: int, needs: Needs) -> None:
+        """Start decoding the signals of the micro-batches `batches` (window ids each) on background
+        threads (`workers` of them), so that the calls that ask for them find them ready. Reads asked
+        for earlier and never used are dropped."""
+        if not needs.any or self.workers < 1:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hld-cache")
+        keep = {}
+        for wids in batches:
+            key = _key(wids, T, needs)
+            keep[key] = self._ahead.pop(key, None) or self._pool.submit(self.read, np.asarray(wids), T, needs)
+        for stale in self._ahead.values():
+            stale.cancel()
+        self._ahead = keep
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, {}
 
     def read(self, window_ids: np.ndarray, T: int, needs: Needs) -> CachedSignals:
         """The first T positions of windows `window_ids`, decoded on the CPU (any thread)."""
@@ -481,6 +508,10 @@ class CachedTeacher:
             )
         except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
             raise HldError(f"cache shard {s} in {self.dir} is truncated or unreadable ({exc})", cs.REBUILD) from exc
+
+
+def _key(window_ids: np.ndarray, T: int, needs: Needs) -> tuple:
+    return (tuple(int(w) for w in window_ids), int(T), bool(needs.logits), tuple(needs.layers))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
@@ -281,6 +282,7 @@ class Parts:
         self._maps: OrderedDict[str, np.memmap] = OrderedDict()
         self._checked: set[tuple[int, str]] = set()
         self._stamps = self._read_stamps()
+        self._lock = threading.Lock()  # the maps and the checks are shared by the prefetching threads
 
     def _map(self, name: str) -> np.memmap:
         if name in self._maps:
@@ -297,9 +299,10 @@ class Parts:
         rec = self.manifest["shards"][s]
         f = rec["fields"][key]
         name = f"parts/{rec['part']}.{key}.bin"
-        raw = self._map(name)[f["offset"] : f["offset"] + f["nbytes"]]
-        if self.verify and (s, key) not in self._checked:
-            self._check(s, key, name, raw, f["sha256"])
+        with self._lock:
+            raw = self._map(name)[f["offset"] : f["offset"] + f["nbytes"]]
+            if self.verify and (s, key) not in self._checked:
+                self._check(s, key, name, raw, f["sha256"])
         dtype = specs_of(self.manifest, rec.get("slot_bits"))[key][0]
         return raw.view(dtype).reshape(f["shape"])
 
