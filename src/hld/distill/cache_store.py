@@ -282,6 +282,7 @@ class Parts:
         self._maps: OrderedDict[str, np.memmap] = OrderedDict()
         self._checked: set[tuple[int, str]] = set()
         self._stamps = self._read_stamps()
+        self._dtypes = {key: dtype for key, (dtype, _) in specs_of(manifest, 1).items()}  # slot width aside
         self._lock = threading.Lock()  # the maps and the checks are shared by the prefetching threads
 
     def _map(self, name: str) -> np.memmap:
@@ -303,8 +304,7 @@ class Parts:
             raw = self._map(name)[f["offset"] : f["offset"] + f["nbytes"]]
             if self.verify and (s, key) not in self._checked:
                 self._check(s, key, name, raw, f["sha256"])
-        dtype = specs_of(self.manifest, rec.get("slot_bits"))[key][0]
-        return raw.view(dtype).reshape(f["shape"])
+        return raw.view(self._dtypes[key]).reshape(f["shape"])
 
     def arrays(self, s: int, keys) -> dict[str, np.ndarray]:
         return {key: self.field(s, key) for key in keys}
