@@ -367,3 +367,24 @@ def test_prefetched_reads_are_the_reads_and_are_used(tmp_path, setup, monkeypatc
         assert all(torch.equal(got.hidden[k], w.hidden[k]) for k in (1, 3))
     assert not calls
     t.close()
+
+
+@pytest.mark.parametrize("method", ["kd", "hld-joint"])
+def test_cache_teacher_builds_what_plan_says(tmp_path, overrides, capsys, method):
+    """`hld cache-teacher --config X` stores the layers of X's own arm (none for kd), the tokens, bytes
+    and file count `hld plan` gives for it."""
+    from hld.cli import main
+    from hld.plan import plan_run
+
+    over = [
+        *overrides,
+        f"objective.method={method}",
+        "teacher.cache_codec=exact",
+        "teacher.cache_hidden_dtype=bfloat16",
+    ]
+    assert main(["cache-teacher", "--config", "smoke", "--out", str(tmp_path / "c"), *over, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plan = plan_run(load_config("smoke", over))["cache"]
+    assert row["layers"] == plan["layers"] == ([] if method == "kd" else [2, 3])
+    assert row["tokens"] == plan["tokens"] and row["bytes"] == plan["bytes"]
+    assert sum(1 for p in (tmp_path / "c").rglob("*") if p.is_file()) == plan["files"] - 1  # no stamps yet
