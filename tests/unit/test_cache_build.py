@@ -127,14 +127,18 @@ def test_a_killed_build_keeps_its_shards_and_the_rerun_equals_an_uninterrupted_b
 @pytest.mark.parametrize("n", [2, 3])
 def test_parts_built_apart_equal_one_build(tmp_path, setup, n):
     whole = _build(setup, tmp_path / "whole")
-    results = [_build(setup, tmp_path / "parts", part=(i, n)) for i in range(n)]
+    results = [_build(setup, tmp_path / "parts", part=(i, n)) for i in range(n - 1)]
+    lm, windows, ids, ident = setup
+    done = sum(1 for s in range(7) if s % n != n - 1)
+    with pytest.raises(HldError, match=f"is not finished: {done} of 7 shards are built"):
+        CachedTeacher(tmp_path / "parts", expect=ident)
+    results.append(_build(setup, tmp_path / "parts", part=(n - 1, n)))
     assert all(r is None for r in results[:-1]) and results[-1] is not None  # the last part assembles
     assert _without_timing(results[-1])["shards"] != whole["shards"]  # parts name their own files...
     assert _arrays(tmp_path / "parts") == _arrays(tmp_path / "whole")  # ...the same bytes in them
     m = json.loads((tmp_path / "parts" / "manifest.json").read_text())
     assert sorted({r["part"] for r in m["shards"]}) == [f"p{i:05d}of{n:05d}" for i in range(n)]
     assert all(r["part"] == f"p{r['shard'] % n:05d}of{n:05d}" for r in m["shards"])
-    lm, windows, ids, ident = setup
     a = CachedTeacher(tmp_path / "parts", expect=ident).read(ids[::-1], 32, Needs(logits=True, layers=(1, 3)))
     b = CachedTeacher(tmp_path / "whole", expect=ident).read(ids[::-1], 32, Needs(logits=True, layers=(1, 3)))
     for key in ("topk_values", "topk_indices", "topk_rest"):
@@ -388,3 +392,19 @@ def test_cache_teacher_builds_what_plan_says(tmp_path, overrides, capsys, method
     assert row["layers"] == plan["layers"] == ([] if method == "kd" else [2, 3])
     assert row["tokens"] == plan["tokens"] and row["bytes"] == plan["bytes"]
     assert sum(1 for p in (tmp_path / "c").rglob("*") if p.is_file()) == plan["files"] - 1  # no stamps yet
+
+
+@pytest.mark.parametrize(
+    "argv,problem",
+    [
+        (["--shard", "2/2"], "--shard '2/2' is not I/N"),
+        (["--shard", "x"], "is not I/N"),
+        ([], "needs --config"),
+    ],
+)
+def test_cache_teacher_flags(tmp_path, capsys, overrides, argv, problem):
+    from helpers import one_line_error
+
+    config = [] if not argv else ["--config", "smoke"]
+    one_line_error(capsys, ["cache-teacher", *config, "--out", str(tmp_path / "c"), *argv, *overrides], problem)
+    assert not (tmp_path / "c").exists()
