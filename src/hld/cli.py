@@ -68,6 +68,12 @@ def _add_study(sub) -> None:
         help="train one cell (resumable; skipped when finished; under torchrun too)",
     )
     jobs.add_argument("--cache", default=None, metavar="GROUP", help="build one cache group's teacher cache")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="with --cache: build part I of N of it (a SLURM array task each; the last to finish assembles it)",
+    )
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
 

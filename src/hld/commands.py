@@ -368,9 +368,14 @@ def _study_job(args) -> dict:
         if not args.json:
             print(jobs.format_jobs(listing))
         return listing
+    if args.shard and not args.cache:
+        raise HldError("--shard splits a cache build", "use it with --cache GROUP")
     if args.cache:
-        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet)
-        if not args.json:
+        part = _shard_arg(args.shard) if args.shard else (0, 1)
+        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet, part=part)
+        if not args.json and row.get("assembled") is False:
+            print(f"cache {args.cache}: part {part[0]}/{part[1]} built; the last part to finish assembles it")
+        elif not args.json:
             print(
                 f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
                 f"-> {row['dir']}"
