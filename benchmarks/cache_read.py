@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hld.distill.cache import CachedTeacher, CacheIdentity
-from hld.distill.cache_codec import Codec, read_hidden, read_logits
+from hld.distill.cache_codec import Codec, read_logits
 from hld.distill.signals import Needs
 
 GPU_TOKENS_PER_S = 200_000  # assumed: a 123M student's training step on one H100 (issue 20)
@@ -45,7 +45,7 @@ def row_by_row(t: CachedTeacher, wids: np.ndarray, T: int, needs: Needs) -> int:
     where = [(int(r) // t.shard_windows, int(r) % t.shard_windows) for r in rows]
     for layer in needs.layers:
         keys = [f"hidden_L{layer}"] + ([f"hidden_L{layer}_scale"] if t.codec.hidden == "fp8" else [])
-        torch.stack([read_hidden(t.parts.arrays(s, keys), layer, r, T, codec=t.codec) for s, r in where])
+        torch.stack([format3_hidden(t.parts.arrays(s, keys), layer, r, T) for s, r in where])
     if needs.logits:
         parts = []
         for s, r in where:
@@ -56,6 +56,14 @@ def row_by_row(t: CachedTeacher, wids: np.ndarray, T: int, needs: Needs) -> int:
             )
         [torch.from_numpy(np.stack([np.asarray(p[i]) for p in parts])) for i in range(3)]
     return len(wids) * T
+
+
+def format3_hidden(arrays: dict, layer: int, r: int, T: int) -> torch.Tensor:
+    """Format 3's fp8 decode of one window: torch's float8 -> float32 conversion, times the scale."""
+    q = torch.from_numpy(np.array(arrays[f"hidden_L{layer}"][r, :T], dtype=np.uint8)).view(torch.float8_e4m3fn)
+    return (q.float() * torch.from_numpy(np.array(arrays[f"hidden_L{layer}_scale"][r, :T]))[..., None]).to(
+        torch.bfloat16
+    )
 
 
 def timed_pass(fn, batches) -> float:

@@ -32,7 +32,7 @@ import torch
 from hld.atomic import read_json_object, replace_dir, write_fix, write_json
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill import cache_store as cs
-from hld.distill.cache_codec import Codec, ShardWriter, read_hidden_rows, read_logits
+from hld.distill.cache_codec import Codec, ShardWriter, read_hidden, read_logits
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
@@ -462,10 +462,12 @@ class CachedTeacher:
             local = rows[at] - s * self.shard_windows
             out.tokens[at] = self._field(s, "tokens")[local, :T]
         for layer in needs.layers:
-            parts = [(at, self._hidden(s, layer, rows[at] - s * self.shard_windows, T)) for s, at in groups]
-            h = torch.empty((len(rows), T, parts[0][1].shape[-1]), dtype=torch.bfloat16)
-            for at, x in parts:
-                h[torch.from_numpy(at)] = x
+            h = torch.empty((len(rows), T, self.manifest["d_model"]), dtype=torch.bfloat16)  # (B, T, d)
+            for s, at in groups:
+                keys = [f"hidden_L{layer}"] + ([f"hidden_L{layer}_scale"] if self.codec.hidden == "fp8" else [])
+                arrays = self.parts.arrays(s, keys)
+                for j, r in zip(at, rows[at] - s * self.shard_windows):  # a window at a time: its float32
+                    h[j] = read_hidden(arrays, layer, int(r), T, codec=self.codec)  # stays in the CPU's cache
             out.hidden[layer] = h
         if needs.logits:
             vals, idx, rest = [], [], []
@@ -494,10 +496,6 @@ class CachedTeacher:
 
     def _field(self, s: int, key: str) -> np.ndarray:
         return self.parts.field(s, key)
-
-    def _hidden(self, s: int, layer: int, local: np.ndarray, T: int) -> torch.Tensor:
-        keys = [f"hidden_L{layer}"] + ([f"hidden_L{layer}_scale"] if self.codec.hidden == "fp8" else [])
-        return read_hidden_rows(self.parts.arrays(s, keys), layer, local, T, codec=self.codec)
 
     def _logits(self, s: int, arrays: dict, r: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         slot_bits = self.manifest["shards"][s].get("slot_bits", 0)

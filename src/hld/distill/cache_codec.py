@@ -320,15 +320,6 @@ def read_logits(
     )
 
 
-def read_hidden_rows(arrays: dict, layer: int, rows: np.ndarray, T: int, *, codec: Codec) -> torch.Tensor:
-    """Rows `rows`' first T tokens of layer `layer` at once, (n, T, d) bfloat16 (the same values as
-    `read_hidden` row by row: both decodes are elementwise)."""
-    bits = np.asarray(arrays[f"hidden_L{layer}"][rows, :T])
-    if codec.hidden == "fp8":
-        return fp8_decode(bits, np.asarray(arrays[f"hidden_L{layer}_scale"][rows, :T])).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
-
-
 def read_hidden(arrays: dict, layer: int, r: int, T: int, *, codec: Codec) -> torch.Tensor:
     """Row r's first T tokens of layer `layer`, (T, d) bfloat16."""
     if codec.hidden == "fp8":
