@@ -138,7 +138,7 @@ def main(argv=None) -> None:
             old = line["row_by_row"]
             names = {"row_by_row": "row by row (format 3)", "read": "read, 1 thread"}
             for key, rate in line.items():
-                label = names.get(key, f"prefetch, {key.split('_')[1]} workers")
+                label = names[key] if key in names else f"prefetch, {key.split('_')[1]} workers"
                 rows.append([what, label, f"{rate:,.0f}", f"{rate / old:.2f}x", f"{rate / GPU_TOKENS_PER_S:.2f}"])
             for r in readers.values():
                 r.close()
