@@ -74,6 +74,7 @@ def timed_pass(fn, batches) -> float:
 
 def prefetched(t: CachedTeacher, batches, T: int, needs: Needs) -> float:
     """Tokens/s when every batch is asked for ahead (the pool decodes them all in parallel)."""
+    t._ahead = {}  # nothing decoded yet (a pass before left its results there)
     t0 = time.perf_counter()
     t.prefetch(batches, T, needs)
     futures = list(t._ahead.values())
