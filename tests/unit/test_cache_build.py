@@ -333,6 +333,9 @@ def test_reuse_verifies_first_and_rebuilds_a_damaged_cache(tmp_path, overrides):
     _flip(part)
     again = ensure_cache([cfg], tmp_path / "c", res, quiet=True)
     assert not again.get("reused") and _without_timing(again) == _without_timing(first)
+    hld = load_config("smoke", [*overrides, "objective.method=hld-joint", "budget.tokens=512"])
+    assert not ensure_cache([hld], tmp_path / "c", res, quiet=True).get("reused")  # kd's cache lacks layers
+    assert ensure_cache([cfg], tmp_path / "c", res, quiet=True)["reused"]  # hld's serves kd too
 
 
 def _flip(path, at=-10):
