@@ -40,7 +40,7 @@ from hld.errors import HldError
 FORMAT = "hld-teacher-cache"
 FORMAT_VERSION = 4  # 4: part files per field, per-shard records, lazy checksums (3: a .npy per shard and field)
 MAX_OPEN = 64  # part-file memory maps a reader keeps open at once (least recently used closed first)
-REBUILD = "rebuild it with `hld cache-teacher` (it resumes shard by shard)"
+REBUILD = "rerun its `hld cache-teacher` (it verifies a cache before reusing it and rebuilds a damaged one)"
 
 
 def part_name(index: int, count: int) -> str:
