@@ -329,6 +329,9 @@ def test_reuse_verifies_first_and_rebuilds_a_damaged_cache(tmp_path, overrides):
     res = Resources()
     first = ensure_cache([cfg], tmp_path / "c", res, quiet=True)
     assert ensure_cache([cfg], tmp_path / "c", res, quiet=True)["reused"]
+    res2 = Resources()  # a new process (a study cell): reuse checks the cache without the teacher's weights
+    res2.teacher = lambda *a: pytest.fail("the teacher's weights were loaded to reuse a complete cache")
+    assert ensure_cache([cfg], tmp_path / "c", res2, quiet=True)["reused"]
     part = tmp_path / "c" / "parts" / "p00000of00001.topk_values.bin"
     _flip(part)
     again = ensure_cache([cfg], tmp_path / "c", res, quiet=True)

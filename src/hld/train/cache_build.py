@@ -27,6 +27,7 @@ from hld.distill.cache_codec import Codec
 from hld.distill.cache_store import Parts, check_records, open_windows
 from hld.errors import HldError, sigterm_as_error
 from hld.flops import forward_flops_per_token
+from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.train.budget import sized_plan
 from hld.train.resources import Resources
 
@@ -85,9 +86,12 @@ def ensure_cache(
             )
     out = Path(out)
     check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
-    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
-    tok = loaded.tokenizer
-    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    # the teacher's shapes on the meta device and its weights' identity from their files: a cache that
+    # is already complete is checked and reused without loading the weights (every study cell does this)
+    source, teacher_id = resolve_model_dir(cfg.teacher.model)
+    shapes = meta_causal_lm(model_config(source))
+    tok = resources.tokenizer(cfg.teacher.model)
+    vocab = shapes.get_input_embeddings().weight.shape[0]
     if cfg.teacher.cache_top_k > vocab:
         raise HldError(
             f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
@@ -96,11 +100,11 @@ def ensure_cache(
     d = cfg.data
     windows = resources.train_windows(d, tok)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    sized = [sized_plan(c, loaded.model, tok) for c in cfgs]
+    sized = [sized_plan(c, shapes, tok) for c in cfgs]
     steps = max(n for _, n in sized)
     layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
     identity = cache_identity(
-        teacher=loaded.identity,
+        teacher=teacher_id,
         tokenizer=tok,
         seq_len=d.seq_len,
         train_windows=windows,
@@ -112,6 +116,9 @@ def ensure_cache(
     reused = reusable(out, identity, codec, ids)
     if reused is not None:
         return reused
+    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+    if loaded.identity != teacher_id:  # the weights changed on disk since their identity was taken
+        raise HldError(f"the teacher {cfg.teacher.model} changed while the cache was planned", "rerun the command")
     with sigterm_as_error(
         f"stopped by SIGTERM while building the teacher cache {out}; its committed shards are kept "
         f"(in {build_dir_of(out)})",
