@@ -79,7 +79,7 @@ def bytes_by_kind(manifest: dict, cache_dir: Path) -> dict:
     """Bytes on disk per array kind (tokens, topk_*, hidden_L<l>[_scale]; the codec is the config's)."""
     out: dict[str, int] = {}
     for f in manifest["files"]:
-        kind = re.sub(r"^shard-\d+\.|\.npy$", "", f)
+        kind = re.sub(r"^parts/p\d+of\d+\.|\.bin$", "", f)  # parts/<part>.<field>.bin
         out[kind] = out.get(kind, 0) + (cache_dir / f).stat().st_size
     return out
 

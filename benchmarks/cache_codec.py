@@ -65,7 +65,7 @@ def bytes_by_kind(cache: Path) -> dict:
     m = json.loads((cache / "manifest.json").read_text())
     out: dict[str, float] = {}
     for f in m["files"]:
-        kind = re.sub(r"^shard-\d+\.|\.npy$", "", f)
+        kind = re.sub(r"^parts/p\d+of\d+\.|\.bin$", "", f)  # parts/<part>.<field>.bin
         out[kind] = out.get(kind, 0) + (cache / f).stat().st_size / m["tokens"]
     return out
 

@@ -11,6 +11,7 @@
 # 4. step.py: paper-123m student, random Gemma-3-4B-shaped teacher, 4 x 2048 tokens, bf16:
 #    ours vs a naive HF step over the same models (tokens/s, peak memory, MFU);
 # 5. the anchor naive_hf_step.py (../shared/anchors, else the copy in benchmarks/) in the same run;
+#    5b. cache_read.py: the teacher cache's decode rate on the node's CPUs, 1/4/8 worker threads;
 # 6. a table of the two, with ratios (benchmarks/gpu_summary.py).
 # Logs and JSON go to $OUT/gpu_check (or a temporary folder when OUT is unset).
 set -uo pipefail
@@ -71,6 +72,12 @@ ANCHOR=../shared/anchors/naive_hf_step.py
 echo "anchor: $ANCHOR"
 TINY=$TINY $PY "$ANCHOR" 2>"$LOG/anchor.err" | tee "$LOG/anchor.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$LOG/anchor.err"; }
+
+step "5b. teacher cache read on this node's CPUs (decoded tokens/s vs the step rate of 4.)"
+CACHE_ARGS=(--workers 1 4 8 --repeats 3)
+[ "$TINY" = 1 ] && CACHE_ARGS=(--tiny --workers 1 2 --repeats 1)
+$PY benchmarks/cache_read.py "${CACHE_ARGS[@]}" --json 2>"$LOG/cache_read.err" | tee "$LOG/cache_read.log" | head -n -1
+[ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$LOG/cache_read.err"; }
 
 step "6. summary"
 $PY benchmarks/gpu_summary.py "$LOG/step.log" "$LOG/anchor.log" | tee "$LOG/summary.txt" || status=1

@@ -68,6 +68,12 @@ def _add_study(sub) -> None:
         help="train one cell (resumable; skipped when finished; under torchrun too)",
     )
     jobs.add_argument("--cache", default=None, metavar="GROUP", help="build one cache group's teacher cache")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="with --cache: build part I of N of it (a SLURM array task each; the last to finish assembles it)",
+    )
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
 
@@ -110,8 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("cache-teacher", help="run the teacher once and store its signals for a config's runs")
-    p.add_argument("--config", required=True, help="YAML file or preset name")
+    p.add_argument("--config", default=None, help="YAML file or preset name (required unless --verify)")
     p.add_argument("--out", required=True, help="cache directory to write (then pass teacher.cache=DIR)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="build part I of N (shards s with s %% N == I; a SLURM array task each); the last to finish "
+        "assembles the cache. Under torchrun each rank takes its part by itself",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="check every shard of the cache at --out against its checksums"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
@@ -209,10 +225,12 @@ def _single_process(command: str, cell: Optional[str] = None) -> None:
     every other command would run once per rank and race on its outputs."""
     from hld.distributed import launch_env
 
-    if command != "train" and not (command == "study" and cell) and launch_env()[0] > 1:
+    spread = command in ("train", "cache-teacher") or (command == "study" and cell)
+    if not spread and launch_env()[0] > 1:
         raise HldError(
             f"`hld {command}` runs on one process, but torchrun started {launch_env()[0]}",
-            "run it without torchrun (only `hld train` and `hld study --cell` run on several processes)",
+            "run it without torchrun (only `hld train`, `hld cache-teacher` and `hld study --cell` run on several "
+            "processes)",
         )
 
 

@@ -157,23 +157,42 @@ def cmd_export(args) -> dict:
 
 def cmd_cache_teacher(args) -> dict:
     from hld.config import load_config
-    from hld.train.cache_build import ensure_cache
+    from hld.distributed import launch_env
+    from hld.train.cache_build import ensure_cache, verify_cache
     from hld.train.resources import Resources
 
+    if args.verify:
+        return verify_cache(Path(args.out), quiet=args.quiet or args.json)
+    # the layers of the config's own arm (none for kd): `hld plan` sizes the same cache; a study or
+    # `hld run` builds one cache for all the arms that share it
+    if args.config is None:
+        raise HldError("hld cache-teacher needs --config (the config whose runs read the cache)", "add --config X")
     cfg = load_config(args.config, args.overrides)
-    if not cfg.objective.method.startswith("hld"):
-        # store the hidden layers an HLD run of the same config would match, so one cache serves all arms
-        cfg = load_config(args.config, list(args.overrides) + ["objective.method=hld-joint"])
-    m = ensure_cache([cfg], Path(args.out), Resources(), quiet=args.quiet or args.json)  # SIGTERM: one line
+    world, rank, _ = launch_env()
+    part = _shard_arg(args.shard) if args.shard else (rank, world)  # torchrun: each rank its shards
+    if args.shard and world > 1:
+        raise HldError("--shard and torchrun both split the build", "use one: --shard I/N per job, or torchrun")
+    m = ensure_cache([cfg], Path(args.out), Resources(), part=part, quiet=args.quiet or args.json)
+    if m.get("assembled") is False:
+        row = {"cache_dir": args.out, "assembled": False, "shards_done": m["shards_done"], "shards": m["shards"]}
+        if not args.json:
+            print(
+                f"teacher cache {args.out}: part {part[0]}/{part[1]} built; {m['shards_done']} of {m['shards']} "
+                "shards done (the last part to finish assembles the cache)"
+            )
+        return row
     row = {
         "cache_dir": args.out,
+        "assembled": True,
         "tokens": m["tokens"],
         "layers": m["identity"]["layers"],
         "top_k": m["identity"]["top_k"],
         "build_seconds": m.get("build_seconds"),
         "bytes": m.get("bytes"),
         "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
+        "files": len(m.get("files", {})) + 1,
         "build_flops": m.get("build_flops"),
+        "reused": bool(m.get("reused")),
     }
     if not args.json:
         print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
@@ -352,9 +371,14 @@ def _study_job(args) -> dict:
         if not args.json:
             print(jobs.format_jobs(listing))
         return listing
+    if args.shard and not args.cache:
+        raise HldError("--shard splits a cache build", "use it with --cache GROUP")
     if args.cache:
-        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet)
-        if not args.json:
+        part = _shard_arg(args.shard) if args.shard else (0, 1)
+        row = jobs.build_one_cache(args.config, out, args.cache, overrides=args.overrides, quiet=quiet, part=part)
+        if not args.json and row.get("assembled") is False:
+            print(f"cache {args.cache}: part {part[0]}/{part[1]} built; the last part to finish assembles it")
+        elif not args.json:
             print(
                 f"cache {args.cache}: {row['tokens']:,} tokens ({'reused' if row['reused'] else 'built'}) "
                 f"-> {row['dir']}"

@@ -97,6 +97,45 @@ def cache_bytes_per_token(cfg: RunConfig, *, layers: list[int], d_teacher: int, 
     return {"logits": logits, "hidden": float(hidden), "estimate": logits + hidden + 4, "bound": bound + hidden + 4}
 
 
+# assumed for the build-time estimate (docs/cache-format.md, Cost): the teacher's forward at 40% of an
+# H100's dense bf16 peak, and the CPU encode rates measured per core on the 2-core EPYC of
+# docs/performance.md (issue 20: compact top-128 logits ~57k tokens/s, fp8 ~59k tokens/s per layer)
+BUILD_TEACHER_FLOPS_PER_S = 0.4 * 989e12
+ENCODE_LOGITS_TOKENS_PER_S, ENCODE_LAYER_TOKENS_PER_S = 57_000, 59_000
+
+
+def cache_costs(cfg: RunConfig, *, layers: list[int], teacher: CausalLM, tokens: float, world_size: int) -> dict:
+    """What building and reading the cache costs besides its bytes: files on disk (fields x build parts
+    + a record log per part + manifest, windows index, stamps), the build's hours (the teacher's forward
+    at BUILD_TEACHER_FLOPS_PER_S, plus the CPU encode, per process, over `world_size` processes), and
+    host RAM per process: a reader's prefetched micro-batches (this step's and the next step's decoded
+    signals) and a builder's held shard (compact logits wait for their shard's slot width)."""
+    from hld.distill.cache_codec import field_specs
+    from hld.flops import forward_flops_per_token
+
+    t, T, k = cfg.teacher, cfg.data.seq_len, cfg.teacher.cache_top_k
+    d = text_config(teacher.config).hidden_size
+    codec = Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+    fields = len(field_specs(codec, layers, T=T, k=k, d_model=d, slot_bits=1))
+    forward_s = tokens * forward_flops_per_token(teacher, T) / BUILD_TEACHER_FLOPS_PER_S
+    encode_s = tokens * (
+        (1 / ENCODE_LOGITS_TOKENS_PER_S) * (k / 128 if codec.logits == "compact" else 0.1)
+        + len(layers) / ENCODE_LAYER_TOKENS_PER_S
+    )
+    decoded = 4 + k * (4 + 8 if codec.logits == "compact" else 2 + 4) + 4 + len(layers) * 2 * d  # per token
+    local = cfg.train.batch_size // world_size
+    shard_windows = 256  # build_cache's
+    return {
+        "files": fields * world_size + world_size + 3,
+        "build_hours": (forward_s + encode_s) / world_size / 3600,
+        "build_hours_teacher": forward_s / world_size / 3600,
+        "build_parts": world_size,
+        "host_ram_read_bytes": 2 * local * T * decoded,
+        "host_ram_build_bytes": shard_windows * T * (k * 8 + 4) * (2 if codec.logits == "compact" else 0)
+        + 8 * T * len(layers) * d * 4,
+    }
+
+
 def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -209,7 +248,9 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
             "tokens": windows * cfg.data.seq_len,
             "bytes": per["estimate"] * windows * cfg.data.seq_len,
             "bytes_bound": per["bound"] * windows * cfg.data.seq_len,
-        }
+        } | cache_costs(
+            cfg, layers=layers, teacher=teacher_lm, tokens=windows * cfg.data.seq_len, world_size=world_size
+        )
     row["data"] = data_plan(cfg, windows=run["steps"] * cfg.train.batch_size)
     row["parallel"], row["world_size"] = cfg.train.parallel, world_size
     row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
@@ -367,7 +408,9 @@ def format_run(row: dict) -> list[str]:
         out.append(
             f"  cache ({c['codec']} logits top-{c['top_k']}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
             f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
-            f"~{_bytes(c['bytes'])}"
+            f"~{_bytes(c['bytes'])}; {c['files']} files; build ~{c['build_hours']:.3g} h on {c['build_parts']} "
+            f"GPU(s) (teacher {c['build_hours_teacher']:.3g} h); host RAM per process "
+            f"~{_bytes(c['host_ram_read_bytes'])} reading, ~{_bytes(c['host_ram_build_bytes'])} building"
         )
     out.append(_format_data(row["data"]))
     m = row["memory_bytes"]

@@ -158,7 +158,7 @@ def test_cache_built_for_another_packing(tmp_path, capsys, cache_dir):
 
 
 def test_corrupt_cache_shard(tmp_path, capsys, cache_dir):
-    shard = next(cache_dir.glob("shard-*.topk_values.npy"))
+    shard = next((cache_dir / "parts").glob("*.topk_values.bin"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))

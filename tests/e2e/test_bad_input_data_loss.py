@@ -76,7 +76,8 @@ def built_cache(tmp_path, capsys) -> Path:
 
 def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, built_cache):
     """SIGTERM in the middle of a rebuild (a larger budget needs more windows): one line, the old
-    cache byte for byte, no temporary directory left."""
+    cache byte for byte, no temporary directory left; the new build's directory waits to be resumed
+    (with no uncommitted shard: SIGTERM came in the first), and the rerun finishes it."""
     from hld.distill import cache
 
     before = _snapshot(built_cache)
@@ -89,8 +90,12 @@ def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bu
     monkeypatch.setattr(cache, "_topk_rows", topk_then_sigterm)
     _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "stopped by SIGTERM")
     assert _snapshot(built_cache) == before
-    assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.glob(".cache.*")) == [".cache.build", ".cache.lock"]
+    assert not list((tmp_path / ".cache.build" / "parts").glob("*.records.jsonl"))  # no shard committed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    monkeypatch.setattr(cache, "_topk_rows", real)
+    assert main(_cache_argv(built_cache, "budget.tokens=2048")) == 0
+    assert sorted(p.name for p in tmp_path.glob(".cache.*")) == [".cache.lock"]  # the lock file stays
 
 
 def test_a_failed_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, built_cache):
@@ -105,7 +110,7 @@ def test_a_failed_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bui
     line = _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "No space left on device")
     assert "free disk space" in line
     assert _snapshot(built_cache) == before
-    assert not list(tmp_path.glob(".cache.*"))
+    assert not list(tmp_path.glob(".cache.tmp-*"))
 
 
 def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, capsys, built_cache):
@@ -116,7 +121,7 @@ def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, 
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["tokens"] >= 1024
     assert json.loads((built_cache / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
-    assert not list(tmp_path.glob(".cache.*")), list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.glob(".cache.*")] == [".cache.lock"], list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- hld export

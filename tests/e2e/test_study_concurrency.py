@@ -105,7 +105,7 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
     )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "STALLED", p.stderr.read() if p.stderr else ""
-    tmp = list((out / "caches").glob(f".{group}.tmp-*"))
+    tmp = list((out / "caches").glob(f".{group}.build"))
     assert len(tmp) == 1 and (tmp[0] / "manifest.json").is_file()  # fully written, not yet renamed
     with file_lock(lock, wait=False) as got:
         assert not got  # the builder holds the group's lock
@@ -123,7 +123,7 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
         rows.append(json.loads(stdout.strip().splitlines()[-1]))
     assert sorted(r["reused"] for r in rows) == [False, True]
     assert (cache_dir / "manifest.json").is_file()
-    assert not list((out / "caches").glob(f".{group}.tmp-*"))
+    assert not list((out / "caches").glob(f".{group}.build"))  # assembled by the first, reused by the other
 
 
 def test_a_held_cell_waits_and_a_matched_cell_names_its_match(tmp_path, hld_cache_dir, capsys):
@@ -148,3 +148,20 @@ def test_a_held_cell_waits_and_a_matched_cell_names_its_match(tmp_path, hld_cach
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "trained"
     assert main([*STUDY, "--out", str(out), "--cell", kd, "--json"]) == 0  # finished: skipped
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "done"
+
+
+def test_a_cache_group_built_in_parts_equals_one_build(tmp_path, capsys):
+    """`hld study --cache GROUP --shard I/N` (the sbatch's CACHE_PARTS array): the parts build at once
+    without the group lock, the last one assembles, and the cells then read a cache equal to one build."""
+    one, parts = tmp_path / "one", tmp_path / "parts"
+    assert main([*STUDY, "--out", str(one), "--list", "--json"]) == 0
+    group = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["caches"][0]["group"]
+    assert main([*STUDY, "--out", str(one), "--cache", group, "--json"]) == 0
+    rows = []
+    for i in range(2):
+        assert main([*STUDY, "--out", str(parts), "--cache", group, "--shard", f"{i}/2", "--json"]) == 0
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert rows[-1]["tokens"] == json.loads((one / "caches" / group / "manifest.json").read_text())["tokens"]
+    a, b = (json.loads((d / "caches" / group / "manifest.json").read_text()) for d in (one, parts))
+    assert [r["rows"] for r in a["shards"]] == [r["rows"] for r in b["shards"]] and a["identity"] == b["identity"]
+    assert "caches" in json.loads((parts / "study.json").read_text())  # recorded by the assembling part

@@ -184,7 +184,8 @@ def test_a_finished_cell_with_another_config_is_refused(study, tmp_path, capsys)
 
 def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tmp_path, capsys, monkeypatch):
     """A study stopped (SIGTERM: a scheduler, `kill`) while it builds a teacher cache: exit 2 with one
-    line naming the cache and the way on, no temporary cache directory left; the rerun completes."""
+    line naming the cache and the way on, no temporary cache directory left (the build's directory
+    waits for the rerun, which completes it)."""
     import os
     import signal
 
@@ -203,7 +204,10 @@ def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hld: error: stopped by SIGTERM while building the teacher cache"), err
     assert "rerun the same command" in err[0]
-    assert not [p for p in (out / "caches").iterdir() if p.name.startswith(".")]
+    # no temporary directory: the build's own (resumed by the rerun) and its lock file
+    left = sorted(p.name.rsplit(".", 1)[-1] for p in (out / "caches").iterdir() if p.name.startswith("."))
+    assert left == ["build", "lock"]
     monkeypatch.setattr(cache, "_topk_rows", real)
     assert main(args) == 0
     assert len(list((out / "runs").glob("*/summary.json"))) == 1
+    assert [p.suffix for p in (out / "caches").iterdir() if p.name.startswith(".")] == [".lock"]

@@ -210,3 +210,30 @@ def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatc
     lines = _metrics(run)
     assert [m["skipped"] for m in lines][-5:] == [True] * 5
     assert not (run / "student").exists() and not (run / "summary.json").exists()
+
+
+def test_torchrun_cache_teacher_equals_one_process(tmp_path, hld_cache_dir):
+    """`torchrun --nproc-per-node 2 -m hld cache-teacher`: each rank builds its shards (s % 2 == rank),
+    the last to finish assembles; the arrays are the bytes of a one-process build."""
+    over = [*tiny_overrides(), "budget.tokens=20000", "objective.method=hld-joint"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = launch(
+        ["cache-teacher", "--config", "smoke", "--out", str(two), *over, "--quiet"],
+        cache_dir=hld_cache_dir,
+        module=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(["cache-teacher", "--config", "smoke", "--out", str(one), *over, "--quiet"]) == 0
+
+    def arrays(d: Path) -> dict:
+        m = json.loads((d / "manifest.json").read_text())
+        out = {}
+        for rec in m["shards"]:
+            for key, f in rec["fields"].items():
+                raw = (d / "parts" / f"{rec['part']}.{key}.bin").read_bytes()
+                out[(rec["shard"], key)] = raw[f["offset"] : f["offset"] + f["nbytes"]]
+        return out
+
+    m = json.loads((two / "manifest.json").read_text())
+    assert {r["part"] for r in m["shards"]} == {"p00000of00002", "p00001of00002"}  # both ranks built
+    assert arrays(two) == arrays(one)

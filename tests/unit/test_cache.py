@@ -3,6 +3,7 @@ cache that does not match the run, or is damaged, is refused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -115,16 +116,21 @@ def test_manifest_mismatch_is_refused(tmp_path, overrides):
         )
 
 
-def test_corrupt_or_truncated_shard_is_refused(tmp_path, overrides):
+def _flip(path, at=-10):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_or_truncated_shard_is_refused_before_its_first_use(tmp_path, overrides):
     cfg = _cache(tmp_path, overrides)
-    shard = sorted((tmp_path / "cache").glob("*.topk_values.npy"))[0]
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(HldError, match="corrupt"):
-        _open(cfg, tmp_path / "cache")
-    shard.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(HldError, match="corrupt|truncated"):
+    part = tmp_path / "cache" / "parts" / "p00000of00001.topk_values.bin"
+    _flip(part)
+    s = _open(cfg, tmp_path / "cache")  # opening reads no data: the checksum is checked on first read
+    with pytest.raises(HldError, match=r"cache shard 0 \(topk_values.*is corrupt \(checksum mismatch\)"):
+        s.teacher(s.order.batch(0), s.plan.needs)
+    part.write_bytes(part.read_bytes()[:-100])
+    with pytest.raises(HldError, match="topk_values.bin is .* bytes, its manifest says"):
         _open(cfg, tmp_path / "cache")
 
 
@@ -141,10 +147,14 @@ def test_manifest_records_identity_and_checksums(tmp_path, overrides):
     _cache(tmp_path, overrides, EXACT)
     m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert m["identity"]["teacher"].startswith("dir:") and m["identity"]["seq_len"] == 32
-    assert all(len(v) == 64 for v in m["files"].values())
     assert m["tokens"] == m["n_windows"] * 32
-    arr = np.load(tmp_path / "cache" / "shard-00000.topk_indices.npy")
-    assert arr.dtype == np.int32 and (arr >= 0).all() and (arr < 512).all()
+    for rec in m["shards"]:
+        assert all(len(f["sha256"]) == 64 for f in rec["fields"].values())
+    f = m["shards"][0]["fields"]["topk_indices"]
+    raw = (tmp_path / "cache" / "parts" / "p00000of00001.topk_indices.bin").read_bytes()
+    arr = np.frombuffer(raw[f["offset"] : f["offset"] + f["nbytes"]], np.int32)
+    assert arr.size == m["n_windows"] * 32 * 64 and (arr >= 0).all() and (arr < 512).all()
+    assert hashlib.sha256(raw[f["offset"] : f["offset"] + f["nbytes"]]).hexdigest() == f["sha256"]
 
 
 def test_cached_top_k_keeps_the_teachers_remaining_mass(tmp_path, overrides):

@@ -140,6 +140,22 @@ def test_fp8_hidden_round_trip_within_e4m3_rounding():
     assert ((back - h).abs() / h.abs()).max() > 2**-6  # the bound is not vacuous: fp8 is lossy
 
 
+def test_fp8_table_decode_is_the_float8_conversion_bit_for_bit():
+    """Every one of the 256 e4m3 patterns, times scales of every size: the table lookup gives torch's
+    float8 -> float32 conversion times the scale exactly (NaN patterns included), and the e4m3 values
+    by hand: (-1)^s 2^(e-7) (1 + m/8), subnormals 2^-6 m/8."""
+    bits = np.tile(np.arange(256, dtype=np.uint8), (5, 1))  # (5, 256)
+    scale = np.array([1.0, 3e-7, 0.37, 1e5, 2.0**-30], dtype=np.float32)
+    want = torch.from_numpy(bits.copy()).view(torch.float8_e4m3fn).float() * torch.from_numpy(scale)[:, None]
+    got = fp8_decode(bits, scale)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    sgn, e, m = bits[0] >> 7, (bits[0] >> 3) & 15, bits[0] & 7
+    by_hand = np.where(e > 0, 2.0 ** (e.astype(np.float64) - 7) * (1 + m / 8), 2.0**-6 * m / 8) * (-1.0) ** sgn
+    nan = (bits[0] & 0x7F) == 0x7F
+    np.testing.assert_array_equal(got[0].numpy()[~nan], by_hand[~nan])
+    assert got[0].isnan().numpy()[nan].all()
+
+
 # ------------------------------------------------------------------------------------ caches on disk
 
 
@@ -157,9 +173,10 @@ def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, override
     _cache(tmp_path / "a", overrides, "teacher.cache_codec=exact", "teacher.cache_hidden_dtype=bfloat16")
     _cache(tmp_path / "b", overrides)  # the defaults: compact, fp8
     m = json.loads((tmp_path / "b" / "cache" / "manifest.json").read_text())
-    assert m["format_version"] == 3 and m["codec"]["logits"] == "compact" and m["codec"]["hidden"] == "fp8"
+    assert m["format_version"] == 4 and m["codec"]["logits"] == "compact" and m["codec"]["hidden"] == "fp8"
     assert m["codec"]["index_bits"] == 9  # the tiny vocabulary of 512
-    size = lambda d, part: sum(f.stat().st_size for f in (tmp_path / d / "cache").glob(f"*.{part}*.npy"))
+    parts = lambda d: tmp_path / d / "cache" / "parts"  # noqa: E731
+    size = lambda d, part: sum(f.stat().st_size for f in parts(d).glob(f"*.{part}*.bin"))  # noqa: E731
     assert size("b", "topk") < 0.5 * size("a", "topk") and size("b", "hidden") < 0.6 * size("a", "hidden")
     a, b = _open(overrides, tmp_path / "a" / "cache"), _open(overrides, tmp_path / "b" / "cache")
     batch = a.order.batch(1)
@@ -179,53 +196,51 @@ def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, override
 @pytest.mark.parametrize("part", ["topk_indices", "topk_exceptions", "topk_values", "hidden_L2_scale"])
 def test_damaged_compact_shard_is_refused(tmp_path, overrides, part):
     _cache(tmp_path, overrides)
-    shard = sorted((tmp_path / "cache").glob(f"*.{part}.npy"))[0]
+    shard = tmp_path / "cache" / "parts" / f"p00000of00001.{part}.bin"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(HldError, match="corrupt"):
-        _open(overrides, tmp_path / "cache")
+    with pytest.raises(HldError, match="corrupt"):  # at the run's first read (HLD's fit reads layers at build)
+        s = _open(overrides, tmp_path / "cache")
+        s.teacher(s.order.batch(0), s.plan.needs)
     shard.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(HldError, match="corrupt|truncated"):
+    with pytest.raises(HldError, match="truncated or replaced"):
         _open(overrides, tmp_path / "cache")
 
 
 def test_truncated_compact_arrays_with_matching_checksums_are_refused(tmp_path, overrides):
-    """A shard whose arrays are shorter than the manifest says (checksums rewritten to match) fails on
+    """A shard whose exception offsets point past its exceptions (checksums rewritten to match) fails on
     read with the one-line error, not an IndexError."""
-    from hld.fingerprint import file_sha256
+    import hashlib
 
     _cache(tmp_path, overrides)
-    path = sorted((tmp_path / "cache").glob("*.topk_indices.npy"))[0]
-    np.save(path, np.load(path)[:, :7])
-    m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    m["files"][path.name] = file_sha256(path)
-    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(m))
+    path = tmp_path / "cache" / "manifest.json"
+    m = json.loads(path.read_text())
+    f = m["shards"][0]["fields"]["topk_exception_offsets"]
+    part = tmp_path / "cache" / "parts" / "p00000of00001.topk_exception_offsets.bin"
+    data = bytearray(part.read_bytes())
+    offsets = np.frombuffer(bytes(data[f["offset"] : f["offset"] + f["nbytes"]]), np.int64).copy()
+    offsets[1:] += 10**6  # past the exceptions' end
+    data[f["offset"] : f["offset"] + f["nbytes"]] = offsets.tobytes()
+    part.write_bytes(bytes(data))
+    f["sha256"] = hashlib.sha256(offsets.tobytes()).hexdigest()
+    path.write_text(json.dumps(m))
     s = _open(overrides, tmp_path / "cache")
     with pytest.raises(HldError, match="truncated or unreadable"):
         s.teacher(s.order.batch(0), s.plan.needs)
 
 
-def test_format_2_cache_is_still_read_and_format_1_and_unknown_codecs_refused(tmp_path, overrides):
-    """A format 2 cache (exact arrays, no `codec` in its manifest, its dtypes named instead) reads as
-    exact; format 1 and a codec this hld does not know are refused."""
+def test_older_formats_and_unknown_codecs_are_refused(tmp_path, overrides):
+    """Formats 1-3 (a .npy per shard and field) and a codec this hld does not know: rebuild."""
     _cache(tmp_path, overrides, "teacher.cache_codec=exact", "teacher.cache_hidden_dtype=bfloat16")
     path = tmp_path / "cache" / "manifest.json"
-    v3 = json.loads(path.read_text())
-    v2 = {key: val for key, val in v3.items() if key != "codec"} | {
-        "format_version": 2,
-        "value_dtype": "float16",
-        "index_dtype": "int32",
-        "rest_dtype": "float32",
-        "hidden_dtype": "bfloat16",
-    }
-    path.write_text(json.dumps(v2))
-    s = _open(overrides, tmp_path / "cache")
-    sig = s.teacher(s.order.batch(0), s.plan.needs)
-    assert sig.topk_values.dtype == torch.float16 and sig.topk_indices.dtype == torch.int32
-    path.write_text(json.dumps(v2 | {"format_version": 1}))
+    v4 = json.loads(path.read_text())
+    path.write_text(json.dumps(v4 | {"format_version": 3}))
+    with pytest.raises(HldError, match="format 3.*rebuild it with `hld cache-teacher`"):
+        _open(overrides, tmp_path / "cache")
+    path.write_text(json.dumps(v4 | {"format_version": 1}))
     with pytest.raises(HldError, match="without a leading BOS"):
         _open(overrides, tmp_path / "cache")
-    path.write_text(json.dumps(v3 | {"codec": v3["codec"] | {"logits": "zstd"}}))
+    path.write_text(json.dumps(v4 | {"codec": v4["codec"] | {"logits": "zstd"}}))
     with pytest.raises(HldError, match="codec this hld does not know"):
         _open(overrides, tmp_path / "cache")

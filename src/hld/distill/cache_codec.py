@@ -24,9 +24,9 @@ Hidden states (`teacher.cache_hidden_dtype`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,11 +47,6 @@ class Codec:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def codec_from_manifest(manifest: dict) -> Codec:
-    """Format 2 caches have no `codec` entry: they are exact, bf16."""
-    return Codec(**manifest["codec"]) if "codec" in manifest else Codec()
 
 
 # ------------------------------------------------------------------------------------ bit packing
@@ -195,10 +190,15 @@ def fp8_encode(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return q.view(torch.uint8).numpy(), s.squeeze(-1).numpy()
 
 
+# every e4m3 bit pattern's value (each exact in float32; the two NaN patterns NaN)
+FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
 def fp8_decode(bits: np.ndarray, scale: np.ndarray) -> torch.Tensor:
-    """Inverse of `fp8_encode`, as float32."""
-    q = torch.from_numpy(np.array(bits, dtype=np.uint8)).view(torch.float8_e4m3fn).float()
-    return q * torch.from_numpy(np.array(scale, dtype=np.float32))[..., None]
+    """Inverse of `fp8_encode`, as float32: a table lookup then the row's scale (the same floats as
+    torch's float8 -> float32 conversion times the scale, ~3x faster on a CPU)."""
+    q = torch.from_numpy(np.take(FP8_VALUES, np.asarray(bits, dtype=np.uint8)))
+    return q.mul_(torch.from_numpy(np.array(scale, dtype=np.float32))[..., None])
 
 
 def bf16_bits(t: torch.Tensor) -> np.ndarray:
@@ -208,80 +208,97 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------ one shard
 
 
-class ShardWriter:
-    """Writes one shard's arrays: `put` a batch of rows at a time, `finish` returns the file keys.
-    Exact arrays and hidden states go straight into memory-mapped .npy files; compact logits are
-    held for the shard (its slot width depends on all its gaps) and encoded at `finish`."""
-
-    def __init__(self, d: Path, name: str, *, n: int, T: int, k: int, layers: list, d_model: int, codec: Codec) -> None:
-        self.d, self.name, self.codec, self.n, self.T, self.k = Path(d), name, codec, n, T, k
-        self.arrays: dict[str, Any] = {"tokens": self._mk("tokens", (n, T), np.int32)}
-        if codec.logits == "exact":
-            self.arrays |= {
-                "topk_values": self._mk("topk_values", (n, T, k), np.float16),
-                "topk_indices": self._mk("topk_indices", (n, T, k), np.int32),
-                "topk_rest": self._mk("topk_rest", (n, T), np.float32),
-            }
+def field_specs(codec: Codec, layers: list, *, T: int, k: int, d_model: int, slot_bits: Optional[int]) -> dict:
+    """The arrays of one shard of `rows` windows: key -> (dtype, shape after the row axis). Two keys are
+    not per row: `topk_exceptions` (a flat byte run, shape None) and `topk_exception_offsets` (rows + 1
+    int64 offsets into it, shape ())."""
+    specs: dict[str, tuple[np.dtype, Optional[tuple]]] = {"tokens": (np.dtype(np.int32), (T,))}
+    if codec.logits == "exact":
+        specs |= {
+            "topk_values": (np.dtype(np.float16), (T, k)),
+            "topk_indices": (np.dtype(np.int32), (T, k)),
+            "topk_rest": (np.dtype(np.float32), (T,)),
+        }
+    else:
+        specs |= {
+            "topk_values": (np.dtype(np.uint8), ((T * k * codec.value_bits + 7) // 8,)),
+            "topk_indices": (np.dtype(np.uint8), ((T * k * (slot_bits or 0) + 7) // 8,)),
+            "topk_exceptions": (np.dtype(np.uint8), None),
+            "topk_exception_offsets": (np.dtype(np.int64), ()),
+            "topk_scale": (np.dtype(np.float16), (T,)),
+            "topk_rest": (np.dtype(np.float32), (T,)),
+        }
+    for layer in layers:
+        if codec.hidden == "fp8":
+            specs[f"hidden_L{layer}"] = (np.dtype(np.uint8), (T, d_model))
+            specs[f"hidden_L{layer}_scale"] = (np.dtype(np.float32), (T,))
         else:
+            specs[f"hidden_L{layer}"] = (np.dtype(np.uint16), (T, d_model))
+    return specs
+
+
+class ShardWriter:
+    """Encodes one shard's arrays: `put` a batch of rows at a time (in row order), `finish` at the end.
+    Every encoded array goes to `sink(key, rows)` as it is made, in row order per key: tokens, exact
+    arrays and hidden states batch by batch; compact logits are held for the shard (its slot width
+    depends on all its gaps) and encoded at `finish`."""
+
+    def __init__(
+        self, sink: Callable[[str, np.ndarray], None], *, n: int, T: int, k: int, layers: list, codec: Codec
+    ) -> None:
+        self.sink, self.codec, self.n, self.T, self.k, self.layers = sink, codec, n, T, k, list(layers)
+        if codec.logits == "compact":
             self.held = (np.zeros((n, T, k), np.float32), np.zeros((n, T, k), np.int32), np.zeros((n, T), np.float32))
-        for layer in layers:
-            if codec.hidden == "fp8":
-                self.arrays[f"hidden_L{layer}"] = self._mk(f"hidden_L{layer}", (n, T, d_model), np.uint8)
-                self.arrays[f"hidden_L{layer}_scale"] = self._mk(f"hidden_L{layer}_scale", (n, T), np.float32)
-            else:
-                self.arrays[f"hidden_L{layer}"] = self._mk(f"hidden_L{layer}", (n, T, d_model), np.uint16)
         self.slot_bits: int | None = None
 
-    def _mk(self, key: str, shape: tuple, dtype) -> np.ndarray:
-        return np.lib.format.open_memmap(self.d / f"{self.name}.{key}.npy", mode="w+", dtype=dtype, shape=shape)
-
     def put(
-        self, b: int, *, vals: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor, hidden: dict[int, torch.Tensor]
+        self,
+        b: int,
+        *,
+        tokens: np.ndarray,
+        vals: torch.Tensor,
+        idx: torch.Tensor,
+        rest: torch.Tensor,
+        hidden: dict[int, torch.Tensor],
     ) -> None:
-        """Rows b.. of the shard: vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d)."""
+        """Rows b.. of the shard: tokens (n, T), vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d)."""
         n = vals.shape[0]
+        self.sink("tokens", np.asarray(tokens, dtype=np.int32))
         if self.codec.logits == "exact":
-            self.arrays["topk_values"][b : b + n] = vals.numpy().astype(np.float16)
-            self.arrays["topk_indices"][b : b + n] = idx.numpy().astype(np.int32)
-            self.arrays["topk_rest"][b : b + n] = rest.numpy().astype(np.float32)
+            self.sink("topk_values", vals.numpy().astype(np.float16))
+            self.sink("topk_indices", idx.numpy().astype(np.int32))
+            self.sink("topk_rest", rest.numpy().astype(np.float32))
         else:
             for held, x in zip(self.held, (vals, idx, rest)):
                 held[b : b + n] = x.numpy()
-        for layer, h in hidden.items():
+        for layer in self.layers:
+            h = hidden[layer]
             if self.codec.hidden == "fp8":
-                self.arrays[f"hidden_L{layer}"][b : b + n], self.arrays[f"hidden_L{layer}_scale"][b : b + n] = (
-                    fp8_encode(h)
-                )
+                bits, scale = fp8_encode(h)
+                self.sink(f"hidden_L{layer}", bits)
+                self.sink(f"hidden_L{layer}_scale", scale)
             else:
-                self.arrays[f"hidden_L{layer}"][b : b + n] = bf16_bits(h)
+                self.sink(f"hidden_L{layer}", bf16_bits(h))
 
-    def finish(self) -> list[str]:
-        """Flush, write the compact logit arrays, and return the keys of every file written."""
-        for arr in self.arrays.values():
-            arr.flush()
-        keys = list(self.arrays)
-        if self.codec.logits == "compact":
-            vals, idx, rest = self.held
-            self.slot_bits = best_slot_bits(
-                gaps_of(np.sort(idx.reshape(-1, self.k).astype(np.int64), 1)), self.codec.index_bits
-            )
-            wins = [
-                encode_window(vals[i], idx[i], rest[i], codec=self.codec, slot_bits=self.slot_bits)
-                for i in range(self.n)
-            ]
-            offsets = np.cumsum([0] + [len(w.exceptions) for w in wins]).astype(np.int64)
-            out = {
-                "topk_values": np.stack([w.values for w in wins]),
-                "topk_indices": np.stack([w.gaps for w in wins]),
-                "topk_exceptions": np.concatenate([w.exceptions for w in wins] + [np.zeros(0, np.uint8)]),
-                "topk_exception_offsets": offsets,
-                "topk_scale": np.stack([w.scale for w in wins]),
-                "topk_rest": np.stack([w.rest for w in wins]),
-            }
-            for key, arr in out.items():
-                np.save(self.d / f"{self.name}.{key}.npy", arr)
-            keys += list(out)
-        return keys
+    def finish(self) -> Optional[int]:
+        """Encode the compact logit arrays (if held) into the sink; returns the shard's slot width."""
+        if self.codec.logits != "compact":
+            return None
+        vals, idx, rest = self.held
+        self.slot_bits = best_slot_bits(
+            gaps_of(np.sort(idx.reshape(-1, self.k).astype(np.int64), 1)), self.codec.index_bits
+        )
+        wins = [
+            encode_window(vals[i], idx[i], rest[i], codec=self.codec, slot_bits=self.slot_bits) for i in range(self.n)
+        ]
+        offsets = np.cumsum([0] + [len(w.exceptions) for w in wins]).astype(np.int64)
+        self.sink("topk_values", np.stack([w.values for w in wins]))
+        self.sink("topk_indices", np.stack([w.gaps for w in wins]))
+        self.sink("topk_exceptions", np.concatenate([w.exceptions for w in wins] + [np.zeros(0, np.uint8)]))
+        self.sink("topk_exception_offsets", offsets)
+        self.sink("topk_scale", np.stack([w.scale for w in wins]))
+        self.sink("topk_rest", np.stack([w.rest for w in wins]))
+        return self.slot_bits
 
 
 def read_logits(

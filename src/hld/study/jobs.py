@@ -113,9 +113,15 @@ def run_one_cell(
 
 
 def build_one_cache(
-    study_cfg: str, out_dir: Optional[Path], group: str, *, overrides: Optional[list[str]] = None, quiet: bool = False
+    study_cfg: str,
+    out_dir: Optional[Path],
+    group: str,
+    *,
+    overrides: Optional[list[str]] = None,
+    quiet: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> dict:
-    """`hld study --cache GROUP`: build (or reuse) one group's teacher cache."""
+    """`hld study --cache GROUP [--shard I/N]`: build (or reuse) one group's teacher cache, or part I of N."""
     from hld.train.resources import Resources
 
     _, out, planned = open_study(study_cfg, out_dir, overrides=overrides)
@@ -125,7 +131,7 @@ def build_one_cache(
             f"the study has no cache group {group!r}",
             f"use one of {', '.join(groups) or '(none: no cell reads a cache)'} (hld study --list)",
         )
-    return {"group": group, **group_cache(planned, group, out, Resources(), quiet)}
+    return {"group": group, **group_cache(planned, group, out, Resources(), quiet, part=part)}
 
 
 def _entry(planned: list[Planned], cell_id: str) -> Planned:

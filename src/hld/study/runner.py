@@ -232,12 +232,20 @@ def run_cell(
         return "trained", summary, _downstream(study, cfg, run_dir, resources, quiet) if main else {}
 
 
-def group_cache(planned: list[Planned], group: str, out: Path, resources, quiet: bool) -> dict:
+def group_cache(
+    planned: list[Planned], group: str, out: Path, resources, quiet: bool, *, part: tuple[int, int] = (0, 1)
+) -> dict:
     """Build (or reuse) a group's cache under its lock: the first process builds it, the others wait
     and then find it complete. The record goes into study.json (a build's record is never replaced by a
-    later process's reuse of it)."""
-    with file_lock(out / "locks" / "caches" / f"{group}.lock"):
-        record = _ensure_group_cache(planned, group, out, resources, quiet)
+    later process's reuse of it). Part I of N of a build (`--shard`) takes no group lock (the parts run
+    at once; the cache's own locks keep them apart) and is recorded only by the part that assembles it."""
+    if part[1] > 1:
+        record = _ensure_group_cache(planned, group, out, resources, quiet, part=part)
+        if record.get("assembled") is False:
+            return record
+    else:
+        with file_lock(out / "locks" / "caches" / f"{group}.lock"):
+            record = _ensure_group_cache(planned, group, out, resources, quiet)
 
     def keep(meta: dict) -> None:
         caches = meta.setdefault("caches", {})
@@ -366,13 +374,17 @@ def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     return True
 
 
-def _ensure_group_cache(planned: list, group: str, out: Path, resources, quiet: bool) -> dict:
+def _ensure_group_cache(
+    planned: list, group: str, out: Path, resources, quiet: bool, *, part: tuple[int, int] = (0, 1)
+) -> dict:
     """Build (or reuse) the group's cache from the configs of all its cells, finished or not, so a
     resumed study reads the same cache as an uninterrupted one."""
     from hld.train.cache_build import ensure_cache
 
     cfgs = [cell_config_without_cache(cfg) for _, cfg, g in planned if g == group]
-    m = ensure_cache(cfgs, out / "caches" / group, resources, quiet=quiet)
+    m = ensure_cache(cfgs, out / "caches" / group, resources, quiet=quiet, part=part)
+    if m.get("assembled") is False:
+        return {"dir": f"caches/{group}", "assembled": False, "shards_done": m["shards_done"], "shards": m["shards"]}
     return {
         "dir": f"caches/{group}",
         "tokens": m.get("tokens"),

@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
 from hld.data.tokenize import require_stores
-from hld.distill.cache import CachedTeacher, build_cache, cache_identity, check_out_dir
-from hld.distill.cache_codec import Codec, codec_from_manifest
+from hld.distill.cache import (
+    CachedTeacher,
+    build_cache,
+    build_dir_of,
+    build_progress,
+    cache_identity,
+    check_out_dir,
+    is_cache,
+    read_manifest,
+)
+from hld.distill.cache_codec import Codec
+from hld.distill.cache_store import Parts, check_records, open_windows
 from hld.errors import HldError, sigterm_as_error
 from hld.flops import forward_flops_per_token
+from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.train.budget import sized_plan
 from hld.train.resources import Resources
 
@@ -51,9 +64,18 @@ def codec_of(cfg: RunConfig) -> Codec:
     return Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
 
 
-def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, quiet: bool = False) -> dict:
+def ensure_cache(
+    cfgs: Iterable[RunConfig],
+    out: Path,
+    resources: Resources,
+    *,
+    part: tuple[int, int] = (0, 1),
+    quiet: bool = False,
+) -> dict:
     """One cache serving every config in `cfgs` (same teacher, data, packing, seed and batch order).
-    Reuses `out` if it already matches; returns its manifest (with the build's cost)."""
+    Reuses `out` if it already matches (verified); else builds part `part` = (I, N) of it (resuming:
+    committed shards are kept). Returns its manifest (with the build's cost), or, when other parts
+    are still to come, a row with `assembled: False` and the shards done."""
     cfgs = list(cfgs)
     cfg = cfgs[0]
     for other in cfgs[1:]:
@@ -66,9 +88,12 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     out = Path(out)
     check_out_dir(out)  # before anything loads: a directory that is not a cache is never replaced
     require_stores(cfg.data, cfg.name)  # a hub corpus without a token store: refused before the teacher loads
-    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
-    tok = loaded.tokenizer
-    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    # the teacher's shapes on the meta device and its weights' identity from their files: a cache that
+    # is already complete is checked and reused without loading the weights (every study cell does this)
+    source, teacher_id = resolve_model_dir(cfg.teacher.model)
+    shapes = meta_causal_lm(model_config(source))
+    tok = resources.tokenizer(cfg.teacher.model)
+    vocab = shapes.get_input_embeddings().weight.shape[0]
     if cfg.teacher.cache_top_k > vocab:
         raise HldError(
             f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
@@ -77,37 +102,90 @@ def ensure_cache(cfgs: Iterable[RunConfig], out: Path, resources: Resources, *, 
     d = cfg.data
     windows = resources.train_windows(d, tok)
     order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    sized = [sized_plan(c, loaded.model, tok) for c in cfgs]
+    sized = [sized_plan(c, shapes, tok) for c in cfgs]
     steps = max(n for _, n in sized)
     layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
     identity = cache_identity(
-        teacher=loaded.identity,
+        teacher=teacher_id,
         tokenizer=tok,
         seq_len=d.seq_len,
         train_windows=windows,
         layers=layers,
         top_k=cfg.teacher.cache_top_k,
     )
-    codec = codec_of(cfg)
-    if (out / "manifest.json").exists():
-        try:
-            CachedTeacher(out, expect=identity, verify=False)
-            manifest = json.loads((out / "manifest.json").read_text())
-            have = codec_from_manifest(manifest)
-            same_codec = (have.logits, have.hidden, have.value_bits) == (codec.logits, codec.hidden, codec.value_bits)
-            held = {w for s in manifest["shards"] for w in s["window_ids"]}
-            if same_codec and set(order.window_ids(steps).tolist()) <= held:
-                manifest["bytes"] = sum((out / f).stat().st_size for f in manifest["files"])
-                manifest["reused"] = True
-                return manifest
-        except HldError:
-            pass  # stale: rebuild
+    codec = replace(codec_of(cfg), index_bits=max(1, (vocab - 1).bit_length()))
+    ids = order.window_ids(steps)
+    reused = reusable(out, identity, codec, ids)
+    if reused is not None:
+        return reused
+    loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+    if loaded.identity != teacher_id:  # the weights changed on disk since their identity was taken
+        raise HldError(f"the teacher {cfg.teacher.model} changed while the cache was planned", "rerun the command")
     with sigterm_as_error(
-        f"stopped by SIGTERM while building the teacher cache {out}; what it held before is kept",
-        "rerun the same command to build it (hld run and hld study resume there)",
+        f"stopped by SIGTERM while building the teacher cache {out}; its committed shards are kept "
+        f"(in {build_dir_of(out)})",
+        "rerun the same command: it builds only the shards still missing (hld run and hld study resume there)",
     ):
-        manifest = build_cache(
-            loaded.model, windows, order.window_ids(steps), out, identity=identity, codec=codec, quiet=quiet
-        )
+        home = next(loaded.model.parameters()).device
+        try:
+            manifest = build_cache(
+                loaded.model.to(_build_device()),
+                windows,
+                ids,
+                out,
+                identity=identity,
+                codec=codec,
+                part=part,
+                quiet=quiet,
+            )
+        finally:
+            loaded.model.to(home)
+    if manifest is None:  # other parts of the build are still to come
+        done, total = build_progress(out) or (0, 0)
+        return {"assembled": False, "shards_done": done, "shards": total, "tokens": None, "identity": asdict(identity)}
     manifest["build_flops"] = forward_flops_per_token(loaded.model, d.seq_len) * manifest["tokens"]
     return manifest
+
+
+def reusable(out: Path, identity, codec: Codec, ids) -> Optional[dict]:
+    """The manifest of the cache at `out` if it serves `identity` with `codec` for windows `ids`, every
+    checksum verified (stamped ones trusted); None when it must be (re)built."""
+    if not is_cache(out):
+        return None
+    try:
+        reader = CachedTeacher(out, expect=identity)
+    except HldError:
+        return None  # another identity, format or damaged manifest: rebuild
+    m = reader.manifest
+    if Codec(**m["codec"]) != codec:  # (more layers or a larger k than asked for serve too)
+        return None
+    if not reader.holds(ids):
+        return None
+    try:
+        reader.parts.verify_all()
+    except HldError:
+        return None  # a damaged shard: rebuild (what training would advise)
+    return m | {"bytes": sum(m["files"].values()), "reused": True}
+
+
+def verify_cache(out: Path, *, quiet: bool = False) -> dict:
+    """`hld cache-teacher --verify`: every shard of the cache at `out` against its checksums now (the
+    stamps ignored and rewritten); an HldError naming the first damaged one."""
+    import time
+
+    t0 = time.time()
+    manifest = read_manifest(out)
+    check_records(out, manifest)
+    open_windows(out, manifest)
+    n = Parts(out, manifest, verify=True).verify_all(force=True)
+    row = {"cache_dir": str(out), "verified": n, "shards": len(manifest["shards"]), "seconds": time.time() - t0}
+    if not quiet:
+        print(f"teacher cache {out}: {row['shards']} shards ({n} arrays) match their checksums")
+    return row
+
+
+def _build_device() -> torch.device:
+    """Where a build runs the teacher: this process's GPU (torchrun's LOCAL_RANK) when there is one."""
+    from hld.distributed import launch_env
+
+    return torch.device("cuda", launch_env()[2]) if torch.cuda.is_available() else torch.device("cpu")

@@ -247,6 +247,8 @@ def train_step(s: Setup, step: int) -> dict:
     batch = rank_slice(batch, rank=d.rank, world_size=d.world_size)  # this rank's rows of the global batch
     local_size = cfg.train.batch_size // d.world_size
     n_micro = local_size // (cfg.train.micro_batch_size or local_size)
+    if isinstance(s.teacher, CachedTeacher):  # decode the next step's signals while this one computes
+        _prefetch_cached(s, step, objective.needs, n_micro=n_micro, T=batch.input_ids.shape[1])
     sums: dict[str, float] = {}
     loss_total, n_counted = 0.0, 0
     for mb in batch.split(n_micro):
@@ -289,6 +291,18 @@ def train_step(s: Setup, step: int) -> dict:
         }
     )
     return line
+
+
+def _prefetch_cached(s: Setup, step: int, needs, *, n_micro: int, T: int) -> None:
+    """Ask the cache for this step's and the next step's micro-batches (this step's were asked for a
+    step ago and are decoded or under way): the reader's threads decode while the step trains."""
+    d = s.dist
+    mbs: list[np.ndarray] = []
+    for k in (step, step + 1):
+        if k < s.total_steps:  # rank_slice's rows, then Batch.split's micro-batches
+            mbs += np.split(np.split(s.order.indices(k), d.world_size)[d.rank], n_micro)
+    assert isinstance(s.teacher, CachedTeacher)
+    s.teacher.prefetch(mbs, T, needs)
 
 
 def export_student(student: CausalLM, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
