@@ -1,8 +1,8 @@
 """Start-up against corpus size: today's token store against the code before it (in-RAM streams), in
 the same run, on corpora of k copies of the shipped sample (1.19M Gemma 3 tokens per copy).
 
-    python benchmarks/data_startup.py                      # sizes 1 4 16 64, old = 6c13c84
-    python benchmarks/data_startup.py --sizes 1 4 16 --end-to-end
+    python benchmarks/data_startup.py                      # sizes 1 4 16, old = 6c13c84
+    python benchmarks/data_startup.py --sizes 1 4 16 64 --end-to-end
 
 The data path of a run's start, each in a fresh process with its data prepared beforehand (the new
 code: `hld tokenize`; the old code: a first start that fills its token cache), so the figures are what
@@ -15,7 +15,7 @@ least-squares line over the sizes: seconds and bytes per corpus token.
 `--end-to-end` also times `hld train --config smoke data.max_train_docs=null budget.tokens=256` (one step,
 the real Gemma 3 270M teacher) from the process's start to its first metrics line (the process is then
 stopped), and its peak RSS; on a loaded machine these swing by tens of seconds. Then `hld tokenize`
-throughput (tokens/s) at the largest size with 1 and 2 workers. Results: benchmarks/results/
+throughput (tokens/s) with 1 and 2 workers on `--throughput-size` copies (4: 8 units). Results: benchmarks/results/
 cpu_data_startup.json, with the machine.
 """
 
@@ -144,7 +144,8 @@ def _best(rows: list[dict], k: int, key: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--throughput-size", type=int, default=4, help="copies `hld tokenize` is timed on")
     ap.add_argument("--old", default="6c13c84", help="the commit before the token store")
     ap.add_argument("--reps", type=int, default=3, help="fresh processes per size and code (the minimum is kept)")
     ap.add_argument("--end-to-end", action="store_true", help="also time `hld train` to its first step")
@@ -194,7 +195,7 @@ def main() -> None:
                             }
                         )
             print(f"k={k}: new {rows['new'][-1]}, old {rows['old'][-1]}", flush=True)
-        spec = corpus(work, max(args.sizes))
+        spec = corpus(work, args.throughput_size)
         for workers in (1, 2):
             res = subprocess.run(
                 [
