@@ -148,9 +148,11 @@ class Diagnostics:
         was = s.student.training
         s.student.eval()
         try:
+            # the eager backbone: a compiled one (train.compile) runs the forward hooks it was compiled
+            # with, and the diagnostics' hooks come later (a CE run had none: KeyError 0 before)
             return _states(
                 s.student,
-                s.runner.backbone,
+                getattr(s.runner.backbone, "_orig_mod", s.runner.backbone),
                 self.windows,
                 layers,
                 skip_first=self.skip_first,
