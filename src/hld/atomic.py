@@ -108,11 +108,22 @@ def new_dir(final: Path) -> Iterator[Path]:
     clear_dead_temps(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_owner()}-"))
     try:
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700
         yield tmp
+        _umask_modes(tmp)
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else a failed write's debris
+
+
+def _umask_modes(root: Path) -> None:
+    """Give `root` and what it holds the modes the umask gives new files (0644 / 0755 under 022): mkdtemp
+    makes 0700 and some writers (safetensors) 0600, so others could not read a run's results."""
+    mask = umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        p.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def umask() -> int:
