@@ -220,7 +220,7 @@ def _single_process(command: str, cell: Optional[str] = None) -> None:
 _AFTER_SIGTERM = "rerun the same command (hld run and hld study resume where they stopped; hld train: add --resume)"
 
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _run(args: argparse.Namespace) -> dict:

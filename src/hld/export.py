@@ -172,10 +172,10 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
         "",
         f"# {summary.get('name')}",
         "",
-        f"A `{summary.get('student')}` student (Gemma 3 architecture, {summary.get('student_params'):,} "
-        f"parameters, {summary.get('student_params_non_embedding'):,} outside the embedding) trained by "
+        f"A `{summary.get('student')}` student (Gemma 3 architecture, {_count(summary.get('student_params'))} "
+        f"parameters, {_count(summary.get('student_params_non_embedding'))} outside the embedding) trained by "
         f"[hld](https://arxiv.org/abs/2605.11513) with the `{summary.get('arm')}` objective from the teacher "
-        f"`{hld['teacher']}`: {summary.get('tokens'):,} tokens, {summary.get('flops'):.3g} FLOPs. "
+        f"`{hld['teacher']}`: {_count(summary.get('tokens'))} tokens, {_count(summary.get('flops'), '.3g')} FLOPs. "
         "An ordinary Hugging Face checkpoint (no projectors): load it with "
         "`AutoModelForCausalLM.from_pretrained(DIR)`.",
         "",
@@ -192,6 +192,11 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
             )
     lines += ["", "The full training config is under `hld.config` in the front matter above.", ""]
     return "\n".join(lines)
+
+
+def _count(x, spec: str = ",") -> str:
+    """A figure of the summary for the card ("—" where a damaged summary lacks it)."""
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
 
 
 def _num(x) -> str:
