@@ -113,20 +113,37 @@ KINDS = [
 _BYTE_DAMAGES = ("empty", "half", "flip", "delete")
 _KEY_DAMAGES = ("drop_key", "wrong_type")
 
-# cases whose reading code belongs to another work item: (root, pattern, damage, reader) -> owner
-KNOWN: dict[tuple[str, str, str, str], str] = {}
+# cases whose reading code belongs to another work item: (root, pattern, damage, reader) -> owner.
+# Not strict: they pass once their owner's fix is merged (then delete the entry).
+_CACHE = "teacher-cache reading (distill/cache.py; issue 23's damaged-caches item, the cache helper): "
+_STORE = "token-store reading (data/store.py; the lead's issue 19): "
+KNOWN: dict[tuple[str, str, str, str], str] = {
+    ("cache", "manifest.json", "flip", "train-cached"): _CACHE + "UnicodeDecodeError reading the manifest",
+    ("cache", "manifest.json", "drop_key", "train-cached"): _CACHE + "KeyError 'shards'",
+    ("cache", "manifest.json", "drop_key", "cache-teacher"): _CACHE + "KeyError 'shards' (reuse reads it)",
+    ("cache", "manifest.json", "wrong_type", "train-cached"): _CACHE + "shards given as a string: TypeError",
+    ("cache", "manifest.json", "wrong_type", "cache-teacher"): _CACHE + "shards given as a string: TypeError",
+    ("store", "shards/*.ok", "flip", "eval-store"): _STORE + "UnicodeDecodeError reading a shard's .ok marker",
+    ("store", "shards/*.bin", "flip", "tokenize"): _STORE
+    + "tokenize (no --verify) exits 0 over a flipped shard, which the next run refuses: not repaired",
+}
 
 
 def damages(kind: Kind) -> tuple[str, ...]:
     return _BYTE_DAMAGES + (_KEY_DAMAGES if kind.fmt != "bytes" else ())
 
 
-CASES = [(k, d, r) for k in KINDS for d in damages(k) for r in k.readers]
-
-
 def _case_id(case) -> str:
     k, d, r = case
     return f"{k.root}:{k.pattern}:{d}:{r}"
+
+
+CASES = [(k, d, r) for k in KINDS for d in damages(k) for r in k.readers]
+PARAMS = [
+    pytest.param(c, id=_case_id(c), marks=[pytest.mark.xfail(reason=KNOWN[key], strict=False)] if key in KNOWN else [])
+    for c in CASES
+    for key in [(c[0].root, c[0].pattern, c[1], c[2])]
+]
 
 
 # --------------------------------------------------------------------------- what is damaged
@@ -335,12 +352,9 @@ def _copy_root(world: World, name: str, tmp: Path, monkeypatch) -> Path:
     return tmp / name
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", PARAMS)
 def test_a_damaged_file_is_repaired_ignored_or_refused_in_one_line(tmp_path, capsys, monkeypatch, world, case):
     kind, how, reader = case
-    owner = KNOWN.get((kind.root, kind.pattern, how, reader))
-    if owner:
-        pytest.xfail(owner)
     root = _copy_root(world, kind.root, tmp_path, monkeypatch)
     target = sorted(root.glob(kind.pattern))[0]
     rel = str(target.relative_to(root))

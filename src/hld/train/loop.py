@@ -448,7 +448,7 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
     distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
     distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = last_validation(out) or validate_now(s)
+        line = last_validation(out, state.step) or validate_now(s)
     counts = count_params(s.student)
     summary = {
         "name": cfg.name,
@@ -463,8 +463,8 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
         "train_seconds": state.train_seconds,
         **{k: v for k, v in line.items() if k.startswith("val/")},
     }
-    if d.is_main:  # what `hld export` checks the weights against
-        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
+    if d.is_main:  # what `hld export` and a run loaded as a model check the student's files against
+        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").iterdir()) if p.is_file()}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
 

@@ -238,9 +238,10 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def last_validation(run_dir: Path) -> dict:
-    """The `val/` metrics of the last line that has them ({} if none)."""
-    vals = [r for r in read_metrics(run_dir) if "val/ppl" in r]
+def last_validation(run_dir: Path, step: int) -> dict:
+    """The `val/` metrics logged at `step` ({} if no intact line of that step has them, val/loss and val/ppl
+    both: the caller validates again rather than write a summary without them, or an older step's)."""
+    vals = [r for r in read_metrics(run_dir) if r.get("step") == step and "val/ppl" in r and "val/loss" in r]
     return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
