@@ -5,6 +5,7 @@ stdout line. User errors print one line `hld: error: <problem> — <fix>` and ex
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Optional
@@ -237,6 +238,24 @@ def _single_process(command: str, cell: Optional[str] = None) -> None:
 _AFTER_SIGTERM = "rerun the same command (hld run and hld study resume where they stopped; hld train: add --resume)"
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """The command; a write no command turned into its own line (a full disk or quota, a read-only
+    filesystem, under a cache or a store) becomes one (--debug: the traceback)."""
+    try:
+        return COMMANDS[args.command](args)
+    except OSError as exc:
+        if args.debug or exc.errno not in (*_FULL, errno.EROFS):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        fix = "free disk space" if exc.errno in _FULL else "point it at a writable place"
+        raise HldError(
+            f"{exc.strerror}{where}", f"{fix} (--out, HLD_CACHE_DIR for the caches), then rerun the same command"
+        ) from exc
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     _quiet_libraries()
@@ -248,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # SIGTERM outside a training step (which checkpoints) and a cache build (its own line): one line and
         # the cleanups of what was being written, not a silent end
         with sigterm_as_error(f"hld {args.command} stopped by SIGTERM", _AFTER_SIGTERM):
-            result = COMMANDS[args.command](args)
+            result = _run(args)
     except HldError as exc:
         if args.debug:
             raise

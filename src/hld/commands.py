@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from hld.errors import HldError
+from hld.paths import check_names
 
 
 def cmd_train(args) -> dict:
@@ -18,6 +19,7 @@ def cmd_train(args) -> dict:
         raise HldError("--resume needs --out (the run directory to continue)", "pass --out RUN_DIR")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
+    check_names(out, "--out" if args.out else "the run directory (runs/<name>)")
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
     if not args.json and is_main_rank():
         print(
@@ -149,6 +151,7 @@ def _eval_perplexity(args, tokenizer, lm, dtype) -> dict:
 def cmd_export(args) -> dict:
     from hld.export import export_run
 
+    check_names(args.out_dir, "OUT_DIR")
     result = export_run(Path(args.run_dir), Path(args.out_dir), force=args.force)
     if not args.json:
         print(f"exported {args.run_dir} -> {result['out_dir']} ({', '.join(result['files'])})")
@@ -161,6 +164,7 @@ def cmd_cache_teacher(args) -> dict:
     from hld.train.cache_build import ensure_cache, verify_cache
     from hld.train.resources import Resources
 
+    check_names(args.out, "--out")
     if args.verify:
         return verify_cache(Path(args.out), quiet=args.quiet or args.json)
     # the layers of the config's own arm (none for kd): `hld plan` sizes the same cache; a study or
@@ -222,6 +226,8 @@ def cmd_tokenize(args) -> dict:
     workers = args.workers or os.cpu_count() or 1
     d = cfg.data
     store_dir = args.out or d.store_dir
+    if store_dir:
+        check_names(store_dir, "--out" if args.out else "data.store_dir")
     tok = Resources().tokenizer(cfg.teacher.model)
     rows = []
     for what, spec in (("data.train", d.train), ("data.validation", d.validation)):
@@ -292,6 +298,8 @@ def cmd_inspect_teacher(args) -> dict:
     from hld.distill.inspect import inspect_teacher
     from hld.train.resources import Resources
 
+    if args.windows < 1:
+        raise HldError(f"--windows {args.windows} is not a positive number", "give --windows 1 or more (default 24)")
     cfg = load_config(args.config, args.overrides)
     rows = inspect_teacher(cfg, Resources(), n_windows=args.windows)
     if not args.json:
@@ -346,6 +354,14 @@ def cmd_config(args) -> dict:
 def cmd_study(args) -> dict:
     from hld.study.runner import run_study
 
+    for flag in ("cell", "cache"):
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            raise HldError(
+                f"--{flag} is empty", f"give the id of one {flag} (`hld study --config ... --list` prints them)"
+            )
+    if args.out:
+        check_names(args.out, "--out")
     if getattr(args, "list", False) or getattr(args, "cell", None) or getattr(args, "cache", None):
         return _study_job(args)
     result = run_study(

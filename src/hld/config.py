@@ -359,11 +359,38 @@ def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: s
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key written twice in one mapping is an error (YAML would keep the last one
+    silently: `lr: 1e-3` above a forgotten `lr: 3e-4` would train with the second)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class refuses it with its own error
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
 def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as exc:
         raise HldError(f"cannot read config {path}: {exc}", "check the path and that it is UTF-8 text") from exc
+    except _DuplicateKey as exc:
+        raise HldError(
+            f"config {path} sets {exc.key!r} twice in one section (lines {exc.first} and {exc.again})",
+            "keep one of them (YAML would silently use the last)",
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

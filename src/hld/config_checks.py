@@ -157,6 +157,11 @@ def validate(cfg: RunConfig) -> None:
             "give [[student, teacher], ...]",
         ),
         (
+            o.hidden.mapping == "explicit" or not o.hidden.pairs,
+            f"objective.hidden.pairs is set but objective.hidden.mapping={o.hidden.mapping} ignores it",
+            "add objective.hidden.mapping=explicit to use those pairs, or drop objective.hidden.pairs",
+        ),
+        (
             cfg.budget.tokens is None or cfg.budget.flops is None,
             "both budget.tokens and budget.flops are set",
             "give one of them (set the other to null)",

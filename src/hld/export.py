@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from hld.atomic import new_dir, read_json_object, write_fix
+from hld.atomic import new_dir, write_fix
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, sha256_mismatch
+from hld.train.rundir import read_run_config, read_summary
 
 REFUSED = ("checkpoint.pt",)  # never copied, whatever a student dir holds
 
@@ -30,15 +31,11 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     student = _finished_student(run_dir)
     _check_out_dir(run_dir, out_dir, force=force)
-    summary = read_json_object(
-        run_dir / "summary.json",
-        "run summary",
-        "the run did not finish writing it: rerun `hld train --resume --out RUN_DIR --config ...` to rewrite it",
-    )
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise HldError(f"{run_dir}/config.yaml is unreadable", "restore the run's config.yaml") from exc
+    rewrite = "the run did not finish writing it: rerun `hld train --resume --out RUN_DIR --config ...` to rewrite it"
+    summary = read_summary(run_dir, rewrite)
+    config = read_run_config(run_dir / "config.yaml")
+    if config is None:
+        raise HldError(f"{run_dir}/config.yaml is not an hld run config", "restore the run's config.yaml")
     downstream = read_downstream(run_dir)
     recorded = summary.get("student_sha256") or {}
     verify_student(student, recorded)
@@ -71,6 +68,13 @@ def _check_out_dir(run_dir: Path, out_dir: Path, *, force: bool) -> None:
         )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
+    cwd = Path.cwd().resolve()
+    if out_dir.exists() and (out == cwd or out in cwd.parents):
+        raise HldError(
+            f"OUT_DIR {out_dir} {'is' if out == cwd else 'contains'} the current directory: exporting there would "
+            "replace it and everything beside it",
+            "give a new OUT_DIR, e.g. OUT_DIR/student",
+        )
     if force and os.path.ismount(out_dir):
         raise HldError(
             f"OUT_DIR {out_dir} is a mount point, which cannot be replaced",
@@ -117,14 +121,13 @@ def _expected_shapes(student: Path, fix: str) -> dict:
 
 
 def _check_sha(directory: Path, recorded: dict, when: str) -> None:
-    for name, digest in recorded.items():
-        path = directory / name
-        if not path.is_file() or file_sha256(path) != digest:
-            raise HldError(
-                f"{path} differs from the weights written at {when} (sha256 mismatch)",
-                "the student file was changed or damaged: rerun `hld train --resume --out RUN_DIR "
-                "--config ...` to export it again",
-            )
+    name = sha256_mismatch(directory, recorded)
+    if name is not None:
+        raise HldError(
+            f"{directory / name} differs from the weights written at {when} (sha256 mismatch)",
+            "the student file was changed or damaged: rerun `hld train --resume --out RUN_DIR "
+            "--config ...` to export it again",
+        )
 
 
 def _finished_student(run_dir: Path) -> Path:
@@ -169,10 +172,10 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
         "",
         f"# {summary.get('name')}",
         "",
-        f"A `{summary.get('student')}` student (Gemma 3 architecture, {summary.get('student_params'):,} "
-        f"parameters, {summary.get('student_params_non_embedding'):,} outside the embedding) trained by "
+        f"A `{summary.get('student')}` student (Gemma 3 architecture, {_count(summary.get('student_params'))} "
+        f"parameters, {_count(summary.get('student_params_non_embedding'))} outside the embedding) trained by "
         f"[hld](https://arxiv.org/abs/2605.11513) with the `{summary.get('arm')}` objective from the teacher "
-        f"`{hld['teacher']}`: {summary.get('tokens'):,} tokens, {summary.get('flops'):.3g} FLOPs. "
+        f"`{hld['teacher']}`: {_count(summary.get('tokens'))} tokens, {_count(summary.get('flops'), '.3g')} FLOPs. "
         "An ordinary Hugging Face checkpoint (no projectors): load it with "
         "`AutoModelForCausalLM.from_pretrained(DIR)`.",
         "",
@@ -189,6 +192,11 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
             )
     lines += ["", "The full training config is under `hld.config` in the front matter above.", ""]
     return "\n".join(lines)
+
+
+def _count(x, spec: str = ",") -> str:
+    """A figure of the summary for the card ("—" where a damaged summary lacks it)."""
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
 
 
 def _num(x) -> str:

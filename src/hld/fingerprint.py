@@ -17,6 +17,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_mismatch(directory: Path, recorded: dict) -> str | None:
+    """The first file named in `recorded` ({file name: sha256}) that is missing from `directory` or whose
+    sha256 differs; None when every one matches."""
+    for name, digest in recorded.items():
+        path = Path(directory) / str(name)
+        if not path.is_file() or file_sha256(path) != digest:
+            return str(name)
+    return None
+
+
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, fingerprint)
 
 

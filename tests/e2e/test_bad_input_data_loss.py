@@ -138,7 +138,11 @@ def test_training_records_the_students_sha256(finished):
     from hld.fingerprint import file_sha256
 
     recorded = json.loads((finished / "summary.json").read_text())["student_sha256"]
-    assert recorded == {"model.safetensors": file_sha256(finished / "student" / "model.safetensors")}
+    # every file of the student: its weights, and its config and tokenizer (a damaged tokenizer file
+    # changes what a loaded run computes as surely as its weights)
+    files = sorted(p for p in (finished / "student").iterdir() if p.is_file())
+    assert "model.safetensors" in recorded and "tokenizer.json" in recorded
+    assert recorded == {p.name: file_sha256(p) for p in files}
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "containing"])

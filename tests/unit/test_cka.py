@@ -137,3 +137,14 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
         m = json.loads((tmp_path / method / "cka.json").read_text())
         ref = [[_cka_numpy(a, b) for b in t_states] for a in s_states]
         np.testing.assert_allclose(np.array(m["cka"]), np.array(ref), rtol=1e-6, atol=1e-9)
+
+
+def test_states_of_no_windows_is_one_line_not_an_empty_concatenation():
+    """An input leaving the diagnostics no validation window: torch.cat of an empty list, before."""
+    from hld.errors import HldError
+    from hld.eval.cka import _states
+
+    lm = torch.nn.Linear(2, 2)
+    with pytest.raises(HldError, match="no validation windows") as err:
+        _states(lm, lm, np.zeros((0, 8), np.int64), [0], skip_first=True, compute_dtype=torch.float32, device="cpu")
+    assert "\n" not in err.value.line()

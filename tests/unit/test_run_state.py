@@ -49,6 +49,7 @@ def test_a_checkpoint_from_before_run_state_loads(tmp_path):
     ck = load_checkpoint(tmp_path)
     old = {k: v for k, v in ck.items() if k not in ("train_seconds", "skipped_in_row")}  # step, tokens, flops
     torch.save({**old, "step": 3, "tokens": 384, "flops": 2.0e6}, path)
+    (tmp_path / "checkpoints" / f"{CKPT_NAME}.sha256").unlink()  # an older hld wrote no checksum record
     got = restore_checkpoint(tmp_path, student=student, projectors=proj, optimizer=opt)
     assert got == RunState(step=3, tokens=384, flops=2.0e6)
 
@@ -58,6 +59,7 @@ def test_a_checkpoint_without_a_run_state_is_refused(tmp_path):
     save_checkpoint(tmp_path, RunState(), student=student, projectors=proj, optimizer=opt)
     ck = load_checkpoint(tmp_path)
     torch.save({k: v for k, v in ck.items() if k not in ("step", "flops")}, tmp_path / "checkpoints" / CKPT_NAME)
+    (tmp_path / "checkpoints" / f"{CKPT_NAME}.sha256").unlink()  # an older hld wrote no checksum record
     with pytest.raises(HldError, match=r"holds no run state \(step, flops missing\)") as err:
         restore_checkpoint(tmp_path, student=student, projectors=proj, optimizer=opt)
     assert "\n" not in err.value.line()

@@ -36,8 +36,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from hld.atomic import check_recorded, write_checked
 from hld.distill.chunked import WORKSPACE, HeadLossSpec, head_loss, logits_into
 from hld.distill.losses import TeacherLogits, hidden_sum, softcap
+from hld.errors import HldError
 
 STATS_FILE = "hidden_stats.pt"
 FEATURE_LOSSES = ("mse", "nmse", "cosine")
@@ -130,16 +132,25 @@ def estimate_layer_stats(
 
 
 def save_stats(stats: dict[int, Moments], path: Path) -> None:
-    """Write the frozen statistics (renamed into place: a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({int(t): {"mean": m.mean, "std": m.std, "count": m.count} for t, m in stats.items()}, tmp)
-    tmp.replace(path)
+    """Write the frozen statistics (renamed into place: a reader never sees half a file), their sha256
+    recorded beside them (`hidden_stats.pt.sha256`)."""
+    obj = {int(t): {"mean": m.mean, "std": m.std, "count": m.count} for t, m in stats.items()}
+    write_checked(Path(path), lambda fh: torch.save(obj, fh))
 
 
 def load_stats(path: Path) -> dict[int, Moments]:
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    return {int(t): Moments(mean=v["mean"], std=v["std"], count=int(v["count"])) for t, v in raw.items()}
+    """The statistics a run froze, refused in one line when damaged (never trained on)."""
+    path = Path(path)
+    fix = f"restore {path.name}, or delete it and rerun with --resume (the statistics are measured again)"
+    check_recorded(path, fix, "the hidden-target statistics")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        stats = {int(t): Moments(mean=v["mean"], std=v["std"], count=int(v["count"])) for t, v in raw.items()}
+    except Exception as exc:  # torch's own errors for a torn zip, a bad pickle, or keys missing
+        raise HldError(f"{path} is damaged or unreadable ({type(exc).__name__})", fix) from exc
+    if not all(isinstance(m.mean, torch.Tensor) and isinstance(m.std, torch.Tensor) for m in stats.values()):
+        raise HldError(f"{path} is damaged (its statistics are not tensors)", fix)
+    return stats
 
 
 # --------------------------------------------------------------------------- losses

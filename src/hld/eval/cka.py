@@ -25,6 +25,7 @@ import torch
 from hld.data.packing import make_batch
 from hld.distill.hidden import hidden_mask
 from hld.distill.projectors import pair_key
+from hld.errors import HldError
 from hld.models.hooks import LayerCapture, StopForward, n_blocks
 from hld.precision import autocast
 
@@ -69,6 +70,11 @@ def _states(
     batch_size: int = 8,
 ) -> dict[int, torch.Tensor]:
     """Layer -> (n, d) float32 states at the kept positions of `windows` (CPU)."""
+    if len(windows) == 0:  # torch.cat of nothing: a traceback after training, before
+        raise HldError(
+            "the layer diagnostics have no validation windows to measure",
+            "raise data.val_tokens (at least one window of data.seq_len), or set objective.hidden.diagnostics=false",
+        )
     cap = LayerCapture(lm, layers)
     out: dict[int, list] = {i: [] for i in layers}
     try:
@@ -148,9 +154,11 @@ class Diagnostics:
         was = s.student.training
         s.student.eval()
         try:
+            # the eager backbone: a compiled one (train.compile) runs the forward hooks it was compiled
+            # with, and the diagnostics' hooks come later (a CE run had none: KeyError 0 before)
             return _states(
                 s.student,
-                s.runner.backbone,
+                getattr(s.runner.backbone, "_orig_mod", s.runner.backbone),
                 self.windows,
                 layers,
                 skip_first=self.skip_first,

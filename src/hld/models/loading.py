@@ -28,7 +28,7 @@ import torch
 
 from hld.atomic import new_dir
 from hld.errors import HldError, exc_line
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, sha256_mismatch
 from hld.models.hooks import CausalLM, text_config
 from hld.paths import cache_root
 
@@ -111,6 +111,7 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
         return str(d), "gguf:" + digest[:16]
     if path.is_dir():
         if (path / "config.yaml").exists() and (path / "student").is_dir():
+            check_run_weights(path)
             path = path / "student"  # a run directory: its exported student
         if not (path / "config.json").exists():
             raise HldError(
@@ -125,6 +126,46 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
         raise HldError(f"model path {spec} does not exist", "check the path")
     return spec, "hub:" + spec
+
+
+_VERIFIED: dict[tuple, bool] = {}  # (run dir, its weights' names, sizes and mtimes) checked in this process
+
+
+def check_run_weights(run_dir: Path) -> None:
+    """A run's student weights must be those training wrote: their sha256 against the one its
+    summary.json recorded (`student_sha256`), wherever a run is loaded (hld eval --model RUN,
+    teacher.model=RUN). A run without the record (older hld) is not checked. Once per process per file state."""
+    from hld.atomic import read_json_object
+
+    student = run_dir / "student"
+    key = (str(run_dir.resolve()), *((w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in student.glob("*")))
+    if key in _VERIFIED or not (run_dir / "summary.json").exists():
+        return
+    fix = (
+        f"the student was changed or damaged: rerun `hld train --resume --out {run_dir} --config ...` "
+        "to export it again"
+    )
+    summary = read_json_object(run_dir / "summary.json", "run summary", fix)
+    recorded = summary.get("student_sha256") or {}
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise HldError(f"run summary {run_dir / 'summary.json'} is damaged (student_sha256 is not a mapping)", fix)
+    name = sha256_mismatch(student, recorded)
+    if name is not None:
+        raise HldError(f"{student / name} differs from the weights written at training (sha256 mismatch)", fix)
+    _VERIFIED[key] = True
+
+
+def check_tokenizer_size(tokenizer, vocab_size: int, spec: str) -> None:
+    """Refuse a tokenizer far smaller than the model's vocabulary: transformers builds a few-token one for a
+    model directory without tokenizer files, which maps every text to UNK/EOS (a silent nonsense run).
+    Vocabularies are padded (to a multiple of 64 or 128), never to twice the tokenizer."""
+    n = len(tokenizer)
+    if 2 * n < vocab_size:
+        raise HldError(
+            f"the tokenizer of {spec!r} has {n} tokens but its model's vocabulary {vocab_size}: "
+            "its tokenizer files are missing or not its own",
+            "put the model's tokenizer files (tokenizer.json, tokenizer_config.json) beside its config.json",
+        )
 
 
 def model_config(source: str, *, trust_remote_code: bool = False):
@@ -231,6 +272,7 @@ def load_causal_lm(
             f"cannot load model {spec!r}: {exc_line(exc)}",
             "give a local HF dir, a .gguf file, a run dir, 'gemma-3-270m', or a reachable hub id",
         ) from exc
+    check_tokenizer_size(tok, model.get_input_embeddings().weight.shape[0], spec)
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would leave them randomly initialised: never distil from such a teacher
         raise HldError(

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from hld.atomic import read_json_object, write_text
+from hld.errors import HldError
 from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS
 from hld.study.naming import configuration_id
 from hld.study.stats import Interval, holm, mean_interval
 from hld.train.loggers import read_metrics
+from hld.train.rundir import read_run_config, read_summary
 
 COMPARISONS = (("hld-joint", "kd"), ("hld-first", "kd"), ("kd", "ce"))
 BASE_COLUMNS = [
@@ -107,11 +107,17 @@ def collect(study_dir: Path) -> Table:
         if not (run_dir / "summary.json").exists():
             pending.append(run_dir.name)
             continue
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        cell = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").exists() else None
-        summary = read_json_object(
-            run_dir / "summary.json", "run summary", f"delete {run_dir} and rerun the study to train that cell again"
-        )
+        retrain = f"delete {run_dir} and rerun the study to train that cell again"
+        cfg = read_run_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+        if cfg is None:
+            raise HldError(f"{run_dir} has a summary.json but no hld run config (config.yaml)", retrain)
+        has_cell = (run_dir / "cell.json").exists()
+        cell = read_json_object(run_dir / "cell.json", "cell record", retrain) if has_cell else None
+        summary = read_summary(run_dir, retrain)
+        if cell is not None and not (
+            isinstance(cell.get("configuration"), str) and isinstance(cell.get("budget"), dict)
+        ):
+            raise HldError(f"cell record {run_dir / 'cell.json'} is damaged (no configuration or budget)", retrain)
         found.append((run_dir, cfg, summary, cell))
     scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
     task_info = {

@@ -9,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from hld.atomic import read_json_object
+from hld.errors import HldError
 from hld.study.aggregate import Comparison, Table, best_configuration, higher_is_better
 from hld.train.loggers import read_metrics
 
@@ -356,13 +358,12 @@ def plot_cka(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
 def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
     """Heat maps of the final student-layer x teacher-layer CKA (cka.json), averaged over each arm's
     cells, one row of panels per student."""
-    import json
 
     mats: dict[tuple[str, str], list] = {}
     for r in table.rows:
         path = Path(study_dir) / "runs" / r["cell"] / "cka.json"
         if path.exists():
-            mats.setdefault((r["student"], r["arm"]), []).append(json.loads(path.read_text()))
+            mats.setdefault((r["student"], r["arm"]), []).append(_read_cka(path))
     if not mats:
         return None
     students = [s for s in _students(table) if any(k[0] == s for k in mats)]
@@ -394,3 +395,16 @@ def plot_cka_matrices(table: Table, study_dir: Path, out: Path) -> Optional[Path
     fig.colorbar(im, ax=axes, shrink=0.8, label="linear CKA")
     fig.suptitle("Final CKA, student layer x teacher layer (red: mapped pairs)", fontsize=11)
     return _save(fig, out / "cka_matrices.png")
+
+
+def _read_cka(path: Path) -> dict:
+    """A cell's cka.json: a matrix of numbers in [0, 1] and the mapped pairs, else one line."""
+    fix = f"delete {path} (the plot shows the other cells), or rerun that cell to write it again"
+    m = read_json_object(path, "layer diagnostics", fix)
+    rows, pairs = m.get("cka"), m.get("pairs")
+    ok = isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == len(rows[0]) for r in rows)
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r)
+    ok = ok and isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)
+    if not ok:
+        raise HldError(f"layer diagnostics {path} are damaged (no matrix of numbers and pairs)", fix)
+    return m

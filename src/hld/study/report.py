@@ -4,11 +4,10 @@ build cost). Every sentence with a number in it is generated from the numbers.""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from hld.atomic import write_text
+from hld.atomic import read_json_object, write_text
 from hld.errors import HldError
 from hld.study.aggregate import (
     Comparison,
@@ -64,17 +63,71 @@ def build_report(study_dir: Path) -> dict:
         "results_csv": str(results_csv),
         "paired_csv": str(paired_csv),
         "plots": [str(p) for p in plots],
-        "verdicts": said,
+        "verdicts": said + non_finite_notes(table),
         "cells": len(table.rows),
         "pending": table.pending,
     }
 
 
+def non_finite_notes(table) -> list[str]:
+    """A line per cell whose validation loss is not a finite number (a diverged run): the comparisons
+    leave it out, so without this its row would vanish from the verdicts unexplained."""
+    return [
+        f"**cell `{r['cell']}` ({r['arm']}) is left out of every comparison**: its validation loss is "
+        f"{r['val_loss']} (not finite; the run diverged) — rerun it with a lower train.lr"
+        for r in table.rows
+        if not (isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"]))
+    ]
+
+
 def _read_meta(study_dir: Path) -> dict:
-    try:
-        return json.loads((study_dir / "study.json").read_text())
-    except (OSError, ValueError):
+    """study.json ({} without one: a report is built from the run directories alone), refused when damaged."""
+    path = study_dir / "study.json"
+    if not path.exists():
         return {}
+    fix = f"delete {path}: `hld study` writes it again (the report is built from the run directories)"
+    return checked_meta(read_json_object(path, "study record", fix), path, fix)
+
+
+# what the report reads of study.json's records: the fields that must be numbers (None allowed: `or None`)
+_RECORD_NUMBERS = {
+    "teacher_reference": ("val_loss", "val_ppl", "predictions"),
+    "ngram_reference": ("val_loss", "predictions", "fit_tokens or None", "add_k or None"),
+}
+
+
+def checked_meta(meta: dict, path: Path, fix: str) -> dict:
+    """`meta` (study.json) when its records have the types the study and the report read, else one line."""
+
+    def number(v, optional: bool) -> bool:
+        return (optional and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    def bad(what: str) -> HldError:
+        return HldError(f"study record {path} is damaged ({what})", fix)
+
+    if not isinstance(meta.get("name", ""), str):
+        raise bad("name is not a string")
+    for key in ("study", "caches"):
+        if not isinstance(meta.get(key) or {}, dict):
+            raise bad(f"{key} is not a mapping")
+    for key, fields in _RECORD_NUMBERS.items():
+        refs = meta.get(key) or []
+        if not isinstance(refs, list) or not all(isinstance(r, dict) and isinstance(r.get("model"), str) for r in refs):
+            raise bad(f"{key} is not a list of records with a model")
+        for r in refs:
+            if key == "ngram_reference" and not isinstance(r.get("fit"), str):
+                raise bad(f"{key}: the fit of {r['model']} is not a string")
+            for f in fields:
+                name = f.split()[0]
+                if not number(r.get(name), f.endswith("or None")):
+                    raise bad(f"{key}: {name} of {r['model']} is {r.get(name)!r}, not a number")
+    for name, cache in (meta.get("caches") or {}).items():
+        ok = isinstance(cache, dict) and all(
+            number(cache.get(k), True) for k in ("tokens", "build_flops", "build_seconds")
+        )
+        if not ok or cache.get("tokens") and not isinstance(cache.get("dir"), str):
+            raise bad(f"caches: the record of {name} is not a cache record")
+    return meta
 
 
 # --------------------------------------------------------------------------- rendering
@@ -207,6 +260,7 @@ def render(
             "",
         ]
     lines += [f"- {v}" for v in verdicts] or ["- no pair of compared arms (hld-* vs kd, kd vs ce) ran in this study"]
+    lines += [f"- {n}" for n in non_finite_notes(table)]
     lines += [""] + _compute_note(table) + _per_config_table(comparisons)
     lines += [
         "## Results",

@@ -39,9 +39,10 @@ from hld.atomic import read_json_object, write_fix, write_json
 from hld.config import RunConfig
 from hld.errors import HldError
 from hld.locks import file_lock
+from hld.paths import check_names
 from hld.study import ngram
 from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
-from hld.study.report import build_report
+from hld.study.report import build_report, checked_meta
 
 
 def cache_group(cfg: RunConfig) -> str:
@@ -83,6 +84,12 @@ def open_study(
         check_tasks(list(study.tasks))
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a study directory", "give a directory for --out")
+    check_names(out, "--out" if out_dir else "the study directory (studies/<name>)")
+    for cell, _, group in planned:
+        check_names(out / "runs" / cell.id, "a cell's run directory")
+        if group is not None:
+            check_names(out / "caches" / group, "a cache directory")
+    _check_study_dir(out)
     try:
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -104,6 +111,20 @@ def open_study(
     return study, out, planned
 
 
+def _check_study_dir(out: Path) -> None:
+    """A study writes into a new or empty directory, or one a study wrote (study.json or runs/): never over
+    another directory's report.md, results.csv or plots/."""
+    if not out.is_dir() or (out / "study.json").is_file() or (out / "runs").is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir() if p.name not in (".study.lock", "locks"))
+    if names:
+        shown = ", ".join(names[:4]) + (f", … ({len(names)} entries)" if len(names) > 4 else "")
+        raise HldError(
+            f"--out {out} is not empty and is not a study directory (it holds {shown}; no study.json or runs/)",
+            "give a new or empty directory for --out (hld study writes report.md, results.csv, plots/ there)",
+        )
+
+
 def _rank() -> int:
     from hld.distributed import launch_env
 
@@ -112,11 +133,8 @@ def _rank() -> int:
 
 def read_meta(out: Path) -> dict:
     path = out / "study.json"
-    return (
-        read_json_object(path, "study record", f"delete {path}: it is rebuilt from the run directories")
-        if path.exists()
-        else {}
-    )
+    fix = f"delete {path}: it is rebuilt from the run directories"
+    return checked_meta(read_json_object(path, "study record", fix), path, fix) if path.exists() else {}
 
 
 def update_meta(out: Path, change: Callable[[dict], None]) -> dict:
@@ -364,9 +382,10 @@ def _matched(study: Study, cell: Cell, out: Path) -> tuple[Cell, RunConfig]:
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     if not (run_dir / "summary.json").exists():
         return False
-    from hld.train.rundir import same_config
+    from hld.train.rundir import read_run_config, same_config
 
-    if not same_config(run_dir / "config.yaml", cfg):
+    saved = read_run_config(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
+    if saved is None or not same_config(saved, cfg):
         raise HldError(
             f"finished cell {run_dir} was trained with a different config than the study now asks for",
             "restore the study's config, or write the study to a new --out directory",

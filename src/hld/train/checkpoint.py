@@ -25,7 +25,7 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from hld.atomic import replace_dir, write_file, write_fix
+from hld.atomic import check_recorded, replace_dir, write_checked, write_file, write_fix
 from hld.distributed import Dist, any_rank, barrier
 from hld.errors import HldError, one_line
 from hld.train.state import RunState
@@ -35,11 +35,12 @@ TRAINER_NAME = "trainer.pt"  # inside a DCP directory: the RunState and the RNG 
 _DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash."""
+def atomic_save(obj: Any, path: Path, *, checked: bool = False) -> None:
+    """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash.
+    `checked`: its sha256 recorded beside it (`<name>.sha256`), checked before it is read back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        write_file(path, lambda fh: torch.save(obj, fh), fsync=True)
+        (write_checked if checked else write_file)(path, lambda fh: torch.save(obj, fh), fsync=True)
     except OSError as exc:
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
 
@@ -68,37 +69,67 @@ def save_checkpoint(
     student: torch.nn.Module,
     projectors: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
+    data_fingerprint: str = "",
 ) -> Path:
+    """`data_fingerprint`: the training windows' identity (`windows_fingerprint`), checked on resume."""
     path = run_dir / "checkpoints" / CKPT_NAME
     atomic_save(
         {
             **state.to_dict(),
+            "data_fingerprint": data_fingerprint,
             "student": student.state_dict(),
             "projectors": projectors.state_dict() if projectors is not None else None,
             "optimizer": optimizer.state_dict(),
             "rng": rng_state(),
         },
         path,
+        checked=True,
     )
     return path
 
 
+_DAMAGED_FIX = "delete it and rerun with --resume (a run without a checkpoint starts from step 0)"
+
+
 def load_checkpoint(run_dir: Path) -> dict:
-    """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states."""
+    """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states
+    (its recorded sha256 checked first)."""
     path = run_dir / "checkpoints" / CKPT_NAME
     if not path.exists():
         raise HldError(
             f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts from step 0"
         )
-    return _load_file(path)
+    check_recorded(path, _DAMAGED_FIX, "checkpoint")
+    ck = _load_file(path)
+    if not isinstance(ck, dict) or not all(isinstance(ck.get(k), dict) for k in ("student", "optimizer", "rng")):
+        raise HldError(f"checkpoint {path} is damaged (its state dicts are missing)", _DAMAGED_FIX)
+    return ck
+
+
+def check_data(ck: dict, path: Path, data_fingerprint: str) -> None:
+    """Refuse to resume on other training data than the checkpoint's (a checkpoint of an older hld
+    records none: not checked)."""
+    saved = ck.get("data_fingerprint")
+    if saved and data_fingerprint and saved != data_fingerprint:
+        raise HldError(
+            f"--resume: the training data differs from the data checkpoint {path} was trained on "
+            f"(fingerprint {data_fingerprint}, checkpoint {saved})",
+            "resume with the data the run was started with (data.train and its files), or start a new --out",
+        )
 
 
 def restore_checkpoint(
-    run_dir: Path, *, student: torch.nn.Module, projectors: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+    run_dir: Path,
+    *,
+    student: torch.nn.Module,
+    projectors: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    data_fingerprint: str = "",
 ) -> RunState:
     """Load the single-file checkpoint into the modules, the optimiser and the RNGs; return its run state."""
     ck = load_checkpoint(run_dir)
     state = RunState.from_dict(ck, run_dir / "checkpoints" / CKPT_NAME)
+    check_data(ck, run_dir / "checkpoints" / CKPT_NAME, data_fingerprint)
     try:
         student.load_state_dict(ck["student"])
         if projectors is not None:
@@ -117,10 +148,7 @@ def _load_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise HldError(
-            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})",
-            "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
-        ) from exc
+        raise HldError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__})", _DAMAGED_FIX) from exc
 
 
 def load_reason(exc: BaseException) -> str:
@@ -166,7 +194,13 @@ def _latest_sharded(ck: Path) -> Optional[Path]:
 
 
 def save_sharded(
-    run_dir: Path, d: Dist, state: RunState, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+    run_dir: Path,
+    d: Dist,
+    state: RunState,
+    *,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    data_fingerprint: str = "",
 ) -> Path:
     """A DCP checkpoint of `modules` and the optimiser's state; a collective (every rank calls it).
     World size 1: no process group, DCP writes one shard."""
@@ -188,7 +222,9 @@ def save_sharded(
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp, no_dist=not d.active)
         if d.is_main:
-            atomic_save({**state.to_dict(), "rng": rng_state()}, tmp / TRAINER_NAME)
+            atomic_save(
+                {**state.to_dict(), "data_fingerprint": data_fingerprint, "rng": rng_state()}, tmp / TRAINER_NAME
+            )
             replace_dir(tmp, final)
             for _, old in _sharded_dirs(ck):
                 if old != final:
@@ -216,7 +252,13 @@ def _reason(exc: Optional[BaseException]) -> str:
     return type(exc).__name__
 
 
-def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> RunState:
+def load_sharded(
+    run_dir: Path,
+    *,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    data_fingerprint: str = "",
+) -> RunState:
     """Load the newest DCP checkpoint into `modules`, `optimizer` (resharding to this world size) and the
     RNGs (rank 0's, from its `trainer.pt`); return the run state saved there. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
@@ -235,6 +277,7 @@ def load_sharded(run_dir: Path, *, modules: dict[str, torch.nn.Module], optimize
             f"checkpoint {path} is corrupt or unreadable (metadata)",
             "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
         )
+    check_data(trainer, path, data_fingerprint)
     container = torch.nn.ModuleDict(modules)
     # creates the optimiser's state (a zero-lr step)
     model_sd, optim_sd = cast(tuple[Any, Any], get_state_dict(container, optimizer))

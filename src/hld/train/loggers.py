@@ -22,15 +22,23 @@ from hld.errors import HldError, exc_line
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """A run's metrics.jsonl lines ([] without one); a line cut short (a kill, a full disk) is dropped."""
+    """A run's metrics.jsonl lines ([] without one); a line cut short (a kill, a full disk) or damaged (not
+    a JSON object, a step that is not a number, a figure that is not a number) is dropped."""
     path = Path(run_dir) / "metrics.jsonl"
     out = []
-    for ln in path.read_text().splitlines() if path.exists() else []:
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
         try:
-            out.append(json.loads(ln))
+            row = json.loads(ln)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and all(_metric_ok(k, v) for k, v in row.items()):
+            out.append(row)
     return out
+
+
+def _metric_ok(key: str, value) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number if key in ("step", "tokens", "flops") or key.startswith(("val/", "train/")) else True
 
 
 class RunLogger:

@@ -34,10 +34,16 @@ from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.errors import HldError
 from hld.eval.cka import layer_diagnostics, write_cka_matrix
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, windows_fingerprint
 from hld.flops import StepCost
 from hld.models.hooks import CausalLM
-from hld.models.loading import config_from_dict, meta_causal_lm, model_config, resolve_model_dir
+from hld.models.loading import (
+    check_tokenizer_size,
+    config_from_dict,
+    meta_causal_lm,
+    model_config,
+    resolve_model_dir,
+)
 from hld.models.student import count_params
 from hld.precision import autocast, default_device, resolve_dtype
 from hld.progress import Progress
@@ -46,7 +52,7 @@ from hld.train.budget import Length, phase_costs, run_length
 from hld.train.checkpoint import save_checkpoint, save_sharded
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
-from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state
+from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state, run_lock
 from hld.train.schedule import lr_factor
 from hld.train.state import RunState
 
@@ -74,6 +80,7 @@ class Setup:
     # through the process's shared resources (`hld run`: the teacher loaded and run once for all its cells);
     # None when the diagnostics are off
     diagnostics_states: Optional[Callable[[], Any]] = None
+    data_fingerprint: str = ""  # the training windows' identity, kept in every checkpoint and checked on resume
 
     @property
     def total_steps(self) -> int:
@@ -122,6 +129,7 @@ def build(
     teacher_lm = loaded.model.to(device) if loaded is not None else None
     shapes = teacher_lm if teacher_lm is not None else cached_teacher_shapes(cfg) if needs_teacher else None
     vocab = vocab_of(shapes) if shapes is not None else resources.teacher_config(cfg.teacher.model).vocab_size
+    check_tokenizer_size(tok, vocab, cfg.teacher.model)
     if shapes is not None:
         check_vocab(tok, shapes, vocab)
     elif len(tok) > vocab:  # ce: no teacher weights, but the student's embedding is sized from its config
@@ -203,6 +211,7 @@ def build(
         device=device,
         compute_dtype=compute_dtype,
         dist=dist,
+        data_fingerprint=windows_fingerprint(train_w),
     )
 
 
@@ -377,7 +386,15 @@ def train(
 
 def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources], quiet: bool) -> dict:
     require_stores(cfg.data, cfg.name)  # a hub corpus: tokenised beforehand, refused in seconds if it was not
-    prepare_dir(cfg, out, resume, write=d.is_main)
+    prepare_dir(cfg, out, resume, write=False)  # refused before anything is written into `out` (the lock file)
+    with run_lock(out, d):  # one hld train per run directory
+        return _locked_train(cfg, out, d, resume=resume, resources=resources, quiet=quiet)
+
+
+def _locked_train(
+    cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optional[Resources], quiet: bool
+) -> dict:
+    prepare_dir(cfg, out, resume, write=d.is_main)  # again: the lock's holder may have changed it
     resources = resources or Resources()
     if d.is_main and d.active:  # rank 0 first fills the shared caches (GGUF conversion, token stores)
         _warm(cfg, resources, d)
@@ -385,7 +402,11 @@ def _train(cfg: RunConfig, out: Path, d: Dist, *, resume: bool, resources: Optio
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
-    state = resume_state(out, d, modules=_state_modules(s), optimizer=s.optimizer) if resume else RunState()
+    state = (
+        resume_state(out, d, modules=_state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint)
+        if resume
+        else RunState()
+    )
     logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=state.step if resume else None)  # rank 0 logs
     prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=state.step)
     try:
@@ -443,7 +464,7 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
     distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
     distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = last_validation(out) or validate_now(s)
+        line = last_validation(out, state.step) or validate_now(s)
     counts = count_params(s.student)
     summary = {
         "name": cfg.name,
@@ -458,8 +479,8 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
         "train_seconds": state.train_seconds,
         **{k: v for k, v in line.items() if k.startswith("val/")},
     }
-    if d.is_main:  # what `hld export` checks the weights against
-        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").glob("*.safetensors"))}
+    if d.is_main:  # what `hld export` and a run loaded as a model check the student's files against
+        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").iterdir()) if p.is_file()}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
 
@@ -472,10 +493,20 @@ def release_hooks(s: Setup) -> None:
 
 def _save(s: Setup, out: Path, state: RunState) -> None:
     if s.dist.mode == "fsdp2":  # every rank writes its shards
-        save_sharded(out, s.dist, state, modules=_state_modules(s), optimizer=s.optimizer)
+        save_sharded(
+            out, s.dist, state, modules=_state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint
+        )
         return
     distributed.main_only(
-        s.dist, lambda: save_checkpoint(out, state, student=s.student, projectors=s.projectors, optimizer=s.optimizer)
+        s.dist,
+        lambda: save_checkpoint(
+            out,
+            state,
+            student=s.student,
+            projectors=s.projectors,
+            optimizer=s.optimizer,
+            data_fingerprint=s.data_fingerprint,
+        ),
     )
 
 

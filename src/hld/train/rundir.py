@@ -4,10 +4,12 @@ state read back, metric lines past the checkpoint dropped, and SIGTERM turned in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -20,20 +22,33 @@ from hld.train.checkpoint import has_checkpoint, load_sharded, remove_torn, rest
 from hld.train.loggers import read_metrics
 from hld.train.state import RunState
 
+RUN_LOCK = ".run.lock"  # held by the hld train writing the directory (hld.locks)
+
+
+# what a run directory holds before its first metric line: a new run may start over these
+_STARTED = ("config.yaml", "hidden_stats.pt", "hidden_stats.pt.sha256", "cell.json", RUN_LOCK)  # cell.json: hld study
+
 
 def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:
-    """Check `out` for a new run or a resume; write config.yaml (`write`: rank 0 only)."""
+    """Check `out` for a new run or a resume; write config.yaml (`write`: rank 0 only). Nothing in `out`
+    is changed before every check has passed."""
     text = dump_yaml(cfg)
     cfg_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
+    saved = read_run_config(cfg_path) if cfg_path.exists() else None
+    if cfg_path.exists() and saved is None or not cfg_path.exists() and _foreign(out):
+        raise HldError(
+            f"--out {out} is not empty and is not an hld run directory (it holds {_listing(out)})",
+            "give a new or empty directory for --out (hld train writes config.yaml, summary.json, student/ there)",
+        )
     if resume and not cfg_path.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise HldError(
             f"--resume: {out} holds a run's files but no config.yaml",
             "check --out, or delete that directory and run again",
         )
-    if resume and cfg_path.exists():  # without config.yaml nothing ran: start (a requeued job that died early)
-        if not same_config(cfg_path, cfg):
+    if resume and saved is not None:  # without config.yaml nothing ran: start (a requeued job that died early)
+        if not same_config(saved, cfg):
             raise HldError(
                 f"--resume with a config that differs from {cfg_path}",
                 "resume with the same config and overrides, or start a new --out",
@@ -45,6 +60,11 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
             "pass --resume to continue it (from its last checkpoint, or "
             "from step 0 if it has none), or choose another --out",
         )
+    if _foreign(out):  # a run's config.yaml beside files a run that never logged a step cannot have written
+        raise HldError(
+            f"--out {out} is not empty and is not an hld run directory (it holds {_listing(out)})",
+            "give a new or empty directory for --out (hld train writes config.yaml, summary.json, student/ there)",
+        )
     if write:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -55,19 +75,130 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
             ) from exc
 
 
-def same_config(path: Path, cfg: RunConfig) -> bool:
-    """Does the resolved config saved at `path` equal `cfg`? The `log` section (where metric lines
-    also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
+def _entries(out: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError:
+        return []
+
+
+def _foreign(out: Path) -> bool:
+    """Does `out` hold something other than what a run writes before its first metric line (the files
+    of a run that has logged are judged by the checks on metrics.jsonl and checkpoints/)?"""
+    run_files = ("metrics.jsonl", "checkpoints", "summary.json", "student", "cka.json", "downstream.json", "cell.json")
+    logged = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    allowed = _STARTED + run_files if logged else _STARTED
+    return any(n not in allowed and not n.endswith(".tmp") for n in _entries(out))
+
+
+def _listing(out: Path) -> str:
+    names = _entries(out)
+    return ", ".join(names[:4]) + (f", … ({len(names)} entries)" if len(names) > 4 else "")
+
+
+_SECTIONS = ("data", "teacher", "student", "objective", "budget", "train")  # every run's config.yaml has them
+_READ_LEAVES = ("student.preset", "train.seed", "objective.method")  # what reports and studies read of it
+
+
+def read_run_config(path: Path) -> dict | None:
+    """A run directory's config.yaml as a dict; None if it is not an hld run config (another tool's YAML:
+    not a mapping with `name` and only hld's sections); an HldError if it cannot be read or is damaged
+    (truncated, not YAML, a section missing or of the wrong type)."""
     import yaml
 
-    saved, now = yaml.safe_load(path.read_text()), to_dict(cfg)
+    from hld.config import _build
+
+    fix = f"restore {path} from a copy, or delete {path.parent} and train again"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise HldError(f"the run's config {path} is unreadable or not valid YAML (truncated?)", fix) from exc
+    names = {f.name for f in fields(RunConfig)}
+    if not isinstance(saved, dict) or "name" not in saved or not set(saved) <= names:
+        return None
+    missing = [k for k in _SECTIONS if not isinstance(saved.get(k), dict)]
+    for leaf in _READ_LEAVES:
+        section, key = leaf.split(".")
+        if section not in missing and key not in saved[section]:
+            missing.append(leaf)
+    if missing:
+        raise HldError(f"the run's config {path} is damaged ({missing[0]} is missing or not a mapping)", fix)
+    try:
+        _build(RunConfig, saved)
+    except HldError as exc:
+        raise HldError(f"the run's config {path} is damaged ({exc.problem})", fix) from exc
+    return saved
+
+
+_NUMBERS = ("steps", "tokens", "flops", "train_seconds", "student_params", "student_params_non_embedding")
+
+
+def read_summary(run_dir: Path, fix: str) -> dict:
+    """RUN_DIR/summary.json: a JSON object whose figures are numbers (`val/...` too), else one line."""
+    path = Path(run_dir) / "summary.json"
+    summary = atomic.read_json_object(path, "run summary", fix)
+    for key, value in summary.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (key in _NUMBERS or key.startswith("val/")) and not number:
+            raise HldError(f"run summary {path} is damaged: {key} is {value!r}, not a number", fix)
+    sha = summary.get("student_sha256")
+    if sha is not None and (not isinstance(sha, dict) or not all(isinstance(v, str) for v in sha.values())):
+        raise HldError(f"run summary {path} is damaged: student_sha256 is not a mapping of file names to digests", fix)
+    return summary
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, d: Dist):
+    """Hold RUN_DIR/.run.lock (rank 0) for the run: a second `hld train` into the same --out is refused
+    in one line instead of interleaving its metrics, config and weights with the first's. The file is
+    gone once the run ends (`hld.locks.sole_holder`); a killed holder's lock is released by the kernel.
+    Under torchrun every rank raises when rank 0 finds it held."""
+    from hld.distributed import any_rank
+    from hld.locks import holder, sole_holder
+
+    def refuse() -> HldError:
+        who = holder(out / RUN_LOCK) if d.is_main else ""
+        return HldError(
+            f"another hld train is writing {out}" + (f" ({who})" if who else ""),
+            "wait for it to finish, or give another --out",
+        )
+
+    if not d.is_main:
+        if any_rank(d, False):
+            raise refuse()
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = sole_holder(out / RUN_LOCK)
+        got = lock.__enter__()
+    except OSError as exc:
+        any_rank(d, True)
+        raise HldError(f"cannot create the run directory {out}: {exc.strerror or exc}", atomic.write_fix(exc)) from exc
+    try:
+        if any_rank(d, not got):
+            raise refuse()
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def same_config(saved: dict, cfg: RunConfig) -> bool:
+    """Does the resolved config saved in a run (`read_run_config`) equal `cfg`? The `log` section (where
+    metric lines also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
+    saved, now = dict(saved), to_dict(cfg)
     saved.pop("log", None)
     now.pop("log", None)
     return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
 
 
 def resume_state(
-    out: Path, d: Dist, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer
+    out: Path,
+    d: Dist,
+    *,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    data_fingerprint: str = "",
 ) -> RunState:
     """Load the run's last checkpoint into `modules` ("student", and "projectors" when trained) and the
     optimiser, and return where the run stood; a run stopped before its first checkpoint starts again
@@ -85,10 +216,14 @@ def resume_state(
             say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
         state = RunState()
     elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
-        state = load_sharded(out, modules=modules, optimizer=optimizer)
+        state = load_sharded(out, modules=modules, optimizer=optimizer, data_fingerprint=data_fingerprint)
     else:
         state = restore_checkpoint(
-            out, student=modules["student"], projectors=modules.get("projectors"), optimizer=optimizer
+            out,
+            student=modules["student"],
+            projectors=modules.get("projectors"),
+            optimizer=optimizer,
+            data_fingerprint=data_fingerprint,
         )
     if d.is_main:
         _truncate_metrics(out, state.step)
@@ -103,9 +238,10 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def last_validation(run_dir: Path) -> dict:
-    """The `val/` metrics of the last line that has them ({} if none)."""
-    vals = [r for r in read_metrics(run_dir) if "val/ppl" in r]
+def last_validation(run_dir: Path, step: int) -> dict:
+    """The `val/` metrics logged at `step` ({} if no intact line of that step has them, val/loss and val/ppl
+    both: the caller validates again rather than write a summary without them, or an older step's)."""
+    vals = [r for r in read_metrics(run_dir) if r.get("step") == step and "val/ppl" in r and "val/loss" in r]
     return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
