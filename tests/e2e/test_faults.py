@@ -84,6 +84,7 @@ KINDS = [
     Kind("study", "runs/*/student/*", "bytes"),
     Kind("study", "runs/*/hidden_stats.pt*", "bytes"),
     Kind("study", "caches/*/*", "bytes"),  # the cache's kinds below
+    Kind("study", "caches/.*.lock", "bytes"),  # a cache group's build lock
     Kind("study", "report.md", "bytes"),
     Kind("study", "results.csv", "bytes"),
     Kind("study", "paired.csv", "bytes"),
@@ -92,14 +93,10 @@ KINDS = [
     Kind("study", "locks/*/*.lock", "bytes"),
     # a teacher cache (hld cache-teacher)
     Kind("cache", "manifest.json", "json", ("train-cached", "cache-teacher"), "shards"),
-    Kind("cache", "shard-*.tokens.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_indices.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_values.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_scale.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_rest.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_exceptions.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.topk_exception_offsets.npy", "bytes", ("train-cached",)),
-    Kind("cache", "shard-*.hidden_*.npy", "bytes", ("train-cached",)),
+    Kind("cache", "parts/*.bin", "bytes", ("train-cached",)),
+    Kind("cache", "parts/*.records.jsonl", "jsonl"),  # the build's commit log: the manifest holds its records
+    Kind("cache", "windows.npy", "bytes", ("train-cached",)),
+    Kind("cache", "verified.jsonl", "bytes", ("train-cached",)),  # lines of text: "shard field sha size mtime"
     # a token store (what `hld eval --data` and `hld tokenize` read)
     Kind("store", "manifest.json", "json", ("eval-store", "tokenize"), "shards"),
     Kind("store", "identity.json", "json", ("eval-store",), "source"),
@@ -115,18 +112,7 @@ _KEY_DAMAGES = ("drop_key", "wrong_type")
 
 # cases whose reading code belongs to another work item: (root, pattern, damage, reader) -> owner.
 # Not strict: they pass once their owner's fix is merged (then delete the entry).
-_CACHE = "teacher-cache reading (distill/cache.py; issue 23's damaged-caches item, the cache helper): "
-_STORE = "token-store reading (data/store.py; the lead's issue 19): "
-KNOWN: dict[tuple[str, str, str, str], str] = {
-    ("cache", "manifest.json", "flip", "train-cached"): _CACHE + "UnicodeDecodeError reading the manifest",
-    ("cache", "manifest.json", "drop_key", "train-cached"): _CACHE + "KeyError 'shards'",
-    ("cache", "manifest.json", "drop_key", "cache-teacher"): _CACHE + "KeyError 'shards' (reuse reads it)",
-    ("cache", "manifest.json", "wrong_type", "train-cached"): _CACHE + "shards given as a string: TypeError",
-    ("cache", "manifest.json", "wrong_type", "cache-teacher"): _CACHE + "shards given as a string: TypeError",
-    ("store", "shards/*.ok", "flip", "eval-store"): _STORE + "UnicodeDecodeError reading a shard's .ok marker",
-    ("store", "shards/*.bin", "flip", "tokenize"): _STORE
-    + "tokenize (no --verify) exits 0 over a flipped shard, which the next run refuses: not repaired",
-}
+KNOWN: dict[tuple[str, str, str, str], str] = {}
 
 
 def damages(kind: Kind) -> tuple[str, ...]:

@@ -332,3 +332,16 @@ def test_a_unit_held_by_another_process_is_waited_for_not_left_out(tmp_path, tok
     assert tk.build(spec, tok, out, quiet=True) == one
     assert time.time() - t0 >= 1.0
     assert _store_bytes(out) == _store_bytes(tmp_path / "one")
+
+
+def test_a_rerun_build_redoes_a_damaged_committed_shard(built, tok, capsys):
+    spec, out = built
+    good = _store_bytes(out)
+    f = out / "shards" / "00001.bin"
+    raw = bytearray(f.read_bytes())
+    raw[8] ^= 0x01
+    f.write_bytes(bytes(raw))
+    (out / "shards" / "00000.ok").write_bytes(b"\xff\xfe not a stamp")  # a damaged stamp: the shard is checked
+    tk.build(spec, tok, out)
+    assert "unit 1" in capsys.readouterr().out
+    assert _store_bytes(out) == good

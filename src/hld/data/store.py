@@ -173,7 +173,7 @@ def verify_shard(path: Path, s: dict) -> None:
     try:
         if stamp.read_text() == _stamp_text(f, s):
             return
-    except OSError:
+    except (OSError, ValueError):  # no stamp, or a damaged one (not UTF-8): check the shard itself
         pass
     if file_sha256(f) != s["sha256"]:
         raise HldError(

@@ -202,6 +202,14 @@ def build(
     units = source_units(spec)
     mine = [u for u in range(len(units)) if u % shard[1] == shard[0]]
     records = {u: r for u in mine if (r := st.shard_record(out, f"{u:05d}")) is not None}
+    for u, rec in list(records.items()):  # committed units: checked (a stamp makes it a stat), redone if damaged
+        try:
+            st.verify_shard(out, rec)
+        except HldError:
+            if not quiet:
+                print(f"[{desc}] unit {u} ({units[u]}): its shard does not match its checksum; tokenising it again")
+            (out / "shards" / f"{u:05d}.json").unlink(missing_ok=True)
+            del records[u]
     todo = [u for u in mine if u not in records]
     prog = Progress(len(mine), desc=desc, quiet=quiet, initial=len(records), unit="unit")
     t0, tokens, repaired = time.time(), 0, 0
