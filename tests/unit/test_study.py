@@ -79,6 +79,20 @@ def test_shipped_demo_study_loads_and_expands():
     assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
 
 
+def test_the_demo_study_runs_fp32_everywhere_while_auto_stays_the_default():
+    from hld.config import RunConfig
+
+    study = load_study("demo")
+    for cell in expand(study):
+        cfg = cell_config(study, cell)
+        assert (cfg.train.precision, cfg.teacher.dtype) == ("float32", "float32")  # no machine-dependent `auto`
+    defaults = RunConfig()
+    assert (defaults.train.precision, defaults.teacher.dtype) == ("auto", "auto")
+    assert load_config("demo").train.precision == "auto"  # `hld train --config demo` keeps auto
+    undone = load_study("demo", ["train.precision=auto"])  # as `hld run train.precision=auto` passes it
+    assert cell_config(undone, expand(undone)[0]).train.precision == "auto"
+
+
 def test_equal_flops_cells_follow_their_configuration_and_take_the_spent_flops():
     from hld.study.grid import flops_overrides
 
@@ -582,6 +596,9 @@ def check_verdicts_match_csv(study_dir: Path, t975: dict) -> None:
 
 def test_report_from_run_directories(tmp_path):
     written = _fake_study(tmp_path)
+    fidelity = {"signal": "cache top-64 + remaining mass (compact codec)", "dtype": "float32", "temperature": 1.0}
+    fidelity.update({"teacher_dtype": "float32", "kl_per_token": 0.51234, "predictions": 1016})
+    (tmp_path / "study.json").write_text(json.dumps({"name": "s", "signal_fidelity": [fidelity]}))
     result = build_report(tmp_path)
     budget_cols = sorted(f"budget.{f.name}" for f in dataclasses.fields(BudgetConfig))
     header = next(csv.reader(open(tmp_path / "results.csv")))
@@ -624,6 +641,8 @@ def test_report_from_run_directories(tmp_path):
     )
     assert "- **Precision that ran** (resolved, not `auto`): students `float32`; teacher `bfloat16`." in report
     assert "did not all run under the same precision" not in report
+    assert "| cache top-64 + remaining mass (compact codec) | `float32` | 1 | 1,016 | 0.5123 |" in report
+    assert "Power of each line" in report and "| detectable at Holm level |" in report
     assert "not** FLOP-matched" in report and "kd ×1.200" in report
     for name in ("loss_vs_flops", "training_curves", "paired_differences"):
         png = tmp_path / "plots" / f"{name}.png"

@@ -23,6 +23,7 @@ from hld.study.aggregate import (
     write_paired_csv,
     write_results_csv,
 )
+from hld.study.fidelity import fidelity_rows
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
 from hld.study.grid import ARMS
 
@@ -390,7 +391,7 @@ def _setup(table: Table, meta: dict) -> list[str]:
             f"| {student} | {budget} | {arm} | {len(rows)} | {tokens:,.0f} | {mean_flops:.3g} | "
             f"{mean_flops / tokens:.3g} | {ratio} |"
         )
-    return lines + [""]
+    return lines + [""] + fidelity_rows(meta.get("signal_fidelity") or [])
 
 
 def ran_setup(rows: list[dict]) -> list[str]:
