@@ -1,7 +1,7 @@
 """Which floating-point type to compute in. `auto` picks bf16 only where it is fast: on CUDA, or on
 CPUs with native bf16 instructions (AVX512-BF16 / AMX). On an AVX2-only CPU, bf16 matmuls run
-hundreds of times slower than fp32 (measured: 0.3 vs 179 GFLOP/s on a 2-core AMD EPYC), so auto
-means fp32 there."""
+hundreds of times slower than fp32 (measured: 0.3 vs 179 GFLOP/s on an AVX2-only 2-core AMD EPYC),
+so auto means fp32 there. `ran_on` records what was resolved, and on which machine."""
 
 from __future__ import annotations
 

@@ -174,8 +174,8 @@ def study_fidelity(planned: list, out: Path, resources, done: list[dict], *, qui
             continue
         have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
         if have is None:
-            name = f"fidelity-{len(entries)}"
-            have = measure(cfg, resources, out / "caches" / name, quiet=quiet)
+            # its own directory, apart from the cells' caches/ (a cache of validation windows, kept for a resume)
+            have = measure(cfg, resources, out / "fidelity" / f"signal-{len(entries)}", quiet=quiet)
         entries.append(have)
     return entries
 

@@ -519,7 +519,7 @@ def power_table(verdicts: list) -> list[str]:
         "Power of each line (two-sided paired t-test, 80% power; sd of the per-seed differences; "
         "the seeds that would decide the observed |Δ| at 80% power):",
         "",
-        "| comparison | accounting | metric | configuration | n | |Δ| | sd | Holm level | detectable at 0.05 | "
+        "| comparison | accounting | metric | configuration | n | \\|Δ\\| | sd | Holm level | detectable at 0.05 | "
         "detectable at Holm level | seeds to decide at 0.05 | at Holm level |"
         + (" pooled sd (lines) | detectable, pooled sd (0.05 / Holm) |" if pooled else ""),
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if pooled else ""),
