@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,3 +63,42 @@ def test_a_second_backward_through_the_fused_loss_is_refused():
     (loss / 3).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         (loss / 3).backward()
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The flags of /proc/cpuinfo, read here independently of hld.precision."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.parametrize(("method", "precision"), [("ce", "float32"), ("kd", "bfloat16")])
+def test_summary_records_the_precision_and_machine_that_ran(tmp_path, overrides, method, precision):
+    import transformers
+
+    from hld.config import load_config
+    from hld.train.loop import train
+
+    cfg = load_config(
+        "smoke",
+        [
+            *overrides,
+            f"objective.method={method}",
+            f"train.precision={precision}",
+            "budget.tokens=512",
+            "teacher.dtype=auto",
+        ],
+    )
+    ran = train(cfg, tmp_path / "run", quiet=True)["ran"]
+    flags = _cpuinfo_flags()
+    assert ran["student_dtype"] == precision  # resolved: the names torch gives them
+    auto = "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"  # what auto means on this CPU
+    teacher = auto if cfg.teacher.dtype == "auto" else cfg.teacher.dtype
+    assert ran["teacher_dtype"] == (None if method == "ce" else teacher)
+    assert ran["device"] == "cpu" and ran["machine"]
+    relevant = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"}
+    assert set(ran["cpu_flags"].split()) == flags & relevant
+    assert (ran["torch"], ran["transformers"]) == (torch.__version__, transformers.__version__)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ran"] == ran

@@ -18,7 +18,7 @@ import pytest
 
 from hld.config import BudgetConfig, dump_yaml, load_config, to_dict
 from hld.errors import HldError
-from hld.study import ngram
+from hld.study import ngram, stats
 from hld.study.aggregate import best_configuration, collect, paired, verdict_line, verdicts
 from hld.study.grid import STUDY_DIR, cell_config, expand, load_study, parse_study
 from hld.study.report import build_report
@@ -77,6 +77,20 @@ def test_shipped_demo_study_loads_and_expands():
             assert cell.arm == "ce" and cell.flops_of == f"{cell.match}__s{cell.seed}__kd"
             assert cell.id == f"{cell.match}__eqflops__s{cell.seed}__ce"
     assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
+
+
+def test_the_demo_study_runs_fp32_everywhere_while_auto_stays_the_default():
+    from hld.config import RunConfig
+
+    study = load_study("demo")
+    for cell in expand(study):
+        cfg = cell_config(study, cell)
+        assert (cfg.train.precision, cfg.teacher.dtype) == ("float32", "float32")  # no machine-dependent `auto`
+    defaults = RunConfig()
+    assert (defaults.train.precision, defaults.teacher.dtype) == ("auto", "auto")
+    assert load_config("demo").train.precision == "auto"  # `hld train --config demo` keeps auto
+    undone = load_study("demo", ["train.precision=auto"])  # as `hld run train.precision=auto` passes it
+    assert cell_config(undone, expand(undone)[0]).train.precision == "auto"
 
 
 def test_equal_flops_cells_follow_their_configuration_and_take_the_spent_flops():
@@ -373,10 +387,131 @@ def test_holm_adjusts_across_every_line_of_a_report():
     assert lines[0].p_holm == pytest.approx(2 * lines[0].interval.p)  # the smaller p, times m = 2
 
 
+# --------------------------------------------------------------------------- power
+
+
+def _scipy_power(effect: float, sd: float, n: int, alpha: float) -> float:
+    """The two-sided one-sample t-test's power, from scipy's t quantile and noncentral t."""
+    from scipy.stats import nct, t
+
+    crit, nc = t.ppf(1 - alpha / 2, n - 1), abs(effect) * math.sqrt(n) / sd
+    lower = float(nct.cdf(-crit, n - 1, nc))  # nan where scipy fails far in the tail: there it is < 1e-15
+    return float(nct.sf(crit, n - 1, nc)) + (lower if math.isfinite(lower) else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("t", "df", "nc"), [(1.3, 1, 0.5), (4.3, 2, 2.0), (-4.3, 2, 2.0), (2.5, 5, 3.3), (2.0, 60, 1.0)]
+)
+def test_own_noncentral_t_matches_scipy(t, df, nc):
+    from scipy.stats import nct
+
+    assert stats.nct_cdf_own(t, df, nc) == pytest.approx(float(nct.cdf(t, df, nc)), abs=1e-9)
+
+
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize(("sd", "n", "alpha"), [(0.092, 3, 0.05), (0.116, 3, 0.0125), (0.05, 10, 0.05), (1.0, 2, 0.05)])
+def test_detectable_effect_and_seeds_needed_match_scipy_power(monkeypatch, own, sd, n, alpha):
+    if own:  # hld's own noncentral t and t quantile, as without scipy
+        monkeypatch.setattr(stats, "nct_cdf", stats.nct_cdf_own)
+        monkeypatch.setattr(stats, "t_quantile", t_quantile_own)
+    mde = stats.detectable_effect(sd, n, alpha)
+    assert _scipy_power(mde, sd, n, alpha) == pytest.approx(0.8, abs=1e-6)
+    assert stats.paired_power(mde, sd, n, alpha) == pytest.approx(_scipy_power(mde, sd, n, alpha), abs=1e-8)
+    for effect in (0.5 * mde, mde / math.sqrt(n)):
+        need = stats.seeds_needed(effect, sd, alpha)
+        assert _scipy_power(effect, sd, need, alpha) >= 0.8 > _scipy_power(effect, sd, need - 1, alpha)
+
+
+def test_power_of_a_textbook_case():
+    # Cohen's d = 0.5, two-sided alpha 0.05: 34 pairs give 80% power (33 do not), as tabled for the one-sample t-test
+    assert stats.seeds_needed(0.5, 1.0, 0.05) == 34
+    assert stats.paired_power(0.5, 1.0, 34, 0.05) == pytest.approx(0.8078, abs=5e-4)
+
+
+def test_pooled_sd_and_holm_levels_by_hand():
+    groups = [(3, 0.1), (3, 0.2), (5, 0.05), (1, None)]
+    want = math.sqrt((2 * 0.01 + 2 * 0.04 + 4 * 0.0025) / 8)
+    assert stats.pooled_sd(groups) == pytest.approx(want)
+    assert stats.holm_levels([0.04, None, 0.001, 0.2], 0.05) == pytest.approx([0.05 / 2, None, 0.05 / 3, 0.05])
+
+
+def test_an_underpowered_line_says_so_and_a_decided_one_does_not():
+    from scipy.stats import nct, t  # noqa: F401  (the reference below is scipy's)
+
+    deltas = {"hld-joint": [0.10, -0.04, 0.15], "kd": [-0.80, -0.78, -0.83]}
+    rows = [{"configuration": "x", "seed": s, "arm": "ce", "val_loss": 8.0} for s in range(3)]
+    rows += [{"configuration": "x", "seed": s, "arm": "kd", "val_loss": 8.0 + d} for s, d in enumerate(deltas["kd"])]
+    rows += [
+        {"configuration": "x", "seed": s, "arm": "hld-joint", "val_loss": 8.0 + dk + d}
+        for s, (dk, d) in enumerate(zip(deltas["kd"], deltas["hld-joint"]))
+    ]
+    lines = {(v.comparison.arm, v.comparison.baseline): v for v in verdicts(paired(rows))}
+    hj, kd = lines[("hld-joint", "kd")], lines[("kd", "ce")]
+    d = np.array(deltas["hld-joint"])
+    sd = d.std(ddof=1)
+    assert hj.interval.sd == pytest.approx(sd)
+    assert hj.power.holm_level == pytest.approx(0.05)  # the larger p of two lines: tested at alpha / 1
+    mde = hj.power.mde_holm
+    assert _scipy_power(mde, sd, 3, 0.05) == pytest.approx(0.8, abs=1e-6)
+    text = verdict_line(hj)
+    assert f"underpowered: cannot tell differences below {mde:.3f} nats with 3 seeds" in text
+    assert "no clear difference" not in text
+    assert f"{hj.power.seeds_holm} seeds would decide" in text
+    assert "kd is better (Holm-adjusted p ≤ 0.05)." in verdict_line(kd) and not kd.power.underpowered
+    assert kd.power.holm_level == pytest.approx(0.025)
+
+
+def test_lines_of_one_kind_get_a_pooled_detectable_effect(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = []
+    for conf in ("x", "y", "z"):
+        for s in range(4):
+            rows.append({"configuration": conf, "seed": s, "arm": "kd", "val_loss": 5.0 + 0.1 * rng.normal()})
+            rows.append({"configuration": conf, "seed": s, "arm": "hld-joint", "val_loss": 5.0 + 0.1 * rng.normal()})
+    comps = paired(rows)
+    lines = verdicts(comps)
+    assert len(lines) == 3
+    sds = [
+        np.std(
+            [
+                r["val_loss"] - q["val_loss"]
+                for r in rows
+                for q in rows
+                if r["configuration"] == q["configuration"] == c
+                and r["seed"] == q["seed"]
+                and r["arm"] == "hld-joint"
+                and q["arm"] == "kd"
+            ],
+            ddof=1,
+        )
+        for c in ("x", "y", "z")
+    ]
+    pooled = math.sqrt(sum(x * x for x in sds) / 3)  # equal n: the mean variance
+    for v in lines:
+        assert v.power.pooled_sd == pytest.approx(pooled) and v.power.pooled_lines == 3
+        assert _scipy_power(v.power.mde_pooled, pooled, 4, 0.05) == pytest.approx(0.8, abs=1e-6)
+    from hld.study.aggregate import write_paired_csv
+
+    write_paired_csv(comps, tmp_path / "paired.csv", lines)
+    out = [r for r in csv.DictReader(open(tmp_path / "paired.csv")) if r["configuration"] != "ALL"]
+    assert [float(r["mde_pooled"]) for r in out] == pytest.approx([v.power.mde_pooled for v in lines])
+
+
 # --------------------------------------------------------------------------- report from run directories
 
 
-def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[dict]:
+RAN = {
+    "student_dtype": "float32",
+    "teacher_dtype": "bfloat16",
+    "device": "cpu",
+    "machine": "AMD EPYC",
+    "cpu_flags": "avx2 avx512f avx512_bf16",
+    "torch": "2.13.0+cpu",
+    "transformers": "5.24.0",
+}
+
+
+def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True, ran=lambda cell: RAN) -> list[dict]:
     """Run directories written by hand, as `hld study` would leave them (no training)."""
     study = parse_study({**STUDY, "budgets": [{"tokens": 1024}], "seeds": list(seeds)})
     rng = np.random.default_rng(1)
@@ -401,6 +536,7 @@ def _fake_study(root: Path, *, seeds=(0, 1, 2), cell_json: bool = True) -> list[
             "train_seconds": 1.5,
             "val/loss": loss,
             "val/ppl": math.exp(loss),
+            "ran": ran(cell),
         }
         (run / "summary.json").write_text(json.dumps(summary))
         lines = [
@@ -481,6 +617,9 @@ def check_verdicts_match_csv(study_dir: Path, t975: dict) -> None:
 
 def test_report_from_run_directories(tmp_path):
     written = _fake_study(tmp_path)
+    fidelity = {"signal": "cache top-64 + remaining mass (compact codec)", "dtype": "float32", "temperature": 1.0}
+    fidelity.update({"teacher_dtype": "float32", "kl_per_token": 0.51234, "predictions": 1016})
+    (tmp_path / "study.json").write_text(json.dumps({"name": "s", "signal_fidelity": [fidelity]}))
     result = build_report(tmp_path)
     budget_cols = sorted(f"budget.{f.name}" for f in dataclasses.fields(BudgetConfig))
     header = next(csv.reader(open(tmp_path / "results.csv")))
@@ -503,8 +642,10 @@ def test_report_from_run_directories(tmp_path):
         "val_loss",
         "val_ppl",
         "train_seconds",
+        *RAN,
     ]
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert all({k: r[k] for k in RAN} == RAN for r in rows)
     assert len(rows) == len(written) == result["cells"] == 4 * 2 * 2 * 3
     by_cell = {r["cell"]: r for r in rows}
     for w in written:
@@ -515,6 +656,14 @@ def test_report_from_run_directories(tmp_path):
     # the effects written above are 5x the noise: kd wins every seed of every configuration
     assert report.count("kd better in 3 of 3 seeds") == 4 and "Holm-adjusted over the 12 lines" in report
     assert "| tiny-2l | 2 × 64 | 120,000 | 150,000 |" in report
+    assert (
+        "- **Ran on**: cpu `AMD EPYC` (flags: avx2 avx512f avx512_bf16), torch 2.13.0+cpu, transformers 5.24.0."
+        in report
+    )
+    assert "- **Precision that ran** (resolved, not `auto`): students `float32`; teacher `bfloat16`." in report
+    assert "did not all run under the same precision" not in report
+    assert "| cache top-64 + remaining mass (compact codec) | `float32` | 1 | 1,016 | 0.5123 |" in report
+    assert "Power of each line" in report and "| detectable at Holm level |" in report
     assert "not** FLOP-matched" in report and "kd ×1.200" in report
     for name in ("loss_vs_flops", "training_curves", "paired_differences"):
         png = tmp_path / "plots" / f"{name}.png"
@@ -522,6 +671,16 @@ def test_report_from_run_directories(tmp_path):
     paired_rows = list(csv.DictReader(open(tmp_path / "paired.csv")))
     assert sum(r["configuration"] == "ALL" for r in paired_rows) == 3
     assert all(r["p_holm"] for r in paired_rows if r["configuration"] != "ALL")
+
+
+def test_a_study_whose_cells_ran_under_different_precisions_says_so(tmp_path):
+    _fake_study(tmp_path, seeds=(0, 1), ran=lambda cell: {**RAN, "student_dtype": "bfloat16"} if cell.seed else RAN)
+    build_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "students `bfloat16`, `float32`" in report
+    assert "**The cells did not all run under the same precision and machine**" in report
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {(r["seed"], r["student_dtype"]) for r in rows} == {("0", "float32"), ("1", "bfloat16")}
 
 
 def test_unfinished_runs_are_listed_and_grid_keys_inferred_without_cell_json(tmp_path):

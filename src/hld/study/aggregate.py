@@ -27,7 +27,17 @@ from hld.errors import HldError
 from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS
 from hld.study.naming import configuration_id
-from hld.study.stats import Interval, holm, mean_interval
+from hld.study.stats import (
+    POWER,
+    Interval,
+    detectable_effect,
+    holm,
+    holm_levels,
+    mean_interval,
+    paired_power,
+    pooled_sd,
+    seeds_needed,
+)
 from hld.train.loggers import read_metrics
 from hld.train.rundir import read_run_config, read_summary
 
@@ -43,6 +53,8 @@ BASE_COLUMNS = [
     "student_params_non_embedding",
 ]
 TAIL_COLUMNS = ["seed", "steps", "tokens", "flops", "val_loss", "val_ppl", "train_seconds"]
+# what ran (summary.json's `ran`: resolved dtypes, device, machine, versions); empty for a run from before it
+RAN_COLUMNS = ["student_dtype", "teacher_dtype", "device", "machine", "cpu_flags", "torch", "transformers"]
 
 
 @dataclass
@@ -58,7 +70,7 @@ class Table:
     @property
     def columns(self) -> list[str]:
         tasks = [c for m in self.task_metrics for c in (m, f"{m}_stderr")]
-        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS + tasks
+        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS + RAN_COLUMNS + tasks
 
 
 def task_metric(task: str, row: dict) -> str:
@@ -212,6 +224,8 @@ def _row(
             "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in budget.items()),
         }
     )  # a label, not a results.csv column
+    ran = summary.get("ran") or {}
+    row.update({k: ran.get(k) for k in RAN_COLUMNS})
     return row
 
 
@@ -264,6 +278,29 @@ class Verdict:
     over: str  # "seeds" or "configurations"
     wins: int
     p_holm: Optional[float] = None  # Holm-adjusted over every line of the report
+    power: Optional[LinePower] = None  # None for a line without an interval (n < 2) or sd 0
+
+
+@dataclass(frozen=True)
+class LinePower:
+    """A line's power at POWER (80%), from its own n and sd (the per-pair differences' sd): the
+    smallest |Δ| its two-sided paired t-test detects, at the unadjusted `alpha` and at the Holm level
+    the line is tested at (alpha / (m - rank) among the report's m lines); the pairs that would decide
+    the observed Δ at each; and, when the report has several lines of this kind (comparison, metric,
+    accounting), the detectable effect from their pooled sd."""
+
+    alpha: float
+    holm_level: float
+    mde: float
+    mde_holm: float
+    seeds: Optional[int]  # None: no number of pairs would (Δ = 0)
+    seeds_holm: Optional[int]
+    observed_power_holm: float  # the power at the Holm level if the true Δ were the observed one
+    pooled_sd: Optional[float] = None
+    pooled_lines: int = 0
+    mde_pooled: Optional[float] = None  # at the unadjusted alpha
+    mde_pooled_holm: Optional[float] = None
+    underpowered: bool = False  # |Δ| < mde_holm: the line cannot tell a difference of its own size
 
 
 ALL = "ALL"
@@ -375,7 +412,43 @@ def verdicts(comparisons: list[Comparison]) -> list[Verdict]:
             )
     for v, p in zip(lines, holm([v.interval.p for v in lines])):
         v.p_holm = p
+    add_power(lines)
     return lines
+
+
+def _kind(v: Verdict) -> tuple:
+    c = v.comparison
+    return (c.arm, c.baseline, c.metric, c.accounting, c.view)
+
+
+def add_power(lines: list[Verdict], alpha: float = 0.05) -> None:
+    """Each line's LinePower (the Holm levels over all the lines; pooled sd over the lines of a kind)."""
+    levels = holm_levels([v.interval.p for v in lines], alpha)
+    kinds: dict = {}
+    for v in lines:
+        if v.interval.has_ci:
+            kinds.setdefault(_kind(v), []).append((v.interval.n, v.interval.sd))
+    for v, level in zip(lines, levels):
+        i = v.interval
+        if level is None or not (i.sd or 0) > 0:
+            continue
+        group = kinds.get(_kind(v), [])
+        pooled = pooled_sd(group) if len(group) > 1 else None
+        mde_holm = detectable_effect(i.sd, i.n, level)
+        v.power = LinePower(
+            alpha=alpha,
+            holm_level=level,
+            mde=detectable_effect(i.sd, i.n, alpha),
+            mde_holm=mde_holm,
+            seeds=seeds_needed(i.mean, i.sd, alpha),
+            seeds_holm=seeds_needed(i.mean, i.sd, level),
+            observed_power_holm=paired_power(i.mean, i.sd, i.n, level),
+            pooled_sd=pooled,
+            pooled_lines=len(group) if pooled is not None else 0,
+            mde_pooled=detectable_effect(pooled, i.n, alpha) if pooled else None,
+            mde_pooled_holm=detectable_effect(pooled, i.n, level) if pooled else None,
+            underpowered=abs(i.mean) < mde_holm,
+        )
 
 
 def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
@@ -404,12 +477,58 @@ def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
     if loss:
         ratio += f" ([{math.exp(i.lo):.4f}, {math.exp(i.hi):.4f}])"
     p = f"; Holm-adjusted p = {v.p_holm:.3g})" if v.p_holm is not None else ")"
+    w = v.power
+    n_of = f"{i.n} {units}{'s' if i.n != 1 else ''}"
     if v.p_holm is not None and v.p_holm <= level:
         winner = c.arm if (i.mean > 0) == up else c.baseline
         end = f"{winner} is better (Holm-adjusted p ≤ {level:g})"
+        if w is not None and w.underpowered:
+            end += (
+                f", though |Δ| is below the {w.mde_holm:.3f}{unit} this line detects at {POWER:.0%} power "
+                f"with {n_of}: fragile (another draw of {n_of} repeats it with {w.observed_power_holm:.0%} power)"
+            )
+    elif w is not None and w.underpowered:
+        more = f"; {w.seeds_holm} {units}s would decide a Δ of this size" if w.seeds_holm else ""
+        end = (
+            f"underpowered: cannot tell differences below {w.mde_holm:.3f}{unit} with {n_of} "
+            f"({POWER:.0%} power at its Holm level {w.holm_level:.3g}{more})"
+        )
     else:
         end = f"no clear difference at a Holm-adjusted {level:g}"
     return f"{head}{interval}{p}{ratio} — {end}."
+
+
+POWER_COLUMNS = [
+    "sd",
+    "holm_level",
+    "mde",
+    "mde_holm",
+    "seeds_needed",
+    "seeds_needed_holm",
+    "pooled_sd",
+    "mde_pooled",
+    "mde_pooled_holm",
+    "underpowered",
+]
+
+
+def power_columns(v: Verdict) -> dict:
+    """A verdict line's power, as paired.csv columns (empty where it has none)."""
+    w = v.power
+    if w is None:
+        return {"sd": v.interval.sd}
+    return {
+        "sd": v.interval.sd,
+        "holm_level": w.holm_level,
+        "mde": w.mde,
+        "mde_holm": w.mde_holm,
+        "seeds_needed": w.seeds,
+        "seeds_needed_holm": w.seeds_holm,
+        "pooled_sd": w.pooled_sd,
+        "mde_pooled": w.mde_pooled,
+        "mde_pooled_holm": w.mde_pooled_holm,
+        "underpowered": w.underpowered,
+    }
 
 
 def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[list[Verdict]] = None) -> Path:
@@ -428,8 +547,10 @@ def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[
         "ppl_ratio",
         "flops_ratio",
         "wins",
+        *POWER_COLUMNS,
     ]
     holm_of = {(id(v.comparison), v.configuration): v.p_holm for v in lines or []}
+    power_of = {(id(v.comparison), v.configuration): power_columns(v) for v in lines or []}
     rows = []
     for c in comparisons:
         name = f"{c.arm} vs {c.baseline}"
@@ -450,6 +571,7 @@ def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[
                     "ppl_ratio": ratio(i.mean),
                     "wins": c.seed_wins.get(conf),
                     "flops_ratio": c.config_flops_ratio.get(conf, c.flops_ratio),
+                    **power_of.get((id(c), conf), {}),
                 }
             )
         if len(c.per_config) > 1:
@@ -467,6 +589,7 @@ def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[
                     "p_holm": holm_of.get((id(c), ALL)),
                     "ppl_ratio": ratio(i.mean),
                     "wins": c.wins,
+                    **power_of.get((id(c), ALL), {}),
                 }
             )
     return _write_csv(path, cols, rows)

@@ -22,6 +22,7 @@ from hld.study.aggregate import (
     write_paired_csv,
     write_results_csv,
 )
+from hld.study.fidelity import fidelity_rows
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
 from hld.study.grid import ARMS
 
@@ -55,6 +56,7 @@ def build_report(study_dir: Path) -> dict:
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
     said = [verdict_line(v) for v in lines]
     summary = best_table(table, reference, meta.get("ngram_reference") or [])
+    meta = {**meta, "power_table": power_table(lines)}
     text = render(table, comparisons, said, meta, name=meta.get("name", study_dir.name), summary=summary)
     write_text(study_dir / "report.md", text)
     return {
@@ -261,7 +263,7 @@ def render(
         ]
     lines += [f"- {v}" for v in verdicts] or ["- no pair of compared arms (hld-* vs kd, kd vs ce) ran in this study"]
     lines += [f"- {n}" for n in non_finite_notes(table)]
-    lines += [""] + _compute_note(table) + _per_config_table(comparisons)
+    lines += [""] + (meta.get("power_table") or []) + _compute_note(table) + _per_config_table(comparisons)
     lines += [
         "## Results",
         "",
@@ -405,6 +407,7 @@ def _setup(table: Table, meta: dict) -> list[str]:
         else "not counted in the cells' FLOPs below"
     )
     lines += _tasks_setup(table, meta)
+    lines += ran_setup(table.rows)
     for ref in meta.get("teacher_reference") or []:
         lines += [
             f"- **Teacher reference**: `{ref['model']}` scores validation loss {ref['val_loss']:.4f} nats "
@@ -442,7 +445,46 @@ def _setup(table: Table, meta: dict) -> list[str]:
             f"| {student} | {budget} | {arm} | {len(rows)} | {tokens:,.0f} | {mean_flops:.3g} | "
             f"{mean_flops / tokens:.3g} | {ratio} |"
         )
-    return lines + [""]
+    return lines + [""] + fidelity_rows(meta.get("signal_fidelity") or [])
+
+
+def ran_setup(rows: list[dict]) -> list[str]:
+    """The setup's lines on what ran (summary.json's `ran`): the machine and versions, and the resolved
+    precisions, with a warning when the cells ran under different ones (their differences then mix
+    the arms' effect with the floating-point path's)."""
+    rows = [r for r in rows if r.get("device")]
+    if not rows:
+        return ["- **Ran on**: not recorded (runs written before hld recorded their precision and machine)."]
+    machines = sorted(
+        {(r["device"], r["machine"], r["cpu_flags"], r["torch"], r["transformers"]) for r in rows}, key=str
+    )
+    lines = [
+        "- **Ran on**: "
+        + "; ".join(
+            f"{dev} `{m}`"
+            + (f" (flags: {flags or 'none of avx2/avx512/amx'})" if dev == "cpu" else "")
+            + f", torch {t}, transformers {tf}"
+            for dev, m, flags, t, tf in machines
+        )
+        + "."
+    ]
+    precisions: dict = {}
+    for r in rows:
+        precisions.setdefault(r.get("student_dtype"), set()).add(r.get("teacher_dtype"))
+    teachers = sorted({t for ts in precisions.values() for t in ts if t})
+    lines.append(
+        f"- **Precision that ran** (resolved, not `auto`): students {', '.join(f'`{d}`' for d in sorted(precisions))}"
+        + (f"; teacher {', '.join(f'`{t}`' for t in teachers)}" if teachers else "")
+        + "."
+    )
+    mixed = len(precisions) > 1 or len(teachers) > 1 or len(machines) > 1
+    if mixed:
+        lines.append(
+            "- **The cells did not all run under the same precision and machine** (columns `student_dtype`, "
+            "`teacher_dtype` and `machine` of `results.csv`): a paired difference may be the floating-point "
+            "path's, not the arm's."
+        )
+    return lines
 
 
 def _unique(table: Table, key: str) -> list:
@@ -516,6 +558,43 @@ def _compute_note(table: Table) -> list[str]:
         "the verdicts compare them at the budget listed, not at equal compute.",
         "",
     ]
+
+
+def power_table(verdicts: list) -> list[str]:
+    """Per verdict line: n, the paired differences' sd, the smallest |Δ| its two-sided paired t-test
+    detects at 80% power (unadjusted alpha, and the Holm level the line is tested at), the same from the
+    pooled sd of the report's lines of its kind where there are several, and the seeds that would
+    decide the observed Δ."""
+    rows = [v for v in verdicts if v.power is not None]
+    if not rows:
+        return []
+    pooled = any(v.power.pooled_sd is not None for v in rows)
+    lines = [
+        "Power of each line (two-sided paired t-test, 80% power; sd of the per-seed differences; "
+        "the seeds that would decide the observed |Δ| at 80% power):",
+        "",
+        "| comparison | accounting | metric | configuration | n | \\|Δ\\| | sd | Holm level | detectable at 0.05 | "
+        "detectable at Holm level | seeds to decide at 0.05 | at Holm level |"
+        + (" pooled sd (lines) | detectable, pooled sd (0.05 / Holm) |" if pooled else ""),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---|" if pooled else ""),
+    ]
+    for v in rows:
+        c, i, w = v.comparison, v.interval, v.power
+        loss = c.metric == "val_loss"
+        extra = ""
+        if pooled:
+            extra = (
+                f" {w.pooled_sd:.4f} ({w.pooled_lines}) | {w.mde_pooled:.4f} / {w.mde_pooled_holm:.4f} |"
+                if w.pooled_sd is not None
+                else " — | — |"
+            )
+        lines.append(
+            f"| {c.arm} vs {c.baseline} | {c.accounting} | {'val loss (nats)' if loss else c.metric} | "
+            f"{v.configuration} | {i.n} | {abs(i.mean):.4f} | {i.sd:.4f} | {w.holm_level:.4g} | {w.mde:.4f} | "
+            f"{w.mde_holm:.4f}{' (underpowered)' if w.underpowered else ''} | {w.seeds or '—'} | "
+            f"{w.seeds_holm or '—'} |" + extra
+        )
+    return lines + [""]
 
 
 def _per_config_table(comparisons: list[Comparison]) -> list[str]:

@@ -40,7 +40,7 @@ from hld.config import RunConfig
 from hld.errors import HldError
 from hld.locks import file_lock
 from hld.paths import check_names
-from hld.study import ngram
+from hld.study import fidelity, ngram
 from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
 from hld.study.report import build_report, checked_meta
 
@@ -204,6 +204,9 @@ def finish_study(study: Study, planned: list[Planned], out: Path, resources, qui
             study, planned, meta.get("teacher_reference") or [], resources, quiet
         )
         meta["ngram_reference"] = ngram.study_references(planned, out, resources)
+        meta["signal_fidelity"] = fidelity.study_fidelity(
+            planned, out, resources, meta.get("signal_fidelity") or [], quiet=quiet
+        )
         write_json(out / "study.json", meta)
         return build_report(out)
 

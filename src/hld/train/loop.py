@@ -45,7 +45,7 @@ from hld.models.loading import (
     resolve_model_dir,
 )
 from hld.models.student import count_params
-from hld.precision import autocast, default_device, resolve_dtype
+from hld.precision import autocast, default_device, ran_on, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import Length, phase_costs, run_length
@@ -478,6 +478,12 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict
         "flops_per_token": {k: v.total for k, v in s.costs.items()},
         "train_seconds": state.train_seconds,
         **{k: v for k, v in line.items() if k.startswith("val/")},
+        # the resolved precision and machine (`auto` says nothing); no teacher dtype for ce, which reads none
+        "ran": ran_on(
+            s.device,
+            student_dtype=s.compute_dtype,
+            teacher_dtype=resolve_dtype(cfg.teacher.dtype, s.device) if cfg.objective.method != "ce" else None,
+        ),
     }
     if d.is_main:  # what `hld export` and a run loaded as a model check the student's files against
         summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").iterdir()) if p.is_file()}
