@@ -176,7 +176,19 @@ def main() -> None:
     try:
         for k in args.sizes:
             spec = corpus(work, k)
-            t = peak_rss([*py, "tokenize", "--config", "smoke", f"data.train={spec}", "--json", "--quiet"], envs["new"])
+            t = peak_rss(
+                [
+                    *py,
+                    "tokenize",
+                    "--config",
+                    "smoke",
+                    f"data.train={spec}",
+                    "data.max_train_docs=null",
+                    "--json",
+                    "--quiet",
+                ],
+                envs["new"],
+            )
             warm = data_path(spec, envs["old"])  # the old code's first start fills its token cache
             prepare[k] = {"new_tokenize_wall_s": t["wall_s"], "old_first_start_wall_s": warm["wall_s"]}
             for code in ("new", "old"):
@@ -204,6 +216,7 @@ def main() -> None:
                     "--config",
                     "smoke",
                     f"data.train={spec}",
+                    "data.max_train_docs=null",
                     "--split",
                     "train",
                     "--out",

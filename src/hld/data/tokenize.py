@@ -31,7 +31,9 @@ from hld.locks import file_lock
 from hld.paths import cache_root
 from hld.progress import Progress
 
-TOKENS_PER_CORE_S = 0.78e6  # Gemma 3's fast tokenizer on one core of the development CPU (hld plan's estimate)
+# `hld tokenize`'s steady rate per worker (reading C4 json.gz, the Gemma 3 fast tokenizer, writing
+# shards) on one core of the 2-core AMD EPYC dev machine: 0.52M tokens/s (docs/performance.md, section 8)
+TOKENS_PER_CORE_S = 0.52e6
 
 
 def identity(spec: str, tokenizer, text_field: str) -> dict:

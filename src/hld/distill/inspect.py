@@ -54,15 +54,7 @@ def inspect_teacher(cfg: RunConfig, resources, *, n_windows: int = 24) -> list[d
     try:
         kw = dict(skip_first=h.skip_first_position)
         train_w = resources.train_windows(d, tok)
-        val_w = resources.windows(
-            d.validation,
-            tok,
-            seq_len=d.seq_len,
-            text_field=d.text_field,
-            store_dir=d.store_dir,
-            need_windows=n_windows,
-            what="data.validation",
-        )[:n_windows]
+        val_w = resources.validation_windows(d, tok, n=n_windows)
         fit = _layer_states(teacher, train_w[: h.stats_windows], layers, **kw)
         held = _layer_states(teacher, val_w, layers, **kw)
     finally:

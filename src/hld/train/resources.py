@@ -111,10 +111,11 @@ class Resources:
             store_dir=data.store_dir,
         )
 
-    def validation_windows(self, data: DataConfig, tokenizer) -> np.ndarray:
+    def validation_windows(self, data: DataConfig, tokenizer, n: Optional[int] = None) -> np.ndarray:
         """The validation windows a run (and a study's teacher reference) scores: the first
-        `data.val_tokens // data.seq_len` of `data.validation` (at least one); only those are read."""
-        n = max(1, data.val_tokens // data.seq_len)
+        `data.val_tokens // data.seq_len` of `data.validation` (at least one), or the first `n`; only
+        those are read."""
+        n = n or max(1, data.val_tokens // data.seq_len)
         windows = self.windows(
             data.validation,
             tokenizer,
