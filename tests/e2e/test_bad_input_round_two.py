@@ -324,3 +324,25 @@ def test_a_killed_exports_temporary_directory_is_cleared_by_the_next(tmp_path, c
     other.mkdir()
     assert main(["export", str(finished), str(out), "--quiet"]) == 0
     assert not left.exists() and other.is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_a_run_with_no_applied_step_fails(tmp_path, capsys, monkeypatch):
+    # issue 24 item 10: every step non-finite (NaN weights before the first step) in a run shorter than the
+    # 5-in-a-row stop used to finish and report success; it is one line, exit 2, and nothing is exported
+    import torch
+
+    from helpers import one_line_error, train_argv
+    from hld.train import loop
+
+    real = loop.train_step
+
+    def nan_weights_first(s, step):
+        with torch.no_grad():
+            for p in s.student.parameters():
+                p.fill_(float("nan"))
+        return real(s, step)
+
+    monkeypatch.setattr(loop, "train_step", nan_weights_first)
+    run = tmp_path / "run"
+    one_line_error(capsys, train_argv(run), "no step of the run was applied")
+    assert not (run / "summary.json").exists() and not (run / "student").exists()

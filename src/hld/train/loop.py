@@ -454,6 +454,11 @@ def _steps(s: Setup, out: Path, state: RunState, logger: RunLogger, prog: Progre
                 raise Preempted(out, step, s.total_steps)
     finally:
         sigterm.restore()
+    if state.step and state.skipped_in_row >= state.step:  # fewer steps than the 5-in-a-row stop: none applied
+        raise HldError(
+            f"no step of the run was applied: the loss or gradient was non-finite at all {state.step} steps",
+            "lower train.lr, or check the data and the teacher; nothing was exported",
+        )
     return line
 
 
