@@ -85,6 +85,8 @@ KINDS = [
     Kind("study", "runs/*/hidden_stats.pt*", "bytes"),
     Kind("study", "caches/*/*", "bytes"),  # the cache's kinds below
     Kind("study", "caches/.*.lock", "bytes"),  # a cache group's build lock
+    Kind("study", "fidelity/*", "bytes"),  # the signal-fidelity measurement's cache (its figure: study.json)
+    Kind("study", "fidelity/.*.lock", "bytes"),
     Kind("study", "report.md", "bytes"),
     Kind("study", "results.csv", "bytes"),
     Kind("study", "paired.csv", "bytes"),
