@@ -85,7 +85,7 @@ def test_sigterm_on_one_rank_then_resume_on_one_process(tmp_path, hld_cache_dir,
     assert not (run / "summary.json").exists() and not (run / "student").exists()
     ck = run / "checkpoints"
     if mode == "ddp":  # one file, written by rank 0
-        assert [p.name for p in ck.iterdir()] == ["checkpoint.pt"]
+        assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
         assert torch.load(ck / "checkpoint.pt", weights_only=True)["step"] == 3
     else:  # a DCP directory holding one shard per rank; the step-2 one was replaced
         assert [p.name for p in ck.iterdir()] == ["step-00000003.dcp"]
@@ -146,6 +146,7 @@ def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir, monkeypatch):
     assert main(_argv(one, "fsdp2", *extra)) == 0
 
     files = {"config.yaml", "metrics.jsonl", "checkpoints", "student", "summary.json", "hidden_stats.pt"}
+    files |= {"hidden_stats.pt.sha256"}  # its checksum record, checked on --resume
     assert {p.name for p in two.iterdir()} == files
     assert {p.name for p in one.iterdir()} == files | {"cka.json"}  # layer diagnostics: one process only
     assert (two / "config.yaml").read_text() == (one / "config.yaml").read_text()

@@ -116,7 +116,9 @@ def _check_study_dir(out: Path) -> None:
     another directory's report.md, results.csv or plots/."""
     if not out.is_dir() or (out / "study.json").is_file() or (out / "runs").is_dir():
         return
-    names = sorted(p.name for p in out.iterdir() if p.name not in (".study.lock", "locks"))
+    # what a study writes first (study.sbatch: its job logs in slurm/, then cache jobs before any cell)
+    own = {".study.lock", "locks", "caches", "slurm"}
+    names = sorted(p.name for p in out.iterdir() if p.name not in own)
     if names:
         shown = ", ".join(names[:4]) + (f", … ({len(names)} entries)" if len(names) > 4 else "")
         raise HldError(
