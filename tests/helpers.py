@@ -153,3 +153,16 @@ def one_line_error(capsys, argv: list[str], problem: str) -> str:
     assert lines[0].startswith("hld: error: ") and problem in lines[0] and " — " in lines[0], lines[0]
     assert "Traceback" not in err
     return lines[0]
+
+
+def cache_arrays(d: Path) -> dict:
+    """Every (shard, field) array of the teacher cache at d, as bytes, by value (offsets and part names aside)."""
+    import json
+
+    m = json.loads((d / "manifest.json").read_text())
+    out = {}
+    for rec in m["shards"]:
+        for key, f in rec["fields"].items():
+            raw = (d / "parts" / f"{rec['part']}.{key}.bin").read_bytes()
+            out[(rec["shard"], key)] = raw[f["offset"] : f["offset"] + f["nbytes"]]
+    return out

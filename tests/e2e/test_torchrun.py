@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_worker import launch
-from helpers import tiny_overrides
+from helpers import cache_arrays, tiny_overrides
 from hld.cli import main
 
 # Adam at lr 3e-3 moves a weight by up to ~3e-3 per step; two processes sum the gradient in another
@@ -226,14 +226,7 @@ def test_torchrun_cache_teacher_equals_one_process(tmp_path, hld_cache_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert main(["cache-teacher", "--config", "smoke", "--out", str(one), *over, "--quiet"]) == 0
 
-    def arrays(d: Path) -> dict:
-        m = json.loads((d / "manifest.json").read_text())
-        out = {}
-        for rec in m["shards"]:
-            for key, f in rec["fields"].items():
-                raw = (d / "parts" / f"{rec['part']}.{key}.bin").read_bytes()
-                out[(rec["shard"], key)] = raw[f["offset"] : f["offset"] + f["nbytes"]]
-        return out
+    arrays = cache_arrays
 
     m = json.loads((two / "manifest.json").read_text())
     assert {r["part"] for r in m["shards"]} == {"p00000of00002", "p00001of00002"}  # both ranks built

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cache_arrays
 from hld.config import load_config
 from hld.distill import cache as cache_mod
 from hld.distill.cache import CachedTeacher, build_cache, build_dir_of, cache_identity
@@ -66,14 +67,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _arrays(d: Path) -> dict:
-    """Every (shard, field) array of the cache at d, by value (offsets and part names aside)."""
-    m = json.loads((d / "manifest.json").read_text())
-    out = {}
-    for rec in m["shards"]:
-        for key, f in rec["fields"].items():
-            raw = (d / "parts" / f"{rec['part']}.{key}.bin").read_bytes()
-            out[(rec["shard"], key)] = raw[f["offset"] : f["offset"] + f["nbytes"]]
-    return out
+    return cache_arrays(d)
 
 
 def _without_timing(m: dict) -> dict:
