@@ -17,6 +17,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_fingerprint(paths, h=None) -> str:
+    """A cheap identity of files (resolved names, sizes, mtimes; never their bytes), fed to `h` if given."""
+    h = h or hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def sha256_mismatch(directory: Path, recorded: dict) -> str | None:
     """The first file named in `recorded` ({file name: sha256}) that is missing from `directory` or whose
     sha256 differs; None when every one matches."""

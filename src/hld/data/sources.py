@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hld.data import token_files
 from hld.errors import HldError, exc_line
+from hld.fingerprint import files_fingerprint
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample_corpus"
 
@@ -181,7 +182,10 @@ def iter_unit(spec: str, index: int, text_field: str = "text") -> Iterator[str]:
             ds = ds.shard(num_shards=ds.n_shards, index=index)
         yield from _hf_records(spec, ds, text_field)
         return
-    path = resolve_files(spec)[index]
+    yield from _iter_file(resolve_files(spec)[index], text_field)
+
+
+def _iter_file(path: Path, text_field: str) -> Iterator[str]:
     yield from (iter_jsonl(path, text_field) if _kind(path) == "jsonl" else iter_txt(path))
 
 
@@ -191,7 +195,7 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
         yield from iter_hf(spec, text_field)
         return
     for path in resolve_files(spec):
-        yield from (iter_jsonl(path, text_field) if _kind(path) == "jsonl" else iter_txt(path))
+        yield from _iter_file(path, text_field)
 
 
 def fingerprint(spec: str) -> str:
@@ -200,8 +204,4 @@ def fingerprint(spec: str) -> str:
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
     if token_files.is_token_file(spec):
         return token_files.fingerprint(spec)
-    h = hashlib.sha256()
-    for p in resolve_files(spec):
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    return files_fingerprint(resolve_files(spec))

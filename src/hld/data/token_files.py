@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hld.errors import HldError
+from hld.fingerprint import files_fingerprint
 
 DTYPES = {"uint16": "<u2", "uint32": "<u4", "int32": "<i4"}
 BLOCK = 1 << 24  # ids copied at a time (64 MB as uint32)
@@ -54,11 +55,7 @@ def files(spec: str) -> list[Path]:
 
 
 def fingerprint(spec: str) -> str:
-    h = hashlib.sha256(spec.encode())
-    for f in files(spec):
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    return files_fingerprint(files(spec), hashlib.sha256(spec.encode()))
 
 
 def _open(spec: str, f: Path) -> np.ndarray:
