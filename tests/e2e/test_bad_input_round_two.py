@@ -128,6 +128,12 @@ def test_two_trains_into_one_out_cannot_both_run(tmp_path, capsys):
     assert not (run / ".run.lock").exists() and (run / "summary.json").is_file()
 
 
+def _python(code: str) -> subprocess.Popen:
+    """`code` in another Python process on this tree's sources, its stdout piped (it holds something)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+
 def test_a_second_train_process_is_refused_while_the_first_runs(tmp_path, capsys):
     """The same, with a real second process holding the lock (a flock is released when its holder dies)."""
     run = tmp_path / "run"
@@ -137,8 +143,7 @@ def test_a_second_train_process_is_refused_while_the_first_runs(tmp_path, capsys
         f"with sole_holder(__import__('pathlib').Path({str(run / '.run.lock')!r})) as g:\n"
         "    print(g, flush=True)\n    time.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = _python(code)
     try:
         assert proc.stdout.readline().strip() == "True"
         _one_line(capsys, train_argv(run), "another hld train is writing")
@@ -314,8 +319,7 @@ def test_a_killed_exports_temporary_directory_is_cleared_by_the_next(tmp_path, c
         f"with new_dir(Path({str(out)!r})) as tmp:\n"
         "    (tmp / 'model.safetensors').write_bytes(bytes(1 << 20))\n    print(tmp, flush=True)\n    time.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = _python(code)
     left = Path(proc.stdout.readline().strip())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
