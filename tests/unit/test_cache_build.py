@@ -408,3 +408,32 @@ def test_cache_teacher_flags(tmp_path, capsys, overrides, argv, problem):
     config = [] if not argv else ["--config", "smoke"]
     one_line_error(capsys, ["cache-teacher", *config, "--out", str(tmp_path / "c"), *argv, *overrides], problem)
     assert not (tmp_path / "c").exists()
+
+
+def test_the_encode_thread_writes_the_bytes_a_serial_build_writes(tmp_path, setup):
+    lm, windows, ids, ident = setup
+    serial = build_cache(
+        lm, windows, ids, tmp_path / "serial", identity=ident, codec=COMPACT, shard_windows=3, quiet=True, overlap=False
+    )
+    overlapped = _build(setup, tmp_path / "overlapped")  # the default: encode on the background thread
+    assert _without_timing(serial) == _without_timing(overlapped)
+    assert _files(tmp_path / "serial") == _files(tmp_path / "overlapped")
+
+
+def test_an_encode_error_stops_every_later_write_and_reaches_the_builder():
+    from hld.distill.encode_thread import OrderedEncoder
+
+    done: list[int] = []
+    enc = OrderedEncoder(depth=2)
+
+    def step(i):
+        if i == 2:
+            raise ValueError("encode failed at 2")
+        done.append(i)
+
+    with pytest.raises(ValueError, match="encode failed at 2"):
+        for i in range(50):
+            enc.submit(step, i)
+        enc.drain()
+    enc.close()
+    assert done == [0, 1]  # in order, and nothing after the failed call ran (no gap in the part files)

@@ -33,6 +33,7 @@ from hld.atomic import read_json_object, replace_dir, write_fix, write_json
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill import cache_store as cs
 from hld.distill.cache_codec import Codec, ShardWriter, read_hidden, read_logits
+from hld.distill.encode_thread import Deferred, OrderedEncoder
 from hld.distill.losses import TeacherLogits
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
@@ -77,11 +78,13 @@ def build_cache(
     shard_windows: int = 256,
     part: tuple[int, int] = (0, 1),
     quiet: bool = False,
+    overlap: bool = True,
 ) -> Optional[dict]:
     """Run the teacher over the shards of `windows[window_ids]` that are part `part` = (I, N) of the
     build's (shard s is part s % N's) and not yet committed, committing each; then, if every shard of
     every part is committed and no other builder runs, assemble the cache at `out` and return its
-    manifest (None: other parts are still to come)."""
+    manifest (None: other parts are still to come). `overlap`: encode on a background thread while the
+    teacher runs the next batch (distill/encode_thread.py; the bytes are the same either way)."""
     out = Path(out)
     check_out_dir(out)
     vocab = teacher_lm.get_output_embeddings().weight.shape[0]
@@ -108,7 +111,17 @@ def build_cache(
     plan = json.loads(json.dumps(plan))  # as read back (tuples -> lists), so plans compare equal
     try:
         with _Builders(out, plan, window_ids) as b:
-            _build_part(b.dir, plan, teacher_lm, windows, window_ids, part=part, batch_size=batch_size, quiet=quiet)
+            _build_part(
+                b.dir,
+                plan,
+                teacher_lm,
+                windows,
+                window_ids,
+                part=part,
+                batch_size=batch_size,
+                quiet=quiet,
+                overlap=overlap,
+            )
             manifest = b.finish(wait=part[1] == 1)
     except OSError as exc:
         raise HldError(f"cannot write the cache {out}: {exc.strerror or exc}", write_fix(exc)) from exc
@@ -127,6 +140,7 @@ def _build_part(
     part: tuple[int, int],
     batch_size: int,
     quiet: bool,
+    overlap: bool = True,
 ) -> None:
     """Part `part`'s uncommitted shards, each committed when complete (under the part's lock: a second
     process on the same part waits, then finds them committed)."""
@@ -144,31 +158,40 @@ def _build_part(
         total = sum(np.subtract(*cs.shard_rows(plan, s)[::-1]) for s in todo)
         prog = Progress(int(total), desc=f"cache {name}" if part[1] > 1 else "cache", quiet=quiet)
         t0, seen = time.time(), 0
+        encoder = OrderedEncoder(overlap=overlap)  # encodes and commits while the next forward runs
         try:
             for s in todo:
                 lo, hi = cs.shard_rows(plan, s)
                 t_shard = time.time()
                 shard = ShardWriter(writer.sink, n=hi - lo, T=T, k=k, layers=layers, codec=codec)
                 for n in _fill_shard(
-                    shard, online, windows, window_ids[lo:hi], k=k, batch_size=batch_size, device=device
+                    encoder.writer(shard), online, windows, window_ids[lo:hi], k=k, batch_size=batch_size, device=device
                 ):
                     prog.update(seen + n, tokens_per_s=(seen + n) * T / max(time.time() - t0, 1e-9))
-                slot_bits = shard.finish()
-                rec = {"shard": s, "rows": [lo, hi], "seconds": time.time() - t_shard}
-                writer.commit(rec | ({"slot_bits": slot_bits} if slot_bits is not None else {}))
+                encoder.submit(_commit_shard, writer, shard, {"shard": s, "rows": [lo, hi]}, t_shard)
                 seen += hi - lo
+            encoder.drain()
         except BaseException:
+            encoder.close()
             writer.abandon()
             raise
         finally:
+            encoder.close()
             writer.close()
             prog.close()
             if online.capture is not None:
                 online.capture.remove()
 
 
+def _commit_shard(writer: cs.PartWriter, shard: ShardWriter, rec: dict, t_shard: float) -> None:
+    """A shard's final encode (compact top-k) and its commit record, after every row of it is put."""
+    slot_bits = shard.finish()
+    rec["seconds"] = time.time() - t_shard
+    writer.commit(rec | ({"slot_bits": slot_bits} if slot_bits is not None else {}))
+
+
 def _fill_shard(
-    writer: ShardWriter,
+    writer: ShardWriter | Deferred,
     online: OnlineTeacher,
     windows: WindowArray,
     ids: np.ndarray,
