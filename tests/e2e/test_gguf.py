@@ -112,3 +112,20 @@ def test_embedded_teacher_is_well_above_chance_on_the_shipped_tasks(teacher):
     assert r["hld_mc"]["chance"] == 0.25 and r["hld_mc"]["n"] == 20
     assert r["hld_mc"]["value"] >= 0.4  # chance 0.25
     assert r["hld_lambada"]["value"] >= 0.3  # open vocabulary: chance ~0
+
+
+def test_the_gguf_is_parsed_once_per_conversion_and_the_reader_restored(teacher):
+    """transformers builds a GGUFReader for the tokenizer, the config and the weights; during our
+    conversion the three share one (the conversion above went through it, and its teacher predicts:
+    the tests before this one)."""
+    import gguf
+
+    from hld.models.loading import _one_gguf_parse, embedded_teacher_path
+
+    path = embedded_teacher_path()
+    cls = gguf.GGUFReader
+    with _one_gguf_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first and isinstance(first, cls)
+    assert gguf.GGUFReader is cls
+    assert gguf.GGUFReader(path) is not first  # outside the block, a reader per call again

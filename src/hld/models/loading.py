@@ -67,6 +67,29 @@ def embedded_teacher_path() -> Path:
     return Path(pkg.assemble())
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers parses the GGUF's metadata (a 262k-entry vocabulary, in Python) anew for the tokenizer,
+    the config and the weights: ~10 s each on a CPU core. Within this block `gguf.GGUFReader` returns one
+    reader per path, so the file is parsed once (the reader is only read from; the converted files are
+    the same bytes, tested)."""
+    import gguf as gguf_pkg
+
+    cls, readers = gguf_pkg.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = cls(path, *args, **kwargs)
+        return readers[key]
+
+    gguf_pkg.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf_pkg.GGUFReader = cls
+
+
 def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     """De-quantise a GGUF once into a cached HF directory; return (dir, weights sha256)."""
     digest = file_sha256(gguf)
@@ -80,8 +103,9 @@ def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with _one_gguf_parse():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         raise HldError(
             f"cannot load GGUF {gguf}: {exc_line(exc)}",
