@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as tdist
 
 from hld.errors import HldError
-
-if TYPE_CHECKING:
-    from hld.data.store import WindowArray
 
 BUCKET_ELEMS = 1 << 23  # gradient elements per all-reduce (32 MB in fp32; DDP's default bucket is 25 MB)
 
@@ -284,46 +280,7 @@ def clip_grad_norm(d: Dist, params: list[torch.Tensor], max_norm: float) -> torc
     return norm
 
 
-# --------------------------------------------------------------------------- validation and export
-
-
-def perplexity(
-    d: Dist,
-    lm: torch.nn.Module,
-    windows: WindowArray,
-    *,
-    backbone: torch.nn.Module,
-    chunk_tokens: int,
-    compute_dtype: torch.dtype,
-) -> dict:
-    """`hld.eval.perplexity.perplexity` with its batches dealt round-robin over the ranks. Every batch
-    is computed as one process would, and the per-batch sums are added in the same order: the result
-    equals the single-process value (bitwise, for the same weights)."""
-    from hld.eval.perplexity import PPL_BATCH
-    from hld.eval.perplexity import perplexity as single
-
-    kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
-    if not d.active:
-        return single(lm, windows, **kw)
-    n = math.ceil(len(windows) / PPL_BATCH)
-    sums = torch.zeros(n, 2, dtype=torch.float64, device=d.device)  # per batch: NLL sum, predictions
-    with unsharded(d, backbone):
-        for i in range(math.ceil(n / d.world_size)):
-            b = d.rank + i * d.world_size
-            if b >= n and not d.sharded:
-                break
-            # fsdp2: a forward is a collective, so every rank runs as many (a spare one repeats batch 0)
-            part = windows[b * PPL_BATCH : (b + 1) * PPL_BATCH] if b < n else windows[:PPL_BATCH]
-            r = single(lm, part, backbone=backbone if d.sharded else None, **kw)
-            if b < n:
-                sums[b, 0], sums[b, 1] = r["nll_sum"], r["tokens"]
-    tdist.all_reduce(sums)
-    nll, count = 0.0, 0
-    for b in range(n):  # the order perplexity() adds them in
-        nll += float(sums[b, 0])
-        count += int(sums[b, 1])
-    mean = nll / max(count, 1)
-    return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}
+# --------------------------------------------------------------------------- export
 
 
 def full_state_dict(d: Dist, module: torch.nn.Module) -> Optional[dict]:

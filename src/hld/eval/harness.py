@@ -33,7 +33,6 @@ SHIPPED_TASKS: tuple[str, ...] = ("hld_lambada", "hld_mc")
 PAPER_TASKS: tuple[str, ...] = ("hellaswag", "winogrande", "lambada_openai", "piqa", "arc_easy", "wikitext")
 ALIASES = {"shipped": SHIPPED_TASKS, "paper": PAPER_TASKS}
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-type metrics (acc's is analytic)
-ROLLING_LEN = 512  # the rolling log-likelihood window when the caller names none (`hld eval --seq-len`)
 
 
 def expand_tasks(spec: str | list[str]) -> list[str]:
@@ -58,7 +57,7 @@ def evaluate_tasks(
     device=None,
     quiet: bool = False,
     dataset_paths: Optional[dict[str, str]] = None,
-    rolling_len: int = ROLLING_LEN,
+    rolling_len: Optional[int] = None,
 ) -> dict[str, dict]:
     """Score `model` on harness `tasks` (zero-shot). Returns, per (leaf) task,
     {"metric", "value", "stderr", "chance", "n", "metrics"}: the headline metric (acc, or
@@ -68,13 +67,13 @@ def evaluate_tasks(
     each task. `device`: where the model is moved and run (default: CUDA when available, else CPU;
     its dtype is kept). `dataset_paths`: {task: local dataset dir} in place of the task's hub dataset.
     `rolling_len`: the window of rolling log-likelihood tasks (BOS + rolling_len - 1 tokens, see the
-    module's docstring). The model's train/eval mode is restored afterwards."""
-    if rolling_len < 2:
+    module's docstring; None: `hld.eval.hld_lm.ROLLING_LEN`). The model's train/eval mode is restored afterwards."""
+    if rolling_len is not None and rolling_len < 2:
         raise HldError(f"rolling window {rolling_len} leaves no prediction", "use a window of at least 2 tokens")
     _require_lm_eval()
     from lm_eval import simple_evaluate
 
-    from hld.eval.hld_lm import HldLM
+    from hld.eval.hld_lm import ROLLING_LEN, HldLM
 
     tasks = expand_tasks(tasks)
     if not tasks:
@@ -92,7 +91,7 @@ def evaluate_tasks(
             quiet=quiet,
             desc="eval " + ",".join(tasks),
             stream=stream,
-            rolling_len=rolling_len,
+            rolling_len=ROLLING_LEN if rolling_len is None else rolling_len,
         )
         try:
             out = simple_evaluate(

@@ -11,9 +11,10 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from hld.distill.signals import Backbone
-from hld.eval.harness import ROLLING_LEN
 from hld.precision import default_device
 from hld.progress import Progress
+
+ROLLING_LEN = 512  # the rolling log-likelihood window when the caller names none (`hld eval --seq-len`)
 
 # families whose logits are lm_head(final hidden state), soft-capped when the config says so
 PLAIN_HEAD = frozenset({"gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"})

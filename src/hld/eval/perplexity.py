@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as tdist
 
 from hld.data.packing import make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.signals import Backbone, head_of
+from hld.distributed import Dist, unsharded
 from hld.precision import autocast
 from hld.progress import Progress
 
 if TYPE_CHECKING:
     from hld.data.store import WindowArray
 
-PPL_BATCH = 8  # windows per forward; distributed.perplexity deals batches of this size over the ranks
+PPL_BATCH = 8  # windows per forward; perplexity_over_ranks deals batches of this size over the ranks
 
 
 @torch.no_grad()
@@ -65,5 +67,41 @@ def perplexity(
         prog.update(done, tokens_per_s=done * windows.shape[1] / max(time.time() - t0, 1e-9))
     prog.close()
     lm.train(was_training)
+    mean = nll / max(count, 1)
+    return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}
+
+
+def perplexity_over_ranks(
+    d: Dist,
+    lm: torch.nn.Module,
+    windows: WindowArray,
+    *,
+    backbone: torch.nn.Module,
+    chunk_tokens: int,
+    compute_dtype: torch.dtype,
+) -> dict:
+    """`perplexity` with its batches dealt round-robin over the ranks. Every batch
+    is computed as one process would, and the per-batch sums are added in the same order: the result
+    equals the single-process value (bitwise, for the same weights)."""
+    kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
+    if not d.active:
+        return perplexity(lm, windows, **kw)
+    n = math.ceil(len(windows) / PPL_BATCH)
+    sums = torch.zeros(n, 2, dtype=torch.float64, device=d.device)  # per batch: NLL sum, predictions
+    with unsharded(d, backbone):
+        for i in range(math.ceil(n / d.world_size)):
+            b = d.rank + i * d.world_size
+            if b >= n and not d.sharded:
+                break
+            # fsdp2: a forward is a collective, so every rank runs as many (a spare one repeats batch 0)
+            part = windows[b * PPL_BATCH : (b + 1) * PPL_BATCH] if b < n else windows[:PPL_BATCH]
+            r = perplexity(lm, part, backbone=backbone if d.sharded else None, **kw)
+            if b < n:
+                sums[b, 0], sums[b, 1] = r["nll_sum"], r["tokens"]
+    tdist.all_reduce(sums)
+    nll, count = 0.0, 0
+    for b in range(n):  # the order perplexity() adds them in
+        nll += float(sums[b, 0])
+        count += int(sums[b, 1])
     mean = nll / max(count, 1)
     return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}

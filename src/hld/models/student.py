@@ -9,59 +9,12 @@ docs/decisions.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 
 from hld.config import StudentConfig
-from hld.errors import HldError
+from hld.config_checks import PRESETS, StudentShape, resolve_shape
 
-
-@dataclass(frozen=True)
-class StudentShape:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_ff: int
-
-
-PRESETS: dict[str, StudentShape] = {
-    # tiny students that train in minutes on a 2-core CPU
-    "tiny-1l": StudentShape(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=256),
-    "tiny-2l": StudentShape(n_layers=2, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=256),
-    "tiny-4l": StudentShape(n_layers=4, d_model=96, n_heads=3, n_kv_heads=1, head_dim=32, d_ff=384),
-    "small-6l": StudentShape(n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024),
-    # the paper's sizes (non-embedding parameters)
-    "paper-123m": StudentShape(n_layers=14, d_model=768, n_heads=12, n_kv_heads=4, head_dim=64, d_ff=3072),
-    "paper-735m": StudentShape(n_layers=21, d_model=1536, n_heads=24, n_kv_heads=8, head_dim=64, d_ff=6144),
-}
-
-
-def resolve_shape(cfg: StudentConfig) -> StudentShape:
-    if cfg.preset not in PRESETS:
-        raise HldError(f"unknown student preset {cfg.preset!r}", f"use one of {', '.join(PRESETS)}")
-    shape = PRESETS[cfg.preset]
-    over = {
-        k: getattr(cfg, k)
-        for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-        if getattr(cfg, k) is not None
-    }
-    shape = replace(shape, **over)
-    if shape.n_heads % shape.n_kv_heads:
-        raise HldError(
-            f"student n_heads={shape.n_heads} is not a multiple of n_kv_heads={shape.n_kv_heads}",
-            "pick n_kv_heads dividing n_heads",
-        )
-    if shape.d_model % shape.n_heads:  # transformers' attention refuses it
-        raise HldError(
-            f"student d_model={shape.d_model} is not a multiple of n_heads={shape.n_heads}",
-            "pick student.n_heads dividing student.d_model (or set student.d_model)",
-        )
-    if min(shape.n_layers, shape.d_model, shape.n_heads, shape.head_dim, shape.d_ff) < 1:
-        raise HldError("student sizes must be positive", "check the student.* overrides")
-    return shape
+__all__ = ["PRESETS", "StudentShape", "resolve_shape", "build_student", "count_params", "student_config"]
 
 
 def student_config(

@@ -34,6 +34,7 @@ from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.errors import HldError
 from hld.eval.cka import layer_diagnostics, write_cka_matrix
+from hld.eval.perplexity import perplexity_over_ranks
 from hld.fingerprint import file_sha256, windows_fingerprint
 from hld.flops import StepCost
 from hld.models.hooks import CausalLM
@@ -354,7 +355,7 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
 def validate_now(s: Setup) -> dict:
     """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
     result equals the single-process one."""
-    r = distributed.perplexity(
+    r = perplexity_over_ranks(
         s.dist,
         s.student,
         s.val_windows,
