@@ -83,11 +83,11 @@ def _one_gguf_parse():
             readers[key] = cls(path, *args, **kwargs)
         return readers[key]
 
-    gguf_pkg.GGUFReader = reader
+    setattr(gguf_pkg, "GGUFReader", reader)  # noqa: B010 (a module attribute, swapped for the block)
     try:
         yield
     finally:
-        gguf_pkg.GGUFReader = cls
+        setattr(gguf_pkg, "GGUFReader", cls)  # noqa: B010
 
 
 def _gguf_to_hf_dir(gguf: Path) -> tuple[Path, str]:
