@@ -241,6 +241,17 @@ def test_out_directory_of_another_source_or_tool_is_refused(tmp_path, tok):
         tk.build(spec, tok, store, text_field="body", quiet=True)
 
 
+def test_a_second_process_mid_write_of_the_identity_is_not_a_stranger(tmp_path, tok):
+    """Two ranks starting on one store: the other's atomic temporary of identity.json (caught in CI,
+    rank 0 refusing the store rank 1 was creating) is ours, not a foreign file."""
+    spec, _ = _corpus(tmp_path, n_files=1)
+    store = tmp_path / "store"
+    (store / "shards").mkdir(parents=True)
+    (store / ".identity.json.x1y2.tmp").write_text("{")
+    m = tk.build(spec, tok, store, quiet=True)
+    assert m["complete"] and json.loads((store / "identity.json").read_text())["source"]
+
+
 def test_lone_surrogates_are_repaired_and_counted(tmp_path, tok):
     (tmp_path / "s.jsonl").write_text('{"text": "ok \\ud800 there"}\n{"text": "fine"}\n')
     m = tk.build(str(tmp_path / "s.jsonl"), tok, tmp_path / "store", quiet=True)

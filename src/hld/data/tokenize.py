@@ -166,20 +166,23 @@ def _check_out(out: Path, ident: dict) -> None:
     except OSError as exc:
         raise HldError(f"cannot create the token store {out}: {exc.strerror or exc}", write_fix(exc)) from exc
     f = out / "identity.json"
-    if f.exists():
-        from hld.atomic import read_json_object
+    # Ranks (or array tasks) starting on one store race here: under the lock one writes the identity and
+    # the others read it. Dot-names are ours (this lock, atomic temporaries, the manifest lock).
+    with file_lock(out / ".identity.lock"):
+        if not f.exists():
+            if any(p.name != "shards" and not p.name.startswith(".") for p in out.iterdir()):
+                raise HldError(f"{out} is not empty and is not an hld token store", "pick an empty or new --out")
+            write_json(f, ident)
+            return
+    from hld.atomic import read_json_object
 
-        have = read_json_object(f, "token store identity", f"delete {out} and rerun")
-        diff = [k for k in ident if have.get(k) != ident[k]]
-        if diff:
-            raise HldError(
-                f"{out} holds a token store of another {', '.join(diff)} (source {have.get('source')!r})",
-                f"pick another --out, or delete {out}",
-            )
-    elif any(p.name != "shards" for p in out.iterdir()):
-        raise HldError(f"{out} is not empty and is not an hld token store", "pick an empty or new --out")
-    else:
-        write_json(f, ident)
+    have = read_json_object(f, "token store identity", f"delete {out} and rerun")
+    diff = [k for k in ident if have.get(k) != ident[k]]
+    if diff:
+        raise HldError(
+            f"{out} holds a token store of another {', '.join(diff)} (source {have.get('source')!r})",
+            f"pick another --out, or delete {out}",
+        )
 
 
 def build(
