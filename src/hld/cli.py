@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify", action="store_true", help="check every shard of the cache at --out against its checksums"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build nothing: print what the build would write (hld plan's cache row: signal, tokens, bytes, files)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 

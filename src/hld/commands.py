@@ -172,6 +172,8 @@ def cmd_cache_teacher(args) -> dict:
     if args.config is None:
         raise HldError("hld cache-teacher needs --config (the config whose runs read the cache)", "add --config X")
     cfg = load_config(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        return _cache_dry_run(cfg, args)
     world, rank, _ = launch_env()
     part = _shard_arg(args.shard) if args.shard else (rank, world)  # torchrun: each rank its shards
     if args.shard and world > 1:
@@ -191,6 +193,8 @@ def cmd_cache_teacher(args) -> dict:
         "tokens": m["tokens"],
         "layers": m["identity"]["layers"],
         "top_k": m["identity"]["top_k"],
+        "signal": m["identity"].get("cache_signal", "topk"),
+        "samples": m["identity"].get("cache_samples"),
         "build_seconds": m.get("build_seconds"),
         "bytes": m.get("bytes"),
         "bytes_per_token": m["bytes"] / m["tokens"] if m.get("bytes") else None,
@@ -199,7 +203,27 @@ def cmd_cache_teacher(args) -> dict:
         "reused": bool(m.get("reused")),
     }
     if not args.json:
-        print(f"teacher cache {args.out}: {m['tokens']:,} tokens, top-{row['top_k']}, layers {row['layers']}")
+        what = f"sampled, {row['samples']} draws/token" if row["signal"] == "sampled" else f"top-{row['top_k']}"
+        print(f"teacher cache {args.out}: {m['tokens']:,} tokens, {what}, layers {row['layers']}")
+    return row
+
+
+def _cache_dry_run(cfg, args) -> dict:
+    """`hld cache-teacher --dry-run`: what the build would write, from `hld plan` (nothing loads or runs)."""
+    from hld.plan import plan_run
+
+    c = plan_run(cfg)["cache"]
+    if c is None:  # ce reads no teacher signal
+        if not args.json:
+            print(f"teacher cache {args.out} (dry run): a ce config reads no teacher signal, nothing to build")
+        return {"cache_dir": args.out, "dry_run": True, "tokens": 0, "bytes": 0}
+    row = {"cache_dir": args.out, "dry_run": True, **{k: c[k] for k in c if k != "bytes_per_token"}}
+    row["bytes_per_token"] = c["bytes_per_token"]["estimate"]
+    if not args.json:
+        print(
+            f"teacher cache {args.out} (dry run): {c['tokens']:,} tokens, ~{row['bytes_per_token']:,.1f} B/token, "
+            f"~{c['bytes']:,.0f} bytes, {c['files']} files"
+        )
     return row
 
 

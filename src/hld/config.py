@@ -56,7 +56,7 @@ class TeacherConfig:
     cache: Optional[str] = _f(
         None,
         "read teacher signals from this offline cache (hld cache-teacher) "
-        "instead of running the teacher; KD then uses the cache's top-k logits",
+        "instead of running the teacher; KD then uses the cache's top-k logits (or sampled ids)",
     )
     cache_top_k: int = _f(64, "top-k logits stored per token when building a cache")
     cache_codec: Literal["exact", "compact"] = _f(
@@ -66,6 +66,18 @@ class TeacherConfig:
         "1e-3 nats/token: docs/cache-format.md); exact = float16 logits + int32 ids (6 bytes per entry)",
     )
     cache_value_bits: int = _f(6, "compact codec: bits per top-k log-prob (2-8)")
+    cache_signal: Literal["topk", "sampled"] = _f(
+        "topk",
+        "the logit signal a cache built now stores: topk = the teacher's top cache_top_k logits + the mass off "
+        "them; sampled = cache_samples ids drawn per token from the teacher (Random-Sampling KD, arXiv "
+        "2503.16870) with importance weights: the KD gradient is unbiased (docs/cache-format.md)",
+    )
+    cache_samples: int = _f(64, "sampled signal: draws per token (the unique ids drawn are stored, at most this many)")
+    cache_proposal_temperature: float = _f(
+        1.0,
+        "sampled signal: ids are drawn from q = softmax(teacher logits / tau) and weighted by p/q (tau = 1: q = p, "
+        "weights = draw counts / cache_samples); tau > 1 spreads the draws over more ids",
+    )
     cache_hidden_dtype: Literal["bfloat16", "fp8"] = _f(
         "fp8",
         "how a cache built now stores hidden states: fp8 = e4m3 with a per-token scale (d + 4 bytes per "

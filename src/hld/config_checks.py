@@ -26,6 +26,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.val_tokens": (1, 10**12, False, False),
     "teacher.cache_top_k": (1, 1 << 20, False, False),
     "teacher.cache_value_bits": (2, 8, False, False),
+    "teacher.cache_samples": (1, 1 << 20, False, False),
+    "teacher.cache_proposal_temperature": (0, 100, True, False),
     "student.n_layers": (1, 1024, False, False),
     "student.d_model": (1, 1 << 16, False, False),
     "student.n_heads": (1, 1024, False, False),
@@ -135,6 +137,7 @@ def validate(cfg: RunConfig) -> None:
             "teacher has none off its k tokens",
             "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null",
         ),
+        *sampled_checks(cfg),
         *[
             (
                 0 <= sc.warmup_share and 0 <= sc.decay_share and sc.warmup_share + sc.decay_share <= 1,
@@ -184,6 +187,34 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise HldError(problem, fix)
     resolve_shape(cfg.student)
+
+
+def sampled_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """A sampled cache signal (teacher.cache_signal=sampled) states draws from the teacher's own
+    distribution p: it estimates forward KL(p || s) at temperature 1 and nothing else (a tempered teacher
+    p^(1/T) / Z cannot be formed from draws of p; reverse KL and JSD need p where it was not drawn)."""
+    t, o = cfg.teacher, cfg.objective
+    if t.cache_signal != "sampled" or o.method == "ce":
+        return []
+    return [
+        (
+            o.temperature == 1,
+            f"teacher.cache_signal=sampled with objective.temperature={o.temperature:g}: draws from the "
+            "teacher's distribution estimate KD at temperature 1 only",
+            "set objective.temperature=1 (the draws' tau is teacher.cache_proposal_temperature), or cache_signal=topk",
+        ),
+        (
+            o.divergence == "forward_kl",
+            f"teacher.cache_signal=sampled with objective.divergence={o.divergence}: sampled ids estimate "
+            "forward KL(teacher||student) only",
+            "set objective.divergence=forward_kl, or use teacher.cache_signal=topk",
+        ),
+        (
+            o.top_k is None,
+            f"teacher.cache_signal=sampled with objective.top_k={o.top_k}: a sampled signal has no top-k to truncate",
+            "set objective.top_k=null (the draws per token are teacher.cache_samples)",
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------- the student's sizes

@@ -34,7 +34,6 @@ from typing import Any, Optional
 import torch
 
 from hld.config import RunConfig
-from hld.distill.cache_codec import Codec
 from hld.errors import HldError
 from hld.models.hooks import CausalLM, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
@@ -82,19 +81,37 @@ def cache_bytes_per_token(cfg: RunConfig, *, layers: list[int], d_teacher: int, 
     """Bytes per cached token (docs/cache-format.md, Cost): `estimate`, and `bound` (the most it can be).
     exact: k (2 + 4) + 4 (rest); compact: k (q + b + e ceil(log2 V)) / 8 + 2 (D) + 4 (rest) + 8 / T
     (offsets), b and e measured on the Gemma 3 vocabulary; the bound takes b = ceil(log2 V) with at most
-    one escape per token. Hidden: 2 d (bf16) or d + 4 (fp8) per layer; + 4 for the token."""
-    t = cfg.teacher
-    k, T = t.cache_top_k, cfg.data.seq_len
+    one escape per token. sampled: min(cache_samples, V) slots of an int32 id + a float32 weight, exact
+    (the distinct ids drawn are padded to that many). Hidden: 2 d (bf16) or d + 4 (fp8) per layer; + 4 for
+    the token."""
+    from hld.train.cache_build import cache_slots, codec_of
+
+    k, T = cache_slots(cfg, vocab), cfg.data.seq_len
     index_bits = max(1, (vocab - 1).bit_length())
-    codec = Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+    codec = codec_of(cfg)
     hidden = len(layers) * (2 * d_teacher if codec.hidden == "bfloat16" else d_teacher + 4)
-    if codec.logits == "exact":
+    if codec.logits == "sampled":
+        logits = bound = k * 8.0
+    elif codec.logits == "exact":
         logits = bound = k * 6 + 4.0
     else:
         per_entry = (codec.value_bits + COMPACT_SLOT_BITS + COMPACT_ESCAPE_SHARE * index_bits) / 8
         logits = k * per_entry + 6 + 8 / T
         bound = k * (codec.value_bits + index_bits) / 8 + index_bits / 8 + 6 + 9 / T
     return {"logits": logits, "hidden": float(hidden), "estimate": logits + hidden + 4, "bound": bound + hidden + 4}
+
+
+def signal_row(cfg: RunConfig) -> dict:
+    """The logit signal of a planned cache: codec and k, or (sampled) draws per token and tau."""
+    t = cfg.teacher
+    if t.cache_signal != "sampled":
+        return {"codec": t.cache_codec, "top_k": t.cache_top_k}
+    return {
+        "codec": "sampled",
+        "signal": "sampled",
+        "samples": t.cache_samples,
+        "proposal_temperature": t.cache_proposal_temperature,
+    }
 
 
 # assumed for the build-time estimate (docs/cache-format.md, Cost): the teacher's forward at 40% of an
@@ -112,17 +129,19 @@ def cache_costs(cfg: RunConfig, *, layers: list[int], teacher: CausalLM, tokens:
     signals) and a builder's held shard (compact logits wait for their shard's slot width)."""
     from hld.distill.cache_codec import field_specs
     from hld.flops import forward_flops_per_token
+    from hld.train.cache_build import cache_slots, codec_of
 
-    t, T, k = cfg.teacher, cfg.data.seq_len, cfg.teacher.cache_top_k
+    T, k = cfg.data.seq_len, cache_slots(cfg, vocab_of(teacher))
     d = text_config(teacher.config).hidden_size
-    codec = Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+    codec = codec_of(cfg)
     fields = len(field_specs(codec, layers, T=T, k=k, d_model=d, slot_bits=1))
     forward_s = tokens * forward_flops_per_token(teacher, T) / BUILD_TEACHER_FLOPS_PER_S
     encode_s = tokens * (
         (1 / ENCODE_LOGITS_TOKENS_PER_S) * (k / 128 if codec.logits == "compact" else 0.1)
         + len(layers) / ENCODE_LAYER_TOKENS_PER_S
     )
-    decoded = 4 + k * (4 + 8 if codec.logits == "compact" else 2 + 4) + 4 + len(layers) * 2 * d  # per token
+    entry = {"compact": 4 + 8, "exact": 2 + 4, "sampled": 4 + 4}[codec.logits]  # decoded bytes per logit entry
+    decoded = 4 + k * entry + 4 + len(layers) * 2 * d  # per token
     local = cfg.train.batch_size // world_size
     shard_windows = 256  # build_cache's
     return {
@@ -240,9 +259,8 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         )
         windows = run["steps"] * cfg.train.batch_size  # a cache holds whole windows
         row["cache"] = {
-            "codec": cfg.teacher.cache_codec,
+            **signal_row(cfg),
             "hidden_dtype": cfg.teacher.cache_hidden_dtype,
-            "top_k": cfg.teacher.cache_top_k,
             "layers": layers,
             "bytes_per_token": per,
             "tokens": windows * cfg.data.seq_len,
@@ -341,9 +359,8 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
         )
         out.append(
             {
-                "codec": g["cfg"].teacher.cache_codec,
+                **signal_row(g["cfg"]),
                 "hidden_dtype": g["cfg"].teacher.cache_hidden_dtype,
-                "top_k": g["cfg"].teacher.cache_top_k,
                 "layers": layers,
                 "bytes_per_token": per,
                 "tokens": g["tokens"],
@@ -406,7 +423,7 @@ def format_run(row: dict) -> list[str]:
     if c is not None:
         per = c["bytes_per_token"]
         out.append(
-            f"  cache ({c['codec']} logits top-{c['top_k']}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
+            f"  cache ({_signal_text(c)}, {c['hidden_dtype']} hidden, layers {c['layers']}): "
             f"~{per['estimate']:,.0f} B/token (at most {per['bound']:,.0f}), {_n(c['tokens'])} tokens: "
             f"~{_bytes(c['bytes'])}; {c['files']} files; build ~{c['build_hours']:.3g} h on {c['build_parts']} "
             f"GPU(s) (teacher {c['build_hours_teacher']:.3g} h); host RAM per process "
@@ -446,11 +463,17 @@ def format_study(result: dict) -> list[str]:
         lines += format_run(block)
     for c in result["caches"]:
         lines.append(
-            f"teacher cache (layers {c['layers']}, top-{c['top_k']}): {_n(c['tokens'])} tokens, "
+            f"teacher cache (layers {c['layers']}, {_signal_text(c)}): {_n(c['tokens'])} tokens, "
             f"~{c['bytes_per_token']['estimate']:,.0f} B/token, ~{_bytes(c['bytes'])}"
         )
     lines.append(f"teacher caches in all: ~{_bytes(result['cache_bytes'])}")
     return lines
+
+
+def _signal_text(c: dict) -> str:
+    if c.get("signal") == "sampled":
+        return f"sampled logits, {c['samples']} draws/token at tau {c['proposal_temperature']:g}"
+    return f"{c['codec']} logits top-{c['top_k']}"
 
 
 def check_world_size(world_size: int, cfg: RunConfig) -> None:

@@ -373,10 +373,13 @@ def test_prefetched_reads_are_the_reads_and_are_used(tmp_path, setup, monkeypatc
     t.close()
 
 
-@pytest.mark.parametrize("method", ["kd", "hld-joint"])
-def test_cache_teacher_builds_what_plan_says(tmp_path, overrides, capsys, method):
+@pytest.mark.parametrize(
+    "method,signal",
+    [("kd", []), ("hld-joint", []), ("kd", ["teacher.cache_signal=sampled", "teacher.cache_samples=5"])],
+)
+def test_cache_teacher_builds_what_plan_says(tmp_path, overrides, capsys, method, signal):
     """`hld cache-teacher --config X` stores the layers of X's own arm (none for kd), the tokens, bytes
-    and file count `hld plan` gives for it."""
+    and file count `hld plan` gives for it (a sampled signal: its slots of id + weight, exactly)."""
     from hld.cli import main
     from hld.plan import plan_run
 
@@ -385,12 +388,17 @@ def test_cache_teacher_builds_what_plan_says(tmp_path, overrides, capsys, method
         f"objective.method={method}",
         "teacher.cache_codec=exact",
         "teacher.cache_hidden_dtype=bfloat16",
+        *signal,
     ]
     assert main(["cache-teacher", "--config", "smoke", "--out", str(tmp_path / "c"), *over, "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     plan = plan_run(load_config("smoke", over))["cache"]
     assert row["layers"] == plan["layers"] == ([] if method == "kd" else [2, 3])
     assert row["tokens"] == plan["tokens"] and row["bytes"] == plan["bytes"]
+    assert main(["cache-teacher", "--config", "smoke", "--out", str(tmp_path / "d"), *over, "--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (dry["tokens"], dry["bytes"], dry["files"]) == (row["tokens"], row["bytes"], plan["files"])
+    assert not (tmp_path / "d").exists()
     assert sum(1 for p in (tmp_path / "c").rglob("*") if p.is_file()) == plan["files"] - 1  # no stamps yet
 
 

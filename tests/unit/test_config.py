@@ -160,6 +160,12 @@ def test_later_override_wins_and_malformed_override():
         (["objective.method=hld-joint", "objective.hidden.beta=0"], "plain kd"),
         (["train.schedule=wsd", "train.warmup_share=0.5", "train.decay_share=0.6"], "exceed 1"),
         (["train.betas=[0.9]"], "betas"),
+        (["teacher.cache_signal=sampled", "objective.temperature=2"], "sampled with objective.temperature=2"),
+        (["teacher.cache_signal=sampled", "objective.divergence=jsd"], "sampled with objective.divergence=jsd"),
+        (["teacher.cache_signal=sampled", "objective.top_k=8"], "a sampled signal has no top-k"),
+        (["teacher.cache_samples=0"], "teacher.cache_samples"),
+        (["teacher.cache_proposal_temperature=0"], "teacher.cache_proposal_temperature"),
+        (["teacher.cache_signal=dense"], "cache_signal"),
     ],
 )
 def test_contradictory_values(overrides, problem):

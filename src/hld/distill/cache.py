@@ -35,6 +35,7 @@ from hld.distill import cache_store as cs
 from hld.distill.cache_codec import Codec, ShardWriter, read_hidden, read_logits
 from hld.distill.encode_thread import Deferred, OrderedEncoder
 from hld.distill.losses import TeacherLogits
+from hld.distill.sampled import sampled_rows
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
@@ -57,8 +58,26 @@ class CacheIdentity:
     tokenizer: str  # tokenizer fingerprint
     seq_len: int
     layers: list  # hidden layers stored
-    top_k: int
+    top_k: int  # a sampled signal: its slots per token, min(cache_samples, V)
     data: str  # fingerprint of the windows (their token content)
+    cache_signal: str = "topk"  # topk | sampled (a topk cache is never read as sampled, nor the reverse)
+    cache_samples: Optional[int] = None  # sampled: draws per token
+    cache_proposal_temperature: Optional[float] = None  # sampled: tau of the proposal softmax(z / tau)
+
+
+SIGNAL_KEYS = {"cache_signal": "topk", "cache_samples": None, "cache_proposal_temperature": None}  # (defaults)
+
+
+def signal_identity(teacher) -> dict:
+    """The identity keys of the logit signal a `TeacherConfig` asks of a cache (none beyond the
+    defaults for topk)."""
+    if teacher.cache_signal != "sampled":
+        return {}
+    return {
+        "cache_signal": "sampled",
+        "cache_samples": int(teacher.cache_samples),
+        "cache_proposal_temperature": float(teacher.cache_proposal_temperature),
+    }
 
 
 def build_dir_of(out: Path) -> Path:
@@ -151,6 +170,7 @@ def _build_part(
         if not todo:
             return
         layers, k, T = plan["identity"]["layers"], plan["identity"]["top_k"], plan["seq_len"]
+        sampled = _sampling_of(plan["identity"])
         online = OnlineTeacher(teacher_lm, tuple(layers))
         device = next(teacher_lm.parameters()).device
         codec = Codec(**plan["codec"])
@@ -165,7 +185,14 @@ def _build_part(
                 t_shard = time.time()
                 shard = ShardWriter(writer.sink, n=hi - lo, T=T, k=k, layers=layers, codec=codec)
                 for n in _fill_shard(
-                    encoder.writer(shard), online, windows, window_ids[lo:hi], k=k, batch_size=batch_size, device=device
+                    encoder.writer(shard),
+                    online,
+                    windows,
+                    window_ids[lo:hi],
+                    k=k,
+                    batch_size=batch_size,
+                    device=device,
+                    sampled=sampled,
                 ):
                     prog.update(seen + n, tokens_per_s=(seen + n) * T / max(time.time() - t0, 1e-9))
                 encoder.submit(_commit_shard, writer, shard, {"shard": s, "rows": [lo, hi]}, t_shard)
@@ -199,25 +226,46 @@ def _fill_shard(
     k: int,
     batch_size: int,
     device: torch.device,
+    sampled: Optional[tuple[int, float]] = None,
 ) -> Iterator[int]:
-    """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done."""
+    """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done.
+    `sampled` = (draws per token, tau): the sampled signal in k slots (distill/sampled.py), else the top-k."""
     needs = Needs(logits=True, layers=tuple(writer.layers))
     T = windows.shape[1]
     for b in range(0, len(ids), batch_size):
         tokens = windows[ids[b : b + batch_size]]
         x = torch.from_numpy(np.asarray(tokens)).long().to(device)
         sig = online.signals(x, needs)
-        vals, idx, rest = _topk_rows(sig, k)
         n = x.shape[0]
+        if sampled is None:
+            vals, idx, rest = _topk_rows(sig, k)
+            rest = rest.view(n, T).float().cpu()
+        else:
+            idx, vals = sampled_rows(
+                lambda rows, sig=sig: sig.logits(rows).dense,
+                ids[b : b + n],
+                T,
+                samples=sampled[0],
+                tau=sampled[1],
+                slots=k,
+            )
+            rest = None
         writer.put(
             b,
             tokens=np.asarray(tokens),
             vals=vals.view(n, T, k).float().cpu(),
             idx=idx.view(n, T, k).cpu(),
-            rest=rest.view(n, T).float().cpu(),
+            rest=rest,
             hidden={layer: sig.hidden[layer].cpu() for layer in writer.layers},
         )
         yield b + n
+
+
+def _sampling_of(identity: dict) -> Optional[tuple[int, float]]:
+    """(draws per token, tau) of a sampled cache's identity; None for a top-k cache."""
+    if identity.get("cache_signal", "topk") != "sampled":
+        return None
+    return int(identity["cache_samples"]), float(identity["cache_proposal_temperature"])
 
 
 class _Builders:
@@ -393,8 +441,8 @@ class CachedTeacher:
         self._ahead: dict[tuple, Future] = {}  # (window ids, T, needs) -> the read under way
 
     def _check_identity(self, expect: CacheIdentity) -> None:
-        have = self.manifest["identity"]
-        for key in ("teacher", "tokenizer", "seq_len", "data"):
+        have = SIGNAL_KEYS | self.manifest["identity"]  # (caches from before the sampled signal: topk)
+        for key in ("teacher", "tokenizer", "seq_len", "data", *SIGNAL_KEYS):
             if have.get(key) != getattr(expect, key):
                 raise HldError(
                     f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
@@ -493,29 +541,36 @@ class CachedTeacher:
                     h[j] = read_hidden(arrays, layer, int(r), T, codec=self.codec)  # stays in the CPU's cache
             out.hidden[layer] = h
         if needs.logits:
-            vals, idx, rest = [], [], []
-            order = np.concatenate([at for _, at in groups])
-            for s, at in groups:
-                arrays = self.parts.arrays(
-                    s, [k for k in self.manifest["shards"][s]["fields"] if k.startswith("topk_")]
-                )
-                for r in rows[at] - s * self.shard_windows:
-                    v, i, z = self._logits(s, arrays, int(r), T)
-                    vals.append(np.asarray(v))
-                    idx.append(np.asarray(i))
-                    rest.append(np.asarray(z))
-            back = np.argsort(order)  # shard order -> batch order
-            idx_a = np.stack(idx)[back]
-            if idx_a.size and (int(idx_a.max()) >= self.vocab or int(idx_a.min()) < 0):
-                bad = int(idx_a.max()) if int(idx_a.max()) >= self.vocab else int(idx_a.min())
-                raise HldError(
-                    f"cache {self.dir} holds token id {bad}, outside the teacher's vocabulary ({self.vocab})",
-                    cs.REBUILD,
-                )
-            out.topk_values = torch.from_numpy(np.stack(vals)[back])
-            out.topk_indices = torch.from_numpy(idx_a)
-            out.topk_rest = torch.from_numpy(np.stack(rest)[back])
+            self._read_logits(out, rows, groups, T)
         return out
+
+    def _read_logits(self, out: CachedSignals, rows: np.ndarray, groups: list, T: int) -> None:
+        vals, idx, rest = [], [], []
+        order = np.concatenate([at for _, at in groups])
+        for s, at in groups:
+            keys = [k for k in self.manifest["shards"][s]["fields"] if k.startswith(("topk_", "sampled_"))]
+            arrays = self.parts.arrays(s, keys)
+            for r in rows[at] - s * self.shard_windows:
+                v, i, z = self._logits(s, arrays, int(r), T)
+                vals.append(np.asarray(v))
+                idx.append(np.asarray(i))
+                rest.append(z)
+        back = np.argsort(order)  # shard order -> batch order
+        idx_a = np.stack(idx)[back]
+        if idx_a.size and (int(idx_a.max()) >= self.vocab or int(idx_a.min()) < 0):
+            bad = int(idx_a.max()) if int(idx_a.max()) >= self.vocab else int(idx_a.min())
+            raise HldError(
+                f"cache {self.dir} holds token id {bad}, outside the teacher's vocabulary ({self.vocab})",
+                cs.REBUILD,
+            )
+        if self.codec.logits == "sampled":
+            w = np.stack(vals)[back]
+            _check_weights(w, self.dir)
+            out.sampled_ids, out.sampled_weights = torch.from_numpy(idx_a), torch.from_numpy(w)
+            return
+        out.topk_values = torch.from_numpy(np.stack(vals)[back])
+        out.topk_indices = torch.from_numpy(idx_a)
+        out.topk_rest = torch.from_numpy(np.stack(rest)[back])
 
     def _field(self, s: int, key: str) -> np.ndarray:
         return self.parts.field(s, key)
@@ -526,6 +581,12 @@ class CachedTeacher:
             return read_logits(arrays, r, T, codec=self.codec, k=self.top_k, slot_bits=slot_bits)
         except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
             raise HldError(f"cache shard {s} in {self.dir} is truncated or unreadable ({exc})", cs.REBUILD) from exc
+
+
+def _check_weights(w: np.ndarray, where: Path) -> None:
+    """Sampled weights must be a distribution per token (a damaged field whose checksum was rewritten)."""
+    if w.size and not (np.isfinite(w).all() and (w >= 0).all() and np.abs(w.sum(-1) - 1).max() < 1e-4):
+        raise HldError(f"cache {where} holds sampled weights that are not a distribution per token", cs.REBUILD)
 
 
 def _key(window_ids: np.ndarray, T: int, needs: Needs) -> tuple:
@@ -545,7 +606,7 @@ class CachedSignals(TeacherSignals):
     def to(self, device: torch.device) -> TeacherSignals:
         sig = TeacherSignals()
         sig.hidden = {layer: h.to(device) for layer, h in self.hidden.items()}
-        for key in ("topk_values", "topk_indices", "topk_rest"):
+        for key in ("topk_values", "topk_indices", "topk_rest", "sampled_ids", "sampled_weights"):
             if getattr(self, key) is not None:
                 setattr(sig, key, getattr(self, key).to(device))
         return sig
@@ -605,7 +666,8 @@ def read_manifest(path: Path) -> dict:
         codec = None
     if (
         codec is None
-        or codec.logits not in ("exact", "compact")
+        or codec.logits not in ("exact", "compact", "sampled")
+        or (codec.logits == "sampled") != (have.get("cache_signal") == "sampled")
         or codec.hidden not in ("bfloat16", "fp8")
         or not (isinstance(codec.value_bits, int) and 1 <= codec.value_bits <= 16)
         or codec.index_bits != max(1, (m["vocab_size"] - 1).bit_length())
@@ -620,10 +682,12 @@ def read_manifest(path: Path) -> dict:
 
 
 def cache_identity(
-    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray, layers, top_k: int
+    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray, layers, top_k: int, **signal
 ) -> CacheIdentity:
-    """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity."""
+    """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity;
+    `signal`: `signal_identity(cfg.teacher)` (the sampled signal's keys)."""
     return CacheIdentity(
+        **signal,
         teacher=teacher,
         tokenizer=tokenizer_fingerprint(tokenizer),
         seq_len=seq_len,

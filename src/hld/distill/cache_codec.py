@@ -39,7 +39,7 @@ COMPAND_PER_NAT = 0.25  # a in f(d) = 1 - exp(-a d); chosen on Gemma 3 270M's to
 class Codec:
     """How a cache's arrays are encoded (written to the manifest's `codec`)."""
 
-    logits: str = "exact"  # exact | compact
+    logits: str = "exact"  # exact | compact | sampled (ids drawn from the teacher + weights, distill/sampled.py)
     hidden: str = "bfloat16"  # bfloat16 | fp8
     value_bits: int = 6  # compact: bits per value code
     compand_per_nat: float = COMPAND_PER_NAT  # compact: a in f(d) = 1 - exp(-a d)
@@ -213,7 +213,12 @@ def field_specs(codec: Codec, layers: list, *, T: int, k: int, d_model: int, slo
     not per row: `topk_exceptions` (a flat byte run, shape None) and `topk_exception_offsets` (rows + 1
     int64 offsets into it, shape ())."""
     specs: dict[str, tuple[np.dtype, Optional[tuple]]] = {"tokens": (np.dtype(np.int32), (T,))}
-    if codec.logits == "exact":
+    if codec.logits == "sampled":  # k = slots per token: min(samples, V), padded with id 0, weight 0
+        specs |= {
+            "sampled_ids": (np.dtype(np.int32), (T, k)),
+            "sampled_weights": (np.dtype(np.float32), (T, k)),
+        }
+    elif codec.logits == "exact":
         specs |= {
             "topk_values": (np.dtype(np.float16), (T, k)),
             "topk_indices": (np.dtype(np.int32), (T, k)),
@@ -261,10 +266,14 @@ class ShardWriter:
         rest: torch.Tensor,
         hidden: dict[int, torch.Tensor],
     ) -> None:
-        """Rows b.. of the shard: tokens (n, T), vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d)."""
+        """Rows b.. of the shard: tokens (n, T), vals/idx (n, T, k), rest (n, T), hidden layer -> (n, T, d).
+        A sampled signal: vals = the weights, idx = the ids (n, T, slots), rest unused."""
         n = vals.shape[0]
         self.sink("tokens", np.asarray(tokens, dtype=np.int32))
-        if self.codec.logits == "exact":
+        if self.codec.logits == "sampled":
+            self.sink("sampled_ids", idx.numpy().astype(np.int32))
+            self.sink("sampled_weights", vals.numpy().astype(np.float32))
+        elif self.codec.logits == "exact":
             self.sink("topk_values", vals.numpy().astype(np.float16))
             self.sink("topk_indices", idx.numpy().astype(np.int32))
             self.sink("topk_rest", rest.numpy().astype(np.float32))
@@ -303,8 +312,11 @@ class ShardWriter:
 
 def read_logits(
     arrays: dict, r: int, T: int, *, codec: Codec, slot_bits: int, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row r's first T tokens: values (T, k), indices (T, k), rest (T,)."""
+) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Row r's first T tokens: values (T, k), indices (T, k), rest (T,); a sampled signal: weights (T, k),
+    ids (T, k), None."""
+    if codec.logits == "sampled":
+        return arrays["sampled_weights"][r, :T], arrays["sampled_ids"][r, :T], None
     if codec.logits == "exact":
         return arrays["topk_values"][r, :T], arrays["topk_indices"][r, :T], arrays["topk_rest"][r, :T]
     lo, hi = arrays["topk_exception_offsets"][r : r + 2]

@@ -24,7 +24,9 @@ sum_K p_i + p_r = 1:
 (q_j/q_r on j not in K is the student's softmax over the rest, at most 1, so the product is bounded).
 At k = V (p_r = 0) this is the dense formula; `renormalize` is the same with p_r = 0 and p_t the
 softmax of the k values. q_r is the sum of q over the ids off K after zeroing K in q's buffer, not
-1 - sum_K q_i, which cancels when the student's rest is small.
+1 - sum_K q_i, which cancels when the student's rest is small. A sampled teacher (weights w on the ids
+drawn, distill/sampled.py) is `renormalize` again with p_t = w:
+d/dz_j [T^2 * sum_i w_i log(w_i/q_i)] = T*(q_j - w_j) (w_j = 0 off the ids drawn).
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def _fast_chunk(
     yc = y.clamp_min(0)[:, None]
     zy = zbuf.gather(-1, yc)[:, 0].double()  # read before the softmax overwrites the logits
     topk = kd_on and not dense
-    logpt = teacher_logprobs(teacher, T, spec.top_k_rest) if topk else None  # (n, k[+1])
+    sampled = topk and teacher.weights is not None
+    logpt = teacher_logprobs(teacher, T, spec.top_k_rest) if topk and not sampled else None  # (n, k[+1])
     zK = zbuf.gather(-1, teacher.indices).float() if topk else None  # (n, k)
     lse = torch.empty(n, dtype=torch.float64, device=zbuf.device)
     kd_rows = torch.zeros(n, dtype=torch.float64, device=zbuf.device)
@@ -186,6 +189,9 @@ def _rows_loss(
         return p
     if T == 1:
         q, lseT = p, lse[sl].float()
+    if pt is None and teacher.weights is not None:
+        kd_rows[sl] = _sampled_rows(zK[sl], p, q, lseT, teacher.weights[sl], teacher.indices[sl], spec, want_grad)
+        return p
     if pt is None:
         kd_rows[sl] = _topk_rows(zK[sl], p, q, lseT, logpt[sl], teacher.indices[sl], spec, want_grad)
         return p
@@ -245,6 +251,36 @@ def _topk_rows(
     else:
         p.mul_(spec.ce_weight).addcmul_(q, (wk * (1 - c))[:, None])
     p.scatter_(-1, idx, spec.ce_weight * pK + wk * (qK - pt[:, :k]))
+    return per
+
+
+def _sampled_rows(
+    zK: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    lseT: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    spec: HeadLossSpec,
+    want_grad: bool,
+) -> torch.Tensor:
+    """The sampled estimate of KL per row (r,) (before the T^2), sum_i w_i (log w_i - log q_i), and its
+    gradient into `p` (softmax(z) on entry; q = softmax(z/T), the same buffer when T = 1). zK (r, slots):
+    the student's logits at the drawn ids; w (r, slots) their weights (0 in padding slots, whose id's
+    gradient term is then 0). d/dz_j [T^2 * estimate] = T (q_j sum_i w_i - w_j), sum_i w_i = 1."""
+    T = spec.temperature
+    w = w.float()
+    logqK = zK / T - lseT[:, None]
+    per = (torch.xlogy(w, w) - w * logqK).sum(-1, dtype=torch.float64)
+    if not want_grad:
+        return per
+    wk = spec.kd_weight * T
+    sw = w.sum(-1, keepdim=True)  # (r, 1)
+    if T == 1:
+        p.mul_(spec.ce_weight + wk * sw)
+    else:
+        p.mul_(spec.ce_weight).addcmul_(q, wk * sw)
+    p.scatter_add_(-1, idx, w * -wk)
     return per
 
 

@@ -21,6 +21,9 @@ Conventions
   dense divergence) and equal the dense loss at k = V (rest = -inf). `top_k_rest="renormalize"`
   is the older choice: the teacher is the softmax of its k logits alone (zero mass elsewhere) and
   the student keeps its full softmax; reverse KL is then infinite, and the teacher's rest is lost.
+- Sampled teachers (`TeacherLogits.weights`, distill/sampled.py): distinct ids drawn from the teacher
+  with importance weights w summing to 1; the loss is the estimate sum_i w_i (log w_i - log q_i) of
+  forward KL (its gradient T (q - w) has expectation T (q - p) at tau = 1); other divergences refused.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from hld.distill.sampled import estimate_kl_rows
 
 
 @dataclass
@@ -43,9 +48,12 @@ class TeacherLogits:
     # (n,) float32, log of sum_{j not in top-k} exp(z_j) over the teacher's raw logits z (after softcap,
     # before temperature); -inf when the top-k covers the vocabulary; None = unknown
     rest: Optional[torch.Tensor] = None
+    # (n, slots) float32, a sampled signal (distill/sampled.py): the importance weights of the distinct ids
+    # drawn (`indices`), summing to 1 per row (0 in padding slots); values and rest are then None
+    weights: Optional[torch.Tensor] = None
 
     def top_k(self, k: Optional[int]) -> TeacherLogits:
-        if k is None:
+        if k is None or self.weights is not None:  # a sampled signal has no top-k (refused at load)
             return self
         if self.dense is None:  # already top-k (sorted descending, as the cache stores them)
             if k >= self.values.shape[-1]:
@@ -150,6 +158,11 @@ def kd_sum(
     T = temperature
     s = student_logits.float() / T  # (n, V)
     logq = torch.log_softmax(s, dim=-1)  # (n, V)
+    if teacher.weights is not None:  # sampled: the estimate sum_i w_i (log w_i - log q_i) of forward KL
+        if divergence != "forward_kl":
+            raise ValueError(f"a sampled teacher signal estimates forward_kl only, not {divergence!r}")
+        per = estimate_kl_rows(logq, teacher.indices, teacher.weights)
+        return torch.where(mask, per, 0.0).sum() * T * T
     logp = teacher_logprobs(teacher, T, top_k_rest)  # (n, V), (n, k+1) or (n, k)
     idx = teacher.indices
     if teacher.dense is not None:

@@ -2,7 +2,7 @@
 
 `StudentOutputs`: the final hidden states (after the final norm), the captured layers, and the head.
 `TeacherSignals`: per batch, logits (from an online teacher's final hidden states and head, chunk by
-chunk; or top-k values + indices from a cache) and a dict `layer -> hidden states`. An online
+chunk; or top-k values + indices from a cache, or sampled ids + weights) and a dict `layer -> hidden states`. An online
 teacher and the offline cache both produce this type; the objectives cannot tell them apart.
 """
 
@@ -51,6 +51,8 @@ class TeacherSignals:
     topk_values: Optional[torch.Tensor] = None  # (B, T, k), cache
     topk_indices: Optional[torch.Tensor] = None  # (B, T, k), cache
     topk_rest: Optional[torch.Tensor] = None  # (B, T) float32, cache: log of the teacher's mass off the top k
+    sampled_ids: Optional[torch.Tensor] = None  # (B, T, slots) int32, a sampled cache: distinct ids drawn
+    sampled_weights: Optional[torch.Tensor] = None  # (B, T, slots) float32: their importance weights (sum 1)
 
     def logits(self, rows: slice) -> Optional[TeacherLogits]:
         """Teacher logits for rows `rows` of the flattened (B*T) positions."""
@@ -58,6 +60,12 @@ class TeacherSignals:
             h = self.final_hidden.reshape(-1, self.final_hidden.shape[-1])[rows]
             buf = WORKSPACE.get("zt", h.shape[0], self.head_weight.shape[0], h.device)
             return TeacherLogits(dense=softcap(logits_into(h, self.head_weight, buf), self.softcap))
+        if self.sampled_ids is not None:
+            n = self.sampled_ids.shape[-1]
+            return TeacherLogits(
+                indices=self.sampled_ids.reshape(-1, n)[rows].long(),
+                weights=self.sampled_weights.reshape(-1, n)[rows],
+            )
         if self.topk_values is not None:
             k = self.topk_values.shape[-1]
             rest = self.topk_rest.reshape(-1)[rows] if self.topk_rest is not None else None

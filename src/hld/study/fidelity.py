@@ -12,6 +12,13 @@ with p the teacher's tempered softmax over its full logits and p̂ what `losses.
 the loss. `renormalize` puts no mass off the k ids: its KL is infinite. A cached signal is measured as
 the study's cells read it: a cache built by `train.cache_build.ensure_cache` over validation windows and
 read back with `CachedTeacher` (so the codec's rounding counts), against the same teacher's logits.
+
+A sampled signal (distill/sampled.py: distinct ids drawn from p with weights w) leaves every id it did not
+draw at zero, so KL(p || w) is infinite for any finite number of draws although its KD gradient is
+unbiased. Its row reports the other direction, KL(w || p) = sum_i w_i log(w_i / p_i): the KD loss the
+teacher itself would get from the signal (0 only when w = p; it shrinks as the draws grow, ~ (unique ids
+drawn - 1) / (2 K) at tau = 1). The two directions are not the same measure: a sampled row is not ranked
+against a top-k row by this number (the report names the direction in the signal's description).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ def completion_kl(
     """KL(p || p̂) per row, (n,) float64: p = softmax(full / T) over the vocabulary (full: (n, V) logits),
     p̂ = the distribution `signal` states (dense, or top-k + the rest spread evenly; module docstring)."""
     logp = torch.log_softmax(full.double() / temperature, dim=-1)  # (n, V)
+    if signal.weights is not None:  # sampled: KL(w || p) (module docstring)
+        w = signal.weights.double()
+        return (torch.xlogy(w, w) - w * logp.gather(-1, signal.indices.long())).sum(-1)
     sig = signal_logprobs(signal, temperature, top_k_rest)  # (n, V), (n, k+1) or (n, k)
     if signal.dense is not None:
         return (logp.exp() * (logp - sig)).sum(-1)
@@ -67,7 +77,14 @@ def signal_key(cfg: RunConfig) -> Optional[dict]:
     if cfg.objective.method == "ce":
         return None
     t, o, d = cfg.teacher, cfg.objective, cfg.data
-    return {
+    sampled = {}
+    if t.cache and t.cache_signal == "sampled":  # (keys absent for top-k: entries of older studies still match)
+        sampled = {
+            "cache_signal": "sampled",
+            "cache_samples": t.cache_samples,
+            "cache_proposal_temperature": t.cache_proposal_temperature,
+        }
+    return sampled | {
         "model": t.model,
         "dtype": t.dtype,
         "source": "cache" if t.cache else "online",
@@ -83,7 +100,11 @@ def signal_key(cfg: RunConfig) -> Optional[dict]:
 
 
 def describe(key: dict) -> str:
-    """`cache top-64 + rest (exact codec)`, `online top-16 + rest`, `online full distribution`."""
+    """`cache top-64 + rest (exact codec)`, `online top-16 + rest`, `online full distribution`,
+    `cache sampled, 12 draws/token (tau 1), KL(signal ‖ full)`."""
+    if key.get("cache_signal") == "sampled":
+        tau = key["cache_proposal_temperature"]
+        return f"cache sampled, {key['cache_samples']} draws/token (tau {tau:g}), KL(signal ‖ full)"
     k = min(key["top_k"] or key["cache_top_k"], key["cache_top_k"]) if key["source"] == "cache" else key["top_k"]
     if k is None:
         return "online, full distribution"
@@ -111,7 +132,7 @@ def measure(cfg: RunConfig, resources, work_dir: Path, *, windows: int = WINDOWS
     """The mean KL per predicted token between the teacher's full distribution and the cell's signal,
     on `windows` validation windows (the first ones a cache of the validation split would hold)."""
     from hld.data.loader import BatchOrder
-    from hld.distill.cache import CachedTeacher, cache_identity
+    from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
     from hld.distill.signals import Needs, OnlineTeacher
     from hld.train.budget import sized_plan
     from hld.train.cache_build import ensure_cache
@@ -137,7 +158,8 @@ def measure(cfg: RunConfig, resources, work_dir: Path, *, windows: int = WINDOWS
             seq_len=T,
             train_windows=val,
             layers=[],
-            top_k=fcfg.teacher.cache_top_k,
+            top_k=0 if fcfg.teacher.cache_signal == "sampled" else fcfg.teacher.cache_top_k,
+            **signal_identity(fcfg.teacher),
         )
         cached = CachedTeacher(work_dir, expect=identity)
     total, count, ids = 0.0, 0, []
@@ -187,7 +209,8 @@ def fidelity_rows(entries: list[dict]) -> list[str]:
     lines = [
         "Teacher signal fidelity: the mean KL per predicted token from the teacher's full distribution to "
         "the distribution the cells' signal states (a top-k's remaining mass spread evenly over the other "
-        "ids), on validation windows; 0 for the full distribution computed online.",
+        "ids), on validation windows; 0 for the full distribution computed online. A sampled signal is measured "
+        "the other way, KL(signal ‖ full) (KL(full ‖ signal) is infinite off the ids drawn; its gradient is unbiased).",
         "",
         "| signal | teacher dtype | temperature | validation predictions | KL(full ‖ signal), nats/token |",
         "|---|---|---:|---:|---:|",

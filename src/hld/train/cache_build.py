@@ -23,6 +23,7 @@ from hld.distill.cache import (
     check_out_dir,
     is_cache,
     read_manifest,
+    signal_identity,
 )
 from hld.distill.cache_codec import Codec
 from hld.distill.cache_store import Parts, check_records, open_windows
@@ -45,6 +46,7 @@ def cache_share_key(cfg: RunConfig) -> str:
             t.cache_codec,
             t.cache_hidden_dtype,
             t.cache_value_bits,
+            signal_identity(t),
             to_dict(cfg.data),
             cfg.train.seed,
             cfg.train.batch_size,
@@ -61,7 +63,15 @@ def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[
 def codec_of(cfg: RunConfig) -> Codec:
     """The codec a cache built for `cfg` uses (index_bits is set from the teacher's vocabulary)."""
     t = cfg.teacher
-    return Codec(logits=t.cache_codec, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+    logits = "sampled" if t.cache_signal == "sampled" else t.cache_codec
+    return Codec(logits=logits, hidden=t.cache_hidden_dtype, value_bits=t.cache_value_bits)
+
+
+def cache_slots(cfg: RunConfig, vocab: int) -> int:
+    """Logit entries per token a cache built for `cfg` stores: k, or a sampled signal's slots (at most
+    cache_samples distinct ids can be drawn, and at most V)."""
+    t = cfg.teacher
+    return min(t.cache_samples, vocab) if t.cache_signal == "sampled" else t.cache_top_k
 
 
 def ensure_cache(
@@ -81,7 +91,7 @@ def ensure_cache(
     for other in cfgs[1:]:
         if cache_share_key(other) != cache_share_key(cfg):
             raise HldError(
-                "configs sharing one teacher cache differ in teacher, teacher dtype, cache_top_k, data, "
+                "configs sharing one teacher cache differ in teacher, teacher dtype, cache_top_k, cache signal, data, "
                 "seed or batch size",
                 "give each group of runs its own cache",
             )
@@ -94,7 +104,7 @@ def ensure_cache(
     shapes = meta_causal_lm(model_config(source))
     tok = resources.tokenizer(cfg.teacher.model)
     vocab = shapes.get_input_embeddings().weight.shape[0]
-    if cfg.teacher.cache_top_k > vocab:
+    if cfg.teacher.cache_signal == "topk" and cfg.teacher.cache_top_k > vocab:
         raise HldError(
             f"teacher.cache_top_k={cfg.teacher.cache_top_k} exceeds the teacher's vocabulary ({vocab})",
             f"set teacher.cache_top_k to at most {vocab}",
@@ -111,7 +121,8 @@ def ensure_cache(
         seq_len=d.seq_len,
         train_windows=windows,
         layers=layers,
-        top_k=cfg.teacher.cache_top_k,
+        top_k=cache_slots(cfg, vocab),
+        **signal_identity(cfg.teacher),
     )
     codec = replace(codec_of(cfg), index_bits=max(1, (vocab - 1).bit_length()))
     ids = order.window_ids(steps)

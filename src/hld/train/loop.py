@@ -27,7 +27,7 @@ from hld import atomic, distributed
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
-from hld.distill.cache import CachedTeacher, cache_identity
+from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
 from hld.distill.objectives import Plan, fit_targets, keep_targets
 from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
@@ -163,6 +163,7 @@ def build(
             train_windows=train_w,
             layers=plan.needs.layers,
             top_k=cfg.objective.top_k or 0,
+            **signal_identity(cfg.teacher),
         )
         teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:

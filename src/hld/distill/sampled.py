@@ -1,0 +1,109 @@
+"""The sampled teacher signal (Random-Sampling KD: Anshumann et al., *Sparse Logit Sampling:
+Accelerating Knowledge Distillation in LLMs*, ACL 2025, arXiv 2503.16870).
+
+Per position, K ids are drawn with replacement from a proposal q = softmax(z / tau) of the teacher's
+logits z (after softcap); the cache keeps the distinct ids drawn and their importance weights
+
+    w_i = (c_i / K) * (p_i / q_i) / sum_j (c_j / K) * (p_j / q_j),     p = softmax(z),
+
+c_i the number of draws of id i. At tau = 1 (q = p) the ratio is 1 and w_i = c_i / K exactly: E[w_i] =
+p_i, so the KD loss read from the cache, sum_i w_i (log w_i - log s_i) (s the student's softmax), has
+the cross-entropy part -sum_i w_i log s_i with expectation -sum_i p_i log s_i = H(p, s), and its
+gradient with respect to the student's logits, s - w, has expectation s - p: the full-distribution KD
+gradient, unbiased. The constant part sum_i w_i log w_i makes the value 0 when s equals w (it has no
+gradient). At tau != 1 the normalisation (a self-normalised importance-sampling estimator) makes the
+estimate consistent (bias O(1/K)), not unbiased; the unnormalised weights (c_i / K) p_i / q_i are
+unbiased (`weights(..., normalise=False)`, tested).
+
+Draws are reproducible: window w's uniforms come from numpy's PCG64 seeded with (SEED, w), consumed in
+position order, K per position; an id is the inverse CDF of q (float64 cumulative sums) at u times the
+total. So a cache is the same whatever the build's batch size, parts, ranks or resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import numpy as np
+import torch
+
+SEED = 20250321  # the first half of every window's PCG64 seed: (SEED, window id)
+ROWS = 32  # positions per sampling block: a (ROWS, V) float64 cumulative sum (64 MiB at V = 262,144)
+
+
+def window_rng(window_id: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64([SEED, int(window_id)]))
+
+
+def draw(z: torch.Tensor, u: np.ndarray, *, tau: float) -> torch.Tensor:
+    """Ids (n, K) int64 drawn from q = softmax(z / tau) (z (n, V) logits) at uniforms u (n, K) in [0, 1):
+    the first id whose cumulative mass exceeds u * total (an id of zero mass is never drawn)."""
+    q = torch.softmax(z.float() / tau if tau != 1 else z.float(), dim=-1)  # (n, V)
+    cdf = torch.cumsum(q, dim=-1, dtype=torch.float64)  # (n, V)
+    x = torch.from_numpy(np.ascontiguousarray(u)).to(cdf.device) * cdf[:, -1:]  # (n, K)
+    return torch.searchsorted(cdf, x, right=True).clamp_max_(z.shape[-1] - 1)
+
+
+def unique_counts(ids: np.ndarray, *, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws (n, K) -> the distinct ids per row, ascending, in `slots` >= their number of columns (n, slots)
+    int64 (padding: id 0), and their draw counts (n, slots) int64 (padding: 0)."""
+    n, K = ids.shape
+    s = np.sort(ids, axis=1)
+    new = np.ones((n, K), dtype=bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    flat = (np.arange(n)[:, None] * slots + np.cumsum(new, axis=1) - 1).reshape(-1)  # each draw's slot
+    out = np.zeros(n * slots, dtype=np.int64)
+    out[flat] = s.reshape(-1)
+    counts = np.bincount(flat, minlength=n * slots).reshape(n, slots)
+    return out.reshape(n, slots), counts
+
+
+def weights(counts: np.ndarray, log_ratio: Optional[np.ndarray], *, normalise: bool = True) -> np.ndarray:
+    """Importance weights (n, slots) float64 from draw counts (n, slots) and log(p_i / q_i) at those ids
+    (None: tau = 1, ratio 1). Normalised: summing to 1 per row (up to a row constant in log_ratio);
+    not: (c_i / K) p_i / q_i (log_ratio must then be exact)."""
+    K = counts.sum(axis=1, keepdims=True)  # (n, 1) draws per row
+    if log_ratio is None:
+        return counts / K
+    drawn = counts > 0
+    lr = np.where(drawn, log_ratio, -np.inf)
+    if not normalise:
+        return np.where(drawn, counts / K * np.exp(lr), 0.0)
+    w = np.where(drawn, counts * np.exp(lr - lr.max(axis=1, keepdims=True)), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def sampled_rows(
+    logits_of: Callable[[slice], torch.Tensor],
+    window_ids: np.ndarray,
+    T: int,
+    *,
+    samples: int,
+    tau: float,
+    slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled signal of windows `window_ids` (their T positions each, rows j*T.. of `logits_of`,
+    which gives the teacher's logits (r, V) of a slice of rows): ids (n*T, slots) int32 and weights
+    (n*T, slots) float32, ROWS positions at a time (never (n*T, V) at once)."""
+    ids, ws = [], []
+    for j, wid in enumerate(window_ids):
+        u = window_rng(int(wid)).random((T, samples))  # (T, K): position order, K per position
+        for s in range(0, T, ROWS):
+            e = min(s + ROWS, T)
+            z = logits_of(slice(j * T + s, j * T + e))  # (r, V)
+            uid, counts = unique_counts(draw(z, u[s:e], tau=tau).cpu().numpy(), slots=slots)
+            lr = None
+            if tau != 1:  # log p_i - log q_i = z_i (1 - 1/tau) + a row constant (cancels in the normalisation)
+                zi = z.gather(-1, torch.from_numpy(uid).to(z.device)).double().cpu().numpy()
+                lr = zi * (1 - 1 / tau)
+            ids.append(uid.astype(np.int32))
+            ws.append(weights(counts, lr).astype(np.float32))
+    return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(ws))
+
+
+def estimate_kl_rows(logs: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The loss a sampled signal gives per row: sum_i w_i (log w_i - log s_i), with log s (n, V) the
+    student's log-probs, ids/w (n, slots) (a weight of 0 contributes 0)."""
+    w = w.to(logs.dtype)
+    return (torch.xlogy(w, w) - w * logs.gather(-1, ids.long())).sum(-1)

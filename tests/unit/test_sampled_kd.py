@@ -1,0 +1,293 @@
+"""The sampled teacher signal (Random-Sampling KD, distill/sampled.py): its estimator is unbiased
+(value's cross-entropy part and gradient, over many draws, against float64 numpy), tends to the exact
+KL with many draws, is computed by the fused chunked head as a direct float64 computation from the
+stored (ids, weights) gives, and round-trips through the cache: the ids and weights the builder drew,
+the same bytes on a rebuild, in parts, at another batch size; a top-k cache is refused where sampled is
+configured, and a damaged sampled field at read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import cache_arrays
+from hld.distill.cache import CachedTeacher, build_cache, cache_identity, signal_identity
+from hld.distill.cache_codec import Codec
+from hld.distill.chunked import HeadLossSpec, head_loss
+from hld.distill.losses import TeacherLogits, kd_sum
+from hld.distill.sampled import draw, estimate_kl_rows, unique_counts, weights
+from hld.distill.signals import Needs, OnlineTeacher
+from hld.errors import HldError
+
+V = 40
+
+
+def _problem(seed: int = 0):
+    """Teacher logits z (V,), student logits (V,) as float64 numpy, p = softmax(z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2.0, V)
+    zs = rng.normal(0, 1.5, V)
+    return z, zs
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _draws(z: np.ndarray, *, K: int, M: int, tau: float, normalise: bool = True, seed: int = 1):
+    """M independent draws of K ids from softmax(z / tau): ids (M, K) and weights (M, K) float64."""
+    u = np.random.default_rng(seed).random((M, K))
+    zt = torch.from_numpy(np.tile(z, (M, 1)))
+    uid, counts = unique_counts(draw(zt, u, tau=tau).numpy(), slots=K)
+    lr = None
+    if tau != 1:  # the exact log p/q (the unnormalised estimator needs it exact)
+        logp = np.log(_softmax(z))
+        logq = np.log(_softmax(z / tau))
+        lr = (logp - logq)[uid]
+    return uid, weights(counts, lr, normalise=normalise)
+
+
+def _estimates(uid: np.ndarray, w: np.ndarray, zs: np.ndarray):
+    """Per draw: the cross-entropy part -sum_i w_i log s_i (M,) and its gradient w.r.t. the student's
+    logits (M, V), by autograd in float64."""
+    M = len(uid)
+    s = torch.from_numpy(np.tile(zs, (M, 1))).requires_grad_(True)
+    logs = torch.log_softmax(s, -1)
+    wt = torch.from_numpy(w)
+    ce = -(wt * logs.gather(-1, torch.from_numpy(uid))).sum(-1)  # (M,)
+    (grad,) = torch.autograd.grad(ce.sum(), s)
+    return ce.detach().numpy(), grad.numpy()
+
+
+def _assert_mean(samples: np.ndarray, target: np.ndarray, *, sigmas: float = 5.0) -> None:
+    """The mean over axis 0 within `sigmas` standard errors of `target` (elementwise)."""
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / np.sqrt(len(samples))
+    assert np.all(np.abs(mean - target) <= sigmas * se + 1e-12), np.max(np.abs(mean - target) / (se + 1e-300))
+
+
+@pytest.mark.parametrize("K", [1, 4, 12])
+def test_the_estimate_is_unbiased_at_tau_1(K):
+    """E[-sum w log s] = H(p, s) and E[grad] = s - p (the full-distribution KD gradient), any K."""
+    z, zs = _problem()
+    p, s = _softmax(z), _softmax(zs)
+    uid, w = _draws(z, K=K, M=20000, tau=1.0)
+    assert np.allclose(w.sum(1), 1) and np.allclose(w * K, np.rint(w * K))  # weights = counts / K
+    ce, grad = _estimates(uid, w, zs)
+    _assert_mean(ce, -(p * np.log(s)).sum())
+    _assert_mean(grad, s - p)
+
+
+@pytest.mark.parametrize("tau", [1.5, 3.0])  # tau < 1: ids of the tail are almost never drawn (heavy-tailed weights)
+def test_the_unnormalised_importance_weights_are_unbiased_at_another_tau(tau):
+    """Drawn from q = softmax(z / tau), weighted (c_i / K) p_i / q_i: the same expectations."""
+    z, zs = _problem(1)
+    p, s = _softmax(z), _softmax(zs)
+    uid, w = _draws(z, K=6, M=20000, tau=tau, normalise=False)
+    ce, grad = _estimates(uid, w, zs)
+    _assert_mean(ce, -(p * np.log(s)).sum())
+    # the gradient of -sum w log s is (sum w) s - w; its mean is s - p
+    _assert_mean(grad, s - p)
+
+
+def test_the_stored_normalised_weights_at_another_tau_are_consistent():
+    """Self-normalised (what the cache stores): a bias that shrinks as K grows (O(1/K))."""
+    z, zs = _problem(2)
+    p, s = _softmax(z), _softmax(zs)
+    errs = []
+    for K in (2, 64):
+        uid, w = _draws(z, K=K, M=8000, tau=2.0)
+        assert np.allclose(w.sum(1), 1)
+        _, grad = _estimates(uid, w, zs)
+        errs.append(np.abs(grad.mean(0) - (s - p)).max())
+    assert errs[1] < errs[0] / 5 and errs[1] < 0.01
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5])
+def test_many_draws_tend_to_the_exact_kl(tau):
+    z, zs = _problem(3)
+    p, s = _softmax(z), _softmax(zs)
+    exact = (p * (np.log(p) - np.log(s))).sum()
+    uid, w = _draws(z, K=200_000, M=1, tau=tau)
+    est = estimate_kl_rows(
+        torch.log_softmax(torch.from_numpy(zs)[None], -1), torch.from_numpy(uid), torch.from_numpy(w)
+    )
+    assert abs(float(est[0]) - exact) < 5e-3
+
+
+def _reference(h, W, y, m, ids, w, *, ce_weight, kd_weight, cap=None):
+    """w_ce * CE + w_kd * sum_i w_i (log w_i - log s_i) over valid rows, in float64 with autograd."""
+    h64 = h.double().requires_grad_(True)
+    W64 = W.double().requires_grad_(True)
+    z = h64 @ W64.T
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    logs = torch.log_softmax(z, -1)
+    ce = -logs.gather(-1, y[:, None].clamp_min(0))[:, 0]
+    w64 = w.double()
+    kd = (torch.xlogy(w64, w64) - w64 * logs.gather(-1, ids.long())).sum(-1)
+    total = (torch.where(m, ce_weight * ce + kd_weight * kd, 0.0)).sum()
+    gh, gW = torch.autograd.grad(total, (h64, W64))
+    return float(total.detach()), gh, gW
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])  # None: the hand-derived fast path; a softcap: autograd over kd_sum
+def test_the_fused_head_loss_equals_a_direct_float64_computation(cap):
+    from hld.distill.signals import TeacherSignals
+
+    torch.manual_seed(0)
+    N, d, K = 21, 16, 5
+    h = torch.randn(N, d)
+    W = torch.randn(V, d) * 0.5
+    y = torch.randint(0, V, (N,))
+    m = torch.rand(N) > 0.2
+    z_t = torch.randn(N, V) * 2
+    uid, counts = unique_counts(draw(z_t, np.random.default_rng(0).random((N, K)), tau=1.0).numpy(), slots=K)
+    assert (counts == 0).any()  # padding slots (id 0, weight 0) are exercised
+    ids = torch.from_numpy(uid).int()
+    w = torch.from_numpy(weights(counts, None)).float()
+    sig = TeacherSignals(sampled_ids=ids.view(3, 7, K), sampled_weights=w.view(3, 7, K))
+    spec = HeadLossSpec(ce_weight=0.3, kd_weight=0.7, chunk_tokens=8, softcap=cap)
+    hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    total, stats = head_loss(hh, WW, y, m, spec, sig.logits)
+    total.backward()
+    ref, gh, gW = _reference(h, W, y, m, ids, w, ce_weight=0.3, kd_weight=0.7, cap=cap)
+    assert float(total) == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(hh.grad.double(), gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(WW.grad.double(), gW, rtol=1e-4, atol=1e-5)
+    # and the unfused kd_sum gives the same KD sum
+    kd = kd_sum(
+        h @ W.T if cap is None else cap * torch.tanh(h @ W.T / cap), TeacherLogits(indices=ids.long(), weights=w), m
+    )
+    assert stats["kd"] == pytest.approx(float(kd), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+SAMPLED = {"cache_signal": "sampled", "cache_samples": 6, "cache_proposal_temperature": 1.0}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from helpers import tiny_overrides
+    from hld.config import load_config
+    from hld.train.resources import Resources
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
+    cfg = load_config("smoke", tiny_overrides())
+    res = Resources()
+    loaded = res.teacher(cfg.teacher.model, "float32")
+    windows = res.train_windows(cfg.data, loaded.tokenizer)
+    ids = np.arange(3, 23)  # 20 windows
+    kw = dict(teacher=loaded.identity, tokenizer=loaded.tokenizer, seq_len=cfg.data.seq_len, train_windows=windows)
+    yield loaded.model, windows, ids, kw
+    mp.undo()
+
+
+def _build(setup, out, *, signal=SAMPLED, part=(0, 1), batch_size=8):
+    lm, windows, ids, kw = setup
+    sampled = signal.get("cache_signal") == "sampled"
+    ident = cache_identity(**kw, layers=[], top_k=signal["cache_samples"] if sampled else 16, **signal)
+    codec = Codec(logits="sampled" if sampled else "exact")
+    build_cache(
+        lm,
+        windows,
+        ids,
+        out,
+        identity=ident,
+        codec=codec,
+        part=part,
+        shard_windows=3,
+        batch_size=batch_size,
+        quiet=True,
+    )
+    return ident
+
+
+def test_a_sampled_cache_reads_back_what_the_builder_drew(tmp_path, setup):
+    from hld.distill.sampled import sampled_rows
+
+    lm, windows, ids, kw = setup
+    ident = _build(setup, tmp_path / "c")
+    T = windows.shape[1]
+    got = CachedTeacher(tmp_path / "c", expect=ident).read(ids, T, Needs(logits=True))
+    x = torch.from_numpy(np.asarray(windows[ids])).long()
+    sig = OnlineTeacher(lm).signals(x, Needs(logits=True))
+    want_ids, want_w = sampled_rows(lambda r: sig.logits(r).dense, ids, T, samples=6, tau=1.0, slots=6)
+    assert torch.equal(got.sampled_ids.reshape(-1, 6), want_ids)
+    assert torch.equal(got.sampled_weights.reshape(-1, 6), want_w)
+    w = got.sampled_weights.double()
+    assert torch.allclose(w.sum(-1), torch.ones(()).double())
+    assert ((w * 6 - (w * 6).round()).abs() < 1e-6).all()  # counts / K (float32)
+    assert got.topk_values is None
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["codec"]["logits"] == "sampled" and m["identity"]["cache_samples"] == 6
+    assert set(m["shards"][0]["fields"]) == {"tokens", "sampled_ids", "sampled_weights"}
+
+
+def test_a_sampled_cache_is_the_same_on_rebuild_in_parts_and_at_another_batch_size(tmp_path, setup):
+    _build(setup, tmp_path / "a")
+    _build(setup, tmp_path / "b", batch_size=3)
+    for i in range(2):
+        _build(setup, tmp_path / "parts", part=(i, 2))
+    assert cache_arrays(tmp_path / "a") == cache_arrays(tmp_path / "b") == cache_arrays(tmp_path / "parts")
+    tau = {**SAMPLED, "cache_proposal_temperature": 2.0}
+    _build(setup, tmp_path / "tau", signal=tau)
+    assert cache_arrays(tmp_path / "tau") != cache_arrays(tmp_path / "a")
+
+
+def test_a_topk_cache_is_refused_where_sampled_is_configured(tmp_path, setup):
+    lm, windows, ids, kw = setup
+    topk = _build(setup, tmp_path / "topk", signal={})
+    sampled = cache_identity(**kw, layers=[], top_k=0, **SAMPLED)
+    with pytest.raises(HldError, match=r"another cache_signal \('topk', this run needs 'sampled'\)") as exc:
+        CachedTeacher(tmp_path / "topk", expect=sampled)
+    assert "\n" not in exc.value.line() and exc.value.fix
+    _build(setup, tmp_path / "s")
+    with pytest.raises(HldError, match=r"another cache_signal \('sampled', this run needs 'topk'\)"):
+        CachedTeacher(tmp_path / "s", expect=topk)
+    other = cache_identity(**kw, layers=[], top_k=0, **{**SAMPLED, "cache_samples": 12})
+    with pytest.raises(HldError, match="another cache_samples"):
+        CachedTeacher(tmp_path / "s", expect=other)
+
+
+def test_signal_identity_of_a_config():
+    from hld.config import load_config
+
+    assert signal_identity(load_config("smoke").teacher) == {}
+    t = load_config("smoke", ["teacher.cache_signal=sampled", "teacher.cache_samples=12"]).teacher
+    assert signal_identity(t) == {"cache_signal": "sampled", "cache_samples": 12, "cache_proposal_temperature": 1.0}
+
+
+def test_a_damaged_sampled_field_is_refused_at_read(tmp_path, setup):
+    lm, windows, ids, kw = setup
+    ident = _build(setup, tmp_path / "c")
+    d = tmp_path / "c"
+    m = json.loads((d / "manifest.json").read_text())
+    f = m["shards"][1]["fields"]["sampled_weights"]
+    path = d / "parts" / "p00000of00001.sampled_weights.bin"
+    data = bytearray(path.read_bytes())
+    data[f["offset"] + 1] ^= 0x01  # a weight a little off: only the checksum sees it
+    path.write_bytes(bytes(data))
+    t = CachedTeacher(d, expect=ident)
+    t.read(ids[:3], 32, Needs(logits=True))  # shard 0 reads fine
+    with pytest.raises(HldError, match=r"cache shard 1 \(sampled_weights.*corrupt"):
+        t.read(ids[3:4], 32, Needs(logits=True))
+    # weights that are no distribution, their checksum rewritten to match: the read's own check
+    data[f["offset"] + 1] ^= 0x01
+    data[f["offset"] + 3] = 0x7F  # the first weight's top byte: a huge (or nan) float32
+    path.write_bytes(bytes(data))
+    m["shards"][1]["fields"]["sampled_weights"]["sha256"] = hashlib.sha256(
+        bytes(data[f["offset"] : f["offset"] + f["nbytes"]])
+    ).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "verified.jsonl").unlink(missing_ok=True)
+    with pytest.raises(HldError, match="sampled weights that are not a distribution") as exc:
+        CachedTeacher(d, expect=ident).read(ids[3:4], 32, Needs(logits=True))
+    assert "\n" not in exc.value.line()
