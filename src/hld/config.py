@@ -76,7 +76,8 @@ class TeacherConfig:
     cache_proposal_temperature: float = _f(
         1.0,
         "sampled signal: ids are drawn from q = softmax(teacher logits / tau) and weighted by p/q (tau = 1: q = p, "
-        "weights = draw counts / cache_samples); tau > 1 spreads the draws over more ids",
+        "weights = draw counts / cache_samples); tau > 1 spreads the draws over more ids; tau < 1 rarely draws "
+        "the tail, whose weights then vary wildly",
     )
     cache_hidden_dtype: Literal["bfloat16", "fp8"] = _f(
         "fp8",

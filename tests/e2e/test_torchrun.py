@@ -213,10 +213,14 @@ def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatc
     assert not (run / "student").exists() and not (run / "summary.json").exists()
 
 
-def test_torchrun_cache_teacher_equals_one_process(tmp_path, hld_cache_dir):
+@pytest.mark.parametrize(
+    "signal", [[], ["teacher.cache_signal=sampled", "teacher.cache_samples=7"]], ids=["topk", "sampled"]
+)
+def test_torchrun_cache_teacher_equals_one_process(tmp_path, hld_cache_dir, signal):
     """`torchrun --nproc-per-node 2 -m hld cache-teacher`: each rank builds its shards (s % 2 == rank),
-    the last to finish assembles; the arrays are the bytes of a one-process build."""
-    over = [*tiny_overrides(), "budget.tokens=20000", "objective.method=hld-joint"]
+    the last to finish assembles; the arrays are the bytes of a one-process build (a sampled signal's
+    draws too: seeded per window)."""
+    over = [*tiny_overrides(), "budget.tokens=20000", "objective.method=hld-joint", *signal]
     two, one = tmp_path / "two", tmp_path / "one"
     proc = launch(
         ["cache-teacher", "--config", "smoke", "--out", str(two), *over, "--quiet"],
