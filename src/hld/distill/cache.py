@@ -80,6 +80,13 @@ def signal_identity(teacher) -> dict:
     }
 
 
+def _identity_json(identity: CacheIdentity) -> dict:
+    """The manifest's identity: a top-k cache's without the signal keys (as before the sampled signal, so
+    its plan, manifest and a resumed build are unchanged; a reader takes their absence for topk)."""
+    d = asdict(identity)
+    return d if d["cache_signal"] == "sampled" else {k: v for k, v in d.items() if k not in SIGNAL_KEYS}
+
+
 def build_dir_of(out: Path) -> Path:
     """Where the cache at `out` is built (and a killed build's committed shards wait to be resumed)."""
     return Path(out).parent / f".{Path(out).name}.build"
@@ -115,7 +122,7 @@ def build_cache(
         "format": cs.FORMAT,
         "format_version": FORMAT_VERSION,
         "protocol": PROTOCOL,
-        "identity": asdict(identity),
+        "identity": _identity_json(identity),
         "codec": codec.to_json(),
         "seq_len": int(windows.shape[1]),
         "d_model": int(tc.hidden_size),

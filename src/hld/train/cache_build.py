@@ -38,21 +38,19 @@ def cache_share_key(cfg: RunConfig) -> str:
     """Configs with equal keys read the same training windows in the same order with the same teacher
     signals: one cache serves them (a study's cache groups, `ensure_cache`'s check)."""
     t = cfg.teacher
-    return json.dumps(
-        [
-            t.model,
-            t.dtype,
-            t.cache_top_k,
-            t.cache_codec,
-            t.cache_hidden_dtype,
-            t.cache_value_bits,
-            signal_identity(t),
-            to_dict(cfg.data),
-            cfg.train.seed,
-            cfg.train.batch_size,
-        ],
-        sort_keys=True,
-    )
+    key = [
+        t.model,
+        t.dtype,
+        t.cache_top_k,
+        t.cache_codec,
+        t.cache_hidden_dtype,
+        t.cache_value_bits,
+        to_dict(cfg.data),
+        cfg.train.seed,
+        cfg.train.batch_size,
+    ]
+    signal = signal_identity(t)  # appended only when sampled: a top-k group keeps the id (and cache) it had
+    return json.dumps(key + ([signal] if signal else []), sort_keys=True)
 
 
 def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[int]:
