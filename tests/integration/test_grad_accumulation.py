@@ -40,15 +40,6 @@ def _overrides(method: str, micro: int) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def resources(tmp_path_factory):
-    from hld.train.resources import Resources
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-        yield Resources()
-
-
 def _step_grads(s: Setup, step: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the real train_step, capturing every gradient at the moment the optimiser would step."""
     captured: dict[str, torch.Tensor] = {}
