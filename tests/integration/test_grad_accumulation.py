@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from helpers import named_params
 from hld.config import load_config
 from hld.data.packing import IGNORE
-from hld.train.loop import Setup, build, train_step
+from hld.train.loop import build, train_step
+from hld.train.setup import Setup
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MICRO_SIZES = (8, 4, 1)
