@@ -2,7 +2,8 @@
 keeps every shipped cell as it was (checked against the cells recorded before the key existed), the
 signal splits cells and cache groups, online cells read no cache, ce runs once per seed, and the
 report's cross-signal lines (kd[topk] vs kd[online], ...) match scipy's paired t-test and a numpy
-float64 computation on a synthetic results table."""
+float64 computation on a synthetic results table. The rows of docs/errors.md on `signals` are
+test_bad_signals_name_the_problem (and one through the CLI: exit 2, one line)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,13 @@ def test_bad_signals_name_the_problem(change, message):
     with pytest.raises(HldError, match=message) as info:
         parse_study({**STUDY, **change})
     assert "\n" not in info.value.line() and info.value.fix
+
+
+def test_a_bad_signal_at_the_cli_is_one_line(capsys, tmp_path):
+    from helpers import one_line_error
+
+    argv = ["study", "--config", "kd-signals", "--out", str(tmp_path / "s"), "--list", "signals=[topk, full]"]
+    one_line_error(capsys, argv, "unknown teacher signal 'full'")
 
 
 def test_online_cells_have_no_cache_group_and_groups_split_by_signal(tmp_path):
