@@ -140,6 +140,8 @@ def collect(study_dir: Path) -> Table:
             isinstance(cell.get("configuration"), str) and isinstance(cell.get("budget"), dict)
         ):
             raise HldError(f"cell record {run_dir / 'cell.json'} is damaged (no configuration or budget)", retrain)
+        if cell is not None and not isinstance(cell.get("signal", ""), (str, type(None))):
+            raise HldError(f"cell record {run_dir / 'cell.json'} is damaged (its signal is not a name)", retrain)
         found.append((run_dir, cfg, summary, cell))
     scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
     task_info = {
