@@ -41,8 +41,9 @@ from hld.flops import step_cost
 from hld.models.loading import LoadedModel, freeze
 from hld.precision import autocast, resolve_dtype
 from hld.train.cache_build import ensure_cache
-from hld.train.loop import Setup, build, param_groups, release_hooks, train_step
+from hld.train.loop import build, param_groups, release_hooks, train_step
 from hld.train.resources import Resources
+from hld.train.setup import Setup
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"

@@ -31,3 +31,13 @@ def hld_cache_dir(tmp_path_factory, monkeypatch) -> Path:
     path = tmp_path_factory.mktemp("hld-cache")
     monkeypatch.setenv("HLD_CACHE_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory):
+    """One `Resources` (loaded teachers, token stores) per test module, on a private HLD_CACHE_DIR."""
+    from hld.train.resources import Resources
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
+        yield Resources()

@@ -107,6 +107,7 @@ KINDS = [
     Kind("store", "shards/*.ok", "bytes", ("eval-store",)),
     Kind("store", "shards/*.lock", "bytes"),
     Kind("store", ".manifest.lock", "bytes"),
+    Kind("store", ".identity.lock", "bytes"),  # ranks starting on one store take it to write identity.json
 ]
 
 _BYTE_DAMAGES = ("empty", "half", "flip", "delete")

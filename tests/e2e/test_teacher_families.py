@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,26 @@ def test_mistral_sliding_window_applies_to_every_block():
     assert forward_flops_per_token(lm, T) == pytest.approx(2 * linear + 4 * 4 * 2 * 16 * ctx + 2 * 64 * 32)
 
 
+def _hf_loss(kind: str, teacher: Path, seq_len: int) -> tuple[float, int]:
+    """The teacher's mean next-token NLL computed by transformers itself (the full multimodal class for
+    the Gemma 3 checkpoint) on the BOS-led windows `hld eval` reads: the independent value of its loss."""
+    import torch.nn.functional as F
+    import transformers as tf
+
+    from hld.data.tokenize import open_windows
+
+    cls = tf.Gemma3ForConditionalGeneration if kind == "gemma3-multimodal" else tf.AutoModelForCausalLM
+    model = cls.from_pretrained(str(teacher), torch_dtype=torch.float32).eval()
+    tok = tf.AutoTokenizer.from_pretrained(str(teacher))
+    ids = torch.from_numpy(np.asarray(open_windows(C4_VALIDATION, tok, seq_len=seq_len)[:])).long()
+    assert (ids[:, 0] == tok.bos_token_id).all()
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.double()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    n = ids[:, 1:].numel()
+    return float(nll) / n, n
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_command_runs_on_the_teacher(kind, teachers, tmp_path, capsys):
     teacher = teachers[kind]
@@ -220,7 +241,8 @@ def test_every_command_runs_on_the_teacher(kind, teachers, tmp_path, capsys):
     )
     assert s["steps"] >= 1
     e = _run(capsys, ["eval", "--model", str(teacher), "--data", C4_VALIDATION, "--seq-len", "32"])
-    assert e["tokens"] > 0 and e["loss"] > 0
+    want_loss, want_tokens = _hf_loss(kind, teacher, 32)
+    assert e["tokens"] == want_tokens and e["loss"] == pytest.approx(want_loss, rel=1e-5)
     study = tmp_path / "study.yaml"
     study.write_text(
         "name: two\nbase: smoke\narms: [ce, kd]\nstudents: [tiny-1l]\nbudgets: [{tokens: 256}]\nseeds: [0]\n"

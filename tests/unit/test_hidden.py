@@ -223,15 +223,6 @@ def test_hld_first_hidden_phase_spends_exactly_first_share(share, steps):
 # --------------------------------------------------------------------------- on the tiny teacher
 
 
-@pytest.fixture(scope="module")
-def resources(tmp_path_factory):
-    from hld.train.resources import Resources
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-        yield Resources()
-
-
 def _build(resources, overrides, *extra):
     from hld.config import load_config
     from hld.train.loop import build

@@ -261,15 +261,6 @@ def test_plan_hld_first_phases():
 # --------------------------------------------------------------------------- on the tiny teacher
 
 
-@pytest.fixture(scope="module")
-def resources(tmp_path_factory):
-    from hld.train.resources import Resources
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-        yield Resources()
-
-
 def _build(resources, method: str, *extra: str):
     from hld.train.loop import build
 

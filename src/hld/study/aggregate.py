@@ -27,6 +27,7 @@ from hld.errors import HldError
 from hld.eval.downstream import read_downstream
 from hld.study.grid import CONTROLLED, LENGTH_KEYS
 from hld.study.naming import configuration_id
+from hld.study.signals import signal_of
 from hld.study.stats import (
     POWER,
     Interval,
@@ -68,9 +69,18 @@ class Table:
     task_info: dict = field(default_factory=dict)  # "<task>:<metric>" -> {"chance", "n"} (from a cell)
 
     @property
+    def signals_vary(self) -> bool:
+        """Did the distilled runs train on several teacher signals, or a study's cells on another than the
+        offline top-k cache? (A directory of `hld train` runs, all online, is not a study of signals.)"""
+        seen = {r.get("signal") for r in self.rows} - {"", None}
+        named = {(r.get("cell_json") or {}).get("signal") for r in self.rows} - {"topk", None}
+        return len(seen) > 1 or bool(named)
+
+    @property
     def columns(self) -> list[str]:
         tasks = [c for m in self.task_metrics for c in (m, f"{m}_stderr")]
-        return BASE_COLUMNS + self.budget_keys + self.grid_keys + TAIL_COLUMNS + RAN_COLUMNS + tasks
+        base = BASE_COLUMNS[:5] + ["signal"] + BASE_COLUMNS[5:] if self.signals_vary else BASE_COLUMNS
+        return base + self.budget_keys + self.grid_keys + TAIL_COLUMNS + RAN_COLUMNS + tasks
 
 
 def task_metric(task: str, row: dict) -> str:
@@ -130,6 +140,8 @@ def collect(study_dir: Path) -> Table:
             isinstance(cell.get("configuration"), str) and isinstance(cell.get("budget"), dict)
         ):
             raise HldError(f"cell record {run_dir / 'cell.json'} is damaged (no configuration or budget)", retrain)
+        if cell is not None and not isinstance(cell.get("signal", ""), (str, type(None))):
+            raise HldError(f"cell record {run_dir / 'cell.json'} is damaged (its signal is not a name)", retrain)
         found.append((run_dir, cfg, summary, cell))
     scores = {run_dir.name: read_downstream(run_dir) for run_dir, *_ in found}
     task_info = {
@@ -205,6 +217,8 @@ def _row(
         "serves": list((cell or {}).get("serves") or []),  # a label, not a results.csv column
         "accounting": accounting,
         "arm": arm,
+        # the teacher signal ("" for ce); a results.csv column when the study varies it
+        "signal": (cell["signal"] if cell is not None and "signal" in cell else signal_of(cfg)) or "",
         "student": student,
         "student_params": summary.get("student_params"),
         "student_params_non_embedding": summary.get("student_params_non_embedding"),
@@ -343,7 +357,6 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
     for view in views:
         for metric in metrics:
             value = _view_values(rows, view, metric)
-            better = (lambda d: d > 0) if higher_is_better(metric) else (lambda d: d < 0)
             for arm, base in comparisons:
                 if view == "flops" and not ({arm, base} & flops_arms):
                     continue  # the same cells as in the budget view
@@ -363,30 +376,45 @@ def paired(rows: list[dict], comparisons=COMPARISONS, metrics: tuple[str, ...] =
                             ratios.setdefault(own, []).append(fl / bfl)
                 if not diffs:
                     continue
-                per = {conf: mean_interval(d) for conf, d in diffs.items()}
-                if len(per) > 1:
-                    overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
-                else:
-                    overall, over = next(iter(per.values())), "seeds"
                 used = [r for r in rows if r["arm"] in (arm, base) and r.get("accounting", "budget") == "budget"]
-                out.append(
-                    Comparison(
-                        arm=arm,
-                        baseline=base,
-                        per_config=per,
-                        overall=overall,
-                        over=over,
-                        wins=sum(better(i.mean) for i in per.values()),
-                        metric=metric,
-                        view=view,
-                        accounting=_accounting(used, view),
-                        flops_ratio=_mean([x for r in ratios.values() for x in r]),
-                        config_flops_ratio={c: _mean(r) for c, r in ratios.items()},
-                        seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
-                        diffs=diffs,
-                    )
-                )
+                out.append(make_comparison(arm, base, diffs, ratios, metric=metric, view=view, used=used))
     return out
+
+
+def make_comparison(
+    arm: str,
+    baseline: str,
+    diffs: dict[str, list[float]],
+    ratios: dict[str, list[float]],
+    *,
+    metric: str,
+    view: str,
+    used: list[dict],
+) -> Comparison:
+    """A Comparison from its per-configuration paired differences (and FLOP ratios): the mean over
+    seeds per configuration, over configurations (over seeds when there is one), wins. `used`: the
+    budget rows of its two sides, which name the accounting."""
+    better = (lambda d: d > 0) if higher_is_better(metric) else (lambda d: d < 0)
+    per = {conf: mean_interval(d) for conf, d in diffs.items()}
+    if len(per) > 1:
+        overall, over = mean_interval([i.mean for i in per.values()]), "configurations"
+    else:
+        overall, over = next(iter(per.values())), "seeds"
+    return Comparison(
+        arm=arm,
+        baseline=baseline,
+        per_config=per,
+        overall=overall,
+        over=over,
+        wins=sum(better(i.mean) for i in per.values()),
+        metric=metric,
+        view=view,
+        accounting=_accounting(used, view),
+        flops_ratio=_mean([x for r in ratios.values() for x in r]),
+        config_flops_ratio={c: _mean(r) for c, r in ratios.items()},
+        seed_wins={c: sum(better(x) for x in d) for c, d in diffs.items()},
+        diffs=diffs,
+    )
 
 
 def _mean(xs: list[float]) -> Optional[float]:

@@ -13,6 +13,8 @@ ordinary run. This module reads and checks the study YAML and expands it into ce
     task_limit: 200                   # the first N items of each task (null: all)
     score_students: true              # false: only the teacher is scored on the tasks
     equal_flops: kd                   # also run ce at the FLOPs kd's cell spent, teacher counted
+    signals: [topk]                   # teacher signals the distilled arms train on: topk, sampled, online
+    signal_overrides: {sampled: [teacher.cache_samples=20]}   # dotted overrides of one signal's cells
 
 Two accountings from one study (`equal_flops`): the budgets give every arm the same student tokens
 (the teacher amortised: one shared cache per seed), and each teacher-free arm (ce) gets a second
@@ -23,6 +25,14 @@ configuration it matches (`match`) and its accounting.
 
 A cell's id reads `<student>__<budget>__<grid point>__s<seed>__<arm>`; its *configuration* is the
 id without seed and arm: the unit that pairs HLD with KD (seeds are replicates within it).
+
+`signals` (hld.study.signals): the distilled arms train once per teacher signal — `topk` (the group's
+offline top-k cache, the default and what studies did before the key), `sampled` (a cache of sampled
+tokens, `teacher.cache_signal=sampled`, its own cache group) and `online` (no cache: the teacher runs
+in the loop, KD on its full distribution). Unless the study's signals are the default `[topk]`, a
+distilled cell's configuration ends in `__<signal>`; ce ignores the signal (one cell per seed serving
+every signal's configuration), and an equal-FLOPs ce cell matches the first signal's cell and serves
+the others (every signal charges the teacher's forward to each token alike).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from hld.config import (
 )
 from hld.errors import HldError
 from hld.study.naming import budget_id, cell_id, configuration_id, fmt_value
+from hld.study.signals import OVERRIDES, SIGNALS, parse_signals, with_signal
 
 STUDY_DIR = PRESET_DIR / "studies"
 ARMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ObjectiveConfig)["method"])
@@ -71,6 +82,11 @@ STUDY_KEYS = {
     "equal_flops": "an arm with a teacher (e.g. kd): every teacher-free arm (ce) also runs at the FLOPs that "
     "arm's cell spent with the teacher counted, for the equal-FLOPs verdicts (null: equal "
     "budgets only)",
+    "signals": f"teacher signals every distilled arm trains on, a subset of {list(SIGNALS)}: topk = the offline "
+    "top-k cache, sampled = a cache of sampled tokens, online = the teacher in the loop (full distribution); "
+    "default [topk]",
+    "signal_overrides": "dotted overrides for the cells of one signal only, e.g. {sampled: [teacher.cache_samples=20]} "
+    "(checked only for the signals the study lists)",
 }
 REQUIRED = ("name", "arms", "students", "budgets")
 # keys a study sets itself, per cell: a grid or override may not set them
@@ -80,6 +96,7 @@ CONTROLLED = {
     "student.preset": "students:",
     "train.seed": "seeds:",
     "teacher.cache": "the study's shared teacher caches",
+    "teacher.cache_signal": "signals:",
 }
 # budget keys that each set a run's length on their own (a budget naming one clears the others)
 LENGTH_KEYS = tuple(k for k in ("tokens", "flops") if k in {f.name for f in dataclasses.fields(BudgetConfig)})
@@ -100,6 +117,8 @@ class Study:
     score_students: bool = True
     equal_flops: Optional[str] = None  # arm whose spent FLOPs (teacher counted) the ce arm is rerun at
     source: Optional[str] = None  # the YAML it was read from
+    signals: tuple[str, ...] = ("topk",)  # teacher signals of the distilled arms (hld.study.signals)
+    signal_overrides: dict = field(default_factory=dict)  # signal -> its cells' own dotted overrides
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,7 @@ class Cell:
     match: str = ""  # the configuration whose cells it is paired with (its own, or the one it matches)
     flops_of: Optional[str] = None  # "flops" cells: the cell id whose spent FLOPs are this cell's budget
     serves: tuple[str, ...] = ()  # other configurations this cell stands for (grid keys its arm ignores)
+    signal: Optional[str] = "topk"  # the teacher signal it trains on (None: ce, no teacher)
 
     def describe(self) -> dict:
         return {
@@ -130,6 +150,7 @@ class Cell:
             "match": self.match or self.configuration,
             "flops_of": self.flops_of,
             "serves": list(self.serves),
+            "signal": self.signal,
         }
 
 
@@ -197,7 +218,25 @@ def parse_study(raw: dict, *, source: Optional[Path] = None) -> Study:
         score_students=_bool(raw, "score_students"),
         equal_flops=_equal_flops(raw),
         source=str(source) if source else None,
+        signals=parse_signals(raw.get("signals")),
+        signal_overrides=_signal_overrides(raw),
     )
+
+
+def _signal_overrides(raw: dict) -> dict:
+    """signal -> its overrides; only the study's own signals are checked (a sampled-only key loads where
+    the study runs without `sampled`)."""
+    value = raw.get("signal_overrides") or {}
+    if not isinstance(value, dict) or not all(k in SIGNALS for k in value):
+        raise HldError(
+            f"study signal_overrides: {value!r} should map teacher signals ({', '.join(SIGNALS)}) to override lists",
+            "write e.g. signal_overrides: {sampled: [teacher.cache_samples=20]}",
+        )
+    listed = parse_signals(raw.get("signals"))
+    return {
+        k: _str_list({"signal_overrides": v}, "signal_overrides") if k in listed else tuple(v or ())
+        for k, v in value.items()
+    }
 
 
 def _bool(raw: dict, key: str, default: bool = True) -> bool:
@@ -337,26 +376,30 @@ def _override(key: str, value: Any) -> str:
 
 def expand(study: Study) -> list[Cell]:
     """Every cell, arms innermost so that each configuration's arms run next to each other. An arm
-    that ignores some grid keys of several values (`ignores`) gets one cell per value of the keys it
-    reads; that cell `serves` every configuration it stands for, and is paired with each."""
+    that ignores some grid keys of several values (`ignores`), or the signal (ce), gets one cell per
+    value of the keys it reads; that cell `serves` every configuration it stands for, and is paired
+    with each."""
     keys = list(study.grid)
     cells: list[Cell] = []
     at: dict[str, int] = {}  # cell id -> its index in `cells`
-    for student, budget, values, seed, arm in itertools.product(
-        study.students, study.budgets, itertools.product(*(study.grid[k] for k in keys)), study.seeds, study.arms
+    for student, budget, values, signal, seed, arm in itertools.product(
+        study.students,
+        study.budgets,
+        itertools.product(*(study.grid[k] for k in keys)),
+        study.signals,
+        study.seeds,
+        study.arms,
     ):
         full = dict(zip(keys, values))
         point = _read_point(study, arm, full)
-        conf = configuration_id(student, budget, point)
+        own_signal = None if arm == "ce" else signal
+        conf = _configuration(study, student, budget, point, own_signal)
+        served = _configuration(study, student, budget, full, signal)
         cid = cell_id(conf, seed, arm)
-        if point != full:
-            served = configuration_id(student, budget, full)
-            if cid in at:  # already planned for another grid point: it serves this one too
-                c = cells[at[cid]]
-                cells[at[cid]] = dataclasses.replace(c, serves=c.serves + (served,))
-                continue
-        ov = _cell_overrides(arm, student, seed, cid, budget, point)
-        serves = (configuration_id(student, budget, full),) if point != full else ()
+        if conf != served and cid in at:  # already planned for another grid point: it serves this one too
+            _add_serves(cells, at[cid], served)
+            continue
+        ov = _cell_overrides(arm, student, seed, cid, budget, point) + _signal_cell_overrides(study, own_signal)
         at[cid] = len(cells)
         cells.append(
             Cell(
@@ -369,22 +412,46 @@ def expand(study: Study) -> list[Cell]:
                 seed=seed,
                 overrides=tuple(ov),
                 match=conf,
-                serves=serves,
+                serves=(served,) if conf != served else (),
+                signal=own_signal,
             )
         )
         if study.equal_flops and arm == study.arms[-1]:  # after the configuration's arms: its match has run
-            of = configuration_id(student, budget, _read_point(study, study.equal_flops, full))
+            read = _read_point(study, study.equal_flops, full)
+            of = _configuration(study, student, budget, read, signal)
             flops = _flops_cell(
                 student, budget, _read_point(study, "ce", full), seed, of=cell_id(of, seed, study.equal_flops), match=of
             )
             if flops.id not in at:
                 at[flops.id] = len(cells)
                 cells.append(flops)
+            elif signal != study.signals[0] and cells[at[flops.id]].match == _configuration(
+                study, student, budget, read, study.signals[0]
+            ):
+                _add_serves(cells, at[flops.id], of)  # the same cell on another signal: it spent the same FLOPs
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise HldError(f"two study cells get the same id {dup!r}", "make the grid's values distinct when printed")
     return cells
+
+
+def _signal_cell_overrides(study: Study, signal: Optional[str]) -> list[str]:
+    if signal is None:  # ce: no teacher
+        return []
+    return list(OVERRIDES[signal]) + list(study.signal_overrides.get(signal, ()))
+
+
+def _configuration(study: Study, student: str, budget: dict, point: dict, signal: Optional[str]) -> str:
+    """A configuration id, on `signal` (None: a cell without a teacher, which ignores it)."""
+    conf = configuration_id(student, budget, point)
+    return conf if signal is None else with_signal(conf, study.signals, signal)
+
+
+def _add_serves(cells: list[Cell], index: int, configuration: str) -> None:
+    c = cells[index]
+    if configuration not in c.serves:
+        cells[index] = dataclasses.replace(c, serves=c.serves + (configuration,))
 
 
 def _read_point(study: Study, arm: str, full: dict) -> dict:
@@ -419,6 +486,7 @@ def _flops_cell(student: str, budget: dict, point: dict, seed: int, *, of: str, 
         accounting="flops",
         match=match,
         flops_of=of,
+        signal=None,
     )
 
 

@@ -25,6 +25,8 @@ from hld.study.aggregate import (
 from hld.study.fidelity import fidelity_rows
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
 from hld.study.grid import ARMS
+from hld.study.signal_pairs import signal_comparisons, signal_note
+from hld.study.signals import label
 
 
 def build_report(study_dir: Path) -> dict:
@@ -36,7 +38,8 @@ def build_report(study_dir: Path) -> dict:
             "point at a study directory written by `hld study`",
         )
     meta = _read_meta(study_dir)
-    comparisons = paired(table.rows, metrics=("val_loss", *table.task_metrics))
+    metrics = ("val_loss", *table.task_metrics)
+    comparisons = paired(table.rows, metrics=metrics) + signal_comparisons(table.rows, metrics=metrics)
     lines = verdicts(comparisons)
     results_csv = write_results_csv(table, study_dir / "results.csv")
     paired_csv = write_paired_csv(comparisons, study_dir / "paired.csv", lines)
@@ -243,6 +246,7 @@ def render(
         "this report**, and a line calls a winner only when its adjusted p ≤ 0.05.",
         "",
     ]
+    lines += signal_note(comparisons)
     views = sorted({c.accounting for c in comparisons})
     if len(views) > 1:
         lines += [
@@ -507,9 +511,11 @@ def _shape(cfg: dict) -> str:
 
 
 def _groups(table: Table) -> dict:
-    """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first."""
+    """Rows by (student, budget, arm), arms in the order ce, kd, hld-joint, hld-first; a distilled arm
+    per teacher signal (`kd[online]`) when the study varies it."""
     out: dict = {}
     order = {a: i for i, a in enumerate(ARMS)}
+    vary = table.signals_vary
     for r in sorted(
         table.rows,
         key=lambda r: (
@@ -518,9 +524,11 @@ def _groups(table: Table) -> dict:
             r["budget"],
             order.get(r["arm"], 99),
             r["arm"],
+            r.get("signal") or "",
         ),
     ):
-        out.setdefault((r["student"], r["budget"], r["arm"]), []).append(r)
+        arm = label(r["arm"], r["signal"]) if vary and r.get("signal") else r["arm"]
+        out.setdefault((r["student"], r["budget"], arm), []).append(r)
     return out
 
 

@@ -5,7 +5,8 @@
 <out>/runs/<cell id>/           an `hld train` run directory, plus cell.json (the cell's keys) and,
                                 when the study names tasks, downstream.json (lm-eval scores)
 <out>/caches/<group id>/        one offline teacher cache per group of KD/HLD cells that read the
-                                same windows (same teacher, data, seed and batch size)
+                                same windows (same teacher, data, seed and batch size) and signal
+                                (a cell on the `online` signal reads none: its teacher runs in the loop)
 <out>/report.md results.csv paired.csv plots/
 
 A cell with summary.json is finished and skipped (after checking its config is the one the study
@@ -43,14 +44,22 @@ from hld.paths import check_names
 from hld.study import fidelity, ngram
 from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
 from hld.study.report import build_report, checked_meta
+from hld.study.signals import cached, named
 
 
-def cache_group(cfg: RunConfig) -> str:
-    """Cells with equal groups read the same training windows in the same order: one cache serves them."""
+def cache_group(cfg: RunConfig, signal: Optional[str] = "topk") -> str:
+    """Cells with equal groups read the same training windows in the same order: one cache serves them.
+    A cache of another signal than top-k (`sampled`) is its own group, named for it."""
     from hld.train.cache_build import cache_share_key
 
     digest = hashlib.sha256(cache_share_key(cfg).encode()).hexdigest()[:8]
-    return f"seed{cfg.train.seed}-bs{cfg.train.batch_size}-{digest}"
+    tail = f"-{signal}" if signal not in (None, "topk") else ""
+    return f"seed{cfg.train.seed}-bs{cfg.train.batch_size}-{digest}{tail}"
+
+
+def _reads_cache(cell: Cell, cfg: RunConfig) -> bool:
+    """A distilled cell on a cached signal (an online cell runs the teacher in its loop)."""
+    return cfg.objective.method != "ce" and cfg.teacher.cache is None and cached(cell.signal or "topk")
 
 
 def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[str]]]:
@@ -61,7 +70,7 @@ def plan_cells(study: Study, out: Path) -> list[tuple[Cell, RunConfig, Optional[
     for cell in expand(study):
         # a flops cell's budget is known once its match has trained: a placeholder checks the rest now
         cfg = cell_config(study, cell, flops_overrides(1.0e15) if cell.flops_of else None)
-        group = cache_group(cfg) if cfg.objective.method != "ce" and cfg.teacher.cache is None else None
+        group = cache_group(cfg, cell.signal) if _reads_cache(cell, cfg) else None
         if group is not None:
             cfg = cell_config(study, cell, [f"teacher.cache={cache_root / group}"])
         planned.append((cell, cfg, group))
@@ -457,4 +466,13 @@ def _study_dict(study: Study) -> dict:
         "task_limit": study.task_limit,
         "score_students": study.score_students,
         "equal_flops": study.equal_flops,
+        # earlier studies' record unchanged
+        **(
+            {
+                "signals": list(study.signals),
+                "signal_overrides": {k: list(v) for k, v in study.signal_overrides.items()},
+            }
+            if named(study.signals)
+            else {}
+        ),
     }

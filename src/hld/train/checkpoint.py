@@ -20,15 +20,18 @@ import warnings
 from dataclasses import is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import numpy as np
 import torch
 
 from hld.atomic import check_recorded, replace_dir, write_checked, write_file, write_fix
-from hld.distributed import Dist, any_rank, barrier
+from hld.distributed import Dist, any_rank, barrier, main_only
 from hld.errors import HldError, one_line
 from hld.train.state import RunState
+
+if TYPE_CHECKING:
+    from hld.train.setup import Setup
 
 CKPT_NAME = "checkpoint.pt"
 TRAINER_NAME = "trainer.pt"  # inside a DCP directory: the RunState and the RNG states (rank 0's)
@@ -361,3 +364,28 @@ def _stored_keys(path: Path) -> Optional[set[str]]:
     if not all(isinstance(v, TensorStorageMetadata) for v in entries.values()):
         return None
     return set(entries)
+
+
+def state_modules(s: Setup) -> dict[str, torch.nn.Module]:
+    """What a DCP checkpoint holds, by name (the optimiser's state is keyed by these names)."""
+    return {"student": s.student, **({"projectors": s.projectors} if s.projectors is not None else {})}
+
+
+def save_run(s: Setup, out: Path, state: RunState) -> None:
+    """The run's checkpoint at `state`: every rank its shards (fsdp2), else rank 0 one file."""
+    if s.dist.mode == "fsdp2":
+        save_sharded(
+            out, s.dist, state, modules=state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint
+        )
+        return
+    main_only(
+        s.dist,
+        lambda: save_checkpoint(
+            out,
+            state,
+            student=s.student,
+            projectors=s.projectors,
+            optimizer=s.optimizer,
+            data_fingerprint=s.data_fingerprint,
+        ),
+    )

@@ -15,8 +15,6 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,15 +26,11 @@ from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
 from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
-from hld.distill.objectives import Plan, fit_targets, keep_targets
-from hld.distill.projectors import Projectors
+from hld.distill.objectives import fit_targets, keep_targets
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.errors import HldError
-from hld.eval.cka import layer_diagnostics, write_cka_matrix
-from hld.eval.perplexity import perplexity_over_ranks
 from hld.fingerprint import file_sha256, windows_fingerprint
-from hld.flops import StepCost
 from hld.models.hooks import CausalLM
 from hld.models.loading import (
     check_tokenizer_size,
@@ -49,43 +43,17 @@ from hld.models.student import count_params
 from hld.precision import autocast, default_device, ran_on, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
-from hld.train.budget import Length, phase_costs, run_length
-from hld.train.checkpoint import save_checkpoint, save_sharded
+from hld.train.budget import phase_costs, run_length
+from hld.train.callbacks.base import Callback, Run
+from hld.train.callbacks.default import default_callbacks
+from hld.train.callbacks.validation import validate_now
+from hld.train.checkpoint import save_run, state_modules
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
-from hld.train.rundir import Preempted, SigtermFlag, last_validation, prepare_dir, resume_state, run_lock
+from hld.train.rundir import last_validation, prepare_dir, resume_state, run_lock
 from hld.train.schedule import lr_factor
+from hld.train.setup import Setup
 from hld.train.state import RunState
-
-
-@dataclass
-class Setup:
-    """Everything a run is built from (also what tests inspect)."""
-
-    cfg: RunConfig
-    student: CausalLM
-    runner: StudentRunner
-    teacher: Optional[OnlineTeacher | CachedTeacher]  # called as teacher(batch, needs) -> TeacherSignals
-    teacher_lm: Optional[CausalLM]  # the teacher's weights; None when the run holds none (CE, most cached runs)
-    projectors: Optional[Projectors]
-    plan: Plan
-    optimizer: torch.optim.Optimizer
-    order: BatchOrder
-    val_windows: np.ndarray  # (n, seq_len) int64
-    length: Length  # steps, and how much of its windows the last step reads
-    costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
-    device: torch.device
-    compute_dtype: torch.dtype
-    dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
-    # the teacher's states for the layer diagnostics (`hld.eval.cka.TeacherStates`), made at their first use
-    # through the process's shared resources (`hld run`: the teacher loaded and run once for all its cells);
-    # None when the diagnostics are off
-    diagnostics_states: Optional[Callable[[], Any]] = None
-    data_fingerprint: str = ""  # the training windows' identity, kept in every checkpoint and checked on resume
-
-    @property
-    def total_steps(self) -> int:
-        return self.length.steps
 
 
 def check_vocab(tokenizer, teacher_lm: CausalLM, student_vocab: int) -> None:
@@ -353,20 +321,6 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
     resources.validation_windows(cfg.data, tok)
 
 
-def validate_now(s: Setup) -> dict:
-    """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
-    result equals the single-process one."""
-    r = perplexity_over_ranks(
-        s.dist,
-        s.student,
-        s.val_windows,
-        backbone=s.runner.backbone,
-        chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens),
-        compute_dtype=s.compute_dtype,
-    )
-    return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
-
-
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -405,71 +359,55 @@ def _locked_train(
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
     state = (
-        resume_state(out, d, modules=_state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint)
+        resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint)
         if resume
         else RunState()
     )
     logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=state.step if resume else None)  # rank 0 logs
     prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=state.step)
+    callbacks = default_callbacks(cfg, logger, prog)
     try:
-        line = _steps(s, out, state, logger, prog)
+        line = _steps(s, out, state, callbacks)
     finally:
-        logger.close()
-        prog.close()
+        for cb in reversed(callbacks):
+            cb.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
-    _save(s, out, state)
-    return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model))
+    save_run(s, out, state)
+    return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
 
 
-def _steps(s: Setup, out: Path, state: RunState, logger: RunLogger, prog: Progress) -> dict:
-    """Step from `state` to the end of the budget (`state` advances in place); the last metric line."""
-    cfg, d = s.cfg, s.dist
+def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> dict:
+    """Step from `state` to the end of the budget (`state` advances in place), calling the callbacks
+    (`hld.train.callbacks.base`) at their points; the last metric line."""
+    cfg, run = s.cfg, Run(s, out, state)
     t0, tok0, line = time.time(), state.tokens, {}
-    sigterm = SigtermFlag()
-    try:
-        while state.step < s.total_steps:
-            ts = time.time()
-            m = train_step(s, state.step)
-            state.advance(
-                tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
-                flops_per_token=s.costs[m["phase"]].total,
-                skipped=m["skipped"],
-                seconds=time.time() - ts,
-            )
-            rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
-            line = {"step": state.step, "tokens": state.tokens, "flops": state.flops, **m, "tokens_per_s": rate}
-            step, last = state.step, state.step == s.total_steps
-            if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 or last:
-                line.update(validate_now(s))
-            if step % cfg.train.log_every_steps == 0 or last or "val/ppl" in line or m["skipped"]:
-                logger.log(line)
-            if state.skipped_in_row >= 5:
-                raise HldError(
-                    f"the loss or gradient was non-finite for {state.skipped_in_row} steps in a row (step {step})",
-                    "lower train.lr, or check the data; the last good checkpoint is kept",
-                )
-            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and not last:
-                _save(s, out, state)
-            prog.update(step, tokens_per_s=rate, loss=m["train/loss"])
-            if not last and distributed.any_rank(d, sigterm.raised):  # preempted: all ranks stop here
-                _save(s, out, state)
-                raise Preempted(out, step, s.total_steps)
-    finally:
-        sigterm.restore()
-    if state.step and state.skipped_in_row >= state.step:  # fewer steps than the 5-in-a-row stop: none applied
-        raise HldError(
-            f"no step of the run was applied: the loss or gradient was non-finite at all {state.step} steps",
-            "lower train.lr, or check the data and the teacher; nothing was exported",
+    for cb in callbacks:
+        cb.on_start(run)
+    while state.step < s.total_steps:
+        ts = time.time()
+        m = train_step(s, state.step)
+        state.advance(
+            tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
+            flops_per_token=s.costs[m["phase"]].total,
+            skipped=m["skipped"],
+            seconds=time.time() - ts,
         )
+        rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
+        line = {"step": state.step, "tokens": state.tokens, "flops": state.flops, **m, "tokens_per_s": rate}
+        for cb in callbacks:
+            cb.on_step_end(run, line)
+    for cb in callbacks:
+        cb.on_train_end(run)
     return line
 
 
-def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer) -> dict:
-    """Export the student, write cka.json and summary.json; return the summary."""
+def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbacks: list[Callback]) -> dict:
+    """Export the student, call the callbacks' `on_finish` (rank 0), write summary.json; the summary."""
     cfg, d = s.cfg, s.dist
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
     distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
-    distributed.main_only(d, lambda: write_cka_matrix(s, out))  # cka.json: student x teacher layers
+    for cb in callbacks:
+        distributed.main_only(d, lambda cb=cb: cb.on_finish(Run(s, out, state)))  # e.g. cka.json
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = last_validation(out, state.step) or validate_now(s)
     counts = count_params(s.student)
@@ -502,27 +440,3 @@ def release_hooks(s: Setup) -> None:
     for capture in (getattr(s.teacher, "capture", None), s.runner.capture):
         if capture is not None:
             capture.remove()
-
-
-def _save(s: Setup, out: Path, state: RunState) -> None:
-    if s.dist.mode == "fsdp2":  # every rank writes its shards
-        save_sharded(
-            out, s.dist, state, modules=_state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint
-        )
-        return
-    distributed.main_only(
-        s.dist,
-        lambda: save_checkpoint(
-            out,
-            state,
-            student=s.student,
-            projectors=s.projectors,
-            optimizer=s.optimizer,
-            data_fingerprint=s.data_fingerprint,
-        ),
-    )
-
-
-def _state_modules(s: Setup) -> dict[str, torch.nn.Module]:
-    """What a DCP checkpoint holds, by name (the optimiser's state is keyed by these names)."""
-    return {"student": s.student, **({"projectors": s.projectors} if s.projectors is not None else {})}

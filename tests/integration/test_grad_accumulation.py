@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from helpers import named_params
 from hld.config import load_config
 from hld.data.packing import IGNORE
-from hld.train.loop import Setup, build, train_step
+from hld.train.loop import build, train_step
+from hld.train.setup import Setup
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MICRO_SIZES = (8, 4, 1)
@@ -38,15 +39,6 @@ def _overrides(method: str, micro: int) -> list[str]:
         "train.loss_chunk_tokens=40",  # several head chunks per micro-batch, not aligned to rows
         "objective.hidden.first_share=0.5",
     ]
-
-
-@pytest.fixture(scope="module")
-def resources(tmp_path_factory):
-    from hld.train.resources import Resources
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-        yield Resources()
 
 
 def _step_grads(s: Setup, step: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:

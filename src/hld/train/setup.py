@@ -1,0 +1,53 @@
+"""`Setup`: a built run's parts — the models, the teacher signal, the plan of objectives, the
+optimiser, the data order and the step costs — as `hld.train.loop.build` assembles them. Its side
+work (validation, logging, checkpoints, preemption) is not here: `hld.train.callbacks`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hld.config import RunConfig
+from hld.data.loader import BatchOrder
+from hld.distill.cache import CachedTeacher
+from hld.distill.objectives import Plan
+from hld.distill.projectors import Projectors
+from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.distributed import Dist
+from hld.flops import StepCost
+from hld.models.hooks import CausalLM
+from hld.train.budget import Length
+
+
+@dataclass
+class Setup:
+    """Everything a run is built from (also what tests and callbacks inspect)."""
+
+    cfg: RunConfig
+    student: CausalLM
+    runner: StudentRunner
+    teacher: Optional[OnlineTeacher | CachedTeacher]  # called as teacher(batch, needs) -> TeacherSignals
+    teacher_lm: Optional[CausalLM]  # the teacher's weights; None when the run holds none (CE, most cached runs)
+    projectors: Optional[Projectors]
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder
+    val_windows: np.ndarray  # (n, seq_len) int64
+    length: Length  # steps, and how much of its windows the last step reads
+    costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
+    device: torch.device
+    compute_dtype: torch.dtype
+    dist: Dist = field(default_factory=Dist)  # this process's rank and the parallel mode (world size 1: none)
+    # the teacher's states for the layer diagnostics (`hld.eval.cka.TeacherStates`), made at their first use
+    # through the process's shared resources (`hld run`: the teacher loaded and run once for all its cells);
+    # None when the diagnostics are off
+    diagnostics_states: Optional[Callable[[], Any]] = None
+    data_fingerprint: str = ""  # the training windows' identity, kept in every checkpoint and checked on resume
+
+    @property
+    def total_steps(self) -> int:
+        return self.length.steps
