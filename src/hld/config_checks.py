@@ -28,6 +28,8 @@ HIDDEN_LOSSES: dict[str, str] = {
     "relation": "projector-free MSE between the student's and the teacher's causal token-token cosine-similarity rows",
     "lens": "KL(teacher layer's logit lens || projected student state through the teacher's final norm and frozen "
     "head), on the raw teacher state",
+    "cka": "projector-free 1 - linear CKA between the student's states and the teacher target over the batch's valid "
+    "positions (a batch statistic: depends on the micro-batch)",
 }
 
 # The valid range of every numeric config key: (low, high, low excluded, high excluded). Checked at

@@ -2,7 +2,7 @@
 
 They live beside the student (in the optimiser and in checkpoints) and are dropped when the
 student is exported: the exported model is an ordinary causal LM. A projector-free loss
-(`relation`: `HiddenLoss.projector` false) keeps the pairs and no weights (`linear=False`).
+(`relation`, `cka`: `HiddenLoss.projector` false) keeps the pairs and no weights (`linear=False`).
 """
 
 from __future__ import annotations
