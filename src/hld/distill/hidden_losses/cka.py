@@ -20,9 +20,9 @@ import torch
 from hld.distill.hidden_losses.base import Dims, HiddenLoss
 
 
-def _centred(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """x (N, d) fp32 centred over its valid rows and scaled to ||x||_F = 1 (CKA cannot tell), its masked
-    rows exactly 0 whatever they held (inf included). mask (N,), n = mask.sum() (float)."""
+def _centred(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (N, d) fp32 centred over its valid rows and scaled to ||x||_F = 1 (CKA cannot tell), its masked
+    rows exactly 0 whatever they held (inf included); whether it has any spread). mask (N,), n = mask.sum()."""
     x = torch.where(mask[:, None], x.float(), 0.0)
     x = torch.where(mask[:, None], x - x.sum(0) / n.clamp_min(1), 0.0)
     sq = x.pow(2).sum()
