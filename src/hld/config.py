@@ -16,10 +16,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from hld.config_checks import validate
+from hld.config_checks import HIDDEN_LOSSES, validate
 from hld.errors import HldError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+if typing.TYPE_CHECKING:
+    HiddenLossName = str
+else:  # the names hld.distill.hidden_losses registers (config_checks.HIDDEN_LOSSES), checked like any Literal
+    HiddenLossName = Literal[tuple(HIDDEN_LOSSES)]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -119,12 +124,11 @@ class HiddenConfig:
     )
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")
-    loss: Literal["mse", "nmse", "cosine", "relation", "lens"] = _f(
+    loss: HiddenLossName = _f(
         "mse",
-        "hidden loss per token: MSE over dims, normalised MSE (||e||^2/||t||^2), 1 - cosine (all three on "
-        "projected student states); relation: projector-free MSE between the student's and the teacher's causal "
-        "token-token cosine-similarity rows; lens: KL(teacher layer's logit lens || projected student state "
-        "through the teacher's final norm and frozen head), see src/hld/distill/hidden.py",
+        "hidden loss: "
+        + "; ".join(f"{k} = {v}" for k, v in HIDDEN_LOSSES.items())
+        + " (src/hld/distill/hidden_losses/)",
     )
     normalize_teacher: Literal["none", "rms", "standardize"] = _f(
         "standardize",

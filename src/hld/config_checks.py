@@ -17,6 +17,21 @@ StudentConfig = Any  # an hld.config.StudentConfig
 
 MAX_STEPS = 10_000_000  # a budget needing more optimiser steps than this is refused up front
 
+# The hidden losses (`objective.hidden.loss`): name -> help. The names half of the registry in
+# hld.distill.hidden_losses (its classes; it refuses on import a class without a row here or a row
+# without a class): config reads the names and help here, since it ranks below distill
+# (scripts/import_layers.py).
+HIDDEN_LOSSES: dict[str, str] = {
+    "mse": "MSE over dims of the projected student state",
+    "nmse": "normalised MSE (||e||^2/||t||^2) of the projected student state",
+    "cosine": "1 - cosine of the projected student state",
+    "relation": "projector-free MSE between the student's and the teacher's causal token-token cosine-similarity rows",
+    "lens": "KL(teacher layer's logit lens || projected student state through the teacher's final norm and frozen "
+    "head), on the raw teacher state",
+    "cka": "projector-free 1 - linear CKA between the student's states and the teacher target over the batch's valid "
+    "positions (a batch statistic: depends on the micro-batch)",
+}
+
 # The valid range of every numeric config key: (low, high, low excluded, high excluded). Checked at
 # load time, before anything trains; `None` passes where the field is Optional. Floats must be finite.
 RANGES: dict[str, tuple[float, float, bool, bool]] = {

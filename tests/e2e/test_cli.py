@@ -68,6 +68,7 @@ def small_vocab_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_train_every_arm(capsys, tmp_path, overrides, method):
     from transformers import AutoModelForCausalLM
 
@@ -114,6 +115,7 @@ def test_train_every_arm(capsys, tmp_path, overrides, method):
     assert student.config.vocab_size == 512 and student.config.num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(capsys, tmp_path, overrides, monkeypatch):
     ov = [*overrides, "objective.method=hld-joint", "budget.tokens=1024", "train.checkpoint_every_steps=2"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -158,6 +160,7 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(capsys, tmp_path, overr
     assert sa["val/ppl"] == sb["val/ppl"] and sa["flops"] == sb["flops"] and sa["tokens"] == sb["tokens"] == 1024
 
 
+@pytest.mark.slow
 def test_resume_of_an_empty_or_missing_dir_starts(capsys, tmp_path, overrides):
     """A SLURM array task requeued after dying before its run wrote config.yaml passes --resume as always:
     an empty or missing --out starts the run from step 0, as a plain start would (same weights)."""
@@ -299,6 +302,7 @@ ERROR_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, overrides, finished_run, case):
     argv, problem = ERROR_CASES[case](tmp_path, overrides, finished_run)
     before = sorted(p.relative_to(finished_run) for p in finished_run.rglob("*"))
@@ -326,6 +330,7 @@ def test_tokenizer_larger_than_the_teacher_vocabulary(capsys, tmp_path, override
     assert json.loads(out.strip().splitlines()[-1])["error"] == lines[0][len("hld: error: ") :]
 
 
+@pytest.mark.slow
 def test_subprocess_error_is_one_line_without_traceback(tmp_path, overrides, hld_cache_dir):
     bad = _write(tmp_path / "bad.jsonl", b'{"text": "fine"}\n{"text": "no end\n')
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "HF_HUB_OFFLINE": "1"}
@@ -345,6 +350,7 @@ def test_debug_shows_the_traceback(tmp_path, overrides):
         main(_train_argv(tmp_path / "r", [*overrides, "train.lrr=1"], "--debug"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_cleanly(capsys, tmp_path, overrides, monkeypatch):
     # the first update blows the weights up (as lr=1e30 did, which the config now refuses), every later
     # loss is non-finite; those steps are skipped (not applied) and after 5 in a row the run stops with

@@ -51,6 +51,7 @@ def test_an_unusable_hld_cache_dir_is_one_line(tmp_path, capsys, monkeypatch, ho
         assert (tmp_path / "a-file").read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_token_store_is_one_line(tmp_path):
     """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) under
     `hld tokenize`: one line naming the file, no traceback."""

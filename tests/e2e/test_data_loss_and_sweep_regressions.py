@@ -72,6 +72,7 @@ def run_copy(tmp_path, finished) -> Path:
 # --------------------------------------------------------------------------- data loss
 
 
+@pytest.mark.slow
 def test_train_refuses_a_directory_that_is_not_a_run(tmp_path, capsys, finished):
     """1: the user's config.yaml, summary.json, cka.json and student/ (a copied run's outputs, no metrics
     or checkpoints) were all overwritten with exit 0."""
@@ -98,6 +99,7 @@ def test_train_refuses_another_tools_directory(tmp_path, capsys, resume):
     assert _snapshot(victim) == before
 
 
+@pytest.mark.slow
 def test_study_refuses_a_directory_that_is_not_a_study(tmp_path, capsys):
     """2: report.md, results.csv, paired.csv and plots/ of another directory were overwritten."""
     victim = tmp_path / "mine"
@@ -111,6 +113,7 @@ def test_study_refuses_a_directory_that_is_not_a_study(tmp_path, capsys):
     assert _snapshot(victim) == before
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_out_cannot_both_run(tmp_path, capsys):
     """4: no lock, metrics interleaved, config of one and weights of the other, both exit 0. The run
     directory is held by a flock (taken here as another process would); once released, a run goes through
@@ -134,6 +137,7 @@ def _python(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_a_second_train_process_is_refused_while_the_first_runs(tmp_path, capsys):
     """The same, with a real second process holding the lock (a flock is released when its holder dies)."""
     run = tmp_path / "run"
@@ -205,6 +209,7 @@ def test_an_intact_run_still_loads_as_a_model(capsys, finished):
 
 
 @pytest.mark.parametrize("name", ["checkpoints/checkpoint.pt", "hidden_stats.pt"])
+@pytest.mark.slow
 def test_a_bit_flipped_checkpoint_or_statistics_file_is_refused_on_resume(capsys, run_copy, name):
     """8: a flipped byte in checkpoint.pt or hidden_stats.pt trained on (val loss 9.19 / 12.03 vs 8.97)."""
     import torch
@@ -216,6 +221,7 @@ def test_a_bit_flipped_checkpoint_or_statistics_file_is_refused_on_resume(capsys
     _one_line(capsys, [*train_argv(run_copy, "objective.method=hld-joint"), "--resume"], "sha256 differs")
 
 
+@pytest.mark.slow
 def test_resume_after_the_data_changed_is_refused(tmp_path, capsys):
     """11: `--resume` after the data file changed continued on other text."""
     data = tmp_path / "data"
@@ -241,6 +247,7 @@ def _cell(study: Path, finished: Path, arm: str, val_loss: float) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
 
 
+@pytest.mark.slow
 def test_report_names_the_cell_whose_validation_loss_is_nan(tmp_path, capsys, finished):
     """12: a NaN val/loss in one cell made its row vanish ("no pair … ran") without a word."""
     study = tmp_path / "study"
@@ -255,6 +262,7 @@ def test_report_names_the_cell_whose_validation_loss_is_nan(tmp_path, capsys, fi
 # --------------------------------------------------------------------------- also
 
 
+@pytest.mark.slow
 def test_compiled_ce_run_writes_its_layer_diagnostics(tmp_path, capsys, monkeypatch):
     """`train.compile=true` crashed after training in eval/cka.py (KeyError 0): a CE run's graph was
     compiled without forward hooks, so the diagnostics' hooks never fired. The eager `backend` keeps the
@@ -298,6 +306,7 @@ def test_pairs_under_a_mapping_that_ignores_them_are_refused(capsys):
     assert main([*argv[:-1], "objective.hidden.mapping=explicit", argv[-1], *tiny_overrides()]) == 0
 
 
+@pytest.mark.slow
 def test_files_of_a_run_honour_the_umask(tmp_path, monkeypatch):
     """Files written through the atomic writer were 0600 (directories 0700) whatever the umask."""
     old = os.umask(0o022)
@@ -330,6 +339,7 @@ def test_a_killed_exports_temporary_directory_is_cleared_by_the_next(tmp_path, c
     assert not left.exists() and other.is_dir() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_with_no_applied_step_fails(tmp_path, capsys, monkeypatch):
     # issue 24 item 10: every step non-finite (NaN weights before the first step) in a run shorter than the
     # 5-in-a-row stop used to finish and report success; it is one line, exit 2, and nothing is exported

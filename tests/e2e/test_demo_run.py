@@ -54,6 +54,7 @@ def demo(tmp_path_factory) -> dict:
     return {"out": out, "rows": rows, "result": results[-1], "first": results[0], "mtimes": mtimes}
 
 
+@pytest.mark.slow
 def test_run_writes_the_report_csv_and_plots(demo):
     out = demo["out"]
     assert len(demo["rows"]) == 15  # 3 seeds x (4 arms at equal tokens + ce at kd's FLOPs)

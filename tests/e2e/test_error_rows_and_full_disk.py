@@ -98,6 +98,7 @@ def test_truncated_gzip(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.slow
 def test_projector_shape_mismatch_on_resume(tmp_path, capsys, mode):
     """Same config, but the teacher directory now holds a narrower model: the checkpoint's projectors
     (64 -> 48) no longer fit the run's (64 -> 32)."""
@@ -116,6 +117,7 @@ def test_projector_shape_mismatch_on_resume(tmp_path, capsys, mode):
     assert "proj.s1_t2.weight" in line and "48" in line and "32" in line
 
 
+@pytest.mark.slow
 def test_resume_with_another_parallel_mode(tmp_path, capsys):
     # the checkpoint format follows train.parallel, which is part of the config --resume compares
     run = tmp_path / "run"
@@ -125,6 +127,7 @@ def test_resume_with_another_parallel_mode(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.slow
 def test_corrupt_sharded_checkpoint(tmp_path, capsys, damage):
     run = tmp_path / "run"
     argv = _argv(run, "objective.method=hld-joint", "train.parallel=fsdp2")
@@ -193,6 +196,7 @@ def _full_disk_torch_save(monkeypatch, fail_from_call: int = 1) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_the_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _full_disk_torch_save(monkeypatch)
@@ -202,6 +206,7 @@ def test_full_disk_while_writing_the_checkpoint(tmp_path, capsys, monkeypatch):
     _no_debris(run)
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _full_disk_torch_save(monkeypatch, fail_from_call=2)  # the step-2 checkpoint is written, step 4's is not
@@ -217,6 +222,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch)
     _no_debris(run)
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_a_sharded_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _full_disk_torch_save(monkeypatch)
@@ -226,6 +232,7 @@ def test_full_disk_while_writing_a_sharded_checkpoint(tmp_path, capsys, monkeypa
     _no_debris(run)
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_the_summary(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     real = os.replace
@@ -244,6 +251,7 @@ def test_full_disk_while_writing_the_summary(tmp_path, capsys, monkeypatch):
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_full_disk_while_logging_metrics(tmp_path, hld_cache_dir):
     """A real limit, not a patch: the process may not grow any file past a few KB more than the
     commented config.yaml (RLIMIT_FSIZE; the kernel answers EFBIG, as a full disk answers ENOSPC).

@@ -55,6 +55,7 @@ def test_training_on_a_top_0_cache(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("limit", ["0", "-3"])
+@pytest.mark.slow
 def test_eval_limit_not_positive(capsys, finished, limit):
     _one_line(
         capsys,
@@ -100,6 +101,7 @@ def _started_without_checkpoint(run: Path) -> None:
     (run / "metrics.jsonl").write_text(lines[0] + "\n")
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
     run = tmp_path / "run"
     _started_without_checkpoint(run)
@@ -114,6 +116,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys):
     assert steps == [1, 2, 3, 4]  # the stale line before the stop is dropped, not repeated
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_names_a_way_out_that_works(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_argv(run, "budget.tokens=1024", "train.checkpoint_every_steps=2")) == 0

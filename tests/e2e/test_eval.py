@@ -52,6 +52,7 @@ def _eval(capsys, *args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_eval_matches_a_direct_transformers_computation(capsys):
     teacher = ASSETS / "tiny_teacher"
     want, count, n_windows = reference_ppl(teacher)
@@ -68,6 +69,7 @@ def test_eval_matches_a_direct_transformers_computation(capsys):
     assert row3["tokens"] == few_count and row3["ppl"] == pytest.approx(few, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_directory(capsys, tmp_path, overrides):
     run = tmp_path / "run"
     ov = [*overrides, "objective.method=ce", "data.val_tokens=1000000"]  # validate on every window

@@ -46,6 +46,7 @@ def _front_matter(readme: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
+@pytest.mark.slow
 def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

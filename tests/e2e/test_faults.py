@@ -253,6 +253,7 @@ def _snapshot(root: Path, skip: str = "") -> dict:
     return {r: (root / r).read_bytes() for r in _files(root) if r != skip}
 
 
+@pytest.mark.slow
 def test_the_registry_names_every_file_hld_writes(world):
     """Every file of a tiny run, study, teacher cache and token store matches a listed kind, and every
     listed kind (but the optional ones) matches a file: a new kind of file must be added to KINDS."""
@@ -342,6 +343,7 @@ def _copy_root(world: World, name: str, tmp: Path, monkeypatch) -> Path:
 
 
 @pytest.mark.parametrize("case", PARAMS)
+@pytest.mark.slow
 def test_a_damaged_file_is_repaired_ignored_or_refused_in_one_line(tmp_path, capsys, monkeypatch, world, case):
     kind, how, reader = case
     root = _copy_root(world, kind.root, tmp_path, monkeypatch)

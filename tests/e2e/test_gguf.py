@@ -40,6 +40,7 @@ def teacher(gguf_cache):
     return load_causal_lm("gemma-3-270m")
 
 
+@pytest.mark.slow
 def test_embedded_teacher_loads_and_predicts(teacher):
     from hld.models.hooks import n_blocks
 
@@ -75,6 +76,7 @@ def _reference_ppl() -> tuple[float, int]:
     return math.exp(nll / count), count
 
 
+@pytest.mark.slow
 def test_hld_eval_of_the_embedded_teacher_matches_transformers(teacher, capsys):
     rc = main(
         [
@@ -102,6 +104,7 @@ def test_hld_eval_of_the_embedded_teacher_matches_transformers(teacher, capsys):
     assert row["ppl"] < 2000
 
 
+@pytest.mark.slow
 def test_embedded_teacher_is_well_above_chance_on_the_shipped_tasks(teacher):
     """The shipped offline tasks separate a real LM from chance (first 20 items of each; the full
     numbers are in docs/evaluation.md)."""
@@ -114,6 +117,7 @@ def test_embedded_teacher_is_well_above_chance_on_the_shipped_tasks(teacher):
     assert r["hld_lambada"]["value"] >= 0.3  # open vocabulary: chance ~0
 
 
+@pytest.mark.slow
 def test_the_gguf_is_parsed_once_per_conversion_and_the_reader_restored(teacher):
     """transformers builds a GGUFReader for the tokenizer, the config and the weights; during our
     conversion the three share one (the conversion above went through it, and its teacher predicts:

@@ -90,6 +90,7 @@ def test_loglikelihoods_equal_a_direct_forward(tiny):
     assert first != tok.bos_token_id and rest
 
 
+@pytest.mark.slow
 def test_rolling_loglikelihood_uses_bos_led_windows(tiny):
     """A document longer than the window: chunks of rolling_len - 1 tokens, each scored after one BOS
     (the window protocol), every token predicted once; not the harness's overlapping windows."""
@@ -176,6 +177,7 @@ def _hellaswag_hand_acc(model, tok, rows) -> tuple[float, float]:
     return sum(a for a, _ in hand) / 3, sum(b for _, b in hand) / 3
 
 
+@pytest.mark.slow
 def test_hub_task_from_a_local_copy_matches_a_hand_count(tiny, hellaswag_rows, tmp_path):
     """hellaswag (a hub dataset) read from a save_to_disk copy: 3 items, acc and acc_norm by hand."""
     import datasets
@@ -193,6 +195,7 @@ def test_hub_task_from_a_local_copy_matches_a_hand_count(tiny, hellaswag_rows, t
     assert row["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))  # sample stderr of a mean over 3
 
 
+@pytest.mark.slow
 def test_shipped_tasks_via_cli_match_hand_counts(tiny, capsys):
     model, tok = tiny
     rc = main(
@@ -231,6 +234,7 @@ def test_shipped_tasks_via_cli_match_hand_counts(tiny, capsys):
     assert got["metrics"]["perplexity"] == pytest.approx(math.exp(-sum(lp for lp, _ in lam) / 3), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_quiet_eval_outside_a_git_checkout_prints_nothing_on_stderr(tmp_path):
     """The harness runs `git describe` for its results' provenance; outside a checkout git's "fatal: not
     a git repository" reached the terminal past every redirect. With --quiet stderr stays empty."""
@@ -263,6 +267,7 @@ def test_quiet_eval_outside_a_git_checkout_prints_nothing_on_stderr(tmp_path):
     assert json.loads(p.stdout.strip().splitlines()[-1])["tasks"]["hld_mc"]["n"] == 2
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(capsys):
     rc = main(["eval", "--model", str(TEACHER), "--tasks", "hellaswg"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -275,6 +280,7 @@ def test_eval_needs_data_or_tasks(capsys):
     assert "needs --data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hub_task_without_its_data_fails_fast_with_one_line(tiny, hellaswag_rows, tmp_path):
     """No network, an empty HF cache, offline mode: one line naming the task and the ways out; then
     the way out: the same command with --task-data pointing at a folder of split files."""

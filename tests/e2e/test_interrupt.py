@@ -75,6 +75,7 @@ def _assert_bitwise(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, overrides, reference, hld_cache_dir):
     run = tmp_path / "run"
     proc = _start(run, overrides, hld_cache_dir)
@@ -89,6 +90,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, overrides, reference
     assert steps == list(range(1, STEPS + 1))  # lines after the checkpoint were dropped and re-logged
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, overrides, reference, hld_cache_dir):
     run = tmp_path / "run"
     proc = _start(run, overrides, hld_cache_dir)

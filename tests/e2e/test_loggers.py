@@ -28,6 +28,7 @@ def _numeric(line: dict) -> dict:
     return {k: v for k, v in line.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@pytest.mark.slow
 def test_tensorboard_events_equal_metrics_jsonl(tmp_path, overrides):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,6 +68,7 @@ def _wandb_records(path: Path):
         buf = chunk if kind == 2 else buf + chunk if kind == 3 else b""
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_values(tmp_path, overrides, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

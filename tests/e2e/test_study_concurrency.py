@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import tiny_overrides
 from hld.cli import main
 from hld.locks import file_lock
@@ -51,6 +53,7 @@ def _rows(path: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_three_concurrent_studies_equal_one_sequential_run(tmp_path, hld_cache_dir, capsys):
     seq, par = tmp_path / "sequential", tmp_path / "concurrent"
     assert main([*STUDY, "--out", str(seq), "--quiet"]) == 0
@@ -92,6 +95,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_dir):
     env, out = _env(hld_cache_dir), tmp_path / "study"
     group = _group(out, env)
@@ -126,6 +130,7 @@ def test_a_killed_cache_build_leaves_no_cache_and_no_lock(tmp_path, hld_cache_di
     assert not list((out / "caches").glob(f".{group}.build"))  # assembled by the first, reused by the other
 
 
+@pytest.mark.slow
 def test_a_held_cell_waits_and_a_matched_cell_names_its_match(tmp_path, hld_cache_dir, capsys):
     out = tmp_path / "study"
     listing = json.loads(

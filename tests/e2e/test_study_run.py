@@ -74,6 +74,7 @@ def study(tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
     out, result, first = study["out"], study["result"], study["first_cells"]
     assert study["finished_before"] == sorted(first[:2]) and len(study["partial_lines"]) == 1
@@ -140,6 +141,7 @@ def test_hld_report_rebuilds_from_run_directories_alone(study, tmp_path):
     assert (copy / "results.csv").read_text() == (study["out"] / "results.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_cell_with_a_final_checkpoint_but_no_summary_resumes(study, tmp_path):
     out = tmp_path / "demo"
     shutil.copytree(study["out"], out, ignore=shutil.ignore_patterns("caches"))
@@ -182,6 +184,7 @@ def test_a_finished_cell_with_another_config_is_refused(study, tmp_path, capsys)
     assert rc == 2 and "trained with a different config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tmp_path, capsys, monkeypatch):
     """A study stopped (SIGTERM: a scheduler, `kill`) while it builds a teacher cache: exit 2 with one
     line naming the cache and the way on, no temporary cache directory left (the build's directory

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import tiny_overrides
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "study.sbatch"
@@ -73,6 +75,7 @@ def _body(job: dict) -> list[str]:
     return job["argv"][i:]
 
 
+@pytest.mark.slow
 def test_the_study_sbatch_job_graph_runs_and_resumes(tmp_path, hld_cache_dir):
     env = {
         **os.environ,

@@ -213,6 +213,7 @@ def _hf_loss(kind: str, teacher: Path, seq_len: int) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_every_command_runs_on_the_teacher(kind, teachers, tmp_path, capsys):
     teacher = teachers[kind]
     over = _overrides(teacher)
@@ -253,6 +254,7 @@ def test_every_command_runs_on_the_teacher(kind, teachers, tmp_path, capsys):
     assert len(rows) == 1 + 2  # header + two cells
 
 
+@pytest.mark.slow
 def test_paper_123m_trains_every_arm_on_a_multimodal_teacher(teachers, tmp_path, capsys):
     teacher = teachers["gemma3-multimodal"]
     over = [o for o in _overrides(teacher) if not o.startswith("student.preset=")]

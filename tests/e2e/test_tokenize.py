@@ -39,6 +39,7 @@ def test_train_reads_the_store_tokenize_built(tmp_path, capsys, monkeypatch):
     assert summary["tokens"] == 512
 
 
+@pytest.mark.slow
 def test_the_store_holds_the_tokenizers_ids(tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -74,6 +75,7 @@ def test_hub_corpus_without_a_store_is_refused_in_seconds(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_slurm_array_tasks_build_the_store_one_task_builds(tmp_path, capsys):
     import os
     import subprocess

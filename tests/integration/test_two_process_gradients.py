@@ -85,6 +85,7 @@ def one_process(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_gradient(two_processes, one_process, name):
     got, ref = two_processes[name], one_process[name]
     assert got["world_size"] == 2 and got["mode"] == name.split("-")[0]

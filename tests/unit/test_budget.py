@@ -148,6 +148,7 @@ def test_a_run_spends_its_flops_budget_to_within_one_token_per_window(tmp_path, 
 
 
 @pytest.mark.parametrize("budget", [4e8, 6e8, 1e9, 2.5e9, 4e9])
+@pytest.mark.slow
 def test_hld_first_short_runs_never_overspend(overrides, budget):
     """A cut last step shortens the run and moves hld-first's boundary (a share of the run's tokens):
     the length must be found with the moved boundary, or a short run overspends (7% at 4e8 once)."""

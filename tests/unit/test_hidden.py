@@ -12,16 +12,9 @@ import torch
 
 from hld.config import HiddenConfig, ObjectiveConfig, ScheduleConfig
 from hld.distill.chunked import HeadLossSpec
-from hld.distill.hidden import (
-    Lens,
-    hidden_mask,
-    lens_sum,
-    load_stats,
-    normalize_target,
-    relation_sum,
-    save_stats,
-    standardize_stats,
-)
+from hld.distill.hidden import hidden_mask, load_stats, normalize_target, save_stats, standardize_stats
+from hld.distill.hidden_losses.lens import Lens, lens_sum
+from hld.distill.hidden_losses.relation import relation_sum
 from hld.distill.objectives import build_plan
 from hld.distill.projectors import Projectors
 from hld.distill.schedule import step_progress, weight_at

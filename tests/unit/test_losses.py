@@ -1,5 +1,6 @@
-"""Every loss in `hld.distill.losses` against an independent computation: torch.nn.functional where
-it has the loss, otherwise the textbook formula in numpy float64. Values and gradients."""
+"""Every loss in `hld.distill.losses` (and the per-position hidden losses) against an independent
+computation: torch.nn.functional where it has the loss, otherwise the textbook formula in numpy float64.
+Values and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hld.distill.losses import TeacherLogits, ce_sum, hidden_sum, kd_sum, logsumexp_outside, softcap
+from hld.distill.hidden import normalize_target
+from hld.distill.hidden_losses.registry import row_loss
+from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, logsumexp_outside, softcap
 
 N, V = 7, 11  # rows, vocabulary
 
@@ -439,6 +442,11 @@ def test_all_rows_masked_gives_zero():
 
 
 # --------------------------------------------------------------------------- hidden-state losses
+
+
+def hidden_sum(pred, target, mask, *, loss="mse", normalize_teacher="none"):
+    """A per-position hidden loss (hld.distill.hidden_losses) on the normalised target, as the objective calls it."""
+    return row_loss(loss).row_sum(pred, normalize_target(target, normalize_teacher), mask)
 
 
 def np_hidden(

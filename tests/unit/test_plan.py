@@ -52,6 +52,7 @@ def test_plan_reads_no_weights_no_tokenizer_and_no_hub(monkeypatch):
     assert row["length"]["teacher_counted"]["steps"] == 2_000_000_000 // (256 * 2048) + 1
 
 
+@pytest.mark.slow
 def test_teacher_cost_script_agrees_with_plan():
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "teacher_cost.py")],
@@ -168,6 +169,7 @@ FACTOR = 1.5  # the estimate is within this factor of the measured peak (allocat
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+@pytest.mark.slow
 def test_memory_estimate_is_within_a_factor_of_the_measured_cpu_peak(tmp_path, overrides, assets):
     teacher = tmp_path / "teacher"  # the tiny teacher's tokenizer with a 65,536-row vocabulary: a sizeable head
     teacher.mkdir()

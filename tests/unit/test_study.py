@@ -615,6 +615,7 @@ def check_verdicts_match_csv(study_dir: Path, t975: dict) -> None:
         assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_report_from_run_directories(tmp_path):
     written = _fake_study(tmp_path)
     fidelity = {"signal": "cache top-64 + remaining mass (compact codec)", "dtype": "float32", "temperature": 1.0}
@@ -673,6 +674,7 @@ def test_report_from_run_directories(tmp_path):
     assert all(r["p_holm"] for r in paired_rows if r["configuration"] != "ALL")
 
 
+@pytest.mark.slow
 def test_a_study_whose_cells_ran_under_different_precisions_says_so(tmp_path):
     _fake_study(tmp_path, seeds=(0, 1), ran=lambda cell: {**RAN, "student_dtype": "bfloat16"} if cell.seed else RAN)
     build_report(tmp_path)
@@ -683,6 +685,7 @@ def test_a_study_whose_cells_ran_under_different_precisions_says_so(tmp_path):
     assert {(r["seed"], r["student_dtype"]) for r in rows} == {("0", "float32"), ("1", "bfloat16")}
 
 
+@pytest.mark.slow
 def test_unfinished_runs_are_listed_and_grid_keys_inferred_without_cell_json(tmp_path):
     _fake_study(tmp_path, seeds=(0, 1), cell_json=False)
     unfinished = next((tmp_path / "runs").iterdir())

@@ -128,6 +128,7 @@ def test_killed_build_resumes_without_redoing_committed_units(tmp_path, tok, mon
     assert m == st.read_manifest(one)
 
 
+@pytest.mark.slow
 def test_two_workers_and_array_tasks_build_the_same_store(tmp_path, tok):
     (tmp_path / "src").mkdir()
     spec, _ = _corpus(tmp_path / "src", n_files=4)

@@ -1,5 +1,5 @@
-"""Hidden-state targets and losses: what `HiddenObjective` computes for one (student layer, teacher
-layer) pair. Every loss returns a **sum over the valid positions** (fp32), like `losses.py`.
+"""Hidden-state targets: what `HiddenObjective` matches a student layer to, and which positions count.
+The losses themselves are in src/hld/distill/hidden_losses/ (one file each).
 
 Targets (`objective.hidden.normalize_teacher`)
 - `standardize`: (x - mean_d) / std_d per dimension d, with mean and std of the teacher layer
@@ -12,18 +12,6 @@ Targets (`objective.hidden.normalize_teacher`)
 - `rms`: x / rms(x) per token. `none`: raw states.
 - Position 0 of every window (the BOS, an attention sink whose norm is ~15x the others' at
   Gemma 3 270M's layer 9) is left out of the loss and of the statistics (`skip_first_position`).
-
-Losses (`objective.hidden.loss`)
-- `mse`, `nmse`, `cosine`: per token on the projected student state (`losses.hidden_sum`).
-- `relation` (projector-free, MiniLM-v2 style): per window, R_ij = cos(x_i, x_j) for the student
-  layer and for the (normalised) teacher layer; for each valid query position i the loss is
-  mean_{valid j <= i} (R^s_ij - R^t_ij)^2, summed over valid i. Causal rows: position i only ever
-  relates to what it can attend to. The diagonal (always 1) contributes 0. Bounded in [0, 4] per
-  token, whatever either model's width, so no projector is needed.
-- `lens`: z_s = head(norm(P s)), z_t = head(norm(t)) with the teacher's own final norm and frozen
-  head (and soft-cap); the loss is T^2 KL(softmax(z_t/T) || softmax(z_s/T)) per token, computed
-  by the fused chunked head (`chunked.head_loss`, CE weight 0, KD weight 1): no (B, T, V) tensor.
-  The target is the teacher layer's *raw* state (its logit lens), whatever `normalize_teacher` says.
 """
 
 from __future__ import annotations
@@ -31,18 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from hld.atomic import check_recorded, write_checked
-from hld.distill.chunked import WORKSPACE, HeadLossSpec, head_loss, logits_into
-from hld.distill.losses import TeacherLogits, hidden_sum, softcap
 from hld.errors import HldError
 
 STATS_FILE = "hidden_stats.pt"
-FEATURE_LOSSES = ("mse", "nmse", "cosine")
 NORMALIZATIONS = ("none", "rms", "standardize")
 
 
@@ -151,78 +135,3 @@ def load_stats(path: Path) -> dict[int, Moments]:
     if not all(isinstance(m.mean, torch.Tensor) and isinstance(m.std, torch.Tensor) for m in stats.values()):
         raise HldError(f"{path} is damaged (its statistics are not tensors)", fix)
     return stats
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def feature_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, loss: str) -> torch.Tensor:
-    """mse / nmse / cosine summed over valid rows. pred, target (n, d_t); target already normalised."""
-    return hidden_sum(pred, target, mask, loss=loss, normalize_teacher="none")
-
-
-def relations(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Token-to-token cosine similarities per window. x (B, T, d) -> (B, T, T) fp32."""
-    u = F.normalize(x.float(), dim=-1, eps=eps)
-    return u @ u.transpose(1, 2)
-
-
-def relation_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum over valid query i of mean over valid keys j <= i of (R^s_ij - R^t_ij)^2.
-    student (B, T, d_s), teacher (B, T, d_t), mask (B, T) bool."""
-    T = student.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=student.device).tril()
-    keys = causal[None] & mask[:, None, :] & mask[:, :, None]  # (B, T, T): valid query row, valid key column
-    diff = (relations(student) - relations(teacher).detach()).pow(2)
-    diff = torch.where(keys, diff, 0.0)
-    per = diff.sum(-1) / keys.sum(-1).clamp_min(1)  # (B, T)
-    return torch.where(mask, per, 0.0).sum()
-
-
-@dataclass
-class Lens:
-    """The teacher's final norm and frozen head: what its logit lens reads a layer through."""
-
-    norm: torch.nn.Module
-    head_weight: torch.Tensor  # (V, d_t)
-    softcap: Optional[float] = None
-
-    @classmethod
-    def of(cls, lm: Any) -> Lens:  # a causal LM (models.hooks.CausalLM)
-        from hld.distill.signals import head_of
-        from hld.models.hooks import decoder_of
-
-        weight, cap = head_of(lm)
-        return cls(norm=decoder_of(lm).norm, head_weight=weight.detach(), softcap=cap)
-
-
-def lens_sum(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, lens: Lens, spec: HeadLossSpec
-) -> torch.Tensor:
-    """T^2 KL(teacher lens || student lens) summed over valid rows, chunk by chunk.
-    pred (n, d_t) projected student states (with grad); target (n, d_t) raw teacher states."""
-    W = lens.head_weight
-    h = lens.norm(pred)  # (n, d_t), the norm's weights are frozen
-    with torch.no_grad():
-        ht = lens.norm(target.to(h.dtype))  # (n, d_t)
-
-    def teacher_chunk(rows: slice) -> TeacherLogits:
-        buf = WORKSPACE.get("zlens", rows.stop - rows.start, W.shape[0], W.device)
-        return TeacherLogits(dense=softcap(logits_into(ht[rows].to(W.dtype), W, buf), lens.softcap))
-
-    labels = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)  # CE weight 0: never read
-    loss, _ = head_loss(h, W, labels, mask, spec, teacher_chunk)
-    return loss
-
-
-def lens_spec(
-    *, temperature: float, chunk_tokens: int, softcap: Optional[float], matmul_dtype: Optional[torch.dtype] = None
-) -> HeadLossSpec:
-    return HeadLossSpec(
-        ce_weight=0.0,
-        kd_weight=1.0,
-        temperature=temperature,
-        softcap=softcap,
-        chunk_tokens=chunk_tokens,
-        matmul_dtype=matmul_dtype,
-    )

@@ -198,29 +198,3 @@ def _divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: f
         logm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
         return beta * _xlogy_diff(logp, logm) + (1 - beta) * _xlogy_diff(logq, logm)
     raise ValueError(f"unknown divergence {divergence!r}")
-
-
-def hidden_sum(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss: str = "mse",
-    normalize_teacher: str = "none",
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Per-token hidden-state loss summed over valid rows. pred, target (n, d_teacher)."""
-    pred, target = pred.float(), target.float()
-    if normalize_teacher == "rms":
-        target = target * torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + eps)
-    elif normalize_teacher != "none":
-        raise ValueError(f"unknown normalisation {normalize_teacher!r}")
-    if loss == "mse":
-        per = (pred - target).pow(2).mean(-1)
-    elif loss == "nmse":
-        per = (pred - target).pow(2).sum(-1) / (target.pow(2).sum(-1) + eps)
-    elif loss == "cosine":
-        per = 1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=eps)
-    else:
-        raise ValueError(f"unknown hidden loss {loss!r}")
-    return torch.where(mask, per, 0.0).sum()

@@ -21,19 +21,16 @@ from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.hidden import (
     STATS_FILE,
-    Lens,
     Moments,
     estimate_layer_stats,
-    feature_sum,
     hidden_mask,
-    lens_spec,
-    lens_sum,
     load_stats,
     normalize_target,
-    relation_sum,
     save_stats,
 )
-from hld.distill.projectors import Projectors, needs_projector, pair_key
+from hld.distill.hidden_losses.lens import Lens, lens_spec
+from hld.distill.hidden_losses.registry import hidden_loss
+from hld.distill.projectors import Projectors, pair_key
 from hld.distill.schedule import step_progress, weight_at
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
 
@@ -95,9 +92,9 @@ class LogitObjective:
 
 
 class HiddenObjective:
-    """beta * mean over layer pairs of the hidden loss (src/hld/distill/hidden.py) between the
-    student layer (projected, except for `relation`) and its teacher layer's target, on the positions
-    that have a target (minus position 0 with `skip_first_position`)."""
+    """beta * mean over layer pairs of the hidden loss (src/hld/distill/hidden_losses/) between the
+    student layer (projected, when the loss declares a projector) and its teacher layer's target, on
+    the positions that have a target (minus position 0 with `skip_first_position`)."""
 
     uses_head = False
 
@@ -113,16 +110,15 @@ class HiddenObjective:
         lens: Optional[Lens] = None,
         lens_spec: Optional[HeadLossSpec] = None,
     ) -> None:
-        if loss == "lens" and (lens is None or lens_spec is None):
-            raise ValueError("loss=lens needs the teacher's final norm and head (lens=Lens.of(teacher))")
-        if needs_projector(loss) != projectors.linear:
-            raise ValueError(f"loss={loss} {'needs' if needs_projector(loss) else 'takes no'} projectors")
+        kind = hidden_loss(loss)
+        self.kind = kind.build(lens=lens, lens_spec=lens_spec)
+        if kind.projector != projectors.linear:
+            raise ValueError(f"loss={loss} {'needs' if kind.projector else 'takes no'} projectors")
         self.projectors = projectors
         self.loss, self.normalize_teacher, self.beta0 = loss, normalize_teacher, beta
         self.beta = beta  # the weight in force (scheduled: set_progress)
         self.skip_first = skip_first_position
         self.schedule = schedule
-        self.lens, self.lens_spec = lens, lens_spec
         self.stats: Optional[dict[int, Moments]] = None  # standardize: teacher layer -> frozen moments
         self.needs = Needs(layers=tuple(sorted({t for _, t in projectors.pairs})))
         self.student_layers = tuple(sorted({s for s, _ in projectors.pairs}))
@@ -130,21 +126,15 @@ class HiddenObjective:
 
     @property
     def wants_stats(self) -> bool:
-        return self.normalize_teacher == "standardize" and self.loss != "lens"
+        return self.normalize_teacher == "standardize" and self.kind.normalized_target
 
     def cost_dims(self, seq_len: int) -> tuple[tuple[float, float], ...]:
         """FLOPs per token of the loss's matmuls, as (a, b) with 6*a*b each (`flops.step_cost`'s
-        projector term): a projector d_s -> d_t trained (x3); `relation`: the student's T x T Gram
-        matrix trained (6*T*d_s) and the teacher's forward only (2*T*d_t); `lens`: the student's
-        lens head forward + input gradient (4*d_t*V) and the teacher's lens logits (2*d_t*V)."""
+        projector term): a projector d_s -> d_t trained (x3), then the loss's own (`HiddenLoss.cost_dims`)."""
         d_s, d_t = self.projectors.d_student, self.projectors.d_teacher
         n = len(self.projectors.pairs)
-        if self.loss == "relation":
-            return ((seq_len, d_s), (seq_len, d_t / 3)) * n
-        dims = ((d_s, d_t),) * n
-        if self.loss == "lens":
-            dims += ((d_t, self.lens.head_weight.shape[0]),) * n
-        return dims
+        dims = ((d_s, d_t),) * n if self.kind.projector else ()
+        return dims + self.kind.cost_dims(d_student=d_s, d_teacher=d_t, seq_len=seq_len) * n
 
     def set_progress(self, progress: float) -> dict[str, float]:
         if self.schedule is None:
@@ -153,9 +143,9 @@ class HiddenObjective:
         return {"beta": self.beta}
 
     def target(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The teacher target of `layer`, normalised as configured (`lens` matches the raw state, through
-        the teacher's own norm and head, so its target is the raw state). x (..., d_t)."""
-        if self.loss == "lens":
+        """The teacher target of `layer`, normalised as configured, or the raw state for a loss that
+        reads it (`lens` matches it through the teacher's own norm and head). x (..., d_t)."""
+        if not self.kind.normalized_target:
             return x
         moments = self.stats.get(layer) if self.stats is not None else None
         return normalize_target(x, self.normalize_teacher, moments)
@@ -165,15 +155,11 @@ class HiddenObjective:
     ) -> torch.Tensor:
         """The loss of one layer pair summed over `mask`. s_hidden (B, T, d_s), t_hidden (B, T, d_t), mask (B, T)."""
         s, t = pair
-        if self.loss == "relation":
-            return relation_sum(s_hidden, self.target(t, t_hidden), mask)
-        proj = self.projectors.proj[pair_key(pair)]
-        pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
-        flat = pred.reshape(-1, pred.shape[-1])
-        if self.loss == "lens":
-            return lens_sum(flat, t_hidden.reshape(-1, t_hidden.shape[-1]), mask.reshape(-1), self.lens, self.lens_spec)
-        target = self.target(t, t_hidden)
-        return feature_sum(flat, target.reshape(-1, target.shape[-1]), mask.reshape(-1), loss=self.loss)
+        pred = s_hidden
+        if self.kind.projector:
+            proj = self.projectors.proj[pair_key(pair)]
+            pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
+        return self.kind.pair_sum(pred, self.target(t, t_hidden), mask)
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
         mask = hidden_mask(batch.mask, skip_first=self.skip_first)  # (B, T)
@@ -319,7 +305,7 @@ def build_plan(
     matmul_dtype: Optional[torch.dtype] = None,
     teacher_lm: Optional[torch.nn.Module] = None,
 ) -> Plan:
-    """`teacher_lm` is read only by `loss=lens` (its final norm and head)."""
+    """`teacher_lm` is read only by a loss that declares `teacher_head` (`lens`: its final norm and head)."""
     method = cfg.method
     if method == "ce":
         spec = logit_spec(cfg, chunk_tokens=chunk_tokens, kd=False, matmul_dtype=matmul_dtype)
@@ -332,9 +318,9 @@ def build_plan(
         return Plan([Phase("kd", 1.0, kd)])
     h = cfg.hidden
     lens = lspec = None
-    if h.loss == "lens":
+    if hidden_loss(h.loss).teacher_head:
         if teacher_lm is None:
-            raise ValueError("objective.hidden.loss=lens needs the teacher model (build_plan(teacher_lm=...))")
+            raise ValueError(f"objective.hidden.loss={h.loss} needs the teacher model (build_plan(teacher_lm=...))")
         lens = Lens.of(teacher_lm)
         lspec = lens_spec(
             temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap, matmul_dtype=matmul_dtype

@@ -2,7 +2,7 @@
 
 They live beside the student (in the optimiser and in checkpoints) and are dropped when the
 student is exported: the exported model is an ordinary causal LM. A projector-free loss
-(`relation`) keeps the pairs and no weights (`linear=False`).
+(`relation`, `cka`: `HiddenLoss.projector` false) keeps the pairs and no weights (`linear=False`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,3 @@ class Projectors(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def needs_projector(loss: str) -> bool:
-    """Whether a hidden loss maps student states into teacher width (every loss but `relation`)."""
-    return loss != "relation"

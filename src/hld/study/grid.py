@@ -156,15 +156,20 @@ class Cell:
 
 def ignores(arm: str, key: str, point: Optional[dict] = None) -> bool:
     """Does `arm` ignore the config key `key` (at the grid point `point`)? ce reads no objective key (it
-    has no teacher term), kd no hidden-loss key, and an HLD arm whose grid point sets
-    `objective.hidden.loss: lens` no `normalize_teacher` (the logit lens reads the teacher's raw state,
-    `hld.distill.hidden`). A grid over such keys runs that arm's cell once per seed, shared by the grid
+    has no teacher term), kd no hidden-loss key, and an HLD arm whose grid point sets a loss that reads
+    the raw teacher state (`HiddenLoss.normalized_target` false: `lens`, the teacher's logit lens) no
+    `normalize_teacher`. A grid over such keys runs that arm's cell once per seed, shared by the grid
     points that differ only in them (KD against 24 HLD variants: 1 KD cell per seed, not 24)."""
     if arm == "ce":
         return key.startswith("objective.")
     if arm == "kd":
         return key.startswith("objective.hidden.")
-    return key == "objective.hidden.normalize_teacher" and (point or {}).get("objective.hidden.loss") == "lens"
+    loss = (point or {}).get("objective.hidden.loss")
+    if key != "objective.hidden.normalize_teacher" or loss is None:
+        return False
+    from hld.distill.hidden_losses.registry import REGISTRY  # torch: only once a grid sets the loss
+
+    return loss in REGISTRY and not REGISTRY[loss].normalized_target
 
 
 # --------------------------------------------------------------------------- reading and checking

@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 
 from hld.config import RunConfig
+from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
-from hld.distill.projectors import Projectors, needs_projector
+from hld.distill.projectors import Projectors
 from hld.models.hooks import CausalLM, n_blocks, text_config
 from hld.models.student import build_student
 
@@ -53,7 +54,7 @@ def assemble(
             d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
             d_teacher=text_config(teacher_lm.config).hidden_size,
             seed=cfg.train.seed,
-            linear=needs_projector(cfg.objective.hidden.loss),
+            linear=hidden_loss(cfg.objective.hidden.loss).projector,
         )
     plan = build_plan(
         cfg.objective,

@@ -26,6 +26,7 @@ from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
 from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
+from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.objectives import fit_targets, keep_targets
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
@@ -186,12 +187,12 @@ def build(
 
 
 def teacher_weights_needed(cfg: RunConfig, dist: Dist) -> bool:
-    """Does a KD/HLD run read the teacher's weights? An online run does; a cached run only for
-    `loss=lens` (the teacher's head) or the layer diagnostics (the teacher's states on validation
-    windows, which the cache does not hold; they run on one process only). docs/decisions.md."""
-    lens = cfg.objective.method in HLD_METHODS and cfg.objective.hidden.loss == "lens"
+    """Does a KD/HLD run read the teacher's weights? An online run does; a cached run only for a
+    hidden loss that reads the teacher's head (`lens`) or the layer diagnostics (the teacher's states on
+    validation windows, which the cache does not hold; they run on one process only). docs/decisions.md."""
+    head = cfg.objective.method in HLD_METHODS and hidden_loss(cfg.objective.hidden.loss).teacher_head
     diagnostics = cfg.objective.hidden.diagnostics and not dist.active
-    return not cfg.teacher.cache or lens or diagnostics
+    return not cfg.teacher.cache or head or diagnostics
 
 
 def cached_teacher_shapes(cfg: RunConfig) -> CausalLM:
