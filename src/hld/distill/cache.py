@@ -248,8 +248,14 @@ def _fill_shard(
             vals, idx, rest = _topk_rows(sig, k)
             rest = rest.view(n, T).float().cpu()
         else:
+
+            def dense_rows(rows: slice, sig=sig) -> torch.Tensor:
+                got = sig.logits(rows)
+                assert got is not None and got.dense is not None  # the online teacher's full logits
+                return got.dense
+
             idx, vals = sampled_rows(
-                lambda rows, sig=sig: sig.logits(rows).dense,
+                dense_rows,
                 ids[b : b + n],
                 T,
                 samples=sampled[0],
