@@ -41,3 +41,13 @@ def resources(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
         yield Resources()
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(resources):
+    """The smoke config on the fixtures, the tiny teacher loaded in float32, and its training windows."""
+    from hld.config import load_config
+
+    cfg = load_config("smoke", tiny_overrides())
+    loaded = resources.teacher(cfg.teacher.model, "float32")
+    return cfg, loaded, resources.train_windows(cfg.data, loaded.tokenizer)

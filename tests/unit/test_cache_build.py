@@ -28,16 +28,9 @@ LAYERS = [1, 3]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_teacher):
     """The tiny teacher, its training windows (first 20) and the identity a cache of them has."""
-    from helpers import tiny_overrides
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-    cfg = load_config("smoke", tiny_overrides())
-    res = Resources()
-    loaded = res.teacher(cfg.teacher.model, "float32")
-    windows = res.train_windows(cfg.data, loaded.tokenizer)
+    cfg, loaded, windows = tiny_teacher
     ids = np.arange(0, 40, 2)[:20]  # not one range: the sorted ids go to windows.npy
     ident = cache_identity(
         teacher=loaded.identity,
@@ -47,8 +40,7 @@ def setup(tmp_path_factory):
         layers=LAYERS,
         top_k=16,
     )
-    yield loaded.model, windows, ids, ident
-    mp.undo()
+    return loaded.model, windows, ids, ident
 
 
 COMPACT = Codec(logits="compact", hidden="fp8")

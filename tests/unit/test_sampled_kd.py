@@ -173,21 +173,11 @@ SAMPLED = {"cache_signal": "sampled", "cache_samples": 6, "cache_proposal_temper
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from helpers import tiny_overrides
-    from hld.config import load_config
-    from hld.train.resources import Resources
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("hld-cache")))
-    cfg = load_config("smoke", tiny_overrides())
-    res = Resources()
-    loaded = res.teacher(cfg.teacher.model, "float32")
-    windows = res.train_windows(cfg.data, loaded.tokenizer)
+def setup(tiny_teacher):
+    cfg, loaded, windows = tiny_teacher
     ids = np.arange(3, 23)  # 20 windows
     kw = dict(teacher=loaded.identity, tokenizer=loaded.tokenizer, seq_len=cfg.data.seq_len, train_windows=windows)
-    yield loaded.model, windows, ids, kw
-    mp.undo()
+    return loaded.model, windows, ids, kw
 
 
 def _build(setup, out, *, signal=SAMPLED, part=(0, 1), batch_size=8):
