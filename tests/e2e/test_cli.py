@@ -316,6 +316,7 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, overrides, finished_
 
 
 @pytest.mark.parametrize("method", ["kd", "ce", "hld-first"])
+@pytest.mark.slow
 def test_tokenizer_larger_than_the_teacher_vocabulary(capsys, tmp_path, overrides, small_vocab_teacher, method):
     rc, out, err = _cli(
         capsys,

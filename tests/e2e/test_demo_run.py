@@ -69,6 +69,7 @@ def test_run_writes_the_report_csv_and_plots(demo):
     assert f"validation loss {ref[0]['val_loss']:.4f} nats" in report  # the teacher's reference line
 
 
+@pytest.mark.slow
 def test_the_teacher_alone_is_scored_on_the_shipped_tasks_once(demo):
     out, rows = demo["out"], demo["rows"]
     assert len(demo["first"]["trained"]) == 15 and demo["result"]["trained"] == []

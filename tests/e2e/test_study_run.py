@@ -94,6 +94,7 @@ def test_an_interrupted_study_resumes_without_redoing_finished_cells(study):
     assert len([p for p in (out / "caches").iterdir() if p.is_dir()]) == 3  # one per seed: its own batch order
 
 
+@pytest.mark.slow
 def test_results_csv_has_one_row_per_cell(study):
     out = study["out"]
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -130,6 +131,7 @@ def test_report_verdicts_match_results_csv(study):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_hld_report_rebuilds_from_run_directories_alone(study, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(study["out"] / "runs", copy / "runs", ignore=shutil.ignore_patterns("student", "checkpoints"))
@@ -160,6 +162,7 @@ def test_a_cell_with_a_final_checkpoint_but_no_summary_resumes(study, tmp_path):
     assert float(rows[cell.name]["val_loss"]) == pytest.approx(before["val/loss"])
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\narms: [kd, hld]\nstudents: [tiny-1l]\nbudgets: [{tokens: 512}]\n")

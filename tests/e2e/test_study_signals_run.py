@@ -12,6 +12,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 from helpers import tiny_overrides
@@ -21,6 +22,7 @@ RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.prese
 ARGS = ["study", "--config", "kd-signals", "signals=[topk,online]", "seeds=[0,1]", "budgets=[{tokens: 256}]"]
 
 
+@pytest.mark.slow
 def test_a_signals_study_runs_online_cells_without_a_cache_and_pairs_them(tmp_path, monkeypatch):
     from scipy import stats
 

@@ -75,6 +75,7 @@ def references(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("mode,sigterm_rank", [("ddp", 0), ("fsdp2", 1)])
+@pytest.mark.slow
 def test_sigterm_on_one_rank_then_resume_on_one_process(tmp_path, hld_cache_dir, references, mode, sigterm_rank):
     run = tmp_path / "run"
     # rank `sigterm_rank` alone gets SIGTERM during step 3 (index 2); the flag is all-reduced
@@ -123,6 +124,7 @@ tk.tokenize_unit = _logged
 """
 
 
+@pytest.mark.slow
 def test_torchrun_cli_end_to_end(tmp_path, hld_cache_dir, monkeypatch):
     """`torchrun --nproc-per-node 2 -m hld train ... train.parallel=fsdp2` on hld-first (both phases),
     with periodic validation and checkpoints, against the same command on one process. The token
@@ -182,6 +184,7 @@ torch.optim.AdamW.step = _step_to_inf
 """
 
 
+@pytest.mark.slow
 def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatch):
     # the first update blows the weights up (a sitecustomize in each worker; lr=1e30 did it before the
     # config refused it); the loss and gradient norm are all-reduced, so both processes skip the same
@@ -216,6 +219,7 @@ def test_non_finite_steps_stop_every_process(tmp_path, hld_cache_dir, monkeypatc
 @pytest.mark.parametrize(
     "signal", [[], ["teacher.cache_signal=sampled", "teacher.cache_samples=7"]], ids=["topk", "sampled"]
 )
+@pytest.mark.slow
 def test_torchrun_cache_teacher_equals_one_process(tmp_path, hld_cache_dir, signal):
     """`torchrun --nproc-per-node 2 -m hld cache-teacher`: each rank builds its shards (s % 2 == rank),
     the last to finish assembles; the arrays are the bytes of a one-process build (a sampled signal's

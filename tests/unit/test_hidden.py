@@ -275,6 +275,7 @@ def test_standardize_stats_are_frozen_in_the_run_dir_and_projectors_stay_out_of_
 
 
 @pytest.mark.parametrize("norm", ["standardize", "rms", "none"])
+@pytest.mark.slow
 def test_every_loss_and_normalisation_runs_with_the_layer_diagnostics(tmp_path, overrides, norm):
     """A whole run (training, validation with CKA and R², cka.json) for each loss under each
     normalisation: `lens` targets the raw teacher state, so standardize estimates no statistics for it
