@@ -115,7 +115,7 @@ class HiddenObjective:
         if kind.projector != projectors.linear:
             raise ValueError(f"loss={loss} {'needs' if kind.projector else 'takes no'} projectors")
         self.projectors = projectors
-        self.loss, self.normalize_teacher, self.beta0 = loss, normalize_teacher, beta
+        self.normalize_teacher, self.beta0 = normalize_teacher, beta
         self.beta = beta  # the weight in force (scheduled: set_progress)
         self.skip_first = skip_first_position
         self.schedule = schedule

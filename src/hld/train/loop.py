@@ -407,8 +407,9 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
     cfg, d = s.cfg, s.dist
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
     distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
+    run = Run(s, out, state)
     for cb in callbacks:
-        distributed.main_only(d, lambda cb=cb: cb.on_finish(Run(s, out, state)))  # e.g. cka.json
+        distributed.main_only(d, lambda cb=cb: cb.on_finish(run))  # e.g. cka.json
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
         line = last_validation(out, state.step) or validate_now(s)
     counts = count_params(s.student)
