@@ -18,22 +18,18 @@ import sys
 from pathlib import Path
 
 ARMS = ("ce", "kd", "hld-joint", "hld-first")
-ASSETS = Path(__file__).resolve().parents[1] / "tests" / "assets"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 TIME = ("tokens_per_s", "train_seconds", "seconds")
 
 
 def record(src: str, out: Path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from helpers import tiny_overrides  # the fixtures' overrides (later keys replace earlier ones)
+
     env = {**os.environ, "PYTHONPATH": src, "HLD_CACHE_DIR": str(out / "cache")}
     over = [
-        f"teacher.model={ASSETS / 'tiny_teacher'}",
-        f"data.train={ASSETS / 'c4' / 'c4-train.*.json.gz'}",
-        f"data.validation={ASSETS / 'c4' / 'c4-validation.*.json.gz'}",
-        "student.preset=tiny-2l",
-        "data.seq_len=32",
-        "train.batch_size=4",
+        *tiny_overrides(),
         "budget.tokens=1024",
-        "train.precision=float32",
-        "teacher.dtype=float32",
         "train.eval_every_steps=2",
         "train.checkpoint_every_steps=3",
         "train.log_every_steps=1",
