@@ -12,11 +12,13 @@ import numpy as np
 from hld.atomic import read_json_object
 from hld.errors import HldError
 from hld.study.aggregate import Comparison, Table, best_configuration, higher_is_better
+from hld.study.signals import arm_label
 from hld.train.loggers import read_metrics
 
 ALL = "mean over configurations"
 COLORS = {"ce": "#7f7f7f", "kd": "#1f77b4", "hld-joint": "#d62728", "hld-first": "#2ca02c", "teacher": "#000000"}
 MARKERS = {"ce": "o", "kd": "s", "hld-joint": "^", "hld-first": "v"}
+SIGNAL_MARKERS = {"topk": "s", "sampled": "D", "online": "P"}  # an arm on several signals: one marker each
 
 
 def _plt():
@@ -75,13 +77,18 @@ def plot_loss_vs_flops(
     for ax, student in zip(axes[0], students):
         flops = [r["flops"] for r in table.rows if r["student"] == student]
         wide = max(flops) / max(min(flops), 1e-30) > 10
-        for arm in arms:
+        vary = table.signals_vary  # one marker line per arm on each signal (kd[topk], kd[online], ...)
+        names = [(a, n) for a in arms for n in sorted({arm_label(r, vary) for r in table.rows if r["arm"] == a})]
+        for arm, name in names:
             rows = [
-                r for r in table.rows if r["student"] == student and r["arm"] == arm and math.isfinite(r["val_loss"])
+                r
+                for r in table.rows
+                if r["student"] == student and arm_label(r, vary) == name and math.isfinite(r["val_loss"])
             ]
             if not rows:
                 continue
-            color, marker = COLORS.get(arm), MARKERS.get(arm, "o")
+            color = COLORS.get(arm)
+            marker = MARKERS.get(arm, "o") if name == arm else SIGNAL_MARKERS.get(rows[0]["signal"], "o")
             ax.scatter(
                 [r["flops"] for r in rows],
                 [r["val_loss"] for r in rows],
@@ -99,7 +106,7 @@ def plot_loss_vs_flops(
                 ms=9,
                 color=color,
                 lw=1.5,
-                label=f"{arm}: val {best[-1][1]:.3f}",
+                label=f"{name}: val {best[-1][1]:.3f}",
                 zorder=3,
             )
             lows += [b[1] for b in best]

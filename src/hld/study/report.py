@@ -26,7 +26,7 @@ from hld.study.fidelity import fidelity_rows
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
 from hld.study.grid import ARMS
 from hld.study.signal_pairs import signal_comparisons, signal_note
-from hld.study.signals import label
+from hld.study.signals import arm_label
 
 
 def build_report(study_dir: Path) -> dict:
@@ -527,8 +527,7 @@ def _groups(table: Table) -> dict:
             r.get("signal") or "",
         ),
     ):
-        arm = label(r["arm"], r["signal"]) if vary and r.get("signal") else r["arm"]
-        out.setdefault((r["student"], r["budget"], arm), []).append(r)
+        out.setdefault((r["student"], r["budget"], arm_label(r, vary)), []).append(r)
     return out
 
 

@@ -86,3 +86,9 @@ def signal_of(cfg: dict) -> str:
 def label(arm: str, signal: str) -> str:
     """`kd[online]`: an arm on a signal, as the report's lines name it."""
     return f"{arm}[{signal}]"
+
+
+def arm_label(row: dict, vary: bool) -> str:
+    """A results row's arm as the report names it: `kd[online]` when the study varies the signal (ce,
+    without one, stays `ce`), else `kd`."""
+    return label(row["arm"], row["signal"]) if vary and row.get("signal") else row["arm"]
