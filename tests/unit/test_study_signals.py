@@ -288,3 +288,30 @@ def test_the_report_writes_cross_signal_lines_to_paired_csv_and_report_md(tmp_pa
     cell_json.write_text(json.dumps(json.loads(cell_json.read_text()) | {"signal": ["topk"]}))
     with pytest.raises(HldError, match="is damaged \\(its signal is not a name\\)"):
         build_report(tmp_path)
+
+
+def test_each_paired_panel_lists_its_own_configurations(tmp_path, monkeypatch):
+    """A signal study's kd − ce panel has one row per signal, its kd[topk] − kd[online] panel one
+    configuration: one shared row list gave each panel the other's rows, empty. Panels that list the
+    same rows keep one shared axis (the demo's plot is unchanged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from hld.study import figures
+    from hld.study.aggregate import Comparison
+    from hld.study.stats import Interval
+
+    def cmp(arm, base, confs):
+        per = {c: Interval(n=2, mean=-0.1, lo=-0.2, hi=0.0, p=0.1, sd=0.01) for c in confs}
+        return Comparison(
+            arm, base, per, Interval(n=len(confs), mean=-0.1), "seeds", 1, diffs={c: [-0.1, -0.1] for c in confs}
+        )
+
+    figs = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: figs.append(fig) or path)
+    signals = [cmp("kd", "ce", ["s__online", "s__topk"]), cmp("kd[topk]", "kd[online]", ["s"])]
+    figures.plot_paired(signals, tmp_path)
+    ticks = [[t.get_text() for t in ax.get_yticklabels()] for ax in figs[0].axes]
+    assert ticks == [["s__online", "s__topk", figures.ALL], ["s"]], ticks
+    figures.plot_paired([cmp("kd", "ce", ["a", "b"]), cmp("hld-joint", "kd", ["a", "b"])], tmp_path)
+    assert figs[1].axes[0].get_shared_y_axes().joined(figs[1].axes[0], figs[1].axes[1])

@@ -256,11 +256,15 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
     pairs = list(dict.fromkeys((c.arm, c.baseline, c.accounting) for c in comparisons))
     metrics = list(dict.fromkeys(c.metric for c in comparisons))
     by = {(c.arm, c.baseline, c.accounting, c.metric): c for c in comparisons}
-    confs = sorted({c for cmp in comparisons for c in cmp.per_config})
-    labels = confs + ([ALL] if len(confs) > 1 else [])
-    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.0, 1.4 + 0.4 * len(labels)) + 0.9)
-    fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=True)
+    # each panel lists its own configurations (a signal study's kd[topk] − kd[online] has other ones than
+    # kd − ce: one shared list left empty rows); panels that all list the same share the y axis
+    rows_of = {id(c): _paired_labels(c) for c in comparisons}
+    shared = len({tuple(v) for v in rows_of.values()}) <= 1
+    most = max((len(v) for v in rows_of.values()), default=1)
+    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.0, 1.4 + 0.4 * most) + 0.9)
+    fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=shared)
     for row, metric in enumerate(metrics):
+        labels: list[str] = []
         up = higher_is_better(metric)
         name = "validation loss (nats)" if metric == "val_loss" else metric
         for col, (arm, base, accounting) in enumerate(pairs):
@@ -270,6 +274,7 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
                 ax.set_visible(False)
                 continue
             color = COLORS.get(arm, "#444")
+            labels = rows_of[id(cmp)]
             for y, conf in enumerate(labels):
                 i = cmp.overall if conf == ALL else cmp.per_config.get(conf)
                 if i is None:
@@ -291,7 +296,7 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
                 )
             ax.axvline(0, color="black", lw=1, ls="--")
             if ALL in labels:
-                ax.axhline(len(confs) - 0.5, color="#999", lw=0.6)
+                ax.axhline(len(labels) - 1.5, color="#999", lw=0.6)
             ax.set_ylim(len(labels) - 0.5, -0.5)
             won = sum(cmp.seed_wins.values()) if cmp.n == 1 else cmp.wins
             of = next(iter(cmp.per_config.values())).n if cmp.n == 1 else cmp.n
@@ -304,13 +309,23 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
             ax.grid(axis="x", alpha=0.3)
             lim = max(abs(v) for v in ax.get_xlim())
             ax.set_xlim(-lim, lim)
-        axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
+            if not shared:
+                ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        if shared and labels:
+            axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
     seeds = max((i.n for cmp in comparisons for i in cmp.per_config.values()), default=1)
     per = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"
-    tail = "; bottom: mean over configurations with its 95% t-interval" if len(confs) > 1 else ""
+    pooled = any(ALL in v for v in rows_of.values())
+    tail = "; bottom: mean over configurations with its 95% t-interval" if pooled else ""
     fig.suptitle(f"Paired differences per configuration ({per}, unadjusted; dots: seeds{tail})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "paired_differences.png")
+
+
+def _paired_labels(cmp: Comparison) -> list[str]:
+    """A paired panel's rows: its configurations, then the mean over them when there are several."""
+    confs = sorted(cmp.per_config)
+    return confs + ([ALL] if len(confs) > 1 else [])
 
 
 def _save(fig, path: Path) -> Path:
