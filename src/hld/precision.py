@@ -74,10 +74,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def cpu_kernels() -> str:
+    """The instruction set of the CPU kernels torch dispatches to ("AVX512", "AVX2", "DEFAULT", ...): the
+    CPU's best unless ATEN_CPU_CAPABILITY lowers it. Two machines with one kernel set sum alike in
+    torch's own vectorised ops; the flags alone do not say which set ran."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def ran_on(device: torch.device, *, student_dtype: torch.dtype, teacher_dtype: Optional[torch.dtype]) -> dict:
     """What ran, for summary.json and the report: the resolved dtypes (not `auto`), the device, the CPU
-    model and its RELEVANT_FLAGS or the GPU's name, and the library versions. On a CUDA run `machine`
-    is the GPU; the CPU's flags are still listed (they decide nothing there)."""
+    model, its RELEVANT_FLAGS and torch's kernel set, or the GPU's name, and the library versions. On a
+    CUDA run `machine` is the GPU; the CPU's flags and kernels are still listed (they decide nothing there)."""
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -87,6 +94,7 @@ def ran_on(device: torch.device, *, student_dtype: torch.dtype, teacher_dtype: O
         "device": device.type,
         "machine": gpu or cpu_model(),
         "cpu_flags": " ".join(cpu_flags()),
+        "cpu_kernels": cpu_kernels(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,5 +103,15 @@ def test_summary_records_the_precision_and_machine_that_ran(tmp_path, overrides,
     assert ran["device"] == "cpu" and ran["machine"]
     relevant = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"}
     assert set(ran["cpu_flags"].split()) == flags & relevant
+    assert ran["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     assert (ran["torch"], ran["transformers"]) == (torch.__version__, transformers.__version__)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["ran"] == ran
+
+
+def test_cpu_kernels_name_the_set_torch_dispatches_to_not_the_cpu_flags():
+    """ATEN_CPU_CAPABILITY=default makes torch run its plain kernels on any CPU: the record follows
+    what ran (a run forced to another kernel set sums differently on the same machine)."""
+    code = "from hld.precision import cpu_kernels; print(cpu_kernels())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "DEFAULT"

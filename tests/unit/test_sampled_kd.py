@@ -301,3 +301,47 @@ def test_fidelity_measures_a_sampled_signal_as_kl_from_it_to_the_teacher():
     assert kls[0] > kls[1] > kls[2] > 0
     key = {"cache_signal": "sampled", "cache_samples": 12, "cache_proposal_temperature": 1.0, "source": "cache"}
     assert describe(key) == "cache sampled, 12 draws/token (tau 1), KL(signal ‖ full)"
+
+
+@pytest.mark.parametrize("V", [40, 3000, 2048])
+def test_draws_are_the_inverse_cdf_of_q_in_float64(V):
+    """The two-level search (block masses, then inside the block) against numpy's one-level inverse
+    CDF of the same q: np.cumsum in float64 and searchsorted to the right of u * total. V below a
+    block, not a multiple of it, and a multiple."""
+    rng = np.random.default_rng(V)
+    z = torch.from_numpy(rng.normal(0, 3.0, (64, V)))
+    u = rng.random((64, 12))
+    for tau in (1.0, 2.0):
+        q = torch.softmax(z.float() / tau, dim=-1).double().numpy()
+        cdf = np.cumsum(q, axis=1)
+        want = np.stack([np.searchsorted(cdf[i], u[i] * cdf[i, -1], side="right") for i in range(len(q))])
+        np.testing.assert_array_equal(draw(z, u, tau=tau).numpy(), np.minimum(want, V - 1))
+
+
+def test_an_id_of_zero_mass_is_never_drawn_even_at_the_ends_of_u():
+    """Ids whose softmax underflows to 0 (in float32) lie at the start, the middle, a block's edge and
+    the end; u = 0 and u just below 1 draw the first and the last id of non-zero mass."""
+    V = 2500
+    z = torch.full((3, V), -1.0e4)
+    live = [5, 1023, 1024, 1500, 2400]
+    z[:, live] = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
+    u = np.array([[0.0, 1 - 1e-16, 0.5, 0.25], [0.999, 0.001, 0.75, 0.6], [0.3, 0.31, 0.32, 0.9]])
+    got = draw(z, u, tau=1.0)
+    assert set(got.flatten().tolist()) <= set(live)
+    assert got[0, 0] == live[0] and got[0, 1] == live[-1]
+
+
+def test_a_draw_at_a_block_edge_stays_in_its_block_despite_rounding():
+    """u just below a block's cumulative mass: the cumulative sum across blocks and the one inside the
+    block round differently, and the search inside can run past the block's end. Each block's first id
+    has zero mass here, so running into the next block would draw an id of zero mass."""
+    from hld.distill.sampled import BLOCK
+
+    nb = 8
+    z = torch.from_numpy(np.random.default_rng(0).normal(0, 4.0, (1, nb * BLOCK)))
+    z[0, ::BLOCK] = -1.0e4
+    q = torch.softmax(z.float(), dim=-1)
+    bcdf = torch.cumsum(q.view(1, nb, BLOCK).sum(-1, dtype=torch.float64), dim=-1)[0].numpy()
+    u = np.array([[np.nextafter(bcdf[j] / bcdf[-1], 0) - k * 1e-17 for j in range(nb - 1) for k in range(1, 40)]])
+    got = draw(z, u, tau=1.0)[0]
+    assert (q[0, got] > 0).all()

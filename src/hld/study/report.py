@@ -460,15 +460,21 @@ def ran_setup(rows: list[dict]) -> list[str]:
     if not rows:
         return ["- **Ran on**: not recorded (runs written before hld recorded their precision and machine)."]
     machines = sorted(
-        {(r["device"], r["machine"], r["cpu_flags"], r["torch"], r["transformers"]) for r in rows}, key=str
+        {
+            (r["device"], r["machine"], r["cpu_flags"], r.get("cpu_kernels") or "", r["torch"], r["transformers"])
+            for r in rows
+        },
+        key=str,
     )
     lines = [
         "- **Ran on**: "
         + "; ".join(
             f"{dev} `{m}`"
-            + (f" (flags: {flags or 'none of avx2/avx512/amx'})" if dev == "cpu" else "")
+            + (f" (flags: {flags or 'none of avx2/avx512/amx'}" if dev == "cpu" else "")
+            + (f"; torch's kernels {kernels}" if dev == "cpu" and kernels else "")
+            + (")" if dev == "cpu" else "")
             + f", torch {t}, transformers {tf}"
-            for dev, m, flags, t, tf in machines
+            for dev, m, flags, kernels, t, tf in machines
         )
         + "."
     ]
