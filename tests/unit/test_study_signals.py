@@ -17,8 +17,8 @@ import pytest
 
 from hld.config import RunConfig, dump_yaml, field_help
 from hld.errors import HldError
-from hld.study.aggregate import paired, verdict_line, verdicts
 from hld.study.grid import cell_config, expand, load_study, parse_study
+from hld.study.pairs import paired, verdict_line, verdicts
 from hld.study.report import build_report
 from hld.study.runner import cache_group, plan_cells
 from hld.study.signal_pairs import signal_comparisons

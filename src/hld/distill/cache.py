@@ -36,7 +36,9 @@ from hld.distill.cache_writer import build_cache, check_out_dir
 from hld.distill.signals import Needs, TeacherSignals
 from hld.errors import HldError
 
-# re-exported for src/hld/train/ and src/hld/study/fidelity.py, which import them from here
+# with the names src/hld/train/ and src/hld/study/fidelity.py import from here: build_cache and check_out_dir
+# (hld.distill.cache_writer), build_dir_of, build_progress, cache_identity, is_cache and signal_identity
+# (hld.distill.cache_meta), re-exported
 __all__ = [
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
