@@ -19,10 +19,11 @@ from hld.atomic import read_json_object
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
 from hld.study.csvs import write_csv, write_paired_csv
-from hld.study.grid import CONTROLLED, LENGTH_KEYS
+from hld.study.grid import LENGTH_KEYS
 from hld.study.naming import configuration_id
 from hld.study.pairs import Comparison, paired, verdict_line, verdicts
 from hld.study.signals import signal_of
+from hld.study.spec import CONTROLLED
 from hld.train.loggers import read_metrics
 from hld.train.rundir import read_run_config, read_summary
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from hld.study.grid import ARMS
 from hld.study.pairs import Comparison, make_comparison
 from hld.study.signals import PAIRS, label
+from hld.study.spec import ARMS
 
 
 def base_configuration(row: dict) -> str:
