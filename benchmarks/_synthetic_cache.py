@@ -14,8 +14,8 @@ import torch
 
 from hld.data.packing import PROTOCOL
 from hld.distill import cache_store as cs
-from hld.distill.cache import CacheIdentity
 from hld.distill.cache_codec import Codec, ShardWriter
+from hld.distill.cache_meta import CacheIdentity
 
 
 def write(

@@ -24,7 +24,7 @@ import torch
 
 from hld.config import load_config
 from hld.data.loader import BatchOrder
-from hld.distill.cache import _topk_rows
+from hld.distill.cache_writer import _topk_rows
 from hld.distill.signals import Needs, OnlineTeacher
 from hld.train.cache_build import ensure_cache, teacher_layers
 from hld.train.resources import Resources

@@ -340,7 +340,7 @@ def cmd_inspect_teacher(args) -> dict:
 def _is_study(name_or_path: str) -> bool:
     """A study YAML (it names its arms) or a shipped study's name."""
     from hld.config import read_yaml
-    from hld.study.grid import STUDY_DIR
+    from hld.study.spec import STUDY_DIR
 
     path = Path(name_or_path)
     if path.is_file():

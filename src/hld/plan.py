@@ -324,7 +324,8 @@ def data_plan(cfg: RunConfig, *, windows: int) -> dict:
 def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) -> dict:
     """One block per arm x student x budget of a study (grid points and seeds that give the same numbers
     are counted, not repeated), and its teacher caches (one per group of cells sharing windows)."""
-    from hld.study.grid import cell_config, expand, flops_overrides, load_study
+    from hld.study.grid import cell_config, expand, flops_overrides
+    from hld.study.spec import load_study
     from hld.train.cache_build import cache_share_key
 
     study = load_study(name_or_path, overrides)

@@ -85,11 +85,11 @@ def _group(out: Path, env: dict) -> str:
 # rename that makes the cache complete: the most complete-looking moment to be killed at
 _STALL = """
 import sys, time
-from hld.distill import cache
+from hld.distill import cache_writer
 def stall(tmp, final):
     print("STALLED", flush=True)
     time.sleep(600)
-cache.replace_dir = stall
+cache_writer.replace_dir = stall
 from hld.cli import main
 sys.exit(main(sys.argv[1:]))
 """

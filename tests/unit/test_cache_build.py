@@ -16,9 +16,11 @@ import torch
 
 from helpers import cache_arrays
 from hld.config import load_config
-from hld.distill import cache as cache_mod
-from hld.distill.cache import CachedTeacher, build_cache, build_dir_of, cache_identity
+from hld.distill import cache_writer
+from hld.distill.cache import CachedTeacher
 from hld.distill.cache_codec import Codec
+from hld.distill.cache_meta import build_dir_of, cache_identity
+from hld.distill.cache_writer import build_cache
 from hld.distill.signals import Needs, OnlineTeacher
 from hld.errors import HldError
 from hld.train.cache_build import ensure_cache, verify_cache
@@ -72,7 +74,7 @@ def test_a_killed_build_keeps_its_shards_and_the_rerun_equals_an_uninterrupted_b
     whole = _build(setup, tmp_path / "whole")
     assert whole is not None and len(whole["shards"]) == 7  # 20 windows in shards of 3
     calls = {"n": 0}
-    finish = cache_mod.ShardWriter.finish
+    finish = cache_writer.ShardWriter.finish
 
     def dies_at_the_fourth_shard(self):
         calls["n"] += 1
@@ -80,10 +82,10 @@ def test_a_killed_build_keeps_its_shards_and_the_rerun_equals_an_uninterrupted_b
             raise KeyboardInterrupt  # what SIGTERM (sigterm_as_error) or a crash raises mid-shard
         return finish(self)
 
-    monkeypatch.setattr(cache_mod.ShardWriter, "finish", dies_at_the_fourth_shard)
+    monkeypatch.setattr(cache_writer.ShardWriter, "finish", dies_at_the_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
         _build(setup, tmp_path / "cut")
-    monkeypatch.setattr(cache_mod.ShardWriter, "finish", finish)
+    monkeypatch.setattr(cache_writer.ShardWriter, "finish", finish)
     d = build_dir_of(tmp_path / "cut")
     assert not (tmp_path / "cut").exists()  # nothing named like the cache until it is complete
     log = d / "parts" / "p00000of00001.records.jsonl"
@@ -159,7 +161,7 @@ def test_two_concurrent_builds_on_one_out_share_the_work(tmp_path, setup):
 def test_a_build_of_another_plan_waits_for_no_one_but_never_wipes_a_running_one(tmp_path, setup, monkeypatch):
     lm, windows, ids, ident = setup
     d = build_dir_of(tmp_path / "c")
-    with cache_mod._Builders(
+    with cache_writer._Builders(
         tmp_path / "c", {"another": "plan", "windows": {"first": 0}}, ids
     ):  # a live builder of another cache
         with pytest.raises(HldError, match="another hld is building a different cache"):

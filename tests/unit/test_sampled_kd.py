@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from helpers import cache_arrays
-from hld.distill.cache import CachedTeacher, build_cache, cache_identity, signal_identity
+from hld.distill.cache import CachedTeacher
 from hld.distill.cache_codec import Codec
+from hld.distill.cache_meta import cache_identity, signal_identity
+from hld.distill.cache_writer import build_cache
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.losses import TeacherLogits, kd_sum
 from hld.distill.sampled import draw, estimate_kl_rows, unique_counts, weights

@@ -19,10 +19,12 @@ import pytest
 from hld.config import BudgetConfig, dump_yaml, load_config, to_dict
 from hld.errors import HldError
 from hld.study import ngram, stats
-from hld.study.aggregate import best_configuration, collect, paired, verdict_line, verdicts
-from hld.study.grid import STUDY_DIR, cell_config, expand, load_study, parse_study
+from hld.study.aggregate import best_configuration, collect
+from hld.study.grid import cell_config, expand
+from hld.study.pairs import paired, verdict_line, verdicts
 from hld.study.report import build_report
 from hld.study.runner import plan_cells
+from hld.study.spec import STUDY_DIR, load_study, parse_study
 from hld.study.stats import holm, mean_interval, t_cdf, t_quantile, t_quantile_own
 
 # two-sided 95% Student-t quantiles t_{0.975, df} from printed tables
@@ -490,7 +492,7 @@ def test_lines_of_one_kind_get_a_pooled_detectable_effect(tmp_path):
     for v in lines:
         assert v.power.pooled_sd == pytest.approx(pooled) and v.power.pooled_lines == 3
         assert _scipy_power(v.power.mde_pooled, pooled, 4, 0.05) == pytest.approx(0.8, abs=1e-6)
-    from hld.study.aggregate import write_paired_csv
+    from hld.study.csvs import write_paired_csv
 
     write_paired_csv(comps, tmp_path / "paired.csv", lines)
     out = [r for r in csv.DictReader(open(tmp_path / "paired.csv")) if r["configuration"] != "ALL"]

@@ -17,11 +17,12 @@ import pytest
 
 from hld.config import RunConfig, dump_yaml, field_help
 from hld.errors import HldError
-from hld.study.aggregate import paired, verdict_line, verdicts
-from hld.study.grid import cell_config, expand, load_study, parse_study
+from hld.study.grid import cell_config, expand
+from hld.study.pairs import paired, verdict_line, verdicts
 from hld.study.report import build_report
 from hld.study.runner import cache_group, plan_cells
 from hld.study.signal_pairs import signal_comparisons
+from hld.study.spec import load_study, parse_study
 
 BEFORE = Path(__file__).resolve().parents[1] / "assets" / "study_cells_before_signals.json"
 HAS_SAMPLED = "teacher.cache_signal" in {k for k, _, _ in field_help(RunConfig)}
@@ -174,7 +175,7 @@ def test_the_shipped_signals_study_lists_its_cells():
     assert all(cell_config(study, c).name == c.id for c in cells)
     assert study.signal_overrides == {"sampled": ("teacher.cache_samples=20",)}
     from hld.config import read_yaml
-    from hld.study.grid import resolve_study_path
+    from hld.study.spec import resolve_study_path
 
     assert read_yaml(resolve_study_path("kd-signals"))["signals"] == ["topk", "sampled", "online"]
 

@@ -4,434 +4,58 @@ hld.distill.cache_store (format 4, docs/cache-format.md); the arrays' codecs: hl
 (`exact` top-k logits / `compact` ones, bfloat16 / fp8 hidden states); windows follow
 `hld.data.packing.PROTOCOL` (BOS-led).
 
-A build writes into `.<name>.build` beside the cache, shard by shard, each shard committed on its own
-(cache_store): a build killed at any point (SIGTERM, SIGKILL, a preempted job) keeps its committed
-shards, and the same command finishes the rest. Several processes share one build (`--shard I/N`,
-torchrun ranks), each its own shards; the last one to finish assembles the manifest and renames the
-directory into place, so a directory named like the cache is complete (and an existing cache is
-kept until the new one is). A cache of an older format or protocol is refused with a message to
-rebuild it.
+The build: hld.distill.cache_writer (resumable, shared between processes); a cache's identity and
+its build directory: hld.distill.cache_meta. This module reads a finished cache; a cache of an older
+format or protocol is refused with a message to rebuild it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import shutil
-import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from hld.atomic import read_json_object, replace_dir, write_fix, write_json
+from hld.atomic import read_json_object
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill import cache_store as cs
-from hld.distill.cache_codec import Codec, ShardWriter, read_hidden, read_logits
-from hld.distill.encode_thread import Deferred, OrderedEncoder
-from hld.distill.losses import TeacherLogits
-from hld.distill.sampled import sampled_rows
-from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
+from hld.distill.cache_codec import Codec, read_hidden, read_logits
+from hld.distill.cache_meta import (
+    SIGNAL_KEYS,
+    CacheIdentity,
+    build_dir_of,
+    build_progress,
+    cache_identity,
+    is_cache,
+    signal_identity,
+)
+from hld.distill.cache_writer import build_cache, check_out_dir
+from hld.distill.signals import Needs, TeacherSignals
 from hld.errors import HldError
-from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
-from hld.locks import file_lock
-from hld.models.hooks import CausalLM, text_config
-from hld.progress import Progress
 
-if TYPE_CHECKING:
-    from hld.data.store import WindowArray
+# with the names src/hld/train/ and src/hld/study/fidelity.py import from here: build_cache and check_out_dir
+# (hld.distill.cache_writer), build_dir_of, build_progress, cache_identity, is_cache and signal_identity
+# (hld.distill.cache_meta), re-exported
+__all__ = [
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "CachedSignals",
+    "CachedTeacher",
+    "read_manifest",
+    "build_cache",
+    "build_dir_of",
+    "build_progress",
+    "cache_identity",
+    "check_out_dir",
+    "is_cache",
+    "signal_identity",
+]
 
 FORMAT_VERSION = cs.FORMAT_VERSION
 READABLE_VERSIONS = (cs.FORMAT_VERSION,)
-
-
-@dataclass
-class CacheIdentity:
-    """What must match between a cache and the run that reads it."""
-
-    teacher: str  # weights identity (hash)
-    tokenizer: str  # tokenizer fingerprint
-    seq_len: int
-    layers: list  # hidden layers stored
-    top_k: int  # a sampled signal: its slots per token, min(cache_samples, V)
-    data: str  # fingerprint of the windows (their token content)
-    cache_signal: str = "topk"  # topk | sampled (a topk cache is never read as sampled, nor the reverse)
-    cache_samples: Optional[int] = None  # sampled: draws per token
-    cache_proposal_temperature: Optional[float] = None  # sampled: tau of the proposal softmax(z / tau)
-
-
-SIGNAL_KEYS = {"cache_signal": "topk", "cache_samples": None, "cache_proposal_temperature": None}  # (defaults)
-
-
-def signal_identity(teacher) -> dict:
-    """The identity keys of the logit signal a `TeacherConfig` asks of a cache (none beyond the
-    defaults for topk)."""
-    if teacher.cache_signal != "sampled":
-        return {}
-    return {
-        "cache_signal": "sampled",
-        "cache_samples": int(teacher.cache_samples),
-        "cache_proposal_temperature": float(teacher.cache_proposal_temperature),
-    }
-
-
-def _identity_json(identity: CacheIdentity) -> dict:
-    """The manifest's identity: a top-k cache's without the signal keys (as before the sampled signal, so
-    its plan, manifest and a resumed build are unchanged; a reader takes their absence for topk)."""
-    d = asdict(identity)
-    return d if d["cache_signal"] == "sampled" else {k: v for k, v in d.items() if k not in SIGNAL_KEYS}
-
-
-def build_dir_of(out: Path) -> Path:
-    """Where the cache at `out` is built (and a killed build's committed shards wait to be resumed)."""
-    return Path(out).parent / f".{Path(out).name}.build"
-
-
-def build_cache(
-    teacher_lm: CausalLM,
-    windows: WindowArray,
-    window_ids: np.ndarray,
-    out: Path,
-    *,
-    identity: CacheIdentity,
-    codec: Optional[Codec] = None,
-    batch_size: int = 8,
-    shard_windows: int = 256,
-    part: tuple[int, int] = (0, 1),
-    quiet: bool = False,
-    overlap: bool = True,
-) -> Optional[dict]:
-    """Run the teacher over the shards of `windows[window_ids]` that are part `part` = (I, N) of the
-    build's (shard s is part s % N's) and not yet committed, committing each; then, if every shard of
-    every part is committed and no other builder runs, assemble the cache at `out` and return its
-    manifest (None: other parts are still to come). `overlap`: encode on a background thread while the
-    teacher runs the next batch (distill/encode_thread.py; the bytes are the same either way)."""
-    out = Path(out)
-    check_out_dir(out)
-    vocab = teacher_lm.get_output_embeddings().weight.shape[0]
-    # an escaped index gap is stored in ceil(log2 V) bits
-    codec = replace(codec or Codec(), index_bits=max(1, (vocab - 1).bit_length()))
-    window_ids = np.asarray(window_ids, dtype=np.int64)
-    tc = text_config(teacher_lm.config)
-    plan = {
-        "format": cs.FORMAT,
-        "format_version": FORMAT_VERSION,
-        "protocol": PROTOCOL,
-        "identity": _identity_json(identity),
-        "codec": codec.to_json(),
-        "seq_len": int(windows.shape[1]),
-        "d_model": int(tc.hidden_size),
-        "vocab_size": int(vocab),
-        "n_windows": int(len(window_ids)),
-        "tokens": int(len(window_ids) * windows.shape[1]),
-        "shard_windows": int(shard_windows),
-        "windows": cs.windows_entry(window_ids),
-        # what a run reading the cache needs of the teacher besides its identity: its shapes
-        "teacher_config": tc.to_dict(),
-    }
-    plan = json.loads(json.dumps(plan))  # as read back (tuples -> lists), so plans compare equal
-    try:
-        with _Builders(out, plan, window_ids) as b:
-            _build_part(
-                b.dir,
-                plan,
-                teacher_lm,
-                windows,
-                window_ids,
-                part=part,
-                batch_size=batch_size,
-                quiet=quiet,
-                overlap=overlap,
-            )
-            manifest = b.finish(wait=part[1] == 1)
-    except OSError as exc:
-        raise HldError(f"cannot write the cache {out}: {exc.strerror or exc}", write_fix(exc)) from exc
-    if manifest is not None:
-        manifest["bytes"] = sum(manifest["files"].values())
-    return manifest
-
-
-def _build_part(
-    d: Path,
-    plan: dict,
-    teacher_lm: CausalLM,
-    windows: WindowArray,
-    window_ids: np.ndarray,
-    *,
-    part: tuple[int, int],
-    batch_size: int,
-    quiet: bool,
-    overlap: bool = True,
-) -> None:
-    """Part `part`'s uncommitted shards, each committed when complete (under the part's lock: a second
-    process on the same part waits, then finds them committed)."""
-    name = cs.part_name(*part)
-    with file_lock(d / "locks" / f"{name}.lock"):
-        done = cs.committed(d)
-        todo = [s for s in range(cs.n_shards(plan)) if s % part[1] == part[0] and s not in done]
-        if not todo:
-            return
-        layers, k, T = plan["identity"]["layers"], plan["identity"]["top_k"], plan["seq_len"]
-        sampled = _sampling_of(plan["identity"])
-        online = OnlineTeacher(teacher_lm, tuple(layers))
-        device = next(teacher_lm.parameters()).device
-        codec = Codec(**plan["codec"])
-        writer = cs.PartWriter(d, name)
-        total = sum(np.subtract(*cs.shard_rows(plan, s)[::-1]) for s in todo)
-        prog = Progress(int(total), desc=f"cache {name}" if part[1] > 1 else "cache", quiet=quiet)
-        t0, seen = time.time(), 0
-        encoder = OrderedEncoder(overlap=overlap)  # encodes and commits while the next forward runs
-        try:
-            for s in todo:
-                lo, hi = cs.shard_rows(plan, s)
-                t_shard = time.time()
-                shard = ShardWriter(writer.sink, n=hi - lo, T=T, k=k, layers=layers, codec=codec)
-                for n in _fill_shard(
-                    encoder.writer(shard),
-                    online,
-                    windows,
-                    window_ids[lo:hi],
-                    k=k,
-                    batch_size=batch_size,
-                    device=device,
-                    sampled=sampled,
-                ):
-                    prog.update(seen + n, tokens_per_s=(seen + n) * T / max(time.time() - t0, 1e-9))
-                encoder.submit(_commit_shard, writer, shard, {"shard": s, "rows": [lo, hi]}, t_shard)
-                seen += hi - lo
-            encoder.drain()
-        except BaseException:
-            encoder.close()
-            writer.abandon()
-            raise
-        finally:
-            encoder.close()
-            writer.close()
-            prog.close()
-            if online.capture is not None:
-                online.capture.remove()
-
-
-def _commit_shard(writer: cs.PartWriter, shard: ShardWriter, rec: dict, t_shard: float) -> None:
-    """A shard's final encode (compact top-k) and its commit record, after every row of it is put."""
-    slot_bits = shard.finish()
-    rec["seconds"] = time.time() - t_shard
-    writer.commit(rec | ({"slot_bits": slot_bits} if slot_bits is not None else {}))
-
-
-def _fill_shard(
-    writer: ShardWriter | Deferred,
-    online: OnlineTeacher,
-    windows: WindowArray,
-    ids: np.ndarray,
-    *,
-    k: int,
-    batch_size: int,
-    device: torch.device,
-    sampled: Optional[tuple[int, float]] = None,
-) -> Iterator[int]:
-    """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done.
-    `sampled` = (draws per token, tau): the sampled signal in k slots (distill/sampled.py), else the top-k."""
-    needs = Needs(logits=True, layers=tuple(writer.layers))
-    T = windows.shape[1]
-    for b in range(0, len(ids), batch_size):
-        tokens = windows[ids[b : b + batch_size]]
-        x = torch.from_numpy(np.asarray(tokens)).long().to(device)
-        sig = online.signals(x, needs)
-        n = x.shape[0]
-        if sampled is None:
-            vals, idx, rest = _topk_rows(sig, k)
-            rest = rest.view(n, T).float().cpu()
-        else:
-
-            def dense_rows(rows: slice, sig=sig) -> torch.Tensor:
-                got = sig.logits(rows)
-                assert got is not None and got.dense is not None  # the online teacher's full logits
-                return got.dense
-
-            idx, vals = sampled_rows(
-                dense_rows,
-                ids[b : b + n],
-                T,
-                samples=sampled[0],
-                tau=sampled[1],
-                slots=k,
-            )
-            rest = None
-        writer.put(
-            b,
-            tokens=np.asarray(tokens),
-            vals=vals.view(n, T, k).float().cpu(),
-            idx=idx.view(n, T, k).cpu(),
-            rest=rest,
-            hidden={layer: sig.hidden[layer].cpu() for layer in writer.layers},
-        )
-        yield b + n
-
-
-def _sampling_of(identity: dict) -> Optional[tuple[int, float]]:
-    """(draws per token, tau) of a sampled cache's identity; None for a top-k cache."""
-    if identity.get("cache_signal", "topk") != "sampled":
-        return None
-    return int(identity["cache_samples"]), float(identity["cache_proposal_temperature"])
-
-
-class _Builders:
-    """The processes building one cache: each holds a shared flock on the build directory while it
-    builds; one that finds the directory holding another plan wipes it only when it can take the lock
-    exclusively (no builder alive), and the last to finish (exclusive again) assembles. Every change of
-    who holds what happens under the short `.<name>.lock` beside the cache."""
-
-    def __init__(self, out: Path, plan: dict, window_ids: np.ndarray) -> None:
-        self.out, self.plan, self.ids = out, plan, window_ids
-        self.dir = build_dir_of(out)
-        self.setup = out.parent / f".{out.name}.lock"
-        self.fd = -1
-
-    def __enter__(self) -> _Builders:
-        with file_lock(self.setup):
-            self.dir.mkdir(exist_ok=True)
-            self.fd = os.open(self.dir, os.O_RDONLY)
-            alone = _try_lock(self.fd, fcntl.LOCK_EX)
-            if _read_plan(self.dir) != self.plan:
-                if not alone:
-                    os.close(self.fd)
-                    raise HldError(
-                        f"another hld is building a different cache in {self.dir} (it holds the directory's lock)",
-                        "wait for it to finish, or give this build another --out",
-                    )
-                for p in self.dir.iterdir():  # another plan's shards, or a build's debris
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-                if "file" in self.plan["windows"]:
-                    cs.write_windows(self.dir, self.ids)
-                write_json(self.dir / "plan.json", self.plan)  # last: a plan names a ready directory
-            if alone:
-                for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # format 3's killed builds
-                    shutil.rmtree(stale, ignore_errors=True)
-            fcntl.flock(self.fd, fcntl.LOCK_SH)  # (from exclusive: safe, every exclusive taker holds setup)
-        return self
-
-    def finish(self, *, wait: bool) -> Optional[dict]:
-        """Assemble and rename into place when every shard is committed and no other builder is left.
-        With another builder still running: None at once, or (`wait`) once it has ended, the manifest
-        it assembled."""
-        with file_lock(self.setup):
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            alone = _try_lock(self.fd, fcntl.LOCK_EX)
-            if alone:
-                return self._assemble()
-        if not wait:
-            return None
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks until the others have ended
-        with file_lock(self.setup):
-            if not _same_dir(self.fd, self.dir):  # one of them assembled it
-                return json.loads((self.out / "manifest.json").read_text()) if is_cache(self.out) else None
-            return self._assemble()
-
-    def _assemble(self) -> Optional[dict]:
-        if len(cs.committed(self.dir)) < cs.n_shards(self.plan):
-            return None  # a part is missing (its builder was stopped): its rerun assembles
-        manifest = cs.assemble(self.dir, self.plan)
-        replace_dir(self.dir, self.out)  # killed before this: the next builder assembles again
-        (self.out / "plan.json").unlink()  # (the manifest holds it)
-        shutil.rmtree(self.out / "locks", ignore_errors=True)  # a waiter on them re-checks where it is
-        return manifest
-
-    def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # releases its flock
-
-
-def _same_dir(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == os.stat(path).st_ino
-    except OSError:
-        return False
-
-
-def _try_lock(fd: int, how: int) -> bool:
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _read_plan(d: Path) -> Optional[dict]:
-    try:
-        return json.loads((d / "plan.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def build_progress(out: Path) -> Optional[tuple[int, int]]:
-    """(shards committed, shards planned) of an unfinished build of the cache at `out`, if any."""
-    d = build_dir_of(out)
-    plan = _read_plan(d)
-    if plan is None:
-        return None
-    return len(cs.committed(d)), cs.n_shards(plan)
-
-
-def is_cache(path: Path) -> bool:
-    """A directory `hld cache-teacher` wrote: its manifest.json holds hld's own fields (a format
-    version, the identity, the shards), not just any tool's `format_version`."""
-    try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(manifest, dict)
-        and "format_version" in manifest
-        and isinstance(manifest.get("identity"), dict)
-        and "teacher" in manifest["identity"]
-        and "shards" in manifest
-    )
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse to build a cache where one would destroy anything that is not a cache; create the parent."""
-    out = Path(out)
-    here, where = Path.cwd().resolve(), out.resolve()
-    if where == here or where in here.parents:
-        raise HldError(
-            f"cache directory {out} is the current directory (or holds it)",
-            "give a new subdirectory, e.g. --out teacher-cache",
-        )
-    if out.exists() and not out.is_dir():
-        raise HldError(f"cache directory {out} is an existing file", "give a new directory (or an hld cache) for --out")
-    if out.is_dir() and any(out.iterdir()) and not is_cache(out):
-        raise HldError(
-            f"{out} is not empty and is not an hld teacher cache (no manifest.json with a "
-            "format_version): building there would replace what it holds",
-            "give a new or empty directory, or an existing cache to rebuild",
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HldError(f"cannot create the cache directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
-
-
-def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of the teacher's logits and the log of its mass off them, chunk by chunk (never (B*T, V)
-    at once): values (N, k), indices (N, k), rest (N,)."""
-    h = sig.final_hidden.reshape(-1, sig.final_hidden.shape[-1])
-    vals, idx, rest = [], [], []
-    for s in range(0, h.shape[0], chunk):
-        z = sig.logits(slice(s, min(s + chunk, h.shape[0])))
-        top = z.top_k(k)
-        if top.dense is not None:  # k covers the vocabulary: every logit, sorted, nothing off it
-            v, i = top.dense.float().sort(dim=-1, descending=True)
-            top = TeacherLogits(values=v, indices=i, rest=torch.full_like(v[:, 0], float("-inf")))
-        vals.append(top.values)
-        idx.append(top.indices)
-        rest.append(top.rest)
-    return torch.cat(vals), torch.cat(idx), torch.cat(rest)
 
 
 class CachedTeacher:
@@ -692,19 +316,3 @@ def read_manifest(path: Path) -> dict:
             "rebuild it with `hld cache-teacher`",
         )
     return m
-
-
-def cache_identity(
-    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray, layers, top_k: int, **signal
-) -> CacheIdentity:
-    """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity;
-    `signal`: `signal_identity(cfg.teacher)` (the sampled signal's keys)."""
-    return CacheIdentity(
-        **signal,
-        teacher=teacher,
-        tokenizer=tokenizer_fingerprint(tokenizer),
-        seq_len=seq_len,
-        layers=sorted(layers),
-        top_k=top_k,
-        data=windows_fingerprint(train_windows),
-    )

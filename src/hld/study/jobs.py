@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from hld.errors import HldError
-from hld.study.grid import load_study
 from hld.study.runner import Planned, group_cache, open_study, plan_cells, run_cell
+from hld.study.spec import load_study
 
 
 def study_argv(study_cfg: str, out: Path, overrides: list[str]) -> list[str]:

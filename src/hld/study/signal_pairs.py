@@ -6,7 +6,7 @@ Two cells pair when they share the arm, the seed and the configuration but for i
 without its `__<signal>`), on the study's budgets: equal student tokens, and equal FLOPs too, since
 every signal charges the teacher's forward to each token alike (hld.train.budget). Δ =
 metric(arm[signal]) − metric(arm[baseline signal]) per configuration over its seeds, with the same
-statistics as every other line of the report (`hld.study.aggregate.make_comparison`); the report's
+statistics as every other line of the report (`hld.study.pairs.make_comparison`); the report's
 verdicts Holm-adjust them together with the arm-vs-arm lines and give each its power.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from hld.study.aggregate import Comparison, make_comparison
-from hld.study.grid import ARMS
+from hld.study.pairs import Comparison, make_comparison
 from hld.study.signals import PAIRS, label
+from hld.study.spec import ARMS
 
 
 def base_configuration(row: dict) -> str:
