@@ -508,6 +508,7 @@ RAN = {
     "device": "cpu",
     "machine": "AMD EPYC",
     "cpu_flags": "avx2 avx512f avx512_bf16",
+    "cpu_kernels": "AVX512",
     "torch": "2.13.0+cpu",
     "transformers": "5.24.0",
 }
@@ -660,8 +661,8 @@ def test_report_from_run_directories(tmp_path):
     assert report.count("kd better in 3 of 3 seeds") == 4 and "Holm-adjusted over the 12 lines" in report
     assert "| tiny-2l | 2 × 64 | 120,000 | 150,000 |" in report
     assert (
-        "- **Ran on**: cpu `AMD EPYC` (flags: avx2 avx512f avx512_bf16), torch 2.13.0+cpu, transformers 5.24.0."
-        in report
+        "- **Ran on**: cpu `AMD EPYC` (flags: avx2 avx512f avx512_bf16; torch's kernels AVX512), torch 2.13.0+cpu,"
+        " transformers 5.24.0." in report
     )
     assert "- **Precision that ran** (resolved, not `auto`): students `float32`; teacher `bfloat16`." in report
     assert "did not all run under the same precision" not in report

@@ -299,7 +299,7 @@ def test_each_paired_panel_lists_its_own_configurations(tmp_path, monkeypatch):
 
     matplotlib.use("Agg")
     from hld.study import figures
-    from hld.study.aggregate import Comparison
+    from hld.study.pairs import Comparison
     from hld.study.stats import Interval
 
     def cmp(arm, base, confs):

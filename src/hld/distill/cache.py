@@ -23,39 +23,11 @@ from hld.atomic import read_json_object
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill import cache_store as cs
 from hld.distill.cache_codec import Codec, read_hidden, read_logits
-from hld.distill.cache_meta import (
-    SIGNAL_KEYS,
-    CacheIdentity,
-    build_dir_of,
-    build_progress,
-    cache_identity,
-    is_cache,
-    signal_identity,
-)
-from hld.distill.cache_writer import build_cache, check_out_dir
+from hld.distill.cache_meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, build_progress
 from hld.distill.signals import Needs, TeacherSignals
 from hld.errors import HldError
 
-# with the names src/hld/train/ and src/hld/study/fidelity.py import from here: build_cache and check_out_dir
-# (hld.distill.cache_writer), build_dir_of, build_progress, cache_identity, is_cache and signal_identity
-# (hld.distill.cache_meta), re-exported
-__all__ = [
-    "FORMAT_VERSION",
-    "READABLE_VERSIONS",
-    "CachedSignals",
-    "CachedTeacher",
-    "read_manifest",
-    "build_cache",
-    "build_dir_of",
-    "build_progress",
-    "cache_identity",
-    "check_out_dir",
-    "is_cache",
-    "signal_identity",
-]
-
 FORMAT_VERSION = cs.FORMAT_VERSION
-READABLE_VERSIONS = (cs.FORMAT_VERSION,)
 
 
 class CachedTeacher:

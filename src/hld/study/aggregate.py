@@ -18,33 +18,13 @@ from typing import Any, Optional
 from hld.atomic import read_json_object
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
-from hld.study.csvs import write_csv, write_paired_csv
+from hld.study.csvs import write_csv
 from hld.study.grid import LENGTH_KEYS
 from hld.study.naming import configuration_id
-from hld.study.pairs import Comparison, paired, verdict_line, verdicts
 from hld.study.signals import signal_of
 from hld.study.spec import CONTROLLED
 from hld.train.loggers import read_metrics
 from hld.train.rundir import read_run_config, read_summary
-
-# with the names src/hld/study/report.py imports from here: Comparison, paired, verdict_line, verdicts
-# (hld.study.pairs) and write_paired_csv (hld.study.csvs), re-exported
-__all__ = [
-    "BASE_COLUMNS",
-    "TAIL_COLUMNS",
-    "RAN_COLUMNS",
-    "Table",
-    "task_metric",
-    "get_dotted",
-    "collect",
-    "write_results_csv",
-    "best_configuration",
-    "Comparison",
-    "paired",
-    "verdict_line",
-    "verdicts",
-    "write_paired_csv",
-]
 
 BASE_COLUMNS = [
     "cell",
@@ -58,7 +38,16 @@ BASE_COLUMNS = [
 ]
 TAIL_COLUMNS = ["seed", "steps", "tokens", "flops", "val_loss", "val_ppl", "train_seconds"]
 # what ran (summary.json's `ran`: resolved dtypes, device, machine, versions); empty for a run from before it
-RAN_COLUMNS = ["student_dtype", "teacher_dtype", "device", "machine", "cpu_flags", "torch", "transformers"]
+RAN_COLUMNS = [
+    "student_dtype",
+    "teacher_dtype",
+    "device",
+    "machine",
+    "cpu_flags",
+    "cpu_kernels",
+    "torch",
+    "transformers",
+]
 
 
 @dataclass

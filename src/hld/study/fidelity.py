@@ -132,7 +132,8 @@ def measure(cfg: RunConfig, resources, work_dir: Path, *, windows: int = WINDOWS
     """The mean KL per predicted token between the teacher's full distribution and the cell's signal,
     on `windows` validation windows (the first ones a cache of the validation split would hold)."""
     from hld.data.loader import BatchOrder
-    from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
+    from hld.distill.cache import CachedTeacher
+    from hld.distill.cache_meta import cache_identity, signal_identity
     from hld.distill.signals import Needs, OnlineTeacher
     from hld.train.budget import sized_plan
     from hld.train.cache_build import ensure_cache

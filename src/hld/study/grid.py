@@ -33,21 +33,7 @@ from hld.config import BudgetConfig, RunConfig, load_config
 from hld.errors import HldError
 from hld.study.naming import cell_id, configuration_id
 from hld.study.signals import OVERRIDES, with_signal
-from hld.study.spec import ARMS, Study, load_study
-
-# with the names src/hld/study/runner.py and report.py import from here: ARMS, Study and load_study
-# (hld.study.spec), re-exported
-__all__ = [
-    "LENGTH_KEYS",
-    "Cell",
-    "ignores",
-    "expand",
-    "flops_overrides",
-    "cell_config",
-    "ARMS",
-    "Study",
-    "load_study",
-]
+from hld.study.spec import Study
 
 # budget keys that each set a run's length on their own (a budget naming one clears the others)
 LENGTH_KEYS = tuple(k for k in ("tokens", "flops") if k in {f.name for f in dataclasses.fields(BudgetConfig)})

@@ -9,24 +9,14 @@ from pathlib import Path
 
 from hld.atomic import read_json_object, write_text
 from hld.errors import HldError
-from hld.study.aggregate import (
-    Comparison,
-    Table,
-    best_configuration,
-    collect,
-    get_dotted,
-    paired,
-    task_metric,
-    verdict_line,
-    verdicts,
-    write_paired_csv,
-    write_results_csv,
-)
+from hld.study.aggregate import Table, best_configuration, collect, get_dotted, task_metric, write_results_csv
+from hld.study.csvs import write_paired_csv
 from hld.study.fidelity import fidelity_rows
 from hld.study.figures import plot_cka, plot_cka_matrices, plot_curves, plot_loss_vs_flops, plot_paired
-from hld.study.grid import ARMS
+from hld.study.pairs import Comparison, paired, verdict_line, verdicts
 from hld.study.signal_pairs import signal_comparisons, signal_note
 from hld.study.signals import arm_label
+from hld.study.spec import ARMS
 
 
 def build_report(study_dir: Path) -> dict:

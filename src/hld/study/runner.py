@@ -42,9 +42,10 @@ from hld.errors import HldError
 from hld.locks import file_lock
 from hld.paths import check_names
 from hld.study import fidelity, ngram
-from hld.study.grid import Cell, Study, cell_config, expand, flops_overrides, load_study
+from hld.study.grid import Cell, cell_config, expand, flops_overrides
 from hld.study.report import build_report, checked_meta
 from hld.study.signals import cached, named
+from hld.study.spec import Study, load_study
 
 
 def cache_group(cfg: RunConfig, signal: Optional[str] = "topk") -> str:

@@ -25,7 +25,8 @@ from hld import atomic, distributed
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
-from hld.distill.cache import CachedTeacher, cache_identity, signal_identity
+from hld.distill.cache import CachedTeacher
+from hld.distill.cache_meta import cache_identity, signal_identity
 from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.objectives import fit_targets, keep_targets
 from hld.distill.signals import OnlineTeacher, StudentRunner
