@@ -5,36 +5,28 @@ curve (under Adam a constant gradient scale error is invisible in the loss)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import named_params
+from helpers import named_params, tiny_overrides
 from hld.config import load_config
 from hld.data.packing import IGNORE
 from hld.train.loop import build, train_step
 from hld.train.setup import Setup
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MICRO_SIZES = (8, 4, 1)
 
 
 def _overrides(method: str, micro: int) -> list[str]:
-    a = ASSETS
+    """The fixtures' run (helpers.tiny_overrides, fp32: the comparison is at fp32 rounding level) for
+    8 steps of 8 windows, each step in micro-batches of `micro`."""
     return [
-        f"teacher.model={a}/tiny_teacher",
-        f"data.train={a}/c4/c4-train.*.json.gz",
-        f"data.validation={a}/c4/c4-validation.*.json.gz",
-        "student.preset=tiny-2l",
-        "data.seq_len=32",
+        *tiny_overrides(),
         "train.batch_size=8",
         "budget.tokens=2048",
         f"objective.method={method}",  # 8 steps
         f"train.micro_batch_size={micro}",
-        "train.precision=float32",
-        "teacher.dtype=float32",  # the comparison is at fp32 rounding level
         "train.grad_clip=0",  # capture the raw accumulated gradient (clipping would rescale it)
         "train.loss_chunk_tokens=40",  # several head chunks per micro-batch, not aligned to rows
         "objective.hidden.first_share=0.5",

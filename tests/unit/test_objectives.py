@@ -3,12 +3,11 @@ teacher, that the projectors are trained (they get gradients and sit in the opti
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_overrides
 from hld.config import HiddenConfig, ObjectiveConfig, load_config
 from hld.data.packing import IGNORE, Batch
 from hld.distill.chunked import HeadLossSpec
@@ -18,24 +17,10 @@ from hld.distill.projectors import Projectors
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
 from hld.errors import HldError
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-
 
 def fixture_overrides(method: str, *extra: str) -> list[str]:
-    a = ASSETS
-    return [
-        f"teacher.model={a}/tiny_teacher",
-        f"data.train={a}/c4/c4-train.*.json.gz",
-        f"data.validation={a}/c4/c4-validation.*.json.gz",
-        "student.preset=tiny-2l",
-        "data.seq_len=32",
-        "train.batch_size=8",
-        "budget.tokens=512",
-        "train.precision=float32",
-        "teacher.dtype=float32",
-        f"objective.method={method}",
-        *extra,
-    ]
+    """The fixtures' seconds-long run (helpers.tiny_overrides) at 8 windows a batch (one step)."""
+    return [*tiny_overrides(), "train.batch_size=8", f"objective.method={method}", *extra]
 
 
 # --------------------------------------------------------------------------- layer mapping
