@@ -43,7 +43,8 @@ from hld.locks import file_lock
 from hld.paths import check_names
 from hld.study import fidelity, ngram
 from hld.study.grid import Cell, cell_config, expand, flops_overrides
-from hld.study.report import build_report, checked_meta
+from hld.study.record import checked_meta
+from hld.study.report import build_report
 from hld.study.signals import cached, named
 from hld.study.spec import Study, load_study
 
