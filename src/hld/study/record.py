@@ -3,10 +3,12 @@ runner, and refused when its records do not have the types they read."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from hld.atomic import read_json_object
+from hld.atomic import read_json_object, write_json
 from hld.errors import HldError
+from hld.locks import file_lock
 
 
 def read_report_meta(study_dir: Path) -> dict:
@@ -56,4 +58,20 @@ def checked_meta(meta: dict, path: Path, fix: str) -> dict:
         )
         if not ok or cache.get("tokens") and not isinstance(cache.get("dir"), str):
             raise bad(f"caches: the record of {name} is not a cache record")
+    return meta
+
+
+def read_meta(out: Path) -> dict:
+    path = out / "study.json"
+    fix = f"delete {path}: it is rebuilt from the run directories"
+    return checked_meta(read_json_object(path, "study record", fix), path, fix) if path.exists() else {}
+
+
+def update_meta(out: Path, change: Callable[[dict], None]) -> dict:
+    """Read study.json, apply `change`, write it back, under the study lock (other processes update
+    it too: without the lock one's cache record could overwrite another's)."""
+    with file_lock(out / ".study.lock"):
+        meta = read_meta(out)
+        change(meta)
+        write_json(out / "study.json", meta)
     return meta
