@@ -84,7 +84,26 @@ def render(
         ]
     lines += summary + [""]
     lines += _reference_note(meta)
+    lines += _verdicts_section(table, comparisons, verdicts, meta)
     lines += [
+        "## Results",
+        "",
+        "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
+        + (
+            "; the teacher's row is its own score on the same validation windows and tasks, for reference."
+            if meta.get("teacher_reference")
+            else "."
+        ),
+        "",
+    ]
+    lines += results_table(table, meta.get("teacher_reference") or [], meta.get("ngram_reference") or [])
+    return "\n".join(lines + _plots_section(comparisons, meta))
+
+
+def _verdicts_section(table: Table, comparisons: list[Comparison], verdicts: list[str], meta: dict) -> list[str]:
+    """The paired verdicts: how to read them, a line per verdict, the cells left out, the power table, the
+    compute note and the per-configuration table."""
+    lines = [
         "## Paired verdicts",
         "",
         "Δ = validation loss of the arm − validation loss of its baseline, in nats per token, paired on "
@@ -118,19 +137,7 @@ def render(
     lines += [f"- {v}" for v in verdicts] or ["- no pair of compared arms (hld-* vs kd, kd vs ce) ran in this study"]
     lines += [f"- {n}" for n in non_finite_notes(table)]
     lines += [""] + (meta.get("power_table") or []) + compute_note(table) + per_config_table(comparisons)
-    lines += [
-        "## Results",
-        "",
-        "One row per cell (also in `results.csv`; the paired differences in `paired.csv`)"
-        + (
-            "; the teacher's row is its own score on the same validation windows and tasks, for reference."
-            if meta.get("teacher_reference")
-            else "."
-        ),
-        "",
-    ]
-    lines += results_table(table, meta.get("teacher_reference") or [], meta.get("ngram_reference") or [])
-    return "\n".join(lines + _plots_section(comparisons, meta))
+    return lines
 
 
 def _plots_section(comparisons: list[Comparison], meta: dict) -> list[str]:

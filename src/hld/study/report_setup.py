@@ -92,7 +92,13 @@ def setup_section(table: Table, meta: dict) -> list[str]:
                 f"- **Teacher cache** `{cache['dir']}`: {cache['tokens']:,} tokens{flops}{secs} — built once "
                 f"and shared by the KD/HLD cells; {how}."
             ]
-    lines += ["", "| student | blocks × width | non-embedding params | total params |", "|---|---|---:|---:|"]
+    lines += _student_and_compute_tables(table)
+    return lines + [""] + fidelity_rows(meta.get("signal_fidelity") or [])
+
+
+def _student_and_compute_tables(table: Table) -> list[str]:
+    """The students' shapes and sizes, then the compute per arm (means over the arm's cells)."""
+    lines = ["", "| student | blocks × width | non-embedding params | total params |", "|---|---|---:|---:|"]
     for student in sorted({r["student"] for r in table.rows}):
         r = next(r for r in table.rows if r["student"] == student)
         lines.append(
@@ -115,7 +121,7 @@ def setup_section(table: Table, meta: dict) -> list[str]:
             f"| {student} | {budget} | {arm} | {len(rows)} | {tokens:,.0f} | {mean_flops:.3g} | "
             f"{mean_flops / tokens:.3g} | {ratio} |"
         )
-    return lines + [""] + fidelity_rows(meta.get("signal_fidelity") or [])
+    return lines
 
 
 def ran_setup(rows: list[dict]) -> list[str]:
