@@ -343,7 +343,7 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
         key = repr({k: v for k, v in row.items() if k != "name"})
         block = blocks.setdefault(key, {**row, "cells": []})
         block["cells"].append(cell.id)
-        if row["cache"] is not None and cell.signal != "online":  # a group's cache (study.runner); online: none
+        if row["cache"] is not None and cell.signal != "online":  # a group's cache (study.planning); online: none
             group = caches.setdefault(
                 cache_share_key(cfg), {"cfg": cfg, "teacher": teacher[0], "layers": set(), "tokens": 0}
             )

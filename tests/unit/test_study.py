@@ -22,8 +22,8 @@ from hld.study import ngram, stats
 from hld.study.aggregate import best_configuration, collect
 from hld.study.grid import cell_config, expand
 from hld.study.pairs import paired, verdict_line, verdicts
+from hld.study.planning import plan_cells
 from hld.study.report import build_report
-from hld.study.runner import plan_cells
 from hld.study.spec import STUDY_DIR, load_study, parse_study
 from hld.study.stats import holm, mean_interval, t_cdf, t_quantile, t_quantile_own
 

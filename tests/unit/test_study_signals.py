@@ -19,8 +19,8 @@ from hld.config import RunConfig, dump_yaml, field_help
 from hld.errors import HldError
 from hld.study.grid import cell_config, expand
 from hld.study.pairs import paired, verdict_line, verdicts
+from hld.study.planning import cache_group, plan_cells
 from hld.study.report import build_report
-from hld.study.runner import cache_group, plan_cells
 from hld.study.signal_pairs import signal_comparisons
 from hld.study.spec import load_study, parse_study
 
