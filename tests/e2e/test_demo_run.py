@@ -1,5 +1,5 @@
 """`hld run` end to end on the tiny fixtures: the shipped demo study (one student, four arms at equal
-student tokens and ce again at kd's FLOPs with the teacher counted, three seeds, the shipped
+student tokens and ce again at kd's FLOPs with the teacher counted, four seeds, the shipped
 downstream tasks on their first items for the teacher only). The ce cell at kd's FLOPs reads more
 tokens than kd by exactly the teacher's share (measured here with FlopCounterMode); report.md,
 results.csv and the plots are written; the verdicts of both accountings match the CSV (Holm
@@ -57,9 +57,10 @@ def demo(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_run_writes_the_report_csv_and_plots(demo):
     out = demo["out"]
-    assert len(demo["rows"]) == 15  # 3 seeds x (4 arms at equal tokens + ce at kd's FLOPs)
+    assert len(demo["rows"]) == 20  # 4 seeds x (4 arms at equal tokens + ce at kd's FLOPs)
     assert {r["arm"] for r in demo["rows"]} == {"ce", "kd", "hld-joint", "hld-first"}
-    assert {r["student"] for r in demo["rows"]} == {"tiny-2l"} and {r["seed"] for r in demo["rows"]} == {"0", "1", "2"}
+    assert {r["student"] for r in demo["rows"]} == {"tiny-2l"}
+    assert {r["seed"] for r in demo["rows"]} == {"0", "1", "2", "3"}
     for name in ("loss_vs_flops", "training_curves", "paired_differences"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()
@@ -72,7 +73,7 @@ def test_run_writes_the_report_csv_and_plots(demo):
 @pytest.mark.slow
 def test_the_teacher_alone_is_scored_on_the_shipped_tasks_once(demo):
     out, rows = demo["out"], demo["rows"]
-    assert len(demo["first"]["trained"]) == 15 and demo["result"]["trained"] == []
+    assert len(demo["first"]["trained"]) == 20 and demo["result"]["trained"] == []
     for r in rows:
         assert not (out / "runs" / r["cell"] / "downstream.json").exists()  # score_students: false
         assert (out / "runs" / r["cell"] / "summary.json").stat().st_mtime_ns == demo["mtimes"][r["cell"]]
@@ -87,10 +88,10 @@ def test_the_teacher_alone_is_scored_on_the_shipped_tasks_once(demo):
 def test_equal_tokens_then_ce_at_kds_flops(demo):
     rows = demo["rows"]
     budget = [r for r in rows if r["accounting"] == "budget"]
-    assert len(budget) == 12 and {int(r["tokens"]) for r in budget} == {TOKENS}
+    assert len(budget) == 16 and {int(r["tokens"]) for r in budget} == {TOKENS}
     kd = {r["seed"]: r for r in budget if r["arm"] == "kd"}
     matched = [r for r in rows if r["accounting"] == "flops"]
-    assert len(matched) == 3 and {r["arm"] for r in matched} == {"ce"}
+    assert len(matched) == 4 and {r["arm"] for r in matched} == {"ce"}
     for r in matched:
         assert 0.99 * float(kd[r["seed"]]["flops"]) < float(r["flops"]) <= float(kd[r["seed"]]["flops"])
 

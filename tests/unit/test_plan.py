@@ -124,9 +124,9 @@ def test_cli_plan_json_for_a_run_and_a_study(capsys, monkeypatch):
     )
     assert main(["plan", "--config", "demo", "--json"]) == 0  # the demo study
     study = json.loads(capsys.readouterr().out.splitlines()[-1])
-    # 4 arms at equal tokens + ce at kd's FLOPs, x 3 seeds; seeds give the same numbers: merged
-    assert sum(len(b["cells"]) for b in study["blocks"]) == 15 and len(study["blocks"]) == 5
-    assert [c["layers"] for c in study["caches"]] == [[9, 18]] * 3  # a group per seed, every HLD layer of it
+    # 4 arms at equal tokens + ce at kd's FLOPs, x 4 seeds; seeds give the same numbers: merged
+    assert sum(len(b["cells"]) for b in study["blocks"]) == 20 and len(study["blocks"]) == 5
+    assert [c["layers"] for c in study["caches"]] == [[9, 18]] * 4  # a group per seed, every HLD layer of it
     kd = next(b for b in study["blocks"] if b["arm"] == "kd")
     eq = next(b for b in study["blocks"] if "eqflops" in b["cells"][0])
     # the equal-FLOPs ce cells are planned at the FLOPs their kd cell is planned to spend, teacher counted

@@ -63,7 +63,7 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 def test_shipped_demo_study_loads_and_expands():
     study = load_study("demo")
     cells = expand(study)
-    assert study.name == "demo" and len(cells) == (4 + 1) * 3 and study.equal_flops == "kd"
+    assert study.name == "demo" and len(cells) == (4 + 1) * 4 and study.equal_flops == "kd"
     assert not study.score_students and not study.grid and len(study.seeds) >= 3
     for cell in cells:
         cfg = cell_config(study, cell)
