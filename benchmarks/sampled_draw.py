@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
+import _measure as M
 import numpy as np
 import torch
 
@@ -30,12 +30,7 @@ def one_level(z: torch.Tensor, u: np.ndarray, *, tau: float) -> torch.Tensor:
 
 
 def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(M.timed(fn, torch.device("cpu"))[0] for _ in range(repeats))
 
 
 def main() -> None:
@@ -56,6 +51,7 @@ def main() -> None:
         raise SystemExit("the two searches drew different ids")
     ours, naive = best(lambda: draw(z, u, tau=a.tau), a.repeats), best(lambda: one_level(z, u, tau=a.tau), a.repeats)
     out = {
+        "machine": M.machine(),
         "vocab": a.vocab,
         "rows": a.rows,
         "samples": a.samples,

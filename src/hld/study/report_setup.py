@@ -124,6 +124,11 @@ def _student_and_compute_tables(table: Table) -> list[str]:
     return lines
 
 
+def _cpu_note(flags: str, kernels: str) -> str:
+    """A CPU row's parenthesis: its flags, and torch's kernel set where recorded (not by older runs)."""
+    return f" (flags: {flags or 'none of avx2/avx512/amx'}" + (f"; torch's kernels {kernels}" if kernels else "") + ")"
+
+
 def ran_setup(rows: list[dict]) -> list[str]:
     """The setup's lines on what ran (summary.json's `ran`): the machine and versions, and the resolved
     precisions, with a warning when the cells ran under different ones (their differences then mix
@@ -141,11 +146,7 @@ def ran_setup(rows: list[dict]) -> list[str]:
     lines = [
         "- **Ran on**: "
         + "; ".join(
-            f"{dev} `{m}`"
-            + (f" (flags: {flags or 'none of avx2/avx512/amx'}" if dev == "cpu" else "")
-            + (f"; torch's kernels {kernels}" if dev == "cpu" and kernels else "")
-            + (")" if dev == "cpu" else "")
-            + f", torch {t}, transformers {tf}"
+            f"{dev} `{m}`" + (_cpu_note(flags, kernels) if dev == "cpu" else "") + f", torch {t}, transformers {tf}"
             for dev, m, flags, kernels, t, tf in machines
         )
         + "."
