@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a finished run's student as a Hugging Face checkpoint with a model card")
     p.add_argument("run_dir", help="run directory (the --out of hld train)")
     p.add_argument("out_dir", help="directory to write; must be new or empty unless --force")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true", help="replace an earlier hld export in OUT_DIR (nothing else)")
     _common(p)
 
     p = sub.add_parser("cache-teacher", help="run the teacher once and store its signals for a config's runs")

@@ -5,10 +5,13 @@ counts, tokens, FLOPs, validation results and — when `RUN_DIR/downstream.json`
 downstream task results (`{task: {metric, value, stderr, chance, n}}`).
 
 OUT_DIR appears complete or not at all: everything is written into a temporary sibling directory
-that is then renamed."""
+that is then renamed. Every export holds a marker, `.hld-export.json`, naming the files it wrote:
+`--force` replaces a directory only when that marker says it is an earlier export and it holds nothing
+else, so a home directory, a project checkout or any tree hld did not write is refused untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +25,7 @@ from hld.fingerprint import file_sha256, sha256_mismatch
 from hld.train.rundir import read_run_config, read_summary
 
 REFUSED = ("checkpoint.pt",)  # never copied, whatever a student dir holds
+MARKER = ".hld-export.json"  # in every export: {"kind": "hld-export", "files": [the names it wrote]}
 
 
 def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
@@ -48,6 +52,8 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
                 tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"}, "the copy"
             )
             (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
+            written = sorted([p.name for p in files] + ["README.md"])
+            (tmp / MARKER).write_text(json.dumps({"kind": "hld-export", "run": str(run_dir), "files": written}))
     except OSError as exc:
         raise HldError(f"cannot write {out_dir}: {exc.strerror or exc}", write_fix(exc, "OUT_DIR")) from exc
     return {
@@ -66,8 +72,18 @@ def _check_out_dir(run_dir: Path, out_dir: Path, *, force: bool) -> None:
             f"OUT_DIR {out_dir} {where} the run directory {run_dir}: exporting there would replace the run",
             "give an OUT_DIR outside the run directory",
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise HldError(f"{out_dir} exists and is not empty", "choose another OUT_DIR, or pass --force to replace it")
+    if out_dir.is_symlink():
+        raise HldError(
+            f"OUT_DIR {out_dir} is a symbolic link: hld does not replace links or what they point to",
+            "give a new directory, or the link's target itself if it is an earlier export",
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HldError(f"OUT_DIR {out_dir} exists and is not a directory", "choose another OUT_DIR")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise HldError(
+            f"{out_dir} exists and is not empty",
+            "choose another OUT_DIR, or pass --force to replace an earlier hld export",
+        )
     cwd = Path.cwd().resolve()
     if out_dir.exists() and (out == cwd or out in cwd.parents):
         raise HldError(
@@ -79,6 +95,37 @@ def _check_out_dir(run_dir: Path, out_dir: Path, *, force: bool) -> None:
         raise HldError(
             f"OUT_DIR {out_dir} is a mount point, which cannot be replaced",
             "export into a new directory inside it, e.g. OUT_DIR/student",
+        )
+    if force and out_dir.exists() and any(out_dir.iterdir()):
+        _check_earlier_export(out_dir)
+
+
+def _check_earlier_export(out_dir: Path) -> None:
+    """--force replaces only what an earlier `hld export` wrote: its marker must be there, readable, and
+    name every entry of the directory. Anything else (no marker: a home directory, a checkout, another
+    tool's checkpoint; a marker beside files the export did not write) is refused with nothing touched."""
+    fix = "choose another OUT_DIR (a new one, or an earlier hld export), or move its contents away yourself"
+    path, files = out_dir / MARKER, None
+    try:  # a regular file of a marker's size (never a link, FIFO or device read blind)
+        if path.is_file() and not path.is_symlink() and path.stat().st_size <= 1 << 20:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+            if marker.get("kind") == "hld-export" and all(isinstance(f, str) for f in marker["files"]):
+                files = set(marker["files"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        files = None
+    if files is None:
+        raise HldError(
+            f"--force refused: {out_dir} is not an earlier hld export (no readable {MARKER} marker), "
+            "and --force replaces only those",
+            fix,
+        )
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name != MARKER and (p.name not in files or not p.is_file()))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise HldError(
+            f"--force refused: {out_dir} is an earlier hld export but also holds what the export did not write "
+            f"({shown})",
+            fix,
         )
 
 

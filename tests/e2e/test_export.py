@@ -116,10 +116,36 @@ def test_export_refuses_a_non_empty_out_dir_unless_forced(run, tmp_path, capsys)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "exists and is not empty" in lines[0] and "--force" in lines[0]
     assert (out / "mine.txt").read_text() == "keep me"
+    # --force does not replace a directory hld did not write either
+    rc, _, err = _cli(capsys, "export", str(run), str(out), "--force")
+    assert rc == 2 and "not an earlier hld export" in err, err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+
+
+def test_force_replaces_an_earlier_export(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert _cli(capsys, "export", str(run), str(out))[0] == 0
+    marker = json.loads((out / export_mod.MARKER).read_text())
+    assert marker["kind"] == "hld-export" and sorted(marker["files"]) == sorted(
+        p.name for p in out.iterdir() if p.name != export_mod.MARKER
+    )
+    (out / "README.md").write_text("an older card")
     rc, _, err = _cli(capsys, "export", str(run), str(out), "--force")
     assert rc == 0, err
-    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert (out / "README.md").read_text().startswith("---\n")  # the new card replaced the old one
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "sub"])
+def test_force_refuses_an_earlier_export_holding_other_files(run, tmp_path, capsys, extra):
+    out = tmp_path / "hf"
+    assert _cli(capsys, "export", str(run), str(out))[0] == 0
+    (out / "sub").mkdir() if extra == "sub" else (out / extra).write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    rc, _, err = _cli(capsys, "export", str(run), str(out), "--force")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert f"also holds what the export did not write ({extra})" in err
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_export_refuses_an_unfinished_run(run, tmp_path, capsys):
