@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hld.cache import store as cs
+from hld.cache.codec import Codec, ShardWriter
+from hld.cache.meta import CacheIdentity
 from hld.data.packing import PROTOCOL
-from hld.distill import cache_store as cs
-from hld.distill.cache_codec import Codec, ShardWriter
-from hld.distill.cache_meta import CacheIdentity
 
 
 def write(

@@ -22,11 +22,11 @@ from pathlib import Path
 import _measure as M
 import torch
 
+from hld.cache.build import ensure_cache, teacher_layers
+from hld.cache.writer import _topk_rows
 from hld.config import load_config
 from hld.data.loader import BatchOrder
-from hld.distill.cache_writer import _topk_rows
 from hld.distill.signals import Needs, OnlineTeacher
-from hld.train.cache_build import ensure_cache, teacher_layers
 from hld.train.resources import Resources
 
 ROOT = Path(__file__).resolve().parents[1]

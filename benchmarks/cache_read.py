@@ -32,9 +32,9 @@ import _synthetic_cache as synth
 import numpy as np
 import torch
 
-from hld.distill.cache import CachedTeacher
-from hld.distill.cache_codec import Codec, read_logits
-from hld.distill.cache_meta import CacheIdentity
+from hld.cache.codec import Codec, read_logits
+from hld.cache.meta import CacheIdentity
+from hld.cache.reader import CachedTeacher
 from hld.distill.signals import Needs
 
 GPU_TOKENS_PER_S = 200_000  # assumed: a 123M student's training step on one H100 (issue 20)

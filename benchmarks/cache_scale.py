@@ -19,9 +19,9 @@ import _measure as M
 import _synthetic_cache as synth
 import numpy as np
 
-from hld.distill.cache import CachedTeacher
-from hld.distill.cache_codec import Codec
-from hld.distill.cache_meta import CacheIdentity
+from hld.cache.codec import Codec
+from hld.cache.meta import CacheIdentity
+from hld.cache.reader import CachedTeacher
 from hld.distill.signals import Needs
 
 

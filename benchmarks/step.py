@@ -33,6 +33,7 @@ import _measure as M
 import torch
 import torch.nn.functional as F
 
+from hld.cache.build import ensure_cache
 from hld.config import load_config
 from hld.data.packing import IGNORE
 from hld.distill.chunked import WORKSPACE
@@ -40,7 +41,6 @@ from hld.distill.signals import OnlineTeacher
 from hld.flops import step_cost
 from hld.models.loading import LoadedModel, freeze
 from hld.precision import autocast, resolve_dtype
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build, param_groups, release_hooks, train_step
 from hld.train.resources import Resources
 from hld.train.setup import Setup

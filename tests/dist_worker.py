@@ -51,7 +51,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def grads(out_path: str, spec_path: str) -> None:
     from hld import distributed
     from hld.config import load_config
-    from hld.train.callbacks.validation import validate_now
+    from hld.train.callbacks import validate_now
     from hld.train.loop import build, release_hooks, train_step
     from hld.train.resources import Resources
 

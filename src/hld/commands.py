@@ -159,9 +159,9 @@ def cmd_export(args) -> dict:
 
 
 def cmd_cache_teacher(args) -> dict:
+    from hld.cache.build import ensure_cache, verify_cache
     from hld.config import load_config
     from hld.distributed import launch_env
-    from hld.train.cache_build import ensure_cache, verify_cache
     from hld.train.resources import Resources
 
     check_names(args.out, "--out")

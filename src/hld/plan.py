@@ -84,7 +84,7 @@ def cache_bytes_per_token(cfg: RunConfig, *, layers: list[int], d_teacher: int, 
     one escape per token. sampled: min(cache_samples, V) slots of an int32 id + a float32 weight, exact
     (the distinct ids drawn are padded to that many). Hidden: 2 d (bf16) or d + 4 (fp8) per layer; + 4 for
     the token."""
-    from hld.train.cache_build import cache_slots, codec_of
+    from hld.cache.build import cache_slots, codec_of
 
     k, T = cache_slots(cfg, vocab), cfg.data.seq_len
     index_bits = max(1, (vocab - 1).bit_length())
@@ -127,9 +127,9 @@ def cache_costs(cfg: RunConfig, *, layers: list[int], teacher: CausalLM, tokens:
     at BUILD_TEACHER_FLOPS_PER_S, plus the CPU encode, per process, over `world_size` processes), and
     host RAM per process: a reader's prefetched micro-batches (this step's and the next step's decoded
     signals) and a builder's held shard (compact logits wait for their shard's slot width)."""
-    from hld.distill.cache_codec import field_specs
+    from hld.cache.build import cache_slots, codec_of
+    from hld.cache.codec import field_specs
     from hld.flops import forward_flops_per_token
-    from hld.train.cache_build import cache_slots, codec_of
 
     T, k = cfg.data.seq_len, cache_slots(cfg, vocab_of(teacher))
     d = text_config(teacher.config).hidden_size
@@ -291,7 +291,7 @@ def data_plan(cfg: RunConfig, *, windows: int) -> dict:
 
     from hld.data.store import DTYPE, read_manifest
     from hld.data.tokenize import TOKENS_PER_CORE_S, is_remote, stores_of
-    from hld.study.ngram import MAX_FIT_TOKENS
+    from hld.study.references import MAX_FIT_TOKENS
 
     d = cfg.data
     out: dict[str, Any] = {}
@@ -324,9 +324,8 @@ def data_plan(cfg: RunConfig, *, windows: int) -> dict:
 def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) -> dict:
     """One block per arm x student x budget of a study (grid points and seeds that give the same numbers
     are counted, not repeated), and its teacher caches (one per group of cells sharing windows)."""
-    from hld.study.grid import cell_config, expand, flops_overrides
-    from hld.study.spec import load_study
-    from hld.train.cache_build import cache_share_key
+    from hld.cache.build import cache_share_key
+    from hld.study.spec import cell_config, expand, flops_overrides, load_study
 
     study = load_study(name_or_path, overrides)
     teachers: dict[str, tuple] = {}
@@ -343,7 +342,7 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
         key = repr({k: v for k, v in row.items() if k != "name"})
         block = blocks.setdefault(key, {**row, "cells": []})
         block["cells"].append(cell.id)
-        if row["cache"] is not None and cell.signal != "online":  # a group's cache (study.planning); online: none
+        if row["cache"] is not None and cell.signal != "online":  # a group's cache (study.runner); online: none
             group = caches.setdefault(
                 cache_share_key(cfg), {"cfg": cfg, "teacher": teacher[0], "layers": set(), "tokens": 0}
             )

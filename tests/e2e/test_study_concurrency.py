@@ -85,7 +85,7 @@ def _group(out: Path, env: dict) -> str:
 # rename that makes the cache complete: the most complete-looking moment to be killed at
 _STALL = """
 import sys, time
-from hld.distill import cache_writer
+from hld.cache import writer as cache_writer
 def stall(tmp, final):
     print("STALLED", flush=True)
     time.sleep(600)

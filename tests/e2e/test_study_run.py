@@ -195,7 +195,7 @@ def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tm
     import os
     import signal
 
-    from hld.distill import cache_writer
+    from hld.cache import writer as cache_writer
 
     real = cache_writer._topk_rows
 

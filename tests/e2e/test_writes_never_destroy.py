@@ -14,8 +14,8 @@ import pytest
 
 from helpers import one_line_error as _one_line
 from helpers import tiny_overrides
+from hld.cache.reader import FORMAT_VERSION
 from hld.cli import main
-from hld.distill.cache import FORMAT_VERSION
 
 
 def _cache_argv(out, *extra: str) -> list[str]:
@@ -78,7 +78,7 @@ def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bu
     """SIGTERM in the middle of a rebuild (a larger budget needs more windows): one line, the old
     cache byte for byte, no temporary directory left; the new build's directory waits to be resumed
     (with no uncommitted shard: SIGTERM came in the first), and the rerun finishes it."""
-    from hld.distill import cache_writer
+    from hld.cache import writer as cache_writer
 
     before = _snapshot(built_cache)
     real = cache_writer._topk_rows
@@ -99,7 +99,7 @@ def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bu
 
 
 def test_a_failed_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, built_cache):
-    from hld.distill import cache_writer
+    from hld.cache import writer as cache_writer
 
     before = _snapshot(built_cache)
 

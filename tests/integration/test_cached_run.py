@@ -12,9 +12,9 @@ import transformers
 
 import hld.models.loading
 import hld.train.resources
+from hld.cache.build import ensure_cache
 from hld.config import load_config
 from hld.errors import HldError
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build, train
 from hld.train.resources import Resources
 

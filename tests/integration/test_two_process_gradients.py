@@ -20,7 +20,7 @@ from hld.config import load_config
 from hld.data.loader import rank_slice
 from hld.distributed import check_batch, resolve_mode
 from hld.errors import HldError
-from hld.train.callbacks.validation import validate_now
+from hld.train.callbacks import validate_now
 from hld.train.loop import build, release_hooks, train_step
 from hld.train.resources import Resources
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from hld.cache.build import ensure_cache
+from hld.cache.reader import CachedTeacher
 from hld.config import load_config
-from hld.distill.cache import CachedTeacher
 from hld.errors import HldError
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build, train_step
 from hld.train.resources import Resources
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from helpers import cache_arrays
+from hld.cache import writer as cache_writer
+from hld.cache.build import ensure_cache, verify_cache
+from hld.cache.codec import Codec
+from hld.cache.meta import build_dir_of, cache_identity
+from hld.cache.reader import CachedTeacher
+from hld.cache.writer import build_cache
 from hld.config import load_config
-from hld.distill import cache_writer
-from hld.distill.cache import CachedTeacher
-from hld.distill.cache_codec import Codec
-from hld.distill.cache_meta import build_dir_of, cache_identity
-from hld.distill.cache_writer import build_cache
 from hld.distill.signals import Needs, OnlineTeacher
 from hld.errors import HldError
-from hld.train.cache_build import ensure_cache, verify_cache
 from hld.train.resources import Resources
 
 LAYERS = [1, 3]
@@ -305,7 +305,7 @@ def test_checksums_are_stamped_once_and_reused(tmp_path, setup, monkeypatch):
         hashed.append(1)
         return real(*a)
 
-    monkeypatch.setattr("hld.distill.cache_store.hashlib.sha256", spy)
+    monkeypatch.setattr("hld.cache.store.hashlib.sha256", spy)
     CachedTeacher(tmp_path / "c", expect=ident).read(ids, 32, Needs(logits=True, layers=(1,)))
     assert len(hashed) == 1  # windows.npy's; every shard's verdict came from its stamp
     assert verify_cache(tmp_path / "c", quiet=True)["verified"] == 7 * (1 + 6 + 4)  # --verify: all, again
@@ -423,7 +423,7 @@ def test_the_encode_thread_writes_the_bytes_a_serial_build_writes(tmp_path, setu
 
 
 def test_an_encode_error_stops_every_later_write_and_reaches_the_builder():
-    from hld.distill.encode_thread import OrderedEncoder
+    from hld.cache.encode import OrderedEncoder
 
     done: list[int] = []
     enc = OrderedEncoder(depth=2)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from hld.cache.build import ensure_cache
+from hld.cache.codec import Codec, decode_window, encode_window, fp8_decode, fp8_encode, pack_bits, unpack_bits
 from hld.config import load_config
-from hld.distill.cache_codec import Codec, decode_window, encode_window, fp8_decode, fp8_encode, pack_bits, unpack_bits
 from hld.distill.losses import TeacherLogits, kd_sum
 from hld.errors import HldError
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build
 from hld.train.resources import Resources
 

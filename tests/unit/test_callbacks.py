@@ -1,5 +1,5 @@
 """The loop calls its callbacks at the named points, in list order, and a callback's exception stops
-the run where it was raised (`hld.train.callbacks.base`)."""
+the run where it was raised (`hld.train.callbacks`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch
 
 from hld.config import load_config
 from hld.errors import HldError
-from hld.train.callbacks.base import Callback, every
-from hld.train.callbacks.validation import Validation
+from hld.train.callbacks import Callback, Validation, every
 from hld.train.loop import _steps, build
 from hld.train.state import RunState
 

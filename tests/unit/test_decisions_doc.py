@@ -17,9 +17,8 @@ import pytest
 import yaml
 
 from hld.config import RunConfig, to_dict
-from hld.study.aggregate import get_dotted
-from hld.study.grid import cell_config, expand
-from hld.study.spec import load_study
+from hld.study.results import get_dotted
+from hld.study.spec import cell_config, expand, load_study
 
 DECISIONS = Path(__file__).resolve().parents[2] / "docs" / "decisions.md"
 EMBEDDED = "The embedded default"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hld.distill.losses import TeacherLogits, teacher_logprobs
-from hld.study.fidelity import completion_kl, fidelity_rows, measure, signal_logprobs
+from hld.study.references import completion_kl, fidelity_rows, measure, signal_logprobs
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from hld.distill.objectives import HiddenObjective
 from hld.distill.projectors import Projectors
 from hld.distill.signals import StudentOutputs, TeacherSignals
 from hld.errors import HldError
-from hld.study.grid import ignores
+from hld.study.spec import ignores
 
 B, T, D_S, D_T, V = 2, 6, 4, 8, 13
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from hld.cache.build import ensure_cache
 from hld.cli import main
 from hld.config import load_config
 from hld.models.loading import meta_causal_lm, model_config
 from hld.models.student import count_params
 from hld.plan import plan_run
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build
 from hld.train.resources import Resources
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from helpers import cache_arrays
-from hld.distill.cache import CachedTeacher
-from hld.distill.cache_codec import Codec
-from hld.distill.cache_meta import cache_identity, signal_identity
-from hld.distill.cache_writer import build_cache
+from hld.cache.codec import Codec
+from hld.cache.meta import cache_identity, signal_identity
+from hld.cache.reader import CachedTeacher
+from hld.cache.writer import build_cache
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.losses import TeacherLogits, kd_sum
 from hld.distill.sampled import draw, estimate_kl_rows, unique_counts, weights
@@ -287,7 +287,7 @@ def test_a_damaged_sampled_field_is_refused_at_read(tmp_path, setup):
 
 def test_fidelity_measures_a_sampled_signal_as_kl_from_it_to_the_teacher():
     """KL(w || p) = sum_i w_i log(w_i / p_i), float64 numpy; it falls as the draws grow; named with its direction."""
-    from hld.study.fidelity import completion_kl, describe
+    from hld.study.references import completion_kl, describe
 
     z, _ = _problem(4)
     p = _softmax(z)

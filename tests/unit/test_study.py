@@ -18,13 +18,12 @@ import pytest
 
 from hld.config import BudgetConfig, dump_yaml, load_config, to_dict
 from hld.errors import HldError
-from hld.study import ngram, stats
-from hld.study.aggregate import best_configuration, collect
-from hld.study.grid import cell_config, expand
+from hld.study import references, stats
 from hld.study.pairs import paired, verdict_line, verdicts
-from hld.study.planning import plan_cells
 from hld.study.report import build_report
-from hld.study.spec import STUDY_DIR, load_study, parse_study
+from hld.study.results import best_configuration, collect
+from hld.study.runner import plan_cells
+from hld.study.spec import STUDY_DIR, cell_config, expand, load_study, parse_study
 from hld.study.stats import holm, mean_interval, t_cdf, t_quantile, t_quantile_own
 
 # two-sided 95% Student-t quantiles t_{0.975, df} from printed tables
@@ -96,7 +95,7 @@ def test_the_demo_study_runs_fp32_everywhere_while_auto_stays_the_default():
 
 
 def test_equal_flops_cells_follow_their_configuration_and_take_the_spent_flops():
-    from hld.study.grid import flops_overrides
+    from hld.study.spec import flops_overrides
 
     study = load_study("demo")
     cells = expand(study)
@@ -270,30 +269,30 @@ def test_best_configuration_is_the_lowest_seed_mean():
 
 def test_unigram_and_bigram_cross_entropy_by_hand():
     # V = 6, BOS = 2. Training windows [2 3 4], [2 3 3]: predictions 3, 4, 3, 3 with contexts 2, 3, 2, 3
-    counts = ngram.fit([np.array([2, 3, 4]), np.array([2, 3, 3])], vocab_size=6)
+    counts = references.fit([np.array([2, 3, 4]), np.array([2, 3, 3])], vocab_size=6)
     k, n = 0.01, 4
     p = lambda c: (c + k) / (n + 6 * k)  # noqa: E731  add-k unigram; c(3) = 3, c(4) = 1, c(5) = 0
     # validation window [2 3 5]: predicts 3 after BOS, 5 after 3
     # bigram, Witten-Bell: context 2 seen twice with 1 distinct successor; context 3 twice with 2 (4 and 3)
     p3_2 = (2 + 1 * p(3)) / (2 + 1)
     p5_3 = (0 + 2 * p(0)) / (2 + 2)
-    got = ngram.cross_entropy(counts, [np.array([2, 3, 5])], k=k)
+    got = references.cross_entropy(counts, [np.array([2, 3, 5])], k=k)
     assert got["predictions"] == 2
     assert got["unigram"] == pytest.approx(-(math.log(p(3)) + math.log(p(0))) / 2, rel=1e-12)
     assert got["bigram"] == pytest.approx(-(math.log(p3_2) + math.log(p5_3)) / 2, rel=1e-12)
     # an unseen context falls back to the unigram: [2 5 3] predicts 5 after BOS, 3 after the unseen 5
-    got = ngram.cross_entropy(counts, [np.array([2, 5, 3])], k=k)
+    got = references.cross_entropy(counts, [np.array([2, 5, 3])], k=k)
     assert got["bigram"] == pytest.approx(-(math.log(1 * p(0) / 3) + math.log(p(3))) / 2, rel=1e-12)
 
 
 def test_bigram_probabilities_sum_to_one():
     rng = np.random.default_rng(0)
     windows = [np.concatenate([[2], rng.integers(0, 12, size=15)]) for _ in range(6)]
-    counts = ngram.fit(windows, vocab_size=12)
+    counts = references.fit(windows, vocab_size=12)
     b = np.arange(12)
-    assert ngram.unigram_prob(counts, b).sum() == pytest.approx(1.0)
+    assert references.unigram_prob(counts, b).sum() == pytest.approx(1.0)
     for a in range(12):
-        assert ngram.bigram_prob(counts, np.full(12, a), b).sum() == pytest.approx(1.0)
+        assert references.bigram_prob(counts, np.full(12, a), b).sum() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("cap_windows", [None, 37])
@@ -302,11 +301,11 @@ def test_split_fit_streams_in_blocks_and_caps_its_tokens(monkeypatch, cap_window
     # with merges forced every few blocks; a cap reads only the first windows that hold that many tokens
     from collections import Counter
 
-    monkeypatch.setattr(ngram, "_MERGE_PAIRS", 5000)
+    monkeypatch.setattr(references, "_MERGE_PAIRS", 5000)
     rng = np.random.default_rng(1)
     windows = np.concatenate([np.full((9000, 1), 2), rng.integers(0, 40, size=(9000, 12))], axis=1)
     cap = 10**9 if cap_windows is None else cap_windows * 13
-    counts, n = ngram.fit_split(windows, vocab_size=40, max_tokens=cap)
+    counts, n = references.fit_split(windows, vocab_size=40, max_tokens=cap)
     read = windows if cap_windows is None else windows[:cap_windows]
     assert n == len(read)
     pairs = Counter((int(a), int(b)) for w in read for a, b in zip(w[:-1], w[1:]))
@@ -321,7 +320,7 @@ def test_read_windows_cut_the_last_step():
     from hld.data.loader import BatchOrder
 
     order = BatchOrder(np.arange(40).reshape(10, 4), batch_size=2, seed=3)
-    read = ngram.read_windows(order, steps=3, last_len=2)
+    read = references.read_windows(order, steps=3, last_len=2)
     assert [len(w) for w in read] == [4, 4, 4, 4, 2, 2]
     assert [int(w[0]) // 4 for w in read] == [int(i) for k in range(3) for i in order.indices(k)]
 
@@ -492,7 +491,7 @@ def test_lines_of_one_kind_get_a_pooled_detectable_effect(tmp_path):
     for v in lines:
         assert v.power.pooled_sd == pytest.approx(pooled) and v.power.pooled_lines == 3
         assert _scipy_power(v.power.mde_pooled, pooled, 4, 0.05) == pytest.approx(0.8, abs=1e-6)
-    from hld.study.csvs import write_paired_csv
+    from hld.study.results import write_paired_csv
 
     write_paired_csv(comps, tmp_path / "paired.csv", lines)
     out = [r for r in csv.DictReader(open(tmp_path / "paired.csv")) if r["configuration"] != "ALL"]

@@ -17,12 +17,10 @@ import pytest
 
 from hld.config import RunConfig, dump_yaml, field_help
 from hld.errors import HldError
-from hld.study.grid import cell_config, expand
-from hld.study.pairs import paired, verdict_line, verdicts
-from hld.study.planning import cache_group, plan_cells
+from hld.study.pairs import paired, signal_comparisons, verdict_line, verdicts
 from hld.study.report import build_report
-from hld.study.signal_pairs import signal_comparisons
-from hld.study.spec import load_study, parse_study
+from hld.study.runner import cache_group, plan_cells
+from hld.study.spec import cell_config, expand, load_study, parse_study
 
 BEFORE = Path(__file__).resolve().parents[1] / "assets" / "study_cells_before_signals.json"
 HAS_SAMPLED = "teacher.cache_signal" in {k for k, _, _ in field_help(RunConfig)}

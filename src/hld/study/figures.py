@@ -11,8 +11,8 @@ import numpy as np
 
 from hld.atomic import read_json_object
 from hld.errors import HldError
-from hld.study.aggregate import Table, best_configuration
 from hld.study.pairs import Comparison, higher_is_better
+from hld.study.results import Table, best_configuration
 from hld.study.signals import arm_label
 from hld.train.loggers import read_metrics
 

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from hld.errors import HldError
-from hld.study.cells import group_cache, run_cell
-from hld.study.planning import Planned, open_study, plan_cells
+from hld.study.runner import Planned, group_cache, open_study, plan_cells, run_cell
 from hld.study.spec import load_study
 
 

@@ -1,4 +1,4 @@
-"""Paired differences of a study's rows and the report's verdict lines (the rows: hld.study.aggregate).
+"""Paired differences of a study's rows and the report's verdict lines (the rows: hld.study.results).
 
 Paired differences are `val_loss(arm) - val_loss(baseline)` in nats, matched on configuration and
 seed: negative means the arm is better; exp(difference) is the perplexity ratio. The same for each
@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hld.study.signals import PAIRS, label
+from hld.study.spec import ARMS
 from hld.study.stats import (
     POWER,
     Interval,
@@ -299,3 +301,73 @@ def verdict_line(v: Verdict, *, level: float = 0.05) -> str:
     else:
         end = f"no clear difference at a Holm-adjusted {level:g}"
     return f"{head}{interval}{p}{ratio} — {end}."
+
+
+# ---------------------------------------------------------------- the signal lines
+
+
+def base_configuration(row: dict) -> str:
+    """A row's configuration without its signal: what a cell on another signal shares with it."""
+    conf = row.get("match") or row["configuration"]
+    tail = f"__{row['signal']}"
+    return conf[: -len(tail)] if conf.endswith(tail) else conf
+
+
+def signal_comparisons(rows: list[dict], metrics: tuple[str, ...] = ("val_loss",)) -> list[Comparison]:
+    """One Comparison per metric, distilled arm and pair of signals (`PAIRS`) that both ran in at least
+    one (configuration, seed)."""
+    distilled = [r for r in rows if r.get("signal") and r.get("accounting", "budget") == "budget"]
+    order = {a: i for i, a in enumerate(ARMS)}
+    arms = sorted({r["arm"] for r in distilled}, key=lambda a: (order.get(a, 99), a))
+    out = []
+    for metric in metrics:
+        value = {}  # (arm, configuration without signal, seed, signal) -> (value, flops)
+        for r in distilled:
+            v = r.get(metric)
+            if v is not None and math.isfinite(float(v)):
+                value[(r["arm"], base_configuration(r), r["seed"], r["signal"])] = (float(v), r.get("flops"))
+        for arm in arms:
+            for signal, baseline in PAIRS:
+                diffs: dict[str, list[float]] = {}
+                ratios: dict[str, list[float]] = {}
+                for (a, conf, seed, s), (v, fl) in sorted(value.items()):
+                    if a != arm or s != signal or (arm, conf, seed, baseline) not in value:
+                        continue
+                    bv, bfl = value[(arm, conf, seed, baseline)]
+                    diffs.setdefault(conf, []).append(v - bv)
+                    if fl and bfl:
+                        ratios.setdefault(conf, []).append(fl / bfl)
+                if not diffs:
+                    continue
+                used = [r for r in distilled if r["arm"] == arm and r["signal"] in (signal, baseline)]
+                out.append(
+                    make_comparison(
+                        label(arm, signal),
+                        label(arm, baseline),
+                        diffs,
+                        ratios,
+                        metric=metric,
+                        view="budget",
+                        used=used,
+                    )
+                )
+    return out
+
+
+def is_signal_pair(c: Comparison) -> bool:
+    return c.arm.endswith("]") and c.baseline.endswith("]")
+
+
+def signal_note(comparisons: list[Comparison]) -> list[str]:
+    """The report's paragraph on the cross-signal lines (none when the study has none)."""
+    if not any(is_signal_pair(c) for c in comparisons):
+        return []
+    return [
+        "Lines `arm[signal] vs arm[signal]` pair one arm with itself on two teacher signals — `topk` the "
+        "offline top-k cache, `sampled` a cache of tokens sampled from the teacher, `online` the teacher in "
+        "the loop with its full distribution — same configuration otherwise and same seed: "
+        "kd[topk] vs kd[online] is the cached-KD vs full-KD cell difference. Both sides charge the teacher's "
+        "forward to every token, so they are at equal student tokens and equal FLOPs; a cache's build cost "
+        "is its own line of the setup.",
+        "",
+    ]

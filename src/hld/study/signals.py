@@ -14,11 +14,11 @@ A signal is one more axis of the study, outside the grid because its values are 
 (online is the *absence* of `teacher.cache`, which the study controls). With the default `[topk]` ids
 are as before; otherwise a distilled cell's configuration id ends in `__<signal>`
 (`tiny-2l__tok4096__online__s0__kd`). ce has no teacher: it ignores the signal like a grid key it
-ignores (`hld.study.grid.ignores`), runs once per configuration and seed and serves every signal's
+ignores (`hld.study.spec.ignores`), runs once per configuration and seed and serves every signal's
 configuration, so kd[online] vs ce pairs with the same ce cells as kd[topk] vs ce.
 
 The report pairs each distilled arm with itself on two signals, same configuration otherwise and same
-seed (`hld.study.signal_pairs`): kd[topk] vs kd[online] is the cached-KD vs full-KD cell difference.
+seed (`hld.study.signals`): kd[topk] vs kd[online] is the cached-KD vs full-KD cell difference.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One assembly of what a run trains — the student, its projectors and the plan of objectives — for
 training (`loop.build`, on the run's device), for planning (`budget.planned_steps`) and for the
-teacher cache (`cache_build`), both on the meta device where nothing is allocated."""
+teacher cache (`hld.cache.build`), both on the meta device where nothing is allocated."""
 
 from __future__ import annotations
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from hld import atomic, distributed
+from hld.cache.meta import cache_identity, signal_identity
+from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
-from hld.distill.cache import CachedTeacher
-from hld.distill.cache_meta import cache_identity, signal_identity
 from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.objectives import fit_targets, keep_targets
 from hld.distill.signals import OnlineTeacher, StudentRunner
@@ -46,9 +46,7 @@ from hld.precision import autocast, default_device, ran_on, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import phase_costs, run_length
-from hld.train.callbacks.base import Callback, Run
-from hld.train.callbacks.default import default_callbacks
-from hld.train.callbacks.validation import validate_now
+from hld.train.callbacks import Callback, Run, default_callbacks, validate_now
 from hld.train.checkpoint import save_run, state_modules
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
@@ -380,7 +378,7 @@ def _locked_train(
 
 def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> dict:
     """Step from `state` to the end of the budget (`state` advances in place), calling the callbacks
-    (`hld.train.callbacks.base`) at their points; the last metric line."""
+    (`hld.train.callbacks`) at their points; the last metric line."""
     cfg, run = s.cfg, Run(s, out, state)
     t0, tok0, line = time.time(), state.tokens, {}
     for cb in callbacks:

@@ -11,9 +11,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder
-from hld.distill.cache import CachedTeacher
 from hld.distill.objectives import Plan
 from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner

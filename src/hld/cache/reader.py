@@ -1,11 +1,11 @@
 """Offline teacher cache: the teacher runs once over the training windows; every KD/HLD run then
 reads its signals from disk instead of running it. Layout, records and checksums:
-hld.distill.cache_store (format 4, docs/cache-format.md); the arrays' codecs: hld.distill.cache_codec
+hld.cache.store (format 4, docs/cache-format.md); the arrays' codecs: hld.cache.codec
 (`exact` top-k logits / `compact` ones, bfloat16 / fp8 hidden states); windows follow
 `hld.data.packing.PROTOCOL` (BOS-led).
 
-The build: hld.distill.cache_writer (resumable, shared between processes); a cache's identity and
-its build directory: hld.distill.cache_meta. This module reads a finished cache; a cache of an older
+The build: hld.cache.writer (resumable, shared between processes); a cache's identity and
+its build directory: hld.cache.meta. This module reads a finished cache; a cache of an older
 format or protocol is refused with a message to rebuild it.
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from hld.atomic import read_json_object
+from hld.cache import store as cs
+from hld.cache.codec import Codec, read_hidden, read_logits
+from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, build_progress
 from hld.data.packing import PROTOCOL, Batch
-from hld.distill import cache_store as cs
-from hld.distill.cache_codec import Codec, read_hidden, read_logits
-from hld.distill.cache_meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, build_progress
 from hld.distill.signals import Needs, TeacherSignals
 from hld.errors import HldError
 

@@ -1,30 +1,142 @@
-"""Rows and paired verdicts of a study, read from its run directories only.
+"""Rows of a study, read from its run directories only, and its CSV files.
 
 Each `runs/<cell>/` holds config.yaml (resolved), summary.json, metrics.jsonl and the study's
 cell.json (which keys were grid keys). A run directory without cell.json (e.g. copied from
 `hld train`) still counts: its grid keys are then the config keys that vary across the runs.
-
-Paired differences and verdicts: hld.study.pairs; paired.csv: hld.study.csvs.
+results.csv holds a row per cell; paired.csv a row per configuration of each comparison, with its
+verdict line's Holm-adjusted p and power (the paired differences and verdicts: hld.study.pairs).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hld.atomic import read_json_object
+from hld.atomic import read_json_object, write_text
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
-from hld.study.csvs import write_csv
-from hld.study.grid import LENGTH_KEYS
-from hld.study.naming import configuration_id
+from hld.study.pairs import ALL, Comparison, Verdict
 from hld.study.signals import signal_of
-from hld.study.spec import CONTROLLED
+from hld.study.spec import CONTROLLED, LENGTH_KEYS, configuration_id
 from hld.train.loggers import read_metrics
 from hld.train.rundir import read_run_config, read_summary
+
+# --------------------------------------------------------------------------- CSV files
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in columns})
+    write_text(path, buf.getvalue())  # atomically: a reader never sees half a table
+    return path
+
+
+POWER_COLUMNS = [
+    "sd",
+    "holm_level",
+    "mde",
+    "mde_holm",
+    "seeds_needed",
+    "seeds_needed_holm",
+    "pooled_sd",
+    "mde_pooled",
+    "mde_pooled_holm",
+    "underpowered",
+]
+
+
+def power_columns(v: Verdict) -> dict:
+    """A verdict line's power, as paired.csv columns (empty where it has none)."""
+    w = v.power
+    if w is None:
+        return {"sd": v.interval.sd}
+    return {
+        "sd": v.interval.sd,
+        "holm_level": w.holm_level,
+        "mde": w.mde,
+        "mde_holm": w.mde_holm,
+        "seeds_needed": w.seeds,
+        "seeds_needed_holm": w.seeds_holm,
+        "pooled_sd": w.pooled_sd,
+        "mde_pooled": w.mde_pooled,
+        "mde_pooled_holm": w.mde_pooled_holm,
+        "underpowered": w.underpowered,
+    }
+
+
+def write_paired_csv(comparisons: list[Comparison], path: Path, lines: Optional[list[Verdict]] = None) -> Path:
+    cols = [
+        "comparison",
+        "accounting",
+        "metric",
+        "configuration",
+        "n",
+        "over",
+        "mean_diff",
+        "ci_lo",
+        "ci_hi",
+        "p",
+        "p_holm",
+        "ppl_ratio",
+        "flops_ratio",
+        "wins",
+        *POWER_COLUMNS,
+    ]
+    holm_of = {(id(v.comparison), v.configuration): v.p_holm for v in lines or []}
+    power_of = {(id(v.comparison), v.configuration): power_columns(v) for v in lines or []}
+    rows = []
+    for c in comparisons:
+        name = f"{c.arm} vs {c.baseline}"
+        ratio = math.exp if c.metric == "val_loss" else (lambda x: None)
+        common = {"comparison": name, "accounting": c.accounting, "metric": c.metric, "flops_ratio": c.flops_ratio}
+        for conf, i in c.per_config.items():
+            rows.append(
+                {
+                    **common,
+                    "configuration": conf,
+                    "n": i.n,
+                    "over": "seeds",
+                    "mean_diff": i.mean,
+                    "ci_lo": i.lo,
+                    "ci_hi": i.hi,
+                    "p": i.p,
+                    "p_holm": holm_of.get((id(c), conf)),
+                    "ppl_ratio": ratio(i.mean),
+                    "wins": c.seed_wins.get(conf),
+                    "flops_ratio": c.config_flops_ratio.get(conf, c.flops_ratio),
+                    **power_of.get((id(c), conf), {}),
+                }
+            )
+        if len(c.per_config) > 1:
+            i = c.overall
+            rows.append(
+                {
+                    **common,
+                    "configuration": ALL,
+                    "n": i.n,
+                    "over": c.over,
+                    "mean_diff": i.mean,
+                    "ci_lo": i.lo,
+                    "ci_hi": i.hi,
+                    "p": i.p,
+                    "p_holm": holm_of.get((id(c), ALL)),
+                    "ppl_ratio": ratio(i.mean),
+                    "wins": c.wins,
+                    **power_of.get((id(c), ALL), {}),
+                }
+            )
+    return write_csv(path, cols, rows)
+
+
+# --------------------------------------------------------------------------- rows
 
 BASE_COLUMNS = [
     "cell",

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 from hld.atomic import write_file, write_text
-from hld.distill.cache_codec import Codec, field_specs
+from hld.cache.codec import Codec, field_specs
 from hld.errors import HldError
 
 FORMAT = "hld-teacher-cache"

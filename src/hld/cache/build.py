@@ -11,14 +11,14 @@ from typing import Optional
 
 import torch
 
+from hld.cache.codec import Codec
+from hld.cache.meta import build_dir_of, build_progress, cache_identity, is_cache, signal_identity
+from hld.cache.reader import CachedTeacher, read_manifest
+from hld.cache.store import Parts, check_records, open_windows
+from hld.cache.writer import build_cache, check_out_dir
 from hld.config import RunConfig, to_dict
 from hld.data.loader import BatchOrder
 from hld.data.tokenize import require_stores
-from hld.distill.cache import CachedTeacher, read_manifest
-from hld.distill.cache_codec import Codec
-from hld.distill.cache_meta import build_dir_of, build_progress, cache_identity, is_cache, signal_identity
-from hld.distill.cache_store import Parts, check_records, open_windows
-from hld.distill.cache_writer import build_cache, check_out_dir
 from hld.errors import HldError, sigterm_as_error
 from hld.flops import forward_flops_per_token
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir

@@ -1,7 +1,7 @@
 """What a teacher cache is built for and where it stands on disk: the identity a run checks against a
 cache's manifest (`CacheIdentity`, `cache_identity`, the sampled signal's keys), the build directory of a
 cache (`build_dir_of`) and how far an unfinished build has come, and whether a directory is a cache.
-The build: hld.distill.cache_writer; the read side: hld.distill.cache."""
+The build: hld.cache.writer; the read side: hld.cache.reader."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from hld.distill import cache_store as cs
+from hld.cache import store as cs
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
-"""Building the offline teacher cache (hld.distill.cache): the teacher runs once over the training
-windows, its signals encoded (hld.distill.cache_codec) and written shard by shard (hld.distill.cache_store).
+"""Building the offline teacher cache (hld.cache.reader): the teacher runs once over the training
+windows, its signals encoded (hld.cache.codec) and written shard by shard (hld.cache.store).
 
 A build writes into `.<name>.build` beside the cache, shard by shard, each shard committed on its own
-(cache_store): a build killed at any point (SIGTERM, SIGKILL, a preempted job) keeps its committed
+(hld.cache.store): a build killed at any point (SIGTERM, SIGKILL, a preempted job) keeps its committed
 shards, and the same command finishes the rest. Several processes share one build (`--shard I/N`,
 torchrun ranks), each its own shards; the last one to finish assembles the manifest and renames the
 directory into place, so a directory named like the cache is complete (and an existing cache is
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from hld.atomic import replace_dir, write_fix, write_json
+from hld.cache import store as cs
+from hld.cache.codec import Codec, ShardWriter
+from hld.cache.encode import Deferred, OrderedEncoder
+from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, is_cache, read_plan
 from hld.data.packing import PROTOCOL
-from hld.distill import cache_store as cs
-from hld.distill.cache_codec import Codec, ShardWriter
-from hld.distill.cache_meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, is_cache, read_plan
-from hld.distill.encode_thread import Deferred, OrderedEncoder
 from hld.distill.losses import TeacherLogits
 from hld.distill.sampled import sampled_rows
 from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
@@ -67,7 +67,7 @@ def build_cache(
     build's (shard s is part s % N's) and not yet committed, committing each; then, if every shard of
     every part is committed and no other builder runs, assemble the cache at `out` and return its
     manifest (None: other parts are still to come). `overlap`: encode on a background thread while the
-    teacher runs the next batch (distill/encode_thread.py; the bytes are the same either way)."""
+    teacher runs the next batch (hld.cache.encode; the bytes are the same either way)."""
     out = Path(out)
     check_out_dir(out)
     vocab = teacher_lm.get_output_embeddings().weight.shape[0]
