@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from hld.config_checks import HIDDEN_LOSSES, validate
+from hld.distill.divergences.registry import help_text as divergence_help
 from hld.errors import HldError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -165,10 +166,7 @@ class ObjectiveConfig:
         default_factory=ScheduleConfig, metadata={"help": "KD weight over the run (w0 = alpha)"}
     )
     temperature: float = _f(1.0, "softmax temperature T of both distributions in the KD term")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f(
-        "forward_kl", "KL(teacher||student), KL(student||teacher), or JSD(beta) with M = b*p_t+(1-b)*p_s"
-    )
-    jsd_beta: float = _f(0.5, "JSD mixing weight of the teacher distribution")
+    divergence: str = _f("forward_kl", divergence_help())
     top_k: Optional[int] = _f(
         None,
         "truncate the teacher to its top-k logits (None: full vocabulary; a cache "

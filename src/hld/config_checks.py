@@ -9,6 +9,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from hld.distill.divergences.base import Divergence
+from hld.distill.divergences.registry import choices as divergence_choices
+from hld.distill.divergences.registry import parse as parse_divergence
 from hld.errors import HldError
 
 RunConfig = Any  # an hld.config.RunConfig (not imported: hld.config imports this module)
@@ -51,7 +54,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "student.d_ff": (1, 1 << 18, False, False),
     "objective.alpha": (0, 1, False, False),
     "objective.temperature": (0, 100, True, False),
-    "objective.jsd_beta": (0, 1, True, True),
     "objective.top_k": (1, 1 << 20, False, False),
     "objective.hidden.n_pairs": (1, 1024, False, False),
     "objective.hidden.beta": (0, 1e6, False, False),
@@ -113,10 +115,22 @@ def check_ranges(cfg: RunConfig) -> None:
             )
 
 
+def divergence(spec: str) -> Divergence:
+    """`objective.divergence`'s object (hld.distill.divergences), or the one-line error naming what is wrong."""
+    try:
+        return parse_divergence(spec)
+    except ValueError as exc:
+        raise HldError(
+            f"config objective.divergence={exc}",
+            f"name one of {divergence_choices()}; a parameter left out takes its default",
+        ) from None
+
+
 def validate(cfg: RunConfig) -> None:
     """Contradictory or out-of-range values."""
     check_ranges(cfg)
     t, o, d = cfg.train, cfg.objective, cfg.data
+    div = divergence(o.divergence)
     B, T = t.batch_size, d.seq_len
     checks = [
         (
@@ -146,10 +160,10 @@ def validate(cfg: RunConfig) -> None:
             "e.g. [0.9, 0.95]",
         ),
         (
-            o.top_k is None or o.divergence != "reverse_kl" or o.top_k_rest == "bucket",
-            "objective.divergence=reverse_kl with objective.top_k and top_k_rest=renormalize is infinite: "
-            "KL(student||teacher) needs teacher mass wherever the student has some, and a renormalised top-k "
-            "teacher has none off its k tokens",
+            o.top_k is None or not div.needs_teacher_support or o.top_k_rest == "bucket",
+            f"objective.divergence={o.divergence} with objective.top_k and top_k_rest=renormalize is infinite: "
+            "it needs teacher mass wherever the student has some, and a renormalised top-k teacher has none off "
+            "its k tokens",
             "use objective.top_k_rest=bucket, forward_kl or jsd, or set objective.top_k=null",
         ),
         *sampled_checks(cfg),
@@ -219,7 +233,7 @@ def sampled_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             "set objective.temperature=1 (the draws' tau is teacher.cache_proposal_temperature), or cache_signal=topk",
         ),
         (
-            o.divergence == "forward_kl",
+            divergence(o.divergence).from_samples,
             f"teacher.cache_signal=sampled with objective.divergence={o.divergence}: sampled ids estimate "
             "forward KL(teacher||student) only",
             "set objective.divergence=forward_kl, or use teacher.cache_signal=topk",

@@ -5,6 +5,7 @@ paper names (counted on the meta device and by hand, never by instantiating 735M
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -270,3 +271,31 @@ def test_string_override_is_verbatim():
     cfg = load_config(None, ["data.text_field=yes", "name=123", "data.train=[ab]*.jsonl"])
     assert (cfg.data.text_field, cfg.name, cfg.data.train) == ("yes", "123", "[ab]*.jsonl")
     assert load_config(None, ["teacher.cache=null"]).teacher.cache is None
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("jsd(beta=1)", "jsd's beta=1 is outside (0, 1)"),
+        ("jsd(beta=0)", "jsd's beta=0 is outside (0, 1)"),
+        ("jsd(beta=x)", "jsd's beta='x' is not a number"),
+        ("jsd(alpha=0.3)", "jsd has no parameter 'alpha'"),
+        ("forward_kl(beta=0.3)", "forward_kl has no parameter 'beta'"),
+        ("jsd(beta=0.3", "is not one of"),
+    ],
+)
+def test_bad_divergence_parameters(spec, problem):
+    with pytest.raises(HldError, match=re.escape(problem)):
+        load_config(None, [f"objective.divergence={spec}"])
+
+
+def test_a_divergence_spec_reaches_the_loss_with_its_parameters():
+    from hld.distill.objectives import logit_spec
+
+    cfg = load_config(None, ["objective.divergence=jsd( beta = 0.25 )"])
+    div = logit_spec(cfg.objective, chunk_tokens=8, kd=True).divergence
+    assert (div.name, div.beta, div.spec()) == ("jsd", 0.25, "jsd(beta=0.25)")
+    assert (
+        logit_spec(load_config(None, ["objective.divergence=jsd"]).objective, chunk_tokens=8, kd=True).divergence.beta
+        == 0.5
+    )

@@ -213,12 +213,17 @@ def test_plan_ce_needs_no_teacher():
 
 
 def test_plan_kd_needs_logits_only():
-    cfg = ObjectiveConfig(method="kd", alpha=0.3, temperature=2.0, divergence="jsd", jsd_beta=0.2, top_k=16)
+    cfg = ObjectiveConfig(method="kd", alpha=0.3, temperature=2.0, divergence="jsd(beta=0.2)", top_k=16)
     plan = build_plan(cfg, projectors=None, chunk_tokens=32)
     assert plan.needs == Needs(logits=True, layers=()) and plan.student_layers == ()
     spec = plan.phases[0].objective.spec
     assert (spec.ce_weight, spec.kd_weight) == pytest.approx((0.7, 0.3))
-    assert (spec.temperature, spec.divergence, spec.jsd_beta, spec.top_k) == (2.0, "jsd", 0.2, 16)
+    assert (spec.temperature, spec.divergence.spec(), spec.divergence.beta, spec.top_k) == (
+        2.0,
+        "jsd(beta=0.2)",
+        0.2,
+        16,
+    )
 
 
 def test_plan_hld_joint_needs_both():

@@ -37,6 +37,9 @@ from typing import Optional
 
 import torch
 
+from hld.distill.divergences.base import Divergence
+from hld.distill.divergences.forward_kl import ForwardKL
+from hld.distill.divergences.registry import parse as parse_divergence
 from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, row_block, softcap, teacher_logprobs
 
 TeacherChunkFn = Callable[[slice], Optional[TeacherLogits]]
@@ -47,13 +50,16 @@ class HeadLossSpec:
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     temperature: float = 1.0
-    divergence: str = "forward_kl"
-    jsd_beta: float = 0.5
+    divergence: Divergence = ForwardKL()  # hld.distill.divergences
     top_k: Optional[int] = None
     top_k_rest: str = "bucket"  # a top-k teacher's mass off its k ids: one extra outcome, or renormalised away
     softcap: Optional[float] = None
     chunk_tokens: int = 256
     matmul_dtype: Optional[torch.dtype] = None  # e.g. bf16 on GPUs: head matmuls in it, softmax in fp32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.divergence, str):  # a spec such as "jsd(beta=0.3)": its registered object
+            object.__setattr__(self, "divergence", parse_divergence(self.divergence))
 
 
 class _Workspace:
@@ -309,7 +315,6 @@ def _autograd_chunk(
                 m,
                 temperature=spec.temperature,
                 divergence=spec.divergence,
-                jsd_beta=spec.jsd_beta,
                 top_k_rest=spec.top_k_rest,
             )
         total = spec.ce_weight * ce + spec.kd_weight * kd
@@ -360,7 +365,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         # grad_mode: whether autograd was on at the call (inside forward it is always off); under
         # torch.no_grad (validation) the gradient is not built, which halves the head's work
         want_grad = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        fast = spec.softcap is None and spec.divergence == "forward_kl"
+        fast = spec.softcap is None and spec.divergence.fused
         chunk_fn = _fast_chunk if fast else _autograd_chunk
         h_dtype = h.dtype
         if spec.matmul_dtype is not None:

@@ -5,9 +5,8 @@ Conventions
 - Softmax is always taken in fp32.
 - Temperature: both distributions are softened by T and the divergence is multiplied by T^2, so
   that its gradient keeps the scale of the CE gradient as T changes (Hinton et al., 2015).
-- `forward_kl` = KL(p_teacher || p_student) (mode-covering, the usual KD); `reverse_kl` =
-  KL(p_student || p_teacher); `jsd` = beta*KL(p_t || m) + (1-beta)*KL(p_s || m), m = beta*p_t +
-  (1-beta)*p_s.
+- Divergences are registered objects (hld.distill.divergences: `forward_kl` = KL(p_teacher ||
+  p_student), the usual KD; `reverse_kl`; `jsd(beta)`; ...), each D(p, q) per row over the outcomes.
 - Top-k teachers (`TeacherLogits.values/indices`, k < V) keep the teacher's mass off its k ids as
   one extra outcome, "the rest" (`TeacherLogits.rest` = log sum_{j not in top-k} exp(z_j) of the
   teacher's raw logits, after softcap, before temperature). Both distributions are coarsened to
@@ -28,12 +27,13 @@ Conventions
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from hld.distill.divergences.base import Divergence
+from hld.distill.divergences.registry import parse as parse_divergence
 from hld.distill.sampled import estimate_kl_rows
 
 
@@ -150,51 +150,29 @@ def kd_sum(
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    jsd_beta: float = 0.5,
+    divergence: Divergence | str = "forward_kl",
     top_k_rest: str = "bucket",
 ) -> torch.Tensor:
-    """T^2 * D(teacher_T, student_T) summed over valid rows. student_logits (n, V)."""
+    """T^2 * D(teacher_T, student_T) summed over valid rows. student_logits (n, V); `divergence` a
+    registered one (hld.distill.divergences) or its spec (`jsd(beta=0.3)`)."""
     T = temperature
+    div = parse_divergence(divergence) if isinstance(divergence, str) else divergence
     s = student_logits.float() / T  # (n, V)
     logq = torch.log_softmax(s, dim=-1)  # (n, V)
     if teacher.weights is not None:  # sampled: the estimate sum_i w_i (log w_i - log q_i) of forward KL
-        if divergence != "forward_kl":
-            raise ValueError(f"a sampled teacher signal estimates forward_kl only, not {divergence!r}")
+        if not div.from_samples:
+            raise ValueError(f"a sampled teacher signal estimates forward_kl only, not {div.spec()!r}")
         per = estimate_kl_rows(logq, teacher.indices, teacher.weights)
         return torch.where(mask, per, 0.0).sum() * T * T
     logp = teacher_logprobs(teacher, T, top_k_rest)  # (n, V), (n, k+1) or (n, k)
     idx = teacher.indices
     if teacher.dense is not None:
-        per = _divergence(logp, logq, divergence, jsd_beta)
+        per = div.rows(logp, logq)
     elif top_k_rest == "bucket":
-        per = _divergence(logp, student_bucket_logprobs(logq, s, idx), divergence, jsd_beta)
-    elif divergence == "forward_kl":  # renormalize: the teacher has zero mass off its support
+        per = div.rows(logp, student_bucket_logprobs(logq, s, idx))
+    elif div.teacher_support_only:  # renormalize: the teacher has no mass off its k ids, so read them alone
         per = (logp.exp() * (logp - logq.gather(-1, idx))).sum(-1)
     else:
         dense_logp = torch.full_like(logq, float("-inf")).scatter(-1, idx, logp)
-        per = _divergence(dense_logp, logq, divergence, jsd_beta)
+        per = div.rows(dense_logp, logq)
     return torch.where(mask, per, 0.0).sum() * T * T
-
-
-def _xlogy_diff(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum p (log p - log q) with 0 * log 0 = 0 (p = exp(logp)); the masked entries get a zero, not a
-    nan, gradient (both logs are replaced before the product)."""
-    p = logp.exp()
-    pos = p > 0
-    diff = torch.where(pos, logp, 0.0) - torch.where(pos, logq, 0.0)
-    return torch.where(pos, p * diff, 0.0).sum(-1)
-
-
-def _divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """D(p, q) per row over the last axis (the vocabulary, or the k+1 outcomes of a top-k teacher)."""
-    if divergence == "forward_kl":
-        return _xlogy_diff(logp, logq)
-    if divergence == "reverse_kl":
-        return _xlogy_diff(logq, logp)
-    if divergence == "jsd":
-        both0 = torch.isneginf(logp) & torch.isneginf(logq)  # an outcome neither has: log m is -inf, its grad nan
-        lp, lq = torch.where(both0, 0.0, logp), torch.where(both0, 0.0, logq)
-        logm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
-        return beta * _xlogy_diff(logp, logm) + (1 - beta) * _xlogy_diff(logq, logm)
-    raise ValueError(f"unknown divergence {divergence!r}")

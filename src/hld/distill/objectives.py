@@ -19,6 +19,7 @@ import torch
 from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import HeadLossSpec, head_loss
+from hld.distill.divergences.registry import parse as parse_divergence
 from hld.distill.hidden import (
     STATS_FILE,
     Moments,
@@ -288,8 +289,7 @@ def logit_spec(
         ce_weight=1 - alpha,
         kd_weight=alpha,
         temperature=cfg.temperature,
-        divergence=cfg.divergence,
-        jsd_beta=cfg.jsd_beta,
+        divergence=parse_divergence(cfg.divergence),
         top_k=cfg.top_k,
         top_k_rest=cfg.top_k_rest,
         chunk_tokens=chunk_tokens,
