@@ -171,7 +171,7 @@ def kd_sum(
     elif top_k_rest == "bucket":
         per = div.rows(logp, student_bucket_logprobs(logq, s, idx))
     elif div.teacher_support_only:  # renormalize: the teacher has no mass off its k ids, so read them alone
-        per = (logp.exp() * (logp - logq.gather(-1, idx))).sum(-1)
+        per = div.rows(logp, logq.gather(-1, idx))
     else:
         dense_logp = torch.full_like(logq, float("-inf")).scatter(-1, idx, logp)
         per = div.rows(dense_logp, logq)
