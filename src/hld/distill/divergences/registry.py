@@ -11,8 +11,9 @@ from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.forward_kl import ForwardKL
 from hld.distill.divergences.jsd import Jsd
 from hld.distill.divergences.reverse_kl import ReverseKL
+from hld.distill.divergences.skew_kl import SkewKL
 
-CLASSES: tuple[type[Divergence], ...] = (ForwardKL, ReverseKL, Jsd)
+CLASSES: tuple[type[Divergence], ...] = (ForwardKL, ReverseKL, Jsd, SkewKL)
 REGISTRY: dict[str, type[Divergence]] = {c.name: c for c in CLASSES}
 _SPEC = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:\((.*)\))?\s*$")
 
