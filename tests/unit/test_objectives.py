@@ -233,7 +233,7 @@ def test_plan_hld_joint_needs_both():
     obj = plan.phases[0].objective
     assert isinstance(obj, SumObjective) and obj.uses_head
     assert plan.needs == Needs(logits=True, layers=(2, 3)) and plan.student_layers == (1, 2)
-    assert plan.phase_at(0.0) is plan.phase_at(0.99) is plan.phases[0]
+    assert plan.phase_for(0.0, 0.1) is plan.phase_for(0.9, 1.0) is plan.phases[0]
 
 
 def test_plan_hld_first_phases():
@@ -244,8 +244,13 @@ def test_plan_hld_first_phases():
     assert first.objective.needs == Needs(logits=False, layers=(2, 3)) and not first.objective.uses_head
     assert second.objective.needs == Needs(logits=True, layers=()) and second.objective.student_layers == ()
     assert plan.needs == Needs(logits=True, layers=(2, 3))
-    assert plan.phase_at(0.0) is first and plan.phase_at(0.2499) is first
-    assert plan.phase_at(0.25) is second and plan.phase_at(0.9) is second and plan.phase_at(1.0) is second
+    assert plan.phase_for(0.0, 0.1) is first and plan.phase_for(0.15, 0.25) is first
+    assert plan.phase_for(0.25, 0.35) is second and plan.phase_for(0.9, 1.0) is second
+    # a step across the boundary: the blend, weighted by the share of its tokens before it (by hand:
+    # [0.2, 0.3) has half its tokens before 0.25; [0.24, 0.34) a tenth)
+    for start, share in ((0.2, 0.5), (0.24, 0.1)):
+        blend = plan.phase_for(start, start + 0.1)
+        assert blend.name == f"{first.name}+{second.name}" and blend.objective.share == pytest.approx(share)
 
 
 # --------------------------------------------------------------------------- on the tiny teacher
@@ -273,7 +278,7 @@ def test_projectors_get_gradients_and_are_optimised(resources):
     assert len(s.projectors.pairs) == 2  # tiny-2l -> 2 pairs with the 3-block teacher
 
     # the pieces of train_step: one micro-batch forward/backward
-    phase = s.plan.phase_at(0.0)
+    phase = s.plan.phases[0]
     batch = s.order.batch(0)
     teacher = s.teacher(batch, phase.objective.needs)
     out = s.runner(batch.input_ids)
@@ -308,7 +313,7 @@ def test_hld_first_phase_one_runs_no_head(resources):
 
     s = _build(resources, "hld-first", "objective.hidden.first_share=0.5")
     assert s.total_steps == 2
-    phase = s.plan.phase_at(0.0)
+    phase = s.plan.phases[0]
     sig = s.teacher(s.order.batch(0), phase.objective.needs)
     assert sig.final_hidden is None and sig.logits(slice(0, 4)) is None and set(sig.hidden) == {2, 3}
     m0 = train_step(s, 0)
@@ -330,7 +335,7 @@ def test_shared_teacher_is_left_disarmed_between_runs(resources):
     first = _build(resources, "hld-first")
     batch = first.order.batch(0)
     ids = batch.input_ids
-    phase1 = first.plan.phase_at(0.0)
+    phase1 = first.plan.phases[0]
     assert first.teacher(batch, phase1.objective.needs).final_hidden is None  # stopped early, as it should
 
     kd = _build(resources, "kd")

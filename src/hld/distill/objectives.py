@@ -248,12 +248,6 @@ class Plan:
             for a, b in zip(phases[:-1], phases[1:])
         ]
 
-    def phase_at(self, progress: float) -> Phase:
-        for ph in self.phases:
-            if progress < ph.until_share:
-                return ph
-        return self.phases[-1]
-
     def phase_for(self, start: float, end: float) -> Phase:
         """The phase of a step reading the token shares [start, end) of the run: a phase, or the
         blend at a boundary that falls strictly inside the step."""

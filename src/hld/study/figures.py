@@ -4,6 +4,7 @@ validation loss against training FLOPs, training curves, and the paired differen
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,7 @@ def _plt():
 
 
 def _students(table: Table) -> list[str]:
-    by_size = {}
+    by_size: dict[str, int] = {}
     for r in table.rows:
         by_size.setdefault(r["student"], r["student_params_non_embedding"] or 0)
     return sorted(by_size, key=lambda s: (by_size[s], s))
@@ -66,7 +67,12 @@ def _fit_y(ax, lows: list[float], highs: list[float], *, pad: float) -> None:
 
 
 def plot_loss_vs_flops(
-    table: Table, study_dir: Path, out: Path, *, reference: list[dict] = (), levels: list[tuple[str, float]] = ()
+    table: Table,
+    study_dir: Path,
+    out: Path,
+    *,
+    reference: Sequence[dict] = (),
+    levels: Sequence[tuple[str, float]] = (),
 ) -> Path:
     """One panel per student. Per arm: the training loss (train/ce) of its best grid point against
     cumulative training FLOPs as a line, its final validation loss as a large marker at the FLOPs it
@@ -207,7 +213,7 @@ def _levels(ax, levels: list[tuple[str, float]], lows: list[float], highs: list[
         highs.append(y)
 
 
-def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: list[tuple[str, float]] = ()) -> Path:
+def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: Sequence[tuple[str, float]] = ()) -> Path:
     """train/ce against tokens, one panel per student: thin lines per cell, the arm's best grid point
     (lowest validation loss, its first seed) bold. At equal FLOPs, CE's line runs furthest."""
     fig, axes, students, arms = _student_panels(table, width=5.2, height=4.4)

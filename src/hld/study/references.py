@@ -485,7 +485,7 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
     from hld.eval.perplexity import perplexity
     from hld.precision import resolve_dtype
 
-    out = []
+    out: list[dict] = []
     for cfg in [cfg for _, cfg, _ in planned]:
         key = _reference_key(cfg)
         if any({k: e.get(k) for k in key} == key for e in out):

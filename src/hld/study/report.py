@@ -13,6 +13,7 @@ the compute per arm, the signal-fidelity rows); then the report itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from hld.atomic import write_text
@@ -49,7 +50,7 @@ def _fit_label(r: dict) -> str:
     return f"{r['fit_tokens']:,} tokens read" if r.get("fit_tokens") else r["fit"]
 
 
-def best_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> list[str]:
+def best_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ()) -> list[str]:
     """Per student, budget and arm: the mean over seeds (± their standard deviation) of its best grid
     point (lowest seed-mean validation loss: with one grid point, no selection), with the arm's
     tokens and FLOPs; then the reference rows. What `hld run` prints."""
@@ -141,7 +142,7 @@ def arm_groups(table: Table) -> dict:
     return out
 
 
-def results_table(table: Table, reference: list[dict], ngrams: list[dict] = ()) -> list[str]:
+def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ()) -> list[str]:
     grid, tasks = table.grid_keys, table.task_metrics
     head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s", *tasks]
     lines = [
@@ -215,7 +216,7 @@ def compute_note(table: Table) -> list[str]:
     """Say, from the FLOPs, whether the arms were compared at equal compute (and, when the study ran
     ce again at a distilled arm's FLOPs, how close that match is)."""
     groups = arm_groups(table)
-    ratios = {}
+    ratios: dict[str, list[float]] = {}
     for (student, budget, arm), rows in groups.items():
         ce = groups.get((student, budget, "ce"))
         if ce and arm != "ce" and rows[0].get("accounting", "budget") == "budget":

@@ -329,7 +329,9 @@ def run_study(
     done = [c.id for c, cfg, _ in planned if not c.flops_of and finished(out / "runs" / c.id, cfg)]
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"study {study.name}: {len(planned)} cells, {len(done)} already finished -> {out}")
-    trained, skipped, ready = [], [], set()  # ready: the cache groups this process has checked
+    trained: list[str] = []
+    skipped: list[str] = []
+    ready: set[str] = set()  # ready: the cache groups this process has checked
     pending = list(enumerate(planned, 1))
     for wait in (False, True):  # first skip the cells other processes hold, then wait for them
         held = []
