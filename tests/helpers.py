@@ -6,6 +6,8 @@ its rootdir conftest.py; tests/dist_worker.py runs from tests/)."""
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import math
 import re
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_TEACHER = ASSETS / "tiny_teacher"
@@ -166,3 +169,33 @@ def cache_arrays(d: Path) -> dict:
             raw = (d / "parts" / f"{rec['part']}.{key}.bin").read_bytes()
             out[(rec["shard"], key)] = raw[f["offset"] : f["offset"] + f["nbytes"]]
     return out
+
+
+SEQ_LEN = 32  # the window length of the protocol references below
+VAL_FILE = Path(__file__).resolve().parent / "assets" / "c4" / "c4-validation.00000-of-00001.json.gz"
+
+
+def reference_ppl(model_dir: Path, *, seq_len: int = SEQ_LEN, max_docs: int | None = None) -> tuple[float, int, int]:
+    """(ppl, predictions, windows) of a Hugging Face checkpoint on the fixtures' validation file, in plain
+    transformers, written from the window protocol alone: ids + EOS per document, concatenated, cut into
+    chunks of seq_len - 1 (last partial one dropped), each window BOS + chunk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    with gzip.open(VAL_FILE, "rt", encoding="utf-8") as fh:
+        texts = [json.loads(line)["text"] for line in fh if line.strip()]
+    texts = [t for t in texts if t.strip()][:max_docs]
+    stream: list[int] = []
+    for text in texts:
+        stream += tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+    n = len(stream) // (seq_len - 1)
+    chunks = torch.tensor(stream[: n * (seq_len - 1)]).view(n, seq_len - 1)
+    ids = torch.cat([torch.full((n, 1), bos), chunks], dim=1)  # (N, T): BOS + chunk
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()  # (N, T, V)
+    pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    nll = F.cross_entropy(pred, target, reduction="sum")
+    count = target.numel()
+    return math.exp(float(nll) / count), count, n

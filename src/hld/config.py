@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from hld.config_checks import HIDDEN_LOSSES, validate
+from hld.config_checks import HIDDEN_LOSSES, STUDENT_FAMILIES, validate
 from hld.distill.divergences.registry import help_text as divergence_help
 from hld.errors import HldError
 
@@ -24,8 +24,10 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 if typing.TYPE_CHECKING:
     HiddenLossName = str
+    StudentFamily = str
 else:  # the names hld.distill.hidden_losses registers (config_checks.HIDDEN_LOSSES), checked like any Literal
     HiddenLossName = Literal[tuple(HIDDEN_LOSSES)]
+    StudentFamily = Literal[tuple(STUDENT_FAMILIES)]  # hld.models.student.FAMILIES builds each
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -94,6 +96,10 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    family: StudentFamily = _f(
+        "gemma3",
+        "decoder family the student is built as: " + "; ".join(f"{k} = {v}" for k, v in STUDENT_FAMILIES.items()),
+    )
     preset: str = _f("tiny-2l", "size preset (see `hld.models.student.PRESETS`)")
     n_layers: Optional[int] = _f(None, "override the preset's number of decoder blocks")
     d_model: Optional[int] = _f(None, "override the preset's hidden width")

@@ -259,6 +259,14 @@ class StudentShape:
     d_ff: int
 
 
+# student.family: the decoder families a student can be built as (hld.models.student.FAMILIES builds each)
+STUDENT_FAMILIES: dict[str, str] = {
+    "gemma3": "Gemma 3 text (sliding-window and global attention, tied head; the default)",
+    "llama": "Llama (full attention, RMSNorm, SwiGLU)",
+    "qwen3": "Qwen 3 (Llama-like with q/k norms)",
+    "mistral": "Mistral (Llama-like, sliding-window attention of 4,096)",
+}
+
 PRESETS: dict[str, StudentShape] = {
     # tiny students that train in minutes on a 2-core CPU
     "tiny-1l": StudentShape(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=256),

@@ -51,7 +51,8 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> dict:
             _check_sha(
                 tmp, {p.name: file_sha256(student / p.name) for p in files if p.suffix == ".safetensors"}, "the copy"
             )
-            (tmp / "README.md").write_text(model_card(summary, config, downstream), encoding="utf-8")
+            card = model_card(summary, config, downstream, _architecture(student))
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             written = sorted([p.name for p in files] + ["README.md"])
             (tmp / MARKER).write_text(json.dumps({"kind": "hld-export", "run": str(run_dir), "files": written}))
     except OSError as exc:
@@ -190,7 +191,7 @@ def _finished_student(run_dir: Path) -> Path:
     return student
 
 
-def model_card(summary: dict, config: dict, downstream: dict) -> str:
+def model_card(summary: dict, config: dict, downstream: dict, architecture: str = "Gemma3ForCausalLM") -> str:
     """README.md: YAML front matter (Hugging Face metadata plus an `hld` section), then prose."""
     validation = {k: v for k, v in summary.items() if k.startswith("val/")}
     hld = {
@@ -219,7 +220,7 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
         "",
         f"# {summary.get('name')}",
         "",
-        f"A `{summary.get('student')}` student (Gemma 3 architecture, {_count(summary.get('student_params'))} "
+        f"A `{summary.get('student')}` student ({architecture}, {_count(summary.get('student_params'))} "
         f"parameters, {_count(summary.get('student_params_non_embedding'))} outside the embedding) trained by "
         f"[hld](https://arxiv.org/abs/2605.11513) with the `{summary.get('arm')}` objective from the teacher "
         f"`{hld['teacher']}`: {_count(summary.get('tokens'))} tokens, {_count(summary.get('flops'), '.3g')} FLOPs. "
@@ -239,6 +240,12 @@ def model_card(summary: dict, config: dict, downstream: dict) -> str:
             )
     lines += ["", "The full training config is under `hld.config` in the front matter above.", ""]
     return "\n".join(lines)
+
+
+def _architecture(student: Path) -> str:
+    """The student's model class as its config.json names it (verified readable by verify_student)."""
+    names = json.loads((student / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"]
+    return str(names[0])
 
 
 def _count(x, spec: str = ",") -> str:

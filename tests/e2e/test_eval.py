@@ -4,45 +4,17 @@ BOS + chunk, every position predicts the next token of its window, ppl = exp(mea
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
+from helpers import SEQ_LEN, reference_ppl
 from hld.cli import main
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-VAL_FILE = ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz"
 VAL_GLOB = str(ASSETS / "c4" / "c4-validation.*.json.gz")
-SEQ_LEN = 32
-
-
-def reference_ppl(model_dir: Path, *, seq_len: int = SEQ_LEN, max_docs: int | None = None) -> tuple[float, int, int]:
-    """(ppl, predictions, windows), written from the protocol alone."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    with gzip.open(VAL_FILE, "rt", encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh if line.strip()]
-    texts = [t for t in texts if t.strip()][:max_docs]
-    stream: list[int] = []
-    for text in texts:
-        stream += tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
-    n = len(stream) // (seq_len - 1)
-    chunks = torch.tensor(stream[: n * (seq_len - 1)]).view(n, seq_len - 1)
-    ids = torch.cat([torch.full((n, 1), bos), chunks], dim=1)  # (N, T): BOS + chunk
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.double()  # (N, T, V)
-    pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-    nll = F.cross_entropy(pred, target, reduction="sum")
-    count = target.numel()
-    return math.exp(float(nll) / count), count, n
 
 
 def _eval(capsys, *args: str) -> dict:

@@ -1,5 +1,7 @@
-"""Students: Gemma 3 text-family causal LMs built from a size preset, sharing the teacher's
-tokenizer and vocabulary (the embedding and the tied head have `vocab_size` rows).
+"""Students: causal LMs of a decoder family (`student.family`: Gemma 3 text by default, Llama, Qwen 3,
+Mistral) built from a size preset, sharing the teacher's tokenizer and vocabulary (the embedding and the
+tied head have `vocab_size` rows). What the rest of hld needs of a student (FLOPs, memory, hooks, export)
+is read from the model and its config, never from the family's name.
 
 Parameter counts of the paper presets are **non-embedding** counts (the 262,144 x d embedding,
 tied with the head, is excluded): with Gemma 3's vocabulary the embedding alone would be 201M
@@ -9,20 +11,63 @@ docs/decisions.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from hld.config import StudentConfig
-from hld.config_checks import PRESETS, StudentShape, resolve_shape
+from hld.config_checks import PRESETS, STUDENT_FAMILIES, StudentShape, resolve_shape
 
 __all__ = ["PRESETS", "StudentShape", "resolve_shape", "build_student", "count_params", "student_config"]
 
 
-def student_config(
-    shape: StudentShape, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, max_positions: int = 4096
-):
+def _gemma3(shape: StudentShape, common: dict) -> Any:
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(  # type: ignore[call-arg]  # attn_implementation: a PretrainedConfig kwarg
+    return Gemma3TextConfig(query_pre_attn_scalar=shape.head_dim, sliding_window=512, **common)
+
+
+def _llama(shape: StudentShape, common: dict) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def _qwen3(shape: StudentShape, common: dict) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**common)
+
+
+def _mistral(shape: StudentShape, common: dict) -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(sliding_window=4096, **common)
+
+
+# student.family -> its HF config from the shape and the fields every family shares
+FAMILIES: dict[str, Callable[[StudentShape, dict], Any]] = {
+    "gemma3": _gemma3,
+    "llama": _llama,
+    "qwen3": _qwen3,
+    "mistral": _mistral,
+}
+if list(FAMILIES) != list(STUDENT_FAMILIES):
+    raise ImportError(f"student families {list(FAMILIES)} != config_checks.STUDENT_FAMILIES {list(STUDENT_FAMILIES)}")
+
+
+def student_config(
+    shape: StudentShape,
+    *,
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_positions: int = 4096,
+    family: str = "gemma3",
+):
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=shape.d_model,
         num_hidden_layers=shape.n_layers,
@@ -30,8 +75,6 @@ def student_config(
         num_key_value_heads=shape.n_kv_heads,
         head_dim=shape.head_dim,
         intermediate_size=shape.d_ff,
-        query_pre_attn_scalar=shape.head_dim,
-        sliding_window=512,
         max_position_embeddings=max_positions,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -40,19 +83,23 @@ def student_config(
         attn_implementation="sdpa",
         use_cache=False,
     )
+    return FAMILIES[family](shape, common)
 
 
 def build_student(
     cfg: StudentConfig, *, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, seed: int
 ) -> torch.nn.Module:
     """A freshly initialised student (deterministic in `seed`)."""
-    from transformers import Gemma3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     shape = resolve_shape(cfg)
-    hf_cfg = student_config(shape, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    hf_cfg = student_config(
+        shape, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, family=cfg.family
+    )
+    model_class: Any = AutoModelForCausalLM._model_mapping[type(hf_cfg)]  # e.g. Gemma3ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(hf_cfg)
+        model = model_class(hf_cfg)
     return model
 
 
