@@ -61,13 +61,22 @@ def named_params(s) -> dict[str, torch.nn.Parameter]:
 
 
 def holm_by_hand(p: list[float]) -> list[float]:
-    """Holm's adjusted p-values written out: p_(i) * (m - i + 1) for the i-th smallest (1-based),
-    made monotone by a running maximum and capped at 1."""
-    order = sorted(range(len(p)), key=lambda i: p[i])
-    out, best = [0.0] * len(p), 0.0
-    for i, j in enumerate(order, start=1):
-        best = max(best, (len(p) - i + 1) * p[j])
-        out[j] = min(1.0, best)
+    """Holm's adjusted p-values by the closed testing principle, not by the step-down algorithm the code
+    uses (Marcus, Peritz & Gabriel 1976; Holm's procedure is the closed test of Bonferroni tests): the
+    adjusted p of hypothesis i is the largest, over every subset S of the hypotheses that contains i, of
+    S's Bonferroni p-value min(1, |S| x min_{j in S} p_j). Brute force over the 2^m subsets."""
+    from itertools import combinations
+
+    m = len(p)
+    out = []
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        worst = 0.0
+        for k in range(m):
+            for rest in combinations(others, k):
+                subset = (i, *rest)
+                worst = max(worst, min(1.0, len(subset) * min(p[j] for j in subset)))
+        out.append(worst)
     return out
 
 

@@ -249,6 +249,14 @@ def test_holm_by_hand():
     assert holm([]) == []
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_holm_equals_the_closed_test_of_bonferroni_tests(seed):
+    from helpers import holm_by_hand
+
+    p = list(np.random.default_rng(seed).uniform(0, 0.3, size=6)) + [0.001, 0.5]
+    assert holm(p) == pytest.approx(holm_by_hand(p), abs=1e-12)
+
+
 def test_interval_p_value_matches_scipys_t_test():
     stats = pytest.importorskip("scipy.stats")
     xs = [-0.031, -0.012, -0.025, 0.004]
