@@ -83,13 +83,8 @@ def _add_study(sub) -> None:
     _common(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hld",
-        description="Knowledge distillation during LLM pre-training: CE vs logit KD vs hidden-layer distillation.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run(sub) -> None:
+    """`hld run`: the embedded default."""
     p = sub.add_parser(
         "run",
         help="the embedded default: a small study (Gemma 3 270M teacher, a tiny student, "
@@ -101,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="study keys (arms=[ce,kd], seeds=[0,1]) or dotted run overrides")
     _common(p)
 
+
+def _add_train(sub) -> None:
+    """`hld train`: one run."""
     p = sub.add_parser("train", help="one training run")
     p.add_argument("--config", required=True, help="YAML file or preset name (see src/hld/configs)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
@@ -108,14 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 objective.method=kd")
     _common(p)
 
-    _add_eval(sub)
 
+def _add_export(sub) -> None:
+    """`hld export`: a finished run's student as a Hugging Face checkpoint."""
     p = sub.add_parser("export", help="a finished run's student as a Hugging Face checkpoint with a model card")
     p.add_argument("run_dir", help="run directory (the --out of hld train)")
     p.add_argument("out_dir", help="directory to write; must be new or empty unless --force")
     p.add_argument("--force", action="store_true", help="replace an earlier hld export in OUT_DIR (nothing else)")
     _common(p)
 
+
+def _add_cache_teacher(sub) -> None:
+    """`hld cache-teacher`: the offline teacher cache."""
     p = sub.add_parser("cache-teacher", help="run the teacher once and store its signals for a config's runs")
     p.add_argument("--config", default=None, help="YAML file or preset name (required unless --verify)")
     p.add_argument("--out", required=True, help="cache directory to write (then pass teacher.cache=DIR)")
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
+
+def _add_tokenize(sub) -> None:
+    """`hld tokenize`: token stores."""
     p = sub.add_parser(
         "tokenize",
         help="tokenise a config's train and validation sources once into memory-mapped token stores "
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=/data/c4/c4-train.*.json.gz")
     _common(p)
 
+
+def _add_inspect_teacher(sub) -> None:
+    """`hld inspect-teacher`: the teacher's layers as hidden targets."""
     p = sub.add_parser(
         "inspect-teacher",
         help="per teacher layer: the largest dimension's share of ||x||^2 and the "
@@ -168,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
     _common(p)
 
+
+def _add_plan(sub) -> None:
+    """`hld plan`: a run's or a study's cost, without loading weights."""
     p = sub.add_parser(
         "plan",
         help="what a run config or a study will cost, without loading weights: parameters, "
@@ -189,10 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted run overrides (and study keys for a study)")
     _common(p)
 
+
+def _add_config(sub) -> None:
+    """`hld config`: every key with its help."""
     p = sub.add_parser("config", help="list every config key with its help and default")
     _common(p)
 
-    _add_study(sub)
+
+# the subcommands in the order `hld --help` lists them (`_add_study` adds `study` and `report`)
+BUILDERS = (
+    _add_run,
+    _add_train,
+    _add_eval,
+    _add_export,
+    _add_cache_teacher,
+    _add_tokenize,
+    _add_inspect_teacher,
+    _add_plan,
+    _add_config,
+    _add_study,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hld",
+        description="Knowledge distillation during LLM pre-training: CE vs logit KD vs hidden-layer distillation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in BUILDERS:
+        add(sub)
     return parser
 
 
