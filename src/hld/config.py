@@ -442,6 +442,15 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+RESUME_MAY_CHANGE = ("log",)  # sections `--resume` may change: where metric lines also go, nothing a run computes
+
+
+def resume_view(resolved: dict) -> dict:
+    """A resolved config (`to_dict`, or a run's config.yaml) without the sections a resume may change: what
+    `--resume` compares with the run's config.yaml, and what a checkpoint's identity hashes."""
+    return {k: v for k, v in resolved.items() if k not in RESUME_MAY_CHANGE}
+
+
 def dump_yaml(cfg: Any) -> str:
     """The resolved config as YAML, each field preceded by its help text as a comment."""
     lines: list[str] = []

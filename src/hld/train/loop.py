@@ -47,7 +47,7 @@ from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import phase_costs, run_length
 from hld.train.callbacks import Callback, Run, default_callbacks, validate_now
-from hld.train.checkpoint import save_run, state_modules
+from hld.train.checkpoint import run_identity, save_run, state_modules
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
 from hld.train.rundir import last_validation, prepare_dir, resume_state, run_lock
@@ -123,9 +123,10 @@ def build(
     d = cfg.data
     train_w = resources.train_windows(d, tok)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
-    if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
+    teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
+    if shapes is not None and cfg.teacher.cache:
         expect = cache_identity(
-            teacher=resolve_model_dir(cfg.teacher.model)[1],
+            teacher=teacher_id,
             tokenizer=tok,
             seq_len=d.seq_len,
             train_windows=train_w,
@@ -181,7 +182,7 @@ def build(
         device=device,
         compute_dtype=compute_dtype,
         dist=dist,
-        data_fingerprint=windows_fingerprint(train_w),
+        identity=run_identity(cfg, data=windows_fingerprint(train_w), teacher=teacher_id),
     )
 
 
@@ -359,7 +360,7 @@ def _locked_train(
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
     state = (
-        resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint)
+        resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, identity=s.identity)
         if resume
         else RunState()
     )

@@ -11,11 +11,12 @@ import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from hld import atomic
-from hld.config import RunConfig, dump_yaml, to_dict
+from hld.config import RunConfig, dump_yaml, resume_view, to_dict
 from hld.distributed import Dist, barrier
 from hld.errors import HldError
 from hld.train.checkpoint import has_checkpoint, load_sharded, remove_torn, restore_checkpoint
@@ -184,12 +185,10 @@ def run_lock(out: Path, d: Dist):
 
 
 def same_config(saved: dict, cfg: RunConfig) -> bool:
-    """Does the resolved config saved in a run (`read_run_config`) equal `cfg`? The `log` section (where
-    metric lines also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
-    saved, now = dict(saved), to_dict(cfg)
-    saved.pop("log", None)
-    now.pop("log", None)
-    return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
+    """Does the resolved config saved in a run (`read_run_config`) equal `cfg`? The sections a resume may
+    change (`hld.config.RESUME_MAY_CHANGE`: `log`, where metric lines also go) may differ, or be absent
+    from older runs."""
+    return json.dumps(resume_view(saved), sort_keys=True) == json.dumps(resume_view(to_dict(cfg)), sort_keys=True)
 
 
 def resume_state(
@@ -198,7 +197,7 @@ def resume_state(
     *,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> RunState:
     """Load the run's last checkpoint into `modules` ("student", and "projectors" when trained) and the
     optimiser, and return where the run stood; a run stopped before its first checkpoint starts again
@@ -216,14 +215,14 @@ def resume_state(
             say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
         state = RunState()
     elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
-        state = load_sharded(out, modules=modules, optimizer=optimizer, data_fingerprint=data_fingerprint)
+        state = load_sharded(out, modules=modules, optimizer=optimizer, identity=identity)
     else:
         state = restore_checkpoint(
             out,
             student=modules["student"],
             projectors=modules.get("projectors"),
             optimizer=optimizer,
-            data_fingerprint=data_fingerprint,
+            identity=identity,
         )
     if d.is_main:
         _truncate_metrics(out, state.step)
