@@ -1,6 +1,6 @@
 """Print the imports between hld's packages and check they run one way:
 cli → export → study → cache.build → train → eval → distributed → cache → distill → models → data/config →
-config_checks → the base modules (errors, atomic, locks, paths, progress, fingerprint, precision); then check
+config_checks → the base modules (errors, atomic, files, locks, paths, progress, fingerprint, precision); then check
 that no modules import each other in a circle.
 
     python scripts/import_layers.py          # every edge, the ones against the order, the circles (exit 1 if any)
@@ -50,6 +50,7 @@ RANK = {
     "config_checks": 0.5,  # the ranges, checks and student shapes config.load_config uses: below config
     "errors": 0,
     "atomic": 0,
+    "files": 0,
     "locks": 0,
     "paths": 0,
     "progress": 0,

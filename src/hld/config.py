@@ -8,6 +8,7 @@ The resolved config is written, with each field's help as a comment, into every 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import yaml
 
 from hld.config_checks import HIDDEN_LOSSES, validate
 from hld.errors import HldError
+from hld.files import MAX_CONFIG_BYTES, read_text, regular_file
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -364,7 +366,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "config") -> Path:
     """A YAML path, or the name of a file shipped in `directory`."""
     path = Path(name_or_path)
-    if path.is_file():
+    if os.path.lexists(path):  # a file, or what must be refused as one (a FIFO, a device, a dangling link)
+        regular_file(path, kind, "give a YAML file (a config is never read from a device, FIFO or directory)")
         return path
     preset = directory / f"{name_or_path}.yaml"
     if preset.is_file():
@@ -399,8 +402,13 @@ class _DuplicateKey(Exception):
 
 
 def read_yaml(path: Path) -> dict:
+    """A config or study YAML: a regular file of at most `MAX_CONFIG_BYTES` holding a mapping with at least
+    one key (an empty file ran as all defaults: a config that says nothing is refused)."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = yaml.load(
+            read_text(path, "config", "give a YAML file of key: value pairs", max_bytes=MAX_CONFIG_BYTES),
+            Loader=_UniqueKeyLoader,
+        )
     except (OSError, UnicodeDecodeError) as exc:
         raise HldError(f"cannot read config {path}: {exc}", "check the path and that it is UTF-8 text") from exc
     except _DuplicateKey as exc:
@@ -412,8 +420,12 @@ def read_yaml(path: Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise HldError(f"config {path} is not valid YAML{at}", "fix the YAML syntax") from exc
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        raise HldError(
+            f"config {path} is empty (it sets no key: it would run as every default)",
+            "write the keys it should set (hld config lists them), or give a preset: "
+            + ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))),
+        )
     if not isinstance(raw, dict):
         raise HldError(f"config {path} must be a mapping at the top level", "write key: value pairs")
     return raw

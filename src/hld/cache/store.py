@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from hld import files
 from hld.atomic import write_file, write_text
 from hld.cache.codec import Codec, field_specs
 from hld.errors import HldError
@@ -82,10 +83,9 @@ def specs_of(plan: dict, slot_bits: Optional[int]) -> dict:
 def read_log(path: Path) -> tuple[list[dict], int]:
     """The complete records of a part's commit log and the byte length they take (a torn last line,
     from a process killed while appending it, is not a record)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return [], 0
+    data = files.read_bytes(path, "cache commit log", REBUILD, max_bytes=files.MAX_MANIFEST_BYTES)
     records, end = [], 0
     for line in data.split(b"\n")[:-1]:  # the piece after the last newline is torn (or empty)
         try:
@@ -224,17 +224,16 @@ def _bad(path: Path, what: str) -> HldError:
 def check_records(path: Path, manifest: dict) -> None:
     """Every shard record against what the plan implies (row ranges, fields, dtypes, shapes, offsets
     inside the files' recorded sizes), and each part file's size on disk: no data read."""
-    shards, files = manifest.get("shards"), manifest.get("files")
-    if not isinstance(shards, list) or not isinstance(files, dict):
+    shards, sizes = manifest.get("shards"), manifest.get("files")
+    if not isinstance(shards, list) or not isinstance(sizes, dict):
         raise _bad(path, "its manifest lacks `shards` or `files`")
     if len(shards) != n_shards(manifest):
         raise _bad(path, f"its manifest lists {len(shards)} shards, its windows need {n_shards(manifest)}")
-    for name, size in files.items():
+    for name, size in sizes.items():
         f = path / name
-        try:
-            got = f.stat().st_size
-        except OSError:
-            raise _bad(path, f"{name} is missing") from None
+        if not os.path.lexists(f):
+            raise _bad(path, f"{name} is missing")
+        got = files.regular_file(f, f"teacher cache {path}: part file", REBUILD).st_size  # never map a device
         if not isinstance(size, int) or got != size:
             raise _bad(path, f"{name} is {got} bytes, its manifest says {size} (truncated or replaced)")
     specs: dict = {}  # slot width -> field specs (one per distinct width, not per shard)
@@ -321,8 +320,9 @@ class Parts:
 
     def _read_stamps(self) -> set[str]:
         try:
-            return set((self.path / "verified.jsonl").read_text().splitlines())
-        except (OSError, UnicodeDecodeError):
+            f = self.path / "verified.jsonl"
+            return set(files.read_text(f, "stamps", "", max_bytes=files.MAX_MANIFEST_BYTES).splitlines())
+        except (HldError, OSError, UnicodeDecodeError):
             return set()
 
     def _check(self, s: int, key: str, name: str, raw: np.ndarray, digest: str) -> None:
@@ -365,6 +365,7 @@ def open_windows(path: Path, manifest: dict) -> tuple[Optional[int], Optional[np
             raise _bad(path, "its manifest's `windows` entry is malformed")
         return w["first"], None
     try:
+        files.regular_file(path / "windows.npy", f"teacher cache {path}: windows.npy", REBUILD)
         ids = np.load(path / "windows.npy", mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise _bad(path, f"windows.npy is missing or unreadable ({exc})") from exc

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 import numpy as np
 import torch
 
+from hld import files
 from hld.atomic import check_recorded, replace_dir, write_checked, write_file, write_fix
 from hld.config import RunConfig, resume_view, to_dict
 from hld.distributed import Dist, any_rank, barrier, main_only
@@ -44,8 +45,8 @@ _DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 def atomic_save(obj: Any, path: Path, *, checked: bool = False) -> None:
     """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash.
     `checked`: its sha256 recorded beside it (`<name>.sha256`), checked before it is read back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ a regular file: FileExistsError, worded
         (write_checked if checked else write_file)(path, lambda fh: torch.save(obj, fh), fsync=True)
     except OSError as exc:
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
@@ -101,10 +102,11 @@ def load_checkpoint(run_dir: Path) -> dict:
     """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states
     (its recorded sha256 checked first)."""
     path = run_dir / "checkpoints" / CKPT_NAME
-    if not path.exists():
+    if not files.present(path):
         raise HldError(
             f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts from step 0"
         )
+    files.regular_file(path, "checkpoint", _DAMAGED_FIX)  # a directory, a dangling link, /dev/zero, a FIFO
     check_recorded(path, _DAMAGED_FIX, "checkpoint")
     ck = _load_file(path)
     if not isinstance(ck, dict) or not all(isinstance(ck.get(k), dict) for k in ("student", "optimizer", "rng")):
@@ -202,6 +204,7 @@ def restore_checkpoint(
 
 
 def _load_file(path: Path) -> dict:
+    files.regular_file(path, "checkpoint", _DAMAGED_FIX)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -217,8 +220,13 @@ def load_reason(exc: BaseException) -> str:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
+    """Is there a checkpoint to resume from? Anything at `checkpoints/checkpoint.pt` counts, a dangling link
+    included (reading it refuses it in one line: saved steps are never thrown away for a link gone wrong);
+    `checkpoints` that is not a directory is refused."""
     ck = Path(run_dir) / "checkpoints"
-    return (ck / CKPT_NAME).exists() or _latest_sharded(ck) is not None
+    if files.present(ck):
+        files.directory(ck, "the run's checkpoints", "move it away (hld writes its checkpoints into that directory)")
+    return files.present(ck / CKPT_NAME) or _latest_sharded(ck) is not None
 
 
 def remove_torn(run_dir: Path) -> None:

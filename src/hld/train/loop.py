@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from hld import atomic, distributed
+from hld import atomic, distributed, files
 from hld.cache.meta import cache_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
@@ -199,8 +199,9 @@ def cached_teacher_shapes(cfg: RunConfig) -> CausalLM:
     """The teacher of a cached run on the meta device (its sizes, FLOPs and depth, no weights): from the
     text config its cache's manifest records, else from its config.json."""
     try:
-        manifest = json.loads((Path(str(cfg.teacher.cache)) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        f = Path(str(cfg.teacher.cache)) / "manifest.json"
+        manifest = json.loads(files.read_text(f, "cache manifest", "", max_bytes=files.MAX_MANIFEST_BYTES))
+    except (HldError, OSError, ValueError):
         manifest = {}  # CachedTeacher refuses a missing or corrupt manifest with its own message
     saved = manifest.get("teacher_config") if isinstance(manifest, dict) else None
     config = config_from_dict(saved) if saved else model_config(resolve_model_dir(cfg.teacher.model)[0])

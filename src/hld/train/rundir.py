@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from hld import atomic
+from hld import atomic, files
 from hld.config import RunConfig, dump_yaml, resume_view, to_dict
 from hld.distributed import Dist, barrier
 from hld.errors import HldError
@@ -37,13 +37,14 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
     cfg_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
-    saved = read_run_config(cfg_path) if cfg_path.exists() else None
-    if cfg_path.exists() and saved is None or not cfg_path.exists() and _foreign(out):
+    there = files.present(cfg_path)  # a dangling link too: read_run_config refuses it in one line
+    saved = read_run_config(cfg_path) if there else None
+    if there and saved is None or not there and _foreign(out):
         raise HldError(
             f"--out {out} is not empty and is not an hld run directory (it holds {_listing(out)})",
             "give a new or empty directory for --out (hld train writes config.yaml, summary.json, student/ there)",
         )
-    if resume and not cfg_path.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+    if resume and not there and _logged(out):
         raise HldError(
             f"--resume: {out} holds a run's files but no config.yaml",
             "check --out, or delete that directory and run again",
@@ -55,7 +56,7 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
                 "resume with the same config and overrides, or start a new --out",
             )
         return
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+    if _logged(out):
         raise HldError(
             f"{out} already holds a run",
             "pass --resume to continue it (from its last checkpoint, or "
@@ -83,12 +84,17 @@ def _entries(out: Path) -> list[str]:
         return []
 
 
+def _logged(out: Path) -> bool:
+    """Has a run logged into `out` (metrics.jsonl or checkpoints/ there, whatever they are: a dangling link
+    or a file where a directory belongs is refused when it is read, never taken for a new run)?"""
+    return files.present(out / "metrics.jsonl") or files.present(out / "checkpoints")
+
+
 def _foreign(out: Path) -> bool:
     """Does `out` hold something other than what a run writes before its first metric line (the files
     of a run that has logged are judged by the checks on metrics.jsonl and checkpoints/)?"""
     run_files = ("metrics.jsonl", "checkpoints", "summary.json", "student", "cka.json", "downstream.json", "cell.json")
-    logged = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    allowed = _STARTED + run_files if logged else _STARTED
+    allowed = _STARTED + run_files if _logged(out) else _STARTED
     return any(n not in allowed and not n.endswith(".tmp") for n in _entries(out))
 
 
@@ -111,7 +117,7 @@ def read_run_config(path: Path) -> dict | None:
 
     fix = f"restore {path} from a copy, or delete {path.parent} and train again"
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        saved = yaml.safe_load(files.read_text(path, "the run's config", fix, max_bytes=files.MAX_CONFIG_BYTES))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise HldError(f"the run's config {path} is unreadable or not valid YAML (truncated?)", fix) from exc
     names = {f.name for f in fields(RunConfig)}
