@@ -98,7 +98,7 @@ KINDS = [
     Kind("cache", "parts/*.bin", "bytes", ("train-cached",)),
     Kind("cache", "parts/*.records.jsonl", "jsonl"),  # the build's commit log: the manifest holds its records
     Kind("cache", "windows.npy", "bytes", ("train-cached",)),
-    Kind("cache", "verified.jsonl", "bytes", ("train-cached",)),  # lines of text: "shard field sha size mtime"
+    Kind("cache", "verified.jsonl", "bytes", ("train-cached",)),  # lines: "shard field sha dev:ino size mtime ctime"
     # a token store (what `hld eval --data` and `hld tokenize` read)
     Kind("store", "manifest.json", "json", ("eval-store", "tokenize"), "shards"),
     Kind("store", "identity.json", "json", ("eval-store",), "source"),

@@ -17,7 +17,8 @@ cache: fields x parts + parts + 3, whatever the number of shards; a reader keeps
 memory maps. Opening reads the manifest, checks every record against the shapes the plan implies
 and stats the part files (sizes): O(shards), no data read. A field of a shard is checked against
 its sha256 the first time a process reads it, before its values are used; the verdict is stamped in
-verified.jsonl (with the file's size and mtime) so other processes and later runs reuse it.
+verified.jsonl (with the file's inode, size, mtime and ctime: `hld.fingerprint.file_state`) so other processes
+and later runs reuse it; a write in place changes the ctime, so a damaged file is hashed again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from hld import files
 from hld.atomic import write_file, write_text
 from hld.cache.codec import Codec, field_specs
 from hld.errors import HldError
+from hld.fingerprint import file_state
 
 FORMAT = "hld-teacher-cache"
 FORMAT_VERSION = 4  # 4: part files per field, per-shard records, lazy checksums (3: a .npy per shard and field)
@@ -315,8 +317,7 @@ class Parts:
     # ---------------------------------------------------------------- checksums and their stamps
 
     def _stamp(self, s: int, key: str, name: str, digest: str) -> str:
-        st = os.stat(self.path / name)
-        return f"{s} {key} {digest} {st.st_size} {st.st_mtime_ns}"
+        return f"{s} {key} {digest} {file_state(self.path / name)}"
 
     def _read_stamps(self) -> set[str]:
         try:

@@ -12,8 +12,8 @@ tokenise in parallel and a killed build resumes unit by unit. The stream the sha
 order, is exactly `packing.tokenize_stream` over the source's documents; windows are cut from it by
 `packing`'s protocol (`Windows`). Opening a store reads its manifest and stats its shards (sizes
 only): O(shards), never O(tokens). A shard's sha256 is checked the first time a process reads it,
-and the verdict is stamped beside it (`NNNNN.ok`, keyed by size, mtime and checksum) so other
-processes and ranks reuse it instead of re-reading the corpus.
+and the verdict is stamped beside it (`NNNNN.ok`, keyed by inode, size, mtime, ctime and checksum) so other
+processes and ranks reuse it instead of re-reading the corpus (a write in place changes the ctime: hashed again).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from hld import files
 from hld.atomic import read_json_object, write_json
 from hld.errors import HldError
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, file_state
 
 FORMAT = "hld-token-store"
 VERSION = 1
@@ -164,8 +164,8 @@ def _stamp(path: Path, s: dict) -> Path:
 
 
 def _stamp_text(f: Path, s: dict) -> str:
-    st = f.stat()
-    return f"{st.st_size} {st.st_mtime_ns} {s['sha256']}"
+    """What a verdict holds for: the file as the kernel knows it (`hld.fingerprint.file_state`) + its checksum."""
+    return f"{file_state(f)} {s['sha256']}"
 
 
 def verify_shard(path: Path, s: dict) -> None:
