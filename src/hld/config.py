@@ -228,6 +228,11 @@ class TrainConfig:
         "torchrun: how long a process waits for the others at a collective; covers the one-off work rank 0 "
         "does first (tokenising a local corpus into its store, converting a GGUF teacher)",
     )
+    memory_check: bool = _f(
+        True,
+        "hld train: refuse, before allocating, a run whose `hld plan` memory estimate exceeds this machine's "
+        "memory (the GPU's on a GPU, else RAM, per process); false: start anyway (the estimate can be high)",
+    )
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = _f(
         "auto",
         "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "
@@ -454,13 +459,20 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-RESUME_MAY_CHANGE = ("log",)  # sections `--resume` may change: where metric lines also go, nothing a run computes
+# what `--resume` may change, nothing a run computes: where metric lines also go (the `log` section), and
+# whether `hld train` checks the memory estimate before it starts (a run refused on resume can go on)
+RESUME_MAY_CHANGE = ("log", "train.memory_check")
 
 
 def resume_view(resolved: dict) -> dict:
-    """A resolved config (`to_dict`, or a run's config.yaml) without the sections a resume may change: what
-    `--resume` compares with the run's config.yaml, and what a checkpoint's identity hashes."""
-    return {k: v for k, v in resolved.items() if k not in RESUME_MAY_CHANGE}
+    """A resolved config (`to_dict`, or a run's config.yaml) without the sections and keys a resume may
+    change: what `--resume` compares with the run's config.yaml, and what a checkpoint's identity hashes."""
+    out = {k: v for k, v in resolved.items() if k not in RESUME_MAY_CHANGE}
+    for dotted in (k for k in RESUME_MAY_CHANGE if "." in k):
+        section, key = dotted.split(".", 1)
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def dump_yaml(cfg: Any) -> str:
