@@ -360,10 +360,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise HldError(f"override {item!r} has no key before '='", "write e.g. train.lr=3e-4")
         node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if isinstance(node, _Override):  # an earlier override set it to a value
                 raise HldError(f"override {key!r} goes through a non-section value", "check the key path")
+            if not isinstance(node, dict):  # the config file's own value: it is the file that is wrong
+                section = ".".join(parts[: i + 1])
+                raise HldError(
+                    f"the config sets {section} to {node!r}, which is not a section (so {key} cannot be set)",
+                    f"write {section}: as a section of key: value pairs in the config file",
+                )
         node[parts[-1]] = _Override(text)
     return raw
 
