@@ -70,3 +70,22 @@ def test_a_section_that_is_not_a_mapping_is_blamed_on_the_file(tmp_path, capsys)
     line = one_line_error(capsys, ["plan", "--run", "--config", str(cfg), "train.lr=0.001"], "the config sets train")
     assert "override" not in line and "in the config file" in line, line
     one_line_error(capsys, ["plan", "--run", "--config", "smoke", "train=5", "train.lr=1"], "override 'train.lr'")
+
+
+def test_sigterm_in_the_last_step_stops_the_command_instead_of_being_dropped(tmp_path, capsys, monkeypatch):
+    """The last step does not preempt (the run was about to finish); its flagged SIGTERM was dropped: the
+    run finished, and a study went on to its next cell. It is now sent again once the loop is closed."""
+    import hld.train.loop as loop
+
+    real = loop.train_step
+
+    def sigterm_in_the_last(s, step):
+        if step == s.total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(s, step)
+
+    monkeypatch.setattr(loop, "train_step", sigterm_in_the_last)
+    one_line_error(capsys, train_argv(tmp_path / "r"), "hld train stopped by SIGTERM")
+    assert not (tmp_path / "r" / "summary.json").exists()
+    monkeypatch.setattr(loop, "train_step", real)
+    assert main([*train_argv(tmp_path / "r"), "--resume"]) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -46,11 +47,11 @@ from hld.precision import autocast, default_device, ran_on, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import phase_costs, run_length
-from hld.train.callbacks import Callback, Run, default_callbacks, validate_now
+from hld.train.callbacks import Callback, Preemption, Run, default_callbacks, validate_now
 from hld.train.checkpoint import run_identity, save_run, state_modules
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
-from hld.train.rundir import last_validation, prepare_dir, resume_state, run_lock
+from hld.train.rundir import prepare_dir, resume_state, run_lock
 from hld.train.schedule import lr_factor
 from hld.train.setup import Setup
 from hld.train.state import RunState
@@ -374,6 +375,8 @@ def _locked_train(
         for cb in reversed(callbacks):
             cb.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
+    if distributed.any_rank(d, any(cb.pending() for cb in callbacks if isinstance(cb, Preemption))):
+        signal.raise_signal(signal.SIGTERM)  # every rank stops, none waits in a collective of _finish
     save_run(s, out, state)
     return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
 
@@ -411,8 +414,8 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
     run = Run(s, out, state)
     for cb in callbacks:
         distributed.main_only(d, lambda cb=cb: cb.on_finish(run))  # e.g. cka.json
-    if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = last_validation(out, state.step) or validate_now(s)
+    if "val/ppl" not in line:  # resumed from a checkpoint at the final step: validated again, never read
+        line = validate_now(s)  # back from metrics.jsonl (another run's, copied in, would be reported)
     counts = count_params(s.student)
     summary = {
         "name": cfg.name,

@@ -50,6 +50,7 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
             "check --out, or delete that directory and run again",
         )
     if resume and saved is not None:  # without config.yaml nothing ran: start (a requeued job that died early)
+        _check_run_files(out)
         if not same_config(saved, cfg):
             raise HldError(
                 f"--resume with a config that differs from {cfg_path}",
@@ -82,6 +83,28 @@ def _entries(out: Path) -> list[str]:
         return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     except OSError:
         return []
+
+
+_RUN_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "cka.json",
+    "downstream.json",
+    "hidden_stats.pt",
+    "hidden_stats.pt.sha256",
+)
+_RUN_DIRS = ("checkpoints", "student")
+
+
+def _check_run_files(out: Path) -> None:
+    """What a resumed run reads or replaces must be what hld wrote there: a file where it writes a file, a
+    directory where it writes one (a directory at summary.json was a traceback at the end of the run)."""
+    for name in _RUN_FILES:
+        if files.present(out / name):
+            files.regular_file(out / name, "run file", f"move {out / name} away (hld writes that file)")
+    for name in _RUN_DIRS:
+        if files.present(out / name):
+            files.directory(out / name, "run directory", f"move {out / name} away (hld writes that directory)")
 
 
 def _logged(out: Path) -> bool:
@@ -241,13 +264,6 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         return
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def last_validation(run_dir: Path, step: int) -> dict:
-    """The `val/` metrics logged at `step` ({} if no intact line of that step has them, val/loss and val/ppl
-    both: the caller validates again rather than write a summary without them, or an older step's)."""
-    vals = [r for r in read_metrics(run_dir) if r.get("step") == step and "val/ppl" in r and "val/loss" in r]
-    return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
 def say(line: str) -> None:
