@@ -377,12 +377,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "config") -> Path:
     """A YAML path, or the name of a file shipped in `directory`."""
     path = Path(name_or_path)
-    if os.path.lexists(path):  # a file, or what must be refused as one (a FIFO, a device, a dangling link)
-        regular_file(path, kind, "give a YAML file (a config is never read from a device, FIFO or directory)")
+    fix = "give a YAML file (a config is never read from a device, FIFO or directory)"
+    if os.path.lexists(path) and not path.is_dir():  # a file, or what is refused as one (FIFO, device, dangling)
+        regular_file(path, kind, fix)
         return path
     preset = directory / f"{name_or_path}.yaml"
     if preset.is_file():
-        return preset
+        return preset  # a directory of the preset's name in the working directory does not hide it
+    if path.is_dir():
+        regular_file(path, kind, fix)
     names = sorted(p.stem for p in directory.glob("*.yaml"))
     raise HldError(
         f"{kind} {name_or_path!r} is neither a file nor a shipped one",
