@@ -362,16 +362,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-            if isinstance(node, _Override):  # an earlier override set it to a value
+            section = ".".join(parts[: i + 1])
+            if not isinstance(node, dict) and (isinstance(node, _Override) or not _is_section(section)):
                 raise HldError(f"override {key!r} goes through a non-section value", "check the key path")
-            if not isinstance(node, dict):  # the config file's own value: it is the file that is wrong
-                section = ".".join(parts[: i + 1])
+            if not isinstance(node, dict):  # a section the config file gave another value: the file is wrong
                 raise HldError(
                     f"the config sets {section} to {node!r}, which is not a section (so {key} cannot be set)",
                     f"write {section}: as a section of key: value pairs in the config file",
                 )
         node[parts[-1]] = _Override(text)
     return raw
+
+
+def _is_section(dotted: str) -> bool:
+    """Is `dotted` (e.g. `objective.hidden`) a section of the run config (a nested dataclass)?"""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls).get(part)
+    return dataclasses.is_dataclass(cls)
 
 
 def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "config") -> Path:
