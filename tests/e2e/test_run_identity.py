@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from helpers import one_line_error, train_argv
@@ -14,6 +15,7 @@ from hld.cli import main
 from hld.train.checkpoint import CKPT_NAME, atomic_save
 
 
+@pytest.mark.slow  # two runs and three resumes: ~1 min on 2 cores
 def test_a_checkpoint_of_another_seed_is_refused_and_an_older_one_without_identity_resumes(tmp_path, capsys):
     mine, other = tmp_path / "seed0", tmp_path / "seed1"
     assert main(train_argv(mine, "train.seed=0")) == 0
