@@ -1,7 +1,7 @@
 """Print the imports between hld's packages and check they run one way:
 cli → export → study → cache.build → train → eval → distributed → cache → distill → models → data/config →
-config_checks → distill.divergences → the base modules (errors, atomic, locks, paths, progress, fingerprint,
-precision); then check that no modules import each other in a circle.
+config_checks → distill.divergences → the base modules (errors, atomic, files, locks, paths, progress,
+fingerprint, precision); then check that no modules import each other in a circle.
 
     python scripts/import_layers.py          # every edge, the ones against the order, the circles (exit 1 if any)
 
@@ -51,6 +51,7 @@ RANK = {
     "distill.divergences": 0.4,  # the divergences by name: config reads their names and parameters
     "errors": 0,
     "atomic": 0,
+    "files": 0,
     "locks": 0,
     "paths": 0,
     "progress": 0,

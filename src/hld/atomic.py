@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from hld import files
 from hld.errors import HldError
 
 
@@ -63,9 +64,9 @@ def write_checked(path: Path, write: Callable[[BinaryIO], object], *, fsync: boo
 
 def _digests(side: Path) -> list[str] | None:
     try:
-        obj = json.loads(side.read_text(encoding="utf-8"))
+        obj = json.loads(files.read_text(side, "checksum record", "", max_bytes=files.MAX_CONFIG_BYTES))
         got = obj["sha256"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (HldError, OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
     return got if isinstance(got, list) and got and all(isinstance(d, str) for d in got) else None
 
@@ -78,8 +79,9 @@ def check_recorded(path: Path, fix: str, what: str = "file") -> None:
 
     path = Path(path)
     side = path.with_name(path.name + SHA_SUFFIX)
-    if not side.exists():
+    if not files.present(side):
         return
+    files.regular_file(path, what, fix)  # never hash a device (/dev/zero: forever) or a FIFO
     digests = _digests(side)
     if digests is None:
         raise HldError(f"the checksum record {side} is damaged", f"{fix} (or delete {side.name} to skip the check)")
@@ -191,10 +193,11 @@ def write_fix(exc: OSError, flag: str = "--out") -> str:
     return f"pick a writable {flag} (a directory you may create files in)"
 
 
-def read_json_object(path: Path, what: str, fix: str) -> dict:
-    """A JSON file that must hold an object (summary.json, manifest.json): an HldError otherwise."""
+def read_json_object(path: Path, what: str, fix: str, *, max_bytes: int = files.MAX_MANIFEST_BYTES) -> dict:
+    """A JSON file that must hold an object (summary.json, manifest.json): an HldError otherwise (also when
+    it is not a regular file of at most `max_bytes`: `hld.files`)."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(files.read_text(Path(path), what, fix, max_bytes=max_bytes))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise HldError(f"{what} {path} is unreadable or not valid JSON (truncated?)", fix) from exc
     if not isinstance(obj, dict):

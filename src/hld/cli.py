@@ -11,7 +11,7 @@ import sys
 from typing import Optional
 
 from hld.commands import COMMANDS, is_main_rank
-from hld.errors import HldError, sigterm_as_error
+from hld.errors import HldError, Stopped, sigterm_as_error
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -300,16 +300,36 @@ def _run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
-    _quiet_libraries()
+    # SIGTERM anywhere outside a training step (which checkpoints) and a cache build (its own line), from
+    # here to the last line printed: one line and the cleanups of what was being written, not a silent
+    # end (exit 143), and never worded as another error (`Stopped` is no Exception)
+    try:
+        with sigterm_as_error(f"hld {args.command} stopped by SIGTERM", _AFTER_SIGTERM):
+            return _main(args)
+    except Stopped as exc:  # it came while _main was printing its result or its error
+        if args.debug:
+            raise
+        if is_main_rank():
+            _say(f"hld: error: {exc.line()}")
+        return exc.code
+
+
+def _main(args: argparse.Namespace) -> int:
     from hld.train.rundir import Preempted
 
     speak = is_main_rank()
     try:
+        _quiet_libraries()
         _single_process(args.command, getattr(args, "cell", None))
-        # SIGTERM outside a training step (which checkpoints) and a cache build (its own line): one line and
-        # the cleanups of what was being written, not a silent end
-        with sigterm_as_error(f"hld {args.command} stopped by SIGTERM", _AFTER_SIGTERM):
-            result = _run(args)
+        result = _run(args)
+    except Stopped as exc:
+        if args.debug:
+            raise
+        if speak:
+            _say(f"hld: error: {exc.line()}")
+            if args.json:
+                print(json.dumps({"error": exc.line(), "stopped": True}))
+        return exc.code
     except HldError as exc:
         if args.debug:
             raise
@@ -326,8 +346,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     json.dumps({"preempted": True, "step": exc.step, "steps": exc.total, "run_dir": str(exc.run_dir)})
                 )
         return 0
-    except KeyboardInterrupt:
-        print("hld: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # SIGINT (Ctrl-C): one line, the shell's exit code for it
+        if speak:
+            _say(f"hld: error: hld {args.command} interrupted (SIGINT) — {_AFTER_SIGTERM}")
         return 130
     if args.json and speak:
         print(json.dumps(result, default=str))

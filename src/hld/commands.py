@@ -20,6 +20,7 @@ def cmd_train(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     check_names(out, "--out" if args.out else "the run directory (runs/<name>)")
+    _check_memory(cfg)
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
     if not args.json and is_main_rank():
         print(
@@ -27,6 +28,22 @@ def cmd_train(args) -> dict:
             f"val ppl {summary.get('val/ppl', float('nan')):.2f} -> {out}"
         )
     return {"run_dir": str(out), **summary}
+
+
+def _check_memory(cfg) -> None:
+    """Refuse a run that cannot fit this machine's memory before anything is allocated (`hld.plan`)."""
+    import torch
+
+    from hld.distributed import launch_env
+    from hld.plan import check_memory
+    from hld.precision import default_device
+
+    world_size, _, local_rank = launch_env()
+    device = default_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's processes on this node
+    check_memory(cfg, device=device, world_size=world_size, local_processes=int(local) if local.isdigit() else 1)
 
 
 def cmd_eval(args) -> dict:

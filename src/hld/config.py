@@ -8,6 +8,7 @@ The resolved config is written, with each field's help as a comment, into every 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 from hld.config_checks import HIDDEN_LOSSES, STUDENT_FAMILIES, validate
 from hld.distill.divergences.registry import help_text as divergence_help
 from hld.errors import HldError
+from hld.files import MAX_CONFIG_BYTES, read_text, regular_file
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -230,6 +232,11 @@ class TrainConfig:
         "torchrun: how long a process waits for the others at a collective; covers the one-off work rank 0 "
         "does first (tokenising a local corpus into its store, converting a GGUF teacher)",
     )
+    memory_check: bool = _f(
+        True,
+        "hld train: refuse, before allocating, a run whose `hld plan` memory estimate exceeds this machine's "
+        "memory (the GPU's on a GPU, else RAM, per process); false: start anyway (the estimate can be high)",
+    )
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = _f(
         "auto",
         "data parallelism under torchrun: ddp (replicated student, gradients summed over processes), "
@@ -357,22 +364,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise HldError(f"override {item!r} has no key before '='", "write e.g. train.lr=3e-4")
         node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            section = ".".join(parts[: i + 1])
+            if not isinstance(node, dict) and (isinstance(node, _Override) or not _is_section(section)):
                 raise HldError(f"override {key!r} goes through a non-section value", "check the key path")
+            if not isinstance(node, dict):  # a section the config file gave another value: the file is wrong
+                raise HldError(
+                    f"the config sets {section} to {node!r}, which is not a section (so {key} cannot be set)",
+                    f"write {section}: as a section of key: value pairs in the config file",
+                )
         node[parts[-1]] = _Override(text)
     return raw
+
+
+def _is_section(dotted: str) -> bool:
+    """Is `dotted` (e.g. `objective.hidden`) a section of the run config (a nested dataclass)?"""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls).get(part)
+    return dataclasses.is_dataclass(cls)
 
 
 def resolve_config_path(name_or_path: str, directory: Path = PRESET_DIR, kind: str = "config") -> Path:
     """A YAML path, or the name of a file shipped in `directory`."""
     path = Path(name_or_path)
-    if path.is_file():
+    fix = "give a YAML file (a config is never read from a device, FIFO or directory)"
+    if os.path.lexists(path) and not path.is_dir():  # a file, or what is refused as one (FIFO, device, dangling)
+        regular_file(path, kind, fix)
         return path
     preset = directory / f"{name_or_path}.yaml"
     if preset.is_file():
-        return preset
+        return preset  # a directory of the preset's name in the working directory does not hide it
+    if path.is_dir():
+        regular_file(path, kind, fix)
     names = sorted(p.stem for p in directory.glob("*.yaml"))
     raise HldError(
         f"{kind} {name_or_path!r} is neither a file nor a shipped one",
@@ -403,8 +430,13 @@ class _DuplicateKey(Exception):
 
 
 def read_yaml(path: Path) -> dict:
+    """A config or study YAML: a regular file of at most `MAX_CONFIG_BYTES` holding a mapping with at least
+    one key (an empty file ran as all defaults: a config that says nothing is refused)."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = yaml.load(
+            read_text(path, "config", "give a YAML file of key: value pairs", max_bytes=MAX_CONFIG_BYTES),
+            Loader=_UniqueKeyLoader,
+        )
     except (OSError, UnicodeDecodeError) as exc:
         raise HldError(f"cannot read config {path}: {exc}", "check the path and that it is UTF-8 text") from exc
     except _DuplicateKey as exc:
@@ -416,8 +448,12 @@ def read_yaml(path: Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise HldError(f"config {path} is not valid YAML{at}", "fix the YAML syntax") from exc
-    if raw is None:
-        return {}
+    if raw is None or raw == {}:
+        raise HldError(
+            f"config {path} is empty (it sets no key: it would run as every default)",
+            "write the keys it should set (hld config lists them), or give a preset: "
+            + ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))),
+        )
     if not isinstance(raw, dict):
         raise HldError(f"config {path} must be a mapping at the top level", "write key: value pairs")
     return raw
@@ -444,6 +480,22 @@ def _merge(a: dict, b: dict) -> dict:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# what `--resume` may change, nothing a run computes: where metric lines also go (the `log` section), and
+# whether `hld train` checks the memory estimate before it starts (a run refused on resume can go on)
+RESUME_MAY_CHANGE = ("log", "train.memory_check")
+
+
+def resume_view(resolved: dict) -> dict:
+    """A resolved config (`to_dict`, or a run's config.yaml) without the sections and keys a resume may
+    change: what `--resume` compares with the run's config.yaml, and what a checkpoint's identity hashes."""
+    out = {k: v for k, v in resolved.items() if k not in RESUME_MAY_CHANGE}
+    for dotted in (k for k in RESUME_MAY_CHANGE if "." in k):
+        section, key = dotted.split(".", 1)
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def dump_yaml(cfg: Any) -> str:

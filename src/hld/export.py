@@ -21,6 +21,7 @@ import yaml
 from hld.atomic import new_dir, write_fix
 from hld.errors import HldError
 from hld.eval.downstream import read_downstream
+from hld.files import MAX_CONFIG_BYTES, read_text
 from hld.fingerprint import file_sha256, sha256_mismatch
 from hld.train.rundir import read_run_config, read_summary
 
@@ -108,11 +109,11 @@ def _check_earlier_export(out_dir: Path) -> None:
     fix = "choose another OUT_DIR (a new one, or an earlier hld export), or move its contents away yourself"
     path, files = out_dir / MARKER, None
     try:  # a regular file of a marker's size (never a link, FIFO or device read blind)
-        if path.is_file() and not path.is_symlink() and path.stat().st_size <= 1 << 20:
-            marker = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_symlink():
+            marker = json.loads(read_text(path, "export marker", fix, max_bytes=MAX_CONFIG_BYTES))
             if marker.get("kind") == "hld-export" and all(isinstance(f, str) for f in marker["files"]):
                 files = set(marker["files"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+    except (HldError, OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         files = None
     if files is None:
         raise HldError(
@@ -183,7 +184,8 @@ def _finished_student(run_dir: Path) -> Path:
         raise HldError(f"{run_dir} is not a run directory (no config.yaml)", "give the --out of `hld train`")
     student = run_dir / "student"
     weights = list(student.glob("*.safetensors")) if student.is_dir() else []
-    if not (run_dir / "summary.json").is_file() or not (student / "config.json").is_file() or not weights:
+    summary = os.path.lexists(run_dir / "summary.json")  # whatever it is: read_summary refuses a non-file
+    if not summary or not (student / "config.json").is_file() or not weights:
         raise HldError(
             f"{run_dir} has no finished student (student/ and summary.json are written at the end of training)",
             "finish the run first: hld train --resume --out RUN_DIR --config ...",

@@ -17,6 +17,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_state(path: Path) -> str:
+    """The state of a file as the kernel keeps it, for the stamps that let a verified checksum be reused
+    (token-store shards, teacher-cache part files): device, inode, size, mtime and **ctime**. A write
+    through the file system changes the ctime, which no call can set back (`touch -r` and `os.utime`
+    restore the mtime only), and a file renamed or copied over another is another inode: a file damaged in
+    place with its size and mtime kept is hashed again, never trained on. Not covered: damage below the
+    file system (media bit rot), which `hld tokenize --verify` / `hld cache-teacher --verify` re-hash
+    (docs/runs.md, "What is verified when")."""
+    st = Path(path).stat()
+    return f"{st.st_dev}:{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
 def files_fingerprint(paths, h=None) -> str:
     """A cheap identity of files (resolved names, sizes, mtimes; never their bytes), fed to `h` if given."""
     h = h or hashlib.sha256()

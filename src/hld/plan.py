@@ -28,7 +28,9 @@ compares it with a measured CPU peak.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -159,13 +161,16 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size: int = 1) -> dict[str, float]:
+def memory_estimate(
+    cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size: int = 1, device: Optional[torch.device] = None
+) -> dict[str, float]:
     """Peak accelerator bytes of one process, by the module docstring's formula (a dict of its terms and
-    `total`). `parts`: the meta-device `Assembly`."""
+    `total`). `parts`: the meta-device `Assembly`; `device`: where `auto` precision resolves (an
+    accelerator unless given)."""
     from hld.distributed import resolve_mode
     from hld.precision import resolve_dtype
 
-    device = torch.device("cuda")  # what `auto` resolves to on an accelerator
+    device = device or torch.device("cuda")
     mode = resolve_mode(cfg.train.parallel, world_size)
     compute = resolve_dtype(cfg.train.precision, device)
     b_act = _dtype_bytes(compute)
@@ -484,3 +489,39 @@ def check_world_size(world_size: int, cfg: RunConfig) -> None:
         raise HldError(f"--world-size {world_size} is not a positive number", "give 1 or more")
     resolve_mode(cfg.train.parallel, world_size)
     check_batch(cfg.train, world_size)
+
+
+def machine_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what) one process may use: a GPU's total memory, or RAM (the smaller of physical memory and
+    the cgroup's `memory.max`, a container's limit)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii")[:32].strip()
+        ram = min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        pass
+    return ram, "RAM"
+
+
+def check_memory(cfg: RunConfig, *, device: torch.device, world_size: int = 1, local_processes: int = 1) -> None:
+    """`hld train`'s fail-fast: refuse, before anything is allocated, a run whose memory estimate (the one
+    `hld plan` prints, for `device`) exceeds the machine's (`machine_memory`; on CPU shared by the
+    `local_processes` of this node). `train.memory_check=false` skips it."""
+    if not cfg.train.memory_check:
+        return
+    teacher_lm, ids = teacher_shapes(cfg.teacher.model)
+    with torch.device("meta"):
+        parts = assemble(cfg, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm)
+    need = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, device=device)["total"]
+    have, what = machine_memory(device)
+    share = local_processes if device.type != "cuda" else 1
+    if need * share > have:
+        per = f" for each of {share} processes" if share > 1 else ""
+        raise HldError(
+            f"this run needs ~{need / GIB:,.1f} GiB of {what}{per} by hld plan's estimate, and this machine has "
+            f"{have / GIB:,.1f} GiB",
+            "lower data.seq_len, train.micro_batch_size or the student (hld plan --config ... shows the terms), "
+            "or set train.memory_check=false to start anyway",
+        )

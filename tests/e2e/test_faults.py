@@ -1,8 +1,11 @@
 """Issue 23, the generated fault test: every kind of file hld writes and reads back, damaged every way
 (emptied, cut to half, bytes flipped, deleted, a key dropped, a value of the wrong type), under every
-command that reads it. Each case must exit 0 with the right result (the same figures as the undamaged
-files gave: a damage hld repairs or may ignore) or exit 2 with one line and no traceback; the user's
-files beside it are untouched, and a refusal writes nothing into the damaged directory.
+command that reads it; issue 31 adds what a path can be instead of the file (a directory, a dangling
+link, a link to /dev/zero, a FIFO), bytes inverted in place with the size and mtime kept, and the same
+file of another build, each under the kind's first reader, and every directory hld writes made a file.
+Each case must exit 0 with the right result (the same figures as the undamaged files gave: a damage hld
+repairs or may ignore) or exit 2 with one line and no traceback; the user's files beside it are
+untouched, and a refusal writes nothing into the damaged directory (but checksum stamps).
 
 The registry (`KINDS`) must name every file a tiny run, study, teacher cache and token store write
 (`test_the_registry_names_every_file_hld_writes`): a new file kind written without being listed fails
@@ -21,7 +24,12 @@ import csv
 import fnmatch
 import io
 import json
+import os
+import resource
 import shutil
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +106,7 @@ KINDS = [
     Kind("cache", "parts/*.bin", "bytes", ("train-cached",)),
     Kind("cache", "parts/*.records.jsonl", "jsonl"),  # the build's commit log: the manifest holds its records
     Kind("cache", "windows.npy", "bytes", ("train-cached",)),
-    Kind("cache", "verified.jsonl", "bytes", ("train-cached",)),  # lines of text: "shard field sha size mtime"
+    Kind("cache", "verified.jsonl", "bytes", ("train-cached",)),  # lines: "shard field sha dev:ino size mtime ctime"
     # a token store (what `hld eval --data` and `hld tokenize` read)
     Kind("store", "manifest.json", "json", ("eval-store", "tokenize"), "shards"),
     Kind("store", "identity.json", "json", ("eval-store",), "source"),
@@ -112,6 +120,20 @@ KINDS = [
 
 _BYTE_DAMAGES = ("empty", "half", "flip", "delete")
 _KEY_DAMAGES = ("drop_key", "wrong_type")
+# issue 31: what a file can be instead of itself; each kind under its first reader. `inplace`: bytes inverted
+# with the size and the mtime kept; `swapped`: the same file of another build (a run of another seed, a
+# cache of other windows, the store of another source)
+_PATH_DAMAGES = ("directory", "dangling", "dev_zero", "fifo", "inplace", "swapped")
+_SWAPPABLE = ("run", "cache", "store")
+
+# directories hld writes, each made a regular file (what was at `checkpoints/` at a run's first save)
+DIR_KINDS = [
+    Kind("run", "checkpoints", "dir", ("resume",)),
+    Kind("run", "student", "dir", ("export", "eval")),
+    Kind("study", "runs", "dir", ("report",)),
+    Kind("cache", "parts", "dir", ("train-cached",)),
+    Kind("store", "shards", "dir", ("eval-store",)),
+]
 
 # cases whose reading code belongs to another work item: (root, pattern, damage, reader) -> owner.
 # Not strict: they pass once their owner's fix is merged (then delete the entry).
@@ -128,9 +150,13 @@ def _case_id(case) -> str:
 
 
 CASES = [(k, d, r) for k in KINDS for d in damages(k) for r in k.readers]
+PATH_CASES = [
+    (k, d, k.readers[0]) for k in KINDS if k.readers for d in _PATH_DAMAGES if d != "swapped" or k.root in _SWAPPABLE
+]
+DIR_CASES = [(k, "file_for_dir", r) for k in DIR_KINDS for r in k.readers]
 PARAMS = [
     pytest.param(c, id=_case_id(c), marks=[pytest.mark.xfail(reason=KNOWN[key], strict=False)] if key in KNOWN else [])
-    for c in CASES
+    for c in CASES + PATH_CASES + DIR_CASES
     for key in [(c[0].root, c[0].pattern, c[1], c[2])]
 ]
 
@@ -141,6 +167,52 @@ PARAMS = [
 def _wrong(value):
     """A value of another type than `value` (a mapping for a scalar, a string for anything else)."""
     return "garbage" if isinstance(value, (dict, list, int, float)) and not isinstance(value, bool) else {"x": 1}
+
+
+def fifo(path: Path) -> None:
+    """A FIFO at `path`, and a daemon thread that opens its other end whenever hld would be waiting on it
+    and closes it at once: a reader reads an empty file, a writer gets EPIPE; a regression fails, never hangs."""
+    os.mkfifo(path)
+
+    def unblock() -> None:
+        for _ in range(6000):  # 10 minutes, then the thread ends
+            for flags in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
+                try:
+                    os.close(os.open(path, flags))
+                except OSError:  # ENXIO: no reader yet; the FIFO gone with the test's directory
+                    pass
+            time.sleep(0.1)
+
+    threading.Thread(target=unblock, daemon=True).start()
+
+
+def damage_path(path: Path, how: str, other: Path | None) -> None:
+    """What `path` (a file, or a directory for `file_for_dir`) becomes under a path damage."""
+    if how == "inplace":
+        before = path.stat()
+        with open(path, "r+b") as fh:
+            for i in (before.st_size // 3, before.st_size // 2):
+                fh.seek(i)
+                b = fh.read(1)
+                fh.seek(i)
+                fh.write(bytes([(b[0] if b else 0) ^ 0xFF]))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return
+    if how == "swapped":
+        assert other is not None
+        shutil.copy2(other, path)  # another build's file, its own mtime
+        return
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if how == "file_for_dir":
+        path.write_text("a regular file where hld keeps a directory\n")
+    elif how == "directory":
+        path.mkdir()
+    elif how == "dangling":
+        path.symlink_to(path.parent / ".gone")
+    elif how == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif how == "fifo":
+        fifo(path)
 
 
 def damage(path: Path, how: str, kind: Kind) -> None:
@@ -208,6 +280,7 @@ class World:
     eval_ppl: float  # hld eval --model RUN on EVAL_DATA
     results: dict  # the study's results.csv: cell -> val_loss
     cached_val: float  # val/loss of a kd run on the cache
+    others: dict[str, Path]  # another build of run, cache and store (the `swapped` damage's source)
 
 
 @pytest.fixture(scope="module")
@@ -223,11 +296,15 @@ def world(tmp_path_factory) -> World:
         eval_ppl = _json_tail(out)["ppl"]
         assert _quiet_main([*STUDY_ARGS, *STUDY_RUNS, "--out", str(study), "--quiet"])[0] == 0
         assert main(_cache_argv(cache)) == 0
+        assert main([*train_argv(base / "run-seed1", *RUN_EXTRA), "train.seed=1"]) == 0  # another build of each
+        assert main([*_cache_argv(base / "cache-seed1"), "train.seed=1"]) == 0
         rc, out = _quiet_main(_cached_argv(base / "cached", cache))
         assert rc == 0
         cached_val = _json_tail(out)["val/loss"]
-    stores = [p.parent for p in (cache_dir / "stores").glob("*/manifest.json") if C4_VALIDATION in p.read_text()]
-    assert len(stores) == 1, stores
+    manifests = sorted((cache_dir / "stores").glob("*/manifest.json"))
+    stores = [p.parent for p in manifests if C4_VALIDATION in p.read_text()]
+    other_stores = [p.parent for p in manifests if C4_VALIDATION not in p.read_text()]  # the training text's
+    assert len(stores) == 1 and other_stores, manifests
     return World(
         roots={"run": run, "study": study, "cache": cache, "store": stores[0]},
         cache_dir=cache_dir,
@@ -235,6 +312,7 @@ def world(tmp_path_factory) -> World:
         eval_ppl=eval_ppl,
         results=_results(study),
         cached_val=cached_val,
+        others={"run": base / "run-seed1", "cache": base / "cache-seed1", "store": other_stores[0]},
     )
 
 
@@ -250,7 +328,10 @@ def _files(root: Path) -> list[str]:
 
 
 def _snapshot(root: Path, skip: str = "") -> dict:
-    return {r: (root / r).read_bytes() for r in _files(root) if r != skip}
+    """Every file's bytes but `skip`'s and the checksum stamps' (a copied cache is another inode: checking it
+    before a refusal appends its verdicts to verified.jsonl, which is bookkeeping, not the user's data)."""
+    stamp = lambda r: r.endswith(("verified.jsonl", ".ok"))  # noqa: E731
+    return {r: (root / r).read_bytes() for r in _files(root) if r != skip and not stamp(r)}
 
 
 @pytest.mark.slow
@@ -332,13 +413,34 @@ def command(reader: str, world: World, root: Path, tmp: Path) -> tuple[list[str]
     }[reader]
 
 
+@contextlib.contextmanager
+def _bounded(seconds: int = 300, data_bytes: int = 8 << 30):
+    """A case that reads /dev/zero or waits on a FIFO by mistake fails (MemoryError past 8 GiB of heap,
+    TimeoutError after 5 minutes) instead of filling the machine's memory or hanging the suite."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = data_bytes if hard == resource.RLIM_INFINITY else min(data_bytes, hard)
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"the command ran past {seconds} s: a blind read?")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def _copy_root(world: World, name: str, tmp: Path, monkeypatch) -> Path:
     """A private copy of the root to damage; a store is copied with its whole HLD_CACHE_DIR."""
     if name == "store":
         shutil.copytree(world.cache_dir, tmp / "hld-cache")
         monkeypatch.setenv("HLD_CACHE_DIR", str(tmp / "hld-cache"))
         return tmp / "hld-cache" / world.roots["store"].relative_to(world.cache_dir)
-    shutil.copytree(world.roots[name], tmp / name)
+    shutil.copytree(world.roots[name], tmp / name, symlinks=True)
     return tmp / name
 
 
@@ -352,11 +454,18 @@ def test_a_damaged_file_is_repaired_ignored_or_refused_in_one_line(tmp_path, cap
     user = tmp_path / "user"  # the user's own files beside
     user.mkdir()
     (user / "notes.txt").write_text("mine\n")
-    damage(target, how, kind)
+    if how in _PATH_DAMAGES or how == "file_for_dir":
+        other = world.others[kind.root] / rel if how == "swapped" else None
+        if other is not None and not other.is_file():
+            pytest.skip(f"the other build holds no {rel}")
+        damage_path(target, how, other)
+    else:
+        damage(target, how, kind)
     before = _snapshot(root, skip=rel)
     argv, check = command(reader, world, root, tmp_path)
     capsys.readouterr()
-    rc, stdout = _quiet_main(argv)
+    with _bounded():
+        rc, stdout = _quiet_main(argv)
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     assert (user / "notes.txt").read_text() == "mine\n"
@@ -375,3 +484,6 @@ def test_the_fault_test_size():
     read_back = [k for k in KINDS if k.readers]
     assert len(CASES) == sum(len(damages(k)) * len(k.readers) for k in read_back)
     assert len(CASES) >= 100 and len({k.root for k in read_back}) == 4
+    swapped = sum(k.root in _SWAPPABLE for k in read_back)
+    assert len(PATH_CASES) == len(read_back) * (len(_PATH_DAMAGES) - 1) + swapped
+    assert len(PARAMS) == len(CASES) + len(PATH_CASES) + len(DIR_CASES)

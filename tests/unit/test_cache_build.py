@@ -6,6 +6,7 @@ one line before anything reads them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -439,3 +440,29 @@ def test_an_encode_error_stops_every_later_write_and_reaches_the_builder():
         enc.drain()
     enc.close()
     assert done == [0, 1]  # in order, and nothing after the failed call ran (no gap in the part files)
+
+
+def test_a_field_damaged_in_place_with_size_and_mtime_kept_is_hashed_again_and_refused(tmp_path, setup):
+    """Issue 31: the verdicts were keyed by size and mtime, so a part file damaged in place with both kept
+    was trained on. They are keyed by inode and ctime too (`hld.fingerprint.file_state`)."""
+    from hld.cache.reader import read_manifest
+    from hld.cache.store import Parts
+
+    out = tmp_path / "c"
+    _build(setup, out)
+    manifest = read_manifest(out)
+    n = Parts(out, manifest, verify=True).verify_all()  # every field hashed and stamped
+    assert len((out / "verified.jsonl").read_text().splitlines()) == n
+    rec = manifest["shards"][0]
+    key = next(k for k in rec["fields"] if k != "tokens")
+    f, field = out / "parts" / f"{rec['part']}.{key}.bin", rec["fields"][key]
+    before = f.stat()
+    with open(f, "r+b") as fh:  # one byte inverted in place, the size kept, the mtime set back
+        fh.seek(field["offset"] + field["nbytes"] // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0x01]))
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(HldError, match=r"cache shard 0 .* is corrupt \(checksum mismatch\)"):
+        Parts(out, manifest, verify=True).verify_all()  # stamps honoured, as a run's reads are

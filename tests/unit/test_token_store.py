@@ -5,6 +5,7 @@ damaged shards and manifests refused in one line, and a hub corpus never tokenis
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,28 @@ def test_a_rerun_build_redoes_a_damaged_committed_shard(built, tok, capsys):
     tk.build(spec, tok, out)
     assert "unit 1" in capsys.readouterr().out
     assert _store_bytes(out) == good
+
+
+def _damage_in_place_keeping_size_and_mtime(f: Path, offset: int) -> None:
+    """One byte inverted through the file system, the size unchanged and the mtime set back (`touch -r`):
+    what the size+mtime stamps took for the verified file (issue 31). The ctime moves; no call sets it back."""
+    before = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x01]))
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = f.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_a_shard_damaged_in_place_with_size_and_mtime_kept_is_hashed_again_and_refused(built, tok):
+    spec, out = built
+    tk.open_windows(spec, tok, seq_len=8)[:]  # read whole: both shards verified and stamped
+    f = out / "shards" / "00000.bin"
+    assert (out / "shards" / "00000.ok").is_file()
+    _damage_in_place_keeping_size_and_mtime(f, 100)  # an in-range id: nothing but the checksum can tell
+    w = tk.open_windows(spec, tok, seq_len=8)
+    with pytest.raises(HldError, match=r"00000\.bin does not match its checksum"):
+        w[:]

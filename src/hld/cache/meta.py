@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from hld import files
 from hld.cache import store as cs
+from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 
 if TYPE_CHECKING:
@@ -71,8 +73,8 @@ def build_dir_of(out: Path) -> Path:
 def read_plan(d: Path) -> Optional[dict]:
     """The plan of the build directory `d` (None: none yet, or unreadable)."""
     try:
-        return json.loads((d / "plan.json").read_text())
-    except (OSError, ValueError):
+        return json.loads(files.read_text(d / "plan.json", "cache plan", "", max_bytes=files.MAX_MANIFEST_BYTES))
+    except (HldError, OSError, ValueError):
         return None
 
 
@@ -89,8 +91,9 @@ def is_cache(path: Path) -> bool:
     """A directory `hld cache-teacher` wrote: its manifest.json holds hld's own fields (a format
     version, the identity, the shards), not just any tool's `format_version`."""
     try:
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        f = Path(path) / "manifest.json"
+        manifest = json.loads(files.read_text(f, "cache manifest", "", max_bytes=files.MAX_MANIFEST_BYTES))
+    except (HldError, OSError, ValueError):
         return False
     return (
         isinstance(manifest, dict)

@@ -17,7 +17,8 @@ cache: fields x parts + parts + 3, whatever the number of shards; a reader keeps
 memory maps. Opening reads the manifest, checks every record against the shapes the plan implies
 and stats the part files (sizes): O(shards), no data read. A field of a shard is checked against
 its sha256 the first time a process reads it, before its values are used; the verdict is stamped in
-verified.jsonl (with the file's size and mtime) so other processes and later runs reuse it.
+verified.jsonl (with the file's inode, size, mtime and ctime: `hld.fingerprint.file_state`) so other processes
+and later runs reuse it; a write in place changes the ctime, so a damaged file is hashed again.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from hld import files
 from hld.atomic import write_file, write_text
 from hld.cache.codec import Codec, field_specs
 from hld.errors import HldError
+from hld.fingerprint import file_state
 
 FORMAT = "hld-teacher-cache"
 FORMAT_VERSION = 4  # 4: part files per field, per-shard records, lazy checksums (3: a .npy per shard and field)
@@ -82,10 +85,9 @@ def specs_of(plan: dict, slot_bits: Optional[int]) -> dict:
 def read_log(path: Path) -> tuple[list[dict], int]:
     """The complete records of a part's commit log and the byte length they take (a torn last line,
     from a process killed while appending it, is not a record)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return [], 0
+    data = files.read_bytes(path, "cache commit log", REBUILD, max_bytes=files.MAX_MANIFEST_BYTES)
     records, end = [], 0
     for line in data.split(b"\n")[:-1]:  # the piece after the last newline is torn (or empty)
         try:
@@ -224,17 +226,16 @@ def _bad(path: Path, what: str) -> HldError:
 def check_records(path: Path, manifest: dict) -> None:
     """Every shard record against what the plan implies (row ranges, fields, dtypes, shapes, offsets
     inside the files' recorded sizes), and each part file's size on disk: no data read."""
-    shards, files = manifest.get("shards"), manifest.get("files")
-    if not isinstance(shards, list) or not isinstance(files, dict):
+    shards, sizes = manifest.get("shards"), manifest.get("files")
+    if not isinstance(shards, list) or not isinstance(sizes, dict):
         raise _bad(path, "its manifest lacks `shards` or `files`")
     if len(shards) != n_shards(manifest):
         raise _bad(path, f"its manifest lists {len(shards)} shards, its windows need {n_shards(manifest)}")
-    for name, size in files.items():
+    for name, size in sizes.items():
         f = path / name
-        try:
-            got = f.stat().st_size
-        except OSError:
-            raise _bad(path, f"{name} is missing") from None
+        if not os.path.lexists(f):
+            raise _bad(path, f"{name} is missing")
+        got = files.regular_file(f, f"teacher cache {path}: part file", REBUILD).st_size  # never map a device
         if not isinstance(size, int) or got != size:
             raise _bad(path, f"{name} is {got} bytes, its manifest says {size} (truncated or replaced)")
     specs: dict = {}  # slot width -> field specs (one per distinct width, not per shard)
@@ -316,13 +317,13 @@ class Parts:
     # ---------------------------------------------------------------- checksums and their stamps
 
     def _stamp(self, s: int, key: str, name: str, digest: str) -> str:
-        st = os.stat(self.path / name)
-        return f"{s} {key} {digest} {st.st_size} {st.st_mtime_ns}"
+        return f"{s} {key} {digest} {file_state(self.path / name)}"
 
     def _read_stamps(self) -> set[str]:
         try:
-            return set((self.path / "verified.jsonl").read_text().splitlines())
-        except (OSError, UnicodeDecodeError):
+            f = self.path / "verified.jsonl"
+            return set(files.read_text(f, "stamps", "", max_bytes=files.MAX_MANIFEST_BYTES).splitlines())
+        except (HldError, OSError, UnicodeDecodeError):
             return set()
 
     def _check(self, s: int, key: str, name: str, raw: np.ndarray, digest: str) -> None:
@@ -365,6 +366,7 @@ def open_windows(path: Path, manifest: dict) -> tuple[Optional[int], Optional[np
             raise _bad(path, "its manifest's `windows` entry is malformed")
         return w["first"], None
     try:
+        files.regular_file(path / "windows.npy", f"teacher cache {path}: windows.npy", REBUILD)
         ids = np.load(path / "windows.npy", mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise _bad(path, f"windows.npy is missing or unreadable ({exc})") from exc

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from hld.atomic import replace_dir, write_fix, write_json
+from hld.atomic import read_json_object, replace_dir, write_fix, write_json
 from hld.cache import store as cs
 from hld.cache.codec import Codec, ShardWriter
 from hld.cache.encode import Deferred, OrderedEncoder
@@ -287,7 +287,11 @@ class _Builders:
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks until the others have ended
         with file_lock(self.setup):
             if not _same_dir(self.fd, self.dir):  # one of them assembled it
-                return json.loads((self.out / "manifest.json").read_text()) if is_cache(self.out) else None
+                return (
+                    read_json_object(self.out / "manifest.json", "cache manifest", cs.REBUILD)
+                    if is_cache(self.out)
+                    else None
+                )
             return self._assemble()
 
     def _assemble(self) -> Optional[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hld.data import token_files
 from hld.errors import HldError, exc_line
+from hld.files import MAX_LINE_BYTES, regular_file
 from hld.fingerprint import files_fingerprint
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "sample_corpus"
@@ -51,6 +52,8 @@ def resolve_files(spec: str) -> list[Path]:
             raise HldError(
                 f"data file {f} has an unsupported extension", "use .json.gz/.jsonl/.jsonl.gz (JSON lines) or .txt"
             )
+        # before any open: a FIFO blocks its open forever, /dev/zero never ends, a dangling link has no size
+        regular_file(f, "data file", "give data files that are regular files (check the path or glob)")
     return files
 
 
@@ -69,9 +72,17 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a data file, numbered; a line over `MAX_LINE_BYTES` characters is refused (a file without
+    newlines, or a gzip bomb, is never read whole into memory)."""
     try:
         with _open_text(path) as fh:
-            yield from enumerate(fh, start=1)
+            for lineno, line in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), ""), start=1):
+                if len(line) > MAX_LINE_BYTES:
+                    raise HldError(
+                        f"{path}:{lineno} is longer than {MAX_LINE_BYTES:,} characters, the most a data line may hold",
+                        "split the file into one document per line (JSON lines) or paragraphs (.txt)",
+                    )
+                yield lineno, line
     except UnicodeDecodeError as exc:
         raise HldError(
             f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start})", "re-encode the file as UTF-8"

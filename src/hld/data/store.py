@@ -12,8 +12,8 @@ tokenise in parallel and a killed build resumes unit by unit. The stream the sha
 order, is exactly `packing.tokenize_stream` over the source's documents; windows are cut from it by
 `packing`'s protocol (`Windows`). Opening a store reads its manifest and stats its shards (sizes
 only): O(shards), never O(tokens). A shard's sha256 is checked the first time a process reads it,
-and the verdict is stamped beside it (`NNNNN.ok`, keyed by size, mtime and checksum) so other
-processes and ranks reuse it instead of re-reading the corpus.
+and the verdict is stamped beside it (`NNNNN.ok`, keyed by inode, size, mtime, ctime and checksum) so other
+processes and ranks reuse it instead of re-reading the corpus (a write in place changes the ctime: hashed again).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from hld import files
 from hld.atomic import read_json_object, write_json
 from hld.errors import HldError
-from hld.fingerprint import file_sha256
+from hld.fingerprint import file_sha256, file_state
 
 FORMAT = "hld-token-store"
 VERSION = 1
@@ -54,7 +55,8 @@ class TokenStore:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])  # (n_shards + 1,) stream offsets
         for s in shards:  # sizes at open (a stat per shard); checksums at first read
             f = self.shard_file(s["name"])
-            size = f.stat().st_size if f.exists() else None
+            there = os.path.lexists(f)  # a device, FIFO, directory or dangling link: refused, never mapped
+            size = files.regular_file(f, "token store shard", _rebuild_fix(self.path)).st_size if there else None
             if size != s["tokens"] * DTYPE.itemsize:
                 got = "missing" if size is None else f"{size} bytes"
                 raise HldError(
@@ -162,8 +164,8 @@ def _stamp(path: Path, s: dict) -> Path:
 
 
 def _stamp_text(f: Path, s: dict) -> str:
-    st = f.stat()
-    return f"{st.st_size} {st.st_mtime_ns} {s['sha256']}"
+    """What a verdict holds for: the file as the kernel knows it (`hld.fingerprint.file_state`) + its checksum."""
+    return f"{file_state(f)} {s['sha256']}"
 
 
 def verify_shard(path: Path, s: dict) -> None:
@@ -171,9 +173,9 @@ def verify_shard(path: Path, s: dict) -> None:
     f = path / "shards" / f"{s['name']}.bin"
     stamp = _stamp(path, s)
     try:
-        if stamp.read_text() == _stamp_text(f, s):
+        if files.read_text(stamp, "stamp", "", max_bytes=4096) == _stamp_text(f, s):
             return
-    except (OSError, ValueError):  # no stamp, or a damaged one (not UTF-8): check the shard itself
+    except (HldError, OSError, ValueError):  # no stamp, or a damaged one (not UTF-8): check the shard itself
         pass
     if file_sha256(f) != s["sha256"]:
         raise HldError(
@@ -278,8 +280,8 @@ def shard_record(path: Path, name: str) -> Optional[dict]:
     """The committed record of shard `name`, if its .bin is complete (size matches); else None."""
     f = path / "shards" / f"{name}.json"
     try:
-        rec = json.loads(f.read_text())
-    except (OSError, ValueError):
+        rec = json.loads(files.read_text(f, "shard record", "", max_bytes=files.MAX_CONFIG_BYTES))
+    except (HldError, OSError, ValueError):
         return None
     if not _is_record(rec):
         return None

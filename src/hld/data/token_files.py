@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from hld.errors import HldError
+from hld.files import regular_file
 from hld.fingerprint import files_fingerprint
 
 DTYPES = {"uint16": "<u2", "uint32": "<u4", "int32": "<i4"}
@@ -40,8 +42,9 @@ def files(spec: str) -> list[Path]:
     pattern, dtype = _parse(spec)
     found = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()))) or [Path(pattern)]
     for f in found:
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise HldError(f"token file source {spec!r} matches no file", "give an existing .npy or .bin path")
+        regular_file(f, "token file", "give a regular .npy or .bin file (never a device, FIFO or directory)")
         if f.suffix == ".npy" and dtype is not None:
             raise HldError(
                 f"{f} is a .npy file: its header holds its dtype", f"write tokens:{pattern} without :{dtype}"

@@ -25,6 +25,7 @@ import torch
 
 from hld.atomic import check_recorded, write_checked
 from hld.errors import HldError
+from hld.files import MAX_MANIFEST_BYTES, regular_file
 
 STATS_FILE = "hidden_stats.pt"
 NORMALIZATIONS = ("none", "rms", "standardize")
@@ -126,6 +127,7 @@ def load_stats(path: Path) -> dict[int, Moments]:
     """The statistics a run froze, refused in one line when damaged (never trained on)."""
     path = Path(path)
     fix = f"restore {path.name}, or delete it and rerun with --resume (the statistics are measured again)"
+    regular_file(path, "the hidden-target statistics", fix, max_bytes=MAX_MANIFEST_BYTES)
     check_recorded(path, fix, "the hidden-target statistics")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ point of the budget (hld-first has two phases); the loop never branches on the m
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Protocol
@@ -380,7 +381,7 @@ def keep_targets(plan: Plan, run_dir: Path, *, write: bool) -> None:
     if not objs:
         return
     path = Path(run_dir) / STATS_FILE
-    if path.exists():
+    if os.path.lexists(path):  # a dangling link too: refused in one line, never written over
         set_targets(plan, load_stats(path))
     elif write:
         save_stats(objs[0].stats, path)

@@ -28,7 +28,8 @@ import torch
 
 from hld.atomic import new_dir
 from hld.errors import HldError, exc_line
-from hld.fingerprint import file_sha256, sha256_mismatch
+from hld.files import regular_file
+from hld.fingerprint import file_sha256, file_state, sha256_mismatch
 from hld.models.hooks import CausalLM, text_config
 from hld.paths import cache_root
 
@@ -142,6 +143,9 @@ def resolve_model_dir(spec: str) -> tuple[str, str]:
                 f"{path} is not a Hugging Face model directory (no config.json)",
                 "give a run directory with student/, a saved HF model, a .gguf, or a hub id",
             )
+        for entry in path.iterdir():  # transformers reads them blind: a FIFO would block, /dev/zero never end
+            if not entry.is_dir():
+                regular_file(entry, "model file", "restore the model directory's files (regular files only)")
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         h = hashlib.sha256()
         for w in weights:
@@ -162,8 +166,11 @@ def check_run_weights(run_dir: Path) -> None:
     from hld.atomic import read_json_object
 
     student = run_dir / "student"
-    key = (str(run_dir.resolve()), *((w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in student.glob("*")))
-    if key in _VERIFIED or not (run_dir / "summary.json").exists():
+    weights = [w for w in sorted(student.glob("*")) if not w.is_dir()]
+    for w in weights:  # never hashed blind (a link to /dev/zero: forever), nor stat'ed dangling
+        regular_file(w, "model file", "restore the run's student/ files (regular files only)")
+    key = (str(run_dir.resolve()), *((w.name, file_state(w)) for w in weights))
+    if key in _VERIFIED or not os.path.lexists(run_dir / "summary.json"):
         return
     fix = (
         f"the student was changed or damaged: rerun `hld train --resume --out {run_dir} --config ...` "

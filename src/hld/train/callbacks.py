@@ -202,6 +202,12 @@ class Preemption(Callback):
         if self.flag is not None:
             self.flag.restore()
 
+    def pending(self) -> bool:
+        """Was a SIGTERM flagged during the last step (which does not preempt: the run was about to
+        finish)? The loop sends it again once every callback is closed, to the handler in place then (the
+        CLI's: one line, exit 2); it used to be dropped, the run finished and a study went on."""
+        return self.flag is not None and self.flag.raised
+
 
 # --------------------------------------------------------------------------- layer diagnostics
 

@@ -12,6 +12,8 @@ which is the data position, tokens, FLOPs, train seconds) and the RNG states. Tw
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import pickle
 import random
 import re
@@ -25,7 +27,9 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 import numpy as np
 import torch
 
+from hld import files
 from hld.atomic import check_recorded, replace_dir, write_checked, write_file, write_fix
+from hld.config import RunConfig, resume_view, to_dict
 from hld.distributed import Dist, any_rank, barrier, main_only
 from hld.errors import HldError, one_line
 from hld.train.state import RunState
@@ -41,8 +45,8 @@ _DCP_NAME = re.compile(r"^\.?step-(\d{8})\.dcp(\.old)?$")
 def atomic_save(obj: Any, path: Path, *, checked: bool = False) -> None:
     """torch.save, complete or absent, and on disk (fsync) before the rename: a checkpoint survives a crash.
     `checked`: its sha256 recorded beside it (`<name>.sha256`), checked before it is read back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ a regular file: FileExistsError, worded
         (write_checked if checked else write_file)(path, lambda fh: torch.save(obj, fh), fsync=True)
     except OSError as exc:
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
@@ -72,14 +76,14 @@ def save_checkpoint(
     student: torch.nn.Module,
     projectors: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> Path:
-    """`data_fingerprint`: the training windows' identity (`windows_fingerprint`), checked on resume."""
+    """`identity`: the run's (`run_identity`), checked on resume."""
     path = run_dir / "checkpoints" / CKPT_NAME
     atomic_save(
         {
             **state.to_dict(),
-            "data_fingerprint": data_fingerprint,
+            **_identity_keys(identity),
             "student": student.state_dict(),
             "projectors": projectors.state_dict() if projectors is not None else None,
             "optimizer": optimizer.state_dict(),
@@ -98,10 +102,11 @@ def load_checkpoint(run_dir: Path) -> dict:
     """The single-file checkpoint as saved: the RunState's fields, the state dicts and the RNG states
     (its recorded sha256 checked first)."""
     path = run_dir / "checkpoints" / CKPT_NAME
-    if not path.exists():
+    if not files.present(path):
         raise HldError(
             f"no checkpoint in {run_dir}", "rerun with --resume: a run without a checkpoint starts from step 0"
         )
+    files.regular_file(path, "checkpoint", _DAMAGED_FIX)  # a directory, a dangling link, /dev/zero, a FIFO
     check_recorded(path, _DAMAGED_FIX, "checkpoint")
     ck = _load_file(path)
     if not isinstance(ck, dict) or not all(isinstance(ck.get(k), dict) for k in ("student", "optimizer", "rng")):
@@ -109,10 +114,60 @@ def load_checkpoint(run_dir: Path) -> dict:
     return ck
 
 
+def run_identity(cfg: RunConfig, *, data: str, teacher: str) -> dict:
+    """What makes a checkpoint this run's and no other's, written into every checkpoint and checked by
+    `--resume`: the hash of the resolved config without the sections a resume may change
+    (`hld.config.resume_view`), the seed (also in that hash: named apart for the message), the training
+    windows' fingerprint (`windows_fingerprint`) and the teacher weights' identity ("" for ce)."""
+    text = json.dumps(resume_view(to_dict(cfg)), sort_keys=True, default=str)
+    return {
+        "config": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "seed": int(cfg.train.seed),
+        "data": data,
+        "teacher": teacher,
+    }
+
+
+def _identity_keys(identity: Optional[dict]) -> dict:
+    """A checkpoint's identity entries (`data_fingerprint` too: what an hld before identities checked)."""
+    if not identity:
+        return {}
+    return {"identity": dict(identity), "data_fingerprint": identity.get("data", "")}
+
+
+_FOREIGN_FIX = (
+    "resume the run this checkpoint belongs to (its --out, config and seed), or delete the checkpoint to start "
+    "this run from step 0"
+)
+
+
+def check_identity(ck: dict, path: Path, identity: Optional[dict]) -> None:
+    """Refuse a checkpoint of another run: another seed, teacher, training data or config (a checkpoint
+    copied between run directories). A checkpoint of an hld before identities holds its data fingerprint
+    only: that is checked, the rest cannot be (docs/decisions.md, "Run identity")."""
+    if not identity:
+        return
+    saved = ck.get("identity")
+    check_data(ck, path, identity.get("data", ""))
+    if not isinstance(saved, dict):
+        if saved is not None:
+            raise HldError(f"checkpoint {path} is damaged (its run identity is not a record)", _DAMAGED_FIX)
+        return
+    for key, what in (("seed", "seed"), ("teacher", "teacher weights"), ("config", "resolved config (hash)")):
+        if saved.get(key) != identity.get(key):
+            raise HldError(
+                f"--resume: checkpoint {path} belongs to another run: its {what} is {saved.get(key)!r}, "
+                f"this run's {identity.get(key)!r}",
+                _FOREIGN_FIX,
+            )
+
+
 def check_data(ck: dict, path: Path, data_fingerprint: str) -> None:
     """Refuse to resume on other training data than the checkpoint's (a checkpoint of an older hld
     records none: not checked)."""
     saved = ck.get("data_fingerprint")
+    if isinstance(ck.get("identity"), dict):
+        saved = ck["identity"].get("data", saved)
     if saved and data_fingerprint and saved != data_fingerprint:
         raise HldError(
             f"--resume: the training data differs from the data checkpoint {path} was trained on "
@@ -127,12 +182,13 @@ def restore_checkpoint(
     student: torch.nn.Module,
     projectors: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> RunState:
-    """Load the single-file checkpoint into the modules, the optimiser and the RNGs; return its run state."""
+    """Load the single-file checkpoint into the modules, the optimiser and the RNGs; return its run state.
+    `identity`: this run's (`run_identity`); a checkpoint of another run is refused."""
     ck = load_checkpoint(run_dir)
     state = RunState.from_dict(ck, run_dir / "checkpoints" / CKPT_NAME)
-    check_data(ck, run_dir / "checkpoints" / CKPT_NAME, data_fingerprint)
+    check_identity(ck, run_dir / "checkpoints" / CKPT_NAME, identity)
     try:
         student.load_state_dict(ck["student"])
         if projectors is not None:
@@ -148,6 +204,7 @@ def restore_checkpoint(
 
 
 def _load_file(path: Path) -> dict:
+    files.regular_file(path, "checkpoint", _DAMAGED_FIX)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -163,8 +220,13 @@ def load_reason(exc: BaseException) -> str:
 
 
 def has_checkpoint(run_dir: Path) -> bool:
+    """Is there a checkpoint to resume from? Anything at `checkpoints/checkpoint.pt` counts, a dangling link
+    included (reading it refuses it in one line: saved steps are never thrown away for a link gone wrong);
+    `checkpoints` that is not a directory is refused."""
     ck = Path(run_dir) / "checkpoints"
-    return (ck / CKPT_NAME).exists() or _latest_sharded(ck) is not None
+    if files.present(ck):
+        files.directory(ck, "the run's checkpoints", "move it away (hld writes its checkpoints into that directory)")
+    return files.present(ck / CKPT_NAME) or _latest_sharded(ck) is not None
 
 
 def remove_torn(run_dir: Path) -> None:
@@ -203,7 +265,7 @@ def save_sharded(
     *,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> Path:
     """A DCP checkpoint of `modules` and the optimiser's state; a collective (every rank calls it).
     World size 1: no process group, DCP writes one shard."""
@@ -225,9 +287,7 @@ def save_sharded(
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp, no_dist=not d.active)
         if d.is_main:
-            atomic_save(
-                {**state.to_dict(), "data_fingerprint": data_fingerprint, "rng": rng_state()}, tmp / TRAINER_NAME
-            )
+            atomic_save({**state.to_dict(), **_identity_keys(identity), "rng": rng_state()}, tmp / TRAINER_NAME)
             replace_dir(tmp, final)
             for _, old in _sharded_dirs(ck):
                 if old != final:
@@ -260,7 +320,7 @@ def load_sharded(
     *,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> RunState:
     """Load the newest DCP checkpoint into `modules`, `optimizer` (resharding to this world size) and the
     RNGs (rank 0's, from its `trainer.pt`); return the run state saved there. Every rank calls it."""
@@ -280,7 +340,7 @@ def load_sharded(
             f"checkpoint {path} is corrupt or unreadable (metadata)",
             "delete it and rerun with --resume (a run without a checkpoint starts from step 0)",
         )
-    check_data(trainer, path, data_fingerprint)
+    check_identity(trainer, path, identity)
     container = torch.nn.ModuleDict(modules)
     # creates the optimiser's state (a zero-lr step)
     model_sd, optim_sd = cast(tuple[Any, Any], get_state_dict(container, optimizer))
@@ -374,9 +434,7 @@ def state_modules(s: Setup) -> dict[str, torch.nn.Module]:
 def save_run(s: Setup, out: Path, state: RunState) -> None:
     """The run's checkpoint at `state`: every rank its shards (fsdp2), else rank 0 one file."""
     if s.dist.mode == "fsdp2":
-        save_sharded(
-            out, s.dist, state, modules=state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint
-        )
+        save_sharded(out, s.dist, state, modules=state_modules(s), optimizer=s.optimizer, identity=s.identity)
         return
     main_only(
         s.dist,
@@ -386,6 +444,6 @@ def save_run(s: Setup, out: Path, state: RunState) -> None:
             student=s.student,
             projectors=s.projectors,
             optimizer=s.optimizer,
-            data_fingerprint=s.data_fingerprint,
+            identity=s.identity,
         ),
     )

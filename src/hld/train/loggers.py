@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
+from hld import files
 from hld.config import RunConfig, to_dict
 from hld.errors import HldError, exc_line
 
@@ -25,8 +26,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl lines ([] without one); a line cut short (a kill, a full disk) or damaged (not
     a JSON object, a step that is not a number, a figure that is not a number) is dropped."""
     path = Path(run_dir) / "metrics.jsonl"
+    fix = f"move {path} away (it is rewritten from the run's checkpoint by hld train --resume)"
+    data = files.read_bytes(path, "metrics log", fix, max_bytes=files.MAX_METRICS_BYTES) if files.present(path) else b""
     out = []
-    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+    for ln in data.decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(ln)
         except json.JSONDecodeError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from hld import atomic, distributed
+from hld import atomic, distributed, files
 from hld.cache.meta import cache_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
@@ -46,11 +47,11 @@ from hld.precision import autocast, default_device, ran_on, resolve_dtype
 from hld.progress import Progress
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import phase_costs, run_length
-from hld.train.callbacks import Callback, Run, default_callbacks, validate_now
-from hld.train.checkpoint import save_run, state_modules
+from hld.train.callbacks import Callback, Preemption, Run, default_callbacks, validate_now
+from hld.train.checkpoint import run_identity, save_run, state_modules
 from hld.train.loggers import RunLogger
 from hld.train.resources import Resources
-from hld.train.rundir import last_validation, prepare_dir, resume_state, run_lock
+from hld.train.rundir import prepare_dir, resume_state, run_lock
 from hld.train.schedule import lr_factor
 from hld.train.setup import Setup
 from hld.train.state import RunState
@@ -123,9 +124,10 @@ def build(
     d = cfg.data
     train_w = resources.train_windows(d, tok)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
-    if shapes is not None and cfg.teacher.cache:  # the weights' identity, from their files alone
+    teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
+    if shapes is not None and cfg.teacher.cache:
         expect = cache_identity(
-            teacher=resolve_model_dir(cfg.teacher.model)[1],
+            teacher=teacher_id,
             tokenizer=tok,
             seq_len=d.seq_len,
             train_windows=train_w,
@@ -181,7 +183,7 @@ def build(
         device=device,
         compute_dtype=compute_dtype,
         dist=dist,
-        data_fingerprint=windows_fingerprint(train_w),
+        identity=run_identity(cfg, data=windows_fingerprint(train_w), teacher=teacher_id),
     )
 
 
@@ -198,8 +200,9 @@ def cached_teacher_shapes(cfg: RunConfig) -> CausalLM:
     """The teacher of a cached run on the meta device (its sizes, FLOPs and depth, no weights): from the
     text config its cache's manifest records, else from its config.json."""
     try:
-        manifest = json.loads((Path(str(cfg.teacher.cache)) / "manifest.json").read_text())
-    except (OSError, ValueError):
+        f = Path(str(cfg.teacher.cache)) / "manifest.json"
+        manifest = json.loads(files.read_text(f, "cache manifest", "", max_bytes=files.MAX_MANIFEST_BYTES))
+    except (HldError, OSError, ValueError):
         manifest = {}  # CachedTeacher refuses a missing or corrupt manifest with its own message
     saved = manifest.get("teacher_config") if isinstance(manifest, dict) else None
     config = config_from_dict(saved) if saved else model_config(resolve_model_dir(cfg.teacher.model)[0])
@@ -359,7 +362,7 @@ def _locked_train(
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
     state = (
-        resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, data_fingerprint=s.data_fingerprint)
+        resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, identity=s.identity)
         if resume
         else RunState()
     )
@@ -372,6 +375,8 @@ def _locked_train(
         for cb in reversed(callbacks):
             cb.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
+    if distributed.any_rank(d, any(cb.pending() for cb in callbacks if isinstance(cb, Preemption))):
+        signal.raise_signal(signal.SIGTERM)  # every rank stops, none waits in a collective of _finish
     save_run(s, out, state)
     return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
 
@@ -409,8 +414,8 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
     run = Run(s, out, state)
     for cb in callbacks:
         distributed.main_only(d, lambda cb=cb: cb.on_finish(run))  # e.g. cka.json
-    if "val/ppl" not in line:  # resumed from a checkpoint at the final step: its validation is logged
-        line = last_validation(out, state.step) or validate_now(s)
+    if "val/ppl" not in line:  # resumed from a checkpoint at the final step: validated again, never read
+        line = validate_now(s)  # back from metrics.jsonl (another run's, copied in, would be reported)
     counts = count_params(s.student)
     summary = {
         "name": cfg.name,

@@ -11,11 +11,12 @@ import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from hld import atomic
-from hld.config import RunConfig, dump_yaml, to_dict
+from hld import atomic, files
+from hld.config import RunConfig, dump_yaml, resume_view, to_dict
 from hld.distributed import Dist, barrier
 from hld.errors import HldError
 from hld.train.checkpoint import has_checkpoint, load_sharded, remove_torn, restore_checkpoint
@@ -36,25 +37,27 @@ def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) 
     cfg_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise HldError(f"--out {out} is an existing file, not a run directory", "give a directory for --out")
-    saved = read_run_config(cfg_path) if cfg_path.exists() else None
-    if cfg_path.exists() and saved is None or not cfg_path.exists() and _foreign(out):
+    there = files.present(cfg_path)  # a dangling link too: read_run_config refuses it in one line
+    saved = read_run_config(cfg_path) if there else None
+    if there and saved is None or not there and _foreign(out):
         raise HldError(
             f"--out {out} is not empty and is not an hld run directory (it holds {_listing(out)})",
             "give a new or empty directory for --out (hld train writes config.yaml, summary.json, student/ there)",
         )
-    if resume and not cfg_path.exists() and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+    if resume and not there and _logged(out):
         raise HldError(
             f"--resume: {out} holds a run's files but no config.yaml",
             "check --out, or delete that directory and run again",
         )
     if resume and saved is not None:  # without config.yaml nothing ran: start (a requeued job that died early)
+        _check_run_files(out)
         if not same_config(saved, cfg):
             raise HldError(
                 f"--resume with a config that differs from {cfg_path}",
                 "resume with the same config and overrides, or start a new --out",
             )
         return
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+    if _logged(out):
         raise HldError(
             f"{out} already holds a run",
             "pass --resume to continue it (from its last checkpoint, or "
@@ -82,12 +85,39 @@ def _entries(out: Path) -> list[str]:
         return []
 
 
+_RUN_FILES = (
+    "summary.json",
+    "metrics.jsonl",
+    "cka.json",
+    "downstream.json",
+    "hidden_stats.pt",
+    "hidden_stats.pt.sha256",
+)
+_RUN_DIRS = ("checkpoints", "student")
+
+
+def _check_run_files(out: Path) -> None:
+    """What a resumed run reads or replaces must be what hld wrote there: a file where it writes a file, a
+    directory where it writes one (a directory at summary.json was a traceback at the end of the run)."""
+    for name in _RUN_FILES:
+        if files.present(out / name):
+            files.regular_file(out / name, "run file", f"move {out / name} away (hld writes that file)")
+    for name in _RUN_DIRS:
+        if files.present(out / name):
+            files.directory(out / name, "run directory", f"move {out / name} away (hld writes that directory)")
+
+
+def _logged(out: Path) -> bool:
+    """Has a run logged into `out` (metrics.jsonl or checkpoints/ there, whatever they are: a dangling link
+    or a file where a directory belongs is refused when it is read, never taken for a new run)?"""
+    return files.present(out / "metrics.jsonl") or files.present(out / "checkpoints")
+
+
 def _foreign(out: Path) -> bool:
     """Does `out` hold something other than what a run writes before its first metric line (the files
     of a run that has logged are judged by the checks on metrics.jsonl and checkpoints/)?"""
     run_files = ("metrics.jsonl", "checkpoints", "summary.json", "student", "cka.json", "downstream.json", "cell.json")
-    logged = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    allowed = _STARTED + run_files if logged else _STARTED
+    allowed = _STARTED + run_files if _logged(out) else _STARTED
     return any(n not in allowed and not n.endswith(".tmp") for n in _entries(out))
 
 
@@ -110,7 +140,7 @@ def read_run_config(path: Path) -> dict | None:
 
     fix = f"restore {path} from a copy, or delete {path.parent} and train again"
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        saved = yaml.safe_load(files.read_text(path, "the run's config", fix, max_bytes=files.MAX_CONFIG_BYTES))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise HldError(f"the run's config {path} is unreadable or not valid YAML (truncated?)", fix) from exc
     names = {f.name for f in fields(RunConfig)}
@@ -184,12 +214,10 @@ def run_lock(out: Path, d: Dist):
 
 
 def same_config(saved: dict, cfg: RunConfig) -> bool:
-    """Does the resolved config saved in a run (`read_run_config`) equal `cfg`? The `log` section (where
-    metric lines also go) changes nothing a run computes, so it may differ, or be absent from older runs."""
-    saved, now = dict(saved), to_dict(cfg)
-    saved.pop("log", None)
-    now.pop("log", None)
-    return json.dumps(saved, sort_keys=True) == json.dumps(now, sort_keys=True)
+    """Does the resolved config saved in a run (`read_run_config`) equal `cfg`? The sections a resume may
+    change (`hld.config.RESUME_MAY_CHANGE`: `log`, where metric lines also go) may differ, or be absent
+    from older runs."""
+    return json.dumps(resume_view(saved), sort_keys=True) == json.dumps(resume_view(to_dict(cfg)), sort_keys=True)
 
 
 def resume_state(
@@ -198,7 +226,7 @@ def resume_state(
     *,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
-    data_fingerprint: str = "",
+    identity: Optional[dict] = None,
 ) -> RunState:
     """Load the run's last checkpoint into `modules` ("student", and "projectors" when trained) and the
     optimiser, and return where the run stood; a run stopped before its first checkpoint starts again
@@ -216,14 +244,14 @@ def resume_state(
             say(f"hld: no checkpoint in {out} yet: starting its run from step 0")
         state = RunState()
     elif d.mode == "fsdp2":  # a DCP directory, resharded to this world size
-        state = load_sharded(out, modules=modules, optimizer=optimizer, data_fingerprint=data_fingerprint)
+        state = load_sharded(out, modules=modules, optimizer=optimizer, identity=identity)
     else:
         state = restore_checkpoint(
             out,
             student=modules["student"],
             projectors=modules.get("projectors"),
             optimizer=optimizer,
-            data_fingerprint=data_fingerprint,
+            identity=identity,
         )
     if d.is_main:
         _truncate_metrics(out, state.step)
@@ -236,13 +264,6 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         return
     keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def last_validation(run_dir: Path, step: int) -> dict:
-    """The `val/` metrics logged at `step` ({} if no intact line of that step has them, val/loss and val/ppl
-    both: the caller validates again rather than write a summary without them, or an older step's)."""
-    vals = [r for r in read_metrics(run_dir) if r.get("step") == step and "val/ppl" in r and "val/loss" in r]
-    return {k: v for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
 
 
 def say(line: str) -> None:

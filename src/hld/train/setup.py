@@ -46,7 +46,9 @@ class Setup:
     # through the process's shared resources (`hld run`: the teacher loaded and run once for all its cells);
     # None when the diagnostics are off
     diagnostics_states: Optional[Callable[[], Any]] = None
-    data_fingerprint: str = ""  # the training windows' identity, kept in every checkpoint and checked on resume
+    # the run's identity (`hld.train.checkpoint.run_identity`: config hash, seed, data and teacher
+    # fingerprints), kept in every checkpoint and checked on resume
+    identity: dict = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:
