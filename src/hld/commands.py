@@ -13,6 +13,7 @@ from hld.paths import check_names
 
 def cmd_train(args) -> dict:
     from hld.config import load_config
+    from hld.data.tokenize import require_stores
     from hld.train.loop import train
 
     if args.resume and args.out is None:
@@ -20,6 +21,7 @@ def cmd_train(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/{cfg.name}")
     check_names(out, "--out" if args.out else "the run directory (runs/<name>)")
+    require_stores(cfg.data, cfg.name)  # what is missing is said first: the estimate is moot without data
     _check_memory(cfg)
     summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
     if not args.json and is_main_rank():
