@@ -15,9 +15,9 @@ import torch
 
 import hld.distill.chunked
 from helpers import C4_VALIDATION, tiny_overrides
+from hld.cache.build import ensure_cache
 from hld.cli import main
 from hld.config import load_config
-from hld.train.cache_build import ensure_cache
 from hld.train.loop import build, train, train_step
 from hld.train.resources import Resources
 from proxies import PROXY_DEVICE, HostSyncs, ImplicitDevices
