@@ -37,6 +37,7 @@ HLD="$VENV/bin/hld"
 import importlib, sys
 mods = ["torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy"]
 print(f"python {sys.version.split()[0]}; " + ", ".join(f"{m} {importlib.import_module(m).__version__}" for m in mods))
+print(f"hld from {importlib.import_module('hld').__file__}")
 absent = [m for m in ("gguf", "datasets", "lm_eval", "wandb") if importlib.util.find_spec(m)]
 assert not absent, f"the device has none of these, this venv has {absent}"
 EOF
