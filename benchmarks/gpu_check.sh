@@ -5,7 +5,12 @@
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (about 5-8 minutes)
 #   TINY=1 bash benchmarks/gpu_check.sh     # tiny shapes on CPU: checks this script end to end
 #
-# 1. installs wheels found in .whl/ (--no-index) and hld itself (editable, --no-deps);
+# 1. installs wheels found in .whl/ (--no-index: the packages listed in benchmarks/device-wheels.txt, fetched
+#    beforehand with `bash scripts/fetch_device_wheels.sh`) and hld itself (editable, --no-deps);
+# 1b. gpu_first.py, at most 4 minutes: the riskiest CUDA paths once each (every arm's bf16 step online
+#    and cached under torch.cuda.set_sync_debug_mode("warn"), sampled KD, a 2-shard cache build, fsdp2
+#    on one GPU, the fused head vs the naive loss, hld eval, a compiled step), a pass/fail table with
+#    each failure's first error, every check run whatever failed before it;
 # 2. runs the test suite on CUDA (GGUF tests excluded: no gguf package there);
 # 3. kd_loss.py: the fused chunked head+CE+KD vs naive full-logit losses, N=4096, V=262144, bf16;
 # 4. step.py: paper-123m student, random Gemma-3-4B-shaped teacher, 4 x 2048 tokens, bf16:
@@ -39,6 +44,11 @@ import torch, transformers
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"python {__import__('sys').version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, GPU {gpu}")
 PY
+
+step "1b. first checks (at most 4 minutes)"
+FIRST_S=240; [ "$TINY" = 1 ] && FIRST_S=600  # a 2-core CPU under load needs 2-4 minutes of its own
+timeout $FIRST_S $PY benchmarks/gpu_first.py --out "$LOG/first" 2>"$LOG/first.err" | tee "$LOG/first.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "first checks: failures or time out (tracebacks in $LOG/first/errors.log)"; }
 
 step "2. tests"
 if [ "$TINY" = 1 ]; then

@@ -39,7 +39,7 @@ from hld.data.packing import IGNORE
 from hld.distill.chunked import WORKSPACE
 from hld.distill.signals import OnlineTeacher
 from hld.flops import step_cost
-from hld.models.loading import LoadedModel, freeze
+from hld.models.loading import LoadedModel, freeze, resolve_model_dir
 from hld.precision import autocast, resolve_dtype
 from hld.train.loop import build, param_groups, release_hooks, train_step
 from hld.train.resources import Resources
@@ -132,8 +132,11 @@ class RandomTeacherResources(Resources):
         torch.manual_seed(0)
         with torch.device(dev):
             model = Gemma3ForCausalLM(cfg).to(dtype)
+        # the identity hld derives from `model_dir`'s files (config and tokenizer, no weights): ensure_cache
+        # compares it with the loaded teacher's and refuses a cache build when they differ ("changed while
+        # the cache was planned"); any other string made TINY=1 gpu_check.sh stop in part 4
         self.loaded = LoadedModel(
-            model=freeze(model), tokenizer=tok, source=str(model_dir), identity="random:" + str(model_dir)
+            model=freeze(model), tokenizer=tok, source=str(model_dir), identity=resolve_model_dir(str(model_dir))[1]
         )
         self._tokenizers[str(model_dir)] = tok
 

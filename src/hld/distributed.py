@@ -243,6 +243,13 @@ def all_sum(d: Dist, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """`t` (on the device) summed over the ranks, in place and without reading it back; `t` at world size 1."""
+    if d.active:
+        tdist.all_reduce(t)
+    return t
+
+
 def any_rank(d: Dist, flag: bool) -> bool:
     """True on every rank if it is true on one (SIGTERM, a non-finite step): ranks never diverge."""
     if not d.active:

@@ -31,6 +31,7 @@ RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.prese
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
+    pytest.importorskip("lm_eval", reason="the demo scores the teacher on harness tasks (extra `eval`)")
     out = tmp_path_factory.mktemp("demo") / "run"
     buf = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):

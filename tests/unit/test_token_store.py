@@ -331,7 +331,6 @@ def test_a_unit_held_by_another_process_is_waited_for_not_left_out(tmp_path, tok
     import fcntl
     import os
     import threading
-    import time
 
     (tmp_path / "src").mkdir()
     spec, _ = _corpus(tmp_path / "src", n_files=3)
@@ -340,10 +339,18 @@ def test_a_unit_held_by_another_process_is_waited_for_not_left_out(tmp_path, tok
     (out / "shards").mkdir(parents=True)
     fd = os.open(out / "shards" / "00001.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    threading.Timer(1.0, os.close, args=(fd,)).start()
-    t0 = time.time()
+    released = threading.Event()
+    unit1_before_release: list[bool] = []
+
+    def release():
+        unit1_before_release.append((out / "shards" / "00001.json").exists())
+        released.set()  # before the close: the build cannot do unit 1 until after it
+        os.close(fd)
+
+    threading.Timer(1.0, release).start()
     assert tk.build(spec, tok, out, quiet=True) == one
-    assert time.time() - t0 >= 1.0
+    # it waited for the holder and did unit 1 after: an order, not a duration (no timing under load)
+    assert released.is_set() and unit1_before_release == [False] and (out / "shards" / "00001.json").exists()
     assert _store_bytes(out) == _store_bytes(tmp_path / "one")
 
 

@@ -104,7 +104,7 @@ class CachedTeacher:
         wids = batch.window_ids.numpy()
         ahead = self._ahead.pop(_key(wids, T, needs), None)
         sig = ahead.result() if ahead is not None else self.read(wids, T, needs)
-        if not np.array_equal(sig.pop_tokens(), batch.input_ids.cpu().numpy()):
+        if not np.array_equal(sig.pop_tokens(), batch.input_ids_on_host().numpy()):
             raise HldError(
                 f"cache {self.dir} holds other tokens than this run's batch",
                 "rebuild the cache for this run's data and packing",
@@ -142,7 +142,7 @@ class CachedTeacher:
             local = rows[at] - s * self.shard_windows
             out.tokens[at] = self._field(s, "tokens")[local, :T]
         for layer in needs.layers:
-            h = torch.empty((len(rows), T, self.manifest["d_model"]), dtype=torch.bfloat16)  # (B, T, d)
+            h = torch.empty((len(rows), T, self.manifest["d_model"]), dtype=torch.bfloat16, device="cpu")  # (B, T, d)
             for s, at in groups:
                 keys = [f"hidden_L{layer}"] + ([f"hidden_L{layer}_scale"] if self.codec.hidden == "fp8" else [])
                 arrays = self.parts.arrays(s, keys)

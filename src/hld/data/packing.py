@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -98,6 +98,14 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64; labels[:, i] = input_ids[:, i+1]; last column IGNORE
     window_ids: Optional[torch.Tensor] = None  # (B,) which packed windows these are (the cache's key)
+    # the target count, taken on the host before `to` moves the batch: counting on the device would
+    # read the sum back (a host sync per micro-batch on a GPU)
+    host_n_targets: Optional[int] = field(default=None, repr=False, compare=False)
+    host_input_ids: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # before `to`
+
+    def input_ids_on_host(self) -> torch.Tensor:
+        """The tokens in host memory: kept by `to`, so a check against them reads nothing back."""
+        return self.host_input_ids if self.host_input_ids is not None else self.input_ids.cpu()
 
     @property
     def mask(self) -> torch.Tensor:
@@ -105,7 +113,9 @@ class Batch:
 
     @property
     def n_targets(self) -> int:
-        return int(self.mask.sum())
+        if self.host_n_targets is None:
+            self.host_n_targets = int(self.mask.sum())
+        return self.host_n_targets
 
     def split(self, n: int) -> list[Batch]:
         wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
@@ -118,7 +128,8 @@ class Batch:
         return Batch(self.input_ids[:, :length], self.labels[:, :length], self.window_ids)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids)
+        host = self.input_ids if self.input_ids.device.type == "cpu" else None
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids, self.n_targets, host)
 
 
 def make_batch(windows: np.ndarray, *, window_ids: Optional[np.ndarray] = None) -> Batch:

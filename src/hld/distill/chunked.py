@@ -144,15 +144,12 @@ def _fast_chunk(
     lse = torch.empty(n, dtype=torch.float64, device=zbuf.device)
     kd_rows = torch.zeros(n, dtype=torch.float64, device=zbuf.device)
     ce_src = zbuf.new_full((R, 1), -spec.ce_weight, dtype=torch.float32)
-    all_valid = bool(m.all())
     for i in range(0, n, R):
         sl = slice(i, min(i + R, n))
         z = zbuf[sl] if bufs["z"] is None else bufs["z"][: sl.stop - i].copy_(zbuf[sl])  # (r, V) fp32
         p = _rows_loss(z, sl, teacher, spec, bufs, lse, kd_rows, zK, logpt, want_grad)
         if want_grad:
-            p.scatter_add_(-1, yc[sl], ce_src[: sl.stop - i])
-            if not all_valid:
-                p[~m[sl]] = 0.0
+            p.scatter_add_(-1, yc[sl], ce_src[: sl.stop - i])  # rows without a target: _FusedHeadLoss masks
             if p.data_ptr() != zbuf[sl].data_ptr():
                 zbuf[sl].copy_(p)
     ce = torch.where(m, lse - zy, 0.0).sum().float()
@@ -372,6 +369,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             h = h.to(spec.matmul_dtype)
         Wc = W.to(h.dtype)
         grad_h = torch.zeros_like(h) if want_grad else None
+        # rows without a target get a (finite) gradient row in the fast path; they are dropped at (n, d)
+        # cost instead of (n, V): zero rows of h for dL/dW, and dL/dh masked at the end. Deciding on the
+        # host which rows or chunks to skip would read the mask back: a host sync per chunk on a GPU.
+        hm = h * m[:, None].to(h.dtype) if want_grad else h  # (N, d)
         # dL/dW is written by the first chunk with a target, added to by the others: no (V, d) zero fill
         grad_W = torch.empty(W.shape, dtype=torch.float32, device=W.device) if want_grad else None
         first = True
@@ -379,8 +380,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         kd_tot = h.new_zeros((), dtype=torch.float32)
         for start in range(0, h.shape[0], spec.chunk_tokens):
             sl = slice(start, min(start + spec.chunk_tokens, h.shape[0]))
-            if not bool(m[sl].any()):
-                continue
             n = sl.stop - sl.start
             if fast and h.dtype != torch.float32:  # the logits stay in the matmul's dtype; the gradient replaces them
                 z = torch.mm(h[sl], Wc.T, out=WORKSPACE.get("z_low", n, W.shape[0], W.device, h.dtype))
@@ -394,14 +393,15 @@ class _FusedHeadLoss(torch.autograd.Function):
             ce_tot += ce
             kd_tot += kd
             if want_grad:
-                _fold_grad(g, h, Wc, sl, grad_h, grad_W, first)
+                _fold_grad(g, hm, Wc, sl, grad_h, grad_W, first)
                 first = False
             del g
-        if want_grad and first:  # no row had a target
+        if want_grad and first:  # no rows
             grad_W.zero_()
-        stats["ce"] = float(ce_tot)
-        stats["kd"] = float(kd_tot)
+        stats["ce"] = ce_tot.detach()  # tensors: read back by the caller when it logs (no sync per chunk)
+        stats["kd"] = kd_tot.detach()
         if want_grad:
+            grad_h.mul_(m[:, None].to(grad_h.dtype))
             ctx.save_for_backward(grad_h.to(h_dtype), grad_W.to(W.dtype))
         return spec.ce_weight * ce_tot + spec.kd_weight * kd_tot
 
@@ -411,9 +411,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             raise RuntimeError("the fused head loss supports one backward pass (no retain_graph reuse)")
         ctx.done = True
         grad_h, grad_W = ctx.saved_tensors
-        if float(grad_out) != 1.0:  # in place: a second (V, d) copy of dL/dW would cost memory
-            grad_h.mul_(grad_out.to(grad_h.dtype))
-            grad_W.mul_(grad_out.to(grad_W.dtype))
+        # in place: a second (V, d) copy of dL/dW would cost memory. Always: testing grad_out == 1 first
+        # would read it back to the host (the training loop's grad_out is 1 / the global count anyway)
+        grad_h.mul_(grad_out.to(grad_h.dtype))
+        grad_W.mul_(grad_out.to(grad_W.dtype))
         return grad_h, grad_W, None, None, None, None, None, None
 
 
@@ -427,7 +428,8 @@ def head_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Weighted CE + KD **sums** over valid rows, from final hidden states. h (N, d), W (V, d).
 
-    Returns `(w_ce*CE_sum + w_kd*KD_sum, {"ce": CE_sum, "kd": KD_sum})`.
+    Returns `(w_ce*CE_sum + w_kd*KD_sum, {"ce": CE_sum, "kd": KD_sum})`, the sums as detached 0-dim
+    tensors on h's device (a float would read them back to the host at every call).
     """
     stats: dict = {}
     fn = teacher_chunk if teacher_chunk is not None else (lambda sl: None)

@@ -36,7 +36,9 @@ from hld.distill.projectors import Projectors, pair_key
 from hld.distill.schedule import step_progress, weight_at
 from hld.distill.signals import Needs, StudentOutputs, TeacherSignals
 
-Result = tuple[torch.Tensor, int, dict[str, float]]
+# (loss sum, target count, metric sums): the metrics are detached 0-dim tensors on the loss's device, read
+# back by the loop once per step (a float per metric and micro-batch would be a host sync each on a GPU)
+Result = tuple[torch.Tensor, int, dict[str, torch.Tensor]]
 
 
 class Objective(Protocol):
@@ -170,7 +172,7 @@ class HiddenObjective:
             s, t = pair
             total = total + self.pair_sum(pair, student.hidden[s], teacher.hidden[t], mask)
         total = total / len(self.projectors.pairs)
-        return self.beta * total, batch.n_targets, {"hidden": float(total.detach())}
+        return self.beta * total, batch.n_targets, {"hidden": total.detach()}
 
 
 class SumObjective:

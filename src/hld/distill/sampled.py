@@ -57,7 +57,7 @@ def draw(z: torch.Tensor, u: np.ndarray, *, tau: float) -> torch.Tensor:
     bcdf = torch.cumsum(qb.sum(-1, dtype=torch.float64), dim=-1)  # (n, nb)
     x = torch.from_numpy(np.ascontiguousarray(u)).to(bcdf.device) * bcdf[:, -1:]  # (n, K)
     blk = torch.searchsorted(bcdf, x, right=True).clamp_max_(nb - 1)  # the first block past x: it has mass
-    before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_min(0)), torch.zeros((), dtype=bcdf.dtype))
+    before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_min(0)), bcdf.new_zeros(()))
     inner = torch.cumsum(qb[torch.arange(n, device=q.device)[:, None], blk], dim=-1, dtype=torch.float64)
     off = torch.searchsorted(inner, (x - before).unsqueeze(-1), right=True).squeeze(-1)  # (n, K)
     last = (inner < inner[..., -1:]).sum(-1)  # the block's last id of non-zero mass (rounding can overshoot)

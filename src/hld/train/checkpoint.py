@@ -386,18 +386,37 @@ def _quiet_single_process():
         yield
 
 
+def _is_dcp_record(obj: Any, module: str) -> bool:
+    """A dataclass or an enum of torch.distributed.checkpoint: DCP's own metadata records."""
+    return (
+        module.startswith("torch.distributed.checkpoint.")
+        and isinstance(obj, type)
+        and (is_dataclass(obj) or issubclass(obj, Enum))
+    )
+
+
+def _enum_member(cls: Any, name: Any) -> Enum:
+    """Stands in for `builtins.getattr` while the metadata is read. Early 3.11 releases (Debian 12's
+    3.11.2 among them) pickle an enum member as `getattr(EnumClass, "NAME")` where 3.10, later 3.11 and
+    3.12 write `EnumClass(value)`, so a checkpoint written there names getattr. Only that use is
+    admitted: a DCP enum and one of its members' names, never an attribute that could be a callable."""
+    ok = isinstance(cls, type) and issubclass(cls, Enum) and _is_dcp_record(cls, cls.__module__)
+    if not (ok and isinstance(name, str) and name in cls.__members__):
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not allowed in checkpoint metadata")
+    return cls.__members__[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP reads its `.metadata` file with plain `pickle.load`, which runs any code a crafted file
     names. This unpickler is run first and admits only DCP's own metadata records (dataclasses and
-    enums of torch.distributed.checkpoint), torch dtypes and sizes, and paths."""
+    enums of torch.distributed.checkpoint), torch dtypes and sizes, and paths, on every Python that
+    writes them (an enum member as `getattr(cls, name)` too: `_enum_member`)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in (("builtins", "getattr"), ("__builtin__", "getattr")):
+            return _enum_member
         obj = super().find_class(module, name) if module.split(".")[0] in ("torch", "pathlib") else None
-        ok = (
-            module.startswith("torch.distributed.checkpoint.")
-            and isinstance(obj, type)
-            and (is_dataclass(obj) or issubclass(obj, Enum))
-        )
+        ok = _is_dcp_record(obj, module)
         ok = ok or (module == "torch" and (obj is torch.Size or isinstance(obj, torch.dtype)))
         ok = ok or (module, name) in {
             ("torch.serialization", "_get_layout"),

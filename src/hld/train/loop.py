@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import signal
 import tempfile
 import time
@@ -231,8 +230,10 @@ def train_step(s: Setup, step: int) -> dict:
     n_micro = local_size // (cfg.train.micro_batch_size or local_size)
     if isinstance(s.teacher, CachedTeacher):  # decode the next step's signals while this one computes
         _prefetch_cached(s, step, objective.needs, n_micro=n_micro, T=batch.input_ids.shape[1])
-    sums: dict[str, float] = {}
-    loss_total, n_counted = 0.0, 0
+    # the step's sums stay on the device (float64) and come back to the host once, with the gradient norm
+    # and the skip flag, at its end (one `.tolist()`): no host sync per micro-batch or metric on a GPU
+    sums: dict[str, torch.Tensor] = {}
+    n_counted = 0
     for mb in batch.split(n_micro):
         mb = mb.to(s.device)
         teacher = s.teacher(mb, objective.needs) if s.teacher is not None else None
@@ -240,39 +241,57 @@ def train_step(s: Setup, step: int) -> dict:
             out = s.runner(mb.input_ids)
         loss_sum, n, metrics = objective(mb, out, teacher)
         (loss_sum / n_global).backward()  # each backward() adds to .grad: sum / global count = mean
-        loss_total += float(loss_sum.detach())
         n_counted += n
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
+        for k, v in {"loss": loss_sum.detach(), **metrics}.items():
+            sums[k] = sums[k] + v.double() if k in sums else v.double()
         del out, teacher, loss_sum
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     distributed.sync_grads(d, params)  # ddp: sum over ranks = the single-process gradient
-    if d.active:  # the global batch's sums, so every rank logs (and judges) the same numbers
-        keys = sorted(sums)
-        loss_total, n_all, *vals = distributed.all_sum(d, [loss_total, n_counted, *(sums[k] for k in keys)])
-        sums, n_counted = dict(zip(keys, vals)), round(n_all)
-    if max(n_counted, 1) != n_global:  # the objective normalised by another count than the loop divides by
+    if not d.active and max(n_counted, 1) != n_global:  # under torchrun: checked on the summed counts below
         raise RuntimeError(f"the objective counted {n_counted} targets in a step of {n_global}")
     norm = distributed.clip_grad_norm(d, params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
     lr = cfg.train.lr * lr_factor(step, s.total_steps, cfg.train)
-    finite = not distributed.any_rank(d, not (math.isfinite(loss_total) and bool(torch.isfinite(norm))))
-    if finite:
-        for g in s.optimizer.param_groups:
-            g["lr"] = lr
-        s.optimizer.step()
+    keys = sorted(sums)
+    # the global batch's sums, so every rank logs (and judges) the same numbers; the count rides along
+    totals = distributed.all_sum_tensor(d, torch.stack([*(sums[k] for k in keys), sums["loss"].new_tensor(n_counted)]))
+    skip = ~(torch.isfinite(totals[keys.index("loss")]) & torch.isfinite(norm))  # every rank: the same sums
+    for g in s.optimizer.param_groups:
+        g["lr"] = lr
+    _step_unless(s.optimizer, skip)
     s.optimizer.zero_grad(set_to_none=True)
-    line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums.items()}
+    vals = torch.cat([totals, norm.detach().double().reshape(1), skip.double().reshape(1)]).tolist()  # the sync
+    *vals, n_all, norm_value, skipped = vals
+    if max(round(n_all), 1) != n_global:  # the objective normalised by another count than the loop divides by
+        raise RuntimeError(f"the objective counted {round(n_all)} targets in a step of {n_global}")
+    sums_f = dict(zip(keys, vals))
+    loss_total = sums_f.pop("loss")
+    line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums_f.items()}
     line.update(weights)  # scheduled alpha / beta
     line.update(
         {
             "train/loss": loss_total / n_global,
             "lr": lr,
-            "grad_norm": float(norm),
+            "grad_norm": norm_value,
             "phase": phase.name,
-            "skipped": not finite,
+            "skipped": bool(skipped),
         }
     )
     return line
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """The optimiser step, skipped where `skip` (a 0-dim bool on the device: a non-finite loss or gradient
+    norm) holds. Fused AdamW takes the flag on the device (`found_inf`, as torch's GradScaler hands it):
+    it leaves the weights, moments and step count as they were, with no host sync. Other optimisers
+    read the flag back first."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(skip):
+        optimizer.step()
 
 
 def _prefetch_cached(s: Setup, step: int, needs, *, n_micro: int, T: int) -> None:
