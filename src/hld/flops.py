@@ -19,6 +19,7 @@ from typing import Optional
 
 from torch import nn
 
+from hld.config import StudentConfig
 from hld.models.hooks import CausalLM, decoder_of, text_config
 
 
@@ -86,3 +87,22 @@ def step_cost(
     )
     p = sum(3 * 2 * ds * dt for ds, dt in projector_dims)
     return StepCost(student=s, teacher=t, projectors=p)
+
+
+def calibration_flops(teacher: CausalLM, rank: str, *, windows: int, seq_len: int) -> float:
+    """FLOPs of ranking a derived student's blocks (`hld.models.derive`) over `windows` windows of `seq_len`
+    tokens: block_influence and angular one teacher forward without its head; loss_drop L + 1 whole forwards
+    (the dropped block still runs under the identity hook, so its FLOPs are spent); explicit blocks nothing."""
+    tokens = windows * seq_len
+    if rank == "explicit":
+        return 0.0
+    if rank == "loss_drop":
+        return (len(decoder_of(teacher).layers) + 1) * forward_flops_per_token(teacher, seq_len) * tokens
+    return forward_flops_per_token(teacher, seq_len, logits=False) * tokens
+
+
+def planned_calibration(student: StudentConfig, teacher: CausalLM, seq_len: int) -> tuple[str, float]:
+    """(rank, calibration FLOPs) of a derived student, known before any weight is read."""
+    rank = "explicit" if student.init.blocks else student.init.rank
+    w = 0 if rank == "explicit" else student.init.calibration_windows
+    return rank, calibration_flops(teacher, rank, windows=w, seq_len=seq_len)

@@ -34,10 +34,13 @@ from typing import Any, Optional
 import torch
 
 from hld.config import RunConfig
+from hld.config_checks import derived_depth
 from hld.errors import HldError
-from hld.models.hooks import CausalLM, text_config
+from hld.flops import planned_calibration
+from hld.models.derive import planned_kept
+from hld.models.hooks import CausalLM, decoder_of, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
-from hld.models.student import count_params, resolve_shape
+from hld.models.student import count_params, shape_of
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
 
@@ -172,7 +175,7 @@ def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size
     local = cfg.train.batch_size // world_size
     micro = cfg.train.micro_batch_size or local
     n_tok = micro * cfg.data.seq_len
-    shape = resolve_shape(cfg.student)
+    shape = shape_of(parts.student)
     V, d = parts.student.get_input_embeddings().weight.shape
     P = count_params(parts.student)["total"] + (parts.projectors.n_params() if parts.projectors is not None else 0)
     out: dict[str, float] = {}
@@ -211,16 +214,17 @@ def _with_count_teacher(cfg: RunConfig, value: bool) -> RunConfig:
     return dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, count_teacher=value))
 
 
-def _length(cfg: RunConfig, plan, costs) -> dict:
+def _length(cfg: RunConfig, plan, costs, fixed: float = 0.0) -> dict:
+    """Steps, tokens and FLOPs of a run; `fixed`: FLOPs spent before step 0 (a derived student's calibration)."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    n = run_length(cfg, plan, costs)
+    n = run_length(cfg, plan, costs, fixed_flops=fixed)
     tokens = (n.steps - 1) * B * T + B * n.last_len
     flops = (
         spent_flops(plan, costs, n.steps, n.last_len, B, T)
         if n.steps <= EXACT_STEPS
         else flops_per_token(plan, costs) * tokens
     )
-    return {"steps": n.steps, "tokens": tokens, "flops": flops}
+    return {"steps": n.steps, "tokens": tokens, "flops": flops + fixed}
 
 
 def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
@@ -239,6 +243,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     row["student_params"], row["student_params_non_embedding"] = s["total"], s["non_embedding"]
     row["teacher_params"], row["teacher_params_non_embedding"] = t["total"], t["non_embedding"]
     row["projector_params"] = parts.projectors.n_params() if parts.projectors is not None else 0
+    row["origin"], row["calibration_flops"] = origin_row(cfg, teacher_lm)
     row["flops_per_token"] = {
         name: {"student": c.student, "teacher": c.teacher, "projectors": c.projectors} for name, c in counted.items()
     }
@@ -248,7 +253,10 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     for value in (True, False):
         c = _with_count_teacher(cfg, value)
         row["length"]["teacher_counted" if value else "teacher_not_counted"] = _length(
-            c, parts.plan, phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm)
+            c,
+            parts.plan,
+            phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm),
+            row["calibration_flops"],
         )
     run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
     row["cache"] = None
@@ -280,6 +288,19 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         else None
     )
     return row
+
+
+def origin_row(cfg: RunConfig, teacher: CausalLM) -> tuple[str, float]:
+    """Where the student comes from, and the FLOPs that costs before training (counted in both accountings)."""
+    if derived_depth(cfg.student.preset) is None:
+        return "scratch (random init)", 0.0
+    kept = planned_kept(cfg.student, teacher)
+    rank, flops = planned_calibration(cfg.student, teacher, cfg.data.seq_len)
+    n_t = len(decoder_of(teacher).layers)
+    if rank == "explicit":
+        return f"{len(kept)} of {n_t} teacher blocks, given: {list(kept)}", flops
+    w = cfg.student.init.calibration_windows
+    return f"{len(kept)} of {n_t} teacher blocks, ranked by {rank} on {w} training windows", flops
 
 
 def data_plan(cfg: RunConfig, *, windows: int) -> dict:
@@ -401,6 +422,12 @@ def format_run(row: dict) -> list[str]:
         f"  params: student {_n(row['student_params'])} ({_n(row['student_params_non_embedding'])} non-embedding)"
         f", teacher {_n(row['teacher_params'])} ({_n(row['teacher_params_non_embedding'])} non-embedding)"
         + (f", projectors {_n(row['projector_params'])}" if row["projector_params"] else ""),
+        f"  student origin: {row['origin']}"
+        + (
+            f"; calibration {row['calibration_flops']:.3e} FLOPs (teacher forwards, counted in both accountings)"
+            if row["calibration_flops"]
+            else ""
+        ),
     ]
     for phase, c in row["flops_per_token"].items():
         out.append(
