@@ -255,6 +255,18 @@ class TrainConfig:
     precision: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32"
     )
+    freeze_embedding: bool = _f(
+        False,
+        "keep the student's token embedding, and the head tied to it, fixed (a derived student: the teacher's): "
+        "no gradient and no optimiser state for it; the head's backward skips dL/dW, counted in FLOPs (the head "
+        "costs 2x its forward instead of 3x)",
+    )
+    keep_final_checkpoint: bool = _f(
+        True,
+        "keep checkpoints/ once the run has exported its student and written summary.json (false: the last "
+        "checkpoint is not written and any earlier one is removed; a finished run is never resumed, and a "
+        "derived Gemma 3 270M student's checkpoint is over 1 GB)",
+    )
     loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ 4 buffers of chunk*vocab*4 B)")
     compile: bool = _f(False, "torch.compile the student's blocks (pays on GPUs; compiling takes a while on CPU)")
     eval_every_steps: int = _f(0, "validate every N steps (0: only at the end)")

@@ -78,8 +78,13 @@ def step_cost(
     teacher_upto: Optional[int] = None,
     projector_dims: tuple[tuple[float, float], ...] = (),
     student_logits: bool = True,
+    frozen_head: bool = False,
 ) -> StepCost:
-    s = 3 * forward_flops_per_token(student, seq_len, logits=student_logits)
+    """`frozen_head`: the (tied) head gets no gradient (`train.freeze_embedding`): its backward computes
+    dL/dh only, so it costs 2x its forward instead of 3x."""
+    s = 3 * forward_flops_per_token(student, seq_len, logits=False)
+    if student_logits:
+        s += (2 if frozen_head else 3) * 2 * student.get_output_embeddings().weight.numel()
     t = (
         0.0
         if teacher is None

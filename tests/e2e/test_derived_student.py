@@ -120,3 +120,20 @@ def test_a_student_that_keeps_every_block_starts_as_the_teacher(tmp_path, overri
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1
     assert abs(first["train/kd"]) < 1e-5 and abs(first["train/hidden"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_a_frozen_embedding_stays_the_teachers_and_no_final_checkpoint_is_kept(tmp_path, overrides, assets):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen"
+    extra = ["train.freeze_embedding=true", "train.keep_final_checkpoint=false", "objective.method=kd"]
+    assert main(["train", "--config", "smoke", "--out", str(out), *overrides, *DERIVED, *extra, "--quiet"]) == 0
+    got = load_file(out / "student" / "model.safetensors")
+    want = load_file(assets / "tiny_teacher" / "model.safetensors")
+    key = "model.embed_tokens.weight"
+    assert torch.equal(got[key], want[key])  # frozen: the teacher's rows, bit for bit
+    moved = [k for k in got if k.startswith("model.layers.0.") and not torch.equal(got[k], want[k])]
+    assert moved  # the blocks trained
+    assert not (out / "checkpoints").exists() and (out / "summary.json").exists()
+    assert main(["train", "--config", "smoke", "--out", str(out), *overrides, *DERIVED, *extra, "--resume"]) == 2

@@ -41,6 +41,7 @@ def phase_costs(
             teacher_upto=upto,
             projector_dims=dims,
             student_logits=obj.uses_head,
+            frozen_head=cfg.train.freeze_embedding,
         )
     return out
 

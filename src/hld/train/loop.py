@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,8 @@ def build(
         source_lm=source,
     )
     student, plan = parts.student.to(device), parts.plan
+    if cfg.train.freeze_embedding:  # the tied head with it: the optimiser never sees it
+        student.get_input_embeddings().weight.requires_grad_(False)
     projectors = parts.projectors.to(device) if parts.projectors is not None else None
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
@@ -384,8 +387,12 @@ def _locked_train(
         for cb in reversed(callbacks):
             cb.close()
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
-    save_run(s, out, state)
-    return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
+    if cfg.train.keep_final_checkpoint:
+        save_run(s, out, state)
+    summary = _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
+    if not cfg.train.keep_final_checkpoint and d.is_main:  # finished and exported: nothing resumes from it
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
 
 
 def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> dict:
