@@ -16,13 +16,23 @@ import time
 import numpy as np
 
 from hld.config import load_config
-from hld.models.derive import derive, mean_loss, prune_depth
+from hld.models.derive import (
+    angular_distances,
+    block_influence,
+    kept_by,
+    layer_states,
+    loss_drop,
+    mean_loss,
+    prune_depth,
+)
+from hld.models.hooks import n_blocks
 from hld.train.resources import Resources
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default="gemma-3-270m")
+    ap.add_argument("--explicit", default="0-5+15-17", help="also score these kept blocks ('' : none)")
     ap.add_argument("--depths", default="6,9,12")
     ap.add_argument("--ranks", default="block_influence,angular,loss_drop")
     ap.add_argument("--val-windows", type=int, default=32, help="validation windows scored (the demo's: 32)")
@@ -40,21 +50,40 @@ def main() -> None:
     print(json.dumps(rows[0]), flush=True)
     for rank in args.ranks.split(","):
         w = args.loss_drop_windows if rank == "loss_drop" else args.calibration_windows
+        calib = np.asarray(train[:w])
+        t0 = time.time()
+        states = layer_states(teacher, calib) if rank != "loss_drop" else None  # one pass for every depth
+        scores_ld = loss_drop(teacher, calib) if rank == "loss_drop" else None
+        rank_s = time.time() - t0
         for n in (int(x) for x in args.depths.split(",")):
-            cfg = load_config(
-                "demo",
-                [f"student.preset=depth-{n}", f"student.init.rank={rank}", f"student.init.calibration_windows={w}"],
-            )
-            d = derive(cfg.student, teacher=teacher, teacher_name=args.teacher, train_windows=train)
+            L = n_blocks(teacher)
+            if rank == "loss_drop":
+                scores = scores_ld
+            elif rank == "block_influence":
+                scores = block_influence(states)
+            else:
+                scores = angular_distances(states, L - n)
+            kept = kept_by(rank, scores, n=n, n_teacher=L)
             t0 = time.time()
-            loss = mean_loss(prune_depth(teacher, d.kept), val)
-            row = {"student": f"depth-{n}", "rank": rank, "windows": w, "kept": list(d.kept), "val_loss": loss}
-            row["rank_seconds"], row["eval_seconds"] = d.seconds, time.time() - t0
+            loss = mean_loss(prune_depth(teacher, kept), val)
+            row = {"student": f"depth-{n}", "rank": rank, "windows": w, "kept": list(kept), "val_loss": loss}
+            row["rank_seconds"], row["eval_seconds"] = rank_s, time.time() - t0
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.explicit:
+        kept = [i for part in args.explicit.split("+") for i in _span(part)]
+        row = {"student": f"depth-{len(kept)}", "rank": "explicit", "kept": kept}
+        row["val_loss"] = mean_loss(prune_depth(teacher, tuple(kept)), val)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print("\n| student | ranking | kept blocks (0-based) | unhealed val loss |\n|---|---|---|---:|")
     for r in rows:
         print(f"| {r['student']} | {r.get('rank', '—')} | {r.get('kept', '—')} | {r['val_loss']:.4f} |")
+
+
+def _span(part: str) -> list[int]:
+    a, _, b = part.partition("-")
+    return list(range(int(a), int(b or a) + 1))
 
 
 if __name__ == "__main__":

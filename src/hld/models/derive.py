@@ -241,6 +241,25 @@ def top_blocks(scores: list[float], n: int) -> tuple[int, ...]:
     return tuple(sorted(order[:n]))
 
 
+def rank_scores(rank: str, teacher: CausalLM, windows: np.ndarray, *, n_drop: int) -> list[float]:
+    """A ranking's scores on the calibration windows (`kept_by` turns them into kept blocks)."""
+    if rank == "loss_drop":
+        return loss_drop(teacher, windows)
+    states = layer_states(teacher, windows)
+    if rank == "block_influence":
+        return block_influence(states)
+    return angular_distances(states, n_drop) if n_drop else [0.0]
+
+
+def kept_by(rank: str, scores: list[float], *, n: int, n_teacher: int) -> tuple[int, ...]:
+    """The kept blocks: the n top-scored (block_influence, loss_drop), or all but the contiguous run of
+    n_teacher - n blocks that starts where the angular distance is smallest."""
+    if rank != "angular":
+        return top_blocks(scores, n)
+    start = min(range(len(scores)), key=lambda s: (scores[s], s))
+    return tuple(i for i in range(n_teacher) if not start <= i < start + (n_teacher - n))
+
+
 def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, train_windows: Any) -> Derivation:
     """Choose the kept blocks (given, or ranked on the first calibration windows of the training store)."""
     check_prunable(teacher, student.preset)
@@ -253,16 +272,8 @@ def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, trai
     else:
         rank, w = student.init.rank, min(student.init.calibration_windows, len(train_windows))
         windows = np.asarray(train_windows[:w])
-        if rank == "loss_drop":
-            scores = loss_drop(teacher, windows)
-            kept = top_blocks(scores, n)
-        elif rank == "block_influence":
-            scores = block_influence(layer_states(teacher, windows))
-            kept = top_blocks(scores, n)
-        else:
-            scores = angular_distances(layer_states(teacher, windows), L - n) if n < L else [0.0]
-            start = min(range(len(scores)), key=lambda s: (scores[s], s))
-            kept = tuple(i for i in range(L) if not start <= i < start + (L - n))
+        scores = rank_scores(rank, teacher, windows, n_drop=L - n)
+        kept = kept_by(rank, scores, n=n, n_teacher=L)
     return Derivation(
         teacher=teacher_name,
         n_teacher_blocks=L,
