@@ -222,6 +222,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 DERIVED = re.compile(r"depth-(\d+)")  # student.preset=depth-N: N of the teacher's blocks (hld.models.derive)
+HLD = ("hld-joint", "hld-first")
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
 
@@ -264,6 +265,12 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             not blocks or (ints and len(blocks) == n),
             f"student.init.blocks={blocks} does not list {n} block indices for student.preset={s.preset}",
             f"list {n} 0-based teacher block indices, or leave blocks empty to rank them",
+        ),
+        (
+            blocks or not cfg.teacher.cache or hidden.mapping != "kept" or cfg.objective.method not in HLD,
+            f"objective.hidden.mapping=kept with a ranked student.preset={s.preset} and teacher.cache: the cache's "
+            "layers are chosen before the ranking runs",
+            "list the kept blocks in student.init.blocks (scripts/derive_depths.py prints them), or train online",
         ),
         (
             not blocks or not ints or (min(blocks) >= 0 and list(blocks) == sorted(set(blocks))),

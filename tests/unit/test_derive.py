@@ -163,3 +163,11 @@ def test_bad_input_is_one_line(teacher):
     ):
         with pytest.raises(HldError, match=match):
             load_config(None, overrides)
+
+
+def test_a_ranked_student_matched_through_a_cache_must_list_its_blocks():
+    base = ["student.preset=depth-2", "objective.hidden.mapping=kept", "objective.method=hld-joint"]
+    with pytest.raises(HldError, match="the cache's layers are chosen before the ranking runs"):
+        load_config(None, [*base, "teacher.cache=/tmp/c"])
+    load_config(None, [*base, "teacher.cache=/tmp/c", "student.init.blocks=[0, 2]"])
+    load_config(None, base)  # online: the ranking runs first
