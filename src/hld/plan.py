@@ -7,7 +7,8 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
 (docs/cache-format.md), and an estimate of the peak accelerator memory of one process:
 
   params       P * (4 weight + 4 grad + 8 AdamW exp_avg/exp_avg_sq) bytes, fp32 master weights;
-               / world size under fsdp2. P = student + projectors (the tied head counted once)
+               / world size under fsdp2. P = student + projectors (the tied head counted once); a frozen
+               embedding (train.freeze_embedding) 4 bytes per weight
   autocast     P * 2 bytes when the student computes in bf16 (autocast's casts of the weights)
   activations  n_layers * micro tokens * (6 d + 7 q + 2 kv + 4 d_ff) * b, q = n_heads * head_dim,
                kv = n_kv_heads * head_dim, b = 2 (bf16) or 4 (fp32): what autograd saves per block
@@ -179,7 +180,9 @@ def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size
     V, d = parts.student.get_input_embeddings().weight.shape
     P = count_params(parts.student)["total"] + (parts.projectors.n_params() if parts.projectors is not None else 0)
     out: dict[str, float] = {}
-    out["params"] = P * 16 / (world_size if mode == "fsdp2" else 1)
+    # a frozen embedding (train.freeze_embedding): its weights alone, no gradient or AdamW state
+    frozen = V * d if cfg.train.freeze_embedding else 0
+    out["params"] = ((P - frozen) * 16 + frozen * 4) / (world_size if mode == "fsdp2" else 1)
     out["autocast"] = P * 2 if compute != torch.float32 else 0
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     out["activations"] = (
@@ -193,7 +196,8 @@ def memory_estimate(cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size
     bufs = 2 + (cfg.objective.temperature != 1) + (online and needs.logits)
     low = chunk * V * b_act if compute != torch.float32 else 0
     rows = 2 * 8 * V * 4 if online and needs.logits and cfg.objective.top_k is None else 0
-    out["head"] = bufs * chunk * V * 4 + low + rows + V * d * 4 + (V * d * 2 if compute != torch.float32 else 0)
+    grad_w = 0 if frozen else V * d * 4  # dL/dW, held from forward to backward (none for a frozen head)
+    out["head"] = bufs * chunk * V * 4 + low + rows + grad_w + (V * d * 2 if compute != torch.float32 else 0)
     tc = text_config(teacher.config)
     t_dtype = resolve_dtype(cfg.teacher.dtype, device)
     out["hidden"] = 0.0
