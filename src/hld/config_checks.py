@@ -252,14 +252,17 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                 "use student.preset=depth-N, or another mapping (uniform)",
             ),
         ]
-    set_sizes = [f"student.{k}" for k in SHAPE_KEYS if getattr(s, k) is not None]
+    # n_heads, n_kv_heads and d_ff narrow a derived student (hld.models.prune_width); the residual width,
+    # the head width and the depth (the preset's N) are the teacher's
+    set_sizes = [f"student.{k}" for k in ("n_layers", "d_model", "head_dim") if getattr(s, k) is not None]
     ints = all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
     return [
         (n >= 1, f"student.preset={s.preset} keeps no block", "keep at least one block: depth-1 or more"),
         (
             not set_sizes,
-            f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose sizes are its teacher's",
-            f"drop {', '.join(set_sizes)} (or use a scratch preset)",
+            f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose depth, residual and head widths are "
+            "its teacher's (embedding channels are not pruned)",
+            f"drop {', '.join(set_sizes)} (depth-N sets the depth; student.n_heads, n_kv_heads, d_ff narrow it)",
         ),
         (
             not blocks or (ints and len(blocks) == n),

@@ -38,7 +38,7 @@ from hld.config import RunConfig
 from hld.config_checks import derived_depth
 from hld.errors import HldError
 from hld.flops import planned_calibration
-from hld.models.derive import planned_kept
+from hld.models.derive import planned_kept, planned_widths
 from hld.models.hooks import CausalLM, decoder_of, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.models.student import count_params, shape_of
@@ -301,10 +301,15 @@ def origin_row(cfg: RunConfig, teacher: CausalLM) -> tuple[str, float]:
     kept = planned_kept(cfg.student, teacher)
     rank, flops = planned_calibration(cfg.student, teacher, cfg.data.seq_len)
     n_t = len(decoder_of(teacher).layers)
-    if rank == "explicit":
-        return f"{len(kept)} of {n_t} teacher blocks, given: {list(kept)}", flops
     w = cfg.student.init.calibration_windows
-    return f"{len(kept)} of {n_t} teacher blocks, ranked by {rank} on {w} training windows", flops
+    how = "given: " + str(list(kept)) if rank == "explicit" else f"ranked by {rank} on {w} training windows"
+    widths = planned_widths(cfg.student, teacher)
+    if widths is not None:
+        how += (
+            f"; narrowed to {widths.n_heads} heads ({widths.n_kv_heads} kv), d_ff {widths.d_ff} by activation "
+            f"importance on {w} training windows"
+        )
+    return f"{len(kept)} of {n_t} teacher blocks, {how}", flops
 
 
 def data_plan(cfg: RunConfig, *, windows: int) -> dict:

@@ -137,3 +137,20 @@ def test_a_frozen_embedding_stays_the_teachers_and_no_final_checkpoint_is_kept(t
     assert moved  # the blocks trained
     assert not (out / "checkpoints").exists() and (out / "summary.json").exists()
     assert main(["train", "--config", "smoke", "--out", str(out), *overrides, *DERIVED, *extra, "--resume"]) == 2
+
+
+@pytest.mark.slow
+def test_a_narrowed_derived_student_trains_exports_and_reloads(tmp_path, overrides):
+    """depth-2 with d_ff 48 of 96 and 1 of 2 query heads: hld-joint through identity projectors (the residual
+    width is the teacher's), its widths and the width pass's FLOPs recorded, reloaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "narrow"
+    narrow = ["student.d_ff=48", "student.n_heads=1", "objective.method=hld-joint"]
+    assert main(["train", "--config", "smoke", "--out", str(out), *overrides, *DERIVED, *narrow, "--quiet"]) == 0
+    d = json.loads((out / "derivation.json").read_text())
+    assert (d["widths"]["d_ff"], d["widths"]["n_heads"]) == (48, 1)
+    assert all(len(b["channels"]) == 48 and len(b["heads"]) == 1 for b in d["widths"]["per_block"])
+    assert "narrowed to 1 heads (1 kv), d_ff 48" in d["origin"]
+    lm = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert (lm.config.intermediate_size, lm.config.num_attention_heads, lm.config.num_hidden_layers) == (48, 1, 2)

@@ -156,7 +156,7 @@ def test_bad_input_is_one_line(teacher):
         (["student.preset=depth-2", "student.init.calibration_windows=0"], "calibration_windows=0 is outside"),
         (["student.preset=depth-2", "student.init.blocks=[0]"], "does not list 2 block indices"),
         (["student.preset=depth-2", "student.init.blocks=[2, 0]"], "increasing order"),
-        (["student.preset=depth-2", "student.d_model=32"], "whose sizes are its teacher's"),
+        (["student.preset=depth-2", "student.d_model=32"], "embedding channels are not pruned"),
         (["student.preset=depth-0"], "keeps no block"),
         (["student.init.blocks=[0, 1]"], "built from scratch"),
         (["objective.hidden.mapping=kept"], "needs a student made of its teacher's blocks"),
@@ -171,3 +171,96 @@ def test_a_ranked_student_matched_through_a_cache_must_list_its_blocks():
         load_config(None, [*base, "teacher.cache=/tmp/c"])
     load_config(None, [*base, "teacher.cache=/tmp/c", "student.init.blocks=[0, 2]"])
     load_config(None, base)  # online: the ranking runs first
+
+
+# --------------------------------------------------------------------------- width pruning
+
+
+def zeroed(teacher, kept: list[dict]):
+    """The teacher with each dropped MLP channel's up row and each dropped head's o_proj columns zeroed:
+    their contribution is 0, which is what removing them computes (independent of hld's slicing)."""
+    lm = copy.deepcopy(teacher)
+    hd = lm.config.head_dim
+    for block, k in zip(lm.model.layers, kept):
+        drop_c = [c for c in range(lm.config.intermediate_size) if c not in k["channels"]]
+        block.mlp.up_proj.weight[drop_c] = 0
+        for h in range(lm.config.num_attention_heads):
+            if h not in k["heads"]:
+                block.self_attn.o_proj.weight[:, h * hd : (h + 1) * hd] = 0
+    return lm
+
+
+def test_a_narrowed_student_computes_what_the_teacher_computes_without_the_dropped_channels(teacher, windows):
+    from hld.models.prune_width import Widths, choose, importance, teacher_widths
+
+    scores = importance(teacher, windows)
+    target = Widths(n_heads=1, n_kv_heads=1, d_ff=40)
+    kept = [choose(s, teacher_widths(teacher), target) for s in scores]
+    got = D.prune_depth(teacher, (0, 1, 2), widths=target, per_block=kept)
+    assert (got.config.num_attention_heads, got.config.intermediate_size) == (1, 40)
+    assert got.model.layers[0].mlp.down_proj.weight.shape == (48, 40)
+    ids = torch.as_tensor(windows)
+    torch.testing.assert_close(
+        got(input_ids=ids).logits, zeroed(teacher, kept)(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+    )
+    same = D.prune_depth(
+        teacher,
+        (0, 1, 2),
+        widths=teacher_widths(teacher),
+        per_block=[choose(s, teacher_widths(teacher), teacher_widths(teacher)) for s in scores],
+    )
+    assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)  # nothing narrowed
+
+
+def test_channel_importance_against_the_activation_recomputed_from_gate_and_up(teacher, windows):
+    from hld.models.prune_width import importance
+
+    got = importance(teacher, windows)
+    seen = {}
+    block = teacher.model.layers[1].mlp
+    hooks = [
+        block.act_fn.register_forward_hook(lambda m, a, o: seen.__setitem__("act", o)),
+        block.up_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("up", o)),
+    ]
+    try:
+        with torch.no_grad():
+            teacher(input_ids=torch.as_tensor(windows))
+    finally:
+        for h in hooks:
+            h.remove()
+    a = (seen["act"] * seen["up"])[:, 1:].double().abs()  # (n, T-1, d_ff), position 0 left out
+    torch.testing.assert_close(got[1]["channels"], a.reshape(-1, a.shape[-1]).mean(0), rtol=1e-6, atol=1e-9)
+    assert got[1]["heads"].shape == (2,)
+
+
+def test_kept_heads_respect_their_key_value_groups():
+    from hld.models.prune_width import Widths, choose
+
+    scores = {"heads": torch.tensor([1.0, 5.0, 2.0, 2.5, 0.1, 0.2]), "channels": torch.tensor([3.0, 1.0, 2.0])}
+    t = Widths(n_heads=6, n_kv_heads=3, d_ff=3)  # groups (0, 1), (2, 3), (4, 5): sums 6, 4.5, 0.3
+    assert choose(scores, t, Widths(2, 2, 2)) == {"heads": [1, 3], "groups": [0, 1], "channels": [0, 2]}
+    assert choose(scores, t, Widths(2, 1, 1))["heads"] == [0, 1]  # one group, both its heads
+
+
+def test_width_pruning_bad_input_is_one_line(teacher):
+    from hld.models.prune_width import target_widths
+
+    with pytest.raises(HldError, match="d_ff=200 is wider than the teacher's 96"):
+        target_widths(teacher, n_heads=None, n_kv_heads=None, d_ff=200)
+    gqa = SimpleNamespace(config=SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=8))
+    with pytest.raises(HldError, match="does not split into student.n_kv_heads=2 groups"):
+        target_widths(gqa, n_heads=3, n_kv_heads=2, d_ff=None)
+    with pytest.raises(HldError, match="does not split"):
+        target_widths(gqa, n_heads=4, n_kv_heads=1, d_ff=None)  # a group keeps at most its own 2 heads
+    assert target_widths(gqa, n_heads=None, n_kv_heads=1, d_ff=None).n_heads == 2
+    with pytest.raises(HldError, match="embedding channels are not pruned"):
+        load_config(None, ["student.preset=depth-2", "student.d_model=32"])
+
+
+def test_width_calibration_flops_by_hand(teacher):
+    d, q, kv, ff, L, T = 48, 48, 24, 96, 3, 32
+    fwd_blocks = L * (2 * (d * q + 2 * d * kv + q * d + 3 * d * ff) + 4 * q * (T + 1) / 2)
+    cfg = load_config(None, ["student.preset=depth-2", "student.init.blocks=[0, 2]", "student.d_ff=48"]).student
+    assert planned_calibration(cfg, teacher, T) == ("explicit", pytest.approx(fwd_blocks * 16 * T))
+    cfg = load_config(None, ["student.preset=depth-2", "student.d_ff=48"]).student  # ranked, then narrowed
+    assert planned_calibration(cfg, teacher, T)[1] == pytest.approx(2 * fwd_blocks * 16 * T)

@@ -35,6 +35,7 @@ from hld.config import StudentConfig
 from hld.config_checks import derived_depth
 from hld.errors import HldError
 from hld.models.hooks import CausalLM, LayerCapture, StopForward, decoder_of, n_blocks, text_config
+from hld.models.prune_width import Widths, choose, importance, slice_block, target_widths, teacher_widths
 
 # the families whose decoder is `embed_tokens`, `layers`, a final norm and a head, with per-block state
 # only in `layers` and `layer_types` (tested: Gemma 3, Llama, Qwen 2/3, Mistral)
@@ -56,6 +57,9 @@ class Derivation:
     calibration_tokens: int
     seconds: float
     calibration_flops: float = 0.0  # `hld.flops.calibration_flops`, set by who counts (`Resources.derivation`)
+    # width pruning (hld.models.prune_width): n_heads, n_kv_heads, d_ff and, per kept block, its kept
+    # query heads, key/value groups and MLP channels; None when the blocks keep the teacher's widths
+    widths: Optional[dict] = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -66,7 +70,11 @@ class Derivation:
 
 def origin_text(d: Derivation) -> str:
     how = "given" if d.rank == "explicit" else f"ranked by {d.rank} on {d.calibration_windows} windows"
-    return f"{len(d.kept)} of {d.n_teacher_blocks} blocks of {d.teacher} ({how}): {list(d.kept)}"
+    out = f"{len(d.kept)} of {d.n_teacher_blocks} blocks of {d.teacher} ({how}): {list(d.kept)}"
+    if d.widths is not None:
+        w = d.widths
+        out += f"; narrowed to {w['n_heads']} heads ({w['n_kv_heads']} kv), d_ff {w['d_ff']} by activation importance"
+    return out
 
 
 # --------------------------------------------------------------------------- the student's structure
@@ -108,9 +116,17 @@ def planned_kept(student: StudentConfig, teacher: CausalLM) -> tuple[int, ...]:
     return tuple(student.init.blocks) if student.init.blocks else tuple(range(n))
 
 
-def pruned_config(teacher: CausalLM, kept: tuple[int, ...]):
-    """The teacher's (text) config with only the kept blocks."""
+def planned_widths(student: StudentConfig, teacher: CausalLM) -> Optional[Widths]:
+    """The widths `student.n_heads`, `n_kv_heads`, `d_ff` narrow a derived student to (None: the teacher's)."""
+    return target_widths(teacher, n_heads=student.n_heads, n_kv_heads=student.n_kv_heads, d_ff=student.d_ff)
+
+
+def pruned_config(teacher: CausalLM, kept: tuple[int, ...], widths: Optional[Widths] = None):
+    """The teacher's (text) config with only the kept blocks (and the narrower widths)."""
     cfg = copy.deepcopy(text_config(teacher.config))
+    if widths is not None:
+        cfg.num_attention_heads, cfg.num_key_value_heads = widths.n_heads, widths.n_kv_heads
+        cfg.intermediate_size = widths.d_ff
     types = getattr(cfg, "layer_types", None)
     cfg.num_hidden_layers = len(kept)
     if types is not None:
@@ -122,11 +138,19 @@ def pruned_config(teacher: CausalLM, kept: tuple[int, ...]):
 _BLOCK_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
-def prune_depth(teacher: CausalLM, kept: tuple[int, ...], *, weights: bool = True) -> CausalLM:
+def prune_depth(
+    teacher: CausalLM,
+    kept: tuple[int, ...],
+    *,
+    weights: bool = True,
+    widths: Optional[Widths] = None,
+    per_block: Optional[list[dict]] = None,
+) -> CausalLM:
     """A model of the teacher's class with only the kept blocks, their weights copied (fp32, trainable,
-    on the teacher's device); `weights=False`: its structure only, on the current default device
-    (`with torch.device("meta")`)."""
-    cfg = pruned_config(teacher, kept)
+    on the teacher's device), each block cut to its `per_block` heads, groups and channels when `widths`
+    narrows it (`hld.models.prune_width`); `weights=False`: its structure only, on the current default
+    device (`with torch.device("meta")`)."""
+    cfg = pruned_config(teacher, kept, widths)
     if not weights:
         return type(teacher)(cfg)
     new_index = {old: new for new, old in enumerate(kept)}
@@ -139,6 +163,12 @@ def prune_depth(teacher: CausalLM, kept: tuple[int, ...], *, weights: bool = Tru
                 continue
             key = key[: m.start(2)] + str(new_index[old]) + key[m.end(2) :]
         state[key] = value.detach().float()
+    if widths is not None:
+        assert per_block is not None and len(per_block) == len(kept)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // text_config(teacher.config).num_attention_heads
+        prefix = next(k for k in state if _BLOCK_KEY.search(k)).split("layers.")[0] + "layers."
+        for k, chosen in enumerate(per_block):
+            slice_block(state, f"{prefix}{k}.", chosen, head_dim)
     device = next(teacher.parameters()).device
     with torch.random.fork_rng(devices=[]), torch.device(device):
         student = type(teacher)(cfg)  # its random init is overwritten below
@@ -267,6 +297,7 @@ def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, trai
     n = check_blocks(student, L)
     t0 = time.time()
     seq_len = int(train_windows[:1].shape[1])
+    target = planned_widths(student, teacher)
     if student.init.blocks:
         kept, rank, scores, w = tuple(student.init.blocks), "explicit", None, 0
     else:
@@ -274,8 +305,20 @@ def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, trai
         windows = np.asarray(train_windows[:w])
         scores = rank_scores(rank, teacher, windows, n_drop=L - n)
         kept = kept_by(rank, scores, n=n, n_teacher=L)
+    widths = None
+    if target is not None:  # one more pass over the calibration windows: each kept block's activations
+        w = min(student.init.calibration_windows, len(train_windows))
+        scores_w = importance(teacher, np.asarray(train_windows[:w]))
+        per_block = [choose(scores_w[b], teacher_widths(teacher), target) for b in kept]
+        widths = {
+            "n_heads": target.n_heads,
+            "n_kv_heads": target.n_kv_heads,
+            "d_ff": target.d_ff,
+            "per_block": per_block,
+        }
     return Derivation(
         teacher=teacher_name,
+        widths=widths,
         n_teacher_blocks=L,
         kept=kept,
         rank=rank,

@@ -15,7 +15,7 @@ from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
-from hld.models.derive import Derivation, planned_kept, prune_depth
+from hld.models.derive import Derivation, planned_kept, planned_widths, prune_depth
 from hld.models.hooks import CausalLM, n_blocks, text_config
 from hld.models.student import build_student
 
@@ -58,10 +58,12 @@ def assemble(
         )
     elif derivation is not None and source_lm is not None:
         kept = derivation.kept
-        student = prune_depth(source_lm, kept)
+        per_block = derivation.widths["per_block"] if derivation.widths is not None else None
+        widths = planned_widths(cfg.student, source_lm)
+        student = prune_depth(source_lm, kept, widths=widths, per_block=per_block)
     else:
         kept = planned_kept(cfg.student, teacher_lm)
-        student = prune_depth(teacher_lm, kept, weights=False)
+        student = prune_depth(teacher_lm, kept, weights=False, widths=planned_widths(cfg.student, teacher_lm))
     projectors = None
     if cfg.objective.method in HLD_METHODS:
         hidden = cfg.objective.hidden

@@ -72,7 +72,8 @@ class Resources:
             lm = self.teacher(spec, dtype).model.to(device)
             got = derive(student, teacher=lm, teacher_name=spec, train_windows=train_windows)
             T = int(train_windows[:1].shape[1])
-            cost = calibration_flops(lm, got.rank, windows=got.calibration_windows, seq_len=T)
+            width = got.widths is not None
+            cost = calibration_flops(lm, got.rank, windows=got.calibration_windows, seq_len=T, width=width)
             self._derivations[key] = dataclasses.replace(got, calibration_flops=cost)
         return self._derivations[key]
 
