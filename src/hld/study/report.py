@@ -518,8 +518,12 @@ def ran_setup(rows: list[dict]) -> list[str]:
 
 def _shape(cfg: dict) -> str:
     from hld.config import StudentConfig
+    from hld.config_checks import derived_depth
     from hld.models.student import resolve_shape
 
+    n = derived_depth(str(cfg.get("student", {}).get("preset", "")))
+    if n is not None:  # a student made of its teacher's blocks: the teacher's width
+        return f"{n} × the teacher's width"
     try:
         s = resolve_shape(StudentConfig(**cfg["student"]))
     except (HldError, TypeError):
