@@ -97,18 +97,51 @@ class TeacherConfig:
 
 
 @dataclass
+class StudentInitConfig:
+    """How a student derived from its teacher (`student.preset=depth-N`) is made (src/hld/models/derive.py;
+    docs/decisions.md, "Students derived from the teacher"). `blocks` under a scratch preset is refused."""
+
+    rank: Literal["block_influence", "angular", "loss_drop"] = _f(
+        "block_influence",
+        "how depth-N keeps N of the teacher's blocks when `blocks` is empty: block_influence = the N blocks that "
+        "change their input most, 1 - mean cos(input, output) (ShortGPT, arXiv 2403.03853); angular = drop the "
+        "contiguous run of blocks whose input and output are closest in angle (Gromov et al., arXiv 2403.17887); "
+        "loss_drop = the N blocks whose removal alone raises the teacher's loss most (one teacher forward per block)",
+    )
+    blocks: list = _f(
+        [],
+        "the teacher's blocks to keep, 0-based indices into its decoder layers in increasing order, e.g. "
+        "[0, 1, 2, 3, 4, 5, 15, 16, 17] (as many as depth-N says); empty: ranked by `rank`",
+    )
+    calibration_windows: int = _f(
+        16,
+        "training windows the ranking reads (the first of the training store, the same for every seed and arm); "
+        "their teacher forwards are counted in the run's FLOPs, in both accountings",
+    )
+
+
+@dataclass
 class StudentConfig:
     family: StudentFamily = _f(
         "gemma3",
-        "decoder family the student is built as: " + "; ".join(f"{k} = {v}" for k, v in STUDENT_FAMILIES.items()),
+        "decoder family the student is built as: "
+        + "; ".join(f"{k} = {v}" for k, v in STUDENT_FAMILIES.items())
+        + " (a depth-N student is its teacher's family, whatever this says)",
     )
-    preset: str = _f("tiny-2l", "size preset (see `hld.models.student.PRESETS`)")
+    preset: str = _f(
+        "tiny-2l",
+        "size preset (see `hld.models.student.PRESETS`), or depth-N: N of the teacher's own blocks, with its "
+        "embedding, final norm and head (an ordinary model of the teacher's family; `student.init`)",
+    )
     n_layers: Optional[int] = _f(None, "override the preset's number of decoder blocks")
     d_model: Optional[int] = _f(None, "override the preset's hidden width")
     n_heads: Optional[int] = _f(None, "override the preset's attention heads")
     n_kv_heads: Optional[int] = _f(None, "override the preset's key/value heads")
     head_dim: Optional[int] = _f(None, "override the preset's per-head width")
     d_ff: Optional[int] = _f(None, "override the preset's MLP width")
+    init: StudentInitConfig = field(
+        default_factory=StudentInitConfig, metadata={"help": "a student derived from its teacher (depth-N)"}
+    )
 
 
 @dataclass
@@ -128,8 +161,10 @@ class ScheduleConfig:
 
 @dataclass
 class HiddenConfig:
-    mapping: Literal["uniform", "last", "explicit"] = _f(
-        "uniform", "student->teacher layer pairs: uniform spacing, last block only, or `pairs`"
+    mapping: Literal["uniform", "last", "explicit", "kept"] = _f(
+        "uniform",
+        "student->teacher layer pairs: uniform spacing, last block only, `pairs`, or kept (a depth-N student: "
+        "each block to the teacher block it was copied from, matched without a projector)",
     )
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")
@@ -221,6 +256,18 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     precision: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "student compute: bf16 autocast or fp32; auto = bf16 on CUDA/native-bf16 CPUs, else fp32"
+    )
+    freeze_embedding: bool = _f(
+        False,
+        "keep the student's token embedding, and the head tied to it, fixed (a derived student: the teacher's): "
+        "no gradient and no optimiser state for it; the head's backward skips dL/dW, counted in FLOPs (the head "
+        "costs 2x its forward instead of 3x)",
+    )
+    keep_final_checkpoint: bool = _f(
+        True,
+        "keep checkpoints/ once the run has exported its student and written summary.json (false: the last "
+        "checkpoint is not written and any earlier one is removed; a finished run is never resumed, and a "
+        "derived Gemma 3 270M student's checkpoint is over 1 GB)",
     )
     loss_chunk_tokens: int = _f(256, "tokens per chunk of the fused head+loss (memory ~ 4 buffers of chunk*vocab*4 B)")
     compile: bool = _f(False, "torch.compile the student's blocks (pays on GPUs; compiling takes a while on CPU)")

@@ -6,6 +6,7 @@ before anything trains; reads the config's fields only, so it imports nothing of
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,6 +53,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "student.n_kv_heads": (1, 1024, False, False),
     "student.head_dim": (1, 4096, False, False),
     "student.d_ff": (1, 1 << 18, False, False),
+    "student.init.calibration_windows": (1, 1 << 20, False, False),
     "objective.alpha": (0, 1, False, False),
     "objective.temperature": (0, 100, True, False),
     "objective.top_k": (1, 1 << 20, False, False),
@@ -212,10 +214,73 @@ def validate(cfg: RunConfig) -> None:
             "lower budget.tokens, or raise train.batch_size or data.seq_len",
         ),
     ]
-    for ok, problem, fix in checks:
+    for ok, problem, fix in checks + derived_checks(cfg):
         if not ok:
             raise HldError(problem, fix)
-    resolve_shape(cfg.student)
+    if derived_depth(cfg.student.preset) is None:
+        resolve_shape(cfg.student)
+
+
+DERIVED = re.compile(r"depth-(\d+)")  # student.preset=depth-N: N of the teacher's blocks (hld.models.derive)
+HLD = ("hld-joint", "hld-first")
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+
+
+def derived_depth(preset: str) -> int | None:
+    """N of a `depth-N` preset (a student made of N of its teacher's blocks); None for a scratch preset."""
+    m = DERIVED.fullmatch(preset)
+    return int(m.group(1)) if m else None
+
+
+def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """A student derived from its teacher takes every size from it; kept blocks are listed once each, in
+    order, as many as the preset names; the `kept` map needs such a student. What needs the teacher's own
+    depth (a block beyond it) is checked when the teacher is known (`hld.models.derive`)."""
+    s, hidden = cfg.student, cfg.objective.hidden
+    n = derived_depth(s.preset)
+    blocks = s.init.blocks
+    if n is None:
+        return [
+            (
+                not blocks,
+                f"student.init.blocks is set but student.preset={s.preset} is built from scratch",
+                "use student.preset=depth-N (N kept teacher blocks) or drop student.init.blocks",
+            ),
+            (
+                hidden.mapping != "kept",
+                f"objective.hidden.mapping=kept needs a student made of its teacher's blocks (preset {s.preset})",
+                "use student.preset=depth-N, or another mapping (uniform)",
+            ),
+        ]
+    # n_heads, n_kv_heads and d_ff narrow a derived student (hld.models.prune_width); the residual width,
+    # the head width and the depth (the preset's N) are the teacher's
+    set_sizes = [f"student.{k}" for k in ("n_layers", "d_model", "head_dim") if getattr(s, k) is not None]
+    ints = all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+    return [
+        (n >= 1, f"student.preset={s.preset} keeps no block", "keep at least one block: depth-1 or more"),
+        (
+            not set_sizes,
+            f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose depth, residual and head widths are "
+            "its teacher's (embedding channels are not pruned)",
+            f"drop {', '.join(set_sizes)} (depth-N sets the depth; student.n_heads, n_kv_heads, d_ff narrow it)",
+        ),
+        (
+            not blocks or (ints and len(blocks) == n),
+            f"student.init.blocks={blocks} does not list {n} block indices for student.preset={s.preset}",
+            f"list {n} 0-based teacher block indices, or leave blocks empty to rank them",
+        ),
+        (
+            blocks or not cfg.teacher.cache or hidden.mapping != "kept" or cfg.objective.method not in HLD,
+            f"objective.hidden.mapping=kept with a ranked student.preset={s.preset} and teacher.cache: the cache's "
+            "layers are chosen before the ranking runs",
+            "list the kept blocks in student.init.blocks (scripts/derive_depths.py prints them), or train online",
+        ),
+        (
+            not blocks or not ints or (min(blocks) >= 0 and list(blocks) == sorted(set(blocks))),
+            f"student.init.blocks={blocks} must be distinct 0-based indices in increasing order",
+            "write them increasing, each once, e.g. [0, 1, 2, 15, 16, 17]",
+        ),
+    ]
 
 
 def sampled_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 from torch import nn
 
+from hld.config import StudentConfig
 from hld.models.hooks import CausalLM, decoder_of, text_config
 
 
@@ -77,8 +78,13 @@ def step_cost(
     teacher_upto: Optional[int] = None,
     projector_dims: tuple[tuple[float, float], ...] = (),
     student_logits: bool = True,
+    frozen_head: bool = False,
 ) -> StepCost:
-    s = 3 * forward_flops_per_token(student, seq_len, logits=student_logits)
+    """`frozen_head`: the (tied) head gets no gradient (`train.freeze_embedding`): its backward computes
+    dL/dh only, so it costs 2x its forward instead of 3x."""
+    s = 3 * forward_flops_per_token(student, seq_len, logits=False)
+    if student_logits:
+        s += (2 if frozen_head else 3) * 2 * student.get_output_embeddings().weight.numel()
     t = (
         0.0
         if teacher is None
@@ -86,3 +92,27 @@ def step_cost(
     )
     p = sum(3 * 2 * ds * dt for ds, dt in projector_dims)
     return StepCost(student=s, teacher=t, projectors=p)
+
+
+def calibration_flops(teacher: CausalLM, rank: str, *, windows: int, seq_len: int, width: bool = False) -> float:
+    """FLOPs of ranking a derived student's blocks (`hld.models.derive`) over `windows` windows of `seq_len`
+    tokens: block_influence and angular one teacher forward without its head; loss_drop L + 1 whole forwards
+    (the dropped block still runs under the identity hook, so its FLOPs are spent); explicit blocks nothing;
+    `width` (heads and channels chosen by activation importance, `hld.models.prune_width`): one more forward
+    without the head."""
+    tokens = windows * seq_len
+    no_head = forward_flops_per_token(teacher, seq_len, logits=False) * tokens
+    extra = no_head if width else 0.0
+    if rank == "explicit":
+        return extra
+    if rank == "loss_drop":
+        return (len(decoder_of(teacher).layers) + 1) * forward_flops_per_token(teacher, seq_len) * tokens + extra
+    return no_head + extra
+
+
+def planned_calibration(student: StudentConfig, teacher: CausalLM, seq_len: int) -> tuple[str, float]:
+    """(rank, calibration FLOPs) of a derived student, known before any weight is read."""
+    rank = "explicit" if student.init.blocks else student.init.rank
+    width = any(getattr(student, k) is not None for k in ("n_heads", "n_kv_heads", "d_ff"))
+    w = 0 if rank == "explicit" and not width else student.init.calibration_windows
+    return rank, calibration_flops(teacher, rank, windows=w, seq_len=seq_len, width=width)

@@ -7,7 +7,8 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
 (docs/cache-format.md), and an estimate of the peak accelerator memory of one process:
 
   params       P * (4 weight + 4 grad + 8 AdamW exp_avg/exp_avg_sq) bytes, fp32 master weights;
-               / world size under fsdp2. P = student + projectors (the tied head counted once)
+               / world size under fsdp2. P = student + projectors (the tied head counted once); a frozen
+               embedding (train.freeze_embedding) 4 bytes per weight
   autocast     P * 2 bytes when the student computes in bf16 (autocast's casts of the weights)
   activations  n_layers * micro tokens * (6 d + 7 q + 2 kv + 4 d_ff) * b, q = n_heads * head_dim,
                kv = n_kv_heads * head_dim, b = 2 (bf16) or 4 (fp32): what autograd saves per block
@@ -36,10 +37,13 @@ from typing import Any, Optional
 import torch
 
 from hld.config import RunConfig
+from hld.config_checks import derived_depth
 from hld.errors import HldError
-from hld.models.hooks import CausalLM, text_config
+from hld.flops import planned_calibration
+from hld.models.derive import planned_kept, planned_widths
+from hld.models.hooks import CausalLM, decoder_of, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
-from hld.models.student import count_params, resolve_shape
+from hld.models.student import count_params, shape_of
 from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
 
@@ -177,11 +181,13 @@ def memory_estimate(
     local = cfg.train.batch_size // world_size
     micro = cfg.train.micro_batch_size or local
     n_tok = micro * cfg.data.seq_len
-    shape = resolve_shape(cfg.student)
+    shape = shape_of(parts.student)
     V, d = parts.student.get_input_embeddings().weight.shape
     P = count_params(parts.student)["total"] + (parts.projectors.n_params() if parts.projectors is not None else 0)
     out: dict[str, float] = {}
-    out["params"] = P * 16 / (world_size if mode == "fsdp2" else 1)
+    # a frozen embedding (train.freeze_embedding): its weights alone, no gradient or AdamW state
+    frozen = V * d if cfg.train.freeze_embedding else 0
+    out["params"] = ((P - frozen) * 16 + frozen * 4) / (world_size if mode == "fsdp2" else 1)
     out["autocast"] = P * 2 if compute != torch.float32 else 0
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     out["activations"] = (
@@ -195,7 +201,8 @@ def memory_estimate(
     bufs = 2 + (cfg.objective.temperature != 1) + (online and needs.logits)
     low = chunk * V * b_act if compute != torch.float32 else 0
     rows = 2 * 8 * V * 4 if online and needs.logits and cfg.objective.top_k is None else 0
-    out["head"] = bufs * chunk * V * 4 + low + rows + V * d * 4 + (V * d * 2 if compute != torch.float32 else 0)
+    grad_w = 0 if frozen else V * d * 4  # dL/dW, held from forward to backward (none for a frozen head)
+    out["head"] = bufs * chunk * V * 4 + low + rows + grad_w + (V * d * 2 if compute != torch.float32 else 0)
     tc = text_config(teacher.config)
     t_dtype = resolve_dtype(cfg.teacher.dtype, device)
     out["hidden"] = 0.0
@@ -216,16 +223,17 @@ def _with_count_teacher(cfg: RunConfig, value: bool) -> RunConfig:
     return dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, count_teacher=value))
 
 
-def _length(cfg: RunConfig, plan, costs) -> dict:
+def _length(cfg: RunConfig, plan, costs, fixed: float = 0.0) -> dict:
+    """Steps, tokens and FLOPs of a run; `fixed`: FLOPs spent before step 0 (a derived student's calibration)."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    n = run_length(cfg, plan, costs)
+    n = run_length(cfg, plan, costs, fixed_flops=fixed)
     tokens = (n.steps - 1) * B * T + B * n.last_len
     flops = (
         spent_flops(plan, costs, n.steps, n.last_len, B, T)
         if n.steps <= EXACT_STEPS
         else flops_per_token(plan, costs) * tokens
     )
-    return {"steps": n.steps, "tokens": tokens, "flops": flops}
+    return {"steps": n.steps, "tokens": tokens, "flops": flops + fixed}
 
 
 def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
@@ -244,6 +252,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     row["student_params"], row["student_params_non_embedding"] = s["total"], s["non_embedding"]
     row["teacher_params"], row["teacher_params_non_embedding"] = t["total"], t["non_embedding"]
     row["projector_params"] = parts.projectors.n_params() if parts.projectors is not None else 0
+    row["origin"], row["calibration_flops"] = origin_row(cfg, teacher_lm)
     row["flops_per_token"] = {
         name: {"student": c.student, "teacher": c.teacher, "projectors": c.projectors} for name, c in counted.items()
     }
@@ -253,7 +262,10 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     for value in (True, False):
         c = _with_count_teacher(cfg, value)
         row["length"]["teacher_counted" if value else "teacher_not_counted"] = _length(
-            c, parts.plan, phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm)
+            c,
+            parts.plan,
+            phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm),
+            row["calibration_flops"],
         )
     run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
     row["cache"] = None
@@ -285,6 +297,24 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         else None
     )
     return row
+
+
+def origin_row(cfg: RunConfig, teacher: CausalLM) -> tuple[str, float]:
+    """Where the student comes from, and the FLOPs that costs before training (counted in both accountings)."""
+    if derived_depth(cfg.student.preset) is None:
+        return "scratch (random init)", 0.0
+    kept = planned_kept(cfg.student, teacher)
+    rank, flops = planned_calibration(cfg.student, teacher, cfg.data.seq_len)
+    n_t = len(decoder_of(teacher).layers)
+    w = cfg.student.init.calibration_windows
+    how = "given: " + str(list(kept)) if rank == "explicit" else f"ranked by {rank} on {w} training windows"
+    widths = planned_widths(cfg.student, teacher)
+    if widths is not None:
+        how += (
+            f"; narrowed to {widths.n_heads} heads ({widths.n_kv_heads} kv), d_ff {widths.d_ff} by activation "
+            f"importance on {w} training windows"
+        )
+    return f"{len(kept)} of {n_t} teacher blocks, {how}", flops
 
 
 def data_plan(cfg: RunConfig, *, windows: int) -> dict:
@@ -406,6 +436,12 @@ def format_run(row: dict) -> list[str]:
         f"  params: student {_n(row['student_params'])} ({_n(row['student_params_non_embedding'])} non-embedding)"
         f", teacher {_n(row['teacher_params'])} ({_n(row['teacher_params_non_embedding'])} non-embedding)"
         + (f", projectors {_n(row['projector_params'])}" if row["projector_params"] else ""),
+        f"  student origin: {row['origin']}"
+        + (
+            f"; calibration {row['calibration_flops']:.3e} FLOPs (teacher forwards, counted in both accountings)"
+            if row["calibration_flops"]
+            else ""
+        ),
     ]
     for phase, c in row["flops_per_token"].items():
         out.append(

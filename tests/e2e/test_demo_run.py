@@ -1,4 +1,5 @@
-"""`hld run` end to end on the tiny fixtures: the shipped demo study (one student, four arms at equal
+"""A study end to end on the tiny fixtures: the shipped scratch study (`hld run` until issue 33; the
+derived demo: test_demo_derived_run.py) (one student, four arms at equal
 student tokens and ce again at kd's FLOPs with the teacher counted, four seeds, the shipped
 downstream tasks on their first items for the teacher only). The ce cell at kd's FLOPs reads more
 tokens than kd by exactly the teacher's share (measured here with FlopCounterMode); report.md,
@@ -37,7 +38,9 @@ def demo(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("demo-cache")))
         argv = [
-            "run",
+            "study",
+            "--config",
+            "scratch",
             "--out",
             str(out),
             f"budgets=[{{tokens: {TOKENS}}}]",

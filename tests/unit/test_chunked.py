@@ -411,3 +411,22 @@ def test_bf16_matmuls_keep_the_loss_exact_on_the_rounded_logits(chunk, case):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=3e-2 * float(b.abs().max()))
     assert g_ours[0][~mask].abs().max() == 0
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_same_input_gradient():
+    """train.freeze_embedding: with W not requiring a gradient the fused head returns none for it (and
+    builds no (V, d) buffer) while dL/dh is the one it returns for a trained head."""
+    from hld.distill.chunked import HeadLossSpec, head_loss
+
+    g = torch.Generator().manual_seed(3)
+    h0, W0 = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+    y, m = torch.randint(0, 300, (40,), generator=g), torch.ones(40, dtype=torch.bool)
+    spec = HeadLossSpec(chunk_tokens=16)
+    grads = []
+    for frozen in (False, True):
+        h, W = h0.clone().requires_grad_(True), W0.clone().requires_grad_(not frozen)
+        loss, _ = head_loss(h, W, y, m, spec)
+        loss.backward()
+        grads.append((h.grad, W.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    assert grads[0][1] is not None and grads[1][1] is None

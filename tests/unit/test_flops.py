@@ -206,3 +206,30 @@ def test_step_cost_adds_teacher_and_projectors(student, teacher):
     c = _count(lambda: proj(x).sum().backward())
     assert cost.projectors == pytest.approx(2 * c["total"] / (B * T), rel=1e-9)
     assert cost.total == pytest.approx(cost.student + cost.teacher + cost.projectors)
+
+
+def test_a_frozen_head_step_is_three_block_forwards_and_two_head_forwards(student):
+    """train.freeze_embedding: torch's counter over forward + backward of the student with its tied
+    embedding frozen: the head's backward computes dL/dh only, so the step is 3x the blocks' forward and 2x
+    the head's, which step_cost(frozen_head=True) says."""
+    T = 32
+    ids = _ids(T, seed=2)
+    labels = torch.roll(ids, -1, 1)
+    w = student.get_input_embeddings().weight
+    w.requires_grad_(False)
+    try:
+
+        def train():
+            logits = student(input_ids=ids).logits
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
+
+        step = _count(train)
+    finally:
+        w.requires_grad_(True)
+        student.zero_grad(set_to_none=True)
+    causal = (step["total"] - step["aten.bmm"] * (T - 1) / (2 * T)) / (B * T)
+    cost = step_cost(student, T, frozen_head=True)
+    assert cost.student == pytest.approx(causal, rel=5e-3)
+    head = 2 * w.numel()
+    assert cost.student == pytest.approx(3 * forward_flops_per_token(student, T, logits=False) + 2 * head)
+    assert step_cost(student, T).student - cost.student == pytest.approx(head)

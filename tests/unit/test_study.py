@@ -59,10 +59,11 @@ def _write(tmp_path: Path, raw: dict) -> Path:
 # --------------------------------------------------------------------------- grid
 
 
-def test_shipped_demo_study_loads_and_expands():
-    study = load_study("demo")
+def test_shipped_scratch_study_loads_and_expands():
+    """The embedded default until issue 33 (students from scratch), shipped as the scratch study."""
+    study = load_study("scratch")
     cells = expand(study)
-    assert study.name == "demo" and len(cells) == (4 + 1) * 4 and study.equal_flops == "kd"
+    assert study.name == "scratch" and len(cells) == (4 + 1) * 4 and study.equal_flops == "kd"
     assert not study.score_students and not study.grid and len(study.seeds) >= 3
     for cell in cells:
         cfg = cell_config(study, cell)
@@ -77,13 +78,27 @@ def test_shipped_demo_study_loads_and_expands():
         else:  # ce at the FLOPs its seed's kd cell spends
             assert cell.arm == "ce" and cell.flops_of == f"{cell.match}__s{cell.seed}__kd"
             assert cell.id == f"{cell.match}__eqflops__s{cell.seed}__ce"
-    assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo"}
+    assert {p.stem for p in STUDY_DIR.glob("*.yaml")} >= {"demo", "scratch", "prune-heal"}
 
 
-def test_the_demo_study_runs_fp32_everywhere_while_auto_stays_the_default():
+def test_the_demo_derives_its_student_from_the_teacher():
+    """`hld run`: the teacher's blocks 0-5 and 15-17 healed by ce, kd and hld-joint (each kept block
+    matched to its teacher block), ce again at kd's FLOPs, three seeds."""
+    study = load_study("demo")
+    cells = expand(study)
+    assert len(cells) == (3 + 1) * 3 and study.equal_flops == "kd" and study.students == ("depth-9",)
+    for cell in cells:
+        cfg = cell_config(study, cell)
+        assert cfg.student.init.blocks == [0, 1, 2, 3, 4, 5, 15, 16, 17]
+        assert cfg.train.freeze_embedding and not cfg.train.keep_final_checkpoint
+        assert cfg.objective.hidden.mapping == "kept"
+
+
+@pytest.mark.parametrize("name", ["demo", "scratch"])
+def test_the_demo_study_runs_fp32_everywhere_while_auto_stays_the_default(name):
     from hld.config import RunConfig
 
-    study = load_study("demo")
+    study = load_study(name)
     for cell in expand(study):
         cfg = cell_config(study, cell)
         assert (cfg.train.precision, cfg.teacher.dtype) == ("float32", "float32")  # no machine-dependent `auto`
@@ -714,9 +729,10 @@ def test_report_of_an_empty_directory_is_a_user_error(tmp_path):
         build_report(tmp_path)
 
 
-def test_shipped_study_cells_resolve_without_the_network():
+@pytest.mark.parametrize("name", ["demo", "scratch", "prune-heal"])
+def test_shipped_study_cells_resolve_without_the_network(name):
     # every cell of the shipped study resolves to a valid run config (nothing is loaded)
-    study = load_study("demo")
+    study = load_study(name)
     assert all(load_config(study.base, list(study.overrides) + list(c.overrides)) for c in expand(study))
 
 

@@ -334,13 +334,15 @@ def _fold_grad(
     Wc: torch.Tensor,
     sl: slice,
     grad_h: torch.Tensor,
-    grad_W: torch.Tensor,
+    grad_W: Optional[torch.Tensor],
     first: bool,
 ) -> None:
     """dL/dh[sl] = g @ W and dL/dW (=, when `first`, else +=) g^T @ h[sl], in h's dtype; g (n, V) fp32
-    or already in h's dtype (the fast path writes it there)."""
+    or already in h's dtype (the fast path writes it there). `grad_W` None: a frozen head, dL/dh only."""
     if h.dtype == torch.float32:
         torch.mm(g, Wc, out=grad_h[sl])  # (n, d)
+        if grad_W is None:
+            return
         if first:
             torch.mm(g.T, h[sl], out=grad_W)  # (V, d) = (V, n) @ (n, d)
         else:
@@ -348,6 +350,8 @@ def _fold_grad(
         return
     gc = g if g.dtype == h.dtype else WORKSPACE.get("low", g.shape[0], g.shape[1], g.device, h.dtype).copy_(g)
     torch.mm(gc, Wc, out=grad_h[sl])
+    if grad_W is None:
+        return
     V, block = Wc.shape[0], 16384  # dL/dW in vocabulary blocks: a (block, d) low-precision temporary, not (V, d)
     part = WORKSPACE.get("gW_low", min(block, V), Wc.shape[1], g.device, h.dtype)
     for v in range(0, V, block):
@@ -374,7 +378,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         # host which rows or chunks to skip would read the mask back: a host sync per chunk on a GPU.
         hm = h * m[:, None].to(h.dtype) if want_grad else h  # (N, d)
         # dL/dW is written by the first chunk with a target, added to by the others: no (V, d) zero fill
-        grad_W = torch.empty(W.shape, dtype=torch.float32, device=W.device) if want_grad else None
+        want_W = want_grad and ctx.needs_input_grad[1]  # a frozen head (train.freeze_embedding): no dL/dW
+        grad_W = torch.empty(W.shape, dtype=torch.float32, device=W.device) if want_W else None
         first = True
         ce_tot = h.new_zeros((), dtype=torch.float32)
         kd_tot = h.new_zeros((), dtype=torch.float32)
@@ -396,13 +401,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                 _fold_grad(g, hm, Wc, sl, grad_h, grad_W, first)
                 first = False
             del g
-        if want_grad and first:  # no rows
+        if want_W and first:  # no row had a target
             grad_W.zero_()
         stats["ce"] = ce_tot.detach()  # tensors: read back by the caller when it logs (no sync per chunk)
         stats["kd"] = kd_tot.detach()
         if want_grad:
             grad_h.mul_(m[:, None].to(grad_h.dtype))
-            ctx.save_for_backward(grad_h.to(h_dtype), grad_W.to(W.dtype))
+            ctx.save_for_backward(grad_h.to(h_dtype), grad_W.to(W.dtype) if want_W else None)
         return spec.ce_weight * ce_tot + spec.kd_weight * kd_tot
 
     @staticmethod
@@ -414,7 +419,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         # in place: a second (V, d) copy of dL/dW would cost memory. Always: testing grad_out == 1 first
         # would read it back to the host (the training loop's grad_out is 1 / the global count anyway)
         grad_h.mul_(grad_out.to(grad_h.dtype))
-        grad_W.mul_(grad_out.to(grad_W.dtype))
+        if grad_W is not None:  # a frozen head (train.freeze_embedding) has none
+            grad_W.mul_(grad_out.to(grad_W.dtype))
         return grad_h, grad_W, None, None, None, None, None, None
 
 

@@ -6,12 +6,24 @@ i in 1..L = the output of decoder block i (before the final norm).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from hld.config import HiddenConfig
 from hld.errors import HldError
 
 
-def layer_pairs(cfg: HiddenConfig, *, n_student: int, n_teacher: int) -> list[tuple[int, int]]:
-    """[(student_layer, teacher_layer), ...] in increasing student order."""
+def layer_pairs(
+    cfg: HiddenConfig, *, n_student: int, n_teacher: int, kept: Optional[tuple[int, ...]] = None
+) -> list[tuple[int, int]]:
+    """[(student_layer, teacher_layer), ...] in increasing student order. `kept`: a derived student's
+    teacher blocks (0-based), which `mapping: kept` pairs each student block with."""
+    if cfg.mapping == "kept":
+        if kept is None or len(kept) != n_student:
+            raise HldError(
+                "objective.hidden.mapping=kept needs a student made of its teacher's blocks",
+                "use student.preset=depth-N, or another mapping (uniform)",
+            )
+        return [(k + 1, b + 1) for k, b in enumerate(kept)]  # layer i = output of block i (1-based)
     if cfg.mapping == "last":
         return [(n_student, n_teacher)]
     if cfg.mapping == "uniform":

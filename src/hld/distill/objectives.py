@@ -116,7 +116,7 @@ class HiddenObjective:
     ) -> None:
         kind = hidden_loss(loss)
         self.kind = kind.build(lens=lens, lens_spec=lens_spec)
-        if kind.projector != projectors.linear:
+        if kind.projector != projectors.maps:
             raise ValueError(f"loss={loss} {'needs' if kind.projector else 'takes no'} projectors")
         self.projectors = projectors
         self.normalize_teacher, self.beta0 = normalize_teacher, beta
@@ -137,7 +137,7 @@ class HiddenObjective:
         projector term): a projector d_s -> d_t trained (x3), then the loss's own (`HiddenLoss.cost_dims`)."""
         d_s, d_t = self.projectors.d_student, self.projectors.d_teacher
         n = len(self.projectors.pairs)
-        dims = ((d_s, d_t),) * n if self.kind.projector else ()
+        dims = ((d_s, d_t),) * n if self.kind.projector and self.projectors.linear else ()
         return dims + self.kind.cost_dims(d_student=d_s, d_teacher=d_t, seq_len=seq_len) * n
 
     def set_progress(self, progress: float) -> dict[str, float]:
@@ -160,7 +160,9 @@ class HiddenObjective:
         """The loss of one layer pair summed over `mask`. s_hidden (B, T, d_s), t_hidden (B, T, d_t), mask (B, T)."""
         s, t = pair
         pred = s_hidden
-        if self.kind.projector:
+        if self.kind.projector and self.projectors.identity:  # the student's block is a teacher block:
+            pred = self.target(t, s_hidden)  # its state normalised as the teacher's (B, T, d_t)
+        elif self.kind.projector:
             proj = self.projectors.proj[pair_key(pair)]
             pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)
         return self.kind.pair_sum(pred, self.target(t, t_hidden), mask)

@@ -144,7 +144,12 @@ class Diagnostics:
         self.pairs = (
             list(s.projectors.pairs)
             if s.projectors is not None
-            else layer_pairs(h, n_student=n_blocks(s.student), n_teacher=n_blocks(self.teacher.lm))
+            else layer_pairs(
+                h,
+                n_student=n_blocks(s.student),
+                n_teacher=n_blocks(self.teacher.lm),
+                kept=s.derivation.kept if s.derivation is not None else None,  # a derived student's own blocks
+            )
         )
         objs = hidden_objectives(s.plan)
         self.hidden = objs[0] if objs else None
@@ -177,7 +182,12 @@ class Diagnostics:
             key = pair_key(pair)
             out[f"val/cka/{key}"] = cka_of_terms(cka_terms(st[a]), self.teacher.terms(b))
             proj = self.s.projectors.proj[key] if self.s.projectors is not None and self.s.projectors.linear else None
-            if proj is not None and self.hidden is not None:
+            if self.s.projectors is not None and self.s.projectors.identity and self.hidden is not None:
+                with torch.no_grad():  # a kept teacher block: its state normalised as the teacher's is the prediction
+                    out[f"val/r2/{key}"] = r2_standardized(
+                        self.hidden.target(b, st[a]).cpu(), self.hidden.target(b, te[b]).cpu()
+                    )
+            elif proj is not None and self.hidden is not None:
                 with torch.no_grad():
                     pred = proj(st[a].to(proj.weight.device, proj.weight.dtype)).float().cpu()
                     target = self.hidden.target(b, te[b]).cpu()

@@ -19,7 +19,7 @@ import torch
 from hld.config import StudentConfig
 from hld.config_checks import PRESETS, STUDENT_FAMILIES, StudentShape, resolve_shape
 
-__all__ = ["PRESETS", "StudentShape", "resolve_shape", "build_student", "count_params", "student_config"]
+__all__ = ["PRESETS", "StudentShape", "resolve_shape", "build_student", "count_params", "shape_of", "student_config"]
 
 
 def _gemma3(shape: StudentShape, common: dict) -> Any:
@@ -108,3 +108,20 @@ def count_params(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     emb = model.get_input_embeddings().weight.numel()  # type: ignore[operator]
     return {"total": total, "non_embedding": total - emb}
+
+
+def shape_of(model: torch.nn.Module) -> StudentShape:
+    """A built model's sizes (a scratch student's preset, or a derived student's teacher sizes), from its config."""
+    from hld.models.hooks import text_config
+
+    c = text_config(model.config)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return StudentShape(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_ff=c.intermediate_size,
+    )

@@ -24,6 +24,7 @@ def read_report_meta(study_dir: Path) -> dict:
 _RECORD_NUMBERS = {
     "teacher_reference": ("val_loss", "val_ppl", "predictions"),
     "ngram_reference": ("val_loss", "predictions", "fit_tokens or None", "add_k or None"),
+    "derived_reference": ("val_loss", "val_ppl", "predictions"),
 }
 
 

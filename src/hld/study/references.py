@@ -36,6 +36,10 @@ teacher itself would get from the signal (0 only when w = p; it shrinks as the d
 drawn - 1) / (2 K) at tau = 1). The two directions are not the same measure: a sampled row is not ranked
 against a top-k row by this number (the report names the direction in the signal's description).
 
+Unhealed students: a student derived from its teacher (`student.preset=depth-N`) scored before any
+training step on the same windows (study.json's derived_reference), the start each arm heals from; the
+report states what share of the gap from there to the teacher each arm recovered.
+
 Scores: each finished cell's student on the study's tasks (downstream.json), and the teacher's
 validation loss and task scores on the same windows (study.json's teacher_reference), each kept once
 done so a resumed study does not redo it.
@@ -55,7 +59,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hld.config import RunConfig
+from hld.config import RunConfig, to_dict
 from hld.distill.losses import TeacherLogits
 from hld.study.spec import Study
 
@@ -517,6 +521,55 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
                     **(have.get("tasks") or {}),
                     **_score(loaded.model, loaded.tokenizer, study, quiet, rolling_len=cfg.data.seq_len),
                 },
+            }
+        out.append(have)
+    return out
+
+
+def _derived_key(cfg: RunConfig) -> dict:
+    return {
+        **_reference_key(cfg),
+        "student": cfg.student.preset,
+        "init": to_dict(cfg.student.init),
+        "train": cfg.data.train,
+    }
+
+
+def derived_references(planned: list, done: list[dict], resources, quiet: bool) -> list[dict]:
+    """Each derived student (one per teacher, preset, init and validation set) scored before training on
+    the windows its cells are validated on: what the arms heal from. What study.json holds is kept."""
+    from hld.config_checks import derived_depth
+    from hld.eval.perplexity import perplexity
+    from hld.models.derive import prune_depth
+    from hld.precision import resolve_dtype
+
+    out: list[dict] = []
+    for cfg in [cfg for _, cfg, _ in planned if derived_depth(cfg.student.preset) is not None]:
+        key = _derived_key(cfg)
+        if any({k: e.get(k) for k in key} == key for e in out):
+            continue
+        have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
+        if have is None:
+            t0 = time.time()
+            tok = resources.tokenizer(cfg.teacher.model)
+            train = resources.train_windows(cfg.data, tok)
+            lm = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model
+            d = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train, device=lm.device)
+            student = prune_depth(lm, d.kept).eval()
+            r = perplexity(
+                student,
+                resources.validation_windows(cfg.data, tok),
+                compute_dtype=resolve_dtype(cfg.train.precision),  # as its cells validate
+                progress=None if quiet else "unhealed student",
+            )
+            del student
+            have = {
+                **key,
+                "kept": list(d.kept),
+                "val_loss": r["loss"],
+                "val_ppl": r["ppl"],
+                "predictions": r["tokens"],
+                "seconds": time.time() - t0,
             }
         out.append(have)
     return out

@@ -50,7 +50,9 @@ def _fit_label(r: dict) -> str:
     return f"{r['fit_tokens']:,} tokens read" if r.get("fit_tokens") else r["fit"]
 
 
-def best_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ()) -> list[str]:
+def best_table(
+    table: Table, reference: list[dict], ngrams: Sequence[dict] = (), derived: Sequence[dict] = ()
+) -> list[str]:
     """Per student, budget and arm: the mean over seeds (± their standard deviation) of its best grid
     point (lowest seed-mean validation loss: with one grid point, no selection), with the arm's
     tokens and FLOPs; then the reference rows. What `hld run` prints."""
@@ -84,6 +86,11 @@ def best_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ())
                 for m in tasks
             )
         )
+    for d in derived:
+        lines.append(
+            f"| {d['student']} before training (teacher blocks {d['kept']}) |{pad} {d['val_loss']:.4f} | — | "
+            f"{d['val_ppl']:.4g} |" + " — |" * len(tasks)
+        )
     for r in ngrams:
         seeds = f", mean of {r['seeds']} seeds" if r.get("seeds", 1) > 1 else ""
         lines.append(
@@ -91,6 +98,37 @@ def best_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ())
             f"{math.exp(r['val_loss']):.2f} |" + " — |" * len(tasks)
         )
     return lines
+
+
+def recovered_table(table: Table, reference: list[dict], derived: list[dict]) -> list[str]:
+    """What each arm recovered of the gap between its derived student before training and the teacher:
+    (unhealed - arm) / (unhealed - teacher), the arm's mean over seeds; [] without a derived student."""
+    if not derived or not reference:
+        return []
+    teacher = reference[0]["val_loss"]
+    start = {d["student"]: d["val_loss"] for d in derived}
+    rows = []
+    for (student, budget, arm), group in arm_groups(table).items():
+        best = best_configuration(group)
+        if student not in start or not best:
+            continue
+        loss = sum(r["val_loss"] for r in best) / len(best)
+        gap = start[student] - teacher
+        rows.append(
+            f"| {student} | {budget} | {arm} | {start[student]:.4f} | {loss:.4f} | {teacher:.4f} | "
+            f"{(start[student] - loss) / gap:.1%} |"
+        )
+    if not rows:
+        return []
+    return [
+        "What each arm recovered of the gap from its student before training (the teacher's blocks, "
+        "unhealed) to the teacher: (unhealed − arm) / (unhealed − teacher), on the same validation windows.",
+        "",
+        "| student | budget | arm | unhealed | arm, mean over seeds | teacher | gap recovered |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def task_score(task: str, r: dict) -> str:
@@ -341,11 +379,18 @@ def _tasks_setup(table: Table, meta: dict) -> list[str]:
             for ref in meta.get("teacher_reference") or []
             if ref.get("tasks")
         )
-        lines += [
-            f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: at "
-            "this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
+        unigram = min(
+            (r["val_loss"] for r in meta.get("ngram_reference") or [] if r["model"] == "unigram"), default=None
+        )
+        above = unigram is None or min(r["val_loss"] for r in table.rows) >= unigram
+        why = (
+            "at this size and budget they sit at or above the unigram's loss, where zero-shot accuracy is at "
             "chance for every arm, so the tasks cannot separate the arms."
-        ]
+            if above
+            else "`score_students: false` (each cell's scoring would cost more than its training here; "
+            "`score_students=true` scores them)."
+        )
+        lines += [f"- **Downstream tasks**: the teacher only ({teacher}). The students are not scored: {why}"]
     return lines
 
 
@@ -473,8 +518,12 @@ def ran_setup(rows: list[dict]) -> list[str]:
 
 def _shape(cfg: dict) -> str:
     from hld.config import StudentConfig
+    from hld.config_checks import derived_depth
     from hld.models.student import resolve_shape
 
+    n = derived_depth(str(cfg.get("student", {}).get("preset", "")))
+    if n is not None:  # a student made of its teacher's blocks: the teacher's width
+        return f"{n} × the teacher's width"
     try:
         s = resolve_shape(StudentConfig(**cfg["student"]))
     except (HldError, TypeError):
@@ -514,7 +563,8 @@ def build_report(study_dir: Path) -> dict:
     plots += cka_plots
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
     said = [verdict_line(v) for v in lines]
-    summary = best_table(table, reference, meta.get("ngram_reference") or [])
+    derived = meta.get("derived_reference") or []
+    summary = best_table(table, reference, meta.get("ngram_reference") or [], derived)
     meta = {**meta, "power_table": power_table(lines)}
     text = render(table, comparisons, said, meta, name=meta.get("name", study_dir.name), summary=summary)
     write_text(study_dir / "report.md", text)
@@ -549,6 +599,7 @@ def render(
             "",
         ]
     lines += summary + [""]
+    lines += recovered_table(table, meta.get("teacher_reference") or [], meta.get("derived_reference") or [])
     lines += _reference_note(meta)
     lines += _verdicts_section(table, comparisons, verdicts, meta)
     lines += [

@@ -44,7 +44,13 @@ from hld.errors import HldError
 from hld.locks import file_lock
 from hld.paths import check_names
 from hld.study.record import read_meta, update_meta
-from hld.study.references import downstream, study_fidelity, study_references, teacher_references
+from hld.study.references import (
+    derived_references,
+    downstream,
+    study_fidelity,
+    study_references,
+    teacher_references,
+)
 from hld.study.report import build_report
 from hld.study.signals import cached, named
 from hld.study.spec import Cell, Study, cell_config, expand, flops_overrides, load_study
@@ -377,6 +383,7 @@ def finish_study(study: Study, planned: list[Planned], out: Path, resources, qui
             study, planned, meta.get("teacher_reference") or [], resources, quiet
         )
         meta["ngram_reference"] = study_references(planned, out, resources)
+        meta["derived_reference"] = derived_references(planned, meta.get("derived_reference") or [], resources, quiet)
         meta["signal_fidelity"] = study_fidelity(
             planned, out, resources, meta.get("signal_fidelity") or [], quiet=quiet
         )

@@ -10,10 +10,12 @@ from typing import Optional
 import torch
 
 from hld.config import RunConfig
+from hld.config_checks import derived_depth
 from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
+from hld.models.derive import Derivation, planned_kept, planned_widths, prune_depth
 from hld.models.hooks import CausalLM, n_blocks, text_config
 from hld.models.student import build_student
 
@@ -40,21 +42,39 @@ def assemble(
     vocab_size: int,
     teacher_lm: Optional[CausalLM],
     matmul_dtype: Optional[torch.dtype] = None,
+    derivation: Optional[Derivation] = None,
+    source_lm: Optional[CausalLM] = None,
 ) -> Assembly:
     """Build the student (seeded by train.seed), then its projectors (same seed), then the plan, on the
     current default device (`with torch.device("meta"):` to size a run without allocating it).
-    `teacher_lm`: needed by the HLD methods (its depth and width) and by loss=lens; else may be None."""
+    `teacher_lm`: needed by the HLD methods (its depth and width) and by loss=lens; else may be None.
+    A derived student (`depth-N`): the kept blocks of `source_lm` (the teacher's weights) as `derivation`
+    chose them; without a derivation its structure alone, from `teacher_lm`'s shapes (meta device)."""
     bos, eos, pad = special_ids(tokenizer)
-    student = build_student(cfg.student, vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad, seed=cfg.train.seed)
+    kept: Optional[tuple[int, ...]] = None
+    if derived_depth(cfg.student.preset) is None:
+        student = build_student(
+            cfg.student, vocab_size=vocab_size, bos_id=bos, eos_id=eos, pad_id=pad, seed=cfg.train.seed
+        )
+    elif derivation is not None and source_lm is not None:
+        kept = derivation.kept
+        per_block = derivation.widths["per_block"] if derivation.widths is not None else None
+        widths = planned_widths(cfg.student, source_lm)
+        student = prune_depth(source_lm, kept, widths=widths, per_block=per_block)
+    else:
+        kept = planned_kept(cfg.student, teacher_lm)
+        student = prune_depth(teacher_lm, kept, weights=False, widths=planned_widths(cfg.student, teacher_lm))
     projectors = None
     if cfg.objective.method in HLD_METHODS:
-        pairs = layer_pairs(cfg.objective.hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm))
+        hidden = cfg.objective.hidden
+        pairs = layer_pairs(hidden, n_student=n_blocks(student), n_teacher=n_blocks(teacher_lm), kept=kept)
         projectors = Projectors(
             pairs,
             d_student=student.config.hidden_size,  # type: ignore[union-attr,arg-type]
             d_teacher=text_config(teacher_lm.config).hidden_size,
             seed=cfg.train.seed,
-            linear=hidden_loss(cfg.objective.hidden.loss).projector,
+            linear=hidden_loss(hidden.loss).projector,
+            identity=hidden.mapping == "kept" and hidden_loss(hidden.loss).projector,
         )
     plan = build_plan(
         cfg.objective,

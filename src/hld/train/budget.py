@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from hld.config import RunConfig
-from hld.config_checks import MAX_STEPS
+from hld.config_checks import MAX_STEPS, derived_depth
 from hld.distill.objectives import Plan
 from hld.errors import HldError
-from hld.flops import StepCost, step_cost
+from hld.flops import StepCost, planned_calibration, step_cost
 
 
 def phase_costs(
@@ -41,6 +41,7 @@ def phase_costs(
             teacher_upto=upto,
             projector_dims=dims,
             student_logits=obj.uses_head,
+            frozen_head=cfg.train.freeze_embedding,
         )
     return out
 
@@ -129,10 +130,11 @@ def _exact_last_len(
     return last
 
 
-def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length:
+def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost], *, fixed_flops: float = 0.0) -> Length:
     """Steps (and the last step's length) that spend the budget: exactly `budget.tokens` input
     positions (rounded down to a multiple of batch_size), or the most tokens whose FLOPs, phase by
-    phase, stay within `budget.flops`."""
+    phase, stay within `budget.flops` less `fixed_flops` (spent before step 0: a derived student's
+    calibration, `hld.models.derive`)."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
     if cfg.budget.flops is None:
         tokens = budget_tokens(cfg)
@@ -140,8 +142,13 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost]) -> Length
         steps = -(-tokens // (B * T))
         last = (tokens - (steps - 1) * B * T) // B if steps else 0
     else:
-        budget = cfg.budget.flops
-        unit = f"budget.flops={budget:.3g}"
+        budget = cfg.budget.flops - fixed_flops
+        unit = f"budget.flops={cfg.budget.flops:.3g}"
+        if budget <= 0:
+            raise HldError(
+                f"{unit} is spent before training: deriving the student costs {fixed_flops:.3g} FLOPs",
+                "raise budget.flops, or lower student.init.calibration_windows (or list student.init.blocks)",
+            )
         estimate = budget / (B * T * flops_per_token(plan, costs))
         if estimate > MAX_STEPS:  # refused before the step search below walks that far
             raise HldError(
@@ -183,7 +190,14 @@ def sized_plan(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> tuple[Pla
     with torch.device("meta"):
         parts = assemble(cfg, tokenizer=tokenizer, vocab_size=vocab_of(teacher), teacher_lm=teacher)
     costs = phase_costs(cfg, parts.plan, student=parts.student, teacher=teacher)
-    return parts.plan, run_length(cfg, parts.plan, costs).steps
+    return parts.plan, run_length(cfg, parts.plan, costs, fixed_flops=fixed_flops(cfg, teacher)).steps
+
+
+def fixed_flops(cfg: RunConfig, teacher: torch.nn.Module) -> float:
+    """FLOPs a run spends before step 0: a derived student's calibration (`hld.models.derive`), else 0."""
+    if derived_depth(cfg.student.preset) is None:
+        return 0.0
+    return planned_calibration(cfg.student, teacher, cfg.data.seq_len)[1]
 
 
 def planned_steps(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> int:

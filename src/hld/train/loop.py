@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import signal
 import tempfile
 import time
@@ -25,6 +26,7 @@ from hld import atomic, distributed, files
 from hld.cache.meta import cache_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
+from hld.config_checks import derived_depth
 from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
 from hld.distill.hidden_losses.registry import hidden_loss
@@ -33,6 +35,7 @@ from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.errors import HldError
 from hld.fingerprint import file_sha256, windows_fingerprint
+from hld.models.derive import DERIVATION_FILE
 from hld.models.hooks import CausalLM
 from hld.models.loading import (
     check_tokenizer_size,
@@ -107,21 +110,29 @@ def build(
             "use the tokenizer that ships with the teacher",
         )
     compute_dtype = resolve_dtype(cfg.train.precision, device)
+    d = cfg.data
+    train_w = resources.train_windows(d, tok)
+    derivation, source = None, None
+    if derived_depth(cfg.student.preset) is not None:  # a student made of the teacher's blocks (any arm)
+        derivation = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train_w, device=device)
+        source = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device)
     parts = assemble(
         cfg,
         tokenizer=tok,
         vocab_size=vocab,
-        teacher_lm=shapes,
+        teacher_lm=shapes if shapes is not None else source,
         matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+        derivation=derivation,
+        source_lm=source,
     )
     student, plan = parts.student.to(device), parts.plan
+    if cfg.train.freeze_embedding:  # the tied head with it: the optimiser never sees it
+        student.get_input_embeddings().weight.requires_grad_(False)
     projectors = parts.projectors.to(device) if parts.projectors is not None else None
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
         runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
-    d = cfg.data
-    train_w = resources.train_windows(d, tok)
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
     if shapes is not None and cfg.teacher.cache:
@@ -140,7 +151,8 @@ def build(
     val_w = resources.validation_windows(d, tok)
     order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     costs = phase_costs(cfg, plan, student=student, teacher=shapes)
-    length = run_length(cfg, plan, costs)
+    fixed = derivation.calibration_flops if derivation is not None else 0.0
+    length = run_length(cfg, plan, costs, fixed_flops=fixed)
     fit_targets(
         plan,
         teacher,
@@ -183,6 +195,7 @@ def build(
         compute_dtype=compute_dtype,
         dist=dist,
         identity=run_identity(cfg, data=windows_fingerprint(train_w), teacher=teacher_id),
+        derivation=derivation,
     )
 
 
@@ -380,10 +393,12 @@ def _locked_train(
     distributed.barrier(d)  # no rank reads the run directory or the caches before rank 0 has set them up
     s = build(cfg, resources, dist=d)
     keep_targets(s.plan, out, write=d.is_main)  # hidden_stats.pt: written once, read back on resume
+    if s.derivation is not None and d.is_main:  # how the student was made, and what that cost
+        atomic.write_json(out / DERIVATION_FILE, s.derivation.to_json())
     state = (
         resume_state(out, d, modules=state_modules(s), optimizer=s.optimizer, identity=s.identity)
         if resume
-        else RunState()
+        else RunState(flops=s.fixed_flops)  # a derived student's calibration, spent before step 0
     )
     logger = RunLogger(out, cfg, enabled=d.is_main, resume_step=state.step if resume else None)  # rank 0 logs
     prog = Progress(s.total_steps, desc=cfg.name, quiet=quiet or not d.is_main, initial=state.step)
@@ -396,8 +411,12 @@ def _locked_train(
         release_hooks(s)  # the teacher module may be shared with the next run (hld run)
     if distributed.any_rank(d, any(cb.pending() for cb in callbacks if isinstance(cb, Preemption))):
         signal.raise_signal(signal.SIGTERM)  # every rank stops, none waits in a collective of _finish
-    save_run(s, out, state)
-    return _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
+    if cfg.train.keep_final_checkpoint:
+        save_run(s, out, state)
+    summary = _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
+    if not cfg.train.keep_final_checkpoint and d.is_main:  # finished and exported: nothing resumes from it
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
 
 
 def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> dict:
@@ -446,6 +465,7 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
         "tokens": state.tokens,
         "flops": state.flops,
         "flops_per_token": {k: v.total for k, v in s.costs.items()},
+        "calibration_flops": s.fixed_flops,
         "train_seconds": state.train_seconds,
         **{k: v for k, v in line.items() if k.startswith("val/")},
         # the resolved precision and machine (`auto` says nothing); no teacher dtype for ce, which reads none
@@ -455,6 +475,8 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
             teacher_dtype=resolve_dtype(cfg.teacher.dtype, s.device) if cfg.objective.method != "ce" else None,
         ),
     }
+    if s.derivation is not None:
+        summary["student_origin"] = s.derivation.to_json()["origin"]
     if d.is_main:  # what `hld export` and a run loaded as a model check the student's files against
         summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").iterdir()) if p.is_file()}
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))

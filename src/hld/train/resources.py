@@ -3,12 +3,13 @@ teacher's weights and the tokenised corpora are loaded once."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Optional
 
 import numpy as np
 
-from hld.config import DataConfig
+from hld.config import DataConfig, StudentConfig
 from hld.data.store import Windows
 from hld.data.tokenize import open_windows
 from hld.errors import HldError
@@ -24,6 +25,7 @@ class Resources:
         self._windows: dict[tuple, Windows] = {}
         self.build_stores = True  # False on the ranks that only read what rank 0 tokenised (torchrun)
         self._states: Optional[tuple[tuple, object]] = None  # the latest diagnostics windows' teacher states
+        self._derivations: dict[tuple, object] = {}  # derived students' kept blocks (`derivation`)
 
     def tokenizer(self, spec: str):
         if spec not in self._tokenizers:
@@ -58,6 +60,22 @@ class Resources:
             self._teachers[key] = loaded
             self._tokenizers.setdefault(spec, loaded.tokenizer)
         return self._teachers[key]
+
+    def derivation(self, student: StudentConfig, spec: str, dtype: str, train_windows: Windows, *, device):
+        """How a derived student is made from `spec` (`hld.models.derive.derive`): ranked once per process for
+        the same teacher, preset, init and windows (`hld run`'s cells share it; each still counts its cost)."""
+        from hld.flops import calibration_flops
+        from hld.models.derive import derive
+
+        key = (spec, dtype, student.preset, repr(student.init), id(train_windows))
+        if key not in self._derivations:
+            lm = self.teacher(spec, dtype).model.to(device)
+            got = derive(student, teacher=lm, teacher_name=spec, train_windows=train_windows)
+            T = int(train_windows[:1].shape[1])
+            width = got.widths is not None
+            cost = calibration_flops(lm, got.rank, windows=got.calibration_windows, seq_len=T, width=width)
+            self._derivations[key] = dataclasses.replace(got, calibration_flops=cost)
+        return self._derivations[key]
 
     def teacher_states(self, spec: str, dtype: str, windows: np.ndarray, *, skip_first: bool, device):
         """The teacher's layer states on the diagnostics windows (`hld.eval.cka.TeacherStates`), shared

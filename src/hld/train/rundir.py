@@ -27,7 +27,8 @@ RUN_LOCK = ".run.lock"  # held by the hld train writing the directory (hld.locks
 
 
 # what a run directory holds before its first metric line: a new run may start over these
-_STARTED = ("config.yaml", "hidden_stats.pt", "hidden_stats.pt.sha256", "cell.json", RUN_LOCK)  # cell.json: hld study
+# (cell.json: hld study; derivation.json: a derived student's kept blocks)
+_STARTED = ("config.yaml", "hidden_stats.pt", "hidden_stats.pt.sha256", "cell.json", "derivation.json", RUN_LOCK)
 
 
 def prepare_dir(cfg: RunConfig, out: Path, resume: bool, *, write: bool = True) -> None:

@@ -19,6 +19,7 @@ from hld.distill.projectors import Projectors
 from hld.distill.signals import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.flops import StepCost
+from hld.models.derive import Derivation
 from hld.models.hooks import CausalLM
 from hld.train.budget import Length
 
@@ -49,6 +50,12 @@ class Setup:
     # the run's identity (`hld.train.checkpoint.run_identity`: config hash, seed, data and teacher
     # fingerprints), kept in every checkpoint and checked on resume
     identity: dict = field(default_factory=dict)
+    derivation: Optional[Derivation] = None  # a student made of the teacher's blocks: which, ranked how, at what cost
+
+    @property
+    def fixed_flops(self) -> float:
+        """FLOPs spent before step 0 and counted in the run's (a derived student's calibration)."""
+        return self.derivation.calibration_flops if self.derivation is not None else 0.0
 
     @property
     def total_steps(self) -> int:
