@@ -87,9 +87,9 @@ def _add_run(sub) -> None:
     """`hld run`: the embedded default."""
     p = sub.add_parser(
         "run",
-        help="the embedded default: a small study (Gemma 3 270M teacher, a tiny student, "
-        "ce/kd/hld-joint/hld-first at equal student tokens plus ce at kd's FLOPs, 3 seeds) "
-        "and its report",
+        help="the embedded default: a small study (Gemma 3 270M teacher, a student made of 9 of its blocks, "
+        "healed by ce/kd/hld-joint at equal student tokens plus ce at kd's FLOPs; the seeds and arms of "
+        "src/hld/configs/studies/demo.yaml) and its report",
     )
     p.add_argument("--out", default="runs/demo", help="study directory (default: runs/demo); rerun to resume")
     p.add_argument("--config", default="demo", help="study YAML or shipped study name (default: demo)")
