@@ -513,9 +513,23 @@ def load_config(
     if name_or_path is not None:
         raw = _merge(raw, read_yaml(resolve_config_path(name_or_path)))
     raw = apply_overrides(raw, list(overrides or []))
-    cfg = _build(RunConfig, raw)
+    cfg = _build(RunConfig, migrate(raw))
     validate(cfg)
     return cfg
+
+
+def migrate(raw: dict) -> dict:
+    """A config of an earlier release in today's keys, so its run directories stay readable (`hld report`,
+    `hld export`): `objective.jsd_beta` (dropped when divergences took their parameters) becomes the
+    parameter of `objective.divergence=jsd(beta=...)`, and is dropped for any other divergence."""
+    o = raw.get("objective")
+    if not isinstance(o, dict) or "jsd_beta" not in o:
+        return raw
+    o = dict(o)
+    beta, div = (v.parsed if isinstance(v, _Override) else v for v in (o.pop("jsd_beta"), o.get("divergence")))
+    if div == "jsd" and beta is not None:
+        o["divergence"] = f"jsd(beta={beta})"
+    return {**raw, "objective": o}
 
 
 def _merge(a: dict, b: dict) -> dict:

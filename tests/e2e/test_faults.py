@@ -44,7 +44,7 @@ STUDY_RUNS = [o for o in tiny_overrides() if not o.startswith(("student.preset="
 STUDY_ARGS = [
     "study",
     "--config",
-    "demo",
+    "scratch",  # the from-scratch study: the demo's students are blocks of a real teacher
     "budgets=[{tokens: 256}]",
     "tasks=[]",
     "arms=[kd]",

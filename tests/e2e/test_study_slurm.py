@@ -20,7 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "study.sbat
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
     "data.val_tokens=256"
 ]
-STUDY = ["demo", "budgets=[{tokens: 256}]", "tasks=[]", "arms=[ce,kd,hld-joint]", "seeds=[0,1]", *RUN_OVERRIDES]
+STUDY = ["scratch", "budgets=[{tokens: 256}]", "tasks=[]", "arms=[ce,kd,hld-joint]", "seeds=[0,1]", *RUN_OVERRIDES]
 
 STUBS = {
     # records its arguments, answers a job id as `sbatch --parsable` does

@@ -299,3 +299,16 @@ def test_a_divergence_spec_reaches_the_loss_with_its_parameters():
         logit_spec(load_config(None, ["objective.divergence=jsd"]).objective, chunk_tokens=8, kd=True).divergence.beta
         == 0.5
     )
+
+
+def test_a_config_of_an_earlier_release_still_loads(tmp_path):
+    """objective.jsd_beta (before divergences took their parameters) in an old run's config.yaml."""
+    from hld.train.rundir import read_run_config
+
+    cfg = load_config(None, ["objective.divergence=jsd", "objective.jsd_beta=0.3"])
+    assert cfg.objective.divergence == "jsd(beta=0.3)"
+    assert load_config(None, ["objective.jsd_beta=0.3"]).objective.divergence == "forward_kl"
+    old = yaml.safe_load(dump_yaml(load_config("smoke")))
+    old["objective"]["jsd_beta"] = 0.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert read_run_config(tmp_path / "config.yaml")["objective"]["jsd_beta"] == 0.5

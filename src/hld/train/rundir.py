@@ -137,7 +137,7 @@ def read_run_config(path: Path) -> dict | None:
     (truncated, not YAML, a section missing or of the wrong type)."""
     import yaml
 
-    from hld.config import _build
+    from hld.config import _build, migrate
 
     fix = f"restore {path} from a copy, or delete {path.parent} and train again"
     try:
@@ -155,7 +155,7 @@ def read_run_config(path: Path) -> dict | None:
     if missing:
         raise HldError(f"the run's config {path} is damaged ({missing[0]} is missing or not a mapping)", fix)
     try:
-        _build(RunConfig, saved)
+        _build(RunConfig, migrate(saved))
     except HldError as exc:
         raise HldError(f"the run's config {path} is damaged ({exc.problem})", fix) from exc
     return saved
