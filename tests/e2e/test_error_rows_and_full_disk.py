@@ -100,8 +100,8 @@ def test_truncated_gzip(tmp_path, capsys):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 @pytest.mark.slow
 def test_projector_shape_mismatch_on_resume(tmp_path, capsys, mode):
-    """Same config, but the teacher directory now holds a narrower model: the checkpoint's projectors
-    (64 -> 48) no longer fit the run's (64 -> 32)."""
+    """Same config, but the teacher directory now holds a narrower model, whose projectors (64 -> 32) would
+    not fit the checkpoint's (64 -> 48): the checkpoint's identity names the other teacher first."""
     from transformers import AutoConfig, Gemma3ForCausalLM
 
     teacher, run = tmp_path / "teacher", tmp_path / "run"
@@ -113,8 +113,8 @@ def test_projector_shape_mismatch_on_resume(tmp_path, capsys, mode):
     torch.manual_seed(0)
     Gemma3ForCausalLM(cfg).save_pretrained(teacher)
     capsys.readouterr()
-    line = _one_line(capsys, [*argv, "--resume"], "the checkpoint does not fit this run")
-    assert "proj.s1_t2.weight" in line and "48" in line and "32" in line
+    line = _one_line(capsys, [*argv, "--resume"], "belongs to another run")
+    assert "its teacher weights is 'dir:" in line and "this run's 'dir:" in line
 
 
 @pytest.mark.slow

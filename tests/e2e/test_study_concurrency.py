@@ -28,7 +28,7 @@ RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.prese
 STUDY = [
     "study",
     "--config",
-    "demo",
+    "scratch",  # the from-scratch study (the demo derives its students from a real teacher)
     "budgets=[{tokens: 256}]",
     "tasks=[]",
     "arms=[ce,kd,hld-joint]",

@@ -23,7 +23,7 @@ from hld.train import loop
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
     "data.val_tokens=256"
 ]
-STUDY_ARGS = ["study", "--config", "demo", "seeds=[0, 1, 2]", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
+STUDY_ARGS = ["study", "--config", "scratch", "seeds=[0, 1, 2]", "budgets=[{tokens: 256}]", "tasks=[]", *RUN_OVERRIDES]
 
 
 def _main(argv: list[str]) -> tuple[int, str]:
