@@ -162,7 +162,7 @@ def cache_costs(cfg: RunConfig, *, layers: list[int], teacher: CausalLM, tokens:
 
 
 def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # (no tensor: nothing allocated on any device)
 
 
 def memory_estimate(
