@@ -119,7 +119,11 @@ def run_identity(cfg: RunConfig, *, data: str, teacher: str) -> dict:
     `--resume`: the hash of the resolved config without the sections a resume may change
     (`hld.config.resume_view`), the seed (also in that hash: named apart for the message), the training
     windows' fingerprint (`windows_fingerprint`) and the teacher weights' identity ("" for ce)."""
-    text = json.dumps(resume_view(to_dict(cfg)), sort_keys=True, default=str)
+    view = resume_view(to_dict(cfg))
+    # where the teacher cache lies is no part of what the run computes (a study directory moves with its
+    # caches): the cache's own identity is checked against the run's when it is opened
+    view["teacher"] = {k: v for k, v in view["teacher"].items() if k != "cache"}
+    text = json.dumps(view, sort_keys=True, default=str)
     return {
         "config": hashlib.sha256(text.encode()).hexdigest()[:16],
         "seed": int(cfg.train.seed),

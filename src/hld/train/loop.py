@@ -132,6 +132,9 @@ def build(
     runner = StudentRunner(student, plan.student_layers)
     distributed.parallelize(dist, runner, projectors, compute_dtype=compute_dtype)  # before the optimiser
     if cfg.train.compile:
+        # a process that trains several runs (hld run, the tests): dynamo does not guard on module hooks, so
+        # a graph compiled for an earlier run without the HLD layer hooks would be reused and skip them
+        torch._dynamo.reset()
         runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
