@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from hld.config import StudentConfig
 from hld.config_checks import derived_depth
 from hld.errors import HldError
-from hld.models.hooks import CausalLM, LayerCapture, StopForward, decoder_of, n_blocks, text_config
+from hld.models.hooks import CausalLM, LayerCapture, decoder_of, forward_windows, n_blocks, text_config
 from hld.models.prune_width import Widths, choose, importance, slice_block, target_widths, teacher_widths
 
 # the families whose decoder is `embed_tokens`, `layers`, a final norm and a head, with per-block state
@@ -201,11 +201,7 @@ def layer_states(teacher: CausalLM, windows: np.ndarray) -> list[torch.Tensor]:
     ids = _windows_tensor(windows, next(teacher.parameters()).device)
     per: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     try:
-        for w in range(ids.shape[0]):
-            try:
-                decoder_of(teacher)(input_ids=ids[w : w + 1], use_cache=False)
-            except StopForward:
-                pass
+        for _ in forward_windows(teacher, ids):
             got = cap.pop()
             for i in range(L + 1):
                 per[i].append(got[i].float().cpu())

@@ -3,7 +3,7 @@ which keeps every layer). Layer i: 0 = embedding output, i >= 1 = output of deco
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -71,3 +71,14 @@ class LayerCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def forward_windows(lm: CausalLM, ids: torch.Tensor) -> Iterator[int]:
+    """The decoder run on each window of `ids` (n, T) alone, for the hooks it feeds (a capture that has what
+    it needs stops a forward early with StopForward); yields each window's index after its forward."""
+    for w in range(ids.shape[0]):
+        try:
+            decoder_of(lm)(input_ids=ids[w : w + 1], use_cache=False)
+        except StopForward:
+            pass
+        yield w

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hld.errors import HldError
-from hld.models.hooks import CausalLM, StopForward, decoder_of, text_config
+from hld.models.hooks import CausalLM, decoder_of, forward_windows, text_config
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,7 @@ def importance(teacher: CausalLM, windows: np.ndarray) -> list[dict[str, torch.T
         handles.append(block.mlp.down_proj.register_forward_pre_hook(hook(i, "channels")))
     ids = torch.as_tensor(np.asarray(windows), dtype=torch.long, device=next(teacher.parameters()).device)
     try:
-        for w in range(ids.shape[0]):
-            try:
-                decoder_of(teacher)(input_ids=ids[w : w + 1], use_cache=False)
-            except StopForward:
-                pass
+        for _ in forward_windows(teacher, ids):
             count += ids.shape[1] - 1
     finally:
         for h in handles:
