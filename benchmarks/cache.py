@@ -23,10 +23,11 @@ import _measure as M
 import torch
 
 from hld.cache.build import ensure_cache, teacher_layers
-from hld.cache.writer import _topk_rows
 from hld.config import load_config
 from hld.data.loader import BatchOrder
-from hld.distill.signals import Needs, OnlineTeacher
+from hld.distill.signals import Needs
+from hld.distill.signals.online import OnlineTeacher
+from hld.distill.signals.topk import TopK
 from hld.train.resources import Resources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,9 @@ def forward_only(loaded, cfg, windows) -> float:
         for b in range(0, len(ids), BUILD_BATCH):
             x = torch.from_numpy(windows[ids[b : b + BUILD_BATCH]]).long().to(dev)
             sig = online.signals(x, needs)
-            vals, idx, _ = _topk_rows(sig, cfg.teacher.cache_top_k)
+            vals, idx, _ = TopK.from_teacher(
+                sig.source, k=cfg.teacher.cache_top_k, window_ids=ids[b : b + BUILD_BATCH], T=x.shape[1], identity={}
+            )
             for layer in layers:
                 sig.hidden[layer].cpu()
             vals.cpu(), idx.cpu()

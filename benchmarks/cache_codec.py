@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hld.config import load_config
-from hld.distill.losses import student_bucket_logprobs, teacher_logprobs
+from hld.distill.signals.topk import student_bucket_logprobs
 from hld.train.loop import build, train_step
 from hld.train.resources import Resources
 
@@ -37,7 +37,7 @@ def per_token_kd(out, sig, chunk: int = 128) -> torch.Tensor:
         if out.softcap:
             z = torch.tanh(z / out.softcap) * out.softcap
         t = sig.logits(rows)
-        logp = teacher_logprobs(t, 1.0, "bucket")
+        logp = t.logprobs(1.0, "bucket")
         logq = student_bucket_logprobs(torch.log_softmax(z, -1), z, t.indices)
         res.append((logp.exp() * (logp - logq)).sum(-1))
     return torch.cat(res)

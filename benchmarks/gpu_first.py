@@ -88,7 +88,8 @@ def _steps(method: str, *extra: str) -> str:
 
 def _fused_vs_naive() -> str:
     from hld.distill.chunked import HeadLossSpec, head_loss
-    from hld.distill.losses import TeacherLogits, ce_sum, kd_sum
+    from hld.distill.losses import ce_sum, kd_sum
+    from hld.distill.signals.online import Dense
 
     dev = torch.device("cuda" if CUDA else "cpu")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -98,10 +99,10 @@ def _fused_vs_naive() -> str:
     y = torch.randint(0, v, (n,), generator=g).to(dev)
     m, zt = (torch.rand(n, generator=g) > 0.1).to(dev), torch.randn(n, v, generator=g).to(dev)
     spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=128, matmul_dtype=torch.bfloat16 if CUDA else None)
-    got, _ = head_loss(h, w, y, m, spec, lambda sl: TeacherLogits(dense=zt[sl]))
+    got, _ = head_loss(h, w, y, m, spec, lambda sl: Dense(zt[sl]))
     g_got = torch.autograd.grad(got, (h, w))
     z = h @ w.T  # (n, V) fp32: the naive loss
-    want = 0.5 * ce_sum(z, y, m) + 0.5 * kd_sum(z, TeacherLogits(dense=zt), m)
+    want = 0.5 * ce_sum(z, y, m) + 0.5 * kd_sum(z, Dense(zt), m)
     g_want = torch.autograd.grad(want, (h, w))
     rel = abs(got.item() - want.item()) / abs(want.item())
     grad_rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g_got, g_want))

@@ -34,19 +34,17 @@ def make(*, n_tokens: int, vocab_size: int, d_model: int, dtype: torch.dtype, de
 
 def teacher_fn(kind: str, *, chunk: int, vocab_size: int, top_k: int, dev: torch.device):
     """teacher_chunk for head_loss: the same (chunk, V) logits, or their top-k + rest, for every chunk."""
-    from hld.distill.losses import TeacherLogits
+    from hld.distill.signals import TeacherLogits
+    from hld.distill.signals.online import Dense
 
     if kind == "ce":
         return None
     g = torch.Generator().manual_seed(1)
     zt = (torch.randn(chunk, vocab_size, generator=g) * 2.0).to(dev)  # (chunk, V) fp32
-    t = TeacherLogits(dense=zt) if kind == "dense" else TeacherLogits(dense=zt).top_k(top_k)
+    t = Dense(zt) if kind == "dense" else Dense(zt).top_k(top_k)
 
     def fn(rows: slice) -> TeacherLogits:
-        n = rows.stop - rows.start
-        if t.dense is not None:
-            return TeacherLogits(dense=t.dense[:n])
-        return TeacherLogits(values=t.values[:n], indices=t.indices[:n], rest=None if t.rest is None else t.rest[:n])
+        return t.rows(slice(0, rows.stop - rows.start))
 
     return fn
 

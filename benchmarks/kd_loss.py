@@ -63,9 +63,10 @@ def make_inputs(
 def run_ours(x: dict, chunk_tokens: int) -> torch.Tensor:
     from hld.distill.chunked import HeadLossSpec, head_loss
     from hld.distill.signals import TeacherSignals
+    from hld.distill.signals.online import OnlineLogits
 
     n = x["h"].shape[0]
-    teacher = TeacherSignals(final_hidden=x["h_t"][None], head_weight=x["W_t"])  # (1, N, d_t)
+    teacher = TeacherSignals(source=OnlineLogits(x["h_t"][None], x["W_t"]))  # (1, N, d_t)
     spec = HeadLossSpec(ce_weight=1 - ALPHA, kd_weight=ALPHA, temperature=TEMPERATURE, chunk_tokens=chunk_tokens)
     mask = torch.ones(n, dtype=torch.bool, device=x["h"].device)
     total, _ = head_loss(x["h"], x["W"], x["y"], mask, spec, teacher.logits)

@@ -1,4 +1,4 @@
-"""Time of the sampled signal's draws (`hld.distill.sampled.draw`: K ids per position from
+"""Time of the sampled signal's draws (`hld.distill.signals.sampled.draw`: K ids per position from
 softmax(z / tau) by inverse CDF) against the one-level search it replaced, a (rows, V) float64
 cumulative sum then `searchsorted`, in the same run on the same logits; the two give the same ids
 (checked here on every repeat). The draws are the sampled cache build's own cost on top of the
@@ -18,7 +18,7 @@ import _measure as M
 import numpy as np
 import torch
 
-from hld.distill.sampled import ROWS, draw
+from hld.distill.signals.sampled import ROWS, draw
 
 
 def one_level(z: torch.Tensor, u: np.ndarray, *, tau: float) -> torch.Tensor:

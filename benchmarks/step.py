@@ -37,7 +37,7 @@ from hld.cache.build import ensure_cache
 from hld.config import load_config
 from hld.data.packing import IGNORE
 from hld.distill.chunked import WORKSPACE
-from hld.distill.signals import OnlineTeacher
+from hld.distill.signals.online import OnlineTeacher
 from hld.flops import step_cost
 from hld.models.loading import LoadedModel, freeze, resolve_model_dir
 from hld.precision import autocast, resolve_dtype

@@ -5,8 +5,9 @@ refactor of the loop, the objectives or the losses must pass (issue 22: callback
     python scripts/compare_runs.py compare OUT_A OUT_B
 
 Each arm trains 8 steps of the smoke config on the test fixtures (fp32, validation every 2 steps,
-checkpoints every 3). compare checks metrics.jsonl, summary.json (timings aside), cka.json and the
-student's sha256; exit 1 on any difference.
+checkpoints every 3) with the online teacher, and kd and hld-joint again from a top-k cache and kd from
+a sampled cache (every teacher-signal kind). compare checks metrics.jsonl, summary.json (timings
+aside) and cka.json; exit 1 on any difference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import sys
 from pathlib import Path
 
 ARMS = ("ce", "kd", "hld-joint", "hld-first")
+# runs from a cache: name -> (arm, the cache's signal)
+CACHED = {"kd-topk": ("kd", "topk"), "hld-joint-topk": ("hld-joint", "topk"), "kd-sampled": ("kd", "sampled")}
+RUNS = (*ARMS, *CACHED)
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 TIME = ("tokens_per_s", "train_seconds", "seconds")
 
@@ -34,8 +38,24 @@ def record(src: str, out: Path) -> None:
         "train.checkpoint_every_steps=3",
         "train.log_every_steps=1",
     ]
+    hld = [sys.executable, "-m", "hld"]
     for arm in ARMS:
-        cmd = [sys.executable, "-m", "hld", "train", "--config", "smoke", "--out", str(out / arm), *over]
+        cmd = [*hld, "train", "--config", "smoke", "--out", str(out / arm), *over]
+        subprocess.run([*cmd, f"objective.method={arm}", "--quiet"], env=env, check=True)
+    for signal in ("topk", "sampled"):  # one cache per signal, with hld-joint's layers
+        sig = [f"teacher.cache_signal={signal}"]
+        cache = [
+            "cache-teacher",
+            "--config",
+            "smoke",
+            "--out",
+            str(out / f"cache-{signal}"),
+            "objective.method=hld-joint",
+        ]
+        subprocess.run([*hld, *cache, *over, *sig, "--quiet"], env=env, check=True)
+    for name, (arm, signal) in CACHED.items():
+        sig = [f"teacher.cache_signal={signal}", f"teacher.cache={out / f'cache-{signal}'}"]
+        cmd = [*hld, "train", "--config", "smoke", "--out", str(out / name), *over, *sig]
         subprocess.run([*cmd, f"objective.method={arm}", "--quiet"], env=env, check=True)
 
 
@@ -45,7 +65,7 @@ def _clean(d: dict) -> dict:
 
 def compare(a: Path, b: Path) -> bool:
     same = True
-    for arm in ARMS:
+    for arm in RUNS:
         ma, mb = ([_clean(json.loads(x)) for x in (d / arm / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
         sa, sb = (_clean(json.loads((d / arm / "summary.json").read_text())) for d in (a, b))
         ca, cb = ((d / arm / "cka.json").read_bytes() if (d / arm / "cka.json").exists() else None for d in (a, b))

@@ -38,6 +38,7 @@ import torch
 
 from hld.config import RunConfig
 from hld.config_checks import derived_depth
+from hld.distill.signals.registry import CACHE_CODECS
 from hld.errors import HldError
 from hld.flops import planned_calibration
 from hld.models.derive import planned_kept, planned_widths
@@ -48,9 +49,6 @@ from hld.train.assembly import HLD_METHODS, assemble, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
 
 GIB = 1024**3
-# compact codec, measured on the Gemma 3 vocabulary (docs/cache-format.md): gap slot width and the share
-# of gaps that escape it
-COMPACT_SLOT_BITS, COMPACT_ESCAPE_SHARE = 10, 0.16
 
 
 @dataclass(frozen=True)
@@ -85,25 +83,14 @@ def teacher_shapes(spec: str) -> tuple[CausalLM, SpecialIds]:
 
 def cache_bytes_per_token(cfg: RunConfig, *, layers: list[int], d_teacher: int, vocab: int) -> dict[str, float]:
     """Bytes per cached token (docs/cache-format.md, Cost): `estimate`, and `bound` (the most it can be).
-    exact: k (2 + 4) + 4 (rest); compact: k (q + b + e ceil(log2 V)) / 8 + 2 (D) + 4 (rest) + 8 / T
-    (offsets), b and e measured on the Gemma 3 vocabulary; the bound takes b = ceil(log2 V) with at most
-    one escape per token. sampled: min(cache_samples, V) slots of an int32 id + a float32 weight, exact
-    (the distinct ids drawn are padded to that many). Hidden: 2 d (bf16) or d + 4 (fp8) per layer; + 4 for
-    the token."""
+    The logits' by their signal kind (`cache_logit_bytes` of hld.distill.signals.topk / .sampled); hidden:
+    2 d (bf16) or d + 4 (fp8) per layer; + 4 for the token."""
     from hld.cache.build import cache_slots, codec_of
 
     k, T = cache_slots(cfg, vocab), cfg.data.seq_len
-    index_bits = max(1, (vocab - 1).bit_length())
     codec = codec_of(cfg)
     hidden = len(layers) * (2 * d_teacher if codec.hidden == "bfloat16" else d_teacher + 4)
-    if codec.logits == "sampled":
-        logits = bound = k * 8.0
-    elif codec.logits == "exact":
-        logits = bound = k * 6 + 4.0
-    else:
-        per_entry = (codec.value_bits + COMPACT_SLOT_BITS + COMPACT_ESCAPE_SHARE * index_bits) / 8
-        logits = k * per_entry + 6 + 8 / T
-        bound = k * (codec.value_bits + index_bits) / 8 + index_bits / 8 + 6 + 9 / T
+    logits, bound = CACHE_CODECS[codec.logits].cache_logit_bytes(codec, k, T, vocab)
     return {"logits": logits, "hidden": float(hidden), "estimate": logits + hidden + 4, "bound": bound + hidden + 4}
 
 

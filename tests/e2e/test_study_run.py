@@ -197,7 +197,7 @@ def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tm
 
     from hld.cache import writer as cache_writer
 
-    real = cache_writer._topk_rows
+    real = cache_writer._signal_rows
 
     def topk_then_sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -205,7 +205,7 @@ def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tm
 
     out = tmp_path / "demo"
     args = [*STUDY_ARGS, "arms=[kd]", "seeds=[0]", "equal_flops=null", "--out", str(out), "--quiet"]
-    monkeypatch.setattr(cache_writer, "_topk_rows", topk_then_sigterm)
+    monkeypatch.setattr(cache_writer, "_signal_rows", topk_then_sigterm)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hld: error: stopped by SIGTERM while building the teacher cache"), err
@@ -213,7 +213,7 @@ def test_sigterm_during_a_studys_cache_build_is_one_line_and_leaves_no_debris(tm
     # no temporary directory: the build's own (resumed by the rerun) and its lock file
     left = sorted(p.name.rsplit(".", 1)[-1] for p in (out / "caches").iterdir() if p.name.startswith("."))
     assert left == ["build", "lock"]
-    monkeypatch.setattr(cache_writer, "_topk_rows", real)
+    monkeypatch.setattr(cache_writer, "_signal_rows", real)
     assert main(args) == 0
     assert len(list((out / "runs").glob("*/summary.json"))) == 1
     assert [p.suffix for p in (out / "caches").iterdir() if p.name.startswith(".")] == [".lock"]

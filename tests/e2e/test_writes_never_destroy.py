@@ -81,19 +81,19 @@ def test_a_stopped_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bu
     from hld.cache import writer as cache_writer
 
     before = _snapshot(built_cache)
-    real = cache_writer._topk_rows
+    real = cache_writer._signal_rows
 
     def topk_then_sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_writer, "_topk_rows", topk_then_sigterm)
+    monkeypatch.setattr(cache_writer, "_signal_rows", topk_then_sigterm)
     _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "stopped by SIGTERM")
     assert _snapshot(built_cache) == before
     assert sorted(p.name for p in tmp_path.glob(".cache.*")) == [".cache.build", ".cache.lock"]
     assert not list((tmp_path / ".cache.build" / "parts").glob("*.records.jsonl"))  # no shard committed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
-    monkeypatch.setattr(cache_writer, "_topk_rows", real)
+    monkeypatch.setattr(cache_writer, "_signal_rows", real)
     assert main(_cache_argv(built_cache, "budget.tokens=2048")) == 0
     assert sorted(p.name for p in tmp_path.glob(".cache.*")) == [".cache.lock"]  # the lock file stays
 
@@ -106,7 +106,7 @@ def test_a_failed_rebuild_keeps_the_old_cache(tmp_path, capsys, monkeypatch, bui
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_writer, "_topk_rows", fail)
+    monkeypatch.setattr(cache_writer, "_signal_rows", fail)
     line = _one_line(capsys, _cache_argv(built_cache, "budget.tokens=2048"), "No space left on device")
     assert "free disk space" in line
     assert _snapshot(built_cache) == before

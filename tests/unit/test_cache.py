@@ -85,12 +85,12 @@ def test_cache_holds_the_exact_tokens_and_layers(tmp_path, overrides):
     batch = s.order.batch(1)
     sig = s.teacher(batch, s.plan.needs)
     assert set(sig.hidden) == {2, 3}  # uniform map of a 2-block student onto the 3-block teacher
-    assert sig.topk_values.shape == (*batch.input_ids.shape, 64)
+    assert sig.source.values.shape == (batch.input_ids.numel(), 64)
     # the stored top-k really are the teacher's top-k logits
     with torch.no_grad():
         logits = s.teacher_lm(batch.input_ids).logits
     want = logits.topk(64, dim=-1)
-    torch.testing.assert_close(sig.topk_values.float(), want.values, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(sig.source.values.float(), want.values.reshape(-1, 64), rtol=1e-3, atol=1e-2)
 
 
 def test_manifest_mismatch_is_refused(tmp_path, overrides):
@@ -173,9 +173,9 @@ def test_cached_top_k_keeps_the_teachers_remaining_mass(tmp_path, overrides):
     with torch.no_grad():
         z = lm(input_ids=batch.input_ids).logits.double()  # (B, T, V)
     top = z.topk(16, dim=-1)
-    np.testing.assert_array_equal(sig.topk_indices.numpy(), top.indices.numpy())
+    np.testing.assert_array_equal(sig.source.indices.numpy(), top.indices.reshape(-1, 16).numpy())
     rest = torch.logsumexp(z.scatter(-1, top.indices, float("-inf")), dim=-1)  # (B, T)
-    torch.testing.assert_close(sig.topk_rest.double(), rest, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sig.source.rest.double(), rest.reshape(-1), rtol=1e-5, atol=1e-5)
     # every window starts with BOS, and the teacher saw exactly the run's windows
     assert (batch.input_ids[:, 0] == 2).all()
 

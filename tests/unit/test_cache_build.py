@@ -23,7 +23,8 @@ from hld.cache.meta import build_dir_of, cache_identity
 from hld.cache.reader import CachedTeacher
 from hld.cache.writer import build_cache
 from hld.config import load_config
-from hld.distill.signals import Needs, OnlineTeacher
+from hld.distill.signals import Needs
+from hld.distill.signals.online import OnlineTeacher
 from hld.errors import HldError
 from hld.train.resources import Resources
 
@@ -130,8 +131,8 @@ def test_parts_built_apart_equal_one_build(tmp_path, setup, n):
     assert all(r["part"] == f"p{r['shard'] % n:05d}of{n:05d}" for r in m["shards"])
     a = CachedTeacher(tmp_path / "parts", expect=ident).read(ids[::-1], 32, Needs(logits=True, layers=(1, 3)))
     b = CachedTeacher(tmp_path / "whole", expect=ident).read(ids[::-1], 32, Needs(logits=True, layers=(1, 3)))
-    for key in ("topk_values", "topk_indices", "topk_rest"):
-        assert torch.equal(getattr(a, key), getattr(b, key))
+    for key in ("values", "indices", "rest"):
+        assert torch.equal(getattr(a.source, key), getattr(b.source, key))
     assert all(torch.equal(a.hidden[k], b.hidden[k]) for k in (1, 3))
 
 
@@ -195,8 +196,8 @@ def test_reads_equal_the_teacher_row_by_row(tmp_path, setup):
     with torch.no_grad():
         out = lm(input_ids=x, output_hidden_states=True)
     top = out.logits.topk(16, dim=-1)
-    torch.testing.assert_close(sig.topk_values.float(), top.values, rtol=1e-3, atol=1e-2)
-    np.testing.assert_array_equal(sig.topk_indices.numpy(), top.indices.numpy())
+    torch.testing.assert_close(sig.source.values.float(), top.values.reshape(-1, 16), rtol=1e-3, atol=1e-2)
+    np.testing.assert_array_equal(sig.source.indices.numpy(), top.indices.reshape(-1, 16).numpy())
     # layer 1 = block 1's output = HF's hidden_states[1] (its last entry has the final norm applied)
     torch.testing.assert_close(sig.hidden[1].float(), out.hidden_states[1].float(), rtol=1e-2, atol=1e-2)
     assert np.array_equal(sig.tokens, np.asarray(windows[pick]))
@@ -361,8 +362,8 @@ def test_prefetched_reads_are_the_reads_and_are_used(tmp_path, setup, monkeypatc
     monkeypatch.setattr(t, "read", lambda *a: calls.append(a))  # a miss would read on this thread
     for m, w in zip(mbs, want):
         got = t(make_batch(np.asarray(windows[m]), window_ids=m), needs)
-        for key in ("topk_values", "topk_indices", "topk_rest"):
-            assert torch.equal(getattr(got, key), getattr(w, key))
+        for key in ("values", "indices", "rest"):
+            assert torch.equal(getattr(got.source, key), getattr(w.source, key))
         assert all(torch.equal(got.hidden[k], w.hidden[k]) for k in (1, 3))
     assert not calls
     t.close()

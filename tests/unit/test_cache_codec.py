@@ -15,7 +15,8 @@ import torch
 from hld.cache.build import ensure_cache
 from hld.cache.codec import Codec, decode_window, encode_window, fp8_decode, fp8_encode, pack_bits, unpack_bits
 from hld.config import load_config
-from hld.distill.losses import TeacherLogits, kd_sum
+from hld.distill.losses import kd_sum
+from hld.distill.signals.topk import TopK
 from hld.errors import HldError
 from hld.train.loop import build
 from hld.train.resources import Resources
@@ -115,12 +116,10 @@ def test_kd_from_decoded_topk_within_the_derived_bound():
     e = np.abs(vals - exact).max(1)
     bound = 2 * e + np.expm1(2 * e) * (rho.max(1) - rho.min(1)) / 2
     assert (np.abs(kd_comp - kd_exact) <= bound + 1e-9).all()
-    # hld's KD on the decoded TeacherLogits is that same numpy number (sum over tokens)
+    # hld's KD on the decoded top-k signal is that same numpy number (sum over tokens)
     got = kd_sum(
         torch.from_numpy(student),
-        TeacherLogits(
-            values=torch.from_numpy(vals), indices=torch.from_numpy(got_ids), rest=torch.from_numpy(got_rest)
-        ),
+        TopK(values=torch.from_numpy(vals), indices=torch.from_numpy(got_ids), rest=torch.from_numpy(got_rest)),
         torch.ones(T, dtype=torch.bool),
     )
     assert float(got) == pytest.approx(kd_comp.sum(), rel=1e-5)
@@ -181,11 +180,12 @@ def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, override
     a, b = _open(overrides, tmp_path / "a" / "cache"), _open(overrides, tmp_path / "b" / "cache")
     batch = a.order.batch(1)
     sa, sb = a.teacher(batch, a.plan.needs), b.teacher(batch, b.plan.needs)
-    np.testing.assert_array_equal(np.sort(sa.topk_indices.numpy(), -1), np.sort(sb.topk_indices.numpy(), -1))
-    rel = sa.topk_values.float() - sa.topk_values.float()[..., :1]  # log-probs relative to the top-1
-    assert (sb.topk_values[..., 0] == 0).all()
-    torch.testing.assert_close(sb.topk_values.float().sort(-1).values, rel.sort(-1).values, atol=0.25, rtol=0)
-    torch.testing.assert_close(sb.topk_rest, sa.topk_rest - sa.topk_values[..., 0].float(), atol=1e-2, rtol=1e-3)
+    ta, tb = sa.source, sb.source
+    np.testing.assert_array_equal(np.sort(ta.indices.numpy(), -1), np.sort(tb.indices.numpy(), -1))
+    rel = ta.values.float() - ta.values.float()[..., :1]  # log-probs relative to the top-1
+    assert (tb.values[..., 0] == 0).all()
+    torch.testing.assert_close(tb.values.float().sort(-1).values, rel.sort(-1).values, atol=0.25, rtol=0)
+    torch.testing.assert_close(tb.rest, ta.rest - ta.values[..., 0].float(), atol=1e-2, rtol=1e-3)
     for layer in sa.hidden:
         # fp8's rounding (2^-4 relative, 2^-10 s below the normals) plus both copies' bf16 rounding (2^-9 each)
         x, y = sa.hidden[layer].float(), sb.hidden[layer].float()

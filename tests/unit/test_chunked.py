@@ -4,15 +4,17 @@ against independent math in test_losses.py). Values, stats and gradients w.r.t. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import pytest
 import torch
 
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, softcap
-from hld.distill.signals import TeacherSignals
+from hld.distill.losses import ce_sum, kd_sum, softcap
+from hld.distill.signals import TeacherLogits, TeacherSignals
+from hld.distill.signals.online import Dense, OnlineLogits
+from hld.distill.signals.topk import TopK
 
 B, T_SEQ, D, D_T, V = 2, 5, 8, 12, 23
 N = B * T_SEQ
@@ -32,59 +34,45 @@ def _inputs(seed: int, dtype=torch.float64):
 def _online_teacher(seed: int, dtype=torch.float64, cap: Optional[float] = None) -> TeacherSignals:
     g = torch.Generator().manual_seed(seed + 1000)
     return TeacherSignals(
-        final_hidden=torch.randn(B, T_SEQ, D_T, generator=g, dtype=dtype),
-        head_weight=torch.randn(V, D_T, generator=g, dtype=dtype),
-        softcap=cap,
+        source=OnlineLogits(
+            final_hidden=torch.randn(B, T_SEQ, D_T, generator=g, dtype=dtype),
+            head_weight=torch.randn(V, D_T, generator=g, dtype=dtype),
+            softcap=cap,
+        )
     )
 
 
-@dataclass
-class _CachedTeacher:
-    """What a cache gives per batch: top-k values, indices and the log-mass of the rest, (B, T, ...)."""
-
-    topk_values: torch.Tensor  # (B, T, k)
-    topk_indices: torch.Tensor  # (B, T, k)
-    rest: Optional[torch.Tensor]  # (B, T)
-    final_hidden = None
-
-    def logits(self, rows: slice) -> TeacherLogits:
-        k = self.topk_values.shape[-1]
-        rest = None if self.rest is None else self.rest.reshape(-1)[rows]
-        return TeacherLogits(
-            values=self.topk_values.reshape(-1, k)[rows],
-            indices=self.topk_indices.reshape(-1, k)[rows].long(),
-            rest=rest,
-        )
-
-
-def _cached_teacher(seed: int, k: int, rest: bool = True) -> _CachedTeacher:
+def _cached_teacher(seed: int, k: int, rest: bool = True) -> TeacherSignals:
+    """What a cache gives per batch: top-k values, int32 indices and the log-mass of the rest."""
     g = torch.Generator().manual_seed(seed + 2000)
     full = (torch.randn(B, T_SEQ, V, generator=g) * 3).sort(dim=-1, descending=True).values
     perm = torch.stack([torch.randperm(V, generator=g) for _ in range(B * T_SEQ)]).reshape(B, T_SEQ, V)
     r = full[..., k:].logsumexp(-1) if k < V else torch.full((B, T_SEQ), float("-inf"))
-    return _CachedTeacher(full[..., :k], perm[..., :k].int(), r if rest else None)  # a cache may store int32
+    top = TopK(full[..., :k].reshape(N, k), perm[..., :k].int().reshape(N, k), r.reshape(N) if rest else None)
+    return TeacherSignals(source=top)  # a cache may store int32
 
 
 def _reference_teacher(ts, top_k: Optional[int]) -> Optional[TeacherLogits]:
     """All N rows of teacher logits, built directly from the signal's tensors."""
     if ts is None:
         return None
-    if ts.final_hidden is not None:
-        z = softcap(ts.final_hidden.reshape(N, D_T) @ ts.head_weight.T, ts.softcap)
+    src = ts.source
+    if isinstance(src, OnlineLogits):
+        z = softcap(src.final_hidden.reshape(N, D_T) @ src.head_weight.T, src.softcap)
         if top_k is not None and top_k < V:
             srt = z.sort(dim=-1, descending=True)
-            return TeacherLogits(
+            return TopK(
                 values=srt.values[:, :top_k],
                 indices=srt.indices[:, :top_k],
                 rest=srt.values[:, top_k:].logsumexp(-1).float(),
             )
-        return TeacherLogits(dense=z)
-    k = ts.topk_values.shape[-1]
-    t = ts.logits(slice(0, N))
+        return Dense(z)
+    k = src.values.shape[-1]
+    v, i, r = src.values, src.indices.long(), src.rest
     if top_k is not None and top_k < k:
-        rest = None if t.rest is None else torch.logaddexp(t.rest, t.values[:, top_k:].logsumexp(-1))
-        return TeacherLogits(values=t.values[:, :top_k], indices=t.indices[:, :top_k], rest=rest)
-    return t
+        rest = None if r is None else torch.logaddexp(r, v[:, top_k:].logsumexp(-1))
+        return TopK(values=v[:, :top_k], indices=i[:, :top_k], rest=rest)
+    return TopK(values=v, indices=i, rest=r)
 
 
 def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
@@ -170,7 +158,7 @@ def test_cached_teacher_truncated_by_spec_top_k(chunk, divergence):
     spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, top_k=5, divergence=divergence, chunk_tokens=chunk)
     h, W, y, mask = _inputs(15)
     wide, narrow = _cached_teacher(15, k=8), _cached_teacher(15, k=5)
-    assert torch.equal(wide.topk_indices[..., :5], narrow.topk_indices)
+    assert torch.equal(wide.source.indices[:, :5], narrow.source.indices)
     a, _ = head_loss(h, W, y, mask, spec, wide.logits)
     b, _ = head_loss(h, W, y, mask, replace(spec, top_k=None), narrow.logits)
     c, _ = head_loss(h, W, y, mask, replace(spec, top_k=None), wide.logits)
@@ -342,10 +330,10 @@ def test_topk_teacher_covering_the_vocabulary_is_the_dense_loss(divergence, temp
     g = torch.Generator().manual_seed(22)
     zt = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
     v, i = zt.topk(V, dim=-1)
-    full = TeacherLogits(values=v, indices=i, rest=torch.full((N,), float("-inf")))
+    full = TopK(values=v, indices=i, rest=torch.full((N,), float("-inf")))
     spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=temperature, divergence=divergence, chunk_tokens=3)
-    a, _ = head_loss(h, W, y, mask, spec, lambda sl: TeacherLogits(values=v[sl], indices=i[sl], rest=full.rest[sl]))
-    b, _ = head_loss(h, W, y, mask, spec, lambda sl: TeacherLogits(dense=zt[sl]))
+    a, _ = head_loss(h, W, y, mask, spec, lambda sl: TopK(values=v[sl], indices=i[sl], rest=full.rest[sl]))
+    b, _ = head_loss(h, W, y, mask, spec, lambda sl: Dense(zt[sl]))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for x, z in zip(torch.autograd.grad(a, (h, W)), torch.autograd.grad(b, (h, W))):
         assert torch.isfinite(x).all()

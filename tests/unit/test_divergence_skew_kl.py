@@ -10,7 +10,9 @@ import torch
 
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.divergences.registry import parse
-from hld.distill.losses import TeacherLogits, kd_sum
+from hld.distill.losses import kd_sum
+from hld.distill.signals.online import Dense
+from hld.distill.signals.topk import TopK
 
 
 def _np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -37,7 +39,7 @@ def _data(seed: int, n: int = 6, V: int = 11):
 @pytest.mark.parametrize("alpha,T", [(0.1, 1.0), (0.5, 1.0), (0.9, 2.0)])
 def test_value_matches_float64_numpy(alpha, T):
     s, t, mask = _data(0)
-    ours = kd_sum(s.float(), TeacherLogits(dense=t.float()), mask, temperature=T, divergence=f"skew_kl(alpha={alpha})")
+    ours = kd_sum(s.float(), Dense(t.float()), mask, temperature=T, divergence=f"skew_kl(alpha={alpha})")
     want = np_skew_kl(s.numpy(), t.numpy(), mask.numpy(), alpha=alpha, T=T)
     assert float(ours) == pytest.approx(want, rel=1e-5)
 
@@ -46,7 +48,7 @@ def test_gradient_matches_finite_differences_of_the_numpy_reference():
     s, t, mask = _data(1)
     alpha, T = 0.2, 1.5
     s32 = s.float().requires_grad_(True)
-    ours = kd_sum(s32, TeacherLogits(dense=t.float()), mask, temperature=T, divergence=parse(f"skew_kl(alpha={alpha})"))
+    ours = kd_sum(s32, Dense(t.float()), mask, temperature=T, divergence=parse(f"skew_kl(alpha={alpha})"))
     (g,) = torch.autograd.grad(ours, s32)
     x, tn, mn = s.numpy(), t.numpy(), mask.numpy()
     fd, eps = np.zeros_like(x), 1e-6
@@ -62,7 +64,7 @@ def test_gradient_matches_finite_differences_of_the_numpy_reference():
 
 def test_limits_forward_kl_and_the_bound():
     s, t, mask = _data(2)
-    tl = TeacherLogits(dense=t)
+    tl = Dense(t)
     near0 = kd_sum(s, tl, mask, divergence="skew_kl(alpha=1e-9)")
     assert float(near0) == pytest.approx(float(kd_sum(s, tl, mask, divergence="forward_kl")), rel=1e-6)
     # a student with (almost) no mass where the teacher has all: forward KL grows without bound, skew KL
@@ -71,9 +73,9 @@ def test_limits_forward_kl_and_the_bound():
     far[:, 0] = 0.0
     sharp = torch.full_like(t, -1e4)
     sharp[:, 1] = 0.0
-    per_row = float(kd_sum(far, TeacherLogits(dense=sharp), mask, divergence="skew_kl(alpha=0.1)")) / int(mask.sum())
+    per_row = float(kd_sum(far, Dense(sharp), mask, divergence="skew_kl(alpha=0.1)")) / int(mask.sum())
     assert per_row == pytest.approx(np.log(10), rel=1e-6)
-    assert float(kd_sum(far, TeacherLogits(dense=sharp), mask, divergence="forward_kl")) > 1e3
+    assert float(kd_sum(far, Dense(sharp), mask, divergence="forward_kl")) > 1e3
 
 
 def test_topk_paths_match_numpy_on_the_coarsened_and_renormalised_teachers():
@@ -81,16 +83,14 @@ def test_topk_paths_match_numpy_on_the_coarsened_and_renormalised_teachers():
     k = 4
     vals, idx = t.topk(k, dim=-1)
     off = t.scatter(-1, idx, float("-inf")).logsumexp(-1)
-    bucket = kd_sum(s, TeacherLogits(values=vals, indices=idx, rest=off), mask, divergence="skew_kl(alpha=0.3)")
+    bucket = kd_sum(s, TopK(values=vals, indices=idx, rest=off), mask, divergence="skew_kl(alpha=0.3)")
     # by hand: both distributions on the k ids + one outcome for the rest
     p = torch.cat([vals, off[:, None]], -1).log_softmax(-1).exp().numpy()
     lq = s.log_softmax(-1)
     q = torch.cat([lq.gather(-1, idx), lq.scatter(-1, idx, float("-inf")).logsumexp(-1)[:, None]], -1).exp().numpy()
     per = (p * (np.log(p) - np.log(0.3 * p + 0.7 * q))).sum(-1)
     assert float(bucket) == pytest.approx(float((per * mask.numpy()).sum()), rel=2e-6)
-    renorm = kd_sum(
-        s, TeacherLogits(values=vals, indices=idx), mask, divergence="skew_kl(alpha=0.3)", top_k_rest="renormalize"
-    )
+    renorm = kd_sum(s, TopK(values=vals, indices=idx), mask, divergence="skew_kl(alpha=0.3)", top_k_rest="renormalize")
     pr = vals.log_softmax(-1).exp().numpy()
     qk = lq.gather(-1, idx).exp().numpy()  # the student keeps its full softmax
     per = (pr * (np.log(pr) - np.log(0.3 * pr + 0.7 * qk))).sum(-1)
@@ -104,6 +104,6 @@ def test_the_fused_head_takes_it_through_autograd_and_matches_numpy():
     y = torch.where(mask, torch.arange(6) % 13, torch.full((6,), -100))
     spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, divergence="skew_kl(alpha=0.2)", chunk_tokens=4)
     assert not spec.divergence.fused
-    _, stats = head_loss(h, W, y, mask, spec, lambda sl: TeacherLogits(dense=t[sl]))
+    _, stats = head_loss(h, W, y, mask, spec, lambda sl: Dense(t[sl]))
     want = np_skew_kl((h @ W.T).numpy(), t.numpy(), mask.numpy(), alpha=0.2)
     assert stats["kd"] == pytest.approx(want, rel=2e-6)

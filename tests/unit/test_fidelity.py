@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hld.distill.losses import TeacherLogits, teacher_logprobs
-from hld.study.references import completion_kl, fidelity_rows, measure, signal_logprobs
+from hld.distill.signals.online import Dense
+from hld.distill.signals.topk import TopK
+from hld.study.references import completion_kl, fidelity_rows, measure
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -37,27 +38,30 @@ def _kl_by_hand(z: np.ndarray, values: np.ndarray, idx: np.ndarray, rest: np.nda
 def test_top_k_kl_matches_float64_by_hand(T):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(6, 50)) * 3
-    sig = TeacherLogits(dense=torch.tensor(z, dtype=torch.float32)).top_k(8)
+    sig = Dense(torch.tensor(z, dtype=torch.float32)).top_k(8)
     values = sig.values.to(torch.float16).float()  # as the exact codec stores them
-    sig = TeacherLogits(values=values, indices=sig.indices, rest=sig.rest)
+    sig = TopK(values=values, indices=sig.indices, rest=sig.rest)
     got = completion_kl(torch.tensor(z), sig, temperature=T).numpy()
     want = _kl_by_hand(z, values.double().numpy(), sig.indices.numpy(), sig.rest.double().numpy(), T)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert (got > 0).all()
-    for rest in ("bucket", "renormalize"):  # the measurement's convention is the loss's, in float64
-        assert signal_logprobs(sig, T, rest).float() == pytest.approx(teacher_logprobs(sig, T, rest), abs=1e-5)
+    # the measurement's convention is the loss's (the rest's log-mass tempered like a logit), in float64
+    v, r = values.double().numpy(), sig.rest.double().numpy()
+    for rest, x in (("bucket", np.concatenate([v, r[:, None]], 1)), ("renormalize", v)):
+        want_logp = np.log(_softmax(x / T))
+        assert sig.logprobs(T, rest, dtype=torch.float64).numpy() == pytest.approx(want_logp, rel=1e-12, abs=1e-12)
 
 
 def test_a_dense_signal_and_a_renormalised_one():
     rng = np.random.default_rng(1)
     z, y = rng.normal(size=(3, 20)), rng.normal(size=(3, 20))
-    got = completion_kl(torch.tensor(z), TeacherLogits(dense=torch.tensor(y))).numpy()
+    got = completion_kl(torch.tensor(z), Dense(torch.tensor(y))).numpy()
     p, q = _softmax(z), _softmax(y)
     assert got == pytest.approx((p * np.log(p / q)).sum(-1), rel=1e-10)
-    assert completion_kl(torch.tensor(z), TeacherLogits(dense=torch.tensor(z))).abs().max() < 1e-12
-    top = TeacherLogits(dense=torch.tensor(z)).top_k(5)
+    assert completion_kl(torch.tensor(z), Dense(torch.tensor(z))).abs().max() < 1e-12
+    top = Dense(torch.tensor(z)).top_k(5)
     assert torch.isinf(completion_kl(torch.tensor(z), top, top_k_rest="renormalize")).all()
-    whole = TeacherLogits(dense=torch.tensor(z)).top_k(19)  # 19 of 20 ids: the rest is one id, exact
+    whole = Dense(torch.tensor(z)).top_k(19)  # 19 of 20 ids: the rest is one id, exact
     assert completion_kl(torch.tensor(z), whole).abs().max() < 1e-9
 
 

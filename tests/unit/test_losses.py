@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from hld.distill.hidden import normalize_target
 from hld.distill.hidden_losses.registry import row_loss
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, logsumexp_outside, softcap
+from hld.distill.losses import ce_sum, kd_sum, logsumexp_outside, softcap
+from hld.distill.signals import TeacherLogits
+from hld.distill.signals.online import Dense
+from hld.distill.signals.topk import TopK
 
 N, V = 7, 11  # rows, vocabulary
 
@@ -128,7 +131,7 @@ def test_forward_kl_matches_torch_kl_div_and_numpy(T):
     s = _rows(2).requires_grad_(True)
     t = _rows(3).requires_grad_(True)
     mask = _mask()
-    ours = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence="forward_kl")
+    ours = kd_sum(s, Dense(t), mask, temperature=T, divergence="forward_kl")
     # F.kl_div(input=log q, target=log p) = sum p (log p - log q) = KL(teacher || student)
     ref = (
         F.kl_div(
@@ -150,8 +153,8 @@ def test_forward_kl_matches_torch_kl_div_and_numpy(T):
 
 def test_forward_and_reverse_kl_differ_on_asymmetric_inputs():
     s, t, mask = _rows(4), _rows(5, scale=4.0), _mask()
-    fwd = kd_sum(s, TeacherLogits(dense=t), mask, divergence="forward_kl")
-    rev = kd_sum(s, TeacherLogits(dense=t), mask, divergence="reverse_kl")
+    fwd = kd_sum(s, Dense(t), mask, divergence="forward_kl")
+    rev = kd_sum(s, Dense(t), mask, divergence="reverse_kl")
     assert abs(float(fwd) - float(rev)) > 0.1 * abs(float(fwd))
     # and each is the one its name says (teacher first for forward)
     _close(fwd, np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=1.0, divergence="forward_kl"))
@@ -165,7 +168,7 @@ def test_temperature_scaling_is_t_squared():
         raw = F.kl_div(
             torch.log_softmax(s[mask] / T, -1), torch.log_softmax(t[mask] / T, -1), log_target=True, reduction="sum"
         )
-        _close(kd_sum(s, TeacherLogits(dense=t), mask, temperature=T), raw * T * T)
+        _close(kd_sum(s, Dense(t), mask, temperature=T), raw * T * T)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +181,7 @@ def test_reverse_kl_and_jsd_match_numpy_value_and_grad(divergence, beta, T):
     mask = _mask()
     ours = kd_sum(
         s,
-        TeacherLogits(dense=t),
+        Dense(t),
         mask,
         temperature=T,
         divergence=f"{divergence}(beta={beta})" if divergence == "jsd" else divergence,
@@ -194,15 +197,15 @@ def test_reverse_kl_and_jsd_match_numpy_value_and_grad(divergence, beta, T):
 
 def test_jsd_is_symmetric_at_half_and_bounded():
     s, t, mask = _rows(10), _rows(11, scale=5.0), _mask()
-    a = kd_sum(s, TeacherLogits(dense=t), mask, divergence="jsd(beta=0.5)")
-    b = kd_sum(t, TeacherLogits(dense=s), mask, divergence="jsd")
+    a = kd_sum(s, Dense(t), mask, divergence="jsd(beta=0.5)")
+    b = kd_sum(t, Dense(s), mask, divergence="jsd")
     _close(a, b)
     assert 0 < float(a) <= int(mask.sum()) * np.log(2) + 1e-6
 
 
 def test_unknown_divergence_is_an_error():
     with pytest.raises(ValueError):
-        kd_sum(_rows(0), TeacherLogits(dense=_rows(1)), _mask(), divergence="no_such_divergence")
+        kd_sum(_rows(0), Dense(_rows(1)), _mask(), divergence="no_such_divergence")
 
 
 # --------------------------------------------------------------------------- top-k teachers
@@ -216,7 +219,7 @@ def _topk(t: torch.Tensor, k: int, *, rest: bool = True) -> TeacherLogits:
     if rest:
         tail = t.sort(dim=-1, descending=True).values[:, k:]
         r = torch.logsumexp(tail, -1).float() if k < t.shape[-1] else torch.full((t.shape[0],), float("-inf"))
-    return TeacherLogits(values=v, indices=i, rest=r)
+    return TopK(values=v, indices=i, rest=r)
 
 
 def np_bucket_divergence(
@@ -284,7 +287,7 @@ def test_bucket_topk_matches_numpy_value_and_grad(divergence, T, k):
 def test_topk_with_k_equal_vocab_is_dense(divergence, T, top_k_rest):
     s = _rows(12).requires_grad_(True)
     t, mask = _rows(13), _mask()
-    dense = kd_sum(s, TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
+    dense = kd_sum(s, Dense(t), mask, temperature=T, divergence=divergence)
     sparse = kd_sum(s, _topk(t, V), mask, temperature=T, divergence=divergence, top_k_rest=top_k_rest)
     assert float(_topk(t, V).rest.max()) == float("-inf")
     _close(sparse, dense)
@@ -316,7 +319,7 @@ def test_topk_renormalize_matches_renormalised_teacher(divergence, T, k):
     (g_ours,) = torch.autograd.grad(ours, s)
     (g_ref,) = torch.autograd.grad(ref, s)
     _close(g_ours, g_ref)
-    dense = kd_sum(s.detach(), TeacherLogits(dense=t), mask, temperature=T, divergence=divergence)
+    dense = kd_sum(s.detach(), Dense(t), mask, temperature=T, divergence=divergence)
     assert float(ours.detach()) != pytest.approx(float(dense), rel=1e-3)  # truncation really happened
 
 
@@ -326,7 +329,7 @@ def test_bucket_and_renormalize_differ_as_they_should(divergence):
     k = 3
     bucket = float(kd_sum(s, _topk(t, k), mask, divergence=divergence))
     renorm = float(kd_sum(s, _topk(t, k), mask, divergence=divergence, top_k_rest="renormalize"))
-    dense = float(kd_sum(s, TeacherLogits(dense=t), mask, divergence=divergence))
+    dense = float(kd_sum(s, Dense(t), mask, divergence=divergence))
     assert np.isfinite(bucket) and bucket != pytest.approx(renorm, rel=1e-2)
     # coarsening can only lose information: the bucketed divergence bounds the dense one from below (T = 1)
     assert 0 < bucket <= dense + 1e-6
@@ -380,8 +383,8 @@ def test_reverse_kl_with_renormalised_topk_is_infinite_and_config_refuses_only_t
 
 def test_teacher_logits_top_k_truncates_dense_and_fills_rest_exactly():
     t = _rows(16) * 10  # wide logits: the rest spans many orders of magnitude
-    out = TeacherLogits(dense=t).top_k(4)
-    assert out.dense is None and out.values.shape == (N, 4)
+    out = Dense(t).top_k(4)
+    assert isinstance(out, TopK) and out.values.shape == (N, 4)
     assert out.rest.dtype == torch.float32 and out.rest.shape == (N,)
     tn = t.numpy()
     for r in range(N):
@@ -390,10 +393,10 @@ def test_teacher_logits_top_k_truncates_dense_and_fills_rest_exactly():
         others = np.setdiff1d(np.arange(V), top)
         ref = tn[r, others].max() + np.log(np.exp(tn[r, others] - tn[r, others].max()).sum())
         assert float(out.rest[r]) == pytest.approx(ref, rel=1e-6, abs=1e-5)
-    assert TeacherLogits(dense=t).top_k(None).dense is t
-    assert TeacherLogits(dense=t).top_k(V).dense is t
+    assert Dense(t).top_k(None).logits is t
+    assert Dense(t).top_k(V).logits is t
     # k = V - 1: the rest is the one logit left out
-    _close(TeacherLogits(dense=t).top_k(V - 1).rest, t.min(-1).values.float(), rtol=1e-6, atol=1e-5)
+    _close(Dense(t).top_k(V - 1).rest, t.min(-1).values.float(), rtol=1e-6, atol=1e-5)
 
 
 def test_teacher_logits_top_k_truncates_a_cached_top_k():
@@ -429,7 +432,7 @@ def test_masked_rows_with_extreme_logits_contribute_nothing(divergence, top_k):
     s_x[~mask] = torch.tensor([1e4, -1e4] * (V // 2) + [3e4], dtype=torch.float64)
     t_x[~mask] = torch.tensor([-2e4, 1e4] * (V // 2) + [-3e4], dtype=torch.float64)
     s_x.requires_grad_(True)
-    teacher = (lambda z: TeacherLogits(dense=z)) if top_k is None else (lambda z: _topk(z, top_k))
+    teacher = (lambda z: Dense(z)) if top_k is None else (lambda z: _topk(z, top_k))
     base = kd_sum(s, teacher(t), mask, divergence=divergence, temperature=2.0)
     ext = kd_sum(s_x, teacher(t_x), mask, divergence=divergence, temperature=2.0)
     _close(ext, base)
@@ -445,7 +448,7 @@ def test_masked_rows_with_extreme_logits_contribute_nothing(divergence, top_k):
 def test_all_rows_masked_gives_zero():
     s, t = _rows(19), _rows(20)
     none = torch.zeros(N, dtype=torch.bool)
-    assert float(kd_sum(s, TeacherLogits(dense=t), none)) == 0.0
+    assert float(kd_sum(s, Dense(t), none)) == 0.0
     assert float(ce_sum(s, torch.zeros(N, dtype=torch.long), none)) == 0.0
 
 

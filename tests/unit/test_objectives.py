@@ -315,7 +315,7 @@ def test_hld_first_phase_one_runs_no_head(resources):
     assert s.total_steps == 2
     phase = s.plan.phases[0]
     sig = s.teacher(s.order.batch(0), phase.objective.needs)
-    assert sig.final_hidden is None and sig.logits(slice(0, 4)) is None and set(sig.hidden) == {2, 3}
+    assert sig.source is None and sig.logits(slice(0, 4)) is None and set(sig.hidden) == {2, 3}
     m0 = train_step(s, 0)
     assert m0["phase"] == "hidden" and "train/hidden" in m0 and "train/ce" not in m0
     m1 = train_step(s, 1)
@@ -336,12 +336,12 @@ def test_shared_teacher_is_left_disarmed_between_runs(resources):
     batch = first.order.batch(0)
     ids = batch.input_ids
     phase1 = first.plan.phases[0]
-    assert first.teacher(batch, phase1.objective.needs).final_hidden is None  # stopped early, as it should
+    assert first.teacher(batch, phase1.objective.needs).source is None  # stopped early, as it should
 
     kd = _build(resources, "kd")
     assert kd.teacher_lm is first.teacher_lm  # the shared module
     sig = kd.teacher(batch, kd.plan.needs)
-    assert sig.final_hidden is not None and sig.logits(slice(0, 4)) is not None
+    assert sig.source is not None and sig.logits(slice(0, 4)) is not None
     with torch.no_grad():
         logits = kd.teacher_lm(input_ids=ids).logits  # a plain forward on the shared module completes
     assert logits.shape[:2] == ids.shape

@@ -12,7 +12,8 @@ import torch
 
 from hld import precision
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum
+from hld.distill.losses import ce_sum, kd_sum
+from hld.distill.signals.online import Dense
 
 
 def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
@@ -31,10 +32,10 @@ def test_bf16_head_matmuls_match_fp32_reference():
     w = torch.randn(v, d, requires_grad=True)
     y, m, zt = torch.randint(0, v, (n,)), torch.rand(n) > 0.2, torch.randn(n, v)
     spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=8, matmul_dtype=torch.bfloat16)
-    got, _ = head_loss(h, w, y, m, spec, lambda sl: TeacherLogits(dense=zt[sl]))
+    got, _ = head_loss(h, w, y, m, spec, lambda sl: Dense(zt[sl]))
     g_got = torch.autograd.grad(got, (h, w))
     z = h @ w.T
-    want = 0.5 * ce_sum(z, y, m) + 0.5 * kd_sum(z, TeacherLogits(dense=zt), m)
+    want = 0.5 * ce_sum(z, y, m) + 0.5 * kd_sum(z, Dense(zt), m)
     g_want = torch.autograd.grad(want, (h, w))
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=2e-3)
     for a, b in zip(g_got, g_want):
@@ -49,7 +50,7 @@ def test_kd_value_over_the_full_gemma_vocabulary_matches_float64():
     h, w = torch.randn(n, d), torch.randn(v, d) * 0.5
     y, m, zt = torch.randint(0, v, (n,)), torch.ones(n, dtype=torch.bool), torch.randn(n, v) * 3
     _, stats = head_loss(
-        h, w, y, m, HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4), lambda sl: TeacherLogits(dense=zt[sl])
+        h, w, y, m, HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4), lambda sl: Dense(zt[sl])
     )
     z = h.double() @ w.double().T  # reference by hand in float64 (kd_sum/ce_sum compute in fp32)
     logq, logp = torch.log_softmax(z, -1), torch.log_softmax(zt.double(), -1)

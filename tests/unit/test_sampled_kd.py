@@ -20,9 +20,10 @@ from hld.cache.meta import cache_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.cache.writer import build_cache
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.losses import TeacherLogits, kd_sum
-from hld.distill.sampled import draw, estimate_kl_rows, unique_counts, weights
-from hld.distill.signals import Needs, OnlineTeacher
+from hld.distill.losses import kd_sum
+from hld.distill.signals import Needs
+from hld.distill.signals.online import OnlineTeacher
+from hld.distill.signals.sampled import Sampled, draw, estimate_kl_rows, unique_counts, weights
 from hld.errors import HldError
 
 V = 40
@@ -153,7 +154,7 @@ def test_the_fused_head_loss_equals_a_direct_float64_computation(cap):
     assert (counts == 0).any()  # padding slots (id 0, weight 0) are exercised
     ids = torch.from_numpy(uid).int()
     w = torch.from_numpy(weights(counts, None)).float()
-    sig = TeacherSignals(sampled_ids=ids.view(3, 7, K), sampled_weights=w.view(3, 7, K))
+    sig = TeacherSignals(source=Sampled(indices=ids, weights=w))  # int32 ids, as a cache reads them
     spec = HeadLossSpec(ce_weight=0.3, kd_weight=0.7, chunk_tokens=8, softcap=cap)
     hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
     total, stats = head_loss(hh, WW, y, m, spec, sig.logits)
@@ -163,9 +164,7 @@ def test_the_fused_head_loss_equals_a_direct_float64_computation(cap):
     torch.testing.assert_close(hh.grad.double(), gh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(WW.grad.double(), gW, rtol=1e-4, atol=1e-5)
     # and the unfused kd_sum gives the same KD sum
-    kd = kd_sum(
-        h @ W.T if cap is None else cap * torch.tanh(h @ W.T / cap), TeacherLogits(indices=ids.long(), weights=w), m
-    )
+    kd = kd_sum(h @ W.T if cap is None else cap * torch.tanh(h @ W.T / cap), Sampled(indices=ids.long(), weights=w), m)
     assert stats["kd"] == pytest.approx(float(kd), rel=1e-5)
 
 
@@ -203,7 +202,7 @@ def _build(setup, out, *, signal=SAMPLED, part=(0, 1), batch_size=8):
 
 
 def test_a_sampled_cache_reads_back_what_the_builder_drew(tmp_path, setup):
-    from hld.distill.sampled import sampled_rows
+    from hld.distill.signals.sampled import sampled_rows
 
     lm, windows, ids, kw = setup
     ident = _build(setup, tmp_path / "c")
@@ -211,13 +210,13 @@ def test_a_sampled_cache_reads_back_what_the_builder_drew(tmp_path, setup):
     got = CachedTeacher(tmp_path / "c", expect=ident).read(ids, T, Needs(logits=True))
     x = torch.from_numpy(np.asarray(windows[ids])).long()
     sig = OnlineTeacher(lm).signals(x, Needs(logits=True))
-    want_ids, want_w = sampled_rows(lambda r: sig.logits(r).dense, ids, T, samples=6, tau=1.0, slots=6)
-    assert torch.equal(got.sampled_ids.reshape(-1, 6), want_ids)
-    assert torch.equal(got.sampled_weights.reshape(-1, 6), want_w)
-    w = got.sampled_weights.double()
+    want_ids, want_w = sampled_rows(lambda r: sig.source.rows(r).logits, ids, T, samples=6, tau=1.0, slots=6)
+    assert isinstance(got.source, Sampled)
+    assert torch.equal(got.source.indices, want_ids)
+    assert torch.equal(got.source.weights, want_w)
+    w = got.source.weights.double()
     assert torch.allclose(w.sum(-1), torch.ones(()).double())
     assert ((w * 6 - (w * 6).round()).abs() < 1e-6).all()  # counts / K (float32)
-    assert got.topk_values is None
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["codec"]["logits"] == "sampled" and m["identity"]["cache_samples"] == 6
     assert set(m["shards"][0]["fields"]) == {"tokens", "sampled_ids", "sampled_weights"}
@@ -294,7 +293,7 @@ def test_fidelity_measures_a_sampled_signal_as_kl_from_it_to_the_teacher():
     kls = []
     for K in (4, 64, 4096):
         uid, w = _draws(z, K=K, M=50, tau=1.0)
-        sig = TeacherLogits(indices=torch.from_numpy(uid), weights=torch.from_numpy(w).float())
+        sig = Sampled(indices=torch.from_numpy(uid), weights=torch.from_numpy(w).float())
         got = completion_kl(torch.from_numpy(np.tile(z, (50, 1))).float(), sig).numpy()
         w32 = w.astype(np.float32).astype(np.float64)
         want = np.where(w32 > 0, w32 * (np.log(np.where(w32 > 0, w32, 1)) - np.log(p[uid])), 0).sum(1)
@@ -337,7 +336,7 @@ def test_a_draw_at_a_block_edge_stays_in_its_block_despite_rounding():
     """u just below a block's cumulative mass: the cumulative sum across blocks and the one inside the
     block round differently, and the search inside can run past the block's end. Each block's first id
     has zero mass here, so running into the next block would draw an id of zero mass."""
-    from hld.distill.sampled import BLOCK
+    from hld.distill.signals.sampled import BLOCK
 
     nb = 8
     z = torch.from_numpy(np.random.default_rng(0).normal(0, 4.0, (1, nb * BLOCK)))

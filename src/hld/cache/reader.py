@@ -25,6 +25,7 @@ from hld.cache.codec import Codec, read_hidden, read_logits
 from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, build_progress
 from hld.data.packing import PROTOCOL, Batch
 from hld.distill.signals import Needs, TeacherSignals
+from hld.distill.signals.registry import CACHE_CODECS
 from hld.errors import HldError
 
 FORMAT_VERSION = cs.FORMAT_VERSION
@@ -172,14 +173,13 @@ class CachedTeacher:
                 f"cache {self.dir} holds token id {bad}, outside the teacher's vocabulary ({self.vocab})",
                 cs.REBUILD,
             )
-        if self.codec.logits == "sampled":
-            w = np.stack(vals)[back]
-            _check_weights(w, self.dir)
-            out.sampled_ids, out.sampled_weights = torch.from_numpy(idx_a), torch.from_numpy(w)
-            return
-        out.topk_values = torch.from_numpy(np.stack(vals)[back])
-        out.topk_indices = torch.from_numpy(idx_a)
-        out.topk_rest = torch.from_numpy(np.stack(rest)[back])
+        kind = CACHE_CODECS[self.codec.logits]
+        try:
+            out.source = kind.from_cache(
+                np.stack(vals)[back], idx_a, np.stack(rest)[back] if rest[0] is not None else None
+            )
+        except ValueError as exc:  # what the kind refuses of its arrays
+            raise HldError(f"cache {self.dir} {exc}", cs.REBUILD) from exc
 
     def _field(self, s: int, key: str) -> np.ndarray:
         return self.parts.field(s, key)
@@ -190,12 +190,6 @@ class CachedTeacher:
             return read_logits(arrays, r, T, codec=self.codec, k=self.top_k, slot_bits=slot_bits)
         except (ValueError, IndexError, KeyError) as exc:  # shapes disagreeing with the manifest
             raise HldError(f"cache shard {s} in {self.dir} is truncated or unreadable ({exc})", cs.REBUILD) from exc
-
-
-def _check_weights(w: np.ndarray, where: Path) -> None:
-    """Sampled weights must be a distribution per token (a damaged field whose checksum was rewritten)."""
-    if w.size and not (np.isfinite(w).all() and (w >= 0).all() and np.abs(w.sum(-1) - 1).max() < 1e-4):
-        raise HldError(f"cache {where} holds sampled weights that are not a distribution per token", cs.REBUILD)
 
 
 def _key(window_ids: np.ndarray, T: int, needs: Needs) -> tuple:
@@ -211,14 +205,6 @@ class CachedSignals(TeacherSignals):
     def pop_tokens(self) -> np.ndarray:
         t, self.tokens = self.tokens, None
         return t
-
-    def to(self, device: torch.device) -> TeacherSignals:
-        sig = TeacherSignals()
-        sig.hidden = {layer: h.to(device) for layer, h in self.hidden.items()}
-        for key in ("topk_values", "topk_indices", "topk_rest", "sampled_ids", "sampled_weights"):
-            if getattr(self, key) is not None:
-                setattr(sig, key, getattr(self, key).to(device))
-        return sig
 
 
 def read_manifest(path: Path) -> dict:

@@ -30,9 +30,9 @@ from hld.cache.codec import Codec, ShardWriter
 from hld.cache.encode import Deferred, OrderedEncoder
 from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, is_cache, read_plan
 from hld.data.packing import PROTOCOL
-from hld.distill.losses import TeacherLogits
-from hld.distill.sampled import sampled_rows
-from hld.distill.signals import Needs, OnlineTeacher, TeacherSignals
+from hld.distill.signals import Needs
+from hld.distill.signals.online import OnlineLogits, OnlineTeacher
+from hld.distill.signals.registry import CACHE_SIGNALS
 from hld.errors import HldError
 from hld.locks import file_lock
 from hld.models.hooks import CausalLM, text_config
@@ -134,7 +134,6 @@ def _build_part(
         if not todo:
             return
         layers, k, T = plan["identity"]["layers"], plan["identity"]["top_k"], plan["seq_len"]
-        sampled = _sampling_of(plan["identity"])
         online = OnlineTeacher(teacher_lm, tuple(layers))
         device = next(teacher_lm.parameters()).device
         codec = Codec(**plan["codec"])
@@ -156,7 +155,7 @@ def _build_part(
                     k=k,
                     batch_size=batch_size,
                     device=device,
-                    sampled=sampled,
+                    identity=plan["identity"],
                 ):
                     prog.update(seen + n, tokens_per_s=(seen + n) * T / max(time.time() - t0, 1e-9))
                 encoder.submit(_commit_shard, writer, shard, {"shard": s, "rows": [lo, hi]}, t_shard)
@@ -190,52 +189,34 @@ def _fill_shard(
     k: int,
     batch_size: int,
     device: torch.device,
-    sampled: Optional[tuple[int, float]] = None,
+    identity: dict,
 ) -> Iterator[int]:
     """Run the teacher over the shard's windows, batch by batch, into `writer`; yields the windows done.
-    `sampled` = (draws per token, tau): the sampled signal in k slots (distill/sampled.py), else the top-k."""
+    The logits are stored as the identity's signal kind (`cache_signal`, hld.distill.signals.registry)."""
     needs = Needs(logits=True, layers=tuple(writer.layers))
     T = windows.shape[1]
     for b in range(0, len(ids), batch_size):
         tokens = windows[ids[b : b + batch_size]]
         x = torch.from_numpy(np.asarray(tokens)).long().to(device)
         sig = online.signals(x, needs)
+        assert sig is not None and isinstance(sig.source, OnlineLogits)
         n = x.shape[0]
-        if sampled is None:
-            vals, idx, rest = _topk_rows(sig, k)
-            rest = rest.view(n, T).float().cpu()
-        else:
-
-            def dense_rows(rows: slice, sig=sig) -> torch.Tensor:
-                got = sig.logits(rows)
-                assert got is not None and got.dense is not None  # the online teacher's full logits
-                return got.dense
-
-            idx, vals = sampled_rows(
-                dense_rows,
-                ids[b : b + n],
-                T,
-                samples=sampled[0],
-                tau=sampled[1],
-                slots=k,
-            )
-            rest = None
+        vals, idx, rest = _signal_rows(sig.source, k=k, window_ids=ids[b : b + n], T=T, identity=identity)
         writer.put(
             b,
             tokens=np.asarray(tokens),
             vals=vals.view(n, T, k).float().cpu(),
             idx=idx.view(n, T, k).cpu(),
-            rest=rest,
+            rest=None if rest is None else rest.view(n, T).float().cpu(),
             hidden={layer: sig.hidden[layer].cpu() for layer in writer.layers},
         )
         yield b + n
 
 
-def _sampling_of(identity: dict) -> Optional[tuple[int, float]]:
-    """(draws per token, tau) of a sampled cache's identity; None for a top-k cache."""
-    if identity.get("cache_signal", "topk") != "sampled":
-        return None
-    return int(identity["cache_samples"]), float(identity["cache_proposal_temperature"])
+def _signal_rows(source: OnlineLogits, *, k: int, window_ids: np.ndarray, T: int, identity: dict):
+    """The identity's signal kind drawn from the teacher's rows: (values or weights, ids, rest or None)."""
+    kind = CACHE_SIGNALS[identity.get("cache_signal", "topk")]
+    return kind.from_teacher(source, k=k, window_ids=window_ids, T=T, identity=identity)
 
 
 class _Builders:
@@ -344,20 +325,3 @@ def check_out_dir(out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HldError(f"cannot create the cache directory {out}: {exc.strerror or exc}", write_fix(exc)) from exc
-
-
-def _topk_rows(sig: TeacherSignals, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of the teacher's logits and the log of its mass off them, chunk by chunk (never (B*T, V)
-    at once): values (N, k), indices (N, k), rest (N,)."""
-    h = sig.final_hidden.reshape(-1, sig.final_hidden.shape[-1])
-    vals, idx, rest = [], [], []
-    for s in range(0, h.shape[0], chunk):
-        z = sig.logits(slice(s, min(s + chunk, h.shape[0])))
-        top = z.top_k(k)
-        if top.dense is not None:  # k covers the vocabulary: every logit, sorted, nothing off it
-            v, i = top.dense.float().sort(dim=-1, descending=True)
-            top = TeacherLogits(values=v, indices=i, rest=torch.full_like(v[:, 0], float("-inf")))
-        vals.append(top.values)
-        idx.append(top.indices)
-        rest.append(top.rest)
-    return torch.cat(vals), torch.cat(idx), torch.cat(rest)

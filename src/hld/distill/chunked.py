@@ -14,19 +14,9 @@ The default (forward KL, no logit soft-capping) has a hand-derived gradient:
   d/dz [w_kd*T^2*KL(p_t||softmax(z/T))] = w_kd*T*(softmax(z/T) - p_t)
 Other divergences and soft-capped heads use autograd on the chunk's logits (`losses.py`).
 
-A top-k teacher with its rest (`top_k_rest="bucket"`, see `losses.py`): outcomes are the k ids K and
-the rest r. With q = softmax(z/T), log q_i = z_i/T - lse(z/T) for i in K and log q_r =
-lse_{j not in K}(z_j/T) - lse(z/T), so d log q_i/dz_j = (d_ij - q_j)/T and d log q_r/dz_j =
-([j not in K] q_j/q_r - q_j)/T. For KL = sum_{i in K} p_i log(p_i/q_i) + p_r log(p_r/q_r), using
-sum_K p_i + p_r = 1:
-  d/dz_j [T^2*KL] = T*(q_j - p_j)                 for j in K,
-  d/dz_j [T^2*KL] = T*q_j*(1 - p_r/q_r)           for j not in K,
-(q_j/q_r on j not in K is the student's softmax over the rest, at most 1, so the product is bounded).
-At k = V (p_r = 0) this is the dense formula; `renormalize` is the same with p_r = 0 and p_t the
-softmax of the k values. q_r is the sum of q over the ids off K after zeroing K in q's buffer, not
-1 - sum_K q_i, which cancels when the student's rest is small. A sampled teacher (weights w on the ids
-drawn, distill/sampled.py) is `renormalize` again with p_t = w:
-d/dz_j [T^2 * sum_i w_i log(w_i/q_i)] = T*(q_j - w_j) (w_j = 0 off the ids drawn).
+Each teacher-signal kind writes its own part of a row block (`TeacherLogits.fused_rows`: the full
+distribution in hld.distill.signals.online, top-k + rest in .topk with its derivation, sampled ids in
+.sampled); this module computes the logits, the student's softmaxes and CE, and folds the gradient.
 """
 
 from __future__ import annotations
@@ -40,7 +30,8 @@ import torch
 from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.forward_kl import ForwardKL
 from hld.distill.divergences.registry import parse as parse_divergence
-from hld.distill.losses import TeacherLogits, ce_sum, kd_sum, row_block, softcap, teacher_logprobs
+from hld.distill.losses import ce_sum, kd_sum, row_block, softcap
+from hld.distill.signals.base import TeacherLogits
 
 TeacherChunkFn = Callable[[slice], Optional[TeacherLogits]]
 
@@ -85,7 +76,7 @@ class _Workspace:
 WORKSPACE = _Workspace()
 
 
-def _softmax_into(z: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def softmax_into(z: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """out <- softmax(z * scale); returns logsumexp(z * scale) (n,). No temporaries of size (n, V).
 
     torch.softmax is one fused pass (measured on one core: 3x faster than amax, sub, exp, sum, div
@@ -99,7 +90,7 @@ def _softmax_into(z: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> tor
     return zmax - out.amax(dim=-1).log()
 
 
-def _sum64(x: torch.Tensor) -> torch.Tensor:
+def sum64(x: torch.Tensor) -> torch.Tensor:
     """Row sums (n,) in float64 of partial fp32 sums over 1024 entries (one fp32 accumulation over
     262,144 terms lost ~5e-4 relative accuracy on a CPU)."""
     parts = x.view(x.shape[0], -1, 1024).sum(-1) if x.shape[1] % 1024 == 0 else x
@@ -125,29 +116,22 @@ def _fast_chunk(
     n, V = zbuf.shape
     T = spec.temperature
     kd_on = bool(spec.kd_weight) and teacher is not None
-    dense = kd_on and teacher.dense is not None
     cpu = zbuf.device.type == "cpu"
     R = row_block(n, zbuf.device)
     bufs = {
         "z": None if zbuf.dtype == torch.float32 else WORKSPACE.get("z_rows", R, V, zbuf.device),
         "p": None if cpu else WORKSPACE.get("p_rows", R, V, zbuf.device),  # torch's CPU softmax runs in place
         "q": WORKSPACE.get("q_rows", R, V, zbuf.device) if kd_on and T != 1 else None,
-        "pt": WORKSPACE.get("pt_rows", R, V, zbuf.device) if dense else None,
-        "d": WORKSPACE.get("dot_rows", R, V, zbuf.device) if dense else None,
     }
     yc = y.clamp_min(0)[:, None]
     zy = zbuf.gather(-1, yc)[:, 0].double()  # read before the softmax overwrites the logits
-    topk = kd_on and not dense
-    sampled = topk and teacher.weights is not None
-    logpt = teacher_logprobs(teacher, T, spec.top_k_rest) if topk and not sampled else None  # (n, k[+1])
-    zK = zbuf.gather(-1, teacher.indices).float() if topk else None  # (n, k)
     lse = torch.empty(n, dtype=torch.float64, device=zbuf.device)
     kd_rows = torch.zeros(n, dtype=torch.float64, device=zbuf.device)
     ce_src = zbuf.new_full((R, 1), -spec.ce_weight, dtype=torch.float32)
     for i in range(0, n, R):
         sl = slice(i, min(i + R, n))
         z = zbuf[sl] if bufs["z"] is None else bufs["z"][: sl.stop - i].copy_(zbuf[sl])  # (r, V) fp32
-        p = _rows_loss(z, sl, teacher, spec, bufs, lse, kd_rows, zK, logpt, want_grad)
+        p = _rows_loss(z, sl, teacher if kd_on else None, spec, bufs, lse, kd_rows, want_grad)
         if want_grad:
             p.scatter_add_(-1, yc[sl], ce_src[: sl.stop - i])  # rows without a target: _FusedHeadLoss masks
             if p.data_ptr() != zbuf[sl].data_ptr():
@@ -165,130 +149,31 @@ def _rows_loss(
     bufs: dict,
     lse: torch.Tensor,
     kd_rows: torch.Tensor,
-    zK: Optional[torch.Tensor],
-    logpt: Optional[torch.Tensor],
     want_grad: bool,
 ) -> torch.Tensor:
-    """One row block of `_fast_chunk`: lse[sl] and kd_rows[sl] (KL before the T^2) written, and the
-    block's gradient (without the -w_ce at the targets) returned in p = softmax(z)'s buffer (z's own
-    on a CPU). z (r, V) fp32 is the student's logits, destroyed."""
+    """One row block of `_fast_chunk`: lse[sl] and (by the teacher's kind) kd_rows[sl] (KL before the
+    T^2) written, and the block's gradient (without the -w_ce at the targets) returned in p =
+    softmax(z)'s buffer (z's own on a CPU). z (r, V) fp32 is the student's logits, destroyed."""
     T, r = spec.temperature, z.shape[0]
-    kd_on = bool(spec.kd_weight) and teacher is not None
-    wk = spec.kd_weight * T
-    pt = None
-    if kd_on and teacher.dense is not None:  # KL = sum p_t (z_t - z) / T - lse(z_t / T) + lse(z / T): z read first
-        pt = bufs["pt"][:r]
-        lset = _softmax_into(teacher.dense[sl].float(), pt, 1 / T)
-        # the fp32 softmax's own sum drifts from 1 (by ~3e-5 on torch's AVX2 kernels for logits of sd 3,
-        # 3e-4 nats of KL a row): normalise the value by its float64 mass
-        mass = _sum64(pt)  # (r,)
-        kd_rows[sl] = _sum64(torch.sub(teacher.dense[sl], z, out=bufs["d"][:r]).mul_(pt)) / mass / T
-        kd_rows[sl] -= lset + mass.log()
-    q = lseT = None
-    if kd_on and T != 1:
-        q = bufs["q"][:r]
-        lseT = _softmax_into(z, q, 1 / T)  # q = softmax(z / T)
-    p = z if bufs["p"] is None else bufs["p"][:r]
-    lse[sl] = _softmax_into(z, p)  # p = softmax(z); z is gone when p is z
-    if not kd_on:
+
+    def student() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = lseT = None
+        if T != 1:
+            q = bufs["q"][:r]
+            lseT = softmax_into(z, q, 1 / T)  # q = softmax(z / T)
+        p = z if bufs["p"] is None else bufs["p"][:r]
+        lse[sl] = softmax_into(z, p)  # p = softmax(z); z is gone when p is z
+        if T == 1:
+            return p, p, lse[sl].float()
+        return p, q, lseT
+
+    if teacher is None:
+        p = z if bufs["p"] is None else bufs["p"][:r]
+        lse[sl] = softmax_into(z, p)
         if want_grad and spec.ce_weight != 1:
             p.mul_(spec.ce_weight)
         return p
-    if T == 1:
-        q, lseT = p, lse[sl].float()
-    if pt is None and teacher.weights is not None:
-        kd_rows[sl] = _sampled_rows(zK[sl], p, q, lseT, teacher.weights[sl], teacher.indices[sl], spec, want_grad)
-        return p
-    if pt is None:
-        kd_rows[sl] = _topk_rows(zK[sl], p, q, lseT, logpt[sl], teacher.indices[sl], spec, want_grad)
-        return p
-    kd_rows[sl] += lseT
-    if want_grad:  # d/dz: w_ce * (p - onehot) + w_kd * T * (q - p_t)
-        if T != 1:
-            p.mul_(spec.ce_weight).add_(q, alpha=wk)
-        elif spec.ce_weight + wk != 1:  # a pass saved when the weights sum to 1
-            p.mul_(spec.ce_weight + wk)
-        p.sub_(pt, alpha=wk)
-    return p
-
-
-def _topk_rows(
-    zK: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    lseT: torch.Tensor,
-    logpt: torch.Tensor,
-    idx: torch.Tensor,
-    spec: HeadLossSpec,
-    want_grad: bool,
-) -> torch.Tensor:
-    """KL per row (r,) (before the T^2) over a top-k teacher's k ids (+ the rest, with `bucket`) for one
-    row block, and its gradient into `p` (p = softmax(z) on entry; q = softmax(z/T), the same buffer
-    when T = 1; both are overwritten at the k ids). zK (r, k): the student's logits at the k ids;
-    logpt (r, k+1) bucket, (r, k) renormalize.
-    The derivation is in the module docstring."""
-    T = spec.temperature
-    k = idx.shape[-1]
-    bucket = spec.top_k_rest == "bucket"
-    pt = logpt.exp()
-    qK = q.gather(-1, idx)  # (r, k)
-    pK = qK if q is p else p.gather(-1, idx)
-    logqK = zK / T - lseT[:, None]
-    per = (pt[:, :k] * (logpt[:, :k] - logqK)).sum(-1, dtype=torch.float64)
-    c = None
-    if bucket:
-        q.scatter_(-1, idx, 0.0)
-        qr = _sum64(q)  # (r,) the student's tempered mass off the k ids, summed (no 1 - sum cancellation)
-        pr, logpr = pt[:, k].double(), logpt[:, k].double()
-        per = per + torch.where(pr > 0, pr * (logpr - qr.log()), 0.0)
-        c = torch.where(pr > 0, pr / qr.clamp_min(torch.finfo(qr.dtype).tiny), 0.0).float()  # p_r / q_r
-    if not want_grad:
-        return per
-    wk = spec.kd_weight * T
-    if not bucket:  # d/dz: w_ce * (p - onehot) + w_kd * T * (q - p_t [on the k ids])
-        if T == 1:
-            p.mul_(spec.ce_weight + wk)
-        else:
-            p.mul_(spec.ce_weight).add_(q, alpha=wk)
-        p.scatter_add_(-1, idx, pt.mul_(-wk))
-        return per
-    # off the k ids: w_ce * p_j + w_kd * T * q_j * (1 - p_r / q_r); on them: w_ce * p_j + w_kd * T * (q_j - p_t,j)
-    if T == 1:
-        p.mul_((spec.ce_weight + wk * (1 - c))[:, None])
-    else:
-        p.mul_(spec.ce_weight).addcmul_(q, (wk * (1 - c))[:, None])
-    p.scatter_(-1, idx, spec.ce_weight * pK + wk * (qK - pt[:, :k]))
-    return per
-
-
-def _sampled_rows(
-    zK: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    lseT: torch.Tensor,
-    w: torch.Tensor,
-    idx: torch.Tensor,
-    spec: HeadLossSpec,
-    want_grad: bool,
-) -> torch.Tensor:
-    """The sampled estimate of KL per row (r,) (before the T^2), sum_i w_i (log w_i - log q_i), and its
-    gradient into `p` (softmax(z) on entry; q = softmax(z/T), the same buffer when T = 1). zK (r, slots):
-    the student's logits at the drawn ids; w (r, slots) their weights (0 in padding slots, whose id's
-    gradient term is then 0). d/dz_j [T^2 * estimate] = T (q_j sum_i w_i - w_j), sum_i w_i = 1."""
-    T = spec.temperature
-    w = w.float()
-    logqK = zK / T - lseT[:, None]
-    per = (torch.xlogy(w, w) - w * logqK).sum(-1, dtype=torch.float64)
-    if not want_grad:
-        return per
-    wk = spec.kd_weight * T
-    sw = w.sum(-1, keepdim=True)  # (r, 1)
-    if T == 1:
-        p.mul_(spec.ce_weight + wk * sw)
-    else:
-        p.mul_(spec.ce_weight).addcmul_(q, wk * sw)
-    p.scatter_add_(-1, idx, w * -wk)
-    return per
+    return teacher.fused_rows(z, sl, spec, student, kd_rows, want_grad)
 
 
 def _autograd_chunk(

@@ -16,7 +16,8 @@ import torch
 from hld.config import RunConfig
 from hld.data.packing import make_batch
 from hld.distill.hidden import NORMALIZATIONS, Moments, hidden_mask, normalize_target, standardize_stats
-from hld.distill.signals import Needs, OnlineTeacher
+from hld.distill.signals import Needs
+from hld.distill.signals.online import OnlineTeacher
 from hld.models.hooks import n_blocks
 
 

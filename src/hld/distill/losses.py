@@ -5,10 +5,12 @@ Conventions
 - Softmax is always taken in fp32.
 - Temperature: both distributions are softened by T and the divergence is multiplied by T^2, so
   that its gradient keeps the scale of the CE gradient as T changes (Hinton et al., 2015).
+- Each teacher-signal kind computes its own rows of the divergence (`TeacherLogits.kd_rows`);
+  `kd_sum` never asks which kind it holds.
 - Divergences are registered objects (hld.distill.divergences: `forward_kl` = KL(p_teacher ||
   p_student), the usual KD; `reverse_kl`; `jsd(beta)`; ...), each D(p, q) per row over the outcomes.
-- Top-k teachers (`TeacherLogits.values/indices`, k < V) keep the teacher's mass off its k ids as
-  one extra outcome, "the rest" (`TeacherLogits.rest` = log sum_{j not in top-k} exp(z_j) of the
+- Top-k teachers (hld.distill.signals.topk, k < V) keep the teacher's mass off its k ids as
+  one extra outcome, "the rest" (`TopK.rest` = log sum_{j not in top-k} exp(z_j) of the
   teacher's raw logits, after softcap, before temperature). Both distributions are coarsened to
   these k+1 outcomes: the teacher is softmax([v_1..v_k, rest] / T) -- the rest is treated as one
   logit, so at T != 1 its tempered mass is (sum_rest e^z)^(1/T), not sum_rest e^(z/T) (which the
@@ -20,52 +22,20 @@ Conventions
   dense divergence) and equal the dense loss at k = V (rest = -inf). `top_k_rest="renormalize"`
   is the older choice: the teacher is the softmax of its k logits alone (zero mass elsewhere) and
   the student keeps its full softmax; reverse KL is then infinite, and the teacher's rest is lost.
-- Sampled teachers (`TeacherLogits.weights`, distill/sampled.py): distinct ids drawn from the teacher
+- Sampled teachers (hld.distill.signals.sampled): distinct ids drawn from the teacher
   with importance weights w summing to 1; the loss is the estimate sum_i w_i (log w_i - log q_i) of
   forward KL (its gradient T (q - w) has expectation T (q - p) at tau = 1); other divergences refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.registry import parse as parse_divergence
-from hld.distill.sampled import estimate_kl_rows
-
-
-@dataclass
-class TeacherLogits:
-    """Teacher logits for a set of token rows: dense `(n, V)` or top-k `(n, k)` values + indices
-    (sorted descending) and the log-mass of the rest of the vocabulary."""
-
-    dense: Optional[torch.Tensor] = None  # (n, V)
-    values: Optional[torch.Tensor] = None  # (n, k)
-    indices: Optional[torch.Tensor] = None  # (n, k) int64
-    # (n,) float32, log of sum_{j not in top-k} exp(z_j) over the teacher's raw logits z (after softcap,
-    # before temperature); -inf when the top-k covers the vocabulary; None = unknown
-    rest: Optional[torch.Tensor] = None
-    # (n, slots) float32, a sampled signal (distill/sampled.py): the importance weights of the distinct ids
-    # drawn (`indices`), summing to 1 per row (0 in padding slots); values and rest are then None
-    weights: Optional[torch.Tensor] = None
-
-    def top_k(self, k: Optional[int]) -> TeacherLogits:
-        if k is None or self.weights is not None:  # a sampled signal has no top-k (refused at load)
-            return self
-        if self.dense is None:  # already top-k (sorted descending, as the cache stores them)
-            if k >= self.values.shape[-1]:
-                return self
-            rest = None
-            if self.rest is not None:  # the dropped values join the rest
-                rest = torch.logaddexp(self.rest.float(), self.values[:, k:].float().logsumexp(-1))
-            return TeacherLogits(values=self.values[:, :k], indices=self.indices[:, :k], rest=rest)
-        if k >= self.dense.shape[-1]:
-            return self
-        v, i = self.dense.topk(k, dim=-1)
-        return TeacherLogits(values=v, indices=i, rest=logsumexp_outside(self.dense, i))
+from hld.distill.signals.base import TeacherLogits
 
 
 def logsumexp_outside(z: torch.Tensor, idx: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -118,32 +88,6 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> t
     return torch.where(mask, nll, 0.0).sum()
 
 
-def teacher_logprobs(teacher: TeacherLogits, temperature: float, top_k_rest: str) -> torch.Tensor:
-    """log p_t: over the vocabulary (dense, (n, V)); over the k ids and the rest (bucket, (n, k+1), the
-    rest last); or over the k ids alone (renormalize, (n, k))."""
-    if teacher.dense is not None:
-        return torch.log_softmax(teacher.dense.float() / temperature, dim=-1)
-    v = teacher.values.float()
-    if top_k_rest == "renormalize":
-        return torch.log_softmax(v / temperature, dim=-1)
-    if top_k_rest != "bucket":
-        raise ValueError(f"unknown top_k_rest {top_k_rest!r} (bucket or renormalize)")
-    if teacher.rest is None:
-        raise ValueError(
-            "top_k_rest='bucket' needs the teacher's rest mass (TeacherLogits.rest: log of the sum "
-            "of exp(logits) off the top-k), and this top-k teacher has none; build the signal with "
-            "it (TeacherLogits.top_k on dense logits fills it) or use top_k_rest='renormalize'"
-        )
-    return torch.log_softmax(torch.cat([v, teacher.rest.float()[:, None]], -1) / temperature, dim=-1)
-
-
-def student_bucket_logprobs(logq: torch.Tensor, s_over_T: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The student's tempered log-probs coarsened to the k ids + the rest, (n, k+1), from its logits
-    s/T (n, V) and logq = log_softmax(s/T)."""
-    rest = logsumexp_outside(s_over_T, idx)[:, None] - torch.logsumexp(s_over_T, -1, keepdim=True)  # (n, 1)
-    return torch.cat([logq.gather(-1, idx), rest], -1)
-
-
 def kd_sum(
     student_logits: torch.Tensor,
     teacher: TeacherLogits,
@@ -159,20 +103,5 @@ def kd_sum(
     div = parse_divergence(divergence) if isinstance(divergence, str) else divergence
     s = student_logits.float() / T  # (n, V)
     logq = torch.log_softmax(s, dim=-1)  # (n, V)
-    if teacher.weights is not None:  # sampled: the estimate sum_i w_i (log w_i - log q_i) of forward KL
-        if not div.from_samples:
-            raise ValueError(f"a sampled teacher signal estimates forward_kl only, not {div.spec()!r}")
-        per = estimate_kl_rows(logq, teacher.indices, teacher.weights)
-        return torch.where(mask, per, 0.0).sum() * T * T
-    logp = teacher_logprobs(teacher, T, top_k_rest)  # (n, V), (n, k+1) or (n, k)
-    idx = teacher.indices
-    if teacher.dense is not None:
-        per = div.rows(logp, logq)
-    elif top_k_rest == "bucket":
-        per = div.rows(logp, student_bucket_logprobs(logq, s, idx))
-    elif div.teacher_support_only:  # renormalize: the teacher has no mass off its k ids, so read them alone
-        per = div.rows(logp, logq.gather(-1, idx))
-    else:
-        dense_logp = torch.full_like(logq, float("-inf")).scatter(-1, idx, logp)
-        per = div.rows(dense_logp, logq)
+    per = teacher.kd_rows(s, logq, T, div, top_k_rest)
     return torch.where(mask, per, 0.0).sum() * T * T

@@ -107,7 +107,7 @@ class TeacherStates:
     def states(self, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [t for t in layers if t not in self._states]
         if missing:
-            from hld.distill.signals import Backbone
+            from hld.distill.signals.online import Backbone
 
             dev = next(self.lm.parameters()).device
             self._states.update(

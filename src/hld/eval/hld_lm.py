@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from hld.distill.signals import Backbone
+from hld.distill.signals.online import Backbone
 from hld.precision import default_device
 from hld.progress import Progress
 

@@ -18,7 +18,7 @@ import torch.distributed as tdist
 
 from hld.data.packing import make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.signals import Backbone, head_of
+from hld.distill.signals.online import Backbone, head_of
 from hld.distributed import Dist, unsharded
 from hld.precision import autocast
 from hld.progress import Progress

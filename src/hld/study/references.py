@@ -24,8 +24,8 @@ it stands for is its k probabilities with the remaining mass spread evenly over 
 
     KL(p || p̂) = sum_{j in top-k} p_j log(p_j / p̂_j) + sum_{j off top-k} p_j log(p_j (V - k) / p̂_rest)
 
-with p the teacher's tempered softmax over its full logits and p̂ what `losses.teacher_logprobs` gives
-the loss. `renormalize` puts no mass off the k ids: its KL is infinite. A cached signal is measured as
+with p the teacher's tempered softmax over its full logits and p̂ what `TopK.logprobs` gives the loss.
+`renormalize` puts no mass off the k ids: its KL is infinite. A cached signal is measured as
 the study's cells read it: a cache built by `hld.cache.build.ensure_cache` over validation windows and
 read back with `CachedTeacher` (so the codec's rounding counts), against the same teacher's logits.
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from hld.config import RunConfig, to_dict
-from hld.distill.losses import TeacherLogits
+from hld.distill.signals import TeacherLogits
 from hld.study.spec import Study
 
 # --------------------------------------------------------------------------- n-gram references
@@ -248,37 +248,9 @@ WINDOWS = 8  # validation windows measured per signal (8 x 127 predictions at se
 def completion_kl(
     full: torch.Tensor, signal: TeacherLogits, *, temperature: float = 1.0, top_k_rest: str = "bucket"
 ) -> torch.Tensor:
-    """KL(p || p̂) per row, (n,) float64: p = softmax(full / T) over the vocabulary (full: (n, V) logits),
-    p̂ = the distribution `signal` states (dense, or top-k + the rest spread evenly; module docstring)."""
-    logp = torch.log_softmax(full.double() / temperature, dim=-1)  # (n, V)
-    if signal.weights is not None:  # sampled: KL(w || p) (module docstring)
-        w = signal.weights.double()
-        return (torch.xlogy(w, w) - w * logp.gather(-1, signal.indices.long())).sum(-1)
-    sig = signal_logprobs(signal, temperature, top_k_rest)  # (n, V), (n, k+1) or (n, k)
-    if signal.dense is not None:
-        return (logp.exp() * (logp - sig)).sum(-1)
-    idx = signal.indices.long()
-    k, V = idx.shape[-1], logp.shape[-1]
-    p = logp.exp()
-    top = (p.gather(-1, idx) * (logp.gather(-1, idx) - sig[:, :k])).sum(-1)  # (n,)
-    if top_k_rest == "renormalize" or k >= V:
-        off = p.sum(-1) - p.gather(-1, idx).sum(-1)
-        return torch.where(off > 0, math.inf, top) if k < V else top
-    mask = torch.ones_like(p, dtype=torch.bool).scatter_(-1, idx, False)  # the ids off the top k
-    p_off = torch.where(mask, p, 0.0)
-    rest = (torch.where(mask, p * logp, 0.0)).sum(-1) - p_off.sum(-1) * (sig[:, k] - math.log(V - k))
-    return top + rest
-
-
-def signal_logprobs(signal: TeacherLogits, temperature: float, top_k_rest: str) -> torch.Tensor:
-    """`losses.teacher_logprobs` (the loss's convention: the rest's log-mass is tempered like a logit) in
-    float64, so that the measurement adds no rounding of its own."""
-    if signal.dense is not None:
-        return torch.log_softmax(signal.dense.double() / temperature, dim=-1)
-    v = signal.values.double()
-    if top_k_rest == "renormalize":
-        return torch.log_softmax(v / temperature, dim=-1)
-    return torch.log_softmax(torch.cat([v, signal.rest.double()[:, None]], -1) / temperature, dim=-1)
+    """How far `signal` is from p = softmax(full / T) per row, (n,) float64 (full: (n, V) logits): each
+    kind's measure (`TeacherLogits.fidelity`; the module docstring)."""
+    return signal.fidelity(full, temperature, top_k_rest)
 
 
 def signal_key(cfg: RunConfig) -> Optional[dict]:
@@ -344,7 +316,8 @@ def measure(cfg: RunConfig, resources, work_dir: Path, *, windows: int = WINDOWS
     from hld.cache.meta import cache_identity, signal_identity
     from hld.cache.reader import CachedTeacher
     from hld.data.loader import BatchOrder
-    from hld.distill.signals import Needs, OnlineTeacher
+    from hld.distill.signals import Needs
+    from hld.distill.signals.online import OnlineLogits, OnlineTeacher
     from hld.train.budget import sized_plan
 
     key = signal_key(cfg)
@@ -378,12 +351,13 @@ def measure(cfg: RunConfig, resources, work_dir: Path, *, windows: int = WINDOWS
         batch = order.batch(step)
         ids += batch.window_ids.tolist()
         full = online(batch, needs)
+        assert full is not None and isinstance(full.source, OnlineLogits)  # the teacher's full distribution
         sig = cached(batch, needs) if cached is not None else full
         mask = batch.mask.reshape(-1)
         for s in range(0, mask.numel(), 64):
             rows = slice(s, min(s + 64, mask.numel()))
             got = sig.logits(rows).top_k(cfg.objective.top_k)  # before `ref`: online logits share one buffer
-            ref = full.logits(rows).dense
+            ref = full.source.rows(rows).logits
             kl = completion_kl(ref, got, temperature=cfg.objective.temperature, top_k_rest=cfg.objective.top_k_rest)
             total += float(kl[mask[rows]].sum())
             count += int(mask[rows].sum())

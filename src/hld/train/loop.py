@@ -31,7 +31,7 @@ from hld.data.loader import BatchOrder, rank_slice
 from hld.data.tokenize import require_stores
 from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.objectives import fit_targets, keep_targets
-from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.distill.signals.online import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.errors import HldError
 from hld.fingerprint import file_sha256, windows_fingerprint

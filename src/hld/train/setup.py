@@ -16,7 +16,7 @@ from hld.config import RunConfig
 from hld.data.loader import BatchOrder
 from hld.distill.objectives import Plan
 from hld.distill.projectors import Projectors
-from hld.distill.signals import OnlineTeacher, StudentRunner
+from hld.distill.signals.online import OnlineTeacher, StudentRunner
 from hld.distributed import Dist
 from hld.flops import StepCost
 from hld.models.derive import Derivation

@@ -27,7 +27,7 @@ class Divergence:
     help: ClassVar[str]
     # the fused head computes this divergence's gradient by hand (hld.distill.chunked); others use autograd
     fused: ClassVar[bool] = False
-    # sampled teacher ids (importance-weighted, hld.distill.sampled) estimate it without bias
+    # sampled teacher ids (importance-weighted, hld.distill.signals.sampled) estimate it without bias
     from_samples: ClassVar[bool] = False
     # infinite wherever the student has mass the teacher lacks: refused with a renormalised top-k teacher
     needs_teacher_support: ClassVar[bool] = False

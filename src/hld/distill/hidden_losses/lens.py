@@ -13,7 +13,8 @@ import torch
 
 from hld.distill.chunked import WORKSPACE, HeadLossSpec, head_loss, logits_into
 from hld.distill.hidden_losses.base import Dims, HiddenLoss
-from hld.distill.losses import TeacherLogits, softcap
+from hld.distill.losses import softcap
+from hld.distill.signals.online import Dense
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Lens:
 
     @classmethod
     def of(cls, lm: Any) -> Lens:  # a causal LM (models.hooks.CausalLM)
-        from hld.distill.signals import head_of
+        from hld.distill.signals.online import head_of
         from hld.models.hooks import decoder_of
 
         weight, cap = head_of(lm)
@@ -43,9 +44,9 @@ def lens_sum(
     with torch.no_grad():
         ht = lens.norm(target.to(h.dtype))  # (n, d_t)
 
-    def teacher_chunk(rows: slice) -> TeacherLogits:
+    def teacher_chunk(rows: slice) -> Dense:
         buf = WORKSPACE.get("zlens", rows.stop - rows.start, W.shape[0], W.device)
-        return TeacherLogits(dense=softcap(logits_into(ht[rows].to(W.dtype), W, buf), lens.softcap))
+        return Dense(softcap(logits_into(ht[rows].to(W.dtype), W, buf), lens.softcap))
 
     labels = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)  # CE weight 0: never read
     loss, _ = head_loss(h, W, labels, mask, spec, teacher_chunk)

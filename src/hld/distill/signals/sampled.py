@@ -18,15 +18,27 @@ unbiased (`weights(..., normalise=False)`, tested).
 Draws are reproducible: window w's uniforms come from numpy's PCG64 seeded with (SEED, w), consumed in
 position order, K per position; an id is the inverse CDF of q (float64 cumulative sums) at u times the
 total. So a cache is the same whatever the build's batch size, parts, ranks or resumes.
+
+As a signal (`Sampled`): the loss is the estimate sum_i w_i (log w_i - log q_i) of forward KL (its
+gradient T (q - w) has expectation T (q - p) at tau = 1); other divergences are refused. In the fused
+head it is `renormalize` top-k with p_t = w: d/dz_j [T^2 * sum_i w_i log(w_i/q_i)] = T*(q_j - w_j)
+(w_j = 0 off the ids drawn). Its fidelity is KL(w || p) = sum_i w_i log(w_i / p_i), the KD loss the
+teacher itself would get from the signal (KL(p || w) is infinite for any finite number of draws).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import numpy as np
 import torch
+
+from hld.distill.signals.base import HeadSpec, StudentSoftmax, TeacherLogits
+
+if TYPE_CHECKING:
+    from hld.distill.divergences.base import Divergence
 
 SEED = 20250321  # the first half of every window's PCG64 seed: (SEED, window id)
 ROWS = 32  # positions per sampling block: a (ROWS, V) float64 cumulative sum (64 MiB at V = 262,144)
@@ -126,3 +138,90 @@ def estimate_kl_rows(logs: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> 
     student's log-probs, ids/w (n, slots) (a weight of 0 contributes 0)."""
     w = w.to(logs.dtype)
     return (torch.xlogy(w, w) - w * logs.gather(-1, ids.long())).sum(-1)
+
+
+@dataclass
+class Sampled(TeacherLogits):
+    """Distinct ids drawn from the teacher (n, slots) and their importance weights (n, slots), summing to
+    1 per row (0 in padding slots)."""
+
+    kind: ClassVar[str] = "sampled"
+    indices: torch.Tensor  # (n, slots), int32 as a cache reads them, int64 after `rows`
+    weights: torch.Tensor  # (n, slots) float32
+
+    def rows(self, sl: slice) -> Sampled:
+        return Sampled(self.indices[sl].long(), self.weights[sl])
+
+    def to(self, device: torch.device) -> Sampled:
+        return Sampled(self.indices.to(device), self.weights.to(device))
+
+    def kd_rows(
+        self, s: torch.Tensor, logq: torch.Tensor, temperature: float, div: Divergence, top_k_rest: str
+    ) -> torch.Tensor:
+        if not div.from_samples:
+            raise ValueError(f"a sampled teacher signal estimates forward_kl only, not {div.spec()!r}")
+        return estimate_kl_rows(logq, self.indices, self.weights)
+
+    def fused_rows(
+        self,
+        z: torch.Tensor,
+        sl: slice,
+        spec: HeadSpec,
+        student: StudentSoftmax,
+        kd_rows: torch.Tensor,
+        want_grad: bool,
+    ) -> torch.Tensor:
+        T = spec.temperature
+        idx, w = self.indices[sl], self.weights[sl].float()
+        zK = z.gather(-1, idx)  # (r, slots): read before student() overwrites z
+        p, q, lseT = student()
+        logqK = zK / T - lseT[:, None]
+        kd_rows[sl] = (torch.xlogy(w, w) - w * logqK).sum(-1, dtype=torch.float64)
+        if not want_grad:
+            return p
+        wk = spec.kd_weight * T
+        sw = w.sum(-1, keepdim=True)  # (r, 1)
+        if T == 1:
+            p.mul_(spec.ce_weight + wk * sw)
+        else:
+            p.mul_(spec.ce_weight).addcmul_(q, wk * sw)
+        p.scatter_add_(-1, idx, w * -wk)
+        return p
+
+    def fidelity(self, full: torch.Tensor, temperature: float, top_k_rest: str) -> torch.Tensor:
+        """KL(w || p) (module docstring)."""
+        logp = torch.log_softmax(full.double() / temperature, dim=-1)
+        w = self.weights.double()
+        return (torch.xlogy(w, w) - w * logp.gather(-1, self.indices.long())).sum(-1)
+
+    # ------------------------------------------------------------------------------- in a cache
+
+    @staticmethod
+    def cache_logit_bytes(codec, k: int, T: int, vocab: int) -> tuple[float, float]:
+        """(estimate, bound) bytes per cached token: k slots of an int32 id + a float32 weight, exact (the
+        distinct ids drawn are padded to that many)."""
+        return k * 8.0, k * 8.0
+
+    @classmethod
+    def from_teacher(cls, source, *, k: int, window_ids: np.ndarray, T: int, identity: dict):
+        """(weights (N, k), ids (N, k), None) of an online teacher's rows, drawn as the module says with
+        the identity's draws per token and proposal temperature."""
+        ids, w = sampled_rows(
+            lambda rows: source.rows(rows).logits,
+            window_ids,
+            T,
+            samples=int(identity["cache_samples"]),
+            tau=float(identity["cache_proposal_temperature"]),
+            slots=k,
+        )
+        return w, ids, None
+
+    @classmethod
+    def from_cache(cls, values: np.ndarray, ids: np.ndarray, rest: Optional[np.ndarray]) -> Sampled:
+        """The signal as a cache's reader decoded it; the weights must be a distribution per token (a
+        damaged field whose checksum was rewritten: a ValueError)."""
+        w = values
+        if w.size and not (np.isfinite(w).all() and (w >= 0).all() and np.abs(w.sum(-1) - 1).max() < 1e-4):
+            raise ValueError("holds sampled weights that are not a distribution per token")
+        k = w.shape[-1]
+        return cls(torch.from_numpy(ids).reshape(-1, k), torch.from_numpy(w).reshape(-1, k))
