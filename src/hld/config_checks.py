@@ -34,6 +34,8 @@ HIDDEN_LOSSES: dict[str, str] = {
     "head), on the raw teacher state",
     "cka": "projector-free 1 - linear CKA between the student's states and the teacher target over the batch's valid "
     "positions (a batch statistic: depends on the micro-batch)",
+    "huber": "Huber (smooth-L1, beta 1) error over dims of the projected student state: bounded gradients on massive "
+    "activations",
 }
 
 # The valid range of every numeric config key: (low, high, low excluded, high excluded). Checked at

@@ -8,12 +8,13 @@ from hld.config_checks import HIDDEN_LOSSES
 from hld.distill.hidden_losses.base import HiddenLoss, RowLoss
 from hld.distill.hidden_losses.cka import Cka
 from hld.distill.hidden_losses.cosine import Cosine
+from hld.distill.hidden_losses.huber import Huber
 from hld.distill.hidden_losses.lens import LensLoss
 from hld.distill.hidden_losses.mse import Mse
 from hld.distill.hidden_losses.nmse import Nmse
 from hld.distill.hidden_losses.relation import Relation
 
-CLASSES: tuple[type[HiddenLoss], ...] = (Mse, Nmse, Cosine, Relation, LensLoss, Cka)
+CLASSES: tuple[type[HiddenLoss], ...] = (Mse, Nmse, Cosine, Relation, LensLoss, Cka, Huber)
 REGISTRY: dict[str, type[HiddenLoss]] = {c.name: c for c in CLASSES}
 if list(REGISTRY) != list(HIDDEN_LOSSES):
     raise ImportError(f"hidden losses {list(REGISTRY)} != config_checks.HIDDEN_LOSSES {list(HIDDEN_LOSSES)}")
