@@ -290,3 +290,23 @@ def test_gemma3_teacher_aligns_adversarial_and_random_text(gemma, tokenizers, st
         check(aligner, gemma, tokenizers[student], text)
     with pytest.raises(HldError, match="teacher tokenizer .* cannot round-trip"):
         aligner("a\u2581b")
+
+
+class FakeEncoding:
+    """What `Aligner.from_encodings` reads of a `tokenizers.Encoding`."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        self.ids, self.offsets = ids, offsets
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def test_offsets_with_a_gap_are_refused_in_one_line_naming_the_side(tokenizers):
+    aligner = Aligner(tokenizers["tiny"], tokenizers["sentencepiece"])
+    good, gap = FakeEncoding([5, 6], [(0, 1), (1, 3)]), FakeEncoding([5, 6], [(0, 1), (2, 3)])
+    assert aligner.from_encodings("abc", good, good).n_chunks == 3  # BOS, "a", "bc"
+    with pytest.raises(HldError) as err:
+        aligner.from_encodings("abc", good, gap)
+    assert "student tokenizer 'test-sentencepiece-bpe' gives offsets that do not cover a text of 3" in err.value.problem
+    assert "\n" not in err.value.line()
