@@ -322,22 +322,15 @@ def _main(args: argparse.Namespace) -> int:
         _quiet_libraries()
         _single_process(args.command, getattr(args, "cell", None))
         result = _run(args)
-    except Stopped as exc:
+    except (Stopped, HldError) as exc:  # one line, and with --json one object; Stopped has its own code
         if args.debug:
             raise
+        code, stopped = (exc.code, True) if isinstance(exc, Stopped) else (2, False)
         if speak:
             _say(f"hld: error: {exc.line()}")
             if args.json:
-                print(json.dumps({"error": exc.line(), "stopped": True}))
-        return exc.code
-    except HldError as exc:
-        if args.debug:
-            raise
-        if speak:
-            _say(f"hld: error: {exc.line()}")
-            if args.json:
-                print(json.dumps({"error": exc.line()}))
-        return 2
+                print(json.dumps({"error": exc.line(), **({"stopped": True} if stopped else {})}))
+        return code
     except Preempted as exc:  # SIGTERM: checkpoint written, exit 0 so a scheduler can requeue
         if speak:
             _say(f"hld: {exc} — rerun the same command with --resume (hld run: rerun as is) to continue")

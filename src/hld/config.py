@@ -126,7 +126,7 @@ class StudentConfig:
         "gemma3",
         "decoder family the student is built as: "
         + "; ".join(f"{k} = {v}" for k, v in STUDENT_FAMILIES.items())
-        + " (a depth-N student is its teacher's family, whatever this says)",
+        + " (a depth-N student is its teacher's family: another value is refused there)",
     )
     preset: str = _f(
         "tiny-2l",

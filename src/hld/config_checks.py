@@ -261,6 +261,11 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
     return [
         (n >= 1, f"student.preset={s.preset} keeps no block", "keep at least one block: depth-1 or more"),
         (
+            s.family == "gemma3",
+            f"student.family={s.family} set for student.preset={s.preset}, whose family is its teacher's",
+            "drop student.family (a derived student is built from its teacher's own config)",
+        ),
+        (
             not set_sizes,
             f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose depth, residual and head widths are "
             "its teacher's (embedding channels are not pruned)",

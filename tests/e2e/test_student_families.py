@@ -65,3 +65,12 @@ def test_an_unknown_family_is_one_line(capsys):
     from helpers import one_line_error
 
     one_line_error(capsys, ["plan", "--config", "smoke", "student.family=gpt2"], "student.family")
+
+
+def test_a_family_set_for_a_derived_student_is_one_line(capsys):
+    """A depth-N student is built from its teacher's config: a student.family beside it is refused, not ignored."""
+    from helpers import one_line_error
+
+    one_line_error(
+        capsys, ["plan", "--config", "smoke", "student.preset=depth-2", "student.family=llama"], "student.family=llama"
+    )
