@@ -98,3 +98,23 @@ def test_the_report_states_the_unhealed_student_and_the_gap_each_arm_recovered(d
     kd = [float(r["val_loss"]) for r in rows if r["arm"] == "kd"]
     share = (ref["val_loss"] - sum(kd) / len(kd)) / (ref["val_loss"] - teacher)
     assert f"| depth-2 | tokens=512 | kd | {ref['val_loss']:.4f} |" in report and f"{share:.1%} |" in report
+
+
+@pytest.mark.slow
+def test_the_unhealed_students_cka_is_every_curves_step_0(demo):
+    """study.json's derived_reference holds the unhealed student's CKA per mapped pair: 1 for the pair
+    whose student layer is the teacher's own block on the teacher's own input (block 0), below 1 for
+    block 2 read after block 0 alone; every cell's CKA curve starts there, at 0 tokens."""
+    from pathlib import Path
+
+    from hld.study.figures import _cka_curve
+
+    out = demo["out"]
+    ref = json.loads((out / "study.json").read_text())["derived_reference"]
+    assert len(ref) == 1 and set(ref[0]["cka"]) == {"s1_t1", "s2_t3"}
+    assert ref[0]["cka"]["s1_t1"] == pytest.approx(1.0, abs=1e-6)
+    assert 0 < ref[0]["cka"]["s2_t3"] < 1 - 1e-3
+    for r in demo["rows"]:
+        tokens, cka = _cka_curve(Path(out) / "runs" / r["cell"], ref[0]["cka"])
+        assert tokens[0] == 0 and tokens[-1] > 0
+        assert cka[0] == pytest.approx((1.0 + ref[0]["cka"]["s2_t3"]) / 2, abs=1e-6)

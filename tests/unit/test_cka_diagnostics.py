@@ -92,8 +92,8 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
     from hld.train.resources import Resources
 
     calls: list = []
-    real = cka._states
-    monkeypatch.setattr(cka, "_states", lambda lm, *a, **k: calls.append(lm) or real(lm, *a, **k))
+    real = cka.window_states
+    monkeypatch.setattr(cka, "window_states", lambda lm, *a, **k: calls.append(lm) or real(lm, *a, **k))
     res = Resources()
     teacher_runs = []
     for method in ("ce", "kd"):
@@ -144,9 +144,11 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
 def test_states_of_no_windows_is_one_line_not_an_empty_concatenation():
     """An input leaving the diagnostics no validation window: torch.cat of an empty list, before."""
     from hld.errors import HldError
-    from hld.eval.cka import _states
+    from hld.eval.cka import window_states
 
     lm = torch.nn.Linear(2, 2)
     with pytest.raises(HldError, match="no validation windows") as err:
-        _states(lm, lm, np.zeros((0, 8), np.int64), [0], skip_first=True, compute_dtype=torch.float32, device="cpu")
+        window_states(
+            lm, lm, np.zeros((0, 8), np.int64), [0], skip_first=True, compute_dtype=torch.float32, device="cpu"
+        )
     assert "\n" not in err.value.line()

@@ -58,7 +58,7 @@ def r2_standardized(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _states(
+def window_states(
     lm: torch.nn.Module,
     forward,
     windows,
@@ -111,7 +111,7 @@ class TeacherStates:
 
             dev = next(self.lm.parameters()).device
             self._states.update(
-                _states(
+                window_states(
                     self.lm,
                     Backbone(self.lm),
                     self.windows,
@@ -161,7 +161,7 @@ class Diagnostics:
         try:
             # the eager backbone: a compiled one (train.compile) runs the forward hooks it was compiled
             # with, and the diagnostics' hooks come later (a CE run had none: KeyError 0 before)
-            return _states(
+            return window_states(
                 s.student,
                 getattr(s.runner.backbone, "_orig_mod", s.runner.backbone),
                 self.windows,

@@ -344,28 +344,35 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _cka_curve(run_dir: Path) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, mean over mapped pairs of val/cka/...) at each validation of a run."""
-    pts = [
-        (m["tokens"], float(np.mean([v for k, v in m.items() if k.startswith("val/cka/")])))
+def _cka_curve(run_dir: Path, start: Optional[dict] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, mean over mapped pairs of val/cka/...) at each validation of a run; `start` (pair key ->
+    CKA of the unhealed derived student, study.json's derived_reference) adds the point at 0 tokens when
+    it holds every pair the run logged."""
+    logged = [
+        (m["tokens"], {k[len("val/cka/") :]: v for k, v in m.items() if k.startswith("val/cka/")})
         for m in read_metrics(run_dir)
         if any(k.startswith("val/cka/") for k in m)
     ]
-    if not pts:
+    if not logged:
         return None
+    pts = [(t, float(np.mean(list(c.values())))) for t, c in logged]
+    if start and logged[0][0] > 0 and set(logged[0][1]) <= set(start):
+        pts.insert(0, (0, float(np.mean([start[k] for k in logged[0][1]]))))
     return np.asarray([p[0] for p in pts], dtype=float), np.asarray([p[1] for p in pts])
 
 
-def plot_cka(table: Table, study_dir: Path, out: Path) -> Optional[Path]:
+def plot_cka(table: Table, study_dir: Path, out: Path, derived: Sequence[dict] = ()) -> Optional[Path]:
     """Mean linear CKA of the mapped (student, teacher) layer pairs against training tokens, one line
-    per cell coloured by arm. None when no run logged val/cka (diagnostics off)."""
+    per cell coloured by arm, from the unhealed student's (`derived`: study.json's derived_reference)
+    for a derived student. None when no run logged val/cka (diagnostics off)."""
+    start = {e["student"]: e["cka"] for e in derived if e.get("cka")}
     fig, axes, students, arms = _student_panels(table, width=5.2, height=4.2)
     drawn = False
     for ax, student in zip(axes[0], students):
         for arm in arms:
             labelled = False
             for r in (r for r in table.rows if r["student"] == student and r["arm"] == arm):
-                curve = _cka_curve(Path(study_dir) / "runs" / r["cell"])
+                curve = _cka_curve(Path(study_dir) / "runs" / r["cell"], start.get(student))
                 if curve is None:
                     continue
                 ax.plot(*curve, color=COLORS.get(arm), alpha=0.6, lw=1, marker=".", label=None if labelled else arm)

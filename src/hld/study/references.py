@@ -38,7 +38,9 @@ against a top-k row by this number (the report names the direction in the signal
 
 Unhealed students: a student derived from its teacher (`student.preset=depth-N`) scored before any
 training step on the same windows (study.json's derived_reference), the start each arm heals from; the
-report states what share of the gap from there to the teacher each arm recovered.
+report states what share of the gap from there to the teacher each arm recovered. With the layer
+diagnostics on, the reference also holds the unhealed student's CKA per mapped layer pair on the
+diagnostics windows: the step-0 point of every cell's CKA-over-training curve.
 
 Scores: each finished cell's student on the study's tasks (downstream.json), and the teacher's
 validation loss and task scores on the same windows (study.json's teacher_reference), each kept once
@@ -536,6 +538,7 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
                 compute_dtype=resolve_dtype(cfg.train.precision),  # as its cells validate
                 progress=None if quiet else "unhealed student",
             )
+            cka = _unhealed_cka(cfg, student, d.kept, resources, tok) if cfg.objective.hidden.diagnostics else None
             del student
             have = {
                 **key,
@@ -543,7 +546,38 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
                 "val_loss": r["loss"],
                 "val_ppl": r["ppl"],
                 "predictions": r["tokens"],
+                **({"cka": cka} if cka is not None else {}),
                 "seconds": time.time() - t0,
             }
         out.append(have)
     return out
+
+
+def _unhealed_cka(cfg: RunConfig, student, kept, resources, tok) -> dict[str, float]:
+    """Linear CKA of each mapped (student, teacher) layer pair of the unhealed derived student, on the
+    diagnostics windows its cells' validations use (`val/cka/...` at step 0: every arm and seed starts
+    from it)."""
+    from hld.distill.mapping import layer_pairs
+    from hld.distill.projectors import pair_key
+    from hld.distill.signals.online import Backbone
+    from hld.eval.cka import cka_of_terms, cka_terms, window_states
+    from hld.models.hooks import n_blocks
+    from hld.precision import resolve_dtype
+
+    h = cfg.objective.hidden
+    win = resources.validation_windows(cfg.data, tok)[: h.diagnostics_windows]
+    dev = next(student.parameters()).device
+    teacher = resources.teacher_states(
+        cfg.teacher.model, cfg.teacher.dtype, win, skip_first=h.skip_first_position, device=dev
+    )
+    pairs = layer_pairs(h, n_student=n_blocks(student), n_teacher=n_blocks(teacher.lm), kept=tuple(kept))
+    st = window_states(
+        student,
+        Backbone(student),
+        win,
+        sorted({a for a, _ in pairs}),
+        skip_first=h.skip_first_position,
+        compute_dtype=resolve_dtype(cfg.train.precision),
+        device=dev,
+    )
+    return {pair_key(p): cka_of_terms(cka_terms(st[p[0]]), teacher.terms(p[1])) for p in pairs}

@@ -558,7 +558,12 @@ def build_report(study_dir: Path) -> dict:
     if comparisons:
         plots.append(plot_paired(comparisons, plots_dir))
     cka_plots = [
-        p for p in (plot_cka(table, study_dir, plots_dir), plot_cka_matrices(table, study_dir, plots_dir)) if p
+        p
+        for p in (
+            plot_cka(table, study_dir, plots_dir, meta.get("derived_reference") or []),
+            plot_cka_matrices(table, study_dir, plots_dir),
+        )
+        if p
     ]
     plots += cka_plots
     meta = {**meta, "cka_plots": [p.name for p in cka_plots]}
