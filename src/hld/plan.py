@@ -37,11 +37,11 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
 
 The terms are checked against a trace of the training step itself (`hld.memtrace`: `train_step` under
 fake tensors, live bytes counted; benchmarks/memory_trace.py, docs/performance.md "Memory on an 80 GB
-card, checked against a trace"): within 1% for paper-123m and paper-735m (KD), online and cached, and
-tests/unit/test_memtrace.py holds a small config to 20%; the HLD term and other families' blocks are not
-checked there. It leaves out what is not a tensor: the CUDA context, the kernels' workspaces and the
-allocator's rounding and fragmentation (~0.5-1 GiB a process). tests/unit/test_plan.py compares it with a
-measured CPU peak.
+card, checked against a trace"): within 0.4% for paper-123m and paper-735m (KD), online and cached, and
+Llama, Mistral and Qwen 3 blocks at paper-123m's shape within 1.1%, hld-joint 2-3% over;
+tests/unit/test_memtrace.py holds a small config to 20%. It leaves out what is not a tensor: the
+CUDA context, the kernels' workspaces and the allocator's rounding and fragmentation (~0.5-1 GiB a
+process). tests/unit/test_plan.py compares it with a measured CPU peak.
 """
 
 from __future__ import annotations
