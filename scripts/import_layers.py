@@ -36,6 +36,7 @@ RANK = {
     "commands": 8.5,
     "export": 8,
     "plan": 8,
+    "memtrace": 8.2,  # traces the training step (train.loop) to check plan's memory estimate
     "study": 7,
     "cache.build": 6.5,  # sizes a build by the run's budget (train.budget), borrows its teacher (train.resources)
     "train": 6,  # the loop validates with eval's perplexity (dealt over the ranks)

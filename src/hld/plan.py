@@ -9,21 +9,39 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
   params       P * (4 weight + 4 grad + 8 AdamW exp_avg/exp_avg_sq) bytes, fp32 master weights;
                / world size under fsdp2. P = student + projectors (the tied head counted once); a frozen
                embedding (train.freeze_embedding) 4 bytes per weight
-  autocast     P * 2 bytes when the student computes in bf16 (autocast's casts of the weights)
-  activations  n_layers * micro tokens * (6 d + 7 q + 2 kv + 4 d_ff) * b, q = n_heads * head_dim,
-               kv = n_kv_heads * head_dim, b = 2 (bf16) or 4 (fp32): what autograd saves per block
-               (the four norms' inputs, q/k/v and their norms, attention in/out, the MLP's gate, up,
-               activation and product); + 2 * micro * seq_len^2 bytes of attention masks
-  head         the fused head's (chunk, V) fp32 buffers (src/hld/distill/chunked.py): z and p always,
-               q when T != 1, the online teacher's zt for KD, + a (chunk, V) cast when the matmul is bf16,
-               + 2 row blocks (8, V) for a dense teacher; and its dL/dW (V * d * 4 bytes) held from
-               forward to backward (+ V * d * 2 for the bf16 copy of W)
+  autocast     P * 2 bytes when the student computes in bf16 (autocast's casts of the weights, the
+               fused head's copy of W among them)
+  activations  n_layers * micro tokens * (4 (2 n d + 2 q + 2 kv) + b (c d + 4 q + 4 d_ff) + b T)
+               + 4 * micro tokens * d * 4, q = n_heads * head_dim, kv = n_kv_heads * head_dim,
+               b = 2 (bf16) or 4 (fp32), n = the block's RMSNorms of width d (Gemma 3: 4), the q/k terms
+               where the block normalises q and k (Gemma 3, Qwen 3), c = 5 in bf16 (autocast casts the
+               fp32 norm output once per q, k, v, gate and up projection) or 2 in fp32: what autograd
+               saves per block. In fp32 whatever the precision: the residual stream (the fp32 embedding's
+               sum) at the two pre-norms, each norm's normalised product, the fp32 copies of the post-norms'
+               inputs and of q and k for their norms. In b: the projections' inputs, q, the expanded k/v
+               (repeat_kv), the attention output, the MLP's gate, up, activation and product, and the
+               boolean attention mask as SDPA converts it, (micro, 1, T, T) in b per block
+  head         the fused head's buffers (src/hld/distill/chunked.py), R = its row block (the whole
+               chunk on a GPU, hld.distill.losses.ROWS on a CPU): the chunk's logits (chunk, V) in b, + their
+               (R, V) fp32 rows in bf16; p = softmax(z) (R, V) fp32 on a GPU (a CPU's runs in place); q
+               (R, V) when T != 1; an online teacher's logits (chunk, V) fp32 + (chunk, V) in its own dtype
+               and its rows p_t and the KL's product (2 (R, V) fp32; one for objective.top_k); its dL/dW
+               (V * d * 4 bytes) held from forward to backward. The buffers are kept for the whole run
   hidden       HLD: micro tokens * layers * d_t * 2 (teacher states) + pairs * micro tokens * 3 * d_t * 4
-  teacher      its weights in its dtype, unless the run reads a cache, + one block's working set
-               (micro tokens * (2 d_ff_t + 4 d_t) * its dtype bytes)
+  teacher      its weights in its dtype when it runs online, or when a cached run reads them anyway
+               (`hld.train.loop.teacher_weights_needed`: the layer diagnostics, on by default, on one
+               process); online + its final states (micro tokens * d_t in its dtype) until the head reads
+               them, + its forward's working set (micro tokens * (2 d_ff_t + 4 d_t) in its dtype) where that
+               exceeds the student's activations (not yet allocated while it runs); cached + the decoded
+               signal of a micro-batch (k entries of 12 B compact, 6 B exact, 8 B sampled, + 4, per token)
 
-It leaves out the CUDA context and allocator slack (~0.5-1 GiB a process). tests/unit/test_plan.py
-compares it with a measured CPU peak.
+The terms are checked against a trace of the training step itself (`hld.memtrace`: `train_step` under
+fake tensors, live bytes counted; benchmarks/memory_trace.py, docs/performance.md "Memory on an 80 GB
+card, checked against a trace"): within 0.4% for paper-123m and paper-735m (KD), online and cached, and
+Llama, Mistral and Qwen 3 blocks at paper-123m's shape within 1.1%, hld-joint 2-3% over;
+tests/unit/test_memtrace.py holds a small config to 20%. It leaves out what is not a tensor: the
+CUDA context, the kernels' workspaces and the allocator's rounding and fragmentation (~0.5-1 GiB a
+process). tests/unit/test_plan.py compares it with a measured CPU peak.
 """
 
 from __future__ import annotations
@@ -156,18 +174,23 @@ def memory_estimate(
     cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size: int = 1, device: Optional[torch.device] = None
 ) -> dict[str, float]:
     """Peak accelerator bytes of one process, by the module docstring's formula (a dict of its terms and
-    `total`). `parts`: the meta-device `Assembly`; `device`: where `auto` precision resolves (an
-    accelerator unless given)."""
-    from hld.distributed import resolve_mode
+    `total`). `parts`: the meta-device `Assembly`; `device`: where `auto` precision resolves and which
+    path the fused head takes (an accelerator unless given)."""
+    from hld.distill.losses import ROWS
+    from hld.distributed import Dist, resolve_mode
     from hld.precision import resolve_dtype
+    from hld.train.loop import teacher_weights_needed
 
     device = device or torch.device("cuda")
+    gpu = device.type != "cpu"
     mode = resolve_mode(cfg.train.parallel, world_size)
     compute = resolve_dtype(cfg.train.precision, device)
     b_act = _dtype_bytes(compute)
+    low_precision = compute != torch.float32
     local = cfg.train.batch_size // world_size
     micro = cfg.train.micro_batch_size or local
-    n_tok = micro * cfg.data.seq_len
+    T = cfg.data.seq_len
+    n_tok = micro * T
     shape = shape_of(parts.student)
     V, d = parts.student.get_input_embeddings().weight.shape
     P = count_params(parts.student)["total"] + (parts.projectors.n_params() if parts.projectors is not None else 0)
@@ -175,35 +198,58 @@ def memory_estimate(
     # a frozen embedding (train.freeze_embedding): its weights alone, no gradient or AdamW state
     frozen = V * d if cfg.train.freeze_embedding else 0
     out["params"] = ((P - frozen) * 16 + frozen * 4) / (world_size if mode == "fsdp2" else 1)
-    out["autocast"] = P * 2 if compute != torch.float32 else 0
+    out["autocast"] = P * 2 if low_precision else 0
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    out["activations"] = (
-        shape.n_layers * n_tok * (6 * d + 7 * q + 2 * kv + 4 * shape.d_ff) * b_act
-        + 2 * micro * cfg.data.seq_len**2
-        + 3 * n_tok * d * 4
-    )
+    norms, qk_norm = _block_norms(parts.student)
+    fp32_saved = 4 * (2 * norms * d + (2 * q + 2 * kv if qk_norm else 0))
+    low_saved = b_act * ((5 if low_precision else 2) * d + 4 * q + 4 * shape.d_ff)
+    out["activations"] = shape.n_layers * n_tok * (fp32_saved + low_saved + T * b_act) + 4 * n_tok * d * 4
     needs = parts.plan.needs
     online = cfg.objective.method != "ce" and not cfg.teacher.cache
-    chunk = min(cfg.train.loss_chunk_tokens, n_tok)
-    bufs = 2 + (cfg.objective.temperature != 1) + (online and needs.logits)
-    low = chunk * V * b_act if compute != torch.float32 else 0
-    rows = 2 * 8 * V * 4 if online and needs.logits and cfg.objective.top_k is None else 0
-    grad_w = 0 if frozen else V * d * 4  # dL/dW, held from forward to backward (none for a frozen head)
-    out["head"] = bufs * chunk * V * 4 + low + rows + grad_w + (V * d * 2 if compute != torch.float32 else 0)
     tc = text_config(teacher.config)
     t_dtype = resolve_dtype(cfg.teacher.dtype, device)
+    t_bytes = _dtype_bytes(t_dtype)
+    chunk = min(cfg.train.loss_chunk_tokens, n_tok)
+    R = chunk if gpu else min(ROWS, chunk)  # hld.distill.losses.row_block
+    head = chunk * V * b_act + (R * V * 4 if low_precision else 0)  # the chunk's logits (+ their fp32 rows)
+    head += R * V * 4 if gpu else 0  # p = softmax(z), in place on a CPU
+    head += R * V * 4 if cfg.objective.temperature != 1 and needs.logits else 0  # q = softmax(z / T)
+    if online and needs.logits:  # the teacher's chunk of logits (fp32, + its matmul's own dtype) and rows
+        head += chunk * V * 4 + (chunk * V * t_bytes if t_dtype != torch.float32 else 0)
+        head += (2 if cfg.objective.top_k is None else 1) * R * V * 4
+    grad_w = 0 if frozen else V * d * 4  # dL/dW, held from forward to backward (none for a frozen head)
+    out["head"] = head + grad_w
     out["hidden"] = 0.0
     if cfg.objective.method in HLD_METHODS:
         n_pairs = len(parts.projectors.pairs) if parts.projectors is not None else 0
         out["hidden"] = n_tok * len(needs.layers) * tc.hidden_size * 2 + n_pairs * n_tok * 3 * tc.hidden_size * 4
     out["teacher"] = 0.0
-    if online:
-        t_params = count_params(teacher)["total"]
-        out["teacher"] = t_params * _dtype_bytes(t_dtype) + n_tok * (
-            2 * tc.intermediate_size + 4 * tc.hidden_size
-        ) * _dtype_bytes(t_dtype)
+    if cfg.objective.method != "ce":
+        dist = Dist(world_size=world_size, mode=mode, device=device)
+        if online or teacher_weights_needed(cfg, dist):  # a cached run's diagnostics read the teacher too
+            out["teacher"] += count_params(teacher)["total"] * t_bytes
+        if online:  # its final states, held until the head has read them; its forward's working set
+            # where it exceeds the student's activations (which are not yet allocated while it runs)
+            working = n_tok * (2 * tc.intermediate_size + 4 * tc.hidden_size) * t_bytes
+            out["teacher"] += n_tok * tc.hidden_size * t_bytes * needs.logits + max(0, working - out["activations"])
+        elif needs.logits:  # the cached signal of a micro-batch on the device, as the reader decodes it
+            from hld.cache.build import cache_slots, codec_of
+
+            entry = {"compact": 4 + 8, "exact": 2 + 4, "sampled": 4 + 4}[codec_of(cfg).logits]
+            out["teacher"] += n_tok * (cache_slots(cfg, vocab_of(teacher)) * entry + 4)
     out["total"] = sum(out.values())
     return out
+
+
+def _block_norms(student: CausalLM) -> tuple[int, bool]:
+    """(the RMSNorms of width d_model in a decoder block, whether its attention normalises q and k): Gemma 3
+    4 and yes, Llama and Mistral 2 and no, Qwen 3 2 and yes."""
+    block = decoder_of(student).layers[0]
+    attn = getattr(block, "self_attn", None)
+    qk = attn is not None and getattr(attn, "q_norm", None) is not None
+    inner = {id(m) for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)) if m is not None}
+    n = sum(1 for m in block.modules() if type(m).__name__.endswith("RMSNorm") and id(m) not in inner)
+    return n, qk
 
 
 def _with_count_teacher(cfg: RunConfig, value: bool) -> RunConfig:
