@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import one_line_error, train_argv
+from helpers import ASSETS, one_line_error, train_argv
 from hld.cli import main
 from hld.train.checkpoint import CKPT_NAME, atomic_save
 
@@ -41,3 +41,18 @@ def test_a_checkpoint_of_another_seed_is_refused_and_an_older_one_without_identi
     del older["identity"]
     atomic_save(older, mine / "checkpoints" / CKPT_NAME, checked=True)
     assert main([*train_argv(mine, "train.seed=0"), "--resume"]) == 0
+
+
+@pytest.mark.slow
+def test_resume_after_the_data_changed_is_refused(tmp_path, capsys):
+    """11: `--resume` after the data file changed continued on other text."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (ASSETS / "c4").glob("c4-train.*.json.gz"):
+        shutil.copy(f, data / f.name)
+    spec = f"data.train={data}/c4-train.*.json.gz"
+    run = tmp_path / "run"
+    assert main(train_argv(run, spec)) == 0
+    first = sorted(data.glob("*.json.gz"))[0]
+    shutil.copy(ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz", first)  # same name, other text
+    one_line_error(capsys, [*train_argv(run, spec), "--resume"], "the training data differs")
