@@ -40,16 +40,6 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, overrides) -> Path:
-    """A completed kd run (read-only: tests that damage a run copy it first)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("finished-cache")))
-        assert main(_train_argv(out, overrides, "--quiet")) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def small_vocab_teacher(tmp_path_factory) -> Path:
     """The tiny teacher's architecture with a 256-row embedding, shipped with the 512-token tokenizer."""
     from transformers import AutoConfig, Gemma3ForCausalLM

@@ -5,7 +5,12 @@ its model card's front matter records the run; nothing half-written ever looks c
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,15 +28,10 @@ from hld.train.checkpoint import load_checkpoint
 SAMPLE = "The socket module provides access to the BSD socket interface."
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, overrides) -> Path:
-    """A tiny hld-joint run (it has projectors, which must not be exported)."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    assert (
-        main(["train", "--config", "smoke", "--out", str(out), *overrides, "objective.method=hld-joint", "--quiet"])
-        == 0
-    )
-    return out
+@pytest.fixture
+def run(hld_run) -> Path:
+    """The shared tiny hld-joint run (it has projectors, which must not be exported); read only."""
+    return hld_run
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -47,16 +47,14 @@ def _front_matter(readme: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(run, tmp_path, capsys):
+def test_export_is_an_hf_checkpoint_equal_to_the_trained_student(hld_run_copy, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    run = hld_run_copy  # given a downstream.json
     downstream = {"hld_mc": {"metric": "acc", "value": 0.31, "stderr": 0.046, "chance": 0.25, "n": 100}}
     (run / "downstream.json").write_text(json.dumps(downstream))
     out = tmp_path / "hf"
-    try:
-        rc, _, err = _cli(capsys, "export", str(run), str(out), "--json")
-    finally:
-        (run / "downstream.json").unlink()
+    rc, _, err = _cli(capsys, "export", str(run), str(out), "--json")
     assert rc == 0, err
 
     # the student rebuilt from the final checkpoint (not from the files export copied)
@@ -173,3 +171,28 @@ def test_an_interrupted_export_leaves_no_out_dir(run, tmp_path, monkeypatch):
     with pytest.raises(HldError, match="No space left on device — free disk space"):  # one line, not a traceback
         export_mod.export_run(run, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def _python(code: str) -> subprocess.Popen:
+    """`code` in another Python process on this tree's sources, its stdout piped (it holds something)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_killed_exports_temporary_directory_is_cleared_by_the_next(tmp_path, capsys, run):
+    """SIGKILL left export/GGUF temporary directories (549 MB) that nothing ever removed."""
+    out = tmp_path / "export"
+    code = (
+        "import time\nfrom pathlib import Path\nfrom hld.atomic import new_dir\n"
+        f"with new_dir(Path({str(out)!r})) as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(bytes(1 << 20))\n    print(tmp, flush=True)\n    time.sleep(60)\n"
+    )
+    proc = _python(code)
+    left = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert left.is_dir() and left.name.startswith(".export.tmp-")
+    other = tmp_path / f".export.tmp-{socket.gethostname()}-{os.getpid()}-live"  # a live process's: kept
+    other.mkdir()
+    assert main(["export", str(run), str(out), "--quiet"]) == 0
+    assert not left.exists() and other.is_dir() and (out / "model.safetensors").is_file()

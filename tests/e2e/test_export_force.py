@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error, tiny_overrides
+from helpers import one_line_error
 from hld.cli import main
 from hld.export import MARKER
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("force") / "run"
-    assert main(["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet"]) == 0
-    return run
 
 
 def _tree(root: Path) -> dict:
@@ -108,54 +101,67 @@ STAND_INS = {
 
 
 @pytest.mark.parametrize("kind", sorted(STAND_INS))
-def test_force_refuses_a_directory_hld_did_not_write(tmp_path, capsys, finished, kind):
+def test_force_refuses_a_directory_hld_did_not_write(tmp_path, capsys, finished_run, kind):
     make, problem = STAND_INS[kind]
     victim = make(tmp_path / "victim")
     before = _tree(tmp_path)
-    line = one_line_error(capsys, ["export", str(finished), str(victim), "--force"], problem)
+    line = one_line_error(capsys, ["export", str(finished_run), str(victim), "--force"], problem)
     assert str(victim) in line
     assert _tree(tmp_path) == before  # nothing touched, no temporary sibling left
 
 
-def test_force_refuses_a_symlink_and_leaves_its_target(tmp_path, capsys, finished):
+def test_force_refuses_a_symlink_and_leaves_its_target(tmp_path, capsys, finished_run):
     target = _home(tmp_path / "home")
     link = tmp_path / "link"
     link.symlink_to(target)
     before = _tree(tmp_path)
-    one_line_error(capsys, ["export", str(finished), str(link), "--force"], "is a symbolic link")
+    one_line_error(capsys, ["export", str(finished_run), str(link), "--force"], "is a symbolic link")
     assert _tree(tmp_path) == before
 
 
-def test_force_refuses_a_symlink_even_to_an_earlier_export(tmp_path, capsys, finished):
-    assert main(["export", str(finished), str(tmp_path / "export"), "--quiet"]) == 0
+def test_force_refuses_a_symlink_even_to_an_earlier_export(tmp_path, capsys, finished_run):
+    assert main(["export", str(finished_run), str(tmp_path / "export"), "--quiet"]) == 0
     (tmp_path / "link").symlink_to(tmp_path / "export")
     before = _tree(tmp_path)
-    one_line_error(capsys, ["export", str(finished), str(tmp_path / "link"), "--force"], "is a symbolic link")
+    one_line_error(capsys, ["export", str(finished_run), str(tmp_path / "link"), "--force"], "is a symbolic link")
     assert _tree(tmp_path) == before
 
 
-def test_force_refuses_a_regular_file(tmp_path, capsys, finished):
+def test_force_refuses_a_regular_file(tmp_path, capsys, finished_run):
     (tmp_path / "notes.txt").write_text("mine\n")
-    one_line_error(capsys, ["export", str(finished), str(tmp_path / "notes.txt"), "--force"], "is not a directory")
+    one_line_error(capsys, ["export", str(finished_run), str(tmp_path / "notes.txt"), "--force"], "is not a directory")
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
 
 
-def test_force_refuses_the_parent_of_the_current_directory(tmp_path, capsys, finished, monkeypatch):
+def test_force_refuses_the_parent_of_the_current_directory(tmp_path, capsys, finished_run, monkeypatch):
     """The stand-in `/`: a directory holding the current directory (as `/` and a home directory do)."""
     root = _home(tmp_path / "root")
     (root / "work").mkdir()
     monkeypatch.chdir(root / "work")
     before = _tree(tmp_path)
-    one_line_error(capsys, ["export", str(finished), str(root), "--force"], "contains the current directory")
+    one_line_error(capsys, ["export", str(finished_run), str(root), "--force"], "contains the current directory")
     assert _tree(tmp_path) == before
 
 
-def test_force_accepts_an_earlier_export_and_an_empty_directory(tmp_path, capsys, finished):
+def test_force_accepts_an_earlier_export_and_an_empty_directory(tmp_path, capsys, finished_run):
     out = tmp_path / "export"
-    assert main(["export", str(finished), str(out), "--quiet"]) == 0
+    assert main(["export", str(finished_run), str(out), "--quiet"]) == 0
     first = _tree(out)
-    assert main(["export", str(finished), str(out), "--force", "--quiet"]) == 0
+    assert main(["export", str(finished_run), str(out), "--force", "--quiet"]) == 0
     assert _tree(out) == first  # the same run exported again: the same bytes
     (tmp_path / "empty").mkdir()
-    assert main(["export", str(finished), str(tmp_path / "empty"), "--force", "--quiet"]) == 0
+    assert main(["export", str(finished_run), str(tmp_path / "empty"), "--force", "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "export"]
+
+
+def test_export_force_refuses_an_out_holding_the_current_directory(tmp_path, capsys, monkeypatch, finished_run):
+    """5: `hld export RUN OUT --force` with OUT a parent of the cwd deleted the cwd and a sibling file."""
+    parent = tmp_path / "parent"
+    (parent / "here").mkdir(parents=True)
+    (parent / "sibling.txt").write_text("keep\n")
+    (parent / "here" / "work.txt").write_text("keep too\n")
+    before = _tree(parent)
+    monkeypatch.chdir(parent / "here")
+    one_line_error(capsys, ["export", str(finished_run), str(parent), "--force"], "contains the current directory")
+    one_line_error(capsys, ["export", str(finished_run), ".", "--force"], "is the current directory")
+    assert _tree(parent) == before

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from helpers import C4_TRAIN, one_line_error, train_argv
-from hld.cli import main
 
 
 def fifo(path: Path) -> Path:
@@ -46,17 +45,9 @@ def dangling(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("blind") / "run"
-    assert main(train_argv(run)) == 0
-    return run
-
-
 @pytest.fixture
-def run(finished, tmp_path) -> Path:
-    shutil.copytree(finished, tmp_path / "run", symlinks=True)
-    return tmp_path / "run"
+def run(finished_run_copy) -> Path:
+    return finished_run_copy
 
 
 # --------------------------------------------------------------------------- --config

@@ -10,15 +10,18 @@ import shutil
 import pytest
 import torch
 
-from helpers import one_line_error, train_argv
+from helpers import ASSETS, one_line_error, tiny_overrides, train_argv
 from hld.cli import main
+from hld.config import load_config
 from hld.train.checkpoint import CKPT_NAME, atomic_save
 
 
-@pytest.mark.slow  # two runs and three resumes: ~1 min on 2 cores
-def test_a_checkpoint_of_another_seed_is_refused_and_an_older_one_without_identity_resumes(tmp_path, capsys):
-    mine, other = tmp_path / "seed0", tmp_path / "seed1"
-    assert main(train_argv(mine, "train.seed=0")) == 0
+@pytest.mark.slow  # one run and three resumes
+def test_a_checkpoint_of_another_seed_is_refused_and_an_older_one_without_identity_resumes(
+    tmp_path, capsys, finished_run_copy
+):
+    mine, other = finished_run_copy, tmp_path / "seed1"  # mine: the shared run, of the default seed 0
+    assert load_config("smoke", tiny_overrides()).train.seed == 0
     assert main(train_argv(other, "train.seed=1")) == 0
     capsys.readouterr()
     own = (mine / "checkpoints" / CKPT_NAME).read_bytes()
@@ -41,3 +44,18 @@ def test_a_checkpoint_of_another_seed_is_refused_and_an_older_one_without_identi
     del older["identity"]
     atomic_save(older, mine / "checkpoints" / CKPT_NAME, checked=True)
     assert main([*train_argv(mine, "train.seed=0"), "--resume"]) == 0
+
+
+@pytest.mark.slow
+def test_resume_after_the_data_changed_is_refused(tmp_path, capsys):
+    """11: `--resume` after the data file changed continued on other text."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (ASSETS / "c4").glob("c4-train.*.json.gz"):
+        shutil.copy(f, data / f.name)
+    spec = f"data.train={data}/c4-train.*.json.gz"
+    run = tmp_path / "run"
+    assert main(train_argv(run, spec)) == 0
+    first = sorted(data.glob("*.json.gz"))[0]
+    shutil.copy(ASSETS / "c4" / "c4-validation.00000-of-00001.json.gz", first)  # same name, other text
+    one_line_error(capsys, [*train_argv(run, spec), "--resume"], "the training data differs")

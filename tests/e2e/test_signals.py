@@ -89,3 +89,24 @@ def test_sigterm_in_the_last_step_stops_the_command_instead_of_being_dropped(tmp
     assert not (tmp_path / "r" / "summary.json").exists()
     monkeypatch.setattr(loop, "train_step", real)
     assert main([*train_argv(tmp_path / "r"), "--resume"]) == 0
+
+
+def test_sigterm_outside_a_step_or_a_cache_build_is_one_line(capsys, monkeypatch):
+    """SIGTERM where no finer handler runs (here: `hld eval`'s perplexity) ends the command with one line
+    and exit 2, after the cleanups of whatever it was writing (the default action ended it silently);
+    the handler is restored afterwards."""
+    real = hld.commands._eval_perplexity
+
+    def sigterm_then_eval(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hld.commands, "_eval_perplexity", sigterm_then_eval)
+    before = signal.getsignal(signal.SIGTERM)
+    line = one_line_error(
+        capsys,
+        ["eval", "--model", str(TINY_TEACHER), "--data", C4_VALIDATION, "--max-docs", "2", "--quiet"],
+        "hld eval stopped by SIGTERM",
+    )
+    assert "rerun the same command" in line
+    assert signal.getsignal(signal.SIGTERM) is before

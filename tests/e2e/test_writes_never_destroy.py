@@ -127,53 +127,48 @@ def test_a_rebuild_replaces_a_cache_and_clears_a_killed_builds_debris(tmp_path, 
 # --------------------------------------------------------------------------- hld export
 
 
-@pytest.fixture
-def finished(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet"]) == 0
-    return run
-
-
-def test_training_records_the_students_sha256(finished):
+def test_training_records_the_students_sha256(finished_run):
     from hld.fingerprint import file_sha256
 
-    recorded = json.loads((finished / "summary.json").read_text())["student_sha256"]
+    recorded = json.loads((finished_run / "summary.json").read_text())["student_sha256"]
     # every file of the student: its weights, and its config and tokenizer (a damaged tokenizer file
     # changes what a loaded run computes as surely as its weights)
-    files = sorted(p for p in (finished / "student").iterdir() if p.is_file())
+    files = sorted(p for p in (finished_run / "student").iterdir() if p.is_file())
     assert "model.safetensors" in recorded and "tokenizer.json" in recorded
     assert recorded == {p.name: file_sha256(p) for p in files}
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "containing"])
-def test_export_refuses_an_out_dir_overlapping_the_run(tmp_path, capsys, finished, where):
-    before = _snapshot(finished.parent)
-    out = {"same": finished, "inside": finished / "export", "containing": finished.parent}[where]
-    _one_line(capsys, ["export", str(finished), str(out), "--force"], "the run directory")
-    assert _snapshot(finished.parent) == before
+def test_export_refuses_an_out_dir_overlapping_the_run(tmp_path, capsys, finished_run_copy, where):
+    run = finished_run_copy  # a copy: were the refusal broken, --force would replace it
+    before = _snapshot(run.parent)
+    out = {"same": run, "inside": run / "export", "containing": run.parent}[where]
+    _one_line(capsys, ["export", str(run), str(out), "--force"], "the run directory")
+    assert _snapshot(run.parent) == before
 
 
-def test_export_onto_a_mount_point(capsys, finished):
-    before = _snapshot(finished)
-    _one_line(capsys, ["export", str(finished), "/proc", "--force"], "is a mount point")
-    assert _snapshot(finished) == before
+def test_export_onto_a_mount_point(capsys, finished_run):
+    before = _snapshot(finished_run)
+    _one_line(capsys, ["export", str(finished_run), "/proc", "--force"], "is a mount point")
+    assert _snapshot(finished_run) == before
     assert not [p for p in Path("/").iterdir() if p.name.startswith(".proc.")]
 
 
 @pytest.mark.parametrize("where", ["sys", "file-parent"])
-def test_export_into_a_read_only_location(tmp_path, capsys, finished, where):
+def test_export_into_a_read_only_location(tmp_path, capsys, finished_run, where):
     (tmp_path / "plain").write_text("x")
     out = "/sys/hld-test-export" if where == "sys" else str(tmp_path / "plain" / "export")
-    line = _one_line(capsys, ["export", str(finished), out], "cannot write")
+    line = _one_line(capsys, ["export", str(finished_run), out], "cannot write")
     assert "pick a writable OUT_DIR" in line
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "wrong-shape"])
-def test_export_verifies_the_weights(tmp_path, capsys, finished, damage):
+def test_export_verifies_the_weights(tmp_path, capsys, finished_run_copy, damage):
     import torch
     from safetensors.torch import load_file, save_file
 
-    weights = finished / "student" / "model.safetensors"
+    run = finished_run_copy
+    weights = run / "student" / "model.safetensors"
     data = weights.read_bytes()
     if damage == "truncated":
         weights.write_bytes(data[: len(data) // 2])
@@ -187,15 +182,16 @@ def test_export_verifies_the_weights(tmp_path, capsys, finished, damage):
         save_file(tensors, weights, metadata={"format": "pt"})
         problem = "do not fit its config.json (model.norm.weight"
     out = tmp_path / "export"
-    _one_line(capsys, ["export", str(finished), str(out)], problem)
+    _one_line(capsys, ["export", str(run), str(out)], problem)
     assert not out.exists() and not list(tmp_path.glob(".export*"))
 
 
 @pytest.mark.parametrize("content", ['{"name": "r", "ste', "[1, 2]"])
-def test_export_and_report_over_a_damaged_summary(tmp_path, capsys, finished, content):
-    (finished / "summary.json").write_text(content)
-    _one_line(capsys, ["export", str(finished), str(tmp_path / "export")], "run summary")
+def test_export_and_report_over_a_damaged_summary(tmp_path, capsys, finished_run_copy, content):
+    run = finished_run_copy
+    (run / "summary.json").write_text(content)
+    _one_line(capsys, ["export", str(run), str(tmp_path / "export")], "run summary")
     study = tmp_path / "study"
     (study / "runs").mkdir(parents=True)
-    os.rename(finished, study / "runs" / "cell")
+    os.rename(run, study / "runs" / "cell")
     _one_line(capsys, ["report", str(study)], "run summary")

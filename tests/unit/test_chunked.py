@@ -1,6 +1,8 @@
-"""The fused, chunked head loss against the unchunked reference built with plain autograd:
-`w_ce * ce_sum(h @ W.T) + w_kd * kd_sum(h @ W.T, teacher)` (the losses themselves are checked
-against independent math in test_losses.py). Values, stats and gradients w.r.t. h and W."""
+"""The fused, chunked head loss against an unchunked float64 reference built with plain autograd from
+the definitions, `w_ce * CE(h @ W.T) + w_kd * T^2 D(p_T, q_T)` (torch's cross_entropy; forward KL,
+reverse KL and JSD written out over the outcomes hld.distill.losses states: the vocabulary, or a top-k
+teacher's k ids and its rest), sharing no code with hld's losses. Values, stats and gradients w.r.t.
+h and W."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hld.distill.chunked import HeadLossSpec, head_loss
-from hld.distill.losses import ce_sum, kd_sum, softcap
 from hld.distill.signals import TeacherLogits, TeacherSignals
 from hld.distill.signals.online import Dense, OnlineLogits
 from hld.distill.signals.topk import TopK
@@ -52,13 +54,17 @@ def _cached_teacher(seed: int, k: int, rest: bool = True) -> TeacherSignals:
     return TeacherSignals(source=top)  # a cache may store int32
 
 
+def _softcap(z: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
 def _reference_teacher(ts, top_k: Optional[int]) -> Optional[TeacherLogits]:
     """All N rows of teacher logits, built directly from the signal's tensors."""
     if ts is None:
         return None
     src = ts.source
     if isinstance(src, OnlineLogits):
-        z = softcap(src.final_hidden.reshape(N, D_T) @ src.head_weight.T, src.softcap)
+        z = _softcap(src.final_hidden.reshape(N, D_T) @ src.head_weight.T, src.softcap)
         if top_k is not None and top_k < V:
             srt = z.sort(dim=-1, descending=True)
             return TopK(
@@ -75,20 +81,67 @@ def _reference_teacher(ts, top_k: Optional[int]) -> Optional[TeacherLogits]:
     return TopK(values=v, indices=i, rest=r)
 
 
+def _softmax64(x: torch.Tensor) -> torch.Tensor:
+    e = (x.double() - x.double().amax(-1, keepdim=True).detach()).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def _sum_a_log_a_over_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i a_i log(a_i / b_i) per row, 0 log 0 = 0 (the masked entries get a zero gradient, not nan)."""
+    pos = a > 0
+    return torch.where(pos, a * (torch.where(pos, a, 1.0).log() - torch.where(pos, b, 1.0).log()), 0.0).sum(-1)
+
+
+def _outcomes(z: torch.Tensor, teacher: TeacherLogits, T: float, top_k_rest: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_teacher, q_student) in float64 over the outcomes the loss compares (hld.distill.losses): the
+    vocabulary for a dense teacher; for a top-k teacher with `bucket`, its k ids and the rest, the
+    teacher being softmax([v_1..v_k, rest] / T) and the student's rest the sum of its probabilities off
+    the k ids; with `renormalize`, the vocabulary, the teacher softmax(v / T) on its k ids and 0 elsewhere."""
+    q = _softmax64(z / T)  # (N, V)
+    if isinstance(teacher, Dense):
+        return _softmax64(teacher.logits / T), q
+    assert isinstance(teacher, TopK)
+    v, idx = teacher.values.double(), teacher.indices.long()
+    if top_k_rest == "renormalize":
+        return torch.zeros_like(q).scatter(-1, idx, _softmax64(v / T)), q
+    assert teacher.rest is not None
+    p = _softmax64(torch.cat([v, teacher.rest.double()[:, None]], -1) / T)  # (N, k+1)
+    off = torch.ones_like(q).scatter(-1, idx, 0.0)  # 1 on the ids off the top k
+    return p, torch.cat([q.gather(-1, idx), (q * off).sum(-1, keepdim=True)], -1)
+
+
+def _kd_reference(z: torch.Tensor, teacher: TeacherLogits, mask: torch.Tensor, spec: HeadLossSpec) -> torch.Tensor:
+    """T^2 * D(p, q) summed over the valid rows, in float64 from the definitions: forward KL = sum p log(p/q),
+    reverse KL = sum q log(q/p), JSD(beta) = beta KL(p||m) + (1-beta) KL(q||m) with m = beta p + (1-beta) q
+    (the beta the spec parsed: test_divergence_* check the parsing)."""
+    T = spec.temperature
+    p, q = _outcomes(z, teacher, T, spec.top_k_rest)
+    name = spec.divergence.name
+    if name == "forward_kl":
+        per = _sum_a_log_a_over_b(p, q)
+    elif name == "reverse_kl":
+        per = _sum_a_log_a_over_b(q, p)
+    elif name == "jsd":
+        beta = spec.divergence.beta
+        m = beta * p + (1 - beta) * q
+        per = beta * _sum_a_log_a_over_b(p, m) + (1 - beta) * _sum_a_log_a_over_b(q, m)
+    else:
+        raise AssertionError(f"no reference for {spec.divergence}")
+    return torch.where(mask, per, 0.0).sum() * T * T
+
+
+def _ce_reference(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(z.double(), y, ignore_index=-100, reduction="sum")
+
+
 def _reference(h, W, y, mask, spec: HeadLossSpec, ts: Optional[TeacherSignals]):
-    z = softcap(h @ W.T, spec.softcap)  # (N, V), the whole thing at once
-    ce = ce_sum(z, y, mask)
-    kd = torch.zeros((), dtype=torch.float32)
+    """The whole loss at once in float64, from the definitions (no hld loss function)."""
+    z = _softcap(h.double() @ W.double().T, spec.softcap)  # (N, V)
+    ce = _ce_reference(z, y)
+    kd = torch.zeros((), dtype=torch.float64)
     teacher = _reference_teacher(ts, spec.top_k)
     if spec.kd_weight and teacher is not None:
-        kd = kd_sum(
-            z,
-            teacher,
-            mask,
-            temperature=spec.temperature,
-            divergence=spec.divergence,
-            top_k_rest=spec.top_k_rest,
-        )
+        kd = _kd_reference(z, teacher, mask, spec)
     return spec.ce_weight * ce + spec.kd_weight * kd, ce, kd
 
 
@@ -282,7 +335,7 @@ def test_bfloat16_weights_and_hidden_states():
     spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, temperature=2.0, chunk_tokens=3)
     ours, _ = head_loss(hb, Wb, y, mask, spec, ts.logits)
     ref, _, _ = _reference(h32, W32, y, mask, spec, ts)
-    torch.testing.assert_close(ours.float(), ref.detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-2, atol=2e-2)
     g_ours = torch.autograd.grad(ours, (hb, Wb))
     g_ref = torch.autograd.grad(ref, (h32, W32))
     for a, b in zip(g_ours, g_ref):
@@ -388,8 +441,8 @@ def test_bf16_matmuls_keep_the_loss_exact_on_the_rounded_logits(chunk, case):
     ours, stats = head_loss(h, W, y, mask, spec, ts.logits if ts is not None else None)
     z = torch.mm(h.detach().bfloat16(), W.detach().bfloat16().T).double()  # the rounded logits, (N, V)
     teacher = _reference_teacher(ts, None)
-    ce = ce_sum(z, y, mask)
-    kd = kd_sum(z, teacher, mask, temperature=T, top_k_rest=spec.top_k_rest) if ts is not None else torch.zeros(())
+    ce = _ce_reference(z, y)
+    kd = _kd_reference(z, teacher, mask, spec) if teacher is not None else torch.zeros(())
     assert stats["ce"] == pytest.approx(float(ce), rel=2e-6)
     assert stats["kd"] == pytest.approx(float(kd), rel=2e-5, abs=1e-6)
     ref, _, _ = _reference(h, W, y, mask, spec, ts)

@@ -25,6 +25,20 @@ def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     assert precision.resolve_dtype("float32", torch.device("cuda")) == torch.float32
 
 
+def _native_bf16_by_cpuid() -> bool:
+    """Whether this CPU has native bf16 instructions (AVX512-BF16, or AMX, whose tiles come with AMX-BF16),
+    by torch's own CPUID probe (the cpuinfo library), not by reading /proc/cpuinfo as hld does."""
+    probe = torch.cpu
+    if not hasattr(probe, "_is_avx512_bf16_supported") or not hasattr(probe, "_is_amx_tile_supported"):
+        pytest.skip("this torch has no CPUID probe for bf16")
+    return bool(probe._is_avx512_bf16_supported() or probe._is_amx_tile_supported())
+
+
+def test_auto_on_this_cpu_is_bf16_exactly_where_cpuid_reports_native_bf16():
+    want = torch.bfloat16 if _native_bf16_by_cpuid() else torch.float32
+    assert precision.resolve_dtype("auto", torch.device("cpu")) == want
+
+
 def test_bf16_head_matmuls_match_fp32_reference():
     torch.manual_seed(0)
     n, d, v = 37, 16, 64
@@ -98,7 +112,7 @@ def test_summary_records_the_precision_and_machine_that_ran(tmp_path, overrides,
     ran = train(cfg, tmp_path / "run", quiet=True)["ran"]
     flags = _cpuinfo_flags()
     assert ran["student_dtype"] == precision  # resolved: the names torch gives them
-    auto = "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"  # what auto means on this CPU
+    auto = "bfloat16" if _native_bf16_by_cpuid() else "float32"  # what auto means on this CPU
     teacher = auto if cfg.teacher.dtype == "auto" else cfg.teacher.dtype
     assert ran["teacher_dtype"] == (None if method == "ce" else teacher)
     assert ran["device"] == "cpu" and ran["machine"]
