@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from hld.cli import main
 from hld.locks import file_lock
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm" / "study.sbatch"
 RUN_OVERRIDES = [o for o in tiny_overrides() if not o.startswith(("student.preset=", "budget."))] + [
