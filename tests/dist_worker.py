@@ -7,6 +7,8 @@
   train SIGTERM_STEP SIGTERM_RANK -- HLD_ARGV...
                            `hld.cli.main(HLD_ARGV)`, where rank SIGTERM_RANK sends itself SIGTERM during
                            step SIGTERM_STEP (0-based); exits with main's code
+  proxy OUT -- HLD_ARGV    `hld.cli.main(HLD_ARGV)` under the implicit-device mode (tests/proxies.py):
+                           each rank writes OUT.RANK.json, {"code": ..., "sites": {site: count}}
 """
 
 from __future__ import annotations
@@ -94,6 +96,16 @@ def train(sigterm_step: int, sigterm_rank: int, argv: list[str]) -> int:
     return main(argv)
 
 
+def proxy(out: str, argv: list[str]) -> int:
+    from hld.cli import main
+    from proxies import ImplicitDevices
+
+    with ImplicitDevices() as mode:
+        code = main(argv)
+    Path(f"{out}.{os.environ['RANK']}.json").write_text(json.dumps({"code": code, "sites": dict(mode.sites)}))
+    return code
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     job = sys.argv[1]
@@ -103,5 +115,8 @@ if __name__ == "__main__":
     elif job == "train":
         sep = sys.argv.index("--")
         sys.exit(train(int(sys.argv[2]), int(sys.argv[3]), sys.argv[sep + 1 :]))
+    elif job == "proxy":
+        sep = sys.argv.index("--")
+        sys.exit(proxy(sys.argv[2], sys.argv[sep + 1 :]))
     else:
         raise SystemExit(f"unknown job {job}")

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,3 +130,22 @@ def test_a_planted_item_counts_as_a_sync(monkeypatch):
     with HostSyncs(s.student) as syncs:
         train_step(s, 1)
     assert dict(syncs.counts) == {"to_host": 1, "item": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_gloo_processes_name_their_devices(parallel, tmp_path):
+    """`hld train` of hld-joint under `torchrun --nproc-per-node 2` (gloo), each rank under the mode: the
+    wrapping, the gradient sync, the sharded checkpoint and the export create no tensor without a device."""
+    from dist_worker import launch
+
+    out = tmp_path / "sites"
+    argv = [
+        *["train", "--config", "smoke", "--out", str(tmp_path / "run"), *tiny_overrides(), "budget.tokens=1024"],
+        *["objective.method=hld-joint", f"train.parallel={parallel}", "train.checkpoint_every_steps=2", "--quiet"],
+    ]
+    r = launch(["proxy", str(out), "--", *argv], cache_dir=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        got = json.loads(Path(f"{out}.{rank}.json").read_text())
+        assert got == {"code": 0, "sites": {}}, (rank, got)

@@ -190,8 +190,8 @@ def fp8_encode(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return q.view(torch.uint8).numpy(), s.squeeze(-1).numpy()
 
 
-# every e4m3 bit pattern's value (each exact in float32; the two NaN patterns NaN)
-FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+# every e4m3 bit pattern's value (each exact in float32; the two NaN patterns NaN): a host table
+FP8_VALUES = torch.arange(256, dtype=torch.uint8, device="cpu").view(torch.float8_e4m3fn).float().numpy()
 
 
 def fp8_decode(bits: np.ndarray, scale: np.ndarray) -> torch.Tensor:
