@@ -47,6 +47,14 @@ class Target:
     only: str = ""  # a regex: score only the mutants whose name matches (a class of a module)
 
 
+# a signal kind's rows, its fused-head gradient (test_chunked) and its fidelity
+FUSED_HEAD_TESTS = [
+    "tests/unit/test_losses.py",
+    "tests/unit/test_signal_kinds.py",
+    "tests/unit/test_chunked.py",
+    "tests/unit/test_fidelity.py",
+]
+
 TARGETS: dict[str, Target] = {
     "losses": Target(["src/hld/distill/losses.py"], ["tests/unit/test_losses.py"]),
     "divergences": Target(
@@ -55,15 +63,13 @@ TARGETS: dict[str, Target] = {
     ),
     "topk": Target(
         ["src/hld/distill/signals/topk.py"],
-        ["tests/unit/test_losses.py", "tests/unit/test_signal_kinds.py", "tests/unit/test_fidelity.py"],
+        ["tests/unit/test_topk_signal.py", *FUSED_HEAD_TESTS],
     ),
-    "sampled": Target(
-        ["src/hld/distill/signals/sampled.py"], ["tests/unit/test_sampled_kd.py", "tests/unit/test_signal_kinds.py"]
-    ),
+    "sampled": Target(["src/hld/distill/signals/sampled.py"], ["tests/unit/test_sampled_kd.py", *FUSED_HEAD_TESTS]),
     # the Dense signal; the runners beside it (Backbone, OnlineTeacher) are the models' tests', not scored here
     "online": Target(
         ["src/hld/distill/signals/online.py"],
-        ["tests/unit/test_losses.py", "tests/unit/test_signal_kinds.py", "tests/unit/test_fidelity.py"],
+        FUSED_HEAD_TESTS,
         only=r"\.xǁDenseǁ",
     ),
     "chunked": Target(
