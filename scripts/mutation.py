@@ -65,7 +65,10 @@ TARGETS: dict[str, Target] = {
         ["src/hld/distill/signals/topk.py"],
         ["tests/unit/test_topk_signal.py", *FUSED_HEAD_TESTS],
     ),
-    "sampled": Target(["src/hld/distill/signals/sampled.py"], ["tests/unit/test_sampled_kd.py", *FUSED_HEAD_TESTS]),
+    "sampled": Target(
+        ["src/hld/distill/signals/sampled.py"],
+        ["tests/unit/test_sampled_rows.py", "tests/unit/test_sampled_kd.py", *FUSED_HEAD_TESTS],
+    ),
     # the Dense signal; the runners beside it (Backbone, OnlineTeacher) are the models' tests', not scored here
     "online": Target(
         ["src/hld/distill/signals/online.py"],
