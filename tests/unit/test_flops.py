@@ -233,3 +233,41 @@ def test_a_frozen_head_step_is_three_block_forwards_and_two_head_forwards(studen
     head = 2 * w.numel()
     assert cost.student == pytest.approx(3 * forward_flops_per_token(student, T, logits=False) + 2 * head)
     assert step_cost(student, T).student - cost.student == pytest.approx(head)
+
+
+def test_head_dim_apart_from_hidden_over_heads_and_mixed_layer_types():
+    """Gemma 3's head_dim is not hidden_size / heads (256 vs 640 / 4): the attention term uses head_dim; and
+    a model mixing full and sliding layers charges each its own context (T = 128, window 64)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(ASSETS / "tiny_teacher")
+    cfg.head_dim = 2 * cfg.hidden_size // cfg.num_attention_heads
+    cfg.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    assert cfg.num_hidden_layers == 3 and cfg.sliding_window == 64
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    T = 128
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    full, window = ((j <= i).sum() / T), (((j <= i) & (j > i - 64)).sum() / T)
+    per_key = 4 * cfg.num_attention_heads * cfg.head_dim
+    with torch.no_grad():
+        mm = _count(lambda: lm.model(input_ids=_ids(T)))["aten.mm"] / (B * T)  # the block matmuls
+
+    def attention() -> float:  # forward_flops_per_token's attention term (QK^T and AV by the mean context)
+        return forward_flops_per_token(lm, T, logits=False) - mm
+
+    assert attention() == pytest.approx(per_key * (2 * full + window), rel=1e-9)
+    # what the config says decides (the modules are the same): without layer_types (Mistral) a set
+    # sliding_window applies to every block; without either (Llama) attention is full
+    lm.config.layer_types = None
+    assert attention() == pytest.approx(per_key * 3 * window, rel=1e-9)
+    lm.config.sliding_window = None
+    assert attention() == pytest.approx(per_key * 3 * full, rel=1e-9)
+
+
+def test_step_cost_counts_the_teacher_head_unless_told_not_to(student, teacher):
+    T = 16
+    with_head = step_cost(student, T, teacher=teacher).teacher
+    without = step_cost(student, T, teacher=teacher, teacher_logits=False).teacher
+    V, d = teacher.config.vocab_size, teacher.config.hidden_size
+    assert with_head - without == pytest.approx(2 * V * d)

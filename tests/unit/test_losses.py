@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hld.distill.divergences.jsd import Jsd
 from hld.distill.hidden import normalize_target
 from hld.distill.hidden_losses.registry import row_loss
-from hld.distill.losses import ce_sum, kd_sum, logsumexp_outside, softcap
+from hld.distill.losses import ROWS, ce_sum, kd_sum, logsumexp_outside, row_block, softcap
 from hld.distill.signals import TeacherLogits
 from hld.distill.signals.online import Dense
 from hld.distill.signals.topk import TopK
@@ -201,6 +202,13 @@ def test_jsd_is_symmetric_at_half_and_bounded():
     b = kd_sum(t, Dense(s), mask, divergence="jsd")
     _close(a, b)
     assert 0 < float(a) <= int(mask.sum()) * np.log(2) + 1e-6
+
+
+def test_kd_sum_takes_a_divergence_object_as_well_as_its_spec():
+    # a Divergence instance (as objectives pass it) is used as given, not parsed again: JSD(0.3) against numpy
+    s, t, mask = _rows(12), _rows(13, scale=3.0), _mask()
+    want = np_divergence(s.numpy(), t.numpy(), mask.numpy(), T=2.0, divergence="jsd", beta=0.3)
+    _close(kd_sum(s, Dense(t), mask, temperature=2.0, divergence=Jsd(beta=0.3)), want)
 
 
 def test_unknown_divergence_is_an_error():
@@ -531,7 +539,7 @@ def test_softcap():
     assert float(softcap(torch.tensor(1e6), 30.0)) == pytest.approx(30.0)
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0])
 def test_logsumexp_outside_matches_float64_with_and_without_a_gradient(scale):
     """log sum over the ids off idx of exp(scale * z), against numpy in float64: the differentiable path
     (a student's logits) and the row-block path (a teacher's, no gradient); -inf where idx covers a row.
@@ -562,3 +570,40 @@ def test_logsumexp_outside_matches_float64_with_and_without_a_gradient(scale):
         e = np.exp(zn[r, off] - zn[r, off].max())
         want[r, off] = scale * e / e.sum()
     np.testing.assert_allclose(zr.grad.double().numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_logsumexp_outside_with_one_id_left_and_none_left(scale):
+    """A row with a single id off idx: the log-sum is that logit (times scale), its gradient scale on it and 0
+    elsewhere. A row with none off idx: -inf, and a zero (finite) gradient, not nan."""
+    z = torch.tensor([[0.3, -1.2, 2.5, 0.7], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float32)
+    idx = torch.tensor([[0, 2, 3], [0, 1, 2]])  # row 0 leaves id 1, row 1 leaves id 3
+    covered = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    with torch.no_grad():
+        np.testing.assert_allclose(logsumexp_outside(z, idx, scale).numpy(), [-1.2 * scale, 4.0 * scale], rtol=1e-6)
+    zr = z.clone().requires_grad_(True)
+    got = logsumexp_outside(zr, idx, scale)
+    np.testing.assert_allclose(got.detach().numpy(), [-1.2 * scale, 4.0 * scale], rtol=1e-6)
+    got.sum().backward()
+    want = np.zeros((2, 4))
+    want[0, 1] = want[1, 3] = scale
+    np.testing.assert_allclose(zr.grad.numpy(), want, rtol=1e-6, atol=0)
+    zc = z.clone().requires_grad_(True)
+    out = logsumexp_outside(zc, covered, scale)
+    assert torch.isneginf(out).all()
+    # what a caller does with it (a masked sum of rows): the covered rows contribute a zero gradient
+    torch.where(torch.isfinite(out), out, 0.0).sum().backward()
+    assert torch.equal(zc.grad, torch.zeros_like(z))
+
+
+def test_logsumexp_outside_returns_on_the_device_of_its_logits():
+    # a device without values ("meta") stands for a GPU: the result and its buffers are made there, not on the CPU
+    z, idx = torch.empty(6, 10, device="meta"), torch.zeros(6, 3, dtype=torch.long, device="meta")
+    assert logsumexp_outside(z, idx).device.type == "meta"
+    assert logsumexp_outside(z, idx, 2.0).device.type == "meta"
+
+
+def test_row_block_is_small_on_a_cpu_and_every_row_elsewhere():
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # anything but a CPU: one block of all n rows
+    assert [row_block(n, cpu) for n in (1, ROWS, 100)] == [1, ROWS, ROWS]
+    assert ROWS < 100 and row_block(100, gpu) == 100 and row_block(1, gpu) == 1

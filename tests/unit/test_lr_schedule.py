@@ -44,6 +44,30 @@ def test_constant_with_warmup_by_hand():
     assert [lr_factor(k, 8, cfg) for k in range(8)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 
 
+def test_the_shortest_schedules_reach_the_floor_on_their_last_step():
+    # cosine over 2 steps, no warmup: its span is 1 step, so the last step is all the way down (not half way)
+    cfg = _cfg(schedule="cosine", warmup_share=0.0, min_lr_ratio=0.1)
+    assert [lr_factor(k, 2, cfg) for k in range(2)] == pytest.approx([1.0, 0.1], abs=1e-12)
+    # a 1-step cosine after its warmup: the span is clamped to 1, its only step at the peak
+    cfg = _cfg(schedule="cosine", warmup_share=0.5, min_lr_ratio=0.1)
+    assert [lr_factor(k, 2, cfg) for k in range(2)] == pytest.approx([1.0, 1.0], abs=1e-12)
+    # wsd whose decay is a single step (round(0.1 x 10) = 1): flat to step 8, the floor at step 9
+    cfg = _cfg(schedule="wsd", warmup_share=0.0, decay_share=0.1, min_lr_ratio=0.1)
+    assert [lr_factor(k, 10, cfg) for k in range(10)] == pytest.approx([1.0] * 9 + [0.1], abs=1e-12)
+    # a decay share that rounds to 0 steps still decays over 1 (the last), never divides by 0
+    cfg = _cfg(schedule="wsd", warmup_share=0.0, decay_share=0.01, min_lr_ratio=0.2)
+    assert [lr_factor(k, 10, cfg) for k in range(10)] == pytest.approx([1.0] * 9 + [0.2], abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_past_the_last_step_the_rate_stays_at_the_floor(schedule):
+    # a step beyond total_steps (a resumed run with a shorter horizon, an extra eval step): the floor, not a
+    # cosine that climbs back up (cos(pi x progress) for progress > 1) nor a linear decay below the floor
+    cfg = _cfg(schedule=schedule, warmup_share=0.1, decay_share=0.2, min_lr_ratio=0.1)
+    for step in (10, 11, 15, 19, 30):
+        assert lr_factor(step, 10, cfg) == pytest.approx(0.1, abs=1e-12), step
+
+
 @pytest.mark.parametrize(
     "schedule, want",
     [
