@@ -151,7 +151,7 @@ def cache_costs(cfg: RunConfig, *, layers: list[int], teacher: CausalLM, tokens:
         (1 / ENCODE_LOGITS_TOKENS_PER_S) * (k / 128 if codec.logits == "compact" else 0.1)
         + len(layers) / ENCODE_LAYER_TOKENS_PER_S
     )
-    entry = {"compact": 4 + 8, "exact": 2 + 4, "sampled": 4 + 4}[codec.logits]  # decoded bytes per logit entry
+    entry = CACHE_CODECS[codec.logits].decoded_entry_bytes(codec)  # decoded bytes per logit entry
     decoded = 4 + k * entry + 4 + len(layers) * 2 * d  # per token
     local = cfg.train.batch_size // world_size
     shard_windows = 256  # build_cache's
@@ -235,7 +235,8 @@ def memory_estimate(
         elif needs.logits:  # the cached signal of a micro-batch on the device, as the reader decodes it
             from hld.cache.build import cache_slots, codec_of
 
-            entry = {"compact": 4 + 8, "exact": 2 + 4, "sampled": 4 + 4}[codec_of(cfg).logits]
+            codec = codec_of(cfg)
+            entry = CACHE_CODECS[codec.logits].decoded_entry_bytes(codec)
             out["teacher"] += n_tok * (cache_slots(cfg, vocab_of(teacher)) * entry + 4)
     out["total"] = sum(out.values())
     return out

@@ -181,6 +181,8 @@ def test_compact_cache_is_smaller_and_gives_the_teachers_topk(tmp_path, override
     batch = a.order.batch(1)
     sa, sb = a.teacher(batch, a.plan.needs), b.teacher(batch, b.plan.needs)
     ta, tb = sa.source, sb.source
+    for t, logits in ((ta, "exact"), (tb, "compact")):  # what the plan's memory estimate counts per entry
+        assert t.values.element_size() + t.indices.element_size() == TopK.decoded_entry_bytes(Codec(logits=logits))
     np.testing.assert_array_equal(np.sort(ta.indices.numpy(), -1), np.sort(tb.indices.numpy(), -1))
     rel = ta.values.float() - ta.values.float()[..., :1]  # log-probs relative to the top-1
     assert (tb.values[..., 0] == 0).all()

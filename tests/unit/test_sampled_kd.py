@@ -212,6 +212,7 @@ def test_a_sampled_cache_reads_back_what_the_builder_drew(tmp_path, setup):
     sig = OnlineTeacher(lm).signals(x, Needs(logits=True))
     want_ids, want_w = sampled_rows(lambda r: sig.source.rows(r).logits, ids, T, samples=6, tau=1.0, slots=6)
     assert isinstance(got.source, Sampled)
+    assert got.source.weights.element_size() + got.source.indices.element_size() == Sampled.decoded_entry_bytes(None)
     assert torch.equal(got.source.indices, want_ids)
     assert torch.equal(got.source.weights, want_w)
     w = got.source.weights.double()

@@ -202,6 +202,11 @@ class Sampled(TeacherLogits):
         distinct ids drawn are padded to that many)."""
         return k * 8.0, k * 8.0
 
+    @staticmethod
+    def decoded_entry_bytes(codec) -> int:
+        """Bytes per slot as the cache's reader decodes it: a float32 weight + an int32 id."""
+        return 4 + 4
+
     @classmethod
     def from_teacher(cls, source, *, k: int, window_ids: np.ndarray, T: int, identity: dict):
         """(weights (N, k), ids (N, k), None) of an online teacher's rows, drawn as the module says with

@@ -174,6 +174,12 @@ class TopK(TeacherLogits):
         bound = k * (codec.value_bits + index_bits) / 8 + index_bits / 8 + 6 + 9 / T
         return k * per_entry + 6 + 8 / T, bound
 
+    @staticmethod
+    def decoded_entry_bytes(codec) -> int:
+        """Bytes per logit entry as the cache's reader decodes it: exact float16 values + int32 ids;
+        compact float32 values + int64 ids."""
+        return 2 + 4 if codec.logits == "exact" else 4 + 8
+
     @classmethod
     def from_teacher(cls, source, *, k: int, window_ids: np.ndarray, T: int, identity: dict, chunk: int = 256):
         """(values (N, k), ids (N, k), rest (N,)) of an online teacher's rows, `chunk` rows at a time
