@@ -373,14 +373,20 @@ def _ran(cfg: RunConfig) -> dict:
     return {"signal": describe(key), "teacher_dtype": dtype_name(resolve_dtype(cfg.teacher.dtype))}
 
 
+def _entry_of(entries: Sequence[dict], key: dict) -> Optional[dict]:
+    """The first entry that holds every item of `key` (an entry of study.json's references, which may
+    carry more fields than its key), or None."""
+    return next((e for e in entries if {k: e.get(k) for k in key} == key), None)
+
+
 def study_fidelity(planned: list, out: Path, resources, done: list[dict], *, quiet: bool = True) -> list[dict]:
     """One entry per distinct signal the study's cells read (what study.json already holds is kept)."""
     entries: list[dict] = []
     for _, cfg, _ in planned:
         key = signal_key(cfg)
-        if key is None or any({k: e.get(k) for k in key} == key for e in entries):
+        if key is None or _entry_of(entries, key) is not None:
             continue
-        have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
+        have = _entry_of(done, key)
         if have is None:
             # its own directory, apart from the cells' caches/ (a cache of validation windows, kept for a resume)
             have = measure(cfg, resources, out / "fidelity" / f"signal-{len(entries)}", quiet=quiet)
@@ -468,9 +474,9 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
     out: list[dict] = []
     for cfg in [cfg for _, cfg, _ in planned]:
         key = _reference_key(cfg)
-        if any({k: e.get(k) for k in key} == key for e in out):
+        if _entry_of(out, key) is not None:
             continue
-        have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
+        have = _entry_of(done, key)
         if have is None:
             t0 = time.time()
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
@@ -522,9 +528,9 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
     out: list[dict] = []
     for cfg in [cfg for _, cfg, _ in planned if derived_depth(cfg.student.preset) is not None]:
         key = _derived_key(cfg)
-        if any({k: e.get(k) for k in key} == key for e in out):
+        if _entry_of(out, key) is not None:
             continue
-        have = next((e for e in done if {k: e.get(k) for k in key} == key), None)
+        have = _entry_of(done, key)
         if have is None:
             t0 = time.time()
             tok = resources.tokenizer(cfg.teacher.model)
