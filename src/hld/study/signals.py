@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hld.distill.signals.registry import KINDS
 from hld.errors import HldError
 
-SIGNALS = ("topk", "sampled", "online")
+SIGNALS = tuple(KINDS)  # the registered teacher-signal kinds: topk, sampled, online
 DEFAULT = ("topk",)
 # what a cell on the signal adds to its overrides (online: nothing, and no cache group: `cached`)
 OVERRIDES: dict[str, tuple[str, ...]] = {

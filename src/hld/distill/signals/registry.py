@@ -16,7 +16,9 @@ from hld.distill.signals.topk import TopK
 
 CachedKind = type[TopK] | type[Sampled]
 
-KINDS: dict[str, type[TeacherLogits]] = {"topk": TopK, "sampled": Sampled, "online": Dense}
-# the kinds a cache can hold: by `teacher.cache_signal`, and by the logits codec of its manifest
-CACHE_SIGNALS: dict[str, CachedKind] = {"topk": TopK, "sampled": Sampled}
+CACHED: tuple[CachedKind, ...] = (TopK, Sampled)  # the kinds a cache can hold
+# by name (each class's `kind`), in the order a study lists its signals (hld.study.signals)
+KINDS: dict[str, type[TeacherLogits]] = {k.kind: k for k in (*CACHED, Dense)}
+# a cache's kind by `teacher.cache_signal`, and by the logits codec of its manifest
+CACHE_SIGNALS: dict[str, CachedKind] = {k.kind: k for k in CACHED}
 CACHE_CODECS: dict[str, CachedKind] = {"exact": TopK, "compact": TopK, "sampled": Sampled}
