@@ -128,6 +128,10 @@ class TeacherStates:
         self._norms[layer] = norm
         return xc, norm
 
+    def cka(self, layer: int, x: torch.Tensor) -> float:
+        """Linear CKA of states x (n, d) on these windows against the teacher's `layer`."""
+        return cka_of_terms(cka_terms(x), self.terms(layer))
+
 
 class Diagnostics:
     """What a run's validations share: the windows, the pairs, the teacher's states (computed once)."""
@@ -180,7 +184,7 @@ class Diagnostics:
         for pair in self.pairs:
             a, b = pair
             key = pair_key(pair)
-            out[f"val/cka/{key}"] = cka_of_terms(cka_terms(st[a]), self.teacher.terms(b))
+            out[f"val/cka/{key}"] = self.teacher.cka(b, st[a])
             proj = self.s.projectors.proj[key] if self.s.projectors is not None and self.s.projectors.linear else None
             if self.s.projectors is not None and self.s.projectors.identity and self.hidden is not None:
                 with torch.no_grad():  # a kept teacher block: its state normalised as the teacher's is the prediction

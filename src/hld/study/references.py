@@ -566,7 +566,7 @@ def _unhealed_cka(cfg: RunConfig, student, kept, resources, tok) -> dict[str, fl
     from hld.distill.mapping import layer_pairs
     from hld.distill.projectors import pair_key
     from hld.distill.signals.online import Backbone
-    from hld.eval.cka import cka_of_terms, cka_terms, window_states
+    from hld.eval.cka import window_states
     from hld.models.hooks import n_blocks
     from hld.precision import resolve_dtype
 
@@ -586,4 +586,4 @@ def _unhealed_cka(cfg: RunConfig, student, kept, resources, tok) -> dict[str, fl
         compute_dtype=resolve_dtype(cfg.train.precision),
         device=dev,
     )
-    return {pair_key(p): cka_of_terms(cka_terms(st[p[0]]), teacher.terms(p[1])) for p in pairs}
+    return {pair_key(p): teacher.cka(p[1], st[p[0]]) for p in pairs}
