@@ -5,7 +5,7 @@ or FAIL, seconds, the first line of the error) and exits 1 if any failed.
     python benchmarks/gpu_first.py [--out DIR] [--skip NAME ...]
 
 On CUDA: bf16 steps of every arm online and cached (with torch.cuda.set_sync_debug_mode("warn"): the
-synchronising calls per step are counted; the CPU proxy in tests/proxies.py pins 1), sampled KD, a
+synchronising calls per step are counted; the CPU proxy in tests/proxies.py pins 0), sampled KD, a
 cache built in 2 shards and read back, fsdp2 on one GPU under torchrun, the fused chunked head against
 the naive full-logit loss, hld eval and a compiled step. On a CPU (TINY=1 gpu_check.sh) the same checks
 in fp32, without the compiled step (minutes of inductor on a CPU; the slow tests cover it).
@@ -63,7 +63,7 @@ def _cli(*argv: str) -> dict:
 def _steps(method: str, *extra: str) -> str:
     """Two training steps of `method` under the sync debug mode (CUDA); the synchronising calls seen."""
     from hld.config import load_config
-    from hld.train.loop import build, train_step
+    from hld.train.loop import build, launch_step, read_back, train_step
     from hld.train.resources import Resources
 
     first = ["objective.hidden.first_share=0.5"] if method == "hld-first" else []
@@ -74,12 +74,11 @@ def _steps(method: str, *extra: str) -> str:
         if CUDA:
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            line = train_step(s, 1)
-            if CUDA:
-                torch.cuda.synchronize()
+            pending = launch_step(s, 1)  # the step alone: its metrics stay on the device
         finally:
             if CUDA:
                 torch.cuda.set_sync_debug_mode("default")
+    line = read_back([pending])[0]
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
     if not torch.isfinite(torch.tensor(line["train/loss"])):
         raise RuntimeError(f"non-finite loss {line['train/loss']}")

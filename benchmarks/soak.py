@@ -111,7 +111,7 @@ def main() -> None:
 
     samples: list[tuple[int, int]] = []  # (step, current RSS)
     marks: dict[str, dict] = {}
-    real_step = loop.train_step
+    real_step = loop.launch_step
 
     def step_and_watch(s, step):
         out = real_step(s, step)
@@ -128,7 +128,7 @@ def main() -> None:
             }
         return out
 
-    loop.train_step = step_and_watch
+    loop.launch_step = step_and_watch
     t0 = time.time()
     summary = loop.train(cfg, tmp / "run", quiet=True)
     wall = time.time() - t0

@@ -84,7 +84,7 @@ def train(sigterm_step: int, sigterm_rank: int, argv: list[str]) -> int:
     from hld.cli import main
     from hld.train import loop
 
-    real_step = loop.train_step
+    real_step = loop.launch_step
 
     def step_with_sigterm(s, step):
         out = real_step(s, step)
@@ -92,7 +92,7 @@ def train(sigterm_step: int, sigterm_rank: int, argv: list[str]) -> int:
             os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice that reached one rank only
         return out
 
-    loop.train_step = step_with_sigterm
+    loop.launch_step = step_with_sigterm
     return main(argv)
 
 

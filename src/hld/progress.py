@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Optional
 
+BAR_EVERY_S = 0.5  # a terminal's bar redraws at most this often (and reads the loss back only then)
+
 
 class Progress:
     def __init__(
@@ -24,7 +26,7 @@ class Progress:
         self.stream = stream  # None: sys.stderr at the time of each write
         self.start = time.time()
         self.initial = initial
-        self.last_print = 0.0
+        self.last_print = 0.0  # when a line was printed or the bar redrawn
         self.bar = None
         if not quiet and (stream or sys.stderr).isatty():
             from tqdm import tqdm
@@ -39,10 +41,19 @@ class Progress:
                 file=stream or sys.stderr,
             )
 
+    def due(self, done: int) -> bool:
+        """Would `update(done)` show something now? (A training loop reads the step's loss back from the
+        device only then.)"""
+        if self.quiet:
+            return False
+        every_s = BAR_EVERY_S if self.bar is not None else self.every_s
+        return time.time() - self.last_print >= every_s or done >= self.total
+
     def update(self, done: int, *, tokens_per_s: float, loss: Optional[float] = None) -> None:
         if self.quiet:
             return
         if self.bar is not None:
+            self.last_print = time.time()
             self.bar.n = done
             post = {"tok/s": f"{tokens_per_s:,.0f}"}
             if loss is not None:

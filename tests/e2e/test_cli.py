@@ -111,21 +111,21 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(capsys, tmp_path, overr
     a, b = tmp_path / "a", tmp_path / "b"
     assert _cli(capsys, _train_argv(a, ov, "--quiet"))[0] == 0
 
-    real_step = loop.train_step
+    real_step = loop.launch_step
 
     def interrupted(s, step):  # killed during step 6, after the checkpoint of step 4 and the log of step 5
         if step == 5:
             raise KeyboardInterrupt
         return real_step(s, step)
 
-    monkeypatch.setattr(loop, "train_step", interrupted)
+    monkeypatch.setattr(loop, "launch_step", interrupted)
     rc, _, err = _cli(capsys, _train_argv(b, ov, "--quiet"))
     assert rc == 130 and "interrupted" in err
     assert torch.load(b / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert [m["step"] for m in _metrics(b)] == [1, 2, 3, 4, 5]
     assert not (b / "student").exists()
 
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(loop, "launch_step", real_step)
     rc, out, err = _cli(capsys, _train_argv(b, ov, "--resume", "--json"))
     assert rc == 0, err
 

@@ -51,7 +51,7 @@ def test_a_run_with_no_applied_step_fails(tmp_path, capsys, monkeypatch):
     from helpers import one_line_error, train_argv
     from hld.train import loop
 
-    real = loop.train_step
+    real = loop.launch_step
 
     def nan_weights_first(s, step):
         with torch.no_grad():
@@ -59,7 +59,7 @@ def test_a_run_with_no_applied_step_fails(tmp_path, capsys, monkeypatch):
                 p.fill_(float("nan"))
         return real(s, step)
 
-    monkeypatch.setattr(loop, "train_step", nan_weights_first)
+    monkeypatch.setattr(loop, "launch_step", nan_weights_first)
     run = tmp_path / "run"
     one_line_error(capsys, train_argv(run), "no step of the run was applied")
     assert not (run / "summary.json").exists() and not (run / "student").exists()

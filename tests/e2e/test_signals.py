@@ -77,17 +77,17 @@ def test_sigterm_in_the_last_step_stops_the_command_instead_of_being_dropped(tmp
     run finished, and a study went on to its next cell. It is now sent again once the loop is closed."""
     import hld.train.loop as loop
 
-    real = loop.train_step
+    real = loop.launch_step
 
     def sigterm_in_the_last(s, step):
         if step == s.total_steps - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(s, step)
 
-    monkeypatch.setattr(loop, "train_step", sigterm_in_the_last)
+    monkeypatch.setattr(loop, "launch_step", sigterm_in_the_last)
     one_line_error(capsys, train_argv(tmp_path / "r"), "hld train stopped by SIGTERM")
     assert not (tmp_path / "r" / "summary.json").exists()
-    monkeypatch.setattr(loop, "train_step", real)
+    monkeypatch.setattr(loop, "launch_step", real)
     assert main([*train_argv(tmp_path / "r"), "--resume"]) == 0
 
 

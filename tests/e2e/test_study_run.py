@@ -38,7 +38,7 @@ def study(tmp_path_factory) -> dict:
     """The demo study, interrupted in its 3rd cell by Ctrl-C, then rerun to completion."""
     out = tmp_path_factory.mktemp("study") / "demo"
     first_cells: list[str] = []
-    real_train, real_step = loop.train, loop.train_step
+    real_train, real_step = loop.train, loop.launch_step
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HLD_CACHE_DIR", str(tmp_path_factory.mktemp("study-cache")))
 
@@ -51,14 +51,14 @@ def study(tmp_path_factory) -> dict:
                         raise KeyboardInterrupt
                     return real_step(s, step)
 
-                mp.setattr(loop, "train_step", step_then_stop)
+                mp.setattr(loop, "launch_step", step_then_stop)
             return real_train(cfg, run_dir, **kw)
 
         mp.setattr(loop, "train", interrupted_train)
         rc, _ = _main([*STUDY_ARGS, "--out", str(out), "--quiet"])
         assert rc == 130
         mp.setattr(loop, "train", real_train)
-        mp.setattr(loop, "train_step", real_step)
+        mp.setattr(loop, "launch_step", real_step)
         finished = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
         mtimes = {name: (out / "runs" / name / "summary.json").stat().st_mtime_ns for name in finished}
         partial_lines = (out / "runs" / first_cells[2] / "metrics.jsonl").read_text().splitlines()

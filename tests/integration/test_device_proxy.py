@@ -3,9 +3,11 @@
 - no tensor on an implicit device: every arm's whole run (steps, validation, the CKA diagnostics,
   export), online and cached, the cache build, `hld eval` and fsdp2 at world size 1 create no tensor
   from hld's code without naming its device;
-- host syncs per training step, per arm and signal kind, pinned: one, the step's single read-back of
-  its loss and metric sums, gradient norm and skip flag (before issue 35: 41 per tiny step, 43 for
-  hld-joint: a float per metric, a boolean-mask write per row block, the non-finite check).
+- host syncs per training step, per arm and signal kind, pinned: none (before issue 35: 41 per tiny step,
+  43 for hld-joint: a float per metric, a boolean-mask write per row block, the non-finite check; then
+  one, the step's own read-back of its metric sums, gradient norm and skip flag). A step's metrics stay
+  on the device; the loop reads every step not yet read back in one sync where a callback needs them (a
+  logged, validated or checkpointed step, the progress line's redraw, the last step).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from helpers import C4_VALIDATION, tiny_overrides
 from hld.cache.build import ensure_cache
 from hld.cli import main
 from hld.config import load_config
-from hld.train.loop import build, train, train_step
+from hld.train.callbacks import MetricLog, NonFiniteStop, Validation
+from hld.train.loop import _steps, build, launch_step, train, train_step
 from hld.train.resources import Resources
+from hld.train.state import RunState
 from proxies import PROXY_DEVICE, HostSyncs, ImplicitDevices
 
 pytestmark = pytest.mark.device_proxy
@@ -82,14 +86,60 @@ def test_a_whole_run_names_its_devices(name, caches, tmp_path):
 
 
 @pytest.mark.parametrize("name", [*CASES, *CACHED])
-def test_one_host_sync_per_training_step(name, caches):
-    """Every step of the run (hld-first: both phases) syncs once: its read-back."""
+def test_no_host_sync_in_a_training_step(name, caches):
+    """Every step of the run (hld-first: both phases) leaves its metrics on the device."""
     s = build(_setup(name, caches), Resources(), PROXY_DEVICE)
     train_step(s, 0)  # the first step creates the optimiser's state
     for step in range(1, s.total_steps):
         with HostSyncs(s.student, s.projectors, s.teacher_lm) as syncs:
-            train_step(s, step)
-        assert dict(syncs.counts) == {"to_host": 1}, (step, dict(syncs.sites))
+            launch_step(s, step)
+        assert dict(syncs.counts) == {}, (step, dict(syncs.sites))
+
+
+class _Lines:
+    """A logger that keeps the lines it is given."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def log(self, line: dict) -> None:
+        self.lines.append(dict(line))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_loop_reads_metrics_back_once_per_logged_step(tmp_path):
+    """Logging every 3rd of 8 steps: 3 syncs (steps 3, 6 and the last), each reading back every step not
+    yet read; the lines logged are those of a run that reads back after every step."""
+    cfg = load_config("smoke", [*tiny_overrides(), "budget.tokens=1024", "objective.method=kd"])
+    runs = {}
+    for every in (1, 3):
+        s = build(cfg, Resources(), PROXY_DEVICE)
+        assert s.total_steps == 8
+        log = _Lines()
+        with HostSyncs(s.student, s.projectors, s.teacher_lm) as syncs:
+            _steps(s, tmp_path / str(every), RunState(), [MetricLog(log, every), NonFiniteStop()])  # type: ignore[arg-type]
+        runs[every] = (log.lines, dict(syncs.counts))
+    assert runs[1][1] == {"to_host": 8} and runs[3][1] == {"to_host": 3}
+    drop = ("tokens_per_s",)  # wall time
+    every_step = {line["step"]: {k: v for k, v in line.items() if k not in drop} for line in runs[1][0]}
+    logged = [{k: v for k, v in line.items() if k not in drop} for line in runs[3][0]]
+    assert [line["step"] for line in logged] == [3, 6, 8]
+    assert logged == [every_step[k] for k in (3, 6, 8)]
+
+
+def test_validation_reads_back_at_its_step(tmp_path, monkeypatch):
+    """Validating every 2nd of 4 steps, logging never but at the end: two read-backs, at steps 2 and 4,
+    of two steps each."""
+    calls = []
+    real = hld.train.loop.read_back
+    monkeypatch.setattr(hld.train.loop, "read_back", lambda steps: calls.append(len(steps)) or real(steps))
+    s = build(load_config("smoke", [*tiny_overrides(), "objective.method=ce"]), Resources(), PROXY_DEVICE)
+    log = _Lines()
+    _steps(s, tmp_path, RunState(), [Validation(2), MetricLog(log, 100)])  # type: ignore[arg-type]
+    assert calls == [2, 2]
+    assert [(line["step"], "val/ppl" in line) for line in log.lines] == [(2, True), (4, True)]
 
 
 def test_hld_eval_and_fsdp2_at_world_size_1_name_their_devices(tmp_path, capsys):
@@ -128,8 +178,8 @@ def test_a_planted_item_counts_as_a_sync(monkeypatch):
     s = build(_cfg("ce"), Resources(), PROXY_DEVICE)
     train_step(s, 0)
     with HostSyncs(s.student) as syncs:
-        train_step(s, 1)
-    assert dict(syncs.counts) == {"to_host": 1, "item": 1}
+        launch_step(s, 1)
+    assert dict(syncs.counts) == {"item": 1}
 
 
 @pytest.mark.slow

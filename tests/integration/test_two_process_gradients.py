@@ -175,18 +175,18 @@ def test_sharded_checkpoint_resumes_bitwise_on_one_process(tmp_path, monkeypatch
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(_argv(a)) == 0
-    real_step = loop.train_step
+    real_step = loop.launch_step
 
     def interrupted(s, step):
         if step == 3:  # after the checkpoint of step 2, still in the hidden phase (steps 0-3)
             raise KeyboardInterrupt
         return real_step(s, step)
 
-    monkeypatch.setattr(loop, "train_step", interrupted)
+    monkeypatch.setattr(loop, "launch_step", interrupted)
     assert main(_argv(b)) == 130
     assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-00000002.dcp"]
     (b / "checkpoints" / ".step-00000004.dcp.tmp").mkdir()  # a save cut short: removed, never read
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(loop, "launch_step", real_step)
     assert main(_argv(b, "--resume")) == 0
     assert not (b / "checkpoints" / ".step-00000004.dcp.tmp").exists()
     wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")

@@ -11,12 +11,14 @@ from hld.train.checkpoint import CKPT_NAME, load_checkpoint, restore_checkpoint,
 from hld.train.state import RunState
 
 
-def test_advance_counts_a_step():
+def test_advance_counts_a_step_and_skips_are_counted_in_a_row():
     s = RunState()
-    s.advance(tokens=128, flops_per_token=3.0, skipped=True, seconds=0.5)
-    s.advance(tokens=64, flops_per_token=2.0, skipped=True, seconds=0.25)
+    s.advance(tokens=128, flops_per_token=3.0, seconds=0.5)
+    s.advance(tokens=64, flops_per_token=2.0, seconds=0.25)
+    s.count_skipped(True)
+    s.count_skipped(True)
     assert s == RunState(step=2, tokens=192, flops=128 * 3.0 + 64 * 2.0, train_seconds=0.75, skipped_in_row=2)
-    s.advance(tokens=64, flops_per_token=2.0, skipped=False, seconds=0.0)
+    s.count_skipped(False)
     assert s.skipped_in_row == 0
 
 

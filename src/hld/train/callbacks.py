@@ -4,9 +4,15 @@ preemption, the non-finite guard, the layer diagnostics' files) is a list of `Ca
 
 - `on_start(run)`: before the first step of this process (a resumed run: its first step after the
   checkpoint);
-- `on_step_end(run, line)`: after each optimiser step; `line` is the step's metric line, which a
-  callback may extend (validation adds `val/*`) for the callbacks after it; `run.last` says whether
-  this was the budget's final step. A callback may raise to stop the run (HldError, Preempted);
+- `needs_metrics(run)`: after each optimiser step, on every callback: does it need this step's metrics on
+  the host now? A step's metrics stay on the device (no host sync, so a GPU keeps queueing work) until
+  one says yes; the default is yes (a callback written without this in mind sees every step at once);
+- `on_step_end(run, line)`: for each step, once its metrics are on the host — at that step, or in step
+  order at the next step some callback needs them (`run.step` is the line's step; `run.latest` says
+  whether it is the step just taken, the only one whose model and state a callback may act on). `line`
+  is the step's metric line, which a callback may extend (validation adds `val/*`) for the callbacks
+  after it; `run.last` says whether it is the budget's final step. A callback may raise to stop the
+  run (HldError, Preempted);
 - `on_train_end(run)`: after the final step, before the checkpoint and the student are written;
 - `on_finish(run)`: once the student is exported, on rank 0 only (files that sit beside it);
 - `close()`: always, when the loop leaves (finished, failed or preempted).
@@ -34,45 +40,47 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hld.train.setup import Setup
-    from hld.train.state import RunState
-from hld.eval.cka import layer_diagnostics
-from hld.eval.perplexity import perplexity_over_ranks
-
-if TYPE_CHECKING:
-    from hld.train.setup import Setup
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from hld import distributed
 from hld.config import RunConfig
 from hld.errors import HldError
-from hld.eval.cka import write_cka_matrix
+from hld.eval.cka import layer_diagnostics, write_cka_matrix
+from hld.eval.perplexity import perplexity_over_ranks
 from hld.progress import Progress
 from hld.train.checkpoint import save_run
 from hld.train.loggers import RunLogger
 from hld.train.rundir import Preempted, SigtermFlag
+
+if TYPE_CHECKING:
+    from hld.train.setup import Setup
+    from hld.train.state import RunState
 
 # --------------------------------------------------------------------------- the points
 
 
 @dataclass
 class Run:
-    """What a callback sees: the run's parts, its directory and its advancing state."""
+    """What a callback sees: the run's parts, its directory and its advancing state; `at`: the step of
+    the metric line at hand, when it is behind the state's (read back late)."""
 
     s: Setup
     out: Path
     state: RunState
+    at: Optional[int] = None
 
     @property
     def step(self) -> int:
-        return self.state.step
+        return self.state.step if self.at is None else self.at
+
+    @property
+    def latest(self) -> bool:
+        """Is this the step just taken (the model and state are this step's)?"""
+        return self.step == self.state.step
 
     @property
     def last(self) -> bool:
-        return self.state.step == self.s.total_steps
+        return self.step == self.s.total_steps
 
 
 class Callback:
@@ -80,6 +88,9 @@ class Callback:
 
     def on_start(self, run: Run) -> None:
         pass
+
+    def needs_metrics(self, run: Run) -> bool:
+        return True
 
     def on_step_end(self, run: Run, line: dict) -> None:
         pass
@@ -120,8 +131,11 @@ class Validation(Callback):
     def __init__(self, every_steps: int) -> None:
         self.every_steps = every_steps
 
+    def needs_metrics(self, run: Run) -> bool:
+        return every(run.step, self.every_steps) or run.last
+
     def on_step_end(self, run: Run, line: dict) -> None:
-        if every(run.step, self.every_steps) or run.last:
+        if run.latest and self.needs_metrics(run):
             line.update(validate_now(run.s))
 
 
@@ -131,6 +145,9 @@ class Validation(Callback):
 class MetricLog(Callback):
     def __init__(self, logger: RunLogger, every_steps: int) -> None:
         self.logger, self.every_steps = logger, every_steps
+
+    def needs_metrics(self, run: Run) -> bool:
+        return every(run.step, self.every_steps) or run.last  # a skipped step: logged when read back
 
     def on_step_end(self, run: Run, line: dict) -> None:
         if every(run.step, self.every_steps) or run.last or "val/ppl" in line or line["skipped"]:
@@ -144,8 +161,12 @@ class ProgressLine(Callback):
     def __init__(self, prog: Progress) -> None:
         self.prog = prog
 
+    def needs_metrics(self, run: Run) -> bool:
+        return self.prog.due(run.step)
+
     def on_step_end(self, run: Run, line: dict) -> None:
-        self.prog.update(run.step, tokens_per_s=line["tokens_per_s"], loss=line["train/loss"])
+        if run.latest:  # a step read back late was overtaken: the line shows the newest
+            self.prog.update(run.step, tokens_per_s=line["tokens_per_s"], loss=line["train/loss"])
 
     def close(self) -> None:
         self.prog.close()
@@ -157,6 +178,12 @@ IN_A_ROW = 5
 
 
 class NonFiniteStop(Callback):
+    """Judged as each step is read back (a few steps late at most between logged steps: the skipped ones
+    changed no weight, so the run stops where it would have, at the cost of the steps in between)."""
+
+    def needs_metrics(self, run: Run) -> bool:
+        return False
+
     def on_step_end(self, run: Run, line: dict) -> None:
         if run.state.skipped_in_row >= IN_A_ROW:
             raise HldError(
@@ -180,21 +207,29 @@ class Checkpointing(Callback):
     def __init__(self, every_steps: int) -> None:
         self.every_steps = every_steps
 
+    def needs_metrics(self, run: Run) -> bool:
+        return every(run.step, self.every_steps) and not run.last  # the state saved counts every skip
+
     def on_step_end(self, run: Run, line: dict) -> None:
-        if every(run.step, self.every_steps) and not run.last:
+        if run.latest and self.needs_metrics(run):
             save_run(run.s, run.out, run.state)
 
 
 class Preemption(Callback):
     def __init__(self) -> None:
         self.flag: Optional[SigtermFlag] = None
+        self.stop = False
 
     def on_start(self, run: Run) -> None:
         self.flag = SigtermFlag()
 
+    def needs_metrics(self, run: Run) -> bool:
+        assert self.flag is not None  # asked after every step on every rank: under torchrun, a collective
+        self.stop = not run.last and distributed.any_rank(run.s.dist, self.flag.raised)  # all ranks stop here
+        return self.stop
+
     def on_step_end(self, run: Run, line: dict) -> None:
-        assert self.flag is not None
-        if not run.last and distributed.any_rank(run.s.dist, self.flag.raised):  # all ranks stop here
+        if run.latest and self.stop:
             save_run(run.s, run.out, run.state)
             raise Preempted(run.out, run.step, run.s.total_steps)
 
@@ -213,6 +248,9 @@ class Preemption(Callback):
 
 
 class LayerDiagnostics(Callback):
+    def needs_metrics(self, run: Run) -> bool:
+        return False
+
     def on_finish(self, run: Run) -> None:
         write_cka_matrix(run.s, run.out)
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -224,9 +225,62 @@ def cached_teacher_shapes(cfg: RunConfig) -> CausalLM:
     return meta_causal_lm(config)
 
 
+@dataclass
+class PendingStep:
+    """A finished optimiser step whose metrics are still on the device: the step's sums (float64), its
+    counted targets, gradient norm and skip flag in one vector, read back to the host later
+    (`read_back`) together with other steps' — so a step itself makes no host sync (a GPU keeps queueing
+    work), and the loop reads back only where something on the host needs the numbers (a logged,
+    validated or checkpointed step, the progress line, the last step; `hld.train.callbacks`)."""
+
+    values: torch.Tensor  # [*sums in `keys` order, targets counted, grad norm, skipped]
+    keys: list[str]
+    n_global: int  # the targets the loop divided by
+    host: dict  # what the host already knows: lr, phase, scheduled weights
+
+    def line(self, vals: list[float]) -> dict:
+        *sums, n_all, norm_value, skipped = vals
+        if max(round(n_all), 1) != self.n_global:  # the objective normalised by another count than the loop
+            raise RuntimeError(f"the objective counted {round(n_all)} targets in a step of {self.n_global}")
+        sums_f = dict(zip(self.keys, sums))
+        loss_total = sums_f.pop("loss")
+        line: dict[str, Any] = {f"train/{k}": v / self.n_global for k, v in sums_f.items()}
+        line.update(self.host["weights"])  # scheduled alpha / beta
+        line.update(
+            {
+                "train/loss": loss_total / self.n_global,
+                "lr": self.host["lr"],
+                "grad_norm": norm_value,
+                "phase": self.host["phase"],
+                "skipped": bool(skipped),
+            }
+        )
+        return line
+
+
+def read_back(steps: list[PendingStep]) -> list[dict]:
+    """The metric lines of `steps`, in order, with one host sync for all of them (one `.tolist()`)."""
+    if not steps:
+        return []
+    flat = torch.cat([p.values for p in steps]).tolist()  # the sync
+    lines, at = [], 0
+    for p in steps:
+        n = p.values.numel()
+        lines.append(p.line(flat[at : at + n]))
+        at += n
+    return lines
+
+
 def train_step(s: Setup, step: int) -> dict:
+    """One optimiser step and its metric line, read back at once (one host sync): `launch_step` +
+    `read_back`, for a caller that wants the numbers now."""
+    return read_back([launch_step(s, step)])[0]
+
+
+def launch_step(s: Setup, step: int) -> PendingStep:
     """One optimiser step over the global batch, split into micro-batches (and, under torchrun, over
-    the ranks). Returns metrics, equal on every rank."""
+    the ranks), with no host sync on one process: its metrics stay on the device (`PendingStep`), equal
+    on every rank."""
     cfg, d = s.cfg, s.dist
     B, T = cfg.train.batch_size, cfg.data.seq_len
     phase, weights = s.plan.at_step(
@@ -246,8 +300,8 @@ def train_step(s: Setup, step: int) -> dict:
     n_micro = local_size // (cfg.train.micro_batch_size or local_size)
     if isinstance(s.teacher, CachedTeacher):  # decode the next step's signals while this one computes
         _prefetch_cached(s, step, objective.needs, n_micro=n_micro, T=batch.input_ids.shape[1])
-    # the step's sums stay on the device (float64) and come back to the host once, with the gradient norm
-    # and the skip flag, at its end (one `.tolist()`): no host sync per micro-batch or metric on a GPU
+    # the step's sums stay on the device (float64), with the gradient norm and the skip flag: no host sync
+    # per micro-batch or metric on a GPU (read_back brings them back when the loop needs them)
     sums: dict[str, torch.Tensor] = {}
     n_counted = 0
     for mb in batch.split(n_micro):
@@ -269,30 +323,15 @@ def train_step(s: Setup, step: int) -> dict:
     lr = cfg.train.lr * lr_factor(step, s.total_steps, cfg.train)
     keys = sorted(sums)
     # the global batch's sums, so every rank logs (and judges) the same numbers; the count rides along
-    totals = distributed.all_sum_tensor(d, torch.stack([*(sums[k] for k in keys), sums["loss"].new_tensor(n_counted)]))
+    count = torch.full((), float(n_counted), dtype=torch.float64, device=sums["loss"].device)  # a fill, no copy
+    totals = distributed.all_sum_tensor(d, torch.stack([*(sums[k] for k in keys), count]))
     skip = ~(torch.isfinite(totals[keys.index("loss")]) & torch.isfinite(norm))  # every rank: the same sums
     for g in s.optimizer.param_groups:
         g["lr"] = lr
     _step_unless(s.optimizer, skip)
     s.optimizer.zero_grad(set_to_none=True)
-    vals = torch.cat([totals, norm.detach().double().reshape(1), skip.double().reshape(1)]).tolist()  # the sync
-    *vals, n_all, norm_value, skipped = vals
-    if max(round(n_all), 1) != n_global:  # the objective normalised by another count than the loop divides by
-        raise RuntimeError(f"the objective counted {round(n_all)} targets in a step of {n_global}")
-    sums_f = dict(zip(keys, vals))
-    loss_total = sums_f.pop("loss")
-    line: dict[str, Any] = {f"train/{k}": v / n_global for k, v in sums_f.items()}
-    line.update(weights)  # scheduled alpha / beta
-    line.update(
-        {
-            "train/loss": loss_total / n_global,
-            "lr": lr,
-            "grad_norm": norm_value,
-            "phase": phase.name,
-            "skipped": bool(skipped),
-        }
-    )
-    return line
+    values = torch.cat([totals, norm.detach().double().reshape(1), skip.double().reshape(1)])
+    return PendingStep(values, keys, n_global, {"lr": lr, "phase": phase.name, "weights": weights})
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -424,24 +463,38 @@ def _locked_train(
 
 def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> dict:
     """Step from `state` to the end of the budget (`state` advances in place), calling the callbacks
-    (`hld.train.callbacks`) at their points; the last metric line."""
+    (`hld.train.callbacks`) at their points; the last metric line.
+
+    A step's metrics stay on the device (`launch_step`) until a callback needs them on the host at that
+    step (`Callback.needs_metrics`: a logged, validated or checkpointed step, the progress line when it
+    redraws, the last step); then every step not yet read back comes back in one sync, and each one's
+    `on_step_end` runs in step order (`run.step` is that step's)."""
     cfg, run = s.cfg, Run(s, out, state)
     t0, tok0, line = time.time(), state.tokens, {}
+    pending: list[tuple[dict, PendingStep]] = []  # (step, tokens, flops, tokens/s; the metrics on the device)
     for cb in callbacks:
         cb.on_start(run)
     while state.step < s.total_steps:
         ts = time.time()
-        m = train_step(s, state.step)
+        p = launch_step(s, state.step)
         state.advance(
             tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
-            flops_per_token=s.costs[m["phase"]].total,
-            skipped=m["skipped"],
+            flops_per_token=s.costs[p.host["phase"]].total,
             seconds=time.time() - ts,
         )
         rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
-        line = {"step": state.step, "tokens": state.tokens, "flops": state.flops, **m, "tokens_per_s": rate}
-        for cb in callbacks:
-            cb.on_step_end(run, line)
+        pending.append(({"step": state.step, "tokens": state.tokens, "flops": state.flops, "tokens_per_s": rate}, p))
+        wants = [cb.needs_metrics(run) for cb in callbacks]  # every callback asked (preemption: a collective)
+        if not (any(wants) or s.dist.active):  # under torchrun every step: ranks judge the same steps together
+            continue
+        for (head, _), m in zip(pending, read_back([p for _, p in pending])):
+            state.count_skipped(m["skipped"])
+            line = {"step": head["step"], "tokens": head["tokens"], "flops": head["flops"], **m}
+            line["tokens_per_s"] = head["tokens_per_s"]
+            at = Run(s, out, state, at=head["step"])
+            for cb in callbacks:
+                cb.on_step_end(at, line)
+        pending.clear()
     for cb in callbacks:
         cb.on_train_end(run)
     return line

@@ -23,12 +23,16 @@ class RunState:
     train_seconds: float = 0.0  # wall time inside train steps, summed over every process the run took
     skipped_in_row: int = 0  # optimiser steps skipped in a row for a non-finite loss or gradient (5 stop the run)
 
-    def advance(self, *, tokens: int, flops_per_token: float, skipped: bool, seconds: float) -> None:
+    def advance(self, *, tokens: int, flops_per_token: float, seconds: float) -> None:
         """Count one optimiser step that read `tokens` training tokens."""
         self.step += 1
         self.tokens += tokens
         self.flops += flops_per_token * tokens
         self.train_seconds += seconds
+
+    def count_skipped(self, skipped: bool) -> None:
+        """Count whether the next step read back (in step order; it may be a few steps behind `step`, whose
+        metrics stay on the device until the loop needs them) was skipped."""
         self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
 
     def to_dict(self) -> dict:
