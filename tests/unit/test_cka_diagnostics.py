@@ -95,7 +95,7 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
     real = cka.window_states
     monkeypatch.setattr(cka, "window_states", lambda lm, *a, **k: calls.append(lm) or real(lm, *a, **k))
     res = Resources()
-    teacher_runs = []
+    teacher_runs, student_runs = [], []
     for method in ("ce", "kd"):
         cfg = load_config(
             "smoke",
@@ -109,9 +109,13 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
         train(cfg, tmp_path / method, quiet=True, resources=res)
         lm = res.teacher(cfg.teacher.model, cfg.teacher.dtype).model
         teacher_runs.append(sum(c is lm for c in calls))
+        student_runs.append(sum(c is not lm for c in calls) - sum(student_runs))
     # two teacher passes in all: the mapped layers at the first validation, then every other layer at once for
     # cka.json (one pass per missing layer before: 53 s of the demo); the kd run reused the ce run's states
     assert teacher_runs == [2, 2]
+    # one student pass per run: its only validation (the last step's) measured every layer, and cka.json
+    # reused those states (the weights had not changed since)
+    assert student_runs == [1, 1]
     s = build(cfg, Resources())
     win = torch.as_tensor(s.val_windows[:3])
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()
@@ -139,6 +143,29 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
         m = json.loads((tmp_path / method / "cka.json").read_text())
         ref = [[_cka_numpy(a, b) for b in t_states] for a in s_states]
         np.testing.assert_allclose(np.array(m["cka"]), np.array(ref), rtol=1e-6, atol=1e-9)
+
+
+def test_the_matrix_through_gram_matrices_equals_the_feature_route(overrides, monkeypatch):
+    """cka.json's two routes (n x n Gram matrices on few positions, d_s x d_t products otherwise) give the
+    same matrix; and new weights (an optimiser step) make the student's states be measured again."""
+    import hld.eval.cka as cka
+    from hld.config import load_config
+    from hld.train.loop import build, train_step
+    from hld.train.resources import Resources
+
+    cfg = load_config("smoke", [*overrides, "objective.method=kd", "objective.hidden.diagnostics_windows=3"])
+    s = build(cfg, Resources())
+    diag = cka.diagnostics_of(s)
+    assert diag is not None
+    before = diag.student_states()
+    assert diag.student_states() is before  # the same weights: kept
+    train_step(s, 0)
+    assert diag.student_states() is not before  # an optimiser step wrote the weights in place
+    gram = diag.matrix()["cka"]
+    monkeypatch.setattr(cka, "GRAM_ROWS", 0)
+    feature = diag.matrix()["cka"]
+    np.testing.assert_allclose(np.array(gram), np.array(feature), rtol=1e-9, atol=1e-12)
+    assert 0 < np.array(gram).min() and np.array(gram).max() <= 1 + 1e-12
 
 
 def test_states_of_no_windows_is_one_line_not_an_empty_concatenation():

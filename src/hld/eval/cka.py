@@ -13,6 +13,13 @@ At every validation (`objective.hidden.diagnostics`): `val/cka/s{i}_t{j}` per ma
 an HLD run of the config matches, also for CE and KD runs) and `val/r2/s{i}_t{j}`; at the end of a
 run the full student-layer x teacher-layer matrix in RUN_DIR/cka.json. All on the first
 `diagnostics_windows` validation windows, positions left out as the hidden loss leaves them out.
+
+The matrix, on few positions (n <= GRAM_ROWS, the demo's 2,032), goes through the centred Gram matrices
+K = X_c X_c^T (n, n): ||Y_c^T X_c||_F^2 = <K_X, K_Y>_F and ||X_c^T X_c||_F = ||K_X||_F, so each layer
+costs one n x n x d product and each pair an n^2 dot, not a d_s x d_t x n product per pair (the demo's
+10 x 19 layers: 316 -> 53 GFLOP per run, the teacher's Gram matrices kept for the process's runs).
+The student's states of a validation are kept until the next optimiser step: the end-of-run matrix
+reuses those of the last validation.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from hld.models.hooks import LayerCapture, StopForward, n_blocks
 from hld.precision import autocast
 
 CKA_FILE = "cka.json"
+GRAM_ROWS = 4096  # the matrix goes through n x n Gram matrices at most this many positions (128 MB each)
+GRAM_BYTES = 1 << 30  # and keeps the teacher's only while they fit in this
 
 
 def cka_terms(x: torch.Tensor, norm: Optional[float] = None) -> tuple[torch.Tensor, float]:
@@ -42,6 +51,20 @@ def cka_terms(x: torch.Tensor, norm: Optional[float] = None) -> tuple[torch.Tens
 def cka_of_terms(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
     denom = a[1] * b[1]
     return float((b[0].T @ a[0]).pow(2).sum()) / denom if denom > 0 else 0.0
+
+
+def gram_terms(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The centred Gram matrix K = x_c x_c^T (n, n) of states x (n, d), float64, and ||K||_F
+    (= ||x_c^T x_c||_F)."""
+    xc = x.double() - x.double().mean(0)
+    k = xc @ xc.T
+    return k, float(torch.linalg.matrix_norm(k))
+
+
+def cka_of_grams(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
+    """Linear CKA from two sides' `gram_terms` on the same positions: <K_X, K_Y>_F / (||K_X|| ||K_Y||)."""
+    denom = a[1] * b[1]
+    return float((a[0] * b[0]).sum()) / denom if denom > 0 else 0.0
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -103,6 +126,7 @@ class TeacherStates:
         self.lm, self.windows, self.skip_first = lm, windows, skip_first
         self._states: dict[int, torch.Tensor] = {}
         self._norms: dict[int, float] = {}  # ||y^T y||_F per layer (the centred float64 copies are not kept)
+        self._grams: dict[int, tuple[torch.Tensor, float]] = {}  # gram_terms, for the matrix on few positions
 
     def states(self, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [t for t in layers if t not in self._states]
@@ -132,6 +156,15 @@ class TeacherStates:
         """Linear CKA of states x (n, d) on these windows against the teacher's `layer`."""
         return cka_of_terms(cka_terms(x), self.terms(layer))
 
+    def gram(self, layer: int) -> tuple[torch.Tensor, float]:
+        """`gram_terms` of `layer`, kept while every layer's would fit in GRAM_BYTES."""
+        g = self._grams.get(layer)
+        if g is None:
+            g = gram_terms(self.states([layer])[layer])
+            if g[0].numel() * g[0].element_size() * len(self._states) <= GRAM_BYTES:
+                self._grams[layer] = g
+        return g
+
 
 class Diagnostics:
     """What a run's validations share: the windows, the pairs, the teacher's states (computed once)."""
@@ -157,28 +190,36 @@ class Diagnostics:
         )
         objs = hidden_objectives(s.plan)
         self.hidden = objs[0] if objs else None
+        self._kept: tuple = (None, {})  # (the optimiser steps taken, every layer's states after them)
 
-    def student_states(self, layers: list[int]) -> dict[int, torch.Tensor]:
+    def student_states(self) -> dict[int, torch.Tensor]:
+        """Every student layer's states (0 = embeddings; one forward, as deep as the deepest), computed
+        again only after another optimiser step (`Setup.steps_taken`)."""
         s = self.s
+        version = s.steps_taken
+        if self._kept[0] == version:
+            return self._kept[1]
         was = s.student.training
         s.student.eval()
         try:
             # the eager backbone: a compiled one (train.compile) runs the forward hooks it was compiled
             # with, and the diagnostics' hooks come later (a CE run had none: KeyError 0 before)
-            return window_states(
+            states = window_states(
                 s.student,
                 getattr(s.runner.backbone, "_orig_mod", s.runner.backbone),
                 self.windows,
-                layers,
+                list(range(n_blocks(s.student) + 1)),
                 skip_first=self.skip_first,
                 compute_dtype=s.compute_dtype,
                 device=s.device,
             )
         finally:
             s.student.train(was)
+        self._kept = (version, states)
+        return states
 
     def per_pair(self) -> dict[str, float]:
-        st = self.student_states(sorted({a for a, _ in self.pairs}))
+        st = self.student_states()
         te = self.teacher.states(sorted({b for _, b in self.pairs}))
         out = {}
         for pair in self.pairs:
@@ -201,15 +242,23 @@ class Diagnostics:
     def matrix(self) -> dict:
         s_layers = list(range(0, n_blocks(self.s.student) + 1))
         t_layers = list(range(0, n_blocks(self.teacher.lm) + 1))
-        st = {a: cka_terms(x) for a, x in self.student_states(s_layers).items()}
+        states = self.student_states()
         # every teacher layer in one forward: asked for one at a time, each missing layer cost a forward
         # to its depth (17 passes of Gemma 3 270M, 53 s of the demo's first cell)
         self.teacher.states(t_layers)
         cka = [[0.0] * len(t_layers) for _ in s_layers]
-        for j, b in enumerate(t_layers):  # one teacher layer's centred float64 copy at a time
-            tb = self.teacher.terms(b)
-            for i, a in enumerate(s_layers):
-                cka[i][j] = cka_of_terms(st[a], tb)
+        if states[0].shape[0] <= GRAM_ROWS:  # few positions: through the Gram matrices
+            grams = [gram_terms(states[a]) for a in s_layers]
+            for j, b in enumerate(t_layers):
+                kt = self.teacher.gram(b)
+                for i in range(len(s_layers)):
+                    cka[i][j] = cka_of_grams(grams[i], kt)
+        else:
+            st = {a: cka_terms(states[a]) for a in s_layers}
+            for j, b in enumerate(t_layers):  # one teacher layer's centred float64 copy at a time
+                tb = self.teacher.terms(b)
+                for i, a in enumerate(s_layers):
+                    cka[i][j] = cka_of_terms(st[a], tb)
         return {
             "student_layers": s_layers,
             "teacher_layers": t_layers,

@@ -329,6 +329,7 @@ def launch_step(s: Setup, step: int) -> PendingStep:
     for g in s.optimizer.param_groups:
         g["lr"] = lr
     _step_unless(s.optimizer, skip)
+    s.steps_taken += 1
     s.optimizer.zero_grad(set_to_none=True)
     values = torch.cat([totals, norm.detach().double().reshape(1), skip.double().reshape(1)])
     return PendingStep(values, keys, n_global, {"lr": lr, "phase": phase.name, "weights": weights})

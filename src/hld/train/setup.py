@@ -51,6 +51,9 @@ class Setup:
     # fingerprints), kept in every checkpoint and checked on resume
     identity: dict = field(default_factory=dict)
     derivation: Optional[Derivation] = None  # a student made of the teacher's blocks: which, ranked how, at what cost
+    # optimiser steps this process has taken (applied or skipped): what the layer diagnostics key the
+    # student's states on (fused AdamW writes the weights without bumping their version counters)
+    steps_taken: int = 0
 
     @property
     def fixed_flops(self) -> float:
