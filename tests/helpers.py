@@ -260,3 +260,13 @@ def gpt2_bpe(vocab_size: int = 3000, n_docs: int = 400):
     )
     tok.train_from_iterator(corpus(n_docs), trainer)
     return wrap(tok, "test-gpt2-bpe")
+
+
+def bounds_alignment(teacher_bounds, student_bounds):
+    """An `hld.data.align.Alignment` with the given chunk bounds and made-up ids and text bounds, for the
+    tests of what reads only an alignment's bounds (adversarial shapes no two tokenizers need produce)."""
+    from hld.data.align import Alignment
+
+    tb, sb = np.asarray(teacher_bounds, np.int32), np.asarray(student_bounds, np.int32)
+    ids_t, ids_s = np.arange(tb[-1], dtype=np.int32) + 100, np.arange(sb[-1], dtype=np.int32) + 200
+    return Alignment(ids_t, ids_s, tb, sb, char_bounds=np.arange(len(tb), dtype=np.int32))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hld.data.align import Alignment
+from helpers import bounds_alignment
 from hld.distill.cross_tok.alm import alm_rows, alm_sum, chunk_logliks, log1mexp, token_logprobs
 from hld.distill.cross_tok.chunks import Chunks
 
@@ -24,11 +24,6 @@ def logsoftmax64(z: np.ndarray) -> np.ndarray:
 
 def binary_kl(p: float, q: float) -> float:
     return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
-
-
-def alignment(tb, sb) -> Alignment:
-    tb, sb = np.asarray(tb, np.int32), np.asarray(sb, np.int32)
-    return Alignment(np.zeros(tb[-1], np.int32), np.zeros(sb[-1], np.int32), tb, sb, np.arange(len(tb), dtype=np.int32))
 
 
 def test_token_logprobs_against_a_loop():
@@ -92,7 +87,7 @@ def test_a_certain_student_gives_a_finite_loss_and_gradient():
 
 def problem(dtype=torch.float64):
     """Two windows; chunks of 3 teacher tokens to 1 student token and 1 to 3, and one-to-one ones."""
-    als = [alignment([0, 1, 4, 5, 7], [0, 1, 2, 5, 6]), alignment([0, 1, 2, 5], [0, 1, 3, 4])]
+    als = [bounds_alignment([0, 1, 4, 5, 7], [0, 1, 2, 5, 6]), bounds_alignment([0, 1, 2, 5], [0, 1, 3, 4])]
     T_t, T_s, V_t, V_s = 8, 7, 13, 9
     g = torch.Generator().manual_seed(1)
     t_logits = torch.randn(2, T_t, V_t, generator=g, dtype=dtype) * 2
@@ -139,6 +134,6 @@ def test_gradient_by_gradcheck_through_token_logprobs_and_chunks():
 
 def test_the_first_chunk_of_a_window_is_refused():
     _, t_logits, s_logits, t_ids, s_ids, chunks = problem()
-    als = [alignment([0, 1, 2], [0, 1, 2])]
+    als = [bounds_alignment([0, 1, 2], [0, 1, 2])]
     with pytest.raises(ValueError, match="first chunk"):
         alm_sum(torch.zeros(2), torch.zeros(2), Chunks.from_alignments(als, teacher_len=2, student_len=2))

@@ -8,26 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import corpus, gpt2_bpe, sentencepiece_bpe
-from hld.data.align import Aligner, Alignment
+from helpers import bounds_alignment, corpus, gpt2_bpe, sentencepiece_bpe
+from hld.data.align import Aligner
 from hld.distill.cross_tok.chunks import Chunks, token_rows
-
-
-def alignment(t_bounds, s_bounds) -> Alignment:
-    """An alignment of made-up ids with the given chunk bounds (chunk text bounds are not read here)."""
-    tb, sb = np.asarray(t_bounds, np.int32), np.asarray(s_bounds, np.int32)
-    return Alignment(
-        teacher_ids=np.arange(tb[-1], dtype=np.int32) + 100,
-        student_ids=np.arange(sb[-1], dtype=np.int32) + 200,
-        teacher_bounds=tb,
-        student_bounds=sb,
-        char_bounds=np.arange(len(tb), dtype=np.int32),
-    )
 
 
 def test_two_windows_by_hand():
     # window 0: chunks (1 | 1), (3 | 1), (1 | 2); window 1: (1 | 1), (1 | 3)
-    als = [alignment([0, 1, 4, 5], [0, 1, 2, 4]), alignment([0, 1, 2], [0, 1, 4])]
+    als = [bounds_alignment([0, 1, 4, 5], [0, 1, 2, 4]), bounds_alignment([0, 1, 2], [0, 1, 4])]
     ch = Chunks.from_alignments(als, teacher_len=6, student_len=5)
     assert ch.teacher_start.tolist() == [0, 1, 4, 6, 7]
     assert ch.teacher_end.tolist() == [1, 4, 5, 7, 8]
@@ -43,7 +31,7 @@ def test_two_windows_by_hand():
 
 def test_a_window_longer_than_its_rows_is_refused():
     with pytest.raises(ValueError, match="more than the rows"):
-        Chunks.from_alignments([alignment([0, 1, 4], [0, 1, 2])], teacher_len=3, student_len=8)
+        Chunks.from_alignments([bounds_alignment([0, 1, 4], [0, 1, 2])], teacher_len=3, student_len=8)
 
 
 def test_token_rows_against_a_loop():
