@@ -14,9 +14,9 @@ zero exactly when the sorted vectors agree, and at most 2. Its gradient with res
 probabilities is sign(q_(i) - p_(i)) at the student's rank-i token.
 
 Top-k (`top_k`, default 64). Sorting a 262,144-wide teacher row costs far more than the rest of the loss
-(256 rows against a 32,000-wide student, one thread of this CPU: 15 s forward for full rows, 0.6 s at
-k = 64; benchmarks/cross_tok_losses.py). We keep each side's k largest probabilities and its *rest*
-R = 1 - the sum of those k, and compute
+(222 rows of 262,144 against a 32,000-wide student, forward + backward on one thread of a shared 2-core
+Xeon: 14.6 s for full rows, 1.1 s at k = 64; benchmarks/cross_tok_losses.py). We keep each side's k
+largest probabilities and its *rest* R = 1 - the sum of those k, and compute
 
     ULD_k(p, q) = sum_{i <= k} |p_(i) - q_(i)| + |R_p - R_q|,
 
