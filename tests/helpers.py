@@ -208,3 +208,65 @@ def reference_ppl(model_dir: Path, *, seq_len: int = SEQ_LEN, max_docs: int | No
     nll = F.cross_entropy(pred, target, reduction="sum")
     count = target.numel()
     return math.exp(float(nll) / count), count, n
+
+
+# --------------------------------------------------------------------------- tokenizers trained in tests
+# two layouts a teacher's and a student's tokenizers differ by (test_align, test_cross_tok_*)
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def corpus(n_docs: int = 400) -> list[str]:
+    """The first `n_docs` documents of the checked-in C4 training shard."""
+    import itertools
+
+    with gzip.open(ASSETS / "c4" / "c4-train.00000-of-00002.json.gz", "rt") as fh:
+        return [json.loads(line)["text"] for line in itertools.islice(fh, n_docs)]
+
+
+def wrap(tok, name: str):
+    """A `tokenizers.Tokenizer` as a Hugging Face fast tokenizer with <bos> and <eos>."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", name_or_path=name)
+
+
+def sentencepiece_bpe(vocab_size: int = 3000, n_docs: int = 400):
+    """Gemma's conventions: " " → "▁" by the normaliser, "▁" kept at the start of the next token, byte
+    fallback for characters outside the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + byte_pieces, show_progress=False)
+    tok.train_from_iterator(corpus(n_docs), trainer)
+    return wrap(tok, "test-sentencepiece-bpe")
+
+
+def gpt2_bpe(vocab_size: int = 3000, n_docs: int = 400):
+    """GPT-2's layout: byte-level pre-tokenizer and decoder, a post-processor that trims offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(corpus(n_docs), trainer)
+    return wrap(tok, "test-gpt2-bpe")
+
+
+def bounds_alignment(teacher_bounds, student_bounds):
+    """An `hld.data.align.Alignment` with the given chunk bounds and made-up ids and text bounds, for the
+    tests of what reads only an alignment's bounds (adversarial shapes no two tokenizers need produce)."""
+    from hld.data.align import Alignment
+
+    tb, sb = np.asarray(teacher_bounds, np.int32), np.asarray(student_bounds, np.int32)
+    ids_t, ids_s = np.arange(tb[-1], dtype=np.int32) + 100, np.arange(sb[-1], dtype=np.int32) + 200
+    return Alignment(ids_t, ids_s, tb, sb, char_bounds=np.arange(len(tb), dtype=np.int32))

@@ -11,21 +11,16 @@ Gemma 3's own (from the embedded GGUF, `slow`: parsing its 262k vocabulary takes
 
 from __future__ import annotations
 
-import gzip
-import itertools
-import json
 import types
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer
 
-from helpers import ASSETS
+from helpers import ASSETS, SPECIALS, corpus, gpt2_bpe, sentencepiece_bpe, wrap
 from hld.data.align import PROBES, Aligner, align_offsets, cut_points
 from hld.errors import HldError
-
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 ADVERSARIAL = {
     "ascii": "The quick brown fox, 42 times! (x_y) [z]",
@@ -67,45 +62,6 @@ ALPHABETS = [
     ["\U0001d518", "\U00010348", "\U00013000", "\u200b", "\u200d", "\ufeff"],
     ["<bos>", "<eos>", "<0x41>", "<"],
 ]
-
-
-def corpus(n_docs: int = 400) -> list[str]:
-    with gzip.open(ASSETS / "c4" / "c4-train.00000-of-00002.json.gz", "rt") as fh:
-        return [json.loads(line)["text"] for line in itertools.islice(fh, n_docs)]
-
-
-def wrap(tok: Tokenizer, name: str):
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", name_or_path=name)
-
-
-def sentencepiece_bpe(vocab_size: int = 3000):
-    """Gemma's conventions: " " → "▁" by the normaliser, "▁" kept at the start of the next token, byte
-    fallback for characters outside the vocabulary."""
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(
-        corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + byte_pieces, show_progress=False)
-    )
-    return wrap(tok, "test-sentencepiece-bpe")
-
-
-def gpt2_bpe(vocab_size: int = 3000):
-    """GPT-2's layout: byte-level pre-tokenizer and decoder, a post-processor that trims offsets."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        corpus(),
-        trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet, show_progress=False
-        ),
-    )
-    return wrap(tok, "test-gpt2-bpe")
 
 
 @pytest.fixture(scope="module")
