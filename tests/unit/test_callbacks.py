@@ -96,3 +96,33 @@ def test_five_skipped_steps_read_back_late_still_stop_the_run(resources, overrid
         _steps(s, tmp_path, state, [MetricLog(log, 100), NonFiniteStop()])  # type: ignore[arg-type]
     assert state.step == 8  # the steps after the 5th skip ran (and were skipped too) before the read-back
     assert [(x["step"], x["skipped"]) for x in log.lines] == [(k, True) for k in range(2, 7)]
+
+
+def test_a_finished_run_frees_its_student(overrides, tmp_path):
+    """A process that runs cell after cell (`hld run`) gets each run's memory back when `train` returns:
+    its Setup sits in reference cycles, which only the cyclic collector frees (turned off here, as it
+    effectively is between a few large objects)."""
+    import gc
+    import weakref
+
+    import hld.train.loop as loop
+
+    built: list = []
+    real = loop.build
+
+    def build(*a, **k):
+        s = real(*a, **k)
+        built.append(weakref.ref(s.student))
+        return s
+
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(loop, "build", build)
+            loop.train(load_config("smoke", [*overrides, "objective.method=hld-joint"]), tmp_path / "r", quiet=True)
+        assert len(built) == 1 and built[0]() is None
+    finally:
+        if was:
+            gc.enable()
