@@ -162,7 +162,7 @@ def test_the_matrix_through_gram_matrices_equals_the_feature_route(overrides, mo
     train_step(s, 0)
     assert diag.student_states() is not before  # an optimiser step wrote the weights in place
     gram = diag.matrix()["cka"]
-    monkeypatch.setattr(cka, "GRAM_ROWS", 0)
+    monkeypatch.setattr(cka, "GRAM_BYTES", 0)
     feature = diag.matrix()["cka"]
     np.testing.assert_allclose(np.array(gram), np.array(feature), rtol=1e-9, atol=1e-12)
     assert 0 < np.array(gram).min() and np.array(gram).max() <= 1 + 1e-12

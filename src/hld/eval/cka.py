@@ -14,10 +14,12 @@ an HLD run of the config matches, also for CE and KD runs) and `val/r2/s{i}_t{j}
 run the full student-layer x teacher-layer matrix in RUN_DIR/cka.json. All on the first
 `diagnostics_windows` validation windows, positions left out as the hidden loss leaves them out.
 
-The matrix, on few positions (n <= GRAM_ROWS, the demo's 2,032), goes through the centred Gram matrices
+The matrix, on few positions (while one side's n x n float64 matrices fit in GRAM_BYTES: the demo's
+n = 2,032 and 19 teacher layers take 599 MiB), goes through the centred Gram matrices
 K = X_c X_c^T (n, n): ||Y_c^T X_c||_F^2 = <K_X, K_Y>_F and ||X_c^T X_c||_F = ||K_X||_F, so each layer
 costs one n x n x d product and each pair an n^2 dot, not a d_s x d_t x n product per pair (the demo's
-10 x 19 layers: 316 -> 53 GFLOP per run, the teacher's Gram matrices kept for the process's runs).
+10 x 19 layers: 316 -> 53 GFLOP per run, the teacher's Gram matrices kept for the process's runs, every
+pair's dot in one product: benchmarks/cka_matrix.py).
 The student's states of a validation are kept until the next optimiser step: the end-of-run matrix
 reuses those of the last validation.
 """
@@ -37,8 +39,7 @@ from hld.models.hooks import LayerCapture, StopForward, n_blocks
 from hld.precision import autocast
 
 CKA_FILE = "cka.json"
-GRAM_ROWS = 4096  # the matrix goes through n x n Gram matrices at most this many positions (128 MB each)
-GRAM_BYTES = 1 << 30  # and keeps the teacher's only while they fit in this
+GRAM_BYTES = 1 << 30  # the matrix goes through n x n Gram matrices while one side's, all layers, fit in this
 
 
 def cka_terms(x: torch.Tensor, norm: Optional[float] = None) -> tuple[torch.Tensor, float]:
@@ -53,18 +54,24 @@ def cka_of_terms(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -
     return float((b[0].T @ a[0]).pow(2).sum()) / denom if denom > 0 else 0.0
 
 
-def gram_terms(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The centred Gram matrix K = x_c x_c^T (n, n) of states x (n, d), float64, and ||K||_F
-    (= ||x_c^T x_c||_F)."""
-    xc = x.double() - x.double().mean(0)
-    k = xc @ xc.T
-    return k, float(torch.linalg.matrix_norm(k))
+def gram_stack(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of `states` (n, d_i) as its centred Gram matrix K = x_c x_c^T, flattened: (L, n*n) float64,
+    with their Frobenius norms (L,) (= ||x_c^T x_c||_F)."""
+    ks = []
+    for x in states:
+        xc = x.double() - x.double().mean(0)
+        ks.append((xc @ xc.T).reshape(-1))
+    k = torch.stack(ks)
+    return k, torch.linalg.vector_norm(k, dim=1)
 
 
-def cka_of_grams(a: tuple[torch.Tensor, float], b: tuple[torch.Tensor, float]) -> float:
-    """Linear CKA from two sides' `gram_terms` on the same positions: <K_X, K_Y>_F / (||K_X|| ||K_Y||)."""
-    denom = a[1] * b[1]
-    return float((a[0] * b[0]).sum()) / denom if denom > 0 else 0.0
+def cka_of_stacks(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Linear CKA of every layer of `a` against every layer of `b` (two `gram_stack`s on the same positions):
+    <K_X, K_Y>_F / (||K_X|| ||K_Y||), (L_a, L_b) float64, 0 where a side is constant. One product over the
+    n*n entries for all pairs."""
+    denom = a[1][:, None] * b[1][None, :]
+    num = a[0] @ b[0].T
+    return torch.where(denom > 0, num / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -126,7 +133,7 @@ class TeacherStates:
         self.lm, self.windows, self.skip_first = lm, windows, skip_first
         self._states: dict[int, torch.Tensor] = {}
         self._norms: dict[int, float] = {}  # ||y^T y||_F per layer (the centred float64 copies are not kept)
-        self._grams: dict[int, tuple[torch.Tensor, float]] = {}  # gram_terms, for the matrix on few positions
+        self._grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # gram_stacks, the matrix on few positions
 
     def states(self, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [t for t in layers if t not in self._states]
@@ -156,13 +163,12 @@ class TeacherStates:
         """Linear CKA of states x (n, d) on these windows against the teacher's `layer`."""
         return cka_of_terms(cka_terms(x), self.terms(layer))
 
-    def gram(self, layer: int) -> tuple[torch.Tensor, float]:
-        """`gram_terms` of `layer`, kept while every layer's would fit in GRAM_BYTES."""
-        g = self._grams.get(layer)
+    def gram_stack(self, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gram_stack` of `layers`, kept for the process's runs."""
+        g = self._grams.get(tuple(layers))
         if g is None:
-            g = gram_terms(self.states([layer])[layer])
-            if g[0].numel() * g[0].element_size() * len(self._states) <= GRAM_BYTES:
-                self._grams[layer] = g
+            states = self.states(layers)
+            g = self._grams[tuple(layers)] = gram_stack([states[t] for t in layers])
         return g
 
 
@@ -247,12 +253,10 @@ class Diagnostics:
         # to its depth (17 passes of Gemma 3 270M, 53 s of the demo's first cell)
         self.teacher.states(t_layers)
         cka = [[0.0] * len(t_layers) for _ in s_layers]
-        if states[0].shape[0] <= GRAM_ROWS:  # few positions: through the Gram matrices
-            grams = [gram_terms(states[a]) for a in s_layers]
-            for j, b in enumerate(t_layers):
-                kt = self.teacher.gram(b)
-                for i in range(len(s_layers)):
-                    cka[i][j] = cka_of_grams(grams[i], kt)
+        n = states[0].shape[0]
+        if n * n * 8 * max(len(s_layers), len(t_layers)) <= GRAM_BYTES:  # few positions: Gram matrices
+            student = gram_stack([states[a] for a in s_layers])
+            cka = cka_of_stacks(student, self.teacher.gram_stack(t_layers)).tolist()
         else:
             st = {a: cka_terms(states[a]) for a in s_layers}
             for j, b in enumerate(t_layers):  # one teacher layer's centred float64 copy at a time
