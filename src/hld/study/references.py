@@ -522,7 +522,7 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
     the windows its cells are validated on: what the arms heal from. What study.json holds is kept."""
     from hld.config_checks import derived_depth
     from hld.eval.perplexity import perplexity
-    from hld.models.derive import prune_depth
+    from hld.models.derive import derived_student
     from hld.precision import resolve_dtype
 
     out: list[dict] = []
@@ -537,7 +537,7 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
             train = resources.train_windows(cfg.data, tok)
             lm = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model
             d = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train, device=lm.device)
-            student = prune_depth(lm, d.kept).eval()
+            student = derived_student(lm, d).eval()  # its kept blocks, narrowed as derived
             r = perplexity(
                 student,
                 resources.validation_windows(cfg.data, tok),
