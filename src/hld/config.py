@@ -177,7 +177,8 @@ class HiddenConfig:
     mapping: Literal["uniform", "last", "explicit", "kept"] = _f(
         "uniform",
         "student->teacher layer pairs: uniform spacing, last block only, `pairs`, or kept (a depth-N student: "
-        "each block to the teacher block it was copied from, matched without a projector)",
+        "each block to the teacher block it was copied from, matched without a trained projector: the identity, or "
+        "the fixed basis of a narrowed or projected residual, student.init.residual)",
     )
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")

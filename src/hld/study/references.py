@@ -509,11 +509,14 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
 
 
 def _derived_key(cfg: RunConfig) -> dict:
+    sizes = {k: getattr(cfg.student, k) for k in ("d_model", "n_heads", "n_kv_heads", "d_ff")}
     return {
         **_reference_key(cfg),
         "student": cfg.student.preset,
         "init": to_dict(cfg.student.init),
         "train": cfg.data.train,
+        # the widths a derived student is narrowed to (absent when none is: the keys study.json already holds)
+        **({"sizes": sizes} if any(v is not None for v in sizes.values()) else {}),
     }
 
 
