@@ -5,8 +5,9 @@ training, on the windows the demo scores.
     python scripts/derive_widths.py [--teacher gemma-3-270m] [--blocks 0-5+15-17] [--widths 640,512,384,256]
 
 The kept blocks are given (default: the demo's depth-9 student); `--blocks all` keeps every block, so only the
-width changes. Project is also scored with the reading norms' weights kept as a diagonal instead of folded
-(`fold=False`), the choice docs/decisions.md records. Prints one JSON line per student and a markdown table
+width changes. `--folds` also scores project with other norms folded into their linear layers (`none`: every
+norm keeps a diagonal; `all`: the post-attention and post-feedforward norms folded too), the choice
+docs/decisions.md records. Prints one JSON line per student and a markdown table
 (docs/decisions.md, "Students derived from the teacher"), beside the teacher and the unigram and bigram fitted
 on the whole training split, on the same validation windows.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from hld.config import load_config
 from hld.models.derive import mean_loss, prune_depth
 from hld.models.hooks import n_blocks
-from hld.models.residual_width import moments, residual_of
+from hld.models.residual_width import READS, WRITES, moments, residual_of
 from hld.study.references import cross_entropy, fit_split
 from hld.train.resources import Resources
 
@@ -34,7 +35,8 @@ def main() -> None:
     ap.add_argument("--widths", default="640,512,384,256")
     ap.add_argument("--val-windows", type=int, default=16, help="validation windows scored (the demo's: 16)")
     ap.add_argument("--calibration-windows", type=int, default=16)
-    ap.add_argument("--no-fold", action="store_true", help="also score project with fold=False")
+    ap.add_argument("--folds", default="", help="also score project with these folds: none, all (comma-separated)")
+    ap.add_argument("--ways", default="prune,project")
     args = ap.parse_args()
     res = Resources()
     base = load_config("demo", [f"teacher.model={args.teacher}", "teacher.dtype=float32"])
@@ -51,15 +53,16 @@ def main() -> None:
     rows.append({"student": f"teacher ({L} blocks)", "d_model": 640, "val_loss": mean_loss(teacher, val)})
     for row in rows:
         print(json.dumps(row), flush=True)
-    ways = [("prune", None), ("project", None)] + ([("project", False)] if args.no_fold else [])
-    for how in ("prune", "project"):
+    folds = {"none": (), "all": READS + WRITES}
+    ways = [("prune", None), ("project", None)] + [("project", f) for f in args.folds.split(",") if f]
+    for how in args.ways.split(","):
         t0 = time.time()
         stats = moments(teacher, calib, kept, full=how == "project")  # one pass serves every width
         calib_s = time.time() - t0
         for d in (int(x) for x in args.widths.split(",")):
             for fold in [f for h, f in ways if h == how]:
                 t0 = time.time()
-                r = residual_of(teacher, stats, how=how, d_model=d, fold=fold)
+                r = residual_of(teacher, stats, how=how, d_model=d, fold=None if fold is None else folds[fold])
                 loss = mean_loss(prune_depth(teacher, kept, residual=r), val)
                 name = how if fold is None else f"{how} (fold={fold})"
                 row = {"student": f"depth-{len(kept)}", "residual": name, "d_model": d, "val_loss": loss}

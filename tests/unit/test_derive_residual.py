@@ -69,8 +69,8 @@ def test_keeping_every_channel_gives_the_teachers_logits(teacher, windows):
 def test_the_identity_basis_gives_the_teachers_logits_with_the_norms_folded(teacher, windows):
     stats = R.moments(teacher, windows, (0, 1, 2), full=True)
     eye = torch.eye(48, dtype=torch.float64)
-    scales = R.norm_scales(teacher, stats, eye, fold=True)
-    r = R.Residual("project", 48, eye, scales, fold=True)
+    scales = R.norm_scales(teacher, stats, eye, fold=R.READS)
+    r = R.Residual("project", 48, eye, scales, fold=R.READS)
     student = D.prune_depth(teacher, (0, 1, 2), residual=r)
     torch.testing.assert_close(logits(student, windows), logits(teacher, windows), rtol=1e-5, atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_a_full_rank_rotation_gives_the_teachers_logits(teacher, windows):
     student = D.prune_depth(lm, (0, 1, 2), residual=r)
     torch.testing.assert_close(logits(student, windows), logits(lm, windows), rtol=1e-4, atol=1e-4)
     # the reading norms' v folded into q/k/v and gate/up is what makes it exact: kept as a diagonal it is not
-    diagonal = R.narrow(lm, windows, (0, 1, 2), how="project", d_model=48, fold=False)
+    diagonal = R.narrow(lm, windows, (0, 1, 2), how="project", d_model=48, fold=())
     unfolded = D.prune_depth(lm, (0, 1, 2), residual=diagonal)
     assert (logits(unfolded, windows) - logits(lm, windows)).abs().max() > 1e-2
 

@@ -27,7 +27,11 @@ applies this after the depth and head/channel slicing):
   (W diag(v) P; the norm keeps the scalar g), exact for states in span(P); the post-attention and
   post-feedforward norms (which write the residual) and the final norm (whose tied head cannot hold v)
   keep a diagonal weight, the least-squares fit u_j = (P^T diag(v) C_n P)_jj / (P^T C_n P)_jj of
-  P^T diag(v) P on the calibration states. `prune` keeps every norm's own v[kept] (P is a selection: exact).
+  P^T diag(v) P on the calibration states. (`fold` may also name the writing norms: their v then goes into
+  o and down, P^T diag(v) W, the direction of the norm's output exact and its size the calibration mean
+  of |P^T diag(v) o| / |o|; and eps, no longer beside the same mean square, changes weight. Measured on
+  Gemma 3 270M: better at full width, worse at 256, so not the default; docs/decisions.md.)
+  `prune` keeps every norm's own v[kept] (P is a selection: exact).
   The final norm's g also undoes the embedding factor (the head is E P sqrt(d_t / d_s)): g = rho.
 - q_norm and k_norm act on the head width, which does not change.
 
@@ -67,7 +71,7 @@ class Residual:
     basis: torch.Tensor = field(repr=False)  # P (d_teacher, d_student), orthonormal columns, float64
     # (teacher block, norm name) or (-1, "final") -> the student norm's scale v_s = 1 + w_s (d_student,)
     scales: dict = field(repr=False)
-    fold: bool  # the reading norms' v folded into the linear layers that read them (project)
+    fold: tuple[str, ...]  # the norms whose v is folded into the linear layers that read (or write) them
     channels: Optional[list[int]] = None  # prune: the kept channels, increasing
     captured: float = 1.0  # mean share of the read residual states' energy inside span(P) (tr P^T M P / tr M)
 
@@ -76,7 +80,7 @@ class Residual:
         return {
             "how": self.how,
             "d_model": self.d_model,
-            "fold": self.fold,
+            "fold": list(self.fold),
             "channels": self.channels,
             "captured": self.captured,
             "mean_norm_scale": rho,
@@ -178,8 +182,10 @@ def _quadratic_diag(p: torch.Tensor, s: dict, v: torch.Tensor) -> tuple[torch.Te
     return d, (v * s["diag"]) @ p.pow(2)
 
 
-def norm_scales(teacher: CausalLM, stats: dict, p: torch.Tensor, *, fold: bool) -> dict:
-    """Each student norm's v_s = 1 + w_s (d_student,), float64 (the module docstring's rules)."""
+def norm_scales(teacher: CausalLM, stats: dict, p: torch.Tensor, *, fold: tuple[str, ...]) -> dict:
+    """Each student norm's v_s = 1 + w_s (d_student,), float64 (the module docstring's rules). A norm named
+    in `fold` keeps a scalar: its v goes into the linear layers that read it (READS) or write its input
+    (WRITES: then its scale is the calibration mean of |P^T diag(v) o| / |o| instead of rho)."""
     d_t, d_s = p.shape
     norms = _norms(teacher, tuple(sorted({b for b, _ in stats if b >= 0})))
     out = {}
@@ -188,8 +194,13 @@ def norm_scales(teacher: CausalLM, stats: dict, p: torch.Tensor, *, fold: bool) 
         kept_energy, weighted = _quadratic_diag(p, stats[key], v)
         rho = math.sqrt(float(kept_energy.sum()))
         g = rho if key[1] == FINAL else math.sqrt(d_t / d_s) * rho  # the final norm also undoes sqrt(d_t/d_s)
-        if fold and key[1] in READS:
+        if key[1] in fold and key[1] in READS:
             out[key] = torch.full((d_s,), g, dtype=torch.float64)
+            continue
+        if key[1] in fold:  # WRITES: o -> P^T diag(v) o before the norm
+            vp = v[:, None] * p
+            c = stats[key]["C"] if "C" in stats[key] else torch.diag(stats[key]["diag"])
+            out[key] = torch.full((d_s,), math.sqrt(d_t / d_s * float((vp * (c @ vp)).sum())), dtype=torch.float64)
             continue
         fallback = p.pow(2).T @ v  # diag(P^T diag(v) P): for a direction the calibration never reached
         u = torch.where(kept_energy > 1e-12, weighted / kept_energy.clamp_min(1e-12), fallback)
@@ -204,7 +215,7 @@ def narrow(
     *,
     how: str,
     d_model: int,
-    fold: Optional[bool] = None,
+    fold: Optional[tuple[str, ...]] = None,
 ) -> Residual:
     """Measure the calibration windows (`moments`) and choose the basis and norm scales (`residual_of`)."""
     check_residual(teacher, d_model)
@@ -212,12 +223,14 @@ def narrow(
     return residual_of(teacher, stats, how=how, d_model=d_model, fold=fold)
 
 
-def residual_of(teacher: CausalLM, stats: dict, *, how: str, d_model: int, fold: Optional[bool] = None) -> Residual:
+def residual_of(
+    teacher: CausalLM, stats: dict, *, how: str, d_model: int, fold: Optional[tuple[str, ...]] = None
+) -> Residual:
     """The basis and the norm scales of a `d_model`-wide student from the kept blocks' `moments` (`full` for
     `project`). `fold`: fold the reading norms' v into their linear layers (default: for `project` only;
     `prune` is exact either way)."""
     d_t = check_residual(teacher, d_model)
-    fold = how == "project" if fold is None else fold
+    fold = (READS if how == "project" else ()) if fold is None else tuple(fold)
     if how == "prune":
         channels = sorted(torch.argsort(-channel_ranking(stats), stable=True)[:d_model].tolist())
         p = _selection(channels, d_t)
@@ -243,16 +256,21 @@ def narrow_state(state: dict[str, torch.Tensor], residual: Residual, kept: tuple
     if "lm_head.weight" in state:  # tied: the same tensor
         state["lm_head.weight"] = state[f"{prefix}embed_tokens.weight"]
     state[f"{prefix}norm.weight"] = (residual.scales[(-1, FINAL)] - 1).float()
+    linears = {
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # read it
+        "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+        "post_attention_layernorm": ("self_attn.o_proj",),  # write its input
+        "post_feedforward_layernorm": ("mlp.down_proj",),
+    }
     for k, b in enumerate(kept):
         block = f"{prefix}layers.{k}."
-        for norm, linears in (
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ):
+        for norm, names in linears.items():
             v = 1 + state[f"{block}{norm}.weight"].double()
-            for lin in linears:  # W (out, d_t) -> W diag(v) P or W P
-                mapped(f"{block}{lin}.weight", lambda w, v=v: (w * v if residual.fold else w) @ p)
-        for lin in ("self_attn.o_proj", "mlp.down_proj"):  # W (d_t, in) -> P^T W
-            mapped(f"{block}{lin}.weight", lambda w: p.T @ w)
+            a = v if norm in residual.fold else torch.ones_like(v)  # the norm's v, when folded into them
+            for lin in names:
+                if norm in READS:  # W (out, d_t) -> W diag(a) P
+                    mapped(f"{block}{lin}.weight", lambda w, a=a: (w * a) @ p)
+                else:  # W (d_t, in) -> P^T diag(a) W
+                    mapped(f"{block}{lin}.weight", lambda w, a=a: p.T @ (a[:, None] * w))
         for norm in READS + WRITES:
             state[f"{block}{norm}.weight"] = (residual.scales[(b, norm)] - 1).float()
