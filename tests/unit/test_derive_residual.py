@@ -229,3 +229,38 @@ def test_the_norm_scale_undoes_the_narrower_rms(teacher, windows):
     rho = math.sqrt(np.mean((x[:, r.channels] ** 2).sum(1) / (x**2).sum(1)))
     v = 1 + teacher.model.layers[0].input_layernorm.weight.double().numpy()
     np.testing.assert_allclose(r.scales[(0, "input_layernorm")].numpy(), v[r.channels] * math.sqrt(3) * rho)
+
+
+def test_the_residual_composes_with_narrowed_heads_and_channels(teacher, windows):
+    """Heads and MLP channels are cut first, then the residual side of the same matrices is mapped: keeping
+    every residual channel gives the head-and-channel-pruned student's logits, and a narrower one still runs."""
+    from hld.models.prune_width import Widths, choose, importance, teacher_widths
+
+    target = Widths(n_heads=1, n_kv_heads=1, d_ff=40)
+    per_block = [choose(s, teacher_widths(teacher), target) for s in importance(teacher, windows)]
+    narrow = D.prune_depth(teacher, (0, 1, 2), widths=target, per_block=per_block)
+    full = R.narrow(teacher, windows, (0, 1, 2), how="prune", d_model=48)
+    both = D.prune_depth(teacher, (0, 1, 2), widths=target, per_block=per_block, residual=full)
+    torch.testing.assert_close(logits(both, windows), logits(narrow, windows), rtol=1e-5, atol=1e-5)
+    r = R.narrow(teacher, windows, (0, 1, 2), how="project", d_model=24)
+    small = D.prune_depth(teacher, (0, 1, 2), widths=target, per_block=per_block, residual=r)
+    assert small.model.layers[0].mlp.down_proj.weight.shape == (24, 40)
+    assert small.model.layers[0].self_attn.q_proj.weight.shape == (24, 24)  # 1 head of 24 reads 24 channels
+    assert torch.isfinite(logits(small, windows)).all()
+
+
+def test_the_hidden_loss_of_a_narrowed_student_compares_its_lifted_state(teacher, windows):
+    """mse under `mapping: kept`: per position the mean over the teacher's 48 dimensions of (P s - h)^2,
+    summed over the mask (no normalisation), written out in numpy."""
+    from hld.distill.objectives import HiddenObjective
+
+    r = R.narrow(teacher, windows, (0, 2), how="project", d_model=24)
+    proj = Projectors([(1, 1)], d_student=24, d_teacher=48, identity=True, basis=r.basis)
+    obj = HiddenObjective(proj, loss="mse", normalize_teacher="none", beta=1.0)
+    g = torch.Generator().manual_seed(3)
+    s, h = torch.randn(2, 6, 24, generator=g), torch.randn(2, 6, 48, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    p = r.basis.float().numpy()
+    want = (((s.numpy() @ p.T - h.numpy()) ** 2).mean(-1) * mask.numpy()).sum()
+    assert float(obj.pair_sum((1, 1), s, h, mask)) == pytest.approx(want, rel=1e-5)
+    assert obj.n_pairs == 0 and obj.cost_dims(32) == ((24, 2 * 48 / 3),)  # 6 * 24 * 32 = 4 d_s d_t a token
