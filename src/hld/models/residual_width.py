@@ -59,7 +59,6 @@ FAMILIES = ("gemma3_text",)  # the RMSNorm x * (1 + w) and the sqrt(d) embedding
 READS = ("input_layernorm", "pre_feedforward_layernorm")  # block norms whose output a linear layer reads
 WRITES = ("post_attention_layernorm", "post_feedforward_layernorm")  # block norms whose output joins the residual
 FINAL = "final"
-HOW = ("prune", "project")
 
 
 @dataclass(frozen=True)
