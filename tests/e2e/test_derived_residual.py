@@ -29,6 +29,33 @@ def test_every_channel_kept_starts_as_the_teacher_through_the_basis(tmp_path, ov
 
 
 @pytest.mark.slow
+def test_the_exported_narrow_student_is_the_derived_one(tmp_path, overrides):
+    """Trained at lr 1e-12 (its weights do not move), exported by `hld export` and loaded by plain
+    transformers, a projected d_model-32 student gives the logits of the student built in-process from the
+    teacher and the same derivation (`derived_student`)."""
+    from transformers import AutoModelForCausalLM
+
+    from hld.models.derive import derived_student
+    from hld.train.resources import Resources
+
+    narrow = [*DERIVED, "student.d_model=32", "student.init.residual=project", "objective.method=kd"]
+    out = tmp_path / "run"
+    argv = ["train", "--config", "smoke", "--out", str(out), *overrides, *narrow, "train.lr=1e-12", "--quiet"]
+    assert main(argv) == 0
+    assert main(["export", str(out), str(tmp_path / "hf"), "--quiet"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    cfg = load_config("smoke", [*overrides, *narrow])
+    res = Resources()
+    tok = res.tokenizer(cfg.teacher.model)
+    train = res.train_windows(cfg.data, tok)
+    d = res.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train, device=torch.device("cpu"))
+    want = derived_student(res.teacher(cfg.teacher.model, cfg.teacher.dtype).model, d).eval()
+    ids = torch.as_tensor(train[:2], dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_a_projected_student_trains_is_counted_and_reloads(tmp_path, overrides, capsys):
     from transformers import AutoModelForCausalLM
 
