@@ -118,6 +118,15 @@ class StudentInitConfig:
         "training windows the ranking reads (the first of the training store, the same for every seed and arm); "
         "their teacher forwards are counted in the run's FLOPs, in both accountings",
     )
+    residual: Literal["prune", "project"] = _f(
+        "prune",
+        "how a depth-N student narrower than its teacher's residual stream (student.d_model) gets its embedding "
+        "and every weight that reads or writes the residual (src/hld/models/residual_width.py): prune = keep the "
+        "student.d_model channels with the largest activation importance on the calibration windows (Minitron, "
+        "arXiv 2407.14679); project = map the teacher's weights onto the top student.d_model principal directions "
+        "of its residual states there (PCA; a Low-Rank Clone style init, arXiv 2505.12781), which also applies at "
+        "the teacher's own width when student.d_model is not set (a rotated teacher)",
+    )
 
 
 @dataclass
@@ -134,7 +143,11 @@ class StudentConfig:
         "embedding, final norm and head (an ordinary model of the teacher's family; `student.init`)",
     )
     n_layers: Optional[int] = _f(None, "override the preset's number of decoder blocks")
-    d_model: Optional[int] = _f(None, "override the preset's hidden width")
+    d_model: Optional[int] = _f(
+        None,
+        "override the preset's hidden width; under depth-N the residual width the teacher's is narrowed to "
+        "(student.init.residual)",
+    )
     n_heads: Optional[int] = _f(None, "override the preset's attention heads")
     n_kv_heads: Optional[int] = _f(None, "override the preset's key/value heads")
     head_dim: Optional[int] = _f(None, "override the preset's per-head width")
@@ -164,7 +177,8 @@ class HiddenConfig:
     mapping: Literal["uniform", "last", "explicit", "kept"] = _f(
         "uniform",
         "student->teacher layer pairs: uniform spacing, last block only, `pairs`, or kept (a depth-N student: "
-        "each block to the teacher block it was copied from, matched without a projector)",
+        "each block to the teacher block it was copied from, matched without a trained projector: the identity, or "
+        "the fixed basis of a narrowed or projected residual, student.init.residual)",
     )
     n_pairs: Optional[int] = _f(None, "uniform: number of pairs (None: one per student block)")
     pairs: list = _f([], "explicit: [[student_layer, teacher_layer], ...]; layer i = output of block i, 0 = embeddings")

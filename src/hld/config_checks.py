@@ -234,6 +234,15 @@ def derived_depth(preset: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def derived_residual(student) -> str | None:
+    """How a derived student's residual stream is mapped onto a basis (`student.init.residual`, prune or
+    project; hld.models.residual_width): when `student.d_model` narrows it, or to project it at the teacher's
+    width; None: it is the teacher's, untouched."""
+    if derived_depth(student.preset) is None:
+        return None
+    return student.init.residual if student.d_model is not None or student.init.residual == "project" else None
+
+
 def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
     """A student derived from its teacher takes every size from it; kept blocks are listed once each, in
     order, as many as the preset names; the `kept` map needs such a student. What needs the teacher's own
@@ -253,10 +262,15 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
                 f"objective.hidden.mapping=kept needs a student made of its teacher's blocks (preset {s.preset})",
                 "use student.preset=depth-N, or another mapping (uniform)",
             ),
+            (
+                s.init.residual == "prune",
+                f"student.init.residual={s.init.residual} is set but student.preset={s.preset} is built from scratch",
+                "use student.preset=depth-N (a student derived from its teacher), or drop student.init.residual",
+            ),
         ]
-    # n_heads, n_kv_heads and d_ff narrow a derived student (hld.models.prune_width); the residual width,
-    # the head width and the depth (the preset's N) are the teacher's
-    set_sizes = [f"student.{k}" for k in ("n_layers", "d_model", "head_dim") if getattr(s, k) is not None]
+    # n_heads, n_kv_heads and d_ff narrow a derived student (hld.models.prune_width), d_model its residual
+    # stream (hld.models.residual_width); the head width and the depth (the preset's N) are the teacher's
+    set_sizes = [f"student.{k}" for k in ("n_layers", "head_dim") if getattr(s, k) is not None]
     ints = all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
     return [
         (n >= 1, f"student.preset={s.preset} keeps no block", "keep at least one block: depth-1 or more"),
@@ -267,9 +281,9 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         ),
         (
             not set_sizes,
-            f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose depth, residual and head widths are "
-            "its teacher's (embedding channels are not pruned)",
-            f"drop {', '.join(set_sizes)} (depth-N sets the depth; student.n_heads, n_kv_heads, d_ff narrow it)",
+            f"{', '.join(set_sizes)} set for student.preset={s.preset}, whose depth and head width are its teacher's",
+            f"drop {', '.join(set_sizes)} (depth-N sets the depth; student.d_model, n_heads, n_kv_heads, d_ff "
+            "narrow it)",
         ),
         (
             not blocks or (ints and len(blocks) == n),

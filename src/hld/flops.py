@@ -20,6 +20,7 @@ from typing import Optional
 from torch import nn
 
 from hld.config import StudentConfig
+from hld.config_checks import derived_depth, derived_residual
 from hld.models.hooks import CausalLM, decoder_of, text_config
 
 
@@ -94,15 +95,27 @@ def step_cost(
     return StepCost(student=s, teacher=t, projectors=p)
 
 
-def calibration_flops(teacher: CausalLM, rank: str, *, windows: int, seq_len: int, width: bool = False) -> float:
+def calibration_flops(
+    teacher: CausalLM,
+    rank: str,
+    *,
+    windows: int,
+    seq_len: int,
+    width: bool = False,
+    residual: Optional[str] = None,
+    kept_blocks: int = 0,
+) -> float:
     """FLOPs of ranking a derived student's blocks (`hld.models.derive`) over `windows` windows of `seq_len`
     tokens: block_influence and angular one teacher forward without its head; loss_drop L + 1 whole forwards
     (the dropped block still runs under the identity hook, so its FLOPs are spent); explicit blocks nothing;
     `width` (heads and channels chosen by activation importance, `hld.models.prune_width`): one more forward
-    without the head."""
+    without the head; `residual` (prune or project the residual stream of a student of `kept_blocks` blocks,
+    `hld.models.residual_width`): `residual_flops`."""
     tokens = windows * seq_len
     no_head = forward_flops_per_token(teacher, seq_len, logits=False) * tokens
     extra = no_head if width else 0.0
+    if residual is not None:
+        extra += residual_flops(teacher, residual, windows=windows, seq_len=seq_len, kept_blocks=kept_blocks)
     if rank == "explicit":
         return extra
     if rank == "loss_drop":
@@ -110,9 +123,26 @@ def calibration_flops(teacher: CausalLM, rank: str, *, windows: int, seq_len: in
     return no_head + extra
 
 
+def residual_flops(teacher: CausalLM, how: str, *, windows: int, seq_len: int, kept_blocks: int) -> float:
+    """The residual-width calibration (`hld.models.residual_width.moments`): one teacher forward without its
+    head over the windows; `project` also sums x x^T over positions 1.. of each window for the 4 norms of each
+    kept block and the final norm (2 d^2 FLOPs a position each) and eigendecomposes the d x d sum (9 d^3:
+    the symmetric QR algorithm with eigenvectors, Golub & Van Loan, Matrix Computations, 8.3). `prune` reads
+    elementwise statistics only (O(d) a position, not counted, as norms are not)."""
+    out = forward_flops_per_token(teacher, seq_len, logits=False) * windows * seq_len
+    if how == "project":
+        d = text_config(teacher.config).hidden_size
+        out += (4 * kept_blocks + 1) * 2 * d * d * windows * (seq_len - 1) + 9 * d**3
+    return out
+
+
 def planned_calibration(student: StudentConfig, teacher: CausalLM, seq_len: int) -> tuple[str, float]:
     """(rank, calibration FLOPs) of a derived student, known before any weight is read."""
     rank = "explicit" if student.init.blocks else student.init.rank
     width = any(getattr(student, k) is not None for k in ("n_heads", "n_kv_heads", "d_ff"))
-    w = 0 if rank == "explicit" and not width else student.init.calibration_windows
-    return rank, calibration_flops(teacher, rank, windows=w, seq_len=seq_len, width=width)
+    residual = derived_residual(student)
+    w = 0 if rank == "explicit" and not width and residual is None else student.init.calibration_windows
+    n = derived_depth(student.preset) or 0
+    return rank, calibration_flops(
+        teacher, rank, windows=w, seq_len=seq_len, width=width, residual=residual, kept_blocks=n
+    )

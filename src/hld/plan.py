@@ -59,7 +59,7 @@ from hld.config_checks import derived_depth
 from hld.distill.signals.registry import CACHE_CODECS
 from hld.errors import HldError
 from hld.flops import planned_calibration
-from hld.models.derive import planned_kept, planned_widths
+from hld.models.derive import planned_d_model, planned_kept, planned_widths, residual_text
 from hld.models.hooks import CausalLM, decoder_of, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.models.student import count_params, shape_of
@@ -348,6 +348,9 @@ def origin_row(cfg: RunConfig, teacher: CausalLM) -> tuple[str, float]:
             f"; narrowed to {widths.n_heads} heads ({widths.n_kv_heads} kv), d_ff {widths.d_ff} by activation "
             f"importance on {w} training windows"
         )
+    d_model = planned_d_model(cfg.student, teacher)
+    if d_model is not None:
+        how += f"; {residual_text(cfg.student.init.residual, d_model)} on {w} training windows"
     return f"{len(kept)} of {n_t} teacher blocks, {how}", flops
 
 

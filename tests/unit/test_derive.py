@@ -156,7 +156,7 @@ def test_bad_input_is_one_line(teacher):
         (["student.preset=depth-2", "student.init.calibration_windows=0"], "calibration_windows=0 is outside"),
         (["student.preset=depth-2", "student.init.blocks=[0]"], "does not list 2 block indices"),
         (["student.preset=depth-2", "student.init.blocks=[2, 0]"], "increasing order"),
-        (["student.preset=depth-2", "student.d_model=32"], "embedding channels are not pruned"),
+        (["student.preset=depth-2", "student.n_layers=3"], "whose depth and head width are its teacher's"),
         (["student.preset=depth-0"], "keeps no block"),
         (["student.init.blocks=[0, 1]"], "built from scratch"),
         (["objective.hidden.mapping=kept"], "needs a student made of its teacher's blocks"),
@@ -253,8 +253,8 @@ def test_width_pruning_bad_input_is_one_line(teacher):
     with pytest.raises(HldError, match="does not split"):
         target_widths(gqa, n_heads=4, n_kv_heads=1, d_ff=None)  # a group keeps at most its own 2 heads
     assert target_widths(gqa, n_heads=None, n_kv_heads=1, d_ff=None).n_heads == 2
-    with pytest.raises(HldError, match="embedding channels are not pruned"):
-        load_config(None, ["student.preset=depth-2", "student.d_model=32"])
+    with pytest.raises(HldError, match="whose depth and head width are its teacher's"):
+        load_config(None, ["student.preset=depth-2", "student.head_dim=12"])
 
 
 def test_width_calibration_flops_by_hand(teacher):

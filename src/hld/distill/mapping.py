@@ -16,7 +16,8 @@ def layer_pairs(
     cfg: HiddenConfig, *, n_student: int, n_teacher: int, kept: Optional[tuple[int, ...]] = None
 ) -> list[tuple[int, int]]:
     """[(student_layer, teacher_layer), ...] in increasing student order. `kept`: a derived student's
-    teacher blocks (0-based), which `mapping: kept` pairs each student block with."""
+    teacher blocks (0-based), which `mapping: kept` pairs each student block with (its state reaches the
+    teacher's space unchanged, or through its residual basis P when narrowed: `hld.distill.projectors`)."""
     if cfg.mapping == "kept":
         if kept is None or len(kept) != n_student:
             raise HldError(

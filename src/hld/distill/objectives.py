@@ -137,7 +137,11 @@ class HiddenObjective:
         projector term): a projector d_s -> d_t trained (x3), then the loss's own (`HiddenLoss.cost_dims`)."""
         d_s, d_t = self.projectors.d_student, self.projectors.d_teacher
         n = len(self.projectors.pairs)
-        dims = ((d_s, d_t),) * n if self.kind.projector and self.projectors.linear else ()
+        dims: tuple[tuple[float, float], ...] = (
+            ((d_s, d_t),) * n if self.kind.projector and self.projectors.linear else ()
+        )
+        if self.kind.projector and self.projectors.basis is not None:  # fixed P: forward and dL/ds, 4 d_s d_t
+            dims = ((d_s, 2 * d_t / 3),) * n
         return dims + self.kind.cost_dims(d_student=d_s, d_teacher=d_t, seq_len=seq_len) * n
 
     def set_progress(self, progress: float) -> dict[str, float]:
@@ -161,7 +165,8 @@ class HiddenObjective:
         s, t = pair
         pred = s_hidden
         if self.kind.projector and self.projectors.identity:  # the student's block is a teacher block:
-            pred = self.target(t, s_hidden)  # its state normalised as the teacher's (B, T, d_t)
+            pred = self.target(t, self.projectors(pair, s_hidden))  # its state (in the teacher's basis)
+            # normalised as the teacher's (B, T, d_t)
         elif self.kind.projector:
             proj = self.projectors.proj[pair_key(pair)]
             pred = proj(s_hidden.to(proj.weight.dtype))  # type: ignore[arg-type]  # (B, T, d_t)

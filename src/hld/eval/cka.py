@@ -236,7 +236,7 @@ class Diagnostics:
             if self.s.projectors is not None and self.s.projectors.identity and self.hidden is not None:
                 with torch.no_grad():  # a kept teacher block: its state normalised as the teacher's is the prediction
                     out[f"val/r2/{key}"] = r2_standardized(
-                        self.hidden.target(b, st[a]).cpu(), self.hidden.target(b, te[b]).cpu()
+                        self.hidden.target(b, self.s.projectors(pair, st[a])).cpu(), self.hidden.target(b, te[b]).cpu()
                     )
             elif proj is not None and self.hidden is not None:
                 with torch.no_grad():

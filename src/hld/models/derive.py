@@ -13,6 +13,8 @@ first `student.init.calibration_windows` windows of the training store, the same
 - `loss_drop`: the teacher's mean next-token loss on the windows with block i replaced by the identity,
   minus its loss with every block; the N blocks whose removal costs most are kept.
 
+Heads and MLP channels are narrowed by `hld.models.prune_width` (`student.n_heads`, `n_kv_heads`, `d_ff`), the
+residual stream by `hld.models.residual_width` (`student.d_model`, `student.init.residual`: prune or project).
 Position 0 of each window (the BOS, an attention sink) is left out of the two similarity rankings, as it
 is of the hidden loss. Their cost is counted into the run's FLOPs in both accountings
 (`hld.flops.calibration_flops`).
@@ -21,6 +23,7 @@ is of the hidden loss. Their cost is counted into the run's FLOPs in both accoun
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import time
@@ -32,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from hld.config import StudentConfig
-from hld.config_checks import derived_depth
+from hld.config_checks import derived_depth, derived_residual
 from hld.errors import HldError
 from hld.models.hooks import CausalLM, LayerCapture, decoder_of, forward_windows, n_blocks, text_config
 from hld.models.prune_width import Widths, choose, importance, slice_block, target_widths, teacher_widths
+from hld.models.residual_width import Residual, check_residual, narrow, narrow_state
 
 # the families whose decoder is `embed_tokens`, `layers`, a final norm and a head, with per-block state
 # only in `layers` and `layer_types` (tested: Gemma 3, Llama, Qwen 2/3, Mistral)
@@ -60,11 +64,14 @@ class Derivation:
     # width pruning (hld.models.prune_width): n_heads, n_kv_heads, d_ff and, per kept block, its kept
     # query heads, key/value groups and MLP channels; None when the blocks keep the teacher's widths
     widths: Optional[dict] = None
+    # a narrower residual stream (hld.models.residual_width): its basis and norm scales; None: the teacher's
+    residual: Optional[Residual] = None
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(dataclasses.replace(self, residual=None))
         out["kept"], out["origin"] = list(self.kept), origin_text(self)
         out["scores"] = list(self.scores) if self.scores is not None else None
+        out["residual"] = self.residual.to_json() if self.residual is not None else None
         return out
 
 
@@ -74,7 +81,14 @@ def origin_text(d: Derivation) -> str:
     if d.widths is not None:
         w = d.widths
         out += f"; narrowed to {w['n_heads']} heads ({w['n_kv_heads']} kv), d_ff {w['d_ff']} by activation importance"
+    if d.residual is not None:
+        out += f"; {residual_text(d.residual.how, d.residual.d_model)} ({d.residual.captured:.1%} of the energy kept)"
     return out
+
+
+def residual_text(how: str, d_model: int) -> str:
+    by = "activation importance" if how == "prune" else "PCA of the residual states"
+    return f"residual d_model {d_model} by {how} ({by})"
 
 
 # --------------------------------------------------------------------------- the student's structure
@@ -121,9 +135,23 @@ def planned_widths(student: StudentConfig, teacher: CausalLM) -> Optional[Widths
     return target_widths(teacher, n_heads=student.n_heads, n_kv_heads=student.n_kv_heads, d_ff=student.d_ff)
 
 
-def pruned_config(teacher: CausalLM, kept: tuple[int, ...], widths: Optional[Widths] = None):
-    """The teacher's (text) config with only the kept blocks (and the narrower widths)."""
+def planned_d_model(student: StudentConfig, teacher: CausalLM) -> Optional[int]:
+    """The residual width a derived student is narrowed (or projected) to, checked against the teacher's;
+    None when the residual is the teacher's, untouched (`hld.models.residual_width`)."""
+    if derived_residual(student) is None:
+        return None
+    d = student.d_model if student.d_model is not None else text_config(teacher.config).hidden_size
+    check_residual(teacher, d)
+    return d
+
+
+def pruned_config(
+    teacher: CausalLM, kept: tuple[int, ...], widths: Optional[Widths] = None, d_model: Optional[int] = None
+):
+    """The teacher's (text) config with only the kept blocks (and the narrower widths and residual)."""
     cfg = copy.deepcopy(text_config(teacher.config))
+    if d_model is not None:
+        cfg.hidden_size = d_model  # Gemma 3's head_dim is its own key: the heads keep their width
     if widths is not None:
         cfg.num_attention_heads, cfg.num_key_value_heads = widths.n_heads, widths.n_kv_heads
         cfg.intermediate_size = widths.d_ff
@@ -145,12 +173,17 @@ def prune_depth(
     weights: bool = True,
     widths: Optional[Widths] = None,
     per_block: Optional[list[dict]] = None,
+    residual: Optional[Residual] = None,
+    d_model: Optional[int] = None,
 ) -> CausalLM:
     """A model of the teacher's class with only the kept blocks, their weights copied (fp32, trainable,
     on the teacher's device), each block cut to its `per_block` heads, groups and channels when `widths`
-    narrows it (`hld.models.prune_width`); `weights=False`: its structure only, on the current default
-    device (`with torch.device("meta")`)."""
-    cfg = pruned_config(teacher, kept, widths)
+    narrows it (`hld.models.prune_width`), then mapped onto `residual`'s basis when it narrows or projects
+    the residual stream (`hld.models.residual_width`); `weights=False`: its structure only (`d_model` its
+    residual width), on the current default device (`with torch.device("meta")`)."""
+    if residual is not None:
+        d_model = residual.d_model
+    cfg = pruned_config(teacher, kept, widths, d_model)
     if not weights:
         return type(teacher)(cfg)
     new_index = {old: new for new, old in enumerate(kept)}
@@ -169,6 +202,9 @@ def prune_depth(
         prefix = next(k for k in state if _BLOCK_KEY.search(k)).split("layers.")[0] + "layers."
         for k, chosen in enumerate(per_block):
             slice_block(state, f"{prefix}{k}.", chosen, head_dim)
+    if residual is not None:
+        embed = next(k for k in state if k.endswith("embed_tokens.weight"))
+        narrow_state(state, residual, kept, prefix=embed[: -len("embed_tokens.weight")])
     device = next(teacher.parameters()).device
     with torch.random.fork_rng(devices=[]), torch.device(device):
         student = type(teacher)(cfg)  # its random init is overwritten below
@@ -178,6 +214,14 @@ def prune_depth(
         raise RuntimeError(f"pruned state dict does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     student.float().train().requires_grad_(True)
     return student
+
+
+def derived_student(teacher: CausalLM, d: Derivation) -> CausalLM:
+    """The student `d` describes, its weights from `teacher`: the kept blocks, narrowed as `d` chose."""
+    w = d.widths
+    widths = Widths(w["n_heads"], w["n_kv_heads"], w["d_ff"]) if w is not None else None
+    per_block = w["per_block"] if w is not None else None
+    return prune_depth(teacher, d.kept, widths=widths, per_block=per_block, residual=d.residual)
 
 
 def _tied(model: CausalLM, key: str) -> bool:
@@ -294,6 +338,7 @@ def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, trai
     t0 = time.time()
     seq_len = int(train_windows[:1].shape[1])
     target = planned_widths(student, teacher)
+    d_model = planned_d_model(student, teacher)  # refused before any forward when wider than the teacher
     if student.init.blocks:
         kept, rank, scores, w = tuple(student.init.blocks), "explicit", None, 0
     else:
@@ -312,7 +357,12 @@ def derive(student: StudentConfig, *, teacher: CausalLM, teacher_name: str, trai
             "d_ff": target.d_ff,
             "per_block": per_block,
         }
+    residual = None
+    if d_model is not None:  # one more pass: the residual channels' importance or principal directions
+        w = min(student.init.calibration_windows, len(train_windows))
+        residual = narrow(teacher, np.asarray(train_windows[:w]), kept, how=student.init.residual, d_model=d_model)
     return Derivation(
+        residual=residual,
         teacher=teacher_name,
         widths=widths,
         n_teacher_blocks=L,

@@ -509,11 +509,14 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
 
 
 def _derived_key(cfg: RunConfig) -> dict:
+    sizes = {k: getattr(cfg.student, k) for k in ("d_model", "n_heads", "n_kv_heads", "d_ff")}
     return {
         **_reference_key(cfg),
         "student": cfg.student.preset,
         "init": to_dict(cfg.student.init),
         "train": cfg.data.train,
+        # the widths a derived student is narrowed to (absent when none is: the keys study.json already holds)
+        **({"sizes": sizes} if any(v is not None for v in sizes.values()) else {}),
     }
 
 
@@ -522,7 +525,7 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
     the windows its cells are validated on: what the arms heal from. What study.json holds is kept."""
     from hld.config_checks import derived_depth
     from hld.eval.perplexity import perplexity
-    from hld.models.derive import prune_depth
+    from hld.models.derive import derived_student
     from hld.precision import resolve_dtype
 
     out: list[dict] = []
@@ -537,7 +540,7 @@ def derived_references(planned: list, done: list[dict], resources, quiet: bool) 
             train = resources.train_windows(cfg.data, tok)
             lm = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model
             d = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train, device=lm.device)
-            student = prune_depth(lm, d.kept).eval()
+            student = derived_student(lm, d).eval()  # its kept blocks, narrowed as derived
             r = perplexity(
                 student,
                 resources.validation_windows(cfg.data, tok),

@@ -67,13 +67,22 @@ class Resources:
         from hld.flops import calibration_flops
         from hld.models.derive import derive
 
-        key = (spec, dtype, student.preset, repr(student.init), id(train_windows))
+        sizes = tuple(getattr(student, k) for k in ("d_model", "n_heads", "n_kv_heads", "d_ff"))  # they narrow it
+        key = (spec, dtype, student.preset, repr(student.init), sizes, id(train_windows))
         if key not in self._derivations:
             lm = self.teacher(spec, dtype).model.to(device)
             got = derive(student, teacher=lm, teacher_name=spec, train_windows=train_windows)
             T = int(train_windows[:1].shape[1])
             width = got.widths is not None
-            cost = calibration_flops(lm, got.rank, windows=got.calibration_windows, seq_len=T, width=width)
+            cost = calibration_flops(
+                lm,
+                got.rank,
+                windows=got.calibration_windows,
+                seq_len=T,
+                width=width,
+                residual=got.residual.how if got.residual is not None else None,
+                kept_blocks=len(got.kept),
+            )
             self._derivations[key] = dataclasses.replace(got, calibration_flops=cost)
         return self._derivations[key]
 
