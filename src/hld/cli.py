@@ -164,6 +164,21 @@ def _add_tokenize(sub) -> None:
     _common(p)
 
 
+def _add_train_tokenizer(sub) -> None:
+    """`hld train-tokenizer`: a student's own tokenizer (issue 34)."""
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer on a corpus (a student's own vocabulary) and write it as a "
+        "Hugging Face tokenizer directory",
+    )
+    p.add_argument("--data", required=True, help="C4 shard glob, .jsonl(.gz), .txt, sample:train, hf:...")
+    p.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, specials included")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.add_argument("--text-field", default="text", help="the JSON field that holds the text (default text)")
+    p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    _common(p)
+
+
 def _add_inspect_teacher(sub) -> None:
     """`hld inspect-teacher`: the teacher's layers as hidden targets."""
     p = sub.add_parser(
@@ -215,6 +230,7 @@ BUILDERS = (
     _add_export,
     _add_cache_teacher,
     _add_tokenize,
+    _add_train_tokenizer,
     _add_inspect_teacher,
     _add_plan,
     _add_config,

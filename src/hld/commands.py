@@ -328,6 +328,29 @@ def cmd_tokenize(args) -> dict:
     return {"stores": rows}
 
 
+def cmd_train_tokenizer(args) -> dict:
+    from hld.data.bpe import train_tokenizer
+
+    check_names(args.out, "--out")
+    t0 = time.time()
+    record = train_tokenizer(
+        args.data,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        text_field=args.text_field,
+        max_docs=args.max_docs,
+        quiet=args.quiet or args.json,
+    )
+    seconds = time.time() - t0
+    if not args.json:
+        print(
+            f"tokenizer {args.out}: byte-level BPE, {record['vocab_size']:,} ids, trained on {record['docs']:,} "
+            f"documents of {args.data} ({record['chars']:,} characters; {seconds:.1f} s); "
+            f"a student reads it with AutoTokenizer.from_pretrained({str(args.out)!r})"
+        )
+    return {"out": str(args.out), "seconds": seconds, **record}
+
+
 def _budget_tokens(cfg) -> int:
     """Training tokens the config's budget reads (hld plan's figure, teacher counted as configured)."""
     from hld.plan import plan_run
@@ -482,6 +505,7 @@ COMMANDS = {
     "study": cmd_study,
     "report": cmd_report,
     "tokenize": cmd_tokenize,
+    "train-tokenizer": cmd_train_tokenizer,
 }
 
 
