@@ -160,6 +160,14 @@ def _add_tokenize(sub) -> None:
     )
     p.add_argument("--split", choices=["both", "train", "validation"], default="both", help="which sources")
     p.add_argument("--verify", action="store_true", help="check every shard's checksum after building")
+    p.add_argument(
+        "--student-tokenizer",
+        default=None,
+        metavar="TOK",
+        help="a student's own tokenizer (a tokenizer directory, e.g. hld train-tokenizer's, a model directory "
+        "or a hub id): build paired stores instead, each document tokenised by the teacher's and this "
+        "tokenizer and aligned by text (docs/data-format.md, 'Paired stores')",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=/data/c4/c4-train.*.json.gz")
     _common(p)
 
