@@ -409,6 +409,7 @@ def _tokenize_paired(args, cfg, teacher, *, shard: tuple[int, int], store_dir) -
             desc=f"align {what.split('.')[1]}",
         )
         row = {"what": what, "source": spec, "store": str(out), "seconds": time.time() - t0, "complete": None}
+        row["verified_shards"] = paired.verify_all(out) if args.verify and m is not None else None
         row["shard"] = f"{shard[0]}/{shard[1]}"
         if m is not None:
             row.update({k: m[k] for k in ("complete", *paired.TOTALS)}, shards=len(m["shards"]))

@@ -163,11 +163,59 @@ def test_a_document_one_side_cannot_round_trip_is_skipped_and_counted(toks, tmp_
         spec, toks["sentencepiece"], toks["student"], seq_len=SEQ_LEN, store_dir=str(tmp_path / "s")
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("hld: warning: 1 document(s) of ") and "document 11" in err[0]
+    assert len(err) == 1 and err[0].startswith("hld: warning: 1 document(s) of ") and "c4.jsonl, document 11:" in err[0]
+    assert "'▁ document' decodes as '  document'" in err[0]
     m = windows.store.manifest
     assert (m["docs"], m["skipped"]) == (30, 1) and m["shards"][0]["skipped"] == 1
     text = "".join(_text(toks["student"], windows.window(w).student_ids[1:]) for w in range(len(windows)))
     assert "planted" not in text and text == "".join(d + "\x00" for d in docs)[: len(text)]
+
+
+def test_the_first_documents_are_the_windows_within_them(toks, tmp_path):
+    docs = unit_docs(C4[0])
+    for max_docs in (20, len(docs) + 5):
+        windows = pw.open_paired_windows(
+            C4_TRAIN, toks["tiny"], toks["student"], seq_len=SEQ_LEN, store_dir=str(tmp_path), max_docs=max_docs
+        )
+        text = "".join(_text(toks["student"], windows.window(w).student_ids[1:]) for w in range(windows.offsets[1]))
+        first = "".join(d + "\x00" for d in docs[:max_docs])
+        assert first.startswith(text) and len(first) - len(text) < 4 * SEQ_LEN * 8  # under a window's text left
+        if max_docs == 20:
+            assert len(windows) == windows.offsets[1] and text.count("\x00") in (19, 20)
+        else:
+            assert windows.offsets[2] > windows.offsets[1]  # the next unit's documents too
+
+
+def test_a_damaged_window_index_is_refused_in_one_line(toks, tmp_path):
+    windows = pw.open_paired_windows(C4_TRAIN, toks["tiny"], toks["student"], seq_len=SEQ_LEN, store_dir=str(tmp_path))
+    f = windows.store.index_file(0, SEQ_LEN, windows.teacher_seq_len)
+    index = np.load(f)
+    index[3, 2] += 1  # one window's teacher start, off by one token
+    np.save(f, index)
+    again = pw.PairedWindows(
+        windows.store,
+        seq_len=SEQ_LEN,
+        teacher_pad_id=0,
+        student_pad_id=0,
+        teacher_vocab_size=len(toks["tiny"]),
+        student_vocab_size=len(toks["student"]),
+    )
+    again.window(2)
+    with pytest.raises(HldError, match=r"the window index .* is damaged \(window 3\)") as err:
+        again.window(3)
+    assert "delete" in err.value.fix
+    f.unlink()  # cut again on the next open
+    assert np.array_equal(
+        pw.PairedWindows(
+            windows.store,
+            seq_len=SEQ_LEN,
+            teacher_pad_id=0,
+            student_pad_id=0,
+            teacher_vocab_size=len(toks["tiny"]),
+            student_vocab_size=len(toks["student"]),
+        ).index[0],
+        windows.index[0],
+    )
 
 
 def test_another_tokenizer_spec_is_another_store(toks):
@@ -236,8 +284,9 @@ def test_hld_tokenize_builds_the_paired_stores(toks, tmp_path, capsys):
     toks["student"].save_pretrained(str(tmp_path / "tok"))
     argv = ["tokenize", "--config", "smoke", *tiny_overrides(), "--out", str(tmp_path / "stores"), "--json"]
     capsys.readouterr()
-    assert main([*argv, "--student-tokenizer", str(tmp_path / "tok"), "--workers", "1"]) == 0
+    assert main([*argv, "--student-tokenizer", str(tmp_path / "tok"), "--workers", "1", "--verify"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stores"]
+    assert [r["verified_shards"] for r in rows] == [2, 1]
     assert [r["what"] for r in rows] == ["data.train", "data.validation"]
     assert rows[0]["complete"] and rows[0]["docs"] == sum(len(unit_docs(p)) for p in C4) and rows[0]["skipped"] == 0
     assert all(Path(r["store"]).name.startswith(pw.PROTOCOL) for r in rows)

@@ -141,7 +141,8 @@ def aligned_blocks(
         for text, t_enc, s_enc, error in zip(batch, t_encs, s_encs, errors):
             if error is not None:
                 counts["skipped"] += 1
-                counts.setdefault("first_skipped", f"document {counts['docs'] + counts['skipped']}: {error.problem}")
+                problem = re.sub(r" text \d+ of the batch", "", error.problem)
+                counts.setdefault("first_skipped", f"document {counts['docs'] + counts['skipped']}: {problem}")
                 continue
             al = aligner.from_encodings(text, t_enc, s_enc)
             t_parts.append(al.teacher_ids)
@@ -369,7 +370,7 @@ def build(
         first = next(r for r in skipped if r.get("first_skipped"))
         sys.stderr.write(
             f"hld: warning: {sum(r['skipped'] for r in skipped):,} document(s) of {spec} skipped: one tokenizer "
-            f"cannot round-trip them (first, unit {first['name']} {first['first_skipped']})\n"
+            f"cannot round-trip them (first: {first['unit']}, {first['first_skipped']})\n"
         )
         sys.stderr.flush()
     return assemble(out, ident, len(units), need_tokens=need_tokens, need_docs=need_docs)
@@ -432,6 +433,17 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
+def verify_all(path: Path) -> int:
+    """Check every file of every unit against its checksum now, stamps ignored (`hld tokenize --verify`);
+    returns the number of units checked."""
+    m = read_manifest(path)
+    for rec in m["shards"]:
+        for kind in KINDS:
+            (path / "shards" / f"{rec['name']}.{kind}.ok").unlink(missing_ok=True)
+            st.verify_shard(path, _part(rec["name"], kind, rec["sha256"][kind]))
+    return len(m["shards"])
+
+
 class PairedStore:
     """A committed paired store, read-only: each unit's teacher stream, student stream and chunk table."""
 
@@ -491,12 +503,15 @@ class PairedStore:
         self._maps[key] = arr
         return arr
 
+    def index_file(self, i: int, seq_len: int, teacher_seq_len: int) -> Path:
+        rec = self.manifest["shards"][i]
+        return self.path / "shards" / f"{rec['name']}.w{seq_len}x{teacher_seq_len}-{rec['sha256']['chunks'][:16]}.npy"
+
     def windows_index(self, i: int, seq_len: int, teacher_seq_len: int) -> np.ndarray:
         """Unit i's windows as (n, 6) int64 rows [chunk start, chunk end, teacher token start, teacher token
         end, student token start, student token end) in the unit's streams: cut once (`cut_windows`) and
         kept beside the unit (its name carries the chunk file's checksum: a rebuilt unit is cut again)."""
-        rec = self.manifest["shards"][i]
-        f = self.path / "shards" / f"{rec['name']}.w{seq_len}x{teacher_seq_len}-{rec['sha256']['chunks'][:16]}.npy"
+        f = self.index_file(i, seq_len, teacher_seq_len)
         try:
             index = np.load(f, mmap_mode="r")
             if index.ndim == 2 and index.shape[1] == 6 and index.dtype == np.int64:
@@ -629,6 +644,9 @@ class PairedWindows:
         """Window w: both sides' ids (each BOS first) and its chunks (chunk 0 the BOS pair, no text)."""
         i, (c0, c1, t0, t1, s0, s1) = self._locate(int(w))
         chunks = np.asarray(self.store.array(i, "chunks")[c0:c1], dtype=np.int64)
+        if not 0 <= c0 < c1 or (t1 - t0, s1 - s0) != tuple(chunks[:, :2].sum(0)) or len(chunks) != c1 - c0:
+            f = self.store.index_file(i, self.seq_len, self.teacher_seq_len)  # one flipped number is caught here
+            raise HldError(f"the window index {f} is damaged (window {w})", f"delete {f} (it is cut again)")
         t_ids = np.concatenate(([self.bos[0]], self.store.array(i, "teacher")[t0:t1])).astype(np.int32)
         s_ids = np.concatenate(([self.bos[1]], self.store.array(i, "student")[s0:s1])).astype(np.int32)
         for side, ids in enumerate((t_ids, s_ids)):
