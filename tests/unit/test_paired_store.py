@@ -329,3 +329,14 @@ def test_gemma3_as_teacher_skips_a_planted_u2581_and_pairs_the_rest(toks, tmp_pa
         text = _text(gemma, al.teacher_ids[1:])
         assert text == _text(toks["student"], al.student_ids[1:]) == stream[at : at + len(text)], w
         at += len(text)
+
+
+def test_a_reader_assembles_what_array_tasks_committed(toks, tmp_path):
+    ident = pw.identity(C4_TRAIN, toks["tiny"], toks["student"], "text")
+    out = pw.store_path(ident, str(tmp_path))
+    for task in (1, 0):  # two SLURM array tasks, each its unit; neither sees the other's commit at its end
+        pw.build(C4_TRAIN, toks["tiny"], toks["student"], out, shard=(task, 2), quiet=True)
+    (out / "manifest.json").unlink()
+    store = pw.open_paired(C4_TRAIN, toks["tiny"], toks["student"], store_dir=str(tmp_path), may_build=False)
+    one = pw.open_paired(C4_TRAIN, toks["tiny"], toks["student"], store_dir=str(tmp_path / "one"))
+    assert store.manifest["complete"] and store.manifest["shards"] == one.manifest["shards"]

@@ -702,6 +702,11 @@ def open_paired(
         m = store.manifest
         if m["complete"] or _enough(m["shards"], m["units"], need_tokens, need_docs):
             return store
+        if is_remote(spec) and need_tokens is None and need_docs is None:
+            return store  # a hub corpus aligned for a budget (`hld tokenize`): runs read the prefix it holds
+    elif (out / "identity.json").exists():  # units committed by others (a SLURM array), no manifest yet
+        if assemble(out, ident, len(source_units(spec)), need_tokens=need_tokens, need_docs=need_docs) is not None:
+            return PairedStore(out, expect=ident)
     if is_remote(spec):
         raise HldError(
             f"{what}={spec} has no paired store (in {store_root(store_dir)}), and a hub corpus is never "
