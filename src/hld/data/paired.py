@@ -30,6 +30,7 @@ truncated: both are padded to their length (`PairedRows`), the padding in no chu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -248,8 +249,6 @@ def _sizes(r: dict) -> dict[str, int]:
 
 def shard_record(path: Path, name: str) -> Optional[dict]:
     """The committed record of unit `name`, if its three files have the sizes it says; else None."""
-    import json
-
     try:
         rec = json.loads(files.read_text(path / "shards" / f"{name}.json", "", "", max_bytes=files.MAX_CONFIG_BYTES))
     except (HldError, OSError, ValueError):
