@@ -160,7 +160,30 @@ def _add_tokenize(sub) -> None:
     )
     p.add_argument("--split", choices=["both", "train", "validation"], default="both", help="which sources")
     p.add_argument("--verify", action="store_true", help="check every shard's checksum after building")
+    p.add_argument(
+        "--student-tokenizer",
+        default=None,
+        metavar="TOK",
+        help="a student's own tokenizer (a tokenizer directory, e.g. hld train-tokenizer's, a model directory "
+        "or a hub id): build paired stores instead, each document tokenised by the teacher's and this "
+        "tokenizer and aligned by text (docs/data-format.md, 'Paired stores')",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=/data/c4/c4-train.*.json.gz")
+    _common(p)
+
+
+def _add_train_tokenizer(sub) -> None:
+    """`hld train-tokenizer`: a student's own tokenizer (issue 34)."""
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer on a corpus (a student's own vocabulary) and write it as a "
+        "Hugging Face tokenizer directory",
+    )
+    p.add_argument("--data", required=True, help="C4 shard glob, .jsonl(.gz), .txt, sample:train, hf:...")
+    p.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, specials included")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.add_argument("--text-field", default="text", help="the JSON field that holds the text (default text)")
+    p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
     _common(p)
 
 
@@ -215,6 +238,7 @@ BUILDERS = (
     _add_export,
     _add_cache_teacher,
     _add_tokenize,
+    _add_train_tokenizer,
     _add_inspect_teacher,
     _add_plan,
     _add_config,

@@ -272,6 +272,8 @@ def cmd_tokenize(args) -> dict:
     if store_dir:
         check_names(store_dir, "--out" if args.out else "data.store_dir")
     tok = Resources().tokenizer(cfg.teacher.model)
+    if args.student_tokenizer is not None:
+        return _tokenize_paired(args, cfg, tok, shard=shard, store_dir=store_dir)
     rows = []
     for what, spec in (("data.train", d.train), ("data.validation", d.validation)):
         if args.split not in ("both", what.split(".")[1]):
@@ -326,6 +328,102 @@ def cmd_tokenize(args) -> dict:
     if store_dir and not args.json:
         print(f"runs read these stores with data.store_dir={store_dir}")
     return {"stores": rows}
+
+
+def cmd_train_tokenizer(args) -> dict:
+    from hld.data.bpe import train_tokenizer
+
+    check_names(args.out, "--out")
+    t0 = time.time()
+    record = train_tokenizer(
+        args.data,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        text_field=args.text_field,
+        max_docs=args.max_docs,
+        quiet=args.quiet or args.json,
+    )
+    seconds = time.time() - t0
+    if not args.json:
+        print(
+            f"tokenizer {args.out}: byte-level BPE, {record['vocab_size']:,} ids, trained on {record['docs']:,} "
+            f"documents of {args.data} ({record['chars']:,} characters; {seconds:.1f} s); "
+            f"a student reads it with AutoTokenizer.from_pretrained({str(args.out)!r})"
+        )
+    return {"out": str(args.out), "seconds": seconds, **record}
+
+
+def load_tokenizer(spec: str, what: str = "--student-tokenizer"):
+    """A tokenizer by spec: a directory holding a tokenizer alone (hld train-tokenizer's), else what
+    `Resources.tokenizer` reads (a model or run directory, a .gguf, a hub id)."""
+    from hld.train.resources import Resources
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise HldError(
+                f"{what} {spec} holds no tokenizer (no tokenizer.json or tokenizer_config.json)",
+                "give a tokenizer directory (hld train-tokenizer writes one), a model directory or a hub id",
+            )
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # a damaged tokenizer.json: one line
+            raise HldError(
+                f"cannot load the tokenizer in {spec}: {type(exc).__name__}", "give a working tokenizer directory"
+            ) from exc
+    return Resources().tokenizer(spec)
+
+
+def _tokenize_paired(args, cfg, teacher, *, shard: tuple[int, int], store_dir) -> dict:
+    """`hld tokenize --student-tokenizer`: paired stores (`hld.data.paired`) of the train and validation
+    sources, as far as a run reads them."""
+    from hld.data import paired
+    from hld.data.tokenize import is_remote
+
+    student = load_tokenizer(args.student_tokenizer)
+    paired.aligner_for(teacher, student)  # a slow tokenizer, one that cannot spell text: one line, first
+    d, rows = cfg.data, []
+    for what, spec in (("data.train", d.train), ("data.validation", d.validation)):
+        if args.split not in ("both", what.split(".")[1]):
+            continue
+        need_tokens, need_docs = args.max_tokens, d.max_train_docs if what == "data.train" else None
+        if need_tokens is None and what == "data.validation":
+            need_tokens = max(1, d.val_tokens // d.seq_len) * (d.seq_len - 1)
+        elif need_tokens is None and is_remote(spec) and need_docs is None:
+            need_tokens = _budget_tokens(cfg)
+        out = paired.store_path(paired.identity(spec, teacher, student, d.text_field), store_dir)
+        t0 = time.time()
+        m = paired.build(
+            spec,
+            teacher,
+            student,
+            out,
+            text_field=d.text_field,
+            shard=shard,
+            workers=args.workers or os.cpu_count() or 1,
+            need_tokens=need_tokens,
+            need_docs=need_docs,
+            quiet=args.quiet or args.json,
+            desc=f"align {what.split('.')[1]}",
+        )
+        row = {"what": what, "source": spec, "store": str(out), "seconds": time.time() - t0, "complete": None}
+        row["verified_shards"] = paired.verify_all(out) if args.verify and m is not None else None
+        row["shard"] = f"{shard[0]}/{shard[1]}"
+        if m is not None:
+            row.update({k: m[k] for k in ("complete", *paired.TOTALS)}, shards=len(m["shards"]))
+            row["token_ratio"] = m["teacher_tokens"] / max(m["student_tokens"], 1)
+        rows.append(row)
+        if not args.json and m is None:
+            print(f"{what} {spec}: this task's units are committed in {out}; other tasks still have units to do")
+        elif not args.json:
+            print(
+                f"{what} {spec}: {m['docs']:,} documents aligned ({m['skipped']:,} skipped), {m['teacher_tokens']:,} "
+                f"teacher / {m['student_tokens']:,} student tokens, {m['chunks']:,} chunks in {out} "
+                f"({'all of the source' if m['complete'] else 'a prefix'}; {row['seconds']:.1f} s)"
+            )
+    return {"stores": rows, "student_tokenizer": args.student_tokenizer}
 
 
 def _budget_tokens(cfg) -> int:
@@ -482,6 +580,7 @@ COMMANDS = {
     "study": cmd_study,
     "report": cmd_report,
     "tokenize": cmd_tokenize,
+    "train-tokenizer": cmd_train_tokenizer,
 }
 
 

@@ -77,6 +77,34 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, spec fingerprint)
+
+
+def tokenizer_spec_fingerprint(tokenizer) -> str:
+    """Identity of everything that decides a fast tokenizer's ids **and offsets**: its whole
+    `tokenizer.json` (vocabulary, merges, normaliser, pre-tokenizer, decoder, post-processor) and its BOS,
+    EOS and PAD ids. `tokenizer_fingerprint` (vocabulary and BOS/EOS) names the ids of the token store;
+    aligned stores key on this one, so another merge list or normaliser is another store. A
+    `tokenizers.Tokenizer` or a Hugging Face fast tokenizer; computed once per object."""
+    size = len(tokenizer.get_vocab())  # a token added since: another spec
+    try:
+        known, fp = _SPECS[tokenizer]
+        if known == size:
+            return fp
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    h = hashlib.sha256(backend.to_str().encode("utf-8", "surrogatepass"))
+    specials = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
+    h.update(f"bos={specials[0]} eos={specials[1]} pad={specials[2]}".encode())
+    fp = h.hexdigest()[:16]
+    try:
+        _SPECS[tokenizer] = (size, fp)
+    except TypeError:
+        pass
+    return fp
+
+
 def windows_fingerprint(windows) -> str:
     """Identity of packed token windows: a token store's view names itself (its store's manifest:
     tokenizer, source, shard checksums; seq_len; count), an array is hashed (content and shape)."""

@@ -21,8 +21,10 @@ class Progress:
         initial: int = 0,
         stream=None,
         unit: str = "step",
+        rate_unit: str = "tok",
     ) -> None:
         self.total, self.desc, self.quiet, self.every_s, self.unit = total, desc, quiet, every_s, unit
+        self.rate_unit = rate_unit  # what `tokens_per_s` counts (tok; chars where no tokens exist yet)
         self.stream = stream  # None: sys.stderr at the time of each write
         self.start = time.time()
         self.initial = initial
@@ -55,7 +57,7 @@ class Progress:
         if self.bar is not None:
             self.last_print = time.time()
             self.bar.n = done
-            post = {"tok/s": f"{tokens_per_s:,.0f}"}
+            post = {f"{self.rate_unit}/s": f"{tokens_per_s:,.0f}"}
             if loss is not None:
                 post["loss"] = f"{loss:.3f}"
             self.bar.set_postfix(post, refresh=True)
@@ -67,8 +69,9 @@ class Progress:
         rate = (done - self.initial) / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         loss_s = f" loss {loss:.3f}" if loss is not None else ""
+        rate_s = f"{tokens_per_s:,.0f} {self.rate_unit}/s"
         print(
-            f"[{self.desc}] {self.unit} {done}/{self.total} {tokens_per_s:,.0f} tok/s{loss_s} ETA {eta:,.0f}s",
+            f"[{self.desc}] {self.unit} {done}/{self.total} {rate_s}{loss_s} ETA {eta:,.0f}s",
             file=self.stream or sys.stderr,
             flush=True,
         )

@@ -167,16 +167,23 @@ def _probe(side: _Side) -> None:
             )
 
 
-def _check_round_trip(side: _Side, texts: list[str], encs) -> None:
+def _round_trip_errors(side: _Side, texts: list[str], encs) -> list[Optional[HldError]]:
+    """Per text, None when its tokens decode back to it, else the one-line error that says where not."""
     decoded = side.backend.decode_batch([e.ids for e in encs], skip_special_tokens=False)
+    errors: list[Optional[HldError]] = []
     for i, (text, got) in enumerate(zip(texts, decoded)):
-        if got != text:
-            at = next((j for j, (a, b) in enumerate(zip(text, got)) if a != b), min(len(text), len(got)))
-            raise HldError(
+        if got == text:
+            errors.append(None)
+            continue
+        at = next((j for j, (a, b) in enumerate(zip(text, got)) if a != b), min(len(text), len(got)))
+        errors.append(
+            HldError(
                 f"the {side.role} tokenizer {side.name!r} cannot round-trip text {i} of the batch: at character "
                 f"{at} {text[at : at + 12]!r} decodes as {got[at : at + 12]!r}; its chunks would not be that text",
                 "drop or clean such documents, or use a tokenizer that encodes every character (byte fallback)",
             )
+        )
+    return errors
 
 
 class Aligner:
@@ -210,8 +217,16 @@ class Aligner:
 
     def check_round_trip(self, texts: list[str], t_encs: list, s_encs: list) -> None:
         """Refuse, in one line, a text that either side's tokens do not decode back to."""
-        _check_round_trip(self.teacher, texts, t_encs)
-        _check_round_trip(self.student, texts, s_encs)
+        error = next((e for e in self.round_trip_errors(texts, t_encs, s_encs) if e is not None), None)
+        if error is not None:
+            raise error
+
+    def round_trip_errors(self, texts: list[str], t_encs: list, s_encs: list) -> list[Optional[HldError]]:
+        """Per text, None when both sides' tokens decode back to it, else the error naming the first side
+        that does not (the data path skips and counts such documents)."""
+        teacher = _round_trip_errors(self.teacher, texts, t_encs)
+        student = _round_trip_errors(self.student, texts, s_encs)
+        return [t if t is not None else s for t, s in zip(teacher, student)]
 
     def from_encodings(self, text: str, t_enc, s_enc) -> Alignment:
         """The alignment of `text` from its two `tokenizers.Encoding`s (as `batch` made them, unchecked)."""

@@ -159,7 +159,7 @@ def assemble(out: Path, ident: dict, units: list[str], *, need_tokens=None, need
         return manifest
 
 
-def _check_out(out: Path, ident: dict) -> None:
+def check_out(out: Path, ident: dict) -> None:
     """`out` is empty, or a store of this very source and tokenizer (its identity.json)."""
     try:
         (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def build(
     neither is given). Returns the manifest, or None when other tasks still have units to commit."""
     ident = identity(spec, tokenizer, text_field)
     out = Path(out)
-    _check_out(out, ident)
+    check_out(out, ident)
     units = source_units(spec)
     mine = [u for u in range(len(units)) if u % shard[1] == shard[0]]
     records = {u: r for u in mine if (r := st.shard_record(out, f"{u:05d}")) is not None}
