@@ -147,6 +147,35 @@ def check_verdicts(report: str, csv_path) -> None:
         assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
 
 
+class KeptLines:
+    """A RunLogger stand-in that keeps the metric lines it is given."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def log(self, line: dict) -> None:
+        self.lines.append(dict(line))
+
+    def close(self) -> None:
+        pass
+
+
+def weights_to_inf_after_each_step(monkeypatch) -> None:
+    """Every AdamW step fills the weights with inf after updating them: the first update blows the weights
+    up (as lr=1e30 did, which the config now refuses) and every later loss is non-finite."""
+    real_step = torch.optim.AdamW.step
+
+    def step_to_inf(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+
+
 def train_argv(run: Path, *extra: str) -> list[str]:
     """`hld train` of the smoke preset on the fixtures into `run`, quiet."""
     return ["train", "--config", "smoke", "--out", str(run), *tiny_overrides(), "--quiet", *extra]

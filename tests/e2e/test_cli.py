@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import weights_to_inf_after_each_step
 from hld.cli import main
 from hld.config import load_config, to_dict
 from hld.train import loop
@@ -343,20 +344,9 @@ def test_debug_shows_the_traceback(tmp_path, overrides):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_cleanly(capsys, tmp_path, overrides, monkeypatch):
-    # the first update blows the weights up (as lr=1e30 did, which the config now refuses), every later
-    # loss is non-finite; those steps are skipped (not applied) and after 5 in a row the run stops with
-    # one line and exit code 2
-    real_step = torch.optim.AdamW.step
-
-    def step_to_inf(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        with torch.no_grad():
-            for g in self.param_groups:
-                for p in g["params"]:
-                    p.fill_(float("inf"))
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+    # every loss after the first update is non-finite; those steps are skipped (not applied) and after 5 in
+    # a row the run stops with one line and exit code 2
+    weights_to_inf_after_each_step(monkeypatch)
     run = tmp_path / "r"
     rc = main(
         [

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import hld.distill.chunked
-from helpers import C4_VALIDATION, tiny_overrides
+from helpers import C4_VALIDATION, KeptLines, tiny_overrides
 from hld.cache.build import ensure_cache
 from hld.cli import main
 from hld.config import load_config
@@ -96,19 +96,6 @@ def test_no_host_sync_in_a_training_step(name, caches):
         assert dict(syncs.counts) == {}, (step, dict(syncs.sites))
 
 
-class _Lines:
-    """A logger that keeps the lines it is given."""
-
-    def __init__(self) -> None:
-        self.lines: list[dict] = []
-
-    def log(self, line: dict) -> None:
-        self.lines.append(dict(line))
-
-    def close(self) -> None:
-        pass
-
-
 def test_the_loop_reads_metrics_back_once_per_logged_step(tmp_path):
     """Logging every 3rd of 8 steps: 3 syncs (steps 3, 6 and the last), each reading back every step not
     yet read; the lines logged are those of a run that reads back after every step."""
@@ -117,7 +104,7 @@ def test_the_loop_reads_metrics_back_once_per_logged_step(tmp_path):
     for every in (1, 3):
         s = build(cfg, Resources(), PROXY_DEVICE)
         assert s.total_steps == 8
-        log = _Lines()
+        log = KeptLines()
         with HostSyncs(s.student, s.projectors, s.teacher_lm) as syncs:
             _steps(s, tmp_path / str(every), RunState(), [MetricLog(log, every), NonFiniteStop()])  # type: ignore[arg-type]
         runs[every] = (log.lines, dict(syncs.counts))
@@ -136,7 +123,7 @@ def test_validation_reads_back_at_its_step(tmp_path, monkeypatch):
     real = hld.train.loop.read_back
     monkeypatch.setattr(hld.train.loop, "read_back", lambda steps: calls.append(len(steps)) or real(steps))
     s = build(load_config("smoke", [*tiny_overrides(), "objective.method=ce"]), Resources(), PROXY_DEVICE)
-    log = _Lines()
+    log = KeptLines()
     _steps(s, tmp_path, RunState(), [Validation(2), MetricLog(log, 100)])  # type: ignore[arg-type]
     assert calls == [2, 2]
     assert [(line["step"], "val/ppl" in line) for line in log.lines] == [(2, True), (4, True)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import KeptLines, weights_to_inf_after_each_step
 from hld.config import load_config
 from hld.errors import HldError
 from hld.train.callbacks import Callback, MetricLog, NonFiniteStop, Validation, every
@@ -63,35 +64,14 @@ def test_every(step, n, want):
     assert every(step, n) is want
 
 
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[dict] = []
-
-    def log(self, line: dict) -> None:
-        self.lines.append(dict(line))
-
-    def close(self) -> None:
-        pass
-
-
 def test_five_skipped_steps_read_back_late_still_stop_the_run(resources, overrides, tmp_path, monkeypatch):
     """Steps 2.. are non-finite (the first update fills the weights with inf); nothing reads the metrics
     back before the last of 8 steps, where the guard meets the 5th skip in a row (step 6) in step order,
     after the metric log has written each skipped step."""
-    real_step = torch.optim.AdamW.step
-
-    def step_to_inf(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        with torch.no_grad():
-            for g in self.param_groups:
-                for p in g["params"]:
-                    p.fill_(float("inf"))
-        return out
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+    weights_to_inf_after_each_step(monkeypatch)
     cfg = load_config("smoke", [*overrides, "objective.method=ce", "budget.tokens=1024", "train.warmup_share=0"])
     s = build(cfg, resources, device=torch.device("cpu"))
-    log, state = _Lines(), RunState()
+    log, state = KeptLines(), RunState()
     with pytest.raises(HldError, match=r"non-finite for 5 steps in a row \(step 6\)"):
         _steps(s, tmp_path, state, [MetricLog(log, 100), NonFiniteStop()])  # type: ignore[arg-type]
     assert state.step == 8  # the steps after the 5th skip ran (and were skipped too) before the read-back
