@@ -48,7 +48,7 @@ from hld.atomic import read_json_object, write_file, write_json
 from hld.data import store as st
 from hld.data.align import Aligner, Alignment
 from hld.data.sources import fingerprint, iter_unit, source_units
-from hld.data.tokenize import check_out, is_remote, store_root
+from hld.data.tokenize import check_out, committed_prefix, enough_units, is_remote, store_root
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_spec_fingerprint
 from hld.locks import file_lock
@@ -263,25 +263,6 @@ def shard_record(path: Path, name: str) -> Optional[dict]:
     return rec
 
 
-def _prefix(out: Path, n_units: int) -> list[dict]:
-    records = []
-    for i in range(n_units):
-        rec = shard_record(out, f"{i:05d}")
-        if rec is None:
-            break
-        records.append(rec)
-    return records
-
-
-def _enough(records: list[dict], n_units: int, need_tokens: Optional[int], need_docs: Optional[int]) -> bool:
-    if len(records) == n_units:
-        return True
-    if need_tokens is None and need_docs is None:
-        return False
-    tokens, docs = sum(r["tokens"] for r in records), sum(r["docs"] for r in records)
-    return (need_tokens is None or tokens >= need_tokens) and (need_docs is None or docs >= need_docs)
-
-
 TOTALS = ("docs", "skipped", "repaired", "teacher_tokens", "student_tokens", "chunks", "chars")
 
 
@@ -289,8 +270,8 @@ def assemble(out: Path, ident: dict, n_units: int, *, need_tokens=None, need_doc
     """Write the manifest from the committed prefix if it holds what was asked (all units when nothing
     is); returns it, or None while units are missing."""
     with file_lock(out / ".manifest.lock"):
-        records = _prefix(out, n_units)
-        if not _enough(records, n_units, need_tokens, need_docs):
+        records = committed_prefix(out, n_units, shard_record)
+        if not enough_units(records, n_units, need_tokens, need_docs):
             return None
         manifest = {
             **ident,
@@ -348,7 +329,9 @@ def build(
     bounded = need_tokens is not None or need_docs is not None
 
     def satisfied() -> bool:
-        return bounded and _enough(_prefix(out, len(units)), len(units), need_tokens, need_docs)
+        return bounded and enough_units(
+            committed_prefix(out, len(units), shard_record), len(units), need_tokens, need_docs
+        )
 
     try:
         for wait in (False, True):  # then the units another process held: wait for its commit
@@ -699,7 +682,7 @@ def open_paired(
     if (out / "manifest.json").exists():
         store = PairedStore(out, expect=ident)
         m = store.manifest
-        if m["complete"] or _enough(m["shards"], m["units"], need_tokens, need_docs):
+        if m["complete"] or enough_units(m["shards"], m["units"], need_tokens, need_docs):
             return store
         if is_remote(spec) and need_tokens is None and need_docs is None:
             return store  # a hub corpus aligned for a budget (`hld tokenize`): runs read the prefix it holds

@@ -120,18 +120,21 @@ def _worker_unit(spec: str, index: int, out: str, text_field: str, unit: str) ->
 # ---- the store -----------------------------------------------------------------------------------
 
 
-def _prefix(out: Path, units: list[str]) -> list[dict]:
-    """The committed records of units 0, 1, ... up to the first missing one."""
+def committed_prefix(out: Path, n_units: int, record=st.shard_record) -> list[dict]:
+    """The committed records of units 0, 1, ... up to the first missing one (`record(out, name)`: a unit's
+    record if its files are complete, else None; a paired store passes its own)."""
     records = []
-    for i in range(len(units)):
-        rec = st.shard_record(out, f"{i:05d}")
+    for i in range(n_units):
+        rec = record(out, f"{i:05d}")
         if rec is None:
             break
         records.append(rec)
     return records
 
 
-def _enough(records: list[dict], n_units: int, need_tokens: Optional[int], need_docs: Optional[int]) -> bool:
+def enough_units(records: list[dict], n_units: int, need_tokens: Optional[int], need_docs: Optional[int]) -> bool:
+    """Do the committed units' records cover what the caller needs (every unit, or the tokens / documents
+    asked for)?"""
     if len(records) == n_units:
         return True
     if need_tokens is None and need_docs is None:
@@ -144,8 +147,8 @@ def assemble(out: Path, ident: dict, units: list[str], *, need_tokens=None, need
     """Write the manifest from the committed prefix if it holds what was asked for (all units when
     nothing is); returns it, or None when units are still missing."""
     with file_lock(out / ".manifest.lock"):
-        records = _prefix(out, units)
-        if not _enough(records, len(units), need_tokens, need_docs):
+        records = committed_prefix(out, len(units))
+        if not enough_units(records, len(units), need_tokens, need_docs):
             return None
         manifest = {
             **ident,
@@ -233,7 +236,7 @@ def build(
             if u not in records and st.shard_record(out, f"{u:05d}") is None:
                 break
             prefix.append(records.get(u) or st.shard_record(out, f"{u:05d}"))
-        return _enough(prefix, len(units), need_tokens, need_docs)
+        return enough_units(prefix, len(units), need_tokens, need_docs)
 
     bounded = need_tokens is not None or need_docs is not None
     try:
@@ -297,7 +300,7 @@ def open_store(
     if (out / "manifest.json").exists():
         store = st.TokenStore(out, expect=ident)
         m = store.manifest
-        if m["complete"] or _enough(m["shards"], m["units"], need_tokens, need_docs):
+        if m["complete"] or enough_units(m["shards"], m["units"], need_tokens, need_docs):
             return store
         if is_remote(spec) and need_tokens is None and need_docs is None:
             return store  # a hub corpus tokenised for a budget (`hld tokenize`): runs read the prefix it holds
