@@ -190,6 +190,32 @@ def test_forward_kl_online_teacher(chunk, temperature):
     _check(spec, _online_teacher(1), seed=1)
 
 
+@pytest.mark.parametrize("chunk", [3, 4096])
+@pytest.mark.parametrize("ce_weight,kd_weight", [(1.0, 0.5), (0.2, 0.3), (1.5, 0.5)])
+def test_forward_kl_online_teacher_at_t1_with_weights_not_summing_to_one(chunk, ce_weight, kd_weight):
+    """At T = 1 the fused gradient is (w_ce + w_kd) softmax(z) - w_kd p_t - w_ce onehot: the scaling it
+    skips when the weights sum to 1 must happen when they do not (an auxiliary KD weight on full CE)."""
+    spec = HeadLossSpec(ce_weight=ce_weight, kd_weight=kd_weight, temperature=1.0, chunk_tokens=chunk)
+    _check(spec, _online_teacher(16), seed=16)
+
+
+def test_dense_kd_at_a_large_vocabulary_is_normalised_by_the_teachers_float64_mass():
+    """At V = 262,144 (Gemma 3's) torch's fp32 softmax of the teacher sums to 1 + ~1e-5 on a CPU; the fused
+    Dense KL, sum p_t (z_t - z) / mass - (lse(z_t) + log mass) + lse(z), divides the first term by that float64
+    mass. The KD sum of 8 rows (~180 nats) must match float64 to 5e-6 relative (it does to ~7e-7 here; the
+    rest of the error is the fp32 log-sum-exps'); multiplied by the mass instead, it is off by ~3e-5."""
+    n, vocab = 8, 262_144
+    g = torch.Generator().manual_seed(17)
+    zt, zs = torch.randn(n, vocab, generator=g) * 5, torch.randn(n, vocab, generator=g) * 5
+    h, W = torch.eye(n), zs.T.contiguous()  # the student's logits h @ W.T are zs
+    spec = HeadLossSpec(ce_weight=0.0, kd_weight=1.0, temperature=1.0, chunk_tokens=4096)
+    y, m = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    _, stats = head_loss(h, W, y, m, spec, lambda sl: Dense(zt[sl]))
+    logp = torch.log_softmax(zt.double(), -1)
+    want = (logp.exp() * (logp - torch.log_softmax(zs.double(), -1))).sum()
+    assert float(stats["kd"]) == pytest.approx(float(want), rel=5e-6)
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_kd_only_forward_kl(chunk):
     """alpha = 1: no CE term at all (the gradient comes from the KD term alone)."""
