@@ -82,7 +82,7 @@ TARGETS: dict[str, Target] = {
     "schedule": Target(["src/hld/train/schedule.py"], ["tests/unit/test_lr_schedule.py"], ["-k", "not a_run_applies"]),
     "flops": Target(["src/hld/flops.py"], ["tests/unit/test_flops.py"]),
     "budget": Target(["src/hld/train/budget.py"], ["tests/unit/test_budget.py"]),
-    "stats": Target(["src/hld/study/stats.py"], ["tests/unit/test_study.py"]),
+    "stats": Target(["src/hld/study/stats.py"], ["tests/unit/test_study_stats.py", "tests/unit/test_study.py"]),
 }
 
 # fast tier only (a whole training run per mutant would take hours); no cache, no plugin reordering

@@ -6,6 +6,7 @@ h and W."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Optional
 
@@ -188,6 +189,32 @@ def test_ce_only(chunk):
 def test_forward_kl_online_teacher(chunk, temperature):
     spec = HeadLossSpec(ce_weight=0.3, kd_weight=0.7, temperature=temperature, chunk_tokens=chunk)
     _check(spec, _online_teacher(1), seed=1)
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+@pytest.mark.parametrize("ce_weight,kd_weight", [(1.0, 0.5), (0.2, 0.3), (1.5, 0.5)])
+def test_forward_kl_online_teacher_at_t1_with_weights_not_summing_to_one(chunk, ce_weight, kd_weight):
+    """At T = 1 the fused gradient is (w_ce + w_kd) softmax(z) - w_kd p_t - w_ce onehot: the scaling it
+    skips when the weights sum to 1 must happen when they do not (an auxiliary KD weight on full CE)."""
+    spec = HeadLossSpec(ce_weight=ce_weight, kd_weight=kd_weight, temperature=1.0, chunk_tokens=chunk)
+    _check(spec, _online_teacher(16), seed=16)
+
+
+def test_dense_kd_at_a_large_vocabulary_is_normalised_by_the_teachers_float64_mass():
+    """At V = 262,144 (Gemma 3's) torch's fp32 softmax of the teacher sums to 1 + ~1e-5 on a CPU; the fused
+    Dense KL, sum p_t (z_t - z) / mass - (lse(z_t) + log mass) + lse(z), divides the first term by that float64
+    mass. The KD sum of 8 rows (~180 nats) must match float64 to 5e-6 relative (it does to ~7e-7 here; the
+    rest of the error is the fp32 log-sum-exps'); multiplied by the mass instead, it is off by ~3e-5."""
+    n, vocab = 8, 262_144
+    g = torch.Generator().manual_seed(17)
+    zt, zs = torch.randn(n, vocab, generator=g) * 5, torch.randn(n, vocab, generator=g) * 5
+    h, W = torch.eye(n), zs.T.contiguous()  # the student's logits h @ W.T are zs
+    spec = HeadLossSpec(ce_weight=0.0, kd_weight=1.0, temperature=1.0, chunk_tokens=4096)
+    y, m = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    _, stats = head_loss(h, W, y, m, spec, lambda sl: Dense(zt[sl]))
+    logp = torch.log_softmax(zt.double(), -1)
+    want = (logp.exp() * (logp - torch.log_softmax(zs.double(), -1))).sum()
+    assert float(stats["kd"]) == pytest.approx(float(want), rel=5e-6)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
@@ -471,3 +498,141 @@ def test_a_frozen_head_gets_no_gradient_and_the_same_input_gradient():
         grads.append((h.grad, W.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     assert grads[0][1] is not None and grads[1][1] is None
+
+
+# --------------------------------------------------------------------------- paths the cases above do not reach
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 4096])
+def test_forward_kl_online_teacher_at_a_temperature_below_one(chunk):
+    """T = 0.5: both softmaxes are of z / T = 2 z (the scale 1 / T is 2, not 1)."""
+    spec = HeadLossSpec(ce_weight=0.3, kd_weight=0.7, temperature=0.5, chunk_tokens=chunk)
+    _check(spec, _online_teacher(18), seed=18)
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 4096])
+@pytest.mark.parametrize("extra", [{}, {"softcap": 3.0}, {"divergence": "jsd"}])
+def test_a_kd_spec_without_a_teacher_is_its_weighted_ce(chunk, extra):
+    """No teacher signal for a batch (head_loss without `teacher_chunk`): the KD term is 0 and the loss is
+    w_ce * CE, gradient included, on the fast path and on the autograd path (soft-capped, or another
+    divergence). Also CE alone at weights other than 1."""
+    spec = HeadLossSpec(ce_weight=0.4, kd_weight=0.6, chunk_tokens=chunk, **extra)
+    _check(spec, None, seed=19)
+    for w in (0.7, 2.0):
+        _check(HeadLossSpec(ce_weight=w, chunk_tokens=chunk, **extra), None, seed=19)
+
+
+@pytest.mark.parametrize("extra", [{"softcap": 3.0}, {"divergence": "jsd"}])
+def test_no_grad_forward_on_the_autograd_path(extra):
+    """Under torch.no_grad the autograd path computes the loss and no gradient (validation)."""
+    h, W, y, mask = _inputs(20)
+    ts = _online_teacher(20)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=4, **extra)
+    with torch.no_grad():
+        got, _ = head_loss(h, W, y, mask, spec, ts.logits)
+    assert not got.requires_grad
+    ref, _, _ = _reference(h, W, y, mask, spec, ts)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_head_gradient_over_a_vocabulary_of_several_blocks():
+    """matmul_dtype=bf16 folds dL/dW in vocabulary blocks of 16,384 rows: at V = 16,484 (a whole block and
+    a partial one) and 3 chunks (the first writes dL/dW, the others add to it) the gradients match the
+    float64 gradient on the bf16-rounded weights within bf16's resolution (the loss: that of the rounded logits)."""
+    g = torch.Generator().manual_seed(21)
+    n, d, vocab = 10, 8, 16_384 + 100
+    h, W = torch.randn(n, d, generator=g).requires_grad_(True), torch.randn(vocab, d, generator=g).requires_grad_(True)
+    y, mask = torch.randint(0, vocab, (n,), generator=g), torch.ones(n, dtype=torch.bool)
+    spec = HeadLossSpec(chunk_tokens=4, matmul_dtype=torch.bfloat16)
+    with warnings.catch_warnings():  # and no `out=` buffer is resized (a deprecation warning, an error here)
+        warnings.simplefilter("error")
+        got, _ = head_loss(h, W, y, mask, spec)
+        gh, gW = torch.autograd.grad(got, (h, W))
+    z = torch.mm(h.detach().bfloat16(), W.detach().bfloat16().T).double()  # the logits as the bf16 matmul rounds them
+    assert float(got) == pytest.approx(float(_ce_reference(z, y)), rel=2e-6)
+    hb = h.detach().bfloat16().double().requires_grad_(True)
+    Wb = W.detach().bfloat16().double().requires_grad_(True)
+    rh, rW = torch.autograd.grad(_ce_reference(hb @ Wb.T, y), (hb, Wb))
+    torch.testing.assert_close(gh.double(), rh, rtol=5e-2, atol=3e-2 * float(rh.abs().max()))
+    torch.testing.assert_close(gW.double(), rW, rtol=5e-2, atol=3e-2 * float(rW.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [{}, {"temperature": 2.0}, {"softcap": 3.0}, {"matmul_dtype": torch.bfloat16}])
+def test_the_fused_head_writes_its_buffers_without_resizing_them(dtype, extra):
+    """Every (rows, V) buffer the head writes with `out=` has the rows it is given (row blocks of 4 with a
+    remainder of 3, chunks of 7 with one of 3): torch resizes a mis-shaped `out=` with a deprecation warning,
+    made an error here."""
+    h, W, y, mask = _inputs(22, torch.float32)
+    h, W = h.detach().to(dtype).requires_grad_(True), W.detach().to(dtype).requires_grad_(True)
+    ts = _online_teacher(22, dtype=dtype)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=7, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, _ = head_loss(h, W, y, mask, spec, ts.logits)
+        loss.backward()
+
+
+def test_workspace_keeps_one_growing_buffer_per_name_width_device_and_dtype():
+    """WORKSPACE.get(name, n, V): an (n, V) view of a kept buffer, reused while it has n rows, replaced by a
+    larger one when it has fewer, one per (name, V, device, dtype)."""
+    from hld.distill.chunked import _Workspace
+
+    cpu = torch.device("cpu")
+    ws = _Workspace()
+    a = ws.get("z", 3, 5, cpu)
+    assert a.shape == (3, 5) and a.dtype == torch.float32 and a.device == cpu
+    assert ws.get("z", 2, 5, cpu).data_ptr() == a.data_ptr()  # fewer rows: a view of the same buffer
+    assert ws.get("z", 3, 5, cpu).data_ptr() == a.data_ptr()  # as many: the same
+    b = ws.get("z", 4, 5, cpu)  # more: a new buffer, kept from now on
+    assert b.shape == (4, 5) and ws.get("z", 1, 5, cpu).data_ptr() == b.data_ptr()
+    low = ws.get("z", 2, 5, cpu, torch.bfloat16)
+    assert low.shape == (2, 5) and low.dtype == torch.bfloat16 and low.data_ptr() != b.data_ptr()
+    assert ws.get("q", 2, 5, cpu).data_ptr() != b.data_ptr()  # another name, another buffer
+    assert ws.get("z", 2, 7, cpu).shape == (2, 7)  # another width, another buffer
+    ws.clear()
+    assert ws.bufs == {}
+
+
+def test_a_head_trained_on_fixed_hidden_states_gets_its_gradient():
+    """Only W requires a gradient (h fixed): dL/dW is still computed, against the float64 reference."""
+    h, W, y, mask = _inputs(23)
+    spec = HeadLossSpec(ce_weight=0.5, kd_weight=0.5, chunk_tokens=3)
+    ts = _online_teacher(23)
+    got, _ = head_loss(h.detach(), W, y, mask, spec, ts.logits)
+    (gW,) = torch.autograd.grad(got, W)
+    ref, _, _ = _reference(h.detach(), W, y, mask, spec, ts)
+    (rW,) = torch.autograd.grad(ref, W)
+    torch.testing.assert_close(gW, rW, rtol=1e-5, atol=1e-5 * float(rW.abs().max()))
+
+
+def test_a_ce_only_spec_never_asks_for_the_teachers_rows():
+    """KD weight 0: the teacher's rows (an online teacher's head matmul) are not computed at all."""
+    h, W, y, mask = _inputs(24)
+    asked: list[slice] = []
+    head_loss(h, W, y, mask, HeadLossSpec(chunk_tokens=3), lambda sl: asked.append(sl))
+    assert asked == []
+
+
+def test_a_second_backward_through_the_fused_head_is_refused():
+    """The saved gradients are scaled in place by the first backward: a second (retain_graph) would be wrong."""
+    h, W, y, mask = _inputs(25)
+    loss, _ = head_loss(h, W, y, mask, HeadLossSpec(chunk_tokens=3))
+    loss.backward(retain_graph=True)
+    with pytest.raises(
+        RuntimeError, match=r"^the fused head loss supports one backward pass \(no retain_graph reuse\)$"
+    ):
+        loss.backward()
+
+
+def test_dense_kd_at_a_vocabulary_of_1025():
+    """V = 1025 (not a multiple of 1024): the teacher's row sums are plain float64 sums, not 1024-wide partials."""
+    g = torch.Generator().manual_seed(26)
+    n, vocab = 6, 1025
+    zt, zs = torch.randn(n, vocab, generator=g) * 3, torch.randn(n, vocab, generator=g) * 3
+    spec = HeadLossSpec(ce_weight=0.0, kd_weight=1.0, chunk_tokens=4096)
+    y, m = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    _, stats = head_loss(torch.eye(n), zs.T.contiguous(), y, m, spec, lambda sl: Dense(zt[sl]))
+    logp = torch.log_softmax(zt.double(), -1)
+    want = (logp.exp() * (logp - torch.log_softmax(zs.double(), -1))).sum()
+    assert float(stats["kd"]) == pytest.approx(float(want), rel=1e-6)

@@ -52,6 +52,16 @@ def test_top_k_kl_matches_float64_by_hand(T):
         assert sig.logprobs(T, rest, dtype=torch.float64).numpy() == pytest.approx(want_logp, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_dense_fidelity_at_a_temperature_is_the_kl_of_the_tempered_distributions(T):
+    """Dense.fidelity(full, T): KL(softmax(full / T) || softmax(logits / T)), against float64 numpy."""
+    rng = np.random.default_rng(2)
+    z, y = rng.normal(size=(4, 30)) * 2, rng.normal(size=(4, 30)) * 2
+    got = Dense(torch.tensor(y)).fidelity(torch.tensor(z), T, "bucket").numpy()
+    p, q = _softmax(z / T), _softmax(y / T)
+    assert got == pytest.approx((p * np.log(p / q)).sum(-1), rel=1e-10)
+
+
 def test_a_dense_signal_and_a_renormalised_one():
     rng = np.random.default_rng(1)
     z, y = rng.normal(size=(3, 20)), rng.normal(size=(3, 20))

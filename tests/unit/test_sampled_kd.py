@@ -347,3 +347,79 @@ def test_a_draw_at_a_block_edge_stays_in_its_block_despite_rounding():
     u = np.array([[np.nextafter(bcdf[j] / bcdf[-1], 0) - k * 1e-17 for j in range(nb - 1) for k in range(1, 40)]])
     got = draw(z, u, tau=1.0)[0]
     assert (q[0, got] > 0).all()
+
+
+def test_a_uniform_exactly_at_a_block_edge_draws_the_next_blocks_first_id():
+    """The first id whose cumulative mass exceeds u * total: with V = 2048 equal logits every cumulative mass
+    (i + 1) / 2048 is exact in float64, and u = 1/2 lands exactly on the first block's end, so the id is 1024
+    (the first of the second block), not 1023; u = 1/4 gives 512 inside the first block."""
+    z = torch.zeros(1, 2048)
+    assert draw(z, np.array([[0.5, 0.25, 0.0]]), tau=1.0).tolist() == [[1024, 512, 0]]
+
+
+def test_importance_weights_survive_log_ratios_far_from_zero():
+    """Normalised weights c_i exp(lr_i) / sum_j c_j exp(lr_j) over the drawn slots only (padding slots, count 0,
+    may hold any log-ratio), computed here as a softmax of log c + lr in float64 per row: rows whose log-ratios
+    are near +800 or -800 (exp over- or underflows without the row's max taken out), and a padding slot far
+    above the drawn ones."""
+    from scipy.special import softmax
+
+    counts = np.array([[3, 1, 2, 0], [1, 1, 4, 0], [2, 2, 0, 0]])  # 3 rows, 4 slots
+    lr = np.array([[800.0, 801.5, 799.0, 5000.0], [-800.0, -803.0, -799.5, 0.0], [0.3, -0.2, 9999.0, 9999.0]])
+    got = weights(counts, lr)
+    for r in range(3):
+        drawn = counts[r] > 0
+        want = np.zeros(4)
+        want[drawn] = softmax(np.log(counts[r][drawn]) + lr[r][drawn])
+        np.testing.assert_allclose(got[r], want, rtol=1e-12, atol=0)
+    raw = weights(counts[2:], lr[2:], normalise=False)  # (c_i / K) exp(lr_i), 0 in padding whatever its lr
+    np.testing.assert_allclose(raw[0], [0.5 * np.exp(0.3), 0.5 * np.exp(-0.2), 0.0, 0.0], rtol=1e-12)
+
+
+def test_sampled_fidelity_at_a_temperature_and_its_cache_entry_size():
+    """Sampled.fidelity(full, T) = sum_i w_i log(w_i / p_i) with p = softmax(full / T), float64 numpy; a cached
+    token is k slots of an int32 id and a float32 weight: 8 k bytes, estimated and bounded alike."""
+    rng = np.random.default_rng(7)
+    full = rng.normal(0, 2.0, (3, 30))
+    ids = np.array([[1, 4, 9], [0, 2, 29], [5, 6, 7]])
+    w = np.array([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
+    sig = Sampled(indices=torch.from_numpy(ids), weights=torch.from_numpy(w).float())
+    for T in (1.0, 2.0):
+        logp = full / T - np.log(np.exp(full / T).sum(1, keepdims=True))  # (3, 30) log-softmax of each row
+        w32 = w.astype(np.float32).astype(np.float64)
+        terms = np.where(w32 > 0, w32 * (np.log(np.where(w32 > 0, w32, 1)) - np.take_along_axis(logp, ids, 1)), 0.0)
+        got = sig.fidelity(torch.from_numpy(full), T, "bucket").numpy()
+        np.testing.assert_allclose(got, terms.sum(1), rtol=1e-9)
+    assert Sampled.cache_logit_bytes(None, 5, 32, 1000) == (40.0, 40.0)
+
+
+def test_weights_that_are_no_distribution_are_refused_and_other_divergences_too():
+    """from_cache: finite, non-negative weights summing to 1.5 are no distribution; kd_rows: the sampled
+    signal estimates forward KL only."""
+    from hld.distill.divergences.registry import parse
+
+    ids = np.array([[1, 2]], dtype=np.int32)
+    with pytest.raises(ValueError, match="^holds sampled weights that are not a distribution per token$"):
+        Sampled.from_cache(np.array([[1.0, 0.5]], dtype=np.float32), ids, None)
+    Sampled.from_cache(np.array([[0.75, 0.25]], dtype=np.float32), ids, None)  # one that is
+    sig = Sampled(indices=torch.tensor([[1, 2]]), weights=torch.tensor([[0.75, 0.25]]))
+    logq = torch.log_softmax(torch.zeros(1, 4), -1)
+    want = r"^a sampled teacher signal estimates forward_kl only, not 'jsd\(beta=0.5\)'$"
+    with pytest.raises(ValueError, match=want):
+        sig.kd_rows(logq, logq, 1.0, parse("jsd"), "bucket")
+
+
+@pytest.mark.parametrize("V", [40, 3000])
+def test_uniforms_a_hair_either_side_of_a_cumulative_mass_draw_as_the_float64_inverse_cdf(V):
+    """u * total within 1e-10 (relative) below and above the cumulative mass of ids inside blocks and at
+    blocks' ends: numpy's float64 inverse CDF of the same q decides. The block sums, the cumulative sums
+    inside a block and u * total must all be float64 (in float32, or u / total, the edges move by ~1e-7)."""
+    rng = np.random.default_rng(V + 1)
+    z = torch.from_numpy(rng.normal(0, 3.0, (4, V)))
+    q = torch.softmax(z.float(), dim=-1).double().numpy()
+    cdf = np.cumsum(q, axis=1)
+    ends = [j for j in (0, 7, 20, 1023, 1500, 2047) if j < V - 1]
+    u = np.stack([[cdf[i, j] / cdf[i, -1] * f for j in ends for f in (1 - 1e-10, 1 + 1e-10)] for i in range(4)])
+    want = np.stack([np.searchsorted(cdf[i], u[i] * cdf[i, -1], side="right") for i in range(4)])
+    np.testing.assert_array_equal(draw(z, u, tau=1.0).numpy(), np.minimum(want, V - 1))
+    assert (want[:, 1::2] == want[:, ::2] + 1).all()  # each pair straddles its edge

@@ -124,3 +124,20 @@ def test_fidelity_is_zero_only_for_the_full_distribution(kind):
         assert float(kl.abs().max()) < 1e-10
     else:
         assert (kl > 1e-4).all()
+
+
+@pytest.mark.parametrize("k", [K, V, V + 5])
+def test_dense_as_top_k_sorts_the_logits_and_keeps_the_log_mass_off_them(k):
+    """What a cache stores of an online teacher: its k largest logits in descending order, their ids and
+    logsumexp of the others (-inf when k covers the vocabulary: every logit, sorted), against numpy."""
+    zt = torch.randn(N, V, generator=torch.Generator().manual_seed(5)) * 3
+    got = Dense(zt).as_top_k(k)
+    z = zt.double().numpy()
+    order = np.argsort(-z, axis=-1)[:, : min(k, V)]  # continuous random logits: no ties
+    assert np.array_equal(got.indices.long().numpy(), order)
+    assert np.array_equal(got.values.double().numpy(), np.take_along_axis(z, order, -1))
+    off = np.ones_like(z, dtype=bool)
+    np.put_along_axis(off, order, False, -1)
+    rest = np.array([np.logaddexp.reduce(row[o]) if o.any() else -np.inf for row, o in zip(z, off)])
+    assert got.rest.shape == (N,)
+    np.testing.assert_allclose(got.rest.double().numpy(), rest, rtol=1e-6)
