@@ -147,6 +147,14 @@ def check_verdicts(report: str, csv_path) -> None:
         assert float(s["p"]) == pytest.approx(w["p_holm"], rel=2e-3, abs=1e-6)
 
 
+def bos_led_windows(n: int = 4, seq_len: int = 32, vocab: int = 512, seed: int = 0) -> np.ndarray:
+    """Random token windows (ids 3..vocab-1) each led by the BOS (id 2), as the training store cuts them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq_len), generator=g)
+    ids[:, 0] = 2
+    return ids.numpy()
+
+
 class KeptLines:
     """A RunLogger stand-in that keeps the metric lines it is given."""
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY_TEACHER
+from helpers import TINY_TEACHER, bos_led_windows
 from hld.config import load_config
 from hld.errors import HldError
 from hld.flops import calibration_flops, planned_calibration
@@ -30,10 +30,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def windows():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 512, (4, 32), generator=g)
-    ids[:, 0] = 2  # BOS-led windows
-    return ids.numpy()
+    return bos_led_windows()
 
 
 def without_block(teacher, i: int):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY_TEACHER, tiny_overrides
+from helpers import TINY_TEACHER, bos_led_windows, tiny_overrides
 from hld.cli import main
 from hld.config import load_config
 from hld.distill.projectors import Projectors
@@ -38,10 +38,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def windows():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 512, (4, 32), generator=g)
-    ids[:, 0] = 2  # BOS-led windows
-    return ids.numpy()
+    return bos_led_windows()
 
 
 def logits(lm, windows) -> torch.Tensor:
