@@ -80,7 +80,10 @@ TARGETS: dict[str, Target] = {
     ),
     # the three whole training runs of test_lr_schedule (50 s per mutant) check the wiring, not the formula
     "schedule": Target(["src/hld/train/schedule.py"], ["tests/unit/test_lr_schedule.py"], ["-k", "not a_run_applies"]),
-    "flops": Target(["src/hld/flops.py"], ["tests/unit/test_flops.py"]),
+    "flops": Target(  # the calibration FLOPs are tested with the derivations they count
+        ["src/hld/flops.py"],
+        ["tests/unit/test_flops.py", "tests/unit/test_derive.py", "tests/unit/test_derive_residual.py"],
+    ),
     "budget": Target(["src/hld/train/budget.py"], ["tests/unit/test_budget.py"]),
     "stats": Target(["src/hld/study/stats.py"], ["tests/unit/test_study_stats.py", "tests/unit/test_study.py"]),
 }

@@ -198,6 +198,10 @@ def test_residual_calibration_flops_by_hand(teacher):
     assert calibration_flops(teacher, "explicit", windows=8, seq_len=T, residual="project", kept_blocks=2) == (
         pytest.approx(fwd * 8 * T + project)
     )
+    # every pass at once: loss_drop's L + 1 whole forwards, the width pass, then the residual's forward + sums
+    whole = fwd + 2 * 512 * d  # with the head
+    got = calibration_flops(teacher, "loss_drop", windows=8, seq_len=T, width=True, residual="project", kept_blocks=2)
+    assert got == pytest.approx((L + 1) * whole * 8 * T + fwd * 8 * T + fwd * 8 * T + project)
 
 
 def test_residual_bad_input_is_one_line(teacher, capsys):
