@@ -41,15 +41,7 @@ def main() -> None:
     ap.add_argument("--calibration-windows", type=int, default=16)
     ap.add_argument("--loss-drop-windows", type=int, default=4, help="loss_drop's calibration (19 forwards each)")
     args = ap.parse_args()
-    res = Resources()
-    base = load_config("demo", [f"teacher.model={args.teacher}", "teacher.dtype=float32"])
-    tok = res.tokenizer(base.teacher.model)
-    teacher = res.teacher(base.teacher.model, "float32").model
-    train = res.train_windows(base.data, tok)
-    val = np.asarray(res.validation_windows(base.data, tok, n=args.val_windows))
-    counts, _ = fit_split(train, vocab_size=teacher.get_input_embeddings().weight.shape[0])
-    grams = cross_entropy(counts, list(val))  # the study's whole-split n-gram rows, on these windows
-    rows = [{"student": f"{m}: whole train split", "val_loss": grams[m]} for m in ("unigram", "bigram")]
+    teacher, train, val, rows = reference_rows(args.teacher, args.val_windows)
     t0 = time.time()
     rows.append({"student": "teacher", "val_loss": mean_loss(teacher, val), "seconds": time.time() - t0})
     for row in rows:
@@ -77,7 +69,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.explicit:
-        kept = [i for part in args.explicit.split("+") for i in _span(part)]
+        kept = blocks_of(args.explicit)
         row = {"student": f"depth-{len(kept)}", "rank": "explicit", "kept": kept}
         row["val_loss"] = mean_loss(prune_depth(teacher, tuple(kept)), val)
         rows.append(row)
@@ -87,9 +79,28 @@ def main() -> None:
         print(f"| {r['student']} | {r.get('rank', '—')} | {r.get('kept', '—')} | {r['val_loss']:.4f} |")
 
 
-def _span(part: str) -> list[int]:
-    a, _, b = part.partition("-")
-    return list(range(int(a), int(b or a) + 1))
+def reference_rows(teacher_name: str, val_windows: int):
+    """The demo's data with `teacher_name` in fp32: (teacher, training windows, the first `val_windows`
+    validation windows, the unigram and bigram rows fitted on the whole training split and scored on them)."""
+    res = Resources()
+    base = load_config("demo", [f"teacher.model={teacher_name}", "teacher.dtype=float32"])
+    tok = res.tokenizer(base.teacher.model)
+    teacher = res.teacher(base.teacher.model, "float32").model
+    train = res.train_windows(base.data, tok)
+    val = np.asarray(res.validation_windows(base.data, tok, n=val_windows))
+    counts, _ = fit_split(train, vocab_size=teacher.get_input_embeddings().weight.shape[0])
+    grams = cross_entropy(counts, list(val))  # the study's whole-split n-gram rows, on these windows
+    rows: list[dict] = [{"student": f"{m}: whole train split", "val_loss": grams[m]} for m in ("unigram", "bigram")]
+    return teacher, train, val, rows
+
+
+def blocks_of(spec: str) -> list[int]:
+    """Kept blocks written as spans: '0-5+15-17' -> [0, 1, 2, 3, 4, 5, 15, 16, 17]."""
+    out = []
+    for part in spec.split("+"):
+        a, _, b = part.partition("-")
+        out += range(int(a), int(b or a) + 1)
+    return out
 
 
 if __name__ == "__main__":

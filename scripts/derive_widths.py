@@ -19,13 +19,11 @@ import json
 import time
 
 import numpy as np
+from derive_depths import blocks_of, reference_rows  # scripts/, beside this file
 
-from hld.config import load_config
 from hld.models.derive import mean_loss, prune_depth
 from hld.models.hooks import n_blocks
 from hld.models.residual_width import READS, WRITES, moments, residual_of
-from hld.study.references import cross_entropy, fit_split
-from hld.train.resources import Resources
 
 
 def main() -> None:
@@ -38,18 +36,10 @@ def main() -> None:
     ap.add_argument("--folds", default="", help="also score project with these folds: none, all (comma-separated)")
     ap.add_argument("--ways", default="prune,project")
     args = ap.parse_args()
-    res = Resources()
-    base = load_config("demo", [f"teacher.model={args.teacher}", "teacher.dtype=float32"])
-    tok = res.tokenizer(base.teacher.model)
-    teacher = res.teacher(base.teacher.model, "float32").model
-    train = res.train_windows(base.data, tok)
-    val = np.asarray(res.validation_windows(base.data, tok, n=args.val_windows))
+    teacher, train, val, rows = reference_rows(args.teacher, args.val_windows)
     calib = np.asarray(train[: args.calibration_windows])
     L = n_blocks(teacher)
-    kept = tuple(range(L)) if args.blocks == "all" else tuple(i for p in args.blocks.split("+") for i in _span(p))
-    counts, _ = fit_split(train, vocab_size=teacher.get_input_embeddings().weight.shape[0])
-    grams = cross_entropy(counts, list(val))  # the study's whole-split n-gram rows, on these windows
-    rows: list[dict] = [{"student": f"{m}: whole train split", "val_loss": grams[m]} for m in ("unigram", "bigram")]
+    kept = tuple(range(L)) if args.blocks == "all" else tuple(blocks_of(args.blocks))
     rows.append({"student": f"teacher ({L} blocks)", "d_model": 640, "val_loss": mean_loss(teacher, val)})
     for row in rows:
         print(json.dumps(row), flush=True)
@@ -74,11 +64,6 @@ def main() -> None:
     for r in rows:
         cap = f"{r['captured']:.1%}" if "captured" in r else "—"
         print(f"| {r['student']} | {r.get('residual', '—')} | {r.get('d_model', '—')} | {cap} | {r['val_loss']:.4f} |")
-
-
-def _span(part: str) -> list[int]:
-    a, _, b = part.partition("-")
-    return list(range(int(a), int(b or a) + 1))
 
 
 if __name__ == "__main__":
