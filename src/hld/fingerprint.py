@@ -51,21 +51,27 @@ def sha256_mismatch(directory: Path, recorded: dict) -> str | None:
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, fingerprint)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens. Computed once per
-    tokenizer object (a 262k vocabulary takes a while to hash, and every store and cache asks)."""
+def _memoised(cache: weakref.WeakKeyDictionary, tokenizer, size: int, compute) -> str:
+    """`compute(tokenizer)`, kept per tokenizer object while its size stays `size` (a token added since:
+    computed again); a tokenizer that cannot be weakly referenced is not memoised."""
     try:
-        size, fp = _TOKENIZERS[tokenizer]
-        if size == len(tokenizer):
+        known, fp = cache[tokenizer]
+        if known == size:
             return fp
     except (KeyError, TypeError):
         pass
-    fp = _tokenizer_fingerprint(tokenizer)
+    fp = compute(tokenizer)
     try:
-        _TOKENIZERS[tokenizer] = (len(tokenizer), fp)
-    except TypeError:  # not weakly referenceable: not memoised
+        cache[tokenizer] = (size, fp)
+    except TypeError:
         pass
     return fp
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens. Computed once per
+    tokenizer object (a 262k vocabulary takes a while to hash, and every store and cache asks)."""
+    return _memoised(_TOKENIZERS, tokenizer, len(tokenizer), _tokenizer_fingerprint)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -86,23 +92,15 @@ def tokenizer_spec_fingerprint(tokenizer) -> str:
     EOS and PAD ids. `tokenizer_fingerprint` (vocabulary and BOS/EOS) names the ids of the token store;
     aligned stores key on this one, so another merge list or normaliser is another store. A
     `tokenizers.Tokenizer` or a Hugging Face fast tokenizer; computed once per object."""
-    size = len(tokenizer.get_vocab())  # a token added since: another spec
-    try:
-        known, fp = _SPECS[tokenizer]
-        if known == size:
-            return fp
-    except (KeyError, TypeError):
-        pass
+    return _memoised(_SPECS, tokenizer, len(tokenizer.get_vocab()), _spec_fingerprint)  # a token added: another
+
+
+def _spec_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     h = hashlib.sha256(backend.to_str().encode("utf-8", "surrogatepass"))
     specials = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
     h.update(f"bos={specials[0]} eos={specials[1]} pad={specials[2]}".encode())
-    fp = h.hexdigest()[:16]
-    try:
-        _SPECS[tokenizer] = (size, fp)
-    except TypeError:
-        pass
-    return fp
+    return h.hexdigest()[:16]
 
 
 def windows_fingerprint(windows) -> str:
