@@ -252,12 +252,12 @@ class Diagnostics:
         # every teacher layer in one forward: asked for one at a time, each missing layer cost a forward
         # to its depth (17 passes of Gemma 3 270M, 53 s of the demo's first cell)
         self.teacher.states(t_layers)
-        cka = [[0.0] * len(t_layers) for _ in s_layers]
         n = states[0].shape[0]
         if n * n * 8 * max(len(s_layers), len(t_layers)) <= GRAM_BYTES:  # few positions: Gram matrices
             student = gram_stack([states[a] for a in s_layers])
             cka = cka_of_stacks(student, self.teacher.gram_stack(t_layers)).tolist()
         else:
+            cka = [[0.0] * len(t_layers) for _ in s_layers]
             st = {a: cka_terms(states[a]) for a in s_layers}
             for j, b in enumerate(t_layers):  # one teacher layer's centred float64 copy at a time
                 tb = self.teacher.terms(b)
