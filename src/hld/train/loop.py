@@ -237,7 +237,9 @@ class PendingStep:
     values: torch.Tensor  # [*sums in `keys` order, targets counted, grad norm, skipped]
     keys: list[str]
     n_global: int  # the targets the loop divided by
-    host: dict  # what the host already knows: lr, phase, scheduled weights
+    lr: float  # what the host already knows: the step's learning rate, phase and scheduled loss weights
+    phase: str
+    weights: dict
 
     def line(self, vals: list[float]) -> dict:
         *sums, n_all, norm_value, skipped = vals
@@ -246,13 +248,13 @@ class PendingStep:
         sums_f = dict(zip(self.keys, sums))
         loss_total = sums_f.pop("loss")
         line: dict[str, Any] = {f"train/{k}": v / self.n_global for k, v in sums_f.items()}
-        line.update(self.host["weights"])  # scheduled alpha / beta
+        line.update(self.weights)  # scheduled alpha / beta
         line.update(
             {
                 "train/loss": loss_total / self.n_global,
-                "lr": self.host["lr"],
+                "lr": self.lr,
                 "grad_norm": norm_value,
-                "phase": self.host["phase"],
+                "phase": self.phase,
                 "skipped": bool(skipped),
             }
         )
@@ -333,7 +335,7 @@ def launch_step(s: Setup, step: int) -> PendingStep:
     s.steps_taken += 1
     s.optimizer.zero_grad(set_to_none=True)
     values = torch.cat([totals, norm.detach().double().reshape(1), skip.double().reshape(1)])
-    return PendingStep(values, keys, n_global, {"lr": lr, "phase": phase.name, "weights": weights})
+    return PendingStep(values, keys, n_global, lr=lr, phase=phase.name, weights=weights)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -485,7 +487,7 @@ def _steps(s: Setup, out: Path, state: RunState, callbacks: list[Callback]) -> d
         p = launch_step(s, state.step)
         state.advance(
             tokens=s.length.tokens_at(state.step, cfg.train.batch_size, cfg.data.seq_len),
-            flops_per_token=s.costs[p.host["phase"]].total,
+            flops_per_token=s.costs[p.phase].total,
             seconds=time.time() - ts,
         )
         rate = (state.tokens - tok0) / max(time.time() - t0, 1e-9)
