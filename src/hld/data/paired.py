@@ -48,7 +48,7 @@ from hld.atomic import read_json_object, write_file, write_json
 from hld.data import store as st
 from hld.data.align import Aligner, Alignment
 from hld.data.sources import fingerprint, iter_unit, source_units
-from hld.data.tokenize import check_out, committed_prefix, enough_units, is_remote, store_root
+from hld.data.tokenize import check_out, committed_prefix, enough_units, open_or_build, store_root
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_spec_fingerprint
 from hld.locks import file_lock
@@ -679,28 +679,30 @@ def open_paired(
     aligner_for(teacher, student)  # the tokenizers refused in one line before any store is looked for
     ident = identity(spec, teacher, student, text_field)
     out = store_path(ident, store_dir)
-    if (out / "manifest.json").exists():
-        store = PairedStore(out, expect=ident)
-        m = store.manifest
-        if m["complete"] or enough_units(m["shards"], m["units"], need_tokens, need_docs):
-            return store
-        if is_remote(spec) and need_tokens is None and need_docs is None:
-            return store  # a hub corpus aligned for a budget (`hld tokenize`): runs read the prefix it holds
-    elif (out / "identity.json").exists():  # units committed by others (a SLURM array), no manifest yet
-        if assemble(out, ident, len(source_units(spec)), need_tokens=need_tokens, need_docs=need_docs) is not None:
-            return PairedStore(out, expect=ident)
-    if is_remote(spec):
-        raise HldError(
-            f"{what}={spec} has no paired store (in {store_root(store_dir)}), and a hub corpus is never "
-            "tokenised at start-up",
-            "run `hld tokenize --student-tokenizer ...` with this config first",
-        )
-    if not may_build:
-        raise HldError(
-            f"{what}={spec}: the paired store {out} is missing or incomplete", "run `hld tokenize --student-tokenizer`"
-        )
-    build(spec, teacher, student, out, text_field=text_field, need_tokens=need_tokens, need_docs=need_docs, quiet=quiet)
-    return PairedStore(out, expect=ident)
+    return open_or_build(
+        spec,
+        out,
+        opened=lambda: PairedStore(out, expect=ident),
+        assembled=lambda: assemble(out, ident, len(source_units(spec)), need_tokens=need_tokens, need_docs=need_docs),
+        build_it=lambda: build(
+            spec,
+            teacher,
+            student,
+            out,
+            text_field=text_field,
+            need_tokens=need_tokens,
+            need_docs=need_docs,
+            quiet=quiet,
+        ),
+        need_tokens=need_tokens,
+        need_docs=need_docs,
+        may_build=may_build,
+        store_dir=store_dir,
+        what=what,
+        kind="paired store",
+        remote_fix="run `hld tokenize --student-tokenizer ...` with this config first",
+        missing_fix="run `hld tokenize --student-tokenizer`",
+    )
 
 
 def open_paired_windows(

@@ -297,27 +297,64 @@ def open_store(
     built or extended on first use for a local source when `may_build`."""
     ident = identity(spec, tokenizer, text_field)
     out = store_path(ident, store_dir)
+    return open_or_build(
+        spec,
+        out,
+        opened=lambda: st.TokenStore(out, expect=ident),
+        assembled=lambda: assemble(out, ident, source_units(spec), need_tokens=need_tokens, need_docs=need_docs),
+        build_it=lambda: build(
+            spec, tokenizer, out, text_field=text_field, need_tokens=need_tokens, need_docs=need_docs, quiet=quiet
+        ),
+        need_tokens=need_tokens,
+        need_docs=need_docs,
+        may_build=may_build,
+        store_dir=store_dir,
+        what=what,
+        kind="token store",
+        remote_fix="run `hld tokenize` with this config first (`hld plan` estimates how long it takes)",
+        missing_fix="run `hld tokenize` first",
+    )
+
+
+def open_or_build(
+    spec: str,
+    out: Path,
+    *,
+    opened,
+    assembled,
+    build_it,
+    need_tokens: Optional[int],
+    need_docs: Optional[int],
+    may_build: bool,
+    store_dir: Optional[str],
+    what: str,
+    kind: str,
+    remote_fix: str,
+    missing_fix: str,
+):
+    """The store at `out` (`opened()`) if it holds what is needed; else the one its committed units make
+    (`assembled()`: units committed by others, a SLURM array, no manifest yet), else built or extended
+    (`build_it()`) for a local source when `may_build`. A token store and a paired store (`kind`) alike."""
     if (out / "manifest.json").exists():
-        store = st.TokenStore(out, expect=ident)
+        store = opened()
         m = store.manifest
         if m["complete"] or enough_units(m["shards"], m["units"], need_tokens, need_docs):
             return store
         if is_remote(spec) and need_tokens is None and need_docs is None:
             return store  # a hub corpus tokenised for a budget (`hld tokenize`): runs read the prefix it holds
-    elif out.exists() and (out / "identity.json").exists():  # shards committed by others (a SLURM array)
-        units = source_units(spec)
-        if assemble(out, ident, units, need_tokens=need_tokens, need_docs=need_docs) is not None:
-            return st.TokenStore(out, expect=ident)
+    elif (out / "identity.json").exists():
+        if assembled() is not None:
+            return opened()
     if is_remote(spec):
         raise HldError(
-            f"{what}={spec} has no token store (in {store_root(store_dir)}), and a hub corpus is never "
+            f"{what}={spec} has no {kind} (in {store_root(store_dir)}), and a hub corpus is never "
             "tokenised at start-up",
-            "run `hld tokenize` with this config first (`hld plan` estimates how long it takes)",
+            remote_fix,
         )
     if not may_build:
-        raise HldError(f"{what}={spec}: the token store {out} is missing or incomplete", "run `hld tokenize` first")
-    build(spec, tokenizer, out, text_field=text_field, need_tokens=need_tokens, need_docs=need_docs, quiet=quiet)
-    return st.TokenStore(out, expect=ident)
+        raise HldError(f"{what}={spec}: the {kind} {out} is missing or incomplete", missing_fix)
+    build_it()
+    return opened()
 
 
 def stores_of(spec: str, store_dir: Optional[str] = None) -> list[Path]:
