@@ -102,6 +102,11 @@ class Batch:
     # read the sum back (a host sync per micro-batch on a GPU)
     host_n_targets: Optional[int] = field(default=None, repr=False, compare=False)
     host_input_ids: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)  # before `to`
+    # a teacher with another tokenizer (`student.tokenizer`, hld.data.paired): the teacher's rows of the same
+    # text (B, T_teacher) int64, and each window's alignment (hld.data.align.Alignment, bounds into its rows;
+    # hld.distill.cross_tok.chunks.Chunks reads them). None: the teacher reads `input_ids`
+    teacher_ids: Optional[torch.Tensor] = None
+    alignments: Optional[list] = field(default=None, repr=False, compare=False)
 
     def input_ids_on_host(self) -> torch.Tensor:
         """The tokens in host memory: kept by `to`, so a check against them reads nothing back."""
@@ -117,19 +122,44 @@ class Batch:
             self.host_n_targets = int(self.mask.sum())
         return self.host_n_targets
 
+    @property
+    def paired(self) -> bool:
+        """Does the teacher read other tokens than the student (a teacher with another tokenizer)?"""
+        return self.teacher_ids is not None
+
     def split(self, n: int) -> list[Batch]:
         wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
-        return [Batch(i, lab, w) for i, lab, w in zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)]
+        parts = zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)
+        if not self.paired:
+            return [Batch(i, lab, w) for i, lab, w in parts]
+        assert self.alignments is not None
+        size = -(-self.input_ids.shape[0] // n)  # torch.chunk's rows per part
+        return [
+            Batch(i, lab, w, teacher_ids=t, alignments=self.alignments[k * size : (k + 1) * size])
+            for k, ((i, lab, w), t) in enumerate(zip(parts, self.teacher_ids.chunk(n)))  # type: ignore[union-attr]
+        ]
 
     def truncate(self, length: int) -> Batch:
         """The first `length` positions of every window, with their labels (position length-1 still
         predicts token `length`, which the labels hold): a causal model's outputs on this prefix equal
-        its outputs on those positions of the whole window."""
+        its outputs on those positions of the whole window. Not for paired windows (a chunk would be cut:
+        their runs end on whole steps, `hld.train.budget`)."""
+        if self.paired:
+            raise ValueError("a batch of paired windows cannot be cut inside its windows")
         return Batch(self.input_ids[:, :length], self.labels[:, :length], self.window_ids)
 
     def to(self, device: torch.device) -> Batch:
         host = self.input_ids if self.input_ids.device.type == "cpu" else None
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.window_ids, self.n_targets, host)
+        teacher = self.teacher_ids.to(device) if self.teacher_ids is not None else None
+        return Batch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.window_ids,
+            self.n_targets,
+            host,
+            teacher_ids=teacher,
+            alignments=self.alignments,
+        )
 
 
 def make_batch(windows: np.ndarray, *, window_ids: Optional[np.ndarray] = None) -> Batch:
@@ -139,3 +169,18 @@ def make_batch(windows: np.ndarray, *, window_ids: Optional[np.ndarray] = None) 
     labels[:, :-1] = ids[:, 1:]
     wids = torch.from_numpy(np.asarray(window_ids, dtype=np.int64)) if window_ids is not None else None
     return Batch(ids, labels, wids)
+
+
+def make_paired_batch(rows, *, window_ids: Optional[np.ndarray] = None) -> Batch:
+    """A batch of paired windows (`hld.data.paired.PairedRows`): the student's rows are `input_ids`, each
+    position predicting the next token of its window up to the window's last (the padding after it
+    predicts nothing and is not predicted); the teacher's rows of the same text ride along as
+    `teacher_ids`, with the windows' alignments."""
+    ids = torch.from_numpy(np.ascontiguousarray(rows.student_ids)).long()  # (B, T)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]
+    lengths = torch.as_tensor(np.asarray(rows.student_lengths), dtype=torch.int64)  # (B,)
+    labels[torch.arange(ids.shape[1]).unsqueeze(0) >= (lengths - 1).unsqueeze(1)] = IGNORE
+    wids = torch.from_numpy(np.asarray(window_ids, dtype=np.int64)) if window_ids is not None else None
+    teacher = torch.from_numpy(np.ascontiguousarray(rows.teacher_ids)).long()
+    return Batch(ids, labels, wids, teacher_ids=teacher, alignments=list(rows.alignments))
