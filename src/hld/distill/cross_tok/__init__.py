@@ -9,6 +9,8 @@
 - `gold`: exact KD over the shared vocabulary where a chunk is one token on each side, ULD elsewhere
   (the hybrid of TRL's GOLD trainer).
 - `pooling`: hidden states pooled per chunk (last token or mean), for hidden-layer distillation.
+- `objectives`: the training objectives over paired windows (CE + a loss above; the pooled hidden loss)
+  and their plan, `build_cross_plan`.
 
 Every loss returns a sum over the chunks it is given (fp32), normalised once by the caller, as in
 `hld.distill.losses`. This `__init__` imports nothing (scripts/import_layers.py).

@@ -112,6 +112,14 @@ class OnlineLogits:
         buf = WORKSPACE.get("zt", h.shape[0], self.head_weight.shape[0], h.device)
         return Dense(softcap(logits_into(h, self.head_weight, buf), self.softcap))
 
+    def at_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The logits of the flat rows `rows` (n,) int64 (any order), soft-capped, (n, V) fp32 (float64 kept):
+        a fresh tensor, not the shared buffer of `rows`. For a loss that reads scattered rows only (the
+        cross-tokenizer losses, hld.distill.cross_tok.objectives): the head runs at those rows alone."""
+        h = self.final_hidden.reshape(-1, self.final_hidden.shape[-1])[rows]  # (n, d_t)
+        z = torch.mm(h, self.head_weight.to(h.dtype).T)  # (n, V)
+        return softcap(z if z.dtype == torch.float64 else z.float(), self.softcap)
+
     @property
     def n_rows(self) -> int:
         return self.final_hidden.shape[0] * self.final_hidden.shape[1]
