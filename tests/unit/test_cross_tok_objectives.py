@@ -175,10 +175,6 @@ def run(obj, batch, h, W, ht, Wt, *, cap_s=None, cap_t=None):
     return loss.detach(), n, metrics, h.grad, W.grad
 
 
-def ref_grads(value, h, W):
-    return torch.autograd.grad(value, (h, W))
-
-
 CASES = {  # loss -> (objective arguments, reference arguments)
     "uld": ({"temperature": 1.7, "uld_top_k": 5}, {"T": 1.7, "k": 5}),
     "gold": ({"temperature": 1.7, "uld_top_k": None, "uld_weight": 0.6}, {"T": 1.7, "k": None, "uld_weight": 0.6}),
@@ -199,7 +195,8 @@ def reference_of(loss, batch, h, W, ht, Wt, *, alpha=0.3, **kw):
         args.setdefault("vocab", shared_vocab())
     h, W = h.detach().clone().requires_grad_(True), W.detach().clone().requires_grad_(True)
     value, ce, xt = reference(batch, h, W, ht, Wt, loss=loss, alpha=alpha, **args)
-    return value, ce, xt, ref_grads(value, h, W)
+    grads = torch.autograd.grad(value, (h, W))
+    return value.detach(), ce.detach(), xt.detach(), grads
 
 
 # --------------------------------------------------------------------------- the logit objective
@@ -212,7 +209,7 @@ def test_value_metrics_and_gradients_equal_the_full_logit_reference(loss, block_
     got, n, metrics, gh, gW = run(objective(loss, block_rows=block_rows), batch, h, W, ht, Wt)
     want, ce, xt, (wh, wW) = reference_of(loss, batch, h, W, ht, Wt)
     assert n == batch.n_targets == 5 + 8
-    assert float(xt.detach()) > 0.05 and float(ce.detach()) > 1.0  # neither part vanishes on this problem
+    assert float(xt) > 0.05 and float(ce) > 1.0  # neither part vanishes on this problem
     torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(metrics["kd"], xt.detach(), rtol=1e-10, atol=1e-12)
@@ -314,14 +311,14 @@ def test_an_alpha_schedule_sets_the_weight_in_force():
     assert objective("uld").set_progress(0.5) == {}
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold", "alm"])
-@pytest.mark.parametrize("pairing", ["start", "index"])
+@pytest.mark.parametrize(
+    "loss,pairing", [("uld", "start"), ("uld", "index"), ("gold", "start"), ("gold", "index"), ("alm", "start")]
+)
 def test_another_pairing_of_rows_gives_another_value(loss, pairing):
     """The alignment splits words on both sides (chunks of 2 and 3 tokens): pairing the chunk's first rows, or
     the c-th rows of each side, instead of the rows before the chunk changes the value, so the tests above
-    would see it. (ALM pairs spans: `start` shifts both sides' log-probabilities by one row.)"""
-    if loss == "alm" and pairing == "index":
-        pytest.skip("ALM reads each chunk's own tokens: it pairs no rows by index")
+    would see it. (ALM reads each chunk's own tokens, no pair of rows: `start` reads token k's
+    log-probability at row k instead of k-1 on both sides.)"""
     batch, (h, W, ht, Wt) = paired_batch(), states()
     got, *_ = run(objective(loss, alpha=1.0), batch, h, W, ht, Wt)
     if loss == "alm":  # ALM with each side's token k read at row k (not k-1): a student shifted by one row
@@ -331,6 +328,22 @@ def test_another_pairing_of_rows_gives_another_value(loss, pairing):
     else:
         wrong, *_ = reference_of(loss, batch, h, W, ht, Wt, alpha=1.0, pairing=pairing)
     assert abs(float(wrong) - float(got)) > 1e-2 * float(got)
+
+
+def test_backward_scales_the_gradients_by_the_incoming_one():
+    """The loop backpropagates loss / (the step's target count): both gradients scale with it, once."""
+    batch, (h, W, ht, Wt) = paired_batch(), states()
+    _, _, _, gh, gW = run(objective("uld"), batch, h, W, ht, Wt)
+    hg, Wg = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    student = StudentOutputs(final_hidden=hg, hidden={}, head_weight=Wg)
+    loss, _, _ = objective("uld")(batch, student, TeacherSignals(source=OnlineLogits(ht, Wt)))
+    (loss / 13).backward()
+    torch.testing.assert_close(hg.grad, gh / 13, rtol=1e-12, atol=0)
+    torch.testing.assert_close(Wg.grad, gW / 13, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss2, _, _ = objective("uld")(batch, student, TeacherSignals(source=OnlineLogits(ht, Wt)))
+        loss2.backward(retain_graph=True)
+        loss2.backward()
 
 
 def test_no_grad_gives_the_value_and_builds_no_gradient():
