@@ -358,22 +358,7 @@ def load_tokenizer(spec: str, what: str = "--student-tokenizer"):
     `Resources.tokenizer` reads (a model or run directory, a .gguf, a hub id)."""
     from hld.train.resources import Resources
 
-    path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").exists():
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise HldError(
-                f"{what} {spec} holds no tokenizer (no tokenizer.json or tokenizer_config.json)",
-                "give a tokenizer directory (hld train-tokenizer writes one), a model directory or a hub id",
-            )
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except Exception as exc:  # a damaged tokenizer.json: one line
-            raise HldError(
-                f"cannot load the tokenizer in {spec}: {type(exc).__name__}", "give a working tokenizer directory"
-            ) from exc
-    return Resources().tokenizer(spec)
+    return Resources().tokenizer(spec, what)
 
 
 def _tokenize_paired(args, cfg, teacher, *, shard: tuple[int, int], store_dir) -> dict:

@@ -8,6 +8,7 @@ The resolved config is written, with each field's help as a comment, into every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -155,6 +156,13 @@ class StudentConfig:
     init: StudentInitConfig = field(
         default_factory=StudentInitConfig, metadata={"help": "a student derived from its teacher (depth-N)"}
     )
+    tokenizer: Optional[str] = _f(
+        None,
+        "the student's own tokenizer (a teacher with another tokenizer, docs/cross-tokenizer.md): an HF id or a "
+        "local directory holding tokenizer.json (e.g. one `hld train-tokenizer` wrote); the student's vocabulary "
+        "is its size, the training text is paired by `hld tokenize --student-tokenizer`, and kd / hld-* use the "
+        "cross-tokenizer losses (objective.cross_tokenizer). None: the teacher's tokenizer",
+    )
 
 
 @dataclass
@@ -216,6 +224,30 @@ class HiddenConfig:
 
 
 @dataclass
+class CrossTokenizerConfig:
+    """The losses kd and hld-* use when the student has its own tokenizer (`student.tokenizer`); read nowhere
+    else. src/hld/distill/cross_tok/ derives each; docs/decisions.md, "A teacher with another tokenizer"."""
+
+    loss: Literal["uld", "alm", "gold"] = _f(
+        "uld",
+        "the logit loss across tokenizers, over the chunks both sides spell alike: uld = Universal Logit "
+        "Distillation, the sorted-probability distance between the two next-token distributions (arXiv "
+        "2402.12030); alm = Approximate Likelihood Matching of each chunk's likelihood (arXiv 2503.20083); "
+        "gold = exact KD over the shared vocabulary where a chunk is one token on each side, uld elsewhere",
+    )
+    uld_top_k: Optional[int] = _f(
+        64, "uld and gold's uld part: each side's k largest probabilities and the rest as one (None: whole rows)"
+    )
+    alm_temperature: float = _f(100.0, "alm: the binarisation temperature tau (chunk likelihoods p^(1/tau))")
+    gold_uld_weight: float = _f(1.0, "gold: the weight of its uld part beside the exact KD part")
+    pooling: Literal["last", "mean"] = _f(
+        "last",
+        "hld-*: each aligned chunk's hidden state on both sides: last = the state at its last token (both sides "
+        "have read the same text), mean = the mean over its tokens",
+    )
+
+
+@dataclass
 class ObjectiveConfig:
     method: Literal["ce", "kd", "hld-joint", "hld-first"] = _f("kd", "training objective / arm")
     alpha: float = _f(0.5, "KD weight: loss = alpha*T^2*D(teacher_T, student_T) + (1-alpha)*CE")
@@ -236,6 +268,10 @@ class ObjectiveConfig:
         "renormalised over its k ids (reverse_kl then infinite)",
     )
     hidden: HiddenConfig = field(default_factory=HiddenConfig, metadata={"help": "hidden-layer loss"})
+    cross_tokenizer: CrossTokenizerConfig = field(
+        default_factory=CrossTokenizerConfig,
+        metadata={"help": "the losses of a student with its own tokenizer (student.tokenizer)"},
+    )
 
 
 @dataclass
@@ -562,14 +598,35 @@ def to_dict(cfg: Any) -> dict:
 RESUME_MAY_CHANGE = ("log", "train.memory_check")
 
 
+# keys added since runs were first written, each with the default that computes what a run without it
+# computed: a run's config.yaml that lacks one and a config that holds it at this default are the same run
+# (same resume comparison, same checkpoint identity)
+ADDED_AT_DEFAULT = ("student.tokenizer", "objective.cross_tokenizer")
+
+
+def _without(tree: dict, dotted: str, keep=lambda value: False) -> dict:
+    """`tree` without the key `dotted` (a copy along its path), unless `keep(value)`."""
+    section, _, rest = dotted.partition(".")
+    if section not in tree:
+        return tree
+    if not rest:
+        return tree if keep(tree[section]) else {k: v for k, v in tree.items() if k != section}
+    if not isinstance(tree[section], dict):
+        return tree
+    return {**tree, section: _without(tree[section], rest, keep)}
+
+
 def resume_view(resolved: dict) -> dict:
     """A resolved config (`to_dict`, or a run's config.yaml) without the sections and keys a resume may
-    change: what `--resume` compares with the run's config.yaml, and what a checkpoint's identity hashes."""
-    out = {k: v for k, v in resolved.items() if k not in RESUME_MAY_CHANGE}
-    for dotted in (k for k in RESUME_MAY_CHANGE if "." in k):
-        section, key = dotted.split(".", 1)
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k != key}
+    change, nor the keys of `ADDED_AT_DEFAULT` where they hold their default: what `--resume` compares with
+    the run's config.yaml, and what a checkpoint's identity hashes."""
+    out = resolved
+    for dotted in RESUME_MAY_CHANGE:
+        out = _without(out, dotted)
+    defaults = to_dict(RunConfig())
+    for dotted in ADDED_AT_DEFAULT:
+        default = functools.reduce(lambda node, part: node[part], dotted.split("."), defaults)
+        out = _without(out, dotted, keep=lambda value, default=default: value != default)
     return out
 
 

@@ -64,6 +64,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "objective.hidden.first_share": (0, 1, False, False),
     "objective.hidden.stats_windows": (1, 1 << 24, False, False),
     "objective.hidden.diagnostics_windows": (1, 1 << 20, False, False),
+    "objective.cross_tokenizer.uld_top_k": (1, 1 << 20, False, False),
+    "objective.cross_tokenizer.alm_temperature": (0, 1e6, True, False),
+    "objective.cross_tokenizer.gold_uld_weight": (0, 1e6, False, False),
     "objective.alpha_schedule.final": (0, 1, False, False),
     "objective.alpha_schedule.warmup_share": (0, 1, False, False),
     "objective.alpha_schedule.decay_share": (0, 1, False, False),
@@ -216,7 +219,7 @@ def validate(cfg: RunConfig) -> None:
             "lower budget.tokens, or raise train.batch_size or data.seq_len",
         ),
     ]
-    for ok, problem, fix in checks + derived_checks(cfg):
+    for ok, problem, fix in checks + derived_checks(cfg) + cross_tokenizer_checks(cfg):
         if not ok:
             raise HldError(problem, fix)
     if derived_depth(cfg.student.preset) is None:
@@ -300,6 +303,46 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             not blocks or not ints or (min(blocks) >= 0 and list(blocks) == sorted(set(blocks))),
             f"student.init.blocks={blocks} must be distinct 0-based indices in increasing order",
             "write them increasing, each once, e.g. [0, 1, 2, 15, 16, 17]",
+        ),
+    ]
+
+
+CROSS_HIDDEN_LOSSES = ("mse", "nmse", "cosine", "huber", "cka")  # losses over pooled chunk rows (no token order)
+
+
+def cross_tokenizer_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """A student with its own tokenizer (`student.tokenizer`): a scratch student (a derived one's embedding is
+    its teacher's), an online teacher (the teacher cache holds the teacher's own windows, not paired ones),
+    and nothing that needs one vocabulary on both sides (a top-k of the teacher's ids, a hidden loss that
+    reads the teacher's head or the token order within a window)."""
+    s, o = cfg.student, cfg.objective
+    if s.tokenizer is None:
+        return []
+    if not str(s.tokenizer).strip():
+        return [(False, "student.tokenizer is empty", "give an HF id or a directory with tokenizer.json, or null")]
+    hld_arm = o.method in HLD
+    return [
+        (
+            derived_depth(s.preset) is None,
+            f"student.tokenizer is set for student.preset={s.preset}, whose embedding and head are its teacher's",
+            "use a scratch preset (e.g. tiny-2l) with its own tokenizer, or drop student.tokenizer",
+        ),
+        (
+            not cfg.teacher.cache or o.method == "ce",
+            "teacher.cache with student.tokenizer: a teacher cache holds the teacher's own windows, not the "
+            "paired windows a student with another tokenizer reads",
+            "drop teacher.cache (the teacher runs online), or drop student.tokenizer",
+        ),
+        (
+            o.top_k is None,
+            f"objective.top_k={o.top_k} with student.tokenizer: the cross-tokenizer losses keep their own top-k",
+            "drop objective.top_k (objective.cross_tokenizer.uld_top_k sets ULD's)",
+        ),
+        (
+            not hld_arm or o.hidden.loss in CROSS_HIDDEN_LOSSES,
+            f"objective.hidden.loss={o.hidden.loss} with student.tokenizer: the states are pooled per aligned chunk "
+            "(no shared token positions, no shared head)",
+            f"use one of {', '.join(CROSS_HIDDEN_LOSSES)}",
         ),
     ]
 

@@ -80,16 +80,21 @@ def step_cost(
     projector_dims: tuple[tuple[float, float], ...] = (),
     student_logits: bool = True,
     frozen_head: bool = False,
+    teacher_seq_len: Optional[int] = None,
 ) -> StepCost:
     """`frozen_head`: the (tied) head gets no gradient (`train.freeze_embedding`): its backward computes
-    dL/dh only, so it costs 2x its forward instead of 3x."""
+    dL/dh only, so it costs 2x its forward instead of 3x. `teacher_seq_len`: a teacher that reads its own
+    tokens of the student's text (another tokenizer, paired windows) runs windows of this length, padding
+    included, per student window of `seq_len`: its FLOPs per student token are its own per token times
+    teacher_seq_len / seq_len."""
     s = 3 * forward_flops_per_token(student, seq_len, logits=False)
     if student_logits:
         s += (2 if frozen_head else 3) * 2 * student.get_output_embeddings().weight.numel()
+    t_len = teacher_seq_len or seq_len
     t = (
         0.0
         if teacher is None
-        else forward_flops_per_token(teacher, seq_len, logits=teacher_logits, upto_layer=teacher_upto)
+        else forward_flops_per_token(teacher, t_len, logits=teacher_logits, upto_layer=teacher_upto) * t_len / seq_len
     )
     p = sum(3 * 2 * ds * dt for ds, dt in projector_dims)
     return StepCost(student=s, teacher=t, projectors=p)

@@ -257,10 +257,11 @@ def _with_count_teacher(cfg: RunConfig, value: bool) -> RunConfig:
     return dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, count_teacher=value))
 
 
-def _length(cfg: RunConfig, plan, costs, fixed: float = 0.0) -> dict:
-    """Steps, tokens and FLOPs of a run; `fixed`: FLOPs spent before step 0 (a derived student's calibration)."""
+def _length(cfg: RunConfig, plan, costs, fixed: float = 0.0, whole_steps: bool = False) -> dict:
+    """Steps, tokens and FLOPs of a run; `fixed`: FLOPs spent before step 0 (a derived student's calibration);
+    `whole_steps`: paired windows (`run_length`)."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
-    n = run_length(cfg, plan, costs, fixed_flops=fixed)
+    n = run_length(cfg, plan, costs, fixed_flops=fixed, whole_steps=whole_steps)
     tokens = (n.steps - 1) * B * T + B * n.last_len
     flops = (
         spent_flops(plan, costs, n.steps, n.last_len, B, T)
@@ -270,12 +271,94 @@ def _length(cfg: RunConfig, plan, costs, fixed: float = 0.0) -> dict:
     return {"steps": n.steps, "tokens": tokens, "flops": flops + fixed}
 
 
+RATIO_DOCS = 64  # documents of data.train whose tokens give the teacher/student ratio when no paired store exists
+
+
+@dataclass(frozen=True)
+class CrossSizes:
+    """A student with its own tokenizer, as a plan sizes it: both tokenizers, and the teacher's window
+    length from the teacher/student token ratio (of the paired training store, else measured on the
+    training text's first documents)."""
+
+    teacher_tok: Any
+    student_tok: Any
+    ratio: float
+    teacher_seq_len: int
+    measured_on: str
+
+
+def cross_sizes(cfg: RunConfig) -> CrossSizes:
+    from hld.data.paired import default_teacher_seq_len, open_paired
+    from hld.data.sources import iter_unit
+    from hld.models.loading import EMBEDDED_TEACHER, SHIPPED_CONFIGS
+    from hld.train.resources import Resources
+
+    res = Resources()
+    note = ""
+    try:
+        teacher_tok = res.tokenizer(cfg.teacher.model)
+    except HldError:  # a Gemma 3 hub id offline: every Gemma 3 size has the one tokenizer the embedded teacher has
+        if cfg.teacher.model not in SHIPPED_CONFIGS:
+            raise
+        teacher_tok, note = res.tokenizer(EMBEDDED_TEACHER), f" ({EMBEDDED_TEACHER}'s tokenizer, Gemma 3's)"
+    student_tok = res.tokenizer(str(cfg.student.tokenizer), "student.tokenizer")
+    d = cfg.data
+    try:
+        store = open_paired(
+            d.train, teacher_tok, student_tok, text_field=d.text_field, store_dir=d.store_dir, may_build=False
+        )
+        ratio, where = store.token_ratio, f"the paired store {store.path}"
+    except HldError:  # none yet: the first documents of the training text, each with its EOS on both sides
+        try:
+            source, texts = d.train, [t for _, t in zip(range(RATIO_DOCS), iter_unit(d.train, 0, d.text_field))]
+        except HldError:  # a hub corpus offline: the shipped sample of C4 stands in
+            source, texts = "sample:train", [t for _, t in zip(range(RATIO_DOCS), iter_unit("sample:train", 0))]
+        n_t = sum(len(x) + 1 for x in teacher_tok(texts, add_special_tokens=False)["input_ids"])
+        n_s = sum(len(x) + 1 for x in student_tok(texts, add_special_tokens=False)["input_ids"])
+        ratio, where = n_t / max(n_s, 1), f"the first {len(texts)} documents of {source}"
+    return CrossSizes(teacher_tok, student_tok, ratio, default_teacher_seq_len(d.seq_len, ratio), where + note)
+
+
+def vocabulary_row(cfg: RunConfig, parts, cross: CrossSizes, teacher_lm: CausalLM, ids: SpecialIds) -> dict:
+    """What the student's own vocabulary saves against the same student at its teacher's: its parameters and
+    its training FLOPs per token (CE, the student's step alone)."""
+    from hld.flops import step_cost
+
+    same = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, tokenizer=None))
+    same = dataclasses.replace(same, objective=dataclasses.replace(cfg.objective, method="ce"))
+    with torch.device("meta"):
+        wide = assemble(same, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm).student
+    T = cfg.data.seq_len
+    own, teachers = parts.student, wide
+    return {
+        "student_vocab": int(own.get_input_embeddings().weight.shape[0]),
+        "teacher_vocab": vocab_of(teacher_lm),
+        "student_params": count_params(own)["total"],
+        "student_params_at_teacher_vocab": count_params(teachers)["total"],
+        "student_flops_per_token": step_cost(own, T).student,
+        "student_flops_per_token_at_teacher_vocab": step_cost(teachers, T).student,
+        "token_ratio": cross.ratio,
+        "teacher_seq_len": cross.teacher_seq_len,
+        "ratio_measured_on": cross.measured_on,
+    }
+
+
 def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
     """The numbers of one run config (see the module docstring); `teacher`: `teacher_shapes`, if at hand."""
     teacher_lm, ids = teacher or teacher_shapes(cfg.teacher.model)
+    cross = cross_sizes(cfg) if cfg.student.tokenizer else None
     with torch.device("meta"):
-        parts = assemble(cfg, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm)
-    counted = phase_costs(_with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm)
+        parts = assemble(
+            cfg,
+            tokenizer=cross.student_tok if cross else ids,
+            vocab_size=len(cross.student_tok) if cross else vocab_of(teacher_lm),
+            teacher_lm=teacher_lm,
+            teacher_tokenizer=cross.teacher_tok if cross else None,
+        )
+    t_len = cross.teacher_seq_len if cross else None
+    counted = phase_costs(
+        _with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm, teacher_seq_len=t_len
+    )
     row: dict[str, Any] = {
         "name": cfg.name,
         "arm": cfg.objective.method,
@@ -298,12 +381,14 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         row["length"]["teacher_counted" if value else "teacher_not_counted"] = _length(
             c,
             parts.plan,
-            phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm),
+            phase_costs(c, parts.plan, student=parts.student, teacher=teacher_lm, teacher_seq_len=t_len),
             row["calibration_flops"],
+            whole_steps=cross is not None,
         )
+    row["vocabulary"] = vocabulary_row(cfg, parts, cross, teacher_lm, ids) if cross else None
     run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
     row["cache"] = None
-    if cfg.objective.method != "ce":
+    if cfg.objective.method != "ce" and cross is None:  # (a student with its own tokenizer reads no cache)
         layers = sorted(parts.plan.needs.layers)
         per = cache_bytes_per_token(
             cfg, layers=layers, d_teacher=text_config(teacher_lm.config).hidden_size, vocab=vocab_of(teacher_lm)
@@ -327,7 +412,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     cached = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache="(cache)"))
     row["memory_bytes_cached"] = (
         memory_estimate(cached, parts, teacher_lm, world_size=world_size)["total"]
-        if cfg.objective.method != "ce"
+        if cfg.objective.method != "ce" and cross is None
         else None
     )
     return row
@@ -496,6 +581,17 @@ def format_run(row: dict) -> list[str]:
         mark = " <- this config" if (key == "teacher_counted") == row["count_teacher"] else ""
         out.append(
             f"  at {budget}, {label}: {n['steps']:,} steps, {_n(n['tokens'])} tokens, {n['flops']:.3e} FLOPs{mark}"
+        )
+    v = row.get("vocabulary")
+    if v:
+        saved = 1 - v["student_flops_per_token"] / v["student_flops_per_token_at_teacher_vocab"]
+        out.append(
+            f"  own vocabulary: {v['student_vocab']:,} ids against the teacher's {v['teacher_vocab']:,}: student "
+            f"{_n(v['student_params'])} params (at the teacher's vocabulary "
+            f"{_n(v['student_params_at_teacher_vocab'])}), "
+            f"step {v['student_flops_per_token']:.3e} FLOPs/token ({saved:.0%} less than "
+            f"{v['student_flops_per_token_at_teacher_vocab']:.3e}); teacher windows of {v['teacher_seq_len']} tokens "
+            f"({v['token_ratio']:.3f} teacher tokens per student token, measured on {v['ratio_measured_on']})"
         )
     c = row["cache"]
     if c is not None:

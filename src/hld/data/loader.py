@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hld.data.packing import Batch, make_batch
+from hld.data.packing import Batch, make_batch, make_paired_batch
 
 if TYPE_CHECKING:
+    from hld.data.paired import PairedWindows
     from hld.data.store import WindowArray
 
 
@@ -53,6 +54,19 @@ class BatchOrder:
     def window_ids(self, steps: int) -> np.ndarray:
         """Distinct windows read by steps 0..steps-1, sorted (what a teacher cache must hold)."""
         return np.unique(np.concatenate([self.indices(k) for k in range(steps)]))
+
+
+class PairedOrder(BatchOrder):
+    """The same order over paired windows (a student with its own tokenizer, `hld.data.paired`): batch k
+    reads the same window indices, each given as both sides' rows and its alignment (`make_paired_batch`)."""
+
+    def __init__(self, windows: PairedWindows, *, batch_size: int, seed: int) -> None:
+        super().__init__(windows, batch_size=batch_size, seed=seed)  # type: ignore[arg-type]
+        self.paired = windows
+
+    def batch(self, step: int) -> Batch:
+        idx = self.indices(step)
+        return make_paired_batch(self.paired.rows(idx), window_ids=idx)
 
 
 def rank_slice(batch: Batch, *, rank: int, world_size: int) -> Batch:

@@ -127,16 +127,33 @@ class Batch:
         """Does the teacher read other tokens than the student (a teacher with another tokenizer)?"""
         return self.teacher_ids is not None
 
+    @property
+    def teacher_mask(self) -> torch.Tensor:
+        """(B, T_teacher) bool: the teacher's positions that hold its window's tokens (not padding); without
+        paired windows every position (the teacher reads the student's rows, which hold no padding)."""
+        if not self.paired:
+            return torch.ones_like(self.input_ids, dtype=torch.bool)
+        assert self.teacher_ids is not None and self.alignments is not None
+        lengths = torch.tensor([int(al.teacher_bounds[-1]) for al in self.alignments], device=self.teacher_ids.device)
+        return torch.arange(self.teacher_ids.shape[1], device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+    def first(self, n: int) -> Batch:
+        """The batch's first n windows."""
+        wids = self.window_ids[:n] if self.window_ids is not None else None
+        teacher = self.teacher_ids[:n] if self.teacher_ids is not None else None
+        als = self.alignments[:n] if self.alignments is not None else None
+        return Batch(self.input_ids[:n], self.labels[:n], wids, teacher_ids=teacher, alignments=als)
+
     def split(self, n: int) -> list[Batch]:
         wids = self.window_ids.chunk(n) if self.window_ids is not None else [None] * n
         parts = zip(self.input_ids.chunk(n), self.labels.chunk(n), wids)
         if not self.paired:
             return [Batch(i, lab, w) for i, lab, w in parts]
-        assert self.alignments is not None
+        assert self.alignments is not None and self.teacher_ids is not None
         size = -(-self.input_ids.shape[0] // n)  # torch.chunk's rows per part
         return [
             Batch(i, lab, w, teacher_ids=t, alignments=self.alignments[k * size : (k + 1) * size])
-            for k, ((i, lab, w), t) in enumerate(zip(parts, self.teacher_ids.chunk(n)))  # type: ignore[union-attr]
+            for k, ((i, lab, w), t) in enumerate(zip(parts, self.teacher_ids.chunk(n)))
         ]
 
     def truncate(self, length: int) -> Batch:

@@ -47,6 +47,7 @@ from hld import files
 from hld.atomic import read_json_object, write_file, write_json
 from hld.data import store as st
 from hld.data.align import Aligner, Alignment
+from hld.data.packing import Batch, make_paired_batch
 from hld.data.sources import fingerprint, iter_unit, source_units
 from hld.data.tokenize import check_out, committed_prefix, enough_units, open_or_build, store_root
 from hld.errors import HldError
@@ -454,8 +455,11 @@ class PairedStore:
 
     @property
     def token_ratio(self) -> float:
-        """Teacher tokens per student token over the store (EOS included)."""
-        return self.manifest["teacher_tokens"] / max(self.manifest["student_tokens"], 1)
+        """Teacher tokens per student token in the store's first unit (EOS included): a committed unit never
+        changes, so a store extended by a later run keeps its ratio, and the default teacher window length
+        (`default_teacher_seq_len`) and the windows cut with it stay those of the first run."""
+        first = self.manifest["shards"][0] if self.manifest["shards"] else self.manifest
+        return first["teacher_tokens"] / max(first["student_tokens"], 1)
 
     @property
     def identity(self) -> str:
@@ -645,6 +649,14 @@ class PairedWindows:
         cb = np.concatenate(([0, 0], np.cumsum(chunks[:, 2]))).astype(np.int32)
         return Alignment(t_ids, s_ids, tb, sb, cb)
 
+    def sample(self, n: int) -> PairedSample:
+        """The first n windows (all, if fewer), held whole."""
+        return PairedSample(self.rows(np.arange(min(n, self.n))))
+
+    def student_windows(self) -> list[np.ndarray]:
+        """Every window's student ids without padding (BOS first), in index order."""
+        return [self.window(w).student_ids for w in range(self.n)]
+
     def rows(self, idx) -> PairedRows:
         """Windows `idx` as padded rows on each side, with their alignments."""
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
@@ -656,6 +668,63 @@ class PairedWindows:
             student[b, : len(al.student_ids)] = al.student_ids
         lengths = [np.array([len(getattr(al, f"{k}_ids")) for al in als], np.int64) for k in ("teacher", "student")]
         return PairedRows(teacher, student, lengths[0], lengths[1], als)
+
+
+class PairedSample:
+    """Paired windows held whole (validation's first n, `PairedWindows.sample`), as `hld.eval.perplexity`
+    reads them: `len`, `shape` (n, seq_len), a slice (another sample), `batch(start, stop)` a `Batch` of
+    windows start..stop-1 (`make_paired_batch`), and `chars` (n,): the characters of each window's text,
+    which its predictions spell (every student token after BOS; a document's EOS spells none), for bits
+    per character (`val/bpc`)."""
+
+    def __init__(self, rows: PairedRows) -> None:
+        self.rows = rows
+        self.shape = rows.student_ids.shape
+        self.chars = np.array([int(al.char_bounds[-1]) for al in rows.alignments], np.int64)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, sl: slice) -> PairedSample:
+        r = self.rows
+        return PairedSample(
+            PairedRows(
+                r.teacher_ids[sl], r.student_ids[sl], r.teacher_lengths[sl], r.student_lengths[sl], r.alignments[sl]
+            )
+        )
+
+    def batch(self, start: int, stop: int) -> Batch:
+        return make_paired_batch(self[start:stop].rows)
+
+    def student_windows(self) -> list[np.ndarray]:
+        """Each window's student ids without padding (BOS first)."""
+        return [ids[:n] for ids, n in zip(self.rows.student_ids, self.rows.student_lengths)]
+
+    def teacher_side(self) -> TeacherSide:
+        """The same windows as the teacher reads them (its own rows; the text's characters alike)."""
+        return TeacherSide(self)
+
+
+class TeacherSide:
+    """A `PairedSample` read by the teacher: `batch` gives the teacher's rows as `input_ids`, each predicting
+    its next token up to its window's last; `chars` are the sample's (the same text)."""
+
+    def __init__(self, sample: PairedSample) -> None:
+        self.sample = sample
+        self.shape = sample.rows.teacher_ids.shape
+        self.chars = sample.chars
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def __getitem__(self, sl: slice) -> TeacherSide:
+        return TeacherSide(self.sample[sl])
+
+    def batch(self, start: int, stop: int) -> Batch:
+        r = self.sample[start:stop].rows
+        swapped = PairedRows(r.student_ids, r.teacher_ids, r.student_lengths, r.teacher_lengths, r.alignments)
+        b = make_paired_batch(swapped)
+        return Batch(b.input_ids, b.labels)
 
 
 # ---- opening -------------------------------------------------------------------------------------

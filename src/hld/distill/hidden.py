@@ -96,7 +96,6 @@ def estimate_layer_stats(
 ) -> dict[int, Moments]:
     """Statistics of each teacher layer on the first `n_windows` training windows in batch order
     (the windows the run reads first), from whatever produces its signals (online or the cache)."""
-    from hld.data.packing import Batch
     from hld.distill.signals import Needs
 
     per_layer: dict[int, list] = {t: [] for t in layers}
@@ -105,10 +104,10 @@ def estimate_layer_stats(
         batch = order.batch(step)
         take = min(n_windows - seen, batch.input_ids.shape[0])
         if take < batch.input_ids.shape[0]:
-            wids = batch.window_ids[:take] if batch.window_ids is not None else None
-            batch = Batch(batch.input_ids[:take], batch.labels[:take], wids)
+            batch = batch.first(take)
         sig = teacher(batch, Needs(layers=tuple(layers)))
-        m = hidden_mask(batch.mask, skip_first=skip_first)
+        # paired windows (a student with its own tokenizer): the teacher's own positions
+        m = hidden_mask(batch.teacher_mask if batch.paired else batch.mask, skip_first=skip_first)
         for t in layers:
             per_layer[t].append((sig.hidden[t].float().cpu(), m))
         seen += take

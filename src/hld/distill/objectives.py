@@ -320,7 +320,38 @@ def build_plan(
     )
     if method == "kd":
         return Plan([Phase("kd", 1.0, kd)])
+    hidden = hidden_objective(
+        cfg, projectors, chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype, teacher_lm=teacher_lm
+    )
+    return method_plan(method, kd, hidden, first_share=cfg.hidden.first_share)
+
+
+def method_plan(method: str, kd: Objective, hidden: Objective, *, first_share: float) -> Plan:
+    """The plan of an HLD method from its logit and hidden objectives: hld-joint their sum throughout,
+    hld-first the hidden one for `first_share` of the tokens, then the logit one."""
+    if method == "hld-joint":
+        return Plan([Phase("hld-joint", 1.0, SumObjective(kd, hidden))])
+    if method == "hld-first":
+        return Plan([Phase("hidden", first_share, hidden), Phase("kd", 1.0, kd)])
+    raise ValueError(method)
+
+
+def hidden_objective(
+    cfg: ObjectiveConfig,
+    projectors: Optional[Projectors],
+    *,
+    chunk_tokens: int,
+    matmul_dtype: Optional[torch.dtype] = None,
+    teacher_lm: Optional[torch.nn.Module] = None,
+    kind: type[HiddenObjective] | None = None,
+    **extra,
+) -> HiddenObjective:
+    """The hidden objective `cfg.hidden` describes, of class `kind` (HiddenObjective; the cross-tokenizer one
+    takes its `pooling` in `extra`). `teacher_lm` is read only by a loss that declares `teacher_head`
+    (`lens`: its final norm and head)."""
     h = cfg.hidden
+    if projectors is None:
+        raise ValueError(f"objective.method={cfg.method} needs the layer pairs' projectors")
     lens = lspec = None
     if hidden_loss(h.loss).teacher_head:
         if teacher_lm is None:
@@ -329,22 +360,17 @@ def build_plan(
         lspec = lens_spec(
             temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap, matmul_dtype=matmul_dtype
         )
-    beta_schedule = h.beta_schedule if h.beta_schedule.kind != "constant" else None
-    hidden = HiddenObjective(
+    return (kind or HiddenObjective)(
         projectors,
         loss=h.loss,
         normalize_teacher=h.normalize_teacher,
         beta=h.beta,
         skip_first_position=h.skip_first_position,
-        schedule=beta_schedule,
+        schedule=h.beta_schedule if h.beta_schedule.kind != "constant" else None,
         lens=lens,
         lens_spec=lspec,
+        **extra,
     )
-    if method == "hld-joint":
-        return Plan([Phase("hld-joint", 1.0, SumObjective(kd, hidden))])
-    if method == "hld-first":
-        return Plan([Phase("hidden", h.first_share, hidden), Phase("kd", 1.0, kd)])
-    raise ValueError(method)
 
 
 def hidden_objectives(plan: Plan) -> list[HiddenObjective]:

@@ -273,8 +273,10 @@ class Diagnostics:
 
 def diagnostics_of(s) -> Optional[Diagnostics]:
     # one process only: under torchrun the student's forward is a collective (fsdp2) that rank 0 alone
-    # would enter for cka.json, and the states would have to be gathered over the ranks (not built)
-    if not s.cfg.objective.hidden.diagnostics or s.dist.active:
+    # would enter for cka.json, and the states would have to be gathered over the ranks (not built); and
+    # only where the run made the teacher's states (`Setup.diagnostics_states`: not across tokenizers,
+    # whose states share no positions)
+    if not s.cfg.objective.hidden.diagnostics or s.dist.active or s.diagnostics_states is None:
         return None
     diag = getattr(s, "_diagnostics", None)
     if diag is None:

@@ -24,6 +24,7 @@ from hld.precision import autocast
 from hld.progress import Progress
 
 if TYPE_CHECKING:
+    from hld.data.paired import PairedSample, TeacherSide
     from hld.data.store import WindowArray
 
 PPL_BATCH = 8  # windows per forward; perplexity_over_ranks deals batches of this size over the ranks
@@ -32,7 +33,7 @@ PPL_BATCH = 8  # windows per forward; perplexity_over_ranks deals batches of thi
 @torch.no_grad()
 def perplexity(
     lm: torch.nn.Module,
-    windows: WindowArray,
+    windows: WindowArray | PairedSample | TeacherSide,
     *,
     batch_size: int = PPL_BATCH,
     chunk_tokens: int = 512,
@@ -56,7 +57,8 @@ def perplexity(
     nll, count, t0 = 0.0, 0, time.time()
     prog = Progress(len(windows), desc=progress or "eval", quiet=progress is None)
     for start in range(0, len(windows), batch_size):
-        batch = make_batch(windows[start : start + batch_size])
+        stop = start + batch_size
+        batch = windows.batch(start, stop) if hasattr(windows, "batch") else make_batch(windows[start:stop])
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         with autocast(compute_dtype, device):
             h = backbone(ids)
@@ -67,14 +69,26 @@ def perplexity(
         prog.update(done, tokens_per_s=done * windows.shape[1] / max(time.time() - t0, 1e-9))
     prog.close()
     lm.train(was_training)
+    return summary(nll, count, windows)
+
+
+def summary(nll: float, count: int, windows) -> dict:
+    """The NLL sum and count as loss and ppl, and bits per character where the windows know their text's
+    characters (paired windows, `hld.data.paired.PairedSample`): NLL / ln 2 over the characters their
+    predictions spell, comparable across tokenizers."""
     mean = nll / max(count, 1)
-    return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}
+    out = {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}
+    chars = getattr(windows, "chars", None)
+    if chars is not None:
+        out["chars"] = int(chars.sum())
+        out["bpc"] = nll / math.log(2) / max(out["chars"], 1)
+    return out
 
 
 def perplexity_over_ranks(
     d: Dist,
     lm: torch.nn.Module,
-    windows: WindowArray,
+    windows: WindowArray | PairedSample | TeacherSide,
     *,
     backbone: torch.nn.Module,
     chunk_tokens: int,
@@ -103,5 +117,4 @@ def perplexity_over_ranks(
     for b in range(n):  # the order perplexity() adds them in
         nll += float(sums[b, 0])
         count += int(sums[b, 1])
-    mean = nll / max(count, 1)
-    return {"nll_sum": nll, "tokens": count, "loss": mean, "ppl": math.exp(min(mean, 700.0))}
+    return summary(nll, count, windows)

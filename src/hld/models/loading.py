@@ -42,6 +42,9 @@ SHIPPED_CONFIGS = {
     for kind in ("pt", "it")
 }
 SHIPPED_CONFIGS[EMBEDDED_TEACHER] = SHIPPED_CONFIG_DIR / "gemma-3-270m-pt"  # its GGUF has the 270m's shape
+# tokenizers shipped for a student with its own vocabulary (`student.tokenizer`), by name: BPE trained by
+# `hld train-tokenizer` on the sample corpus's training split (assets/tokenizers/README.md)
+SHIPPED_TOKENIZERS = {"sample-bpe-8k": SHIPPED_CONFIG_DIR.parent / "tokenizers" / "sample-bpe-8k"}
 # checkpoint keys of a multimodal model's language model -> those of the text-only causal LM
 LANGUAGE_MODEL_KEYS = {
     r"^language_model\.model\.": "model.",

@@ -161,14 +161,16 @@ def bigram_prob(c: Counts, a: np.ndarray, b: np.ndarray, *, k: float = ADD_K) ->
     return np.where(seen, (cab + na * pu) / np.where(seen, ca + na, 1.0), pu)
 
 
-def cross_entropy(c: Counts, windows: Sequence[np.ndarray], *, k: float = ADD_K) -> dict:
-    """Mean nats per prediction of the unigram and of the bigram on `windows`."""
+def cross_entropy(c: Counts, windows: Sequence[np.ndarray], *, k: float = ADD_K, chars: Optional[int] = None) -> dict:
+    """Mean nats per prediction of the unigram and of the bigram on `windows` (and `chars`, the characters of
+    their text, kept for bits per character)."""
     a, b = pairs(windows)
-    return {
+    out = {
         "unigram": float(-np.log(unigram_prob(c, b, k=k)).mean()),
         "bigram": float(-np.log(bigram_prob(c, a, b, k=k)).mean()),
         "predictions": int(len(b)),
     }
+    return out if chars is None else {**out, "chars": chars}
 
 
 def read_windows(order, *, steps: int, last_len: int) -> list[np.ndarray]:
@@ -198,14 +200,29 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
             continue
         d = cfg.data
         tok = resources.tokenizer(cfg.teacher.model)
-        vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
-        train = resources.train_windows(d, tok)
-        val = resources.validation_windows(d, tok)
-        key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model])
+        key = json.dumps([d.train, d.validation, d.seq_len, d.val_tokens, cfg.teacher.model, cfg.student.tokenizer])
+        chars = None  # the validation text's characters (a student with its own tokenizer: bits per character)
+        if cfg.student.tokenizer:  # the student's own tokens of the paired windows, unpadded
+            stok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
+            vocab = len(stok)
+            n_val = max(1, d.val_tokens // d.seq_len)
+            paired = resources.paired_windows(d, tok, stok)
+            sample = resources.paired_windows(d, tok, stok, validation=True, n=n_val).sample(n_val)
+            val, chars = sample.student_windows(), int(sample.chars.sum())
+            train_windows = paired.student_windows() if key not in whole else []
+        else:
+            vocab = int(resources.teacher_config(cfg.teacher.model).vocab_size)
+            train = resources.train_windows(d, tok)
+            val = list(resources.validation_windows(d, tok))
         if key not in whole:
-            counts, n_read = fit_split(train, vocab_size=vocab)
-            label = "train split" if n_read == len(train) else f"train split (its first {n_read * d.seq_len:,} tokens)"
-            whole[key] = {**cross_entropy(counts, list(val)), "label": label}
+            if cfg.student.tokenizer:
+                counts, label = fit(train_windows, vocab_size=vocab), "train split"
+            else:
+                counts, n_read = fit_split(train, vocab_size=vocab)
+                label = (
+                    "train split" if n_read == len(train) else f"train split (its first {n_read * d.seq_len:,} tokens)"
+                )
+            whole[key] = {**cross_entropy(counts, val, chars=chars), "label": label}
         summary = json.loads((run_dir / "summary.json").read_text())
         B, steps = cfg.train.batch_size, int(summary["steps"])
         last = (int(summary["tokens"]) - (steps - 1) * B * d.seq_len) // B
@@ -215,9 +232,13 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         read_key = (key, what, f"{int(summary['tokens']):,} tokens, batch {B}", cfg.train.seed)
         if read_key in read:
             continue
-        windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps, last_len=last)
+        if cfg.student.tokenizer:  # whole steps of paired windows, their student tokens
+            order = BatchOrder(paired, batch_size=B, seed=cfg.train.seed)
+            windows = [paired.window(int(i)).student_ids for k in range(steps) for i in order.indices(k)]
+        else:
+            windows = read_windows(BatchOrder(train, batch_size=B, seed=cfg.train.seed), steps=steps, last_len=last)
         read[read_key] = {
-            **cross_entropy(fit(windows, vocab_size=vocab), list(val)),
+            **cross_entropy(fit(windows, vocab_size=vocab), val, chars=chars),
             "fit_tokens": int(summary["tokens"]),
         }
     for key, on_split in whole.items():
@@ -227,18 +248,19 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
                 groups.setdefault(f"{rk[1]} ({rk[2]})", []).append(r)
         for fit_name, rs in groups.items():
             for model in ("unigram", "bigram"):
-                rows.append(
-                    {
-                        "model": model,
-                        "fit": fit_name,
-                        "validation": json.loads(key)[1],
-                        "val_loss": sum(r[model] for r in rs) / len(rs),
-                        "seeds": len(rs),
-                        "fit_tokens": rs[0].get("fit_tokens"),
-                        "predictions": rs[0]["predictions"],
-                        "add_k": ADD_K,
-                    }
-                )
+                row = {
+                    "model": model,
+                    "fit": fit_name,
+                    "validation": json.loads(key)[1],
+                    "val_loss": sum(r[model] for r in rs) / len(rs),
+                    "seeds": len(rs),
+                    "fit_tokens": rs[0].get("fit_tokens"),
+                    "predictions": rs[0]["predictions"],
+                    "add_k": ADD_K,
+                }
+                if "chars" in rs[0]:  # bits per character of the same text (a student with its own tokenizer)
+                    row["val_bpc"] = row["val_loss"] * row["predictions"] / math.log(2) / rs[0]["chars"]
+                rows.append(row)
     return rows
 
 
@@ -256,8 +278,9 @@ def completion_kl(
 
 
 def signal_key(cfg: RunConfig) -> Optional[dict]:
-    """What decides a cell's teacher signal (None for ce, which reads none)."""
-    if cfg.objective.method == "ce":
+    """What decides a cell's teacher signal (None for ce, which reads none, and for a student with its own
+    tokenizer, whose losses read the teacher's full rows online at other positions than its own)."""
+    if cfg.objective.method == "ce" or cfg.student.tokenizer:
         return None
     t, o, d = cfg.teacher, cfg.objective, cfg.data
     sampled = {}
@@ -453,7 +476,7 @@ def downstream(study: Study, cfg: RunConfig, run_dir: Path, resources, quiet: bo
 
 def _reference_key(cfg: RunConfig) -> dict:
     d = cfg.data
-    return {
+    key = {
         "model": cfg.teacher.model,
         "dtype": cfg.teacher.dtype,
         "validation": d.validation,
@@ -461,6 +484,8 @@ def _reference_key(cfg: RunConfig) -> dict:
         "val_tokens": d.val_tokens,
         "text_field": d.text_field,
     }
+    # a student with its own tokenizer: the teacher on its own tokens of the students' validation text
+    return key if not cfg.student.tokenizer else {**key, "student_tokenizer": cfg.student.tokenizer}
 
 
 def teacher_references(study: Study, planned: list, done: list[dict], resources, quiet: bool) -> list[dict]:
@@ -482,6 +507,12 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
             tok = loaded.tokenizer
             val = resources.validation_windows(cfg.data, tok)
+            if cfg.student.tokenizer:  # the students' windows as the teacher reads them (the same text)
+                stok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
+                n_val = max(1, cfg.data.val_tokens // cfg.data.seq_len)
+                val = (
+                    resources.paired_windows(cfg.data, tok, stok, validation=True, n=n_val).sample(n_val).teacher_side()
+                )
             r = perplexity(
                 loaded.model,
                 val,
@@ -494,6 +525,7 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
                 "val_ppl": r["ppl"],
                 "predictions": r["tokens"],
                 "seconds": time.time() - t0,
+                **({"val_bpc": r["bpc"]} if "bpc" in r else {}),
             }
         if study.tasks and not _scored(have.get("tasks") or {}, study):
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)

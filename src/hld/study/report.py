@@ -38,8 +38,9 @@ from hld.study.spec import ARMS
 
 
 def reference_levels(meta: dict) -> list[tuple[str, float]]:
-    """(label, validation loss) of the reference rows, for the plots' horizontal lines."""
-    out = [(f"teacher {r['model']}", r["val_loss"]) for r in meta.get("teacher_reference") or []]
+    """(label, validation loss) of the reference rows, for the plots' horizontal lines (not a teacher scored on
+    its own tokens where the students have theirs: nats per another token)."""
+    out = [(f"teacher {r['model']}", r["val_loss"]) for r in meta.get("teacher_reference") or [] if "val_bpc" not in r]
     out += [(f"{r['model']} ({_fit_label(r)})", r["val_loss"]) for r in meta.get("ngram_reference") or []]
     return out
 
@@ -56,11 +57,12 @@ def best_table(
     """Per student, budget and arm: the mean over seeds (± their standard deviation) of its best grid
     point (lowest seed-mean validation loss: with one grid point, no selection), with the arm's
     tokens and FLOPs; then the reference rows. What `hld run` prints."""
-    tasks = table.task_metrics
+    tasks, pc = table.task_metrics, table.per_character
     lines = [
         "| student | budget | arm | grid point | seeds | train tokens | train FLOPs | val loss | ± sd | val ppl |"
+        + " val bits/char |" * pc
         + "".join(f" {m} |" for m in tasks),
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (pc + len(tasks)),
     ]
     for (student, budget, arm), rows in arm_groups(table).items():
         best = best_configuration(rows)
@@ -74,13 +76,17 @@ def best_table(
             f"| {student} | {budget} | {arm} | {point} | {len(best)} | "
             f"{sum(r['tokens'] for r in best) / len(best):,.0f} | {best[0]['flops']:.4g} | {loss:.4f} | "
             f"{'—' if sd is None else f'{sd:.4f}'} | {math.exp(loss):.2f} |"
+            + (f" {sum(r['val_bpc'] for r in best) / len(best):.4f} |" if pc else "")
             + "".join(f" {_score(best, m)} |" for m in tasks)
         )
     pad = " — | — | — | — | — | — |"
     for ref in reference:
         scores = {task_metric(t, r): r for t, r in (ref.get("tasks") or {}).items()}
+        # per character, the teacher's loss per token is per its own tokens: another unit than the students'
+        per_token = "— | — | — |" if pc else f"{ref['val_loss']:.4f} | — | {ref['val_ppl']:.2f} |"
         lines.append(
-            f"| teacher `{ref['model']}` |{pad} {ref['val_loss']:.4f} | — | {ref['val_ppl']:.2f} |"
+            f"| teacher `{ref['model']}` |{pad} {per_token}"
+            + "".join(f" {x} |" for x in _bpc(ref, pc))
             + "".join(
                 f" {_fmt_score(scores[m]['value'], scores[m].get('stderr'))} |" if m in scores else " — |"
                 for m in tasks
@@ -95,7 +101,7 @@ def best_table(
         seeds = f", mean of {r['seeds']} seeds" if r.get("seeds", 1) > 1 else ""
         lines.append(
             f"| {r['model']}: {_fit_label(r)}{seeds} |{pad} {r['val_loss']:.4f} | — | "
-            f"{math.exp(r['val_loss']):.2f} |" + " — |" * len(tasks)
+            f"{math.exp(r['val_loss']):.2f} |" + "".join(f" {x} |" for x in _bpc(r, pc)) + " — |" * len(tasks)
         )
     return lines
 
@@ -180,12 +186,20 @@ def arm_groups(table: Table) -> dict:
     return out
 
 
+def _bpc(row: dict, per_character: bool) -> list[str]:
+    """The bits-per-character cell of a row, in a table of students with their own tokenizer (else none)."""
+    if not per_character:
+        return []
+    return [f"{row['val_bpc']:.4f}" if row.get("val_bpc") is not None else "—"]
+
+
 def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = ()) -> list[str]:
-    grid, tasks = table.grid_keys, table.task_metrics
-    head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl", "train s", *tasks]
+    grid, tasks, pc = table.grid_keys, table.task_metrics, table.per_character
+    head = ["student", "budget", *grid, "seed", "arm", "tokens", "FLOPs", "val loss", "val ppl"]
+    head += ["val bits/char"] * pc + ["train s", *tasks]
     lines = [
         "| " + " | ".join(head) + " |",
-        "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * (5 + len(tasks)),
+        "|" + "---|" * 2 + "---:|" * len(grid) + "---:|---|" + "---:|" * (5 + pc + len(tasks)),
     ]
     for r in table.rows:
         cells = [
@@ -198,6 +212,7 @@ def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = 
             f"{r['flops']:.3g}",
             f"{r['val_loss']:.4f}",
             f"{r['val_ppl']:.2f}",
+            *_bpc(r, pc),
             f"{r['train_seconds']:.1f}" if r["train_seconds"] is not None else "—",
             *[_score([r], m) for m in tasks],
         ]
@@ -212,8 +227,8 @@ def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = 
             "teacher",
             "—",
             "—",
-            f"{ref['val_loss']:.4f}",
-            f"{ref['val_ppl']:.2f}",
+            *(["—", "—"] if pc else [f"{ref['val_loss']:.4f}", f"{ref['val_ppl']:.2f}"]),
+            *_bpc(ref, pc),
             "—",
             *[_fmt_score(scores[m]["value"], scores[m].get("stderr")) if m in scores else "—" for m in tasks],
         ]
@@ -229,6 +244,7 @@ def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = 
             "—",
             f"{r['val_loss']:.4f}",
             f"{math.exp(r['val_loss']):.2f}",
+            *_bpc(r, pc),
             "—",
             *["—"] * len(tasks),
         ]

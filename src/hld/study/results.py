@@ -181,10 +181,16 @@ class Table:
         return len(seen) > 1 or bool(named)
 
     @property
+    def per_character(self) -> bool:
+        """Were the students validated in bits per character (students with their own tokenizer)?"""
+        return any(r.get("val_bpc") is not None for r in self.rows)
+
+    @property
     def columns(self) -> list[str]:
         tasks = [c for m in self.task_metrics for c in (m, f"{m}_stderr")]
         base = BASE_COLUMNS[:5] + ["signal"] + BASE_COLUMNS[5:] if self.signals_vary else BASE_COLUMNS
-        return base + self.budget_keys + self.grid_keys + TAIL_COLUMNS + RAN_COLUMNS + tasks
+        tail = TAIL_COLUMNS[:6] + ["val_bpc"] + TAIL_COLUMNS[6:] if self.per_character else TAIL_COLUMNS
+        return base + self.budget_keys + self.grid_keys + tail + RAN_COLUMNS + tasks
 
 
 def task_metric(task: str, row: dict) -> str:
@@ -308,6 +314,7 @@ def _row(
         budget = {k: v for k, v in budget.items() if v is not None}
         configuration = configuration_id(student, budget, point)
     val_loss, val_ppl = _final_val(summary, run_dir)
+    val_bpc = summary.get("val/bpc")  # a student with its own tokenizer: bits per character
     row = {
         "cell": run_dir.name,
         "configuration": configuration,
@@ -331,6 +338,7 @@ def _row(
             "flops": summary.get("flops"),
             "val_loss": val_loss,
             "val_ppl": val_ppl,
+            "val_bpc": val_bpc,
             "train_seconds": summary.get("train_seconds"),
             "cell_json": cell,
             "budget": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in budget.items()),

@@ -393,14 +393,15 @@ class Cell:
 
 def ignores(arm: str, key: str, point: Optional[dict] = None) -> bool:
     """Does `arm` ignore the config key `key` (at the grid point `point`)? ce reads no objective key (it
-    has no teacher term), kd no hidden-loss key, and an HLD arm whose grid point sets a loss that reads
-    the raw teacher state (`HiddenLoss.normalized_target` false: `lens`, the teacher's logit lens) no
-    `normalize_teacher`. A grid over such keys runs that arm's cell once per seed, shared by the grid
-    points that differ only in them (KD against 24 HLD variants: 1 KD cell per seed, not 24)."""
+    has no teacher term), kd no hidden-loss key (nor the pooling of states across tokenizers), and an HLD
+    arm whose grid point sets a loss that reads the raw teacher state (`HiddenLoss.normalized_target` false:
+    `lens`, the teacher's logit lens) no `normalize_teacher`. A grid over such keys runs that arm's cell
+    once per seed, shared by the grid points that differ only in them (KD against 24 HLD variants: 1 KD
+    cell per seed, not 24)."""
     if arm == "ce":
         return key.startswith("objective.")
-    if arm == "kd":
-        return key.startswith("objective.hidden.")
+    if arm == "kd":  # nor how hidden states are pooled across tokenizers
+        return key.startswith("objective.hidden.") or key == "objective.cross_tokenizer.pooling"
     loss = (point or {}).get("objective.hidden.loss")
     if key != "objective.hidden.normalize_teacher" or loss is None:
         return False

@@ -15,6 +15,7 @@ from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.mapping import layer_pairs
 from hld.distill.objectives import Plan, build_plan
 from hld.distill.projectors import Projectors
+from hld.errors import HldError
 from hld.models.derive import (
     Derivation,
     derived_student,
@@ -51,6 +52,7 @@ def assemble(
     matmul_dtype: Optional[torch.dtype] = None,
     derivation: Optional[Derivation] = None,
     source_lm: Optional[CausalLM] = None,
+    teacher_tokenizer=None,
 ) -> Assembly:
     """Build the student (seeded by train.seed), then its projectors (same seed), then the plan, on the
     current default device (`with torch.device("meta"):` to size a run without allocating it).
@@ -58,7 +60,8 @@ def assemble(
     A derived student (`depth-N`): the kept blocks of `source_lm` (the teacher's weights) as `derivation`
     chose them; without a derivation its structure alone, from `teacher_lm`'s shapes (meta device). With
     `mapping: kept`, a student whose residual was narrowed or projected is mapped to the teacher's space by its
-    fixed basis P (`hld.distill.projectors`)."""
+    fixed basis P (`hld.distill.projectors`). `teacher_tokenizer`: the teacher's, when the student has its own
+    (`tokenizer`, `student.tokenizer`): the plan is then the cross-tokenizer one (hld.distill.cross_tok)."""
     bos, eos, pad = special_ids(tokenizer)
     kept: Optional[tuple[int, ...]] = None
     basis: Optional[torch.Tensor] = None  # a narrowed or projected residual: P (d_teacher, d_student)
@@ -92,14 +95,53 @@ def assemble(
             identity=identity,
             basis=basis if identity else None,
         )
-    plan = build_plan(
+    if teacher_tokenizer is not None:
+        plan = cross_plan(cfg, projectors, teacher_tokenizer, tokenizer, matmul_dtype)
+    else:
+        plan = build_plan(
+            cfg.objective,
+            projectors=projectors,
+            chunk_tokens=cfg.train.loss_chunk_tokens,
+            matmul_dtype=matmul_dtype,
+            teacher_lm=teacher_lm,
+        )
+    return Assembly(student=student, projectors=projectors, plan=plan)
+
+
+_SHARED: dict[tuple[int, int], tuple] = {}  # (teacher, student) tokenizer ids -> (both, their shared vocabulary)
+
+
+def cross_plan(cfg: RunConfig, projectors, teacher_tokenizer, student_tokenizer, matmul_dtype) -> Plan:
+    """The plan of a student with its own tokenizer: its CE on its own tokens, and for kd / hld-* the
+    cross-tokenizer losses of `objective.cross_tokenizer` over the aligned chunks."""
+    from hld.distill.cross_tok.objectives import build_cross_plan
+    from hld.distill.cross_tok.vocab import shared_vocab
+
+    x = cfg.objective.cross_tokenizer
+    vocab = None
+    if x.loss == "gold" and cfg.objective.method != "ce":
+        key = (id(teacher_tokenizer), id(student_tokenizer))
+        if key not in _SHARED or _SHARED[key][0] is not teacher_tokenizer or _SHARED[key][1] is not student_tokenizer:
+            _SHARED.clear()  # the latest pair only (`hld run`'s cells share it)
+            _SHARED[key] = (teacher_tokenizer, student_tokenizer, shared_vocab(teacher_tokenizer, student_tokenizer))
+        vocab = _SHARED[key][2]
+        if not len(vocab):
+            raise HldError(
+                "objective.cross_tokenizer.loss=gold needs tokens both tokenizers spell alike; these two share none",
+                "use objective.cross_tokenizer.loss=uld or alm (no shared vocabulary needed)",
+            )
+    return build_cross_plan(
         cfg.objective,
         projectors=projectors,
+        vocab=vocab,
+        loss=x.loss,
+        pooling=x.pooling,
+        uld_top_k=x.uld_top_k,
+        alm_temperature=x.alm_temperature,
+        uld_weight=x.gold_uld_weight,
         chunk_tokens=cfg.train.loss_chunk_tokens,
         matmul_dtype=matmul_dtype,
-        teacher_lm=teacher_lm,
     )
-    return Assembly(student=student, projectors=projectors, plan=plan)
 
 
 def vocab_of(teacher_lm: Optional[CausalLM]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,9 +23,15 @@ from hld.flops import StepCost, planned_calibration, step_cost
 
 
 def phase_costs(
-    cfg: RunConfig, plan: Plan, *, student: torch.nn.Module, teacher: torch.nn.Module | None
+    cfg: RunConfig,
+    plan: Plan,
+    *,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    teacher_seq_len: Optional[int] = None,
 ) -> dict[str, StepCost]:
-    """FLOPs per training token of each phase of the plan (and of each boundary blend)."""
+    """FLOPs per training token of each phase of the plan (and of each boundary blend). `teacher_seq_len`:
+    the teacher's window length when it reads other tokens than the student (paired windows)."""
     seq = cfg.data.seq_len
     out = {}
     for ph in plan.all_phases():
@@ -42,6 +49,7 @@ def phase_costs(
             projector_dims=dims,
             student_logits=obj.uses_head,
             frozen_head=cfg.train.freeze_embedding,
+            teacher_seq_len=teacher_seq_len,
         )
     return out
 
@@ -130,11 +138,15 @@ def _exact_last_len(
     return last
 
 
-def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost], *, fixed_flops: float = 0.0) -> Length:
+def run_length(
+    cfg: RunConfig, plan: Plan, costs: dict[str, StepCost], *, fixed_flops: float = 0.0, whole_steps: bool = False
+) -> Length:
     """Steps (and the last step's length) that spend the budget: exactly `budget.tokens` input
     positions (rounded down to a multiple of batch_size), or the most tokens whose FLOPs, phase by
     phase, stay within `budget.flops` less `fixed_flops` (spent before step 0: a derived student's
-    calibration, `hld.models.derive`)."""
+    calibration, `hld.models.derive`). `whole_steps` (paired windows, which are never cut inside: a chunk
+    would lose one side): a last step that would be cut short is dropped, so the run stays within its budget
+    by less than one step."""
     B, T = cfg.train.batch_size, cfg.data.seq_len
     if cfg.budget.flops is None:
         tokens = budget_tokens(cfg)
@@ -165,7 +177,7 @@ def run_length(cfg: RunConfig, plan: Plan, costs: dict[str, StepCost], *, fixed_
         last = min(T, math.floor((budget - before) / (B * last_cost)))
         if steps <= EXACT_STEPS and len(plan.phases) > 1:
             last = _exact_last_len(plan, costs, steps, max(last, 0), budget, B, T)
-    if last < 1:  # the remainder is less than one token per window: drop that step
+    if last < 1 or (whole_steps and last < T):  # the remainder is less than one token per window: drop that step
         steps, last = steps - 1, T
     if steps < 1:
         raise HldError(

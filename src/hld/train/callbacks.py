@@ -124,7 +124,9 @@ def validate_now(s: Setup) -> dict:
         chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens),
         compute_dtype=s.compute_dtype,
     )
-    return {"val/loss": r["loss"], "val/ppl": r["ppl"], **layer_diagnostics(s)}  # val/cka/..., val/r2/...
+    # bits per character where the windows know their text (paired windows: comparable across tokenizers)
+    bpc = {"val/bpc": r["bpc"]} if "bpc" in r else {}
+    return {"val/loss": r["loss"], "val/ppl": r["ppl"], **bpc, **layer_diagnostics(s)}  # val/cka/..., val/r2/...
 
 
 class Validation(Callback):

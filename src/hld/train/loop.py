@@ -29,7 +29,9 @@ from hld.cache.meta import cache_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
 from hld.config_checks import derived_depth
-from hld.data.loader import BatchOrder, rank_slice
+from hld.data.loader import BatchOrder, PairedOrder, rank_slice
+from hld.data.paired import PairedSample, PairedWindows
+from hld.data.store import Windows
 from hld.data.tokenize import require_stores
 from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.objectives import fit_targets, keep_targets
@@ -96,6 +98,8 @@ def build(
     dist = dist or Dist(device=device or default_device())
     device = dist.device
     tok = resources.tokenizer(cfg.teacher.model)
+    # a student with its own tokenizer reads paired windows: its tokens and the teacher's of the same text
+    student_tok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer") if cfg.student.tokenizer else None
     # CE loads no teacher; a cached run only its shapes (meta device), unless something reads its weights
     needs_teacher = cfg.objective.method != "ce"
     weights = needs_teacher and teacher_weights_needed(cfg, dist)
@@ -113,19 +117,34 @@ def build(
         )
     compute_dtype = resolve_dtype(cfg.train.precision, device)
     d = cfg.data
-    train_w = resources.train_windows(d, tok)
+    n_val = max(1, d.val_tokens // d.seq_len)
+    # (a derived student, a teacher cache and the layer diagnostics read `windows`: refused or off when paired)
+    paired_w: Optional[PairedWindows] = None
+    val_w: np.ndarray | PairedSample
+    windows: Optional[Windows] = None
+    if student_tok is not None:
+        paired_w = resources.paired_windows(d, tok, student_tok)
+        val_w = resources.paired_windows(d, tok, student_tok, validation=True, n=n_val).sample(n_val)
+        order: BatchOrder = PairedOrder(paired_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    else:
+        windows = resources.train_windows(d, tok)
+        val_w = resources.validation_windows(d, tok)
+        order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    train_w = paired_w if paired_w is not None else windows
     derivation, source = None, None
     if derived_depth(cfg.student.preset) is not None:  # a student made of the teacher's blocks (any arm)
-        derivation = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, train_w, device=device)
+        assert windows is not None
+        derivation = resources.derivation(cfg.student, cfg.teacher.model, cfg.teacher.dtype, windows, device=device)
         source = resources.teacher(cfg.teacher.model, cfg.teacher.dtype).model.to(device)
     parts = assemble(
         cfg,
-        tokenizer=tok,
-        vocab_size=vocab,
+        tokenizer=student_tok if student_tok is not None else tok,
+        vocab_size=len(student_tok) if student_tok is not None else vocab,
         teacher_lm=shapes if shapes is not None else source,
         matmul_dtype=None if compute_dtype == torch.float32 else compute_dtype,
         derivation=derivation,
         source_lm=source,
+        teacher_tokenizer=tok if student_tok is not None else None,
     )
     student, plan = parts.student.to(device), parts.plan
     if cfg.train.freeze_embedding:  # the tied head with it: the optimiser never sees it
@@ -141,11 +160,12 @@ def build(
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
     if shapes is not None and cfg.teacher.cache:
+        assert windows is not None
         expect = cache_identity(
             teacher=teacher_id,
             tokenizer=tok,
             seq_len=d.seq_len,
-            train_windows=train_w,
+            train_windows=windows,
             layers=plan.needs.layers,
             top_k=cfg.objective.top_k or 0,
             **signal_identity(cfg.teacher),
@@ -153,11 +173,10 @@ def build(
         teacher = CachedTeacher(Path(cfg.teacher.cache), expect=expect)
     elif teacher_lm is not None:
         teacher = OnlineTeacher(teacher_lm, plan.needs.layers)
-    val_w = resources.validation_windows(d, tok)
-    order = BatchOrder(train_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    costs = phase_costs(cfg, plan, student=student, teacher=shapes)
+    t_len = paired_w.teacher_seq_len if paired_w is not None else None
+    costs = phase_costs(cfg, plan, student=student, teacher=shapes, teacher_seq_len=t_len)
     fixed = derivation.calibration_flops if derivation is not None else 0.0
-    length = run_length(cfg, plan, costs, fixed_flops=fixed)
+    length = run_length(cfg, plan, costs, fixed_flops=fixed, whole_steps=paired_w is not None)
     fit_targets(
         plan,
         teacher,
@@ -173,7 +192,8 @@ def build(
         fused=device.type in ("cuda", "cpu"),
     )  # 262k-row embedding's step 63 -> 7 ms here)
     diag = None  # (a CE run trains without a teacher; its diagnostics load the process's shared one)
-    if cfg.objective.hidden.diagnostics and not dist.active:
+    # the layer diagnostics read the teacher on the student's own windows: not with another tokenizer
+    if cfg.objective.hidden.diagnostics and not dist.active and isinstance(val_w, np.ndarray):
         win = val_w[: cfg.objective.hidden.diagnostics_windows]
         diag = lambda: resources.teacher_states(
             cfg.teacher.model,
@@ -398,6 +418,12 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
     tok = resources.tokenizer(cfg.teacher.model)
     if cfg.objective.method != "ce" and teacher_weights_needed(cfg, d):
         resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
+    if cfg.student.tokenizer:  # paired stores, aligned once, here
+        student_tok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
+        resources.paired_windows(cfg.data, tok, student_tok)
+        n_val = max(1, cfg.data.val_tokens // cfg.data.seq_len)
+        resources.paired_windows(cfg.data, tok, student_tok, validation=True, n=n_val)
+        return
     resources.train_windows(cfg.data, tok)  # token stores: tokenised once, here, if they are not yet
     resources.validation_windows(cfg.data, tok)
 
@@ -463,7 +489,9 @@ def _locked_train(
         signal.raise_signal(signal.SIGTERM)  # every rank stops, none waits in a collective of _finish
     if cfg.train.keep_final_checkpoint:
         save_run(s, out, state)
-    summary = _finish(s, out, state, line, resources.tokenizer(cfg.teacher.model), callbacks)
+    own = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer") if cfg.student.tokenizer else None
+    student_tok = own if own is not None else resources.tokenizer(cfg.teacher.model)
+    summary = _finish(s, out, state, line, student_tok, callbacks)  # the student exported with its own tokenizer
     if not cfg.train.keep_final_checkpoint and d.is_main:  # finished and exported: nothing resumes from it
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary

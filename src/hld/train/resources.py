@@ -5,17 +5,36 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from hld.config import DataConfig, StudentConfig
+from hld.data.paired import PairedWindows, open_paired_windows
 from hld.data.store import Windows
 from hld.data.tokenize import open_windows
 from hld.errors import HldError
 from hld.models.hooks import text_config
-from hld.models.loading import LoadedModel, freeze, load_causal_lm, model_config, resolve_model_dir
+from hld.models.loading import SHIPPED_TOKENIZERS, LoadedModel, freeze, load_causal_lm, model_config, resolve_model_dir
 from hld.precision import resolve_dtype
+
+
+def tokenizer_dir(path: Path, spec: str, what: str):
+    """The tokenizer in a directory that holds one alone (no model), or one line naming what is wrong."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise HldError(
+            f"{what} {spec} holds no tokenizer (no tokenizer.json or tokenizer_config.json)",
+            "give a tokenizer directory (hld train-tokenizer writes one), a model directory or a hub id",
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # a damaged tokenizer.json: one line
+        raise HldError(
+            f"cannot load the tokenizer in {spec}: {type(exc).__name__}", "give a working tokenizer directory"
+        ) from exc
 
 
 class Resources:
@@ -23,13 +42,19 @@ class Resources:
         self._teachers: dict[tuple[str, str], LoadedModel] = {}
         self._tokenizers: dict[str, object] = {}
         self._windows: dict[tuple, Windows] = {}
+        self._paired: dict[tuple, PairedWindows] = {}
         self.build_stores = True  # False on the ranks that only read what rank 0 tokenised (torchrun)
         self._states: Optional[tuple[tuple, object]] = None  # the latest diagnostics windows' teacher states
         self._derivations: dict[tuple, object] = {}  # derived students' kept blocks (`derivation`)
 
-    def tokenizer(self, spec: str):
+    def tokenizer(self, spec: str, what: str = "teacher.model"):
+        """The tokenizer of a model spec (`teacher.model`'s forms), or of a directory holding a tokenizer
+        alone (`hld train-tokenizer` writes one; `student.tokenizer`, `--student-tokenizer`)."""
         if spec not in self._tokenizers:
-            if any(k[0] == spec for k in self._teachers):
+            path = SHIPPED_TOKENIZERS.get(spec) or Path(spec).expanduser()
+            if path.is_dir() and not (path / "config.json").exists() and not (path / "config.yaml").exists():
+                self._tokenizers[spec] = tokenizer_dir(path, spec, what)
+            elif any(k[0] == spec for k in self._teachers):
                 self._tokenizers[spec] = next(v.tokenizer for k, v in self._teachers.items() if k[0] == spec)
             else:
                 from transformers import AutoTokenizer
@@ -137,6 +162,30 @@ class Resources:
             max_docs=data.max_train_docs,
             store_dir=data.store_dir,
         )
+
+    def paired_windows(
+        self, data: DataConfig, teacher_tok, student_tok, *, validation: bool = False, n: Optional[int] = None
+    ) -> PairedWindows:
+        """The paired windows of a student with its own tokenizer (`hld.data.paired`): all of `data.train` (or
+        its first `data.max_train_docs` documents), or with `validation` the start of `data.validation` that
+        holds its first `n` windows (the student's length `data.seq_len`, the teacher's from the store's ratio)."""
+        source = data.validation if validation else data.train
+        key: tuple = (source, id(teacher_tok), id(student_tok), data.seq_len, data.text_field, data.store_dir)
+        key += (n,) if validation else (data.max_train_docs,)
+        if key not in self._paired:
+            self._paired[key] = open_paired_windows(
+                source,
+                teacher_tok,
+                student_tok,
+                seq_len=data.seq_len,
+                text_field=data.text_field,
+                store_dir=data.store_dir,
+                max_docs=None if validation else data.max_train_docs,
+                need_windows=n if validation else None,
+                may_build=self.build_stores,
+                what="data.validation" if validation else "data.train",
+            )
+        return self._paired[key]
 
     def validation_windows(self, data: DataConfig, tokenizer, n: Optional[int] = None) -> np.ndarray:
         """The validation windows a run (and a study's teacher reference) scores: the first

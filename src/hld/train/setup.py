@@ -14,6 +14,7 @@ import torch
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
 from hld.data.loader import BatchOrder
+from hld.data.paired import PairedSample
 from hld.distill.objectives import Plan
 from hld.distill.projectors import Projectors
 from hld.distill.signals.online import OnlineTeacher, StudentRunner
@@ -37,7 +38,7 @@ class Setup:
     plan: Plan
     optimizer: torch.optim.Optimizer
     order: BatchOrder
-    val_windows: np.ndarray  # (n, seq_len) int64
+    val_windows: np.ndarray | PairedSample  # (n, seq_len) int64, or paired windows (a student with its own tokenizer)
     length: Length  # steps, and how much of its windows the last step reads
     costs: dict[str, StepCost]  # phase name -> (FLOPs per training token)
     device: torch.device

@@ -72,8 +72,6 @@ from hld.distill.cross_tok.vocab import SharedVocab
 from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.registry import parse as parse_divergence
 from hld.distill.hidden import hidden_mask
-from hld.distill.hidden_losses.lens import Lens, lens_spec
-from hld.distill.hidden_losses.registry import hidden_loss
 from hld.distill.losses import softcap
 from hld.distill.objectives import (
     HiddenObjective,
@@ -81,8 +79,9 @@ from hld.distill.objectives import (
     Phase,
     Plan,
     Result,
-    SumObjective,
+    hidden_objective,
     logit_spec,
+    method_plan,
 )
 from hld.distill.projectors import Projectors
 from hld.distill.schedule import weight_at
@@ -419,40 +418,6 @@ class CrossTokHiddenObjective(HiddenObjective):
 # --------------------------------------------------------------------------- the plan
 
 
-def _hidden_objective(
-    cfg: ObjectiveConfig,
-    projectors: Optional[Projectors],
-    *,
-    pooling: str,
-    chunk_tokens: int,
-    matmul_dtype: Optional[torch.dtype],
-    teacher_lm: Optional[torch.nn.Module],
-) -> CrossTokHiddenObjective:
-    """`build_plan`'s hidden objective, pooled per chunk."""
-    h = cfg.hidden
-    if projectors is None:
-        raise ValueError(f"objective.method={cfg.method} needs the layer pairs' projectors")
-    lens = lspec = None
-    if hidden_loss(h.loss).teacher_head:
-        if teacher_lm is None:
-            raise ValueError(f"objective.hidden.loss={h.loss} needs the teacher model (teacher_lm=...)")
-        lens = Lens.of(teacher_lm)
-        lspec = lens_spec(
-            temperature=cfg.temperature, chunk_tokens=chunk_tokens, softcap=lens.softcap, matmul_dtype=matmul_dtype
-        )
-    return CrossTokHiddenObjective(
-        projectors,
-        pooling=pooling,
-        loss=h.loss,
-        normalize_teacher=h.normalize_teacher,
-        beta=h.beta,
-        skip_first_position=h.skip_first_position,
-        schedule=h.beta_schedule if h.beta_schedule.kind != "constant" else None,
-        lens=lens,
-        lens_spec=lspec,
-    )
-
-
 def build_cross_plan(
     cfg: ObjectiveConfig,
     *,
@@ -493,11 +458,13 @@ def build_cross_plan(
     )
     if method == "kd":
         return Plan([Phase("kd", 1.0, kd)])
-    hidden = _hidden_objective(
-        cfg, projectors, pooling=pooling, chunk_tokens=chunk_tokens, matmul_dtype=matmul_dtype, teacher_lm=teacher_lm
+    hidden = hidden_objective(
+        cfg,
+        projectors,
+        chunk_tokens=chunk_tokens,
+        matmul_dtype=matmul_dtype,
+        teacher_lm=teacher_lm,
+        kind=CrossTokHiddenObjective,
+        pooling=pooling,
     )
-    if method == "hld-joint":
-        return Plan([Phase("hld-joint", 1.0, SumObjective(kd, hidden))])
-    if method == "hld-first":
-        return Plan([Phase("hidden", cfg.hidden.first_share, hidden), Phase("kd", 1.0, kd)])
-    raise ValueError(method)
+    return method_plan(method, kd, hidden, first_share=cfg.hidden.first_share)

@@ -166,8 +166,9 @@ class OnlineTeacher:
         self.capture = LayerCapture(self.lm, layers) if layers else None
 
     def __call__(self, batch, needs: Needs) -> Optional[TeacherSignals]:
-        """Signals for a `Batch` (the interface shared with the offline cache)."""
-        return self.signals(batch.input_ids, needs)
+        """Signals for a `Batch` (the interface shared with the offline cache): on the teacher's own rows of
+        the batch's text when they differ from the student's (paired windows, `student.tokenizer`)."""
+        return self.signals(batch.teacher_ids if batch.paired else batch.input_ids, needs)
 
     @torch.no_grad()
     def signals(self, input_ids: torch.Tensor, needs: Needs) -> Optional[TeacherSignals]:
