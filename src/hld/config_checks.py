@@ -307,14 +307,16 @@ def derived_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
     ]
 
 
-CROSS_HIDDEN_LOSSES = ("mse", "nmse", "cosine", "huber", "cka")  # losses over pooled chunk rows (no token order)
+# losses over states pooled per chunk (laid out by window, chunk by chunk): every one but `lens`, which reads
+# the teacher's head at the student's positions
+CROSS_HIDDEN_LOSSES = ("mse", "nmse", "cosine", "relation", "huber", "cka")
 
 
 def cross_tokenizer_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
     """A student with its own tokenizer (`student.tokenizer`): a scratch student (a derived one's embedding is
     its teacher's), an online teacher (the teacher cache holds the teacher's own windows, not paired ones),
     and nothing that needs one vocabulary on both sides (a top-k of the teacher's ids, a hidden loss that
-    reads the teacher's head or the token order within a window)."""
+    reads the teacher's head)."""
     s, o = cfg.student, cfg.objective
     if s.tokenizer is None:
         return []
@@ -341,7 +343,7 @@ def cross_tokenizer_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (
             not hld_arm or o.hidden.loss in CROSS_HIDDEN_LOSSES,
             f"objective.hidden.loss={o.hidden.loss} with student.tokenizer: the states are pooled per aligned chunk "
-            "(no shared token positions, no shared head)",
+            "and the teacher's head reads its own vocabulary",
             f"use one of {', '.join(CROSS_HIDDEN_LOSSES)}",
         ),
     ]

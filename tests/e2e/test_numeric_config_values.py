@@ -75,6 +75,7 @@ ACCEPTED = {
     ("objective.hidden.beta_schedule.warmup_share", "0"),
     ("objective.hidden.beta_schedule.decay_share", "0"),
     ("objective.hidden.first_share", "0"),
+    ("objective.cross_tokenizer.gold_uld_weight", "0"),  # gold's exact part alone (read only with a student tokenizer)
     ("train.seed", "0"),
     ("train.min_lr_ratio", "0"),
     ("train.weight_decay", "0"),

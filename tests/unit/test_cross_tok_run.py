@@ -183,3 +183,23 @@ def test_the_shipped_student_tokenizer_round_trips_and_knows_gemmas_specials():
     assert len(tok) == 8192 and (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
     text = "Hello — naïve café, 東京 🙂  tabs\tand  spaces"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_gold_without_a_shared_vocabulary_is_one_line(monkeypatch):
+    """Two tokenizers that spell nothing alike (the shared vocabulary stubbed empty: real byte-level tokenizers
+    always share their single characters) leave gold no exact part: refused before training, uld and alm not."""
+    from hld.distill.cross_tok import vocab as cv
+    from hld.train import assembly
+    from hld.train.resources import Resources
+
+    empty = cv.SharedVocab(np.zeros(0, np.int64), np.zeros(0, np.int64), 10, 10)
+    monkeypatch.setattr(cv, "shared_vocab", lambda t, s: empty)
+    assembly._SHARED.clear()
+    tok = Resources().tokenizer("sample-bpe-8k", "student.tokenizer")
+    cfg = load_config("demo", ["student.tokenizer=sample-bpe-8k", "objective.cross_tokenizer.loss=gold"])
+    with pytest.raises(HldError) as exc:
+        assembly.cross_plan(cfg, None, tok, tok, None)
+    assert "share none" in str(exc.value) and "loss=uld or alm" in str(exc.value) and "\n" not in str(exc.value)
+    uld = load_config("demo", ["student.tokenizer=sample-bpe-8k", "objective.cross_tokenizer.loss=uld"])
+    assert assembly.cross_plan(uld, None, tok, tok, None).phases[0].name == "kd"
+    assembly._SHARED.clear()
