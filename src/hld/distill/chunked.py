@@ -297,16 +297,22 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "done", False):  # the saved gradients were scaled in place below
-            raise RuntimeError("the fused head loss supports one backward pass (no retain_graph reuse)")
-        ctx.done = True
-        grad_h, grad_W = ctx.saved_tensors
-        # in place: a second (V, d) copy of dL/dW would cost memory. Always: testing grad_out == 1 first
-        # would read it back to the host (the training loop's grad_out is 1 / the global count anyway)
-        grad_h.mul_(grad_out.to(grad_h.dtype))
-        if grad_W is not None:  # a frozen head (train.freeze_embedding) has none
-            grad_W.mul_(grad_out.to(grad_W.dtype))
-        return grad_h, grad_W, None, None, None, None, None, None
+        return (*scaled_saved_grads(ctx, grad_out, "the fused head loss"), None, None, None, None, None, None)
+
+
+def scaled_saved_grads(ctx, grad_out: torch.Tensor, what: str) -> tuple[Optional[torch.Tensor], ...]:
+    """The backward of a head whose forward saved its gradients (dL/dh, dL/dW; None where not wanted, e.g. a
+    frozen head): scaled by the incoming gradient in place, so once only. In place: a second (V, d) copy of
+    dL/dW would cost memory. Always: testing grad_out == 1 first would read it back to the host (the training
+    loop's grad_out is 1 / the global count anyway)."""
+    if getattr(ctx, "done", False):  # the saved gradients were scaled in place below
+        raise RuntimeError(f"{what} supports one backward pass (no retain_graph reuse)")
+    ctx.done = True
+    grads = ctx.saved_tensors
+    for g in grads:
+        if g is not None:
+            g.mul_(grad_out.to(g.dtype))
+    return tuple(grads)
 
 
 def head_loss(

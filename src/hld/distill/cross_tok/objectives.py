@@ -63,6 +63,7 @@ import torch
 
 from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
+from hld.distill.chunked import scaled_saved_grads
 from hld.distill.cross_tok.alm import alm_rows, chunk_logliks
 from hld.distill.cross_tok.chunks import Chunks, as_float, token_rows
 from hld.distill.cross_tok.gold import RESTS, gold_parts
@@ -160,15 +161,7 @@ class _BlockedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if getattr(ctx, "done", False):  # the saved gradients were scaled in place below
-            raise RuntimeError("the cross-tokenizer head loss supports one backward pass (no retain_graph reuse)")
-        ctx.done = True
-        grad_h, grad_W = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h.mul_(grad_out.to(grad_h.dtype))
-        if grad_W is not None:  # a frozen head (train.freeze_embedding) has none
-            grad_W.mul_(grad_out.to(grad_W.dtype))
-        return grad_h, grad_W, None, None, None, None
+        return (*scaled_saved_grads(ctx, grad_out, "the cross-tokenizer head loss"), None, None, None, None)
 
 
 # --------------------------------------------------------------------------- the paired batch
