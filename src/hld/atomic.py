@@ -203,3 +203,18 @@ def read_json_object(path: Path, what: str, fix: str, *, max_bytes: int = files.
     if not isinstance(obj, dict):
         raise HldError(f"{what} {path} holds a {type(obj).__name__}, not a JSON object", fix)
     return obj
+
+
+def torch_save(obj: Any, fh) -> None:
+    """torch.save into an open file; a write the file refused (a full disk, a file-size limit) is raised as
+    that OSError. torch's zip writer meets the failed write again when it closes the archive and raises a
+    RuntimeError ("unexpected pos") in its place, which would escape as a traceback."""
+    import torch
+
+    try:
+        torch.save(obj, fh)
+    except RuntimeError as exc:
+        cause = exc.__context__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise

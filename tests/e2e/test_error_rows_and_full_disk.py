@@ -265,7 +265,7 @@ def test_full_disk_while_logging_metrics(tmp_path, hld_cache_dir):
 
     env = {**os.environ, "HLD_CACHE_DIR": str(hld_cache_dir), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "hld", *_argv(run, "budget.tokens=8192")],
+        [sys.executable, "-m", "hld", *_argv(run, "budget.tokens=16384")],  # 128 steps: ~33 KB of metric lines
         env=env,
         preexec_fn=limit,
         capture_output=True,
@@ -277,6 +277,6 @@ def test_full_disk_while_logging_metrics(tmp_path, hld_cache_dir):
     assert len(lines) == 1 and lines[0].startswith("hld: error: could not write into"), proc.stderr[-3000:]
     assert "File too large" in lines[0] and "free disk space" in lines[0]
     logged = (run / "metrics.jsonl").read_text().splitlines()
-    assert 5 < len(logged) < 64  # stopped mid-run, at the limit
+    assert 5 < len(logged) < 128  # stopped mid-run, at the limit
     assert not (run / "summary.json").exists() and not (run / "student").exists()
     assert not (run / "checkpoints").exists()

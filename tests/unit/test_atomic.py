@@ -147,3 +147,34 @@ def test_new_dir_clears_only_dead_processes_temporary_directories(tmp_path):
     with new_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("x")
     assert not gone.exists() and live.is_dir() and elsewhere.is_dir() and (tmp_path / "out" / "f").is_file()
+
+
+def test_torch_save_into_a_file_that_refuses_a_write_raises_that_oserror(tmp_path):
+    """A full disk mid-torch.save: torch's zip writer meets the failed write again when it closes and raises a
+    RuntimeError in its place; `torch_save` raises the write's own OSError, which hld words in one line."""
+    import errno
+
+    import torch
+
+    from hld.atomic import torch_save
+
+    class Full:
+        def __init__(self, room: int) -> None:
+            self.room, self.n = room, 0
+
+        def write(self, b) -> int:
+            if self.n + len(b) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(b)
+            return len(b)
+
+        def flush(self) -> None:
+            pass
+
+    obj = {"w": torch.zeros(4096)}
+    with pytest.raises(OSError) as exc:
+        torch_save(obj, Full(1000))
+    assert exc.value.errno == errno.ENOSPC
+    with open(tmp_path / "ok.pt", "wb") as fh:  # room enough: saved as torch.save saves it
+        torch_save(obj, fh)
+    assert torch.equal(torch.load(tmp_path / "ok.pt")["w"], obj["w"])

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from hld.atomic import check_recorded, write_checked
+from hld.atomic import check_recorded, torch_save, write_checked
 from hld.errors import HldError
 from hld.files import MAX_MANIFEST_BYTES, regular_file
 
@@ -119,7 +119,7 @@ def save_stats(stats: dict[int, Moments], path: Path) -> None:
     """Write the frozen statistics (renamed into place: a reader never sees half a file), their sha256
     recorded beside them (`hidden_stats.pt.sha256`)."""
     obj = {int(t): {"mean": m.mean, "std": m.std, "count": m.count} for t, m in stats.items()}
-    write_checked(Path(path), lambda fh: torch.save(obj, fh))
+    write_checked(Path(path), lambda fh: torch_save(obj, fh))
 
 
 def load_stats(path: Path) -> dict[int, Moments]:

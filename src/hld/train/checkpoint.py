@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hld import files
-from hld.atomic import check_recorded, replace_dir, write_checked, write_file, write_fix
+from hld.atomic import check_recorded, replace_dir, torch_save, write_checked, write_file, write_fix
 from hld.config import RunConfig, resume_view, to_dict
 from hld.distributed import Dist, any_rank, barrier, main_only
 from hld.errors import HldError, one_line
@@ -47,7 +47,7 @@ def atomic_save(obj: Any, path: Path, *, checked: bool = False) -> None:
     `checked`: its sha256 recorded beside it (`<name>.sha256`), checked before it is read back."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ a regular file: FileExistsError, worded
-        (write_checked if checked else write_file)(path, lambda fh: torch.save(obj, fh), fsync=True)
+        (write_checked if checked else write_file)(path, lambda fh: torch_save(obj, fh), fsync=True)
     except OSError as exc:
         raise HldError(f"could not write {path}: {exc.strerror or exc}", write_fix(exc)) from exc
 
