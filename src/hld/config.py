@@ -229,11 +229,12 @@ class CrossTokenizerConfig:
     else. src/hld/distill/cross_tok/ derives each; docs/decisions.md, "A teacher with another tokenizer"."""
 
     loss: Literal["uld", "alm", "gold"] = _f(
-        "uld",
-        "the logit loss across tokenizers, over the chunks both sides spell alike: uld = Universal Logit "
-        "Distillation, the sorted-probability distance between the two next-token distributions (arXiv "
-        "2402.12030); alm = Approximate Likelihood Matching of each chunk's likelihood (arXiv 2503.20083); "
-        "gold = exact KD over the shared vocabulary where a chunk is one token on each side, uld elsewhere",
+        "gold",
+        "the logit loss across tokenizers, over the chunks both sides spell alike: gold = exact KD over the "
+        "shared vocabulary where a chunk is one token on each side, uld elsewhere (the best of the three in the "
+        "cross-tok study: docs/cross-tokenizer.md); uld = Universal Logit Distillation, the sorted-probability "
+        "distance between the two next-token distributions (arXiv 2402.12030); alm = Approximate Likelihood "
+        "Matching of each chunk's likelihood (arXiv 2503.20083)",
     )
     uld_top_k: Optional[int] = _f(
         64, "uld and gold's uld part: each side's k largest probabilities and the rest as one (None: whole rows)"

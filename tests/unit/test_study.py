@@ -866,3 +866,50 @@ def test_a_verdict_line_gives_its_own_configurations_flops_ratio(tmp_path):
     lines = {v.configuration: verdict_line(v) for v in verdicts([comp])}
     assert "FLOPs ×2.000 of kd's" in lines["a"] and "FLOPs ×8.000 of kd's" in lines["b"]
     assert comp.flops_ratio == pytest.approx(5.0)
+
+
+def test_the_equal_flops_view_pairs_only_flops_matched_ce_cells():
+    """A grid over a key kd reads and ce ignores (the cross-tokenizer loss): ce runs once per seed at equal
+    tokens, and at kd's FLOPs only for the grid point its flops cell matched. The other points have no
+    equal-FLOPs pair: their budget ce cell spent ~1/171 of kd's FLOPs and is not stood in for one."""
+    from hld.study.pairs import paired
+
+    rows = []
+    for seed in range(3):
+        ce = {"arm": "ce", "seed": seed, "configuration": "c__ce", "match": "c__ce", "accounting": "budget"}
+        rows.append(
+            {**ce, "serves": ["c__uld", "c__alm"], "val_loss": 7.0 + seed / 100, "flops": 1.0, "cell": f"ce{seed}"}
+        )
+        for point, loss in (("c__uld", 7.2), ("c__alm", 6.9)):
+            rows.append(
+                {
+                    "arm": "kd",
+                    "seed": seed,
+                    "configuration": point,
+                    "match": point,
+                    "accounting": "budget",
+                    "val_loss": loss + seed / 50,
+                    "flops": 171.0,
+                    "cell": f"{point}{seed}",
+                }
+            )
+        rows.append(
+            {
+                "arm": "ce",
+                "seed": seed,
+                "configuration": "c__eqflops",
+                "match": "c__uld",
+                "accounting": "flops",
+                "val_loss": 5.1 + seed / 100,
+                "flops": 171.0,
+                "cell": f"eq{seed}",
+            }
+        )
+    for r in rows:
+        r["budget"] = "tokens=16384" if r["accounting"] == "budget" else "kd's flops=171"
+    by = {(c.arm, c.baseline, c.view): c for c in paired(rows)}
+    flops = by[("kd", "ce", "flops")]
+    assert set(flops.per_config) == {"c__uld"}  # alm has no flops-matched ce: no pair, not the budget ce
+    assert flops.per_config["c__uld"].mean == pytest.approx(2.11)  # (7.2 + s/50) - (5.1 + s/100), mean over s
+    assert flops.flops_ratio == pytest.approx(1.0)
+    assert set(by[("kd", "ce", "budget")].per_config) == {"c__uld", "c__alm"}

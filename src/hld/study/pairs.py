@@ -110,13 +110,17 @@ def _accounting(rows: list[dict], view: str) -> str:
 
 def _view_values(rows: list[dict], view: str, metric: str) -> dict:
     """(match, seed, arm) -> (value, flops, cell, its own configuration) in a view: the budget cells; in
-    the flops view each arm's flops-matched cell where it has one, else its budget cell (a distilled arm
-    spends its own FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores)
-    stands in each of them."""
+    the flops view each flops-matched arm's flops cells alone (a configuration whose match got none has no
+    such pair: its budget cell spent other FLOPs), and the other arms' budget cells (a distilled arm spends
+    its own FLOPs). A cell shared by several configurations (`serves`: grid keys its arm ignores) stands in
+    each of them."""
     out = {}
+    flops_arms = {r["arm"] for r in rows if r.get("accounting") == "flops"} if view == "flops" else set()
     for accounting in ("budget",) if view == "budget" else ("budget", "flops"):
         for r in rows:
             v = r.get(metric)
+            if accounting == "budget" and r["arm"] in flops_arms:
+                continue
             if r.get("accounting", "budget") == accounting and v is not None and math.isfinite(float(v)):
                 own = r.get("match") or r["configuration"]
                 for conf in [own, *(r.get("serves") or [])]:
