@@ -86,3 +86,18 @@ def test_ce_with_its_own_tokenizer_reads_no_teacher_and_the_same_windows(tmp_pat
     summary, lines = _train(tmp_path, overrides, student_tokenizer, "objective.method=ce")
     assert "train/kd" not in lines[0] and math.isfinite(summary["val/bpc"])
     assert summary["flops_per_token"]["ce"] == pytest.approx(lines[-1]["flops"] / lines[-1]["tokens"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_micro_batches_of_paired_windows_train_as_the_whole_batch(tmp_path, overrides, student_tokenizer):
+    """hld-joint across tokenizers with each step in two micro-batches (each its own chunks, teacher rows and
+    alignments) logs and validates what the whole batch does: the objectives' sums add up over the parts."""
+    whole, lines = _train(tmp_path / "whole", overrides, student_tokenizer, "objective.method=hld-joint")
+    parts, part_lines = _train(
+        tmp_path / "parts", overrides, student_tokenizer, "objective.method=hld-joint", "train.micro_batch_size=2"
+    )
+    assert len(lines) == len(part_lines)
+    for a, b in zip(lines, part_lines):
+        for key in ("train/loss", "train/ce", "train/kd", "train/hidden"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert parts["val/bpc"] == pytest.approx(whole["val/bpc"], rel=1e-4)
