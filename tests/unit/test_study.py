@@ -913,3 +913,21 @@ def test_the_equal_flops_view_pairs_only_flops_matched_ce_cells():
     assert flops.per_config["c__uld"].mean == pytest.approx(2.11)  # (7.2 + s/50) - (5.1 + s/100), mean over s
     assert flops.flops_ratio == pytest.approx(1.0)
     assert set(by[("kd", "ce", "budget")].per_config) == {"c__uld", "c__alm"}
+
+
+def test_a_grid_over_a_key_ce_ignores_and_kd_reads_gets_a_flops_cell_per_kd_point():
+    """cross-tok's grid over objective.cross_tokenizer.loss: ce runs once per seed at equal tokens (it
+    ignores the key), but at equal FLOPs once per kd cell, each at its own kd's FLOPs and paired with it."""
+    from hld.study.spec import expand, load_study
+
+    cells = expand(load_study("cross-tok", ["seeds=[0]"]))
+    flops = {c.id: c for c in cells if c.accounting == "flops"}
+    kd = {c.id: c for c in cells if c.arm == "kd"}
+    assert len(flops) == len(kd) == 3
+    assert sorted(c.flops_of for c in flops.values()) == sorted(kd)
+    assert all(c.match == kd[c.flops_of].configuration for c in flops.values())
+    assert len([c for c in cells if c.arm == "ce" and c.accounting == "budget"]) == 1
+    # a study without such a grid keeps its cell names (the shipped demo's)
+    assert [c.id for c in expand(load_study("demo", ["seeds=[0]"])) if c.accounting == "flops"] == [
+        "depth-9__tok4096__eqflops__s0__ce"
+    ]

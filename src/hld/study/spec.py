@@ -464,7 +464,13 @@ def expand(study: Study) -> list[Cell]:
             read = _read_point(study, study.equal_flops, full)
             of = _configuration(study, student, budget, read, signal)
             flops = _flops_cell(
-                student, budget, _read_point(study, "ce", full), seed, of=cell_id(of, seed, study.equal_flops), match=of
+                student,
+                budget,
+                _read_point(study, "ce", full),
+                seed,
+                of=cell_id(of, seed, study.equal_flops),
+                match=of,
+                named=read,
             )
             if flops.id not in at:
                 at[flops.id] = len(cells)
@@ -512,10 +518,14 @@ def _cell_overrides(arm: str, student: str, seed: int, cid: str, budget: dict, p
     return ov + [_override(k, v) for k, v in point.items()]
 
 
-def _flops_cell(student: str, budget: dict, point: dict, seed: int, *, of: str, match: str) -> Cell:
+def _flops_cell(
+    student: str, budget: dict, point: dict, seed: int, *, of: str, match: str, named: Optional[dict] = None
+) -> Cell:
     """The ce cell at the FLOPs the cell `of` spends (its budget is set when `of` has run), paired with
-    the configuration `match` (of's)."""
-    conf = f"{configuration_id(student, budget, point)}__eqflops"
+    the configuration `match` (of's). `point`: the grid values ce reads; `named`: those `of` reads, which name
+    the cell, so a grid over a key ce ignores and `of` reads (the cross-tokenizer loss) gets one such cell
+    per value, each matched to its own `of`."""
+    conf = f"{configuration_id(student, budget, named if named is not None else point)}__eqflops"
     cid = cell_id(conf, seed, "ce")
     ov = [o for o in _cell_overrides("ce", student, seed, cid, budget, point) if not o.startswith("budget.")]
     return Cell(
