@@ -44,7 +44,7 @@ from typing import BinaryIO, Optional
 import numpy as np
 
 from hld import files
-from hld.atomic import read_json_object, write_file, write_json
+from hld.atomic import write_file, write_json
 from hld.data import store as st
 from hld.data.align import Aligner, Alignment
 from hld.data.packing import Batch, make_paired_batch
@@ -402,18 +402,15 @@ def _parallel(spec, teacher, student, out, text_field, shard, workers, need_toke
 
 
 def read_manifest(path: Path) -> dict:
-    fix = _fix(path)
-    m = read_json_object(path / "manifest.json", "paired store manifest", fix)
-    if m.get("format") != FORMAT:
-        raise HldError(f"{path / 'manifest.json'} is not an hld paired store manifest", fix)
-    if m.get("version") != VERSION:
-        raise HldError(f"paired store {path} has format version {m.get('version')}, this hld reads {VERSION}", fix)
-    missing = [k for k in (*IDENTITY_KEYS, *TOTALS, "shards") if k not in m]
-    if missing:
-        raise HldError(f"paired store manifest {path / 'manifest.json'} lacks {', '.join(missing)}", fix)
-    if not isinstance(m["shards"], list) or not all(_is_record(s) for s in m["shards"]):
-        raise HldError(f"paired store manifest {path / 'manifest.json'} has malformed shard entries", fix)
-    return m
+    return st.checked_manifest(
+        path,
+        kind="paired store",
+        format=FORMAT,
+        version=VERSION,
+        keys=(*IDENTITY_KEYS, *TOTALS, "shards"),
+        is_record=_is_record,
+        fix=_fix(path),
+    )
 
 
 def verify_all(path: Path) -> int:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,17 +128,32 @@ IDENTITY_KEYS = ("format", "version", "protocol", "tokenizer", "source", "source
 
 
 def read_manifest(path: Path) -> dict:
-    fix = _rebuild_fix(path)
-    m = read_json_object(path / "manifest.json", "token store manifest", fix)
-    if m.get("format") != FORMAT:
-        raise HldError(f"{path / 'manifest.json'} is not an hld token store manifest", fix)
-    if m.get("version") != VERSION:
-        raise HldError(f"token store {path} has format version {m.get('version')}, this hld reads {VERSION}", fix)
-    missing = [k for k in (*IDENTITY_KEYS, "shards") if k not in m]
+    return checked_manifest(
+        path,
+        kind="token store",
+        format=FORMAT,
+        version=VERSION,
+        keys=(*IDENTITY_KEYS, "shards"),
+        is_record=_is_record,
+        fix=_rebuild_fix(path),
+    )
+
+
+def checked_manifest(
+    path: Path, *, kind: str, format: str, version: int, keys: tuple, is_record: Callable[[Any], bool], fix: str
+) -> dict:
+    """A store's manifest.json (`kind`: "token store", "paired store"), or one line naming what is wrong with
+    it: not this format, another version, a key missing, a shard entry that is not a unit's record."""
+    m = read_json_object(path / "manifest.json", f"{kind} manifest", fix)
+    if m.get("format") != format:
+        raise HldError(f"{path / 'manifest.json'} is not an hld {kind} manifest", fix)
+    if m.get("version") != version:
+        raise HldError(f"{kind} {path} has format version {m.get('version')}, this hld reads {version}", fix)
+    missing = [k for k in keys if k not in m]
     if missing:
-        raise HldError(f"token store manifest {path / 'manifest.json'} lacks {', '.join(missing)}", fix)
-    if not isinstance(m["shards"], list) or not all(_is_record(s) for s in m["shards"]):
-        raise HldError(f"token store manifest {path / 'manifest.json'} has malformed shard entries", fix)
+        raise HldError(f"{kind} manifest {path / 'manifest.json'} lacks {', '.join(missing)}", fix)
+    if not isinstance(m["shards"], list) or not all(is_record(s) for s in m["shards"]):
+        raise HldError(f"{kind} manifest {path / 'manifest.json'} has malformed shard entries", fix)
     return m
 
 
