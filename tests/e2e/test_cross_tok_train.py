@@ -101,3 +101,23 @@ def test_micro_batches_of_paired_windows_train_as_the_whole_batch(tmp_path, over
         for key in ("train/loss", "train/ce", "train/kd", "train/hidden"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert parts["val/bpc"] == pytest.approx(whole["val/bpc"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_cross_tok_study_reports_bits_per_character_with_its_references(tmp_path, overrides, student_tokenizer):
+    """The shipped cross-tok study, shrunk onto the fixtures: every cell, the teacher's reference (on its own
+    tokens of the students' validation text) and the n-gram rows (on the student's tokens) carry bits per
+    character, and the teacher's per-token loss, in another unit, is left out of the students' column."""
+    out = tmp_path / "study"
+    keep = [o for o in overrides if not o.startswith(("student.preset", "train.batch_size", "budget.tokens"))]
+    argv = ["study", "--config", "cross-tok", "--out", str(out), *keep, f"student.tokenizer={student_tokenizer}"]
+    argv += ["data.val_tokens=256", "seeds=[0]", "grid={objective.cross_tokenizer.loss: [gold]}"]
+    assert main([*argv, "budgets=[{tokens: 512}]", "--quiet"]) == 0
+    meta = json.loads((out / "study.json").read_text())
+    (teacher,) = meta["teacher_reference"]
+    assert teacher["student_tokenizer"] == str(student_tokenizer) and teacher["val_bpc"] > 0
+    assert all(r["val_bpc"] > 0 for r in meta["ngram_reference"])
+    report = (out / "report.md").read_text()
+    assert "val bits/char" in report
+    row = next(line for line in report.splitlines() if line.startswith("| teacher `"))
+    assert f"{teacher['val_bpc']:.4f}" in row and f"{teacher['val_loss']:.4f}" not in row

@@ -205,9 +205,8 @@ def study_references(planned: list, out: Path, resources) -> list[dict]:
         if cfg.student.tokenizer:  # the student's own tokens of the paired windows, unpadded
             stok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
             vocab = len(stok)
-            n_val = max(1, d.val_tokens // d.seq_len)
             paired = resources.paired_windows(d, tok, stok)
-            sample = resources.paired_windows(d, tok, stok, validation=True, n=n_val).sample(n_val)
+            sample = resources.paired_validation(d, tok, stok)
             val, chars = sample.student_windows(), int(sample.chars.sum())
             train_windows = paired.student_windows() if key not in whole else []
         else:
@@ -506,13 +505,11 @@ def teacher_references(study: Study, planned: list, done: list[dict], resources,
             t0 = time.time()
             loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
             tok = loaded.tokenizer
-            val = resources.validation_windows(cfg.data, tok)
             if cfg.student.tokenizer:  # the students' windows as the teacher reads them (the same text)
                 stok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
-                n_val = max(1, cfg.data.val_tokens // cfg.data.seq_len)
-                val = (
-                    resources.paired_windows(cfg.data, tok, stok, validation=True, n=n_val).sample(n_val).teacher_side()
-                )
+                val = resources.paired_validation(cfg.data, tok, stok).teacher_side()
+            else:
+                val = resources.validation_windows(cfg.data, tok)
             r = perplexity(
                 loaded.model,
                 val,

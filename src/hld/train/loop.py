@@ -117,14 +117,13 @@ def build(
         )
     compute_dtype = resolve_dtype(cfg.train.precision, device)
     d = cfg.data
-    n_val = max(1, d.val_tokens // d.seq_len)
     # (a derived student, a teacher cache and the layer diagnostics read `windows`: refused or off when paired)
     paired_w: Optional[PairedWindows] = None
     val_w: np.ndarray | PairedSample
     windows: Optional[Windows] = None
     if student_tok is not None:
         paired_w = resources.paired_windows(d, tok, student_tok)
-        val_w = resources.paired_windows(d, tok, student_tok, validation=True, n=n_val).sample(n_val)
+        val_w = resources.paired_validation(d, tok, student_tok)
         order: BatchOrder = PairedOrder(paired_w, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     else:
         windows = resources.train_windows(d, tok)
@@ -421,8 +420,7 @@ def _warm(cfg: RunConfig, resources: Resources, d: Dist) -> None:
     if cfg.student.tokenizer:  # paired stores, aligned once, here
         student_tok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer")
         resources.paired_windows(cfg.data, tok, student_tok)
-        n_val = max(1, cfg.data.val_tokens // cfg.data.seq_len)
-        resources.paired_windows(cfg.data, tok, student_tok, validation=True, n=n_val)
+        resources.paired_validation(cfg.data, tok, student_tok)
         return
     resources.train_windows(cfg.data, tok)  # token stores: tokenised once, here, if they are not yet
     resources.validation_windows(cfg.data, tok)

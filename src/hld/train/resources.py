@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from hld.config import DataConfig, StudentConfig
-from hld.data.paired import PairedWindows, open_paired_windows
+from hld.data.paired import PairedSample, PairedWindows, open_paired_windows
 from hld.data.store import Windows
 from hld.data.tokenize import open_windows
 from hld.errors import HldError
@@ -186,6 +186,12 @@ class Resources:
                 what="data.validation" if validation else "data.train",
             )
         return self._paired[key]
+
+    def paired_validation(self, data: DataConfig, teacher_tok, student_tok) -> PairedSample:
+        """What a run with its own student tokenizer validates on: the first `data.val_tokens // data.seq_len`
+        paired windows of `data.validation` (at least one), held whole, as `validation_windows` counts them."""
+        n = max(1, data.val_tokens // data.seq_len)
+        return self.paired_windows(data, teacher_tok, student_tok, validation=True, n=n).sample(n)
 
     def validation_windows(self, data: DataConfig, tokenizer, n: Optional[int] = None) -> np.ndarray:
         """The validation windows a run (and a study's teacher reference) scores: the first
