@@ -83,7 +83,8 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
     """cka.json against CKA in numpy's Gram form of states read independently (transformers'
     output_hidden_states of the exported student and of the teacher, pre-final-norm last layer, on the
     first diagnostics windows, at the positions with a target less position 0); a CE and a KD run in
-    one process (`hld run`'s case) share one teacher-state computation and still get these values."""
+    one process (`hld run`'s case) share one teacher-state computation and still get these values; the
+    student's states come from the validation's own forward (3 windows of its first batch of 8)."""
     from transformers import AutoModelForCausalLM
 
     import hld.eval.cka as cka
@@ -110,12 +111,12 @@ def test_cka_matrix_equals_a_direct_computation_and_runs_share_the_teacher_state
         lm = res.teacher(cfg.teacher.model, cfg.teacher.dtype).model
         teacher_runs.append(sum(c is lm for c in calls))
         student_runs.append(sum(c is not lm for c in calls) - sum(student_runs))
-    # two teacher passes in all: the mapped layers at the first validation, then every other layer at once for
-    # cka.json (one pass per missing layer before: 53 s of the demo); the kd run reused the ce run's states
-    assert teacher_runs == [2, 2]
-    # one student pass per run: its only validation (the last step's) measured every layer, and cka.json
-    # reused those states (the weights had not changed since)
-    assert student_runs == [1, 1]
+    # one teacher pass in all: every layer at the first validation, which cka.json reads too (one pass per
+    # missing layer before: 53 s of the demo); the kd run reused the ce run's states
+    assert teacher_runs == [1, 1]
+    # no student pass of their own: the validation's forward (the last step's) kept every layer's states of
+    # the diagnostics windows, and the per-pair CKA and cka.json read those (the weights had not changed since)
+    assert student_runs == [0, 0]
     s = build(cfg, Resources())
     win = torch.as_tensor(s.val_windows[:3])
     teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model, dtype=torch.float32).eval()

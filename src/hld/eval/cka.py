@@ -26,6 +26,8 @@ reuses those of the last validation.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -224,9 +226,45 @@ class Diagnostics:
         self._kept = (version, states)
         return states
 
+    @contextlib.contextmanager
+    def from_validation(self) -> Iterator[Optional[Callable]]:
+        """For the validation's forward (`perplexity(after_forward=...)`): keeps every student layer's states
+        of the diagnostics windows, the validation windows' first ones, from that forward, so
+        `student_states` runs none of its own (one student forward over the windows less per validation).
+        The states are those `student_states` computes: the same layers and positions, the same batches of
+        `PPL_BATCH` = `window_states`' 8 windows, in eval mode and the run's compute dtype. Kept only when
+        every diagnostics window went through; yields None when this step's states are already kept."""
+        s = self.s
+        if self._kept[0] == s.steps_taken:
+            yield None
+            return
+        layers = list(range(n_blocks(s.student) + 1))
+        cap = LayerCapture(s.student, layers)
+        got: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        seen = [0]
+
+        def after(batch) -> None:
+            states, take = cap.pop(), min(batch.input_ids.shape[0], len(self.windows) - seen[0])
+            if take <= 0:
+                return
+            keep = hidden_mask(batch.mask[:take], skip_first=self.skip_first).reshape(-1)
+            for i in layers:
+                got[i].append(states[i][:take].float().reshape(-1, states[i].shape[-1]).cpu()[keep])
+            seen[0] += take
+
+        try:
+            yield after
+        finally:
+            cap.remove()
+        if seen[0] == len(self.windows):
+            self._kept = (s.steps_taken, {i: torch.cat(v) for i, v in got.items()})
+
     def per_pair(self) -> dict[str, float]:
         st = self.student_states()
-        te = self.teacher.states(sorted({b for _, b in self.pairs}))
+        # every teacher layer in the one forward: cka.json reads them all at the run's end (a forward to the
+        # deepest mapped layer, then another for the rest, before)
+        every = self.teacher.states(list(range(n_blocks(self.teacher.lm) + 1)))
+        te = {b: every[b] for _, b in self.pairs}
         out = {}
         for pair in self.pairs:
             a, b = pair

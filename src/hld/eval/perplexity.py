@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as tdist
 
-from hld.data.packing import make_batch
+from hld.data.packing import Batch, make_batch
 from hld.distill.chunked import HeadLossSpec, head_loss
 from hld.distill.signals.online import Backbone, head_of
 from hld.distributed import Dist, unsharded
@@ -40,9 +41,12 @@ def perplexity(
     compute_dtype: torch.dtype = torch.float32,
     progress: Optional[str] = None,
     backbone: Optional[torch.nn.Module] = None,
+    after_forward: Optional[Callable[[Batch], None]] = None,
 ) -> dict:
     """Mean NLL and ppl of `lm` on packed `windows`; `progress` names a progress line (None: silent).
-    `backbone` maps ids to final hidden states (default `Backbone(lm)`; a sharded run passes its own)."""
+    `backbone` maps ids to final hidden states (default `Backbone(lm)`; a sharded run passes its own).
+    `after_forward(batch)` runs after each batch's forward, before its head: for hooks that read the
+    forward's layer states (the layer diagnostics, `hld.eval.cka.Diagnostics.from_validation`)."""
     was_training = lm.training
     lm.eval()
     device = next(lm.parameters()).device
@@ -62,6 +66,8 @@ def perplexity(
         ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         with autocast(compute_dtype, device):
             h = backbone(ids)
+        if after_forward is not None:
+            after_forward(batch)
         total, _ = head_loss(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), (labels != -100).reshape(-1), spec)
         nll += float(total)
         count += int((labels != -100).sum())
@@ -93,13 +99,15 @@ def perplexity_over_ranks(
     backbone: torch.nn.Module,
     chunk_tokens: int,
     compute_dtype: torch.dtype,
+    after_forward: Optional[Callable[[Batch], None]] = None,
 ) -> dict:
-    """`perplexity` with its batches dealt round-robin over the ranks. Every batch
+    """`perplexity` with its batches dealt round-robin over the ranks (`after_forward`: one process only). Every batch
     is computed as one process would, and the per-batch sums are added in the same order: the result
     equals the single-process value (bitwise, for the same weights)."""
     kw: dict[str, Any] = dict(chunk_tokens=chunk_tokens, compute_dtype=compute_dtype, batch_size=PPL_BATCH)
     if not d.active:
-        return perplexity(lm, windows, **kw)
+        return perplexity(lm, windows, after_forward=after_forward, **kw)
+    assert after_forward is None, "after_forward sees every batch in one process only"
     n = math.ceil(len(windows) / PPL_BATCH)
     sums = torch.zeros(n, 2, dtype=torch.float64, device=d.device)  # per batch: NLL sum, predictions
     with unsharded(d, backbone):

@@ -38,6 +38,7 @@ The kinds of side work, in this file's order:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Optional
 from hld import distributed
 from hld.config import RunConfig
 from hld.errors import HldError
-from hld.eval.cka import layer_diagnostics, write_cka_matrix
+from hld.eval.cka import diagnostics_of, layer_diagnostics, write_cka_matrix
 from hld.eval.perplexity import perplexity_over_ranks
 from hld.progress import Progress
 from hld.train.checkpoint import save_run
@@ -116,14 +117,17 @@ def every(step: int, n: int) -> bool:
 def validate_now(s: Setup) -> dict:
     """Validation loss and perplexity; under torchrun the batches are dealt over the ranks and the
     result equals the single-process one."""
-    r = perplexity_over_ranks(
-        s.dist,
-        s.student,
-        s.val_windows,
-        backbone=s.runner.backbone,
-        chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens),
-        compute_dtype=s.compute_dtype,
-    )
+    diag = diagnostics_of(s)
+    with diag.from_validation() if diag is not None else contextlib.nullcontext() as keep_states:
+        r = perplexity_over_ranks(
+            s.dist,
+            s.student,
+            s.val_windows,
+            backbone=s.runner.backbone,
+            chunk_tokens=max(512, s.cfg.train.loss_chunk_tokens),
+            compute_dtype=s.compute_dtype,
+            after_forward=keep_states,  # the layer diagnostics' student states, from this forward
+        )
     # bits per character where the windows know their text (paired windows: comparable across tokenizers)
     bpc = {"val/bpc": r["bpc"]} if "bpc" in r else {}
     return {"val/loss": r["loss"], "val/ppl": r["ppl"], **bpc, **layer_diagnostics(s)}  # val/cka/..., val/r2/...
