@@ -106,3 +106,31 @@ def test_a_finished_run_frees_its_student(overrides, tmp_path):
     finally:
         if was:
             gc.enable()
+
+
+def test_on_finish_sees_the_exported_student_unless_it_reads_none_of_it(setup, resources, tmp_path):
+    """`_finish` writes the student while the callbacks that read nothing of it (`after_export = False`: the
+    layer diagnostics) run; the others run once it is complete; summary.json's student_sha256 is hashlib's
+    sha256 of each file written."""
+    import hashlib
+
+    from hld.train.loop import _finish
+
+    seen: dict = {}
+
+    class Reads(Callback):
+        def on_finish(self, run):
+            files = sorted((run.out / "student").iterdir())
+            seen["reads"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    class Apart(Callback):
+        after_export = False
+
+        def on_finish(self, run):
+            seen["apart"] = True
+
+    line = _steps(setup, tmp_path, RunState(), [Validation(0)])
+    tok = resources.tokenizer(setup.cfg.teacher.model)
+    summary = _finish(setup, tmp_path, RunState(step=setup.total_steps), line, tok, [Reads(), Apart()])
+    assert seen["apart"] and "model.safetensors" in seen["reads"] and "config.json" in seen["reads"]
+    assert summary["student_sha256"] == seen["reads"]

@@ -14,7 +14,8 @@ preemption, the non-finite guard, the layer diagnostics' files) is a list of `Ca
   after it; `run.last` says whether it is the budget's final step. A callback may raise to stop the
   run (HldError, Preempted);
 - `on_train_end(run)`: after the final step, before the checkpoint and the student are written;
-- `on_finish(run)`: once the student is exported, on rank 0 only (files that sit beside it);
+- `on_finish(run)`: once the student is exported, on rank 0 only (files that sit beside it); a callback
+  that reads nothing of the export says so (`after_export = False`) and runs while it is written;
 - `close()`: always, when the loop leaves (finished, failed or preempted).
 
 The kinds of side work, in this file's order:
@@ -86,6 +87,8 @@ class Run:
 
 class Callback:
     """Does nothing at every point; a callback overrides the points it needs."""
+
+    after_export = True  # on_finish reads the exported student (False: it may run while it is written)
 
     def on_start(self, run: Run) -> None:
         pass
@@ -254,6 +257,8 @@ class Preemption(Callback):
 
 
 class LayerDiagnostics(Callback):
+    after_export = False  # cka.json: states the validation kept, nothing of the exported files
+
     def needs_metrics(self, run: Run) -> bool:
         return False
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -538,10 +539,30 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
     """Export the student, call the callbacks' `on_finish` (rank 0), write summary.json; the summary."""
     cfg, d = s.cfg, s.dist
     full = distributed.full_state_dict(d, s.student)  # fsdp2: gathered on rank 0 (a collective)
-    distributed.main_only(d, lambda: export_student(s.student, tokenizer, out / "student", state_dict=full))
+    student_dir = out / "student"
+
+    def export() -> dict[str, str]:  # the student's files and their sha256 (what `hld export` checks them against)
+        export_student(s.student, tokenizer, student_dir, state_dict=full)
+        return {p.name: file_sha256(p) for p in sorted(student_dir.iterdir()) if p.is_file()}
+
     run = Run(s, out, state)
-    for cb in callbacks:
-        distributed.main_only(d, lambda cb=cb: cb.on_finish(run))  # e.g. cka.json
+    student_sha: dict[str, str] = {}
+    if d.active:  # main_only's error check is a collective: in the same order on every rank
+        distributed.main_only(d, lambda: student_sha.update(export()))
+        for cb in callbacks:
+            distributed.main_only(d, lambda cb=cb: cb.on_finish(run))  # e.g. cka.json
+    else:  # one process: the export (~1 GB written and hashed for a derived demo student) beside cka.json's matrices
+        with ThreadPoolExecutor(1) as pool:
+            written = pool.submit(export)
+            try:
+                for cb in callbacks:
+                    if not cb.after_export:
+                        cb.on_finish(run)
+            finally:
+                student_sha.update(written.result())  # its error, if it failed, after the callbacks'
+        for cb in callbacks:
+            if cb.after_export:
+                cb.on_finish(run)
     if "val/ppl" not in line:  # resumed from a checkpoint at the final step: validated again, never read
         line = validate_now(s)  # back from metrics.jsonl (another run's, copied in, would be reported)
     counts = count_params(s.student)
@@ -568,7 +589,7 @@ def _finish(s: Setup, out: Path, state: RunState, line: dict, tokenizer, callbac
     if s.derivation is not None:
         summary["student_origin"] = s.derivation.to_json()["origin"]
     if d.is_main:  # what `hld export` and a run loaded as a model check the student's files against
-        summary["student_sha256"] = {p.name: file_sha256(p) for p in sorted((out / "student").iterdir()) if p.is_file()}
+        summary["student_sha256"] = student_sha
     distributed.main_only(d, lambda: atomic.write_json(out / "summary.json", summary))
     return summary
 
