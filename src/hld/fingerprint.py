@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
 from pathlib import Path
 
@@ -69,8 +70,11 @@ def _memoised(cache: weakref.WeakKeyDictionary, tokenizer, size: int, compute) -
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Identity of a tokenizer: its vocabulary (pieces and ids) and special tokens. Computed once per
-    tokenizer object (a 262k vocabulary takes a while to hash, and every store and cache asks)."""
+    """Identity of the ids a tokenizer gives a text (the token store's and the teacher cache's key): its
+    vocabulary (pieces and ids), BOS and EOS, and for a fast tokenizer what else decides the ids, its
+    `tokenizer.json` (`_ids_spec`): two tokenizers with one vocabulary and other merges, normaliser or
+    pre-tokenizer tokenise a text differently and must not share a store. Computed once per tokenizer object
+    (a 262k vocabulary takes a while to hash, and every store and cache asks)."""
     return _memoised(_TOKENIZERS, tokenizer, len(tokenizer), _tokenizer_fingerprint)
 
 
@@ -80,24 +84,42 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
         h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
     h.update(f"bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id}".encode())
+    spec = _ids_spec(tokenizer)
+    if spec is not None:  # a slow tokenizer has no spec to read: its vocabulary and specials alone
+        h.update(spec)
     return h.hexdigest()[:16]
+
+
+def _ids_spec(tokenizer) -> bytes | None:
+    """A fast tokenizer's `tokenizer.json` (vocabulary, merges, normaliser, pre-tokenizer, post-processor,
+    decoder, added tokens) less its truncation and padding, which a call with `truncation=`/`padding=` sets on
+    the object itself and which no store or window depends on; None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "to_str"):  # a `tokenizers.Tokenizer` itself
+        backend = tokenizer
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return json.dumps(spec, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, spec fingerprint)
 
 
 def tokenizer_spec_fingerprint(tokenizer) -> str:
-    """Identity of everything that decides a fast tokenizer's ids **and offsets**: its whole
-    `tokenizer.json` (vocabulary, merges, normaliser, pre-tokenizer, decoder, post-processor) and its BOS,
-    EOS and PAD ids. `tokenizer_fingerprint` (vocabulary and BOS/EOS) names the ids of the token store;
-    aligned stores key on this one, so another merge list or normaliser is another store. A
-    `tokenizers.Tokenizer` or a Hugging Face fast tokenizer; computed once per object."""
+    """Identity of everything that decides a fast tokenizer's ids **and offsets**: its `tokenizer.json`
+    (`_ids_spec`: vocabulary, merges, normaliser, pre-tokenizer, decoder, post-processor) and its BOS, EOS and
+    PAD ids: the key of an aligned store. A `tokenizers.Tokenizer` or a Hugging Face fast tokenizer;
+    computed once per object."""
     return _memoised(_SPECS, tokenizer, len(tokenizer.get_vocab()), _spec_fingerprint)  # a token added: another
 
 
 def _spec_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    h = hashlib.sha256(backend.to_str().encode("utf-8", "surrogatepass"))
+    spec = _ids_spec(tokenizer)
+    assert spec is not None, "an aligned store needs a fast tokenizer (offsets), checked before"
+    h = hashlib.sha256(spec)
     specials = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
     h.update(f"bos={specials[0]} eos={specials[1]} pad={specials[2]}".encode())
     return h.hexdigest()[:16]

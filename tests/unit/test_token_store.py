@@ -390,3 +390,27 @@ def test_a_shard_damaged_in_place_with_size_and_mtime_kept_is_hashed_again_and_r
     w = tk.open_windows(spec, tok, seq_len=8)
     with pytest.raises(HldError, match=r"00000\.bin does not match its checksum"):
         w[:]
+
+
+def test_a_tokenizer_with_the_same_vocabulary_and_other_merges_is_another_store(tmp_path, tok):
+    """The store's key is what decides the ids, not the vocabulary alone: the tiny tokenizer with its merge
+    list reversed has every piece at its id and tokenises a text otherwise, so it gets its own store; a copy
+    whose truncation was set by a call (`truncation=True`, a per-call setting) keeps the key."""
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    assert spec["model"]["type"] == "BPE" and len(spec["model"]["merges"]) > 10
+    spec["model"]["merges"] = spec["model"]["merges"][::-1]
+    backend = type(tok.backend_tokenizer).from_str(json.dumps(spec))
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    text = "the naïve cat sat on a mat über 42 times"
+    src = str(tmp_path / "x.jsonl")
+    Path(src).write_text(json.dumps({"text": text}) + "\n")
+    assert other.get_vocab() == tok.get_vocab() and other.encode(text) != tok.encode(text)
+    assert tk.store_path(tk.identity(src, other, "text")) != tk.store_path(tk.identity(src, tok, "text"))
+
+    same = PreTrainedTokenizerFast(tokenizer_object=type(backend).from_str(tok.backend_tokenizer.to_str()))
+    same.bos_token, same.eos_token = tok.bos_token, tok.eos_token
+    same("a text", truncation=True, max_length=3)  # sets the backend's truncation
+    assert json.loads(same.backend_tokenizer.to_str())["truncation"] is not None
+    assert tk.identity(src, same, "text") == tk.identity(src, tok, "text")
