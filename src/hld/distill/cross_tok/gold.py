@@ -39,10 +39,11 @@ from typing import Optional
 import torch
 
 from hld.distill.cross_tok.chunks import Chunks, as_float
-from hld.distill.cross_tok.uld import uld_sum
+from hld.distill.cross_tok.uld import top_logprobs, uld_from
 from hld.distill.cross_tok.vocab import SharedVocab
 from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.registry import parse as parse_divergence
+from hld.distill.signals.topk import TopK
 
 RESTS = ("bucket", "renormalize")
 BLOCK_ROWS = 32
@@ -109,18 +110,54 @@ def gold_parts(
     the rows predicting a chunk are read). Gradient to the student's logits only."""
     if bool(chunks.first.any()):
         raise ValueError("a window's first chunk is predicted by no row: pass chunks.predicted()")
+    one = chunks.one_to_one if len(vocab) else torch.zeros_like(chunks.first)
+    t_rows = chunks.teacher_pred_rows
+    t_ids, _ = vocab.tensors(student_logits.device)
+    with torch.no_grad():
+        exact = shared_logprobs(teacher_logits[t_rows[one]], t_ids, temperature=temperature, rest=rest)
+        t_top = top_logprobs(teacher_logits[t_rows[~one]], uld_top_k, temperature=temperature)
+    return gold_from(
+        exact,
+        (t_top, None),
+        student_logits,
+        chunks,
+        vocab,
+        temperature=temperature,
+        divergence=divergence,
+        rest=rest,
+        uld_top_k=uld_top_k,
+    )
+
+
+def gold_from(
+    teacher_exact: torch.Tensor | TopK,
+    teacher_uld: tuple[torch.Tensor, Optional[torch.Tensor]],
+    student_logits: torch.Tensor,
+    chunks: Chunks,
+    vocab: SharedVocab,
+    *,
+    temperature: float = 1.0,
+    divergence: Divergence | str = "forward_kl",
+    rest: str = "bucket",
+    uld_top_k: Optional[int] = 64,
+) -> GoldParts:
+    """GOLD from the teacher's side already reduced: `teacher_exact` its log-probs over the shared outcomes
+    (`shared_logprobs`) at the one-token chunks, in their order, or their top-k as a `TopK` (a per-chunk
+    cache: then D runs over those k outcomes and one for the rest, hld's top-k rule, on both sides);
+    `teacher_uld` its ULD values at the others (`uld_from`)."""
     div = parse_divergence(divergence) if isinstance(divergence, str) else divergence
-    one = chunks.one_to_one
-    t_ids, s_ids = vocab.tensors(student_logits.device)
-    t_rows, s_rows = chunks.teacher_pred_rows, chunks.student_pred_rows
+    one = chunks.one_to_one if len(vocab) else torch.zeros_like(chunks.first)
+    _, s_ids = vocab.tensors(student_logits.device)
+    s_rows = chunks.student_pred_rows
     T = temperature
     exact = student_logits.new_zeros((), dtype=torch.float32)
-    if bool(one.any()) and len(vocab):
-        with torch.no_grad():
-            logp = shared_logprobs(teacher_logits[t_rows[one]], t_ids, temperature=T, rest=rest)
+    if bool(one.any()):
         logq = shared_logprobs(student_logits[s_rows[one]], s_ids, temperature=T, rest=rest)
-        exact = div.rows(logp, logq).sum() * T * T
-    other = ~one if len(vocab) else torch.ones_like(one)
-    uld = uld_sum(teacher_logits[t_rows[other]], student_logits[s_rows[other]], top_k=uld_top_k, temperature=T)
-    n_other = int(other.sum())
+        if isinstance(teacher_exact, TopK):  # the k outcomes + the rest, the student coarsened alike
+            rows = teacher_exact.kd_rows(logq, logq, 1.0, div, "bucket")
+        else:
+            rows = div.rows(teacher_exact, logq)
+        exact = rows.sum() * T * T
+    uld = uld_from(teacher_uld, student_logits[s_rows[~one]], top_k=uld_top_k, temperature=T)
+    n_other = int((~one).sum())
     return GoldParts(exact=exact, uld=uld, n_exact=len(chunks) - n_other, n_uld=n_other)

@@ -65,10 +65,11 @@ from hld.config import ObjectiveConfig, ScheduleConfig
 from hld.data.packing import Batch
 from hld.distill.chunked import scaled_saved_grads
 from hld.distill.cross_tok.alm import alm_rows, chunk_logliks
-from hld.distill.cross_tok.chunks import Chunks, as_float, token_rows
-from hld.distill.cross_tok.gold import RESTS, gold_parts
-from hld.distill.cross_tok.pooling import POOLINGS, pool_pair
-from hld.distill.cross_tok.uld import uld_sum
+from hld.distill.cross_tok.chunks import Chunks, as_float
+from hld.distill.cross_tok.gold import RESTS, gold_from
+from hld.distill.cross_tok.pooling import POOLINGS, pool_chunks
+from hld.distill.cross_tok.signal import CachedChunks, ChunkLossSpec, OnlineChunks, chunk_source, pooled_teacher
+from hld.distill.cross_tok.uld import uld_from
 from hld.distill.cross_tok.vocab import SharedVocab
 from hld.distill.divergences.base import Divergence
 from hld.distill.divergences.registry import parse as parse_divergence
@@ -263,17 +264,15 @@ class CrossTokLogitObjective:
         return {"alpha": self.alpha}
 
     def __call__(self, batch: Batch, student: StudentOutputs, teacher: Optional[TeacherSignals]) -> Result:
-        source = teacher.source if teacher is not None else None
-        if source is None or not hasattr(source, "at_rows"):
-            raise ValueError("a cross-tokenizer logit loss reads the online teacher's logits (OnlineLogits)")
         _, teacher_ids = _paired(batch)
         h = student.final_hidden.reshape(-1, student.final_hidden.shape[-1])  # (B*T_s, d_s)
         host = batch_chunks(batch).predicted()
+        source = chunk_source(teacher, teacher_ids, host, block_rows=self.block_rows)
         chunks = _on(host, h.device)
         pred = host.student_start.numpy() - 1  # each chunk's predicting row
         span_end = host.student_end.numpy() - 1 if self.loss == "alm" else pred + 1  # the rows its loss reads
         blocks = row_blocks(pred, span_end, n_rows=h.shape[0], block_rows=self.block_rows)
-        t_loglik = self.teacher_logliks(source, teacher_ids, chunks) if self.loss == "alm" else None
+        t_loglik = source.logliks(chunks) if self.loss == "alm" else None
         labels, mask = batch.labels.reshape(-1), batch.mask.reshape(-1)
         a = self.alpha
         sums: dict[str, Any] = {"ce": 0.0, "kd": 0.0}
@@ -286,7 +285,7 @@ class CrossTokLogitObjective:
             if blk.chunks.stop > blk.chunks.start:
                 part = _part(chunks, blk.chunks)
                 lt = t_loglik[blk.chunks] if t_loglik is not None else None
-                xt = self.xt_sum(z, nll, part, blk.rows.start, source, lt)
+                xt = self.xt_sum(z, nll, part, blk.rows.start, source, lt, blk.chunks)
             else:
                 xt = ce.new_zeros(())
             sums["ce"] = sums["ce"] + ce.detach()
@@ -299,39 +298,47 @@ class CrossTokLogitObjective:
         zero = h.new_zeros((), dtype=loss.dtype)
         return loss, batch.n_targets, {k: (zero + v).detach() for k, v in sums.items()}
 
+    @property
+    def spec(self) -> ChunkLossSpec:
+        """What the teacher's side of this loss depends on (a per-chunk cache's identity)."""
+        return ChunkLossSpec(self.loss, self.uld_top_k, self.temperature, self.gold_rest, self.vocab)
+
     def xt_sum(
         self,
         z: torch.Tensor,
         nll: torch.Tensor,
         part: Chunks,
         r0: int,
-        source: Any,
+        source: OnlineChunks | CachedChunks,
         teacher_loglik: Optional[torch.Tensor],
+        sl: slice,
     ) -> torch.Tensor:
-        """XT over the chunks `part` of one block of student rows starting at flat row r0: z (b, V_s) its
-        soft-capped logits, nll (b,) each row's CE (of its label, the next token)."""
+        """XT over the chunks `part` (the batch's predicted chunks `sl`) of one block of student rows starting
+        at flat row r0: z (b, V_s) its soft-capped logits, nll (b,) each row's CE (of its label, the next
+        token); the teacher's side read from `source` (online or a per-chunk cache, hld.distill.cross_tok.signal)."""
         if self.loss == "alm":
             assert teacher_loglik is not None
             tok = torch.cat([nll.new_zeros(1), -nll])  # (b + 1,): local token k's log-prob, read at row k-1
             ls = chunk_logliks(tok, part.student_start - r0, part.student_end - r0)  # (m,)
             return alm_rows(teacher_loglik, ls, temperature=self.alm_temperature, divergence=self.divergence).sum()
-        with torch.no_grad():
-            zt = source.at_rows(part.teacher_pred_rows)  # (m, V_t)
+        spec = self.spec
         if self.loss == "uld":
-            return uld_sum(zt, z[part.student_pred_rows - r0], top_k=self.uld_top_k, temperature=self.temperature)
-        # gold: the block's chunks re-indexed to these rows: teacher row i of zt predicts chunk i (the teacher
-        # bounds keep each chunk's length, which is all gold reads of them besides the predicting row)
-        t_start = torch.arange(1, len(part) + 1, device=zt.device)
+            t_uld = source.uld(part, sl, spec)
+            return uld_from(t_uld, z[part.student_pred_rows - r0], top_k=self.uld_top_k, temperature=self.temperature)
+        # gold: the block's chunks re-indexed to these rows (the student's bounds local to the block; gold reads
+        # nothing of the teacher's bounds but each chunk's length, which `one_to_one` keeps)
+        exact, t_uld = source.gold(part, sl, spec)
         local = Chunks(
-            t_start,
-            t_start + (part.teacher_end - part.teacher_start),
+            part.teacher_start,
+            part.teacher_end,
             part.student_start - r0,
             part.student_end - r0,
             first=torch.zeros_like(part.first),
         )
         assert self.vocab is not None
-        parts = gold_parts(
-            zt,
+        parts = gold_from(
+            exact,
+            t_uld,
             z,
             local,
             self.vocab,
@@ -341,22 +348,6 @@ class CrossTokLogitObjective:
             uld_top_k=self.uld_top_k,
         )
         return parts.total(self.uld_weight)
-
-    @torch.no_grad()
-    def teacher_logliks(self, source: Any, teacher_ids: torch.Tensor, chunks: Chunks) -> torch.Tensor:
-        """(m,) the teacher's log-likelihood of each chunk, its head run at the rows [start - 1, end - 1) that
-        predict the chunk's tokens, `block_rows` rows at a time."""
-        rows, _ = token_rows(chunks.teacher_start - 1, chunks.teacher_end - 1)
-        ids = teacher_ids.reshape(-1).to(rows.device)
-        parts = []
-        for i in range(0, len(rows), self.block_rows):
-            rb = rows[i : i + self.block_rows]
-            zt = source.at_rows(rb)  # (b, V_t)
-            parts.append(zt.gather(-1, ids[rb + 1][:, None]).squeeze(-1) - torch.logsumexp(zt, -1))
-        lp = torch.cat(parts) if parts else torch.zeros(0, device=rows.device)
-        tok = lp.new_zeros(ids.numel())  # (B*T_t,): token k's log-prob at k
-        tok[rows + 1] = lp
-        return chunk_logliks(tok, chunks.teacher_start, chunks.teacher_end)
 
 
 # --------------------------------------------------------------------------- the hidden objective
@@ -402,7 +393,13 @@ class CrossTokHiddenObjective(HiddenObjective):
         total = student.final_hidden.new_zeros((), dtype=torch.float32)
         for pair in self.projectors.pairs:
             s, t = pair
-            t_pooled, s_pooled = pool_pair(teacher.hidden[t], student.hidden[s], chunks, how=self.pooling)
+            t_pooled = pooled_teacher(teacher, t, chunks, how=self.pooling)
+            s_pooled = pool_chunks(
+                student.hidden[s].reshape(-1, student.hidden[s].shape[-1]),
+                chunks.student_start,
+                chunks.student_end,
+                how=self.pooling,
+            )
             total = total + self.pair_sum(pair, laid_out(s_pooled), laid_out(t_pooled), mask)
         total = total / len(self.projectors.pairs)
         return self.beta * total, batch.n_targets, {"hidden": total.detach()}

@@ -69,12 +69,18 @@ def top_of_cache(values: torch.Tensor, rest: torch.Tensor, *, temperature: float
     return torch.log_softmax(z, -1)[:, :-1]
 
 
-def uld_rows(teacher_top: torch.Tensor, student_top: torch.Tensor) -> torch.Tensor:
+def uld_rows(
+    teacher_top: torch.Tensor, student_top: torch.Tensor, teacher_rest: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """ULD_k per row (m,) from each side's `top_logprobs`: the sum over ranks of |p_(i) - q_(i)|, the
     narrower side padded with zero probabilities, plus |R_p - R_q| with R = 1 - the sum of a side's k
-    probabilities (fp32 rounding leaves |R| ~ 1e-7 where the k cover the vocabulary)."""
+    probabilities (fp32 rounding leaves |R| ~ 1e-7 where the k cover the vocabulary). `teacher_rest`: R_p
+    as stored (a per-chunk cache keeps the k probabilities in float16 and R_p apart, in float32)."""
     p, q = as_float(teacher_top).exp(), as_float(student_top).exp()  # (m, k_t), (m, k_s)
-    tail = (q.sum(-1) - p.sum(-1)).abs()  # |R_p - R_q|, each R = 1 - sum
+    if teacher_rest is None:
+        tail = (q.sum(-1) - p.sum(-1)).abs()  # |R_p - R_q|, each R = 1 - sum
+    else:
+        tail = (as_float(teacher_rest) - (1 - q.sum(-1))).abs()
     width = max(p.shape[1], q.shape[1])
     p = torch.nn.functional.pad(p, (0, width - p.shape[1]))
     q = torch.nn.functional.pad(q, (0, width - q.shape[1]))
@@ -92,5 +98,16 @@ def uld_sum(
     (`Chunks.teacher_pred_rows`, `student_pred_rows`). Gradient to the student's logits only."""
     with torch.no_grad():
         t_top = top_logprobs(teacher_logits, top_k, temperature=temperature)
+    return uld_from((t_top, None), student_logits, top_k=top_k, temperature=temperature)
+
+
+def uld_from(
+    teacher: tuple[torch.Tensor, Optional[torch.Tensor]],
+    student_logits: torch.Tensor,
+    *,
+    top_k: Optional[int] = 64,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`uld_sum` from the teacher's side already reduced: (its `top_logprobs`, its rest R_p or None)."""
     s_top = top_logprobs(student_logits, top_k, temperature=temperature)
-    return uld_rows(t_top, s_top).sum()
+    return uld_rows(teacher[0], s_top, teacher[1]).sum()
