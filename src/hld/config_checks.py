@@ -314,15 +314,16 @@ CROSS_HIDDEN_LOSSES = ("mse", "nmse", "cosine", "relation", "huber", "cka")
 
 def cross_tokenizer_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
     """A student with its own tokenizer (`student.tokenizer`): a scratch student (a derived one's embedding is
-    its teacher's), an online teacher (the teacher cache holds the teacher's own windows, not paired ones),
-    and nothing that needs one vocabulary on both sides (a top-k of the teacher's ids, a hidden loss that
-    reads the teacher's head)."""
+    its teacher's), a teacher cache only of what the loss reads per chunk (hld.cache.chunks: a top-k, no
+    sampled signal), and nothing that needs one vocabulary on both sides (a top-k of the teacher's ids, a hidden
+    loss that reads the teacher's head)."""
     s, o = cfg.student, cfg.objective
     if s.tokenizer is None:
         return []
     if not str(s.tokenizer).strip():
         return [(False, "student.tokenizer is empty", "give an HF id or a directory with tokenizer.json, or null")]
     hld_arm = o.method in HLD
+    logit_top = o.cross_tokenizer.loss in ("uld", "gold")  # the losses that read the teacher's top-k
     return [
         (
             derived_depth(s.preset) is None,
@@ -330,10 +331,16 @@ def cross_tokenizer_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             "use a scratch preset (e.g. tiny-2l) with its own tokenizer, or drop student.tokenizer",
         ),
         (
-            not cfg.teacher.cache or o.method == "ce",
-            "teacher.cache with student.tokenizer: a teacher cache holds the teacher's own windows, not the "
-            "paired windows a student with another tokenizer reads",
-            "drop teacher.cache (the teacher runs online), or drop student.tokenizer",
+            not cfg.teacher.cache or o.method == "ce" or o.cross_tokenizer.uld_top_k is not None or not logit_top,
+            f"teacher.cache with student.tokenizer and objective.cross_tokenizer.uld_top_k=null: a per-chunk "
+            f"cache keeps the teacher's top-k probabilities at each chunk for {o.cross_tokenizer.loss}",
+            "set objective.cross_tokenizer.uld_top_k (e.g. 64), or drop teacher.cache (the teacher runs online)",
+        ),
+        (
+            not cfg.teacher.cache or o.method == "ce" or cfg.teacher.cache_signal == "topk",
+            "teacher.cache_signal=sampled with student.tokenizer: a per-chunk cache stores what the "
+            "cross-tokenizer loss reads at each chunk, not draws of the teacher's tokens",
+            "set teacher.cache_signal=topk (the default), or drop teacher.cache",
         ),
         (
             o.top_k is None,

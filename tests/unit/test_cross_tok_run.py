@@ -111,7 +111,8 @@ def test_config_keys_at_their_defaults_leave_an_earlier_run_the_same_run():
     "overrides, words",
     [
         (["student.preset=depth-2"], "embedding and head are its teacher's"),
-        (["teacher.cache=/tmp/x"], "teacher cache holds the teacher's own windows"),
+        (["teacher.cache=/tmp/x", "objective.cross_tokenizer.uld_top_k=null"], "uld_top_k=null: a per-chunk"),
+        (["teacher.cache=/tmp/x", "teacher.cache_signal=sampled"], "not draws of the teacher's tokens"),
         (["objective.top_k=8"], "keep their own top-k"),
         (["objective.method=hld-joint", "objective.hidden.loss=lens"], "pooled per aligned chunk"),
         (["objective.cross_tokenizer.alm_temperature=0"], "alm_temperature=0"),

@@ -7,23 +7,29 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from hld.cache.chunks import chunk_build, measure_stats, stats_wanted
 from hld.cache.codec import Codec
-from hld.cache.meta import build_dir_of, build_progress, cache_identity, is_cache, signal_identity
+from hld.cache.meta import build_dir_of, build_progress, cache_identity, is_cache, paired_identity, signal_identity
 from hld.cache.reader import CachedTeacher, read_manifest
 from hld.cache.store import Parts, check_records, open_windows
 from hld.cache.writer import build_cache, check_out_dir
 from hld.config import RunConfig, to_dict
-from hld.data.loader import BatchOrder
+from hld.data.loader import BatchOrder, PairedOrder
+from hld.data.paired import PairedWindows
 from hld.data.tokenize import require_stores
+from hld.distill.signals.online import OnlineTeacher
 from hld.errors import HldError, sigterm_as_error
 from hld.flops import forward_flops_per_token
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.train.budget import sized_plan
 from hld.train.resources import Resources
+
+if TYPE_CHECKING:
+    from hld.data.store import WindowArray
 
 
 def cache_share_key(cfg: RunConfig) -> str:
@@ -42,7 +48,9 @@ def cache_share_key(cfg: RunConfig) -> str:
         cfg.train.batch_size,
     ]
     signal = signal_identity(t)  # appended only when sampled: a top-k group keeps the id (and cache) it had
-    return json.dumps(key + ([signal] if signal else []), sort_keys=True)
+    # a student with its own tokenizer: a per-chunk cache, of its tokenizer and the loss it reads
+    paired = [cfg.student.tokenizer, to_dict(cfg.objective.cross_tokenizer)] if cfg.student.tokenizer else []
+    return json.dumps(key + ([signal] if signal else []) + paired, sort_keys=True)
 
 
 def teacher_layers(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> list[int]:
@@ -100,28 +108,56 @@ def ensure_cache(
             f"set teacher.cache_top_k to at most {vocab}",
         )
     d = cfg.data
-    windows = resources.train_windows(d, tok)
-    order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    sized = [sized_plan(c, shapes, tok) for c in cfgs]
+    student_tok = resources.tokenizer(cfg.student.tokenizer, "student.tokenizer") if cfg.student.tokenizer else None
+    windows: WindowArray | PairedWindows
+    if student_tok is not None:  # paired windows: a per-chunk cache (hld.cache.chunks)
+        windows = resources.paired_windows(d, tok, student_tok)
+        order: BatchOrder = PairedOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        t_len = windows.teacher_seq_len
+        sized = [sized_plan(c, shapes, tok, student_tokenizer=student_tok, teacher_seq_len=t_len) for c in cfgs]
+    else:
+        windows = resources.train_windows(d, tok)
+        order = BatchOrder(windows, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        sized = [sized_plan(c, shapes, tok) for c in cfgs]
     steps = max(n for _, n in sized)
     layers = sorted({layer for plan, _ in sized for layer in plan.needs.layers})
-    identity = cache_identity(
-        teacher=teacher_id,
-        tokenizer=tok,
-        seq_len=d.seq_len,
-        train_windows=windows,
-        layers=layers,
-        top_k=cache_slots(cfg, vocab),
-        **signal_identity(cfg.teacher),
-    )
-    codec = replace(codec_of(cfg), index_bits=max(1, (vocab - 1).bit_length()))
+    chunk_spec, stats = None, None
+    if student_tok is not None:
+        assert isinstance(windows, PairedWindows)
+        plans = [plan for plan, _ in sized]
+        stats = stats_wanted(plans, cfgs, n_windows=order.n_windows, max_windows=steps * cfg.train.batch_size)
+        identity = paired_identity(
+            plans, teacher=teacher_id, tokenizer=tok, student_tokenizer=student_tok, windows=windows
+        )
+        chunk_spec = chunk_build(plans)
+        codec = Codec(logits="chunks", index_bits=max(1, (vocab - 1).bit_length()))
+    else:
+        assert not isinstance(windows, PairedWindows)
+        identity = cache_identity(
+            teacher=teacher_id,
+            tokenizer=tok,
+            seq_len=d.seq_len,
+            train_windows=windows,
+            layers=layers,
+            top_k=cache_slots(cfg, vocab),
+            **signal_identity(cfg.teacher),
+        )
+        codec = replace(codec_of(cfg), index_bits=max(1, (vocab - 1).bit_length()))
     ids = order.window_ids(steps)
-    reused = reusable(out, identity, codec, ids)
+    reused = reusable(out, identity, codec, ids, stats=stats)
     if reused is not None:
         return reused
     loaded = resources.teacher(cfg.teacher.model, cfg.teacher.dtype)
     if loaded.identity != teacher_id:  # the weights changed on disk since their identity was taken
         raise HldError(f"the teacher {cfg.teacher.model} changed while the cache was planned", "rerun the command")
+    extra = None
+    if stats is not None:  # a per-chunk cache's standardisation statistics, measured on the token states
+        online = OnlineTeacher(loaded.model, tuple(stats["layers"]))
+        try:
+            extra = {"layer_stats": measure_stats(online, order, stats)}
+        finally:
+            assert online.capture is not None
+            online.capture.remove()
     with sigterm_as_error(
         f"stopped by SIGTERM while building the teacher cache {out}; its committed shards are kept "
         f"(in {build_dir_of(out)})",
@@ -138,6 +174,8 @@ def ensure_cache(
                 codec=codec,
                 part=part,
                 quiet=quiet,
+                chunk_spec=chunk_spec,
+                extra=extra,
             )
         finally:
             loaded.model.to(home)
@@ -148,9 +186,10 @@ def ensure_cache(
     return manifest
 
 
-def reusable(out: Path, identity, codec: Codec, ids) -> Optional[dict]:
-    """The manifest of the cache at `out` if it serves `identity` with `codec` for windows `ids`, every
-    checksum verified (stamped ones trusted); None when it must be (re)built."""
+def reusable(out: Path, identity, codec: Codec, ids, *, stats: Optional[dict] = None) -> Optional[dict]:
+    """The manifest of the cache at `out` if it serves `identity` with `codec` for windows `ids` (and, a
+    per-chunk cache, holds the standardisation statistics `stats` names), every checksum verified (stamped
+    ones trusted); None when it must be (re)built."""
     if not is_cache(out):
         return None
     try:
@@ -161,6 +200,9 @@ def reusable(out: Path, identity, codec: Codec, ids) -> Optional[dict]:
     if Codec(**m["codec"]) != codec:  # (more layers or a larger k than asked for serve too)
         return None
     if not reader.holds(ids):
+        return None
+    held = m.get("layer_stats")
+    if stats is not None and (not isinstance(held, dict) or {k: held.get(k) for k in stats} != stats):
         return None
     try:
         reader.parts.verify_all()

@@ -39,7 +39,8 @@ COMPAND_PER_NAT = 0.25  # a in f(d) = 1 - exp(-a d); chosen on Gemma 3 270M's to
 class Codec:
     """How a cache's arrays are encoded (written to the manifest's `codec`)."""
 
-    logits: str = "exact"  # exact | compact | sampled (drawn ids + weights: distill/signals/sampled.py)
+    logits: str = "exact"  # exact | compact | sampled (drawn ids + weights: distill/signals/sampled.py) | chunks
+    # (chunks: what a cross-tokenizer loss reads per chunk of paired windows, hld.cache.chunks)
     hidden: str = "bfloat16"  # bfloat16 | fp8
     value_bits: int = 6  # compact: bits per value code
     compand_per_nat: float = COMPAND_PER_NAT  # compact: a in f(d) = 1 - exp(-a d)

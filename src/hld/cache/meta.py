@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Optional
 
 from hld import files
 from hld.cache import store as cs
+from hld.cache.chunks import chunk_identity, chunk_top_k
 from hld.errors import HldError
 from hld.fingerprint import tokenizer_fingerprint, windows_fingerprint
 
 if TYPE_CHECKING:
+    from hld.data.paired import PairedWindows
     from hld.data.store import WindowArray
+    from hld.distill.objectives import Plan
 
 
 @dataclass
@@ -29,12 +32,13 @@ class CacheIdentity:
     layers: list  # hidden layers stored
     top_k: int  # a sampled signal: its slots per token, min(cache_samples, V)
     data: str  # fingerprint of the windows (their token content)
-    cache_signal: str = "topk"  # topk | sampled (a topk cache is never read as sampled, nor the reverse)
+    cache_signal: str = "topk"  # topk | sampled | chunks (no kind is ever read as another)
     cache_samples: Optional[int] = None  # sampled: draws per token
     cache_proposal_temperature: Optional[float] = None  # sampled: tau of the proposal softmax(z / tau)
+    chunks: Optional[dict] = None  # chunks: what the stored values depend on (hld.cache.chunks.chunk_identity)
 
 
-SIGNAL_KEYS = {"cache_signal": "topk", "cache_samples": None, "cache_proposal_temperature": None}  # (defaults)
+SIGNAL_KEYS = {"cache_signal": "topk", "cache_samples": None, "cache_proposal_temperature": None, "chunks": None}
 
 
 def signal_identity(teacher) -> dict:
@@ -50,7 +54,7 @@ def signal_identity(teacher) -> dict:
 
 
 def cache_identity(
-    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray, layers, top_k: int, **signal
+    *, teacher: str, tokenizer, seq_len: int, train_windows: WindowArray | PairedWindows, layers, top_k: int, **signal
 ) -> CacheIdentity:
     """The identity a run expects of its cache (and a build writes): `teacher` is the weights' identity;
     `signal`: `signal_identity(cfg.teacher)` (the sampled signal's keys)."""
@@ -62,6 +66,25 @@ def cache_identity(
         layers=sorted(layers),
         top_k=top_k,
         data=windows_fingerprint(train_windows),
+    )
+
+
+def paired_identity(plans: list[Plan], *, teacher: str, tokenizer, student_tokenizer, windows: PairedWindows):
+    """The identity of the per-chunk cache serving `plans` (a run's one, or a cache group's): a
+    `CacheIdentity` of kind `chunks`, its `chunks` the union of the plans' `chunk_identity`."""
+    chunks: dict = {}
+    for plan in plans:
+        chunks |= {k: v for k, v in chunk_identity(plan, student_tokenizer=student_tokenizer).items() if v is not None}
+    chunks.setdefault("loss", None)
+    return cache_identity(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        seq_len=windows.seq_len,
+        train_windows=windows,
+        layers=sorted({layer for plan in plans for layer in plan.needs.layers}),
+        top_k=max(chunk_top_k(plan, len(tokenizer)) for plan in plans),
+        cache_signal="chunks",
+        chunks=chunks,
     )
 
 

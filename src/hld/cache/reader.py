@@ -21,6 +21,7 @@ import torch
 
 from hld.atomic import read_json_object
 from hld.cache import store as cs
+from hld.cache.chunks import CachedChunkSignals, batch_digests, read_chunks, stored_stats
 from hld.cache.codec import Codec, read_hidden, read_logits
 from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, build_progress
 from hld.data.packing import PROTOCOL, Batch
@@ -53,10 +54,17 @@ class CachedTeacher:
     def _check_identity(self, expect: CacheIdentity) -> None:
         have = SIGNAL_KEYS | self.manifest["identity"]  # (caches from before the sampled signal: topk)
         for key in ("teacher", "tokenizer", "seq_len", "data", *SIGNAL_KEYS):
-            if have.get(key) != getattr(expect, key):
+            got, want = have.get(key), getattr(expect, key)
+            if isinstance(got, dict) and isinstance(want, dict):  # chunks: every key the run names (a cache
+                apart = [
+                    k for k in sorted(want, key=lambda k: k != "loss") if got.get(k) != want[k]
+                ]  # with pooled layers serves kd too)
+                if not apart:
+                    continue
+                key, got, want = f"{key}.{apart[0]}", got.get(apart[0]), want[apart[0]]
+            if got != want:
                 raise HldError(
-                    f"cache {self.dir} was built with another {key} ({have.get(key)!r}, this run "
-                    f"needs {getattr(expect, key)!r})",
+                    f"cache {self.dir} was built with another {key} ({got!r}, this run needs {want!r})",
                     "rebuild the cache for this run's config",
                 )
         missing = sorted(set(expect.layers) - set(have.get("layers", [])))
@@ -67,6 +75,10 @@ class CachedTeacher:
                 f"cache {self.dir} holds top-{have.get('top_k')} logits, the run asks for top-{expect.top_k}",
                 "lower objective.top_k or rebuild the cache with a larger k",
             )
+
+    def layer_stats(self, layers, *, n_windows: int, skip_first: bool):
+        """The standardisation statistics a per-chunk cache holds (hld.cache.chunks.stored_stats); None here."""
+        return stored_stats(self.manifest, self.dir, layers, n_windows=n_windows, skip_first=skip_first)
 
     @property
     def top_k(self) -> int:
@@ -105,7 +117,9 @@ class CachedTeacher:
         wids = batch.window_ids.numpy()
         ahead = self._ahead.pop(_key(wids, T, needs), None)
         sig = ahead.result() if ahead is not None else self.read(wids, T, needs)
-        if not np.array_equal(sig.pop_tokens(), batch.input_ids_on_host().numpy()):
+        chunked = self.codec.logits == "chunks"  # a per-chunk cache holds each window's digest (hld.cache.chunks)
+        want = batch_digests(batch) if chunked else batch.input_ids_on_host().numpy()
+        if not np.array_equal(sig.pop_tokens(), want):
             raise HldError(
                 f"cache {self.dir} holds other tokens than this run's batch",
                 "rebuild the cache for this run's data and packing",
@@ -133,9 +147,12 @@ class CachedTeacher:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, {}
 
-    def read(self, window_ids: np.ndarray, T: int, needs: Needs) -> CachedSignals:
-        """The first T positions of windows `window_ids`, decoded on the CPU (any thread)."""
+    def read(self, window_ids: np.ndarray, T: int, needs: Needs) -> CachedSignals | CachedChunkSignals:
+        """The first T positions of windows `window_ids`, decoded on the CPU (any thread); a per-chunk
+        cache's values at every chunk of those windows."""
         rows = self.rows_of(window_ids)
+        if self.codec.logits == "chunks":
+            return read_chunks(self, rows, needs)
         shard = rows // self.shard_windows
         out = CachedSignals(tokens=np.empty((len(rows), T), np.int32))
         groups = [(s, np.flatnonzero(shard == s)) for s in np.unique(shard)]  # batch rows by shard
@@ -261,8 +278,10 @@ def read_manifest(path: Path) -> dict:
         codec = None
     if (
         codec is None
-        or codec.logits not in ("exact", "compact", "sampled")
+        or codec.logits not in ("exact", "compact", "sampled", "chunks")
         or (codec.logits == "sampled") != (have.get("cache_signal") == "sampled")
+        or (codec.logits == "chunks") != (have.get("cache_signal") == "chunks")
+        or (codec.logits == "chunks") != isinstance(have.get("chunks"), dict)
         or codec.hidden not in ("bfloat16", "fp8")
         or not (isinstance(codec.value_bits, int) and 1 <= codec.value_bits <= 16)
         or codec.index_bits != max(1, (m["vocab_size"] - 1).bit_length())

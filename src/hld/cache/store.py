@@ -69,6 +69,10 @@ def windows_entry(ids: np.ndarray) -> dict:
 
 
 def specs_of(plan: dict, slot_bits: Optional[int]) -> dict:
+    if plan["codec"]["logits"] == "chunks":  # a per-chunk cache (hld.cache.chunks)
+        from hld.cache.chunks import field_specs as chunk_fields
+
+        return chunk_fields(plan["identity"], plan["identity"]["layers"], d_model=plan["d_model"])
     return field_specs(
         Codec(**plan["codec"]),
         plan["identity"]["layers"],

@@ -26,10 +26,12 @@ import torch
 
 from hld.atomic import read_json_object, replace_dir, write_fix, write_json
 from hld.cache import store as cs
+from hld.cache.chunks import ChunkBuild, ChunkShardWriter, fill_chunk_shard
 from hld.cache.codec import Codec, ShardWriter
 from hld.cache.encode import Deferred, OrderedEncoder
 from hld.cache.meta import SIGNAL_KEYS, CacheIdentity, build_dir_of, is_cache, read_plan
 from hld.data.packing import PROTOCOL
+from hld.data.paired import PairedWindows
 from hld.distill.signals import Needs
 from hld.distill.signals.online import OnlineLogits, OnlineTeacher
 from hld.distill.signals.registry import CACHE_SIGNALS
@@ -44,14 +46,16 @@ if TYPE_CHECKING:
 
 def _identity_json(identity: CacheIdentity) -> dict:
     """The manifest's identity: a top-k cache's without the signal keys (as before the sampled signal, so
-    its plan, manifest and a resumed build are unchanged; a reader takes their absence for topk)."""
+    its plan, manifest and a resumed build are unchanged; a reader takes their absence for topk), another
+    kind's without those it leaves unset."""
     d = asdict(identity)
-    return d if d["cache_signal"] == "sampled" else {k: v for k, v in d.items() if k not in SIGNAL_KEYS}
+    topk = d["cache_signal"] == "topk"
+    return {k: v for k, v in d.items() if k not in SIGNAL_KEYS or not (topk or v is None)}
 
 
 def build_cache(
     teacher_lm: CausalLM,
-    windows: WindowArray,
+    windows: WindowArray | PairedWindows,
     window_ids: np.ndarray,
     out: Path,
     *,
@@ -62,18 +66,25 @@ def build_cache(
     part: tuple[int, int] = (0, 1),
     quiet: bool = False,
     overlap: bool = True,
+    chunk_spec: Optional[ChunkBuild] = None,
+    extra: Optional[dict] = None,
 ) -> Optional[dict]:
     """Run the teacher over the shards of `windows[window_ids]` that are part `part` = (I, N) of the
     build's (shard s is part s % N's) and not yet committed, committing each; then, if every shard of
     every part is committed and no other builder runs, assemble the cache at `out` and return its
     manifest (None: other parts are still to come). `overlap`: encode on a background thread while the
-    teacher runs the next batch (hld.cache.encode; the bytes are the same either way)."""
+    teacher runs the next batch (hld.cache.encode; the bytes are the same either way). `chunk_spec`: a
+    per-chunk cache of paired windows (`windows` a `PairedWindows`, `codec.logits` chunks; hld.cache.chunks).
+    `extra`: more keys of the plan (and manifest), e.g. a per-chunk cache's `layer_stats`."""
     out = Path(out)
     check_out_dir(out)
     vocab = teacher_lm.get_output_embeddings().weight.shape[0]
     # an escaped index gap is stored in ceil(log2 V) bits
     codec = replace(codec or Codec(), index_bits=max(1, (vocab - 1).bit_length()))
     window_ids = np.asarray(window_ids, dtype=np.int64)
+    if (chunk_spec is not None) != (codec.logits == "chunks"):
+        raise ValueError("a per-chunk cache (codec chunks) is built from paired windows with a chunk_spec")
+    seq_len = int(windows.seq_len if isinstance(windows, PairedWindows) else windows.shape[1])  # (the student's)
     tc = text_config(teacher_lm.config)
     plan = {
         "format": cs.FORMAT,
@@ -81,16 +92,17 @@ def build_cache(
         "protocol": PROTOCOL,
         "identity": _identity_json(identity),
         "codec": codec.to_json(),
-        "seq_len": int(windows.shape[1]),
+        "seq_len": seq_len,
         "d_model": int(tc.hidden_size),
         "vocab_size": int(vocab),
         "n_windows": int(len(window_ids)),
-        "tokens": int(len(window_ids) * windows.shape[1]),
+        "tokens": int(len(window_ids) * seq_len),
         "shard_windows": int(shard_windows),
         "windows": cs.windows_entry(window_ids),
         # what a run reading the cache needs of the teacher besides its identity: its shapes
         "teacher_config": tc.to_dict(),
     }
+    plan |= extra or {}
     plan = json.loads(json.dumps(plan))  # as read back (tuples -> lists), so plans compare equal
     try:
         with _Builders(out, plan, window_ids) as b:
@@ -104,6 +116,7 @@ def build_cache(
                 batch_size=batch_size,
                 quiet=quiet,
                 overlap=overlap,
+                chunk_spec=chunk_spec,
             )
             manifest = b.finish(wait=part[1] == 1)
     except OSError as exc:
@@ -117,13 +130,14 @@ def _build_part(
     d: Path,
     plan: dict,
     teacher_lm: CausalLM,
-    windows: WindowArray,
+    windows: WindowArray | PairedWindows,
     window_ids: np.ndarray,
     *,
     part: tuple[int, int],
     batch_size: int,
     quiet: bool,
     overlap: bool = True,
+    chunk_spec: Optional[ChunkBuild] = None,
 ) -> None:
     """Part `part`'s uncommitted shards, each committed when complete (under the part's lock: a second
     process on the same part waits, then finds them committed)."""
@@ -146,17 +160,34 @@ def _build_part(
             for s in todo:
                 lo, hi = cs.shard_rows(plan, s)
                 t_shard = time.time()
-                shard = ShardWriter(writer.sink, n=hi - lo, T=T, k=k, layers=layers, codec=codec)
-                for n in _fill_shard(
-                    encoder.writer(shard),
-                    online,
-                    windows,
-                    window_ids[lo:hi],
-                    k=k,
-                    batch_size=batch_size,
-                    device=device,
-                    identity=plan["identity"],
-                ):
+                shard: ShardWriter | ChunkShardWriter
+                if chunk_spec is not None:
+                    assert isinstance(windows, PairedWindows)
+                    shard = ChunkShardWriter(writer.sink, identity=plan["identity"], layers=layers)
+                    filled = fill_chunk_shard(
+                        encoder.writer(shard),
+                        online,
+                        windows,
+                        window_ids[lo:hi],
+                        spec=chunk_spec.spec,
+                        pooling=chunk_spec.pooling,
+                        batch_size=batch_size,
+                        device=device,
+                    )
+                else:
+                    assert not isinstance(windows, PairedWindows)
+                    shard = ShardWriter(writer.sink, n=hi - lo, T=T, k=k, layers=layers, codec=codec)
+                    filled = _fill_shard(
+                        encoder.writer(shard),
+                        online,
+                        windows,
+                        window_ids[lo:hi],
+                        k=k,
+                        batch_size=batch_size,
+                        device=device,
+                        identity=plan["identity"],
+                    )
+                for n in filled:
                     prog.update(seen + n, tokens_per_s=(seen + n) * T / max(time.time() - t0, 1e-9))
                 encoder.submit(_commit_shard, writer, shard, {"shard": s, "rows": [lo, hi]}, t_shard)
                 seen += hi - lo
@@ -173,7 +204,7 @@ def _build_part(
                 online.capture.remove()
 
 
-def _commit_shard(writer: cs.PartWriter, shard: ShardWriter, rec: dict, t_shard: float) -> None:
+def _commit_shard(writer: cs.PartWriter, shard: ShardWriter | ChunkShardWriter, rec: dict, t_shard: float) -> None:
     """A shard's final encode (compact top-k) and its commit record, after every row of it is put."""
     slot_bits = shard.finish()
     rec["seconds"] = time.time() - t_shard

@@ -399,7 +399,11 @@ def fit_targets(
         return None
     layers = tuple(sorted({t for o in objs for _, t in o.projectors.pairs}))
     n = min(cfg.hidden.stats_windows, order.n_windows, max_windows or order.n_windows)
-    stats = estimate_layer_stats(teacher, order, layers, n_windows=n, skip_first=cfg.hidden.skip_first_position)
+    skip = cfg.hidden.skip_first_position
+    stored = getattr(teacher, "layer_stats", None)  # a per-chunk cache holds them (its states are pooled)
+    stats = stored(layers, n_windows=n, skip_first=skip) if stored is not None else None
+    if stats is None:
+        stats = estimate_layer_stats(teacher, order, layers, n_windows=n, skip_first=skip)
     set_targets(plan, stats)
     return stats
 

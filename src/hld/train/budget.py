@@ -194,15 +194,26 @@ def budget_tokens(cfg: RunConfig) -> int:
 DEFAULT_TOKENS = 65536
 
 
-def sized_plan(cfg: RunConfig, teacher: torch.nn.Module, tokenizer) -> tuple[Plan, int]:
+def sized_plan(
+    cfg: RunConfig, teacher: torch.nn.Module, tokenizer, *, student_tokenizer=None, teacher_seq_len=None
+) -> tuple[Plan, int]:
     """The plan and the steps a config will run, without building it for real (the student is
-    assembled on the meta device, so this is cheap for any size). Sizes a teacher cache before training."""
+    assembled on the meta device, so this is cheap for any size). Sizes a teacher cache before training.
+    `student_tokenizer`, `teacher_seq_len`: a student with its own tokenizer (paired windows), as `build`."""
     from hld.train.assembly import assemble, vocab_of
 
+    paired = student_tokenizer is not None
     with torch.device("meta"):
-        parts = assemble(cfg, tokenizer=tokenizer, vocab_size=vocab_of(teacher), teacher_lm=teacher)
-    costs = phase_costs(cfg, parts.plan, student=parts.student, teacher=teacher)
-    return parts.plan, run_length(cfg, parts.plan, costs, fixed_flops=fixed_flops(cfg, teacher)).steps
+        parts = assemble(
+            cfg,
+            tokenizer=student_tokenizer if paired else tokenizer,
+            vocab_size=len(student_tokenizer) if paired else vocab_of(teacher),
+            teacher_lm=teacher,
+            teacher_tokenizer=tokenizer if paired else None,
+        )
+    costs = phase_costs(cfg, parts.plan, student=parts.student, teacher=teacher, teacher_seq_len=teacher_seq_len)
+    fixed = fixed_flops(cfg, teacher)
+    return parts.plan, run_length(cfg, parts.plan, costs, fixed_flops=fixed, whole_steps=paired).steps
 
 
 def fixed_flops(cfg: RunConfig, teacher: torch.nn.Module) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hld import atomic, distributed, files
-from hld.cache.meta import cache_identity, signal_identity
+from hld.cache.meta import cache_identity, paired_identity, signal_identity
 from hld.cache.reader import CachedTeacher
 from hld.config import RunConfig
 from hld.config_checks import derived_depth
@@ -159,7 +159,12 @@ def build(
         runner.backbone = torch.compile(runner.backbone)  # type: ignore[assignment]
     teacher: Optional[OnlineTeacher | CachedTeacher] = None
     teacher_id = resolve_model_dir(cfg.teacher.model)[1] if needs_teacher else ""  # from its files alone
-    if shapes is not None and cfg.teacher.cache:
+    if shapes is not None and cfg.teacher.cache and paired_w is not None:  # a per-chunk cache (hld.cache.chunks)
+        ident = paired_identity(
+            [plan], teacher=teacher_id, tokenizer=tok, student_tokenizer=student_tok, windows=paired_w
+        )
+        teacher = CachedTeacher(Path(cfg.teacher.cache), expect=ident)
+    elif shapes is not None and cfg.teacher.cache:
         assert windows is not None
         expect = cache_identity(
             teacher=teacher_id,

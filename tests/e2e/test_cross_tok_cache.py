@@ -1,0 +1,101 @@
+"""A per-chunk teacher cache through the whole tool (hld.cache.chunks): `hld cache-teacher` of a config with
+`student.tokenizer` writes what its cross-tokenizer loss reads per chunk of the run's paired windows, `hld
+train` with `teacher.cache` reads it, and the run matches the online run (the same config with the teacher in
+the loop): alm exactly (float32 log-likelihoods), uld and the pooled hidden states within their storage's
+rounding, gold within its top-k truncation. A cache built for one loss, pooling, top-k, temperature or student
+tokenizer is refused by a run of another in one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hld.cli import main
+
+
+@pytest.fixture(scope="module")
+def student_tokenizers(tmp_path_factory):
+    from helpers import C4_TRAIN
+
+    out = []
+    for v in (600, 700):
+        path = tmp_path_factory.mktemp("tok") / f"bpe{v}"
+        assert main(["train-tokenizer", "--data", C4_TRAIN, "--vocab-size", str(v), "--out", str(path), "--quiet"]) == 0
+        out.append(path)
+    return out
+
+
+def _args(overrides, tok, *extra) -> list[str]:
+    return ["--config", "smoke", *overrides, f"student.tokenizer={tok}", *extra]
+
+
+def _cache(tmp_path, overrides, tok, *extra):
+    out = tmp_path / "cache"
+    assert main(["cache-teacher", "--out", str(out), *_args(overrides, tok, *extra), "--quiet"]) == 0
+    return out
+
+
+def _train(out, overrides, tok, *extra) -> tuple[dict, list[dict]]:
+    assert main(["train", "--out", str(out), *_args(overrides, tok, *extra), "--quiet"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "summary.json").read_text()), lines
+
+
+# (arm, loss): relative tolerance of the cached run's val/loss and train/kd against the online run's
+CASES = {
+    ("kd", "alm"): 1e-5,  # float32 chunk log-likelihoods: the same numbers
+    ("kd", "uld"): 1e-4,  # float16 probabilities: |dULD| <= 2^-11 a chunk, the gradient's signs kept
+    ("hld-joint", "uld"): 1e-4,  # and bfloat16 pooled states (the teacher runs in float32 here)
+    ("kd", "gold"): 1e-2,  # gold's exact part over the teacher's top-64 shared outcomes + the rest (a lower
+}  # bound of forward KL, by the chain rule; the tiny teacher spreads its mass, so the cut is large here)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm, loss", list(CASES))
+def test_a_cached_run_matches_the_online_run(tmp_path, overrides, student_tokenizers, arm, loss):
+    tok = student_tokenizers[0]
+    keys = [f"objective.method={arm}", f"objective.cross_tokenizer.loss={loss}"]
+    cache = _cache(tmp_path, overrides, tok, *keys)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["identity"]["cache_signal"] == "chunks" and manifest["identity"]["chunks"]["loss"] == loss
+    online, on_lines = _train(tmp_path / "online", overrides, tok, *keys)
+    cached, c_lines = _train(tmp_path / "cached", overrides, tok, *keys, f"teacher.cache={cache}")
+    rel = CASES[(arm, loss)]
+    assert cached["val/loss"] == pytest.approx(online["val/loss"], rel=rel)
+    assert c_lines[0]["train/ce"] == on_lines[0]["train/ce"]  # the same first batch, the same student
+    if loss == "gold":
+        assert 0.5 * on_lines[0]["train/kd"] < c_lines[0]["train/kd"] < on_lines[0]["train/kd"]
+    else:
+        assert c_lines[0]["train/kd"] == pytest.approx(on_lines[0]["train/kd"], rel=rel * 10)
+    if arm == "hld-joint":
+        assert c_lines[0]["train/hidden"] == pytest.approx(on_lines[0]["train/hidden"], rel=1e-4)
+        assert "layer_stats" in manifest and manifest["layer_stats"]["layers"]
+
+
+def test_a_cache_for_another_loss_pooling_k_temperature_or_tokenizer_is_refused_in_one_line(
+    tmp_path, overrides, student_tokenizers, capsys
+):
+    tok = student_tokenizers[0]
+    base = ["objective.method=hld-joint", "objective.cross_tokenizer.loss=uld"]
+    cache = _cache(tmp_path, overrides, tok, *base)
+    capsys.readouterr()
+    refused = [
+        (tok, ["objective.cross_tokenizer.loss=alm"], "chunks.loss ('uld', this run needs 'alm')"),
+        (tok, ["objective.cross_tokenizer.pooling=mean"], "chunks.pooling ('last', this run needs 'mean')"),
+        (tok, ["objective.cross_tokenizer.uld_top_k=32"], "chunks.uld_top_k (64, this run needs 32)"),
+        (tok, ["objective.temperature=2.0"], "chunks.temperature (1.0, this run needs 2.0)"),
+        (student_tokenizers[1], [], "built with another data"),  # another student tokenizer: other windows
+    ]
+    for i, (t, extra, words) in enumerate(refused):
+        argv = ["train", "--out", str(tmp_path / f"r{i}"), *_args(overrides, t, *base, *extra)]
+        assert main([*argv, f"teacher.cache={cache}", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err and "rebuild the cache" in err, err
+    # a kd run reads the hld-joint cache (its pooled layers unused); a same-tokenizer run does not
+    assert (
+        main(["train", "--out", str(tmp_path / "kd"), *_args(overrides, tok, base[1]), f"teacher.cache={cache}"]) == 0
+    )
+    argv = ["train", "--out", str(tmp_path / "same"), "--config", "smoke", *overrides, f"teacher.cache={cache}"]
+    assert main([*argv, "--quiet"]) == 2
+    assert "built with another" in capsys.readouterr().err
