@@ -267,3 +267,20 @@ def test_a_teacher_cache_with_a_student_tokenizer_is_a_valid_config():
         over = ["student.tokenizer=sample-bpe-8k", "teacher.cache=/tmp/x", f"objective.cross_tokenizer.loss={loss}"]
         cfg = load_config("demo", over)
         assert cfg.teacher.cache == "/tmp/x" and cfg.student.tokenizer == "sample-bpe-8k"
+
+
+def test_a_windows_digest_changes_with_its_ids_and_with_either_sides_chunk_bounds():
+    """A per-chunk cache checks each batch window against the digest it was built on: the same ids cut into
+    other chunks (another student tokenizer's alignment of the same text) must not pass."""
+    from dataclasses import replace
+
+    from hld.cache.chunks import window_digest
+
+    al = paired_batch().alignments[1]
+    base = window_digest(al)
+    assert base.shape == (32,) and base.dtype == np.uint8
+    for field in ("teacher_ids", "student_ids", "teacher_bounds", "student_bounds"):
+        x = getattr(al, field).copy()
+        x[2] += 1  # an id, or a chunk boundary moved by one token
+        assert not np.array_equal(window_digest(replace(al, **{field: x})), base), field
+    assert np.array_equal(window_digest(replace(al)), base)
