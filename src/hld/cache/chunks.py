@@ -19,9 +19,10 @@ shard of n windows, in window order, each window's chunks in order (M predicted 
                                       largest probabilities of softmax(z / T), descending
     chunk_rest      (M',) float32     1 - their sum (in float32, before the rounding to float16)
     one_offsets     (n + 1,) int64    gold: window r's one-token chunks are [o1[r], o1[r+1])
-    gold_values     (M1 * kg,) float32  gold at the M1 one-token chunks: the kg largest log-probabilities over
-    gold_ids        (M1 * kg,) int32    the shared outcomes (`shared_logprobs`) and their outcome index,
-    gold_rest       (M1,) float32       and the log of the mass off them
+    gold_values     (M1 * kg,) float16  gold at the M1 one-token chunks: the kg largest probabilities over the
+    gold_ids        (M1 * kg,) uint16   shared outcomes (`shared_logprobs`), descending, and their outcome index
+                                        (int32 past 65,536 outcomes), and the log of the mass off them (float32)
+    gold_rest       (M1,) float32
     pooled_L<i>     (M_all * d,) uint16  layer i pooled per chunk (every chunk), bfloat16 bit patterns
 
 The values are computed by `OnlineChunks`, the online objective's own teacher side, on the same windows.
@@ -90,6 +91,7 @@ def chunk_identity(plan: Plan, *, student_tokenizer) -> dict:
             out |= {
                 "gold_rest": kd.gold_rest,
                 "gold_top_k": gold_top_k(kd.spec),
+                "gold_width": gold_width(kd.spec),
                 "shared_vocab": hashlib.sha256(ids.tobytes()).hexdigest()[:20],
             }
     if hidden is not None:
@@ -127,6 +129,11 @@ def gold_width(spec: ChunkLossSpec) -> int:
     return len(spec.vocab) + (spec.gold_rest == "bucket")
 
 
+def gold_id_dtype(width: int) -> np.dtype:
+    """The dtype of gold's stored outcome indices: uint16 while they fit."""
+    return np.dtype(np.uint16 if width <= 1 << 16 else np.int32)
+
+
 def gold_top_k(spec: ChunkLossSpec) -> int:
     assert spec.uld_top_k is not None
     return min(spec.uld_top_k, gold_width(spec))
@@ -149,8 +156,8 @@ def field_specs(identity: dict, layers: list, *, d_model: int) -> dict:
     if loss == "gold":
         specs |= {
             "one_offsets": (np.dtype(np.int64), ()),
-            "gold_values": (np.dtype(np.float32), None),
-            "gold_ids": (np.dtype(np.int32), None),
+            "gold_values": (np.dtype(np.float16), None),
+            "gold_ids": (gold_id_dtype(identity["chunks"]["gold_width"]), None),
             "gold_rest": (np.dtype(np.float32), None),
         }
     for layer in layers:
@@ -197,7 +204,7 @@ def chunk_values(
                 exact, (top, _) = src.gold(part, sl, spec)
                 assert isinstance(exact, torch.Tensor)
                 v, ix = torch.topk(exact.float(), gold_top_k(spec), dim=-1)  # (m1, kg) descending
-                gv.append(v)
+                gv.append(v.exp().half())  # (m1, kg) probabilities
                 gi.append(ix)
                 gr.append(logsumexp_outside(exact.float(), ix))
             p = top.float().exp()  # (m, k)
@@ -208,7 +215,7 @@ def chunk_values(
         out["chunk_rest"] = torch.cat(rests) if rests else torch.zeros(0)
         if spec.loss == "gold":
             kg = gold_top_k(spec)
-            out["gold_values"] = torch.cat(gv) if gv else torch.zeros(0, kg)
+            out["gold_values"] = torch.cat(gv) if gv else torch.zeros(0, kg, dtype=torch.float16)
             out["gold_ids"] = torch.cat(gi) if gi else torch.zeros(0, kg, dtype=torch.int64)
             out["gold_rest"] = torch.cat(gr) if gr else torch.zeros(0)
     for layer in layers:
@@ -232,6 +239,7 @@ class ChunkShardWriter:
 
     def __init__(self, sink, *, identity: dict, layers: list) -> None:
         self.sink, self.loss, self.layers = sink, identity["chunks"]["loss"], list(layers)
+        self.id_dtype = gold_id_dtype(identity["chunks"].get("gold_width", 0))
         self.counts: list[int] = []  # chunks of each window
         self.ones: list[int] = []  # one-token predicted chunks of each window (gold)
 
@@ -244,10 +252,10 @@ class ChunkShardWriter:
         for key, x in values.items():
             if key.startswith("pooled_L"):
                 self.sink(key, bf16_bits(x).reshape(-1))
-            elif key == "chunk_top":
+            elif key in ("chunk_top", "gold_values"):
                 self.sink(key, x.numpy().astype(np.float16).reshape(-1))
             elif key == "gold_ids":
-                self.sink(key, x.numpy().astype(np.int32).reshape(-1))
+                self.sink(key, x.numpy().astype(self.id_dtype).reshape(-1))
             else:
                 self.sink(key, x.numpy().astype(np.float32).reshape(-1))
 
@@ -405,7 +413,7 @@ def read_chunks(reader, rows: np.ndarray, needs: Needs) -> CachedChunkSignals:
     if needs.logits and loss == "gold":
         kg = int(ident["chunks"]["gold_top_k"])
         out.gold_top = TopK(
-            values=torch.from_numpy(cat("gold_values", np.float32)).view(-1, kg),
+            values=torch.from_numpy(cat("gold_values", np.float16).astype(np.float32)).view(-1, kg).log(),
             indices=torch.from_numpy(cat("gold_ids", np.int64)).view(-1, kg),
             rest=torch.from_numpy(cat("gold_rest", np.float32)),
         )
