@@ -232,6 +232,13 @@ def _cache_dry_run(cfg, args) -> dict:
     from hld.plan import plan_run
 
     c = plan_run(cfg)["cache"]
+    if c is None and cfg.objective.method != "ce":  # a student with its own tokenizer: a per-chunk cache
+        if not args.json:
+            print(
+                f"teacher cache {args.out} (dry run): a per-chunk cache (student.tokenizer), not sized by hld plan; "
+                "bytes per student token by loss: docs/cross-tokenizer.md"
+            )
+        return {"cache_dir": args.out, "dry_run": True, "tokens": None, "bytes": None}
     if c is None:  # ce reads no teacher signal
         if not args.json:
             print(f"teacher cache {args.out} (dry run): a ce config reads no teacher signal, nothing to build")

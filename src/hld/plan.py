@@ -388,7 +388,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     row["vocabulary"] = vocabulary_row(cfg, parts, cross, teacher_lm, ids) if cross else None
     run = row["length"]["teacher_counted" if cfg.budget.count_teacher else "teacher_not_counted"]
     row["cache"] = None
-    if cfg.objective.method != "ce" and cross is None:  # (a student with its own tokenizer reads no cache)
+    if cfg.objective.method != "ce" and cross is None:  # (own tokenizer: a per-chunk cache, unsized)
         layers = sorted(parts.plan.needs.layers)
         per = cache_bytes_per_token(
             cfg, layers=layers, d_teacher=text_config(teacher_lm.config).hidden_size, vocab=vocab_of(teacher_lm)

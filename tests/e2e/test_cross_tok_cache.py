@@ -99,3 +99,9 @@ def test_a_cache_for_another_loss_pooling_k_temperature_or_tokenizer_is_refused_
     argv = ["train", "--out", str(tmp_path / "same"), "--config", "smoke", *overrides, f"teacher.cache={cache}"]
     assert main([*argv, "--quiet"]) == 2
     assert "built with another" in capsys.readouterr().err
+
+
+def test_a_dry_run_of_a_per_chunk_cache_says_so_and_writes_nothing(tmp_path, overrides, student_tokenizers, capsys):
+    dry = tmp_path / "dry"
+    assert main(["cache-teacher", "--out", str(dry), *_args(overrides, student_tokenizers[0]), "--dry-run"]) == 0
+    assert "a per-chunk cache (student.tokenizer)" in capsys.readouterr().out and not dry.exists()
