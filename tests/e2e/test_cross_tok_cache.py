@@ -71,6 +71,14 @@ def test_a_cached_run_matches_the_online_run(tmp_path, overrides, student_tokeni
     if arm == "hld-joint":
         assert c_lines[0]["train/hidden"] == pytest.approx(on_lines[0]["train/hidden"], rel=1e-4)
         assert "layer_stats" in manifest and manifest["layer_stats"]["layers"]
+        # the statistics the cached run standardised with are those the online run measured on the token states
+        import torch
+
+        a, b = (torch.load(tmp_path / r / "hidden_stats.pt") for r in ("online", "cached"))
+        assert a.keys() == b.keys() == {int(t) for t in manifest["layer_stats"]["layers"]}
+        for t in a:
+            assert a[t]["count"] == b[t]["count"] > 0
+            assert torch.equal(a[t]["mean"], b[t]["mean"]) and torch.equal(a[t]["std"], b[t]["std"])
 
 
 def test_a_cache_for_another_loss_pooling_k_temperature_or_tokenizer_is_refused_in_one_line(
