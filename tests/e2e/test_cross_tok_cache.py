@@ -113,3 +113,21 @@ def test_a_dry_run_of_a_per_chunk_cache_says_so_and_writes_nothing(tmp_path, ove
     dry = tmp_path / "dry"
     assert main(["cache-teacher", "--out", str(dry), *_args(overrides, student_tokenizers[0]), "--dry-run"]) == 0
     assert "a per-chunk cache (student.tokenizer)" in capsys.readouterr().out and not dry.exists()
+
+
+@pytest.mark.slow
+def test_micro_batches_read_their_own_windows_of_the_cache(tmp_path, overrides, student_tokenizers):
+    """Each micro-batch asks the cache for its own windows (and chunks): two micro-batches a step log what the
+    whole batch does, from the same cache."""
+    tok = student_tokenizers[0]
+    keys = ["objective.method=hld-joint", "objective.cross_tokenizer.loss=gold"]
+    cache = _cache(tmp_path, overrides, tok, *keys)
+    whole, lines = _train(tmp_path / "whole", overrides, tok, *keys, f"teacher.cache={cache}")
+    parts, part_lines = _train(
+        tmp_path / "parts", overrides, tok, *keys, f"teacher.cache={cache}", "train.micro_batch_size=2"
+    )
+    assert len(lines) == len(part_lines) > 1
+    for a, b in zip(lines, part_lines):
+        for key in ("train/loss", "train/ce", "train/kd", "train/hidden"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert parts["val/loss"] == pytest.approx(whole["val/loss"], rel=1e-4)
