@@ -131,3 +131,27 @@ def test_micro_batches_read_their_own_windows_of_the_cache(tmp_path, overrides, 
         for key in ("train/loss", "train/ce", "train/kd", "train/hidden"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert parts["val/loss"] == pytest.approx(whole["val/loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_study_builds_one_per_chunk_cache_for_its_cached_cells_and_they_match_the_online_cells(
+    tmp_path, overrides, student_tokenizers
+):
+    """`hld study` with signals [topk, online] across tokenizers: kd and hld-joint on the cached signal share one
+    cache group (a per-chunk cache holding the pooled layers kd leaves unread), and each scores what its online
+    twin scores (uld: within its float16 rounding)."""
+    import csv
+
+    out = tmp_path / "study"
+    keep = [o for o in overrides if not o.startswith(("student.preset", "train.batch_size", "budget.tokens"))]
+    argv = ["study", "--config", "cross-tok", "--out", str(out), *keep, f"student.tokenizer={student_tokenizers[0]}"]
+    argv += ["data.val_tokens=256", "seeds=[0]", "grid={objective.cross_tokenizer.loss: [uld]}"]
+    assert main([*argv, "budgets=[{tokens: 512}]", "signals=[topk, online]", "--quiet"]) == 0
+    (group,) = [p for p in (out / "caches").iterdir() if not p.name.startswith(".")]
+    identity = json.loads((group / "manifest.json").read_text())["identity"]
+    assert identity["cache_signal"] == "chunks" and identity["chunks"]["pooling"] == "last" and identity["layers"]
+    rows = {r["cell"]: r for r in csv.DictReader((out / "results.csv").open())}
+    for arm in ("kd", "hld-joint"):
+        cached = rows[f"tiny-2l__tok512__lossuld__topk__s0__{arm}"]
+        online = rows[f"tiny-2l__tok512__lossuld__online__s0__{arm}"]
+        assert float(cached["val_loss"]) == pytest.approx(float(online["val_loss"]), rel=1e-4)
