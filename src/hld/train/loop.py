@@ -118,7 +118,7 @@ def build(
         )
     compute_dtype = resolve_dtype(cfg.train.precision, device)
     d = cfg.data
-    # (a derived student, a teacher cache and the layer diagnostics read `windows`: refused or off when paired)
+    # (a derived student and the layer diagnostics read `windows`: refused or off when paired; a cache is per chunk)
     paired_w: Optional[PairedWindows] = None
     val_w: np.ndarray | PairedSample
     windows: Optional[Windows] = None
