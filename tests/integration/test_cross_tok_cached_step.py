@@ -10,6 +10,7 @@ tests/unit/test_cross_tok_cache.py's; here the cached KD is below the online one
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -105,11 +106,19 @@ def test_a_window_cut_otherwise_than_the_cache_holds_is_refused(tmp_path, overri
     obj = s.plan.phase_for(0.0, 1e-9).objective
     batch = s.order.batch(0)
     assert s.teacher(batch, obj.needs) is not None  # as built
-    al = batch.alignments[1]
-    sb = al.student_bounds.copy()
-    i = next(c for c in range(2, len(sb) - 1) if sb[c + 1] - sb[c - 1] >= 3)
-    sb[i] += 1 if sb[i + 1] - sb[i] > 1 else -1  # a boundary moved by one student token
-    batch.alignments[1] = replace(al, student_bounds=sb)
+    moves = [  # (window, side, bound, step): a chunk boundary that can move by one token and stay increasing
+        (b, side, c, 1 if x[c + 1] - x[c] > 1 else -1)
+        for b, al in enumerate(batch.alignments)
+        for side in ("teacher_bounds", "student_bounds")
+        for x in [getattr(al, side)]
+        for c in range(2, len(x) - 1)
+        if x[c + 1] - x[c - 1] >= 3
+    ]
+    b, side, c, step = moves[0]
+    x = getattr(batch.alignments[b], side).copy()
+    x[c] += step
+    assert (np.diff(x) > 0).all()
+    batch.alignments[b] = replace(batch.alignments[b], **{side: x})
     with pytest.raises(HldError, match="holds other tokens than this run's batch") as exc:
         s.teacher(batch, obj.needs)
     assert "\n" not in str(exc.value)
