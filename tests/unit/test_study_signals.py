@@ -315,3 +315,16 @@ def test_each_paired_panel_lists_its_own_configurations(tmp_path, monkeypatch):
     assert ticks == [["s__online", "s__topk", figures.ALL], ["s"]], ticks
     figures.plot_paired([cmp("kd", "ce", ["a", "b"]), cmp("hld-joint", "kd", ["a", "b"])], tmp_path)
     assert figs[1].axes[0].get_shared_y_axes().joined(figs[1].axes[0], figs[1].axes[1])
+
+
+def test_a_curve_label_leaves_out_the_grid_keys_its_arm_ignores():
+    """The bold curve of the cell ce shares across a grid over a key it ignores (the cross-tokenizer loss) is
+    labelled without it; kd's cell names its point; an arm that reads every grid key names them all."""
+    from hld.study.figures import _point
+
+    keys = ["objective.cross_tokenizer.loss", "train.lr"]
+    ce = {"arm": "ce", "configuration": "tiny-2l__tok16384", keys[0]: "uld", keys[1]: 0.01}
+    kd = {**ce, "arm": "kd", keys[0]: "gold"}
+    assert _point(ce, keys) == "lr 0.01"
+    assert _point(ce, keys[:1]) == "tiny-2l__tok16384"
+    assert _point(kd, keys) == "loss gold, lr 0.01"

@@ -15,6 +15,7 @@ from hld.errors import HldError
 from hld.study.pairs import Comparison, higher_is_better
 from hld.study.results import Table, best_configuration
 from hld.study.signals import arm_label
+from hld.study.spec import ignores
 from hld.train.loggers import read_metrics
 
 ALL = "mean over configurations"
@@ -252,7 +253,11 @@ def plot_curves(table: Table, study_dir: Path, out: Path, *, levels: Sequence[tu
 
 
 def _point(row: dict, grid_keys: list[str]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in grid_keys) or row["configuration"]
+    """The grid point of `row` as its arm reads it: a key the arm ignores (ce and the cross-tokenizer loss)
+    is left out, or the cell shared by every value of it would be labelled with the first."""
+    point = {k: row[k] for k in grid_keys}
+    shown = [k for k in grid_keys if not ignores(row["arm"], k, point)]
+    return ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in shown) or row["configuration"]
 
 
 def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
