@@ -22,6 +22,7 @@ is of the hidden loss. Their cost is counted into the run's FLOPs in both accoun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -226,7 +227,10 @@ def uninitialised(cls: type, cfg) -> CausalLM:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+        try:
+            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+        except ImportError:  # neither: initialised as constructed (slower, the same weights once loaded)
+            no_init_weights = contextlib.nullcontext  # type: ignore[assignment]
     with no_init_weights():
         model = cls(cfg)
     model.tie_weights()
