@@ -35,12 +35,29 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
                exceeds the student's activations (not yet allocated while it runs); cached + the decoded
                signal of a micro-batch (k entries of 12 B compact, 6 B exact, 8 B sampled, + 4, per token)
 
+A student with its own tokenizer (`student.tokenizer`, paired windows, hld.distill.cross_tok.objectives)
+changes four terms of a KD/HLD arm; the others are the same formula over the student's own vocabulary V:
+  head         the student's blocked head instead of the fused head's buffers, R = train.loss_chunk_tokens:
+               max(6 (R, V) fp32 at a block's gradient, 3 (R, V) fp32 + the teacher's rows while they are read
+               (alm: the rows alone, read before the blocks)) + (R, V) in b + dL/dh and h's copy in b (micro
+               tokens * d * (4 + b)); online, the teacher's head at the rows the loss reads, over its vocabulary
+               V_t: (R, V_t) in its dtype + fp32, + (R, V_t) fp32 for uld at T != 1 and for alm (the previous
+               block's rows), gold 2 (R, V_t) fp32 (the rows, the one-token chunks' rows) + 2 (32, V_t) fp32
+  hidden       the teacher's states at its own rows (micro * teacher_seq_len tokens), or a per-chunk cache's
+               pooled states (at most one chunk per student token); the pairs' term as above
+  teacher      its forward, final states and working set at micro * teacher_seq_len tokens (the windows are
+               `teacher_seq_len` long, hld.plan.cross_sizes); the working set where it exceeds the student's
+               activations, head and hidden terms (all allocated after it); a per-chunk cache: its rows, per
+               student token uld_top_k * 12 + 8 bytes at most (hld.cache.chunks), and the weights only where
+               `teacher_weights_needed` says so, as for a per-token cache
+
 The terms are checked against a trace of the training step itself (`hld.memtrace`: `train_step` under
 fake tensors, live bytes counted; benchmarks/memory_trace.py, docs/performance.md "Memory on an 80 GB
 card, checked against a trace"): within 0.4% for paper-123m and paper-735m (KD), online and cached, and
 Llama, Mistral and Qwen 3 blocks at paper-123m's shape within 1.1%, hld-joint 2-3% over;
-tests/unit/test_memtrace.py holds a small config to 20%. It leaves out what is not a tensor: the
-CUDA context, the kernels' workspaces and the allocator's rounding and fragmentation (~0.5-1 GiB a
+tests/unit/test_memtrace.py holds a small config to 20%, and paired runs (kd with uld, alm and gold,
+hld-joint; online and from a per-chunk cache) to 20% of a real CPU step's live bytes. It leaves out what is
+not a tensor: the CUDA context, the kernels' workspaces and the allocator's rounding and fragmentation (~0.5-1 GiB a
 process). tests/unit/test_plan.py compares it with a measured CPU peak.
 """
 
@@ -171,11 +188,18 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def memory_estimate(
-    cfg: RunConfig, parts: Any, teacher: CausalLM, *, world_size: int = 1, device: Optional[torch.device] = None
+    cfg: RunConfig,
+    parts: Any,
+    teacher: CausalLM,
+    *,
+    world_size: int = 1,
+    device: Optional[torch.device] = None,
+    teacher_seq_len: Optional[int] = None,
 ) -> dict[str, float]:
     """Peak accelerator bytes of one process, by the module docstring's formula (a dict of its terms and
     `total`). `parts`: the meta-device `Assembly`; `device`: where `auto` precision resolves and which
-    path the fused head takes (an accelerator unless given)."""
+    path the fused head takes (an accelerator unless given); `teacher_seq_len`: a student with its own
+    tokenizer, the teacher's window length (`CrossSizes.teacher_seq_len`) of its paired windows."""
     from hld.distill.losses import ROWS
     from hld.distributed import Dist, resolve_mode
     from hld.precision import resolve_dtype
@@ -209,20 +233,31 @@ def memory_estimate(
     tc = text_config(teacher.config)
     t_dtype = resolve_dtype(cfg.teacher.dtype, device)
     t_bytes = _dtype_bytes(t_dtype)
+    paired = teacher_seq_len is not None and cfg.objective.method != "ce"  # the cross-tokenizer objectives
+    n_tok_t = micro * teacher_seq_len if paired else n_tok  # the teacher's rows: its own windows when paired
     chunk = min(cfg.train.loss_chunk_tokens, n_tok)
     R = chunk if gpu else min(ROWS, chunk)  # hld.distill.losses.row_block
-    head = chunk * V * b_act + (R * V * 4 if low_precision else 0)  # the chunk's logits (+ their fp32 rows)
-    head += R * V * 4 if gpu else 0  # p = softmax(z), in place on a CPU
-    head += R * V * 4 if cfg.objective.temperature != 1 and needs.logits else 0  # q = softmax(z / T)
-    if online and needs.logits:  # the teacher's chunk of logits (fp32, + its matmul's own dtype) and rows
-        head += chunk * V * 4 + (chunk * V * t_bytes if t_dtype != torch.float32 else 0)
-        head += (2 if cfg.objective.top_k is None else 1) * R * V * 4
+    if paired:  # the student's blocked head and the teacher's head at the rows the cross loss reads
+        rows = 0
+        if online and needs.logits:
+            t_low = t_bytes if t_dtype != torch.float32 else 0
+            rows = _cross_teacher_rows_bytes(cfg, V_t=vocab_of(teacher), n_tok=n_tok, t_low=t_low)
+        head = _cross_head_bytes(cfg, V=V, d=d, n_tok=n_tok, b_act=b_act if low_precision else 0, teacher_rows=rows)
+    else:
+        head = chunk * V * b_act + (R * V * 4 if low_precision else 0)  # the chunk's logits (+ their fp32 rows)
+        head += R * V * 4 if gpu else 0  # p = softmax(z), in place on a CPU
+        head += R * V * 4 if cfg.objective.temperature != 1 and needs.logits else 0  # q = softmax(z / T)
+        if online and needs.logits:  # the teacher's chunk of logits (fp32, + its matmul's own dtype) and rows
+            head += chunk * V * 4 + (chunk * V * t_bytes if t_dtype != torch.float32 else 0)
+            head += (2 if cfg.objective.top_k is None else 1) * R * V * 4
     grad_w = 0 if frozen else V * d * 4  # dL/dW, held from forward to backward (none for a frozen head)
     out["head"] = head + grad_w
     out["hidden"] = 0.0
     if cfg.objective.method in HLD_METHODS:
         n_pairs = len(parts.projectors.pairs) if parts.projectors is not None else 0
-        out["hidden"] = n_tok * len(needs.layers) * tc.hidden_size * 2 + n_pairs * n_tok * 3 * tc.hidden_size * 4
+        # the teacher's states at its own rows; a per-chunk cache's pooled states, at most a chunk a student token
+        states = n_tok if paired and not online else n_tok_t
+        out["hidden"] = states * len(needs.layers) * tc.hidden_size * 2 + n_pairs * n_tok * 3 * tc.hidden_size * 4
     out["teacher"] = 0.0
     if cfg.objective.method != "ce":
         dist = Dist(world_size=world_size, mode=mode, device=device)
@@ -230,8 +265,13 @@ def memory_estimate(
             out["teacher"] += count_params(teacher)["total"] * t_bytes
         if online:  # its final states, held until the head has read them; its forward's working set
             # where it exceeds the student's activations (which are not yet allocated while it runs)
-            working = n_tok * (2 * tc.intermediate_size + 4 * tc.hidden_size) * t_bytes
-            out["teacher"] += n_tok * tc.hidden_size * t_bytes * needs.logits + max(0, working - out["activations"])
+            working = n_tok_t * (2 * tc.intermediate_size + 4 * tc.hidden_size) * t_bytes
+            # paired: nor the cross head's blocks and the pooled hidden loss, which run after it too
+            after = out["activations"] + (out["head"] - grad_w + out["hidden"] if paired else 0)
+            out["teacher"] += n_tok_t * tc.hidden_size * t_bytes * needs.logits + max(0, working - after)
+        elif paired and needs.logits:  # a per-chunk cache's rows (hld.cache.chunks.read_chunks), a chunk at most
+            k = cfg.objective.cross_tokenizer.uld_top_k or vocab_of(teacher)  # per student token
+            out["teacher"] += n_tok * (k * 12 + 8)  # fp32 values (+ gold's int64 ids), + a loglik and a rest
         elif needs.logits:  # the cached signal of a micro-batch on the device, as the reader decodes it
             from hld.cache.build import cache_slots, codec_of
 
@@ -240,6 +280,34 @@ def memory_estimate(
             out["teacher"] += n_tok * (cache_slots(cfg, vocab_of(teacher)) * entry + 4)
     out["total"] = sum(out.values())
     return out
+
+
+GOLD_BLOCK = 32  # hld.distill.cross_tok.gold.BLOCK_ROWS: shared_logprobs' rows at a time
+
+
+def _cross_head_bytes(cfg: RunConfig, *, V: int, d: int, n_tok: int, b_act: int, teacher_rows: int) -> int:
+    """The student's blocked head (hld.distill.cross_tok.objectives._BlockedHead) over its own vocabulary V,
+    dL/dW aside, R = train.loss_chunk_tokens rows a block: at a block's gradient 6 (R, V) fp32 (its logits, two
+    tensors its loss saved, the gradient and a product in the making, the previous block's gradient, still
+    bound); while the teacher's rows are read (`teacher_rows`, `_cross_teacher_rows_bytes`) 3 (the block's
+    logits, the previous block's logits and gradient), alm's rows before the blocks; dL/dh (micro tokens, d)
+    fp32 and h's copy in the matmul's dtype (b_act, 0 in fp32)."""
+    R = min(cfg.train.loss_chunk_tokens, n_tok)  # (a block grows to the end of an ALM span: not counted)
+    during_rows = teacher_rows if cfg.objective.cross_tokenizer.loss == "alm" else R * V * 12 + teacher_rows
+    return max(R * V * 24, during_rows) + n_tok * d * (4 + b_act)
+
+
+def _cross_teacher_rows_bytes(cfg: RunConfig, *, V_t: int, n_tok: int, t_low: int) -> int:
+    """The online teacher's head at the rows a cross loss reads (`OnlineLogits.at_rows`, at most R =
+    train.loss_chunk_tokens a block), over its vocabulary V_t: the rows' logits in its dtype (t_low, 0 in fp32)
+    and fp32; uld + softmax(z / T)'s z / T when T != 1; alm + the previous block's rows, still bound while the
+    next are computed; gold + the one-token chunks' rows (at most all) and shared_logprobs' GOLD_BLOCK rows
+    of z / T and of z off the shared ids."""
+    R, loss = min(cfg.train.loss_chunk_tokens, n_tok), cfg.objective.cross_tokenizer.loss
+    if loss == "gold":
+        return R * V_t * 8 + 2 * min(GOLD_BLOCK, R) * V_t * 4
+    extra = 4 if loss == "alm" or cfg.objective.temperature != 1 else 0
+    return R * V_t * (t_low + 4 + extra)
 
 
 def _block_norms(student: CausalLM) -> tuple[int, bool]:
@@ -343,18 +411,23 @@ def vocabulary_row(cfg: RunConfig, parts, cross: CrossSizes, teacher_lm: CausalL
     }
 
 
-def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
-    """The numbers of one run config (see the module docstring); `teacher`: `teacher_shapes`, if at hand."""
-    teacher_lm, ids = teacher or teacher_shapes(cfg.teacher.model)
-    cross = cross_sizes(cfg) if cfg.student.tokenizer else None
+def _meta_parts(cfg: RunConfig, teacher_lm: CausalLM, ids: SpecialIds, cross: Optional[CrossSizes]) -> Any:
+    """The run's `Assembly` on the meta device: a student with its own tokenizer at its own vocabulary."""
     with torch.device("meta"):
-        parts = assemble(
+        return assemble(
             cfg,
             tokenizer=cross.student_tok if cross else ids,
             vocab_size=len(cross.student_tok) if cross else vocab_of(teacher_lm),
             teacher_lm=teacher_lm,
             teacher_tokenizer=cross.teacher_tok if cross else None,
         )
+
+
+def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
+    """The numbers of one run config (see the module docstring); `teacher`: `teacher_shapes`, if at hand."""
+    teacher_lm, ids = teacher or teacher_shapes(cfg.teacher.model)
+    cross = cross_sizes(cfg) if cfg.student.tokenizer else None
+    parts = _meta_parts(cfg, teacher_lm, ids, cross)
     t_len = cross.teacher_seq_len if cross else None
     counted = phase_costs(
         _with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm, teacher_seq_len=t_len
@@ -408,11 +481,11 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
     row["data"] = data_plan(cfg, windows=run["steps"] * cfg.train.batch_size)
     row["parallel"], row["world_size"] = cfg.train.parallel, world_size
     row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
-    row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size)
+    row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, teacher_seq_len=t_len)
     cached = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache="(cache)"))
-    row["memory_bytes_cached"] = (
-        memory_estimate(cached, parts, teacher_lm, world_size=world_size)["total"]
-        if cfg.objective.method != "ce" and cross is None
+    row["memory_bytes_cached"] = (  # own tokenizer: a per-chunk cache (hld.cache.chunks)
+        memory_estimate(cached, parts, teacher_lm, world_size=world_size, teacher_seq_len=t_len)["total"]
+        if cfg.objective.method != "ce"
         else None
     )
     return row
@@ -681,9 +754,10 @@ def check_memory(cfg: RunConfig, *, device: torch.device, world_size: int = 1, l
     if not cfg.train.memory_check:
         return
     teacher_lm, ids = teacher_shapes(cfg.teacher.model)
-    with torch.device("meta"):
-        parts = assemble(cfg, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm)
-    need = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, device=device)["total"]
+    cross = cross_sizes(cfg) if cfg.student.tokenizer else None
+    parts = _meta_parts(cfg, teacher_lm, ids, cross)
+    t_len = cross.teacher_seq_len if cross else None
+    need = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, device=device, teacher_seq_len=t_len)["total"]
     have, what = machine_memory(device)
     share = local_processes if device.type != "cuda" else 1
     if need * share > have:

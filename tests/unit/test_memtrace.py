@@ -5,6 +5,8 @@ slow test; the paper configs' figures are benchmarks/memory_trace.py's (docs/per
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -64,3 +66,118 @@ def test_the_memory_estimate_is_within_20_percent_of_the_traced_step(signal):
     )
     assert trace["peak_where"].startswith("step 1 micro-batch 2")  # the steady state: moments and gradients held
     assert abs(ratio - 1) <= 0.2, (ratio, est, trace["at_peak"])
+
+
+# --------------------------------------------------------------------------- a student with its own tokenizer
+
+
+class RealLiveBytes(memtrace.LiveBytes):
+    """`LiveBytes` of real tensors: a real CPU step of a paired run (whose host-side chunk arithmetic fake
+    tensors cannot run). Its head and teacher rows take no GPU-only path (the cross-tokenizer head is one code
+    path on every device), so the CPU's live bytes are the GPU's."""
+
+    def add(self, t: torch.Tensor, category: str) -> None:
+        st = t.untyped_storage()
+        if st._cdata not in self.live:
+            self.live[st._cdata] = [st.nbytes(), category, self._op]
+            self.by[category] += st.nbytes()
+            self.now += st.nbytes()
+            weakref.finalize(st, self._free, st._cdata)
+
+    def hold(self, modules) -> None:
+        """Count the weights that exist before the trace starts."""
+        for m in modules:
+            for p in m.parameters() if m is not None else ():
+                self.add(p, "weights")
+
+
+# two random Gemma 3 teachers on the tiny teacher's tokenizer (its 512 ids a subset of a larger vocabulary, as in
+# test_plan's CPU peak): WIDE's head (65,536 ids, the student's sample-bpe-8k 8,192) dominates the step; DEEP's
+# forward (d 512, d_ff 2048 over windows ~2.4x the student's) exceeds the student's activations
+TEACHERS = {"wide": {"vocab_size": 65536}, "deep": {"hidden_size": 512, "intermediate_size": 2048}}
+PAIRED = {
+    "wide": ["data.seq_len=128", "train.batch_size=4", "train.micro_batch_size=2"],
+    "deep": ["data.seq_len=128", "train.batch_size=32", "train.micro_batch_size=16"],
+}
+CROSS_CASES = {  # id: (teacher, arm, loss, per-chunk cache)
+    "kd-uld-online": ("wide", "kd", "uld", False),
+    "kd-alm-online": ("wide", "kd", "alm", False),
+    "kd-gold-online": ("wide", "kd", "gold", False),
+    "hld-joint-online": ("wide", "hld-joint", "uld", False),
+    "kd-uld-cached": ("wide", "kd", "uld", True),
+    "kd-alm-cached": ("wide", "kd", "alm", True),
+    "hld-joint-cached": ("wide", "hld-joint", "uld", True),
+    "kd-uld-online-deep": ("deep", "kd", "uld", False),
+    "hld-joint-online-deep": ("deep", "hld-joint", "alm", False),
+}
+
+
+@pytest.fixture(scope="module")
+def paired_teachers(tmp_path_factory, assets) -> dict:
+    import json
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = {}
+    for name, shape in TEACHERS.items():
+        d = tmp_path_factory.mktemp(f"teacher-{name}")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(assets / "tiny_teacher" / f, d / f)
+        config = json.loads((assets / "tiny_teacher" / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **shape}))
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d)).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CROSS_CASES))
+def test_a_paired_runs_estimate_is_within_20_percent_of_its_traced_step(
+    case, tmp_path, overrides, paired_teachers, monkeypatch
+):
+    import hld.models.loading as loading
+    import hld.train.loop as loop
+    from hld.cli import main
+    from hld.distill import chunked
+    from hld.plan import plan_run
+    from hld.train.resources import Resources
+
+    for module in (loop, loading):  # the 512-id tokenizer of a larger vocabulary, on purpose (above)
+        monkeypatch.setattr(module, "check_tokenizer_size", lambda *a, **k: None)
+    teacher, arm, loss, cached = CROSS_CASES[case]
+    ov = [
+        *overrides,
+        f"teacher.model={paired_teachers[teacher]}",
+        *PAIRED[teacher],
+        "student.tokenizer=sample-bpe-8k",
+        f"objective.method={arm}",
+        f"objective.cross_tokenizer.loss={loss}",
+        "train.loss_chunk_tokens=64",
+        "train.precision=bfloat16",
+        "teacher.dtype=bfloat16",
+        "budget.tokens=100000",
+    ]
+    if cached:  # (an hld-joint run without the layer diagnostics: no teacher weights at all)
+        ov += ["objective.hidden.diagnostics=false"] if arm == "hld-joint" else []
+        assert main(["cache-teacher", "--out", str(tmp_path / "cache"), "--config", "smoke", *ov, "--quiet"]) == 0
+        ov.append(f"teacher.cache={tmp_path / 'cache'}")
+    cfg = load_config("smoke", ov)
+    s = loop.build(cfg, Resources())
+    assert (s.teacher_lm is None) == (cached and arm == "hld-joint")
+    saved = chunked.WORKSPACE.bufs
+    chunked.WORKSPACE.bufs = {}
+    try:
+        with RealLiveBytes() as t:
+            t.hold([s.student, s.projectors, s.teacher_lm])
+            for step in range(2):  # the second step holds AdamW's moments and the gradients
+                loop.train_step(s, step)
+    finally:
+        chunked.WORKSPACE.bufs = saved
+    row = plan_run(cfg)
+    assert row["vocabulary"]["teacher_seq_len"] == s.order.batch(0).teacher_ids.shape[1]
+    est = row["memory_bytes"]
+    ratio = est["total"] / t.peak
+    print(f"{case}: estimate {est['total'] / 2**20:.1f} MiB, trace {t.peak / 2**20:.1f} MiB, ratio {ratio:.3f}")
+    assert abs(ratio - 1) <= 0.2, (ratio, est, t.at_peak)
