@@ -478,7 +478,7 @@ def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[Cau
         } | cache_costs(
             cfg, layers=layers, teacher=teacher_lm, tokens=windows * cfg.data.seq_len, world_size=world_size
         )
-    row["data"] = data_plan(cfg, windows=run["steps"] * cfg.train.batch_size)
+    row["data"] = data_plan(cfg, windows=run["steps"] * cfg.train.batch_size, cross=cross)
     row["parallel"], row["world_size"] = cfg.train.parallel, world_size
     row["micro_batch_size"] = cfg.train.micro_batch_size or cfg.train.batch_size // world_size
     row["memory_bytes"] = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, teacher_seq_len=t_len)
@@ -512,11 +512,13 @@ def origin_row(cfg: RunConfig, teacher: CausalLM) -> tuple[str, float]:
     return f"{len(kept)} of {n_t} teacher blocks, {how}", flops
 
 
-def data_plan(cfg: RunConfig, *, windows: int) -> dict:
+def data_plan(cfg: RunConfig, *, windows: int, cross: Optional[CrossSizes] = None) -> dict:
     """The data path of a run (src/hld/data/store.py): tokens to tokenise (a hub corpus: what the budget
     reads; a local corpus: all of it, or what its token store already holds), the store's bytes, the
     time `hld tokenize` takes at the measured rate per core, and the host memory one process holds for
-    its data (the batch order's permutation and one batch; the shards are memory-mapped page cache)."""
+    its data (the batch order's permutation and one batch; the shards are memory-mapped page cache).
+    A student with its own tokenizer (`cross`) reads paired stores (src/hld/data/paired.py): its tokens are
+    the student's, and `paired` says what is built (`paired_data`)."""
     import os
 
     from hld.data.store import DTYPE, read_manifest
@@ -530,13 +532,18 @@ def data_plan(cfg: RunConfig, *, windows: int) -> dict:
         ("validation", d.validation, max(1, d.val_tokens // d.seq_len) * (d.seq_len - 1)),
     ):
         held = []
-        for path in stores_of(spec, d.store_dir):
+        paired = _paired_store(spec, cfg, cross) if cross is not None else None
+        for path in stores_of(spec, d.store_dir) if cross is None else ():
             try:
                 held.append(int(read_manifest(path)["tokens"]))
             except HldError:
                 continue
+        if paired is not None:
+            held.append(paired["student_tokens"])
         whole = not is_remote(spec) and what == "train"  # a local corpus is tokenised whole on first use
         out[what] = {"source": spec, "reads": need, "stored": max(held) if held else None, "whole_source": whole}
+        if cross is not None:
+            out[what]["paired_store"] = paired
     tokens = [v["stored"] if v["whole_source"] else max(v["reads"], v["stored"] or 0) for v in out.values()]
     known = [t for t in tokens if t is not None]
     cores = os.cpu_count() or 1
@@ -548,6 +555,52 @@ def data_plan(cfg: RunConfig, *, windows: int) -> dict:
     out["cores_here"] = cores
     out["host_bytes"] = 4 * n_windows + 2 * cfg.train.batch_size * d.seq_len * 8
     out["ngram_fit_tokens"] = min(MAX_FIT_TOKENS, n_windows * d.seq_len)
+    if cross is not None:
+        out["paired"] = paired_data(out, ratio=cross.ratio)
+    return out
+
+
+def _paired_store(spec: str, cfg: RunConfig, cross: CrossSizes) -> Optional[dict]:
+    """A built paired store of `spec` for the run's tokenizer pair, from its manifest: its counts, and the bytes
+    of its shard files (src/hld/data/paired.py's record layout); None when there is none yet."""
+    from hld.data.paired import open_paired, shard_bytes
+
+    d = cfg.data
+    try:
+        store = open_paired(
+            spec, cross.teacher_tok, cross.student_tok, text_field=d.text_field, store_dir=d.store_dir, may_build=False
+        )
+    except HldError:
+        return None
+    m = store.manifest
+    keys = ("student_tokens", "teacher_tokens", "chunks")
+    return {"path": str(store.path), **{k: int(m[k]) for k in keys}, "bytes": shard_bytes(m)}
+
+
+def paired_bytes_per_token(ratio: float) -> float:
+    """A paired store's bytes per student token at most, by its record layout (src/hld/data/paired.py): the
+    student's token and `ratio` teacher tokens (uint32 each) and a chunk-table row, a chunk holding at least one
+    token a side (its EOS pair one)."""
+    from hld.data.paired import CHUNK_BYTES, DTYPE
+
+    return DTYPE.itemsize * (1 + ratio) + CHUNK_BYTES
+
+
+def paired_data(data: dict, *, ratio: float) -> dict:
+    """What a paired run builds, per split: a built store's own counts and bytes (whole, or holding what the
+    run reads), else its student tokens (`data_plan`'s) at `paired_bytes_per_token`; and their sum."""
+    per = paired_bytes_per_token(ratio)
+    out: dict[str, Any] = {"bytes_per_student_token": per, "ratio": ratio}
+    total: Optional[float] = 0.0
+    for what in ("train", "validation"):
+        v = data[what]
+        built = v["paired_store"]
+        enough = built is not None and (v["whole_source"] or built["student_tokens"] >= v["reads"])
+        tokens = v["stored"] if v["whole_source"] else max(v["reads"], v["stored"] or 0)
+        size = built["bytes"] if enough else None if tokens is None else tokens * per
+        out[what] = {"built": enough, "bytes": size}
+        total = None if total is None or size is None else total + size
+    out["bytes"] = total
     return out
 
 
@@ -691,6 +744,8 @@ def _format_data(d: dict) -> str:
     from hld.data.tokenize import TOKENS_PER_CORE_S
 
     t = d["train"]
+    if "paired" in d:
+        return _format_paired(d)
     if d["tokenize_tokens"] is None:
         size = "the whole local corpus (no token store yet: its size is not known)"
         time = f"at {_n(TOKENS_PER_CORE_S)} tokens/s per core"
@@ -701,6 +756,28 @@ def _format_data(d: dict) -> str:
     return (
         f"  data: reads {_n(t['reads'])} training tokens of {t['source']}; tokenise {size} ({time}); "
         f"host memory per process for the data ~{_bytes(d['host_bytes'])} (shards memory-mapped)"
+    )
+
+
+def _format_paired(d: dict) -> str:
+    """A paired run's data line: the student tokens it reads and the paired stores it builds (or has)."""
+    p, parts = d["paired"], []
+    for what in ("train", "validation"):
+        s = d[what]["paired_store"]
+        if p[what]["built"]:
+            parts.append(
+                f"{what} {_n(s['student_tokens'])} student + {_n(s['teacher_tokens'])} teacher tokens in "
+                f"{_n(s['chunks'])} chunks, {_bytes(s['bytes'])} on disk"
+            )
+        elif p[what]["bytes"] is not None:
+            parts.append(f"{what} to build: at most ~{_bytes(p[what]['bytes'])}")
+        else:
+            parts.append(f"{what} to build: the whole local corpus (its size is not known before)")
+    return (
+        f"  data: reads {_n(d['train']['reads'])} student training tokens of {d['train']['source']}; paired store "
+        f"(both tokenisations aligned in chunks, at most {p['bytes_per_student_token']:.1f} B per student token "
+        f"at {p['ratio']:.3f} teacher tokens per student token): {'; '.join(parts)}; host memory per process for "
+        f"the data ~{_bytes(d['host_bytes'])} (shards memory-mapped)"
     )
 
 

@@ -208,3 +208,38 @@ def test_plan_refuses_a_world_size_that_does_not_split_the_batch(capsys):
         assert main(["plan", "--config", "paper-123m", "--world-size", n]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("hld: error: ") and says in err[0], err
+
+
+def test_plan_sizes_the_paired_store_a_student_with_its_own_tokenizer_builds(tmp_path, overrides):
+    from hld.data.paired import open_paired
+    from hld.plan import format_run
+
+    stores = tmp_path / "stores"
+    cfg = load_config("smoke", [*overrides, "student.tokenizer=sample-bpe-8k", f"data.store_dir={stores}"])
+    row = plan_run(cfg)
+    d, ratio = row["data"], row["vocabulary"]["token_ratio"]
+    per = 4 + 4 * ratio + 3 * 4  # uint32 student token + ratio uint32 teacher tokens + a (3,) uint32 chunk row
+    assert d["paired"]["bytes_per_student_token"] == pytest.approx(per)
+    assert d["train"]["paired_store"] is None and d["paired"]["train"]["bytes"] is None  # a local corpus: whole
+    assert d["paired"]["validation"]["bytes"] == pytest.approx(d["validation"]["reads"] * per)
+    assert "paired store" in "\n".join(format_run(row)) and "token store" not in "\n".join(format_run(row))
+
+    res = Resources()
+    teacher, student = res.tokenizer(cfg.teacher.model), res.tokenizer("sample-bpe-8k", "student.tokenizer")
+    store = open_paired(cfg.data.train, teacher, student, store_dir=str(stores))  # the whole fixture corpus
+    d = plan_run(cfg)["data"]
+    built = d["train"]["paired_store"]
+    shards = store.path / "shards"
+    size = {k: sum(f.stat().st_size for f in shards.glob(f"*.{k}.bin")) for k in ("student", "teacher", "chunks")}
+    assert built["bytes"] == sum(size.values()) == d["paired"]["train"]["bytes"]
+    assert (built["student_tokens"], built["teacher_tokens"], built["chunks"]) == (
+        size["student"] // 4,
+        size["teacher"] // 4,
+        size["chunks"] // 12,
+    )
+    assert d["train"]["stored"] == built["student_tokens"] and d["paired"]["train"]["built"]
+    # the estimate per student token is a bound: a chunk holds at least one student token
+    teacher_per_student = built["teacher_tokens"] / built["student_tokens"]
+    assert built["bytes"] <= built["student_tokens"] * (4 + 4 * teacher_per_student + 12)
+    line = next(x for x in format_run(plan_run(cfg)) if x.startswith("  data:"))
+    assert f"{built['chunks'] / 1e3:.3g}K chunks" in line, line

@@ -242,10 +242,22 @@ def _is_record(r) -> bool:
     )
 
 
+CHUNK_BYTES = CHUNK_COLS * DTYPE.itemsize  # a chunk's row of the chunk table
+
+
 def _sizes(r: dict) -> dict[str, int]:
     """The byte size of each of a unit's files, by its record."""
     per = DTYPE.itemsize
-    return {"teacher": r["teacher_tokens"] * per, "student": r["student_tokens"] * per, "chunks": r["chunks"] * 12}
+    return {
+        "teacher": r["teacher_tokens"] * per,
+        "student": r["student_tokens"] * per,
+        "chunks": r["chunks"] * CHUNK_BYTES,
+    }
+
+
+def shard_bytes(manifest: dict) -> int:
+    """The bytes of a store's shard files (its three files per unit), by its manifest's records."""
+    return sum(sum(_sizes(r).values()) for r in manifest["shards"])
 
 
 def shard_record(path: Path, name: str) -> Optional[dict]:
