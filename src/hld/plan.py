@@ -36,7 +36,7 @@ accounting (`budget.count_teacher` true and false), the teacher cache's bytes pe
                signal of a micro-batch (k entries of 12 B compact, 6 B exact, 8 B sampled, + 4, per token)
 
 A student with its own tokenizer (`student.tokenizer`, paired windows, hld.distill.cross_tok.objectives)
-changes four terms of a KD/HLD arm; the others are the same formula over the student's own vocabulary V:
+changes three terms of a KD/HLD arm; the others are the same formula over the student's own vocabulary V:
   head         the student's blocked head instead of the fused head's buffers, R = train.loss_chunk_tokens:
                max(6 (R, V) fp32 at a block's gradient, 3 (R, V) fp32 + the teacher's rows while they are read
                (alm: the rows alone, read before the blocks)) + (R, V) in b + dL/dh and h's copy in b (micro

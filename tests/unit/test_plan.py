@@ -156,8 +156,15 @@ cfg = load_config("smoke", json.loads(sys.argv[1]))
 res = Resources()
 tok = res.tokenizer(cfg.teacher.model)  # what build() reads from disk, loaded first: not the run's memory
 d = cfg.data
-res.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
-res.validation_windows(cfg.data, tok)
+if cfg.student.tokenizer:  # paired windows
+    import hld.models.loading as loading
+    loading.check_tokenizer_size = loop.check_tokenizer_size
+    student_tok = res.tokenizer(cfg.student.tokenizer, "student.tokenizer")
+    res.paired_windows(d, tok, student_tok)
+    res.paired_validation(d, tok, student_tok)
+else:
+    res.windows(d.train, tok, seq_len=d.seq_len, text_field=d.text_field, max_docs=d.max_train_docs)
+    res.validation_windows(cfg.data, tok)
 base = status()["VmRSS"]
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
 s = build(cfg, res)
@@ -200,6 +207,47 @@ def test_memory_estimate_is_within_a_factor_of_the_measured_cpu_peak(tmp_path, o
         f"estimate {r['estimate']['total'] / 2**20:.0f} MiB, measured {r['measured'] / 2**20:.0f} MiB, "
         f"ratio {ratio:.2f}; terms { ({k: round(v / 2**20) for k, v in r['estimate'].items()}) }"
     )
+    assert 1 / FACTOR <= ratio <= FACTOR
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "hld-joint"])
+def test_a_paired_runs_memory_estimate_is_within_a_factor_of_the_measured_cpu_peak(tmp_path, overrides, assets, method):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"  # a random teacher of 65,536 ids on the tiny tokenizer: a sizeable head
+    teacher.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(assets / "tiny_teacher" / f, teacher / f)
+    config = json.loads((assets / "tiny_teacher" / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 65536}))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)).save_pretrained(teacher)
+    ov = [
+        *overrides,
+        f"teacher.model={teacher}",
+        "student.tokenizer=sample-bpe-8k",
+        f"objective.method={method}",
+        "objective.cross_tokenizer.loss=uld",
+        "student.preset=small-6l",
+        "data.seq_len=256",
+        "train.batch_size=16",
+        "budget.tokens=100000",
+        "train.loss_chunk_tokens=256",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(ov)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.splitlines()[-1])
+    ratio = r["estimate"]["total"] / r["measured"]
+    est, measured = r["estimate"]["total"] / 2**20, r["measured"] / 2**20
+    print(f"estimate {est:.0f} MiB, measured {measured:.0f} MiB, ratio {ratio:.2f}; terms {r['estimate']}")
     assert 1 / FACTOR <= ratio <= FACTOR
 
 
