@@ -772,7 +772,7 @@ def _format_paired(d: dict) -> str:
         elif p[what]["bytes"] is not None:
             parts.append(f"{what} to build: at most ~{_bytes(p[what]['bytes'])}")
         else:
-            parts.append(f"{what} to build: the whole local corpus (its size is not known before)")
+            parts.append(f"{what} to build: the whole local corpus (its size is not known until it is aligned)")
     return (
         f"  data: reads {_n(d['train']['reads'])} student training tokens of {d['train']['source']}; paired store "
         f"(both tokenisations aligned in chunks, at most {p['bytes_per_student_token']:.1f} B per student token "
