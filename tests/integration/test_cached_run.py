@@ -101,3 +101,5 @@ def test_which_cached_runs_read_the_teacher_weights(overrides):
     assert teacher_weights_needed(
         _cfg(cached, "hld-joint", "objective.hidden.loss=lens", "objective.hidden.diagnostics=false"), two
     )  # the lens reads its head
+    own = [*cached, "student.tokenizer=sample-bpe-8k", "student.preset=tiny-2l"]  # a per-chunk cache
+    assert not teacher_weights_needed(_cfg(own, "hld-joint"), one)  # no diagnostics across tokenizers

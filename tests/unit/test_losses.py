@@ -607,3 +607,16 @@ def test_row_block_is_small_on_a_cpu_and_every_row_elsewhere():
     cpu, gpu = torch.device("cpu"), torch.device("meta")  # anything but a CPU: one block of all n rows
     assert [row_block(n, cpu) for n in (1, ROWS, 100)] == [1, ROWS, ROWS]
     assert ROWS < 100 and row_block(100, gpu) == 100 and row_block(1, gpu) == 1
+
+
+def test_logsumexp_outside_of_no_rows_is_empty():
+    """No rows (a block of a per-chunk gold cache build with no one-token chunk): an empty result, not a
+    loop stepping by zero rows; one row still equals torch's logsumexp over the other ids."""
+    from hld.distill.losses import logsumexp_outside
+
+    z, idx = torch.randn(0, 50), torch.zeros(0, 3, dtype=torch.long)
+    assert logsumexp_outside(z, idx).shape == (0,)
+    z1, idx1 = torch.randn(1, 50, dtype=torch.float64), torch.tensor([[0, 7, 9]])
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[[0, 7, 9]] = False
+    torch.testing.assert_close(logsumexp_outside(z1.float(), idx1), torch.logsumexp(z1[0, keep], 0).float().reshape(1))

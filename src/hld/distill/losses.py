@@ -60,7 +60,7 @@ ROWS = 4  # rows per elementwise block on a CPU: a few (ROWS, V) fp32 buffers st
 def row_block(n: int, device: torch.device) -> int:
     """Rows per elementwise block over (n, V) logits: ROWS on a CPU (the block stays in cache), all n
     elsewhere (on a GPU a launch per op per block would cost more than the memory traffic saved)."""
-    return min(ROWS, n) if device.type == "cpu" else n
+    return max(1, min(ROWS, n) if device.type == "cpu" else n)  # >= 1: a loop over no rows steps by 1
 
 
 def _logsumexp_outside_rows(z: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:

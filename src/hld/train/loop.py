@@ -232,9 +232,10 @@ def build(
 def teacher_weights_needed(cfg: RunConfig, dist: Dist) -> bool:
     """Does a KD/HLD run read the teacher's weights? An online run does; a cached run only for a
     hidden loss that reads the teacher's head (`lens`) or the layer diagnostics (the teacher's states on
-    validation windows, which the cache does not hold; they run on one process only). docs/decisions.md."""
+    validation windows, which the cache does not hold; they run on one process only, and not across tokenizers,
+    whose states share no positions). docs/decisions.md."""
     head = cfg.objective.method in HLD_METHODS and hidden_loss(cfg.objective.hidden.loss).teacher_head
-    diagnostics = cfg.objective.hidden.diagnostics and not dist.active
+    diagnostics = cfg.objective.hidden.diagnostics and not dist.active and cfg.student.tokenizer is None
     return not cfg.teacher.cache or head or diagnostics
 
 
