@@ -315,6 +315,13 @@ def test_each_paired_panel_lists_its_own_configurations(tmp_path, monkeypatch):
     assert ticks == [["s__online", "s__topk", figures.ALL], ["s"]], ticks
     figures.plot_paired([cmp("kd", "ce", ["a", "b"]), cmp("hld-joint", "kd", ["a", "b"])], tmp_path)
     assert figs[1].axes[0].get_shared_y_axes().joined(figs[1].axes[0], figs[1].axes[1])
+    # more comparisons than a row holds wrap onto further rows (a signal study's 21 lines were one strip)
+    many = [cmp(f"a{i}", "ce", ["a", "b"]) for i in range(figures.PAIRED_COLUMNS + 1)]
+    figures.plot_paired(many, tmp_path)
+    shown = [ax for ax in figs[2].axes if ax.get_visible()]
+    grid = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in shown}
+    assert len(shown) == len(many) and grid == {*((0, c) for c in range(figures.PAIRED_COLUMNS)), (1, 0)}
+    assert [ax.get_title().split(" −")[0] for ax in shown] == [c.arm for c in many]
 
 
 def test_a_curve_label_leaves_out_the_grid_keys_its_arm_ignores():

@@ -260,10 +260,14 @@ def _point(row: dict, grid_keys: list[str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]} {row[k]}" for k in shown) or row["configuration"]
 
 
+PAIRED_COLUMNS = 4  # comparison panels a row
+
+
 def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
-    """A grid of panels: one column per comparison (hld-joint − kd, ...), one row per metric (validation
-    loss, then each downstream task). Each configuration's mean difference over seeds (95% CI when > 1
-    seed) and, at the bottom, the mean over configurations with its interval; zero marked."""
+    """A grid of panels: one per comparison (hld-joint − kd, ...), at most `PAIRED_COLUMNS` a row (a signal
+    study's 21 lines would be one unreadable strip), one block of rows per metric (validation loss, then each
+    downstream task). Each configuration's mean difference over seeds (95% CI when > 1 seed) and, at the
+    bottom, the mean over configurations with its interval; zero marked."""
     plt = _plt()
     pairs = list(dict.fromkeys((c.arm, c.baseline, c.accounting) for c in comparisons))
     metrics = list(dict.fromkeys(c.metric for c in comparisons))
@@ -273,14 +277,19 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
     rows_of = {id(c): _paired_labels(c) for c in comparisons}
     shared = len({tuple(v) for v in rows_of.values()}) <= 1
     most = max((len(v) for v in rows_of.values()), default=1)
-    size = (4.4 * len(pairs) + 2.6, len(metrics) * max(2.0, 1.4 + 0.4 * most) + 0.9)
-    fig, axes = plt.subplots(len(metrics), len(pairs), figsize=size, squeeze=False, sharey=shared)
+    ncols = max(1, min(len(pairs), PAIRED_COLUMNS))
+    per = -(-len(pairs) // ncols)  # panel rows per metric
+    size = (4.4 * ncols + 2.6, len(metrics) * per * max(2.0, 1.4 + 0.4 * most) + 0.9)
+    fig, axes = plt.subplots(len(metrics) * per, ncols, figsize=size, squeeze=False, sharey=shared)
+    for row in range(len(metrics)):  # each metric's last panel row's empty places
+        for j in range(len(pairs), per * ncols):
+            axes[row * per + j // ncols][j % ncols].set_visible(False)
     for row, metric in enumerate(metrics):
         labels: list[str] = []
         up = higher_is_better(metric)
         name = "validation loss (nats)" if metric == "val_loss" else metric
-        for col, (arm, base, accounting) in enumerate(pairs):
-            ax = axes[row][col]
+        for j, (arm, base, accounting) in enumerate(pairs):
+            ax = axes[row * per + j // ncols][j % ncols]
             cmp = by.get((arm, base, accounting, metric))
             if cmp is None:
                 ax.set_visible(False)
@@ -324,12 +333,13 @@ def plot_paired(comparisons: list[Comparison], out: Path) -> Path:
             if not shared:
                 ax.set_yticks(range(len(labels)), labels, fontsize=8)
         if shared and labels:
-            axes[row][0].set_yticks(range(len(labels)), labels, fontsize=8)
+            for r in range(row * per, (row + 1) * per):
+                axes[r][0].set_yticks(range(len(labels)), labels, fontsize=8)
     seeds = max((i.n for cmp in comparisons for i in cmp.per_config.values()), default=1)
-    per = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"
+    bars = "bars: 95% t-interval over seeds" if seeds > 1 else "one seed: no interval per configuration"
     pooled = any(ALL in v for v in rows_of.values())
     tail = "; bottom: mean over configurations with its 95% t-interval" if pooled else ""
-    fig.suptitle(f"Paired differences per configuration ({per}, unadjusted; dots: seeds{tail})", fontsize=10)
+    fig.suptitle(f"Paired differences per configuration ({bars}, unadjusted; dots: seeds{tail})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out / "paired_differences.png")
 
