@@ -284,6 +284,10 @@ def test_the_report_writes_cross_signal_lines_to_paired_csv_and_report_md(tmp_pa
     assert "- **kd[topk] vs kd[online], equal student tokens**" in report
     assert "cached-KD vs full-KD cell difference" in report
     assert "| tiny-2l | tokens=1024 | kd[online] |" in report and "| tiny-2l | tokens=1024 | kd[topk] |" in report
+    # the per-cell results table names each cell's signal too (one "kd" row per signal and seed before)
+    for sig in ("topk", "online"):
+        assert f"| tiny-2l | tokens=1024 | 0 | kd[{sig}] | 1,024 |" in report
+    assert "| tiny-2l | tokens=1024 | 0 | ce | 1,024 |" in report
     cell_json = next((tmp_path / "runs").glob("*__kd/cell.json"))
     cell_json.write_text(json.dumps(json.loads(cell_json.read_text()) | {"signal": ["topk"]}))
     with pytest.raises(HldError, match="is damaged \\(its signal is not a name\\)"):

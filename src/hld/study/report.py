@@ -207,7 +207,7 @@ def results_table(table: Table, reference: list[dict], ngrams: Sequence[dict] = 
             r["budget"],
             *[str(r[k]) for k in grid],
             str(r["seed"]),
-            r["arm"],
+            arm_label(r, table.signals_vary),  # kd[online] where the study varies the signal
             f"{r['tokens']:,}",
             f"{r['flops']:.3g}",
             f"{r['val_loss']:.4f}",
