@@ -148,9 +148,11 @@ def plot_loss_vs_flops(
 def _legend_below(ax, *, title: str) -> None:
     """The legend under the panel, not on it: early curves start high at the left, references run the
     whole width, so no corner of the axes is free of data (`_save` keeps it in the picture)."""
-    ax.legend(
+    legend = ax.legend(
         title=title, fontsize=7, title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False
     )
+    legend.set_in_layout(False)  # tight_layout would shrink the axes to fit a long legend (a signal study's 13
+    # entries squashed the panel under its own x label); `_save`'s tight bounding box keeps it in the picture
 
 
 def _sci_formatter():
@@ -352,7 +354,10 @@ def _paired_labels(cmp: Comparison) -> list[str]:
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
+    legends = [lg for lg in (ax.get_legend() for ax in fig.axes) if lg is not None]
+    # legends placed outside the axes stay in, those left out of the layout (`_legend_below`) too
+    extra = [*fig.get_default_bbox_extra_artists(), *legends]  # (a list given replaces the default one)
+    fig.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=extra)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
