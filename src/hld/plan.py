@@ -651,11 +651,15 @@ def plan_study(name_or_path: str, overrides: list[str], *, world_size: int = 1) 
                 "bytes_bound": per["bound"] * g["tokens"],
             }
         )
+    cells = sum(len(b["cells"]) for b in blocks.values())
     return {
         "study": study.name,
         "blocks": list(blocks.values()),
         "caches": out,
         "cache_bytes": sum(c["bytes"] for c in out),
+        # each cell's student/ (hld.train.loop.export_student): its weights as trained, float32, 4 B a parameter
+        "student_bytes": sum(4 * b["student_params"] * len(b["cells"]) for b in blocks.values()),
+        "cells": cells,
     }
 
 
@@ -791,6 +795,10 @@ def format_study(result: dict) -> list[str]:
             f"~{c['bytes_per_token']['estimate']:,.0f} B/token, ~{_bytes(c['bytes'])}"
         )
     lines.append(f"teacher caches in all: ~{_bytes(result['cache_bytes'])}")
+    lines.append(
+        f"exported students in all: ~{_bytes(result['student_bytes'])} of float32 weights, each cell's student/ "
+        f"({result['cells']} cells; their tokenizers and checkpoints apart)"
+    )
     return lines
 
 

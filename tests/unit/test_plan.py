@@ -132,6 +132,15 @@ def test_cli_plan_json_for_a_run_and_a_study(capsys, monkeypatch):
     # the equal-FLOPs ce cells are planned at the FLOPs their kd cell is planned to spend, teacher counted
     assert eq["budget"]["flops"] == pytest.approx(kd["length"]["teacher_counted"]["flops"])
     assert eq["length"]["teacher_counted"]["flops"] <= eq["budget"]["flops"]
+    # every cell exports its student in float32: 20 tiny-2l students of Gemma 3's vocabulary, counted by hand
+    import torch
+
+    from hld.config import StudentConfig
+    from hld.models.student import build_student
+
+    with torch.device("meta"):
+        tiny = build_student(StudentConfig(preset="tiny-2l"), vocab_size=262144, bos_id=2, eos_id=1, pad_id=0, seed=0)
+    assert study["student_bytes"] == 20 * 4 * sum(p.numel() for p in tiny.parameters())  # (tied: once)
     assert main(["plan", "--config", "demo", "--run"]) == 0  # the run preset of that name
     assert "demo: kd, student tiny-2l" in capsys.readouterr().out
 
