@@ -137,3 +137,22 @@ def test_the_full_distribution_online_is_zero_without_running_the_teacher(tmp_pa
     got = measure(cfg, resources=None, work_dir=tmp_path)
     assert got["signal"] == "online, full distribution" and got["kl_per_token"] == 0.0
     assert math.isfinite(got["kl_per_token"]) and not (tmp_path / "manifest.json").exists()
+
+
+def test_top_k_kl_of_a_teacher_with_minus_inf_logits_is_finite():
+    """Ids a teacher rules out (logit -inf: probability 0) add 0 to KL(p || p̂) (0 log 0 = 0): the KL by hand
+    over the ids of positive probability; before, 0 * -inf made the row nan."""
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(4, 40)) * 2
+    z[:, -6:] = -np.inf  # off every row's top 8
+    sig = Dense(torch.tensor(z, dtype=torch.float32)).top_k(8)
+    got = completion_kl(torch.tensor(z), sig, temperature=1.0).numpy()
+    assert np.isfinite(got).all() and (got > 0).all()
+    n, V, k = 4, 40, 8
+    p = _softmax(z)
+    q = _softmax(np.concatenate([sig.values.double().numpy(), sig.rest.double().numpy()[:, None]], 1))
+    for r in range(n):
+        full = np.full(V, q[r, k] / (V - k))
+        full[sig.indices.numpy()[r]] = q[r, :k]
+        live = p[r] > 0
+        assert got[r] == pytest.approx(np.sum(p[r, live] * (np.log(p[r, live]) - np.log(full[live]))), rel=1e-9)

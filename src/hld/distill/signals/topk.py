@@ -150,14 +150,16 @@ class TopK(TeacherLogits):
         sig = self.logprobs(temperature, top_k_rest, dtype=torch.float64)  # (n, k+1) or (n, k)
         idx = self.indices.long()
         k, V = idx.shape[-1], logp.shape[-1]
-        p = logp.exp()
-        top = (p.gather(-1, idx) * (logp.gather(-1, idx) - sig[:, :k])).sum(-1)  # (n,)
+        p = logp.exp()  # an id of logit -inf has p = 0 and adds 0 (0 log 0 = 0, not 0 * -inf = nan)
+        p_top = p.gather(-1, idx)
+        top = torch.where(p_top > 0, p_top * (logp.gather(-1, idx) - sig[:, :k]), 0.0).sum(-1)  # (n,)
         if top_k_rest == "renormalize" or k >= V:
-            off = p.sum(-1) - p.gather(-1, idx).sum(-1)
+            off = p.sum(-1) - p_top.sum(-1)
             return torch.where(off > 0, math.inf, top) if k < V else top
         mask = torch.ones_like(p, dtype=torch.bool).scatter_(-1, idx, False)  # the ids off the top k
-        p_off = torch.where(mask, p, 0.0)
-        rest = (torch.where(mask, p * logp, 0.0)).sum(-1) - p_off.sum(-1) * (sig[:, k] - math.log(V - k))
+        off_mass = torch.where(mask, p, 0.0).sum(-1)
+        stated = torch.where(off_mass > 0, off_mass * (sig[:, k] - math.log(V - k)), 0.0)
+        rest = torch.where(mask & (p > 0), p * logp, 0.0).sum(-1) - stated
         return top + rest
 
     # ------------------------------------------------------------------------------- in a cache
