@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from hld.cache.codec import bf16_bits
-from hld.distill.cross_tok.chunks import Chunks
 from hld.distill.cross_tok.objectives import CrossTokHiddenObjective, CrossTokLogitObjective, batch_chunks
 from hld.distill.cross_tok.pooling import pool_chunks
 from hld.distill.cross_tok.signal import CachedChunks, ChunkLossSpec, ChunkSignals, OnlineChunks
@@ -197,7 +196,7 @@ def chunk_values(
         tops, rests, gv, gi, gr = [], [], [], [], []
         for i in range(0, len(pred), block):
             sl = slice(i, min(i + block, len(pred)))
-            part = _part(pred, sl)
+            part = pred.select(sl)
             if spec.loss == "uld":
                 top, _ = src.uld(part, sl, spec)
             else:
@@ -225,12 +224,6 @@ def chunk_values(
             h.reshape(-1, h.shape[-1]), chunks.teacher_start, chunks.teacher_end, how=pooling
         ).to(torch.bfloat16)
     return out
-
-
-def _part(ch: Chunks, sl: slice) -> Chunks:
-    return Chunks(
-        ch.teacher_start[sl], ch.teacher_end[sl], ch.student_start[sl], ch.student_end[sl], first=ch.first[sl]
-    )
 
 
 class ChunkShardWriter:

@@ -68,8 +68,8 @@ class Chunks:
     def __len__(self) -> int:
         return int(self.teacher_start.shape[0])
 
-    def select(self, keep: torch.Tensor) -> Chunks:
-        """The chunks where `keep` (m,) bool holds."""
+    def select(self, keep: torch.Tensor | slice) -> Chunks:
+        """The chunks where `keep` (m,) bool holds, or those of the slice `keep`."""
         return Chunks(
             self.teacher_start[keep],
             self.teacher_end[keep],

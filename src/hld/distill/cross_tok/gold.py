@@ -111,14 +111,12 @@ def gold_parts(
     if bool(chunks.first.any()):
         raise ValueError("a window's first chunk is predicted by no row: pass chunks.predicted()")
     one = chunks.one_to_one if len(vocab) else torch.zeros_like(chunks.first)
-    t_rows = chunks.teacher_pred_rows
-    t_ids, _ = vocab.tensors(student_logits.device)
-    with torch.no_grad():
-        exact = shared_logprobs(teacher_logits[t_rows[one]], t_ids, temperature=temperature, rest=rest)
-        t_top = top_logprobs(teacher_logits[t_rows[~one]], uld_top_k, temperature=temperature)
+    exact, t_uld = teacher_gold(
+        teacher_logits[chunks.teacher_pred_rows], one, vocab, temperature=temperature, rest=rest, uld_top_k=uld_top_k
+    )
     return gold_from(
         exact,
-        (t_top, None),
+        t_uld,
         student_logits,
         chunks,
         vocab,
@@ -127,6 +125,23 @@ def gold_parts(
         rest=rest,
         uld_top_k=uld_top_k,
     )
+
+
+@torch.no_grad()
+def teacher_gold(
+    teacher_rows: torch.Tensor,
+    one: torch.Tensor,
+    vocab: SharedVocab,
+    *,
+    temperature: float,
+    rest: str,
+    uld_top_k: Optional[int],
+) -> tuple[torch.Tensor, tuple[torch.Tensor, None]]:
+    """GOLD's teacher side from the teacher's logits at the rows predicting the chunks (m, V_t), `one` (m,)
+    the chunks of one token a side: (their log-probs over the shared outcomes, the others' ULD values)."""
+    t_ids, _ = vocab.tensors(teacher_rows.device)
+    exact = shared_logprobs(teacher_rows[one], t_ids, temperature=temperature, rest=rest)
+    return exact, (top_logprobs(teacher_rows[~one], uld_top_k, temperature=temperature), None)
 
 
 def gold_from(

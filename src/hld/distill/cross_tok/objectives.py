@@ -187,12 +187,6 @@ def _on(ch: Chunks, device: torch.device) -> Chunks:
     return Chunks(to[0], to[1], to[2], to[3], first=to[4])
 
 
-def _part(ch: Chunks, sl: slice) -> Chunks:
-    return Chunks(
-        ch.teacher_start[sl], ch.teacher_end[sl], ch.student_start[sl], ch.student_end[sl], first=ch.first[sl]
-    )
-
-
 # --------------------------------------------------------------------------- the logit objective
 
 
@@ -283,7 +277,7 @@ class CrossTokLogitObjective:
             nll = torch.logsumexp(z, -1) - z.gather(-1, y[:, None]).squeeze(-1)  # (b,)
             ce = torch.where(mask[blk.rows], nll, 0.0).sum()
             if blk.chunks.stop > blk.chunks.start:
-                part = _part(chunks, blk.chunks)
+                part = chunks.select(blk.chunks)
                 lt = t_loglik[blk.chunks] if t_loglik is not None else None
                 xt = self.xt_sum(z, nll, part, blk.rows.start, source, lt, blk.chunks)
             else:

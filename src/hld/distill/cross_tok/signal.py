@@ -27,7 +27,7 @@ import torch
 
 from hld.distill.cross_tok.alm import chunk_logliks
 from hld.distill.cross_tok.chunks import Chunks, token_rows
-from hld.distill.cross_tok.gold import shared_logprobs
+from hld.distill.cross_tok.gold import teacher_gold
 from hld.distill.cross_tok.pooling import pool_chunks
 from hld.distill.cross_tok.uld import top_logprobs
 from hld.distill.cross_tok.vocab import SharedVocab
@@ -56,9 +56,6 @@ class OnlineChunks:
     def __init__(self, source, teacher_ids: torch.Tensor, *, block_rows: int = 256) -> None:
         self.source, self.teacher_ids, self.block_rows = source, teacher_ids, block_rows
 
-    def bind(self, chunks: Chunks) -> OnlineChunks:
-        return self
-
     @torch.no_grad()
     def logliks(self, chunks: Chunks) -> torch.Tensor:
         """(m,) the teacher's log-likelihood of each chunk, its head run at the rows [start - 1, end - 1) that
@@ -85,10 +82,10 @@ class OnlineChunks:
         """(the one-token chunks' shared log-probs, the other chunks' ULD values), each in chunk order."""
         assert spec.vocab is not None
         zt = self.source.at_rows(part.teacher_pred_rows)  # (m, V_t)
-        one = part.one_to_one
-        t_ids, _ = spec.vocab.tensors(zt.device)
-        exact = shared_logprobs(zt[one], t_ids, temperature=spec.temperature, rest=spec.gold_rest)
-        return exact, (top_logprobs(zt[~one], spec.uld_top_k, temperature=spec.temperature), None)
+        one = part.one_to_one if len(spec.vocab) else torch.zeros_like(part.first)
+        return teacher_gold(
+            zt, one, spec.vocab, temperature=spec.temperature, rest=spec.gold_rest, uld_top_k=spec.uld_top_k
+        )
 
 
 @dataclass
