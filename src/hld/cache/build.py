@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from hld.cache.chunks import chunk_build, measure_stats, stats_wanted
+from hld.cache.chunks import chunk_build, holds_stats, measure_stats, stats_wanted
 from hld.cache.codec import Codec
 from hld.cache.meta import build_dir_of, build_progress, cache_identity, is_cache, paired_identity, signal_identity
 from hld.cache.reader import CachedTeacher, read_manifest
@@ -201,8 +201,7 @@ def reusable(out: Path, identity, codec: Codec, ids, *, stats: Optional[dict] = 
         return None
     if not reader.holds(ids):
         return None
-    held = m.get("layer_stats")
-    if stats is not None and (not isinstance(held, dict) or {k: held.get(k) for k in stats} != stats):
+    if stats is not None and not holds_stats(m.get("layer_stats"), stats):
         return None
     try:
         reader.parts.verify_all()

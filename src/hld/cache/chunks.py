@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from hld.cache.codec import bf16_bits
+from hld.cache.codec import bf16_bits, bf16_from_bits
 from hld.distill.cross_tok.objectives import CrossTokHiddenObjective, CrossTokLogitObjective, batch_chunks
 from hld.distill.cross_tok.pooling import pool_chunks
 from hld.distill.cross_tok.signal import CachedChunks, ChunkLossSpec, ChunkSignals, OnlineChunks
@@ -315,6 +315,11 @@ def measure_stats(online, order, wanted: dict) -> dict:
     return wanted | {"moments": moments}
 
 
+def holds_stats(held: Any, want: dict) -> bool:
+    """Does a manifest's `layer_stats` (`held`) hold the statistics `want` names (windows, BOS rule, layers)?"""
+    return isinstance(held, dict) and {k: held.get(k) for k in want} == want
+
+
 def stored_stats(manifest: dict, where, layers, *, n_windows: int, skip_first: bool):
     """The statistics a per-chunk cache holds for `fit_targets` (an HldError when it holds others); None for a
     cache of the teacher's own tokens (the run measures them on the cached states)."""
@@ -326,7 +331,7 @@ def stored_stats(manifest: dict, where, layers, *, n_windows: int, skip_first: b
     have = manifest.get("layer_stats")
     want: dict[str, Any] = {"windows": int(n_windows), "skip_first": bool(skip_first), "layers": sorted(layers)}
     keep = set(want["layers"])
-    if not isinstance(have, dict) or {k: have.get(k) for k in want} != want:
+    if not holds_stats(have, want):
         got = None if not isinstance(have, dict) else {k: have.get(k) for k in want}
         raise HldError(
             f"cache {where} holds teacher statistics of {got}, this run standardises with {want}",
@@ -411,8 +416,5 @@ def read_chunks(reader, rows: np.ndarray, needs: Needs) -> CachedChunkSignals:
             rest=torch.from_numpy(cat("gold_rest", np.float32)),
         )
     if needs.layers:
-        out.pooled = {
-            layer: torch.from_numpy(cat(f"pooled_L{layer}", np.uint16).view(np.int16)).view(torch.bfloat16).view(-1, d)
-            for layer in needs.layers
-        }
+        out.pooled = {layer: bf16_from_bits(cat(f"pooled_L{layer}", np.uint16)).view(-1, d) for layer in needs.layers}
     return CachedChunkSignals(chunks=out, tokens=digests)

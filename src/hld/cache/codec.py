@@ -206,6 +206,11 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
+def bf16_from_bits(bits: np.ndarray) -> torch.Tensor:
+    """`bf16_bits` undone: uint16 bit patterns (a writable array: the tensor shares its memory) -> bfloat16."""
+    return torch.from_numpy(np.ascontiguousarray(bits, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------ one shard
 
 
@@ -337,4 +342,4 @@ def read_hidden(arrays: dict, layer: int, r: int, T: int, *, codec: Codec) -> to
     """Row r's first T tokens of layer `layer`, (T, d) bfloat16."""
     if codec.hidden == "fp8":
         return fp8_decode(arrays[f"hidden_L{layer}"][r, :T], arrays[f"hidden_L{layer}_scale"][r, :T]).to(torch.bfloat16)
-    return torch.from_numpy(np.array(arrays[f"hidden_L{layer}"][r, :T]).view(np.int16)).view(torch.bfloat16)
+    return bf16_from_bits(np.array(arrays[f"hidden_L{layer}"][r, :T]))  # a copy: the shard is memory-mapped
