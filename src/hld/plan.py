@@ -80,7 +80,7 @@ from hld.models.derive import planned_d_model, planned_kept, planned_widths, res
 from hld.models.hooks import CausalLM, decoder_of, text_config
 from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.models.student import count_params, shape_of
-from hld.train.assembly import HLD_METHODS, assemble, vocab_of
+from hld.train.assembly import HLD_METHODS, meta_assembly, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
 
 GIB = 1024**3
@@ -282,9 +282,6 @@ def memory_estimate(
     return out
 
 
-GOLD_BLOCK = 32  # hld.distill.cross_tok.gold.BLOCK_ROWS: shared_logprobs' rows at a time
-
-
 def _cross_head_bytes(cfg: RunConfig, *, V: int, d: int, n_tok: int, b_act: int, teacher_rows: int) -> int:
     """The student's blocked head (hld.distill.cross_tok.objectives._BlockedHead) over its own vocabulary V,
     dL/dW aside, R = train.loss_chunk_tokens rows a block: at a block's gradient 6 (R, V) fp32 (its logits, two
@@ -301,11 +298,13 @@ def _cross_teacher_rows_bytes(cfg: RunConfig, *, V_t: int, n_tok: int, t_low: in
     """The online teacher's head at the rows a cross loss reads (`OnlineLogits.at_rows`, at most R =
     train.loss_chunk_tokens a block), over its vocabulary V_t: the rows' logits in its dtype (t_low, 0 in fp32)
     and fp32; uld + softmax(z / T)'s z / T when T != 1; alm + the previous block's rows, still bound while the
-    next are computed; gold + the one-token chunks' rows (at most all) and shared_logprobs' GOLD_BLOCK rows
+    next are computed; gold + the one-token chunks' rows (at most all) and shared_logprobs' BLOCK_ROWS rows
     of z / T and of z off the shared ids."""
+    from hld.distill.cross_tok.gold import BLOCK_ROWS  # shared_logprobs' rows at a time
+
     R, loss = min(cfg.train.loss_chunk_tokens, n_tok), cfg.objective.cross_tokenizer.loss
     if loss == "gold":
-        return R * V_t * 8 + 2 * min(GOLD_BLOCK, R) * V_t * 4
+        return R * V_t * 8 + 2 * min(BLOCK_ROWS, R) * V_t * 4
     extra = 4 if loss == "alm" or cfg.objective.temperature != 1 else 0
     return R * V_t * (t_low + 4 + extra)
 
@@ -394,8 +393,7 @@ def vocabulary_row(cfg: RunConfig, parts, cross: CrossSizes, teacher_lm: CausalL
 
     same = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, tokenizer=None))
     same = dataclasses.replace(same, objective=dataclasses.replace(cfg.objective, method="ce"))
-    with torch.device("meta"):
-        wide = assemble(same, tokenizer=ids, vocab_size=vocab_of(teacher_lm), teacher_lm=teacher_lm).student
+    wide = meta_assembly(same, teacher_lm, ids).student
     T = cfg.data.seq_len
     own, teachers = parts.student, wide
     return {
@@ -411,23 +409,11 @@ def vocabulary_row(cfg: RunConfig, parts, cross: CrossSizes, teacher_lm: CausalL
     }
 
 
-def _meta_parts(cfg: RunConfig, teacher_lm: CausalLM, ids: SpecialIds, cross: Optional[CrossSizes]) -> Any:
-    """The run's `Assembly` on the meta device: a student with its own tokenizer at its own vocabulary."""
-    with torch.device("meta"):
-        return assemble(
-            cfg,
-            tokenizer=cross.student_tok if cross else ids,
-            vocab_size=len(cross.student_tok) if cross else vocab_of(teacher_lm),
-            teacher_lm=teacher_lm,
-            teacher_tokenizer=cross.teacher_tok if cross else None,
-        )
-
-
 def plan_run(cfg: RunConfig, *, world_size: int = 1, teacher: Optional[tuple[CausalLM, SpecialIds]] = None) -> dict:
     """The numbers of one run config (see the module docstring); `teacher`: `teacher_shapes`, if at hand."""
     teacher_lm, ids = teacher or teacher_shapes(cfg.teacher.model)
     cross = cross_sizes(cfg) if cfg.student.tokenizer else None
-    parts = _meta_parts(cfg, teacher_lm, ids, cross)
+    parts = meta_assembly(cfg, teacher_lm, cross.teacher_tok if cross else ids, cross.student_tok if cross else None)
     t_len = cross.teacher_seq_len if cross else None
     counted = phase_costs(
         _with_count_teacher(cfg, True), parts.plan, student=parts.student, teacher=teacher_lm, teacher_seq_len=t_len
@@ -544,7 +530,7 @@ def data_plan(cfg: RunConfig, *, windows: int, cross: Optional[CrossSizes] = Non
         out[what] = {"source": spec, "reads": need, "stored": max(held) if held else None, "whole_source": whole}
         if cross is not None:
             out[what]["paired_store"] = paired
-    tokens = [v["stored"] if v["whole_source"] else max(v["reads"], v["stored"] or 0) for v in out.values()]
+    tokens = [_to_tokenise(v) for v in out.values()]
     known = [t for t in tokens if t is not None]
     cores = os.cpu_count() or 1
     n_windows = out["train"]["stored"] // (d.seq_len - 1) if out["train"]["stored"] else windows
@@ -558,6 +544,12 @@ def data_plan(cfg: RunConfig, *, windows: int, cross: Optional[CrossSizes] = Non
     if cross is not None:
         out["paired"] = paired_data(out, ratio=cross.ratio)
     return out
+
+
+def _to_tokenise(split: dict) -> Optional[int]:
+    """The tokens a split's store holds once built: a local corpus whole (None: not known before it is), else
+    what the run reads or the store already holds, the more."""
+    return split["stored"] if split["whole_source"] else max(split["reads"], split["stored"] or 0)
 
 
 def _paired_store(spec: str, cfg: RunConfig, cross: CrossSizes) -> Optional[dict]:
@@ -596,7 +588,7 @@ def paired_data(data: dict, *, ratio: float) -> dict:
         v = data[what]
         built = v["paired_store"]
         enough = built is not None and (v["whole_source"] or built["student_tokens"] >= v["reads"])
-        tokens = v["stored"] if v["whole_source"] else max(v["reads"], v["stored"] or 0)
+        tokens = _to_tokenise(v)
         size = built["bytes"] if enough else None if tokens is None else tokens * per
         out[what] = {"built": enough, "bytes": size}
         total = None if total is None or size is None else total + size
@@ -786,7 +778,7 @@ def _format_paired(d: dict) -> str:
 
 
 def format_study(result: dict) -> list[str]:
-    lines = [f"study {result['study']}: {sum(len(b['cells']) for b in result['blocks'])} cells"]
+    lines = [f"study {result['study']}: {result['cells']} cells"]
     for block in result["blocks"]:
         lines += format_run(block)
     for c in result["caches"]:
@@ -840,7 +832,7 @@ def check_memory(cfg: RunConfig, *, device: torch.device, world_size: int = 1, l
         return
     teacher_lm, ids = teacher_shapes(cfg.teacher.model)
     cross = cross_sizes(cfg) if cfg.student.tokenizer else None
-    parts = _meta_parts(cfg, teacher_lm, ids, cross)
+    parts = meta_assembly(cfg, teacher_lm, cross.teacher_tok if cross else ids, cross.student_tok if cross else None)
     t_len = cross.teacher_seq_len if cross else None
     need = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, device=device, teacher_seq_len=t_len)["total"]
     have, what = machine_memory(device)

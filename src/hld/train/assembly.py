@@ -108,6 +108,21 @@ def assemble(
     return Assembly(student=student, projectors=projectors, plan=plan)
 
 
+def meta_assembly(cfg: RunConfig, teacher_lm, tokenizer, student_tokenizer=None) -> Assembly:
+    """The run's `Assembly` on the meta device (shapes, no memory: for sizing a run before it is built). A
+    student with its own tokenizer (`student_tokenizer`) at its own vocabulary, the teacher's `tokenizer` the
+    other side of its cross-tokenizer plan; else at the teacher's vocabulary with `tokenizer`'s special ids."""
+    paired = student_tokenizer is not None
+    with torch.device("meta"):
+        return assemble(
+            cfg,
+            tokenizer=student_tokenizer if paired else tokenizer,
+            vocab_size=len(student_tokenizer) if paired else vocab_of(teacher_lm),
+            teacher_lm=teacher_lm,
+            teacher_tokenizer=tokenizer if paired else None,
+        )
+
+
 _SHARED: dict[tuple[int, int], tuple] = {}  # (teacher, student) tokenizer ids -> (both, their shared vocabulary)
 
 

@@ -200,20 +200,13 @@ def sized_plan(
     """The plan and the steps a config will run, without building it for real (the student is
     assembled on the meta device, so this is cheap for any size). Sizes a teacher cache before training.
     `student_tokenizer`, `teacher_seq_len`: a student with its own tokenizer (paired windows), as `build`."""
-    from hld.train.assembly import assemble, vocab_of
+    from hld.train.assembly import meta_assembly
 
-    paired = student_tokenizer is not None
-    with torch.device("meta"):
-        parts = assemble(
-            cfg,
-            tokenizer=student_tokenizer if paired else tokenizer,
-            vocab_size=len(student_tokenizer) if paired else vocab_of(teacher),
-            teacher_lm=teacher,
-            teacher_tokenizer=tokenizer if paired else None,
-        )
+    parts = meta_assembly(cfg, teacher, tokenizer, student_tokenizer)
     costs = phase_costs(cfg, parts.plan, student=parts.student, teacher=teacher, teacher_seq_len=teacher_seq_len)
-    fixed = fixed_flops(cfg, teacher)
-    return parts.plan, run_length(cfg, parts.plan, costs, fixed_flops=fixed, whole_steps=paired).steps
+    paired = student_tokenizer is not None  # paired windows are never cut inside (`run_length`)
+    length = run_length(cfg, parts.plan, costs, fixed_flops=fixed_flops(cfg, teacher), whole_steps=paired)
+    return parts.plan, length.steps
 
 
 def fixed_flops(cfg: RunConfig, teacher: torch.nn.Module) -> float:
