@@ -80,23 +80,40 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
-    vocab = tokenizer.get_vocab()
-    for piece, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-        h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
+    spec = _spec_digest(tokenizer)
+    if spec is not None:  # its tokenizer.json, the vocabulary and added tokens in it
+        h.update(spec.encode())
+    else:  # a slow tokenizer has no spec to read: its vocabulary alone
+        for piece, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{idx}\t{piece}\n".encode("utf-8", "surrogatepass"))
     h.update(f"bos={tokenizer.bos_token_id} eos={tokenizer.eos_token_id}".encode())
-    spec = _ids_spec(tokenizer)
-    if spec is not None:  # a slow tokenizer has no spec to read: its vocabulary and specials alone
-        h.update(spec)
     return h.hexdigest()[:16]
+
+
+def _backend(tokenizer):
+    """A fast tokenizer's `tokenizers.Tokenizer` (or the one given), None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return tokenizer if backend is None and hasattr(tokenizer, "to_str") else backend
+
+
+_SPEC_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocabulary size, digest)
+
+
+def _spec_digest(tokenizer) -> str | None:
+    """sha256 of `_ids_spec`, computed once per tokenizer object for both fingerprints (Gemma 3's
+    tokenizer.json is 12 MB of JSON to parse); None for a slow tokenizer."""
+    if _backend(tokenizer) is None:
+        return None
+    return _memoised(
+        _SPEC_DIGESTS, tokenizer, len(tokenizer.get_vocab()), lambda t: hashlib.sha256(_ids_spec(t)).hexdigest()
+    )
 
 
 def _ids_spec(tokenizer) -> bytes | None:
     """A fast tokenizer's `tokenizer.json` (vocabulary, merges, normaliser, pre-tokenizer, post-processor,
     decoder, added tokens) less its truncation and padding, which a call with `truncation=`/`padding=` sets on
     the object itself and which no store or window depends on; None for a slow tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None and hasattr(tokenizer, "to_str"):  # a `tokenizers.Tokenizer` itself
-        backend = tokenizer
+    backend = _backend(tokenizer)
     if backend is None:
         return None
     spec = json.loads(backend.to_str())
@@ -117,9 +134,9 @@ def tokenizer_spec_fingerprint(tokenizer) -> str:
 
 
 def _spec_fingerprint(tokenizer) -> str:
-    spec = _ids_spec(tokenizer)
+    spec = _spec_digest(tokenizer)
     assert spec is not None, "an aligned store needs a fast tokenizer (offsets), checked before"
-    h = hashlib.sha256(spec)
+    h = hashlib.sha256(spec.encode())
     specials = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
     h.update(f"bos={specials[0]} eos={specials[1]} pad={specials[2]}".encode())
     return h.hexdigest()[:16]
