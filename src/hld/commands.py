@@ -15,6 +15,7 @@ def cmd_train(args) -> dict:
     from hld.config import load_config
     from hld.data.tokenize import require_stores
     from hld.train.loop import train
+    from hld.train.resources import Resources
 
     if args.resume and args.out is None:
         raise HldError("--resume needs --out (the run directory to continue)", "pass --out RUN_DIR")
@@ -22,8 +23,9 @@ def cmd_train(args) -> dict:
     out = Path(args.out or f"runs/{cfg.name}")
     check_names(out, "--out" if args.out else "the run directory (runs/<name>)")
     require_stores(cfg.data, cfg.name)  # what is missing is said first: the estimate is moot without data
-    _check_memory(cfg)
-    summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json)
+    resources = Resources()  # the memory check's tokenizers are the run's
+    _check_memory(cfg, resources)
+    summary = train(cfg, out, resume=args.resume, quiet=args.quiet or args.json, resources=resources)
     if not args.json and is_main_rank():
         print(
             f"run {cfg.name}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
@@ -32,7 +34,7 @@ def cmd_train(args) -> dict:
     return {"run_dir": str(out), **summary}
 
 
-def _check_memory(cfg) -> None:
+def _check_memory(cfg, resources) -> None:
     """Refuse a run that cannot fit this machine's memory before anything is allocated (`hld.plan`)."""
     import torch
 
@@ -45,7 +47,8 @@ def _check_memory(cfg) -> None:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     local = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun's processes on this node
-    check_memory(cfg, device=device, world_size=world_size, local_processes=int(local) if local.isdigit() else 1)
+    n_local = int(local) if local.isdigit() else 1
+    check_memory(cfg, device=device, world_size=world_size, local_processes=n_local, resources=resources)
 
 
 def cmd_eval(args) -> dict:

@@ -82,6 +82,7 @@ from hld.models.loading import meta_causal_lm, model_config, resolve_model_dir
 from hld.models.student import count_params, shape_of
 from hld.train.assembly import HLD_METHODS, meta_assembly, vocab_of
 from hld.train.budget import EXACT_STEPS, flops_per_token, phase_costs, run_length, spent_flops
+from hld.train.resources import Resources
 
 GIB = 1024**3
 
@@ -354,13 +355,12 @@ class CrossSizes:
     measured_on: str
 
 
-def cross_sizes(cfg: RunConfig) -> CrossSizes:
+def cross_sizes(cfg: RunConfig, resources: Optional[Resources] = None) -> CrossSizes:
     from hld.data.paired import default_teacher_seq_len, open_paired
     from hld.data.sources import iter_unit
     from hld.models.loading import EMBEDDED_TEACHER, SHIPPED_CONFIGS
-    from hld.train.resources import Resources
 
-    res = Resources()
+    res = resources or Resources()  # `hld train`'s own: the run then loads neither tokenizer again
     note = ""
     try:
         teacher_tok = res.tokenizer(cfg.teacher.model)
@@ -824,14 +824,21 @@ def machine_memory(device: torch.device) -> tuple[int, str]:
     return ram, "RAM"
 
 
-def check_memory(cfg: RunConfig, *, device: torch.device, world_size: int = 1, local_processes: int = 1) -> None:
+def check_memory(
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    world_size: int = 1,
+    local_processes: int = 1,
+    resources: Optional[Resources] = None,
+) -> None:
     """`hld train`'s fail-fast: refuse, before anything is allocated, a run whose memory estimate (the one
     `hld plan` prints, for `device`) exceeds the machine's (`machine_memory`; on CPU shared by the
     `local_processes` of this node). `train.memory_check=false` skips it."""
     if not cfg.train.memory_check:
         return
     teacher_lm, ids = teacher_shapes(cfg.teacher.model)
-    cross = cross_sizes(cfg) if cfg.student.tokenizer else None
+    cross = cross_sizes(cfg, resources) if cfg.student.tokenizer else None
     parts = meta_assembly(cfg, teacher_lm, cross.teacher_tok if cross else ids, cross.student_tok if cross else None)
     t_len = cross.teacher_seq_len if cross else None
     need = memory_estimate(cfg, parts, teacher_lm, world_size=world_size, device=device, teacher_seq_len=t_len)["total"]
