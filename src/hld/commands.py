@@ -226,7 +226,11 @@ def cmd_cache_teacher(args) -> dict:
     }
     if not args.json:
         what = f"sampled, {row['samples']} draws/token" if row["signal"] == "sampled" else f"top-{row['top_k']}"
-        print(f"teacher cache {args.out}: {m['tokens']:,} tokens, {what}, layers {row['layers']}")
+        tokens = "tokens"
+        if row["signal"] == "chunks":  # a per-chunk cache (student.tokenizer): what its loss reads per chunk
+            loss = m["identity"]["chunks"]["loss"] or "pooled states"
+            what, tokens = f"per-chunk values for {loss}", "student tokens"
+        print(f"teacher cache {args.out}: {m['tokens']:,} {tokens}, {what}, layers {row['layers']}")
     return row
 
 

@@ -53,10 +53,11 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arm, loss", list(CASES))
-def test_a_cached_run_matches_the_online_run(tmp_path, overrides, student_tokenizers, arm, loss):
+def test_a_cached_run_matches_the_online_run(tmp_path, overrides, student_tokenizers, arm, loss, capsys):
     tok = student_tokenizers[0]
     keys = [f"objective.method={arm}", f"objective.cross_tokenizer.loss={loss}"]
     cache = _cache(tmp_path, overrides, tok, *keys)
+    assert f"student tokens, per-chunk values for {loss}, layers" in capsys.readouterr().out  # not "top-64"
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["identity"]["cache_signal"] == "chunks" and manifest["identity"]["chunks"]["loss"] == loss
     online, on_lines = _train(tmp_path / "online", overrides, tok, *keys)
